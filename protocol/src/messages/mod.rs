@@ -58,6 +58,24 @@ macro_rules! operations {
             }
         }
 
+        $(
+            impl Operation for $req {
+                type Response = $resp;
+                const KIND: RequestKind = RequestKind::$name;
+
+                fn into_request(self) -> ClientRequest {
+                    ClientRequest::$name(self)
+                }
+
+                fn from_response(response: Response) -> Result<$resp, Response> {
+                    match response {
+                        Response::$name(r) => Ok(r),
+                        other => Err(other),
+                    }
+                }
+            }
+        )*
+
         impl ClientRequest {
             /// The request's kind.
             pub fn kind(&self) -> RequestKind {
@@ -112,6 +130,19 @@ operations! {
     FetchGroupInfo = 64: FetchGroupInfoRequest => FetchGroupInfoResponse,
     /// Join by external commit.
     ExternalJoin = 65: ExternalJoinRequest => CommitResponse,
+}
+
+/// Ties a request type to its response type, for typed calls.
+pub trait Operation: Sized {
+    /// The successful response.
+    type Response;
+    /// The request kind.
+    const KIND: RequestKind;
+    /// Wraps the request into the request enum.
+    fn into_request(self) -> ClientRequest;
+    /// Extracts this operation's response; any other response (an error, or a response of
+    /// another kind) is handed back.
+    fn from_response(response: Response) -> Result<Self::Response, Response>;
 }
 
 impl Response {
