@@ -1,0 +1,3 @@
+//! roost client SDK.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
