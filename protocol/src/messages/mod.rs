@@ -67,6 +67,7 @@ macro_rules! operations {
                     ClientRequest::$name(self)
                 }
 
+                #[allow(clippy::result_large_err)]
                 fn from_response(response: Response) -> Result<$resp, Response> {
                     match response {
                         Response::$name(r) => Ok(r),
@@ -142,6 +143,7 @@ pub trait Operation: Sized {
     fn into_request(self) -> ClientRequest;
     /// Extracts this operation's response; any other response (an error, or a response of
     /// another kind) is handed back.
+    #[allow(clippy::result_large_err)]
     fn from_response(response: Response) -> Result<Self::Response, Response>;
 }
 

@@ -1,0 +1,327 @@
+//! Server configuration: one TOML document, every field optional with a documented default.
+//! `Config` is what the file says; [`Config::validate`] turns it into [`Settings`], the typed
+//! form the server runs on. Library code never reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use roost_protocol::Domain;
+use serde::Deserialize;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown fields.
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The configuration file. Every field has a default; see README.md for the table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The domain this homeserver serves (the part after `@` in its user ids).
+    pub domain: String,
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Directory holding the database, the AS key and the self-signed certificate.
+    pub data_dir: PathBuf,
+    /// PEM certificate chain to present instead of the self-signed one.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Whether registration needs a token made with `roost admin token create`.
+    pub require_registration_token: bool,
+    /// TCP address for `/metrics` (Prometheus text) and `/health`; off when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            domain: "localhost".into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], roost_protocol::DEFAULT_PORT)),
+            data_dir: PathBuf::from("roost-data"),
+            tls_cert: None,
+            tls_key: None,
+            require_registration_token: false,
+            metrics_listen: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Every limit of the server. Times are in milliseconds or seconds as the name says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frame body accepted, in bytes.
+    pub max_frame_len: u32,
+    /// A request must arrive completely within this time after its stream opened.
+    pub request_read_timeout_ms: u64,
+    /// QUIC idle timeout.
+    pub idle_timeout_ms: u64,
+    /// Concurrent bidirectional streams a peer may open per connection.
+    pub max_concurrent_streams: u32,
+    /// Per-stream receive window, bytes.
+    pub stream_receive_window: u32,
+    /// Per-connection receive window, bytes (quinn's default is unlimited).
+    pub connection_receive_window: u32,
+    /// Concurrent connections; more are refused.
+    pub max_connections: u32,
+    /// Once more handshakes than this are in progress, new ones must prove their address
+    /// (QUIC Retry).
+    pub retry_threshold: u32,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace_ms: u64,
+    /// KeyPackages per upload request.
+    pub max_key_packages_per_upload: u32,
+    /// Ordinary KeyPackages held per client.
+    pub max_key_packages_per_client: u32,
+    /// Tolerated clock skew when checking KeyPackage lifetimes.
+    pub key_package_clock_skew_secs: u64,
+    /// Longest KeyPackage lifetime (not_after - not_before) accepted.
+    pub key_package_max_lifetime_secs: u64,
+    /// KeyPackage claims per minute per (claimer, target client).
+    pub claim_rate_per_minute: u32,
+    /// Burst of KeyPackage claims per (claimer, target client).
+    pub claim_burst: u32,
+    /// Registrations per minute per source IP address.
+    pub registration_rate_per_minute: u32,
+    /// Burst of registrations per source IP address.
+    pub registration_burst: u32,
+    /// Messages per second a client may send (application messages, commits, proposals).
+    pub send_rate_per_sec: u32,
+    /// Burst of messages a client may send.
+    pub send_burst: u32,
+    /// Messages held per queue; a full queue refuses more.
+    pub max_queue_depth: u64,
+    /// Messages older than this are dropped from queues.
+    pub max_message_age_secs: u64,
+    /// Messages returned by one fetch, at most.
+    pub max_fetch_messages: u32,
+    /// Payload bytes returned by one fetch, at most (at least one message is returned).
+    pub max_fetch_bytes: u32,
+    /// Members per group.
+    pub max_group_size: u32,
+    /// Past epochs for which application messages are still accepted.
+    pub past_epochs: u32,
+    /// Validity of an issued client credential.
+    pub credential_validity_secs: u64,
+    /// Most write operations coalesced into one durable transaction.
+    pub max_write_batch: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame_len: roost_protocol::frame::DEFAULT_MAX_FRAME_LEN,
+            request_read_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            max_concurrent_streams: 128,
+            stream_receive_window: 1024 * 1024,
+            connection_receive_window: 16 * 1024 * 1024,
+            max_connections: 20_000,
+            retry_threshold: 512,
+            shutdown_grace_ms: 5_000,
+            max_key_packages_per_upload: 100,
+            max_key_packages_per_client: 1_000,
+            key_package_clock_skew_secs: 300,
+            key_package_max_lifetime_secs: 366 * 24 * 3600,
+            claim_rate_per_minute: 10,
+            claim_burst: 10,
+            registration_rate_per_minute: 10,
+            registration_burst: 10,
+            send_rate_per_sec: 200,
+            send_burst: 400,
+            max_queue_depth: 10_000,
+            max_message_age_secs: 14 * 24 * 3600,
+            max_fetch_messages: 1_000,
+            max_fetch_bytes: 4 * 1024 * 1024,
+            max_group_size: 10_000,
+            past_epochs: 2,
+            credential_validity_secs: 365 * 24 * 3600,
+            max_write_batch: 1_024,
+        }
+    }
+}
+
+impl Limits {
+    /// `request_read_timeout_ms` as a duration.
+    pub fn request_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_read_timeout_ms)
+    }
+
+    /// `idle_timeout_ms` as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// `shutdown_grace_ms` as a duration.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let nonzero: [(&str, u64); 16] = [
+            ("max_frame_len", self.max_frame_len.into()),
+            ("request_read_timeout_ms", self.request_read_timeout_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("max_concurrent_streams", self.max_concurrent_streams.into()),
+            ("stream_receive_window", self.stream_receive_window.into()),
+            (
+                "connection_receive_window",
+                self.connection_receive_window.into(),
+            ),
+            ("max_connections", self.max_connections.into()),
+            (
+                "max_key_packages_per_upload",
+                self.max_key_packages_per_upload.into(),
+            ),
+            (
+                "max_key_packages_per_client",
+                self.max_key_packages_per_client.into(),
+            ),
+            ("claim_burst", self.claim_burst.into()),
+            ("registration_burst", self.registration_burst.into()),
+            ("send_burst", self.send_burst.into()),
+            ("max_queue_depth", self.max_queue_depth),
+            ("max_fetch_messages", self.max_fetch_messages.into()),
+            ("max_group_size", self.max_group_size.into()),
+            ("max_write_batch", self.max_write_batch.into()),
+        ];
+        for (name, value) in nonzero {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be at least 1"
+                )));
+            }
+        }
+        if self.max_frame_len > (1 << 30) {
+            return Err(ConfigError::Invalid(
+                "limits.max_frame_len must be at most 1 GiB".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This server's domain.
+    pub domain: Domain,
+    /// UDP listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Certificate chain and key files, if not self-signed.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// Registration gating.
+    pub require_registration_token: bool,
+    /// Metrics/health address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Parses a TOML document.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks every value and produces the typed settings.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let domain: Domain = self.domain.parse().map_err(|_| {
+            ConfigError::Invalid(format!("domain {:?} is not a valid domain", self.domain))
+        })?;
+        let tls_files = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "tls_cert and tls_key go together".into(),
+                ));
+            }
+        };
+        self.limits.check()?;
+        Ok(Settings {
+            domain,
+            listen: self.listen,
+            data_dir: self.data_dir,
+            tls_files,
+            require_registration_token: self.require_registration_token,
+            metrics_listen: self.metrics_listen,
+            limits: self.limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let settings = Config::default().validate().unwrap();
+        assert_eq!(settings.domain.as_str(), "localhost");
+        assert_eq!(settings.listen.port(), 4433);
+    }
+
+    #[test]
+    fn toml_overrides_and_rejects_unknown_fields() {
+        let config = Config::from_toml(
+            "domain = \"example.org\"\nlisten = \"0.0.0.0:5000\"\n[limits]\nmax_queue_depth = 5\n",
+        )
+        .unwrap();
+        assert_eq!(config.limits.max_queue_depth, 5);
+        assert_eq!(
+            config.limits.max_group_size,
+            Limits::default().max_group_size
+        );
+        assert!(Config::from_toml("domian = \"x\"").is_err());
+        assert!(Config::from_toml("[limits]\nmax_queue_depht = 1").is_err());
+    }
+
+    #[test]
+    fn invalid_values_are_refused() {
+        let config = Config {
+            domain: "Not A Domain".into(),
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.limits.max_frame_len = 0;
+        assert!(config.validate().is_err());
+        let config = Config {
+            tls_cert: Some("a.pem".into()),
+            ..Config::default()
+        };
+        assert!(config.validate().is_err());
+    }
+}

@@ -1,0 +1,181 @@
+//! Dispatch: one `match` over the request enum, connection authentication state, and request
+//! metrics.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use roost_protocol::messages::{ClientRequest, RequestKind, Response};
+
+use crate::auth::Authenticated;
+use crate::error::ServiceError;
+use crate::{State, auth, keypackage, queue};
+
+/// Per-connection state.
+pub(crate) struct ConnectionContext {
+    pub(crate) remote: SocketAddr,
+    /// The connection's TLS exporter value for connection authentication.
+    pub(crate) exporter: Vec<u8>,
+    authenticated: Mutex<Option<Authenticated>>,
+}
+
+impl ConnectionContext {
+    pub(crate) fn new(remote: SocketAddr, exporter: Vec<u8>) -> Self {
+        Self {
+            remote,
+            exporter,
+            authenticated: Mutex::new(None),
+        }
+    }
+
+    fn current(&self) -> Option<Authenticated> {
+        match self.authenticated.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn me(&self) -> Result<Authenticated, ServiceError> {
+        self.current().ok_or(ServiceError::Unauthenticated)
+    }
+
+    fn set(&self, auth: Authenticated) -> Result<(), ServiceError> {
+        let mut guard = match self.authenticated.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match &*guard {
+            Some(existing) if existing.client != auth.client => {
+                Err(ServiceError::AlreadyAuthenticated)
+            }
+            _ => {
+                *guard = Some(auth);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the transport does with a request.
+pub(crate) enum Outcome {
+    /// Write this response and finish the stream.
+    Reply(Response),
+    /// Turn the stream into a listen stream.
+    Listen { me: Authenticated, after_seq: u64 },
+}
+
+fn error_response(err: ServiceError) -> Response {
+    match &err {
+        ServiceError::Store(_) | ServiceError::Internal(_) => {
+            tracing::error!(%err, "request failed")
+        }
+        _ => tracing::debug!(%err, "request refused"),
+    }
+    Response::Error(err.to_wire())
+}
+
+fn reply<T>(result: Result<T, ServiceError>, wrap: impl FnOnce(T) -> Response) -> Response {
+    result.map_or_else(error_response, wrap)
+}
+
+/// Handles one client request.
+pub(crate) async fn dispatch(
+    state: &State,
+    ctx: &ConnectionContext,
+    request: ClientRequest,
+) -> Outcome {
+    let kind = request.kind();
+    let started = Instant::now();
+    let outcome = dispatch_inner(state, ctx, request).await;
+    let code = match &outcome {
+        Outcome::Reply(Response::Error(err)) => err.code.name().unwrap_or("UNKNOWN"),
+        _ => "OK",
+    };
+    record(kind, code, started);
+    outcome
+}
+
+pub(crate) fn record(kind: RequestKind, code: &'static str, started: Instant) {
+    metrics::counter!("roost_requests_total", "kind" => kind.name(), "outcome" => code)
+        .increment(1);
+    metrics::histogram!("roost_request_duration_seconds", "kind" => kind.name())
+        .record(started.elapsed().as_secs_f64());
+}
+
+async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientRequest) -> Outcome {
+    use ClientRequest as R;
+    // Requests that act as a client use `me?`; the others ignore it.
+    let me = ctx.me();
+    let response = match request {
+        R::RegisterUser(req) => reply(
+            auth::register(state, ctx.remote.ip(), req).await,
+            Response::RegisterUser,
+        ),
+        R::AddClient(req) => reply(auth::add_client(state, req).await, Response::AddClient),
+        R::RemoveClient(req) => reply(
+            auth::remove_client(state, req).await,
+            Response::RemoveClient,
+        ),
+        R::AsKeys(req) => reply(auth::as_keys(state, req), Response::AsKeys),
+        R::Authenticate(req) => {
+            let result = async {
+                let (who, response) = auth::authenticate(state, &ctx.exporter, req).await?;
+                ctx.set(who)?;
+                Ok(response)
+            };
+            reply(result.await, Response::Authenticate)
+        }
+        R::DiscoverUser(req) => {
+            let result = async {
+                me?;
+                auth::discover(state, req).await
+            };
+            reply(result.await, Response::DiscoverUser)
+        }
+        R::UploadKeyPackages(req) => reply(
+            async { keypackage::upload(state, &me?, req).await }.await,
+            Response::UploadKeyPackages,
+        ),
+        R::ClaimUserKeyPackages(req) => reply(
+            async { keypackage::claim_user(state, &me?.client, req).await }.await,
+            Response::ClaimUserKeyPackages,
+        ),
+        R::ClaimClientKeyPackage(req) => reply(
+            async { keypackage::claim_client(state, &me?.client, req).await }.await,
+            Response::ClaimClientKeyPackage,
+        ),
+        R::KeyPackageCount(_) => reply(
+            async { keypackage::count(state, &me?).await }.await,
+            Response::KeyPackageCount,
+        ),
+        R::QueueFetch(req) => reply(
+            async { queue::fetch(state, &me?, req).await }.await,
+            Response::QueueFetch,
+        ),
+        R::QueueAck(req) => reply(
+            async { queue::ack(state, &me?, req).await }.await,
+            Response::QueueAck,
+        ),
+        R::QueueListen(req) => match me {
+            Ok(me) => {
+                return Outcome::Listen {
+                    me,
+                    after_seq: req.after_seq,
+                };
+            }
+            Err(err) => error_response(err),
+        },
+        R::CreateGroup(_)
+        | R::Commit(_)
+        | R::SendMessage(_)
+        | R::LeaveGroup(_)
+        | R::FetchGroupInfo(_)
+        | R::ExternalJoin(_) => error_response(match me {
+            Ok(_) => {
+                ServiceError::WrongStream("the Delivery Service is not enabled on this server")
+            }
+            Err(err) => err,
+        }),
+    };
+    Outcome::Reply(response)
+}

@@ -1,0 +1,126 @@
+//! Service errors and the one place where they become wire error codes. Clients get a code
+//! and a short reason; details go to the log.
+
+use std::time::Duration;
+
+use roost_protocol::{ErrorCode, ErrorDetail, WireError};
+
+use crate::storage::StoreError;
+
+/// Why a request was refused. Every variant maps to exactly one [`ErrorCode`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    // General.
+    /// The request needs an authenticated client.
+    #[error("connection is not authenticated")]
+    Unauthenticated,
+    /// The caller may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    /// Too many requests.
+    #[error("rate limited")]
+    RateLimited(Duration),
+    /// A request kind that is not valid here.
+    #[error("{0}")]
+    WrongStream(&'static str),
+    /// A configured limit.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
+    /// An id of a domain this server does not serve or federate with.
+    #[error("unknown domain {0}")]
+    UnknownDomain(String),
+    /// The server is shutting down.
+    #[error("server unavailable")]
+    Unavailable,
+    /// Storage failed; nothing was written.
+    #[error("storage failure")]
+    Store(#[from] StoreError),
+    /// A bug or impossible state; nothing was written.
+    #[error("internal error: {0}")]
+    Internal(String),
+
+    // Authentication Service.
+    /// The user exists.
+    #[error("user exists")]
+    UserExists,
+    /// No such user, or no clients.
+    #[error("user not found")]
+    UserNotFound,
+    /// The device name is taken or was used before.
+    #[error("device name already used")]
+    ClientExists,
+    /// No such (active) client.
+    #[error("client not found")]
+    ClientNotFound,
+    /// A signature did not verify.
+    #[error("signature does not verify")]
+    BadSignature,
+    /// A key is not an Ed25519 public key.
+    #[error("invalid public key")]
+    BadKey,
+    /// Registration needs a (valid, unused) token.
+    #[error("a valid registration token is required")]
+    RegistrationTokenRequired,
+    /// The connection is authenticated as another client.
+    #[error("connection already authenticated as another client")]
+    AlreadyAuthenticated,
+
+    // KeyPackage service.
+    /// A KeyPackage failed validation.
+    #[error("invalid KeyPackage: {0}")]
+    InvalidKeyPackage(String),
+    /// Nothing to hand out.
+    #[error("no KeyPackage available")]
+    NoKeyPackage,
+
+    // Queuing Service.
+    /// The queue is full.
+    #[error("queue full")]
+    QueueFull,
+}
+
+impl ServiceError {
+    /// The wire form. The reason is the Display text, which never carries secrets.
+    pub fn to_wire(&self) -> WireError {
+        use ServiceError::*;
+        let code = match self {
+            Unauthenticated => ErrorCode::UNAUTHENTICATED,
+            Forbidden(_) => ErrorCode::FORBIDDEN,
+            RateLimited(after) => {
+                return WireError::with_detail(
+                    ErrorCode::RATE_LIMITED,
+                    self.to_string(),
+                    ErrorDetail::RateLimited {
+                        retry_after_ms: u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1),
+                    },
+                );
+            }
+            WrongStream(_) => ErrorCode::WRONG_STREAM,
+            LimitExceeded(_) => ErrorCode::LIMIT_EXCEEDED,
+            UnknownDomain(_) => ErrorCode::UNKNOWN_DOMAIN,
+            Unavailable => ErrorCode::UNAVAILABLE,
+            Store(_) | Internal(_) => {
+                // Details stay in the log.
+                return WireError::new(ErrorCode::INTERNAL, "internal error");
+            }
+            UserExists => ErrorCode::USER_EXISTS,
+            UserNotFound => ErrorCode::USER_NOT_FOUND,
+            ClientExists => ErrorCode::CLIENT_EXISTS,
+            ClientNotFound => ErrorCode::CLIENT_NOT_FOUND,
+            BadSignature => ErrorCode::BAD_SIGNATURE,
+            BadKey => ErrorCode::BAD_KEY,
+            RegistrationTokenRequired => ErrorCode::REGISTRATION_TOKEN_REQUIRED,
+            AlreadyAuthenticated => ErrorCode::ALREADY_AUTHENTICATED,
+            InvalidKeyPackage(_) => ErrorCode::INVALID_KEY_PACKAGE,
+            NoKeyPackage => ErrorCode::NO_KEY_PACKAGE,
+            QueueFull => ErrorCode::QUEUE_FULL,
+        };
+        WireError::new(code, self.to_string())
+    }
+
+    /// A short label for metrics.
+    pub fn code(&self) -> ErrorCode {
+        self.to_wire().code
+    }
+}

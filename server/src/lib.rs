@@ -1,0 +1,274 @@
+//! The roost homeserver as a library: [`Server::start`] binds the QUIC endpoint and serves
+//! until [`Server::shutdown`]; [`run`] does both around a shutdown future. `main.rs` only
+//! parses the command line and the configuration.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod identity;
+pub mod ratelimit;
+
+mod auth;
+mod dispatch;
+mod keypackage;
+mod metrics;
+mod mls;
+mod queue;
+mod storage;
+mod transport;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use roost_protocol::messages::queue::QueuePayload;
+use roost_protocol::{ClientId, MessageId, WireError};
+use rustls_pki_types::CertificateDer;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use auth::tokens::create as create_registration_token;
+use config::Settings;
+use identity::{AsKey, TlsIdentity};
+use ratelimit::RateLimiter;
+use storage::{Store, WriterHandle};
+
+/// File name of the database in the data directory.
+pub const DATABASE_FILE: &str = "roost.redb";
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The data directory could not be created.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Keys or certificate.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The database.
+    #[error("database: {0}")]
+    Store(#[from] storage::StoreError),
+    /// TLS configuration.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// Binding the socket.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Shared state of the services.
+pub(crate) struct State {
+    pub(crate) settings: Settings,
+    pub(crate) store: Store,
+    pub(crate) as_key: AsKey,
+    pub(crate) queues: queue::Notifier,
+    pub(crate) registration_limiter: RateLimiter<IpAddr>,
+    pub(crate) claim_limiter: RateLimiter<(ClientId, ClientId)>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A running homeserver.
+pub struct Server {
+    state: Arc<State>,
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    certificate: CertificateDer<'static>,
+    cert_path: PathBuf,
+    tracker: TaskTracker,
+    writer: WriterHandle,
+}
+
+impl Server {
+    /// Opens the data directory (creating the database, AS key and self-signed certificate on
+    /// first start), binds the endpoint and starts serving.
+    pub async fn start(settings: Settings) -> Result<Self, ServerError> {
+        let dir = settings.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let as_key = AsKey::load_or_create(&dir)?;
+        let tls = match &settings.tls_files {
+            Some((cert, key)) => TlsIdentity::load(cert, key)?,
+            None => TlsIdentity::load_or_create_self_signed(&dir, settings.domain.as_str())?,
+        };
+        let certificate = tls
+            .cert_chain
+            .first()
+            .cloned()
+            .ok_or_else(|| ServerError::Tls("no certificate".into()))?;
+        let cert_path = tls.cert_path.clone();
+        let max_batch = settings.limits.max_write_batch as usize;
+        let (store, writer) = Store::open(&dir.join(DATABASE_FILE), max_batch)?;
+        let limits = &settings.limits;
+        let state = Arc::new(State {
+            registration_limiter: RateLimiter::new(
+                f64::from(limits.registration_rate_per_minute) / 60.0,
+                limits.registration_burst,
+            ),
+            claim_limiter: RateLimiter::new(
+                f64::from(limits.claim_rate_per_minute) / 60.0,
+                limits.claim_burst,
+            ),
+            queues: queue::Notifier::default(),
+            shutdown: CancellationToken::new(),
+            as_key,
+            store,
+            settings,
+        });
+        let endpoint = transport::bind(&state.settings, tls)?;
+        let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            addr: state.settings.listen,
+            source,
+        })?;
+        let tracker = TaskTracker::new();
+        tracker.spawn(transport::accept_loop(
+            endpoint.clone(),
+            state.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(sweeper(state.clone()));
+        if let Some(addr) = state.settings.metrics_listen {
+            metrics::start(addr, state.clone(), &tracker)
+                .await
+                .map_err(|source| ServerError::Bind { addr, source })?;
+        }
+        tracing::info!(
+            domain = %state.settings.domain,
+            %local_addr,
+            certificate = %cert_path.display(),
+            "homeserver listening"
+        );
+        Ok(Self {
+            state,
+            endpoint,
+            local_addr,
+            certificate,
+            cert_path,
+            tracker,
+            writer,
+        })
+    }
+
+    /// The bound UDP address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The certificate clients should pin.
+    pub fn certificate(&self) -> &CertificateDer<'static> {
+        &self.certificate
+    }
+
+    /// Where the certificate is stored (PEM).
+    pub fn certificate_path(&self) -> &std::path::Path {
+        &self.cert_path
+    }
+
+    /// The AS verifying key.
+    pub fn as_public_key(&self) -> Vec<u8> {
+        self.state.as_key.public_key()
+    }
+
+    /// Enqueues a message for a local client, as the DS and federation do. Resolves when it
+    /// is durable; returns its sequence number.
+    pub async fn enqueue(
+        &self,
+        recipient: &ClientId,
+        id: MessageId,
+        payload: QueuePayload,
+    ) -> Result<u64, WireError> {
+        queue::enqueue(&self.state, recipient, id, payload)
+            .await
+            .map_err(|e| e.to_wire())
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to `shutdown_grace_ms`), ends
+    /// listen streams, closes connections and the database.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        self.state.shutdown.cancel();
+        self.tracker.close();
+        let grace = self.state.settings.limits.shutdown_grace();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("in-flight requests did not finish within the grace period");
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        drop(self.endpoint);
+        drop(self.state);
+        let writer = self.writer;
+        // Anything still holding the store (an abandoned task) would keep the writer alive;
+        // join on a blocking thread with a bound.
+        let join = tokio::task::spawn_blocking(move || writer.join());
+        if tokio::time::timeout(grace, join).await.is_err() {
+            tracing::warn!("database did not close within the grace period");
+        }
+        tracing::info!("stopped");
+    }
+}
+
+/// Runs a homeserver until `shutdown` resolves, then shuts it down gracefully.
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let server = Server::start(settings).await?;
+    shutdown.await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Drops expired queue messages and KeyPackages once a minute.
+async fn sweeper(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cutoff = unix_millis().saturating_sub(
+            state
+                .settings
+                .limits
+                .max_message_age_secs
+                .saturating_mul(1000),
+        );
+        let result = state
+            .store
+            .write(move |txn| {
+                let messages = queue::expire(txn, cutoff)?;
+                let key_packages = keypackage::purge_expired(txn, unix_millis() / 1000)?;
+                Ok(Ok::<_, storage::StoreError>((messages, key_packages)))
+            })
+            .await;
+        match result {
+            Ok((0, 0)) => {}
+            Ok((messages, key_packages)) => tracing::info!(messages, key_packages, "expired"),
+            Err(err) => tracing::warn!(%err, "expiry sweep failed"),
+        }
+    }
+}

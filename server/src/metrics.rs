@@ -1,0 +1,135 @@
+//! `/metrics` (Prometheus text exposition, rendered by metrics-exporter-prometheus) and
+//! `/health` on a plain TCP listener, off unless `metrics_listen` is configured.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::task::TaskTracker;
+
+use crate::State;
+use crate::storage::StoreError;
+
+/// Largest request head we read.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// Installs the recorder (once per process) and serves HTTP on `addr`.
+pub(crate) async fn start(
+    addr: SocketAddr,
+    state: Arc<State>,
+    tracker: &TaskTracker,
+) -> std::io::Result<()> {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!(
+            "a metrics recorder is already installed in this process; /metrics shows its first server only"
+        );
+    }
+    let listener = TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "metrics and health listening");
+    tracker.spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+            };
+            let (state, handle) = (state.clone(), handle.clone());
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    serve(stream, &state, &handle),
+                )
+                .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    state: &State,
+    handle: &PrometheusHandle,
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let path = loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => break request.path.unwrap_or("/").to_owned(),
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            _ => {
+                return respond(
+                    &mut stream,
+                    "400 Bad Request",
+                    "text/plain",
+                    "bad request\n",
+                )
+                .await;
+            }
+        }
+    };
+    match path.as_str() {
+        "/metrics" => {
+            handle.run_upkeep();
+            respond(
+                &mut stream,
+                "200 OK",
+                "text/plain; version=0.0.4",
+                &handle.render(),
+            )
+            .await
+        }
+        "/health" => {
+            // Healthy when the store answers a read.
+            let ok = state
+                .store
+                .read(|txn| {
+                    txn.open_table(crate::storage::tables::META)
+                        .map_err(StoreError::from)?;
+                    Ok::<_, StoreError>(())
+                })
+                .await
+                .is_ok();
+            if ok {
+                respond(&mut stream, "200 OK", "text/plain", "ok\n").await
+            } else {
+                respond(
+                    &mut stream,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "store unavailable\n",
+                )
+                .await
+            }
+        }
+        _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    content_type: &str,
+    body: &str,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}

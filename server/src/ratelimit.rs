@@ -1,0 +1,117 @@
+//! Token-bucket rate limiting, keyed by whatever the caller limits on (source address,
+//! (claimer, target), sender). In memory: limits reset on restart, which is acceptable for
+//! abuse control.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// When the map grows past this, full buckets are dropped (they carry no information).
+const PRUNE_AT: usize = 100_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    updated: Instant,
+}
+
+/// A token bucket per key: `burst` tokens, refilled at `per_second`.
+#[derive(Debug)]
+pub struct RateLimiter<K> {
+    per_second: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: Hash + Eq + Clone> RateLimiter<K> {
+    /// A limiter allowing `burst` at once and `per_second` sustained.
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        Self {
+            per_second,
+            burst: f64::from(burst.max(1)),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one token for each key, all or none. On refusal, how long until all keys have one.
+    pub fn check_all(&self, keys: &[K]) -> Result<(), Duration> {
+        self.check_all_at(keys, Instant::now())
+    }
+
+    /// Takes one token for `key`.
+    pub fn check(&self, key: K) -> Result<(), Duration> {
+        self.check_all(&[key])
+    }
+
+    fn check_all_at(&self, keys: &[K], now: Instant) -> Result<(), Duration> {
+        let mut buckets = match self.buckets.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if buckets.len() > PRUNE_AT {
+            let (rate, burst) = (self.per_second, self.burst);
+            buckets.retain(|_, b| refill(b, now, rate, burst) < burst);
+        }
+        let mut wait = Duration::ZERO;
+        for key in keys {
+            let bucket = buckets.get(key).copied().unwrap_or(Bucket {
+                tokens: self.burst,
+                updated: now,
+            });
+            let tokens = refill(&bucket, now, self.per_second, self.burst);
+            if tokens < 1.0 {
+                let missing = (1.0 - tokens) / self.per_second.max(f64::MIN_POSITIVE);
+                wait = wait.max(Duration::from_secs_f64(missing.min(86_400.0)));
+            }
+        }
+        if wait > Duration::ZERO {
+            return Err(wait);
+        }
+        for key in keys {
+            let bucket = buckets.entry(key.clone()).or_insert(Bucket {
+                tokens: self.burst,
+                updated: now,
+            });
+            bucket.tokens = refill(bucket, now, self.per_second, self.burst) - 1.0;
+            bucket.updated = now;
+        }
+        Ok(())
+    }
+}
+
+fn refill(bucket: &Bucket, now: Instant, per_second: f64, burst: f64) -> f64 {
+    let elapsed = now.saturating_duration_since(bucket.updated).as_secs_f64();
+    (bucket.tokens + elapsed * per_second).min(burst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_then_refill() {
+        let limiter = RateLimiter::new(1.0, 3);
+        let start = Instant::now();
+        for _ in 0..3 {
+            limiter.check_all_at(&["a"], start).unwrap();
+        }
+        let wait = limiter.check_all_at(&["a"], start).unwrap_err();
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
+        // Other keys are independent.
+        limiter.check_all_at(&["b"], start).unwrap();
+        limiter
+            .check_all_at(&["a"], start + Duration::from_secs(1))
+            .unwrap();
+    }
+
+    #[test]
+    fn all_or_nothing() {
+        let limiter = RateLimiter::new(1.0, 1);
+        let now = Instant::now();
+        limiter.check_all_at(&["a"], now).unwrap();
+        assert!(limiter.check_all_at(&["b", "a"], now).is_err());
+        // "b" was not consumed by the refused call.
+        limiter.check_all_at(&["b"], now).unwrap();
+    }
+}

@@ -1,0 +1,53 @@
+//! Every redb table of the homeserver, in one place, with the schema version.
+//!
+//! Keys are chosen so that hot writes append: queue entries are keyed by (client number,
+//! sequence number), KeyPackages by (client number, upload sequence), and a fanned-out payload
+//! is stored once under a sequential id and referenced from each recipient's queue.
+
+use redb::TableDefinition;
+
+/// Bumped whenever a table's layout changes; checked when the database opens.
+pub(crate) const SCHEMA_VERSION: u64 = 1;
+
+/// Counters and settings: "schema_version", "next_client_num", "next_payload_id".
+pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
+/// Local users by name: TLS-encoded `UserRecord`.
+pub(crate) const USERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("users");
+
+/// Local clients by `name/device`: TLS-encoded `ClientRecord`. Revoked clients stay as
+/// tombstones so their device name is never reused.
+pub(crate) const CLIENTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("clients");
+
+/// Queue heads by client number: (highest seq assigned, entries held).
+pub(crate) const QUEUE_HEADS: TableDefinition<'_, u64, (u64, u64)> =
+    TableDefinition::new("queue_heads");
+
+/// Queue entries by (client number, seq): (payload id, timestamp ms, message id).
+pub(crate) const QUEUE_ENTRIES: TableDefinition<'_, (u64, u64), (u64, u64, [u8; 16])> =
+    TableDefinition::new("queue_entries");
+
+/// Enqueue idempotency by (client number, message id): (seq, timestamp ms).
+pub(crate) const QUEUE_DEDUP: TableDefinition<'_, (u64, [u8; 16]), (u64, u64)> =
+    TableDefinition::new("queue_dedup");
+
+/// Payloads by id: TLS-encoded `QueuePayload`.
+pub(crate) const PAYLOADS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("payloads");
+
+/// Number of queue entries referencing a payload.
+pub(crate) const PAYLOAD_REFS: TableDefinition<'_, u64, u64> = TableDefinition::new("payload_refs");
+
+/// Ordinary KeyPackages by (client number, upload seq): (not_after, KeyPackage bytes).
+pub(crate) const KEY_PACKAGES: TableDefinition<'_, (u64, u64), (u64, &[u8])> =
+    TableDefinition::new("key_packages");
+
+/// Per-client KeyPackage counters: (next upload seq, ordinary KeyPackages held).
+pub(crate) const KEY_PACKAGE_COUNTS: TableDefinition<'_, u64, (u64, u64)> =
+    TableDefinition::new("key_package_counts");
+
+/// Last-resort KeyPackage by client number: (not_after, KeyPackage bytes).
+pub(crate) const LAST_RESORT: TableDefinition<'_, u64, (u64, &[u8])> =
+    TableDefinition::new("last_resort");
+
+/// Registration tokens already used, by SHA-256 (hex): times used.
+pub(crate) const TOKEN_USES: TableDefinition<'_, &str, u64> = TableDefinition::new("token_uses");

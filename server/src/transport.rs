@@ -1,0 +1,350 @@
+//! The QUIC endpoint: the only module that touches quinn. One request per bidirectional
+//! stream, read under a deadline with the size checked before allocation; every failure is a
+//! typed error response on that stream, and the connection stays usable.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use quinn::{RecvStream, SendStream, VarInt};
+use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
+use roost_protocol::messages::auth::{EXPORTER_LABEL, EXPORTER_LEN};
+use roost_protocol::messages::queue::{ListenEvent, QueueListenResponse};
+use roost_protocol::messages::{ClientRequest, Response};
+use roost_protocol::{ErrorCode, WireError};
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::Authenticated;
+use crate::config::Settings;
+use crate::dispatch::{ConnectionContext, Outcome, dispatch};
+use crate::identity::TlsIdentity;
+use crate::{ServerError, State};
+
+/// UDP socket buffer size: the default (about 208 KiB) drops packets under fan-in.
+const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Builds and binds the endpoint.
+pub(crate) fn bind(settings: &Settings, tls: TlsIdentity) -> Result<quinn::Endpoint, ServerError> {
+    let limits = &settings.limits;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(tls.cert_chain, tls.key)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    crypto.alpn_protocols = vec![roost_protocol::ALPN_CLIENT.to_vec()];
+    // No 0-RTT: early data can be replayed.
+    crypto.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(limits.idle_timeout())
+                .map_err(|e| ServerError::Tls(e.to_string()))?,
+        ))
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
+        .receive_window(VarInt::from_u32(limits.connection_receive_window));
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server_config.transport_config(Arc::new(transport));
+
+    let addr = settings.listen;
+    let bind_err = |source| ServerError::Bind { addr, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind_err)?;
+    // Best effort: the kernel caps these at net.core.rmem_max / wmem_max.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    socket.bind(&addr.into()).map_err(bind_err)?;
+    let socket: std::net::UdpSocket = socket.into();
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_err)
+}
+
+/// Accepts connections until shutdown.
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    state: Arc<State>,
+    tracker: TaskTracker,
+) {
+    let handshaking = Arc::new(AtomicUsize::new(0));
+    let connected = Arc::new(AtomicUsize::new(0));
+    let limits = &state.settings.limits;
+    loop {
+        let incoming = tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        if connected.load(Ordering::Relaxed) >= limits.max_connections as usize {
+            metrics::counter!("roost_connections_refused_total").increment(1);
+            incoming.refuse();
+            continue;
+        }
+        if !incoming.remote_address_validated()
+            && handshaking.load(Ordering::Relaxed) >= limits.retry_threshold as usize
+        {
+            // Make the peer prove its address before we spend a handshake on it.
+            if incoming.may_retry() {
+                let _ = incoming.retry();
+            } else {
+                incoming.refuse();
+            }
+            continue;
+        }
+        let state = state.clone();
+        let (handshaking, connected) = (handshaking.clone(), connected.clone());
+        let streams = tracker.clone();
+        tracker.spawn(async move {
+            handshaking.fetch_add(1, Ordering::Relaxed);
+            let remote = incoming.remote_address();
+            let connecting = incoming.accept();
+            let result = match connecting {
+                Ok(connecting) => connecting.await,
+                Err(err) => Err(err),
+            };
+            handshaking.fetch_sub(1, Ordering::Relaxed);
+            let conn = match result {
+                Ok(conn) => conn,
+                Err(err) => {
+                    tracing::debug!(%remote, %err, "handshake failed");
+                    return;
+                }
+            };
+            connected.fetch_add(1, Ordering::Relaxed);
+            metrics::gauge!("roost_connections").increment(1.0);
+            let span = tracing::info_span!("conn", %remote);
+            serve_connection(conn, remote, state, streams)
+                .instrument(span)
+                .await;
+            connected.fetch_sub(1, Ordering::Relaxed);
+            metrics::gauge!("roost_connections").decrement(1.0);
+        });
+    }
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    state: Arc<State>,
+    tracker: TaskTracker,
+) {
+    let mut exporter = vec![0u8; EXPORTER_LEN];
+    if conn
+        .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .is_err()
+    {
+        conn.close(VarInt::from_u32(0), b"internal error");
+        return;
+    }
+    let ctx = Arc::new(ConnectionContext::new(remote, exporter));
+    tracing::debug!("connected");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            stream = conn.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::debug!(%err, "connection ended");
+                    return;
+                }
+            },
+        };
+        let (state, ctx) = (state.clone(), ctx.clone());
+        tracker.spawn(serve_stream(state, ctx, send, recv).in_current_span());
+    }
+}
+
+/// Reads one request frame: header, size check, then the body up to the end of the stream.
+async fn read_request(recv: &mut RecvStream, max_frame_len: u32) -> Result<Vec<u8>, WireError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(|_| {
+        WireError::new(ErrorCode::MALFORMED, "stream ended inside the frame header")
+    })?;
+    let len = frame_len(header, max_frame_len).map_err(|e| e.to_wire())?;
+    // read_to_end grows its buffer as data arrives, so memory follows what the peer actually
+    // sent (bounded by the flow-control windows), not what the header claims.
+    let body = recv
+        .read_to_end(len.saturating_add(1))
+        .await
+        .map_err(|err| match err {
+            quinn::ReadToEndError::TooLong => {
+                WireError::new(ErrorCode::MALFORMED, "bytes after the request frame")
+            }
+            quinn::ReadToEndError::Read(_) => {
+                WireError::new(ErrorCode::MALFORMED, "stream failed inside the frame")
+            }
+        })?;
+    if body.len() != len {
+        return Err(WireError::new(
+            ErrorCode::MALFORMED,
+            "stream ended inside the frame",
+        ));
+    }
+    Ok(body)
+}
+
+async fn serve_stream(
+    state: Arc<State>,
+    ctx: Arc<ConnectionContext>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let limits = &state.settings.limits;
+    let started = Instant::now();
+    let body = match tokio::time::timeout(
+        limits.request_read_timeout(),
+        read_request(&mut recv, limits.max_frame_len),
+    )
+    .await
+    {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) => {
+            let _ = recv.stop(VarInt::from_u32(0));
+            metrics::counter!("roost_bad_frames_total", "code" => err.code.name().unwrap_or("UNKNOWN")).increment(1);
+            write_frame(&mut send, &Response::Error(err)).await;
+            finish(&mut send);
+            return;
+        }
+        Err(_) => {
+            let _ = recv.stop(VarInt::from_u32(0));
+            metrics::counter!("roost_bad_frames_total", "code" => "REQUEST_TIMEOUT").increment(1);
+            let err = WireError::new(
+                ErrorCode::REQUEST_TIMEOUT,
+                "request not received within the deadline",
+            );
+            write_frame(&mut send, &Response::Error(err)).await;
+            finish(&mut send);
+            return;
+        }
+    };
+    drop(recv);
+    let request = match decode_body::<ClientRequest>(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            metrics::counter!("roost_bad_frames_total", "code" => "MALFORMED").increment(1);
+            write_frame(&mut send, &Response::Error(err.to_wire())).await;
+            finish(&mut send);
+            return;
+        }
+    };
+    drop(body);
+    let kind = request.kind();
+    let span = tracing::debug_span!("request", kind = kind.name());
+    match dispatch(&state, &ctx, request)
+        .instrument(span.clone())
+        .await
+    {
+        Outcome::Reply(response) => {
+            write_frame(&mut send, &response).await;
+            finish(&mut send);
+        }
+        Outcome::Listen { me, after_seq } => {
+            crate::dispatch::record(kind, "OK", started);
+            listen(&state, send, me, after_seq).instrument(span).await;
+        }
+    }
+}
+
+fn finish(send: &mut SendStream) {
+    let _ = send.finish();
+}
+
+/// Writes one frame. Errors mean the peer went away; there is nobody to tell.
+async fn write_frame<T: tls_codec::Serialize + tls_codec::Size>(
+    send: &mut SendStream,
+    message: &T,
+) -> bool {
+    let frame = match encode_frame(message) {
+        Ok(frame) => frame,
+        Err(err) => {
+            tracing::error!(%err, "response cannot be encoded");
+            match encode_frame(&Response::Error(err.to_wire())) {
+                Ok(frame) => frame,
+                Err(_) => return false,
+            }
+        }
+    };
+    send.write_all(&frame).await.is_ok()
+}
+
+/// Serves a listen stream: backlog, then each new message once durable.
+async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_seq: u64) {
+    let mut signal = state.queues.subscribe(me.client_num);
+    signal.borrow_and_update();
+    let (mut pending, head_seq) =
+        match crate::queue::listen_page(state, me.client_num, after_seq).await {
+            Ok(page) => page,
+            Err(err) => {
+                write_frame(&mut send, &Response::Error(err.to_wire())).await;
+                finish(&mut send);
+                return;
+            }
+        };
+    if !write_frame(
+        &mut send,
+        &Response::QueueListen(QueueListenResponse { head_seq }),
+    )
+    .await
+    {
+        return;
+    }
+    metrics::gauge!("roost_listeners").increment(1.0);
+    let stopped = send.stopped();
+    tokio::pin!(stopped);
+    let mut last = after_seq;
+    let close = loop {
+        let mut peer_gone = false;
+        for message in pending.drain(..) {
+            last = message.seq;
+            if !write_frame(&mut send, &ListenEvent::Message(message)).await {
+                peer_gone = true;
+                break;
+            }
+        }
+        if peer_gone {
+            break None;
+        }
+        match crate::queue::listen_page(state, me.client_num, last).await {
+            Ok((page, _)) if !page.is_empty() => {
+                pending = page;
+                continue;
+            }
+            Ok(_) => {}
+            Err(err) => break Some(err.to_wire()),
+        }
+        tokio::select! {
+            changed = signal.changed() => {
+                if changed.is_err() || signal.borrow_and_update().closed {
+                    break Some(WireError::new(ErrorCode::CLIENT_NOT_FOUND, "client removed"));
+                }
+            }
+            _ = state.shutdown.cancelled() => {
+                break Some(WireError::new(ErrorCode::UNAVAILABLE, "server shutting down"));
+            }
+            _ = &mut stopped => break None,
+        }
+    };
+    if let Some(err) = close {
+        write_frame(&mut send, &ListenEvent::Closed(err)).await;
+        finish(&mut send);
+    }
+    metrics::gauge!("roost_listeners").decrement(1.0);
+}
