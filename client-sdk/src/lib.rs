@@ -1,3 +1,5 @@
 //! roost client SDK.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod transport;
