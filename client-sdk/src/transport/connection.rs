@@ -109,6 +109,15 @@ impl Connection {
             .await
     }
 
+    /// Opens a bare bidirectional stream and writes nothing: for tests that misbehave below
+    /// the frame level (trickle a request byte by byte, never finish). Everything else uses
+    /// [`Connection::request`] and friends.
+    pub async fn open_raw_stream(
+        &self,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), TransportError> {
+        Ok(self.inner.open_bi().await?)
+    }
+
     /// The value exported from this connection's TLS session for connection authentication
     /// (label [`EXPORTER_LABEL`], empty context). Both ends of one connection get the same
     /// value; any other connection gets another.
