@@ -110,11 +110,14 @@ pub(crate) fn enqueue_in_txn(
     let mut payload_id = None;
     let mut refs = 0u64;
     for &client_num in recipients {
-        if dedup {
-            if let Some(prior) = dedups.get((client_num, id.0))? {
-                outcomes.push(Enqueued::Duplicate(prior.value().0));
-                continue;
-            }
+        let prior = if dedup {
+            dedups.get((client_num, id.0))?.map(|v| v.value().0)
+        } else {
+            None
+        };
+        if let Some(seq) = prior {
+            outcomes.push(Enqueued::Duplicate(seq));
+            continue;
         }
         let Some((head, count)) = heads.get(client_num)?.map(|v| v.value()) else {
             // No such queue (client removed meanwhile): callers resolved recipients earlier.
