@@ -1,7 +1,4 @@
-//! Everything the server does with openmls, behind non-generic functions (each binary that
-//! instantiates openmls generics pays for it in build time).
-//!
-//! KeyPackages: openmls verifies the structure and both signatures; the lifetime is read by
+//! KeyPackage validation: openmls verifies the structure and both signatures; the lifetime is read by
 //! our own small parser so that a configurable clock skew can be tolerated (openmls compares
 //! `not_before` to its own clock exactly, while some implementations set it to "now").
 

@@ -1,0 +1,7 @@
+//! Everything the server does with openmls, behind non-generic functions (each binary that
+//! instantiates openmls generics pays for it in build time): KeyPackage validation for the
+//! KeyPackage service and the public group state of the Delivery Service.
+
+mod keypackage;
+
+pub(crate) use keypackage::{KeyPackagePolicy, validate_key_package};
