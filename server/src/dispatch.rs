@@ -35,8 +35,12 @@ impl ConnectionContext {
         }
     }
 
-    fn me(&self) -> Result<Authenticated, ServiceError> {
-        self.current().ok_or(ServiceError::Unauthenticated)
+    fn me(&self, state: &State) -> Result<Authenticated, ServiceError> {
+        let me = self.current().ok_or(ServiceError::Unauthenticated)?;
+        if state.is_revoked(me.client_num) {
+            return Err(ServiceError::ClientNotFound);
+        }
+        Ok(me)
     }
 
     fn set(&self, auth: Authenticated) -> Result<(), ServiceError> {
@@ -105,7 +109,7 @@ pub(crate) fn record(kind: RequestKind, code: &'static str, started: Instant) {
 async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientRequest) -> Outcome {
     use ClientRequest as R;
     // Requests that act as a client use `me?`; the others ignore it.
-    let me = ctx.me();
+    let me = ctx.me(state);
     let response = match request {
         R::RegisterUser(req) => reply(
             auth::register(state, ctx.remote.ip(), req).await,

@@ -77,6 +77,25 @@ pub(crate) struct State {
     pub(crate) registration_limiter: RateLimiter<IpAddr>,
     pub(crate) claim_limiter: RateLimiter<(ClientId, ClientId)>,
     pub(crate) shutdown: CancellationToken,
+    /// Clients removed while this process runs. Connections authenticated before the removal
+    /// check it on every request; new authentications read the store.
+    revoked: std::sync::RwLock<std::collections::HashSet<u64>>,
+}
+
+impl State {
+    pub(crate) fn revoke(&self, client_num: u64) {
+        match self.revoked.write() {
+            Ok(mut set) => set.insert(client_num),
+            Err(poisoned) => poisoned.into_inner().insert(client_num),
+        };
+    }
+
+    pub(crate) fn is_revoked(&self, client_num: u64) -> bool {
+        match self.revoked.read() {
+            Ok(set) => set.contains(&client_num),
+            Err(poisoned) => poisoned.into_inner().contains(&client_num),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -132,6 +151,7 @@ impl Server {
             ),
             queues: queue::Notifier::default(),
             shutdown: CancellationToken::new(),
+            revoked: Default::default(),
             as_key,
             store,
             settings,

@@ -104,7 +104,7 @@ pub enum ListenEvent {
     /// A queue entry.
     #[tls_codec(discriminant = 1)]
     Message(QueueMessage),
-    /// The server ends the stream (shutdown, client removed, another listener took over).
+    /// The server ends the stream (shutdown, client removed).
     /// Last frame on the stream.
     #[tls_codec(discriminant = 2)]
     Closed(WireError),

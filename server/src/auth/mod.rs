@@ -186,24 +186,7 @@ pub(crate) async fn add_client(
         req.user_signature.as_slice(),
     )?;
 
-    let not_before = now_secs();
-    let not_after = not_before.saturating_add(state.settings.limits.credential_validity_secs);
-    let cred_tbs = ClientCredentialTbs {
-        client: req.client.clone(),
-        signature_key: req.client_key.clone(),
-        not_before,
-        not_after,
-    };
-    let as_signature = state
-        .as_key
-        .sign(&signing_input(LABEL_CLIENT_CREDENTIAL, &cred_tbs));
-    let credential = ClientCredential {
-        client: req.client.clone(),
-        signature_key: req.client_key,
-        not_before,
-        not_after,
-        as_signature: as_signature.into(),
-    };
+    let credential = issue_credential(state, req.client.clone(), req.client_key);
     let key = client_key(&req.client);
     let cred = credential.clone();
     state
@@ -286,6 +269,7 @@ pub(crate) async fn remove_client(
             Ok(Ok(client_num))
         })
         .await?;
+    state.revoke(client_num);
     state.queues.close_listeners(client_num);
     tracing::info!(client = %req.client, "client removed");
     Ok(RemoveClientResponse {})
@@ -352,15 +336,73 @@ pub(crate) async fn authenticate(
         &signing_input(LABEL_CONNECTION_AUTH, &tbs),
         req.signature.as_slice(),
     )?;
+    let validity = state.settings.limits.credential_validity_secs;
+    let credential = if record.credential.not_after <= now_secs().saturating_add(validity / 2) {
+        renew_credential(state, record.credential).await?
+    } else {
+        record.credential
+    };
     Ok((
         Authenticated {
             client: req.client,
             client_num: record.client_num,
         },
-        AuthenticateResponse {
-            credential: record.credential,
-        },
+        AuthenticateResponse { credential },
     ))
+}
+
+/// Issues a fresh credential for the same client and key (less than half of its validity was
+/// left) and stores it.
+async fn renew_credential(
+    state: &State,
+    old: ClientCredential,
+) -> Result<ClientCredential, ServiceError> {
+    let credential = issue_credential(state, old.client, old.signature_key);
+    let key = client_key(&credential.client);
+    let stored = credential.clone();
+    state
+        .store
+        .write(move |txn| {
+            let mut clients = txn.open_table(CLIENTS)?;
+            let record = match clients.get(key.as_str())? {
+                Some(raw) => decode_client(raw.value())?,
+                None => return Ok(Err(ServiceError::ClientNotFound)),
+            };
+            if record.revoked != 0 {
+                return Ok(Err(ServiceError::ClientNotFound));
+            }
+            let renewed = ClientRecord {
+                credential: stored,
+                ..record
+            };
+            clients.insert(key.as_str(), encode(&renewed)?.as_slice())?;
+            Ok(Ok(()))
+        })
+        .await?;
+    tracing::info!(client = %credential.client, "credential renewed");
+    Ok(credential)
+}
+
+/// Makes and signs a credential valid from now for the configured validity.
+fn issue_credential(state: &State, client: ClientId, signature_key: Opaque) -> ClientCredential {
+    let not_before = now_secs();
+    let not_after = not_before.saturating_add(state.settings.limits.credential_validity_secs);
+    let tbs = ClientCredentialTbs {
+        client: client.clone(),
+        signature_key: signature_key.clone(),
+        not_before,
+        not_after,
+    };
+    let as_signature = state
+        .as_key
+        .sign(&signing_input(LABEL_CLIENT_CREDENTIAL, &tbs));
+    ClientCredential {
+        client,
+        signature_key,
+        not_before,
+        not_after,
+        as_signature: as_signature.into(),
+    }
 }
 
 /// Checks that an authenticated client is still active (not removed since it authenticated).

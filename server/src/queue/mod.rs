@@ -251,6 +251,9 @@ fn read_messages(
     let entries = txn.open_table(QUEUE_ENTRIES)?;
     let payloads = txn.open_table(PAYLOADS)?;
     let mut out = Vec::new();
+    if max_messages == 0 {
+        return Ok((out, head));
+    }
     let mut bytes = 0usize;
     let start = after_seq.saturating_add(1);
     for entry in entries.range((client_num, start)..=(client_num, u64::MAX))? {
@@ -344,7 +347,7 @@ pub(crate) async fn fetch(
     req: QueueFetchRequest,
 ) -> Result<QueueFetchResponse, ServiceError> {
     let limits = &state.settings.limits;
-    let max_messages = req.max_messages.clamp(1, limits.max_fetch_messages) as usize;
+    let max_messages = req.max_messages.min(limits.max_fetch_messages) as usize;
     let max_bytes = req.max_bytes.clamp(1, limits.max_fetch_bytes) as usize;
     let client_num = me.client_num;
     let cutoff = cutoff_ms(state);
@@ -376,7 +379,7 @@ pub(crate) async fn ack(
         .store
         .write(move |txn| {
             if !crate::auth::still_active(txn, &client)? {
-                return Ok(Err(ServiceError::Unauthenticated));
+                return Ok(Err(ServiceError::ClientNotFound));
             }
             let head = txn
                 .open_table(QUEUE_HEADS)?

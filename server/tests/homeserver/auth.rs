@@ -282,3 +282,62 @@ async fn registrations_are_rate_limited_per_address() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_removed_clients_open_connections_stop_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (alice, phone, conn) = new_client(&server, "alice").await;
+    let fetch = roost_protocol::messages::queue::QueueFetchRequest {
+        after_seq: 0,
+        max_messages: 0,
+        max_bytes: 0,
+    };
+    let head = conn.call(fetch.clone()).await.unwrap();
+    assert!(head.messages.is_empty());
+    let admin = connect(&server).await;
+    admin
+        .call(remove_client_request(&alice, &phone.id))
+        .await
+        .unwrap();
+    let err = conn.call(fetch).await.unwrap_err();
+    assert_eq!(code(err), ErrorCode::CLIENT_NOT_FOUND);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn credentials_are_renewed_when_half_their_validity_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.credential_validity_secs = 4;
+    let server = start(cfg).await;
+    let conn = connect(&server).await;
+    let alice = register(&conn, "alice").await;
+    let phone = add_client(&conn, &alice, "phone").await;
+    // Fresh: authentication returns the issued credential.
+    let first = conn
+        .authenticate(&phone.id, |i| sign(&phone.key, i))
+        .await
+        .unwrap();
+    assert_eq!(first.credential, phone.credential);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let later = connect(&server).await;
+    let renewed = later
+        .authenticate(&phone.id, |i| sign(&phone.key, i))
+        .await
+        .unwrap();
+    assert!(renewed.credential.not_after > phone.credential.not_after);
+    assert_eq!(
+        renewed.credential.signature_key,
+        phone.credential.signature_key
+    );
+    // Discovery hands out the renewed one.
+    let found = later
+        .call(DiscoverUserRequest {
+            user: alice.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.clients, vec![renewed.credential]);
+    server.shutdown().await;
+}
