@@ -125,6 +125,8 @@ pub struct Limits {
     pub credential_validity_secs: u64,
     /// Most write operations coalesced into one durable transaction.
     pub max_write_batch: u32,
+    /// Groups whose MLS public state stays in memory (least recently used ones are dropped).
+    pub max_cached_groups: u32,
 }
 
 impl Default for Limits {
@@ -157,6 +159,7 @@ impl Default for Limits {
             past_epochs: 2,
             credential_validity_secs: 365 * 24 * 3600,
             max_write_batch: 1_024,
+            max_cached_groups: 1_024,
         }
     }
 }
@@ -178,7 +181,7 @@ impl Limits {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let nonzero: [(&str, u64); 16] = [
+        let nonzero: [(&str, u64); 17] = [
             ("max_frame_len", self.max_frame_len.into()),
             ("request_read_timeout_ms", self.request_read_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
@@ -204,6 +207,7 @@ impl Limits {
             ("max_fetch_messages", self.max_fetch_messages.into()),
             ("max_group_size", self.max_group_size.into()),
             ("max_write_batch", self.max_write_batch.into()),
+            ("max_cached_groups", self.max_cached_groups.into()),
         ];
         for (name, value) in nonzero {
             if value == 0 {

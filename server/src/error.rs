@@ -78,6 +78,41 @@ pub enum ServiceError {
     /// The queue is full.
     #[error("queue full")]
     QueueFull,
+
+    // Delivery Service.
+    /// The group exists.
+    #[error("group exists")]
+    GroupExists,
+    /// No such group.
+    #[error("group not found")]
+    GroupNotFound,
+    /// The sender is not a member.
+    #[error("not a member of the group")]
+    NotMember,
+    /// The epoch already has its commit.
+    #[error("stale epoch: the group is at epoch {0}")]
+    StaleEpoch(u64),
+    /// The group has not reached that epoch.
+    #[error("future epoch: the group is at epoch {0}")]
+    FutureEpoch(u64),
+    /// The commit failed validation.
+    #[error("invalid commit: {0}")]
+    InvalidCommit(String),
+    /// The GroupInfo or tree failed validation.
+    #[error("invalid GroupInfo: {0}")]
+    InvalidGroupInfo(String),
+    /// Adds without a Welcome.
+    #[error("the commit adds members but carries no Welcome")]
+    MissingWelcome,
+    /// Wrong or malformed MLS message.
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+    /// Over the group size limit.
+    #[error("group too large")]
+    GroupTooLarge,
+    /// Pending proposals not committed.
+    #[error("the commit does not include every pending proposal")]
+    MissingProposals,
 }
 
 impl ServiceError {
@@ -115,6 +150,25 @@ impl ServiceError {
             InvalidKeyPackage(_) => ErrorCode::INVALID_KEY_PACKAGE,
             NoKeyPackage => ErrorCode::NO_KEY_PACKAGE,
             QueueFull => ErrorCode::QUEUE_FULL,
+            GroupExists => ErrorCode::GROUP_EXISTS,
+            GroupNotFound => ErrorCode::GROUP_NOT_FOUND,
+            NotMember => ErrorCode::NOT_MEMBER,
+            StaleEpoch(current) => {
+                return WireError::with_detail(
+                    ErrorCode::STALE_EPOCH,
+                    self.to_string(),
+                    ErrorDetail::StaleEpoch {
+                        current_epoch: *current,
+                    },
+                );
+            }
+            FutureEpoch(_) => ErrorCode::FUTURE_EPOCH,
+            InvalidCommit(_) => ErrorCode::INVALID_COMMIT,
+            InvalidGroupInfo(_) => ErrorCode::INVALID_GROUP_INFO,
+            MissingWelcome => ErrorCode::MISSING_WELCOME,
+            InvalidMessage(_) => ErrorCode::INVALID_MESSAGE,
+            GroupTooLarge => ErrorCode::GROUP_TOO_LARGE,
+            MissingProposals => ErrorCode::MISSING_PROPOSALS,
         };
         WireError::new(code, self.to_string())
     }

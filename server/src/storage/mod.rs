@@ -106,6 +106,7 @@ impl Store {
             txn.open_table(KEY_PACKAGE_COUNTS)?;
             txn.open_table(LAST_RESORT)?;
             txn.open_table(TOKEN_USES)?;
+            txn.open_table(GROUPS)?;
         }
         txn.commit()?;
 

@@ -49,5 +49,9 @@ pub(crate) const KEY_PACKAGE_COUNTS: TableDefinition<'_, u64, (u64, u64)> =
 pub(crate) const LAST_RESORT: TableDefinition<'_, u64, (u64, &[u8])> =
     TableDefinition::new("last_resort");
 
+/// Groups hosted here by MLS group id (TLS-encoded GroupId): TLS-encoded `GroupRecord`
+/// (epoch, GroupInfo, ratchet tree, pending proposals).
+pub(crate) const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
+
 /// Registration tokens already used, by SHA-256 (hex): times used.
 pub(crate) const TOKEN_USES: TableDefinition<'_, &str, u64> = TableDefinition::new("token_uses");
