@@ -1,0 +1,240 @@
+//! What the SDK tells the app: [`Event`]s, and how they are kept on disk until the app has
+//! taken them.
+//!
+//! Events are written in the same database transaction as the state change that caused them
+//! (a decrypted message, a new epoch, a join), so none is lost in a crash: the app receives
+//! each one at least once (see [`Client::next_event`](crate::Client::next_event)).
+
+use roost_protocol::{ClientId, GroupId};
+use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
+
+/// Something that happened in one of the client's groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// An application message was received and decrypted.
+    Message {
+        /// The group it was sent to.
+        group: GroupId,
+        /// The client that sent it (authenticated by MLS).
+        sender: ClientId,
+        /// The plaintext.
+        bytes: Vec<u8>,
+    },
+    /// This client joined a group (by a Welcome from `inviter`).
+    Joined {
+        /// The group.
+        group: GroupId,
+        /// The member whose commit added this client.
+        inviter: ClientId,
+    },
+    /// Members were added to a group by someone else's commit.
+    MembersAdded {
+        /// The group.
+        group: GroupId,
+        /// The committer.
+        by: ClientId,
+        /// The new members.
+        members: Vec<ClientId>,
+    },
+    /// Members were removed from a group (or left it).
+    MembersRemoved {
+        /// The group.
+        group: GroupId,
+        /// The committer.
+        by: ClientId,
+        /// The removed members.
+        members: Vec<ClientId>,
+    },
+    /// This client was removed from a group (or its leave was committed). The group's state
+    /// is deleted.
+    RemovedFromGroup {
+        /// The group.
+        group: GroupId,
+        /// The committer.
+        by: ClientId,
+    },
+    /// A member credential did not check out against its AS credential (RFC 9420 §5.3.1), so
+    /// the Welcome, commit or KeyPackage carrying it was refused.
+    CredentialRejected {
+        /// The group concerned.
+        group: GroupId,
+        /// The client the bad leaf claims to be (if its identity decoded).
+        client: Option<ClientId>,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// A message for a group could not be processed (undecryptable, invalid, of an epoch this
+    /// client never reached). If the group's state fell behind, [`Client::rejoin_group`]
+    /// resynchronises it.
+    ///
+    /// [`Client::rejoin_group`]: crate::Client::rejoin_group
+    GroupError {
+        /// The group.
+        group: GroupId,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The group the event is about.
+    pub fn group(&self) -> &GroupId {
+        match self {
+            Event::Message { group, .. }
+            | Event::Joined { group, .. }
+            | Event::MembersAdded { group, .. }
+            | Event::MembersRemoved { group, .. }
+            | Event::RemovedFromGroup { group, .. }
+            | Event::CredentialRejected { group, .. }
+            | Event::GroupError { group, .. } => group,
+        }
+    }
+}
+
+/// The on-disk form of an [`Event`] (TLS encoding, like everything else in roost).
+#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+#[repr(u16)]
+pub(crate) enum StoredEvent {
+    #[tls_codec(discriminant = 1)]
+    Message {
+        group: GroupId,
+        sender: ClientId,
+        bytes: Vec<u8>,
+    },
+    #[tls_codec(discriminant = 2)]
+    Joined { group: GroupId, inviter: ClientId },
+    #[tls_codec(discriminant = 3)]
+    MembersAdded {
+        group: GroupId,
+        by: ClientId,
+        members: Vec<ClientId>,
+    },
+    #[tls_codec(discriminant = 4)]
+    MembersRemoved {
+        group: GroupId,
+        by: ClientId,
+        members: Vec<ClientId>,
+    },
+    #[tls_codec(discriminant = 5)]
+    RemovedFromGroup { group: GroupId, by: ClientId },
+    #[tls_codec(discriminant = 6)]
+    CredentialRejected {
+        group: GroupId,
+        client: Option<ClientId>,
+        reason: Vec<u8>,
+    },
+    #[tls_codec(discriminant = 7)]
+    GroupError { group: GroupId, reason: Vec<u8> },
+}
+
+impl From<&Event> for StoredEvent {
+    fn from(event: &Event) -> Self {
+        match event.clone() {
+            Event::Message {
+                group,
+                sender,
+                bytes,
+            } => StoredEvent::Message {
+                group,
+                sender,
+                bytes,
+            },
+            Event::Joined { group, inviter } => StoredEvent::Joined { group, inviter },
+            Event::MembersAdded { group, by, members } => {
+                StoredEvent::MembersAdded { group, by, members }
+            }
+            Event::MembersRemoved { group, by, members } => {
+                StoredEvent::MembersRemoved { group, by, members }
+            }
+            Event::RemovedFromGroup { group, by } => StoredEvent::RemovedFromGroup { group, by },
+            Event::CredentialRejected {
+                group,
+                client,
+                reason,
+            } => StoredEvent::CredentialRejected {
+                group,
+                client,
+                reason: reason.into_bytes(),
+            },
+            Event::GroupError { group, reason } => StoredEvent::GroupError {
+                group,
+                reason: reason.into_bytes(),
+            },
+        }
+    }
+}
+
+impl From<StoredEvent> for Event {
+    fn from(event: StoredEvent) -> Self {
+        let text = |bytes: Vec<u8>| String::from_utf8_lossy(&bytes).into_owned();
+        match event {
+            StoredEvent::Message {
+                group,
+                sender,
+                bytes,
+            } => Event::Message {
+                group,
+                sender,
+                bytes,
+            },
+            StoredEvent::Joined { group, inviter } => Event::Joined { group, inviter },
+            StoredEvent::MembersAdded { group, by, members } => {
+                Event::MembersAdded { group, by, members }
+            }
+            StoredEvent::MembersRemoved { group, by, members } => {
+                Event::MembersRemoved { group, by, members }
+            }
+            StoredEvent::RemovedFromGroup { group, by } => Event::RemovedFromGroup { group, by },
+            StoredEvent::CredentialRejected {
+                group,
+                client,
+                reason,
+            } => Event::CredentialRejected {
+                group,
+                client,
+                reason: text(reason),
+            },
+            StoredEvent::GroupError { group, reason } => Event::GroupError {
+                group,
+                reason: text(reason),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tls_codec::{DeserializeBytes, Serialize};
+
+    #[test]
+    fn events_survive_their_stored_form() {
+        let group: GroupId = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+            .parse()
+            .unwrap();
+        let alice: ClientId = "alice@example.org/phone".parse().unwrap();
+        let events = [
+            Event::Message {
+                group: group.clone(),
+                sender: alice.clone(),
+                bytes: b"hi".to_vec(),
+            },
+            Event::MembersAdded {
+                group: group.clone(),
+                by: alice.clone(),
+                members: vec![alice.clone()],
+            },
+            Event::CredentialRejected {
+                group: group.clone(),
+                client: None,
+                reason: "key mismatch".into(),
+            },
+        ];
+        for event in events {
+            let bytes = StoredEvent::from(&event).tls_serialize_detached().unwrap();
+            let back = StoredEvent::tls_deserialize_exact_bytes(&bytes).unwrap();
+            assert_eq!(Event::from(back), event);
+        }
+    }
+}

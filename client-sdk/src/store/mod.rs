@@ -1,0 +1,392 @@
+//! The profile database: one redb file holding the client's keys, openmls's group state and
+//! the SDK's own state, so that everything a conversation needs survives an app restart.
+//!
+//! Tables:
+//!
+//! | table | key → value |
+//! |---|---|
+//! | `meta` | name → bytes: schema version, the [`Profile`], the last processed queue seq, the next event id |
+//! | `mls` | openmls storage key → value (see [`provider`]) |
+//! | `groups` | MLS group id → [`GroupRecord`] |
+//! | `events` | event id → event not yet taken by the app |
+//! | `verified` | encoded ClientId ‖ signature key → `not_after` of the AS credential that vouched for it |
+//!
+//! Writes happen only in [`Store::commit`]: the openmls overlay and a [`Changes`] set go into
+//! one durable write transaction.
+
+pub(crate) mod provider;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use roost_protocol::messages::auth::ClientCredential;
+use roost_protocol::{ClientId, GroupId, Opaque};
+use tls_codec::{DeserializeBytes, TlsDeserializeBytes, TlsSerialize, TlsSize};
+
+use crate::event::{Event, StoredEvent};
+
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+const MLS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("mls");
+const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
+const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
+const VERIFIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("verified");
+
+const SCHEMA_VERSION: u64 = 1;
+const KEY_SCHEMA: &str = "schema";
+const KEY_PROFILE: &str = "profile";
+const KEY_LAST_SEQ: &str = "last_seq";
+const KEY_NEXT_EVENT: &str = "next_event";
+
+/// A failure of the profile database.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// redb failed (I/O, corruption, another process holds the file).
+    #[error("database: {0}")]
+    Database(String),
+    /// A stored value does not decode: the file is damaged or of another program.
+    #[error("corrupt profile database: {0}")]
+    Corrupt(String),
+    /// The database was written by an SDK with another schema.
+    #[error("profile database schema {found}, this SDK reads {SCHEMA_VERSION}")]
+    Schema {
+        /// The schema found in the file.
+        found: u64,
+    },
+}
+
+macro_rules! db_err {
+    ($($ty:ty),*) => {$(
+        impl From<$ty> for StoreError {
+            fn from(err: $ty) -> Self {
+                StoreError::Database(err.to_string())
+            }
+        }
+    )*};
+}
+db_err!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// Who this profile is: the client, its keys and its AS credential.
+#[derive(Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+pub(crate) struct Profile {
+    pub(crate) client: ClientId,
+    /// The client's Ed25519 key pair (connection auth and MLS signatures), secret.
+    pub(crate) client_key: Opaque,
+    /// The user's key pair, if this device holds it (it signs device additions), secret.
+    pub(crate) user_key: Option<Opaque>,
+    pub(crate) credential: ClientCredential,
+}
+
+impl std::fmt::Debug for Profile {
+    // Not derived: never print private keys.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Profile")
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the SDK keeps about a group besides openmls's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+pub(crate) struct GroupRecord {
+    /// 1 once this client asked to leave (its removal is pending).
+    pub(crate) leaving: u8,
+}
+
+/// The SDK's side of one state change, written with the openmls overlay.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    pub(crate) profile: Option<Profile>,
+    pub(crate) last_seq: Option<u64>,
+    pub(crate) groups: Vec<(GroupId, Option<GroupRecord>)>,
+    pub(crate) events: Vec<Event>,
+    pub(crate) delete_events_up_to: Option<u64>,
+    pub(crate) verified: Vec<(ClientId, Vec<u8>, u64)>,
+}
+
+impl Changes {
+    pub(crate) fn event(&mut self, event: Event) {
+        self.events.push(event);
+    }
+}
+
+/// The profile database plus openmls's pending writes.
+pub(crate) struct Store {
+    db: Database,
+    /// openmls writes not yet committed: key → value, `None` = deleted.
+    overlay: Mutex<BTreeMap<Vec<u8>, Option<Vec<u8>>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn encode<T: tls_codec::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    value
+        .tls_serialize_detached()
+        .map_err(|e| StoreError::Corrupt(format!("encoding: {e}")))
+}
+
+fn decode<T: DeserializeBytes>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    T::tls_deserialize_exact_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn u64_value(bytes: &[u8]) -> Result<u64, StoreError> {
+    let array: [u8; 8] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("counter".into()))?;
+    Ok(u64::from_be_bytes(array))
+}
+
+/// The key of a verified (client, signature key) pair.
+fn verified_key(client: &ClientId, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let mut out = encode(client)?;
+    out.extend_from_slice(key);
+    Ok(out)
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(KEY_SCHEMA)?.map(|v| u64_value(v.value())).transpose()?;
+            match found {
+                None => {
+                    meta.insert(KEY_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(found) => return Err(StoreError::Schema { found }),
+            }
+            txn.open_table(MLS)?;
+            txn.open_table(GROUPS)?;
+            txn.open_table(EVENTS)?;
+            txn.open_table(VERIFIED)?;
+        }
+        txn.commit()?;
+        Ok(Self {
+            db,
+            overlay: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn overlay(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Option<Vec<u8>>>> {
+        // A panic while holding the lock cannot leave the map half-updated (single inserts).
+        self.overlay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn overlay_put(&self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.overlay().insert(key, value);
+    }
+
+    /// An openmls value: the overlay's if it has one, else the database's.
+    pub(crate) fn mls_read(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(pending) = self.overlay().get(key) {
+            return Ok(pending.clone());
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MLS)?;
+        Ok(table.get(key)?.map(|v| v.value().to_vec()))
+    }
+
+    /// Drops openmls's uncommitted writes (the operation they belong to failed).
+    pub(crate) fn discard(&self) {
+        self.overlay().clear();
+    }
+
+    /// Writes openmls's pending writes and `changes` in one durable transaction. Returns the
+    /// ids given to `changes.events`. On failure nothing is written and the overlay is
+    /// dropped too (the database stays the truth).
+    pub(crate) fn commit(&self, changes: Changes) -> Result<(), StoreError> {
+        let overlay = std::mem::take(&mut *self.overlay());
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        {
+            let mut mls = txn.open_table(MLS)?;
+            for (key, value) in &overlay {
+                match value {
+                    Some(value) => mls.insert(key.as_slice(), value.as_slice())?,
+                    None => mls.remove(key.as_slice())?,
+                };
+            }
+            let mut meta = txn.open_table(META)?;
+            if let Some(profile) = &changes.profile {
+                meta.insert(KEY_PROFILE, encode(profile)?.as_slice())?;
+            }
+            if let Some(seq) = changes.last_seq {
+                meta.insert(KEY_LAST_SEQ, seq.to_be_bytes().as_slice())?;
+            }
+            let mut groups = txn.open_table(GROUPS)?;
+            for (group, record) in &changes.groups {
+                let key = group.to_mls_bytes();
+                match record {
+                    Some(record) => groups.insert(key.as_slice(), encode(record)?.as_slice())?,
+                    None => groups.remove(key.as_slice())?,
+                };
+            }
+            let mut events = txn.open_table(EVENTS)?;
+            if let Some(up_to) = changes.delete_events_up_to {
+                events.retain_in(..=up_to, |_, _| false)?;
+            }
+            if !changes.events.is_empty() {
+                let mut next = meta
+                    .get(KEY_NEXT_EVENT)?
+                    .map(|v| u64_value(v.value()))
+                    .transpose()?
+                    .unwrap_or(1);
+                for event in &changes.events {
+                    events.insert(next, encode(&StoredEvent::from(event))?.as_slice())?;
+                    next += 1;
+                }
+                meta.insert(KEY_NEXT_EVENT, next.to_be_bytes().as_slice())?;
+            }
+            let mut verified = txn.open_table(VERIFIED)?;
+            for (client, key, not_after) in &changes.verified {
+                verified.insert(verified_key(client, key)?.as_slice(), *not_after)?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    pub(crate) fn profile(&self) -> Result<Option<Profile>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        meta.get(KEY_PROFILE)?
+            .map(|v| decode(v.value(), "profile"))
+            .transpose()
+    }
+
+    /// The highest queue seq whose effect is stored (0 if none).
+    pub(crate) fn last_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta
+            .get(KEY_LAST_SEQ)?
+            .map(|v| u64_value(v.value()))
+            .transpose()?
+            .unwrap_or(0))
+    }
+
+    pub(crate) fn groups(&self) -> Result<Vec<(GroupId, GroupRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(GROUPS)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let group = GroupId::from_mls_bytes(key.value())
+                .map_err(|e| StoreError::Corrupt(format!("group id: {e}")))?;
+            out.push((group, decode(value.value(), "group record")?));
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn group(&self, group: &GroupId) -> Result<Option<GroupRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(GROUPS)?;
+        table
+            .get(group.to_mls_bytes().as_slice())?
+            .map(|v| decode(v.value(), "group record"))
+            .transpose()
+    }
+
+    /// The oldest event the app has not taken, after `after`.
+    pub(crate) fn next_event(&self, after: u64) -> Result<Option<(u64, Event)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(EVENTS)?;
+        let Some(entry) = table.range(after.saturating_add(1)..)?.next() else {
+            return Ok(None);
+        };
+        let (id, bytes) = entry?;
+        let stored: StoredEvent = decode(bytes.value(), "event")?;
+        Ok(Some((id.value(), stored.into())))
+    }
+
+    /// `not_after` of the AS credential that vouched for `key` as `client`'s key, if any.
+    pub(crate) fn verified(&self, client: &ClientId, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(VERIFIED)?;
+        Ok(table
+            .get(verified_key(client, key)?.as_slice())?
+            .map(|v| v.value()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group() -> GroupId {
+        "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn overlay_is_invisible_on_disk_until_committed_and_gone_when_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.redb");
+        let store = Store::open(&path).unwrap();
+        store.overlay_put(b"k".to_vec(), Some(b"v".to_vec()));
+        assert_eq!(store.mls_read(b"k").unwrap().as_deref(), Some(&b"v"[..]));
+        store.discard();
+        assert_eq!(store.mls_read(b"k").unwrap(), None);
+
+        store.overlay_put(b"k".to_vec(), Some(b"v2".to_vec()));
+        let changes = Changes {
+            last_seq: Some(7),
+            groups: vec![(group(), Some(GroupRecord { leaving: 0 }))],
+            ..Changes::default()
+        };
+        store.commit(changes).unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.mls_read(b"k").unwrap().as_deref(), Some(&b"v2"[..]));
+        assert_eq!(store.last_seq().unwrap(), 7);
+        assert_eq!(store.groups().unwrap().len(), 1);
+        store.overlay_put(b"k".to_vec(), None);
+        store.commit(Changes::default()).unwrap();
+        assert_eq!(store.mls_read(b"k").unwrap(), None);
+    }
+
+    #[test]
+    fn events_are_kept_until_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("p.redb")).unwrap();
+        let event = |n: u8| Event::GroupError {
+            group: group(),
+            reason: format!("e{n}"),
+        };
+        let mut changes = Changes::default();
+        changes.event(event(1));
+        changes.event(event(2));
+        store.commit(changes).unwrap();
+        let (first, e1) = store.next_event(0).unwrap().unwrap();
+        assert_eq!(e1, event(1));
+        let (second, e2) = store.next_event(first).unwrap().unwrap();
+        assert_eq!(e2, event(2));
+        store
+            .commit(Changes {
+                delete_events_up_to: Some(first),
+                ..Changes::default()
+            })
+            .unwrap();
+        assert_eq!(store.next_event(0).unwrap().unwrap().0, second);
+    }
+}
