@@ -9,7 +9,7 @@ use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 
 use crate::auth::Authenticated;
 use crate::error::ServiceError;
-use crate::{State, auth, keypackage, queue};
+use crate::{State, auth, delivery, keypackage, queue};
 
 /// Per-connection state.
 pub(crate) struct ConnectionContext {
@@ -169,17 +169,30 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
             }
             Err(err) => error_response(err),
         },
-        R::CreateGroup(_)
-        | R::Commit(_)
-        | R::SendMessage(_)
-        | R::LeaveGroup(_)
-        | R::FetchGroupInfo(_)
-        | R::ExternalJoin(_) => error_response(match me {
-            Ok(_) => {
-                ServiceError::WrongStream("the Delivery Service is not enabled on this server")
-            }
-            Err(err) => err,
-        }),
+        R::CreateGroup(req) => reply(
+            async { delivery::create(state, &me?, req).await }.await,
+            Response::CreateGroup,
+        ),
+        R::Commit(req) => reply(
+            async { delivery::commit(state, &me?, req).await }.await,
+            Response::Commit,
+        ),
+        R::SendMessage(req) => reply(
+            async { delivery::send_message(state, &me?, req).await }.await,
+            Response::SendMessage,
+        ),
+        R::LeaveGroup(req) => reply(
+            async { delivery::leave(state, &me?, req).await }.await,
+            Response::LeaveGroup,
+        ),
+        R::FetchGroupInfo(req) => reply(
+            async { delivery::fetch_group_info(state, &me?, req).await }.await,
+            Response::FetchGroupInfo,
+        ),
+        R::ExternalJoin(req) => reply(
+            async { delivery::external_join(state, &me?, req).await }.await,
+            Response::ExternalJoin,
+        ),
     };
     Outcome::Reply(response)
 }

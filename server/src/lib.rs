@@ -9,6 +9,7 @@ pub mod identity;
 pub mod ratelimit;
 
 mod auth;
+mod delivery;
 mod dispatch;
 mod keypackage;
 mod metrics;
@@ -76,6 +77,8 @@ pub(crate) struct State {
     pub(crate) queues: queue::Notifier,
     pub(crate) registration_limiter: RateLimiter<IpAddr>,
     pub(crate) claim_limiter: RateLimiter<(ClientId, ClientId)>,
+    pub(crate) send_limiter: RateLimiter<u64>,
+    pub(crate) groups: delivery::GroupCache,
     pub(crate) shutdown: CancellationToken,
     /// Clients removed while this process runs. Connections authenticated before the removal
     /// check it on every request; new authentications read the store.
@@ -149,6 +152,8 @@ impl Server {
                 f64::from(limits.claim_rate_per_minute) / 60.0,
                 limits.claim_burst,
             ),
+            send_limiter: RateLimiter::new(f64::from(limits.send_rate_per_sec), limits.send_burst),
+            groups: delivery::GroupCache::new(limits.max_cached_groups as usize),
             queues: queue::Notifier::default(),
             shutdown: CancellationToken::new(),
             revoked: Default::default(),

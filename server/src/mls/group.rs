@@ -110,6 +110,7 @@ pub(crate) struct CommitOutcome {
 
 /// Summary of an MLS message, computed without changing any state.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg(test)]
 pub(crate) struct MessageInfo {
     /// Empty for Welcome and KeyPackage (they carry no readable group id).
     pub(crate) group_id: Vec<u8>,
@@ -120,6 +121,7 @@ pub(crate) struct MessageInfo {
 
 /// The kind of an MLSMessage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg(test)]
 pub(crate) enum MessageKind {
     PublicCommit,
     PublicProposal,
@@ -136,6 +138,7 @@ pub(crate) enum MessageKind {
 }
 
 /// Decodes an MLSMessage exactly (no trailing bytes) and says what it is.
+#[cfg(test)]
 pub(crate) fn inspect(message: &[u8]) -> Result<MessageInfo, MlsError> {
     let info = |group_id: &[u8], epoch: u64, kind| MessageInfo {
         group_id: group_id.to_vec(),
@@ -201,6 +204,7 @@ impl std::fmt::Debug for DsGroup {
 }
 
 /// Accepts every credential; the default of [`DsGroup::process_commit`].
+#[cfg(test)]
 fn accept_any(_identity: &[u8], _signature_key: &[u8]) -> bool {
     true
 }
@@ -303,6 +307,7 @@ impl DsGroup {
         self.public.group_context().epoch().as_u64()
     }
 
+    #[cfg(test)]
     pub(crate) fn group_id(&self) -> Vec<u8> {
         self.public.group_id().to_vec()
     }
@@ -350,6 +355,7 @@ impl DsGroup {
     }
 
     /// Validates and applies a member's commit bundle. See [`DsGroup::process_commit_checked`].
+    #[cfg(test)]
     pub(crate) fn process_commit(
         &mut self,
         sender_identity: &[u8],
@@ -419,6 +425,7 @@ impl DsGroup {
 
     /// Validates and applies an external commit (join or rejoin). See
     /// [`DsGroup::process_external_commit_checked`].
+    #[cfg(test)]
     pub(crate) fn process_external_commit(
         &mut self,
         joiner_identity: &[u8],

@@ -149,6 +149,16 @@ impl Store {
         rx.await.map_err(|_| E::from(StoreError::Unavailable))?
     }
 
+    /// Runs `op` in a read transaction on the calling thread. Only for code that already runs
+    /// on a blocking thread (e.g. inside MLS processing).
+    pub(crate) fn read_blocking<R>(
+        &self,
+        op: impl FnOnce(&ReadTransaction) -> Result<R, StoreError>,
+    ) -> Result<R, StoreError> {
+        let txn = self.db.begin_read()?;
+        op(&txn)
+    }
+
     /// Runs `op` in a read transaction on a blocking thread.
     pub(crate) async fn read<R, E, F>(&self, op: F) -> Result<R, E>
     where

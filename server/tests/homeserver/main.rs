@@ -6,6 +6,9 @@
 mod auth;
 mod bad_input;
 mod common;
+mod delivery;
 mod keypackages;
+mod mls_member;
+mod mls_member_external;
 mod queue;
 mod restart;

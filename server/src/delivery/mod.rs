@@ -1,0 +1,588 @@
+//! Delivery Service: the hub of the groups whose GroupId carries this server's domain.
+//!
+//! Each group's MLS public state lives in a [`DsGroup`] (openmls `PublicGroup`), cached in
+//! memory and persisted in `GROUPS` as (epoch, GroupInfo, ratchet tree, pending proposals).
+//! Operations on one group are serialised by a per-group async lock; other groups proceed in
+//! parallel. A commit is validated and applied in memory, then the new state and every
+//! recipient's copy are written in one durable transaction; only then is it acknowledged. If
+//! that write fails, the cached state is dropped, so the group reloads the last durable state.
+
+mod cache;
+
+use std::sync::Arc;
+
+use redb::ReadableTable;
+use roost_protocol::messages::delivery::*;
+use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
+use roost_protocol::{ClientId, GroupId, MessageId, Opaque};
+use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
+
+use crate::State;
+use crate::auth::{Authenticated, active_client};
+use crate::error::ServiceError;
+use crate::mls::{DsGroup, Member, MlsError};
+use crate::queue::{Enqueued, enqueue_in_txn};
+use crate::storage::StoreError;
+use crate::storage::tables::{CLIENTS, GROUPS};
+
+pub(crate) use cache::GroupCache;
+
+/// A hosted group as stored.
+#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct GroupRecord {
+    epoch: u64,
+    group_info: Opaque,
+    ratchet_tree: Opaque,
+    pending_proposals: Vec<Opaque>,
+}
+
+impl GroupRecord {
+    fn of(group: &DsGroup) -> Self {
+        Self {
+            epoch: group.epoch(),
+            group_info: group.group_info().into(),
+            ratchet_tree: group.export_ratchet_tree().into(),
+            pending_proposals: group
+                .pending_proposals()
+                .into_iter()
+                .map(Opaque::new)
+                .collect(),
+        }
+    }
+}
+
+impl From<MlsError> for ServiceError {
+    fn from(err: MlsError) -> Self {
+        match err {
+            MlsError::Malformed(reason) => ServiceError::InvalidMessage(reason),
+            MlsError::WrongGroup => ServiceError::InvalidMessage("message of another group".into()),
+            MlsError::WrongCiphersuite => {
+                ServiceError::InvalidGroupInfo("unsupported ciphersuite".into())
+            }
+            MlsError::InvalidGroupInfo(reason) => ServiceError::InvalidGroupInfo(reason),
+            MlsError::StaleEpoch { current } => ServiceError::StaleEpoch(current),
+            MlsError::FutureEpoch { current } => ServiceError::FutureEpoch(current),
+            MlsError::NotPublicMessage => {
+                ServiceError::InvalidMessage("handshake messages must be PublicMessages".into())
+            }
+            MlsError::WrongContentType => ServiceError::InvalidMessage("wrong content type".into()),
+            MlsError::NotMember | MlsError::SenderMismatch => ServiceError::NotMember,
+            MlsError::InvalidCommit(reason) => ServiceError::InvalidCommit(reason),
+            MlsError::InvalidProposal(reason) => ServiceError::InvalidMessage(reason),
+            MlsError::MissingProposals => ServiceError::MissingProposals,
+            MlsError::MissingWelcome => ServiceError::MissingWelcome,
+            MlsError::InvalidWelcome(reason) => ServiceError::InvalidMessage(reason),
+            MlsError::GroupTooLarge => ServiceError::GroupTooLarge,
+        }
+    }
+}
+
+fn identity_of(client: &ClientId) -> Result<Vec<u8>, ServiceError> {
+    client
+        .tls_serialize_detached()
+        .map_err(|e| ServiceError::Internal(e.to_string()))
+}
+
+/// The ClientId a member's credential names, if it is one.
+fn member_client(member: &Member) -> Option<ClientId> {
+    match ClientId::tls_deserialize_bytes(&member.identity) {
+        Ok((id, [])) => Some(id),
+        _ => None,
+    }
+}
+
+fn require_hosted(state: &State, group: &GroupId) -> Result<(), ServiceError> {
+    if group.domain == state.settings.domain {
+        Ok(())
+    } else {
+        Err(ServiceError::UnknownDomain(group.domain.to_string()))
+    }
+}
+
+/// Accepts a credential a commit brings in only if it is an active client of this server with
+/// that signature key (RFC 9420 §5.3.1, as the DS can check it). Runs on a blocking thread.
+fn credential_checker(state: &State) -> impl Fn(&[u8], &[u8]) -> bool + Send + 'static {
+    let store = state.store.clone();
+    let domain = state.settings.domain.clone();
+    move |identity, signature_key| {
+        let Ok((client, [])) = ClientId::tls_deserialize_bytes(identity) else {
+            return false;
+        };
+        if client.domain() != &domain {
+            // Not checkable here: `recipients` refuses members of other domains (UNKNOWN_DOMAIN)
+            // until federation relays their AS keys.
+            return true;
+        }
+        let record = store.read_blocking(|txn| {
+            let clients = txn.open_table(CLIENTS)?;
+            active_client(&clients, &client)
+        });
+        matches!(record, Ok(Some(record)) if record.credential.signature_key.as_slice() == signature_key)
+    }
+}
+
+/// Runs CPU-heavy MLS work off the executor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| ServiceError::Internal("MLS processing failed".into()))
+}
+
+/// Recipients of a fan-out, split by where their queues are.
+struct Recipients {
+    local: Vec<ClientId>,
+}
+
+/// Resolves members to recipients, leaving out `except`. Members of other domains cannot be
+/// served until federation lands: refuse rather than deliver to half the group.
+fn recipients(
+    state: &State,
+    members: &[Member],
+    except: &[Vec<u8>],
+) -> Result<Recipients, ServiceError> {
+    let mut local = Vec::with_capacity(members.len());
+    for member in members {
+        if except.contains(&member.identity) {
+            continue;
+        }
+        let Some(client) = member_client(member) else {
+            // A leaf whose identity is not a ClientId: nobody to deliver to.
+            continue;
+        };
+        if client.domain() != &state.settings.domain {
+            return Err(ServiceError::UnknownDomain(client.domain().to_string()));
+        }
+        local.push(client);
+    }
+    Ok(Recipients { local })
+}
+
+/// Enqueues `payload` for the local recipients inside `txn`; returns (client_num, seq) of every
+/// new entry and the number of recipients reached.
+fn fan_out(
+    txn: &redb::WriteTransaction,
+    max_depth: u64,
+    recipients: &[ClientId],
+    payload: &QueuePayload,
+    woken: &mut Vec<(u64, u64)>,
+) -> Result<u32, StoreError> {
+    let clients = txn.open_table(CLIENTS)?;
+    let mut nums = Vec::with_capacity(recipients.len());
+    for client in recipients {
+        if let Some(record) = active_client(&clients, client)? {
+            nums.push(record.client_num);
+        }
+    }
+    drop(clients);
+    let bytes = payload
+        .tls_serialize_detached()
+        .map_err(|_| StoreError::Corrupt("payload encoding"))?;
+    let id = MessageId(rand::random());
+    let outcomes = enqueue_in_txn(
+        txn,
+        max_depth,
+        &nums,
+        id,
+        crate::unix_millis(),
+        &bytes,
+        false,
+    )?;
+    let mut reached = 0;
+    for (num, outcome) in nums.iter().zip(outcomes) {
+        match outcome {
+            Enqueued::Queued(seq) => {
+                woken.push((*num, seq));
+                reached += 1;
+            }
+            Enqueued::Duplicate(_) => reached += 1,
+            Enqueued::Full => {
+                metrics::counter!("roost_queue_full_drops_total").increment(1);
+                tracing::warn!(
+                    client_num = num,
+                    "queue full: message dropped for this recipient"
+                );
+            }
+        }
+    }
+    Ok(reached)
+}
+
+fn store_group(
+    txn: &redb::WriteTransaction,
+    key: &[u8],
+    record: &GroupRecord,
+) -> Result<(), StoreError> {
+    let bytes = record
+        .tls_serialize_detached()
+        .map_err(|_| StoreError::Corrupt("group encoding"))?;
+    txn.open_table(GROUPS)?.insert(key, bytes.as_slice())?;
+    Ok(())
+}
+
+/// Loads a group's stored state and rebuilds its MLS state.
+pub(crate) async fn load(state: &State, group: &GroupId) -> Result<DsGroup, ServiceError> {
+    let key = group.to_mls_bytes();
+    let record = state
+        .store
+        .read(move |txn| {
+            let groups = txn.open_table(GROUPS).map_err(StoreError::from)?;
+            let Some(raw) = groups.get(key.as_slice()).map_err(StoreError::from)? else {
+                return Err(ServiceError::GroupNotFound);
+            };
+            match GroupRecord::tls_deserialize_bytes(raw.value()) {
+                Ok((record, [])) => Ok(record),
+                _ => Err(StoreError::Corrupt("groups").into()),
+            }
+        })
+        .await?;
+    blocking(move || {
+        let pending: Vec<Vec<u8>> = record
+            .pending_proposals
+            .into_iter()
+            .map(Opaque::into_vec)
+            .collect();
+        DsGroup::restore(
+            record.group_info.as_slice(),
+            record.ratchet_tree.as_slice(),
+            &pending,
+        )
+    })
+    .await?
+    .map_err(|err| ServiceError::Internal(format!("stored group does not restore: {err}")))
+}
+
+/// CreateGroup.
+pub(crate) async fn create(
+    state: &State,
+    me: &Authenticated,
+    req: CreateGroupRequest,
+) -> Result<CreateGroupResponse, ServiceError> {
+    if req.group.domain != state.settings.domain {
+        return Err(ServiceError::Forbidden(
+            "groups are created on the creator's own homeserver",
+        ));
+    }
+    let entry = state.groups.entry(&req.group);
+    let mut slot = entry.lock().await;
+    let group_id = req.group.to_mls_bytes();
+    let identity = identity_of(&me.client)?;
+    let max = state.settings.limits.max_group_size as usize;
+    let key = group_id.clone();
+    let check = credential_checker(state);
+    let group = blocking(move || {
+        let group = DsGroup::create(
+            &key,
+            &identity,
+            req.group_info.as_slice(),
+            req.ratchet_tree.as_slice(),
+            max,
+        )?;
+        // The creator's leaf must carry its AS-registered key.
+        match group.member_by_identity(&identity) {
+            Some(creator) if check(&creator.identity, &creator.signature_key) => Ok(group),
+            _ => Err(MlsError::InvalidGroupInfo(
+                "the creator's leaf does not match its credential".into(),
+            )),
+        }
+    })
+    .await??;
+    let record = GroupRecord::of(&group);
+    state
+        .store
+        .write(move |txn| {
+            if txn.open_table(GROUPS)?.get(group_id.as_slice())?.is_some() {
+                return Ok(Err(ServiceError::GroupExists));
+            }
+            store_group(txn, &group_id, &record)?;
+            Ok(Ok(()))
+        })
+        .await?;
+    let epoch = group.epoch();
+    *slot = Some(group);
+    tracing::info!(group = %req.group, "group created");
+    Ok(CreateGroupResponse { epoch })
+}
+
+/// Takes the group's lock and makes sure its state is loaded.
+macro_rules! locked_group {
+    ($state:expr, $group:expr, $slot:ident) => {
+        require_hosted($state, $group)?;
+        let entry = $state.groups.entry($group);
+        let mut $slot = entry.lock().await;
+        if $slot.is_none() {
+            *$slot = Some(load($state, $group).await?);
+        }
+    };
+}
+
+/// Applies a commit (member or external) and fans it out.
+async fn commit_common(
+    state: &State,
+    me: &Authenticated,
+    group_id: &GroupId,
+    external: bool,
+    commit: Opaque,
+    welcome: Option<Opaque>,
+    group_info: Opaque,
+) -> Result<CommitResponse, ServiceError> {
+    locked_group!(state, group_id, slot);
+    let Some(mut group) = slot.take() else {
+        return Err(ServiceError::Internal("group state missing".into()));
+    };
+    let identity = identity_of(&me.client)?;
+    let max = state.settings.limits.max_group_size as usize;
+    let commit_bytes = commit.clone();
+    let welcome_bytes = welcome.clone();
+    let check = credential_checker(state);
+    let (group, result) = blocking(move || {
+        let result = if external {
+            group.process_external_commit_checked(
+                &identity,
+                commit_bytes.as_slice(),
+                group_info.as_slice(),
+                max,
+                &check,
+            )
+        } else {
+            group.process_commit_checked(
+                &identity,
+                commit_bytes.as_slice(),
+                welcome_bytes.as_ref().map(Opaque::as_slice),
+                group_info.as_slice(),
+                max,
+                &check,
+            )
+        };
+        (group, result)
+    })
+    .await?;
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(err) => {
+            // A refused commit leaves the state as it was.
+            *slot = Some(group);
+            return Err(err.into());
+        }
+    };
+    // From here on the in-memory state is ahead of the store: on any failure, drop it.
+    let me_identity = identity_of(&me.client)?;
+    let prepared = (|| {
+        let commit_to = recipients(
+            state,
+            &outcome.members_before,
+            std::slice::from_ref(&me_identity),
+        )?;
+        let welcome_to = recipients(state, &outcome.added, &[])?;
+        // Every later recipient must be reachable too, or the group would split.
+        recipients(state, &outcome.members_after, &[])?;
+        Ok::<_, ServiceError>((commit_to, welcome_to))
+    })();
+    let (commit_to, welcome_to) = match prepared {
+        Ok(prepared) => prepared,
+        Err(err) => return Err(err),
+    };
+    let record = GroupRecord::of(&group);
+    let key = group_id.to_mls_bytes();
+    let commit_payload = QueuePayload::GroupMessage(GroupMessage {
+        group: group_id.clone(),
+        message: commit,
+    });
+    let welcome_payload = welcome.map(|w| {
+        QueuePayload::Welcome(GroupMessage {
+            group: group_id.clone(),
+            message: w,
+        })
+    });
+    let max_depth = state.settings.limits.max_queue_depth;
+    let written = state
+        .store
+        .write(move |txn| {
+            let mut woken = Vec::new();
+            store_group(txn, &key, &record)?;
+            let commits = fan_out(
+                txn,
+                max_depth,
+                &commit_to.local,
+                &commit_payload,
+                &mut woken,
+            )?;
+            let welcomes = match &welcome_payload {
+                Some(payload) => fan_out(txn, max_depth, &welcome_to.local, payload, &mut woken)?,
+                None => 0,
+            };
+            Ok(Ok::<_, ServiceError>((woken, commits, welcomes)))
+        })
+        .await;
+    let (woken, commits, welcomes) = written?;
+    let epoch = group.epoch();
+    *slot = Some(group);
+    drop(slot);
+    state.queues.notify(&woken);
+    metrics::histogram!("roost_fanout_recipients").record(f64::from(commits + welcomes));
+    tracing::debug!(group = %group_id, epoch, commits, welcomes, "commit accepted");
+    Ok(CommitResponse { epoch })
+}
+
+/// Commit.
+pub(crate) async fn commit(
+    state: &State,
+    me: &Authenticated,
+    req: CommitRequest,
+) -> Result<CommitResponse, ServiceError> {
+    check_send_rate(state, me)?;
+    commit_common(
+        state,
+        me,
+        &req.group,
+        false,
+        req.commit,
+        req.welcome,
+        req.group_info,
+    )
+    .await
+}
+
+/// ExternalJoin.
+pub(crate) async fn external_join(
+    state: &State,
+    me: &Authenticated,
+    req: ExternalJoinRequest,
+) -> Result<CommitResponse, ServiceError> {
+    check_send_rate(state, me)?;
+    commit_common(
+        state,
+        me,
+        &req.group,
+        true,
+        req.commit,
+        None,
+        req.group_info,
+    )
+    .await
+}
+
+fn check_send_rate(state: &State, me: &Authenticated) -> Result<(), ServiceError> {
+    state
+        .send_limiter
+        .check(me.client_num)
+        .map_err(ServiceError::RateLimited)
+}
+
+/// SendMessage.
+pub(crate) async fn send_message(
+    state: &State,
+    me: &Authenticated,
+    req: SendMessageRequest,
+) -> Result<SendMessageResponse, ServiceError> {
+    check_send_rate(state, me)?;
+    locked_group!(state, &req.group, slot);
+    let Some(group) = slot.as_ref() else {
+        return Err(ServiceError::Internal("group state missing".into()));
+    };
+    let identity = identity_of(&me.client)?;
+    if group.member_by_identity(&identity).is_none() {
+        return Err(ServiceError::NotMember);
+    }
+    group.check_application_message(
+        req.message.as_slice(),
+        u64::from(state.settings.limits.past_epochs),
+    )?;
+    let to = recipients(state, &group.members(), std::slice::from_ref(&identity))?;
+    let payload = QueuePayload::GroupMessage(GroupMessage {
+        group: req.group.clone(),
+        message: req.message,
+    });
+    let max_depth = state.settings.limits.max_queue_depth;
+    let (woken, reached) = state
+        .store
+        .write(move |txn| {
+            let mut woken = Vec::new();
+            let reached = fan_out(txn, max_depth, &to.local, &payload, &mut woken)?;
+            Ok(Ok::<_, ServiceError>((woken, reached)))
+        })
+        .await?;
+    drop(slot);
+    state.queues.notify(&woken);
+    metrics::histogram!("roost_fanout_recipients").record(f64::from(reached));
+    Ok(SendMessageResponse {
+        recipients: reached,
+    })
+}
+
+/// LeaveGroup: stores the self-remove proposal and fans it out.
+pub(crate) async fn leave(
+    state: &State,
+    me: &Authenticated,
+    req: LeaveGroupRequest,
+) -> Result<LeaveGroupResponse, ServiceError> {
+    check_send_rate(state, me)?;
+    locked_group!(state, &req.group, slot);
+    let Some(mut group) = slot.take() else {
+        return Err(ServiceError::Internal("group state missing".into()));
+    };
+    let identity = identity_of(&me.client)?;
+    let proposal = req.proposal.clone();
+    let id = identity.clone();
+    let (group, result) = blocking(move || {
+        let result = group.add_leave_proposal(&id, proposal.as_slice());
+        (group, result)
+    })
+    .await?;
+    let members = match result {
+        Ok(members) => members,
+        Err(err) => {
+            *slot = Some(group);
+            return Err(err.into());
+        }
+    };
+    let to = recipients(state, &members, std::slice::from_ref(&identity))?;
+    let record = GroupRecord::of(&group);
+    let key = req.group.to_mls_bytes();
+    let payload = QueuePayload::GroupMessage(GroupMessage {
+        group: req.group.clone(),
+        message: req.proposal,
+    });
+    let max_depth = state.settings.limits.max_queue_depth;
+    let woken = state
+        .store
+        .write(move |txn| {
+            let mut woken = Vec::new();
+            store_group(txn, &key, &record)?;
+            fan_out(txn, max_depth, &to.local, &payload, &mut woken)?;
+            Ok(Ok::<_, ServiceError>(woken))
+        })
+        .await?;
+    *slot = Some(group);
+    drop(slot);
+    state.queues.notify(&woken);
+    Ok(LeaveGroupResponse {})
+}
+
+/// FetchGroupInfo: for clients whose id is in the tree (members, and members that lost their
+/// state and want to rejoin by external commit).
+pub(crate) async fn fetch_group_info(
+    state: &State,
+    me: &Authenticated,
+    req: FetchGroupInfoRequest,
+) -> Result<FetchGroupInfoResponse, ServiceError> {
+    locked_group!(state, &req.group, slot);
+    let Some(group) = slot.as_ref() else {
+        return Err(ServiceError::Internal("group state missing".into()));
+    };
+    if group
+        .member_by_identity(&identity_of(&me.client)?)
+        .is_none()
+    {
+        return Err(ServiceError::NotMember);
+    }
+    Ok(FetchGroupInfoResponse {
+        epoch: group.epoch(),
+        group_info: group.group_info().into(),
+        ratchet_tree: group.export_ratchet_tree().into(),
+    })
+}
+
+/// Shared type of the per-group slot, for the cache.
+pub(crate) type GroupSlot = Arc<tokio::sync::Mutex<Option<DsGroup>>>;
