@@ -46,10 +46,16 @@ impl std::fmt::Debug for IncomingCommit {
 /// A processed group message.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    Application { sender: Leaf, bytes: Vec<u8> },
+    Application {
+        sender: Leaf,
+        bytes: Vec<u8>,
+    },
     /// A proposal, now stored as pending. `self_remove` if the sender proposes to remove
     /// itself (a leave).
-    Proposal { sender: Leaf, self_remove: bool },
+    Proposal {
+        sender: Leaf,
+        self_remove: bool,
+    },
     Commit(Box<IncomingCommit>),
 }
 
@@ -105,6 +111,11 @@ impl Mls {
     /// Whether the group has local state.
     pub(crate) fn has_group(&self, group: &GroupId) -> Result<bool, MlsError> {
         Ok(MlsGroup::load(self.storage(), &mls_id(group))?.is_some())
+    }
+
+    /// Whether proposals of the current epoch wait to be committed.
+    pub(crate) fn has_pending_proposals(&self, group: &GroupId) -> Result<bool, MlsError> {
+        Ok(self.load(group)?.pending_proposals().next().is_some())
     }
 
     pub(crate) fn epoch(&self, group: &GroupId) -> Result<u64, MlsError> {
@@ -295,7 +306,9 @@ impl Mls {
             ProcessedMessageContent::StagedCommitMessage(staged) => {
                 let added = staged
                     .add_proposals()
-                    .map(|add| Leaf::of_node(u32::MAX, add.add_proposal().key_package().leaf_node()))
+                    .map(|add| {
+                        Leaf::of_node(u32::MAX, add.add_proposal().key_package().leaf_node())
+                    })
                     .collect::<Vec<_>>();
                 let removed = staged
                     .remove_proposals()
@@ -307,9 +320,9 @@ impl Mls {
                         .update_proposals()
                         .map(|u| Leaf::of_node(u32::MAX, u.update_proposal().leaf_node())),
                 );
-                let path_leaf = staged
-                    .update_path_leaf_node()
-                    .map(|node| Leaf::of_node(sender_leaf.map(|i| i.u32()).unwrap_or(u32::MAX), node));
+                let path_leaf = staged.update_path_leaf_node().map(|node| {
+                    Leaf::of_node(sender_leaf.map(|i| i.u32()).unwrap_or(u32::MAX), node)
+                });
                 let committer = path_leaf.clone().unwrap_or(sender);
                 to_verify.extend(path_leaf);
                 let self_removed = staged.self_removed();
@@ -374,14 +387,14 @@ impl Mls {
 
     /// The members a GroupInfo + ratchet tree describe (to verify before joining by external
     /// commit) and the GroupInfo's epoch and encoded group context.
-    pub(crate) fn inspect_group_info(
-        &self,
-        group_info: &[u8],
-    ) -> Result<(u64, Vec<u8>), MlsError> {
+    pub(crate) fn inspect_group_info(&self, group_info: &[u8]) -> Result<(u64, Vec<u8>), MlsError> {
         let MlsMessageBodyIn::GroupInfo(info) = decode_message(group_info)? else {
             return Err(MlsError::Malformed("GroupInfo"));
         };
-        Ok((info.epoch().as_u64(), encode(info.group_context(), "group context")?))
+        Ok((
+            info.epoch().as_u64(),
+            encode(info.group_context(), "group context")?,
+        ))
     }
 
     /// Joins (or rejoins, replacing our old leaf) by external commit. The new state is in the

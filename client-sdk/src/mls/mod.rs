@@ -10,8 +10,8 @@ mod group;
 
 use openmls::prelude::{
     BasicCredential, Capabilities, Ciphersuite, CredentialWithKey, ExtensionType, KeyPackage,
-    KeyPackageIn, LeafNode, MlsGroupCreateConfig, MlsGroupJoinConfig, ProtocolVersion,
-    MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
+    KeyPackageIn, LeafNode, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY, MlsGroupCreateConfig,
+    MlsGroupJoinConfig, ProtocolVersion,
 };
 use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::RustCrypto;
@@ -24,7 +24,7 @@ use tls_codec::{DeserializeBytes, Serialize as _};
 use crate::store::Store;
 use crate::store::provider::MlsStorageError;
 
-pub(crate) use group::{CommitOut, IncomingCommit, Incoming, PendingJoin};
+pub(crate) use group::Incoming;
 
 /// The only ciphersuite of roost/1.
 pub(crate) const CIPHERSUITE: Ciphersuite =
@@ -173,7 +173,7 @@ pub(crate) fn sign_with(stored: &[u8], message: &[u8]) -> Result<Vec<u8>, MlsErr
 /// overlay) for storage.
 pub(crate) struct Mls {
     crypto: RustCrypto,
-    store: Store,
+    store: std::sync::Arc<Store>,
 }
 
 impl std::fmt::Debug for Mls {
@@ -233,7 +233,7 @@ pub(crate) struct ValidKeyPackage {
 }
 
 impl Mls {
-    pub(crate) fn new(store: Store) -> Self {
+    pub(crate) fn new(store: std::sync::Arc<Store>) -> Self {
         Self {
             crypto: RustCrypto::default(),
             store,
@@ -268,7 +268,11 @@ impl Mls {
         let ordinary = (0..count)
             .map(|_| build(false))
             .collect::<Result<Vec<_>, _>>()?;
-        let last_resort = if last_resort { Some(build(true)?) } else { None };
+        let last_resort = if last_resort {
+            Some(build(true)?)
+        } else {
+            None
+        };
         Ok((ordinary, last_resort))
     }
 

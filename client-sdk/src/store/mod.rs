@@ -163,7 +163,10 @@ impl Store {
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
-            let found = meta.get(KEY_SCHEMA)?.map(|v| u64_value(v.value())).transpose()?;
+            let found = meta
+                .get(KEY_SCHEMA)?
+                .map(|v| u64_value(v.value()))
+                .transpose()?;
             match found {
                 None => {
                     meta.insert(KEY_SCHEMA, SCHEMA_VERSION.to_be_bytes().as_slice())?;
@@ -317,8 +320,22 @@ impl Store {
         Ok(Some((id.value(), stored.into())))
     }
 
+    /// Deletes the events the app has taken (ids up to `up_to`). Touches nothing else, so it
+    /// needs no state lock.
+    pub(crate) fn delete_events_up_to(&self, up_to: u64) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(Durability::Immediate)?;
+        txn.open_table(EVENTS)?.retain_in(..=up_to, |_, _| false)?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// `not_after` of the AS credential that vouched for `key` as `client`'s key, if any.
-    pub(crate) fn verified(&self, client: &ClientId, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    pub(crate) fn verified(
+        &self,
+        client: &ClientId,
+        key: &[u8],
+    ) -> Result<Option<u64>, StoreError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(VERIFIED)?;
         Ok(table

@@ -22,7 +22,7 @@ const V: Version = CURRENT_VERSION;
 /// A failure of the MLS storage: the database or the serialisation of a value.
 #[derive(Debug, thiserror::Error)]
 #[error("MLS storage: {0}")]
-pub struct MlsStorageError(String);
+pub(crate) struct MlsStorageError(String);
 
 impl From<StoreError> for MlsStorageError {
     fn from(err: StoreError) -> Self {
@@ -424,10 +424,7 @@ impl StorageProvider<V> for Store {
         self.put(label::KEY_PACKAGE, hash_ref, key_package)
     }
 
-    fn key_package<
-        KeyPackageRef: traits::HashReference<V>,
-        KeyPackage: traits::KeyPackage<V>,
-    >(
+    fn key_package<KeyPackageRef: traits::HashReference<V>, KeyPackage: traits::KeyPackage<V>>(
         &self,
         hash_ref: &KeyPackageRef,
     ) -> Result<Option<KeyPackage>, Self::Error> {

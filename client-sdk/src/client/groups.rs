@@ -1,0 +1,547 @@
+//! Group operations of [`Client`] and the commit machinery behind them.
+//!
+//! A commit is built on the local state, sent, and merged only once the DS accepted it. If
+//! the DS answers STALE_EPOCH (someone else's commit won the epoch) or MISSING_PROPOSALS
+//! (a proposal we had not seen yet), the commit is dropped, the queue is processed up to the
+//! DS's epoch and the commit is rebuilt from the caller's intent on the new state, up to
+//! [`ClientConfig::max_commit_attempts`](crate::ClientConfig::max_commit_attempts) times. If
+//! the answer is lost, the DS's GroupInfo tells whether the commit was applied.
+
+use std::collections::BTreeSet;
+
+use roost_protocol::messages::auth::DiscoverUserRequest;
+use roost_protocol::messages::delivery::{
+    CommitRequest, CreateGroupRequest, ExternalJoinRequest, FetchGroupInfoRequest,
+    LeaveGroupRequest, SendMessageRequest,
+};
+use roost_protocol::messages::keypackage::{
+    ClaimClientKeyPackageRequest, ClaimUserKeyPackagesRequest, ClaimedKeyPackage,
+};
+use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
+
+use super::inbox::Outcome;
+use super::{Client, Inner};
+use crate::error::ClientError;
+use crate::event::Event;
+use crate::mls::{Mls, ValidKeyPackage};
+use crate::store::{Changes, GroupRecord};
+use crate::transport::RequestError;
+
+/// What a commit is meant to achieve; re-evaluated on the current state at every attempt.
+#[derive(Debug)]
+pub(crate) enum Intent {
+    /// Add these (verified) KeyPackages' clients, unless they are members already.
+    Add(Vec<ValidKeyPackage>),
+    /// Remove these clients, if they are still members.
+    Remove(BTreeSet<ClientId>),
+    /// Commit the pending proposals.
+    Pending,
+}
+
+fn server_code(err: &RequestError) -> Option<ErrorCode> {
+    err.wire_error().map(|e| e.code)
+}
+
+fn new_group_id(domain: roost_protocol::Domain) -> GroupId {
+    let mut uuid: [u8; 16] = rand::random();
+    // UUID version 4, RFC 4122 variant.
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    GroupId::new(uuid, domain)
+}
+
+impl Client {
+    /// Creates a group on this user's homeserver with this client as its only member.
+    pub async fn create_group(&self) -> Result<GroupId, ClientError> {
+        let inner = &self.inner;
+        let mls = inner.state.lock().await;
+        let group = new_group_id(inner.profile.client.domain().clone());
+        let (group_info, ratchet_tree) = mls.create_group(&inner.identity, &group)?;
+        let request = CreateGroupRequest {
+            group: group.clone(),
+            group_info: group_info.into(),
+            ratchet_tree: ratchet_tree.into(),
+        };
+        if let Err(err) = inner.conn.call(request).await {
+            mls.store().discard();
+            return Err(err.into());
+        }
+        inner.commit(
+            &mls,
+            Changes {
+                groups: vec![(group.clone(), Some(GroupRecord { leaving: 0 }))],
+                ..Changes::default()
+            },
+        )?;
+        Ok(group)
+    }
+
+    /// Adds every current client of each of `users` that is not a member yet: claims a
+    /// KeyPackage for each, checks it against the client's AS credential (refused ones are
+    /// left out and reported as [`Event::CredentialRejected`]), commits the adds and has the
+    /// DS deliver the Welcome. Returns the clients added.
+    pub async fn invite(
+        &self,
+        group: &GroupId,
+        users: &[UserId],
+    ) -> Result<Vec<ClientId>, ClientError> {
+        let inner = &self.inner;
+        let mut outcome = Outcome::default();
+        let added = {
+            let mls = inner.state.lock().await;
+            inner.check_member(&mls, group)?;
+            let adds = inner.claim_key_packages(&mls, group, users).await?;
+            inner
+                .commit_locked(&mls, group, &Intent::Add(adds), &mut outcome)
+                .await?
+        };
+        inner.follow_up(outcome).await;
+        Ok(added)
+    }
+
+    /// Removes every client of each of `users` from the group. Returns the clients removed.
+    /// To remove this client itself, use [`Client::leave_group`].
+    pub async fn remove_users(
+        &self,
+        group: &GroupId,
+        users: &[UserId],
+    ) -> Result<Vec<ClientId>, ClientError> {
+        let inner = &self.inner;
+        let mut outcome = Outcome::default();
+        let removed = {
+            let mls = inner.state.lock().await;
+            inner.check_member(&mls, group)?;
+            let targets: BTreeSet<ClientId> = mls
+                .members(group)?
+                .into_iter()
+                .filter_map(|leaf| leaf.client)
+                .filter(|client| users.contains(&client.user))
+                .collect();
+            if targets.contains(&inner.profile.client) {
+                return Err(ClientError::InvalidOperation(
+                    "a client cannot remove itself: use leave_group".into(),
+                ));
+            }
+            inner
+                .commit_locked(&mls, group, &Intent::Remove(targets), &mut outcome)
+                .await?
+        };
+        inner.follow_up(outcome).await;
+        Ok(removed)
+    }
+
+    /// Encrypts `bytes` for the group and sends it to every other member.
+    pub async fn send(&self, group: &GroupId, bytes: &[u8]) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let mut outcome = Outcome::default();
+        {
+            let mls = inner.state.lock().await;
+            for attempt in 0..2 {
+                inner.check_member(&mls, group)?;
+                let message = mls.encrypt(&inner.identity, group, bytes)?;
+                // The ratchet generation is used up durably before anything leaves.
+                inner.commit(&mls, Changes::default())?;
+                let request = SendMessageRequest {
+                    group: group.clone(),
+                    message: message.into(),
+                };
+                match inner.conn.call(request).await {
+                    Ok(_) => break,
+                    Err(err)
+                        if attempt == 0 && server_code(&err) == Some(ErrorCode::STALE_EPOCH) =>
+                    {
+                        inner.sync_into(&mls, &mut outcome).await?;
+                    }
+                    Err(err) => return Err(err.into()),
+                }
+            }
+        }
+        inner.follow_up(outcome).await;
+        Ok(())
+    }
+
+    /// Asks to leave the group: sends a proposal removing this client, which the next commit
+    /// of another member applies (the SDK of the remaining member with the lowest leaf index
+    /// commits it at once). This client gets [`Event::RemovedFromGroup`] then. The last
+    /// member just forgets the group.
+    pub async fn leave_group(&self, group: &GroupId) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let mut outcome = Outcome::default();
+        {
+            let mls = inner.state.lock().await;
+            inner.check_member(&mls, group)?;
+            if mls.members(group)?.len() <= 1 {
+                mls.delete_group(group)?;
+                let changes = Changes {
+                    groups: vec![(group.clone(), None)],
+                    ..Changes::default()
+                };
+                return inner.commit(&mls, changes);
+            }
+            let mut sent = false;
+            for _ in 0..inner.config.max_commit_attempts.max(1) {
+                if inner.check_member(&mls, group).is_err() {
+                    // Removed meanwhile: that is what we wanted.
+                    sent = true;
+                    break;
+                }
+                let proposal = mls.leave(&inner.identity, group)?;
+                let request = LeaveGroupRequest {
+                    group: group.clone(),
+                    proposal: proposal.into(),
+                };
+                match inner.conn.call(request).await {
+                    Ok(_) => {
+                        let changes = Changes {
+                            groups: vec![(group.clone(), Some(GroupRecord { leaving: 1 }))],
+                            ..Changes::default()
+                        };
+                        inner.commit(&mls, changes)?;
+                        sent = true;
+                        break;
+                    }
+                    Err(err) if server_code(&err) == Some(ErrorCode::STALE_EPOCH) => {
+                        mls.store().discard();
+                        inner.sync_into(&mls, &mut outcome).await?;
+                    }
+                    Err(err) => {
+                        mls.store().discard();
+                        return Err(err.into());
+                    }
+                }
+            }
+            if !sent {
+                return Err(ClientError::TooManyAttempts(
+                    inner.config.max_commit_attempts,
+                ));
+            }
+        }
+        inner.follow_up(outcome).await;
+        Ok(())
+    }
+
+    /// Rejoins a group by external commit, replacing this client's old leaf: for when the
+    /// local state is lost or fell behind (the SDK does this by itself when it receives a
+    /// message of an epoch it never reached). The client must still be in the DS's tree.
+    pub async fn rejoin_group(&self, group: &GroupId) -> Result<(), ClientError> {
+        let mut outcome = Outcome::default();
+        self.inner.rejoin(group, &mut outcome).await?;
+        self.inner.follow_up(outcome).await;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Claims and verifies one KeyPackage for every client of `users` not in the group.
+    async fn claim_key_packages(
+        &self,
+        mls: &Mls,
+        group: &GroupId,
+        users: &[UserId],
+    ) -> Result<Vec<ValidKeyPackage>, ClientError> {
+        let members: BTreeSet<ClientId> = mls
+            .members(group)?
+            .into_iter()
+            .filter_map(|leaf| leaf.client)
+            .collect();
+        let mut claimed: Vec<ClaimedKeyPackage> = Vec::new();
+        for user in users {
+            if members.iter().any(|m| m.user == *user) {
+                // Some devices are members already: claim only for the others.
+                let found = self
+                    .conn
+                    .call(DiscoverUserRequest { user: user.clone() })
+                    .await?;
+                for credential in found.clients {
+                    if members.contains(&credential.client) {
+                        continue;
+                    }
+                    let request = ClaimClientKeyPackageRequest {
+                        client: credential.client.clone(),
+                    };
+                    match self.conn.call(request).await {
+                        Ok(response) => claimed.push(response.key_package),
+                        Err(err) if server_code(&err) == Some(ErrorCode::NO_KEY_PACKAGE) => {
+                            tracing::warn!(client = %credential.client, "no KeyPackage to claim");
+                        }
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+            } else {
+                let request = ClaimUserKeyPackagesRequest { user: user.clone() };
+                claimed.extend(self.conn.call(request).await?.key_packages);
+            }
+        }
+        let mut changes = Changes::default();
+        let mut adds: Vec<ValidKeyPackage> = Vec::new();
+        for claim in claimed {
+            let owner = claim.credential.client.clone();
+            if members.contains(&owner)
+                || adds.iter().any(|a| a.leaf.client.as_ref() == Some(&owner))
+            {
+                continue;
+            }
+            let rejected = |reason: String| Event::CredentialRejected {
+                group: group.clone(),
+                client: Some(owner.clone()),
+                reason,
+            };
+            let key_package = match mls.validate_key_package(claim.key_package.as_slice()) {
+                Ok(kp) => kp,
+                Err(err) => {
+                    changes.event(rejected(format!("invalid KeyPackage: {err}")));
+                    continue;
+                }
+            };
+            if key_package.leaf.client.as_ref() != Some(&owner) {
+                changes.event(rejected(
+                    "the KeyPackage names another client than its AS credential".into(),
+                ));
+                continue;
+            }
+            let checked = self
+                .verifier
+                .verify(
+                    &self.conn,
+                    &self.store,
+                    &key_package.leaf,
+                    Some(&claim.credential),
+                    &mut changes,
+                )
+                .await?;
+            match checked {
+                Ok(()) => adds.push(key_package),
+                Err(rejection) => changes.event(rejected(rejection.reason)),
+            }
+        }
+        if !changes.events.is_empty() || !changes.verified.is_empty() {
+            self.commit(mls, changes)?;
+        }
+        Ok(adds)
+    }
+
+    /// Builds, sends and merges a commit for `intent`, rebuilding it after losing against a
+    /// concurrent commit. Returns the clients added or removed.
+    pub(crate) async fn commit_locked(
+        &self,
+        mls: &Mls,
+        group: &GroupId,
+        intent: &Intent,
+        outcome: &mut Outcome,
+    ) -> Result<Vec<ClientId>, ClientError> {
+        let attempts = self.config.max_commit_attempts.max(1);
+        for _ in 0..attempts {
+            self.check_member(mls, group)?;
+            if self.store.group(group)?.is_some_and(|r| r.leaving == 1) {
+                return Err(ClientError::InvalidOperation(
+                    "this client is leaving the group".into(),
+                ));
+            }
+            let members = mls.members(group)?;
+            let is_member =
+                |client: &ClientId| members.iter().any(|l| l.client.as_ref() == Some(client));
+            let (adds, removes, affected) = match intent {
+                Intent::Add(key_packages) => {
+                    let adds: Vec<ValidKeyPackage> = key_packages
+                        .iter()
+                        .filter(|kp| kp.leaf.client.as_ref().is_some_and(|c| !is_member(c)))
+                        .cloned()
+                        .collect();
+                    let affected = adds
+                        .iter()
+                        .filter_map(|kp| kp.leaf.client.clone())
+                        .collect();
+                    (adds, Vec::new(), affected)
+                }
+                Intent::Remove(clients) => {
+                    let leaves: Vec<_> = members
+                        .iter()
+                        .filter(|l| l.client.as_ref().is_some_and(|c| clients.contains(c)))
+                        .collect();
+                    let affected = leaves.iter().filter_map(|l| l.client.clone()).collect();
+                    (
+                        Vec::new(),
+                        leaves.iter().map(|l| l.index).collect(),
+                        affected,
+                    )
+                }
+                Intent::Pending => (Vec::new(), Vec::new(), Vec::new()),
+            };
+            if adds.is_empty() && removes.is_empty() && !mls.has_pending_proposals(group)? {
+                return Ok(Vec::new());
+            }
+            let out = match mls.commit(&self.identity, group, adds, removes) {
+                Ok(out) => out,
+                Err(err) => {
+                    mls.store().discard();
+                    return Err(err.into());
+                }
+            };
+            let request = CommitRequest {
+                group: group.clone(),
+                commit: out.commit.into(),
+                welcome: out.welcome.map(Into::into),
+                group_info: out.group_info.into(),
+            };
+            let applied = match self.conn.call(request).await {
+                Ok(_) => true,
+                Err(err)
+                    if matches!(
+                        server_code(&err),
+                        Some(ErrorCode::STALE_EPOCH | ErrorCode::MISSING_PROPOSALS)
+                    ) =>
+                {
+                    tracing::debug!(%group, %err, "commit lost, catching up");
+                    false
+                }
+                Err(RequestError::Transport(err)) => {
+                    // The DS may or may not have applied it: ask for its current state.
+                    tracing::debug!(%group, %err, "commit outcome unknown");
+                    match self.was_applied(mls, group).await {
+                        Ok(applied) => applied,
+                        Err(err) => {
+                            mls.store().discard();
+                            return Err(err);
+                        }
+                    }
+                }
+                Err(err) => {
+                    mls.store().discard();
+                    return Err(err.into());
+                }
+            };
+            if applied {
+                if let Err(err) = mls.merge_pending(group) {
+                    mls.store().discard();
+                    outcome.rejoin.insert(group.clone());
+                    return Err(err.into());
+                }
+                self.commit(mls, Changes::default())?;
+                return Ok(affected);
+            }
+            mls.store().discard();
+            self.sync_into(mls, outcome).await?;
+        }
+        Err(ClientError::TooManyAttempts(attempts))
+    }
+
+    /// Whether the DS's current epoch is the one our pending commit leads to.
+    async fn was_applied(&self, mls: &Mls, group: &GroupId) -> Result<bool, ClientError> {
+        let info = self
+            .conn
+            .call(FetchGroupInfoRequest {
+                group: group.clone(),
+            })
+            .await?;
+        if info.epoch != mls.epoch(group)?.saturating_add(1) {
+            return Ok(false);
+        }
+        let (_, context) = mls.inspect_group_info(info.group_info.as_slice())?;
+        Ok(mls.pending_context(group)?.as_deref() == Some(context.as_slice()))
+    }
+
+    /// Commits pending leave proposals if this client is the remaining member with the
+    /// lowest leaf index.
+    pub(crate) async fn commit_leaves(
+        &self,
+        group: &GroupId,
+        leavers: &[u32],
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
+        let mls = self.state.lock().await;
+        if self.check_member(&mls, group).is_err() || !mls.has_pending_proposals(group)? {
+            return Ok(());
+        }
+        let own = mls.own_index(group)?;
+        let first = mls
+            .members(group)?
+            .iter()
+            .map(|l| l.index)
+            .filter(|i| !leavers.contains(i))
+            .min();
+        if first != Some(own) {
+            return Ok(());
+        }
+        self.commit_locked(&mls, group, &Intent::Pending, outcome)
+            .await
+            .map(|_| ())
+    }
+
+    /// Joins `group` by external commit (see [`Client::rejoin_group`]).
+    pub(crate) async fn rejoin(
+        &self,
+        group: &GroupId,
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
+        let mls = self.state.lock().await;
+        let attempts = self.config.max_commit_attempts.max(1);
+        for _ in 0..attempts {
+            let info = self
+                .conn
+                .call(FetchGroupInfoRequest {
+                    group: group.clone(),
+                })
+                .await?;
+            let joined = mls.external_join(
+                &self.identity,
+                group,
+                info.group_info.as_slice(),
+                info.ratchet_tree.as_slice(),
+            );
+            let (out, members) = match joined {
+                Ok(joined) => joined,
+                Err(err) => {
+                    mls.store().discard();
+                    return Err(err.into());
+                }
+            };
+            let mut changes = Changes::default();
+            for leaf in &members {
+                let checked = self
+                    .verifier
+                    .verify(&self.conn, &self.store, leaf, None, &mut changes)
+                    .await;
+                match checked {
+                    Ok(Ok(())) => {}
+                    Ok(Err(rejection)) => {
+                        mls.store().discard();
+                        let mut changes = Changes::default();
+                        changes.event(Event::CredentialRejected {
+                            group: group.clone(),
+                            client: rejection.client.clone(),
+                            reason: format!("rejoin refused: {}", rejection.reason),
+                        });
+                        self.commit(&mls, changes)?;
+                        return Err(rejection.into());
+                    }
+                    Err(err) => {
+                        mls.store().discard();
+                        return Err(err);
+                    }
+                }
+            }
+            let request = ExternalJoinRequest {
+                group: group.clone(),
+                commit: out.commit.into(),
+                group_info: out.group_info.into(),
+            };
+            match self.conn.call(request).await {
+                Ok(_) => {
+                    changes
+                        .groups
+                        .push((group.clone(), Some(GroupRecord { leaving: 0 })));
+                    return self.commit(&mls, changes);
+                }
+                Err(err) if server_code(&err) == Some(ErrorCode::STALE_EPOCH) => {
+                    mls.store().discard();
+                }
+                Err(err) => {
+                    mls.store().discard();
+                    return Err(err.into());
+                }
+            }
+        }
+        let _ = outcome;
+        Err(ClientError::TooManyAttempts(attempts))
+    }
+}

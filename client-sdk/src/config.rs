@@ -1,0 +1,51 @@
+//! [`ClientConfig`]: how to reach the homeserver and the SDK's policies.
+
+use std::time::Duration;
+
+use crate::transport::ConnectConfig;
+
+/// Configuration of a [`Client`](crate::Client).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// How to reach and trust the homeserver. Its `server_name` is the homeserver's domain,
+    /// which must be the domain of the user.
+    pub connect: ConnectConfig,
+    /// How many ordinary KeyPackages to keep uploaded (default 20).
+    pub key_package_target: u32,
+    /// Replenish (up to `key_package_target`) when fewer than this many are left
+    /// (default 10).
+    pub key_package_low_water: u32,
+    /// Attempts of one commit when it loses against concurrent commits (default 8).
+    pub max_commit_attempts: u32,
+    /// Connection attempts (with backoff) of one request before it fails (default 3).
+    pub connect_attempts: u32,
+    /// Keep a listen stream open in the background, so messages are processed (and events
+    /// produced) as they arrive (default true). Without it, call
+    /// [`Client::sync`](crate::Client::sync).
+    pub listen: bool,
+    /// Delay between attempts to reopen a lost listen stream (default 1 s).
+    pub listen_retry: Duration,
+    /// Registration token, for homeservers that gate registration.
+    pub registration_token: Option<String>,
+    /// Tolerated clock difference with the AS when checking credential validity (default
+    /// 300 s).
+    pub clock_skew: Duration,
+}
+
+impl ClientConfig {
+    /// The defaults, for the homeserver `connect` describes.
+    pub fn new(connect: ConnectConfig) -> Self {
+        Self {
+            connect,
+            key_package_target: 20,
+            key_package_low_water: 10,
+            max_commit_attempts: 8,
+            connect_attempts: 3,
+            listen: true,
+            listen_retry: Duration::from_secs(1),
+            registration_token: None,
+            clock_skew: Duration::from_secs(300),
+        }
+    }
+}
