@@ -377,6 +377,7 @@ impl Inner {
                     return Err(err.into());
                 }
             };
+            let context = out.context;
             let request = CommitRequest {
                 group: group.clone(),
                 commit: out.commit.into(),
@@ -397,7 +398,7 @@ impl Inner {
                 Err(RequestError::Transport(err)) => {
                     // The DS may or may not have applied it: ask for its current state.
                     tracing::debug!(%group, %err, "commit outcome unknown");
-                    match self.was_applied(mls, group).await {
+                    match self.was_applied(group, &context).await {
                         Ok(applied) => applied,
                         Err(err) => {
                             mls.store().discard();
@@ -411,11 +412,6 @@ impl Inner {
                 }
             };
             if applied {
-                if let Err(err) = mls.merge_pending(group) {
-                    mls.store().discard();
-                    outcome.rejoin.insert(group.clone());
-                    return Err(err.into());
-                }
                 self.commit(mls, Changes::default())?;
                 return Ok(affected);
             }
@@ -425,19 +421,17 @@ impl Inner {
         Err(ClientError::TooManyAttempts(attempts))
     }
 
-    /// Whether the DS's current epoch is the one our pending commit leads to.
-    async fn was_applied(&self, mls: &Mls, group: &GroupId) -> Result<bool, ClientError> {
+    /// Whether the DS's current state is the one our commit leads to (`context`: the new
+    /// epoch's group context, which covers the commit through the transcript hash).
+    async fn was_applied(&self, group: &GroupId, context: &[u8]) -> Result<bool, ClientError> {
         let info = self
             .conn
             .call(FetchGroupInfoRequest {
                 group: group.clone(),
             })
             .await?;
-        if info.epoch != mls.epoch(group)?.saturating_add(1) {
-            return Ok(false);
-        }
-        let (_, context) = mls.inspect_group_info(info.group_info.as_slice())?;
-        Ok(mls.pending_context(group)?.as_deref() == Some(context.as_slice()))
+        let (_, current) = crate::mls::group_info_context(info.group_info.as_slice())?;
+        Ok(current == context)
     }
 
     /// Commits pending leave proposals if this client is the remaining member with the

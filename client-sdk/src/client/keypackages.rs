@@ -20,6 +20,7 @@ impl Inner {
     /// Tops up the uploaded KeyPackages if they fell below the low-water mark, and uploads a
     /// last-resort KeyPackage if the server holds none.
     pub(crate) async fn ensure_key_packages(&self) -> Result<(), ClientError> {
+        let _serialised = self.key_package_lock.lock().await;
         let count = self.conn.call(KeyPackageCountRequest {}).await?;
         let target = self.config.key_package_target;
         let missing = if count.remaining < self.config.key_package_low_water.min(target) {
@@ -50,5 +51,14 @@ impl Inner {
             need_last_resort = false;
         }
         Ok(())
+    }
+}
+
+impl super::Client {
+    /// How many ordinary KeyPackages the server holds for this client, and whether it holds
+    /// a last-resort one.
+    pub async fn key_packages_remaining(&self) -> Result<(u32, bool), ClientError> {
+        let count = self.inner.conn.call(KeyPackageCountRequest {}).await?;
+        Ok((count.remaining, count.has_last_resort == 1))
     }
 }

@@ -103,6 +103,8 @@ pub(crate) struct Inner {
     event_cursor: Mutex<u64>,
     /// Highest seq acknowledged to the server.
     acked: AtomicU64,
+    /// Serialises KeyPackage top-ups (count, then upload), so two never both top up.
+    key_package_lock: Mutex<()>,
 }
 
 impl Client {
@@ -250,6 +252,7 @@ impl Client {
             events_ready: Notify::new(),
             event_cursor: Mutex::new(0),
             acked: AtomicU64::new(0),
+            key_package_lock: Mutex::new(()),
             config,
         });
         let listener = inner

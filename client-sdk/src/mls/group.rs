@@ -4,8 +4,8 @@
 
 use openmls::prelude::{
     GroupId as MlsGroupId, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsMessageBodyIn,
-    MlsMessageIn, ProcessedMessageContent, Proposal, ProtocolMessage, RatchetTreeIn, Sender,
-    StagedCommit, StagedWelcome,
+    MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage, RatchetTreeIn,
+    Sender, StagedCommit, StagedWelcome,
 };
 use openmls_traits::OpenMlsProvider;
 use roost_protocol::GroupId;
@@ -19,6 +19,9 @@ pub(crate) struct CommitOut {
     pub(crate) commit: Vec<u8>,
     pub(crate) welcome: Option<Vec<u8>>,
     pub(crate) group_info: Vec<u8>,
+    /// The TLS encoding of the new epoch's group context (to recognise our commit in the
+    /// DS's GroupInfo when its answer was lost).
+    pub(crate) context: Vec<u8>,
 }
 
 /// Someone else's commit, staged but not merged: its new leaves must be verified first.
@@ -92,6 +95,18 @@ fn decode_message(bytes: &[u8]) -> Result<MlsMessageBodyIn, MlsError> {
     Ok(message.extract())
 }
 
+/// The epoch and the TLS-encoded group context of an MLSMessage GroupInfo (unverified:
+/// only compared with a context we computed ourselves).
+pub(crate) fn group_info_context(group_info: &[u8]) -> Result<(u64, Vec<u8>), MlsError> {
+    let MlsMessageBodyIn::GroupInfo(info) = decode_message(group_info)? else {
+        return Err(MlsError::Malformed("GroupInfo"));
+    };
+    Ok((
+        info.epoch().as_u64(),
+        encode(info.group_context(), "group context")?,
+    ))
+}
+
 fn member_leaf(group: &MlsGroup, index: LeafNodeIndex) -> Leaf {
     match group.member_at(index) {
         Some(member) => Leaf::of(index.u32(), &member.credential, &member.signature_key),
@@ -116,10 +131,6 @@ impl Mls {
     /// Whether proposals of the current epoch wait to be committed.
     pub(crate) fn has_pending_proposals(&self, group: &GroupId) -> Result<bool, MlsError> {
         Ok(self.load(group)?.pending_proposals().next().is_some())
-    }
-
-    pub(crate) fn epoch(&self, group: &GroupId) -> Result<u64, MlsError> {
-        Ok(self.load(group)?.epoch().as_u64())
     }
 
     /// The group's members, in leaf order.
@@ -160,8 +171,10 @@ impl Mls {
         ))
     }
 
-    /// Stages a commit adding `adds` and removing the leaves `removes`, together with every
-    /// pending proposal. The group keeps it as its pending commit (in the overlay).
+    /// Builds a commit adding `adds` and removing the leaves `removes`, together with every
+    /// pending proposal, and applies it to the group in the overlay (to be committed if the
+    /// DS accepts it, discarded otherwise). The GroupInfo for the DS is the new epoch's,
+    /// without the ratchet tree (the DS serves the tree); the Welcome carries the tree.
     pub(crate) fn commit(
         &self,
         identity: &Identity,
@@ -180,33 +193,29 @@ impl Mls {
             .map_err(|e| MlsError::refused("commit", e))?
             .stage_commit(self)
             .map_err(|e| MlsError::refused("commit", e))?;
-        let (commit, welcome, group_info) = bundle.into_messages();
-        let group_info = group_info.ok_or(MlsError::Refused {
-            context: "commit",
-            reason: "no GroupInfo created".into(),
-        })?;
+        let (commit, welcome, _) = bundle.into_messages();
+        mls_group
+            .merge_pending_commit(self)
+            .map_err(|e| MlsError::refused("merge", e))?;
+        self.commit_out(identity, &mls_group, commit, welcome)
+    }
+
+    fn commit_out(
+        &self,
+        identity: &Identity,
+        mls_group: &MlsGroup,
+        commit: MlsMessageOut,
+        welcome: Option<MlsMessageOut>,
+    ) -> Result<CommitOut, MlsError> {
+        let group_info = mls_group
+            .export_group_info(self.crypto(), &identity.key, false)
+            .map_err(|e| MlsError::refused("GroupInfo", e))?;
         Ok(CommitOut {
             commit: encode(&commit, "commit")?,
             welcome: welcome.map(|w| encode(&w, "Welcome")).transpose()?,
             group_info: encode(&group_info, "GroupInfo")?,
+            context: encode(mls_group.public_group().group_context(), "group context")?,
         })
-    }
-
-    /// Applies our pending commit (the DS accepted it).
-    pub(crate) fn merge_pending(&self, group: &GroupId) -> Result<(), MlsError> {
-        let mut mls_group = self.load(group)?;
-        mls_group
-            .merge_pending_commit(self)
-            .map_err(|e| MlsError::refused("merge", e))
-    }
-
-    /// The TLS encoding of the group context our pending commit leads to, if there is one.
-    pub(crate) fn pending_context(&self, group: &GroupId) -> Result<Option<Vec<u8>>, MlsError> {
-        let mls_group = self.load(group)?;
-        mls_group
-            .pending_commit()
-            .map(|staged| encode(staged.group_context(), "group context"))
-            .transpose()
     }
 
     /// Encrypts an application message.
@@ -385,18 +394,6 @@ impl Mls {
             .map_err(|e| MlsError::refused("join", e))
     }
 
-    /// The members a GroupInfo + ratchet tree describe (to verify before joining by external
-    /// commit) and the GroupInfo's epoch and encoded group context.
-    pub(crate) fn inspect_group_info(&self, group_info: &[u8]) -> Result<(u64, Vec<u8>), MlsError> {
-        let MlsMessageBodyIn::GroupInfo(info) = decode_message(group_info)? else {
-            return Err(MlsError::Malformed("GroupInfo"));
-        };
-        Ok((
-            info.epoch().as_u64(),
-            encode(info.group_context(), "group context")?,
-        ))
-    }
-
     /// Joins (or rejoins, replacing our old leaf) by external commit. The new state is in the
     /// overlay; returns the commit, the new GroupInfo and the members of the joined group.
     pub(crate) fn external_join(
@@ -435,17 +432,9 @@ impl Mls {
             .members()
             .map(|m| Leaf::of(m.index.u32(), &m.credential, &m.signature_key))
             .collect();
-        let (commit, _, group_info) = bundle.into_messages();
-        let group_info = group_info.ok_or(MlsError::Refused {
-            context: "external commit",
-            reason: "no GroupInfo created".into(),
-        })?;
+        let (commit, _, _) = bundle.into_messages();
         Ok((
-            CommitOut {
-                commit: encode(&commit, "commit")?,
-                welcome: None,
-                group_info: encode(&group_info, "GroupInfo")?,
-            },
+            self.commit_out(identity, &mls_group, commit, None)?,
             members,
         ))
     }

@@ -1,0 +1,199 @@
+//! Groups end to end: create, invite (including a user's other device), messages in every
+//! direction, remove, leave, rejoin, and concurrent commits resolved by the retry.
+
+use roost_client::Event;
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_users_one_with_two_devices() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let laptop = t.add_device(&alice, "laptop").await;
+    let bob = t.register("bob").await;
+    let carol = t.register("carol").await;
+
+    let group = alice.create_group().await.unwrap();
+    assert_eq!(alice.groups().unwrap(), vec![group.clone()]);
+    let added = alice
+        .invite(&group, &[user("bob"), user("carol"), user("alice")])
+        .await
+        .unwrap();
+    assert_eq!(
+        sorted(added),
+        sorted(vec![
+            client_id("bob", "phone"),
+            client_id("carol", "phone"),
+            client_id("alice", "laptop"),
+        ])
+    );
+    for joiner in [&bob, &carol, &laptop] {
+        assert_eq!(wait_joined(joiner).await, group);
+    }
+    let everyone = sorted(vec![
+        client_id("alice", "phone"),
+        client_id("alice", "laptop"),
+        client_id("bob", "phone"),
+        client_id("carol", "phone"),
+    ]);
+    assert_eq!(members(&bob, &group).await, everyone);
+    assert_eq!(members(&laptop, &group).await, everyone);
+
+    // Every member sends; every other member, both of alice's devices included, receives.
+    let clients = [&alice, &laptop, &bob, &carol];
+    for (i, sender) in clients.iter().enumerate() {
+        let text = format!("hello from {}", sender.client_id());
+        sender.send(&group, text.as_bytes()).await.unwrap();
+        for (j, receiver) in clients.iter().enumerate() {
+            if i == j {
+                continue;
+            }
+            let (from, bytes) = wait_message(receiver, &group).await;
+            assert_eq!(&from, sender.client_id());
+            assert_eq!(bytes, text.as_bytes());
+        }
+    }
+
+    // Remove carol: she learns it, the others see her go.
+    let removed = alice.remove_users(&group, &[user("carol")]).await.unwrap();
+    assert_eq!(removed, vec![client_id("carol", "phone")]);
+    let event = wait_for(&carol, "removed", |e| {
+        matches!(e, Event::RemovedFromGroup { .. })
+    })
+    .await;
+    assert_eq!(
+        event,
+        Event::RemovedFromGroup {
+            group: group.clone(),
+            by: client_id("alice", "phone")
+        }
+    );
+    assert!(carol.groups().unwrap().is_empty());
+    let event = wait_for(&bob, "members removed", |e| {
+        matches!(e, Event::MembersRemoved { .. })
+    })
+    .await;
+    assert_eq!(
+        event,
+        Event::MembersRemoved {
+            group: group.clone(),
+            by: client_id("alice", "phone"),
+            members: vec![client_id("carol", "phone")]
+        }
+    );
+    assert!(matches!(
+        carol.send(&group, b"still here?").await,
+        Err(roost_client::ClientError::UnknownGroup(_))
+    ));
+
+    // Bob leaves: alice's phone (lowest leaf) commits his removal.
+    bob.leave_group(&group).await.unwrap();
+    wait_for(&bob, "removed after leaving", |e| {
+        matches!(e, Event::RemovedFromGroup { .. })
+    })
+    .await;
+    assert!(bob.groups().unwrap().is_empty());
+    wait_for(&laptop, "bob removed", |e| {
+        matches!(e, Event::MembersRemoved { members, .. } if members == &vec![client_id("bob", "phone")])
+    })
+    .await;
+    let remaining = sorted(vec![
+        client_id("alice", "phone"),
+        client_id("alice", "laptop"),
+    ]);
+    assert_eq!(members(&alice, &group).await, remaining);
+    assert_eq!(members(&laptop, &group).await, remaining);
+
+    // The two remaining devices still talk.
+    laptop.send(&group, b"just us").await.unwrap();
+    assert_eq!(wait_message(&alice, &group).await.1, b"just us");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_commit_is_rebuilt_on_the_new_epoch() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    // Bob processes his queue only when he syncs (or a commit of his needs it).
+    let mut quiet = t.client_config();
+    quiet.listen = false;
+    let bob = t.register_with("bob", quiet).await;
+    let carol = t.register("carol").await;
+    let dave = t.register("dave").await;
+
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(wait_joined(&bob).await, group);
+
+    // Alice's commit wins epoch 2 while bob still sits at epoch 1: his commit is refused
+    // with STALE_EPOCH, he processes alice's commit and commits again.
+    alice.invite(&group, &[user("carol")]).await.unwrap();
+    let added = bob.invite(&group, &[user("dave")]).await.unwrap();
+    assert_eq!(added, vec![client_id("dave", "phone")]);
+    wait_joined(&carol).await;
+    wait_joined(&dave).await;
+    let all = sorted(vec![
+        client_id("alice", "phone"),
+        client_id("bob", "phone"),
+        client_id("carol", "phone"),
+        client_id("dave", "phone"),
+    ]);
+    assert_eq!(members(&bob, &group).await, all);
+    wait_for(&alice, "dave added", |e| {
+        matches!(e, Event::MembersAdded { members, .. } if members == &vec![client_id("dave", "phone")])
+    })
+    .await;
+    assert_eq!(members(&alice, &group).await, all);
+    dave.send(&group, b"hi all").await.unwrap();
+    assert_eq!(wait_message(&carol, &group).await.1, b"hi all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_commits_both_end_up_applied() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let carol = t.register("carol").await;
+    let dave = t.register("dave").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    wait_joined(&bob).await;
+
+    let (carol_id, dave_id) = ([user("carol")], [user("dave")]);
+    let (by_alice, by_bob) = tokio::join!(
+        alice.invite(&group, &carol_id),
+        bob.invite(&group, &dave_id)
+    );
+    assert_eq!(by_alice.unwrap(), vec![client_id("carol", "phone")]);
+    assert_eq!(by_bob.unwrap(), vec![client_id("dave", "phone")]);
+    wait_joined(&carol).await;
+    wait_joined(&dave).await;
+    carol.send(&group, b"from carol").await.unwrap();
+    assert_eq!(wait_message(&dave, &group).await.1, b"from carol");
+    assert_eq!(wait_message(&alice, &group).await.1, b"from carol");
+    assert_eq!(wait_message(&bob, &group).await.1, b"from carol");
+    assert_eq!(members(&alice, &group).await.len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_by_external_commit() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    wait_joined(&bob).await;
+
+    bob.rejoin_group(&group).await.unwrap();
+    let both = sorted(vec![client_id("alice", "phone"), client_id("bob", "phone")]);
+    assert_eq!(members(&bob, &group).await, both);
+    // Alice processes bob's external commit (it replaced his leaf: no membership change).
+    bob.send(&group, b"back").await.unwrap();
+    assert_eq!(
+        wait_message(&alice, &group).await,
+        (client_id("bob", "phone"), b"back".to_vec())
+    );
+    assert_eq!(members(&alice, &group).await, both);
+    alice.send(&group, b"welcome back").await.unwrap();
+    assert_eq!(wait_message(&bob, &group).await.1, b"welcome back");
+}

@@ -1,0 +1,7 @@
+//! Integration tests of the high-level client against an in-process homeserver over real
+//! QUIC on 127.0.0.1. One binary, so openmls is linked once.
+
+mod common;
+mod forged;
+mod groups;
+mod profile;

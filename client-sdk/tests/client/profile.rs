@@ -1,0 +1,91 @@
+//! Persistent profiles and KeyPackage management.
+
+use roost_client::{Client, ClientError};
+use roost_protocol::messages::keypackage::{ClaimClientKeyPackageRequest, KeyPackageKind};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_profile_continues_the_conversation() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    wait_joined(&bob).await;
+    bob.send(&group, b"before").await.unwrap();
+    assert_eq!(wait_message(&alice, &group).await.1, b"before");
+
+    // Bob's app stops; alice writes meanwhile.
+    bob.close().await;
+    alice.send(&group, b"while you were away").await.unwrap();
+
+    let bob = Client::open(t.client_config(), t.profile_path("bob-phone"))
+        .await
+        .unwrap();
+    assert_eq!(bob.client_id(), &client_id("bob", "phone"));
+    assert_eq!(bob.groups().unwrap(), vec![group.clone()]);
+    let (from, bytes) = wait_message(&bob, &group).await;
+    assert_eq!(
+        (from, bytes),
+        (client_id("alice", "phone"), b"while you were away".to_vec())
+    );
+    bob.send(&group, b"I am back").await.unwrap();
+    assert_eq!(wait_message(&alice, &group).await.1, b"I am back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_are_not_overwritten_or_invented() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    alice.close().await;
+    let again = Client::register(
+        t.client_config(),
+        t.profile_path("alice-phone"),
+        user("alice2"),
+        "phone".parse().unwrap(),
+    )
+    .await;
+    assert!(matches!(again, Err(ClientError::ProfileExists(_))));
+    let missing = Client::open(t.client_config(), t.profile_path("nobody")).await;
+    assert!(matches!(missing, Err(ClientError::NoProfile(_))));
+    let wrong = Client::register(
+        t.client_config(),
+        t.profile_path("eve"),
+        "eve@elsewhere.org".parse().unwrap(),
+        "phone".parse().unwrap(),
+    )
+    .await;
+    assert!(matches!(wrong, Err(ClientError::WrongDomain { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_packages_are_replenished_and_a_last_resort_one_is_kept() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    assert_eq!(alice.key_packages_remaining().await.unwrap(), (3, true));
+
+    // Someone claims them all: then the last-resort one is served, and not consumed.
+    let (conn, _, _) = raw_client(&t, "mallory").await;
+    for _ in 0..3 {
+        let claimed = conn
+            .call(ClaimClientKeyPackageRequest {
+                client: client_id("alice", "phone"),
+            })
+            .await
+            .unwrap();
+        assert_eq!(claimed.key_package.kind, KeyPackageKind::Ordinary);
+    }
+    let claimed = conn
+        .call(ClaimClientKeyPackageRequest {
+            client: client_id("alice", "phone"),
+        })
+        .await
+        .unwrap();
+    assert_eq!(claimed.key_package.kind, KeyPackageKind::LastResort);
+    assert_eq!(claimed.key_package.credential, *alice.credential());
+    assert_eq!(alice.key_packages_remaining().await.unwrap(), (0, true));
+
+    alice.refresh_key_packages().await.unwrap();
+    assert_eq!(alice.key_packages_remaining().await.unwrap(), (3, true));
+}
