@@ -2,6 +2,7 @@
 //! `Config` is what the file says; [`Config::validate`] turns it into [`Settings`], the typed
 //! form the server runs on. Library code never reads the environment.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,6 +50,65 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Limits.
     pub limits: Limits,
+    /// Server-to-server federation.
+    pub federation: FederationConfig,
+}
+
+/// Federation with other homeservers (off by default).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    /// Accept federation connections and forward requests for other domains.
+    pub enabled: bool,
+    /// PEM bundle of CAs whose certificates identify peer homeservers (the certificate must be
+    /// valid for the domain the peer speaks for).
+    pub ca_file: Option<PathBuf>,
+    /// Known peers by domain: address and/or pinned certificate.
+    pub peers: BTreeMap<String, PeerConfig>,
+    /// If not empty, only these domains are federated with.
+    pub allow_domains: Vec<String>,
+    /// Never federate with these domains.
+    pub deny_domains: Vec<String>,
+    /// Concurrent requests towards one peer.
+    pub max_in_flight_per_peer: u32,
+    /// Deliveries sent to a peer in one batch.
+    pub outbox_batch: u32,
+    /// First retry delay of an undeliverable batch; doubles up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+    /// Requests per second one peer may send us.
+    pub peer_rate_per_sec: u32,
+    /// Burst of requests one peer may send us.
+    pub peer_burst: u32,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ca_file: None,
+            peers: BTreeMap::new(),
+            allow_domains: Vec::new(),
+            deny_domains: Vec::new(),
+            max_in_flight_per_peer: 64,
+            outbox_batch: 256,
+            retry_initial_ms: 250,
+            retry_max_ms: 30_000,
+            peer_rate_per_sec: 2_000,
+            peer_burst: 4_000,
+        }
+    }
+}
+
+/// One known peer.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// `host:port` (default: the domain itself, port 4433).
+    pub address: Option<String>,
+    /// PEM certificate the peer presents (pinned; trusted without a CA).
+    pub certificate: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -62,6 +122,7 @@ impl Default for Config {
             require_registration_token: false,
             metrics_listen: None,
             limits: Limits::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -242,6 +303,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// Limits.
     pub limits: Limits,
+    /// Federation.
+    pub federation: FederationConfig,
 }
 
 impl Config {
@@ -274,6 +337,19 @@ impl Config {
             }
         };
         self.limits.check()?;
+        for name in self
+            .federation
+            .peers
+            .keys()
+            .chain(&self.federation.allow_domains)
+            .chain(&self.federation.deny_domains)
+        {
+            if name.parse::<Domain>().is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "federation: {name:?} is not a valid domain"
+                )));
+            }
+        }
         Ok(Settings {
             domain,
             listen: self.listen,
@@ -282,6 +358,7 @@ impl Config {
             require_registration_token: self.require_registration_token,
             metrics_listen: self.metrics_listen,
             limits: self.limits,
+            federation: self.federation,
         })
     }
 }

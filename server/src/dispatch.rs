@@ -9,7 +9,7 @@ use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 
 use crate::auth::Authenticated;
 use crate::error::ServiceError;
-use crate::{State, auth, delivery, keypackage, queue};
+use crate::{State, auth, delivery, federation, keypackage, queue};
 
 /// Per-connection state.
 pub(crate) struct ConnectionContext {
@@ -110,6 +110,9 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
     use ClientRequest as R;
     // Requests that act as a client use `me?`; the others ignore it.
     let me = ctx.me(state);
+    if let Some(domain) = federation::remote_target(&state.settings.domain, &request).cloned() {
+        return Outcome::Reply(forward(state, me, domain, request).await);
+    }
     let response = match request {
         R::RegisterUser(req) => reply(
             auth::register(state, ctx.remote.ip(), req).await,
@@ -170,29 +173,55 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
             Err(err) => error_response(err),
         },
         R::CreateGroup(req) => reply(
-            async { delivery::create(state, &me?, req).await }.await,
+            async { delivery::create(state, &me?.client, req).await }.await,
             Response::CreateGroup,
         ),
         R::Commit(req) => reply(
-            async { delivery::commit(state, &me?, req).await }.await,
+            async { delivery::commit(state, &me?.client, req).await }.await,
             Response::Commit,
         ),
         R::SendMessage(req) => reply(
-            async { delivery::send_message(state, &me?, req).await }.await,
+            async { delivery::send_message(state, &me?.client, req).await }.await,
             Response::SendMessage,
         ),
         R::LeaveGroup(req) => reply(
-            async { delivery::leave(state, &me?, req).await }.await,
+            async { delivery::leave(state, &me?.client, req).await }.await,
             Response::LeaveGroup,
         ),
         R::FetchGroupInfo(req) => reply(
-            async { delivery::fetch_group_info(state, &me?, req).await }.await,
+            async { delivery::fetch_group_info(state, &me?.client, req).await }.await,
             Response::FetchGroupInfo,
         ),
         R::ExternalJoin(req) => reply(
-            async { delivery::external_join(state, &me?, req).await }.await,
+            async { delivery::external_join(state, &me?.client, req).await }.await,
             Response::ExternalJoin,
         ),
     };
     Outcome::Reply(response)
+}
+
+/// Sends a request about another domain to that domain's homeserver, on behalf of the
+/// authenticated client (AsKeys needs no client; DiscoverUser needs one here but is forwarded
+/// without naming it).
+async fn forward(
+    state: &State,
+    me: Result<Authenticated, ServiceError>,
+    domain: roost_protocol::Domain,
+    request: ClientRequest,
+) -> Response {
+    let sender = match request.kind() {
+        RequestKind::AsKeys => None,
+        RequestKind::DiscoverUser => match me {
+            Ok(_) => None,
+            Err(err) => return error_response(err),
+        },
+        _ => match me {
+            Ok(me) => Some(me.client),
+            Err(err) => return error_response(err),
+        },
+    };
+    match state.federation.forward(&domain, sender, request).await {
+        Ok(response) => response,
+        Err(err) => error_response(err),
+    }
 }

@@ -30,6 +30,9 @@ pub enum ServiceError {
     /// An id of a domain this server does not serve or federate with.
     #[error("unknown domain {0}")]
     UnknownDomain(String),
+    /// The homeserver of a domain could not be reached.
+    #[error("homeserver of {0} unreachable")]
+    PeerUnreachable(String),
     /// The server is shutting down.
     #[error("server unavailable")]
     Unavailable,
@@ -135,6 +138,7 @@ impl ServiceError {
             LimitExceeded(_) => ErrorCode::LIMIT_EXCEEDED,
             UnknownDomain(_) => ErrorCode::UNKNOWN_DOMAIN,
             Unavailable => ErrorCode::UNAVAILABLE,
+            PeerUnreachable(_) => ErrorCode::PEER_UNREACHABLE,
             Store(_) | Internal(_) => {
                 // Details stay in the log.
                 return WireError::new(ErrorCode::INTERNAL, "internal error");

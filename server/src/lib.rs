@@ -11,6 +11,7 @@ pub mod ratelimit;
 mod auth;
 mod delivery;
 mod dispatch;
+mod federation;
 mod keypackage;
 mod metrics;
 mod mls;
@@ -77,7 +78,8 @@ pub(crate) struct State {
     pub(crate) queues: queue::Notifier,
     pub(crate) registration_limiter: RateLimiter<IpAddr>,
     pub(crate) claim_limiter: RateLimiter<(ClientId, ClientId)>,
-    pub(crate) send_limiter: RateLimiter<u64>,
+    pub(crate) send_limiter: RateLimiter<ClientId>,
+    pub(crate) federation: federation::Federation,
     pub(crate) groups: delivery::GroupCache,
     pub(crate) shutdown: CancellationToken,
     /// Clients removed while this process runs. Connections authenticated before the removal
@@ -142,8 +144,10 @@ impl Server {
         let cert_path = tls.cert_path.clone();
         let max_batch = settings.limits.max_write_batch as usize;
         let (store, writer) = Store::open(&dir.join(DATABASE_FILE), max_batch)?;
+        let federation = federation::Federation::new(&settings, &tls)?;
         let limits = &settings.limits;
         let state = Arc::new(State {
+            federation,
             registration_limiter: RateLimiter::new(
                 f64::from(limits.registration_rate_per_minute) / 60.0,
                 limits.registration_burst,
@@ -161,7 +165,7 @@ impl Server {
             store,
             settings,
         });
-        let endpoint = transport::bind(&state.settings, tls)?;
+        let endpoint = transport::bind(&state, tls)?;
         let local_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
             addr: state.settings.listen,
             source,
@@ -173,6 +177,7 @@ impl Server {
             tracker.clone(),
         ));
         tracker.spawn(sweeper(state.clone()));
+        federation::outbox::start(state.clone(), &tracker);
         if let Some(addr) = state.settings.metrics_listen {
             metrics::start(addr, state.clone(), &tracker)
                 .await

@@ -17,7 +17,6 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::auth::Authenticated;
-use crate::config::Settings;
 use crate::dispatch::{ConnectionContext, Outcome, dispatch};
 use crate::identity::TlsIdentity;
 use crate::{ServerError, State};
@@ -26,16 +25,28 @@ use crate::{ServerError, State};
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Builds and binds the endpoint.
-pub(crate) fn bind(settings: &Settings, tls: TlsIdentity) -> Result<quinn::Endpoint, ServerError> {
+pub(crate) fn bind(state: &State, tls: TlsIdentity) -> Result<quinn::Endpoint, ServerError> {
+    let settings = &state.settings;
     let limits = &settings.limits;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let builder = if state.federation.enabled {
+        // Peers present certificates; clients do not (offered, not required).
+        builder.with_client_cert_verifier(state.federation.verifier.clone())
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut crypto = builder
         .with_single_cert(tls.cert_chain, tls.key)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     crypto.alpn_protocols = vec![roost_protocol::ALPN_CLIENT.to_vec()];
+    if state.federation.enabled {
+        crypto
+            .alpn_protocols
+            .push(roost_protocol::ALPN_FEDERATION.to_vec());
+    }
     // No 0-RTT: early data can be replayed.
     crypto.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
@@ -146,6 +157,14 @@ async fn serve_connection(
     state: Arc<State>,
     tracker: TaskTracker,
 ) {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|data| data.protocol);
+    if alpn.as_deref() == Some(roost_protocol::ALPN_FEDERATION) {
+        serve_peer(conn, state, tracker).await;
+        return;
+    }
     let mut exporter = vec![0u8; EXPORTER_LEN];
     if conn
         .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
@@ -347,4 +366,78 @@ async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_se
         finish(&mut send);
     }
     metrics::gauge!("roost_listeners").decrement(1.0);
+}
+
+/// Serves a federation connection: the peer must have presented a certificate.
+async fn serve_peer(conn: quinn::Connection, state: Arc<State>, tracker: TaskTracker) {
+    let chain = conn
+        .peer_identity()
+        .and_then(|identity| {
+            identity
+                .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .map(|chain| *chain)
+        .unwrap_or_default();
+    let Some(peer) = crate::federation::inbound::PeerContext::new(&state, chain) else {
+        tracing::info!("federation connection without a certificate refused");
+        conn.close(VarInt::from_u32(0), b"certificate required");
+        return;
+    };
+    let peer = Arc::new(peer);
+    tracing::debug!("peer connected");
+    loop {
+        let (send, recv) = tokio::select! {
+            _ = state.shutdown.cancelled() => break,
+            stream = conn.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::debug!(%err, "peer connection ended");
+                    return;
+                }
+            },
+        };
+        let (state, peer) = (state.clone(), peer.clone());
+        tracker.spawn(serve_peer_stream(state, peer, send, recv).in_current_span());
+    }
+}
+
+async fn serve_peer_stream(
+    state: Arc<State>,
+    peer: Arc<crate::federation::inbound::PeerContext>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let limits = &state.settings.limits;
+    let read = tokio::time::timeout(
+        limits.request_read_timeout(),
+        read_request(&mut recv, limits.max_frame_len),
+    )
+    .await;
+    let body = match read {
+        Ok(Ok(body)) => body,
+        Ok(Err(err)) => {
+            let _ = recv.stop(VarInt::from_u32(0));
+            write_frame(&mut send, &Response::Error(err)).await;
+            finish(&mut send);
+            return;
+        }
+        Err(_) => {
+            let _ = recv.stop(VarInt::from_u32(0));
+            let err = WireError::new(
+                ErrorCode::REQUEST_TIMEOUT,
+                "request not received within the deadline",
+            );
+            write_frame(&mut send, &Response::Error(err)).await;
+            finish(&mut send);
+            return;
+        }
+    };
+    let response =
+        match decode_body::<roost_protocol::messages::federation::FederationRequest>(&body) {
+            Ok(request) => crate::federation::inbound::handle(&state, &peer, request).await,
+            Err(err) => Response::Error(err.to_wire()),
+        };
+    write_frame(&mut send, &response).await;
+    finish(&mut send);
 }

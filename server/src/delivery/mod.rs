@@ -13,12 +13,13 @@ use std::sync::Arc;
 
 use redb::ReadableTable;
 use roost_protocol::messages::delivery::*;
+use roost_protocol::messages::federation::Delivery;
 use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
-use roost_protocol::{ClientId, GroupId, MessageId, Opaque};
+use roost_protocol::{ClientId, Domain, GroupId, MessageId, Opaque};
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use crate::State;
-use crate::auth::{Authenticated, active_client};
+use crate::auth::active_client;
 use crate::error::ServiceError;
 use crate::mls::{DsGroup, Member, MlsError};
 use crate::queue::{Enqueued, enqueue_in_txn};
@@ -133,16 +134,19 @@ async fn blocking<T: Send + 'static>(
 /// Recipients of a fan-out, split by where their queues are.
 struct Recipients {
     local: Vec<ClientId>,
+    remote: std::collections::BTreeMap<Domain, Vec<ClientId>>,
 }
 
-/// Resolves members to recipients, leaving out `except`. Members of other domains cannot be
-/// served until federation lands: refuse rather than deliver to half the group.
+/// Resolves members to recipients, leaving out `except`. Members of a domain this server does
+/// not federate with are refused (UNKNOWN_DOMAIN) rather than leaving half the group without
+/// the message.
 fn recipients(
     state: &State,
     members: &[Member],
     except: &[Vec<u8>],
 ) -> Result<Recipients, ServiceError> {
     let mut local = Vec::with_capacity(members.len());
+    let mut remote: std::collections::BTreeMap<Domain, Vec<ClientId>> = Default::default();
     for member in members {
         if except.contains(&member.identity) {
             continue;
@@ -151,26 +155,65 @@ fn recipients(
             // A leaf whose identity is not a ClientId: nobody to deliver to.
             continue;
         };
-        if client.domain() != &state.settings.domain {
+        if client.domain() == &state.settings.domain {
+            local.push(client);
+        } else if state.federation.allowed(client.domain()) {
+            remote
+                .entry(client.domain().clone())
+                .or_default()
+                .push(client);
+        } else {
             return Err(ServiceError::UnknownDomain(client.domain().to_string()));
         }
-        local.push(client);
     }
-    Ok(Recipients { local })
+    Ok(Recipients { local, remote })
 }
 
-/// Enqueues `payload` for the local recipients inside `txn`; returns (client_num, seq) of every
-/// new entry and the number of recipients reached.
+/// Where a fan-out needs waking up once its transaction committed.
+#[derive(Default)]
+struct Wake {
+    /// (client number, seq) of every new local queue entry.
+    queues: Vec<(u64, u64)>,
+    /// Domains with new outbox entries.
+    domains: Vec<Domain>,
+}
+
+impl Wake {
+    fn run(self, state: &State) {
+        state.queues.notify(&self.queues);
+        state.federation.outbox.wake(self.domains);
+    }
+}
+
+/// Enqueues `payload` for the local recipients and puts it in the outbox for the remote ones,
+/// inside `txn`; returns the number of recipients reached.
 fn fan_out(
     txn: &redb::WriteTransaction,
     max_depth: u64,
-    recipients: &[ClientId],
+    recipients: &Recipients,
     payload: &QueuePayload,
-    woken: &mut Vec<(u64, u64)>,
+    wake: &mut Wake,
 ) -> Result<u32, StoreError> {
+    let id = MessageId(rand::random());
+    let timestamp_ms = crate::unix_millis();
+    let mut reached = 0;
+    for (domain, clients) in &recipients.remote {
+        let deliveries: Vec<Delivery> = clients
+            .iter()
+            .map(|recipient| Delivery {
+                recipient: recipient.clone(),
+                id,
+                timestamp_ms,
+                payload: payload.clone(),
+            })
+            .collect();
+        crate::federation::outbox::add_in_txn(txn, domain, &deliveries)?;
+        reached += deliveries.len() as u32;
+        wake.domains.push(domain.clone());
+    }
     let clients = txn.open_table(CLIENTS)?;
-    let mut nums = Vec::with_capacity(recipients.len());
-    for client in recipients {
+    let mut nums = Vec::with_capacity(recipients.local.len());
+    for client in &recipients.local {
         if let Some(record) = active_client(&clients, client)? {
             nums.push(record.client_num);
         }
@@ -179,21 +222,11 @@ fn fan_out(
     let bytes = payload
         .tls_serialize_detached()
         .map_err(|_| StoreError::Corrupt("payload encoding"))?;
-    let id = MessageId(rand::random());
-    let outcomes = enqueue_in_txn(
-        txn,
-        max_depth,
-        &nums,
-        id,
-        crate::unix_millis(),
-        &bytes,
-        false,
-    )?;
-    let mut reached = 0;
+    let outcomes = enqueue_in_txn(txn, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
     for (num, outcome) in nums.iter().zip(outcomes) {
         match outcome {
             Enqueued::Queued(seq) => {
-                woken.push((*num, seq));
+                wake.queues.push((*num, seq));
                 reached += 1;
             }
             Enqueued::Duplicate(_) => reached += 1,
@@ -256,7 +289,7 @@ pub(crate) async fn load(state: &State, group: &GroupId) -> Result<DsGroup, Serv
 /// CreateGroup.
 pub(crate) async fn create(
     state: &State,
-    me: &Authenticated,
+    me: &ClientId,
     req: CreateGroupRequest,
 ) -> Result<CreateGroupResponse, ServiceError> {
     if req.group.domain != state.settings.domain {
@@ -267,7 +300,7 @@ pub(crate) async fn create(
     let entry = state.groups.entry(&req.group);
     let mut slot = entry.lock().await;
     let group_id = req.group.to_mls_bytes();
-    let identity = identity_of(&me.client)?;
+    let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
     let key = group_id.clone();
     let check = credential_checker(state);
@@ -320,7 +353,7 @@ macro_rules! locked_group {
 /// Applies a commit (member or external) and fans it out.
 async fn commit_common(
     state: &State,
-    me: &Authenticated,
+    me: &ClientId,
     group_id: &GroupId,
     external: bool,
     commit: Opaque,
@@ -331,7 +364,7 @@ async fn commit_common(
     let Some(mut group) = slot.take() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
-    let identity = identity_of(&me.client)?;
+    let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
     let commit_bytes = commit.clone();
     let welcome_bytes = welcome.clone();
@@ -367,7 +400,7 @@ async fn commit_common(
         }
     };
     // From here on the in-memory state is ahead of the store: on any failure, drop it.
-    let me_identity = identity_of(&me.client)?;
+    let me_identity = identity_of(me)?;
     let prepared = (|| {
         let commit_to = recipients(
             state,
@@ -399,27 +432,21 @@ async fn commit_common(
     let written = state
         .store
         .write(move |txn| {
-            let mut woken = Vec::new();
+            let mut wake = Wake::default();
             store_group(txn, &key, &record)?;
-            let commits = fan_out(
-                txn,
-                max_depth,
-                &commit_to.local,
-                &commit_payload,
-                &mut woken,
-            )?;
+            let commits = fan_out(txn, max_depth, &commit_to, &commit_payload, &mut wake)?;
             let welcomes = match &welcome_payload {
-                Some(payload) => fan_out(txn, max_depth, &welcome_to.local, payload, &mut woken)?,
+                Some(payload) => fan_out(txn, max_depth, &welcome_to, payload, &mut wake)?,
                 None => 0,
             };
-            Ok(Ok::<_, ServiceError>((woken, commits, welcomes)))
+            Ok(Ok::<_, ServiceError>((wake, commits, welcomes)))
         })
         .await;
-    let (woken, commits, welcomes) = written?;
+    let (wake, commits, welcomes) = written?;
     let epoch = group.epoch();
     *slot = Some(group);
     drop(slot);
-    state.queues.notify(&woken);
+    wake.run(state);
     metrics::histogram!("roost_fanout_recipients").record(f64::from(commits + welcomes));
     tracing::debug!(group = %group_id, epoch, commits, welcomes, "commit accepted");
     Ok(CommitResponse { epoch })
@@ -428,7 +455,7 @@ async fn commit_common(
 /// Commit.
 pub(crate) async fn commit(
     state: &State,
-    me: &Authenticated,
+    me: &ClientId,
     req: CommitRequest,
 ) -> Result<CommitResponse, ServiceError> {
     check_send_rate(state, me)?;
@@ -447,7 +474,7 @@ pub(crate) async fn commit(
 /// ExternalJoin.
 pub(crate) async fn external_join(
     state: &State,
-    me: &Authenticated,
+    me: &ClientId,
     req: ExternalJoinRequest,
 ) -> Result<CommitResponse, ServiceError> {
     check_send_rate(state, me)?;
@@ -463,17 +490,17 @@ pub(crate) async fn external_join(
     .await
 }
 
-fn check_send_rate(state: &State, me: &Authenticated) -> Result<(), ServiceError> {
+fn check_send_rate(state: &State, me: &ClientId) -> Result<(), ServiceError> {
     state
         .send_limiter
-        .check(me.client_num)
+        .check(me.clone())
         .map_err(ServiceError::RateLimited)
 }
 
 /// SendMessage.
 pub(crate) async fn send_message(
     state: &State,
-    me: &Authenticated,
+    me: &ClientId,
     req: SendMessageRequest,
 ) -> Result<SendMessageResponse, ServiceError> {
     check_send_rate(state, me)?;
@@ -481,7 +508,7 @@ pub(crate) async fn send_message(
     let Some(group) = slot.as_ref() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
-    let identity = identity_of(&me.client)?;
+    let identity = identity_of(me)?;
     if group.member_by_identity(&identity).is_none() {
         return Err(ServiceError::NotMember);
     }
@@ -495,16 +522,16 @@ pub(crate) async fn send_message(
         message: req.message,
     });
     let max_depth = state.settings.limits.max_queue_depth;
-    let (woken, reached) = state
+    let (wake, reached) = state
         .store
         .write(move |txn| {
-            let mut woken = Vec::new();
-            let reached = fan_out(txn, max_depth, &to.local, &payload, &mut woken)?;
-            Ok(Ok::<_, ServiceError>((woken, reached)))
+            let mut wake = Wake::default();
+            let reached = fan_out(txn, max_depth, &to, &payload, &mut wake)?;
+            Ok(Ok::<_, ServiceError>((wake, reached)))
         })
         .await?;
     drop(slot);
-    state.queues.notify(&woken);
+    wake.run(state);
     metrics::histogram!("roost_fanout_recipients").record(f64::from(reached));
     Ok(SendMessageResponse {
         recipients: reached,
@@ -514,7 +541,7 @@ pub(crate) async fn send_message(
 /// LeaveGroup: stores the self-remove proposal and fans it out.
 pub(crate) async fn leave(
     state: &State,
-    me: &Authenticated,
+    me: &ClientId,
     req: LeaveGroupRequest,
 ) -> Result<LeaveGroupResponse, ServiceError> {
     check_send_rate(state, me)?;
@@ -522,7 +549,7 @@ pub(crate) async fn leave(
     let Some(mut group) = slot.take() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
-    let identity = identity_of(&me.client)?;
+    let identity = identity_of(me)?;
     let proposal = req.proposal.clone();
     let id = identity.clone();
     let (group, result) = blocking(move || {
@@ -545,18 +572,18 @@ pub(crate) async fn leave(
         message: req.proposal,
     });
     let max_depth = state.settings.limits.max_queue_depth;
-    let woken = state
+    let wake = state
         .store
         .write(move |txn| {
-            let mut woken = Vec::new();
+            let mut wake = Wake::default();
             store_group(txn, &key, &record)?;
-            fan_out(txn, max_depth, &to.local, &payload, &mut woken)?;
-            Ok(Ok::<_, ServiceError>(woken))
+            fan_out(txn, max_depth, &to, &payload, &mut wake)?;
+            Ok(Ok::<_, ServiceError>(wake))
         })
         .await?;
     *slot = Some(group);
     drop(slot);
-    state.queues.notify(&woken);
+    wake.run(state);
     Ok(LeaveGroupResponse {})
 }
 
@@ -564,17 +591,14 @@ pub(crate) async fn leave(
 /// state and want to rejoin by external commit).
 pub(crate) async fn fetch_group_info(
     state: &State,
-    me: &Authenticated,
+    me: &ClientId,
     req: FetchGroupInfoRequest,
 ) -> Result<FetchGroupInfoResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
     let Some(group) = slot.as_ref() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
-    if group
-        .member_by_identity(&identity_of(&me.client)?)
-        .is_none()
-    {
+    if group.member_by_identity(&identity_of(me)?).is_none() {
         return Err(ServiceError::NotMember);
     }
     Ok(FetchGroupInfoResponse {

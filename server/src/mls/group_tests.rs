@@ -13,8 +13,7 @@ use openmls_basic_credential::SignatureKeyPair;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use tls_codec::{Deserialize as _, Serialize as _};
 
-use super::group::{MessageKind, inspect};
-use super::{CIPHERSUITE, DsGroup, MlsError};
+use super::{CIPHERSUITE, DsGroup, MessageKind, MlsError, inspect};
 
 const GROUP_ID: &[u8] = b"group-1";
 const MAX: usize = 100;

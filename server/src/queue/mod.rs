@@ -410,3 +410,56 @@ pub(crate) async fn listen_page(
         })
         .await
 }
+
+/// Enqueues deliveries from a peer hub (already checked: local recipients, groups the peer
+/// hosts), idempotently by (recipient, message id), in one durable transaction.
+pub(crate) async fn deliver_remote(
+    state: &State,
+    deliveries: Vec<roost_protocol::messages::federation::Delivery>,
+) -> Result<roost_protocol::messages::federation::DeliverResponse, ServiceError> {
+    let max_depth = state.settings.limits.max_queue_depth;
+    let (response, woken) = state
+        .store
+        .write(move |txn| {
+            let mut response = roost_protocol::messages::federation::DeliverResponse {
+                accepted: 0,
+                unknown_recipients: 0,
+                queue_full: 0,
+            };
+            let mut woken = Vec::new();
+            for delivery in deliveries {
+                let clients = txn.open_table(crate::storage::tables::CLIENTS)?;
+                let record = crate::auth::active_client(&clients, &delivery.recipient)?;
+                drop(clients);
+                let Some(record) = record else {
+                    response.unknown_recipients += 1;
+                    continue;
+                };
+                let bytes = delivery
+                    .payload
+                    .tls_serialize_detached()
+                    .map_err(|_| StoreError::Corrupt("payload encoding"))?;
+                let outcome = enqueue_in_txn(
+                    txn,
+                    max_depth,
+                    &[record.client_num],
+                    delivery.id,
+                    crate::unix_millis(),
+                    &bytes,
+                    true,
+                )?;
+                match outcome.first() {
+                    Some(Enqueued::Queued(seq)) => {
+                        response.accepted += 1;
+                        woken.push((record.client_num, *seq));
+                    }
+                    Some(Enqueued::Duplicate(_)) => {}
+                    Some(Enqueued::Full) | None => response.queue_full += 1,
+                }
+            }
+            Ok(Ok::<_, ServiceError>((response, woken)))
+        })
+        .await?;
+    state.queues.notify(&woken);
+    Ok(response)
+}

@@ -107,6 +107,7 @@ impl Store {
             txn.open_table(LAST_RESORT)?;
             txn.open_table(TOKEN_USES)?;
             txn.open_table(GROUPS)?;
+            txn.open_table(OUTBOX)?;
         }
         txn.commit()?;
 

@@ -53,5 +53,9 @@ pub(crate) const LAST_RESORT: TableDefinition<'_, u64, (u64, &[u8])> =
 /// (epoch, GroupInfo, ratchet tree, pending proposals).
 pub(crate) const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
 
+/// Federation outbox by (destination domain, outbox seq): TLS-encoded `Delivery`. Written in
+/// the transaction that accepts the message; deleted when the peer acknowledged it.
+pub(crate) const OUTBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
+
 /// Registration tokens already used, by SHA-256 (hex): times used.
 pub(crate) const TOKEN_USES: TableDefinition<'_, &str, u64> = TableDefinition::new("token_uses");

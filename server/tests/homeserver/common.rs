@@ -80,7 +80,11 @@ pub fn register_request(
 }
 
 pub async fn register(conn: &Connection, name: &str) -> TestUser {
-    let id: UserId = format!("{name}@{DOMAIN}").parse().unwrap();
+    register_in(conn, name, DOMAIN).await
+}
+
+pub async fn register_in(conn: &Connection, name: &str, domain: &str) -> TestUser {
+    let id: UserId = format!("{name}@{domain}").parse().unwrap();
     let key = keypair();
     conn.call(register_request(&id, &key, None)).await.unwrap();
     TestUser { id, key }
@@ -128,8 +132,17 @@ pub fn remove_client_request(user: &TestUser, client: &ClientId) -> RemoveClient
 
 /// Registers `name` with one device `phone` and returns an authenticated connection.
 pub async fn new_client(server: &Server, name: &str) -> (TestUser, TestClient, Connection) {
+    new_client_in(server, name, DOMAIN).await
+}
+
+/// The same on a server of another domain.
+pub async fn new_client_in(
+    server: &Server,
+    name: &str,
+    domain: &str,
+) -> (TestUser, TestClient, Connection) {
     let conn = connect(server).await;
-    let user = register(&conn, name).await;
+    let user = register_in(&conn, name, domain).await;
     let client = add_client(&conn, &user, "phone").await;
     login(&conn, &client).await;
     (user, client, conn)

@@ -56,7 +56,11 @@ pub struct Received {
 
 impl Member {
     pub async fn new(server: &Server, name: &str) -> Member {
-        let (user, client, conn) = new_client(server, name).await;
+        Member::new_in(server, name, DOMAIN).await
+    }
+
+    pub async fn new_in(server: &Server, name: &str, domain: &str) -> Member {
+        let (user, client, conn) = new_client_in(server, name, domain).await;
         Member {
             user,
             client,
@@ -125,7 +129,7 @@ impl Member {
     }
 
     pub async fn create_group(&mut self, uuid: u8) {
-        let group_id = GroupId::new([uuid; 16], DOMAIN.parse().unwrap());
+        let group_id = GroupId::new([uuid; 16], self.client.id.domain().clone());
         let config = MlsGroupCreateConfig::builder()
             .ciphersuite(CIPHERSUITE)
             .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)

@@ -1,0 +1,271 @@
+//! Federation: talking to other homeservers over QUIC with mutual TLS (ALPN `roost-fed/1`).
+//!
+//! Outbound, a client request that concerns another domain (a user, client or group of it) is
+//! forwarded to that domain's homeserver on behalf of the authenticated client, and the hub's
+//! fan-out to other domains' queues goes through a durable outbox ([`outbox`]). Inbound
+//! ([`inbound`]), a peer may speak only for the domains its certificate is valid for, and only
+//! about this server's own users, clients and groups. Peer connections reuse the client SDK's
+//! request layer.
+
+pub(crate) mod inbound;
+pub(crate) mod outbox;
+pub(crate) mod tls;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use roost_client::transport::{ClientIdentity, ConnectConfig, Connection, Endpoint, TrustConfig};
+use roost_protocol::messages::federation::{DeliverRequest, FederationRequest, ForwardRequest};
+use roost_protocol::messages::{ClientRequest, Response};
+use roost_protocol::{ClientId, Domain};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::{Mutex, OnceCell, Semaphore};
+
+use crate::ServerError;
+use crate::config::{FederationConfig, Settings};
+use crate::error::ServiceError;
+use crate::identity::TlsIdentity;
+use crate::ratelimit::RateLimiter;
+use tls::PeerVerifier;
+
+/// A configured peer.
+#[derive(Debug, Clone, Default)]
+struct Peer {
+    address: Option<String>,
+    pinned: Option<CertificateDer<'static>>,
+}
+
+/// Federation state of a homeserver.
+pub(crate) struct Federation {
+    pub(crate) enabled: bool,
+    pub(crate) config: FederationConfig,
+    domain: Domain,
+    peers: BTreeMap<Domain, Peer>,
+    allow: Vec<Domain>,
+    deny: Vec<Domain>,
+    roots: Option<rustls::RootCertStore>,
+    identity: ClientIdentity,
+    pub(crate) verifier: Arc<PeerVerifier>,
+    endpoint: OnceCell<Endpoint>,
+    connections: std::sync::Mutex<HashMap<Domain, Arc<Mutex<Option<Connection>>>>>,
+    in_flight: std::sync::Mutex<HashMap<Domain, Arc<Semaphore>>>,
+    /// Requests per peer certificate (SHA-256 of the leaf).
+    pub(crate) inbound_limiter: RateLimiter<Vec<u8>>,
+    pub(crate) outbox: outbox::Outbox,
+}
+
+fn parse_domains(names: &[String]) -> Vec<Domain> {
+    // Validated by Config::validate.
+    names.iter().filter_map(|n| n.parse().ok()).collect()
+}
+
+impl Federation {
+    pub(crate) fn new(settings: &Settings, tls: &TlsIdentity) -> Result<Self, ServerError> {
+        let config = settings.federation.clone();
+        let mut peers = BTreeMap::new();
+        let mut pins = BTreeMap::new();
+        for (name, peer) in &config.peers {
+            let domain: Domain = name
+                .parse()
+                .map_err(|_| ServerError::Tls(format!("bad peer domain {name}")))?;
+            let pinned = match &peer.certificate {
+                Some(path) => {
+                    let certs = roost_client::transport::load_certificates_pem(path)
+                        .map_err(|e| ServerError::Tls(format!("peer {name}: {e}")))?;
+                    let leaf = certs
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| ServerError::Tls(format!("peer {name}: no certificate")))?;
+                    pins.insert(domain.clone(), leaf.clone());
+                    Some(leaf)
+                }
+                None => None,
+            };
+            peers.insert(
+                domain,
+                Peer {
+                    address: peer.address.clone(),
+                    pinned,
+                },
+            );
+        }
+        let roots = match &config.ca_file {
+            Some(path) => {
+                let mut roots = rustls::RootCertStore::empty();
+                let certs = roost_client::transport::load_certificates_pem(path)
+                    .map_err(|e| ServerError::Tls(format!("federation CA: {e}")))?;
+                for cert in certs {
+                    roots
+                        .add(cert)
+                        .map_err(|e| ServerError::Tls(format!("federation CA: {e}")))?;
+                }
+                Some(roots)
+            }
+            None => None,
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            PeerVerifier::new(pins, roots.clone(), provider).map_err(ServerError::Tls)?;
+        Ok(Self {
+            enabled: config.enabled,
+            domain: settings.domain.clone(),
+            allow: parse_domains(&config.allow_domains),
+            deny: parse_domains(&config.deny_domains),
+            peers,
+            roots,
+            identity: ClientIdentity::new(tls.cert_chain.clone(), tls.key.clone_key()),
+            verifier: Arc::new(verifier),
+            endpoint: OnceCell::new(),
+            connections: Default::default(),
+            in_flight: Default::default(),
+            inbound_limiter: RateLimiter::new(
+                f64::from(config.peer_rate_per_sec),
+                config.peer_burst,
+            ),
+            outbox: outbox::Outbox::default(),
+            config,
+        })
+    }
+
+    /// Whether requests for `domain` may go to (and come from) its homeserver.
+    pub(crate) fn allowed(&self, domain: &Domain) -> bool {
+        self.enabled
+            && domain != &self.domain
+            && !self.deny.contains(domain)
+            && (self.allow.is_empty() || self.allow.contains(domain))
+    }
+
+    fn semaphore(&self, domain: &Domain) -> Arc<Semaphore> {
+        let mut map = match self.in_flight.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.entry(domain.clone())
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(
+                    self.config.max_in_flight_per_peer.max(1) as usize
+                ))
+            })
+            .clone()
+    }
+
+    async fn resolve(&self, domain: &Domain) -> Result<SocketAddr, ServiceError> {
+        let target = self
+            .peers
+            .get(domain)
+            .and_then(|p| p.address.clone())
+            .unwrap_or_else(|| format!("{domain}:{}", roost_protocol::DEFAULT_PORT));
+        let mut addresses = tokio::net::lookup_host(target)
+            .await
+            .map_err(|_| ServiceError::PeerUnreachable(domain.to_string()))?;
+        addresses
+            .next()
+            .ok_or_else(|| ServiceError::PeerUnreachable(domain.to_string()))
+    }
+
+    /// The pooled connection to `domain`'s homeserver, (re)connecting if needed.
+    async fn connection(&self, domain: &Domain) -> Result<Connection, ServiceError> {
+        let slot = {
+            let mut map = match self.connections.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            map.entry(domain.clone()).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref().filter(|c| c.is_open()) {
+            return Ok(conn.clone());
+        }
+        let trust = match (
+            self.peers.get(domain).and_then(|p| p.pinned.clone()),
+            &self.roots,
+        ) {
+            (Some(pin), _) => TrustConfig::PinnedCertificates(vec![pin]),
+            (None, Some(roots)) => TrustConfig::Roots(roots.clone()),
+            (None, None) => return Err(ServiceError::UnknownDomain(domain.to_string())),
+        };
+        let addr = self.resolve(domain).await?;
+        let endpoint = self
+            .endpoint
+            .get_or_try_init(|| async { Endpoint::bind(SocketAddr::from(([0, 0, 0, 0], 0))) })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("federation endpoint: {e}")))?;
+        let config = ConnectConfig::federation(addr, domain.as_str(), trust, self.identity.clone());
+        let conn = endpoint.connect(&config).await.map_err(|err| {
+            tracing::warn!(%domain, %err, "cannot reach peer");
+            ServiceError::PeerUnreachable(domain.to_string())
+        })?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn send(
+        &self,
+        domain: &Domain,
+        request: &FederationRequest,
+    ) -> Result<Response, ServiceError> {
+        let permits = self.semaphore(domain);
+        let _permit = permits
+            .acquire()
+            .await
+            .map_err(|_| ServiceError::Unavailable)?;
+        let conn = self.connection(domain).await?;
+        conn.request_federation(request).await.map_err(|err| {
+            tracing::debug!(%domain, %err, "federation request failed");
+            if err.is_connection_lost() {
+                conn.close();
+            }
+            ServiceError::PeerUnreachable(domain.to_string())
+        })
+    }
+
+    /// Forwards a client request to `domain` on behalf of `sender`. The peer's answer, error
+    /// or not, is the answer to the client.
+    pub(crate) async fn forward(
+        &self,
+        domain: &Domain,
+        sender: Option<ClientId>,
+        request: ClientRequest,
+    ) -> Result<Response, ServiceError> {
+        if !self.allowed(domain) {
+            return Err(ServiceError::UnknownDomain(domain.to_string()));
+        }
+        let kind = request.kind();
+        metrics::counter!("roost_federation_forwarded_total", "kind" => kind.name()).increment(1);
+        self.send(
+            domain,
+            &FederationRequest::Forward(ForwardRequest { sender, request }),
+        )
+        .await
+    }
+
+    /// Sends a batch of deliveries to `domain`.
+    pub(crate) async fn deliver(
+        &self,
+        domain: &Domain,
+        request: DeliverRequest,
+    ) -> Result<Response, ServiceError> {
+        self.send(domain, &FederationRequest::Deliver(request))
+            .await
+    }
+}
+
+/// The domain a client request must be forwarded to, if it concerns another homeserver.
+/// CreateGroup is never forwarded (groups are created on the creator's server).
+pub(crate) fn remote_target<'a>(ours: &Domain, request: &'a ClientRequest) -> Option<&'a Domain> {
+    use ClientRequest as R;
+    let domain = match request {
+        R::DiscoverUser(r) => &r.user.domain,
+        R::AsKeys(r) => &r.domain,
+        R::ClaimUserKeyPackages(r) => &r.user.domain,
+        R::ClaimClientKeyPackage(r) => r.client.domain(),
+        R::Commit(r) => &r.group.domain,
+        R::SendMessage(r) => &r.group.domain,
+        R::LeaveGroup(r) => &r.group.domain,
+        R::FetchGroupInfo(r) => &r.group.domain,
+        R::ExternalJoin(r) => &r.group.domain,
+        _ => return None,
+    };
+    (domain != ours).then_some(domain)
+}

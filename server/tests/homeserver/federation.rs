@@ -1,0 +1,326 @@
+//! Two real homeservers federating over QUIC with mutual TLS on 127.0.0.1.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use roost_client::transport::{ClientIdentity, ConnectConfig, Endpoint, TrustConfig};
+use roost_protocol::messages::auth::{AsKeysRequest, DiscoverUserRequest};
+use roost_protocol::messages::federation::*;
+use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
+use roost_protocol::messages::{ClientRequest, Response};
+use roost_protocol::{ErrorCode, GroupId, MessageId};
+use roost_server::Server;
+use roost_server::config::{Config, PeerConfig};
+
+use crate::common::*;
+use crate::mls_member::Member;
+use crate::pki::Pki;
+
+const ALPHA: &str = "alpha.test";
+const BETA: &str = "beta.test";
+
+/// A UDP port that was free a moment ago.
+fn free_port() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Pair {
+    _dir: tempfile::TempDir,
+    pki: Pki,
+    alpha_cfg: Config,
+    beta_cfg: Config,
+    alpha: Server,
+    beta: Option<Server>,
+}
+
+fn server_config(
+    root: &std::path::Path,
+    pki: &Pki,
+    domain: &str,
+    listen: SocketAddr,
+    peer: (&str, SocketAddr),
+) -> Config {
+    let dir = root.join(domain);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = pki.issue(root, domain, &[domain]);
+    let mut cfg = config(&dir);
+    cfg.domain = domain.into();
+    cfg.listen = listen;
+    cfg.tls_cert = Some(cert);
+    cfg.tls_key = Some(key);
+    cfg.federation.enabled = true;
+    cfg.federation.ca_file = Some(pki.ca_file.clone());
+    cfg.federation.retry_initial_ms = 50;
+    cfg.federation.retry_max_ms = 200;
+    cfg.federation.peers.insert(
+        peer.0.into(),
+        PeerConfig {
+            address: Some(peer.1.to_string()),
+            certificate: None,
+        },
+    );
+    cfg
+}
+
+async fn pair() -> Pair {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    let (a, b) = (free_port(), free_port());
+    let alpha_cfg = server_config(dir.path(), &pki, ALPHA, a, (BETA, b));
+    let beta_cfg = server_config(dir.path(), &pki, BETA, b, (ALPHA, a));
+    let alpha = start(alpha_cfg.clone()).await;
+    let beta = start(beta_cfg.clone()).await;
+    Pair {
+        _dir: dir,
+        pki,
+        alpha_cfg,
+        beta_cfg,
+        alpha,
+        beta: Some(beta),
+    }
+}
+
+impl Pair {
+    fn beta(&self) -> &Server {
+        self.beta.as_ref().unwrap()
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(beta) = self.beta.take() {
+            beta.shutdown().await;
+        }
+        self.alpha.shutdown().await;
+    }
+}
+
+/// Syncs until `member` received `count` application messages (federation is asynchronous).
+async fn receive(member: &mut Member, count: usize) -> Vec<Vec<u8>> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while got.len() < count {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {count} messages arrived",
+            got.len()
+        );
+        let received = member.sync().await;
+        got.extend(received.messages);
+        if got.len() < count {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    got
+}
+
+async fn join(member: &mut Member) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !member.sync().await.joined {
+        assert!(tokio::time::Instant::now() < deadline, "no Welcome arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_discover_each_other_and_talk_across_two_homeservers() {
+    let pair = pair().await;
+    let mut alice = Member::new_in(&pair.alpha, "alice", ALPHA).await;
+    let mut bob = Member::new_in(pair.beta(), "bob", BETA).await;
+    bob.upload_key_packages(1).await;
+
+    // Discovery and AS keys of the other domain, through the own homeserver.
+    let found = alice
+        .conn
+        .call(DiscoverUserRequest {
+            user: bob.user_id().clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(found.clients, vec![bob.client.credential.clone()]);
+    let keys = alice
+        .conn
+        .call(AsKeysRequest {
+            domain: BETA.parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(keys.keys, vec![pair.beta().as_public_key().into()]);
+
+    // A 1:1 group hosted on alpha with bob on beta.
+    alice.create_group(1).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    assert_eq!(kps.len(), 1);
+    alice.commit_and_merge(kps, &[]).await;
+    join(&mut bob).await;
+    assert_eq!(bob.epoch(), alice.epoch());
+
+    // Messages both ways: bob's go through beta to the hub on alpha.
+    for n in 0..3u8 {
+        alice.send(&[b'a', n]).await.unwrap();
+        bob.send(&[b'b', n]).await.unwrap();
+    }
+    assert_eq!(
+        receive(&mut bob, 3).await,
+        (0..3u8).map(|n| vec![b'a', n]).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        receive(&mut alice, 3).await,
+        (0..3u8).map(|n| vec![b'b', n]).collect::<Vec<_>>()
+    );
+
+    // A commit by the remote member goes through its homeserver to the hub.
+    bob.commit_and_merge(vec![], &[]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while alice.epoch() != bob.epoch() {
+        assert!(tokio::time::Instant::now() < deadline);
+        alice.sync().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pair.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_once() {
+    let mut pair = pair().await;
+    let mut alice = Member::new_in(&pair.alpha, "alice", ALPHA).await;
+    let mut bob = Member::new_in(pair.beta(), "bob", BETA).await;
+    bob.upload_key_packages(1).await;
+    alice.create_group(2).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    join(&mut bob).await;
+
+    // Beta goes down; alice keeps sending: the hub accepts and keeps them in its outbox.
+    pair.beta.take().unwrap().shutdown().await;
+    for n in 0..5u8 {
+        alice.send(&[n]).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let beta = start(pair.beta_cfg.clone()).await;
+    bob.conn = connect(&beta).await;
+    login(&bob.conn, &bob.client).await;
+    pair.beta = Some(beta);
+    let got = receive(&mut bob, 5).await;
+    assert_eq!(got, (0..5u8).map(|n| vec![n]).collect::<Vec<_>>());
+    // Exactly once: nothing more arrives.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(bob.sync().await.messages.is_empty());
+    pair.shutdown().await;
+}
+
+/// Connects to `server` as a federation peer presenting `cert`/`key`.
+async fn peer_connection(
+    server: &Server,
+    pki: &Pki,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> roost_client::transport::Connection {
+    let endpoint = Endpoint::for_server(server.local_addr()).unwrap();
+    let trust = TrustConfig::roots_from_pem_file(&pki.ca_file).unwrap();
+    let identity = ClientIdentity::from_pem_files(cert, key).unwrap();
+    let config = ConnectConfig::federation(server.local_addr(), ALPHA, trust, identity);
+    endpoint.connect(&config).await.unwrap()
+}
+
+fn refused(response: Response) -> ErrorCode {
+    match response {
+        Response::Error(err) => err.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn peers_speak_only_for_their_own_domain() {
+    let pair = pair().await;
+    let (_alice, alice_client, _conn) = new_client_in(&pair.alpha, "alice", ALPHA).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A certificate for gamma.test from the same CA: a real peer, but not beta.
+    let (gamma_cert, gamma_key) = pair.pki.issue(dir.path(), "gamma", &["gamma.test"]);
+    let gamma = peer_connection(&pair.alpha, &pair.pki, &gamma_cert, &gamma_key).await;
+
+    // Forwarding on behalf of a beta.test client: refused.
+    let forged_sender = "bob@beta.test/phone".parse().unwrap();
+    let request = FederationRequest::Forward(ForwardRequest {
+        sender: Some(forged_sender),
+        request: ClientRequest::ClaimClientKeyPackage(
+            roost_protocol::messages::keypackage::ClaimClientKeyPackageRequest {
+                client: alice_client.id.clone(),
+            },
+        ),
+    });
+    assert_eq!(
+        refused(gamma.request_federation(&request).await.unwrap()),
+        ErrorCode::FORBIDDEN
+    );
+
+    // Delivering a message of a group hosted on beta.test: refused.
+    let group = GroupId::new([1; 16], BETA.parse().unwrap());
+    let deliver = FederationRequest::Deliver(DeliverRequest {
+        deliveries: vec![Delivery {
+            recipient: alice_client.id.clone(),
+            id: MessageId([7; 16]),
+            timestamp_ms: 0,
+            payload: QueuePayload::GroupMessage(GroupMessage {
+                group,
+                message: vec![1].into(),
+            }),
+        }],
+    });
+    assert_eq!(
+        refused(gamma.request_federation(&deliver).await.unwrap()),
+        ErrorCode::FORBIDDEN
+    );
+
+    // The real beta may deliver for its own groups, but not to clients of other domains.
+    let (beta_cert, beta_key) = (
+        pair.beta_cfg.tls_cert.clone().unwrap(),
+        pair.beta_cfg.tls_key.clone().unwrap(),
+    );
+    let beta = peer_connection(&pair.alpha, &pair.pki, &beta_cert, &beta_key).await;
+    let response = beta.request_federation(&deliver).await.unwrap();
+    assert!(
+        matches!(
+            response,
+            Response::Deliver(DeliverResponse { accepted: 1, .. })
+        ),
+        "{response:?}"
+    );
+    // Idempotent by message id.
+    let response = beta.request_federation(&deliver).await.unwrap();
+    assert!(
+        matches!(
+            response,
+            Response::Deliver(DeliverResponse { accepted: 0, .. })
+        ),
+        "{response:?}"
+    );
+    let FederationRequest::Deliver(mut elsewhere) = deliver else {
+        unreachable!()
+    };
+    elsewhere.deliveries[0].recipient = "carol@gamma.test/phone".parse().unwrap();
+    let response = beta
+        .request_federation(&FederationRequest::Deliver(elsewhere))
+        .await
+        .unwrap();
+    assert_eq!(refused(response), ErrorCode::FORBIDDEN);
+
+    // A certificate from an unknown CA does not get a connection at all.
+    let other_pki = Pki::new(dir.path(), "other");
+    let (cert, key) = other_pki.issue(dir.path(), "beta-fake", &[BETA]);
+    let endpoint = Endpoint::for_server(pair.alpha.local_addr()).unwrap();
+    let trust = TrustConfig::roots_from_pem_file(&pair.pki.ca_file).unwrap();
+    let identity = ClientIdentity::from_pem_files(&cert, &key).unwrap();
+    let config = ConnectConfig::federation(pair.alpha.local_addr(), ALPHA, trust, identity);
+    let refused_connection = match endpoint.connect(&config).await {
+        Err(_) => true,
+        Ok(conn) => conn.request_federation(&request).await.is_err(),
+    };
+    assert!(
+        refused_connection,
+        "a peer with an unknown CA must be refused"
+    );
+    let _ = pair.alpha_cfg.clone();
+    pair.shutdown().await;
+}
