@@ -225,6 +225,9 @@ fn join_config() -> MlsGroupJoinConfig {
         .build()
 }
 
+/// Encoded new KeyPackages: the ordinary ones and the last-resort one.
+pub(crate) type NewKeyPackages = (Vec<Vec<u8>>, Option<Vec<u8>>);
+
 /// A KeyPackage that decoded and passed openmls's validation, with its leaf.
 #[derive(Debug, Clone)]
 pub(crate) struct ValidKeyPackage {
@@ -251,7 +254,7 @@ impl Mls {
         identity: &Identity,
         count: usize,
         last_resort: bool,
-    ) -> Result<(Vec<Vec<u8>>, Option<Vec<u8>>), MlsError> {
+    ) -> Result<NewKeyPackages, MlsError> {
         let build = |last_resort: bool| -> Result<Vec<u8>, MlsError> {
             let mut builder = KeyPackage::builder().leaf_node_capabilities(leaf_capabilities());
             if last_resort {
