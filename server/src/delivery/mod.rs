@@ -122,6 +122,29 @@ fn credential_checker(state: &State) -> impl Fn(&[u8], &[u8]) -> bool + Send + '
     }
 }
 
+/// Checks that every member of another domain carries the signature key its own AS certifies
+/// for that client (RFC 9420 §5.3.1), asking that domain's homeserver.
+async fn verify_remote_credentials(state: &State, members: &[&Member]) -> Result<(), ServiceError> {
+    for member in members {
+        let Some(client) = member_client(member) else {
+            return Err(ServiceError::InvalidCommit(
+                "a credential does not name a client".into(),
+            ));
+        };
+        if client.domain() == &state.settings.domain {
+            continue; // checked by `credential_checker`
+        }
+        let certified = crate::federation::certified_key(state, &client).await?;
+        if certified.as_deref() != Some(member.signature_key.as_slice()) {
+            tracing::warn!(%client, "a commit introduces a credential its AS does not certify");
+            return Err(ServiceError::InvalidCommit(format!(
+                "the credential of {client} is not certified by its AS"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Runs CPU-heavy MLS work off the executor.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
@@ -412,10 +435,11 @@ async fn commit_common(
         recipients(state, &outcome.members_after, &[])?;
         Ok::<_, ServiceError>((commit_to, welcome_to))
     })();
-    let (commit_to, welcome_to) = match prepared {
-        Ok(prepared) => prepared,
-        Err(err) => return Err(err),
-    };
+    let (commit_to, welcome_to) = prepared?;
+    // Credentials of other domains, checked against their own AS before anything is stored.
+    let mut introduced: Vec<&Member> = outcome.added.iter().collect();
+    introduced.extend(outcome.committer.iter());
+    verify_remote_credentials(state, &introduced).await?;
     let record = GroupRecord::of(&group);
     let key = group_id.to_mls_bytes();
     let commit_payload = QueuePayload::GroupMessage(GroupMessage {

@@ -269,3 +269,52 @@ pub(crate) fn remote_target<'a>(ours: &Domain, request: &'a ClientRequest) -> Op
     };
     (domain != ours).then_some(domain)
 }
+
+/// The signature key the AS of `client`'s domain currently certifies for it (None if the
+/// client does not exist there, or the credential does not verify under that AS's keys).
+pub(crate) async fn certified_key(
+    state: &crate::State,
+    client: &ClientId,
+) -> Result<Option<Vec<u8>>, ServiceError> {
+    use roost_protocol::messages::auth::*;
+    let federation = &state.federation;
+    let domain = client.domain();
+    let keys = match federation
+        .forward(
+            domain,
+            None,
+            ClientRequest::AsKeys(AsKeysRequest {
+                domain: domain.clone(),
+            }),
+        )
+        .await?
+    {
+        Response::AsKeys(keys) if &keys.domain == domain => keys.keys,
+        _ => return Ok(None),
+    };
+    let discovered = federation
+        .forward(
+            domain,
+            None,
+            ClientRequest::DiscoverUser(DiscoverUserRequest {
+                user: client.user.clone(),
+            }),
+        )
+        .await?;
+    let Response::DiscoverUser(found) = discovered else {
+        return Ok(None);
+    };
+    let now = crate::unix_millis() / 1000;
+    let Some(credential) = found.clients.into_iter().find(|c| &c.client == client) else {
+        return Ok(None);
+    };
+    if credential.not_before > now.saturating_add(300) || credential.not_after < now {
+        return Ok(None);
+    }
+    let signed = signing_input(LABEL_CLIENT_CREDENTIAL, &credential.tbs());
+    let valid = keys.iter().any(|key| {
+        crate::identity::verify_ed25519(key.as_slice(), &signed, credential.as_signature.as_slice())
+            .is_ok()
+    });
+    Ok(valid.then(|| credential.signature_key.into_vec()))
+}

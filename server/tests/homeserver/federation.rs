@@ -324,3 +324,37 @@ async fn peers_speak_only_for_their_own_domain() {
     let _ = pair.alpha_cfg.clone();
     pair.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_checks_remote_credentials_against_their_own_as() {
+    let pair = pair().await;
+    let mut alice = Member::new_in(&pair.alpha, "alice", ALPHA).await;
+    let bob = Member::new_in(pair.beta(), "bob", BETA).await;
+    alice.create_group(3).await;
+    // A KeyPackage that names bob's client but carries another key.
+    let impostor = TestClient {
+        id: bob.id().clone(),
+        key: keypair(),
+        credential: bob.client.credential.clone(),
+    };
+    let forged = {
+        use openmls::prelude::OpenMlsProvider as _;
+        use openmls::prelude::tls_codec::Deserialize as _;
+        openmls::prelude::KeyPackageIn::tls_deserialize_exact(key_package(&impostor).as_slice())
+            .unwrap()
+            .validate(
+                openmls_rust_crypto::OpenMlsRustCrypto::default().crypto(),
+                openmls::prelude::ProtocolVersion::Mls10,
+            )
+            .unwrap()
+    };
+    let bundle = alice.commit(vec![forged], &[]);
+    let err = alice.send_commit(&bundle).await.unwrap_err();
+    assert_eq!(err.wire_error().unwrap().code, ErrorCode::INVALID_COMMIT);
+    alice.discard();
+    // bob's genuine KeyPackage is accepted.
+    bob.upload_key_packages(1).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    pair.shutdown().await;
+}
