@@ -32,6 +32,28 @@ async fn a_reopened_profile_continues_the_conversation() {
     );
     bob.send(&group, b"I am back").await.unwrap();
     assert_eq!(wait_message(&alice, &group).await.1, b"I am back");
+
+    // The listener and explicit syncs see the same queue entries: each is applied once
+    // (a second decryption would fail and show up as a GroupError event).
+    alice.send(&group, b"one").await.unwrap();
+    bob.sync().await.unwrap();
+    bob.sync().await.unwrap();
+    alice.send(&group, b"two").await.unwrap();
+    bob.sync().await.unwrap();
+    for expected in [&b"one"[..], b"two"] {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, bob.next_event())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            event,
+            roost_client::Event::Message {
+                group: group.clone(),
+                sender: client_id("alice", "phone"),
+                bytes: expected.to_vec()
+            }
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
