@@ -1,6 +1,9 @@
 //! Integration tests of the high-level client against an in-process homeserver over real
 //! QUIC on 127.0.0.1. One binary, so openmls is linked once.
 
+// Test helpers outside `#[test]` functions may panic on setup failures.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 mod forged;
 mod groups;
