@@ -57,6 +57,25 @@ fn ed25519_verifies(key: &[u8], message: &[u8], signature: &[u8]) -> bool {
         .is_ok()
 }
 
+/// Sorts the failure of a question to the AS: a definite refusal by a server (e.g. an
+/// unknown or unfederated domain) is a rejection of the leaf; a failure that may pass (network,
+/// overload) is an error, so the check is made again later.
+fn permanent_refusal<T>(
+    result: Result<T, ClientError>,
+    client: &ClientId,
+) -> Result<Result<T, Rejection>, ClientError> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(ClientError::Request(err)) if err.wire_error().is_some() && !err.is_transient() => {
+            Ok(Err(Rejection::new(
+                Some(client),
+                format!("the AS could not vouch for this client: {err}"),
+            )))
+        }
+        Err(err) => Err(err),
+    }
+}
+
 /// Checks member credentials against the AS.
 #[derive(Debug)]
 pub(crate) struct Verifier {
@@ -112,14 +131,15 @@ impl Verifier {
         }
         let credential = match hint.filter(|c| c.client == *client) {
             Some(credential) => credential.clone(),
-            None => match self.discover(conn, client).await? {
-                Some(credential) => credential,
-                None => {
+            None => match permanent_refusal(self.discover(conn, client).await, client)? {
+                Ok(Some(credential)) => credential,
+                Ok(None) => {
                     return Ok(Err(Rejection::new(
                         Some(client),
                         "the AS has no current credential for this client",
                     )));
                 }
+                Err(rejection) => return Ok(Err(rejection)),
             },
         };
         if credential.signature_key.as_slice() != leaf.signature_key.as_slice() {
@@ -137,7 +157,12 @@ impl Verifier {
                 "the client's AS credential is not valid now",
             )));
         }
-        if !self.as_signature_valid(conn, &credential).await? {
+        let valid =
+            match permanent_refusal(self.as_signature_valid(conn, &credential).await, client)? {
+                Ok(valid) => valid,
+                Err(rejection) => return Ok(Err(rejection)),
+            };
+        if !valid {
             return Ok(Err(Rejection::new(
                 Some(client),
                 "the AS signature on the client's credential does not verify",

@@ -56,7 +56,8 @@ impl Client {
         let inner = &self.inner;
         let mls = inner.state.lock().await;
         let group = new_group_id(inner.profile.client.domain().clone());
-        let (group_info, ratchet_tree) = mls.create_group(&inner.identity, &group)?;
+        let (group_info, ratchet_tree) =
+            inner.mls_op(&mls, |mls| mls.create_group(&inner.identity, &group))?;
         let request = CreateGroupRequest {
             group: group.clone(),
             group_info: group_info.into(),
@@ -138,7 +139,8 @@ impl Client {
             let mls = inner.state.lock().await;
             for attempt in 0..2 {
                 inner.check_member(&mls, group)?;
-                let message = mls.encrypt(&inner.identity, group, bytes)?;
+                let message =
+                    inner.mls_op(&mls, |mls| mls.encrypt(&inner.identity, group, bytes))?;
                 // The ratchet generation is used up durably before anything leaves.
                 inner.commit(&mls, Changes::default())?;
                 let request = SendMessageRequest {
@@ -171,7 +173,7 @@ impl Client {
             let mls = inner.state.lock().await;
             inner.check_member(&mls, group)?;
             if mls.members(group)?.len() <= 1 {
-                mls.delete_group(group)?;
+                inner.mls_op(&mls, |mls| mls.delete_group(group))?;
                 let changes = Changes {
                     groups: vec![(group.clone(), None)],
                     ..Changes::default()
@@ -185,7 +187,7 @@ impl Client {
                     sent = true;
                     break;
                 }
-                let proposal = mls.leave(&inner.identity, group)?;
+                let proposal = inner.mls_op(&mls, |mls| mls.leave(&inner.identity, group))?;
                 let request = LeaveGroupRequest {
                     group: group.clone(),
                     proposal: proposal.into(),
@@ -370,13 +372,7 @@ impl Inner {
             if adds.is_empty() && removes.is_empty() && !mls.has_pending_proposals(group)? {
                 return Ok(Vec::new());
             }
-            let out = match mls.commit(&self.identity, group, adds, removes) {
-                Ok(out) => out,
-                Err(err) => {
-                    mls.store().discard();
-                    return Err(err.into());
-                }
-            };
+            let out = self.mls_op(mls, |mls| mls.commit(&self.identity, group, adds, removes))?;
             let context = out.context;
             let request = CommitRequest {
                 group: group.clone(),
@@ -476,19 +472,14 @@ impl Inner {
                     group: group.clone(),
                 })
                 .await?;
-            let joined = mls.external_join(
-                &self.identity,
-                group,
-                info.group_info.as_slice(),
-                info.ratchet_tree.as_slice(),
-            );
-            let (out, members) = match joined {
-                Ok(joined) => joined,
-                Err(err) => {
-                    mls.store().discard();
-                    return Err(err.into());
-                }
-            };
+            let (out, members) = self.mls_op(&mls, |mls| {
+                mls.external_join(
+                    &self.identity,
+                    group,
+                    info.group_info.as_slice(),
+                    info.ratchet_tree.as_slice(),
+                )
+            })?;
             let mut changes = Changes::default();
             for leaf in &members {
                 let checked = self

@@ -232,7 +232,17 @@ impl Inner {
             return self.consume_with(mls, seq, Some(event), Vec::new());
         };
         let group = join.group.clone();
-        mls.finish_join(join)?;
+        match mls.finish_join(join) {
+            Ok(()) => {}
+            Err(MlsError::Storage(err)) => return Err(MlsError::Storage(err).into()),
+            Err(err) => {
+                let event = Event::GroupError {
+                    group,
+                    reason: format!("cannot join: {err}"),
+                };
+                return self.consume_with(mls, seq, Some(event), Vec::new());
+            }
+        }
         changes
             .groups
             .push((group.clone(), Some(GroupRecord { leaving: 0 })));

@@ -34,8 +34,9 @@ impl Inner {
             let batch = missing.min(MAX_PER_UPLOAD);
             let (ordinary, last_resort) = {
                 let mls = self.state.lock().await;
-                let made =
-                    mls.new_key_packages(&self.identity, batch as usize, need_last_resort)?;
+                let made = self.mls_op(&mls, |mls| {
+                    mls.new_key_packages(&self.identity, batch as usize, need_last_resort)
+                })?;
                 self.commit(&mls, Changes::default())?;
                 made
             };

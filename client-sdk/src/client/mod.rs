@@ -375,6 +375,18 @@ impl Inner {
         }
     }
 
+    /// Runs an MLS operation; if it fails, drops whatever it wrote to the overlay.
+    fn mls_op<T>(
+        &self,
+        mls: &Mls,
+        op: impl FnOnce(&Mls) -> Result<T, crate::mls::MlsError>,
+    ) -> Result<T, ClientError> {
+        op(mls).map_err(|err| {
+            mls.store().discard();
+            err.into()
+        })
+    }
+
     /// Commits the overlay and `changes`; wakes event waiters if there are events.
     fn commit(&self, mls: &Mls, changes: Changes) -> Result<(), ClientError> {
         let has_events = !changes.events.is_empty();
