@@ -102,10 +102,10 @@ async fn pending_domains(state: &State) -> Result<Vec<Domain>, StoreError> {
             let mut domains: Vec<Domain> = Vec::new();
             for entry in outbox.iter()? {
                 let (key, _) = entry?;
-                if let Ok(domain) = key.value().0.parse::<Domain>() {
-                    if domains.last() != Some(&domain) {
-                        domains.push(domain);
-                    }
+                if let Ok(domain) = key.value().0.parse::<Domain>()
+                    && domains.last() != Some(&domain)
+                {
+                    domains.push(domain);
                 }
             }
             domains.dedup();

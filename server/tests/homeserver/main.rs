@@ -1,7 +1,7 @@
 //! End-to-end tests of one homeserver over real QUIC on 127.0.0.1:0: Authentication,
 //! KeyPackage and Queuing services, restart, and hostile input. One test binary, so openmls is
 //! linked once.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, unreachable_pub)]
 
 mod auth;
 mod bad_input;
