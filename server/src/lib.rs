@@ -113,6 +113,7 @@ pub(crate) fn unix_millis() -> u64 {
 
 /// A running homeserver.
 pub struct Server {
+    metrics_addr: Option<SocketAddr>,
     state: Arc<State>,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
@@ -178,11 +179,14 @@ impl Server {
         ));
         tracker.spawn(sweeper(state.clone()));
         federation::outbox::start(state.clone(), &tracker);
-        if let Some(addr) = state.settings.metrics_listen {
-            metrics::start(addr, state.clone(), &tracker)
-                .await
-                .map_err(|source| ServerError::Bind { addr, source })?;
-        }
+        let metrics_addr = match state.settings.metrics_listen {
+            Some(addr) => Some(
+                metrics::start(addr, state.clone(), &tracker)
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         tracing::info!(
             domain = %state.settings.domain,
             %local_addr,
@@ -190,6 +194,7 @@ impl Server {
             "homeserver listening"
         );
         Ok(Self {
+            metrics_addr,
             state,
             endpoint,
             local_addr,
@@ -203,6 +208,11 @@ impl Server {
     /// The bound UDP address (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound address of `/metrics` and `/health`, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The certificate clients should pin.

@@ -20,7 +20,7 @@ pub(crate) async fn start(
     addr: SocketAddr,
     state: Arc<State>,
     tracker: &TaskTracker,
-) -> std::io::Result<()> {
+) -> std::io::Result<SocketAddr> {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
@@ -29,6 +29,7 @@ pub(crate) async fn start(
         );
     }
     let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
     tracing::info!(%addr, "metrics and health listening");
     tracker.spawn(async move {
         loop {
@@ -49,7 +50,7 @@ pub(crate) async fn start(
             });
         }
     });
-    Ok(())
+    Ok(bound)
 }
 
 async fn serve(

@@ -1,0 +1,103 @@
+//! What an operator notices: metrics and health, connection limits, address validation.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use roost_client::transport::{ConnectConfig, Endpoint, TrustConfig};
+use roost_protocol::messages::auth::AsKeysRequest;
+
+use crate::common::*;
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+#[tokio::test]
+async fn metrics_and_health_are_served_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = start(cfg).await;
+    let addr = server.metrics_addr().unwrap();
+    let (_alice, _phone, conn) = new_client(&server, "alice").await;
+    conn.call(AsKeysRequest {
+        domain: DOMAIN.parse().unwrap(),
+    })
+    .await
+    .unwrap();
+
+    let health = http_get(addr, "/health").await;
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let metrics = http_get(addr, "/metrics").await;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("roost_requests_total"), "{metrics}");
+    assert!(metrics.contains("kind=\"AsKeys\""), "{metrics}");
+    assert!(http_get(addr, "/nothing").await.starts_with("HTTP/1.1 404"));
+    server.shutdown().await;
+
+    // Off unless configured.
+    let server = start(config(dir.path())).await;
+    assert!(server.metrics_addr().is_none());
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.max_connections = 2;
+    let server = start(cfg).await;
+    let first = connect(&server).await;
+    let second = connect(&server).await;
+    let endpoint = Endpoint::for_server(server.local_addr()).unwrap();
+    let trust = TrustConfig::PinnedCertificates(vec![server.certificate().clone()]);
+    let config = ConnectConfig::new(server.local_addr(), DOMAIN, trust);
+    let third = endpoint.connect(&config).await;
+    assert!(third.is_err(), "the third connection must be refused");
+    // The first two still work; when one closes, a new one gets in.
+    second
+        .call(AsKeysRequest {
+            domain: DOMAIN.parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    first.close();
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(conn) = endpoint.connect(&config).await {
+            again = Some(conn);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let again = again.expect("a slot frees up when a connection closes");
+    again
+        .call(AsKeysRequest {
+            domain: DOMAIN.parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn clients_pass_address_validation_when_the_server_demands_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Every handshake must first answer a QUIC Retry.
+    cfg.limits.retry_threshold = 0;
+    let server = start(cfg).await;
+    let (_alice, _phone, conn) = new_client(&server, "alice").await;
+    conn.call(AsKeysRequest {
+        domain: DOMAIN.parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    server.shutdown().await;
+}
