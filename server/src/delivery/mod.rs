@@ -1,7 +1,7 @@
 //! Delivery Service: the hub of the groups whose GroupId carries this server's domain.
 //!
 //! Each group's MLS public state lives in a [`DsGroup`] (openmls `PublicGroup`), cached in
-//! memory and persisted in `GROUPS` as (epoch, GroupInfo, ratchet tree, pending proposals).
+//! memory and persisted in `GROUPS` as (epoch, [`DsGroup::snapshot`]).
 //! Operations on one group are serialised by a per-group async lock; other groups proceed in
 //! parallel. A commit is validated and applied in memory, then the new state and every
 //! recipient's copy are written in one durable transaction; only then is it acknowledged. If
@@ -28,27 +28,20 @@ use crate::storage::tables::{CLIENTS, GROUPS};
 
 pub(crate) use cache::GroupCache;
 
-/// A hosted group as stored.
+/// A hosted group as stored: its epoch (for inspection) and its MLS state, which
+/// [`DsGroup::from_snapshot`] reloads whatever the clock says about its leaves' lifetimes.
 #[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
 struct GroupRecord {
     epoch: u64,
-    group_info: Opaque,
-    ratchet_tree: Opaque,
-    pending_proposals: Vec<Opaque>,
+    snapshot: Opaque,
 }
 
 impl GroupRecord {
-    fn of(group: &DsGroup) -> Self {
-        Self {
+    fn of(group: &DsGroup) -> Result<Self, MlsError> {
+        Ok(Self {
             epoch: group.epoch(),
-            group_info: group.group_info().into(),
-            ratchet_tree: group.export_ratchet_tree().into(),
-            pending_proposals: group
-                .pending_proposals()
-                .into_iter()
-                .map(Opaque::new)
-                .collect(),
-        }
+            snapshot: group.snapshot()?.into(),
+        })
     }
 }
 
@@ -74,6 +67,7 @@ impl From<MlsError> for ServiceError {
             MlsError::MissingWelcome => ServiceError::MissingWelcome,
             MlsError::InvalidWelcome(reason) => ServiceError::InvalidMessage(reason),
             MlsError::GroupTooLarge => ServiceError::GroupTooLarge,
+            MlsError::State(reason) => ServiceError::Internal(reason),
         }
     }
 }
@@ -293,20 +287,9 @@ pub(crate) async fn load(state: &State, group: &GroupId) -> Result<DsGroup, Serv
             }
         })
         .await?;
-    blocking(move || {
-        let pending: Vec<Vec<u8>> = record
-            .pending_proposals
-            .into_iter()
-            .map(Opaque::into_vec)
-            .collect();
-        DsGroup::restore(
-            record.group_info.as_slice(),
-            record.ratchet_tree.as_slice(),
-            &pending,
-        )
-    })
-    .await?
-    .map_err(|err| ServiceError::Internal(format!("stored group does not restore: {err}")))
+    blocking(move || DsGroup::from_snapshot(record.snapshot.as_slice()))
+        .await?
+        .map_err(|err| ServiceError::Internal(format!("stored group does not restore: {err}")))
 }
 
 /// CreateGroup.
@@ -344,7 +327,7 @@ pub(crate) async fn create(
         }
     })
     .await??;
-    let record = GroupRecord::of(&group);
+    let record = GroupRecord::of(&group)?;
     state
         .store
         .write(move |txn| {
@@ -440,7 +423,7 @@ async fn commit_common(
     let mut introduced: Vec<&Member> = outcome.added.iter().collect();
     introduced.extend(outcome.committer.iter());
     verify_remote_credentials(state, &introduced).await?;
-    let record = GroupRecord::of(&group);
+    let record = GroupRecord::of(&group)?;
     let key = group_id.to_mls_bytes();
     let commit_payload = QueuePayload::GroupMessage(GroupMessage {
         group: group_id.clone(),
@@ -589,7 +572,7 @@ pub(crate) async fn leave(
         }
     };
     let to = recipients(state, &members, std::slice::from_ref(&identity))?;
-    let record = GroupRecord::of(&group);
+    let record = GroupRecord::of(&group)?;
     let key = req.group.to_mls_bytes();
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),

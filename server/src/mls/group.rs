@@ -8,11 +8,13 @@
 //! committer hands over (and that the DS serves to rejoining members) belongs to the new epoch.
 //! Nothing is merged before every check passed, so a refused input leaves the state untouched.
 //!
+//! A group is persisted as a [`DsGroup::snapshot`] (openmls's own stored state of the
+//! `PublicGroup`, see `snapshot.rs`) and rebuilt with [`DsGroup::from_snapshot`].
+//!
 //! The API is non-generic and free of openmls types so that the rest of the server does not
 //! instantiate openmls generics.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::{
@@ -22,11 +24,10 @@ use openmls::prelude::{
     SignaturePublicKey, StagedCommit, Verifiable, Welcome,
 };
 use openmls_rust_crypto::RustCrypto;
-use openmls_traits::public_storage::PublicStorageProvider;
-use openmls_traits::storage::{CURRENT_VERSION, traits};
 use tls_codec::{Deserialize as _, Serialize as _, Size as _};
 
 use super::CIPHERSUITE;
+use super::snapshot::{PendingProposal, Recorder, Snapshot, StoredState};
 
 /// Why the DS refuses an MLS input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,6 +80,9 @@ pub(crate) enum MlsError {
     /// The group would exceed its size limit.
     #[error("group too large")]
     GroupTooLarge,
+    /// A snapshot does not load, or the state cannot be snapshotted. Never the client's fault.
+    #[error("unusable group state: {0}")]
+    State(String),
 }
 
 /// A member as the DS sees it.
@@ -169,20 +173,12 @@ pub(crate) fn inspect(message: &[u8]) -> Result<MessageInfo, MlsError> {
     })
 }
 
-/// A proposal the DS accepted for the current epoch (only leaves, i.e. self-Removes).
-struct PendingProposal {
-    /// The MLSMessage as received.
-    message: Vec<u8>,
-    /// Its ProposalRef.
-    reference: Vec<u8>,
-    /// The leaf that sent it (and leaves).
-    leaf: u32,
-}
-
 /// The DS's state of one group: openmls's public group plus the GroupInfo of the current epoch
-/// and the pending proposals as received.
+/// and the pending proposals as received (only leaves, i.e. self-Removes, are accepted).
 pub(crate) struct DsGroup {
     public: PublicGroup,
+    /// What openmls stored for `public`, kept current by every change (through [`Recorder`]).
+    stored: StoredState,
     group_info: Vec<u8>,
     pending: Vec<PendingProposal>,
 }
@@ -249,30 +245,9 @@ impl DsGroup {
         Ok(group)
     }
 
-    /// Rebuilds the state from what this module handed out: [`DsGroup::group_info`],
-    /// [`DsGroup::export_ratchet_tree`] and [`DsGroup::pending_proposals`].
-    ///
-    /// openmls checks the lifetime of every leaf that came from a KeyPackage and was never
-    /// updated since; such a leaf older than its KeyPackage lifetime makes this fail.
-    pub(crate) fn restore(
-        group_info: &[u8],
-        ratchet_tree: &[u8],
-        pending_proposals: &[Vec<u8>],
-    ) -> Result<DsGroup, MlsError> {
-        let verifiable = decode_group_info(group_info)?;
-        if verifiable.ciphersuite() != CIPHERSUITE {
-            return Err(MlsError::WrongCiphersuite);
-        }
-        let mut group = Self::from_parts(verifiable, group_info, ratchet_tree)?;
-        for message in pending_proposals {
-            let (public, leaf) = group.check_proposal_frame(message)?;
-            group.accept_leave(message, public, leaf)?;
-        }
-        Ok(group)
-    }
-
     /// Verifies GroupInfo and tree (openmls `from_external`: tree validity, GroupInfo signature by
-    /// its signer leaf, tree hash = GroupContext tree hash) and requires BasicCredentials.
+    /// its signer leaf, tree hash = GroupContext tree hash, every KeyPackage leaf within its
+    /// lifetime) and requires BasicCredentials.
     fn from_parts(
         verifiable: VerifiableGroupInfo,
         group_info: &[u8],
@@ -280,9 +255,10 @@ impl DsGroup {
     ) -> Result<DsGroup, MlsError> {
         let tree = RatchetTreeIn::tls_deserialize_exact(ratchet_tree)
             .map_err(|e| MlsError::Malformed(format!("ratchet tree: {e}")))?;
+        let mut stored = StoredState::default();
         let (public, _) = PublicGroup::from_external(
             &RustCrypto::default(),
-            &NoStorage,
+            &Recorder::new(&mut stored),
             tree,
             verifiable,
             ProposalStore::new(),
@@ -298,8 +274,59 @@ impl DsGroup {
         }
         Ok(DsGroup {
             public,
+            stored,
             group_info: group_info.to_vec(),
             pending: Vec::new(),
+        })
+    }
+
+    /// The state to persist: openmls's stored `PublicGroup`, the GroupInfo and the pending
+    /// proposals, versioned. [`DsGroup::from_snapshot`] rebuilds the group from it.
+    pub(crate) fn snapshot(&self) -> Result<Vec<u8>, MlsError> {
+        Snapshot {
+            group_info: self.group_info.clone(),
+            pending: self.pending.clone(),
+            state: self.stored.clone(),
+        }
+        .encode()
+        .map_err(unusable)
+    }
+
+    /// Rebuilds a group from [`DsGroup::snapshot`] with openmls `PublicGroup::load`. Nothing is
+    /// re-validated against the clock: leaves whose KeyPackage lifetime ran out since they
+    /// joined do not matter. Only checks that the parts belong together.
+    pub(crate) fn from_snapshot(bytes: &[u8]) -> Result<DsGroup, MlsError> {
+        let Snapshot {
+            group_info,
+            pending,
+            state: mut stored,
+        } = Snapshot::decode(bytes).map_err(unusable)?;
+        let verifiable = decode_group_info(&group_info).map_err(unusable)?;
+        let recorder = Recorder::new(&mut stored);
+        let public = PublicGroup::load(&recorder, verifiable.group_id())
+            .map_err(unusable)?
+            .ok_or_else(|| unusable("incomplete openmls state"))?;
+        if public.group_context().epoch() != verifiable.epoch()
+            || public.ciphersuite() != CIPHERSUITE
+        {
+            return Err(unusable("the GroupInfo does not match the group state"));
+        }
+        let queued = public.queued_proposals(&recorder).map_err(unusable)?;
+        let matches = queued.len() == pending.len()
+            && queued.iter().zip(&pending).all(|((reference, queued), p)| {
+                reference.as_slice() == p.reference
+                    && queued.sender() == &Sender::Member(LeafNodeIndex::new(p.leaf))
+            });
+        if !matches {
+            return Err(unusable(
+                "the pending proposals do not match openmls's queue",
+            ));
+        }
+        Ok(DsGroup {
+            public,
+            stored,
+            group_info,
+            pending,
         })
     }
 
@@ -350,6 +377,7 @@ impl DsGroup {
     }
 
     /// The MLSMessages of the pending proposals of the current epoch, in arrival order.
+    #[cfg(test)]
     pub(crate) fn pending_proposals(&self) -> Vec<Vec<u8>> {
         self.pending.iter().map(|p| p.message.clone()).collect()
     }
@@ -600,10 +628,9 @@ impl DsGroup {
                 "a leave of this member is already pending".into(),
             ));
         }
-        match self.public.add_proposal(&NoStorage, queued) {
-            Ok(()) => {}
-            Err(never) => match never {},
-        }
+        self.public
+            .add_proposal(&Recorder::new(&mut self.stored), queued)
+            .map_err(unusable)?;
         self.pending.push(PendingProposal {
             message: bytes.to_vec(),
             reference,
@@ -770,12 +797,12 @@ impl DsGroup {
             .filter_map(|p| before.iter().find(|m| m.leaf_index == p.leaf).cloned())
             .collect();
 
-        // Everything that can fail has been checked: merge.
-        match self.public.merge_commit(&NoStorage, staged) {
-            Ok(()) => {}
-            // merge_commit merges first and then only writes to the storage, which cannot fail.
-            Err(e) => return Err(MlsError::InvalidCommit(e.to_string())),
-        }
+        // Everything that can fail has been checked: merge. merge_commit merges first and then
+        // writes to the storage, whose writes never fail (a value that does not serialize only
+        // makes the next snapshot fail).
+        self.public
+            .merge_commit(&Recorder::new(&mut self.stored), staged)
+            .map_err(unusable)?;
         self.group_info = group_info_bytes.to_vec();
         self.pending.clear();
 
@@ -823,7 +850,7 @@ struct CommitPlan<'a> {
 fn member(index: LeafNodeIndex, credential: &Credential, signature_key: Vec<u8>) -> Member {
     Member {
         leaf_index: index.u32(),
-        // Every leaf holds a BasicCredential (checked on create, restore and every commit),
+        // Every leaf holds a BasicCredential (checked on create and every commit),
         // whose content is the identity.
         identity: credential.serialized_content().to_vec(),
         signature_key,
@@ -838,6 +865,10 @@ fn basic_identity(credential: &Credential) -> Result<&[u8], MlsError> {
         ));
     }
     Ok(credential.serialized_content())
+}
+
+fn unusable(reason: impl std::fmt::Display) -> MlsError {
+    MlsError::State(reason.to_string())
 }
 
 fn decode(bytes: &[u8]) -> Result<MlsMessageBodyIn, MlsError> {
@@ -975,160 +1006,14 @@ fn check_welcome(welcome: Option<Welcome>, mut added_refs: Vec<Vec<u8>>) -> Resu
     Ok(())
 }
 
-/// openmls persists a `PublicGroup` through a storage provider; the DS keeps it in memory and
-/// persists GroupInfo, tree and proposals itself, so every write is dropped and nothing is
-/// ever read back.
-struct NoStorage;
-
-impl PublicStorageProvider<CURRENT_VERSION> for NoStorage {
-    type PublicError = Infallible;
-
-    fn write_tree<G: traits::GroupId<CURRENT_VERSION>, T: traits::TreeSync<CURRENT_VERSION>>(
-        &self,
-        _: &G,
-        _: &T,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn write_interim_transcript_hash<
-        G: traits::GroupId<CURRENT_VERSION>,
-        H: traits::InterimTranscriptHash<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-        _: &H,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn write_context<
-        G: traits::GroupId<CURRENT_VERSION>,
-        C: traits::GroupContext<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-        _: &C,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn write_confirmation_tag<
-        G: traits::GroupId<CURRENT_VERSION>,
-        C: traits::ConfirmationTag<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-        _: &C,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn queue_proposal<
-        G: traits::GroupId<CURRENT_VERSION>,
-        R: traits::ProposalRef<CURRENT_VERSION>,
-        P: traits::QueuedProposal<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-        _: &R,
-        _: &P,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn queued_proposals<
-        G: traits::GroupId<CURRENT_VERSION>,
-        R: traits::ProposalRef<CURRENT_VERSION>,
-        P: traits::QueuedProposal<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-    ) -> Result<Vec<(R, P)>, Infallible> {
-        Ok(Vec::new())
-    }
-
-    fn tree<G: traits::GroupId<CURRENT_VERSION>, T: traits::TreeSync<CURRENT_VERSION>>(
-        &self,
-        _: &G,
-    ) -> Result<Option<T>, Infallible> {
-        Ok(None)
-    }
-
-    fn group_context<
-        G: traits::GroupId<CURRENT_VERSION>,
-        C: traits::GroupContext<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-    ) -> Result<Option<C>, Infallible> {
-        Ok(None)
-    }
-
-    fn interim_transcript_hash<
-        G: traits::GroupId<CURRENT_VERSION>,
-        H: traits::InterimTranscriptHash<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-    ) -> Result<Option<H>, Infallible> {
-        Ok(None)
-    }
-
-    fn confirmation_tag<
-        G: traits::GroupId<CURRENT_VERSION>,
-        C: traits::ConfirmationTag<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-    ) -> Result<Option<C>, Infallible> {
-        Ok(None)
-    }
-
-    fn delete_tree<G: traits::GroupId<CURRENT_VERSION>>(&self, _: &G) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn delete_confirmation_tag<G: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        _: &G,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn delete_context<G: traits::GroupId<CURRENT_VERSION>>(&self, _: &G) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn delete_interim_transcript_hash<G: traits::GroupId<CURRENT_VERSION>>(
-        &self,
-        _: &G,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn remove_proposal<
-        G: traits::GroupId<CURRENT_VERSION>,
-        R: traits::ProposalRef<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-        _: &R,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-
-    fn clear_proposal_queue<
-        G: traits::GroupId<CURRENT_VERSION>,
-        R: traits::ProposalRef<CURRENT_VERSION>,
-    >(
-        &self,
-        _: &G,
-    ) -> Result<(), Infallible> {
-        Ok(())
-    }
-}
+#[cfg(test)]
+#[path = "group_test_client.rs"]
+mod test_client;
 
 #[cfg(test)]
 #[path = "group_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "snapshot_tests.rs"]
+mod snapshot_tests;

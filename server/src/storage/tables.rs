@@ -7,7 +7,7 @@
 use redb::TableDefinition;
 
 /// Bumped whenever a table's layout changes; checked when the database opens.
-pub(crate) const SCHEMA_VERSION: u64 = 1;
+pub(crate) const SCHEMA_VERSION: u64 = 2;
 
 /// Counters and settings: "schema_version", "next_client_num", "next_payload_id".
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
@@ -50,7 +50,7 @@ pub(crate) const LAST_RESORT: TableDefinition<'_, u64, (u64, &[u8])> =
     TableDefinition::new("last_resort");
 
 /// Groups hosted here by MLS group id (TLS-encoded GroupId): TLS-encoded `GroupRecord`
-/// (epoch, GroupInfo, ratchet tree, pending proposals).
+/// (epoch, `DsGroup` snapshot).
 pub(crate) const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
 
 /// Federation outbox by (destination domain, outbox seq): TLS-encoded `Delivery`. Written in

@@ -1,0 +1,415 @@
+//! The persisted form of a DS group: the entries openmls writes to its storage provider for the
+//! group's `PublicGroup`, plus the DS's own GroupInfo and pending proposals, in one versioned
+//! byte string.
+//!
+//! openmls persists a `PublicGroup` through a `PublicStorageProvider` and rebuilds it with
+//! `PublicGroup::load`, which takes the stored state as it is. Rebuilding from GroupInfo and
+//! ratchet tree instead (`PublicGroup::from_external`) re-validates every leaf against the clock,
+//! so a member whose KeyPackage lifetime ran out after it joined would make the group impossible
+//! to load. The values are the serde_json encodings openmls's own storage providers use; the
+//! envelope is TLS-encoded behind a format version byte. These bytes only ever come from the
+//! DS's own store.
+
+use std::cell::RefCell;
+
+use openmls_traits::public_storage::PublicStorageProvider;
+use openmls_traits::storage::{CURRENT_VERSION, traits};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tls_codec::{
+    DeserializeBytes as _, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize, VLBytes,
+};
+
+/// The first byte of every snapshot. Bump it (and keep a decoder for the old one) whenever
+/// the envelope or openmls's storage version changes.
+const FORMAT_VERSION: u8 = 1;
+
+/// Why a snapshot cannot be written or read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("group snapshot: {0}")]
+pub(super) struct SnapshotError(String);
+
+impl SnapshotError {
+    fn new(reason: impl Into<String>) -> Self {
+        Self(reason.into())
+    }
+}
+
+/// What openmls stored for one public group, as serde_json values.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(super) struct StoredState {
+    tree: Option<Vec<u8>>,
+    context: Option<Vec<u8>>,
+    interim_transcript_hash: Option<Vec<u8>>,
+    confirmation_tag: Option<Vec<u8>>,
+    /// (ProposalRef, QueuedProposal), in queue order.
+    proposals: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A value openmls handed over did not serialize. openmls writes after it changed its
+    /// in-memory state, so the write itself reports success and the failure sticks here: such
+    /// a state cannot be snapshotted, and its owner must be discarded.
+    failure: Option<String>,
+}
+
+impl StoredState {
+    fn serialize(&mut self, value: &impl Serialize) -> Option<Vec<u8>> {
+        match serde_json::to_vec(value) {
+            Ok(bytes) => Some(bytes),
+            Err(err) => {
+                self.failure.get_or_insert_with(|| err.to_string());
+                None
+            }
+        }
+    }
+}
+
+/// A pending proposal as the DS keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct PendingProposal {
+    /// The MLSMessage as received.
+    pub(super) message: Vec<u8>,
+    /// Its ProposalRef.
+    pub(super) reference: Vec<u8>,
+    /// The leaf that sent it (and leaves).
+    pub(super) leaf: u32,
+}
+
+/// Everything a DS group is rebuilt from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Snapshot {
+    /// The GroupInfo MLSMessage of the current epoch, as received.
+    pub(super) group_info: Vec<u8>,
+    /// In arrival order.
+    pub(super) pending: Vec<PendingProposal>,
+    pub(super) state: StoredState,
+}
+
+#[derive(Debug, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct PendingV1 {
+    message: VLBytes,
+    reference: VLBytes,
+    leaf: u32,
+}
+
+#[derive(Debug, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct ProposalV1 {
+    reference: VLBytes,
+    proposal: VLBytes,
+}
+
+/// Format 1, after the version byte.
+#[derive(Debug, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct SnapshotV1 {
+    group_info: VLBytes,
+    pending: Vec<PendingV1>,
+    tree: VLBytes,
+    context: VLBytes,
+    interim_transcript_hash: VLBytes,
+    confirmation_tag: VLBytes,
+    proposals: Vec<ProposalV1>,
+}
+
+impl Snapshot {
+    pub(super) fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+        let state = &self.state;
+        if let Some(failure) = &state.failure {
+            return Err(SnapshotError::new(format!(
+                "openmls state did not serialize: {failure}"
+            )));
+        }
+        let required = |value: &Option<Vec<u8>>, name: &str| {
+            value
+                .clone()
+                .map(VLBytes::new)
+                .ok_or_else(|| SnapshotError::new(format!("openmls did not store the {name}")))
+        };
+        let v1 = SnapshotV1 {
+            group_info: self.group_info.clone().into(),
+            pending: self
+                .pending
+                .iter()
+                .map(|p| PendingV1 {
+                    message: p.message.clone().into(),
+                    reference: p.reference.clone().into(),
+                    leaf: p.leaf,
+                })
+                .collect(),
+            tree: required(&state.tree, "tree")?,
+            context: required(&state.context, "group context")?,
+            interim_transcript_hash: required(
+                &state.interim_transcript_hash,
+                "interim transcript hash",
+            )?,
+            confirmation_tag: required(&state.confirmation_tag, "confirmation tag")?,
+            proposals: state
+                .proposals
+                .iter()
+                .map(|(reference, proposal)| ProposalV1 {
+                    reference: reference.clone().into(),
+                    proposal: proposal.clone().into(),
+                })
+                .collect(),
+        };
+        let mut bytes = Vec::with_capacity(1 + tls_codec::Size::tls_serialized_len(&v1));
+        bytes.push(FORMAT_VERSION);
+        v1.tls_serialize(&mut bytes)
+            .map_err(|e| SnapshotError::new(e.to_string()))?;
+        Ok(bytes)
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+        let Some((&version, rest)) = bytes.split_first() else {
+            return Err(SnapshotError::new("empty"));
+        };
+        if version != FORMAT_VERSION {
+            return Err(SnapshotError::new(format!(
+                "unknown format version {version}"
+            )));
+        }
+        let v1 = match SnapshotV1::tls_deserialize_bytes(rest) {
+            Ok((v1, [])) => v1,
+            Ok(_) => return Err(SnapshotError::new("trailing bytes")),
+            Err(e) => return Err(SnapshotError::new(e.to_string())),
+        };
+        Ok(Snapshot {
+            group_info: v1.group_info.into(),
+            pending: v1
+                .pending
+                .into_iter()
+                .map(|p| PendingProposal {
+                    message: p.message.into(),
+                    reference: p.reference.into(),
+                    leaf: p.leaf,
+                })
+                .collect(),
+            state: StoredState {
+                tree: Some(v1.tree.into()),
+                context: Some(v1.context.into()),
+                interim_transcript_hash: Some(v1.interim_transcript_hash.into()),
+                confirmation_tag: Some(v1.confirmation_tag.into()),
+                proposals: v1
+                    .proposals
+                    .into_iter()
+                    .map(|p| (p.reference.into(), p.proposal.into()))
+                    .collect(),
+                failure: None,
+            },
+        })
+    }
+}
+
+/// openmls's storage provider for one group's `PublicGroup`, over that group's
+/// [`StoredState`]. A provider serves exactly one group, so the group id openmls passes
+/// along is not needed to find the entries.
+pub(super) struct Recorder<'a> {
+    state: RefCell<&'a mut StoredState>,
+}
+
+impl<'a> Recorder<'a> {
+    pub(super) fn new(state: &'a mut StoredState) -> Self {
+        Self {
+            state: RefCell::new(state),
+        }
+    }
+
+    fn write(
+        &self,
+        slot: impl FnOnce(&mut StoredState) -> &mut Option<Vec<u8>>,
+        value: &impl Serialize,
+    ) {
+        let mut state = self.state.borrow_mut();
+        let bytes = state.serialize(value);
+        *slot(&mut state) = bytes;
+    }
+
+    fn read<T: DeserializeOwned>(
+        &self,
+        slot: impl FnOnce(&StoredState) -> &Option<Vec<u8>>,
+    ) -> Result<Option<T>, SnapshotError> {
+        let state = self.state.borrow();
+        slot(&state).as_deref().map(deserialize).transpose()
+    }
+}
+
+fn deserialize<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
+    serde_json::from_slice(bytes).map_err(|e| SnapshotError::new(e.to_string()))
+}
+
+/// What the provider's methods return.
+type StoreResult<T> = Result<T, SnapshotError>;
+
+impl PublicStorageProvider<CURRENT_VERSION> for Recorder<'_> {
+    type PublicError = SnapshotError;
+
+    fn write_tree<G: traits::GroupId<CURRENT_VERSION>, T: traits::TreeSync<CURRENT_VERSION>>(
+        &self,
+        _: &G,
+        tree: &T,
+    ) -> StoreResult<()> {
+        self.write(|s| &mut s.tree, tree);
+        Ok(())
+    }
+
+    fn write_interim_transcript_hash<
+        G: traits::GroupId<CURRENT_VERSION>,
+        H: traits::InterimTranscriptHash<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+        hash: &H,
+    ) -> StoreResult<()> {
+        self.write(|s| &mut s.interim_transcript_hash, hash);
+        Ok(())
+    }
+
+    fn write_context<
+        G: traits::GroupId<CURRENT_VERSION>,
+        C: traits::GroupContext<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+        context: &C,
+    ) -> StoreResult<()> {
+        self.write(|s| &mut s.context, context);
+        Ok(())
+    }
+
+    fn write_confirmation_tag<
+        G: traits::GroupId<CURRENT_VERSION>,
+        C: traits::ConfirmationTag<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+        tag: &C,
+    ) -> StoreResult<()> {
+        self.write(|s| &mut s.confirmation_tag, tag);
+        Ok(())
+    }
+
+    fn queue_proposal<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+        P: traits::QueuedProposal<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+        reference: &R,
+        proposal: &P,
+    ) -> StoreResult<()> {
+        let mut state = self.state.borrow_mut();
+        let (Some(reference), Some(proposal)) =
+            (state.serialize(reference), state.serialize(proposal))
+        else {
+            return Ok(());
+        };
+        match state.proposals.iter_mut().find(|(r, _)| *r == reference) {
+            Some(entry) => entry.1 = proposal,
+            None => state.proposals.push((reference, proposal)),
+        }
+        Ok(())
+    }
+
+    fn queued_proposals<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+        P: traits::QueuedProposal<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+    ) -> StoreResult<Vec<(R, P)>> {
+        let state = self.state.borrow();
+        state
+            .proposals
+            .iter()
+            .map(|(reference, proposal)| Ok((deserialize(reference)?, deserialize(proposal)?)))
+            .collect()
+    }
+
+    fn tree<G: traits::GroupId<CURRENT_VERSION>, T: traits::TreeSync<CURRENT_VERSION>>(
+        &self,
+        _: &G,
+    ) -> StoreResult<Option<T>> {
+        self.read(|s| &s.tree)
+    }
+
+    fn group_context<
+        G: traits::GroupId<CURRENT_VERSION>,
+        C: traits::GroupContext<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+    ) -> StoreResult<Option<C>> {
+        self.read(|s| &s.context)
+    }
+
+    fn interim_transcript_hash<
+        G: traits::GroupId<CURRENT_VERSION>,
+        H: traits::InterimTranscriptHash<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+    ) -> StoreResult<Option<H>> {
+        self.read(|s| &s.interim_transcript_hash)
+    }
+
+    fn confirmation_tag<
+        G: traits::GroupId<CURRENT_VERSION>,
+        C: traits::ConfirmationTag<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+    ) -> StoreResult<Option<C>> {
+        self.read(|s| &s.confirmation_tag)
+    }
+
+    fn delete_tree<G: traits::GroupId<CURRENT_VERSION>>(&self, _: &G) -> StoreResult<()> {
+        self.state.borrow_mut().tree = None;
+        Ok(())
+    }
+
+    fn delete_confirmation_tag<G: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        _: &G,
+    ) -> StoreResult<()> {
+        self.state.borrow_mut().confirmation_tag = None;
+        Ok(())
+    }
+
+    fn delete_context<G: traits::GroupId<CURRENT_VERSION>>(&self, _: &G) -> StoreResult<()> {
+        self.state.borrow_mut().context = None;
+        Ok(())
+    }
+
+    fn delete_interim_transcript_hash<G: traits::GroupId<CURRENT_VERSION>>(
+        &self,
+        _: &G,
+    ) -> StoreResult<()> {
+        self.state.borrow_mut().interim_transcript_hash = None;
+        Ok(())
+    }
+
+    fn remove_proposal<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+        reference: &R,
+    ) -> StoreResult<()> {
+        let mut state = self.state.borrow_mut();
+        if let Some(reference) = state.serialize(reference) {
+            state.proposals.retain(|(r, _)| *r != reference);
+        }
+        Ok(())
+    }
+
+    fn clear_proposal_queue<
+        G: traits::GroupId<CURRENT_VERSION>,
+        R: traits::ProposalRef<CURRENT_VERSION>,
+    >(
+        &self,
+        _: &G,
+    ) -> StoreResult<()> {
+        self.state.borrow_mut().proposals.clear();
+        Ok(())
+    }
+}

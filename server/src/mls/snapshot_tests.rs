@@ -1,0 +1,264 @@
+//! Tests of the persisted form of a DS group: [`DsGroup::snapshot`] and
+//! [`DsGroup::from_snapshot`].
+
+use std::time::{Duration, Instant};
+
+use openmls::prelude::{
+    CreationFromExternalError, KeyPackage, Lifetime, ProposalStore, PublicGroup, RatchetTreeIn,
+};
+use openmls::treesync::errors::{LeafNodeValidationError, LifetimeError};
+use openmls_rust_crypto::RustCrypto;
+use tls_codec::Deserialize as _;
+
+use super::super::snapshot::{Recorder, Snapshot, StoredState};
+use super::decode_group_info;
+use super::test_client::{Bundle, Client, GROUP_ID, MAX, add, alice_and_ds, identities};
+use super::{DsGroup, MlsError};
+
+/// What the DS did before snapshots: rebuild the `PublicGroup` from GroupInfo and tree.
+fn from_external(
+    group_info: &[u8],
+    tree: &[u8],
+) -> Result<PublicGroup, CreationFromExternalError<super::super::snapshot::SnapshotError>> {
+    let verifiable = decode_group_info(group_info).unwrap();
+    let tree = RatchetTreeIn::tls_deserialize_exact(tree).unwrap();
+    PublicGroup::from_external(
+        &RustCrypto::default(),
+        &Recorder::new(&mut StoredState::default()),
+        tree,
+        verifiable,
+        ProposalStore::new(),
+    )
+    .map(|(group, _)| group)
+}
+
+fn round_trip(ds: &DsGroup) -> DsGroup {
+    let snapshot = ds.snapshot().unwrap();
+    let restored = DsGroup::from_snapshot(&snapshot).unwrap();
+    assert_eq!(restored.epoch(), ds.epoch());
+    assert_eq!(restored.group_id(), ds.group_id());
+    assert_eq!(restored.members(), ds.members());
+    assert_eq!(restored.export_ratchet_tree(), ds.export_ratchet_tree());
+    assert_eq!(restored.group_info(), ds.group_info());
+    assert_eq!(restored.pending_proposals(), ds.pending_proposals());
+    // Nothing is lost or added on the way: the restored group snapshots to the same bytes.
+    assert_eq!(restored.snapshot().unwrap(), snapshot);
+    restored
+}
+
+fn accept(ds: &mut DsGroup, committer: &mut Client, bundle: &Bundle) {
+    let identity = committer.identity.clone();
+    ds.process_commit(
+        &identity,
+        &bundle.commit,
+        bundle.welcome.as_deref(),
+        &bundle.group_info,
+        MAX,
+    )
+    .unwrap();
+    committer.merge();
+}
+
+#[test]
+fn a_snapshot_continues_where_it_left() {
+    let (mut alice, mut ds) = alice_and_ds();
+    let fresh = round_trip(&ds);
+    assert_eq!(fresh.epoch(), 0);
+    let mut bob = Client::new("bob");
+    let mut carol = Client::new("carol");
+    add(&mut ds, &mut alice, &mut [], &mut [&mut bob, &mut carol]);
+    let leave = carol.leave();
+    ds.add_leave_proposal(b"carol", &leave).unwrap();
+
+    let mut restored = round_trip(&ds);
+    assert_eq!(restored.pending_proposals(), vec![leave.clone()]);
+    // The restored group still knows the leave: sent again, it is not stored twice.
+    restored.add_leave_proposal(b"carol", &leave).unwrap();
+    assert_eq!(restored.pending_proposals(), vec![leave.clone()]);
+
+    // It still insists on the pending leave.
+    let without = bob.commit(vec![], &[]);
+    assert_eq!(
+        restored
+            .process_commit(b"bob", &without.commit, None, &without.group_info, MAX)
+            .unwrap_err(),
+        MlsError::MissingProposals
+    );
+    bob.discard_pending_commit();
+    bob.receive(&leave);
+    let with = bob.commit(vec![], &[]);
+    let outcome = restored
+        .process_commit(b"bob", &with.commit, None, &with.group_info, MAX)
+        .unwrap();
+    assert_eq!(identities(&outcome.removed), vec![b"carol".to_vec()]);
+    bob.merge();
+    alice.receive(&leave);
+    alice.receive(&with.commit);
+    assert_eq!(alice.epoch(), restored.epoch());
+
+    // After the commit: no pending proposal, the next epoch's GroupInfo, and a client that
+    // joins from what the restored DS serves.
+    let mut restored = round_trip(&restored);
+    assert!(restored.pending_proposals().is_empty());
+    assert_eq!(restored.group_info(), with.group_info);
+    let mut dave = Client::new("dave");
+    let join = dave.external_commit(&restored.group_info(), &restored.export_ratchet_tree());
+    restored
+        .process_external_commit(b"dave", &join.commit, &join.group_info, MAX)
+        .unwrap();
+    alice.receive(&join.commit);
+    bob.receive(&join.commit);
+    let mut restored = round_trip(&restored);
+    let update = dave.commit(vec![], &[]);
+    accept(&mut restored, &mut dave, &update);
+    alice.receive(&update.commit);
+    assert_eq!(alice.epoch(), restored.epoch());
+    assert_eq!(alice.tree(), restored.export_ratchet_tree());
+}
+
+#[test]
+fn a_member_whose_key_package_expired_still_loads() {
+    let (mut alice, mut ds) = alice_and_ds();
+    let mut bob = Client::new("bob");
+    // openmls backdates not_before by an hour; this KeyPackage expires 2 s from now.
+    let key_package = bob.key_package_with_lifetime(Lifetime::new(2));
+    let bundle = alice.commit(vec![key_package.clone()], &[]);
+    accept(&mut ds, &mut alice, &bundle);
+    bob.join(
+        bundle.welcome.as_deref().unwrap(),
+        &ds.export_ratchet_tree(),
+    );
+    // Bob never commits: his leaf is still the one from his KeyPackage.
+    let snapshot = ds.snapshot().unwrap();
+    assert!(from_external(&ds.group_info(), &ds.export_ratchet_tree()).is_ok());
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while key_package.life_time().validate().is_ok() {
+        assert!(Instant::now() < deadline, "the KeyPackage does not expire");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // What the DS did before: the group can no longer be loaded.
+    assert!(matches!(
+        from_external(&ds.group_info(), &ds.export_ratchet_tree()),
+        Err(CreationFromExternalError::LeafNodeValidation(
+            LeafNodeValidationError::Lifetime(LifetimeError::Expired { .. })
+        ))
+    ));
+
+    // The snapshot loads and the group goes on.
+    let mut restored = DsGroup::from_snapshot(&snapshot).unwrap();
+    assert_eq!(restored.members(), ds.members());
+    let update = alice.commit(vec![], &[]);
+    accept(&mut restored, &mut alice, &update);
+    bob.receive(&update.commit);
+    let mut restored = round_trip(&restored);
+    let carol = Client::new("carol");
+    let add_carol = bob.commit(vec![carol.key_package()], &[]);
+    accept(&mut restored, &mut bob, &add_carol);
+    alice.receive(&add_carol.commit);
+    assert_eq!(alice.epoch(), restored.epoch());
+    assert_eq!(identities(&restored.members()).len(), 3);
+}
+
+#[test]
+fn damaged_snapshots_are_refused() {
+    let (mut alice, mut ds) = alice_and_ds();
+    let mut bob = Client::new("bob");
+    add(&mut ds, &mut alice, &mut [], &mut [&mut bob]);
+    let leave = bob.leave();
+    ds.add_leave_proposal(b"bob", &leave).unwrap();
+    let snapshot = ds.snapshot().unwrap();
+    let refused = |bytes: &[u8]| {
+        assert!(
+            matches!(DsGroup::from_snapshot(bytes), Err(MlsError::State(_))),
+            "accepted a damaged snapshot"
+        );
+    };
+
+    refused(&[]);
+    let mut other_version = snapshot.clone();
+    other_version[0] = 2;
+    refused(&other_version);
+    refused(&snapshot[..snapshot.len() - 1]);
+    let mut trailing = snapshot.clone();
+    trailing.push(0);
+    refused(&trailing);
+
+    let parts = Snapshot::decode(&snapshot).unwrap();
+    assert_eq!(parts.encode().unwrap(), snapshot);
+    // A GroupInfo of another epoch.
+    let bundle = alice.commit(vec![], &[]);
+    let mut mismatched = parts.clone();
+    mismatched.group_info = bundle.group_info;
+    refused(&mismatched.encode().unwrap());
+    // The DS's pending proposals and openmls's queue disagree.
+    let mut forgotten = parts.clone();
+    forgotten.pending.clear();
+    refused(&forgotten.encode().unwrap());
+    // An openmls value that does not decode (the tree without its tree hash).
+    let at = snapshot
+        .windows(11)
+        .position(|w| w == b"\"tree_hash\"")
+        .unwrap();
+    let mut garbled = snapshot.clone();
+    garbled[at + 9] = b'z';
+    refused(&garbled);
+}
+
+#[test]
+fn a_twenty_member_group_round_trips() {
+    let (mut alice, mut ds) = alice_and_ds();
+    let mut joiners: Vec<Client> = (0..20)
+        .map(|i| Client::new(&format!("member-{i}")))
+        .collect();
+    let key_packages: Vec<KeyPackage> = joiners.iter().map(Client::key_package).collect();
+    let bundle = alice.commit(key_packages, &[]);
+    accept(&mut ds, &mut alice, &bundle);
+    let tree = ds.export_ratchet_tree();
+    for joiner in &mut joiners {
+        joiner.join(bundle.welcome.as_deref().unwrap(), &tree);
+    }
+    assert_eq!(ds.members().len(), 21);
+    let mut restored = round_trip(&ds);
+
+    const RUNS: u32 = 20;
+    let started = Instant::now();
+    for _ in 0..RUNS {
+        ds.snapshot().unwrap();
+    }
+    let snapshot_time = started.elapsed() / RUNS;
+    let snapshot = ds.snapshot().unwrap();
+    let started = Instant::now();
+    for _ in 0..RUNS {
+        DsGroup::from_snapshot(&snapshot).unwrap();
+    }
+    let load_time = started.elapsed() / RUNS;
+    let (group_info, tree) = (ds.group_info(), ds.export_ratchet_tree());
+    let started = Instant::now();
+    for _ in 0..RUNS {
+        from_external(&group_info, &tree).unwrap();
+    }
+    let from_external_time = started.elapsed() / RUNS;
+    // What every merge adds: openmls's write of the tree.
+    let started = Instant::now();
+    for _ in 0..RUNS {
+        serde_json::to_vec(ds.public.treesync()).unwrap();
+    }
+    let tree_write_time = started.elapsed() / RUNS;
+    eprintln!(
+        "21 members: snapshot {} B (before: GroupInfo {} B + tree {} B); snapshot() \
+         {snapshot_time:?}, from_snapshot {load_time:?}, from_external {from_external_time:?}, \
+         tree write on merge {tree_write_time:?}",
+        snapshot.len(),
+        group_info.len(),
+        tree.len(),
+    );
+
+    let update = joiners[7].commit(vec![], &[]);
+    accept(&mut restored, &mut joiners[7], &update);
+    alice.receive(&update.commit);
+    assert_eq!(alice.tree(), restored.export_ratchet_tree());
+    assert_eq!(round_trip(&restored).epoch(), 2);
+    assert_eq!(&restored.group_id(), GROUP_ID);
+}
