@@ -1,0 +1,463 @@
+//! The commands: enrollment (register, device add, export of the user key), `whoami`, group
+//! management and `send`. `recv` and `chat` live in [`crate::events`].
+
+use std::fs;
+use std::io::{Read as _, Write as _};
+use std::path::Path;
+
+use anyhow::{Context as _, anyhow, bail};
+use roost_client::{Client, ClientError, UserKey};
+use roost_protocol::{ClientId, DeviceName, ErrorCode, GroupId, UserId};
+use serde_json::json;
+
+use crate::args::{Command, DeviceCommand, GroupCommand, ServerArgs};
+use crate::errors;
+use crate::events;
+use crate::profile::{self, Settings, TrustKind};
+use crate::session::{self, Context, Session};
+
+/// The first line of a user key file, before the key in hex.
+const USER_KEY_PREFIX: &str = "roost-user-key-v1 ";
+
+/// Runs one command.
+pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Register {
+            user,
+            server,
+            device,
+            token,
+        } => enroll(ctx, user, device, server, Enrollment::Register { token }).await,
+        Command::Device {
+            command:
+                DeviceCommand::Add {
+                    user,
+                    user_key,
+                    server,
+                    device,
+                },
+        } => {
+            let key = read_user_key(ctx, &user_key)?;
+            if key.user() != &user {
+                bail!(
+                    "the user key in {} is of {}, not {user}",
+                    user_key.display(),
+                    key.user()
+                );
+            }
+            enroll(ctx, user, device, server, Enrollment::AddDevice(key)).await
+        }
+        Command::Device {
+            command: DeviceCommand::ExportUserKey { out },
+        } => export_user_key(ctx, &out).await,
+        Command::Whoami => whoami(ctx),
+        Command::Group { command } => group(ctx, command).await,
+        Command::Send { group, text } => {
+            let session = Session::open(ctx, false, true).await?;
+            let result = send(ctx, &session, &group, &text).await;
+            session.close().await;
+            result
+        }
+        Command::Recv { wait, follow } => events::recv(ctx, wait, follow).await,
+        Command::Chat { group } => events::chat(ctx, &group).await,
+    }
+}
+
+enum Enrollment {
+    Register { token: Option<String> },
+    AddDevice(UserKey),
+}
+
+/// Registers a user or adds a device, and writes the profile directory.
+async fn enroll(
+    ctx: &Context,
+    user: UserId,
+    device: DeviceName,
+    server: ServerArgs,
+    how: Enrollment,
+) -> anyhow::Result<()> {
+    let profile = &ctx.profile;
+    if profile.is_enrolled() {
+        bail!(
+            "a profile exists already at {}: pass another --profile DIR",
+            profile.path().display()
+        );
+    }
+    let (trust_file, kind) = match (server.trust.server_cert, server.trust.ca) {
+        (Some(file), _) => (file, TrustKind::Pinned),
+        (None, Some(file)) => (file, TrustKind::Ca),
+        (None, None) => bail!("pass --server-cert FILE or --ca FILE"),
+    };
+    let trust = profile::load_trust(&trust_file, kind)?;
+    let server = server
+        .server
+        .unwrap_or_else(|| format!("{}:{}", user.domain, roost_protocol::DEFAULT_PORT));
+    let addr = session::resolve(&server).await?;
+    let mut config = session::client_config(addr, user.domain.as_str(), trust, ctx.timeout, false);
+    session::probe(&config.connect, &server).await?;
+    profile.create()?;
+    let database = profile.database();
+    let client_id = ClientId::new(user.clone(), device.clone());
+    let verb = match how {
+        Enrollment::Register { .. } => "registered",
+        Enrollment::AddDevice(_) => "added device",
+    };
+    let result = match how {
+        Enrollment::Register { token } => {
+            config.registration_token = token;
+            Client::register(config.clone(), &database, user.clone(), device).await
+        }
+        Enrollment::AddDevice(key) => {
+            Client::add_device(config.clone(), &database, &key, device).await
+        }
+    };
+    let client = match result {
+        Ok(client) => client,
+        Err(err) => {
+            // A failure after the device was enrolled (e.g. the first KeyPackage upload) still
+            // leaves a usable profile: keep it rather than lose the new device's keys.
+            let enrolled = match &err {
+                ClientError::ProfileExists(_) => None,
+                _ => Client::open(config, &database)
+                    .await
+                    .ok()
+                    .filter(|client| client.client_id() == &client_id),
+            };
+            match enrolled {
+                Some(client) => {
+                    ctx.out
+                        .note(format!("warning: {}", errors::describe(&err, &server)));
+                    client
+                }
+                None => return Err(enroll_error(&err, &client_id, &server, profile.path())),
+            }
+        }
+    };
+    let settings = Settings {
+        client: client_id.to_string(),
+        server: server.clone(),
+        domain: user.domain.to_string(),
+        trust: kind,
+    };
+    let saved = profile
+        .install_trust(&trust_file, kind)
+        .and_then(|()| profile.save_settings(&settings));
+    client.close().await;
+    saved?;
+    ctx.out.print(
+        format!(
+            "{verb} {client_id} on {server}; profile {}",
+            profile.path().display()
+        ),
+        json!({
+            "client": client_id.to_string(),
+            "user": user.to_string(),
+            "device": client_id.device.to_string(),
+            "server": server,
+            "profile": profile.path().display().to_string(),
+        }),
+    )?;
+    Ok(())
+}
+
+fn enroll_error(err: &ClientError, client: &ClientId, server: &str, dir: &Path) -> anyhow::Error {
+    match (err, err.server_code()) {
+        (_, Some(ErrorCode::USER_EXISTS)) => anyhow!("user {} exists already", client.user),
+        (_, Some(ErrorCode::USER_NOT_FOUND)) => anyhow!("unknown user {}", client.user),
+        (_, Some(ErrorCode::CLIENT_EXISTS)) => anyhow!(
+            "device name {} is taken (or was used before) for {}: choose another with --device",
+            client.device,
+            client.user
+        ),
+        (ClientError::ProfileExists(_), _) => anyhow!(
+            "a profile exists already at {}: pass another --profile DIR",
+            dir.display()
+        ),
+        _ => anyhow!(errors::describe(err, server)),
+    }
+}
+
+/// Reads a user key file (or standard input for `-`).
+fn read_user_key(ctx: &Context, path: &Path) -> anyhow::Result<UserKey> {
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the user key from standard input")?;
+        text
+    } else {
+        #[cfg(unix)]
+        if let Ok(meta) = fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt as _;
+            if meta.permissions().mode() & 0o077 != 0 {
+                ctx.out.note(format!(
+                    "warning: {} is readable by other users; it holds a secret key",
+                    path.display()
+                ));
+            }
+        }
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let not_a_key = || {
+        anyhow!(
+            "{} is not a user key file (made by roost-cli device export-user-key)",
+            path.display()
+        )
+    };
+    let hex_key = text
+        .trim()
+        .strip_prefix(USER_KEY_PREFIX)
+        .ok_or_else(not_a_key)?;
+    let bytes = hex::decode(hex_key.trim()).map_err(|_| not_a_key())?;
+    UserKey::from_bytes(&bytes).map_err(|_| not_a_key())
+}
+
+/// Writes the user key to a new file (mode 0600) or to standard output.
+async fn export_user_key(ctx: &Context, path: &Path) -> anyhow::Result<()> {
+    let session = Session::open(ctx, false, false).await?;
+    let key = session.client.user_key();
+    session.close().await;
+    let key = key.ok_or_else(|| {
+        anyhow!("this device does not hold the user key (export it from the user's first device)")
+    })?;
+    let text = format!("{USER_KEY_PREFIX}{}\n", hex::encode(key.to_bytes()));
+    if path == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        return Ok(());
+    }
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            anyhow!("{} exists already; not overwriting it", path.display())
+        }
+        _ => anyhow!("cannot create {}: {err}", path.display()),
+    })?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    ctx.out.note(format!(
+        "{} holds the user key of {}: whoever has it can add devices to this user. Move it only \
+         over a channel you trust, run `roost-cli device add` with it, then delete it.",
+        path.display(),
+        key.user()
+    ));
+    ctx.out.json(json!({
+        "user": key.user().to_string(),
+        "file": path.display().to_string(),
+    }))?;
+    Ok(())
+}
+
+fn whoami(ctx: &Context) -> anyhow::Result<()> {
+    let settings = ctx.profile.settings()?;
+    let dir = ctx.profile.path().display().to_string();
+    ctx.out.print(
+        format!(
+            "{} on {} (domain {}); profile {dir}",
+            settings.client, settings.server, settings.domain
+        ),
+        json!({
+            "client": settings.client,
+            "server": settings.server,
+            "domain": settings.domain,
+            "profile": dir,
+        }),
+    )?;
+    Ok(())
+}
+
+async fn group(ctx: &Context, command: GroupCommand) -> anyhow::Result<()> {
+    if let GroupCommand::Create { name: Some(name) } = &command {
+        profile::check_name(name)?;
+    }
+    let mut session = Session::open(ctx, false, true).await?;
+    let result = group_in(ctx, &mut session, command).await;
+    session.close().await;
+    result
+}
+
+async fn group_in(
+    ctx: &Context,
+    session: &mut Session,
+    command: GroupCommand,
+) -> anyhow::Result<()> {
+    let out = ctx.out;
+    // Join pending Welcomes and catch up first, so groups and members are current.
+    session.sync().await?;
+    let current = session.client.groups().map_err(|err| session.fail(&err))?;
+    match command {
+        GroupCommand::Create { name } => {
+            if let Some(name) = &name {
+                session.names.check_available(name, None, &current)?;
+            }
+            let group = session
+                .client
+                .create_group()
+                .await
+                .map_err(|err| session.fail(&err))?;
+            if let Some(name) = &name {
+                session.names.set(name, &group, &current)?;
+                ctx.profile.save_names(&session.names)?;
+            }
+            out.print(&group, json!({"group": group.to_string(), "name": name}))?;
+        }
+        GroupCommand::Invite { group, users } => {
+            let id = session.member_group(&group)?;
+            let added = session.client.invite(&id, &users).await.map_err(|err| {
+                match err.server_code() {
+                    Some(ErrorCode::USER_NOT_FOUND) => unknown_users(&users),
+                    _ => session.fail(&err),
+                }
+            })?;
+            for user in &users {
+                if !added.iter().any(|c| &c.user == user) {
+                    out.note(format!(
+                        "{user}: no device added (already a member, or refused: see \
+                         roost-cli recv)"
+                    ));
+                }
+            }
+            print_clients(ctx, "added", &id, &added)?;
+        }
+        GroupCommand::Remove { group, users } => {
+            let id = session.member_group(&group)?;
+            if users.contains(session.client.user_id()) {
+                bail!("to remove yourself, use roost-cli group leave {group}");
+            }
+            let members = session
+                .client
+                .members(&id)
+                .await
+                .map_err(|err| session.fail(&err))?;
+            let missing: Vec<String> = users
+                .iter()
+                .filter(|u| !members.iter().any(|m| &m.user == *u))
+                .map(ToString::to_string)
+                .collect();
+            if !missing.is_empty() {
+                bail!("{} not a member of {group}", join_users(&missing));
+            }
+            let removed = session
+                .client
+                .remove_users(&id, &users)
+                .await
+                .map_err(|err| session.fail(&err))?;
+            print_clients(ctx, "removed", &id, &removed)?;
+        }
+        GroupCommand::Leave { group } => {
+            let id = session.member_group(&group)?;
+            session
+                .client
+                .leave_group(&id)
+                .await
+                .map_err(|err| session.fail(&err))?;
+            let pending = session
+                .client
+                .groups()
+                .map_err(|err| session.fail(&err))?
+                .contains(&id);
+            let text = if pending {
+                format!(
+                    "asked to leave {group}: you are out once another member's device \
+                     processes it"
+                )
+            } else {
+                format!("left {group}")
+            };
+            out.print(
+                text,
+                json!({"group": id.to_string(), "left": !pending, "pending": pending}),
+            )?;
+        }
+        GroupCommand::List => {
+            for id in &current {
+                let name = session.names.name_of(id);
+                out.print(
+                    format!("{id}\t{}", name.unwrap_or_default()),
+                    json!({"group": id.to_string(), "name": name}),
+                )?;
+            }
+        }
+        GroupCommand::Members { group } => {
+            let id = session.member_group(&group)?;
+            let members = session
+                .client
+                .members(&id)
+                .await
+                .map_err(|err| session.fail(&err))?;
+            for member in members {
+                out.print(
+                    &member,
+                    json!({"group": id.to_string(), "member": member.to_string()}),
+                )?;
+            }
+        }
+        GroupCommand::Name { group, name } => {
+            let id = session.member_group(&group)?;
+            session.names.set(&name, &id, &current)?;
+            ctx.profile.save_names(&session.names)?;
+            out.print(
+                format!("{id}\t{name}"),
+                json!({"group": id.to_string(), "name": name}),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+async fn send(ctx: &Context, session: &Session, group: &str, text: &str) -> anyhow::Result<()> {
+    session.sync().await?;
+    let id = session.member_group(group)?;
+    session
+        .client
+        .send(&id, text.as_bytes())
+        .await
+        .map_err(|err| session.fail(&err))?;
+    ctx.out
+        .json(json!({"group": id.to_string(), "sent": true}))?;
+    Ok(())
+}
+
+/// Plain: one `VERB CLIENT` line per client; JSON: one object with the list.
+fn print_clients(
+    ctx: &Context,
+    verb: &str,
+    group: &GroupId,
+    clients: &[ClientId],
+) -> anyhow::Result<()> {
+    if ctx.out.json {
+        let list: Vec<String> = clients.iter().map(ToString::to_string).collect();
+        ctx.out
+            .json(json!({"group": group.to_string(), verb: list}))?;
+    } else {
+        for client in clients {
+            ctx.out.print(format!("{verb} {client}"), json!(null))?;
+        }
+    }
+    Ok(())
+}
+
+fn unknown_users(users: &[UserId]) -> anyhow::Error {
+    match users {
+        [user] => anyhow!("unknown user {user}"),
+        _ => {
+            let names: Vec<String> = users.iter().map(ToString::to_string).collect();
+            anyhow!(
+                "unknown user among {}: nobody was invited",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+fn join_users(users: &[String]) -> String {
+    match users {
+        [one] => format!("{one} is"),
+        many => format!("{} are", many.join(", ")),
+    }
+}

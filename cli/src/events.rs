@@ -1,0 +1,244 @@
+//! Receiving: `recv` (print what arrived, optionally waiting or following) and `chat` (an
+//! interactive loop over standard input lines and SDK events), and how each [`Event`] is
+//! shown.
+//!
+//! The SDK keeps every event until the app asks for the next one, so an event is printed at
+//! least once: one printed just before a crash may be printed again by the next `recv`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use roost_client::{ClientError, Event};
+use roost_protocol::{ClientId, GroupId};
+use serde_json::{Value, json};
+use tokio::io::AsyncBufReadExt as _;
+use tokio::time::Instant;
+
+use crate::output::{Output, one_line};
+use crate::profile::Names;
+use crate::session::{Context, Session};
+
+/// After the first message of `recv --wait`, how long to keep collecting messages that
+/// arrive right behind it.
+const GRACE: Duration = Duration::from_millis(300);
+
+/// `recv`: prints what is waiting; with `wait`, waits up to that many seconds for a first
+/// message; with `follow`, prints until Ctrl-C.
+pub(crate) async fn recv(ctx: &Context, wait: Option<u64>, follow: bool) -> anyhow::Result<()> {
+    let session = Session::open(ctx, wait.is_some() || follow, true).await?;
+    let result = recv_in(ctx.out, &session, wait, follow).await;
+    session.close().await;
+    result
+}
+
+async fn recv_in(
+    out: Output,
+    session: &Session,
+    wait: Option<u64>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    session.sync().await?;
+    let mut deadline = (!follow).then(|| Instant::now() + Duration::from_secs(wait.unwrap_or(0)));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let next = async {
+            match deadline {
+                // timeout_at polls the event first, so events already stored are returned
+                // even when the deadline has passed.
+                Some(deadline) => tokio::time::timeout_at(deadline, session.client.next_event())
+                    .await
+                    .ok(),
+                None => Some(session.client.next_event().await),
+            }
+        };
+        let event = tokio::select! {
+            // The event first: taking the next event is what lets the SDK delete the previous
+            // one, so the last printed event is not printed again by the next recv.
+            biased;
+            event = next => match event {
+                Some(event) => event.map_err(|err| session.fail(&err))?,
+                None => break,
+            },
+            _ = &mut ctrl_c => break,
+        };
+        show(out, &session.names, &event, None)?;
+        if let (Event::Message { .. }, Some(until)) = (&event, deadline) {
+            deadline = Some(until.min(Instant::now() + GRACE));
+        }
+    }
+    Ok(())
+}
+
+/// `chat`: lines typed are sent to the group; events are shown as they arrive.
+pub(crate) async fn chat(ctx: &Context, group: &str) -> anyhow::Result<()> {
+    let session = Session::open(ctx, true, true).await?;
+    let result = chat_in(ctx.out, &session, group).await;
+    session.close().await;
+    result
+}
+
+async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Result<()> {
+    session.sync().await?;
+    let group = session.member_group(group_text)?;
+    out.note(format!(
+        "chat in {} as {}: type a message and press Enter; /members lists the members, /quit \
+         (or Ctrl-D) ends",
+        session.names.label(&group),
+        session.client.client_id()
+    ));
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            biased;
+            event = session.client.next_event() => {
+                let event = event.map_err(|err| session.fail(&err))?;
+                show(out, &session.names, &event, Some(&group))?;
+                if matches!(&event, Event::RemovedFromGroup { group: g, .. } if *g == group) {
+                    break;
+                }
+            }
+            line = lines.next_line() => {
+                let Some(line) = line.context("cannot read standard input")? else {
+                    break;
+                };
+                if !chat_line(out, session, &group, line.trim_end_matches('\r')).await? {
+                    break;
+                }
+            }
+            _ = &mut ctrl_c => break,
+        }
+    }
+    Ok(())
+}
+
+/// Handles one typed line; false ends the chat.
+async fn chat_line(
+    out: Output,
+    session: &Session,
+    group: &GroupId,
+    line: &str,
+) -> anyhow::Result<bool> {
+    let text = match line.trim() {
+        "" => return Ok(true),
+        "/quit" => return Ok(false),
+        "/members" => {
+            let members = session
+                .client
+                .members(group)
+                .await
+                .map_err(|err| session.fail(&err))?;
+            let list: Vec<String> = members.iter().map(ToString::to_string).collect();
+            out.note(format!("members: {}", list.join(", ")));
+            return Ok(true);
+        }
+        _ if line.starts_with("//") => line.strip_prefix('/').unwrap_or(line),
+        _ if line.starts_with('/') => {
+            out.note("commands: /members, /quit (start a message with // to send a leading /)");
+            return Ok(true);
+        }
+        _ => line,
+    };
+    match session.client.send(group, text.as_bytes()).await {
+        Ok(()) => Ok(true),
+        Err(err @ ClientError::UnknownGroup(_)) => Err(session.fail(&err)),
+        Err(err) => {
+            // Keep the chat open: the next line may go through (e.g. after a reconnect).
+            out.note(format!("error: not sent: {}", session.fail(&err)));
+            Ok(true)
+        }
+    }
+}
+
+/// Shows one event. Messages go to stdout: `GROUP<TAB>SENDER<TAB>TEXT` (GROUP is the local
+/// name if there is one), or `SENDER: TEXT` in a chat about that group. Other events go to
+/// stderr as notes. With `--json`, every event is one object on stdout.
+pub(crate) fn show(
+    out: Output,
+    names: &Names,
+    event: &Event,
+    chat: Option<&GroupId>,
+) -> std::io::Result<()> {
+    let group = event.group();
+    let label = names.label(group);
+    let mut fields = json!({
+        "group": group.to_string(),
+        "name": names.name_of(group),
+    });
+    let (kind, note, extra) = match event {
+        Event::Message { sender, bytes, .. } => {
+            let text = String::from_utf8_lossy(bytes);
+            let line = match chat {
+                Some(g) if g == group => format!("{sender}: {}", one_line(&text)),
+                Some(_) => format!("[{label}] {sender}: {}", one_line(&text)),
+                None => format!("{label}\t{sender}\t{}", one_line(&text)),
+            };
+            if let Value::Object(map) = &mut fields {
+                map.insert("event".into(), "message".into());
+                map.insert("sender".into(), sender.to_string().into());
+                map.insert("text".into(), text.into_owned().into());
+            }
+            return out.print(line, fields);
+        }
+        Event::Joined { inviter, .. } => (
+            "joined",
+            format!("{label}: joined, invited by {inviter}"),
+            json!({"by": inviter.to_string()}),
+        ),
+        Event::MembersAdded { by, members, .. } => (
+            "members_added",
+            format!("{label}: {by} added {}", list(members)),
+            json!({"by": by.to_string(), "members": strings(members)}),
+        ),
+        Event::MembersRemoved { by, members, .. } => (
+            "members_removed",
+            format!("{label}: {by} removed {}", list(members)),
+            json!({"by": by.to_string(), "members": strings(members)}),
+        ),
+        Event::RemovedFromGroup { by, .. } => (
+            "removed",
+            format!("{label}: you are no longer a member (removed by {by})"),
+            json!({"by": by.to_string()}),
+        ),
+        Event::CredentialRejected { client, reason, .. } => {
+            let who = client
+                .as_ref()
+                .map_or_else(|| "an unknown client".to_owned(), ToString::to_string);
+            (
+                "credential_rejected",
+                format!("{label}: refused the credential of {who}: {reason}"),
+                json!({"client": client.as_ref().map(ToString::to_string), "reason": reason}),
+            )
+        }
+        Event::GroupError { reason, .. } => (
+            "group_error",
+            format!("{label}: {reason}"),
+            json!({"reason": reason}),
+        ),
+        other => (
+            "other",
+            format!("{label}: {other:?}"),
+            json!({"detail": format!("{other:?}")}),
+        ),
+    };
+    if out.json {
+        if let (Value::Object(map), Value::Object(extra)) = (&mut fields, extra) {
+            map.insert("event".into(), kind.into());
+            map.extend(extra);
+        }
+        out.json(fields)
+    } else {
+        out.note(one_line(&note));
+        Ok(())
+    }
+}
+
+fn strings(clients: &[ClientId]) -> Vec<String> {
+    clients.iter().map(ToString::to_string).collect()
+}
+
+fn list(clients: &[ClientId]) -> String {
+    strings(clients).join(", ")
+}

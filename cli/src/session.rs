@@ -1,0 +1,135 @@
+//! Reaching the homeserver and opening the profile: address resolution, the SDK
+//! configuration of a command-line client, a quick handshake that turns "unreachable" and
+//! "bad certificate" into clear errors before anything else, and [`Session`], an opened
+//! profile with its SDK [`Client`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use roost_client::transport::{ConnectConfig, Endpoint, TrustConfig};
+use roost_client::{Client, ClientConfig, ClientError};
+use roost_protocol::GroupId;
+
+use crate::errors;
+use crate::output::Output;
+use crate::profile::{Names, ProfileDir, Settings};
+
+/// What every command gets from the command line.
+#[derive(Debug, Clone)]
+pub(crate) struct Context {
+    pub(crate) profile: ProfileDir,
+    pub(crate) out: Output,
+    /// Handshake timeout.
+    pub(crate) timeout: Duration,
+}
+
+/// Resolves `host:port`. IPv4 addresses are preferred, since `localhost` often resolves to
+/// `::1` first while homeservers commonly listen on 127.0.0.1.
+pub(crate) async fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(server)
+        .await
+        .with_context(|| format!("server unreachable: cannot resolve {server} (HOST:PORT)"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| anyhow!("server unreachable: {server} resolves to no address"))
+}
+
+/// The SDK configuration for this homeserver, tuned for short-lived commands: a bounded
+/// handshake, few connection attempts, and a small KeyPackage stock.
+pub(crate) fn client_config(
+    addr: SocketAddr,
+    domain: &str,
+    trust: TrustConfig,
+    timeout: Duration,
+    listen: bool,
+) -> ClientConfig {
+    let mut connect = ConnectConfig::new(addr, domain, trust);
+    connect.connect_timeout = timeout;
+    let mut config = ClientConfig::new(connect);
+    config.connect_attempts = 2;
+    config.listen = listen;
+    config.key_package_target = 10;
+    config.key_package_low_water = 5;
+    config
+}
+
+/// One handshake with the server, so that a wrong address or certificate is reported at
+/// once and in plain words.
+pub(crate) async fn probe(config: &ConnectConfig, server: &str) -> anyhow::Result<()> {
+    let endpoint = Endpoint::for_server(config.server_addr)
+        .map_err(|err| anyhow!(errors::describe_transport(&err, server)))?;
+    let result = endpoint.connect(config).await;
+    endpoint.close();
+    match result {
+        Ok(connection) => {
+            connection.close();
+            Ok(())
+        }
+        Err(err) => bail!(errors::describe_transport(&err, server)),
+    }
+}
+
+/// An opened profile: settings, local names and the SDK client.
+pub(crate) struct Session {
+    pub(crate) client: Client,
+    pub(crate) settings: Settings,
+    pub(crate) names: Names,
+}
+
+impl Session {
+    /// Opens the profile of `ctx`. `listen` keeps a listen stream open (for waiting on
+    /// messages); `check` probes the server first (every command but local ones).
+    pub(crate) async fn open(ctx: &Context, listen: bool, check: bool) -> anyhow::Result<Self> {
+        let settings = ctx.profile.settings()?;
+        let names = ctx.profile.names()?;
+        let trust = ctx.profile.trust(&settings)?;
+        let addr = resolve(&settings.server).await?;
+        let config = client_config(addr, &settings.domain, trust, ctx.timeout, listen);
+        if check {
+            probe(&config.connect, &settings.server).await?;
+        }
+        let client = Client::open(config, ctx.profile.database())
+            .await
+            .map_err(|err| anyhow!(errors::describe(&err, &settings.server)))?;
+        Ok(Self {
+            client,
+            settings,
+            names,
+        })
+    }
+
+    /// `err` as one line.
+    pub(crate) fn fail(&self, err: &ClientError) -> anyhow::Error {
+        anyhow!(errors::describe(err, &self.settings.server))
+    }
+
+    /// Processes everything queued for this device (joins, messages, membership changes).
+    pub(crate) async fn sync(&self) -> anyhow::Result<()> {
+        self.client.sync().await.map_err(|err| self.fail(&err))
+    }
+
+    /// The group `text` designates (id or local name).
+    pub(crate) fn group(&self, text: &str) -> anyhow::Result<GroupId> {
+        self.names.resolve(text)
+    }
+
+    /// The group `text` designates, which this device must be a member of.
+    pub(crate) fn member_group(&self, text: &str) -> anyhow::Result<GroupId> {
+        let group = self.group(text)?;
+        let groups = self.client.groups().map_err(|err| self.fail(&err))?;
+        if !groups.contains(&group) {
+            bail!("not a member of {text}");
+        }
+        Ok(group)
+    }
+
+    /// Stops the listener and closes the connection.
+    pub(crate) async fn close(self) {
+        self.client.close().await;
+    }
+}

@@ -1,0 +1,366 @@
+//! End to end: the built `roost-cli` binary, run as a process, against a homeserver started
+//! in-process on 127.0.0.1:0 (domain `localhost`), with one profile directory per identity.
+
+// Test helpers outside `#[test]` functions may panic on setup failures.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use roost_server::Server;
+use roost_server::config::Config;
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_roost-cli");
+
+/// A homeserver on its own runtime, and a directory for the profiles.
+struct Harness {
+    runtime: tokio::runtime::Runtime,
+    server: Option<Server>,
+    dir: tempfile::TempDir,
+}
+
+impl Harness {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = start_server(&runtime, &dir.path().join("server"));
+        Self {
+            runtime,
+            server: Some(server),
+            dir,
+        }
+    }
+
+    fn server(&self) -> &Server {
+        self.server.as_ref().unwrap()
+    }
+
+    fn addr(&self) -> String {
+        self.server().local_addr().to_string()
+    }
+
+    fn cert(&self) -> String {
+        self.server()
+            .certificate_path()
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn profile(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn command(&self, profile: &str, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
+            .arg("--profile")
+            .arg(self.profile(profile))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("ROOST_PROFILE")
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Runs `roost-cli --profile DIR/<profile> args...`.
+    fn run(&self, profile: &str, args: &[&str]) -> Output {
+        self.command(profile, args).output().unwrap()
+    }
+
+    /// Runs and expects success; returns stdout.
+    fn ok(&self, profile: &str, args: &[&str]) -> String {
+        let out = self.run(profile, args);
+        assert!(
+            out.status.success(),
+            "roost-cli {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs and expects failure; returns the (single) stderr line.
+    fn fails(&self, profile: &str, args: &[&str]) -> String {
+        let out = self.run(profile, args);
+        assert!(!out.status.success(), "roost-cli {args:?} succeeded");
+        assert_eq!(out.status.code(), Some(1));
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "not one line: {stderr:?}");
+        assert!(stderr.starts_with("error: "), "{stderr:?}");
+        stderr.trim_end().to_owned()
+    }
+
+    fn register(&self, name: &str) {
+        let user = format!("{name}@localhost");
+        let out = self.ok(
+            name,
+            &[
+                "register",
+                &user,
+                "--server",
+                &self.addr(),
+                "--server-cert",
+                &self.cert(),
+            ],
+        );
+        assert!(
+            out.starts_with(&format!("registered {user}/cli on ")),
+            "{out}"
+        );
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+fn start_server(runtime: &tokio::runtime::Runtime, data_dir: &Path) -> Server {
+    let config = Config {
+        domain: "localhost".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_owned(),
+        ..Config::default()
+    };
+    runtime
+        .block_on(Server::start(config.validate().unwrap()))
+        .unwrap()
+}
+
+fn json_lines(stdout: &str) -> Vec<Value> {
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+#[test]
+fn two_users_talk_both_ways() {
+    let h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+
+    let group = h.ok("alice", &["group", "create", "--name", "team"]);
+    let group = group.trim();
+    assert!(group.ends_with("@localhost"), "{group}");
+    assert_eq!(
+        h.ok("alice", &["group", "invite", "team", "bob@localhost"]),
+        "added bob@localhost/cli\n"
+    );
+    h.ok("alice", &["send", "team", "hello bob"]);
+
+    // bob joins from the Welcome and gets the message; the join is a note on stderr.
+    let out = h.run("bob", &["recv"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{group}\talice@localhost/cli\thello bob\n")
+    );
+    let notes = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        notes.contains(&format!("{group}: joined, invited by alice@localhost/cli")),
+        "{notes}"
+    );
+    // Taken once: a second recv prints nothing.
+    assert_eq!(h.ok("bob", &["recv"]), "");
+
+    // bob names the group locally and answers, with a tab and a newline in the text.
+    h.ok("bob", &["group", "name", group, "with-alice"]);
+    let sent = json_lines(&h.ok("bob", &["--json", "send", "with-alice", "hi\talice\n:)"]));
+    assert_eq!(
+        sent,
+        vec![serde_json::json!({"group": group, "sent": true})]
+    );
+
+    let out = h.ok("alice", &["--json", "recv"]);
+    let events = json_lines(&out);
+    assert_eq!(events.len(), 1, "{out}");
+    assert_eq!(events[0]["event"], "message");
+    assert_eq!(events[0]["group"], group);
+    assert_eq!(events[0]["name"], "team");
+    assert_eq!(events[0]["sender"], "bob@localhost/cli");
+    assert_eq!(events[0]["text"], "hi\talice\n:)");
+
+    // Plain output keeps one message per line.
+    h.ok("bob", &["send", "with-alice", "two\nlines"]);
+    assert_eq!(
+        h.ok("alice", &["recv"]),
+        "team\tbob@localhost/cli\ttwo\\nlines\n"
+    );
+
+    assert_eq!(
+        h.ok("alice", &["group", "list"]),
+        format!("{group}\tteam\n")
+    );
+    let members = json_lines(&h.ok("bob", &["--json", "group", "members", "with-alice"]));
+    let members: Vec<&str> = members
+        .iter()
+        .map(|m| m["member"].as_str().unwrap())
+        .collect();
+    assert_eq!(members, ["alice@localhost/cli", "bob@localhost/cli"]);
+}
+
+#[test]
+fn recv_wait_returns_when_a_message_arrives() {
+    let h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+    let group = h.ok("alice", &["group", "create"]);
+    let group = group.trim();
+    h.ok("alice", &["group", "invite", group, "bob@localhost"]);
+    h.ok("bob", &["recv"]);
+
+    let started = std::time::Instant::now();
+    let waiting = h
+        .command("bob", &["recv", "--wait", "30"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    h.ok("alice", &["send", group, "are you there?"]);
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{group}\talice@localhost/cli\tare you there?\n")
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(15));
+
+    // Nothing pending: --wait 1 gives up after about a second, successfully.
+    let started = std::time::Instant::now();
+    assert_eq!(h.ok("bob", &["recv", "--wait", "1"]), "");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn mistakes_get_one_line_errors() {
+    let h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+    let group = h.ok("alice", &["group", "create", "--name", "team"]);
+    let group = group.trim();
+
+    assert_eq!(
+        h.fails("alice", &["group", "invite", "team", "carol@localhost"]),
+        "error: unknown user carol@localhost"
+    );
+    assert_eq!(
+        h.fails("bob", &["send", group, "let me in"]),
+        format!("error: not a member of {group}")
+    );
+    assert_eq!(
+        h.fails("alice", &["group", "remove", "team", "bob@localhost"]),
+        "error: bob@localhost is not a member of team"
+    );
+    assert!(
+        h.fails("alice", &["send", "nope", "x"])
+            .starts_with("error: no group named \"nope\"")
+    );
+    assert!(
+        h.fails("nobody", &["group", "list"])
+            .starts_with("error: no profile at ")
+    );
+    let register = |profile: &str, user: &str, server: &str, cert: &str| {
+        h.fails(
+            profile,
+            &[
+                "--timeout",
+                "1",
+                "register",
+                user,
+                "--server",
+                server,
+                "--server-cert",
+                cert,
+            ],
+        )
+    };
+    assert_eq!(
+        register("bob2", "bob@localhost", &h.addr(), &h.cert()),
+        "error: user bob@localhost exists already"
+    );
+    assert!(
+        register("bob", "bob@localhost", &h.addr(), &h.cert())
+            .starts_with("error: a profile exists already at ")
+    );
+
+    // Another server's certificate is not the pinned one.
+    let other = start_server(&h.runtime, &h.dir.path().join("other-server"));
+    let other_cert = other.certificate_path().to_str().unwrap().to_owned();
+    assert!(
+        register("carol", "carol@localhost", &h.addr(), &other_cert)
+            .starts_with("error: bad certificate: "),
+    );
+    h.runtime.block_on(other.shutdown());
+
+    // Nobody listens on this port.
+    let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    assert_eq!(
+        register("carol", "carol@localhost", &closed_addr, &h.cert()),
+        format!("error: server unreachable: {closed_addr}: timed out")
+    );
+}
+
+#[test]
+fn a_second_device_with_the_exported_user_key() {
+    let h = Harness::start();
+    h.register("alice");
+    let key = h.dir.path().join("alice.key");
+    let key = key.to_str().unwrap();
+    h.ok("alice", &["device", "export-user-key", "--out", key]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // Never overwritten.
+    assert!(
+        h.fails("alice", &["device", "export-user-key", "--out", key])
+            .contains("exists already")
+    );
+
+    let out = h.ok(
+        "laptop",
+        &[
+            "device",
+            "add",
+            "alice@localhost",
+            "--user-key",
+            key,
+            "--device",
+            "laptop",
+            "--server",
+            &h.addr(),
+            "--server-cert",
+            &h.cert(),
+        ],
+    );
+    assert!(
+        out.starts_with("added device alice@localhost/laptop on "),
+        "{out}"
+    );
+
+    let group = h.ok("alice", &["group", "create"]);
+    let group = group.trim();
+    assert_eq!(
+        h.ok("alice", &["group", "invite", group, "alice@localhost"]),
+        "added alice@localhost/laptop\n"
+    );
+    h.ok("alice", &["send", group, "note to self"]);
+    assert_eq!(
+        h.ok("laptop", &["recv"]),
+        format!("{group}\talice@localhost/cli\tnote to self\n")
+    );
+}
