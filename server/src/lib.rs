@@ -297,14 +297,14 @@ async fn sweeper(state: Arc<State>) {
                 .max_message_age_secs
                 .saturating_mul(1000),
         );
-        let result = state
-            .store
-            .write(move |txn| {
-                let messages = queue::expire(txn, cutoff)?;
-                let key_packages = keypackage::purge_expired(txn, unix_millis() / 1000)?;
-                Ok(Ok::<_, storage::StoreError>((messages, key_packages)))
-            })
-            .await;
+        let result = async {
+            let messages = queue::QueueStore::expire(&state.store, cutoff).await?;
+            let key_packages =
+                keypackage::KeyPackageStore::purge_expired(&state.store, unix_millis() / 1000)
+                    .await?;
+            Ok::<_, error::ServiceError>((messages, key_packages))
+        }
+        .await;
         match result {
             Ok((0, 0)) => {}
             Ok((messages, key_packages)) => tracing::info!(messages, key_packages, "expired"),

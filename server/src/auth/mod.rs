@@ -3,34 +3,22 @@
 
 use std::net::IpAddr;
 
-use redb::{ReadableTable, WriteTransaction};
 use roost_protocol::messages::auth::*;
-use roost_protocol::{ClientId, Domain, Opaque, UserId};
-use tls_codec::{DeserializeBytes, TlsDeserializeBytes, TlsSerialize, TlsSize};
+use roost_protocol::{ClientId, Domain, Opaque, UserId, UserName};
 
 use crate::State;
 use crate::error::ServiceError;
 use crate::identity::{check_ed25519_key, verify_ed25519};
-use crate::storage::tables::{CLIENTS, QUEUE_HEADS, TOKEN_USES, USERS};
-use crate::storage::{StoreError, next_counter};
 
 pub(crate) mod tokens;
 
-/// A local user as stored.
-#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
-struct UserRecord {
-    user_key: Opaque,
-    created_ms: u64,
-}
-
-/// A local client as stored.
-#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+/// An active local client.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ClientRecord {
+    /// Its current credential.
     pub(crate) credential: ClientCredential,
     /// Number of the client's queue and KeyPackage rows.
     pub(crate) client_num: u64,
-    /// 0 = active, 1 = removed (tombstone: the device name stays used).
-    pub(crate) revoked: u8,
 }
 
 /// The client a connection authenticated as.
@@ -40,58 +28,31 @@ pub(crate) struct Authenticated {
     pub(crate) client_num: u64,
 }
 
-pub(crate) fn client_key(client: &ClientId) -> String {
-    format!("{}/{}", client.user.name, client.device)
-}
-
-fn encode<T: tls_codec::Serialize + tls_codec::Size>(value: &T) -> Result<Vec<u8>, StoreError> {
-    value
-        .tls_serialize_detached()
-        .map_err(|_| StoreError::Corrupt("encode"))
-}
-
-pub(crate) fn decode_client(bytes: &[u8]) -> Result<ClientRecord, StoreError> {
-    match ClientRecord::tls_deserialize_bytes(bytes) {
-        Ok((record, [])) => Ok(record),
-        _ => Err(StoreError::Corrupt("clients")),
-    }
-}
-
-/// Looks up an active local client.
-pub(crate) fn active_client<T>(
-    clients: &T,
-    client: &ClientId,
-) -> Result<Option<ClientRecord>, StoreError>
-where
-    T: ReadableTable<&'static str, &'static [u8]>,
-{
-    let Some(raw) = clients.get(client_key(client).as_str())? else {
-        return Ok(None);
-    };
-    let record = decode_client(raw.value())?;
-    Ok((record.revoked == 0).then_some(record))
-}
-
-/// Every active client of a local user, in device-name order.
-pub(crate) fn active_clients_of<T>(
-    clients: &T,
-    user: &UserId,
-) -> Result<Vec<ClientRecord>, StoreError>
-where
-    T: ReadableTable<&'static str, &'static [u8]>,
-{
-    // Keys are "name/device"; '0' is the byte after '/'.
-    let start = format!("{}/", user.name);
-    let end = format!("{}0", user.name);
-    let mut out = Vec::new();
-    for entry in clients.range(start.as_str()..end.as_str())? {
-        let (_, raw) = entry?;
-        let record = decode_client(raw.value())?;
-        if record.revoked == 0 {
-            out.push(record);
-        }
-    }
-    Ok(out)
+/// What the Authentication Service needs from storage (implemented for redb in
+/// `storage::auth`). Removed clients must stay known so a device name is never reused.
+pub(crate) trait AuthStore {
+    /// Creates a user unless the name is taken (USER_EXISTS); with a token (hash, allowed
+    /// uses), consumes one use or refuses (REGISTRATION_TOKEN_REQUIRED).
+    async fn create_user(
+        &self,
+        name: &UserName,
+        user_key: Vec<u8>,
+        token: Option<(String, u64)>,
+    ) -> Result<(), ServiceError>;
+    /// The user's key, if the user exists.
+    async fn user_key(&self, name: &UserName) -> Result<Option<Vec<u8>>, ServiceError>;
+    /// Adds a client with its queue unless the device name was ever used (CLIENT_EXISTS);
+    /// returns its client number.
+    async fn add_client(&self, credential: ClientCredential) -> Result<u64, ServiceError>;
+    /// Removes an active client (CLIENT_NOT_FOUND otherwise) with its queue and KeyPackages,
+    /// keeping its name used; returns its client number.
+    async fn remove_client(&self, client: &ClientId) -> Result<u64, ServiceError>;
+    /// An active client.
+    async fn active_client(&self, client: &ClientId) -> Result<Option<ClientRecord>, ServiceError>;
+    /// Every active client of a user, in device-name order.
+    async fn active_clients_of(&self, user: &UserId) -> Result<Vec<ClientRecord>, ServiceError>;
+    /// Replaces an active client's credential (CLIENT_NOT_FOUND if removed).
+    async fn replace_credential(&self, credential: ClientCredential) -> Result<(), ServiceError>;
 }
 
 fn require_local(state: &State, domain: &Domain) -> Result<(), ServiceError> {
@@ -139,30 +100,10 @@ pub(crate) async fn register(
     } else {
         None
     };
-    let record = UserRecord {
-        user_key: req.user_key,
-        created_ms: crate::unix_millis(),
-    };
     let user = req.user;
-    let name = user.name.as_str().to_owned();
     state
         .store
-        .write(move |txn| {
-            let mut users = txn.open_table(USERS)?;
-            if users.get(name.as_str())?.is_some() {
-                return Ok(Err(ServiceError::UserExists));
-            }
-            if let Some((hash, allowed)) = token {
-                let mut uses = txn.open_table(TOKEN_USES)?;
-                let used = uses.get(hash.as_str())?.map(|v| v.value()).unwrap_or(0);
-                if used >= allowed {
-                    return Ok(Err(ServiceError::RegistrationTokenRequired));
-                }
-                uses.insert(hash.as_str(), used + 1)?;
-            }
-            users.insert(name.as_str(), encode(&record)?.as_slice())?;
-            Ok(Ok(()))
-        })
+        .create_user(&user.name, req.user_key.into_vec(), token)
         .await?;
     tracing::info!(%user, "user registered");
     Ok(RegisterUserResponse { user })
@@ -187,46 +128,17 @@ pub(crate) async fn add_client(
     )?;
 
     let credential = issue_credential(state, req.client.clone(), req.client_key);
-    let key = client_key(&req.client);
-    let cred = credential.clone();
-    state
-        .store
-        .write(move |txn| {
-            let mut clients = txn.open_table(CLIENTS)?;
-            if clients.get(key.as_str())?.is_some() {
-                return Ok(Err(ServiceError::ClientExists));
-            }
-            let client_num = next_counter(txn, "next_client_num")?;
-            let record = ClientRecord {
-                credential: cred,
-                client_num,
-                revoked: 0,
-            };
-            clients.insert(key.as_str(), encode(&record)?.as_slice())?;
-            txn.open_table(QUEUE_HEADS)?.insert(client_num, (0, 0))?;
-            Ok(Ok(()))
-        })
-        .await?;
+    state.store.add_client(credential.clone()).await?;
     tracing::info!(client = %req.client, "client added");
     Ok(AddClientResponse { credential })
 }
 
 async fn user_key(state: &State, user: &UserId) -> Result<Vec<u8>, ServiceError> {
-    let name = user.name.as_str().to_owned();
     state
         .store
-        .read(move |txn| {
-            let users = txn.open_table(USERS).map_err(StoreError::from)?;
-            let raw = users
-                .get(name.as_str())
-                .map_err(StoreError::from)?
-                .ok_or(ServiceError::UserNotFound)?;
-            match UserRecord::tls_deserialize_bytes(raw.value()) {
-                Ok((record, [])) => Ok(record.user_key.into_vec()),
-                _ => Err(StoreError::Corrupt("users").into()),
-            }
-        })
-        .await
+        .user_key(&user.name)
+        .await?
+        .ok_or(ServiceError::UserNotFound)
 }
 
 /// RemoveClient: authorised by the user's signature. Deletes the queue and KeyPackages and
@@ -245,30 +157,7 @@ pub(crate) async fn remove_client(
         &signing_input(LABEL_REMOVE_CLIENT, &tbs),
         req.user_signature.as_slice(),
     )?;
-    let key = client_key(&req.client);
-    let client_num = state
-        .store
-        .write(move |txn| {
-            let mut clients = txn.open_table(CLIENTS)?;
-            let record = match clients.get(key.as_str())? {
-                Some(raw) => decode_client(raw.value())?,
-                None => return Ok(Err(ServiceError::ClientNotFound)),
-            };
-            if record.revoked != 0 {
-                return Ok(Err(ServiceError::ClientNotFound));
-            }
-            let client_num = record.client_num;
-            let tombstone = ClientRecord {
-                revoked: 1,
-                ..record
-            };
-            clients.insert(key.as_str(), encode(&tombstone)?.as_slice())?;
-            drop(clients);
-            crate::queue::delete_queue(txn, client_num)?;
-            crate::keypackage::delete_all(txn, client_num)?;
-            Ok(Ok(client_num))
-        })
-        .await?;
+    let client_num = state.store.remove_client(&req.client).await?;
     state.revoke(client_num);
     state.queues.close_listeners(client_num);
     tracing::info!(client = %req.client, "client removed");
@@ -283,14 +172,7 @@ pub(crate) async fn discover(
     if req.user.domain != state.settings.domain {
         return Err(ServiceError::UnknownDomain(req.user.domain.to_string()));
     }
-    let user = req.user;
-    let clients = state
-        .store
-        .read(move |txn| {
-            let clients = txn.open_table(CLIENTS).map_err(StoreError::from)?;
-            Ok::<_, ServiceError>(active_clients_of(&clients, &user)?)
-        })
-        .await?;
+    let clients = state.store.active_clients_of(&req.user).await?;
     if clients.is_empty() {
         return Err(ServiceError::UserNotFound);
     }
@@ -317,13 +199,9 @@ pub(crate) async fn authenticate(
     req: AuthenticateRequest,
 ) -> Result<(Authenticated, AuthenticateResponse), ServiceError> {
     require_local(state, req.client.domain())?;
-    let client = req.client.clone();
     let record = state
         .store
-        .read(move |txn| {
-            let clients = txn.open_table(CLIENTS).map_err(StoreError::from)?;
-            Ok::<_, ServiceError>(active_client(&clients, &client)?)
-        })
+        .active_client(&req.client)
         .await?
         // Unknown and removed clients fail like a bad signature: no enumeration.
         .ok_or(ServiceError::BadSignature)?;
@@ -358,27 +236,7 @@ async fn renew_credential(
     old: ClientCredential,
 ) -> Result<ClientCredential, ServiceError> {
     let credential = issue_credential(state, old.client, old.signature_key);
-    let key = client_key(&credential.client);
-    let stored = credential.clone();
-    state
-        .store
-        .write(move |txn| {
-            let mut clients = txn.open_table(CLIENTS)?;
-            let record = match clients.get(key.as_str())? {
-                Some(raw) => decode_client(raw.value())?,
-                None => return Ok(Err(ServiceError::ClientNotFound)),
-            };
-            if record.revoked != 0 {
-                return Ok(Err(ServiceError::ClientNotFound));
-            }
-            let renewed = ClientRecord {
-                credential: stored,
-                ..record
-            };
-            clients.insert(key.as_str(), encode(&renewed)?.as_slice())?;
-            Ok(Ok(()))
-        })
-        .await?;
+    state.store.replace_credential(credential.clone()).await?;
     tracing::info!(client = %credential.client, "credential renewed");
     Ok(credential)
 }
@@ -403,10 +261,4 @@ fn issue_credential(state: &State, client: ClientId, signature_key: Opaque) -> C
         not_after,
         as_signature: as_signature.into(),
     }
-}
-
-/// Checks that an authenticated client is still active (not removed since it authenticated).
-pub(crate) fn still_active(txn: &WriteTransaction, client: &ClientId) -> Result<bool, StoreError> {
-    let clients = txn.open_table(CLIENTS)?;
-    Ok(active_client(&clients, client)?.is_some())
 }

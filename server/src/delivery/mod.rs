@@ -19,11 +19,12 @@ use roost_protocol::{ClientId, Domain, GroupId, MessageId, Opaque};
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use crate::State;
-use crate::auth::active_client;
 use crate::error::ServiceError;
 use crate::mls::{DsGroup, Member, MlsError};
-use crate::queue::{Enqueued, enqueue_in_txn};
+use crate::queue::Enqueued;
 use crate::storage::StoreError;
+use crate::storage::auth::active_client;
+use crate::storage::queue::enqueue_in_txn;
 use crate::storage::tables::{CLIENTS, GROUPS};
 
 pub(crate) use cache::GroupCache;

@@ -3,17 +3,47 @@
 //! last-resort KeyPackage per client that is served when none is left and never consumed,
 //! counts, and expiry.
 
-use redb::{ReadableTable, WriteTransaction};
 use roost_protocol::messages::keypackage::*;
-use roost_protocol::{ClientId, Opaque};
+use roost_protocol::{ClientId, Opaque, UserId};
 use tls_codec::Serialize as _;
 
 use crate::State;
-use crate::auth::{Authenticated, ClientRecord, active_client, active_clients_of};
+use crate::auth::{AuthStore, Authenticated};
 use crate::error::ServiceError;
 use crate::mls::{KeyPackagePolicy, validate_key_package};
-use crate::storage::StoreError;
-use crate::storage::tables::{CLIENTS, KEY_PACKAGE_COUNTS, KEY_PACKAGES, LAST_RESORT};
+
+/// What the KeyPackage service needs from storage (implemented for redb in
+/// `storage::keypackage`).
+pub(crate) trait KeyPackageStore {
+    /// Adds validated KeyPackages (not_after, bytes) of a client, refusing (LIMIT_EXCEEDED) if
+    /// it would then hold more than `max_held`; a last-resort one replaces the previous one.
+    /// Returns how many ordinary ones it holds.
+    async fn add(
+        &self,
+        client_num: u64,
+        ordinary: Vec<(u64, Vec<u8>)>,
+        last_resort: Option<(u64, Vec<u8>)>,
+        max_held: u64,
+    ) -> Result<u64, ServiceError>;
+    /// Hands out one KeyPackage of an active client: the oldest unexpired ordinary one
+    /// (deleted), else the unexpired last-resort one (kept); NO_KEY_PACKAGE or
+    /// CLIENT_NOT_FOUND otherwise. Atomic: never the same ordinary one twice.
+    async fn claim_one(
+        &self,
+        target: &ClientId,
+        now: u64,
+    ) -> Result<ClaimedKeyPackage, ServiceError>;
+    /// One KeyPackage for each active client of a user that has one, atomically.
+    async fn claim_for_user(
+        &self,
+        user: &UserId,
+        now: u64,
+    ) -> Result<Vec<ClaimedKeyPackage>, ServiceError>;
+    /// (ordinary unexpired KeyPackages held, whether an unexpired last-resort one is held).
+    async fn count(&self, client_num: u64, now: u64) -> Result<(u32, bool), ServiceError>;
+    /// Deletes expired KeyPackages; returns how many.
+    async fn purge_expired(&self, now: u64) -> Result<u64, ServiceError>;
+}
 
 fn now_secs() -> u64 {
     crate::unix_millis() / 1000
@@ -33,14 +63,11 @@ pub(crate) async fn upload(
         )));
     }
     // The credential the KeyPackages must match.
-    let client = me.client.clone();
     let record = state
         .store
-        .read(move |txn| {
-            let clients = txn.open_table(CLIENTS).map_err(StoreError::from)?;
-            active_client(&clients, &client)?.ok_or(ServiceError::Unauthenticated)
-        })
-        .await?;
+        .active_client(&me.client)
+        .await?
+        .ok_or(ServiceError::ClientNotFound)?;
     let identity = me
         .client
         .tls_serialize_detached()
@@ -76,89 +103,12 @@ pub(crate) async fn upload(
 
     let (ordinary, last_resort) = validated;
     let max_held = u64::from(limits.max_key_packages_per_client);
-    let client_num = me.client_num;
     let remaining = state
         .store
-        .write(move |txn| {
-            let mut counts = txn.open_table(KEY_PACKAGE_COUNTS)?;
-            let (mut next, mut held) = counts.get(client_num)?.map(|v| v.value()).unwrap_or((1, 0));
-            if held + ordinary.len() as u64 > max_held {
-                return Ok(Err(ServiceError::LimitExceeded(format!(
-                    "at most {max_held} KeyPackages held"
-                ))));
-            }
-            let mut kps = txn.open_table(KEY_PACKAGES)?;
-            for (not_after, bytes) in &ordinary {
-                kps.insert((client_num, next), (*not_after, bytes.as_slice()))?;
-                next += 1;
-                held += 1;
-            }
-            counts.insert(client_num, (next, held))?;
-            if let Some((not_after, bytes)) = &last_resort {
-                txn.open_table(LAST_RESORT)?
-                    .insert(client_num, (*not_after, bytes.as_slice()))?;
-            }
-            Ok(Ok(held))
-        })
+        .add(me.client_num, ordinary, last_resort, max_held)
         .await?;
     Ok(UploadKeyPackagesResponse {
         remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
-    })
-}
-
-/// Takes one KeyPackage of a client inside `txn`: the oldest unexpired ordinary one (deleted),
-/// else the unexpired last-resort one (kept).
-fn take_one(
-    txn: &WriteTransaction,
-    client_num: u64,
-    now: u64,
-) -> Result<Option<(Vec<u8>, KeyPackageKind)>, StoreError> {
-    let mut kps = txn.open_table(KEY_PACKAGES)?;
-    let mut expired = Vec::new();
-    let mut found = None;
-    for entry in kps.range((client_num, 0)..=(client_num, u64::MAX))? {
-        let (key, value) = entry?;
-        let (not_after, bytes) = value.value();
-        if not_after <= now {
-            expired.push(key.value().1);
-            continue;
-        }
-        found = Some((key.value().1, bytes.to_vec()));
-        break;
-    }
-    let taken = u64::from(found.is_some()) + expired.len() as u64;
-    for seq in expired {
-        kps.remove((client_num, seq))?;
-    }
-    if let Some((seq, _)) = &found {
-        kps.remove((client_num, *seq))?;
-    }
-    if taken > 0 {
-        let mut counts = txn.open_table(KEY_PACKAGE_COUNTS)?;
-        let current = counts.get(client_num)?.map(|v| v.value());
-        if let Some((next, held)) = current {
-            counts.insert(client_num, (next, held.saturating_sub(taken)))?;
-        }
-    }
-    if let Some((_, bytes)) = found {
-        return Ok(Some((bytes, KeyPackageKind::Ordinary)));
-    }
-    let last = txn.open_table(LAST_RESORT)?;
-    let Some(guard) = last.get(client_num)? else {
-        return Ok(None);
-    };
-    let (not_after, bytes) = guard.value();
-    Ok((not_after > now).then(|| (bytes.to_vec(), KeyPackageKind::LastResort)))
-}
-
-fn claimed(
-    record: ClientRecord,
-    taken: Option<(Vec<u8>, KeyPackageKind)>,
-) -> Option<ClaimedKeyPackage> {
-    taken.map(|(bytes, kind)| ClaimedKeyPackage {
-        credential: record.credential,
-        key_package: bytes.into(),
-        kind,
     })
 }
 
@@ -175,19 +125,7 @@ pub(crate) async fn claim_client(
         .claim_limiter
         .check((claimer.clone(), req.client.clone()))
         .map_err(ServiceError::RateLimited)?;
-    let target = req.client;
-    let key_package = state
-        .store
-        .write(move |txn| {
-            let clients = txn.open_table(CLIENTS)?;
-            let Some(record) = active_client(&clients, &target)? else {
-                return Ok(Err(ServiceError::ClientNotFound));
-            };
-            drop(clients);
-            let taken = take_one(txn, record.client_num, now_secs())?;
-            Ok(claimed(record, taken).ok_or(ServiceError::NoKeyPackage))
-        })
-        .await?;
+    let key_package = state.store.claim_one(&req.client, now_secs()).await?;
     Ok(ClaimClientKeyPackageResponse { key_package })
 }
 
@@ -201,14 +139,7 @@ pub(crate) async fn claim_user(
     if req.user.domain != state.settings.domain {
         return Err(ServiceError::UnknownDomain(req.user.domain.to_string()));
     }
-    let user = req.user.clone();
-    let targets = state
-        .store
-        .read(move |txn| {
-            let clients = txn.open_table(CLIENTS).map_err(StoreError::from)?;
-            Ok::<_, ServiceError>(active_clients_of(&clients, &user)?)
-        })
-        .await?;
+    let targets = state.store.active_clients_of(&req.user).await?;
     if targets.is_empty() {
         return Err(ServiceError::UserNotFound);
     }
@@ -220,23 +151,7 @@ pub(crate) async fn claim_user(
         .claim_limiter
         .check_all(&keys)
         .map_err(ServiceError::RateLimited)?;
-    let user = req.user;
-    let key_packages = state
-        .store
-        .write(move |txn| {
-            // Re-read inside the transaction: a client may have been removed meanwhile.
-            let clients = txn.open_table(CLIENTS)?;
-            let records = active_clients_of(&clients, &user)?;
-            drop(clients);
-            let now = now_secs();
-            let mut out = Vec::with_capacity(records.len());
-            for record in records {
-                let taken = take_one(txn, record.client_num, now)?;
-                out.extend(claimed(record, taken));
-            }
-            Ok(Ok::<_, ServiceError>(out))
-        })
-        .await?;
+    let key_packages = state.store.claim_for_user(&req.user, now_secs()).await?;
     if key_packages.is_empty() {
         return Err(ServiceError::NoKeyPackage);
     }
@@ -248,65 +163,9 @@ pub(crate) async fn count(
     state: &State,
     me: &Authenticated,
 ) -> Result<KeyPackageCountResponse, ServiceError> {
-    let client_num = me.client_num;
-    let now = now_secs();
-    state
-        .store
-        .read(move |txn| {
-            let kps = txn.open_table(KEY_PACKAGES).map_err(StoreError::from)?;
-            let mut remaining = 0u32;
-            for entry in kps
-                .range((client_num, 0)..=(client_num, u64::MAX))
-                .map_err(StoreError::from)?
-            {
-                let (_, value) = entry.map_err(StoreError::from)?;
-                if value.value().0 > now {
-                    remaining = remaining.saturating_add(1);
-                }
-            }
-            let last = txn.open_table(LAST_RESORT).map_err(StoreError::from)?;
-            let has_last_resort = last
-                .get(client_num)
-                .map_err(StoreError::from)?
-                .is_some_and(|v| v.value().0 > now);
-            Ok::<_, ServiceError>(KeyPackageCountResponse {
-                remaining,
-                has_last_resort: u8::from(has_last_resort),
-            })
-        })
-        .await
-}
-
-/// Deletes every KeyPackage of a client (client removed).
-pub(crate) fn delete_all(txn: &WriteTransaction, client_num: u64) -> Result<(), StoreError> {
-    let mut kps = txn.open_table(KEY_PACKAGES)?;
-    kps.retain_in((client_num, 0)..=(client_num, u64::MAX), |_, _| false)?;
-    txn.open_table(KEY_PACKAGE_COUNTS)?.remove(client_num)?;
-    txn.open_table(LAST_RESORT)?.remove(client_num)?;
-    Ok(())
-}
-
-/// Deletes expired KeyPackages of every client. Returns how many.
-pub(crate) fn purge_expired(txn: &WriteTransaction, now: u64) -> Result<u64, StoreError> {
-    let mut kps = txn.open_table(KEY_PACKAGES)?;
-    let mut per_client: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    kps.retain(|(client_num, _), (not_after, _)| {
-        let keep = not_after > now;
-        if !keep {
-            *per_client.entry(client_num).or_default() += 1;
-        }
-        keep
-    })?;
-    let mut counts = txn.open_table(KEY_PACKAGE_COUNTS)?;
-    let mut total = 0;
-    for (client_num, gone) in per_client {
-        total += gone;
-        let current = counts.get(client_num)?.map(|v| v.value());
-        if let Some((next, held)) = current {
-            counts.insert(client_num, (next, held.saturating_sub(gone)))?;
-        }
-    }
-    txn.open_table(LAST_RESORT)?
-        .retain(|_, (not_after, _)| not_after > now)?;
-    Ok(total)
+    let (remaining, has_last_resort) = state.store.count(me.client_num, now_secs()).await?;
+    Ok(KeyPackageCountResponse {
+        remaining,
+        has_last_resort: u8::from(has_last_resort),
+    })
 }

@@ -7,7 +7,13 @@
 //! inner error is the operation's own refusal, and an operation that refuses must not have
 //! written anything. The caller's future resolves only after the batch committed durably.
 
+pub(crate) mod auth;
+pub(crate) mod keypackage;
+pub(crate) mod queue;
 pub(crate) mod tables;
+
+#[cfg(test)]
+mod suite;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;

@@ -1,0 +1,334 @@
+//! redb implementation of the Queuing Service's store: per-client heads, (client, seq)
+//! entries, payloads stored once with a reference count, and dedup records.
+
+use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use roost_protocol::messages::federation::{DeliverResponse, Delivery};
+use roost_protocol::messages::queue::{QueueMessage, QueuePayload};
+use roost_protocol::{ClientId, MessageId};
+use tls_codec::{DeserializeBytes, Serialize as _};
+
+use super::auth::active_client_in;
+use super::tables::{PAYLOAD_REFS, PAYLOADS, QUEUE_DEDUP, QUEUE_ENTRIES, QUEUE_HEADS};
+use super::{Store, StoreError, next_counter};
+use crate::error::ServiceError;
+use crate::queue::{Enqueued, QueueStore};
+
+/// Enqueues one payload for several local recipients inside `txn`, storing the payload once.
+/// With `dedup`, a message id already queued for a recipient is not queued again.
+pub(crate) fn enqueue_in_txn(
+    txn: &WriteTransaction,
+    max_depth: u64,
+    recipients: &[u64],
+    id: MessageId,
+    timestamp_ms: u64,
+    payload: &[u8],
+    dedup: bool,
+) -> Result<Vec<Enqueued>, StoreError> {
+    let mut heads = txn.open_table(QUEUE_HEADS)?;
+    let mut entries = txn.open_table(QUEUE_ENTRIES)?;
+    let mut dedups = txn.open_table(QUEUE_DEDUP)?;
+    let mut outcomes = Vec::with_capacity(recipients.len());
+    let mut payload_id = None;
+    let mut refs = 0u64;
+    for &client_num in recipients {
+        let prior = if dedup {
+            dedups.get((client_num, id.0))?.map(|v| v.value().0)
+        } else {
+            None
+        };
+        if let Some(seq) = prior {
+            outcomes.push(Enqueued::Duplicate(seq));
+            continue;
+        }
+        let Some((head, count)) = heads.get(client_num)?.map(|v| v.value()) else {
+            // No such queue (client removed meanwhile): callers resolved recipients earlier.
+            outcomes.push(Enqueued::Full);
+            continue;
+        };
+        if count >= max_depth {
+            outcomes.push(Enqueued::Full);
+            continue;
+        }
+        let pid = match payload_id {
+            Some(pid) => pid,
+            None => {
+                let pid = next_counter(txn, "next_payload_id")?;
+                payload_id = Some(pid);
+                pid
+            }
+        };
+        let seq = head + 1;
+        entries.insert((client_num, seq), (pid, timestamp_ms, id.0))?;
+        heads.insert(client_num, (seq, count + 1))?;
+        if dedup {
+            dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
+        }
+        refs += 1;
+        outcomes.push(Enqueued::Queued(seq));
+    }
+    if let Some(pid) = payload_id {
+        txn.open_table(PAYLOADS)?.insert(pid, payload)?;
+        txn.open_table(PAYLOAD_REFS)?.insert(pid, refs)?;
+    }
+    Ok(outcomes)
+}
+
+fn release_payload(txn: &WriteTransaction, payload_id: u64) -> Result<(), StoreError> {
+    let mut refs = txn.open_table(PAYLOAD_REFS)?;
+    let left = refs
+        .get(payload_id)?
+        .map(|v| v.value())
+        .unwrap_or(1)
+        .saturating_sub(1);
+    if left == 0 {
+        refs.remove(payload_id)?;
+        txn.open_table(PAYLOADS)?.remove(payload_id)?;
+    } else {
+        refs.insert(payload_id, left)?;
+    }
+    Ok(())
+}
+
+/// Deletes entries of a queue with seq in `..=up_to` (and, with `older_than_ms`, stops at the
+/// first entry at least that new). Returns how many were deleted.
+fn delete_front(
+    txn: &WriteTransaction,
+    client_num: u64,
+    up_to: u64,
+    older_than_ms: Option<u64>,
+) -> Result<u64, StoreError> {
+    let mut entries = txn.open_table(QUEUE_ENTRIES)?;
+    let mut doomed = Vec::new();
+    for entry in entries.range((client_num, 0)..=(client_num, up_to))? {
+        let (key, value) = entry?;
+        let (payload_id, timestamp_ms, _) = value.value();
+        if older_than_ms.is_some_and(|cutoff| timestamp_ms >= cutoff) {
+            break;
+        }
+        doomed.push((key.value().1, payload_id));
+    }
+    for &(seq, _) in &doomed {
+        entries.remove((client_num, seq))?;
+    }
+    drop(entries);
+    for &(_, payload_id) in &doomed {
+        release_payload(txn, payload_id)?;
+    }
+    let deleted = doomed.len() as u64;
+    if deleted > 0 {
+        let mut heads = txn.open_table(QUEUE_HEADS)?;
+        let current = heads.get(client_num)?.map(|v| v.value());
+        if let Some((head, count)) = current {
+            heads.insert(client_num, (head, count.saturating_sub(deleted)))?;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Deletes a whole queue (client removed).
+pub(crate) fn delete_queue(txn: &WriteTransaction, client_num: u64) -> Result<(), StoreError> {
+    delete_front(txn, client_num, u64::MAX, None)?;
+    txn.open_table(QUEUE_HEADS)?.remove(client_num)?;
+    let mut dedups = txn.open_table(QUEUE_DEDUP)?;
+    let keys: Vec<[u8; 16]> = dedups
+        .range((client_num, [0u8; 16])..=(client_num, [0xff; 16]))?
+        .map(|e| e.map(|(k, _)| k.value().1))
+        .collect::<Result<_, _>>()?;
+    for id in keys {
+        dedups.remove((client_num, id))?;
+    }
+    Ok(())
+}
+
+/// Drops messages older than `cutoff_ms` from every queue, and dedup records as old.
+fn expire(txn: &WriteTransaction, cutoff_ms: u64) -> Result<u64, StoreError> {
+    let queues: Vec<u64> = {
+        let heads = txn.open_table(QUEUE_HEADS)?;
+        heads
+            .iter()?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?
+    };
+    let mut expired = 0;
+    for client_num in queues {
+        expired += delete_front(txn, client_num, u64::MAX, Some(cutoff_ms))?;
+    }
+    let mut dedups = txn.open_table(QUEUE_DEDUP)?;
+    dedups.retain(|_, (_, timestamp_ms)| timestamp_ms >= cutoff_ms)?;
+    Ok(expired)
+}
+
+/// Reads messages of a queue after `after_seq`, skipping expired ones.
+fn read_messages(
+    txn: &ReadTransaction,
+    client_num: u64,
+    after_seq: u64,
+    max_messages: usize,
+    max_bytes: usize,
+    cutoff_ms: u64,
+) -> Result<(Vec<QueueMessage>, u64), StoreError> {
+    let heads = txn.open_table(QUEUE_HEADS)?;
+    let head = heads.get(client_num)?.map(|v| v.value().0).unwrap_or(0);
+    let entries = txn.open_table(QUEUE_ENTRIES)?;
+    let payloads = txn.open_table(PAYLOADS)?;
+    let mut out = Vec::new();
+    if max_messages == 0 {
+        return Ok((out, head));
+    }
+    let mut bytes = 0usize;
+    let start = after_seq.saturating_add(1);
+    for entry in entries.range((client_num, start)..=(client_num, u64::MAX))? {
+        let (key, value) = entry?;
+        let (payload_id, timestamp_ms, id) = value.value();
+        if timestamp_ms < cutoff_ms {
+            continue;
+        }
+        let Some(raw) = payloads.get(payload_id)? else {
+            return Err(StoreError::Corrupt("payloads"));
+        };
+        let raw = raw.value();
+        if !out.is_empty() && bytes + raw.len() > max_bytes {
+            break;
+        }
+        let payload = match QueuePayload::tls_deserialize_bytes(raw) {
+            Ok((payload, [])) => payload,
+            _ => return Err(StoreError::Corrupt("payloads")),
+        };
+        bytes += raw.len();
+        out.push(QueueMessage {
+            seq: key.value().1,
+            id: MessageId(id),
+            timestamp_ms,
+            payload,
+        });
+        if out.len() >= max_messages {
+            break;
+        }
+    }
+    Ok((out, head))
+}
+
+impl QueueStore for Store {
+    async fn enqueue(
+        &self,
+        recipient: &ClientId,
+        id: MessageId,
+        timestamp_ms: u64,
+        payload: Vec<u8>,
+        max_depth: u64,
+    ) -> Result<(u64, Enqueued), ServiceError> {
+        let recipient = recipient.clone();
+        self.write(move |txn| {
+            let Some(record) = active_client_in(txn, &recipient)? else {
+                return Ok(Err(ServiceError::ClientNotFound));
+            };
+            let outcome = enqueue_in_txn(
+                txn,
+                max_depth,
+                &[record.client_num],
+                id,
+                timestamp_ms,
+                &payload,
+                true,
+            )?;
+            Ok(Ok((
+                record.client_num,
+                outcome.first().copied().unwrap_or(Enqueued::Full),
+            )))
+        })
+        .await
+    }
+
+    async fn read_queue(
+        &self,
+        client_num: u64,
+        after_seq: u64,
+        max_messages: usize,
+        max_bytes: usize,
+        cutoff_ms: u64,
+    ) -> Result<(Vec<QueueMessage>, u64), ServiceError> {
+        Store::read(self, move |txn| {
+            read_messages(
+                txn,
+                client_num,
+                after_seq,
+                max_messages,
+                max_bytes,
+                cutoff_ms,
+            )
+        })
+        .await
+        .map_err(ServiceError::from)
+    }
+
+    async fn ack(
+        &self,
+        client: &ClientId,
+        client_num: u64,
+        up_to_seq: u64,
+    ) -> Result<(), ServiceError> {
+        let client = client.clone();
+        self.write(move |txn| {
+            if active_client_in(txn, &client)?.is_none() {
+                return Ok(Err(ServiceError::ClientNotFound));
+            }
+            let head = txn
+                .open_table(QUEUE_HEADS)?
+                .get(client_num)?
+                .map(|v| v.value().0)
+                .unwrap_or(0);
+            delete_front(txn, client_num, up_to_seq.min(head), None)?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
+    async fn deliver(
+        &self,
+        deliveries: Vec<Delivery>,
+        max_depth: u64,
+        now_ms: u64,
+    ) -> Result<(DeliverResponse, Vec<(u64, u64)>), ServiceError> {
+        self.write(move |txn| {
+            let mut response = DeliverResponse {
+                accepted: 0,
+                unknown_recipients: 0,
+                queue_full: 0,
+            };
+            let mut woken = Vec::new();
+            for delivery in deliveries {
+                let Some(record) = active_client_in(txn, &delivery.recipient)? else {
+                    response.unknown_recipients += 1;
+                    continue;
+                };
+                let bytes = delivery
+                    .payload
+                    .tls_serialize_detached()
+                    .map_err(|_| StoreError::Corrupt("payload encoding"))?;
+                let outcome = enqueue_in_txn(
+                    txn,
+                    max_depth,
+                    &[record.client_num],
+                    delivery.id,
+                    now_ms,
+                    &bytes,
+                    true,
+                )?;
+                match outcome.first() {
+                    Some(Enqueued::Queued(seq)) => {
+                        response.accepted += 1;
+                        woken.push((record.client_num, *seq));
+                    }
+                    Some(Enqueued::Duplicate(_)) => {}
+                    Some(Enqueued::Full) | None => response.queue_full += 1,
+                }
+            }
+            Ok(Ok((response, woken)))
+        })
+        .await
+    }
+
+    async fn expire(&self, cutoff_ms: u64) -> Result<u64, ServiceError> {
+        self.write(move |txn| Ok(Ok(expire(txn, cutoff_ms)?))).await
+    }
+}

@@ -1,0 +1,328 @@
+//! The store test suite, written against the service traits only, so that every storage
+//! backend runs the same tests (today: redb).
+
+use roost_protocol::messages::auth::ClientCredential;
+use roost_protocol::messages::federation::Delivery;
+use roost_protocol::messages::keypackage::KeyPackageKind;
+use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
+use roost_protocol::{ClientId, MessageId};
+use tls_codec::Serialize as _;
+
+use crate::auth::AuthStore;
+use crate::error::ServiceError;
+use crate::keypackage::KeyPackageStore;
+use crate::queue::{Enqueued, QueueStore};
+
+fn credential(client: &str) -> ClientCredential {
+    ClientCredential {
+        client: client.parse().unwrap(),
+        signature_key: vec![7; 32].into(),
+        not_before: 1,
+        not_after: 2,
+        as_signature: vec![9; 64].into(),
+    }
+}
+
+fn payload(n: u8) -> Vec<u8> {
+    let group = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+        .parse()
+        .unwrap();
+    QueuePayload::GroupMessage(GroupMessage {
+        group,
+        message: vec![n].into(),
+    })
+    .tls_serialize_detached()
+    .unwrap()
+}
+
+pub(crate) async fn auth<S: AuthStore>(store: &S) {
+    let name = "alice".parse().unwrap();
+    store.create_user(&name, vec![1; 32], None).await.unwrap();
+    assert!(matches!(
+        store.create_user(&name, vec![2; 32], None).await,
+        Err(ServiceError::UserExists)
+    ));
+    assert_eq!(store.user_key(&name).await.unwrap(), Some(vec![1; 32]));
+    assert_eq!(store.user_key(&"bob".parse().unwrap()).await.unwrap(), None);
+    // Tokens: two uses allowed.
+    for (user, ok) in [("t1", true), ("t2", true), ("t3", false)] {
+        let result = store
+            .create_user(
+                &user.parse().unwrap(),
+                vec![1; 32],
+                Some(("hash".into(), 2)),
+            )
+            .await;
+        assert_eq!(result.is_ok(), ok, "{user}");
+    }
+
+    let phone: ClientId = "alice@example.org/phone".parse().unwrap();
+    let num = store
+        .add_client(credential("alice@example.org/phone"))
+        .await
+        .unwrap();
+    let laptop = store
+        .add_client(credential("alice@example.org/laptop"))
+        .await
+        .unwrap();
+    assert_ne!(num, laptop);
+    assert!(matches!(
+        store
+            .add_client(credential("alice@example.org/phone"))
+            .await,
+        Err(ServiceError::ClientExists)
+    ));
+    assert_eq!(
+        store
+            .active_client(&phone)
+            .await
+            .unwrap()
+            .unwrap()
+            .client_num,
+        num
+    );
+    let all = store.active_clients_of(&phone.user).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|c| c.credential.client.device.to_string())
+            .collect::<Vec<_>>(),
+        ["laptop", "phone"]
+    );
+
+    let mut renewed = credential("alice@example.org/phone");
+    renewed.not_after = 99;
+    store.replace_credential(renewed.clone()).await.unwrap();
+    assert_eq!(
+        store
+            .active_client(&phone)
+            .await
+            .unwrap()
+            .unwrap()
+            .credential,
+        renewed
+    );
+
+    // Removal leaves a tombstone: gone, and the name stays used.
+    assert_eq!(store.remove_client(&phone).await.unwrap(), num);
+    assert_eq!(store.active_client(&phone).await.unwrap(), None);
+    assert!(matches!(
+        store.remove_client(&phone).await,
+        Err(ServiceError::ClientNotFound)
+    ));
+    assert!(matches!(
+        store
+            .add_client(credential("alice@example.org/phone"))
+            .await,
+        Err(ServiceError::ClientExists)
+    ));
+    assert!(matches!(
+        store.replace_credential(renewed).await,
+        Err(ServiceError::ClientNotFound)
+    ));
+}
+
+pub(crate) async fn key_packages<S: AuthStore + KeyPackageStore>(store: &S) {
+    let client: ClientId = "kp@example.org/phone".parse().unwrap();
+    let num = store
+        .add_client(credential("kp@example.org/phone"))
+        .await
+        .unwrap();
+    let now = 1000;
+    let held = store
+        .add(
+            num,
+            vec![(now + 10, vec![1]), (now - 1, vec![2]), (now + 10, vec![3])],
+            Some((now + 10, vec![9])),
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(held, 3);
+    assert!(matches!(
+        store.add(num, vec![(now + 10, vec![4]); 3], None, 5).await,
+        Err(ServiceError::LimitExceeded(_))
+    ));
+    assert_eq!(store.count(num, now).await.unwrap(), (2, true));
+    // Oldest first, expired skipped, then the last resort, which stays.
+    let order: Vec<(Vec<u8>, KeyPackageKind)> = {
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            let claimed = store.claim_one(&client, now).await.unwrap();
+            out.push((claimed.key_package.into_vec(), claimed.kind));
+        }
+        out
+    };
+    assert_eq!(
+        order,
+        [
+            (vec![1], KeyPackageKind::Ordinary),
+            (vec![3], KeyPackageKind::Ordinary),
+            (vec![9], KeyPackageKind::LastResort),
+            (vec![9], KeyPackageKind::LastResort),
+        ]
+    );
+    assert_eq!(store.count(num, now).await.unwrap(), (0, true));
+    assert!(matches!(
+        store.claim_one(&client, now + 100).await,
+        Err(ServiceError::NoKeyPackage)
+    ));
+    assert_eq!(
+        store.claim_for_user(&client.user, now).await.unwrap().len(),
+        1
+    );
+    store
+        .add(num, vec![(now + 1, vec![5])], None, 5)
+        .await
+        .unwrap();
+    assert_eq!(store.purge_expired(now + 1).await.unwrap(), 1);
+    assert_eq!(store.count(num, now).await.unwrap(), (0, true));
+}
+
+pub(crate) async fn queues<S: AuthStore + QueueStore>(store: &S) {
+    let client: ClientId = "q@example.org/phone".parse().unwrap();
+    let num = store
+        .add_client(credential("q@example.org/phone"))
+        .await
+        .unwrap();
+    for n in 1..=3u8 {
+        let got = store
+            .enqueue(
+                &client,
+                MessageId([n; 16]),
+                100 * u64::from(n),
+                payload(n),
+                3,
+            )
+            .await
+            .unwrap();
+        assert_eq!(got, (num, Enqueued::Queued(u64::from(n))));
+    }
+    // Idempotent, then full.
+    assert_eq!(
+        store
+            .enqueue(&client, MessageId([2; 16]), 0, payload(2), 3)
+            .await
+            .unwrap()
+            .1,
+        Enqueued::Duplicate(2)
+    );
+    assert_eq!(
+        store
+            .enqueue(&client, MessageId([4; 16]), 400, payload(4), 3)
+            .await
+            .unwrap()
+            .1,
+        Enqueued::Full
+    );
+    let (messages, head) = store.read_queue(num, 0, 10, 1 << 20, 0).await.unwrap();
+    assert_eq!(
+        (messages.iter().map(|m| m.seq).collect::<Vec<_>>(), head),
+        (vec![1, 2, 3], 3)
+    );
+    assert_eq!(
+        store.read_queue(num, 1, 1, 1 << 20, 0).await.unwrap().0[0].seq,
+        2
+    );
+    // Age cut-off hides old messages; ack deletes.
+    assert_eq!(
+        store
+            .read_queue(num, 0, 10, 1 << 20, 250)
+            .await
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
+    store.ack(&client, num, 1).await.unwrap();
+    assert_eq!(
+        store
+            .read_queue(num, 0, 10, 1 << 20, 0)
+            .await
+            .unwrap()
+            .0
+            .len(),
+        2
+    );
+    assert_eq!(store.expire(250).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .read_queue(num, 0, 10, 1 << 20, 0)
+            .await
+            .unwrap()
+            .0
+            .len(),
+        1
+    );
+    // Peer deliveries: idempotent, unknown recipients counted.
+    let delivery = |recipient: &str, n: u8| Delivery {
+        recipient: recipient.parse().unwrap(),
+        id: MessageId([n; 16]),
+        timestamp_ms: 0,
+        payload: QueuePayload::Welcome(GroupMessage {
+            group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                .parse()
+                .unwrap(),
+            message: vec![n].into(),
+        }),
+    };
+    let (response, woken) = store
+        .deliver(
+            vec![
+                delivery("q@example.org/phone", 50),
+                delivery("nobody@example.org/x", 51),
+            ],
+            10,
+            500,
+        )
+        .await
+        .unwrap();
+    assert_eq!((response.accepted, response.unknown_recipients), (1, 1));
+    assert_eq!(woken, vec![(num, 4)]);
+    let (response, _) = store
+        .deliver(vec![delivery("q@example.org/phone", 50)], 10, 500)
+        .await
+        .unwrap();
+    assert_eq!(response.accepted, 0);
+    // A removed client's queue is gone and cannot be acked.
+    store.remove_client(&client).await.unwrap();
+    assert!(
+        store
+            .read_queue(num, 0, 10, 1 << 20, 0)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+    assert!(matches!(
+        store.ack(&client, num, 10).await,
+        Err(ServiceError::ClientNotFound)
+    ));
+}
+
+mod redb_backend {
+    use crate::storage::Store;
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _writer) = Store::open(&dir.path().join("db.redb"), 64).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn auth() {
+        let (_dir, store) = open();
+        super::auth(&store).await;
+    }
+
+    #[tokio::test]
+    async fn key_packages() {
+        let (_dir, store) = open();
+        super::key_packages(&store).await;
+    }
+
+    #[tokio::test]
+    async fn queues() {
+        let (_dir, store) = open();
+        super::queues(&store).await;
+    }
+}
