@@ -11,39 +11,78 @@ mod cache;
 
 use std::sync::Arc;
 
-use redb::ReadableTable;
 use roost_protocol::messages::delivery::*;
-use roost_protocol::messages::federation::Delivery;
 use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
-use roost_protocol::{ClientId, Domain, GroupId, MessageId, Opaque};
-use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
+use roost_protocol::{ClientId, Domain, GroupId, Opaque};
+use tls_codec::{DeserializeBytes, Serialize as _};
 
 use crate::State;
 use crate::error::ServiceError;
 use crate::mls::{DsGroup, Member, MlsError};
-use crate::queue::Enqueued;
-use crate::storage::StoreError;
 use crate::storage::auth::active_client;
-use crate::storage::queue::enqueue_in_txn;
-use crate::storage::tables::{CLIENTS, GROUPS};
+use crate::storage::tables::CLIENTS;
 
 pub(crate) use cache::GroupCache;
 
-/// A hosted group as stored: its epoch (for inspection) and its MLS state, which
-/// [`DsGroup::from_snapshot`] reloads whatever the clock says about its leaves' lifetimes.
-#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
-struct GroupRecord {
-    epoch: u64,
-    snapshot: Opaque,
+/// A hosted group's durable state: its MLS group id (the key), epoch (for inspection) and MLS
+/// state, which [`DsGroup::from_snapshot`] reloads whatever the clock says about its leaves'
+/// lifetimes.
+pub(crate) struct GroupState {
+    pub(crate) key: Vec<u8>,
+    pub(crate) epoch: u64,
+    pub(crate) snapshot: Vec<u8>,
 }
 
-impl GroupRecord {
+impl GroupState {
     fn of(group: &DsGroup) -> Result<Self, MlsError> {
         Ok(Self {
+            key: group.group_id(),
             epoch: group.epoch(),
-            snapshot: group.snapshot()?.into(),
+            snapshot: group.snapshot()?,
         })
     }
+}
+
+/// One payload for a set of recipients, split by where their queues are.
+pub(crate) struct FanOut {
+    pub(crate) local: Vec<ClientId>,
+    pub(crate) remote: std::collections::BTreeMap<Domain, Vec<ClientId>>,
+    pub(crate) payload: QueuePayload,
+}
+
+/// What a durable fan-out did, for waking listeners and outbox workers afterwards.
+#[derive(Default)]
+pub(crate) struct FanOutResult {
+    /// (client number, seq) of every new local queue entry.
+    pub(crate) queues: Vec<(u64, u64)>,
+    /// Domains with new outbox entries.
+    pub(crate) domains: Vec<Domain>,
+    /// Recipients reached, per fan-out.
+    pub(crate) reached: Vec<u32>,
+}
+
+impl FanOutResult {
+    fn wake(self, state: &State) -> Vec<u32> {
+        state.queues.notify(&self.queues);
+        state.federation.outbox.wake(self.domains);
+        self.reached
+    }
+}
+
+/// What the Delivery Service needs from storage (implemented for redb in `storage::groups`).
+pub(crate) trait GroupStore {
+    /// A hosted group's state.
+    async fn load_group(&self, key: Vec<u8>) -> Result<Option<GroupState>, ServiceError>;
+    /// Stores a new group (GROUP_EXISTS if the id is taken).
+    async fn create_group(&self, state: GroupState) -> Result<(), ServiceError>;
+    /// In one durable transaction: the group's new state (if given) and every fan-out — local
+    /// queue entries (full queues skip that recipient) and outbox entries for other domains.
+    async fn apply(
+        &self,
+        state: Option<GroupState>,
+        fan_outs: Vec<FanOut>,
+        max_depth: u64,
+    ) -> Result<FanOutResult, ServiceError>;
 }
 
 impl From<MlsError> for ServiceError {
@@ -155,6 +194,16 @@ struct Recipients {
     remote: std::collections::BTreeMap<Domain, Vec<ClientId>>,
 }
 
+impl Recipients {
+    fn with(self, payload: QueuePayload) -> FanOut {
+        FanOut {
+            local: self.local,
+            remote: self.remote,
+            payload,
+        }
+    }
+}
+
 /// Resolves members to recipients, leaving out `except`. Members of a domain this server does
 /// not federate with are refused (UNKNOWN_DOMAIN) rather than leaving half the group without
 /// the message.
@@ -187,107 +236,13 @@ fn recipients(
     Ok(Recipients { local, remote })
 }
 
-/// Where a fan-out needs waking up once its transaction committed.
-#[derive(Default)]
-struct Wake {
-    /// (client number, seq) of every new local queue entry.
-    queues: Vec<(u64, u64)>,
-    /// Domains with new outbox entries.
-    domains: Vec<Domain>,
-}
-
-impl Wake {
-    fn run(self, state: &State) {
-        state.queues.notify(&self.queues);
-        state.federation.outbox.wake(self.domains);
-    }
-}
-
-/// Enqueues `payload` for the local recipients and puts it in the outbox for the remote ones,
-/// inside `txn`; returns the number of recipients reached.
-fn fan_out(
-    txn: &redb::WriteTransaction,
-    max_depth: u64,
-    recipients: &Recipients,
-    payload: &QueuePayload,
-    wake: &mut Wake,
-) -> Result<u32, StoreError> {
-    let id = MessageId(rand::random());
-    let timestamp_ms = crate::unix_millis();
-    let mut reached = 0;
-    for (domain, clients) in &recipients.remote {
-        let deliveries: Vec<Delivery> = clients
-            .iter()
-            .map(|recipient| Delivery {
-                recipient: recipient.clone(),
-                id,
-                timestamp_ms,
-                payload: payload.clone(),
-            })
-            .collect();
-        crate::federation::outbox::add_in_txn(txn, domain, &deliveries)?;
-        reached += deliveries.len() as u32;
-        wake.domains.push(domain.clone());
-    }
-    let clients = txn.open_table(CLIENTS)?;
-    let mut nums = Vec::with_capacity(recipients.local.len());
-    for client in &recipients.local {
-        if let Some(record) = active_client(&clients, client)? {
-            nums.push(record.client_num);
-        }
-    }
-    drop(clients);
-    let bytes = payload
-        .tls_serialize_detached()
-        .map_err(|_| StoreError::Corrupt("payload encoding"))?;
-    let outcomes = enqueue_in_txn(txn, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
-    for (num, outcome) in nums.iter().zip(outcomes) {
-        match outcome {
-            Enqueued::Queued(seq) => {
-                wake.queues.push((*num, seq));
-                reached += 1;
-            }
-            Enqueued::Duplicate(_) => reached += 1,
-            Enqueued::Full => {
-                metrics::counter!("roost_queue_full_drops_total").increment(1);
-                tracing::warn!(
-                    client_num = num,
-                    "queue full: message dropped for this recipient"
-                );
-            }
-        }
-    }
-    Ok(reached)
-}
-
-fn store_group(
-    txn: &redb::WriteTransaction,
-    key: &[u8],
-    record: &GroupRecord,
-) -> Result<(), StoreError> {
-    let bytes = record
-        .tls_serialize_detached()
-        .map_err(|_| StoreError::Corrupt("group encoding"))?;
-    txn.open_table(GROUPS)?.insert(key, bytes.as_slice())?;
-    Ok(())
-}
-
 /// Loads a group's stored state and rebuilds its MLS state.
 pub(crate) async fn load(state: &State, group: &GroupId) -> Result<DsGroup, ServiceError> {
-    let key = group.to_mls_bytes();
     let record = state
         .store
-        .read(move |txn| {
-            let groups = txn.open_table(GROUPS).map_err(StoreError::from)?;
-            let Some(raw) = groups.get(key.as_slice()).map_err(StoreError::from)? else {
-                return Err(ServiceError::GroupNotFound);
-            };
-            match GroupRecord::tls_deserialize_bytes(raw.value()) {
-                Ok((record, [])) => Ok(record),
-                _ => Err(StoreError::Corrupt("groups").into()),
-            }
-        })
-        .await?;
+        .load_group(group.to_mls_bytes())
+        .await?
+        .ok_or(ServiceError::GroupNotFound)?;
     blocking(move || DsGroup::from_snapshot(record.snapshot.as_slice()))
         .await?
         .map_err(|err| ServiceError::Internal(format!("stored group does not restore: {err}")))
@@ -328,17 +283,7 @@ pub(crate) async fn create(
         }
     })
     .await??;
-    let record = GroupRecord::of(&group)?;
-    state
-        .store
-        .write(move |txn| {
-            if txn.open_table(GROUPS)?.get(group_id.as_slice())?.is_some() {
-                return Ok(Err(ServiceError::GroupExists));
-            }
-            store_group(txn, &group_id, &record)?;
-            Ok(Ok(()))
-        })
-        .await?;
+    state.store.create_group(GroupState::of(&group)?).await?;
     let epoch = group.epoch();
     *slot = Some(group);
     tracing::info!(group = %req.group, "group created");
@@ -424,37 +369,30 @@ async fn commit_common(
     let mut introduced: Vec<&Member> = outcome.added.iter().collect();
     introduced.extend(outcome.committer.iter());
     verify_remote_credentials(state, &introduced).await?;
-    let record = GroupRecord::of(&group)?;
-    let key = group_id.to_mls_bytes();
-    let commit_payload = QueuePayload::GroupMessage(GroupMessage {
+    let new_state = GroupState::of(&group)?;
+    let mut fan_outs = vec![commit_to.with(QueuePayload::GroupMessage(GroupMessage {
         group: group_id.clone(),
         message: commit,
-    });
-    let welcome_payload = welcome.map(|w| {
-        QueuePayload::Welcome(GroupMessage {
+    }))];
+    if let Some(welcome) = welcome {
+        fan_outs.push(welcome_to.with(QueuePayload::Welcome(GroupMessage {
             group: group_id.clone(),
-            message: w,
-        })
-    });
+            message: welcome,
+        })));
+    }
     let max_depth = state.settings.limits.max_queue_depth;
-    let written = state
+    let result = state
         .store
-        .write(move |txn| {
-            let mut wake = Wake::default();
-            store_group(txn, &key, &record)?;
-            let commits = fan_out(txn, max_depth, &commit_to, &commit_payload, &mut wake)?;
-            let welcomes = match &welcome_payload {
-                Some(payload) => fan_out(txn, max_depth, &welcome_to, payload, &mut wake)?,
-                None => 0,
-            };
-            Ok(Ok::<_, ServiceError>((wake, commits, welcomes)))
-        })
-        .await;
-    let (wake, commits, welcomes) = written?;
+        .apply(Some(new_state), fan_outs, max_depth)
+        .await?;
     let epoch = group.epoch();
     *slot = Some(group);
     drop(slot);
-    wake.run(state);
+    let reached = result.wake(state);
+    let (commits, welcomes) = (
+        reached.first().copied().unwrap_or(0),
+        reached.get(1).copied().unwrap_or(0),
+    );
     metrics::histogram!("roost_fanout_recipients").record(f64::from(commits + welcomes));
     tracing::debug!(group = %group_id, epoch, commits, welcomes, "commit accepted");
     Ok(CommitResponse { epoch })
@@ -530,16 +468,12 @@ pub(crate) async fn send_message(
         message: req.message,
     });
     let max_depth = state.settings.limits.max_queue_depth;
-    let (wake, reached) = state
+    let result = state
         .store
-        .write(move |txn| {
-            let mut wake = Wake::default();
-            let reached = fan_out(txn, max_depth, &to, &payload, &mut wake)?;
-            Ok(Ok::<_, ServiceError>((wake, reached)))
-        })
+        .apply(None, vec![to.with(payload)], max_depth)
         .await?;
     drop(slot);
-    wake.run(state);
+    let reached = result.wake(state).first().copied().unwrap_or(0);
     metrics::histogram!("roost_fanout_recipients").record(f64::from(reached));
     Ok(SendMessageResponse {
         recipients: reached,
@@ -573,25 +507,19 @@ pub(crate) async fn leave(
         }
     };
     let to = recipients(state, &members, std::slice::from_ref(&identity))?;
-    let record = GroupRecord::of(&group)?;
-    let key = req.group.to_mls_bytes();
+    let new_state = GroupState::of(&group)?;
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),
         message: req.proposal,
     });
     let max_depth = state.settings.limits.max_queue_depth;
-    let wake = state
+    let result = state
         .store
-        .write(move |txn| {
-            let mut wake = Wake::default();
-            store_group(txn, &key, &record)?;
-            fan_out(txn, max_depth, &to, &payload, &mut wake)?;
-            Ok(Ok::<_, ServiceError>(wake))
-        })
+        .apply(Some(new_state), vec![to.with(payload)], max_depth)
         .await?;
     *slot = Some(group);
     drop(slot);
-    wake.run(state);
+    result.wake(state);
     Ok(LeaveGroupResponse {})
 }
 

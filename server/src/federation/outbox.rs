@@ -8,16 +8,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redb::{ReadableTable, WriteTransaction};
 use roost_protocol::Domain;
 use roost_protocol::messages::Response;
 use roost_protocol::messages::federation::{DeliverRequest, Delivery};
-use tls_codec::{DeserializeBytes, Serialize as _};
 use tokio::sync::{Notify, mpsc};
 
 use crate::State;
-use crate::storage::tables::OUTBOX;
-use crate::storage::{StoreError, next_counter};
+use crate::error::ServiceError;
 
 /// Wakes the per-domain workers.
 #[derive(Default)]
@@ -40,21 +37,19 @@ impl Outbox {
     }
 }
 
-/// Adds deliveries for `domain` inside `txn`.
-pub(crate) fn add_in_txn(
-    txn: &WriteTransaction,
-    domain: &Domain,
-    deliveries: &[Delivery],
-) -> Result<(), StoreError> {
-    let mut outbox = txn.open_table(OUTBOX)?;
-    for delivery in deliveries {
-        let seq = next_counter(txn, "next_outbox_seq")?;
-        let bytes = delivery
-            .tls_serialize_detached()
-            .map_err(|_| StoreError::Corrupt("delivery encoding"))?;
-        outbox.insert((domain.as_str(), seq), bytes.as_slice())?;
-    }
-    Ok(())
+/// What the outbox needs from storage (implemented for redb in `storage::outbox`; entries are
+/// added by the Delivery Service's fan-out transaction).
+pub(crate) trait OutboxStore {
+    /// Domains with pending entries.
+    async fn pending_domains(&self) -> Result<Vec<Domain>, ServiceError>;
+    /// The oldest `max` entries for `domain`, in order, with their seqs.
+    async fn outbox_batch(
+        &self,
+        domain: &Domain,
+        max: usize,
+    ) -> Result<Vec<(u64, Delivery)>, ServiceError>;
+    /// Deletes delivered entries.
+    async fn outbox_remove(&self, domain: &Domain, seqs: Vec<u64>) -> Result<(), ServiceError>;
 }
 
 /// Starts the dispatcher: one worker per destination with pending entries, now and whenever
@@ -72,7 +67,7 @@ pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) 
     tracker.spawn(async move {
         let mut workers: HashMap<Domain, Arc<Notify>> = HashMap::new();
         // Entries left from before a restart.
-        match pending_domains(&state).await {
+        match state.store.pending_domains().await {
             Ok(domains) => state.federation.outbox.wake(domains),
             Err(err) => tracing::error!(%err, "cannot read the outbox"),
         }
@@ -94,73 +89,17 @@ pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) 
     });
 }
 
-async fn pending_domains(state: &State) -> Result<Vec<Domain>, StoreError> {
-    state
-        .store
-        .read(|txn| {
-            let outbox = txn.open_table(OUTBOX)?;
-            let mut domains: Vec<Domain> = Vec::new();
-            for entry in outbox.iter()? {
-                let (key, _) = entry?;
-                if let Ok(domain) = key.value().0.parse::<Domain>()
-                    && domains.last() != Some(&domain)
-                {
-                    domains.push(domain);
-                }
-            }
-            domains.dedup();
-            Ok(domains)
-        })
-        .await
-}
-
-async fn read_batch(
-    state: &State,
-    domain: &Domain,
-    max: usize,
-) -> Result<Vec<(u64, Delivery)>, StoreError> {
-    let name = domain.as_str().to_owned();
-    state
-        .store
-        .read(move |txn| {
-            let outbox = txn.open_table(OUTBOX)?;
-            let mut batch = Vec::new();
-            for entry in outbox.range((name.as_str(), 0)..=(name.as_str(), u64::MAX))? {
-                let (key, value) = entry?;
-                match Delivery::tls_deserialize_bytes(value.value()) {
-                    Ok((delivery, [])) => batch.push((key.value().1, delivery)),
-                    _ => return Err(StoreError::Corrupt("outbox")),
-                }
-                if batch.len() >= max {
-                    break;
-                }
-            }
-            Ok(batch)
-        })
-        .await
-}
-
-async fn remove(state: &State, domain: &Domain, seqs: Vec<u64>) -> Result<(), StoreError> {
-    let name = domain.as_str().to_owned();
-    state
-        .store
-        .write(move |txn| {
-            let mut outbox = txn.open_table(OUTBOX)?;
-            for seq in seqs {
-                outbox.remove((name.as_str(), seq))?;
-            }
-            Ok(Ok(()))
-        })
-        .await
-}
-
 async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
     let config = &state.federation.config;
     let initial = Duration::from_millis(config.retry_initial_ms.max(1));
     let max_delay = Duration::from_millis(config.retry_max_ms.max(config.retry_initial_ms).max(1));
     let mut delay = initial;
     loop {
-        let batch = match read_batch(&state, &domain, config.outbox_batch.max(1) as usize).await {
+        let batch = match state
+            .store
+            .outbox_batch(&domain, config.outbox_batch.max(1) as usize)
+            .await
+        {
             Ok(batch) => batch,
             Err(err) => {
                 tracing::error!(%domain, %err, "cannot read the outbox");
@@ -204,7 +143,7 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
             }
         };
         if done {
-            if let Err(err) = remove(&state, &domain, seqs).await {
+            if let Err(err) = state.store.outbox_remove(&domain, seqs).await {
                 tracing::error!(%domain, %err, "cannot remove delivered entries");
             }
             delay = initial;

@@ -334,7 +334,6 @@ impl DsGroup {
         self.public.group_context().epoch().as_u64()
     }
 
-    #[cfg(test)]
     pub(crate) fn group_id(&self) -> Vec<u8> {
         self.public.group_id().to_vec()
     }

@@ -8,7 +8,9 @@
 //! written anything. The caller's future resolves only after the batch committed durably.
 
 pub(crate) mod auth;
+pub(crate) mod groups;
 pub(crate) mod keypackage;
+pub(crate) mod outbox;
 pub(crate) mod queue;
 pub(crate) mod tables;
 

@@ -9,7 +9,9 @@ use roost_protocol::{ClientId, MessageId};
 use tls_codec::Serialize as _;
 
 use crate::auth::AuthStore;
+use crate::delivery::{FanOut, GroupState, GroupStore};
 use crate::error::ServiceError;
+use crate::federation::outbox::OutboxStore;
 use crate::keypackage::KeyPackageStore;
 use crate::queue::{Enqueued, QueueStore};
 
@@ -299,6 +301,85 @@ pub(crate) async fn queues<S: AuthStore + QueueStore>(store: &S) {
     ));
 }
 
+pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + OutboxStore>(
+    store: &S,
+) {
+    let local: ClientId = "g@example.org/phone".parse().unwrap();
+    let num = store
+        .add_client(credential("g@example.org/phone"))
+        .await
+        .unwrap();
+    let state = |epoch| GroupState {
+        key: vec![1, 2, 3],
+        epoch,
+        snapshot: vec![epoch as u8; 10],
+    };
+    store.create_group(state(0)).await.unwrap();
+    assert!(matches!(
+        store.create_group(state(0)).await,
+        Err(ServiceError::GroupExists)
+    ));
+    assert_eq!(
+        store
+            .load_group(vec![1, 2, 3])
+            .await
+            .unwrap()
+            .unwrap()
+            .snapshot,
+        vec![0; 10]
+    );
+    assert!(store.load_group(vec![9]).await.unwrap().is_none());
+
+    let beta: roost_protocol::Domain = "beta.test".parse().unwrap();
+    let remote: ClientId = "r@beta.test/phone".parse().unwrap();
+    let fan = |n: u8| FanOut {
+        local: vec![local.clone(), "gone@example.org/x".parse().unwrap()],
+        remote: [(beta.clone(), vec![remote.clone()])].into_iter().collect(),
+        payload: QueuePayload::GroupMessage(GroupMessage {
+            group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                .parse()
+                .unwrap(),
+            message: vec![n].into(),
+        }),
+    };
+    let result = store
+        .apply(Some(state(1)), vec![fan(1), fan(2)], 10)
+        .await
+        .unwrap();
+    // Unknown local recipients are skipped; the remote one is counted once it is in the outbox.
+    assert_eq!(result.reached, vec![2, 2]);
+    assert_eq!(result.queues, vec![(num, 1), (num, 2)]);
+    assert_eq!(
+        store
+            .load_group(vec![1, 2, 3])
+            .await
+            .unwrap()
+            .unwrap()
+            .epoch,
+        1
+    );
+    assert_eq!(
+        store
+            .read_queue(num, 0, 10, 1 << 20, 0)
+            .await
+            .unwrap()
+            .0
+            .len(),
+        2
+    );
+
+    assert_eq!(store.pending_domains().await.unwrap(), vec![beta.clone()]);
+    let batch = store.outbox_batch(&beta, 10).await.unwrap();
+    assert_eq!(batch.len(), 2);
+    assert!(batch.iter().all(|(_, d)| d.recipient == remote));
+    assert!(batch[0].0 < batch[1].0, "in order");
+    store.outbox_batch(&beta, 1).await.unwrap();
+    store.outbox_remove(&beta, vec![batch[0].0]).await.unwrap();
+    assert_eq!(store.outbox_batch(&beta, 10).await.unwrap().len(), 1);
+    store.outbox_remove(&beta, vec![batch[1].0]).await.unwrap();
+    assert!(store.pending_domains().await.unwrap().is_empty());
+}
+
 mod redb_backend {
     use crate::storage::Store;
 
@@ -318,6 +399,12 @@ mod redb_backend {
     async fn key_packages() {
         let (_dir, store) = open();
         super::key_packages(&store).await;
+    }
+
+    #[tokio::test]
+    async fn groups_and_outbox() {
+        let (_dir, store) = open();
+        super::groups_and_outbox(&store).await;
     }
 
     #[tokio::test]

@@ -1,0 +1,144 @@
+//! redb implementation of the Delivery Service's store: hosted groups' states, and fan-outs
+//! that write a group's new state, every local recipient's queue entry (payload stored once)
+//! and every remote recipient's outbox entry in one transaction.
+
+use redb::ReadableTable;
+use roost_protocol::MessageId;
+use roost_protocol::messages::federation::Delivery;
+use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
+
+use super::auth::active_client;
+use super::queue::enqueue_in_txn;
+use super::tables::{CLIENTS, GROUPS};
+use super::{Store, StoreError};
+use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore};
+use crate::error::ServiceError;
+use crate::queue::Enqueued;
+
+/// A hosted group as stored.
+#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct StoredGroup {
+    epoch: u64,
+    snapshot: roost_protocol::Opaque,
+}
+
+fn store_group(txn: &redb::WriteTransaction, state: &GroupState) -> Result<(), StoreError> {
+    let record = StoredGroup {
+        epoch: state.epoch,
+        snapshot: state.snapshot.clone().into(),
+    };
+    let bytes = record
+        .tls_serialize_detached()
+        .map_err(|_| StoreError::Corrupt("group encoding"))?;
+    txn.open_table(GROUPS)?
+        .insert(state.key.as_slice(), bytes.as_slice())?;
+    Ok(())
+}
+
+/// Writes one fan-out inside `txn`; returns the recipients reached.
+fn fan_out(
+    txn: &redb::WriteTransaction,
+    max_depth: u64,
+    fan_out: &FanOut,
+    result: &mut FanOutResult,
+) -> Result<u32, StoreError> {
+    let id = MessageId(rand::random());
+    let timestamp_ms = crate::unix_millis();
+    let mut reached = 0;
+    for (domain, clients) in &fan_out.remote {
+        let deliveries: Vec<Delivery> = clients
+            .iter()
+            .map(|recipient| Delivery {
+                recipient: recipient.clone(),
+                id,
+                timestamp_ms,
+                payload: fan_out.payload.clone(),
+            })
+            .collect();
+        super::outbox::add_in_txn(txn, domain, &deliveries)?;
+        reached += deliveries.len() as u32;
+        result.domains.push(domain.clone());
+    }
+    let clients = txn.open_table(CLIENTS)?;
+    let mut nums = Vec::with_capacity(fan_out.local.len());
+    for client in &fan_out.local {
+        if let Some(record) = active_client(&clients, client)? {
+            nums.push(record.client_num);
+        }
+    }
+    drop(clients);
+    let bytes = fan_out
+        .payload
+        .tls_serialize_detached()
+        .map_err(|_| StoreError::Corrupt("payload encoding"))?;
+    let outcomes = enqueue_in_txn(txn, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
+    for (num, outcome) in nums.iter().zip(outcomes) {
+        match outcome {
+            Enqueued::Queued(seq) => {
+                result.queues.push((*num, seq));
+                reached += 1;
+            }
+            Enqueued::Duplicate(_) => reached += 1,
+            Enqueued::Full => {
+                metrics::counter!("roost_queue_full_drops_total").increment(1);
+                tracing::warn!(
+                    client_num = num,
+                    "queue full: message dropped for this recipient"
+                );
+            }
+        }
+    }
+    Ok(reached)
+}
+
+impl GroupStore for Store {
+    async fn load_group(&self, key: Vec<u8>) -> Result<Option<GroupState>, ServiceError> {
+        self.read(move |txn| {
+            let groups = txn.open_table(GROUPS)?;
+            let Some(raw) = groups.get(key.as_slice())? else {
+                return Ok(None);
+            };
+            match StoredGroup::tls_deserialize_bytes(raw.value()) {
+                Ok((record, [])) => Ok(Some(GroupState {
+                    key: key.clone(),
+                    epoch: record.epoch,
+                    snapshot: record.snapshot.into_vec(),
+                })),
+                _ => Err(StoreError::Corrupt("groups")),
+            }
+        })
+        .await
+        .map_err(ServiceError::from)
+    }
+
+    async fn create_group(&self, state: GroupState) -> Result<(), ServiceError> {
+        self.write(move |txn| {
+            if txn.open_table(GROUPS)?.get(state.key.as_slice())?.is_some() {
+                return Ok(Err(ServiceError::GroupExists));
+            }
+            store_group(txn, &state)?;
+            Ok(Ok(()))
+        })
+        .await
+    }
+
+    async fn apply(
+        &self,
+        state: Option<GroupState>,
+        fan_outs: Vec<FanOut>,
+        max_depth: u64,
+    ) -> Result<FanOutResult, ServiceError> {
+        self.write(move |txn| {
+            if let Some(state) = &state {
+                store_group(txn, state)?;
+            }
+            let mut result = FanOutResult::default();
+            for fan in &fan_outs {
+                let reached = fan_out(txn, max_depth, fan, &mut result)?;
+                result.reached.push(reached);
+            }
+            Ok(Ok(result))
+        })
+        .await
+    }
+}
