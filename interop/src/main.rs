@@ -1,0 +1,144 @@
+//! `roost-interop`: start local federating homeservers (`up`), run the federation scenario
+//! suite (`run`) or a short demo (`demo`).
+//!
+//! The `roost` binary is `--roost PATH` (or `$ROOST_BIN`); without it, it is built with
+//! `cargo build -p roost-server --bin roost` in the same profile as this program (see
+//! `roost_interop::binary`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use roost_interop::binary::{Profile, locate_roost};
+use roost_interop::harness::{Harness, HarnessConfig};
+use roost_interop::scenarios;
+
+#[derive(Parser)]
+#[command(
+    name = "roost-interop",
+    version,
+    about = "Local federating roost homeservers: start them, run the scenario suite, or a demo"
+)]
+struct Cli {
+    /// The roost homeserver binary (default: build it with cargo).
+    #[arg(long, env = "ROOST_BIN", global = true)]
+    roost: Option<PathBuf>,
+    /// Build the homeserver in release mode (when --roost is not given).
+    #[arg(long, global = true)]
+    release: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start N homeservers (alpha.test, beta.test, ...), write DIR/servers.json and run until
+    /// Ctrl-C (or SIGTERM), which stops them.
+    Up {
+        /// How many homeservers.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+        servers: u16,
+        /// Directory for the CA, configurations, data and logs.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Run the scenario suite against fresh homeservers; prints one line per scenario and
+    /// `N passed, M failed`. Exits non-zero if any failed.
+    Run {
+        /// Run only this scenario.
+        #[arg(long)]
+        scenario: Option<String>,
+        /// List the scenarios and exit.
+        #[arg(long)]
+        list: bool,
+    },
+    /// Two homeservers, two users, a short conversation printed as it happens.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("roost-interop: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Run { list: true, .. } = cli.command {
+        for scenario in scenarios::SCENARIOS {
+            println!("{:<20} {}", scenario.name, scenario.about);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let profile = if cli.release {
+        Profile::Release
+    } else {
+        Profile::of_current_exe()
+    };
+    let roost = locate_roost(cli.roost.as_deref(), &profile)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Up { servers, dir } => up(roost, usize::from(servers), dir).await,
+            Command::Run { scenario, .. } => {
+                let mut stdout = std::io::stdout();
+                let outcomes =
+                    scenarios::run_suite(&roost, scenario.as_deref(), &mut stdout).await?;
+                Ok(if outcomes.iter().all(|o| o.passed) {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                })
+            }
+            Command::Demo => {
+                roost_interop::demo::run(&roost, &mut std::io::stdout()).await?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })
+}
+
+async fn up(roost: PathBuf, count: usize, dir: PathBuf) -> anyhow::Result<ExitCode> {
+    let dir =
+        std::path::absolute(&dir).with_context(|| format!("bad directory {}", dir.display()))?;
+    let mut config = HarnessConfig::new(roost, &dir, count);
+    // A person's servers retry federation like production ones (up to 30 s).
+    config.retry_max_ms = 30_000;
+    let harness = Harness::start(config).await?;
+    let file = harness.write_servers_json()?;
+    for server in harness.servers() {
+        println!(
+            "{:<14} {}  data {}  log {}",
+            server.domain,
+            server.addr,
+            server.data_dir.display(),
+            server.log_file.display()
+        );
+    }
+    println!("CA certificate: {}", harness.ca_file().display());
+    println!("servers: {}", file.display());
+    println!(
+        "users are name@<domain>; clients trust the CA certificate (or pin a server's cert.pem)"
+    );
+    println!("Ctrl-C stops the servers");
+    wait_for_signal().await?;
+    println!("stopping");
+    harness.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! Outage scenarios: the recipient's homeserver stopped or killed while the hub fans out to
+//! it, and the hub itself restarted mid-conversation. Users must get every message exactly
+//! once, in order, once the servers are back.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use roost_protocol::GroupId;
+
+use super::{Ctx, ScenarioFuture, check, deliver, each_once, received, settle};
+use crate::harness::Harness;
+use crate::member::Member;
+
+const ALPHA: usize = 0;
+const BETA: usize = 1;
+const GAMMA: usize = 2;
+/// Longest wait for messages held back by an outage. A client whose server was killed
+/// notices only when its QUIC connection times out (idle timeout, 30 s by default).
+const OUTAGE_WAIT: Duration = Duration::from_secs(60);
+
+/// alice (alpha, hub) and bob (beta) in a group; returns the group.
+async fn pair_group(ctx: &Ctx, h: &Harness) -> anyhow::Result<(Member, Member, GroupId)> {
+    let alice = ctx.member(h, ALPHA, "alice").await?;
+    let bob = ctx.member(h, BETA, "bob").await?;
+    let group = alice.client().create_group().await?;
+    alice
+        .client()
+        .invite(&group, std::slice::from_ref(bob.user()))
+        .await
+        .context("alice inviting bob")?;
+    bob.wait_joined(Some(&group)).await?;
+    deliver(&group, &alice, "before", &[&bob]).await?;
+    Ok((alice, bob, group))
+}
+
+/// Waits until `member` holds exactly `expected` (texts, in order) in `group`, then checks
+/// that nothing more arrives.
+async fn exactly(member: &Member, group: &GroupId, expected: &[String]) -> anyhow::Result<()> {
+    let got = member
+        .wait_until(
+            &format!("{} messages", expected.len()),
+            OUTAGE_WAIT,
+            |events| {
+                let got = crate::member::texts(events, group);
+                (got.len() >= expected.len()).then_some(got)
+            },
+        )
+        .await?;
+    check(got == expected, || {
+        format!("{} got {got:?}, expected {expected:?}", member.id())
+    })?;
+    settle(Duration::from_millis(1000)).await;
+    let after = member.messages(group).len();
+    check(after == expected.len(), || {
+        format!(
+            "{} got {after} messages, expected exactly {}",
+            member.id(),
+            expected.len()
+        )
+    })
+}
+
+/// Bob's server is stopped (SIGTERM) while alice sends ten messages, then started again.
+pub(super) fn recipient_down(ctx: Ctx) -> ScenarioFuture {
+    Box::pin(async move {
+        let mut h = ctx.harness(2).await?;
+        let (alice, bob, group) = pair_group(&ctx, &h).await?;
+        h.stop(BETA).await.context("stopping beta")?;
+        let mut expected = vec!["before".to_owned()];
+        for n in 0..10 {
+            let text = format!("while beta is down {n}");
+            alice
+                .client()
+                .send(&group, text.as_bytes())
+                .await
+                .with_context(|| format!("alice sending {text:?} (the hub must accept it)"))?;
+            expected.push(text);
+        }
+        settle(Duration::from_millis(300)).await;
+        h.restart(BETA).await.context("restarting beta")?;
+        exactly(&bob, &group, &expected).await?;
+        deliver(&group, &bob, "I am back", &[&alice]).await?;
+        each_once(&group, &[&alice, &bob])?;
+        Ok(())
+    })
+}
+
+/// Bob's server is killed (SIGKILL) in the middle of a burst, then started again: nothing it
+/// acknowledged is lost, nothing the hub retries is queued twice.
+pub(super) fn recipient_killed(ctx: Ctx) -> ScenarioFuture {
+    Box::pin(async move {
+        let mut h = ctx.harness(2).await?;
+        let (alice, bob, group) = pair_group(&ctx, &h).await?;
+        let mut expected = vec!["before".to_owned()];
+        for n in 0..20 {
+            if n == 8 {
+                h.kill(BETA).context("killing beta")?;
+            }
+            let text = format!("burst {n}");
+            alice
+                .client()
+                .send(&group, text.as_bytes())
+                .await
+                .with_context(|| format!("alice sending {text:?}"))?;
+            expected.push(text);
+        }
+        settle(Duration::from_millis(300)).await;
+        h.restart(BETA).await.context("restarting beta")?;
+        exactly(&bob, &group, &expected).await?;
+        deliver(&group, &bob, "I am back", &[&alice]).await?;
+        each_once(&group, &[&alice, &bob])?;
+        Ok(())
+    })
+}
+
+/// The hub (alpha) is restarted right after accepting a message; the group carries on:
+/// held-back deliveries go out, members on every server send and commit again.
+pub(super) fn hub_restart(ctx: Ctx) -> ScenarioFuture {
+    Box::pin(async move {
+        let mut h = ctx.harness(3).await?;
+        let alice = ctx.member(&h, ALPHA, "alice").await?;
+        let bob = ctx.member(&h, BETA, "bob").await?;
+        let carol = ctx.member(&h, GAMMA, "carol").await?;
+        let dave = ctx.member(&h, BETA, "dave").await?;
+        let group = alice.client().create_group().await?;
+        alice
+            .client()
+            .invite(&group, &[bob.user().clone(), carol.user().clone()])
+            .await?;
+        bob.wait_joined(Some(&group)).await?;
+        carol.wait_joined(Some(&group)).await?;
+        deliver(&group, &alice, "one", &[&bob, &carol]).await?;
+        deliver(&group, &bob, "two", &[&alice, &carol]).await?;
+
+        // Mid-conversation: the hub accepts carol's message and goes down at once.
+        carol.client().send(&group, b"three").await?;
+        h.stop(ALPHA).await.context("stopping the hub")?;
+        h.restart(ALPHA).await.context("restarting the hub")?;
+        for member in [&alice, &bob] {
+            member
+                .wait_until("message three", OUTAGE_WAIT, |events| {
+                    crate::member::texts(events, &group)
+                        .iter()
+                        .any(|t| t == "three")
+                        .then_some(())
+                })
+                .await?;
+        }
+        received(&bob, &group, &carol, "three").await?;
+
+        deliver(&group, &bob, "hub is back", &[&alice, &carol]).await?;
+        deliver(&group, &alice, "so am I", &[&bob, &carol]).await?;
+        // A commit after the restart: the hub still has the group's state.
+        carol
+            .client()
+            .invite(&group, std::slice::from_ref(dave.user()))
+            .await
+            .context("carol inviting dave after the restart")?;
+        dave.wait_joined(Some(&group)).await?;
+        for member in [&alice, &bob, &carol, &dave] {
+            member
+                .wait_members(&group, &[alice.id(), bob.id(), carol.id(), dave.id()])
+                .await?;
+        }
+        deliver(&group, &dave, "new here", &[&alice, &bob, &carol]).await?;
+        settle(Duration::from_millis(500)).await;
+        each_once(&group, &[&alice, &bob, &carol, &dave])?;
+        for (member, want) in [(&alice, 4), (&bob, 4), (&carol, 5)] {
+            let count = member.messages(&group).len();
+            check(count == want, || {
+                format!("{} has {count} messages, expected {want}", member.id())
+            })?;
+        }
+        Ok(())
+    })
+}
