@@ -10,8 +10,10 @@
 //! - [`member`]: an SDK client with its events collected, as scenarios use it; [`raw`]:
 //!   connections below the SDK (raw authenticated clients, peer homeservers).
 //! - [`demo`]: a short conversation across two homeservers, printed as it happens.
+//! - [`bench`]: the load generator (`roost-interop bench`), its workloads and baselines.
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod binary;
 pub mod demo;
 pub mod harness;

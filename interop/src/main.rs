@@ -1,5 +1,5 @@
 //! `roost-interop`: start local federating homeservers (`up`), run the federation scenario
-//! suite (`run`) or a short demo (`demo`).
+//! suite (`run`), a short demo (`demo`) or the load generator (`bench`).
 //!
 //! The `roost` binary is `--roost PATH` (or `$ROOST_BIN`); without it, it is built with
 //! `cargo build -p roost-server --bin roost` in the same profile as this program (see
@@ -55,6 +55,83 @@ enum Command {
     },
     /// Two homeservers, two users, a short conversation printed as it happens.
     Demo,
+    /// Load generator: starts two release homeservers, runs the workloads and prints a table
+    /// (or JSON lines) of results beside same-run baselines. See docs/BENCHMARKS.md.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// One JSON object per line per result on stdout instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Run only these workloads (repeatable): keypackages, send-1to1, federated-send,
+    /// idle-connections, commit, fanout.
+    #[arg(long = "workload")]
+    workloads: Vec<String>,
+    /// Concurrent pairs of send-1to1 and federated-send.
+    #[arg(long, default_value_t = 100)]
+    pairs: usize,
+    /// Seconds each send phase runs.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// Fanout group sizes (members, the sender included).
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+    members: Vec<usize>,
+    /// Messages per fanout group size.
+    #[arg(long, default_value_t = 5)]
+    fanout_rounds: usize,
+    /// Commit workload group sizes.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    commit_sizes: Vec<usize>,
+    /// Commits per commit-workload group size.
+    #[arg(long, default_value_t = 20)]
+    commits: usize,
+    /// Clients whose KeyPackages are claimed, and KeyPackages each (≤ 1000).
+    #[arg(long, default_value_t = 20)]
+    kp_targets: usize,
+    #[arg(long, default_value_t = 1000)]
+    kp_per_target: usize,
+    /// Concurrent claiming clients.
+    #[arg(long, default_value_t = 32)]
+    claimers: usize,
+    /// Idle listening connections.
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Directory for the servers' data and logs (default: a temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
+    use roost_interop::bench;
+    let config = bench::BenchConfig {
+        roost,
+        workloads: args.workloads,
+        pairs: args.pairs,
+        duration: std::time::Duration::from_secs_f64(args.duration.clamp(0.1, 600.0)),
+        members: args.members,
+        fanout_rounds: args.fanout_rounds,
+        commit_sizes: args.commit_sizes,
+        commits: args.commits,
+        kp_targets: args.kp_targets,
+        kp_per_target: args.kp_per_target,
+        claimers: args.claimers,
+        idle: args.idle,
+        progress: !args.no_progress,
+        dir: args.dir,
+    };
+    let results = bench::run(config)?;
+    let mut stdout = std::io::stdout();
+    if args.json {
+        bench::print_json(&results, &mut stdout)?;
+    } else {
+        bench::print_table(&results, &mut stdout)?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn main() -> ExitCode {
@@ -69,6 +146,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Bench(args) = cli.command {
+        return bench(cli.roost, args);
+    }
     if let Command::Run { list: true, .. } = cli.command {
         for scenario in scenarios::SCENARIOS {
             println!("{:<20} {}", scenario.name, scenario.about);
@@ -101,6 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 roost_interop::demo::run(&roost, &mut std::io::stdout()).await?;
                 Ok(ExitCode::SUCCESS)
             }
+            Command::Bench(_) => Ok(ExitCode::SUCCESS),
         }
     })
 }

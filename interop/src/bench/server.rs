@@ -1,0 +1,138 @@
+//! The homeservers a benchmark runs against: a [`Harness`] whose servers get limits that do
+//! not throttle a load generator sending from one address.
+//!
+//! The harness writes each server's configuration with scenario limits; the bench rewrites the
+//! `[limits]` and `[federation]` tables of every `config.toml` with [`BENCH_LIMITS`] and
+//! restarts the servers (same port, same, still empty, data directory) before any load.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use roost_client::transport::ConnectConfig;
+
+use crate::harness::{Harness, HarnessConfig};
+
+/// `[limits]` of a benchmarked server: rate limits out of the way (every client of the load
+/// generator registers and claims from 127.0.0.1 and sends as fast as it can), room for
+/// 10,000 listeners and a 10,000-member group. Everything else keeps its default.
+pub const BENCH_LIMITS: &[(&str, i64)] = &[
+    ("registration_rate_per_minute", 1_000_000_000),
+    ("registration_burst", 1_000_000_000),
+    ("claim_rate_per_minute", 1_000_000_000),
+    ("claim_burst", 1_000_000_000),
+    ("send_rate_per_sec", 1_000_000_000),
+    ("send_burst", 1_000_000_000),
+    ("max_connections", 40_000),
+    ("retry_threshold", 40_000),
+    ("max_group_size", 20_000),
+    ("max_frame_len", 33_554_432),
+    ("shutdown_grace_ms", 2_000),
+];
+
+/// `[federation]` fields of a benchmarked server: the peer rate limit out of the way.
+const BENCH_FEDERATION: &[(&str, i64)] = &[
+    ("peer_rate_per_sec", 1_000_000_000),
+    ("peer_burst", 1_000_000_000),
+];
+
+/// Running homeservers for a benchmark.
+pub struct BenchServers {
+    /// The harness (its servers run with [`BENCH_LIMITS`]).
+    pub harness: Harness,
+}
+
+impl BenchServers {
+    /// Starts `count` homeservers of `roost` in `dir` with the bench limits.
+    pub async fn start(roost: &Path, dir: &Path, count: usize) -> anyhow::Result<Self> {
+        let mut config = HarnessConfig::new(roost, dir, count);
+        config.log_filter = Some("warn".into());
+        let mut harness = Harness::start(config).await?;
+        for index in 0..count {
+            let file = harness.server(index)?.config_file.clone();
+            apply_bench_limits(&file)?;
+            harness.stop(index).await?;
+        }
+        for index in 0..count {
+            harness.restart(index).await?;
+        }
+        Ok(Self { harness })
+    }
+
+    /// How clients reach server `index` (trusting the harness CA), with a request timeout long
+    /// enough for the largest commits.
+    pub fn connect_config(&self, index: usize) -> anyhow::Result<ConnectConfig> {
+        let mut config = self.harness.connect_config(index)?;
+        config.request_timeout = std::time::Duration::from_secs(120);
+        config.max_frame_len = 1 << 25;
+        Ok(config)
+    }
+
+    /// The process id of server `index`.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.harness.server(index).ok().and_then(|s| s.pid())
+    }
+
+    /// The domain of server `index`.
+    pub fn domain(&self, index: usize) -> anyhow::Result<String> {
+        Ok(self.harness.server(index)?.domain.clone())
+    }
+
+    /// Stops every server.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.harness.shutdown().await
+    }
+}
+
+/// Rewrites the `[limits]` and `[federation]` tables of a server configuration file.
+fn apply_bench_limits(file: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut config: toml::Table = text
+        .parse()
+        .with_context(|| format!("cannot parse {}", file.display()))?;
+    set_fields(&mut config, "limits", BENCH_LIMITS);
+    set_fields(&mut config, "federation", BENCH_FEDERATION);
+    let text = toml::to_string(&config).context("cannot encode a configuration")?;
+    std::fs::write(file, text).with_context(|| format!("cannot write {}", file.display()))
+}
+
+fn set_fields(config: &mut toml::Table, table: &str, fields: &[(&str, i64)]) {
+    let entry = config
+        .entry(table)
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(section) = entry {
+        for (name, value) in fields {
+            section.insert((*name).to_owned(), toml::Value::Integer(*value));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_are_merged_into_the_existing_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(
+            &file,
+            "domain = \"alpha.test\"\n[limits]\nclaim_burst = 10\nidle_timeout_ms = 5\n\
+             [federation]\nenabled = true\n",
+        )
+        .unwrap();
+        apply_bench_limits(&file).unwrap();
+        let config: toml::Table = std::fs::read_to_string(&file).unwrap().parse().unwrap();
+        assert_eq!(config["domain"].as_str(), Some("alpha.test"));
+        assert_eq!(
+            config["limits"]["claim_burst"].as_integer(),
+            Some(1_000_000_000)
+        );
+        assert_eq!(config["limits"]["idle_timeout_ms"].as_integer(), Some(5));
+        assert_eq!(config["federation"]["enabled"].as_bool(), Some(true));
+        assert_eq!(
+            config["federation"]["peer_burst"].as_integer(),
+            Some(1_000_000_000)
+        );
+    }
+}

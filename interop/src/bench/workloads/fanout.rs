@@ -1,0 +1,124 @@
+//! `fanout`: one sender, a group of N members (the sender and N−1 pooled clients, all
+//! listening). Per message: the time until the SendMessage is acknowledged, i.e. every
+//! member's queue holds it durably (the DS answers after the transaction with the N−1 queue
+//! entries committed), and the time until every listener got it pushed. The baseline is raw
+//! redb: one durable transaction inserting N−1 queue-entry-shaped rows, one per client.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use indicatif::ProgressBar;
+use serde_json::json;
+
+use super::{Pool, set_phase, uuid};
+use crate::bench::baseline::redb_insert;
+use crate::bench::clients::{self, BenchClient};
+use crate::bench::mls::GroupOwner;
+use crate::bench::server::BenchServers;
+use crate::bench::stats::{self, Latencies};
+use crate::bench::{BenchConfig, WorkloadResult};
+
+/// Adds per commit while building the group.
+const SETUP_CHUNK: usize = 1_000;
+/// Longest wait for every listener to get one message.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Transactions of the redb baseline.
+const BASELINE_ROUNDS: usize = 10;
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    config: &BenchConfig,
+    servers: &BenchServers,
+    pool: &mut Pool,
+    owner: BenchClient,
+    size: usize,
+    index: usize,
+    dir: &Path,
+    progress: &ProgressBar,
+) -> anyhow::Result<WorkloadResult> {
+    let size = size.clamp(2, pool.clients.len() + 1);
+    let receivers = size - 1;
+    set_phase(progress, &format!("fanout N={size}: group"), 1);
+    let group_uuid = uuid(4, index);
+    let mut owner = GroupOwner::create(owner, group_uuid).await?;
+    let kps = clients::key_packages(&pool.clients[..receivers]).await?;
+    owner.add_members(kps, SETUP_CHUNK).await?;
+    pool.drain();
+
+    set_phase(
+        progress,
+        &format!("fanout N={size}: messages"),
+        config.fanout_rounds,
+    );
+    let mut durable = Latencies::new();
+    let mut pushed = Latencies::new();
+    for _ in 0..config.fanout_rounds {
+        let request = owner.message(b"fanout")?;
+        let sent = Instant::now();
+        owner.client.conn()?.call(request).await?;
+        durable.record(sent.elapsed());
+        let mut got = HashSet::with_capacity(receivers);
+        let mut last = sent;
+        let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
+        while got.len() < receivers {
+            match tokio::time::timeout_at(deadline, pool.arrivals.recv()).await {
+                Ok(Some((member, uuid, at))) => {
+                    if uuid == group_uuid && member < receivers && got.insert(member) {
+                        last = last.max(at);
+                    }
+                }
+                Ok(None) => bail!("the listeners are gone"),
+                Err(_) => bail!(
+                    "only {} of {receivers} listeners got the message within {PUSH_TIMEOUT:?}",
+                    got.len()
+                ),
+            }
+        }
+        pushed.record(last.duration_since(sent));
+        progress.inc(1);
+    }
+    let peak = stats::rss_of(servers.pid(0)).peak;
+
+    let baseline = redb_insert(dir, receivers, BASELINE_ROUNDS)?;
+    let baseline_us = baseline.as_micros() as f64;
+    let durable_p50 = durable.median();
+    let ratio = if baseline_us > 0.0 {
+        durable_p50 as f64 / baseline_us
+    } else {
+        0.0
+    };
+    let pushed_max = pushed.quantile(1.0);
+    let (target, met) = match size {
+        1_000 => ("durable ≤ 3 × redb insert".to_owned(), ratio <= 3.0),
+        10_000 => (
+            "all listeners pushed ≤ 1 s".to_owned(),
+            pushed_max <= 1_000_000,
+        ),
+        _ => ("none (informational)".to_owned(), true),
+    };
+    Ok(WorkloadResult {
+        workload: "fanout".into(),
+        params: json!({ "members": size, "messages": config.fanout_rounds }),
+        ops_per_sec: if durable_p50 > 0 {
+            receivers as f64 * 1e6 / durable_p50 as f64
+        } else {
+            0.0
+        },
+        p50_us: durable_p50,
+        p99_us: durable.quantile(0.99),
+        p999_us: durable.quantile(0.999),
+        server_peak_rss_bytes: peak,
+        baseline: format!("redb µs, {receivers} rows/txn"),
+        baseline_value: baseline_us,
+        ratio,
+        target,
+        met,
+        details: json!({
+            "all_pushed_p50_us": pushed.median(),
+            "all_pushed_max_us": pushed_max,
+            "ops": "queue deliveries per second (durable); latency: send until durable in every queue",
+        }),
+    })
+}

@@ -1,0 +1,289 @@
+//! `send-1to1` and `federated-send`: C concurrent pairs, each in its own 1:1 group. The sender
+//! sends a real SendMessage (a PrivateMessage of the group's epoch, made once per pair: the
+//! DS checks epoch and membership, not freshness), the DS validates it and enqueues it durably,
+//! the receiver's listen stream gets it pushed and the receiver acks it; then the next.
+//!
+//! Phase 1 runs closed-loop as fast as it goes (messages/s, send→receive latency); phase 2
+//! paces every pair so the total is half that rate and measures latency from each message's
+//! scheduled send time (so a stall counts against every message it delays). The baseline is
+//! the raw quinn echo at the same concurrency, with the same request and response sizes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use indicatif::ProgressBar;
+use roost_client::transport::ListenStream;
+use roost_protocol::frame::encode_frame;
+use roost_protocol::messages::Operation as _;
+use roost_protocol::messages::delivery::{SendMessageRequest, SendMessageResponse};
+use roost_protocol::messages::queue::{ListenEvent, QueueAckRequest, QueuePayload};
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use super::{set_phase, uuid};
+use crate::bench::baseline::{EchoServer, echo_rate};
+use crate::bench::clients::{self, BenchClient};
+use crate::bench::mls::GroupOwner;
+use crate::bench::server::BenchServers;
+use crate::bench::stats::{self, Latencies};
+use crate::bench::{BenchConfig, WorkloadResult};
+
+/// Most messages one pair sends in a phase (the phase's duration normally ends it first).
+const MAX_PER_PAIR: u64 = 1_000_000;
+/// Longest wait for a pushed message.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Application payload size (bytes of plaintext).
+const TEXT_LEN: usize = 100;
+
+struct Pair {
+    sender: BenchClient,
+    receiver: BenchClient,
+    request: SendMessageRequest,
+    stream: ListenStream,
+}
+
+/// The next pushed message's sequence number, and what it carried.
+async fn next_message(stream: &mut ListenStream) -> anyhow::Result<(u64, QueuePayload)> {
+    let event = tokio::time::timeout(PUSH_TIMEOUT, stream.next())
+        .await
+        .context("no message pushed within 30 s")?
+        .context("the listen stream ended")??;
+    match event {
+        ListenEvent::Message(message) => Ok((message.seq, message.payload)),
+        ListenEvent::Closed(err) => anyhow::bail!("listen stream closed: {err:?}"),
+    }
+}
+
+async fn setup(
+    servers: &BenchServers,
+    (from, to): (usize, usize),
+    count: usize,
+    tag: u8,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<Pair>> {
+    let name = if from == to { "send" } else { "fed" };
+    set_phase(progress, &format!("{name}: clients"), 4 * count);
+    let senders = clients::ready_clients(
+        &servers.connect_config(from)?,
+        &servers.domain(from)?,
+        &format!("{name}s"),
+        count,
+        progress,
+    )
+    .await?;
+    let receivers = clients::ready_clients(
+        &servers.connect_config(to)?,
+        &servers.domain(to)?,
+        &format!("{name}r"),
+        count,
+        progress,
+    )
+    .await?;
+    let kps = clients::key_packages(&receivers).await?;
+    set_phase(progress, &format!("{name}: groups"), count);
+    let mut tasks = JoinSet::new();
+    for (i, ((sender, receiver), kp)) in senders.into_iter().zip(receivers).zip(kps).enumerate() {
+        tasks.spawn(async move {
+            let mut owner = GroupOwner::create(sender.clone(), uuid(tag, i)).await?;
+            owner.add_members(vec![kp], 1).await?;
+            let request = owner.message(&[b'x'; TEXT_LEN])?;
+            let mut stream = receiver.conn()?.listen(0).await?;
+            // The Welcome comes first.
+            let (seq, _) = next_message(&mut stream).await?;
+            receiver
+                .conn()?
+                .call(QueueAckRequest { up_to_seq: seq })
+                .await?;
+            Ok::<_, anyhow::Error>(Pair {
+                sender,
+                receiver,
+                request,
+                stream,
+            })
+        });
+    }
+    let mut pairs = Vec::with_capacity(count);
+    while let Some(done) = tasks.join_next().await {
+        pairs.push(done??);
+        progress.inc(1);
+    }
+    Ok(pairs)
+}
+
+/// One pair's loop: closed-loop (`pace` None) or one message per `pace` from `start`.
+async fn drive(
+    mut pair: Pair,
+    start: Instant,
+    deadline: Instant,
+    pace: Option<Duration>,
+) -> anyhow::Result<(Pair, Latencies)> {
+    let mut latencies = Latencies::new();
+    for k in 0..MAX_PER_PAIR {
+        let sent = match pace {
+            Some(pace) => {
+                let at = start + pace.saturating_mul(u32::try_from(k).unwrap_or(u32::MAX));
+                if at >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                at
+            }
+            None => Instant::now(),
+        };
+        if sent >= deadline {
+            break;
+        }
+        pair.sender.conn()?.call(pair.request.clone()).await?;
+        let (seq, _) = next_message(&mut pair.stream).await?;
+        latencies.record(sent.elapsed());
+        pair.receiver
+            .conn()?
+            .call(QueueAckRequest { up_to_seq: seq })
+            .await?;
+    }
+    Ok((pair, latencies))
+}
+
+/// Runs every pair for `duration`; returns the pairs, messages/s and latencies.
+async fn phase(
+    pairs: Vec<Pair>,
+    duration: Duration,
+    total_rate: Option<f64>,
+) -> anyhow::Result<(Vec<Pair>, f64, Latencies)> {
+    let count = pairs.len().max(1);
+    let start = Instant::now();
+    let deadline = start + duration;
+    let pace = total_rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(count as f64 / r));
+    let mut tasks = JoinSet::new();
+    for (i, pair) in pairs.into_iter().enumerate() {
+        // Stagger paced pairs over one interval.
+        let offset = pace.map_or(Duration::ZERO, |p| p.mul_f64(i as f64 / count as f64));
+        tasks.spawn(drive(pair, start + offset, deadline, pace));
+    }
+    let mut all = Latencies::new();
+    let mut back = Vec::with_capacity(count);
+    while let Some(done) = tasks.join_next().await {
+        let (pair, latencies) = done??;
+        all.merge(latencies);
+        back.push(pair);
+    }
+    let ops = stats::rate(all.len(), start.elapsed());
+    Ok((back, ops, all))
+}
+
+/// `send-1to1` (`route` = (0, 0)) or `federated-send` (`route` = (0, 1)).
+pub(super) async fn run(
+    config: &BenchConfig,
+    servers: &BenchServers,
+    route: (usize, usize),
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<WorkloadResult>> {
+    let federated = route.0 != route.1;
+    let (name, tag) = if federated {
+        ("federated-send", 2)
+    } else {
+        ("send-1to1", 1)
+    };
+    let pairs = setup(servers, route, config.pairs, tag, progress).await?;
+    let request_len = match pairs.first() {
+        Some(pair) => encode_frame(&pair.request.clone().into_request())?.len(),
+        None => anyhow::bail!("no pairs"),
+    };
+    let response_len = encode_frame(&roost_protocol::messages::Response::SendMessage(
+        SendMessageResponse { recipients: 1 },
+    ))?
+    .len()
+        - 4;
+
+    set_phase(progress, &format!("{name}: max rate"), 1);
+    let rss_pid = servers.pid(route.0);
+    let (pairs, max_rate, max_latencies) = phase(pairs, config.duration, None).await?;
+    let (pairs, half_rate, half_latencies) = if federated {
+        (pairs, 0.0, Latencies::new())
+    } else {
+        set_phase(progress, &format!("{name}: half rate"), 1);
+        phase(pairs, config.duration, Some(max_rate / 2.0)).await?
+    };
+    let peak = stats::rss_of(rss_pid).peak;
+    let receiver_peak = stats::rss_of(servers.pid(route.1)).peak;
+    for pair in &pairs {
+        pair.sender.conn()?.close();
+        pair.receiver.conn()?.close();
+    }
+
+    set_phase(progress, &format!("{name}: quinn baseline"), 1);
+    let echo = EchoServer::start(response_len)?;
+    let (echo_ops, echo_latencies) =
+        echo_rate(&echo, config.pairs, request_len, config.duration).await?;
+    echo.stop();
+
+    let params = json!({ "pairs": config.pairs, "load": "max" });
+    let details = json!({
+        "messages": max_latencies.len(),
+        "request_bytes": request_len,
+        "response_bytes": response_len,
+        "quinn_echo_p50_us": echo_latencies.median(),
+        "quinn_echo_p99_us": echo_latencies.quantile(0.99),
+        "receiver_server_peak_rss_bytes": receiver_peak,
+    });
+    let ratio = if echo_ops > 0.0 {
+        max_rate / echo_ops
+    } else {
+        0.0
+    };
+    let mut rows = vec![WorkloadResult {
+        workload: name.into(),
+        params,
+        ops_per_sec: max_rate,
+        p50_us: max_latencies.median(),
+        p99_us: max_latencies.quantile(0.99),
+        p999_us: max_latencies.quantile(0.999),
+        server_peak_rss_bytes: peak,
+        baseline: format!("quinn echo req/s, {} conns", config.pairs),
+        baseline_value: echo_ops,
+        ratio,
+        target: "≥ 0.40 × quinn echo".into(),
+        met: ratio >= 0.40,
+        details,
+    }];
+    if !federated {
+        let p99 = half_latencies.quantile(0.99);
+        rows.push(WorkloadResult {
+            workload: name.into(),
+            params: json!({ "pairs": config.pairs, "load": "half", "offered_per_sec": max_rate / 2.0 }),
+            ops_per_sec: half_rate,
+            p50_us: half_latencies.median(),
+            p99_us: p99,
+            p999_us: half_latencies.quantile(0.999),
+            server_peak_rss_bytes: peak,
+            baseline: "send-1to1 max msgs/s".into(),
+            baseline_value: max_rate,
+            ratio: if max_rate > 0.0 { half_rate / max_rate } else { 0.0 },
+            target: "p99 ≤ 10 ms at half the max rate".into(),
+            met: !half_latencies.is_empty() && p99 <= 10_000,
+            details: json!({ "messages": half_latencies.len() }),
+        });
+    }
+    Ok(rows)
+}
+
+/// Makes a `federated-send` row compare with the same run's `send-1to1` rate.
+pub(super) fn compare_with_local(row: &mut WorkloadResult, local_rate: f64) {
+    let echo = row.baseline_value;
+    let echo_name = std::mem::take(&mut row.baseline);
+    if let serde_json::Value::Object(details) = &mut row.details {
+        details.insert("quinn_echo_per_sec".into(), json!(echo));
+        details.insert("quinn_echo_baseline".into(), json!(echo_name));
+    }
+    row.baseline = "send-1to1 msgs/s".into();
+    row.baseline_value = local_rate;
+    row.ratio = if local_rate > 0.0 {
+        row.ops_per_sec / local_rate
+    } else {
+        0.0
+    };
+    row.target = "≥ 0.60 × send-1to1".into();
+    row.met = row.ratio >= 0.60;
+}

@@ -1,0 +1,62 @@
+//! CI smoke run of the load generator (`roost-interop bench`): every workload with tiny
+//! parameters against real `roost` processes, in a few seconds. It checks that the bench keeps
+//! working and reports what it should; it asserts nothing about speed.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use roost_interop::bench::{self, BenchConfig, WORKLOADS};
+
+#[test]
+fn every_workload_runs_and_reports() {
+    let config = BenchConfig {
+        roost: Some(common::roost()),
+        ..BenchConfig::smoke()
+    };
+    let results = bench::run(config).unwrap();
+    for workload in WORKLOADS {
+        assert!(
+            results.iter().any(|r| r.workload == workload),
+            "no result for {workload}"
+        );
+    }
+    for r in &results {
+        assert!(r.ops_per_sec > 0.0, "{} measured nothing", r.workload);
+        assert!(r.p50_us <= r.p99_us && r.p99_us <= r.p999_us);
+        assert!(!r.baseline.is_empty() && r.baseline_value > 0.0, "{r:?}");
+        assert!(r.server_peak_rss_bytes > 0, "{r:?}");
+    }
+    // Correctness, not speed: no KeyPackage was handed out twice.
+    let claims = results
+        .iter()
+        .find(|r| r.workload == "keypackages")
+        .unwrap();
+    assert_eq!(claims.details["duplicates"], 0, "{claims:?}");
+    assert_eq!(claims.details["refused"], 0, "{claims:?}");
+
+    // The JSON lines carry the documented keys.
+    let mut out = Vec::new();
+    bench::print_json(&results, &mut out).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text.lines().count(), results.len());
+    for line in text.lines() {
+        let object: serde_json::Value = serde_json::from_str(line).unwrap();
+        for key in [
+            "workload",
+            "params",
+            "ops_per_sec",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "server_peak_rss_bytes",
+            "baseline",
+            "baseline_value",
+            "ratio",
+            "target",
+            "met",
+        ] {
+            assert!(object.get(key).is_some(), "{key} missing in {line}");
+        }
+        assert!(object["params"].is_object() && object["met"].is_boolean());
+    }
+}
