@@ -12,6 +12,8 @@ use crate::error::ServiceError;
 
 /// File name of the AS signing key (PKCS#8) in the data directory.
 pub const AS_KEY_FILE: &str = "as-signing-key.pk8";
+/// File name of the QUIC stateless-reset secret in the data directory.
+pub const RESET_KEY_FILE: &str = "stateless-reset.key";
 /// File name of the self-signed certificate (PEM) in the data directory.
 pub const CERT_FILE: &str = "server-cert.pem";
 /// File name of the self-signed certificate's key (PEM) in the data directory.
@@ -91,6 +93,30 @@ impl AsKey {
     /// Signs `message`.
     pub fn sign(&self, message: &[u8]) -> Vec<u8> {
         self.pair.sign(message).as_ref().to_vec()
+    }
+}
+
+/// The secret from which QUIC stateless-reset tokens are derived, made once and kept: a
+/// restarted server then recognises packets of connections it lost and resets them at once,
+/// instead of peers waiting for their idle timeout.
+pub fn load_or_create_reset_secret(dir: &Path) -> Result<Vec<u8>, IdentityError> {
+    let path = dir.join(RESET_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() == 32 => Ok(bytes),
+        Ok(_) => Err(IdentityError::Invalid(format!(
+            "{} is not a 32-byte key",
+            path.display()
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            use ring::rand::SecureRandom;
+            let mut secret = vec![0u8; 32];
+            ring::rand::SystemRandom::new()
+                .fill(&mut secret)
+                .map_err(|_| IdentityError::Invalid("no randomness".into()))?;
+            write_private(&path, &secret)?;
+            Ok(secret)
+        }
+        Err(err) => Err(io_err(&path)(err)),
     }
 }
 

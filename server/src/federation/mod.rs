@@ -191,7 +191,12 @@ impl Federation {
             .get_or_try_init(|| async { Endpoint::bind(SocketAddr::from(([0, 0, 0, 0], 0))) })
             .await
             .map_err(|e| ServiceError::Internal(format!("federation endpoint: {e}")))?;
-        let config = ConnectConfig::federation(addr, domain.as_str(), trust, self.identity.clone());
+        let mut config =
+            ConnectConfig::federation(addr, domain.as_str(), trust, self.identity.clone());
+        // A peer that does not answer within this is treated as unreachable (the outbox
+        // retries); a restarted peer resets our old connection at once (stable reset key).
+        config.request_timeout = std::time::Duration::from_secs(10);
+        config.connect_timeout = std::time::Duration::from_secs(5);
         let conn = endpoint.connect(&config).await.map_err(|err| {
             tracing::warn!(%domain, %err, "cannot reach peer");
             ServiceError::PeerUnreachable(domain.to_string())
@@ -213,9 +218,9 @@ impl Federation {
         let conn = self.connection(domain).await?;
         conn.request_federation(request).await.map_err(|err| {
             tracing::debug!(%domain, %err, "federation request failed");
-            if err.is_connection_lost() {
-                conn.close();
-            }
+            // Lost, timed out or broken: drop the pooled connection so that the next request
+            // (an outbox retry) connects afresh instead of waiting on a dead one.
+            conn.close();
             ServiceError::PeerUnreachable(domain.to_string())
         })
     }
