@@ -222,41 +222,41 @@ async fn read_request(recv: &mut RecvStream, max_frame_len: u32) -> Result<Vec<u
     Ok(body)
 }
 
-async fn serve_stream(
-    state: Arc<State>,
-    ctx: Arc<ConnectionContext>,
-    mut send: SendStream,
-    mut recv: RecvStream,
-) {
+/// Reads a request under the per-request deadline. On failure the error response is written,
+/// the stream finished, and None returned.
+async fn receive(state: &State, send: &mut SendStream, mut recv: RecvStream) -> Option<Vec<u8>> {
     let limits = &state.settings.limits;
-    let started = Instant::now();
-    let body = match tokio::time::timeout(
+    let err = match tokio::time::timeout(
         limits.request_read_timeout(),
         read_request(&mut recv, limits.max_frame_len),
     )
     .await
     {
-        Ok(Ok(body)) => body,
-        Ok(Err(err)) => {
-            let _ = recv.stop(VarInt::from_u32(0));
-            metrics::counter!("roost_bad_frames_total", "code" => err.code.name().unwrap_or("UNKNOWN")).increment(1);
-            write_frame(&mut send, &Response::Error(err)).await;
-            finish(&mut send);
-            return;
-        }
-        Err(_) => {
-            let _ = recv.stop(VarInt::from_u32(0));
-            metrics::counter!("roost_bad_frames_total", "code" => "REQUEST_TIMEOUT").increment(1);
-            let err = WireError::new(
-                ErrorCode::REQUEST_TIMEOUT,
-                "request not received within the deadline",
-            );
-            write_frame(&mut send, &Response::Error(err)).await;
-            finish(&mut send);
-            return;
-        }
+        Ok(Ok(body)) => return Some(body),
+        Ok(Err(err)) => err,
+        Err(_) => WireError::new(
+            ErrorCode::REQUEST_TIMEOUT,
+            "request not received within the deadline",
+        ),
     };
-    drop(recv);
+    let _ = recv.stop(VarInt::from_u32(0));
+    metrics::counter!("roost_bad_frames_total", "code" => err.code.name().unwrap_or("UNKNOWN"))
+        .increment(1);
+    write_frame(send, &Response::Error(err)).await;
+    finish(send);
+    None
+}
+
+async fn serve_stream(
+    state: Arc<State>,
+    ctx: Arc<ConnectionContext>,
+    mut send: SendStream,
+    recv: RecvStream,
+) {
+    let started = Instant::now();
+    let Some(body) = receive(&state, &mut send, recv).await else {
+        return;
+    };
     let request = match decode_body::<ClientRequest>(&body) {
         Ok(request) => request,
         Err(err) => {
@@ -408,32 +408,10 @@ async fn serve_peer_stream(
     state: Arc<State>,
     peer: Arc<crate::federation::inbound::PeerContext>,
     mut send: SendStream,
-    mut recv: RecvStream,
+    recv: RecvStream,
 ) {
-    let limits = &state.settings.limits;
-    let read = tokio::time::timeout(
-        limits.request_read_timeout(),
-        read_request(&mut recv, limits.max_frame_len),
-    )
-    .await;
-    let body = match read {
-        Ok(Ok(body)) => body,
-        Ok(Err(err)) => {
-            let _ = recv.stop(VarInt::from_u32(0));
-            write_frame(&mut send, &Response::Error(err)).await;
-            finish(&mut send);
-            return;
-        }
-        Err(_) => {
-            let _ = recv.stop(VarInt::from_u32(0));
-            let err = WireError::new(
-                ErrorCode::REQUEST_TIMEOUT,
-                "request not received within the deadline",
-            );
-            write_frame(&mut send, &Response::Error(err)).await;
-            finish(&mut send);
-            return;
-        }
+    let Some(body) = receive(&state, &mut send, recv).await else {
+        return;
     };
     let response =
         match decode_body::<roost_protocol::messages::federation::FederationRequest>(&body) {

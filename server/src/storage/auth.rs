@@ -45,6 +45,18 @@ fn decode_client(bytes: &[u8]) -> Result<StoredClient, StoreError> {
     }
 }
 
+/// The stored record of an active client, by key.
+fn stored_active<T>(clients: &T, key: &str) -> Result<Option<StoredClient>, StoreError>
+where
+    T: ReadableTable<&'static str, &'static [u8]>,
+{
+    let Some(raw) = clients.get(key)? else {
+        return Ok(None);
+    };
+    let record = decode_client(raw.value())?;
+    Ok((record.revoked == 0).then_some(record))
+}
+
 fn active(stored: StoredClient) -> Option<ClientRecord> {
     (stored.revoked == 0).then_some(ClientRecord {
         credential: stored.credential,
@@ -165,13 +177,10 @@ impl AuthStore for Store {
         let key = client_key(client);
         self.write(move |txn| {
             let mut clients = txn.open_table(CLIENTS)?;
-            let record = match clients.get(key.as_str())? {
-                Some(raw) => decode_client(raw.value())?,
+            let record = match stored_active(&clients, &key)? {
+                Some(record) => record,
                 None => return Ok(Err(ServiceError::ClientNotFound)),
             };
-            if record.revoked != 0 {
-                return Ok(Err(ServiceError::ClientNotFound));
-            }
             let client_num = record.client_num;
             let tombstone = StoredClient {
                 revoked: 1,
@@ -210,13 +219,10 @@ impl AuthStore for Store {
         let key = client_key(&credential.client);
         self.write(move |txn| {
             let mut clients = txn.open_table(CLIENTS)?;
-            let record = match clients.get(key.as_str())? {
-                Some(raw) => decode_client(raw.value())?,
+            let record = match stored_active(&clients, &key)? {
+                Some(record) => record,
                 None => return Ok(Err(ServiceError::ClientNotFound)),
             };
-            if record.revoked != 0 {
-                return Ok(Err(ServiceError::ClientNotFound));
-            }
             let renewed = StoredClient {
                 credential,
                 ..record
