@@ -161,6 +161,10 @@ pub fn run(config: BenchConfig) -> anyhow::Result<Vec<WorkloadResult>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    workloads::LOG_PHASES.store(
+        config.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let progress = if config.progress {
         let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
         bar.set_style(

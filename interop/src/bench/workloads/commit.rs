@@ -28,7 +28,7 @@ const TARGET_RATIO: f64 = 1.3;
 pub(super) async fn run(
     config: &BenchConfig,
     servers: &BenchServers,
-    pool: &mut Pool,
+    pool: &Pool,
     owner: BenchClient,
     size: usize,
     index: usize,
@@ -75,7 +75,6 @@ pub(super) async fn run(
         progress.inc(1);
     }
     let peak = stats::rss_of(servers.pid(0)).peak;
-    pool.drain();
 
     let raw_median = baseline.median() as f64;
     let ratio = if raw_median > 0.0 {

@@ -12,7 +12,7 @@ use anyhow::bail;
 use indicatif::ProgressBar;
 use serde_json::json;
 
-use super::{Pool, set_phase, uuid};
+use super::{Pool, listen, set_phase, uuid};
 use crate::bench::baseline::redb_insert;
 use crate::bench::clients::{self, BenchClient};
 use crate::bench::mls::GroupOwner;
@@ -31,7 +31,7 @@ const BASELINE_ROUNDS: usize = 10;
 pub(super) async fn run(
     config: &BenchConfig,
     servers: &BenchServers,
-    pool: &mut Pool,
+    pool: &Pool,
     owner: BenchClient,
     size: usize,
     index: usize,
@@ -45,7 +45,8 @@ pub(super) async fn run(
     let mut owner = GroupOwner::create(owner, group_uuid).await?;
     let kps = clients::key_packages(&pool.clients[..receivers]).await?;
     owner.add_members(kps, SETUP_CHUNK).await?;
-    pool.drain();
+    set_phase(progress, &format!("fanout N={size}: listen"), 1);
+    let mut listening = listen(&pool.clients[..receivers]).await?;
 
     set_phase(
         progress,
@@ -63,7 +64,7 @@ pub(super) async fn run(
         let mut last = sent;
         let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
         while got.len() < receivers {
-            match tokio::time::timeout_at(deadline, pool.arrivals.recv()).await {
+            match tokio::time::timeout_at(deadline, listening.arrivals.recv()).await {
                 Ok(Some((member, uuid, at))) => {
                     if uuid == group_uuid && member < receivers && got.insert(member) {
                         last = last.max(at);
@@ -80,6 +81,7 @@ pub(super) async fn run(
         progress.inc(1);
     }
     let peak = stats::rss_of(servers.pid(0)).peak;
+    drop(listening);
 
     let baseline = redb_insert(dir, receivers, BASELINE_ROUNDS)?;
     let baseline_us = baseline.as_micros() as f64;

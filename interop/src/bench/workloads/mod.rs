@@ -13,11 +13,14 @@ mod keypackages;
 mod send;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use roost_client::transport::{ConnectConfig, ListenStream};
-use roost_protocol::messages::queue::{ListenEvent, QueuePayload};
+use roost_protocol::messages::queue::{
+    ListenEvent, QueueAckRequest, QueueFetchRequest, QueuePayload,
+};
 use tokio::sync::mpsc;
 
 use super::clients::{self, BenchClient};
@@ -29,18 +32,32 @@ use super::{BenchConfig, WorkloadResult};
 /// uuid, when it arrived).
 pub(crate) type Arrival = (usize, [u8; 16], Instant);
 
-/// Clients on alpha, each listening on its queue.
+/// Clients on alpha.
 pub(crate) struct Pool {
     pub(crate) clients: Vec<BenchClient>,
-    pub(crate) arrivals: mpsc::UnboundedReceiver<Arrival>,
     /// Connect + authenticate latencies of the pool's connections.
     pub(crate) connect_latencies: Latencies,
-    /// Connections established per second.
+    /// Connections (connect, authenticate, listen) established per second.
     pub(crate) connect_rate: f64,
     /// Server RSS after registration, before the pool connected (bytes).
     pub(crate) rss_before: u64,
     /// Server RSS with every pooled client connected and listening (bytes).
     pub(crate) rss_after: u64,
+}
+
+/// Listen streams of some pooled clients, each read by its own task.
+pub(crate) struct Listening {
+    pub(crate) arrivals: mpsc::UnboundedReceiver<Arrival>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        // Dropping a task drops its stream: the server ends that listener.
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
 }
 
 /// Whether a queued group message is an application message (MLS wire format 2,
@@ -66,9 +83,45 @@ async fn listen_task(index: usize, mut stream: ListenStream, tx: mpsc::Unbounded
     }
 }
 
+/// Opens a listen stream for each client, after acknowledging what its queue holds (a
+/// listener that started at the beginning would first be pushed the whole backlog, e.g. the
+/// large commits that built a group), and spawns a task reading it.
+pub(crate) async fn listen(clients: &[BenchClient]) -> anyhow::Result<Listening> {
+    let (tx, arrivals) = mpsc::unbounded_channel();
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let mut opening = tokio::task::JoinSet::new();
+    for (index, client) in clients.iter().enumerate() {
+        let conn = client.conn()?.clone();
+        let limit = limit.clone();
+        opening.spawn(async move {
+            let _permit = limit.acquire_owned().await?;
+            let head = conn
+                .call(QueueFetchRequest {
+                    after_seq: 0,
+                    max_messages: 0,
+                    max_bytes: 1,
+                })
+                .await?
+                .head_seq;
+            if head > 0 {
+                conn.call(QueueAckRequest { up_to_seq: head }).await?;
+            }
+            let stream = conn.listen(head).await?;
+            Ok::<_, anyhow::Error>((index, stream))
+        });
+    }
+    let mut tasks = Vec::with_capacity(clients.len());
+    while let Some(done) = opening.join_next().await {
+        let (index, stream) = done??;
+        tasks.push(tokio::spawn(listen_task(index, stream, tx.clone())));
+    }
+    Ok(Listening { arrivals, tasks })
+}
+
 impl Pool {
-    /// Registers `count` clients on server 0, connects and authenticates them and opens their
-    /// listen streams.
+    /// Registers `count` clients on server 0, connects and authenticates them, opens their
+    /// listen streams and measures the server's RSS before and after; then closes the
+    /// listen streams (the connections stay).
     async fn create(
         servers: &BenchServers,
         connect: &ConnectConfig,
@@ -83,43 +136,30 @@ impl Pool {
         set_phase(progress, "pool: connect + listen", count);
         let start = Instant::now();
         let connect_latencies = clients::connect_all(connect, &mut clients, progress).await?;
-        let (tx, arrivals) = mpsc::unbounded_channel();
-        let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
-        let mut opening = tokio::task::JoinSet::new();
-        for (index, client) in clients.iter().enumerate() {
-            let conn = client.conn()?.clone();
-            let limit = limit.clone();
-            opening.spawn(async move {
-                let _permit = limit.acquire_owned().await?;
-                let stream = conn.listen(0).await?;
-                Ok::<_, anyhow::Error>((index, stream))
-            });
-        }
-        while let Some(done) = opening.join_next().await {
-            let (index, stream) = done??;
-            tokio::spawn(listen_task(index, stream, tx.clone()));
-        }
+        let listening = listen(&clients).await?;
         let connect_rate = stats::rate(count, start.elapsed());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_after = stats::rss_of(servers.pid(0)).current;
+        drop(listening);
         Ok(Pool {
             clients,
-            arrivals,
             connect_latencies,
             connect_rate,
             rss_before,
             rss_after,
         })
     }
-
-    /// Forgets arrivals reported so far.
-    pub(crate) fn drain(&mut self) {
-        while self.arrivals.try_recv().is_ok() {}
-    }
 }
+
+/// Whether phases are also logged as lines on stderr (a progress bar is wanted but stderr is
+/// not a terminal, so indicatif draws nothing).
+pub(crate) static LOG_PHASES: AtomicBool = AtomicBool::new(false);
 
 /// Sets the progress bar to a new phase of `len` steps.
 pub(crate) fn set_phase(progress: &ProgressBar, name: &str, len: usize) {
+    if LOG_PHASES.load(Ordering::Relaxed) {
+        eprintln!("bench: {name} ({len})");
+    }
     progress.set_message(name.to_owned());
     progress.set_length(len as u64);
     progress.set_position(0);
@@ -190,7 +230,7 @@ async fn run_on(
         return Ok(results);
     }
     stats::reset_peak(servers.pid(0));
-    let mut pool = Pool::create(servers, &alpha, pool_size, progress).await?;
+    let pool = Pool::create(servers, &alpha, pool_size, progress).await?;
     if config.selected("idle-connections") {
         results.push(idle::result(config, servers, &pool));
     }
@@ -204,8 +244,7 @@ async fn run_on(
     if config.selected("commit") {
         for (i, &size) in config.commit_sizes.iter().enumerate() {
             stats::reset_peak(servers.pid(0));
-            let row =
-                commit::run(config, servers, &mut pool, owner.clone(), size, i, progress).await?;
+            let row = commit::run(config, servers, &pool, owner.clone(), size, i, progress).await?;
             results.push(row);
         }
     }
@@ -215,7 +254,7 @@ async fn run_on(
             let row = fanout::run(
                 config,
                 servers,
-                &mut pool,
+                &pool,
                 owner.clone(),
                 size,
                 i,
