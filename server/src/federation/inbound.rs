@@ -58,6 +58,11 @@ pub(crate) async fn handle(
     peer: &PeerContext,
     request: FederationRequest,
 ) -> Response {
+    if !state.federation.admits_peer(&peer.chain, peer.ca_verified) {
+        return error(ServiceError::Forbidden(
+            "this homeserver does not federate with the peer",
+        ));
+    }
     if let Err(wait) = state.federation.inbound_limiter.check(peer.key.clone()) {
         return error(ServiceError::RateLimited(wait));
     }

@@ -136,6 +136,25 @@ impl Federation {
             && (self.allow.is_empty() || self.allow.contains(domain))
     }
 
+    /// Whether a peer presenting `chain` may talk to us at all: it speaks for no denied domain,
+    /// and, with an allow list, for at least one allowed domain. (Per request, it must also
+    /// speak for the domain it acts for.)
+    pub(crate) fn admits_peer(&self, chain: &[CertificateDer<'static>], ca_verified: bool) -> bool {
+        if !self.enabled
+            || self
+                .deny
+                .iter()
+                .any(|d| self.verifier.speaks_for(chain, ca_verified, d))
+        {
+            return false;
+        }
+        self.allow.is_empty()
+            || self
+                .allow
+                .iter()
+                .any(|d| self.verifier.speaks_for(chain, ca_verified, d))
+    }
+
     fn semaphore(&self, domain: &Domain) -> Arc<Semaphore> {
         let mut map = match self.in_flight.lock() {
             Ok(guard) => guard,

@@ -60,6 +60,7 @@ pub(crate) fn enqueue_in_txn(
         let seq = head + 1;
         entries.insert((client_num, seq), (pid, timestamp_ms, id.0))?;
         heads.insert(client_num, (seq, count + 1))?;
+        metrics::histogram!("roost_queue_depth").record((count + 1) as f64);
         if dedup {
             dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
         }

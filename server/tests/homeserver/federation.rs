@@ -358,3 +358,35 @@ async fn the_hub_checks_remote_credentials_against_their_own_as() {
     alice.commit_and_merge(kps, &[]).await;
     pair.shutdown().await;
 }
+
+#[tokio::test]
+async fn denied_domains_are_not_federated_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    let (a, b) = (free_port(), free_port());
+    let mut alpha_cfg = server_config(dir.path(), &pki, ALPHA, a, (BETA, b));
+    alpha_cfg.federation.deny_domains = vec![BETA.into()];
+    let beta_cfg = server_config(dir.path(), &pki, BETA, b, (ALPHA, a));
+    let alpha = start(alpha_cfg).await;
+    let beta = start(beta_cfg).await;
+    let (_alice, _phone, alice) = new_client_in(&alpha, "alice", ALPHA).await;
+    let (_bob, bob_client, bob) = new_client_in(&beta, "bob", BETA).await;
+    // alpha does not forward to beta...
+    let err = alice
+        .call(DiscoverUserRequest {
+            user: bob_client.id.user.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.wire_error().unwrap().code, ErrorCode::UNKNOWN_DOMAIN);
+    // ...and does not accept beta's requests either.
+    let err = bob
+        .call(DiscoverUserRequest {
+            user: "alice@alpha.test".parse().unwrap(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.wire_error().unwrap().code, ErrorCode::FORBIDDEN);
+    beta.shutdown().await;
+    alpha.shutdown().await;
+}
