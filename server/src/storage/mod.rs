@@ -149,12 +149,23 @@ impl Store {
                 let _ = tx.send(result);
             }))
         });
-        let writer = self.writer.clone();
-        // `send` blocks while the queue is full: do it off the executor.
-        tokio::task::spawn_blocking(move || writer.send(job))
-            .await
-            .map_err(|_| E::from(StoreError::Unavailable))?
-            .map_err(|_| E::from(StoreError::Unavailable))?;
+        // Normally the queue has room and the job is handed over right here: a blocking-pool
+        // thread per write costs thread switches that dominated the server's profile under
+        // load (docs/BENCHMARKS.md).
+        match self.writer.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::TrySendError::Full(job)) => {
+                let writer = self.writer.clone();
+                // The disk falls behind: wait for room off the executor.
+                tokio::task::spawn_blocking(move || writer.send(job))
+                    .await
+                    .map_err(|_| E::from(StoreError::Unavailable))?
+                    .map_err(|_| E::from(StoreError::Unavailable))?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                return Err(E::from(StoreError::Unavailable));
+            }
+        }
         rx.await.map_err(|_| E::from(StoreError::Unavailable))?
     }
 
