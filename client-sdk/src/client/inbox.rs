@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use roost_protocol::GroupId;
 use roost_protocol::messages::queue::{
@@ -54,8 +55,10 @@ pub(crate) async fn listen_loop(weak: Weak<Inner>) {
         let retry = inner.config.listen_retry;
         let opened = inner.open_listen().await;
         drop(inner);
+        let mut lived = Duration::ZERO;
         match opened {
             Ok(mut stream) => {
+                let opened_at = Instant::now();
                 while let Some(event) = stream.next().await {
                     let Some(inner) = weak.upgrade() else { return };
                     match event {
@@ -75,10 +78,24 @@ pub(crate) async fn listen_loop(weak: Weak<Inner>) {
                         }
                     }
                 }
+                lived = opened_at.elapsed();
             }
             Err(err) => tracing::debug!(%err, "cannot listen"),
         }
-        tokio::time::sleep(retry).await;
+        tokio::time::sleep(reopen_delay(lived, retry)).await;
+    }
+}
+
+/// How long to wait before listening again after a listen stream that was open for `lived`
+/// ended (zero if it never opened). A stream that served for at least `retry` is reopened at
+/// once: the server went away (restart, lost connection) and the backlog is waiting. One that
+/// failed sooner waits `retry`, so a server that keeps refusing or ending streams is asked
+/// at most once per `retry`.
+fn reopen_delay(lived: Duration, retry: Duration) -> Duration {
+    if lived >= retry {
+        Duration::ZERO
+    } else {
+        retry
     }
 }
 
@@ -413,5 +430,21 @@ impl Inner {
             self.ack().await;
             pending = next;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_lived_stream_is_reopened_at_once_a_failing_one_after_the_retry_delay() {
+        let retry = Duration::from_secs(1);
+        assert_eq!(reopen_delay(Duration::from_secs(60), retry), Duration::ZERO);
+        assert_eq!(reopen_delay(retry, retry), Duration::ZERO);
+        assert_eq!(reopen_delay(Duration::from_millis(20), retry), retry);
+        // Never opened.
+        assert_eq!(reopen_delay(Duration::ZERO, retry), retry);
+        assert_eq!(reopen_delay(Duration::ZERO, Duration::ZERO), Duration::ZERO);
     }
 }
