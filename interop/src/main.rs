@@ -79,7 +79,7 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
     members: Vec<usize>,
     /// Messages per fanout group size.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     fanout_rounds: usize,
     /// Commit workload group sizes.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]

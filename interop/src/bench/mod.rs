@@ -80,7 +80,7 @@ impl Default for BenchConfig {
             pairs: 100,
             duration: Duration::from_secs(5),
             members: vec![10, 100, 1_000, 10_000],
-            fanout_rounds: 5,
+            fanout_rounds: 10,
             commit_sizes: vec![100, 1_000],
             commits: 20,
             kp_targets: 20,

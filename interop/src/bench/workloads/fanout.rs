@@ -25,7 +25,7 @@ const SETUP_CHUNK: usize = 1_000;
 /// Longest wait for every listener to get one message.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Transactions of the redb baseline.
-const BASELINE_ROUNDS: usize = 10;
+const BASELINE_ROUNDS: usize = 20;
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
