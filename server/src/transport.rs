@@ -80,13 +80,36 @@ pub(crate) fn bind(state: &State, tls: TlsIdentity) -> Result<quinn::Endpoint, S
     let socket: std::net::UdpSocket = socket.into();
     let reset_secret = crate::identity::load_or_create_reset_secret(&settings.data_dir)?;
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret);
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // quinn's default generator only accepts connection ids keyed by this process, so after a
+    // restart it drops packets of lost connections before it can reset them.
+    endpoint_config.cid_generator(|| Box::new(RestartableCids));
     quinn::Endpoint::new(
-        quinn::EndpointConfig::new(Arc::new(reset_key)),
+        endpoint_config,
         Some(server_config),
         socket,
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(bind_err)
+}
+
+/// Random 8-byte connection ids that any process of this server accepts as its own, so that a
+/// restarted server answers packets of connections it lost with a stateless reset (keyed by
+/// the persisted reset secret) and peers reconnect at once instead of after their idle timeout.
+struct RestartableCids;
+
+impl quinn::ConnectionIdGenerator for RestartableCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&rand::random::<[u8; 8]>())
+    }
+
+    fn cid_len(&self) -> usize {
+        8
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// Accepts connections until shutdown.

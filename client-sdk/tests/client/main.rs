@@ -7,4 +7,5 @@
 mod common;
 mod forged;
 mod groups;
+mod outage;
 mod profile;

@@ -248,7 +248,10 @@ impl QueueStore for Store {
         max_bytes: usize,
         cutoff_ms: u64,
     ) -> Result<(Vec<QueueMessage>, u64), ServiceError> {
-        Store::read(self, move |txn| {
+        // A page is bounded (count and bytes) and normally in redb's cache: reading it here is
+        // cheaper than the two thread switches of a blocking-pool task, which every push to a
+        // listener would pay (docs/BENCHMARKS.md).
+        self.read_blocking(|txn| {
             read_messages(
                 txn,
                 client_num,
@@ -258,7 +261,6 @@ impl QueueStore for Store {
                 cutoff_ms,
             )
         })
-        .await
         .map_err(ServiceError::from)
     }
 

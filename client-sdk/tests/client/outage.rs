@@ -1,0 +1,162 @@
+//! The homeserver crashes (no CONNECTION_CLOSE, like SIGKILL) and comes back on the same port
+//! and data directory: a listening client must get new messages long before its QUIC idle
+//! timeout (30 s) would have told it that its connection is gone.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use roost_client::transport::{ConnectConfig, TrustConfig};
+use roost_client::{Client, ClientConfig};
+use roost_server::Server;
+use roost_server::config::Config;
+use rustls::pki_types::CertificateDer;
+
+use crate::common::{DOMAIN, user, wait_joined, wait_message};
+
+/// Far below the 30 s idle timeout that the client needed before.
+const RECOVERY_BOUND: Duration = Duration::from_secs(15);
+/// The clients' keep-alive: an idle listener sends nothing else, so this is how soon its
+/// dead connection meets the restarted server (which answers with a stateless reset).
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// A homeserver on its own runtime, so that it can be made to vanish without a word.
+struct CrashableServer {
+    runtime: Option<tokio::runtime::Runtime>,
+    server: Option<Server>,
+    addr: SocketAddr,
+    certificate: CertificateDer<'static>,
+    data_dir: PathBuf,
+}
+
+impl CrashableServer {
+    async fn start(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let dir = data_dir.clone();
+            let started = tokio::task::spawn_blocking(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let config = Config {
+                    domain: DOMAIN.into(),
+                    listen,
+                    data_dir: dir,
+                    ..Config::default()
+                };
+                let settings = config.validate().unwrap();
+                runtime
+                    .block_on(Server::start(settings))
+                    .map(|server| (runtime, server))
+            })
+            .await
+            .unwrap();
+            match started {
+                Ok((runtime, server)) => {
+                    return Self {
+                        addr: server.local_addr(),
+                        certificate: server.certificate().clone(),
+                        runtime: Some(runtime),
+                        server: Some(server),
+                        data_dir,
+                    };
+                }
+                // The crashed instance may still be letting go of the port or the database.
+                Err(err) if Instant::now() < deadline => {
+                    eprintln!("restart failed, retrying: {err}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(err) => panic!("cannot start the homeserver: {err}"),
+            }
+        }
+    }
+
+    /// Drops the runtime (its tasks are never polled again, so nothing is sent), then the
+    /// server: the socket and the database are released without a goodbye.
+    async fn crash(mut self) -> (SocketAddr, PathBuf) {
+        let runtime = self.runtime.take();
+        let server = self.server.take();
+        tokio::task::spawn_blocking(move || {
+            drop(runtime);
+            drop(server);
+        })
+        .await
+        .unwrap();
+        (self.addr, self.data_dir.clone())
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let trust = TrustConfig::PinnedCertificates(vec![self.certificate.clone()]);
+        let mut connect = ConnectConfig::new(self.addr, DOMAIN, trust);
+        connect.keep_alive_interval = Some(KEEP_ALIVE);
+        let mut config = ClientConfig::new(connect);
+        config.key_package_target = 3;
+        config.key_package_low_water = 2;
+        config
+    }
+}
+
+impl Drop for CrashableServer {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_recovers_quickly_after_a_server_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        CrashableServer::start("127.0.0.1:0".parse().unwrap(), dir.path().join("server")).await;
+    let alice_path = dir.path().join("alice.redb");
+    let alice = Client::register(
+        server.client_config(),
+        &alice_path,
+        user("alice"),
+        "phone".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let bob = Client::register(
+        server.client_config(),
+        dir.path().join("bob.redb"),
+        user("bob"),
+        "phone".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    assert_eq!(wait_joined(&bob).await, group);
+    alice.send(&group, b"before").await.unwrap();
+    assert_eq!(wait_message(&bob, &group).await.1, b"before");
+    alice.close().await;
+
+    let (addr, data_dir) = server.crash().await;
+    let crashed = Instant::now();
+    let server = CrashableServer::start(addr, data_dir).await;
+    assert_eq!(server.addr, addr);
+
+    let alice = Client::open(server.client_config(), &alice_path)
+        .await
+        .unwrap();
+    alice.send(&group, b"after the crash").await.unwrap();
+    let received = tokio::time::timeout(RECOVERY_BOUND, wait_message(&bob, &group))
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "bob got nothing {:?} after the crash (the listener kept its dead connection)",
+                crashed.elapsed()
+            )
+        });
+    assert_eq!(received.1, b"after the crash");
+    eprintln!(
+        "bob got the message {:?} after the crash",
+        crashed.elapsed()
+    );
+    bob.close().await;
+    alice.close().await;
+}
