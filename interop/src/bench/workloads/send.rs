@@ -252,7 +252,7 @@ pub(super) async fn run(
         let p99 = half_latencies.quantile(0.99);
         rows.push(WorkloadResult {
             workload: name.into(),
-            params: json!({ "pairs": config.pairs, "load": "half", "offered_per_sec": max_rate / 2.0 }),
+            params: json!({ "pairs": config.pairs, "load": "half", "offered_per_sec": (max_rate / 2.0).round() }),
             ops_per_sec: half_rate,
             p50_us: half_latencies.median(),
             p99_us: p99,
