@@ -248,10 +248,8 @@ impl QueueStore for Store {
         max_bytes: usize,
         cutoff_ms: u64,
     ) -> Result<(Vec<QueueMessage>, u64), ServiceError> {
-        // A page is bounded (count and bytes) and normally in redb's cache: reading it here is
-        // cheaper than the two thread switches of a blocking-pool task, which every push to a
-        // listener would pay (docs/BENCHMARKS.md).
-        self.read_blocking(|txn| {
+        // Off the executor: a page can be up to the fetch byte limit and cold pages hit the disk.
+        Store::read(self, move |txn| {
             read_messages(
                 txn,
                 client_num,
@@ -261,6 +259,7 @@ impl QueueStore for Store {
                 cutoff_ms,
             )
         })
+        .await
         .map_err(ServiceError::from)
     }
 
