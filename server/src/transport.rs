@@ -366,8 +366,15 @@ async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_se
         if peer_gone {
             break None;
         }
-        match crate::queue::listen_page(state, me.client_num, last).await {
-            Ok((page, _)) if !page.is_empty() => {
+        // Caught-up listeners take new entries from memory; anything else comes from the store.
+        let page = match state.queues.recent_after(me.client_num, last) {
+            Some(page) => Ok(page),
+            None => crate::queue::listen_page(state, me.client_num, last)
+                .await
+                .map(|(page, _)| page),
+        };
+        match page {
+            Ok(page) if !page.is_empty() => {
                 pending = page;
                 continue;
             }

@@ -53,8 +53,8 @@ pub(crate) struct FanOut {
 /// What a durable fan-out did, for waking listeners and outbox workers afterwards.
 #[derive(Default)]
 pub(crate) struct FanOutResult {
-    /// (client number, seq) of every new local queue entry.
-    pub(crate) queues: Vec<(u64, u64)>,
+    /// Every new local queue entry, by client number.
+    pub(crate) queues: Vec<(u64, crate::queue::Fresh)>,
     /// Domains with new outbox entries.
     pub(crate) domains: Vec<Domain>,
     /// Recipients reached, per fan-out.
@@ -63,7 +63,7 @@ pub(crate) struct FanOutResult {
 
 impl FanOutResult {
     fn wake(self, state: &State) -> Vec<u32> {
-        state.queues.notify(&self.queues);
+        state.queues.notify_fresh(&self.queues);
         state.federation.outbox.wake(self.domains);
         self.reached
     }

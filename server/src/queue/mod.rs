@@ -67,16 +67,37 @@ pub(crate) struct QueueSignal {
     pub(crate) closed: bool,
 }
 
-/// Wakes listeners when their queue grows. Holds no message content: listeners read the
-/// store, so a missed wake-up can delay but never lose a message.
+/// Messages kept per listened queue for pushing without a store read.
+const RECENT: usize = 64;
+
+/// A just-committed queue entry, shared by every recipient of a fan-out.
+#[derive(Debug, Clone)]
+pub(crate) struct Fresh {
+    pub(crate) seq: u64,
+    pub(crate) id: MessageId,
+    pub(crate) timestamp_ms: u64,
+    pub(crate) payload: std::sync::Arc<QueuePayload>,
+}
+
+#[derive(Debug)]
+struct Listened {
+    sender: watch::Sender<QueueSignal>,
+    /// The newest durable entries, contiguous in seq, none acknowledged.
+    recent: std::collections::VecDeque<Fresh>,
+}
+
+/// Wakes listeners when their queue grows, and keeps the newest entries of listened queues so
+/// that a listener that is caught up pushes them without reading the store. Anything not in
+/// that window is read from the store, so a missed wake-up or a trimmed window can delay but
+/// never lose a message.
 #[derive(Debug, Default)]
 pub(crate) struct Notifier {
-    senders: Mutex<HashMap<u64, watch::Sender<QueueSignal>>>,
+    queues: Mutex<HashMap<u64, Listened>>,
 }
 
 impl Notifier {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, watch::Sender<QueueSignal>>> {
-        match self.senders.lock() {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Listened>> {
+        match self.queues.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
@@ -84,37 +105,105 @@ impl Notifier {
 
     /// A receiver that changes whenever the queue's head moves.
     pub(crate) fn subscribe(&self, client_num: u64) -> watch::Receiver<QueueSignal> {
-        let mut senders = self.lock();
-        senders
+        let mut queues = self.lock();
+        queues
             .entry(client_num)
-            .or_insert_with(|| {
-                watch::channel(QueueSignal {
+            .or_insert_with(|| Listened {
+                sender: watch::channel(QueueSignal {
                     head: 0,
                     closed: false,
                 })
-                .0
+                .0,
+                recent: Default::default(),
             })
+            .sender
             .subscribe()
     }
 
     /// Tells listeners of these queues about their new heads.
     pub(crate) fn notify(&self, heads: &[(u64, u64)]) {
-        let mut senders = self.lock();
+        let mut queues = self.lock();
         for &(client_num, head) in heads {
-            if let Some(sender) = senders.get(&client_num) {
-                if sender.receiver_count() == 0 {
-                    senders.remove(&client_num);
-                } else {
-                    sender.send_modify(|s| s.head = s.head.max(head));
+            Self::wake(&mut queues, client_num, head, None);
+        }
+    }
+
+    /// Like [`Notifier::notify`], handing over the committed entries too.
+    pub(crate) fn notify_fresh(&self, entries: &[(u64, Fresh)]) {
+        let mut queues = self.lock();
+        for (client_num, fresh) in entries {
+            Self::wake(&mut queues, *client_num, fresh.seq, Some(fresh));
+        }
+    }
+
+    fn wake(
+        queues: &mut HashMap<u64, Listened>,
+        client_num: u64,
+        head: u64,
+        fresh: Option<&Fresh>,
+    ) {
+        let Some(listened) = queues.get_mut(&client_num) else {
+            return;
+        };
+        if listened.sender.receiver_count() == 0 {
+            queues.remove(&client_num);
+            return;
+        }
+        match fresh {
+            // Keep the window contiguous: a gap (an entry whose content we did not get) empties it.
+            Some(fresh)
+                if listened
+                    .recent
+                    .back()
+                    .is_none_or(|last| last.seq + 1 == fresh.seq) =>
+            {
+                listened.recent.push_back(fresh.clone());
+                if listened.recent.len() > RECENT {
+                    listened.recent.pop_front();
                 }
             }
+            _ => listened.recent.clear(),
+        }
+        listened.sender.send_modify(|s| s.head = s.head.max(head));
+    }
+
+    /// The entries after `after_seq`, if the window holds all of them up to the head.
+    pub(crate) fn recent_after(
+        &self,
+        client_num: u64,
+        after_seq: u64,
+    ) -> Option<Vec<QueueMessage>> {
+        let queues = self.lock();
+        let recent = &queues.get(&client_num)?.recent;
+        let first = recent.front()?;
+        if first.seq > after_seq.saturating_add(1) {
+            return None;
+        }
+        Some(
+            recent
+                .iter()
+                .filter(|f| f.seq > after_seq)
+                .map(|f| QueueMessage {
+                    seq: f.seq,
+                    id: f.id,
+                    timestamp_ms: f.timestamp_ms,
+                    payload: (*f.payload).clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// Forgets acknowledged entries (they must not be pushed any more).
+    pub(crate) fn acked(&self, client_num: u64, up_to_seq: u64) {
+        if let Some(listened) = self.lock().get_mut(&client_num) {
+            listened.recent.retain(|f| f.seq > up_to_seq);
         }
     }
 
     /// Ends every listener of a queue.
     pub(crate) fn close_listeners(&self, client_num: u64) {
-        if let Some(sender) = self.lock().remove(&client_num) {
-            sender.send_modify(|s| s.closed = true);
+        if let Some(listened) = self.lock().remove(&client_num) {
+            listened.sender.send_modify(|s| s.closed = true);
         }
     }
 }
@@ -199,6 +288,7 @@ pub(crate) async fn ack(
         .store
         .ack(&me.client, me.client_num, req.up_to_seq)
         .await?;
+    state.queues.acked(me.client_num, req.up_to_seq);
     Ok(QueueAckResponse {})
 }
 
@@ -228,4 +318,62 @@ pub(crate) async fn deliver_remote(
         .await?;
     state.queues.notify(&woken);
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roost_protocol::messages::queue::GroupMessage;
+
+    fn fresh(seq: u64) -> Fresh {
+        let group = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+            .parse()
+            .unwrap();
+        Fresh {
+            seq,
+            id: MessageId([seq as u8; 16]),
+            timestamp_ms: seq,
+            payload: std::sync::Arc::new(QueuePayload::GroupMessage(GroupMessage {
+                group,
+                message: vec![seq as u8].into(),
+            })),
+        }
+    }
+
+    fn seqs(page: Option<Vec<QueueMessage>>) -> Option<Vec<u64>> {
+        page.map(|p| p.iter().map(|m| m.seq).collect())
+    }
+
+    #[test]
+    fn the_window_serves_caught_up_listeners_and_nothing_else() {
+        let notifier = Notifier::default();
+        // Unlistened queues keep nothing.
+        notifier.notify_fresh(&[(1, fresh(1))]);
+        assert_eq!(seqs(notifier.recent_after(1, 0)), None);
+
+        let _rx = notifier.subscribe(1);
+        notifier.notify_fresh(&[(1, fresh(5)), (1, fresh(6))]);
+        // A listener behind the window must read the store.
+        assert_eq!(seqs(notifier.recent_after(1, 3)), None);
+        assert_eq!(seqs(notifier.recent_after(1, 4)), Some(vec![5, 6]));
+        assert_eq!(seqs(notifier.recent_after(1, 6)), Some(vec![]));
+        // A gap (an entry whose content was not handed over) empties the window.
+        notifier.notify_fresh(&[(1, fresh(8))]);
+        assert_eq!(seqs(notifier.recent_after(1, 6)), None);
+        notifier.notify(&[(1, 9)]);
+        assert_eq!(seqs(notifier.recent_after(1, 8)), None);
+        // Acknowledged entries are never pushed from memory.
+        notifier.notify_fresh(&[(1, fresh(10)), (1, fresh(11)), (1, fresh(12))]);
+        notifier.acked(1, 11);
+        assert_eq!(seqs(notifier.recent_after(1, 11)), Some(vec![12]));
+        assert_eq!(seqs(notifier.recent_after(1, 9)), None);
+        // Bounded.
+        for seq in 13..13 + 2 * RECENT as u64 {
+            notifier.notify_fresh(&[(1, fresh(seq))]);
+        }
+        assert_eq!(
+            notifier.lock().get(&1).map(|l| l.recent.len()),
+            Some(RECENT)
+        );
+    }
 }

@@ -13,7 +13,7 @@ use super::tables::{CLIENTS, GROUPS};
 use super::{Store, StoreError};
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore};
 use crate::error::ServiceError;
-use crate::queue::Enqueued;
+use crate::queue::{Enqueued, Fresh};
 
 /// A hosted group as stored.
 #[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
@@ -72,10 +72,17 @@ fn fan_out(
         .tls_serialize_detached()
         .map_err(|_| StoreError::Corrupt("payload encoding"))?;
     let outcomes = enqueue_in_txn(txn, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
+    let shared = std::sync::Arc::new(fan_out.payload.clone());
     for (num, outcome) in nums.iter().zip(outcomes) {
         match outcome {
             Enqueued::Queued(seq) => {
-                result.queues.push((*num, seq));
+                let fresh = Fresh {
+                    seq,
+                    id,
+                    timestamp_ms,
+                    payload: shared.clone(),
+                };
+                result.queues.push((*num, fresh));
                 reached += 1;
             }
             Enqueued::Duplicate(_) => reached += 1,
