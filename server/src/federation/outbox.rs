@@ -114,6 +114,32 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
         }
         metrics::gauge!("roost_outbox_batch", "domain" => domain.to_string())
             .set(batch.len() as f64);
+        // Entries older than the message age limit would be expired by the receiver anyway:
+        // drop them instead of holding a long outage's backlog forever.
+        let cutoff = crate::queue::cutoff_ms(&state);
+        let (stale, batch): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|(_, d)| d.timestamp_ms < cutoff);
+        if !stale.is_empty() {
+            tracing::warn!(%domain, count = stale.len(), "dropping outbox entries older than the message age limit");
+            metrics::counter!("roost_federation_expired_total").increment(stale.len() as u64);
+            if let Err(err) = state
+                .store
+                .outbox_remove(&domain, stale.into_iter().map(|(seq, _)| seq).collect())
+                .await
+            {
+                tracing::error!(%domain, %err, "cannot remove expired outbox entries");
+                tokio::select! {
+                    _ = state.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(max_delay);
+                continue;
+            }
+            if batch.is_empty() {
+                continue;
+            }
+        }
         let (seqs, deliveries): (Vec<u64>, Vec<Delivery>) = batch.into_iter().unzip();
         let count = deliveries.len();
         let outcome = state
