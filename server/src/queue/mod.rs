@@ -47,13 +47,14 @@ pub(crate) trait QueueStore {
         client_num: u64,
         up_to_seq: u64,
     ) -> Result<(), ServiceError>;
-    /// Enqueues a peer's deliveries idempotently; returns the counts and the new (client, seq).
+    /// Enqueues a peer's deliveries idempotently; returns the counts and the new entries by
+    /// client number.
     async fn deliver(
         &self,
         deliveries: Vec<Delivery>,
         max_depth: u64,
         now_ms: u64,
-    ) -> Result<(DeliverResponse, Vec<(u64, u64)>), ServiceError>;
+    ) -> Result<(DeliverResponse, Vec<(u64, Fresh)>), ServiceError>;
     /// Drops messages (and dedup records) older than `cutoff_ms`; returns how many messages.
     async fn expire(&self, cutoff_ms: u64) -> Result<u64, ServiceError>;
 }
@@ -316,7 +317,7 @@ pub(crate) async fn deliver_remote(
         .store
         .deliver(deliveries, max_depth, crate::unix_millis())
         .await?;
-    state.queues.notify(&woken);
+    state.queues.notify_fresh(&woken);
     Ok(response)
 }
 

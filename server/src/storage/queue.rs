@@ -11,7 +11,7 @@ use super::auth::active_client_in;
 use super::tables::{PAYLOAD_REFS, PAYLOADS, QUEUE_DEDUP, QUEUE_ENTRIES, QUEUE_HEADS};
 use super::{Store, StoreError, next_counter};
 use crate::error::ServiceError;
-use crate::queue::{Enqueued, QueueStore};
+use crate::queue::{Enqueued, Fresh, QueueStore};
 
 /// Enqueues one payload for several local recipients inside `txn`, storing the payload once.
 /// With `dedup`, a message id already queued for a recipient is not queued again.
@@ -290,7 +290,7 @@ impl QueueStore for Store {
         deliveries: Vec<Delivery>,
         max_depth: u64,
         now_ms: u64,
-    ) -> Result<(DeliverResponse, Vec<(u64, u64)>), ServiceError> {
+    ) -> Result<(DeliverResponse, Vec<(u64, Fresh)>), ServiceError> {
         self.write(move |txn| {
             let mut response = DeliverResponse {
                 accepted: 0,
@@ -319,7 +319,13 @@ impl QueueStore for Store {
                 match outcome.first() {
                     Some(Enqueued::Queued(seq)) => {
                         response.accepted += 1;
-                        woken.push((record.client_num, *seq));
+                        let fresh = Fresh {
+                            seq: *seq,
+                            id: delivery.id,
+                            timestamp_ms: now_ms,
+                            payload: std::sync::Arc::new(delivery.payload),
+                        };
+                        woken.push((record.client_num, fresh));
                     }
                     Some(Enqueued::Duplicate(_)) => {}
                     Some(Enqueued::Full) | None => response.queue_full += 1,

@@ -279,6 +279,7 @@ pub(crate) async fn queues<S: AuthStore + QueueStore>(store: &S) {
         .await
         .unwrap();
     assert_eq!((response.accepted, response.unknown_recipients), (1, 1));
+    let woken: Vec<(u64, u64)> = woken.iter().map(|(n, f)| (*n, f.seq)).collect();
     assert_eq!(woken, vec![(num, 4)]);
     let (response, _) = store
         .deliver(vec![delivery("q@example.org/phone", 50)], 10, 500)
