@@ -6,9 +6,15 @@
 //! `PublicGroup::load`, which takes the stored state as it is. Rebuilding from GroupInfo and
 //! ratchet tree instead (`PublicGroup::from_external`) re-validates every leaf against the clock,
 //! so a member whose KeyPackage lifetime ran out after it joined would make the group impossible
-//! to load. The values are the serde_json encodings openmls's own storage providers use; the
-//! envelope is TLS-encoded behind a format version byte. These bytes only ever come from the
-//! DS's own store.
+//! to load. The envelope is TLS-encoded behind a format version byte. These bytes only ever
+//! come from the DS's own store.
+//!
+//! Each value openmls hands over is encoded with serde: format 2 writes postcard (a compact
+//! binary serde format) behind a [`POSTCARD`] marker byte; format 1 wrote serde_json, as
+//! openmls's own storage providers do. serde_json output never starts with that byte, so values
+//! of both kinds are read back and a group stored in format 1 migrates value by value as
+//! openmls rewrites them. JSON turns every byte of a key or hash into up to four characters:
+//! the ratchet tree of a 1,000-member group was ≈ 1 MB per commit to encode and write.
 
 use std::cell::RefCell;
 
@@ -21,8 +27,16 @@ use tls_codec::{
 };
 
 /// The first byte of every snapshot. Bump it (and keep a decoder for the old one) whenever
-/// the envelope or openmls's storage version changes.
-const FORMAT_VERSION: u8 = 1;
+/// the envelope, the value encoding or openmls's storage version changes. Format 1 (values in
+/// serde_json only) is still read.
+const FORMAT_VERSION: u8 = 2;
+
+/// The formats [`Snapshot::decode`] reads.
+const READABLE_VERSIONS: [u8; 2] = [1, FORMAT_VERSION];
+
+/// First byte of a postcard-encoded value. serde_json output starts with `{`, `[`, `"`, a digit,
+/// `-`, `t`, `f` or `n`, never with this.
+const POSTCARD: u8 = 0;
 
 /// Why a snapshot cannot be written or read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,10 +49,10 @@ impl SnapshotError {
     }
 }
 
-/// What openmls stored for one public group, as serde_json values.
+/// What openmls stored for one public group, as encoded values (see the module docs).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct StoredState {
-    tree: Option<Vec<u8>>,
+    pub(super) tree: Option<Vec<u8>>,
     context: Option<Vec<u8>>,
     interim_transcript_hash: Option<Vec<u8>>,
     confirmation_tag: Option<Vec<u8>>,
@@ -48,11 +62,18 @@ pub(super) struct StoredState {
     /// in-memory state, so the write itself reports success and the failure sticks here: such
     /// a state cannot be snapshotted, and its owner must be discarded.
     failure: Option<String>,
+    /// Writes values and the envelope as format 1 did, to test reading it.
+    #[cfg(test)]
+    pub(super) legacy_json: bool,
 }
 
 impl StoredState {
     fn serialize(&mut self, value: &impl Serialize) -> Option<Vec<u8>> {
-        match serde_json::to_vec(value) {
+        #[cfg(test)]
+        if self.legacy_json {
+            return json_of(value);
+        }
+        match encode_value(value) {
             Ok(bytes) => Some(bytes),
             Err(err) => {
                 self.failure.get_or_insert_with(|| err.to_string());
@@ -150,6 +171,9 @@ impl Snapshot {
                 .collect(),
         };
         let mut bytes = Vec::with_capacity(1 + tls_codec::Size::tls_serialized_len(&v1));
+        #[cfg(test)]
+        bytes.push(if state.legacy_json { 1 } else { FORMAT_VERSION });
+        #[cfg(not(test))]
         bytes.push(FORMAT_VERSION);
         v1.tls_serialize(&mut bytes)
             .map_err(|e| SnapshotError::new(e.to_string()))?;
@@ -160,7 +184,7 @@ impl Snapshot {
         let Some((&version, rest)) = bytes.split_first() else {
             return Err(SnapshotError::new("empty"));
         };
-        if version != FORMAT_VERSION {
+        if !READABLE_VERSIONS.contains(&version) {
             return Err(SnapshotError::new(format!(
                 "unknown format version {version}"
             )));
@@ -192,6 +216,8 @@ impl Snapshot {
                     .map(|p| (p.reference.into(), p.proposal.into()))
                     .collect(),
                 failure: None,
+                #[cfg(test)]
+                legacy_json: false,
             },
         })
     }
@@ -230,8 +256,31 @@ impl<'a> Recorder<'a> {
     }
 }
 
+/// Encodes one value openmls stores: the postcard marker, then postcard.
+fn encode_value(value: &impl Serialize) -> Result<Vec<u8>, SnapshotError> {
+    postcard::to_extend(value, vec![POSTCARD]).map_err(|e| SnapshotError::new(e.to_string()))
+}
+
+/// Decodes a value written by [`encode_value`] or, from a format 1 snapshot, by serde_json.
 fn deserialize<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, SnapshotError> {
-    serde_json::from_slice(bytes).map_err(|e| SnapshotError::new(e.to_string()))
+    match bytes.split_first() {
+        Some((&POSTCARD, encoded)) => match postcard::take_from_bytes(encoded) {
+            Ok((value, [])) => Ok(value),
+            Ok(_) => Err(SnapshotError::new("trailing bytes after a stored value")),
+            Err(e) => Err(SnapshotError::new(e.to_string())),
+        },
+        _ => serde_json::from_slice(bytes).map_err(|e| SnapshotError::new(e.to_string())),
+    }
+}
+
+/// Whether a stored reference is `reference`, in either value encoding.
+fn same_reference(stored: &[u8], encoded: &[u8], json: Option<&[u8]>) -> bool {
+    stored == encoded || json.is_some_and(|json| stored == json)
+}
+
+/// The format 1 encoding of a reference, to find entries a format 1 snapshot brought in.
+fn json_of(value: &impl Serialize) -> Option<Vec<u8>> {
+    serde_json::to_vec(value).ok()
 }
 
 /// What the provider's methods return.
@@ -295,15 +344,20 @@ impl PublicStorageProvider<CURRENT_VERSION> for Recorder<'_> {
         reference: &R,
         proposal: &P,
     ) -> StoreResult<()> {
+        let json = json_of(reference);
         let mut state = self.state.borrow_mut();
-        let (Some(reference), Some(proposal)) =
+        let (Some(encoded), Some(proposal)) =
             (state.serialize(reference), state.serialize(proposal))
         else {
             return Ok(());
         };
-        match state.proposals.iter_mut().find(|(r, _)| *r == reference) {
-            Some(entry) => entry.1 = proposal,
-            None => state.proposals.push((reference, proposal)),
+        match state
+            .proposals
+            .iter_mut()
+            .find(|(r, _)| same_reference(r, &encoded, json.as_deref()))
+        {
+            Some(entry) => *entry = (encoded, proposal),
+            None => state.proposals.push((encoded, proposal)),
         }
         Ok(())
     }
@@ -395,9 +449,12 @@ impl PublicStorageProvider<CURRENT_VERSION> for Recorder<'_> {
         _: &G,
         reference: &R,
     ) -> StoreResult<()> {
+        let json = json_of(reference);
         let mut state = self.state.borrow_mut();
-        if let Some(reference) = state.serialize(reference) {
-            state.proposals.retain(|(r, _)| *r != reference);
+        if let Some(encoded) = state.serialize(reference) {
+            state
+                .proposals
+                .retain(|(r, _)| !same_reference(r, &encoded, json.as_deref()));
         }
         Ok(())
     }

@@ -177,9 +177,11 @@ fn damaged_snapshots_are_refused() {
     };
 
     refused(&[]);
-    let mut other_version = snapshot.clone();
-    other_version[0] = 2;
-    refused(&other_version);
+    for version in [0, 3, 255] {
+        let mut other_version = snapshot.clone();
+        other_version[0] = version;
+        refused(&other_version);
+    }
     refused(&snapshot[..snapshot.len() - 1]);
     let mut trailing = snapshot.clone();
     trailing.push(0);
@@ -196,14 +198,64 @@ fn damaged_snapshots_are_refused() {
     let mut forgotten = parts.clone();
     forgotten.pending.clear();
     refused(&forgotten.encode().unwrap());
-    // An openmls value that does not decode (the tree without its tree hash).
-    let at = snapshot
-        .windows(11)
-        .position(|w| w == b"\"tree_hash\"")
-        .unwrap();
-    let mut garbled = snapshot.clone();
-    garbled[at + 9] = b'z';
-    refused(&garbled);
+    // openmls values that do not decode: the tree cut short, with a byte too many, and in
+    // neither encoding.
+    let tree = parts.state.tree.clone().unwrap();
+    for damaged in [
+        tree[..tree.len() - 1].to_vec(),
+        [tree.as_slice(), &[0]].concat(),
+        [&[7u8][..], &tree[1..]].concat(),
+    ] {
+        let mut garbled = parts.clone();
+        garbled.state.tree = Some(damaged);
+        refused(&garbled.encode().unwrap());
+    }
+}
+
+#[test]
+fn a_group_stored_in_format_1_loads_and_migrates() {
+    let (mut alice, mut ds) = alice_and_ds();
+    // Every value from here on is written as format 1 did (serde_json).
+    ds.stored.legacy_json = true;
+    let mut bob = Client::new("bob");
+    let mut carol = Client::new("carol");
+    add(&mut ds, &mut alice, &mut [], &mut [&mut bob, &mut carol]);
+    let leave = carol.leave();
+    ds.add_leave_proposal(b"carol", &leave).unwrap();
+    let old = ds.snapshot().unwrap();
+    assert_eq!(old[0], 1);
+    let json = |bytes: &[u8]| bytes.windows(11).any(|w| w == b"\"tree_hash\"");
+    assert!(json(&old), "format 1 stores JSON values");
+
+    let mut restored = DsGroup::from_snapshot(&old).unwrap();
+    assert_eq!(restored.members(), ds.members());
+    assert_eq!(restored.export_ratchet_tree(), ds.export_ratchet_tree());
+    assert_eq!(restored.pending_proposals(), vec![leave.clone()]);
+    // The JSON-stored leave is recognised when it comes again, and a commit must cover it.
+    restored.add_leave_proposal(b"carol", &leave).unwrap();
+    assert_eq!(restored.pending_proposals(), vec![leave.clone()]);
+    let without = bob.commit(vec![], &[]);
+    assert_eq!(
+        restored
+            .process_commit(b"bob", &without.commit, None, &without.group_info, MAX)
+            .unwrap_err(),
+        MlsError::MissingProposals
+    );
+    bob.discard_pending_commit();
+    bob.receive(&leave);
+    let with = bob.commit(vec![], &[]);
+    accept(&mut restored, &mut bob, &with);
+    alice.receive(&leave);
+    alice.receive(&with.commit);
+
+    // After the commit every value was rewritten: format 2 and no JSON left.
+    let new = restored.snapshot().unwrap();
+    assert_eq!(new[0], 2);
+    assert!(!json(&new), "a JSON value survived the commit");
+    assert!(new.len() < old.len());
+    let restored = round_trip(&restored);
+    assert_eq!(alice.epoch(), restored.epoch());
+    assert_eq!(alice.tree(), restored.export_ratchet_tree());
 }
 
 #[test]
@@ -240,16 +292,21 @@ fn a_twenty_member_group_round_trips() {
         from_external(&group_info, &tree).unwrap();
     }
     let from_external_time = started.elapsed() / RUNS;
-    // What every merge adds: openmls's write of the tree.
+    // What every merge adds: the write of the tree, as stored and as format 1 stored it.
+    let started = Instant::now();
+    for _ in 0..RUNS {
+        postcard::to_allocvec(ds.public.treesync()).unwrap();
+    }
+    let tree_write_time = started.elapsed() / RUNS;
     let started = Instant::now();
     for _ in 0..RUNS {
         serde_json::to_vec(ds.public.treesync()).unwrap();
     }
-    let tree_write_time = started.elapsed() / RUNS;
+    let json_tree_write_time = started.elapsed() / RUNS;
     eprintln!(
         "21 members: snapshot {} B (before: GroupInfo {} B + tree {} B); snapshot() \
          {snapshot_time:?}, from_snapshot {load_time:?}, from_external {from_external_time:?}, \
-         tree write on merge {tree_write_time:?}",
+         tree write on merge {tree_write_time:?} (JSON: {json_tree_write_time:?})",
         snapshot.len(),
         group_info.len(),
         tree.len(),
