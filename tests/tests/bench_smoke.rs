@@ -34,6 +34,16 @@ fn every_workload_runs_and_reports() {
     assert_eq!(claims.details["duplicates"], 0, "{claims:?}");
     assert_eq!(claims.details["refused"], 0, "{claims:?}");
 
+    // send-1to1 was measured again with the idle listeners held.
+    let among_idle = results
+        .iter()
+        .find(|r| r.workload == "idle-connections" && r.params["load"] == "send-1to1 half")
+        .unwrap();
+    assert!(
+        among_idle.details["messages"].as_u64().unwrap() > 0,
+        "{among_idle:?}"
+    );
+
     // The JSON lines carry the documented keys.
     let mut out = Vec::new();
     bench::print_json(&results, &mut out).unwrap();

@@ -43,6 +43,8 @@ pub(crate) struct Pool {
     pub(crate) rss_before: u64,
     /// Server RSS with every pooled client connected and listening (bytes).
     pub(crate) rss_after: u64,
+    /// The pool's listen streams, held until the idle measurements are done.
+    listening: Option<Listening>,
 }
 
 /// Listen streams of some pooled clients, each read by its own task.
@@ -120,8 +122,8 @@ pub(crate) async fn listen(clients: &[BenchClient]) -> anyhow::Result<Listening>
 
 impl Pool {
     /// Registers `count` clients on server 0, connects and authenticates them, opens their
-    /// listen streams and measures the server's RSS before and after; then closes the
-    /// listen streams (the connections stay).
+    /// listen streams and measures the server's RSS before and after. The listen streams stay
+    /// open (`listening`) until the caller drops them.
     async fn create(
         servers: &BenchServers,
         connect: &ConnectConfig,
@@ -140,13 +142,13 @@ impl Pool {
         let connect_rate = stats::rate(count, start.elapsed());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rss_after = stats::rss_of(servers.pid(0)).current;
-        drop(listening);
         Ok(Pool {
             clients,
             connect_latencies,
             connect_rate,
             rss_before,
             rss_after,
+            listening: Some(listening),
         })
     }
 }
@@ -202,15 +204,18 @@ async fn run_on(
         results.push(keypackages::run(config, servers, &alpha, progress).await?);
     }
     let mut one_to_one = None;
+    let mut kept = None;
     if config.selected("send-1to1") {
         stats::reset_peak(servers.pid(0));
-        let rows = send::run(config, servers, (0, 0), progress).await?;
+        let keep = config.selected("idle-connections");
+        let (rows, pairs) = send::run(config, servers, (0, 0), keep, progress).await?;
         one_to_one = rows.first().map(|r| r.ops_per_sec);
+        kept = pairs;
         results.extend(rows);
     }
     if config.selected("federated-send") {
         stats::reset_peak(servers.pid(0));
-        let mut rows = send::run(config, servers, (0, 1), progress).await?;
+        let (mut rows, _) = send::run(config, servers, (0, 1), false, progress).await?;
         if let (Some(row), Some(local)) = (rows.first_mut(), one_to_one) {
             send::compare_with_local(row, local);
         }
@@ -230,10 +235,16 @@ async fn run_on(
         return Ok(results);
     }
     stats::reset_peak(servers.pid(0));
-    let pool = Pool::create(servers, &alpha, pool_size, progress).await?;
+    let mut pool = Pool::create(servers, &alpha, pool_size, progress).await?;
     if config.selected("idle-connections") {
         results.push(idle::result(config, servers, &pool));
+        if let Some(kept) = kept.take() {
+            let idle = pool.clients.len();
+            results.push(send::among_idle(config, servers, kept, idle, progress).await?);
+        }
     }
+    // The later workloads open their own listen streams on the pooled clients.
+    pool.listening = None;
     let domain = servers.domain(0)?;
     set_phase(progress, "owners: register", 1);
     let owners = clients::ready_clients(&alpha, &domain, "o", 1, progress).await?;

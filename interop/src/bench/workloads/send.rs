@@ -173,13 +173,68 @@ async fn phase(
     Ok((back, ops, all))
 }
 
-/// `send-1to1` (`route` = (0, 0)) or `federated-send` (`route` = (0, 1)).
+/// The pairs of a `send-1to1` run, kept connected to measure again later (with the idle
+/// listeners held).
+pub(super) struct Kept {
+    pairs: Vec<Pair>,
+    max_rate: f64,
+}
+
+/// `send-1to1`'s half-rate phase again, while the `idle` pooled clients hold their listen
+/// streams: the latency target must still hold among them. Closes the pairs.
+pub(super) async fn among_idle(
+    config: &BenchConfig,
+    servers: &BenchServers,
+    kept: Kept,
+    idle: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<WorkloadResult> {
+    set_phase(progress, "idle-connections: send-1to1 half rate", 1);
+    let offered = kept.max_rate / 2.0;
+    let (pairs, rate, latencies) = phase(kept.pairs, config.duration, Some(offered)).await?;
+    for pair in &pairs {
+        pair.sender.conn()?.close();
+        pair.receiver.conn()?.close();
+    }
+    let p99 = latencies.quantile(0.99);
+    Ok(WorkloadResult {
+        workload: "idle-connections".into(),
+        params: json!({
+            "connections": idle,
+            "pairs": config.pairs,
+            "load": "send-1to1 half",
+            "offered_per_sec": offered.round(),
+        }),
+        ops_per_sec: rate,
+        p50_us: latencies.median(),
+        p99_us: p99,
+        p999_us: latencies.quantile(0.999),
+        server_peak_rss_bytes: stats::rss_of(servers.pid(0)).peak,
+        baseline: "send-1to1 max msgs/s".into(),
+        baseline_value: kept.max_rate,
+        ratio: if kept.max_rate > 0.0 {
+            rate / kept.max_rate
+        } else {
+            0.0
+        },
+        target: format!("send-1to1 p99 ≤ 10 ms at half the max rate among {idle} listeners"),
+        met: !latencies.is_empty() && p99 <= 10_000,
+        details: json!({
+            "messages": latencies.len(),
+            "ops": "messages (sent, pushed, acked) per second while the idle listeners are held; latency: send → received",
+        }),
+    })
+}
+
+/// `send-1to1` (`route` = (0, 0)) or `federated-send` (`route` = (0, 1)). With `keep`, the
+/// pairs of a local run stay connected and are returned for [`among_idle`].
 pub(super) async fn run(
     config: &BenchConfig,
     servers: &BenchServers,
     route: (usize, usize),
+    keep: bool,
     progress: &ProgressBar,
-) -> anyhow::Result<Vec<WorkloadResult>> {
+) -> anyhow::Result<(Vec<WorkloadResult>, Option<Kept>)> {
     let federated = route.0 != route.1;
     let (name, tag) = if federated {
         ("federated-send", 2)
@@ -208,10 +263,15 @@ pub(super) async fn run(
     };
     let peak = stats::rss_of(rss_pid).peak;
     let receiver_peak = stats::rss_of(servers.pid(route.1)).peak;
-    for pair in &pairs {
-        pair.sender.conn()?.close();
-        pair.receiver.conn()?.close();
-    }
+    let kept = if keep && !federated {
+        Some(Kept { pairs, max_rate })
+    } else {
+        for pair in &pairs {
+            pair.sender.conn()?.close();
+            pair.receiver.conn()?.close();
+        }
+        None
+    };
 
     set_phase(progress, &format!("{name}: quinn baseline"), 1);
     let echo = EchoServer::start(response_len)?;
@@ -266,7 +326,7 @@ pub(super) async fn run(
             details: json!({ "messages": half_latencies.len() }),
         });
     }
-    Ok(rows)
+    Ok((rows, kept))
 }
 
 /// Makes a `federated-send` row compare with the same run's `send-1to1` rate.
