@@ -334,11 +334,13 @@ fn unknown_nested_discriminants() {
         );
     }
 
-    // QueuePayload in a federation delivery: after the Vec length, recipient, id, timestamp.
+    // QueuePayload in a federation delivery: after the Vec length, the recipients (one), id,
+    // timestamp.
     let deliver = vectors("federation_request.txt", "Deliver");
     let recipient: ClientId = "carol@chat.remote.example/desktop".parse().expect("id");
     let vec_len_len = 2; // two deliveries of > 63 bytes
-    let payload_at = 4 + vec_len_len + recipient.tls_serialized_len() + 16 + 8;
+    let recipients_len = 1 + recipient.tls_serialized_len(); // one recipient, < 64 bytes
+    let payload_at = 4 + vec_len_len + recipients_len + 16 + 8;
     for d in [0u16, 3] {
         assert_eq!(
             with_discriminant("federation_request.txt", &deliver, payload_at, 1, d),

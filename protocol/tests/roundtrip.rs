@@ -309,14 +309,18 @@ fn listen_event() -> impl Strategy<Value = ListenEvent> {
 }
 
 fn delivery() -> impl Strategy<Value = Delivery> {
-    (client_id(), message_id(), any::<u64>(), queue_payload()).prop_map(
-        |(recipient, id, timestamp_ms, payload)| Delivery {
-            recipient,
+    (
+        proptest::collection::vec(client_id(), 0..4),
+        message_id(),
+        any::<u64>(),
+        queue_payload(),
+    )
+        .prop_map(|(recipients, id, timestamp_ms, payload)| Delivery {
+            recipients,
             id,
             timestamp_ms,
             payload,
-        },
-    )
+        })
 }
 
 fn federation_request() -> impl Strategy<Value = FederationRequest> {

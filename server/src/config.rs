@@ -73,6 +73,9 @@ pub struct FederationConfig {
     pub max_in_flight_per_peer: u32,
     /// Deliveries sent to a peer in one batch.
     pub outbox_batch: u32,
+    /// Bytes of encoded deliveries sent to a peer in one batch (a single larger delivery goes
+    /// alone). Keep it below the peers' `limits.max_frame_len`.
+    pub outbox_batch_bytes: u32,
     /// First retry delay of an undeliverable batch; doubles up to `retry_max_ms`.
     pub retry_initial_ms: u64,
     /// Longest retry delay.
@@ -93,6 +96,7 @@ impl Default for FederationConfig {
             deny_domains: Vec::new(),
             max_in_flight_per_peer: 64,
             outbox_batch: 256,
+            outbox_batch_bytes: 4 << 20,
             retry_initial_ms: 250,
             retry_max_ms: 30_000,
             peer_rate_per_sec: 2_000,

@@ -184,7 +184,7 @@ pub(super) fn wrong_certificate(ctx: Ctx) -> ScenarioFuture {
             peer_connection(alpha_addr, "alpha.test", trust, h.peer_identity(BETA)?).await?;
         let deliver = FederationRequest::Deliver(DeliverRequest {
             deliveries: vec![Delivery {
-                recipient: alice.id().clone(),
+                recipients: vec![alice.id().clone()],
                 id: MessageId(rand_bytes()?),
                 timestamp_ms: 0,
                 payload: QueuePayload::GroupMessage(GroupMessage {
@@ -294,7 +294,7 @@ pub(super) fn foreign_forwarding(ctx: Ctx) -> ScenarioFuture {
                 "beta delivering to alice for a group hosted on gamma",
                 FederationRequest::Deliver(DeliverRequest {
                     deliveries: vec![Delivery {
-                        recipient: alice.id().clone(),
+                        recipients: vec![alice.id().clone()],
                         id: MessageId(rand_bytes()?),
                         timestamp_ms: 0,
                         payload: QueuePayload::GroupMessage(GroupMessage {
@@ -305,10 +305,10 @@ pub(super) fn foreign_forwarding(ctx: Ctx) -> ScenarioFuture {
                 }),
             ),
             (
-                "beta delivering to carol@gamma.test through alpha",
+                "beta delivering to alice and carol@gamma.test through alpha",
                 FederationRequest::Deliver(DeliverRequest {
                     deliveries: vec![Delivery {
-                        recipient: carol.id().clone(),
+                        recipients: vec![alice.id().clone(), carol.id().clone()],
                         id: MessageId(rand_bytes()?),
                         timestamp_ms: 0,
                         payload: QueuePayload::GroupMessage(GroupMessage {

@@ -41,11 +41,13 @@ pub struct DeliverRequest {
     pub deliveries: Vec<Delivery>,
 }
 
-/// One message for one queue.
+/// One message for one or more queues of the receiving server. The payload travels (and is
+/// stored) once however many recipients of that server a group message has.
 #[derive(Debug, Clone, PartialEq, Eq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
 pub struct Delivery {
-    /// The recipient.
-    pub recipient: ClientId,
+    /// The recipients, in the order their queues are filled. The receiver refuses an empty
+    /// list (FORBIDDEN) like a recipient of another domain.
+    pub recipients: Vec<ClientId>,
     /// Idempotency key: a second delivery with the same id to the same recipient is
     /// acknowledged and ignored.
     pub id: MessageId,
@@ -55,7 +57,8 @@ pub struct Delivery {
     pub payload: QueuePayload,
 }
 
-/// Result of [`DeliverRequest`]: every delivery is durably queued (or was already).
+/// Result of [`DeliverRequest`]: every delivery is durably queued (or was already). The counts
+/// are of (recipient, message) pairs.
 #[derive(Debug, Clone, PartialEq, Eq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
 pub struct DeliverResponse {
     /// Deliveries newly queued (duplicates are not counted).

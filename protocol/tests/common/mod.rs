@@ -519,13 +519,16 @@ pub(crate) fn federation_requests() -> Vec<(&'static str, FederationRequest)> {
             FederationRequest::Deliver(DeliverRequest {
                 deliveries: vec![
                     Delivery {
-                        recipient: client("carol@chat.remote.example/desktop"),
+                        recipients: vec![client("carol@chat.remote.example/desktop")],
                         id: MessageId([0x42; 16]),
                         timestamp_ms: 1_700_000_000_999,
                         payload: group_message(),
                     },
                     Delivery {
-                        recipient: client("dave@chat.remote.example/tablet"),
+                        recipients: vec![
+                            client("dave@chat.remote.example/tablet"),
+                            client("erin@chat.remote.example/phone"),
+                        ],
                         id: MessageId([0x43; 16]),
                         timestamp_ms: 1_700_000_001_000,
                         payload: QueuePayload::Welcome(GroupMessage {

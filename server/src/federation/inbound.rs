@@ -184,7 +184,10 @@ async fn handle_deliver(
 ) -> Result<DeliverResponse, ServiceError> {
     let ours = &state.settings.domain;
     for delivery in &deliver.deliveries {
-        if delivery.recipient.domain() != ours {
+        if delivery.recipients.is_empty() {
+            return Err(ServiceError::Forbidden("a delivery has no recipients"));
+        }
+        if delivery.recipients.iter().any(|r| r.domain() != ours) {
             return Err(ServiceError::Forbidden(
                 "a recipient is not a client of this homeserver",
             ));

@@ -1,5 +1,6 @@
-//! The durable federation outbox. The hub writes one entry per remote recipient in the same
-//! transaction that accepts the message; a worker per destination domain sends them in order,
+//! The durable federation outbox. The hub writes one entry per message and destination domain
+//! (naming up to 1,024 of its recipients, the payload once) in the same transaction that
+//! accepts the message; a worker per destination domain sends them in order,
 //! in batches, and deletes them only once the peer acknowledged them (the peer acknowledges
 //! only what it stored durably, and deduplicates by message id, so a retry never delivers
 //! twice). While a peer is unreachable, its worker retries with capped exponential backoff.
@@ -42,11 +43,13 @@ impl Outbox {
 pub(crate) trait OutboxStore {
     /// Domains with pending entries.
     async fn pending_domains(&self) -> Result<Vec<Domain>, ServiceError>;
-    /// The oldest `max` entries for `domain`, in order, with their seqs.
+    /// The oldest entries for `domain`, in order, with their seqs: at most `max`, and at most
+    /// `max_bytes` of encoded deliveries unless the first alone is larger.
     async fn outbox_batch(
         &self,
         domain: &Domain,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(u64, Delivery)>, ServiceError>;
     /// Deletes delivered entries.
     async fn outbox_remove(&self, domain: &Domain, seqs: Vec<u64>) -> Result<(), ServiceError>;
@@ -97,7 +100,11 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
     loop {
         let batch = match state
             .store
-            .outbox_batch(&domain, config.outbox_batch.max(1) as usize)
+            .outbox_batch(
+                &domain,
+                config.outbox_batch.max(1) as usize,
+                config.outbox_batch_bytes as usize,
+            )
             .await
         {
             Ok(batch) => batch,
@@ -121,8 +128,9 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
             .into_iter()
             .partition(|(_, d)| d.timestamp_ms < cutoff);
         if !stale.is_empty() {
-            tracing::warn!(%domain, count = stale.len(), "dropping outbox entries older than the message age limit");
-            metrics::counter!("roost_federation_expired_total").increment(stale.len() as u64);
+            let count: usize = stale.iter().map(|(_, d)| d.recipients.len()).sum();
+            tracing::warn!(%domain, count, "dropping outbox entries older than the message age limit");
+            metrics::counter!("roost_federation_expired_total").increment(count as u64);
             if let Err(err) = state
                 .store
                 .outbox_remove(&domain, stale.into_iter().map(|(seq, _)| seq).collect())
@@ -141,7 +149,7 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
             }
         }
         let (seqs, deliveries): (Vec<u64>, Vec<Delivery>) = batch.into_iter().unzip();
-        let count = deliveries.len();
+        let count: usize = deliveries.iter().map(|d| d.recipients.len()).sum();
         let outcome = state
             .federation
             .deliver(&domain, DeliverRequest { deliveries })

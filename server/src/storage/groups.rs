@@ -4,7 +4,6 @@
 
 use redb::ReadableTable;
 use roost_protocol::MessageId;
-use roost_protocol::messages::federation::Delivery;
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use super::auth::active_client;
@@ -46,17 +45,8 @@ fn fan_out(
     let timestamp_ms = crate::unix_millis();
     let mut reached = 0;
     for (domain, clients) in &fan_out.remote {
-        let deliveries: Vec<Delivery> = clients
-            .iter()
-            .map(|recipient| Delivery {
-                recipient: recipient.clone(),
-                id,
-                timestamp_ms,
-                payload: fan_out.payload.clone(),
-            })
-            .collect();
-        super::outbox::add_in_txn(txn, domain, &deliveries)?;
-        reached += deliveries.len() as u32;
+        super::outbox::add_in_txn(txn, domain, clients, id, timestamp_ms, &fan_out.payload)?;
+        reached += clients.len() as u32;
         result.domains.push(domain.clone());
     }
     let clients = txn.open_table(CLIENTS)?;

@@ -94,6 +94,11 @@ impl Store {
                 None => {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
+                Some(2) => {
+                    outbox::upgrade_from_v2(&txn)?;
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                    tracing::info!("database upgraded from schema version 2");
+                }
                 Some(found) if found != SCHEMA_VERSION => {
                     return Err(StoreError::Schema {
                         found,

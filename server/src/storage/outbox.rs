@@ -1,27 +1,81 @@
 //! redb implementation of the federation outbox: entries keyed by (destination domain, seq).
 
 use redb::{ReadableTable, WriteTransaction};
-use roost_protocol::Domain;
 use roost_protocol::messages::federation::Delivery;
-use tls_codec::{DeserializeBytes, Serialize as _};
+use roost_protocol::messages::queue::QueuePayload;
+use roost_protocol::{ClientId, Domain, MessageId};
+use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSize};
 
 use super::tables::OUTBOX;
 use super::{Store, StoreError, next_counter};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
 
-/// Adds deliveries for `domain` inside `txn`.
+/// Most recipients named by one outbox entry (one `Delivery`): bounds the size of an entry
+/// and of the batch it travels in.
+pub(crate) const MAX_RECIPIENTS_PER_DELIVERY: usize = 1024;
+
+/// Adds one message for `recipients` (all of `domain`) inside `txn`: one entry per
+/// [`MAX_RECIPIENTS_PER_DELIVERY`] recipients, each holding the payload once.
 pub(crate) fn add_in_txn(
     txn: &WriteTransaction,
     domain: &Domain,
-    deliveries: &[Delivery],
+    recipients: &[ClientId],
+    id: MessageId,
+    timestamp_ms: u64,
+    payload: &QueuePayload,
 ) -> Result<(), StoreError> {
     let mut outbox = txn.open_table(OUTBOX)?;
-    for delivery in deliveries {
-        let seq = next_counter(txn, "next_outbox_seq")?;
+    for chunk in recipients.chunks(MAX_RECIPIENTS_PER_DELIVERY) {
+        let delivery = Delivery {
+            recipients: chunk.to_vec(),
+            id,
+            timestamp_ms,
+            payload: payload.clone(),
+        };
         let bytes = delivery
             .tls_serialize_detached()
             .map_err(|_| StoreError::Corrupt("delivery encoding"))?;
+        let seq = next_counter(txn, "next_outbox_seq")?;
+        outbox.insert((domain.as_str(), seq), bytes.as_slice())?;
+    }
+    Ok(())
+}
+
+/// An outbox entry of schema version 2: one recipient per entry.
+#[derive(TlsDeserializeBytes, TlsSize)]
+#[cfg_attr(test, derive(tls_codec::TlsSerialize))]
+struct DeliveryV2 {
+    recipient: ClientId,
+    id: MessageId,
+    timestamp_ms: u64,
+    payload: QueuePayload,
+}
+
+/// Rewrites the outbox entries of a schema version 2 database as single-recipient deliveries
+/// (same keys, so their order and seqs stay).
+pub(super) fn upgrade_from_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut outbox = txn.open_table(OUTBOX)?;
+    let mut rewritten = Vec::new();
+    for entry in outbox.iter()? {
+        let (key, value) = entry?;
+        let (domain, seq) = key.value();
+        let old = match DeliveryV2::tls_deserialize_bytes(value.value()) {
+            Ok((old, [])) => old,
+            _ => return Err(StoreError::Corrupt("outbox (schema version 2)")),
+        };
+        let delivery = Delivery {
+            recipients: vec![old.recipient],
+            id: old.id,
+            timestamp_ms: old.timestamp_ms,
+            payload: old.payload,
+        };
+        let bytes = delivery
+            .tls_serialize_detached()
+            .map_err(|_| StoreError::Corrupt("delivery encoding"))?;
+        rewritten.push((domain.to_owned(), seq, bytes));
+    }
+    for (domain, seq, bytes) in rewritten {
         outbox.insert((domain.as_str(), seq), bytes.as_slice())?;
     }
     Ok(())
@@ -51,13 +105,20 @@ impl OutboxStore for Store {
         &self,
         domain: &Domain,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Vec<(u64, Delivery)>, ServiceError> {
         let name = domain.as_str().to_owned();
         self.read(move |txn| {
             let outbox = txn.open_table(OUTBOX)?;
             let mut batch = Vec::new();
+            let mut bytes = 0usize;
             for entry in outbox.range((name.as_str(), 0)..=(name.as_str(), u64::MAX))? {
                 let (key, value) = entry?;
+                let len = value.value().len();
+                if !batch.is_empty() && bytes.saturating_add(len) > max_bytes {
+                    break;
+                }
+                bytes = bytes.saturating_add(len);
                 match Delivery::tls_deserialize_bytes(value.value()) {
                     Ok((delivery, [])) => batch.push((key.value().1, delivery)),
                     _ => return Err(StoreError::Corrupt("outbox")),
@@ -82,5 +143,99 @@ impl OutboxStore for Store {
             Ok(Ok(()))
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redb::{Database, ReadableDatabase as _};
+    use roost_protocol::messages::queue::GroupMessage;
+
+    use super::*;
+    use crate::storage::tables::{META, SCHEMA_VERSION};
+
+    fn schema_version(path: &std::path::Path) -> Option<u64> {
+        let db = Database::open(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        meta.get("schema_version").unwrap().map(|v| v.value())
+    }
+
+    /// A database as schema version `version` left it, with one outbox entry in the version 2
+    /// layout.
+    fn old_database(path: &std::path::Path, version: u64) -> DeliveryV2 {
+        let old = DeliveryV2 {
+            recipient: "bob@beta.test/phone".parse().unwrap(),
+            id: MessageId([5; 16]),
+            timestamp_ms: 1_700_000_000_000,
+            payload: QueuePayload::GroupMessage(GroupMessage {
+                group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@alpha.test"
+                    .parse()
+                    .unwrap(),
+                message: vec![1, 2, 3].into(),
+            }),
+        };
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", version)
+                .unwrap();
+            let bytes = old.tls_serialize_detached().unwrap();
+            txn.open_table(OUTBOX)
+                .unwrap()
+                .insert(("beta.test", 7), bytes.as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+        old
+    }
+
+    #[tokio::test]
+    async fn a_version_2_outbox_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let old = old_database(&path, 2);
+        let (store, writer) = Store::open(&path, 8).unwrap();
+        let beta: Domain = "beta.test".parse().unwrap();
+        let batch = store.outbox_batch(&beta, 10, usize::MAX).await.unwrap();
+        let expected = Delivery {
+            recipients: vec![old.recipient],
+            id: old.id,
+            timestamp_ms: old.timestamp_ms,
+            payload: old.payload,
+        };
+        assert_eq!(batch, vec![(7, expected)]);
+        drop(store);
+        writer.join();
+        assert_eq!(schema_version(&path), Some(SCHEMA_VERSION));
+        // Opening again is an ordinary open.
+        let (store, writer) = Store::open(&path, 8).unwrap();
+        assert_eq!(
+            store
+                .outbox_batch(&beta, 10, usize::MAX)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        drop(store);
+        writer.join();
+    }
+
+    #[test]
+    fn older_schemas_are_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        old_database(&path, 1);
+        assert!(matches!(
+            Store::open(&path, 8),
+            Err(StoreError::Schema {
+                found: 1,
+                expected: SCHEMA_VERSION
+            })
+        ));
+        assert_eq!(schema_version(&path), Some(1));
     }
 }

@@ -299,36 +299,39 @@ impl QueueStore for Store {
             };
             let mut woken = Vec::new();
             for delivery in deliveries {
-                let Some(record) = active_client_in(txn, &delivery.recipient)? else {
-                    response.unknown_recipients += 1;
+                let mut nums = Vec::with_capacity(delivery.recipients.len());
+                for recipient in &delivery.recipients {
+                    match active_client_in(txn, recipient)? {
+                        Some(record) => nums.push(record.client_num),
+                        None => response.unknown_recipients += 1,
+                    }
+                }
+                if nums.is_empty() {
                     continue;
-                };
+                }
+                // The payload is encoded and stored once for all its recipients here.
                 let bytes = delivery
                     .payload
                     .tls_serialize_detached()
                     .map_err(|_| StoreError::Corrupt("payload encoding"))?;
-                let outcome = enqueue_in_txn(
-                    txn,
-                    max_depth,
-                    &[record.client_num],
-                    delivery.id,
-                    now_ms,
-                    &bytes,
-                    true,
-                )?;
-                match outcome.first() {
-                    Some(Enqueued::Queued(seq)) => {
-                        response.accepted += 1;
-                        let fresh = Fresh {
-                            seq: *seq,
-                            id: delivery.id,
-                            timestamp_ms: now_ms,
-                            payload: std::sync::Arc::new(delivery.payload),
-                        };
-                        woken.push((record.client_num, fresh));
+                let outcomes =
+                    enqueue_in_txn(txn, max_depth, &nums, delivery.id, now_ms, &bytes, true)?;
+                let shared = std::sync::Arc::new(delivery.payload);
+                for (num, outcome) in nums.iter().zip(outcomes) {
+                    match outcome {
+                        Enqueued::Queued(seq) => {
+                            response.accepted += 1;
+                            let fresh = Fresh {
+                                seq,
+                                id: delivery.id,
+                                timestamp_ms: now_ms,
+                                payload: shared.clone(),
+                            };
+                            woken.push((*num, fresh));
+                        }
+                        Enqueued::Duplicate(_) => {}
+                        Enqueued::Full => response.queue_full += 1,
                     }
-                    Some(Enqueued::Duplicate(_)) => {}
-                    Some(Enqueued::Full) | None => response.queue_full += 1,
                 }
             }
             Ok(Ok((response, woken)))

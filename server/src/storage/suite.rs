@@ -256,8 +256,8 @@ pub(crate) async fn queues<S: AuthStore + QueueStore>(store: &S) {
         1
     );
     // Peer deliveries: idempotent, unknown recipients counted.
-    let delivery = |recipient: &str, n: u8| Delivery {
-        recipient: recipient.parse().unwrap(),
+    let delivery = |recipients: &[&str], n: u8| Delivery {
+        recipients: recipients.iter().map(|r| r.parse().unwrap()).collect(),
         id: MessageId([n; 16]),
         timestamp_ms: 0,
         payload: QueuePayload::Welcome(GroupMessage {
@@ -270,19 +270,19 @@ pub(crate) async fn queues<S: AuthStore + QueueStore>(store: &S) {
     let (response, woken) = store
         .deliver(
             vec![
-                delivery("q@example.org/phone", 50),
-                delivery("nobody@example.org/x", 51),
+                delivery(&["q@example.org/phone", "nobody@example.org/x"], 50),
+                delivery(&["nobody@example.org/y"], 51),
             ],
             10,
             500,
         )
         .await
         .unwrap();
-    assert_eq!((response.accepted, response.unknown_recipients), (1, 1));
+    assert_eq!((response.accepted, response.unknown_recipients), (1, 2));
     let woken: Vec<(u64, u64)> = woken.iter().map(|(n, f)| (*n, f.seq)).collect();
     assert_eq!(woken, vec![(num, 4)]);
     let (response, _) = store
-        .deliver(vec![delivery("q@example.org/phone", 50)], 10, 500)
+        .deliver(vec![delivery(&["q@example.org/phone"], 50)], 10, 500)
         .await
         .unwrap();
     assert_eq!(response.accepted, 0);
@@ -332,10 +332,13 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
     assert!(store.load_group(vec![9]).await.unwrap().is_none());
 
     let beta: roost_protocol::Domain = "beta.test".parse().unwrap();
-    let remote: ClientId = "r@beta.test/phone".parse().unwrap();
+    let remote: Vec<ClientId> = vec![
+        "r@beta.test/phone".parse().unwrap(),
+        "s@beta.test/laptop".parse().unwrap(),
+    ];
     let fan = |n: u8| FanOut {
         local: vec![local.clone(), "gone@example.org/x".parse().unwrap()],
-        remote: [(beta.clone(), vec![remote.clone()])].into_iter().collect(),
+        remote: [(beta.clone(), remote.clone())].into_iter().collect(),
         payload: QueuePayload::GroupMessage(GroupMessage {
             group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
                 .parse()
@@ -347,8 +350,8 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         .apply(Some(state(1)), vec![fan(1), fan(2)], 10)
         .await
         .unwrap();
-    // Unknown local recipients are skipped; the remote one is counted once it is in the outbox.
-    assert_eq!(result.reached, vec![2, 2]);
+    // Unknown local recipients are skipped; remote ones are counted once in the outbox.
+    assert_eq!(result.reached, vec![3, 3]);
     let seqs: Vec<(u64, u64)> = result.queues.iter().map(|(n, f)| (*n, f.seq)).collect();
     assert_eq!(seqs, vec![(num, 1), (num, 2)]);
     assert_eq!(
@@ -371,15 +374,67 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
     );
 
     assert_eq!(store.pending_domains().await.unwrap(), vec![beta.clone()]);
-    let batch = store.outbox_batch(&beta, 10).await.unwrap();
+    // One entry per message for the domain, naming both recipients, the payload once.
+    let batch = store.outbox_batch(&beta, 10, usize::MAX).await.unwrap();
     assert_eq!(batch.len(), 2);
-    assert!(batch.iter().all(|(_, d)| d.recipient == remote));
+    assert!(batch.iter().all(|(_, d)| d.recipients == remote));
     assert!(batch[0].0 < batch[1].0, "in order");
-    store.outbox_batch(&beta, 1).await.unwrap();
+    assert_eq!(batch[0].1.payload, fan(1).payload);
+    assert_eq!(batch[1].1.payload, fan(2).payload);
+    // Batches are bounded by count and by bytes; the first entry always goes.
+    assert_eq!(
+        store
+            .outbox_batch(&beta, 1, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.outbox_batch(&beta, 10, 1).await.unwrap().len(), 1);
     store.outbox_remove(&beta, vec![batch[0].0]).await.unwrap();
-    assert_eq!(store.outbox_batch(&beta, 10).await.unwrap().len(), 1);
+    assert_eq!(
+        store
+            .outbox_batch(&beta, 10, usize::MAX)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     store.outbox_remove(&beta, vec![batch[1].0]).await.unwrap();
     assert!(store.pending_domains().await.unwrap().is_empty());
+
+    // A message for more recipients of one domain than an entry names is split.
+    let many: Vec<ClientId> = (0..1500)
+        .map(|i| format!("u{i}@beta.test/d").parse().unwrap())
+        .collect();
+    let big = FanOut {
+        local: Vec::new(),
+        remote: [(beta.clone(), many.clone())].into_iter().collect(),
+        payload: fan(3).payload,
+    };
+    let result = store.apply(None, vec![big], 10).await.unwrap();
+    assert_eq!(result.reached, vec![1500]);
+    let batch = store.outbox_batch(&beta, 10, usize::MAX).await.unwrap();
+    let sizes: Vec<usize> = batch.iter().map(|(_, d)| d.recipients.len()).collect();
+    assert_eq!(sizes, vec![1024, 476]);
+    let named: Vec<ClientId> = batch
+        .iter()
+        .flat_map(|(_, d)| d.recipients.clone())
+        .collect();
+    assert_eq!(named, many);
+    let first_len = {
+        use tls_codec::Size as _;
+        batch[0].1.tls_serialized_len()
+    };
+    assert_eq!(
+        store
+            .outbox_batch(&beta, 10, first_len)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "a byte budget of one entry holds one"
+    );
 }
 
 mod redb_backend {

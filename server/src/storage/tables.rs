@@ -6,8 +6,10 @@
 
 use redb::TableDefinition;
 
-/// Bumped whenever a table's layout changes; checked when the database opens.
-pub(crate) const SCHEMA_VERSION: u64 = 2;
+/// Bumped whenever a table's layout changes; checked when the database opens. Version 2
+/// databases are upgraded in place (their outbox entries named one recipient each); older ones
+/// are refused.
+pub(crate) const SCHEMA_VERSION: u64 = 3;
 
 /// Counters and settings: "schema_version", "next_client_num", "next_payload_id".
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
@@ -53,8 +55,9 @@ pub(crate) const LAST_RESORT: TableDefinition<'_, u64, (u64, &[u8])> =
 /// (epoch, `DsGroup` snapshot).
 pub(crate) const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
 
-/// Federation outbox by (destination domain, outbox seq): TLS-encoded `Delivery`. Written in
-/// the transaction that accepts the message; deleted when the peer acknowledged it.
+/// Federation outbox by (destination domain, outbox seq): TLS-encoded `Delivery` (one message
+/// for up to 1,024 recipients of that domain). Written in the transaction that accepts the
+/// message; deleted when the peer acknowledged it.
 pub(crate) const OUTBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
 
 /// Registration tokens already used, by SHA-256 (hex): times used.

@@ -210,6 +210,57 @@ async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_on
     pair.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_for_several_remote_members_arrives_in_batches_the_peer_accepts() {
+    // beta accepts frames of at most 64 KiB; alpha sends batches of at most 40 KiB.
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    let (a, b) = (free_port(), free_port());
+    let mut alpha_cfg = server_config(dir.path(), &pki, ALPHA, a, (BETA, b));
+    alpha_cfg.federation.outbox_batch_bytes = 40 << 10;
+    let mut beta_cfg = server_config(dir.path(), &pki, BETA, b, (ALPHA, a));
+    beta_cfg.limits.max_frame_len = 64 << 10;
+    let alpha = start(alpha_cfg).await;
+    let beta = start(beta_cfg.clone()).await;
+
+    let mut alice = Member::new_in(&alpha, "alice", ALPHA).await;
+    let mut remote = Vec::new();
+    for name in ["bob", "carol", "dave"] {
+        let member = Member::new_in(&beta, name, BETA).await;
+        member.upload_key_packages(1).await;
+        remote.push(member);
+    }
+    alice.create_group(3).await;
+    let users: Vec<_> = remote.iter().map(|m| m.user_id()).collect();
+    let kps = alice.claim(&users).await;
+    assert_eq!(kps.len(), 3);
+    alice.commit_and_merge(kps, &[]).await;
+    for member in &mut remote {
+        join(member).await;
+    }
+
+    // beta is down while alice sends 8 messages of 12 KB: 96 KB for its three members, more
+    // than beta takes in one frame. Each waits in alpha's outbox once, naming all three.
+    beta.shutdown().await;
+    let texts: Vec<Vec<u8>> = (0..8u8).map(|n| vec![n; 12 << 10]).collect();
+    for text in &texts {
+        alice.send(text).await.unwrap();
+    }
+    let beta = start(beta_cfg).await;
+    for member in &mut remote {
+        member.conn = connect(&beta).await;
+        login(&member.conn, &member.client).await;
+        // Every message exactly once, in order.
+        assert_eq!(receive(member, 8).await, texts);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for member in &mut remote {
+        assert!(member.sync().await.messages.is_empty());
+    }
+    beta.shutdown().await;
+    alpha.shutdown().await;
+}
+
 /// Connects to `server` as a federation peer presenting `cert`/`key`.
 async fn peer_connection(
     server: &Server,
@@ -259,7 +310,7 @@ async fn peers_speak_only_for_their_own_domain() {
     let group = GroupId::new([1; 16], BETA.parse().unwrap());
     let deliver = FederationRequest::Deliver(DeliverRequest {
         deliveries: vec![Delivery {
-            recipient: alice_client.id.clone(),
+            recipients: vec![alice_client.id.clone()],
             id: MessageId([7; 16]),
             timestamp_ms: 0,
             payload: QueuePayload::GroupMessage(GroupMessage {
@@ -299,12 +350,36 @@ async fn peers_speak_only_for_their_own_domain() {
     let FederationRequest::Deliver(mut elsewhere) = deliver else {
         unreachable!()
     };
-    elsewhere.deliveries[0].recipient = "carol@gamma.test/phone".parse().unwrap();
+    // A recipient of another domain anywhere in the list, or no recipient at all: refused.
+    elsewhere.deliveries[0].id = MessageId([8; 16]);
+    for recipients in [
+        vec!["carol@gamma.test/phone".parse().unwrap()],
+        vec![
+            alice_client.id.clone(),
+            "carol@gamma.test/phone".parse().unwrap(),
+        ],
+        vec![],
+    ] {
+        elsewhere.deliveries[0].recipients = recipients;
+        let response = beta
+            .request_federation(&FederationRequest::Deliver(elsewhere.clone()))
+            .await
+            .unwrap();
+        assert_eq!(refused(response), ErrorCode::FORBIDDEN);
+    }
+    // Nothing of the refused batches was queued: the message id is still new for alice.
+    elsewhere.deliveries[0].recipients = vec![alice_client.id.clone()];
     let response = beta
         .request_federation(&FederationRequest::Deliver(elsewhere))
         .await
         .unwrap();
-    assert_eq!(refused(response), ErrorCode::FORBIDDEN);
+    assert!(
+        matches!(
+            response,
+            Response::Deliver(DeliverResponse { accepted: 1, .. })
+        ),
+        "{response:?}"
+    );
 
     // A certificate from an unknown CA does not get a connection at all.
     let other_pki = Pki::new(dir.path(), "other");
