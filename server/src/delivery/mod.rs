@@ -6,8 +6,12 @@
 //! parallel. A commit is validated and applied in memory, then the new state and every
 //! recipient's copy are written in one durable transaction; only then is it acknowledged. If
 //! that write fails, the cached state is dropped, so the group reloads the last durable state.
+//! Next to the MLS state the cache keeps the epoch's [`Roster`]: every member resolved to a
+//! queue (client number) or a remote domain, so a message is fanned out without decoding the
+//! tree or looking clients up.
 
 mod cache;
+mod roster;
 
 use std::sync::Arc;
 
@@ -21,8 +25,10 @@ use crate::error::ServiceError;
 use crate::mls::{DsGroup, Member, MlsError};
 use crate::storage::auth::active_client;
 use crate::storage::tables::CLIENTS;
+use crate::storage::{Store, StoreError};
 
 pub(crate) use cache::GroupCache;
+use roster::{Recipients, Roster};
 
 /// A hosted group's durable state: its MLS group id (the key), epoch (for inspection) and MLS
 /// state, which [`DsGroup::from_snapshot`] reloads whatever the clock says about its leaves'
@@ -45,7 +51,8 @@ impl GroupState {
 
 /// One payload for a set of recipients, split by where their queues are.
 pub(crate) struct FanOut {
-    pub(crate) local: Vec<ClientId>,
+    /// Local recipients' client numbers, ascending (numbers without a queue are skipped).
+    pub(crate) local: Vec<u64>,
     pub(crate) remote: std::collections::BTreeMap<Domain, Vec<ClientId>>,
     pub(crate) payload: QueuePayload,
 }
@@ -188,12 +195,6 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| ServiceError::Internal("MLS processing failed".into()))
 }
 
-/// Recipients of a fan-out, split by where their queues are.
-struct Recipients {
-    local: Vec<ClientId>,
-    remote: std::collections::BTreeMap<Domain, Vec<ClientId>>,
-}
-
 impl Recipients {
     fn with(self, payload: QueuePayload) -> FanOut {
         FanOut {
@@ -204,48 +205,55 @@ impl Recipients {
     }
 }
 
-/// Resolves members to recipients, leaving out `except`. Members of a domain this server does
-/// not federate with are refused (UNKNOWN_DOMAIN) rather than leaving half the group without
-/// the message.
-fn recipients(
-    state: &State,
-    members: &[Member],
-    except: &[Vec<u8>],
-) -> Result<Recipients, ServiceError> {
-    let mut local = Vec::with_capacity(members.len());
-    let mut remote: std::collections::BTreeMap<Domain, Vec<ClientId>> = Default::default();
-    for member in members {
-        if except.contains(&member.identity) {
-            continue;
-        }
-        let Some(client) = member_client(member) else {
-            // A leaf whose identity is not a ClientId: nobody to deliver to.
-            continue;
-        };
-        if client.domain() == &state.settings.domain {
-            local.push(client);
-        } else if state.federation.allowed(client.domain()) {
-            remote
-                .entry(client.domain().clone())
-                .or_default()
-                .push(client);
-        } else {
-            return Err(ServiceError::UnknownDomain(client.domain().to_string()));
-        }
-    }
-    Ok(Recipients { local, remote })
+/// A hosted group in the cache: its MLS state and the recipients of its current epoch.
+pub(crate) struct Hosted {
+    group: DsGroup,
+    roster: Roster,
 }
 
-/// Loads a group's stored state and rebuilds its MLS state.
-pub(crate) async fn load(state: &State, group: &GroupId) -> Result<DsGroup, ServiceError> {
+/// Resolves `members` of `epoch` to recipients (see [`Roster::build`]), reading CLIENTS for
+/// local members `previous` does not know. Runs on a blocking thread.
+fn resolve(
+    store: &Store,
+    domain: &Domain,
+    epoch: u64,
+    members: &[Member],
+    previous: Option<Roster>,
+) -> Result<Roster, StoreError> {
+    store.read_blocking(|txn| {
+        let clients = txn.open_table(CLIENTS)?;
+        Roster::build(epoch, members, domain, previous, |client| {
+            Ok(active_client(&clients, client)?.map(|record| record.client_num))
+        })
+    })
+}
+
+/// Members of a domain this server does not federate with are refused (UNKNOWN_DOMAIN) rather
+/// than leaving half the group without the message.
+fn allowed(state: &State) -> impl Fn(&Domain) -> bool + '_ {
+    move |domain| state.federation.allowed(domain)
+}
+
+fn unknown_domain(domain: Domain) -> ServiceError {
+    ServiceError::UnknownDomain(domain.to_string())
+}
+
+/// Loads a group's stored state, rebuilds its MLS state and resolves its members.
+async fn load(state: &State, group: &GroupId) -> Result<Hosted, ServiceError> {
     let record = state
         .store
         .load_group(group.to_mls_bytes())
         .await?
         .ok_or(ServiceError::GroupNotFound)?;
-    blocking(move || DsGroup::from_snapshot(record.snapshot.as_slice()))
-        .await?
-        .map_err(|err| ServiceError::Internal(format!("stored group does not restore: {err}")))
+    let (store, domain) = (state.store.clone(), state.settings.domain.clone());
+    blocking(move || {
+        let group = DsGroup::from_snapshot(record.snapshot.as_slice()).map_err(|err| {
+            ServiceError::Internal(format!("stored group does not restore: {err}"))
+        })?;
+        let roster = resolve(&store, &domain, group.epoch(), &group.members(), None)?;
+        Ok(Hosted { group, roster })
+    })
+    .await?
 }
 
 /// CreateGroup.
@@ -266,7 +274,8 @@ pub(crate) async fn create(
     let max = state.settings.limits.max_group_size as usize;
     let key = group_id.clone();
     let check = credential_checker(state);
-    let group = blocking(move || {
+    let (store, domain) = (state.store.clone(), state.settings.domain.clone());
+    let hosted = blocking(move || {
         let group = DsGroup::create(
             &key,
             &identity,
@@ -276,16 +285,23 @@ pub(crate) async fn create(
         )?;
         // The creator's leaf must carry its AS-registered key.
         match group.member_by_identity(&identity) {
-            Some(creator) if check(&creator.identity, &creator.signature_key) => Ok(group),
-            _ => Err(MlsError::InvalidGroupInfo(
-                "the creator's leaf does not match its credential".into(),
-            )),
+            Some(creator) if check(&creator.identity, &creator.signature_key) => {}
+            _ => {
+                return Err(ServiceError::from(MlsError::InvalidGroupInfo(
+                    "the creator's leaf does not match its credential".into(),
+                )));
+            }
         }
+        let roster = resolve(&store, &domain, group.epoch(), &group.members(), None)?;
+        Ok(Hosted { group, roster })
     })
     .await??;
-    state.store.create_group(GroupState::of(&group)?).await?;
-    let epoch = group.epoch();
-    *slot = Some(group);
+    state
+        .store
+        .create_group(GroupState::of(&hosted.group)?)
+        .await?;
+    let epoch = hosted.group.epoch();
+    *slot = Some(hosted);
     tracing::info!(group = %req.group, "group created");
     Ok(CreateGroupResponse { epoch })
 }
@@ -313,7 +329,7 @@ async fn commit_common(
     group_info: Opaque,
 ) -> Result<CommitResponse, ServiceError> {
     locked_group!(state, group_id, slot);
-    let Some(mut group) = slot.take() else {
+    let Some(Hosted { mut group, roster }) = slot.take() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
@@ -321,6 +337,7 @@ async fn commit_common(
     let commit_bytes = commit.clone();
     let welcome_bytes = welcome.clone();
     let check = credential_checker(state);
+    let (store, domain) = (state.store.clone(), state.settings.domain.clone());
     let (group, result) = blocking(move || {
         let result = if external {
             group.process_external_commit_checked(
@@ -340,31 +357,39 @@ async fn commit_common(
                 &check,
             )
         };
+        let result = match result {
+            Err(err) => Err((err, roster)),
+            Ok(outcome) => {
+                let resolved = resolve_commit(
+                    &store,
+                    &domain,
+                    &identity,
+                    roster,
+                    outcome.new_epoch,
+                    (&outcome.members_before, &outcome.members_after),
+                );
+                Ok((outcome, resolved))
+            }
+        };
         (group, result)
     })
     .await?;
-    let outcome = match result {
-        Ok(outcome) => outcome,
-        Err(err) => {
+    let (outcome, resolved) = match result {
+        Ok(accepted) => accepted,
+        Err((err, roster)) => {
             // A refused commit leaves the state as it was.
-            *slot = Some(group);
+            *slot = Some(Hosted { group, roster });
             return Err(err.into());
         }
     };
     // From here on the in-memory state is ahead of the store: on any failure, drop it.
-    let me_identity = identity_of(me)?;
-    let prepared = (|| {
-        let commit_to = recipients(
-            state,
-            &outcome.members_before,
-            std::slice::from_ref(&me_identity),
-        )?;
-        let welcome_to = recipients(state, &outcome.added, &[])?;
-        // Every later recipient must be reachable too, or the group would split.
-        recipients(state, &outcome.members_after, &[])?;
-        Ok::<_, ServiceError>((commit_to, welcome_to))
-    })();
-    let (commit_to, welcome_to) = prepared?;
+    let (commit_to, roster) = resolved?;
+    let welcome_to = roster.subset(&outcome.added);
+    // Every later recipient must be reachable too, or the group would split.
+    commit_to
+        .check_domains(allowed(state))
+        .and_then(|()| roster.check_domains(allowed(state)))
+        .map_err(unknown_domain)?;
     // Credentials of other domains, checked against their own AS before anything is stored.
     let mut introduced: Vec<&Member> = outcome.added.iter().collect();
     introduced.extend(outcome.committer.iter());
@@ -386,7 +411,7 @@ async fn commit_common(
         .apply(Some(new_state), fan_outs, max_depth)
         .await?;
     let epoch = group.epoch();
-    *slot = Some(group);
+    *slot = Some(Hosted { group, roster });
     drop(slot);
     let reached = result.wake(state);
     let (commits, welcomes) = (
@@ -396,6 +421,28 @@ async fn commit_common(
     metrics::histogram!("roost_fanout_recipients").record(f64::from(commits + welcomes));
     tracing::debug!(group = %group_id, epoch, commits, welcomes, "commit accepted");
     Ok(CommitResponse { epoch })
+}
+
+/// For an accepted commit: its recipients (the old epoch's members but the committer) and the
+/// new epoch's roster, which reuses the old one's resolutions. Runs on a blocking thread.
+fn resolve_commit(
+    store: &Store,
+    domain: &Domain,
+    committer: &[u8],
+    old: Roster,
+    new_epoch: u64,
+    (before, after): (&[Member], &[Member]),
+) -> Result<(Recipients, Roster), ServiceError> {
+    let old_epoch = new_epoch.saturating_sub(1);
+    let old = if old.epoch() == old_epoch {
+        old
+    } else {
+        // The cached roster always follows the group; should it not, start afresh.
+        resolve(store, domain, old_epoch, before, None)?
+    };
+    let commit_to = old.all_but(committer);
+    let roster = resolve(store, domain, new_epoch, after, Some(old))?;
+    Ok((commit_to, roster))
 }
 
 /// Commit.
@@ -451,18 +498,19 @@ pub(crate) async fn send_message(
 ) -> Result<SendMessageResponse, ServiceError> {
     check_send_rate(state, me)?;
     locked_group!(state, &req.group, slot);
-    let Some(group) = slot.as_ref() else {
+    let Some(Hosted { group, roster }) = slot.as_ref() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
-    if group.member_by_identity(&identity).is_none() {
+    if !roster.contains(&identity) {
         return Err(ServiceError::NotMember);
     }
     group.check_application_message(
         req.message.as_slice(),
         u64::from(state.settings.limits.past_epochs),
     )?;
-    let to = recipients(state, &group.members(), std::slice::from_ref(&identity))?;
+    let to = roster.all_but(&identity);
+    to.check_domains(allowed(state)).map_err(unknown_domain)?;
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),
         message: req.message,
@@ -488,7 +536,7 @@ pub(crate) async fn leave(
 ) -> Result<LeaveGroupResponse, ServiceError> {
     check_send_rate(state, me)?;
     locked_group!(state, &req.group, slot);
-    let Some(mut group) = slot.take() else {
+    let Some(Hosted { mut group, roster }) = slot.take() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
@@ -499,14 +547,13 @@ pub(crate) async fn leave(
         (group, result)
     })
     .await?;
-    let members = match result {
-        Ok(members) => members,
-        Err(err) => {
-            *slot = Some(group);
-            return Err(err.into());
-        }
-    };
-    let to = recipients(state, &members, std::slice::from_ref(&identity))?;
+    if let Err(err) = result {
+        *slot = Some(Hosted { group, roster });
+        return Err(err.into());
+    }
+    // A proposal does not change the membership: the epoch's roster still holds.
+    let to = roster.all_but(&identity);
+    to.check_domains(allowed(state)).map_err(unknown_domain)?;
     let new_state = GroupState::of(&group)?;
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),
@@ -517,7 +564,7 @@ pub(crate) async fn leave(
         .store
         .apply(Some(new_state), vec![to.with(payload)], max_depth)
         .await?;
-    *slot = Some(group);
+    *slot = Some(Hosted { group, roster });
     drop(slot);
     result.wake(state);
     Ok(LeaveGroupResponse {})
@@ -531,10 +578,10 @@ pub(crate) async fn fetch_group_info(
     req: FetchGroupInfoRequest,
 ) -> Result<FetchGroupInfoResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
-    let Some(group) = slot.as_ref() else {
+    let Some(Hosted { group, roster }) = slot.as_ref() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
-    if group.member_by_identity(&identity_of(me)?).is_none() {
+    if !roster.contains(&identity_of(me)?) {
         return Err(ServiceError::NotMember);
     }
     Ok(FetchGroupInfoResponse {
@@ -545,4 +592,4 @@ pub(crate) async fn fetch_group_info(
 }
 
 /// Shared type of the per-group slot, for the cache.
-pub(crate) type GroupSlot = Arc<tokio::sync::Mutex<Option<DsGroup>>>;
+pub(crate) type GroupSlot = Arc<tokio::sync::Mutex<Option<Hosted>>>;

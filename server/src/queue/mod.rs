@@ -40,13 +40,9 @@ pub(crate) trait QueueStore {
         max_bytes: usize,
         cutoff_ms: u64,
     ) -> Result<(Vec<QueueMessage>, u64), ServiceError>;
-    /// Deletes messages with seq <= min(up_to_seq, head) of an active client.
-    async fn ack(
-        &self,
-        client: &ClientId,
-        client_num: u64,
-        up_to_seq: u64,
-    ) -> Result<(), ServiceError>;
+    /// Deletes messages with seq <= min(up_to_seq, head) of a client's queue; CLIENT_NOT_FOUND
+    /// if the queue is gone (client removed).
+    async fn ack(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
     /// Enqueues a peer's deliveries idempotently; returns the counts and the new entries by
     /// client number.
     async fn deliver(
@@ -218,6 +214,8 @@ pub(crate) enum Enqueued {
     Duplicate(u64),
     /// The queue is at its depth limit.
     Full,
+    /// There is no such queue (the client was removed).
+    Gone,
 }
 
 /// The oldest enqueue time still served.
@@ -254,6 +252,7 @@ pub(crate) async fn enqueue(
         }
         Enqueued::Duplicate(seq) => Ok(seq),
         Enqueued::Full => Err(ServiceError::QueueFull),
+        Enqueued::Gone => Err(ServiceError::ClientNotFound),
     }
 }
 
@@ -285,10 +284,7 @@ pub(crate) async fn ack(
     me: &Authenticated,
     req: QueueAckRequest,
 ) -> Result<QueueAckResponse, ServiceError> {
-    state
-        .store
-        .ack(&me.client, me.client_num, req.up_to_seq)
-        .await?;
+    state.store.ack(me.client_num, req.up_to_seq).await?;
     state.queues.acked(me.client_num, req.up_to_seq);
     Ok(QueueAckResponse {})
 }

@@ -1,14 +1,14 @@
 //! redb implementation of the Delivery Service's store: hosted groups' states, and fan-outs
 //! that write a group's new state, every local recipient's queue entry (payload stored once)
-//! and every remote recipient's outbox entry in one transaction.
+//! and every remote recipient's outbox entry in one transaction. Local recipients come as
+//! client numbers (the DS resolved them), so a fan-out reads no client records.
 
 use redb::ReadableTable;
 use roost_protocol::MessageId;
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
-use super::auth::active_client;
 use super::queue::enqueue_in_txn;
-use super::tables::{CLIENTS, GROUPS};
+use super::tables::GROUPS;
 use super::{Store, StoreError};
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore};
 use crate::error::ServiceError;
@@ -49,14 +49,12 @@ fn fan_out(
         reached += clients.len() as u32;
         result.domains.push(domain.clone());
     }
-    let clients = txn.open_table(CLIENTS)?;
-    let mut nums = Vec::with_capacity(fan_out.local.len());
-    for client in &fan_out.local {
-        if let Some(record) = active_client(&clients, client)? {
-            nums.push(record.client_num);
-        }
+    // Ascending client numbers walk QUEUE_HEADS and QUEUE_ENTRIES in key order. The DS hands
+    // them over sorted; sorting again is cheap insurance for other callers.
+    let mut nums = fan_out.local.clone();
+    if !nums.is_sorted() {
+        nums.sort_unstable();
     }
-    drop(clients);
     let bytes = fan_out
         .payload
         .tls_serialize_detached()
@@ -76,6 +74,8 @@ fn fan_out(
                 reached += 1;
             }
             Enqueued::Duplicate(_) => reached += 1,
+            // Removed since the DS resolved its recipients: its queue is gone.
+            Enqueued::Gone => {}
             Enqueued::Full => {
                 metrics::counter!("roost_queue_full_drops_total").increment(1);
                 tracing::warn!(

@@ -14,7 +14,9 @@ use crate::error::ServiceError;
 use crate::queue::{Enqueued, Fresh, QueueStore};
 
 /// Enqueues one payload for several local recipients inside `txn`, storing the payload once.
-/// With `dedup`, a message id already queued for a recipient is not queued again.
+/// With `dedup`, a message id already queued for a recipient is not queued again. A client
+/// number without a queue (client removed) is [`Enqueued::Gone`]. Records the deepest queue
+/// it appended to in `roost_queue_depth` (once per call, not per recipient).
 pub(crate) fn enqueue_in_txn(
     txn: &WriteTransaction,
     max_depth: u64,
@@ -30,6 +32,7 @@ pub(crate) fn enqueue_in_txn(
     let mut outcomes = Vec::with_capacity(recipients.len());
     let mut payload_id = None;
     let mut refs = 0u64;
+    let mut deepest = None;
     for &client_num in recipients {
         let prior = if dedup {
             dedups.get((client_num, id.0))?.map(|v| v.value().0)
@@ -42,7 +45,7 @@ pub(crate) fn enqueue_in_txn(
         }
         let Some((head, count)) = heads.get(client_num)?.map(|v| v.value()) else {
             // No such queue (client removed meanwhile): callers resolved recipients earlier.
-            outcomes.push(Enqueued::Full);
+            outcomes.push(Enqueued::Gone);
             continue;
         };
         if count >= max_depth {
@@ -60,7 +63,7 @@ pub(crate) fn enqueue_in_txn(
         let seq = head + 1;
         entries.insert((client_num, seq), (pid, timestamp_ms, id.0))?;
         heads.insert(client_num, (seq, count + 1))?;
-        metrics::histogram!("roost_queue_depth").record((count + 1) as f64);
+        deepest = deepest.max(Some(count + 1));
         if dedup {
             dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
         }
@@ -70,6 +73,9 @@ pub(crate) fn enqueue_in_txn(
     if let Some(pid) = payload_id {
         txn.open_table(PAYLOADS)?.insert(pid, payload)?;
         txn.open_table(PAYLOAD_REFS)?.insert(pid, refs)?;
+    }
+    if let Some(depth) = deepest {
+        metrics::histogram!("roost_queue_depth").record(depth as f64);
     }
     Ok(outcomes)
 }
@@ -234,7 +240,7 @@ impl QueueStore for Store {
             )?;
             Ok(Ok((
                 record.client_num,
-                outcome.first().copied().unwrap_or(Enqueued::Full),
+                outcome.first().copied().unwrap_or(Enqueued::Gone),
             )))
         })
         .await
@@ -263,22 +269,17 @@ impl QueueStore for Store {
         .map_err(ServiceError::from)
     }
 
-    async fn ack(
-        &self,
-        client: &ClientId,
-        client_num: u64,
-        up_to_seq: u64,
-    ) -> Result<(), ServiceError> {
-        let client = client.clone();
+    async fn ack(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError> {
+        // The queue's head row is the check: it exists exactly while the client is active
+        // (created with the client, deleted when it is removed), so no client record is read.
         self.write(move |txn| {
-            if active_client_in(txn, &client)?.is_none() {
-                return Ok(Err(ServiceError::ClientNotFound));
-            }
             let head = txn
                 .open_table(QUEUE_HEADS)?
                 .get(client_num)?
-                .map(|v| v.value().0)
-                .unwrap_or(0);
+                .map(|v| v.value().0);
+            let Some(head) = head else {
+                return Ok(Err(ServiceError::ClientNotFound));
+            };
             delete_front(txn, client_num, up_to_seq.min(head), None)?;
             Ok(Ok(()))
         })
@@ -331,6 +332,8 @@ impl QueueStore for Store {
                         }
                         Enqueued::Duplicate(_) => {}
                         Enqueued::Full => response.queue_full += 1,
+                        // Removed meanwhile (not possible in this transaction; kept total).
+                        Enqueued::Gone => response.unknown_recipients += 1,
                     }
                 }
             }

@@ -456,6 +456,141 @@ async fn groups_are_created_only_for_this_domain_and_only_once() {
 }
 
 #[tokio::test]
+async fn a_client_removed_through_the_as_gets_nothing_more_and_the_others_still_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut alice = Member::new(&server, "alice").await;
+    let mut bob = Member::new(&server, "bob").await;
+    let mut carol = Member::new(&server, "carol").await;
+    bob.upload_key_packages(1).await;
+    carol.upload_key_packages(1).await;
+    alice.create_group(10).await;
+    let kps = alice.claim(&[bob.user_id(), carol.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    bob.sync().await;
+    carol.sync().await;
+    // A message of this epoch: the DS has resolved who gets it.
+    assert_eq!(alice.send(b"first").await.unwrap().recipients, 2);
+    assert_eq!(carol.sync().await.messages, vec![b"first".to_vec()]);
+    assert_eq!(bob.sync().await.messages, vec![b"first".to_vec()]);
+
+    // Carol's device is removed through the AS while her leaf stays in the tree.
+    let remover = connect(&server).await;
+    remover
+        .call(remove_client_request(&carol.user, carol.id()))
+        .await
+        .unwrap();
+    assert_eq!(alice.send(b"second").await.unwrap().recipients, 1);
+    assert_eq!(bob.sync().await.messages, vec![b"second".to_vec()]);
+    assert_eq!(bob.send(b"third").await.unwrap().recipients, 1);
+    assert_eq!(alice.sync().await.messages, vec![b"third".to_vec()]);
+    let err = carol
+        .conn
+        .call(QueueFetchRequest {
+            after_seq: 0,
+            max_messages: 10,
+            max_bytes: 1 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), ErrorCode::CLIENT_NOT_FOUND);
+
+    // The commit that removes her leaf and the next epoch's messages go through.
+    let carol_leaf = alice.leaf_of(carol.id());
+    alice.commit_and_merge(vec![], &[carol_leaf]).await;
+    assert_eq!(bob.sync().await.commits, 1);
+    assert_eq!(alice.send(b"fourth").await.unwrap().recipients, 1);
+    assert_eq!(bob.sync().await.messages, vec![b"fourth".to_vec()]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_member_added_by_a_commit_gets_the_next_message_and_may_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let mut alice = Member::new(&server, "alice").await;
+    let mut bob = Member::new(&server, "bob").await;
+    let mut dave = Member::new(&server, "dave").await;
+    bob.upload_key_packages(1).await;
+    dave.upload_key_packages(1).await;
+    alice.create_group(11).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    bob.sync().await;
+    assert_eq!(alice.send(b"before dave").await.unwrap().recipients, 1);
+
+    // Dave joins in the next epoch: the next message reaches him too, and he may send.
+    let kps = alice.claim(&[dave.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    assert!(dave.sync().await.joined);
+    assert_eq!(alice.send(b"welcome dave").await.unwrap().recipients, 2);
+    assert_eq!(dave.sync().await.messages, vec![b"welcome dave".to_vec()]);
+    let got = bob.sync().await;
+    assert_eq!(got.commits, 1);
+    assert_eq!(
+        got.messages,
+        vec![b"before dave".to_vec(), b"welcome dave".to_vec()]
+    );
+    assert_eq!(dave.send(b"hi all").await.unwrap().recipients, 2);
+    assert_eq!(alice.sync().await.messages, vec![b"hi all".to_vec()]);
+    assert_eq!(bob.sync().await.messages, vec![b"hi all".to_vec()]);
+
+    // Bob is removed by the next commit: messages of that epoch no longer reach him.
+    let bob_leaf = alice.leaf_of(bob.id());
+    alice.commit_and_merge(vec![], &[bob_leaf]).await;
+    assert!(bob.sync().await.removed);
+    assert_eq!(alice.send(b"without bob").await.unwrap().recipients, 1);
+    assert_eq!(queued(&bob).await, 0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn groups_dropped_from_the_cache_reload_and_still_deliver() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // One cached group: using either group evicts the other.
+    cfg.limits.max_cached_groups = 1;
+    let server = start(cfg).await;
+    let mut alice = Member::new(&server, "alice").await;
+    let mut bob = Member::new(&server, "bob").await;
+    let mut carol = Member::new(&server, "carol").await;
+    let mut dave = Member::new(&server, "dave").await;
+    bob.upload_key_packages(1).await;
+    dave.upload_key_packages(2).await;
+    alice.create_group(12).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    bob.sync().await;
+    carol.create_group(13).await;
+    let kps = carol.claim(&[dave.user_id()]).await;
+    carol.commit_and_merge(kps, &[]).await;
+    dave.sync().await;
+
+    for round in 0..3u8 {
+        assert_eq!(alice.send(&[b'a', round]).await.unwrap().recipients, 1);
+        assert_eq!(carol.send(&[b'c', round]).await.unwrap().recipients, 1);
+        assert_eq!(bob.send(&[b'b', round]).await.unwrap().recipients, 1);
+        assert_eq!(dave.send(&[b'd', round]).await.unwrap().recipients, 1);
+    }
+    let expect = |tag: u8| (0..3u8).map(|n| vec![tag, n]).collect::<Vec<_>>();
+    assert_eq!(bob.sync().await.messages, expect(b'a'));
+    assert_eq!(alice.sync().await.messages, expect(b'b'));
+    assert_eq!(dave.sync().await.messages, expect(b'c'));
+    assert_eq!(carol.sync().await.messages, expect(b'd'));
+
+    // A commit on a reloaded group, then its messages.
+    assert_eq!(carol.commit_and_merge(vec![], &[]).await, 2);
+    assert_eq!(alice.commit_and_merge(vec![], &[]).await, 2);
+    assert_eq!(carol.send(b"epoch 2").await.unwrap().recipients, 1);
+    let got = dave.sync().await;
+    assert_eq!((got.commits, got.messages), (1, vec![b"epoch 2".to_vec()]));
+    assert_eq!(alice.send(b"epoch 2").await.unwrap().recipients, 1);
+    let got = bob.sync().await;
+    assert_eq!((got.commits, got.messages), (1, vec![b"epoch 2".to_vec()]));
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn added_credentials_must_match_the_as_and_remote_members_wait_for_federation() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(config(dir.path())).await;
