@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,6 +32,7 @@ pub(crate) async fn start(
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(%addr, "metrics and health listening");
+    spawn_executor_probe(state.clone(), tracker);
     tracker.spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -51,6 +53,45 @@ pub(crate) async fn start(
         }
     });
     Ok(bound)
+}
+
+/// How long the executor probe sleeps between two measurements.
+const PROBE_PERIOD: Duration = Duration::from_millis(10);
+
+/// Lateness above which a probe counts as a stall, by label.
+const STALL_LIMITS: [(&str, Duration); 3] = [
+    ("5ms", Duration::from_millis(5)),
+    ("20ms", Duration::from_millis(20)),
+    ("100ms", Duration::from_millis(100)),
+];
+
+/// Measures whether the async executor keeps up: a task asks to be woken [`PROBE_PERIOD`]
+/// from now and records how much later it actually runs. Work that blocks a worker thread
+/// (a store call or MLS processing on the executor instead of a blocking thread) or a
+/// saturated runtime shows up as lag. Exported as `roost_executor_probes_total`,
+/// `roost_executor_lag_microseconds_total` (their ratio is the mean lag),
+/// `roost_executor_stalls_total{over}` and the `roost_executor_lag_seconds` summary. The
+/// timer's 1 ms resolution is part of every reading.
+fn spawn_executor_probe(state: Arc<State>, tracker: &TaskTracker) {
+    tracker.spawn(async move {
+        loop {
+            let asked = Instant::now();
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(PROBE_PERIOD) => {}
+            }
+            let lag = asked.elapsed().saturating_sub(PROBE_PERIOD);
+            metrics::counter!("roost_executor_probes_total").increment(1);
+            metrics::counter!("roost_executor_lag_microseconds_total")
+                .increment(u64::try_from(lag.as_micros()).unwrap_or(u64::MAX));
+            for (label, limit) in STALL_LIMITS {
+                if lag > limit {
+                    metrics::counter!("roost_executor_stalls_total", "over" => label).increment(1);
+                }
+            }
+            metrics::histogram!("roost_executor_lag_seconds").record(lag.as_secs_f64());
+        }
+    });
 }
 
 async fn serve(

@@ -22,6 +22,9 @@ fn every_workload_runs_and_reports() {
     }
     for r in &results {
         assert!(r.ops_per_sec > 0.0, "{} measured nothing", r.workload);
+        // alpha's executor probe ran while the workload did.
+        let probes = r.details["alpha_executor"]["probes"].as_f64();
+        assert!(probes.is_some_and(|p| p > 0.0), "{r:?}");
         assert!(r.p50_us <= r.p99_us && r.p99_us <= r.p999_us);
         assert!(!r.baseline.is_empty() && r.baseline_value > 0.0, "{r:?}");
         assert!(r.server_peak_rss_bytes > 0, "{r:?}");

@@ -5,6 +5,7 @@
 //! `[limits]` and `[federation]` tables of every `config.toml` with [`BENCH_LIMITS`] and
 //! restarts the servers (same port, same, still empty, data directory) before any load.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -39,6 +40,8 @@ const BENCH_FEDERATION: &[(&str, i64)] = &[
 pub struct BenchServers {
     /// The harness (its servers run with [`BENCH_LIMITS`]).
     pub harness: Harness,
+    /// Where each server serves `/metrics` (Prometheus text).
+    metrics: Vec<SocketAddr>,
 }
 
 impl BenchServers {
@@ -47,15 +50,23 @@ impl BenchServers {
         let mut config = HarnessConfig::new(roost, dir, count);
         config.log_filter = Some("warn".into());
         let mut harness = Harness::start(config).await?;
+        let mut metrics = Vec::with_capacity(count);
         for index in 0..count {
             let file = harness.server(index)?.config_file.clone();
-            apply_bench_limits(&file)?;
+            let addr = free_tcp_port()?;
+            apply_bench_limits(&file, addr)?;
+            metrics.push(addr);
             harness.stop(index).await?;
         }
         for index in 0..count {
             harness.restart(index).await?;
         }
-        Ok(Self { harness })
+        Ok(Self { harness, metrics })
+    }
+
+    /// The `/metrics` address of server `index`.
+    pub fn metrics_addr(&self, index: usize) -> Option<SocketAddr> {
+        self.metrics.get(index).copied()
     }
 
     /// How clients reach server `index` (trusting the harness CA), with a request timeout long
@@ -83,13 +94,24 @@ impl BenchServers {
     }
 }
 
-/// Rewrites the `[limits]` and `[federation]` tables of a server configuration file.
-fn apply_bench_limits(file: &Path) -> anyhow::Result<()> {
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+fn free_tcp_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("no free TCP port")?;
+    Ok(listener.local_addr()?)
+}
+
+/// Rewrites the `[limits]` and `[federation]` tables of a server configuration file and turns
+/// on `/metrics` at `metrics`.
+fn apply_bench_limits(file: &Path, metrics: SocketAddr) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let mut config: toml::Table = text
         .parse()
         .with_context(|| format!("cannot parse {}", file.display()))?;
+    config.insert(
+        "metrics_listen".into(),
+        toml::Value::String(metrics.to_string()),
+    );
     set_fields(&mut config, "limits", BENCH_LIMITS);
     set_fields(&mut config, "federation", BENCH_FEDERATION);
     let text = toml::to_string(&config).context("cannot encode a configuration")?;
@@ -121,9 +143,10 @@ mod tests {
              [federation]\nenabled = true\n",
         )
         .unwrap();
-        apply_bench_limits(&file).unwrap();
+        apply_bench_limits(&file, "127.0.0.1:9999".parse().unwrap()).unwrap();
         let config: toml::Table = std::fs::read_to_string(&file).unwrap().parse().unwrap();
         assert_eq!(config["domain"].as_str(), Some("alpha.test"));
+        assert_eq!(config["metrics_listen"].as_str(), Some("127.0.0.1:9999"));
         assert_eq!(
             config["limits"]["claim_burst"].as_integer(),
             Some(1_000_000_000)

@@ -97,6 +97,103 @@ pub fn reset_peak(pid: Option<u32>) {
     }
 }
 
+/// The host's UDP counters from `/proc/net/snmp`: (datagrams sent, receive-buffer drops). On
+/// loopback every datagram of the bench and its servers is counted once as sent, so the
+/// difference over a phase divided by its operations is the datagrams one operation costs
+/// (other traffic on the host counts too). None where unavailable.
+pub fn udp_counters() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut lines = text.lines().filter(|line| line.starts_with("Udp: "));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let field = |name: &str| -> Option<u64> {
+        let at = names.iter().position(|n| *n == name)?;
+        values.get(at)?.parse().ok()
+    };
+    Some((field("OutDatagrams")?, field("RcvbufErrors")?))
+}
+
+/// Datagrams sent per operation and receive-buffer drops between two [`udp_counters`]
+/// readings, as JSON (null where unavailable).
+pub fn udp_per_op(
+    before: Option<(u64, u64)>,
+    after: Option<(u64, u64)>,
+    ops: usize,
+) -> serde_json::Value {
+    match (before, after) {
+        (Some((sent0, drops0)), Some((sent1, drops1))) if ops > 0 => serde_json::json!({
+            "datagrams_per_op": sent1.saturating_sub(sent0) as f64 / ops as f64,
+            "receive_buffer_drops": drops1.saturating_sub(drops0),
+        }),
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// The executor probe's counters of a homeserver (`roost_executor_*` in its `/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ExecutorProbe {
+    probes: f64,
+    lag_us: f64,
+    stalls_5ms: f64,
+    stalls_20ms: f64,
+    stalls_100ms: f64,
+}
+
+impl ExecutorProbe {
+    /// Reads the counters from Prometheus text.
+    pub fn parse(text: &str) -> Self {
+        let value = |series: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Self {
+            probes: value("roost_executor_probes_total"),
+            lag_us: value("roost_executor_lag_microseconds_total"),
+            stalls_5ms: value("roost_executor_stalls_total{over=\"5ms\"}"),
+            stalls_20ms: value("roost_executor_stalls_total{over=\"20ms\"}"),
+            stalls_100ms: value("roost_executor_stalls_total{over=\"100ms\"}"),
+        }
+    }
+
+    /// Fetches `/metrics` from `addr` and reads the counters (None if it does not answer).
+    pub async fn scrape(addr: std::net::SocketAddr) -> Option<Self> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let read = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await.ok()?;
+            Some(text)
+        };
+        let text = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()??;
+        Some(Self::parse(&text))
+    }
+
+    /// What happened between `self` (earlier) and `later`, as JSON.
+    pub fn since(&self, later: &Self) -> serde_json::Value {
+        let probes = later.probes - self.probes;
+        let mean_lag_us = if probes > 0.0 {
+            (later.lag_us - self.lag_us) / probes
+        } else {
+            0.0
+        };
+        serde_json::json!({
+            "probes": probes,
+            "mean_lag_us": mean_lag_us,
+            "stalls_over_5ms": later.stalls_5ms - self.stalls_5ms,
+            "stalls_over_20ms": later.stalls_20ms - self.stalls_20ms,
+            "stalls_over_100ms": later.stalls_100ms - self.stalls_100ms,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

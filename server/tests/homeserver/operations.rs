@@ -39,6 +39,21 @@ async fn metrics_and_health_are_served_when_configured() {
     assert!(metrics.contains("roost_requests_total"), "{metrics}");
     assert!(metrics.contains("kind=\"AsKeys\""), "{metrics}");
     assert!(http_get(addr, "/nothing").await.starts_with("HTTP/1.1 404"));
+
+    // The executor probe: the server shares this test's single-threaded runtime, so blocking
+    // it for 150 ms is what a blocking call in a handler would do, and it is counted.
+    let stalls = |metrics: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("roost_executor_stalls_total{over=\"100ms\"} "))
+            .map_or(0.0, |value| value.trim().parse::<f64>().unwrap())
+    };
+    let before = stalls(&http_get(addr, "/metrics").await);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let metrics = http_get(addr, "/metrics").await;
+    assert!(metrics.contains("roost_executor_probes_total"), "{metrics}");
+    assert!(stalls(&metrics) >= before + 1.0, "{metrics}");
     server.shutdown().await;
 
     // Off unless configured.

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 
 use super::clients::{self, BenchClient};
 use super::server::BenchServers;
-use super::stats::{self, Latencies};
+use super::stats::{self, ExecutorProbe, Latencies};
 use super::{BenchConfig, WorkloadResult};
 
 /// An application message a pooled client received: (its index in the pool, the group's
@@ -191,6 +191,29 @@ pub(crate) async fn run_all(
     Ok(results)
 }
 
+/// The executor probe of alpha (server 0), if its `/metrics` answers.
+async fn probe(servers: &BenchServers) -> Option<ExecutorProbe> {
+    ExecutorProbe::scrape(servers.metrics_addr(0)?).await
+}
+
+/// Adds to `rows` (a workload's results) what alpha's executor probe saw while it ran:
+/// `details.alpha_executor` (probes, mean lag, stalls over 5, 20 and 100 ms).
+async fn attach_probe(
+    servers: &BenchServers,
+    before: Option<ExecutorProbe>,
+    rows: &mut [WorkloadResult],
+) {
+    let (Some(before), Some(after)) = (before, probe(servers).await) else {
+        return;
+    };
+    let seen = before.since(&after);
+    for row in rows {
+        if let serde_json::Value::Object(details) = &mut row.details {
+            details.insert("alpha_executor".into(), seen.clone());
+        }
+    }
+}
+
 async fn run_on(
     config: &BenchConfig,
     servers: &BenchServers,
@@ -201,24 +224,31 @@ async fn run_on(
     let alpha = servers.connect_config(0)?;
     if config.selected("keypackages") {
         stats::reset_peak(servers.pid(0));
-        results.push(keypackages::run(config, servers, &alpha, progress).await?);
+        let before = probe(servers).await;
+        let mut rows = vec![keypackages::run(config, servers, &alpha, progress).await?];
+        attach_probe(servers, before, &mut rows).await;
+        results.extend(rows);
     }
     let mut one_to_one = None;
     let mut kept = None;
     if config.selected("send-1to1") {
         stats::reset_peak(servers.pid(0));
         let keep = config.selected("idle-connections");
-        let (rows, pairs) = send::run(config, servers, (0, 0), keep, progress).await?;
+        let before = probe(servers).await;
+        let (mut rows, pairs) = send::run(config, servers, (0, 0), keep, progress).await?;
+        attach_probe(servers, before, &mut rows).await;
         one_to_one = rows.first().map(|r| r.ops_per_sec);
         kept = pairs;
         results.extend(rows);
     }
     if config.selected("federated-send") {
         stats::reset_peak(servers.pid(0));
+        let before = probe(servers).await;
         let (mut rows, _) = send::run(config, servers, (0, 1), false, progress).await?;
         if let (Some(row), Some(local)) = (rows.first_mut(), one_to_one) {
             send::compare_with_local(row, local);
         }
+        attach_probe(servers, before, &mut rows).await;
         results.extend(rows);
     }
     let mut pool_size = 0;
@@ -235,13 +265,19 @@ async fn run_on(
         return Ok(results);
     }
     stats::reset_peak(servers.pid(0));
+    let before = probe(servers).await;
     let mut pool = Pool::create(servers, &alpha, pool_size, progress).await?;
     if config.selected("idle-connections") {
-        results.push(idle::result(config, servers, &pool));
+        let mut rows = vec![idle::result(config, servers, &pool)];
+        attach_probe(servers, before, &mut rows).await;
         if let Some(kept) = kept.take() {
             let idle = pool.clients.len();
-            results.push(send::among_idle(config, servers, kept, idle, progress).await?);
+            let before = probe(servers).await;
+            rows.push(send::among_idle(config, servers, kept, idle, progress).await?);
+            let last = rows.len() - 1;
+            attach_probe(servers, before, &mut rows[last..]).await;
         }
+        results.extend(rows);
     }
     // The later workloads open their own listen streams on the pooled clients.
     pool.listening = None;
@@ -255,13 +291,17 @@ async fn run_on(
     if config.selected("commit") {
         for (i, &size) in config.commit_sizes.iter().enumerate() {
             stats::reset_peak(servers.pid(0));
-            let row = commit::run(config, servers, &pool, owner.clone(), size, i, progress).await?;
-            results.push(row);
+            let before = probe(servers).await;
+            let mut rows =
+                vec![commit::run(config, servers, &pool, owner.clone(), size, i, progress).await?];
+            attach_probe(servers, before, &mut rows).await;
+            results.extend(rows);
         }
     }
     if config.selected("fanout") {
         for (i, &size) in config.members.iter().enumerate() {
             stats::reset_peak(servers.pid(0));
+            let before = probe(servers).await;
             let row = fanout::run(
                 config,
                 servers,
@@ -273,7 +313,9 @@ async fn run_on(
                 progress,
             )
             .await?;
-            results.push(row);
+            let mut rows = vec![row];
+            attach_probe(servers, before, &mut rows).await;
+            results.extend(rows);
         }
     }
     clients::close_all(&pool.clients);

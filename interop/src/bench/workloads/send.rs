@@ -254,7 +254,9 @@ pub(super) async fn run(
 
     set_phase(progress, &format!("{name}: max rate"), 1);
     let rss_pid = servers.pid(route.0);
+    let udp_before = stats::udp_counters();
     let (pairs, max_rate, max_latencies) = phase(pairs, config.duration, None).await?;
+    let udp = stats::udp_per_op(udp_before, stats::udp_counters(), max_latencies.len());
     let (pairs, half_rate, half_latencies) = if federated {
         (pairs, 0.0, Latencies::new())
     } else {
@@ -275,8 +277,10 @@ pub(super) async fn run(
 
     set_phase(progress, &format!("{name}: quinn baseline"), 1);
     let echo = EchoServer::start(response_len)?;
+    let udp_before = stats::udp_counters();
     let (echo_ops, echo_latencies) =
         echo_rate(&echo, config.pairs, request_len, config.duration).await?;
+    let echo_udp = stats::udp_per_op(udp_before, stats::udp_counters(), echo_latencies.len());
     echo.stop();
 
     let params = json!({ "pairs": config.pairs, "load": "max" });
@@ -287,6 +291,8 @@ pub(super) async fn run(
         "quinn_echo_p50_us": echo_latencies.median(),
         "quinn_echo_p99_us": echo_latencies.quantile(0.99),
         "receiver_server_peak_rss_bytes": receiver_peak,
+        "udp": udp,
+        "quinn_echo_udp": echo_udp,
     });
     let ratio = if echo_ops > 0.0 {
         max_rate / echo_ops
