@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use quinn::{RecvStream, SendStream, VarInt};
 use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use roost_protocol::messages::auth::{EXPORTER_LABEL, EXPORTER_LEN};
-use roost_protocol::messages::queue::{ListenEvent, QueueListenResponse};
+use roost_protocol::messages::queue::{ListenEvent, QueueListenResponse, listen_message_head};
 use roost_protocol::messages::{ClientRequest, Response};
 use roost_protocol::{ErrorCode, WireError};
 use tokio_util::task::TaskTracker;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 use crate::auth::Authenticated;
 use crate::dispatch::{ConnectionContext, Outcome, dispatch};
 use crate::identity::TlsIdentity;
+use crate::queue::Fresh;
 use crate::{ServerError, State};
 
 /// UDP socket buffer size: the default (about 208 KiB) drops packets under fan-in.
@@ -326,7 +328,26 @@ async fn write_frame<T: tls_codec::Serialize + tls_codec::Size>(
             }
         }
     };
-    send.write_all(&frame).await.is_ok()
+    // Handed over as is: `write_all` would copy the frame into the stream's buffer.
+    send.write_chunk(Bytes::from(frame)).await.is_ok()
+}
+
+/// Pushes one queue entry as a `ListenEvent::Message` frame: only the few bytes before the
+/// payload are this listener's; the payload's bytes are shared with every other listener.
+/// Ok(false) if the peer went away.
+async fn push(send: &mut SendStream, entry: &Fresh) -> Result<bool, WireError> {
+    let head = listen_message_head(
+        entry.seq,
+        &entry.id,
+        entry.timestamp_ms,
+        entry.payload.len(),
+    )
+    .map_err(|err| {
+        tracing::error!(%err, "queue entry cannot be pushed");
+        err.to_wire()
+    })?;
+    let mut chunks = [Bytes::from(head), entry.payload.clone()];
+    Ok(send.write_all_chunks(&mut chunks).await.is_ok())
 }
 
 /// Serves a listen stream: backlog, then each new message once durable.
@@ -354,17 +375,14 @@ async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_se
     let stopped = send.stopped();
     tokio::pin!(stopped);
     let mut last = after_seq;
-    let close = loop {
-        let mut peer_gone = false;
-        for message in pending.drain(..) {
-            last = message.seq;
-            if !write_frame(&mut send, &ListenEvent::Message(message)).await {
-                peer_gone = true;
-                break;
+    let close = 'pushing: loop {
+        for entry in pending.drain(..) {
+            last = entry.seq;
+            match push(&mut send, &entry).await {
+                Ok(true) => {}
+                Ok(false) => break 'pushing None,
+                Err(err) => break 'pushing Some(err),
             }
-        }
-        if peer_gone {
-            break None;
         }
         // Caught-up listeners take new entries from memory; anything else comes from the store.
         let page = match state.queues.recent_after(me.client_num, last) {

@@ -323,7 +323,7 @@ impl QueueStore for Store {
                             seq: *seq,
                             id: delivery.id,
                             timestamp_ms: now_ms,
-                            payload: std::sync::Arc::new(delivery.payload),
+                            payload: bytes.into(),
                         };
                         woken.push((record.client_num, fresh));
                     }
