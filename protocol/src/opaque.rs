@@ -4,7 +4,12 @@
 //! give the size of the prefix (1, 2 or 4 bytes), values must use the shortest encoding and
 //! are limited to 30 bits. We decode it ourselves rather than through `tls_codec::VLBytes`,
 //! whose decoder asserts in debug builds on truncated input: the bytes here come from peers.
+//!
+//! [`Opaque`] holds its bytes in a reference-counted [`Bytes`], so cloning one (a commit or
+//! Welcome of hundreds of kilobytes handed to a store, a fan-out and a federation outbox) does
+//! not copy them.
 
+use bytes::Bytes;
 use tls_codec::{DeserializeBytes, Error, Serialize, Size};
 
 /// Largest length an MLS variable-length integer can express (2^30 - 1).
@@ -52,14 +57,14 @@ pub fn read_varint(bytes: &[u8]) -> Result<(u32, &[u8]), Error> {
 }
 
 /// An `opaque data<V>` byte string. Decoding checks the claimed length against the bytes
-/// actually present before allocating.
+/// actually present before allocating. Clones share the bytes.
 #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Opaque(Vec<u8>);
+pub struct Opaque(Bytes);
 
 impl Opaque {
-    /// Wraps bytes.
+    /// Wraps bytes (no copy).
     pub fn new(bytes: Vec<u8>) -> Self {
-        Self(bytes)
+        Self(Bytes::from(bytes))
     }
 
     /// The bytes.
@@ -67,9 +72,19 @@ impl Opaque {
         &self.0
     }
 
-    /// Takes the bytes out.
-    pub fn into_vec(self) -> Vec<u8> {
+    /// The shared bytes, e.g. to hand to a writer that takes `Bytes` without copying.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// Takes the shared bytes out (no copy).
+    pub fn into_bytes(self) -> Bytes {
         self.0
+    }
+
+    /// Takes the bytes out; copies them only if a clone still shares them.
+    pub fn into_vec(self) -> Vec<u8> {
+        Vec::from(self.0)
     }
 
     /// Number of bytes.
@@ -92,13 +107,19 @@ impl std::fmt::Debug for Opaque {
 
 impl From<Vec<u8>> for Opaque {
     fn from(bytes: Vec<u8>) -> Self {
+        Self::new(bytes)
+    }
+}
+
+impl From<Bytes> for Opaque {
+    fn from(bytes: Bytes) -> Self {
         Self(bytes)
     }
 }
 
 impl From<&[u8]> for Opaque {
     fn from(bytes: &[u8]) -> Self {
-        Self(bytes.to_vec())
+        Self(Bytes::copy_from_slice(bytes))
     }
 }
 
@@ -134,7 +155,7 @@ impl DeserializeBytes for Opaque {
             return Err(Error::EndOfStream);
         }
         let (body, rest) = rest.split_at(len);
-        Ok((Self(body.to_vec()), rest))
+        Ok((Self(Bytes::copy_from_slice(body)), rest))
     }
 }
 
@@ -210,5 +231,22 @@ mod tests {
         let (value, rest) = Opaque::tls_deserialize_bytes(&[0x02, 7, 8, 9]).unwrap();
         assert_eq!(value.as_slice(), &[7, 8]);
         assert_eq!(rest, &[9]);
+    }
+
+    #[test]
+    fn clones_share_and_vec_round_trips() {
+        let original = Opaque::new(vec![1, 2, 3]);
+        let copy = original.clone();
+        assert_eq!(copy.as_slice().as_ptr(), original.as_slice().as_ptr());
+        assert_eq!(copy, original);
+        drop(original);
+        assert_eq!(copy.into_vec(), vec![1, 2, 3]);
+        assert_eq!(
+            Opaque::from(&[4u8, 5][..]).into_bytes(),
+            Bytes::from_static(&[4, 5])
+        );
+        // Ordering is that of the byte strings, as with Vec<u8>.
+        assert!(Opaque::from(vec![1, 2]) < Opaque::from(vec![1, 2, 0]));
+        assert!(Opaque::from(vec![1, 3]) > Opaque::from(vec![1, 2, 0]));
     }
 }

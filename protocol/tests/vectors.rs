@@ -18,7 +18,7 @@ use roost_protocol::frame::{
 };
 use roost_protocol::messages::auth::*;
 use roost_protocol::messages::federation::FederationRequest;
-use roost_protocol::messages::queue::{ListenEvent, QueuePayload};
+use roost_protocol::messages::queue::{ListenEvent, QueuePayload, listen_message_head};
 use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use tls_codec::{DeserializeBytes, Serialize, Size};
 
@@ -417,6 +417,30 @@ fn every_event_federation_and_payload_variant_has_a_vector() {
         })
         .collect();
     assert_eq!(payloads, BTreeSet::from(["GroupMessage", "Welcome"]));
+}
+
+/// A server pushes a payload to many listeners by writing each listener's frame head and then
+/// the payload's shared encoding: together they must be the stored frame, byte for byte.
+#[test]
+fn listen_messages_split_into_head_and_shared_payload() {
+    let mut checked = 0;
+    for (name, frame) in common::load_vectors("listen_event.txt") {
+        let Ok(ListenEvent::Message(message)) = decode_body(&frame[FRAME_HEADER_LEN..]) else {
+            continue;
+        };
+        let payload = message.payload.tls_serialize_detached().unwrap();
+        let mut split = listen_message_head(
+            message.seq,
+            &message.id,
+            message.timestamp_ms,
+            payload.len(),
+        )
+        .unwrap();
+        split.extend_from_slice(&payload);
+        assert_eq!(hex::encode(split), hex::encode(&frame), "{name}");
+        checked += 1;
+    }
+    assert_eq!(checked, 2);
 }
 
 #[test]

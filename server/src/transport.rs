@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
+use bytes::Bytes;
 use quinn::{RecvStream, SendStream, VarInt};
 use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use roost_protocol::messages::auth::{EXPORTER_LABEL, EXPORTER_LEN};
-use roost_protocol::messages::queue::{ListenEvent, QueueListenResponse};
+use roost_protocol::messages::queue::{ListenEvent, QueueListenResponse, listen_message_head};
 use roost_protocol::messages::{ClientRequest, Response};
 use roost_protocol::{ErrorCode, WireError};
 use tokio_util::task::TaskTracker;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 use crate::auth::Authenticated;
 use crate::dispatch::{ConnectionContext, Outcome, dispatch};
 use crate::identity::TlsIdentity;
+use crate::queue::Fresh;
 use crate::{ServerError, State};
 
 /// UDP socket buffer size: the default (about 208 KiB) drops packets under fan-in.
@@ -216,26 +218,57 @@ async fn serve_connection(
     }
 }
 
+/// How large a request body buffer is made before its bytes arrive: at most a stream's share
+/// of the connection receive window (and its own window), so that headers claiming the maximum
+/// on every concurrent stream reserve no more than the peer may actually have in flight.
+fn body_presize_cap(limits: &crate::config::Limits) -> usize {
+    let share = limits.connection_receive_window / limits.max_concurrent_streams.max(1);
+    share.min(limits.stream_receive_window) as usize
+}
+
 /// Reads one request frame: header, size check, then the body up to the end of the stream.
-async fn read_request(recv: &mut RecvStream, max_frame_len: u32) -> Result<Vec<u8>, WireError> {
+///
+/// The body buffer is sized from the checked header, up to `presize_cap`; past that it grows
+/// only as bytes arrive (doubling, never beyond the declared length), so memory follows what
+/// the peer actually sent, not what the header claims. Bodies up to `presize_cap` are read
+/// without regrowing the buffer (`read_to_end` started empty and regrew it as chunks came).
+async fn read_request(
+    recv: &mut RecvStream,
+    max_frame_len: u32,
+    presize_cap: usize,
+) -> Result<Vec<u8>, WireError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(|_| {
         WireError::new(ErrorCode::MALFORMED, "stream ended inside the frame header")
     })?;
     let len = frame_len(header, max_frame_len).map_err(|e| e.to_wire())?;
-    // read_to_end grows its buffer as data arrives, so memory follows what the peer actually
-    // sent (bounded by the flow-control windows), not what the header claims.
-    let body = recv
-        .read_to_end(len.saturating_add(1))
-        .await
-        .map_err(|err| match err {
-            quinn::ReadToEndError::TooLong => {
-                WireError::new(ErrorCode::MALFORMED, "bytes after the request frame")
+    let mut body = Vec::with_capacity(len.min(presize_cap));
+    loop {
+        // One byte more than the frame needs, to notice bytes after it.
+        let chunk = match recv.read_chunk(len + 1 - body.len(), true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(WireError::new(
+                    ErrorCode::MALFORMED,
+                    "stream failed inside the frame",
+                ));
             }
-            quinn::ReadToEndError::Read(_) => {
-                WireError::new(ErrorCode::MALFORMED, "stream failed inside the frame")
-            }
-        })?;
+        };
+        let room = len - body.len();
+        if chunk.len() > room {
+            return Err(WireError::new(
+                ErrorCode::MALFORMED,
+                "bytes after the request frame",
+            ));
+        }
+        if body.capacity() - body.len() < chunk.len() {
+            body.reserve_exact(body.capacity().max(chunk.len()).min(room));
+        }
+        // Copied at once: holding quinn's chunks instead would pin the packet buffers they
+        // point into, beyond quinn's own accounting.
+        body.extend_from_slice(&chunk);
+    }
     if body.len() != len {
         return Err(WireError::new(
             ErrorCode::MALFORMED,
@@ -251,7 +284,7 @@ async fn receive(state: &State, send: &mut SendStream, mut recv: RecvStream) -> 
     let limits = &state.settings.limits;
     let err = match tokio::time::timeout(
         limits.request_read_timeout(),
-        read_request(&mut recv, limits.max_frame_len),
+        read_request(&mut recv, limits.max_frame_len, body_presize_cap(limits)),
     )
     .await
     {
@@ -326,7 +359,26 @@ async fn write_frame<T: tls_codec::Serialize + tls_codec::Size>(
             }
         }
     };
-    send.write_all(&frame).await.is_ok()
+    // Handed over as is: `write_all` would copy the frame into the stream's buffer.
+    send.write_chunk(Bytes::from(frame)).await.is_ok()
+}
+
+/// Pushes one queue entry as a `ListenEvent::Message` frame: only the few bytes before the
+/// payload are this listener's; the payload's bytes are shared with every other listener.
+/// Ok(false) if the peer went away.
+async fn push(send: &mut SendStream, entry: &Fresh) -> Result<bool, WireError> {
+    let head = listen_message_head(
+        entry.seq,
+        &entry.id,
+        entry.timestamp_ms,
+        entry.payload.len(),
+    )
+    .map_err(|err| {
+        tracing::error!(%err, "queue entry cannot be pushed");
+        err.to_wire()
+    })?;
+    let mut chunks = [Bytes::from(head), entry.payload.clone()];
+    Ok(send.write_all_chunks(&mut chunks).await.is_ok())
 }
 
 /// Serves a listen stream: backlog, then each new message once durable.
@@ -354,17 +406,14 @@ async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_se
     let stopped = send.stopped();
     tokio::pin!(stopped);
     let mut last = after_seq;
-    let close = loop {
-        let mut peer_gone = false;
-        for message in pending.drain(..) {
-            last = message.seq;
-            if !write_frame(&mut send, &ListenEvent::Message(message)).await {
-                peer_gone = true;
-                break;
+    let close = 'pushing: loop {
+        for entry in pending.drain(..) {
+            last = entry.seq;
+            match push(&mut send, &entry).await {
+                Ok(true) => {}
+                Ok(false) => break 'pushing None,
+                Err(err) => break 'pushing Some(err),
             }
-        }
-        if peer_gone {
-            break None;
         }
         // Caught-up listeners take new entries from memory; anything else comes from the store.
         let page = match state.queues.recent_after(me.client_num, last) {
@@ -450,4 +499,28 @@ async fn serve_peer_stream(
         };
     write_frame(&mut send, &response).await;
     finish(&mut send);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presized_request_buffers_stay_within_the_receive_windows() {
+        let limits = crate::config::Limits::default();
+        let cap = body_presize_cap(&limits);
+        // Lying headers on every concurrent stream reserve at most the connection window.
+        assert!(
+            cap * limits.max_concurrent_streams as usize
+                <= limits.connection_receive_window as usize
+        );
+        // With the defaults a commit at N=1000 (83 KB) is read without regrowing the buffer.
+        assert!(cap >= 83 * 1024, "{cap}");
+        let mut small = limits.clone();
+        small.stream_receive_window = 16 * 1024;
+        assert_eq!(body_presize_cap(&small), 16 * 1024);
+        small.max_concurrent_streams = 0;
+        small.connection_receive_window = 8 * 1024;
+        assert_eq!(body_presize_cap(&small), 8 * 1024);
+    }
 }

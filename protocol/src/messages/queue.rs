@@ -1,8 +1,9 @@
 //! Queuing Service messages: fetch, ack, listen, and what a queue holds.
 
-use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
+use tls_codec::{Serialize, Size, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use crate::error::WireError;
+use crate::frame::{FRAME_HEADER_LEN, FrameError, PROTOCOL_VERSION};
 use crate::ids::{GroupId, MessageId};
 use crate::opaque::Opaque;
 
@@ -108,4 +109,91 @@ pub enum ListenEvent {
     /// Last frame on the stream.
     #[tls_codec(discriminant = 2)]
     Closed(WireError),
+}
+
+/// Discriminant of [`ListenEvent::Message`].
+const LISTEN_MESSAGE: u16 = 1;
+
+/// The bytes of a [`ListenEvent::Message`] frame before its payload: frame header, version,
+/// event, `seq`, `id` and `timestamp_ms`. Followed by the TLS encoding of the
+/// [`QueuePayload`] (`encoded_payload_len` bytes long), they are byte for byte
+/// `encode_frame(&ListenEvent::Message(..))`; a payload pushed to many listeners can thus be
+/// encoded once and its bytes shared by every frame.
+pub fn listen_message_head(
+    seq: u64,
+    id: &MessageId,
+    timestamp_ms: u64,
+    encoded_payload_len: usize,
+) -> Result<Vec<u8>, FrameError> {
+    let fields_len = PROTOCOL_VERSION.tls_serialized_len()
+        + LISTEN_MESSAGE.tls_serialized_len()
+        + seq.tls_serialized_len()
+        + id.tls_serialized_len()
+        + timestamp_ms.tls_serialized_len();
+    let body_len = u32::try_from(fields_len + encoded_payload_len)
+        .map_err(|_| FrameError::Encode("body over 4 GiB".into()))?;
+    let mut head = Vec::with_capacity(FRAME_HEADER_LEN + fields_len);
+    head.extend_from_slice(&body_len.to_be_bytes());
+    let encoded = (|| {
+        PROTOCOL_VERSION.tls_serialize(&mut head)?;
+        LISTEN_MESSAGE.tls_serialize(&mut head)?;
+        seq.tls_serialize(&mut head)?;
+        id.tls_serialize(&mut head)?;
+        timestamp_ms.tls_serialize(&mut head)
+    })();
+    encoded.map_err(|e| FrameError::Encode(format!("{e:?}")))?;
+    Ok(head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_frame;
+
+    fn message(seq: u64, payload: QueuePayload) -> QueueMessage {
+        QueueMessage {
+            seq,
+            id: MessageId([seq as u8 ^ 0x5a; 16]),
+            timestamp_ms: seq.wrapping_add(1_700_000_000_000),
+            payload,
+        }
+    }
+
+    #[test]
+    fn split_listen_frames_equal_whole_ones() {
+        let group: GroupId = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+            .parse()
+            .unwrap();
+        // Message lengths around each varint size boundary, and a large Welcome.
+        let mut payloads = Vec::new();
+        for len in [0usize, 1, 63, 64, 16383, 16384, 330_000] {
+            let bytes: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            payloads.push(QueuePayload::GroupMessage(GroupMessage {
+                group: group.clone(),
+                message: bytes.clone().into(),
+            }));
+            payloads.push(QueuePayload::Welcome(GroupMessage {
+                group: group.clone(),
+                message: bytes.into(),
+            }));
+        }
+        for (seq, payload) in [0, 1, u64::MAX].into_iter().cycle().zip(payloads) {
+            let message = message(seq, payload);
+            let encoded = message.payload.tls_serialize_detached().unwrap();
+            let mut split = listen_message_head(
+                message.seq,
+                &message.id,
+                message.timestamp_ms,
+                encoded.len(),
+            )
+            .unwrap();
+            split.extend_from_slice(&encoded);
+            assert_eq!(
+                split,
+                encode_frame(&ListenEvent::Message(message)).unwrap(),
+                "payload of {} bytes",
+                encoded.len()
+            );
+        }
+    }
 }

@@ -8,6 +8,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use bytes::Bytes;
+
 use roost_protocol::messages::federation::{DeliverResponse, Delivery};
 use roost_protocol::messages::queue::*;
 use roost_protocol::{ClientId, MessageId};
@@ -67,13 +69,31 @@ pub(crate) struct QueueSignal {
 /// Messages kept per listened queue for pushing without a store read.
 const RECENT: usize = 64;
 
-/// A just-committed queue entry, shared by every recipient of a fan-out.
+/// A queue entry ready to push: its payload is the TLS encoding of the [`QueuePayload`],
+/// made once and shared (not copied) by every recipient of a fan-out and every frame that
+/// pushes it.
 #[derive(Debug, Clone)]
 pub(crate) struct Fresh {
     pub(crate) seq: u64,
     pub(crate) id: MessageId,
     pub(crate) timestamp_ms: u64,
-    pub(crate) payload: std::sync::Arc<QueuePayload>,
+    pub(crate) payload: Bytes,
+}
+
+impl Fresh {
+    /// An entry read from the store, encoded for pushing.
+    fn of(message: QueueMessage) -> Result<Self, ServiceError> {
+        let payload = message
+            .payload
+            .tls_serialize_detached()
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        Ok(Self {
+            seq: message.seq,
+            id: message.id,
+            timestamp_ms: message.timestamp_ms,
+            payload: payload.into(),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -164,12 +184,9 @@ impl Notifier {
         listened.sender.send_modify(|s| s.head = s.head.max(head));
     }
 
-    /// The entries after `after_seq`, if the window holds all of them up to the head.
-    pub(crate) fn recent_after(
-        &self,
-        client_num: u64,
-        after_seq: u64,
-    ) -> Option<Vec<QueueMessage>> {
+    /// The entries after `after_seq`, if the window holds all of them up to the head. Their
+    /// payloads are shared, not copied.
+    pub(crate) fn recent_after(&self, client_num: u64, after_seq: u64) -> Option<Vec<Fresh>> {
         let queues = self.lock();
         let recent = &queues.get(&client_num)?.recent;
         let first = recent.front()?;
@@ -180,12 +197,7 @@ impl Notifier {
             recent
                 .iter()
                 .filter(|f| f.seq > after_seq)
-                .map(|f| QueueMessage {
-                    seq: f.seq,
-                    id: f.id,
-                    timestamp_ms: f.timestamp_ms,
-                    payload: (*f.payload).clone(),
-                })
+                .cloned()
                 .collect(),
         )
     }
@@ -289,17 +301,22 @@ pub(crate) async fn ack(
     Ok(QueueAckResponse {})
 }
 
-/// A page of a listener's backlog.
+/// A page of a listener's backlog, and the queue's head seq.
 pub(crate) async fn listen_page(
     state: &State,
     client_num: u64,
     after_seq: u64,
-) -> Result<(Vec<QueueMessage>, u64), ServiceError> {
+) -> Result<(Vec<Fresh>, u64), ServiceError> {
     let max_bytes = state.settings.limits.max_fetch_bytes as usize;
-    state
+    let (messages, head) = state
         .store
         .read_queue(client_num, after_seq, 256, max_bytes, cutoff_ms(state))
-        .await
+        .await?;
+    let page = messages
+        .into_iter()
+        .map(Fresh::of)
+        .collect::<Result<_, _>>()?;
+    Ok((page, head))
 }
 
 /// Enqueues deliveries from a peer hub (already checked: local recipients, groups the peer
@@ -326,18 +343,19 @@ mod tests {
         let group = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
             .parse()
             .unwrap();
-        Fresh {
+        Fresh::of(QueueMessage {
             seq,
             id: MessageId([seq as u8; 16]),
             timestamp_ms: seq,
-            payload: std::sync::Arc::new(QueuePayload::GroupMessage(GroupMessage {
+            payload: QueuePayload::GroupMessage(GroupMessage {
                 group,
                 message: vec![seq as u8].into(),
-            })),
-        }
+            }),
+        })
+        .unwrap()
     }
 
-    fn seqs(page: Option<Vec<QueueMessage>>) -> Option<Vec<u64>> {
+    fn seqs(page: Option<Vec<Fresh>>) -> Option<Vec<u64>> {
         page.map(|p| p.iter().map(|m| m.seq).collect())
     }
 
@@ -372,5 +390,18 @@ mod tests {
             notifier.lock().get(&1).map(|l| l.recent.len()),
             Some(RECENT)
         );
+    }
+
+    #[test]
+    fn listeners_share_a_fanned_out_payload() {
+        let notifier = Notifier::default();
+        let (_a, _b) = (notifier.subscribe(1), notifier.subscribe(2));
+        let entry = fresh(1);
+        notifier.notify_fresh(&[(1, entry.clone()), (2, entry.clone())]);
+        for client_num in [1, 2] {
+            let page = notifier.recent_after(client_num, 0).unwrap();
+            // The same bytes, not a copy.
+            assert_eq!(page[0].payload.as_ptr(), entry.payload.as_ptr());
+        }
     }
 }

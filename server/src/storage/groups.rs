@@ -60,7 +60,7 @@ fn fan_out(
         .tls_serialize_detached()
         .map_err(|_| StoreError::Corrupt("payload encoding"))?;
     let outcomes = enqueue_in_txn(txn, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
-    let shared = std::sync::Arc::new(fan_out.payload.clone());
+    let shared = bytes::Bytes::from(bytes);
     for (num, outcome) in nums.iter().zip(outcomes) {
         match outcome {
             Enqueued::Queued(seq) => {

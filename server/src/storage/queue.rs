@@ -317,7 +317,7 @@ impl QueueStore for Store {
                     .map_err(|_| StoreError::Corrupt("payload encoding"))?;
                 let outcomes =
                     enqueue_in_txn(txn, max_depth, &nums, delivery.id, now_ms, &bytes, true)?;
-                let shared = std::sync::Arc::new(delivery.payload);
+                let shared = bytes::Bytes::from(bytes);
                 for (num, outcome) in nums.iter().zip(outcomes) {
                     match outcome {
                         Enqueued::Queued(seq) => {

@@ -229,6 +229,64 @@ async fn listen_delivers_backlog_then_live_messages_in_order() {
     server.shutdown().await;
 }
 
+/// Payloads and requests many times the stream receive window arrive intact: pushed on a
+/// listen stream (each frame's own head, then the payload's shared bytes), fetched, and read
+/// by the server chunk by chunk.
+#[tokio::test]
+async fn payloads_and_requests_larger_than_the_receive_window_arrive_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.stream_receive_window = 16 * 1024;
+    let server = start(cfg).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    let group: GroupId = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+        .parse()
+        .unwrap();
+    let big = |n: u8| {
+        let message: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8 ^ n).collect();
+        QueuePayload::Welcome(GroupMessage {
+            group: group.clone(),
+            message: message.into(),
+        })
+    };
+    server.enqueue(&phone.id, id(1), big(1)).await.unwrap();
+    let mut stream = conn.listen(0).await.unwrap();
+    assert_eq!(next_message(&mut stream).await.payload, big(1));
+    for n in 2..=4 {
+        server.enqueue(&phone.id, id(n), big(n)).await.unwrap();
+    }
+    for n in 2..=4u8 {
+        let message = next_message(&mut stream).await;
+        assert_eq!((message.seq, message.id), (u64::from(n), id(n)));
+        assert_eq!(message.payload, big(n));
+    }
+    let fetched = conn
+        .call(QueueFetchRequest {
+            after_seq: 3,
+            max_messages: 10,
+            max_bytes: 1 << 20,
+        })
+        .await
+        .unwrap();
+    assert_eq!(fetched.messages.len(), 1);
+    assert_eq!(fetched.messages[0].payload, big(4));
+
+    // A 200 KB request is read whole and reaches the Delivery Service, which knows no such
+    // group (a framing failure would be MALFORMED).
+    let err = conn
+        .call(roost_protocol::messages::delivery::SendMessageRequest {
+            group: group.clone(),
+            message: vec![7u8; 200_000].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.wire_error().map(|e| e.code),
+        Some(ErrorCode::GROUP_NOT_FOUND)
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn full_queues_refuse_and_old_messages_expire() {
     let dir = tempfile::tempdir().unwrap();
