@@ -81,6 +81,9 @@ struct BenchArgs {
     /// Messages per fanout group size.
     #[arg(long, default_value_t = 10)]
     fanout_rounds: usize,
+    /// Plaintext bytes of each fanout message (at least 6).
+    #[arg(long, default_value_t = 6)]
+    fanout_message_bytes: usize,
     /// Commit workload group sizes.
     #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     commit_sizes: Vec<usize>,
@@ -115,6 +118,7 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
         duration: std::time::Duration::from_secs_f64(args.duration.clamp(0.1, 600.0)),
         members: args.members,
         fanout_rounds: args.fanout_rounds,
+        fanout_message_bytes: args.fanout_message_bytes,
         commit_sizes: args.commit_sizes,
         commits: args.commits,
         kp_targets: args.kp_targets,

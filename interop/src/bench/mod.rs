@@ -53,6 +53,8 @@ pub struct BenchConfig {
     pub members: Vec<usize>,
     /// Messages sent per group size in `fanout`.
     pub fanout_rounds: usize,
+    /// Plaintext bytes of each `fanout` message (at least 6: "fanout", then zeros).
+    pub fanout_message_bytes: usize,
     /// Group sizes of `commit`.
     pub commit_sizes: Vec<usize>,
     /// Commits per group size (alternately a remove and an add).
@@ -81,6 +83,7 @@ impl Default for BenchConfig {
             duration: Duration::from_secs(5),
             members: vec![10, 100, 1_000, 10_000],
             fanout_rounds: 10,
+            fanout_message_bytes: 6,
             commit_sizes: vec![100, 1_000],
             commits: 20,
             kp_targets: 20,

@@ -55,8 +55,10 @@ pub(super) async fn run(
     );
     let mut durable = Latencies::new();
     let mut pushed = Latencies::new();
+    let mut text = b"fanout".to_vec();
+    text.resize(config.fanout_message_bytes.max(text.len()), 0);
     for _ in 0..config.fanout_rounds {
-        let request = owner.message(b"fanout")?;
+        let request = owner.message(&text)?;
         let sent = Instant::now();
         owner.client.conn()?.call(request).await?;
         durable.record(sent.elapsed());
@@ -102,7 +104,11 @@ pub(super) async fn run(
     };
     Ok(WorkloadResult {
         workload: "fanout".into(),
-        params: json!({ "members": size, "messages": config.fanout_rounds }),
+        params: json!({
+            "members": size,
+            "messages": config.fanout_rounds,
+            "message_bytes": text.len(),
+        }),
         ops_per_sec: if durable_p50 > 0 {
             receivers as f64 * 1e6 / durable_p50 as f64
         } else {
