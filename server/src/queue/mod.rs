@@ -188,9 +188,12 @@ impl Notifier {
     /// payloads are shared, not copied.
     pub(crate) fn recent_after(&self, client_num: u64, after_seq: u64) -> Option<Vec<Fresh>> {
         let queues = self.lock();
-        let recent = &queues.get(&client_num)?.recent;
-        let first = recent.front()?;
-        if first.seq > after_seq.saturating_add(1) {
+        let listened = queues.get(&client_num)?;
+        let recent = &listened.recent;
+        let (first, last) = (recent.front()?, recent.back()?);
+        // Notifications of one batch can arrive out of order: a later entry that emptied the
+        // window and an earlier one that refilled it leave the head beyond the window.
+        if first.seq > after_seq.saturating_add(1) || last.seq < listened.sender.borrow().head {
             return None;
         }
         Some(
@@ -390,6 +393,23 @@ mod tests {
             notifier.lock().get(&1).map(|l| l.recent.len()),
             Some(RECENT)
         );
+    }
+
+    #[test]
+    fn entries_notified_out_of_order_are_not_skipped() {
+        let notifier = Notifier::default();
+        let _rx = notifier.subscribe(1);
+        notifier.notify_fresh(&[(1, fresh(5))]);
+        // Two requests of the same write batch wake in either order: 7 first empties the
+        // window, 6 then starts a new one, and the head is 7.
+        notifier.notify_fresh(&[(1, fresh(7))]);
+        notifier.notify_fresh(&[(1, fresh(6))]);
+        // A listener at 5 must not be served [6] from memory and then wait forever for 7.
+        assert_eq!(seqs(notifier.recent_after(1, 5)), None);
+        assert_eq!(seqs(notifier.recent_after(1, 6)), None);
+        // Once the window reaches the head again, it serves.
+        notifier.notify_fresh(&[(1, fresh(7))]);
+        assert_eq!(seqs(notifier.recent_after(1, 5)), Some(vec![6, 7]));
     }
 
     #[test]
