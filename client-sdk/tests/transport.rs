@@ -213,14 +213,36 @@ fn frame_body(bytes: &[u8]) -> Result<&[u8], WireError> {
     Ok(&bytes[4..])
 }
 
+/// The body length, if `bytes` start with a complete QueueListen request frame.
+fn complete_listen_request(bytes: &[u8]) -> Option<usize> {
+    let header: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
+    let len = u32::from_be_bytes(header) as usize;
+    let kind = (RequestKind::QueueListen as u16).to_be_bytes();
+    (bytes.len() >= 4 + len && bytes.get(6..8) == Some(&kind[..])).then_some(len)
+}
+
 async fn handle_stream(
     connection: quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let Ok(bytes) = recv.read_to_end(1 << 20).await else {
-        return;
-    };
+    // Read to the end of the stream, except after a complete QueueListen request: a listening
+    // client keeps its side open for acks (this fake server ignores them).
+    let mut bytes = Vec::new();
+    loop {
+        match recv.read_chunk(1 << 20, true).await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk.bytes),
+            Ok(None) => break,
+            Err(_) => return,
+        }
+        if bytes.len() > 1 << 20 {
+            return;
+        }
+        if let Some(len) = complete_listen_request(&bytes) {
+            bytes.truncate(4 + len);
+            break;
+        }
+    }
     let body = frame_body(&bytes);
     let response = if is_federation(&connection) {
         match body.and_then(|b| decode_body::<FederationRequest>(b).map_err(|e| e.to_wire())) {

@@ -18,16 +18,17 @@ use roost_protocol::messages::auth::{DiscoverUserRequest, RegisterUserRequest};
 use roost_protocol::messages::delivery::{CommitRequest, SendMessageRequest};
 use roost_protocol::messages::federation::FederationRequest;
 use roost_protocol::messages::keypackage::ClaimClientKeyPackageRequest;
-use roost_protocol::messages::queue::ListenEvent;
+use roost_protocol::messages::queue::{ListenControl, ListenEvent};
 use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use roost_protocol::opaque::Opaque;
 use tls_codec::{DeserializeBytes, Serialize, Size};
 
-/// The four top-level message types a peer can send, by vector file.
-const FRAME_FILES: [&str; 4] = [
+/// The five top-level message types a peer can send, by vector file.
+const FRAME_FILES: [&str; 5] = [
     "client_request.txt",
     "response.txt",
     "listen_event.txt",
+    "listen_control.txt",
     "federation_request.txt",
 ];
 
@@ -38,6 +39,7 @@ fn decode_as(file: &str, body: &[u8]) -> Result<(), DecodeError> {
         "client_request.txt" => decode_body::<ClientRequest>(body).map(drop),
         "response.txt" => decode_body::<Response>(body).map(drop),
         "listen_event.txt" => decode_body::<ListenEvent>(body).map(drop),
+        "listen_control.txt" => decode_body::<ListenControl>(body).map(drop),
         "federation_request.txt" => decode_body::<FederationRequest>(body).map(drop),
         other => panic!("unknown vector file {other}"),
     }
@@ -257,6 +259,7 @@ fn unknown_top_level_discriminants() {
     responses.extend([0, 1000]);
     check_all_discriminants("response.txt", &responses);
     check_all_discriminants("listen_event.txt", &[1, 2]);
+    check_all_discriminants("listen_control.txt", &[1]);
     check_all_discriminants("federation_request.txt", &[1, 2]);
 }
 
@@ -612,6 +615,7 @@ fn decode_all_types(body: &[u8]) -> Result<(), TestCaseError> {
     decode_is_total_and_canonical::<ClientRequest>(body)?;
     decode_is_total_and_canonical::<Response>(body)?;
     decode_is_total_and_canonical::<ListenEvent>(body)?;
+    decode_is_total_and_canonical::<ListenControl>(body)?;
     decode_is_total_and_canonical::<FederationRequest>(body)?;
     Ok(())
 }

@@ -308,6 +308,10 @@ fn listen_event() -> impl Strategy<Value = ListenEvent> {
     ]
 }
 
+fn listen_control() -> impl Strategy<Value = ListenControl> {
+    any::<u64>().prop_map(|up_to_seq| ListenControl::Ack(ListenAck { up_to_seq }))
+}
+
 fn delivery() -> impl Strategy<Value = Delivery> {
     (
         proptest::collection::vec(client_id(), 0..4),
@@ -384,6 +388,13 @@ proptest! {
     #[test]
     fn listen_event_round_trips(event in listen_event()) {
         assert_frame_round_trip(&event)?;
+    }
+
+    #[test]
+    fn listen_control_round_trips(control in listen_control()) {
+        assert_frame_round_trip(&control)?;
+        let frame = encode_frame(&control).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert!(frame.len() - FRAME_HEADER_LEN <= MAX_LISTEN_CONTROL_LEN as usize);
     }
 
     #[test]

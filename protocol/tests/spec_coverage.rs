@@ -12,12 +12,15 @@ use roost_protocol::messages::queue::QueueAckRequest;
 use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use roost_protocol::opaque::Opaque;
 
-/// Variant names of the enums that have no `ALL` list (ListenEvent, FederationRequest,
+/// Variant names of the enums that have no `ALL` list (ListenEvent, ListenControl, FederationRequest,
 /// Response's two extra variants, QueuePayload, ErrorDetail).
 const OTHER_VARIANTS: &[&str] = &[
     // ListenEvent
     "Message",
     "Closed",
+    // ListenControl
+    "ListenControl",
+    "Ack",
     // FederationRequest
     "Forward",
     "Deliver",

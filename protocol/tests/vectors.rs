@@ -18,7 +18,9 @@ use roost_protocol::frame::{
 };
 use roost_protocol::messages::auth::*;
 use roost_protocol::messages::federation::FederationRequest;
-use roost_protocol::messages::queue::{ListenEvent, QueuePayload, listen_message_head};
+use roost_protocol::messages::queue::{
+    ListenControl, ListenEvent, QueuePayload, listen_message_head,
+};
 use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use tls_codec::{DeserializeBytes, Serialize, Size};
 
@@ -210,6 +212,13 @@ fn listen_event_cases() -> Vec<Case> {
         .collect()
 }
 
+fn listen_control_cases() -> Vec<Case> {
+    common::listen_controls()
+        .into_iter()
+        .map(|(name, value)| frame_case(name, value))
+        .collect()
+}
+
 fn federation_request_cases() -> Vec<Case> {
     common::federation_requests()
         .into_iter()
@@ -241,6 +250,15 @@ fn listen_event_vectors() {
         "listen_event.txt",
         "Frames of every ListenEvent variant.",
         listen_event_cases(),
+    );
+}
+
+#[test]
+fn listen_control_vectors() {
+    check_file(
+        "listen_control.txt",
+        "Frames of every ListenControl variant (written by a client on its listen stream).",
+        listen_control_cases(),
     );
 }
 
@@ -396,12 +414,20 @@ fn queue_payload_name(payload: &QueuePayload) -> &'static str {
 }
 
 #[test]
-fn every_event_federation_and_payload_variant_has_a_vector() {
+fn every_event_control_federation_and_payload_variant_has_a_vector() {
     let events: BTreeSet<&str> = stored_frames::<ListenEvent>("listen_event.txt")
         .iter()
         .map(|(_, event)| listen_event_name(event))
         .collect();
     assert_eq!(events, BTreeSet::from(["Message", "Closed"]));
+
+    let controls: BTreeSet<&str> = stored_frames::<ListenControl>("listen_control.txt")
+        .iter()
+        .map(|(_, control)| match control {
+            ListenControl::Ack(_) => "Ack",
+        })
+        .collect();
+    assert_eq!(controls, BTreeSet::from(["Ack"]));
 
     let federation: BTreeSet<&str> = stored_frames::<FederationRequest>("federation_request.txt")
         .iter()
@@ -453,7 +479,8 @@ fn vector_file_parser_rejects_bad_lines() {
 }
 
 /// The fuzz seeds: each fuzz target's input format built from the stored vectors.
-/// `client_request`, `response` and `federation_request` take a frame body; `listen_stream`
+/// `client_request` (ClientRequest and ListenControl bodies), `response` and
+/// `federation_request` take a frame body; `listen_stream`
 /// takes one byte choosing the chunk size, then a stream of frames.
 fn fuzz_seeds() -> BTreeMap<&'static str, Vec<(String, Vec<u8>)>> {
     let bodies = |file: &str| -> Vec<(String, Vec<u8>)> {
@@ -477,7 +504,10 @@ fn fuzz_seeds() -> BTreeMap<&'static str, Vec<(String, Vec<u8>)>> {
         streams.push((format!("all-chunk{chunk_selector}"), seed));
     }
     BTreeMap::from([
-        ("client_request", bodies("client_request.txt")),
+        (
+            "client_request",
+            [bodies("client_request.txt"), bodies("listen_control.txt")].concat(),
+        ),
         ("response", bodies("response.txt")),
         ("federation_request", bodies("federation_request.txt")),
         ("listen_stream", streams),
@@ -493,7 +523,10 @@ fn fuzz_seeds_are_valid_inputs() {
         assert!(!inputs.is_empty(), "{target}: no seeds");
         for (name, input) in inputs {
             let ok = match *target {
-                "client_request" => decode_body::<ClientRequest>(input).is_ok(),
+                "client_request" => {
+                    decode_body::<ClientRequest>(input).is_ok()
+                        || decode_body::<ListenControl>(input).is_ok()
+                }
                 "response" => decode_body::<Response>(input).is_ok(),
                 "federation_request" => decode_body::<FederationRequest>(input).is_ok(),
                 "listen_stream" => {

@@ -1,6 +1,7 @@
 //! The QUIC endpoint: the only module that touches quinn. One request per bidirectional
 //! stream, read under a deadline with the size checked before allocation; every failure is a
-//! typed error response on that stream, and the connection stays usable.
+//! typed error response on that stream, and the connection stays usable. A QueueListen stream
+//! stays open both ways: the server pushes events, the client may write acks.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,10 +10,15 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use quinn::{RecvStream, SendStream, VarInt};
-use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
+use roost_protocol::frame::{
+    FRAME_HEADER_LEN, FrameDecoder, PROTOCOL_VERSION, decode_body, encode_frame, frame_len,
+};
 use roost_protocol::messages::auth::{EXPORTER_LABEL, EXPORTER_LEN};
-use roost_protocol::messages::queue::{ListenEvent, QueueListenResponse, listen_message_head};
-use roost_protocol::messages::{ClientRequest, Response};
+use roost_protocol::messages::queue::{
+    ListenControl, ListenEvent, MAX_LISTEN_CONTROL_LEN, QueueAckRequest, QueueListenResponse,
+    listen_message_head,
+};
+use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use roost_protocol::{ErrorCode, WireError};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -226,42 +232,52 @@ fn body_presize_cap(limits: &crate::config::Limits) -> usize {
     share.min(limits.stream_receive_window) as usize
 }
 
-/// Reads one request frame: header, size check, then the body up to the end of the stream.
+/// Whether a complete request body is a QueueListen request: the one request after which the
+/// client may keep writing (ListenControl frames), so its stream is not read to the end.
+fn is_listen_request(body: &[u8]) -> bool {
+    let version = PROTOCOL_VERSION.to_be_bytes();
+    let kind = (RequestKind::QueueListen as u16).to_be_bytes();
+    body.get(..2) == Some(&version[..]) && body.get(2..4) == Some(&kind[..])
+}
+
+/// A request body, and for a QueueListen request the receive side, still open for the
+/// client's ListenControl frames.
+type Received = (Vec<u8>, Option<RecvStream>);
+
+/// Reads one request frame: header, size check, then the body. Any request but QueueListen
+/// must end right after its frame (bytes after it are MALFORMED); a QueueListen request is
+/// returned as soon as its body is complete, with the stream, whose further bytes are
+/// ListenControl frames.
 ///
 /// The body buffer is sized from the checked header, up to `presize_cap`; past that it grows
 /// only as bytes arrive (doubling, never beyond the declared length), so memory follows what
 /// the peer actually sent, not what the header claims. Bodies up to `presize_cap` are read
 /// without regrowing the buffer (`read_to_end` started empty and regrew it as chunks came).
 async fn read_request(
-    recv: &mut RecvStream,
+    mut recv: RecvStream,
     max_frame_len: u32,
     presize_cap: usize,
-) -> Result<Vec<u8>, WireError> {
+) -> Result<Received, WireError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(|_| {
         WireError::new(ErrorCode::MALFORMED, "stream ended inside the frame header")
     })?;
     let len = frame_len(header, max_frame_len).map_err(|e| e.to_wire())?;
     let mut body = Vec::with_capacity(len.min(presize_cap));
-    loop {
-        // One byte more than the frame needs, to notice bytes after it.
-        let chunk = match recv.read_chunk(len + 1 - body.len(), true).await {
+    let failed = || WireError::new(ErrorCode::MALFORMED, "stream failed inside the frame");
+    while body.len() < len {
+        // Never past the frame: what follows a QueueListen request is not part of it.
+        let room = len - body.len();
+        let chunk = match recv.read_chunk(room, true).await {
             Ok(Some(chunk)) => chunk.bytes,
-            Ok(None) => break,
-            Err(_) => {
+            Ok(None) => {
                 return Err(WireError::new(
                     ErrorCode::MALFORMED,
-                    "stream failed inside the frame",
+                    "stream ended inside the frame",
                 ));
             }
+            Err(_) => return Err(failed()),
         };
-        let room = len - body.len();
-        if chunk.len() > room {
-            return Err(WireError::new(
-                ErrorCode::MALFORMED,
-                "bytes after the request frame",
-            ));
-        }
         if body.capacity() - body.len() < chunk.len() {
             body.reserve_exact(body.capacity().max(chunk.len()).min(room));
         }
@@ -269,33 +285,37 @@ async fn read_request(
         // point into, beyond quinn's own accounting.
         body.extend_from_slice(&chunk);
     }
-    if body.len() != len {
-        return Err(WireError::new(
-            ErrorCode::MALFORMED,
-            "stream ended inside the frame",
-        ));
+    if is_listen_request(&body) {
+        return Ok((body, Some(recv)));
     }
-    Ok(body)
+    match recv.read_chunk(1, true).await {
+        Ok(None) => Ok((body, None)),
+        Ok(Some(_)) => Err(WireError::new(
+            ErrorCode::MALFORMED,
+            "bytes after the request frame",
+        )),
+        Err(_) => Err(failed()),
+    }
 }
 
 /// Reads a request under the per-request deadline. On failure the error response is written,
 /// the stream finished, and None returned.
-async fn receive(state: &State, send: &mut SendStream, mut recv: RecvStream) -> Option<Vec<u8>> {
+async fn receive(state: &State, send: &mut SendStream, recv: RecvStream) -> Option<Received> {
     let limits = &state.settings.limits;
     let err = match tokio::time::timeout(
         limits.request_read_timeout(),
-        read_request(&mut recv, limits.max_frame_len, body_presize_cap(limits)),
+        read_request(recv, limits.max_frame_len, body_presize_cap(limits)),
     )
     .await
     {
-        Ok(Ok(body)) => return Some(body),
+        Ok(Ok(received)) => return Some(received),
         Ok(Err(err)) => err,
         Err(_) => WireError::new(
             ErrorCode::REQUEST_TIMEOUT,
             "request not received within the deadline",
         ),
     };
-    let _ = recv.stop(VarInt::from_u32(0));
+    // The receive side was dropped with the failed read, which stops it.
     metrics::counter!("roost_bad_frames_total", "code" => err.code.name().unwrap_or("UNKNOWN"))
         .increment(1);
     write_frame(send, &Response::Error(err)).await;
@@ -310,7 +330,7 @@ async fn serve_stream(
     recv: RecvStream,
 ) {
     let started = Instant::now();
-    let Some(body) = receive(&state, &mut send, recv).await else {
+    let Some((body, listen_recv)) = receive(&state, &mut send, recv).await else {
         return;
     };
     let request = match decode_body::<ClientRequest>(&body) {
@@ -335,7 +355,10 @@ async fn serve_stream(
         }
         Outcome::Listen { me, after_seq } => {
             crate::dispatch::record(kind, "OK", started);
-            listen(&state, send, me, after_seq).instrument(span).await;
+            let control = Control::new(listen_recv);
+            listen(&state, send, control, me, after_seq)
+                .instrument(span)
+                .await;
         }
     }
 }
@@ -381,8 +404,121 @@ async fn push(send: &mut SendStream, entry: &Fresh) -> Result<bool, WireError> {
     Ok(send.write_all_chunks(&mut chunks).await.is_ok())
 }
 
-/// Serves a listen stream: backlog, then each new message once durable.
-async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_seq: u64) {
+/// The client's side of a listen stream: ListenControl frames after the request.
+struct Control {
+    /// None once the client finished its send side (no more acks) or never could write.
+    recv: Option<RecvStream>,
+    decoder: FrameDecoder,
+}
+
+/// What one read of the client's side of a listen stream asks for.
+enum ControlRead {
+    /// Nothing to do (a partial frame, or the client finished its send side cleanly).
+    Idle,
+    /// Ack up to this seq: the highest of the Ack frames the read completed.
+    Ack(u64),
+    /// A frame that is not a valid ListenControl: the listen ends with this error.
+    Malformed(WireError),
+    /// The client reset its send side: the listen ends.
+    Gone,
+}
+
+impl Control {
+    fn new(recv: Option<RecvStream>) -> Self {
+        Self {
+            recv,
+            decoder: FrameDecoder::new(MAX_LISTEN_CONTROL_LEN),
+        }
+    }
+
+    /// Reads one chunk and decodes every frame it completes. Cancel safe: quinn hands a chunk
+    /// over only when this future completes, and decoding is synchronous. Pending forever
+    /// once the client finished its send side.
+    async fn read(&mut self) -> ControlRead {
+        let Some(recv) = self.recv.as_mut() else {
+            return std::future::pending().await;
+        };
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => {
+                self.decoder.push(&chunk.bytes);
+                self.decode()
+            }
+            Ok(None) => {
+                self.recv = None;
+                match self.decoder.finish() {
+                    Ok(()) => ControlRead::Idle,
+                    Err(err) => ControlRead::Malformed(err.to_wire()),
+                }
+            }
+            Err(_) => {
+                self.recv = None;
+                ControlRead::Gone
+            }
+        }
+    }
+
+    /// Like [`Control::read`], but only what has already arrived: never waits.
+    async fn read_ready(&mut self) -> ControlRead {
+        tokio::select! {
+            biased;
+            read = self.read() => read,
+            () = std::future::ready(()) => ControlRead::Idle,
+        }
+    }
+
+    /// Coalesces the complete frames in the buffer into one Ack (acks are cumulative).
+    fn decode(&mut self) -> ControlRead {
+        let mut up_to = None;
+        loop {
+            match self.decoder.next_frame() {
+                Ok(Some(body)) => match decode_body::<ListenControl>(&body) {
+                    Ok(ListenControl::Ack(ack)) => {
+                        up_to = Some(up_to.map_or(ack.up_to_seq, |u: u64| u.max(ack.up_to_seq)));
+                    }
+                    Err(err) => return ControlRead::Malformed(err.to_wire()),
+                },
+                Ok(None) => break,
+                Err(err) => return ControlRead::Malformed(err.to_wire()),
+            }
+        }
+        up_to.map_or(ControlRead::Idle, ControlRead::Ack)
+    }
+}
+
+/// Applies what a read of the client's side asks for. `Err(Some(error))` ends the listen with
+/// `ListenEvent::Closed(error)`, `Err(None)` ends it silently.
+async fn apply_control(
+    state: &State,
+    me: &Authenticated,
+    read: ControlRead,
+) -> Result<(), Option<WireError>> {
+    match read {
+        ControlRead::Idle => Ok(()),
+        ControlRead::Ack(up_to_seq) => {
+            metrics::counter!("roost_listen_acks_total").increment(1);
+            crate::queue::ack(state, me, QueueAckRequest { up_to_seq })
+                .await
+                .map(drop)
+                .map_err(|err| Some(err.to_wire()))
+        }
+        ControlRead::Malformed(err) => {
+            metrics::counter!("roost_bad_frames_total", "code" => err.code.name().unwrap_or("UNKNOWN"))
+                .increment(1);
+            Err(Some(err))
+        }
+        ControlRead::Gone => Err(None),
+    }
+}
+
+/// Serves a listen stream: backlog, then each new message once durable; meanwhile applies the
+/// client's acks written on the same stream.
+async fn listen(
+    state: &State,
+    mut send: SendStream,
+    mut control: Control,
+    me: Authenticated,
+    after_seq: u64,
+) {
     let mut signal = state.queues.subscribe(me.client_num);
     signal.borrow_and_update();
     let (mut pending, head_seq) =
@@ -415,6 +551,10 @@ async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_se
                 Err(err) => break 'pushing Some(err),
             }
         }
+        // Acks that came in while pushing (a backlog can keep the loop below busy).
+        if let Err(close) = apply_control(state, &me, control.read_ready().await).await {
+            break close;
+        }
         // Caught-up listeners take new entries from memory; anything else comes from the store.
         let page = match state.queues.recent_after(me.client_num, last) {
             Some(page) => Ok(page),
@@ -440,6 +580,11 @@ async fn listen(state: &State, mut send: SendStream, me: Authenticated, after_se
                 break Some(WireError::new(ErrorCode::UNAVAILABLE, "server shutting down"));
             }
             _ = &mut stopped => break None,
+            read = control.read() => {
+                if let Err(close) = apply_control(state, &me, read).await {
+                    break close;
+                }
+            }
         }
     };
     if let Some(err) = close {
@@ -489,7 +634,8 @@ async fn serve_peer_stream(
     mut send: SendStream,
     recv: RecvStream,
 ) {
-    let Some(body) = receive(&state, &mut send, recv).await else {
+    // A federation request is never a listen: the receive side is already at its end.
+    let Some((body, _)) = receive(&state, &mut send, recv).await else {
         return;
     };
     let response =

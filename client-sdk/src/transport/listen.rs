@@ -1,12 +1,13 @@
 //! Listen streams: the one long-lived request. The client sends a `QueueListenRequest` and
-//! finishes its side; the server answers with a `Response` frame and then keeps writing
-//! [`ListenEvent`] frames on the same stream until it ends it.
+//! keeps its side open for [`ListenControl`] frames (acks, written by [`ListenStream::ack`]);
+//! the server answers with a `Response` frame and then keeps writing [`ListenEvent`] frames on
+//! the same stream until it ends it.
 
 use std::fmt;
 use std::time::Duration;
 
 use roost_protocol::frame::{FrameDecoder, decode_body, encode_frame};
-use roost_protocol::messages::queue::{ListenEvent, QueueListenRequest};
+use roost_protocol::messages::queue::{ListenAck, ListenControl, ListenEvent, QueueListenRequest};
 use roost_protocol::messages::{ClientRequest, Operation, Response};
 
 use super::error::{RequestError, TransportError};
@@ -15,7 +16,10 @@ use super::error::{RequestError, TransportError};
 const READ_CHUNK: usize = 64 * 1024;
 
 /// Events pushed by the server on a listen stream, in the order it sent them.
+///
+/// Dropping it ends the stream: its send side is finished and the server told to stop.
 pub struct ListenStream {
+    send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: FrameDecoder,
     head_seq: u64,
@@ -45,8 +49,8 @@ impl ListenStream {
             let frame = encode_frame(&request).map_err(TransportError::from)?;
             let (mut send, recv) = connection.open_bi().await.map_err(TransportError::from)?;
             send.write_all(&frame).await.map_err(TransportError::from)?;
-            send.finish().map_err(TransportError::from)?;
             let mut stream = ListenStream {
+                send,
                 recv,
                 decoder: FrameDecoder::new(max_frame_len),
                 head_seq: 0,
@@ -75,6 +79,18 @@ impl ListenStream {
     /// The queue's head sequence number when listening began (from the server's response).
     pub fn head_seq(&self) -> u64 {
         self.head_seq
+    }
+
+    /// Acknowledges (deletes) every queued message with `seq <= up_to_seq`, like a QueueAck
+    /// request but without a round trip: one `ListenControl::Ack` frame on this stream, to
+    /// which the server writes no reply. Acks are cumulative and idempotent; the server applies
+    /// them in order, durably, and ends the stream with [`ListenEvent::Closed`] if one fails.
+    /// Returns once the frame is handed to QUIC, not once it is applied: a client that needs
+    /// the deletion confirmed uses a QueueAck request.
+    pub async fn ack(&mut self, up_to_seq: u64) -> Result<(), TransportError> {
+        let frame = encode_frame(&ListenControl::Ack(ListenAck { up_to_seq }))?;
+        self.send.write_all(&frame).await?;
+        Ok(())
     }
 
     /// The next event, waiting for it as long as the connection lives. `None` once the server

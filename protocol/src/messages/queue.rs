@@ -111,6 +111,29 @@ pub enum ListenEvent {
     Closed(WireError),
 }
 
+/// A frame a client writes on the send side of its listen stream after the
+/// [`QueueListenRequest`] (optional: a client may instead finish its send side right after the
+/// request). The server writes no response to it.
+#[derive(Debug, Clone, PartialEq, Eq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+#[repr(u16)]
+pub enum ListenControl {
+    /// Delete the client's messages with `seq <= min(up_to_seq, head_seq)`, exactly as a
+    /// [`QueueAckRequest`] does: cumulative and idempotent.
+    #[tls_codec(discriminant = 1)]
+    Ack(ListenAck),
+}
+
+/// Content of [`ListenControl::Ack`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+pub struct ListenAck {
+    /// Acknowledge up to and including this seq.
+    pub up_to_seq: u64,
+}
+
+/// The longest [`ListenControl`] frame body a server accepts; longer ones are refused from
+/// their header, before anything is buffered. Every variant fits (an Ack body is 12 bytes).
+pub const MAX_LISTEN_CONTROL_LEN: u32 = 64;
+
 /// Discriminant of [`ListenEvent::Message`].
 const LISTEN_MESSAGE: u16 = 1;
 
@@ -195,5 +218,15 @@ mod tests {
                 encoded.len()
             );
         }
+    }
+
+    #[test]
+    fn listen_control_fits_its_maximum() {
+        let frame = encode_frame(&ListenControl::Ack(ListenAck {
+            up_to_seq: u64::MAX,
+        }))
+        .unwrap();
+        assert_eq!(frame.len() - FRAME_HEADER_LEN, 12);
+        assert!(frame.len() - FRAME_HEADER_LEN <= MAX_LISTEN_CONTROL_LEN as usize);
     }
 }

@@ -493,6 +493,18 @@ pub(crate) fn listen_events() -> Vec<(&'static str, ListenEvent)> {
     ]
 }
 
+pub(crate) fn listen_controls() -> Vec<(&'static str, ListenControl)> {
+    vec![
+        ("Ack", ListenControl::Ack(ListenAck { up_to_seq: 13 })),
+        (
+            "Ack/max",
+            ListenControl::Ack(ListenAck {
+                up_to_seq: u64::MAX,
+            }),
+        ),
+    ]
+}
+
 pub(crate) fn federation_requests() -> Vec<(&'static str, FederationRequest)> {
     vec![
         (

@@ -1,6 +1,8 @@
 use std::time::Duration;
 
+use roost_protocol::frame::{decode_body, encode_frame};
 use roost_protocol::messages::queue::*;
+use roost_protocol::messages::{ClientRequest, Response};
 use roost_protocol::{ErrorCode, GroupId, MessageId};
 
 use crate::common::*;
@@ -326,5 +328,271 @@ async fn full_queues_refuse_and_old_messages_expire() {
         .unwrap();
     assert!(fetched.messages.is_empty());
     assert_eq!(fetched.head_seq, 4, "sequence numbers are never reused");
+    server.shutdown().await;
+}
+
+// ---- acks on the listen stream --------------------------------------------------------------
+
+/// The seqs of the client's queue, fetched from the start.
+async fn queued(conn: &roost_client::transport::Connection) -> Vec<u64> {
+    let fetched = conn
+        .call(QueueFetchRequest {
+            after_seq: 0,
+            max_messages: 100,
+            max_bytes: 1 << 20,
+        })
+        .await
+        .unwrap();
+    fetched.messages.iter().map(|m| m.seq).collect()
+}
+
+/// Acks on a listen stream get no reply: waits until the queue holds exactly `expected`.
+async fn wait_for_queue(conn: &roost_client::transport::Connection, expected: &[u64]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = queued(conn).await;
+        if now == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "queue holds {now:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One frame body from a raw stream.
+async fn read_body(recv: &mut quinn::RecvStream) -> Vec<u8> {
+    let read = async {
+        let mut header = [0u8; 4];
+        recv.read_exact(&mut header).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+        recv.read_exact(&mut body).await.unwrap();
+        body
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a frame within 10 s")
+}
+
+async fn read_event(recv: &mut quinn::RecvStream) -> ListenEvent {
+    decode_body::<ListenEvent>(&read_body(recv).await).unwrap()
+}
+
+async fn read_pushed(recv: &mut quinn::RecvStream) -> u64 {
+    match read_event(recv).await {
+        ListenEvent::Message(message) => message.seq,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// Opens a listen stream by hand, writing `after_request` right behind the request frame in
+/// the same write, and reads the server's response.
+async fn raw_listen(
+    conn: &roost_client::transport::Connection,
+    after_seq: u64,
+    after_request: &[u8],
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_raw_stream().await.unwrap();
+    let mut bytes = encode_frame(&ClientRequest::QueueListen(QueueListenRequest {
+        after_seq,
+    }))
+    .unwrap();
+    bytes.extend_from_slice(after_request);
+    send.write_all(&bytes).await.unwrap();
+    let response = decode_body::<Response>(&read_body(&mut recv).await).unwrap();
+    assert!(
+        matches!(response, Response::QueueListen(_)),
+        "expected the listen response, got {response:?}"
+    );
+    (send, recv)
+}
+
+fn ack_frame(up_to_seq: u64) -> Vec<u8> {
+    encode_frame(&ListenControl::Ack(ListenAck { up_to_seq })).unwrap()
+}
+
+#[tokio::test]
+async fn acks_on_the_listen_stream_delete_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    for n in 1..=5 {
+        server.enqueue(&phone.id, id(n), payload(n)).await.unwrap();
+    }
+    let mut stream = conn.listen(0).await.unwrap();
+    for n in 1..=5 {
+        assert_eq!(next_message(&mut stream).await.seq, n);
+    }
+    stream.ack(2).await.unwrap();
+    wait_for_queue(&conn, &[3, 4, 5]).await;
+
+    // Several acks in a row, out of order: cumulative, everything up to the highest goes.
+    stream.ack(3).await.unwrap();
+    stream.ack(4).await.unwrap();
+    stream.ack(1).await.unwrap();
+    wait_for_queue(&conn, &[5]).await;
+
+    // The stream still pushes after acks.
+    server.enqueue(&phone.id, id(6), payload(6)).await.unwrap();
+    assert_eq!(next_message(&mut stream).await.seq, 6);
+
+    // A reconnecting listener does not get acked messages again.
+    drop(stream);
+    conn.close();
+    let again = connect(&server).await;
+    login(&again, &phone).await;
+    let mut stream = again.listen(0).await.unwrap();
+    assert_eq!(next_message(&mut stream).await.seq, 5);
+    assert_eq!(next_message(&mut stream).await.seq, 6);
+
+    // An ack above the head deletes what is there, not what comes later.
+    stream.ack(1000).await.unwrap();
+    wait_for_queue(&again, &[]).await;
+    for n in 7..=8 {
+        server.enqueue(&phone.id, id(n), payload(n)).await.unwrap();
+    }
+    assert_eq!(next_message(&mut stream).await.seq, 7);
+    assert_eq!(next_message(&mut stream).await.seq, 8);
+    assert_eq!(queued(&again).await, [7, 8]);
+
+    // The QueueAck request still works alongside.
+    again.call(QueueAckRequest { up_to_seq: 7 }).await.unwrap();
+    assert_eq!(queued(&again).await, [8]);
+    server.shutdown().await;
+}
+
+/// Many acks written at once reach the server in one read: only the highest is applied, and
+/// everything up to it is gone.
+#[tokio::test]
+async fn a_burst_of_acks_deletes_up_to_the_highest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    for n in 1..=40 {
+        server.enqueue(&phone.id, id(n), payload(n)).await.unwrap();
+    }
+    let (mut send, mut recv) = raw_listen(&conn, 0, &[]).await;
+    for n in 1..=40 {
+        assert_eq!(read_pushed(&mut recv).await, n);
+    }
+    let burst: Vec<u8> = (1..=30).flat_map(ack_frame).collect();
+    send.write_all(&burst).await.unwrap();
+    wait_for_queue(&conn, &(31..=40).collect::<Vec<_>>()).await;
+    server.shutdown().await;
+}
+
+/// Acks written in the same packet as the request are not taken for part of the request, and
+/// a client that then finishes its side keeps getting pushes.
+#[tokio::test]
+async fn acks_behind_the_request_and_a_finished_send_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    for n in 1..=3 {
+        server.enqueue(&phone.id, id(n), payload(n)).await.unwrap();
+    }
+    let (mut send, mut recv) = raw_listen(&conn, 0, &ack_frame(2)).await;
+    send.finish().unwrap();
+    for n in 1..=3 {
+        assert_eq!(read_pushed(&mut recv).await, n);
+    }
+    wait_for_queue(&conn, &[3]).await;
+    server.enqueue(&phone.id, id(4), payload(4)).await.unwrap();
+    assert_eq!(read_pushed(&mut recv).await, 4);
+    server.shutdown().await;
+}
+
+/// Today's clients: the request, then FIN at once. Pushes keep coming, backlog and live.
+#[tokio::test]
+async fn a_listener_that_finishes_its_side_at_once_still_gets_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    server.enqueue(&phone.id, id(1), payload(1)).await.unwrap();
+    let (mut send, mut recv) = conn.open_raw_stream().await.unwrap();
+    let request = encode_frame(&ClientRequest::QueueListen(QueueListenRequest {
+        after_seq: 0,
+    }))
+    .unwrap();
+    send.write_all(&request).await.unwrap();
+    send.finish().unwrap();
+    let response = decode_body::<Response>(&read_body(&mut recv).await).unwrap();
+    assert!(matches!(response, Response::QueueListen(_)), "{response:?}");
+    assert_eq!(read_pushed(&mut recv).await, 1);
+    for n in 2..=4 {
+        server.enqueue(&phone.id, id(n), payload(n)).await.unwrap();
+        assert_eq!(read_pushed(&mut recv).await, u64::from(n));
+    }
+    // Nothing was acked.
+    assert_eq!(queued(&conn).await, [1, 2, 3, 4]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_malformed_control_frame_closes_only_that_listen() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    server.enqueue(&phone.id, id(1), payload(1)).await.unwrap();
+    let ack = ack_frame(1);
+    let with = |at: usize, value: &[u8]| {
+        let mut bytes = ack.clone();
+        bytes[at..at + value.len()].copy_from_slice(value);
+        bytes
+    };
+    let mut trailing = ack.clone();
+    trailing[3] += 1;
+    trailing.push(0);
+    let cases: Vec<(&str, Vec<u8>, bool, ErrorCode)> = vec![
+        (
+            "unknown discriminant",
+            with(6, &[0, 9]),
+            false,
+            ErrorCode::MALFORMED,
+        ),
+        ("trailing bytes", trailing, false, ErrorCode::MALFORMED),
+        ("short body", with(3, &[11]), false, ErrorCode::MALFORMED),
+        (
+            "cut off by FIN",
+            ack[..7].to_vec(),
+            true,
+            ErrorCode::MALFORMED,
+        ),
+        (
+            "oversized",
+            with(0, &[0, 1, 0, 0]),
+            false,
+            ErrorCode::FRAME_TOO_LARGE,
+        ),
+        (
+            "bad version",
+            with(4, &[0, 2]),
+            false,
+            ErrorCode::UNSUPPORTED_VERSION,
+        ),
+    ];
+    for (what, bytes, fin, code) in cases {
+        let (mut send, mut recv) = raw_listen(&conn, 0, &[]).await;
+        assert_eq!(read_pushed(&mut recv).await, 1, "{what}");
+        send.write_all(&bytes).await.unwrap();
+        if fin {
+            send.finish().unwrap();
+        }
+        match read_event(&mut recv).await {
+            ListenEvent::Closed(err) => assert_eq!(err.code, code, "{what}: {err:?}"),
+            other => panic!("{what}: expected Closed, got {other:?}"),
+        }
+        // Closed is the last frame: the server finished its side.
+        let end = tokio::time::timeout(Duration::from_secs(10), recv.read_chunk(1, true))
+            .await
+            .expect("end of stream within 10 s");
+        assert!(matches!(end, Ok(None)), "{what}: {end:?}");
+        // Nothing was acked, and the connection still serves requests and new listens.
+        assert_eq!(queued(&conn).await, [1], "{what}");
+        let mut stream = conn.listen(0).await.unwrap();
+        assert_eq!(next_message(&mut stream).await.seq, 1, "{what}");
+    }
     server.shutdown().await;
 }

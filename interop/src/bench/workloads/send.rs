@@ -1,7 +1,8 @@
 //! `send-1to1` and `federated-send`: C concurrent pairs, each in its own 1:1 group. The sender
 //! sends a real SendMessage (a PrivateMessage of the group's epoch, made once per pair: the
 //! DS checks epoch and membership, not freshness), the DS validates it and enqueues it durably,
-//! the receiver's listen stream gets it pushed and the receiver acks it; then the next.
+//! the receiver's listen stream gets it pushed and the receiver acks it on its listen stream
+//! (a `ListenControl::Ack` frame, no round trip); then the next.
 //!
 //! Phase 1 runs closed-loop as fast as it goes (messages/s, send→receive latency); phase 2
 //! paces every pair so the total is half that rate and measures latency from each message's
@@ -136,10 +137,7 @@ async fn drive(
         pair.sender.conn()?.call(pair.request.clone()).await?;
         let (seq, _) = next_message(&mut pair.stream).await?;
         latencies.record(sent.elapsed());
-        pair.receiver
-            .conn()?
-            .call(QueueAckRequest { up_to_seq: seq })
-            .await?;
+        pair.stream.ack(seq).await?;
     }
     Ok((pair, latencies))
 }
