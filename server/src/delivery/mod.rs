@@ -70,11 +70,20 @@ pub(crate) struct FanOutResult {
 
 impl FanOutResult {
     fn wake(self, state: &State) -> Vec<u32> {
-        state.queues.notify_fresh(&self.queues);
+        if self.queues.len() > SPAWNED_WAKE_ABOVE {
+            let (notifier, queues) = (state.queues.clone(), self.queues);
+            tokio::spawn(async move { notifier.notify_fresh(&queues) });
+        } else {
+            state.queues.notify_fresh(&self.queues);
+        }
         state.federation.outbox.wake(self.domains);
         self.reached
     }
 }
+
+/// Fan-outs to more local queues than this wake their listeners from a task of their own, so
+/// the sender's answer goes out before the listeners' pushes compete with it.
+const SPAWNED_WAKE_ABOVE: usize = 64;
 
 /// What the Delivery Service needs from storage (implemented for redb in `storage::groups`).
 pub(crate) trait GroupStore {

@@ -107,9 +107,9 @@ struct Listened {
 /// that a listener that is caught up pushes them without reading the store. Anything not in
 /// that window is read from the store, so a missed wake-up or a trimmed window can delay but
 /// never lose a message.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct Notifier {
-    queues: Mutex<HashMap<u64, Listened>>,
+    queues: std::sync::Arc<Mutex<HashMap<u64, Listened>>>,
 }
 
 impl Notifier {
