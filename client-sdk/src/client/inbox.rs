@@ -63,7 +63,9 @@ pub(crate) async fn listen_loop(weak: Weak<Inner>) {
                     let Some(inner) = weak.upgrade() else { return };
                     match event {
                         Ok(ListenEvent::Message(message)) => {
-                            if let Err(err) = inner.handle_incoming(vec![message]).await {
+                            if let Err(err) =
+                                inner.handle_incoming(vec![message], &mut stream).await
+                            {
                                 tracing::warn!(%err, "cannot process a queued message now");
                                 break;
                             }
@@ -108,19 +110,45 @@ impl Inner {
             tracing::warn!(%err, "cannot replenish KeyPackages");
         }
         let after = self.store.last_seq()?;
-        Ok(connection.listen(after).await?)
+        let stream = connection.listen(after).await?;
+        // An ack written on the previous stream may not have been applied (the server ends a
+        // stream whose ack fails): the next processed message acknowledges everything again.
+        self.acked.store(0, Ordering::Relaxed);
+        Ok(stream)
     }
 
-    /// Processes messages that arrived on the listen stream.
-    async fn handle_incoming(&self, messages: Vec<QueueMessage>) -> Result<(), ClientError> {
+    /// Processes messages that arrived on the listen stream and acknowledges them on it.
+    async fn handle_incoming(
+        &self,
+        messages: Vec<QueueMessage>,
+        stream: &mut ListenStream,
+    ) -> Result<(), ClientError> {
         let mut outcome = Outcome::default();
         {
             let mls = self.state.lock().await;
             self.process_locked(&mls, messages, &mut outcome).await?;
         }
-        self.ack().await;
+        self.ack_on(stream).await;
         self.follow_up(outcome).await;
         Ok(())
+    }
+
+    /// Acknowledges the queue up to the last processed seq on the listen stream: one frame,
+    /// no round trip. The server applies it durably or ends the stream; the listen that
+    /// replaces it acknowledges again from scratch (see [`Inner::open_listen`]).
+    async fn ack_on(&self, stream: &mut ListenStream) {
+        let Ok(seq) = self.store.last_seq() else {
+            return;
+        };
+        if seq <= self.acked.load(Ordering::Relaxed) {
+            return;
+        }
+        match stream.ack(seq).await {
+            Ok(()) => {
+                self.acked.fetch_max(seq, Ordering::Relaxed);
+            }
+            Err(err) => tracing::debug!(%err, "queue ack on the listen stream failed"),
+        }
     }
 
     /// Fetches and processes everything queued after the last processed seq.

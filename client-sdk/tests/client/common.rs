@@ -28,13 +28,19 @@ pub struct TestServer {
 }
 
 pub async fn start_server() -> TestServer {
+    start_server_with(|_| {}).await
+}
+
+/// A server whose configuration `adjust` changed.
+pub async fn start_server_with(adjust: impl FnOnce(&mut Config)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
-    let config = Config {
+    let mut config = Config {
         domain: DOMAIN.into(),
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.path().join("server"),
         ..Config::default()
     };
+    adjust(&mut config);
     let server = Server::start(config.validate().unwrap()).await.unwrap();
     TestServer { server, dir }
 }

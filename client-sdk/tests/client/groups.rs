@@ -110,6 +110,24 @@ async fn three_users_one_with_two_devices() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_keeps_up_acknowledges_as_it_goes() {
+    // Queues hold at most 3 messages: unless bob's listener acknowledges what it processed,
+    // his queue fills and later messages are dropped for him.
+    let t = start_server_with(|config| config.limits.max_queue_depth = 3).await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    assert_eq!(wait_joined(&bob).await, group);
+    for n in 0..12u8 {
+        alice.send(&group, &[n]).await.unwrap();
+        let (from, bytes) = wait_message(&bob, &group).await;
+        assert_eq!(&from, alice.client_id());
+        assert_eq!(bytes, vec![n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_commit_is_rebuilt_on_the_new_epoch() {
     let t = start_server().await;
     let alice = t.register("alice").await;
