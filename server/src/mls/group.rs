@@ -283,13 +283,7 @@ impl DsGroup {
     /// The state to persist: openmls's stored `PublicGroup`, the GroupInfo and the pending
     /// proposals, versioned. [`DsGroup::from_snapshot`] rebuilds the group from it.
     pub(crate) fn snapshot(&self) -> Result<Vec<u8>, MlsError> {
-        Snapshot {
-            group_info: self.group_info.clone(),
-            pending: self.pending.clone(),
-            state: self.stored.clone(),
-        }
-        .encode()
-        .map_err(unusable)
+        super::snapshot::encode(&self.group_info, &self.pending, &self.stored).map_err(unusable)
     }
 
     /// Rebuilds a group from [`DsGroup::snapshot`] with openmls `PublicGroup::load`. Nothing is

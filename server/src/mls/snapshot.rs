@@ -23,7 +23,8 @@ use openmls_traits::storage::{CURRENT_VERSION, traits};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tls_codec::{
-    DeserializeBytes as _, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize, VLBytes,
+    DeserializeBytes as _, Serialize as _, Size as _, TlsDeserializeBytes, TlsSerialize, TlsSize,
+    VLByteSlice, VLBytes,
 };
 
 /// The first byte of every snapshot. Bump it (and keep a decoder for the old one) whenever
@@ -130,54 +131,9 @@ struct SnapshotV1 {
 }
 
 impl Snapshot {
+    #[cfg(test)]
     pub(super) fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
-        let state = &self.state;
-        if let Some(failure) = &state.failure {
-            return Err(SnapshotError::new(format!(
-                "openmls state did not serialize: {failure}"
-            )));
-        }
-        let required = |value: &Option<Vec<u8>>, name: &str| {
-            value
-                .clone()
-                .map(VLBytes::new)
-                .ok_or_else(|| SnapshotError::new(format!("openmls did not store the {name}")))
-        };
-        let v1 = SnapshotV1 {
-            group_info: self.group_info.clone().into(),
-            pending: self
-                .pending
-                .iter()
-                .map(|p| PendingV1 {
-                    message: p.message.clone().into(),
-                    reference: p.reference.clone().into(),
-                    leaf: p.leaf,
-                })
-                .collect(),
-            tree: required(&state.tree, "tree")?,
-            context: required(&state.context, "group context")?,
-            interim_transcript_hash: required(
-                &state.interim_transcript_hash,
-                "interim transcript hash",
-            )?,
-            confirmation_tag: required(&state.confirmation_tag, "confirmation tag")?,
-            proposals: state
-                .proposals
-                .iter()
-                .map(|(reference, proposal)| ProposalV1 {
-                    reference: reference.clone().into(),
-                    proposal: proposal.clone().into(),
-                })
-                .collect(),
-        };
-        let mut bytes = Vec::with_capacity(1 + tls_codec::Size::tls_serialized_len(&v1));
-        #[cfg(test)]
-        bytes.push(if state.legacy_json { 1 } else { FORMAT_VERSION });
-        #[cfg(not(test))]
-        bytes.push(FORMAT_VERSION);
-        v1.tls_serialize(&mut bytes)
-            .map_err(|e| SnapshotError::new(e.to_string()))?;
-        Ok(bytes)
+        encode(&self.group_info, &self.pending, &self.state)
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
@@ -221,6 +177,72 @@ impl Snapshot {
             },
         })
     }
+}
+
+/// Encodes a snapshot from its parts without copying them first: the bytes are exactly those
+/// of [`SnapshotV1`] behind the version byte (a TLS vector `T items<V>` is its items' encodings
+/// behind a varint of their total length, which is what [`VLByteSlice`] writes).
+pub(super) fn encode(
+    group_info: &[u8],
+    pending: &[PendingProposal],
+    state: &StoredState,
+) -> Result<Vec<u8>, SnapshotError> {
+    if let Some(failure) = &state.failure {
+        return Err(SnapshotError::new(format!(
+            "openmls state did not serialize: {failure}"
+        )));
+    }
+    fn required<'a>(value: &'a Option<Vec<u8>>, name: &str) -> Result<&'a [u8], SnapshotError> {
+        value
+            .as_deref()
+            .ok_or_else(|| SnapshotError::new(format!("openmls did not store the {name}")))
+    }
+    let tree = required(&state.tree, "tree")?;
+    let context = required(&state.context, "group context")?;
+    let transcript = required(&state.interim_transcript_hash, "interim transcript hash")?;
+    let tag = required(&state.confirmation_tag, "confirmation tag")?;
+    let tls = |e: tls_codec::Error| SnapshotError::new(e.to_string());
+    let mut pending_items = Vec::new();
+    for p in pending {
+        VLByteSlice(&p.message)
+            .tls_serialize(&mut pending_items)
+            .map_err(tls)?;
+        VLByteSlice(&p.reference)
+            .tls_serialize(&mut pending_items)
+            .map_err(tls)?;
+        p.leaf.tls_serialize(&mut pending_items).map_err(tls)?;
+    }
+    let mut proposal_items = Vec::new();
+    for (reference, proposal) in &state.proposals {
+        VLByteSlice(reference)
+            .tls_serialize(&mut proposal_items)
+            .map_err(tls)?;
+        VLByteSlice(proposal)
+            .tls_serialize(&mut proposal_items)
+            .map_err(tls)?;
+    }
+    let fields = [
+        group_info,
+        &pending_items,
+        tree,
+        context,
+        transcript,
+        tag,
+        &proposal_items,
+    ];
+    let len = 1 + fields
+        .iter()
+        .map(|f| VLByteSlice(f).tls_serialized_len())
+        .sum::<usize>();
+    let mut bytes = Vec::with_capacity(len);
+    #[cfg(test)]
+    bytes.push(if state.legacy_json { 1 } else { FORMAT_VERSION });
+    #[cfg(not(test))]
+    bytes.push(FORMAT_VERSION);
+    for field in fields {
+        VLByteSlice(field).tls_serialize(&mut bytes).map_err(tls)?;
+    }
+    Ok(bytes)
 }
 
 /// openmls's storage provider for one group's `PublicGroup`, over that group's

@@ -21,10 +21,11 @@ struct StoredGroup {
     snapshot: roost_protocol::Opaque,
 }
 
-fn store_group(txn: &redb::WriteTransaction, state: &GroupState) -> Result<(), StoreError> {
+/// Stores `state` (taken: its snapshot becomes the record's bytes without a copy).
+fn store_group(txn: &redb::WriteTransaction, state: GroupState) -> Result<(), StoreError> {
     let record = StoredGroup {
         epoch: state.epoch,
-        snapshot: state.snapshot.clone().into(),
+        snapshot: state.snapshot.into(),
     };
     let bytes = record
         .tls_serialize_detached()
@@ -113,7 +114,7 @@ impl GroupStore for Store {
             if txn.open_table(GROUPS)?.get(state.key.as_slice())?.is_some() {
                 return Ok(Err(ServiceError::GroupExists));
             }
-            store_group(txn, &state)?;
+            store_group(txn, state)?;
             Ok(Ok(()))
         })
         .await
@@ -126,7 +127,7 @@ impl GroupStore for Store {
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError> {
         self.write(move |txn| {
-            if let Some(state) = &state {
+            if let Some(state) = state {
                 store_group(txn, state)?;
             }
             let mut result = FanOutResult::default();
