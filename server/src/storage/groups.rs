@@ -52,10 +52,13 @@ fn fan_out(
     }
     // Ascending client numbers walk QUEUE_HEADS and QUEUE_ENTRIES in key order. The DS hands
     // them over sorted; sorting again is cheap insurance for other callers.
-    let mut nums = fan_out.local.clone();
-    if !nums.is_sorted() {
-        nums.sort_unstable();
-    }
+    let nums: std::borrow::Cow<'_, [u64]> = if fan_out.local.is_sorted() {
+        fan_out.local.as_slice().into()
+    } else {
+        let mut sorted = fan_out.local.clone();
+        sorted.sort_unstable();
+        sorted.into()
+    };
     let bytes = fan_out
         .payload
         .tls_serialize_detached()
