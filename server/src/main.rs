@@ -38,6 +38,21 @@ enum Command {
         /// TCP address for /metrics and /health (overrides `metrics_listen`).
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Storage engine, `redb` or `postgres` (overrides `storage.backend`).
+        #[arg(long)]
+        backend: Option<roost_server::config::StorageBackend>,
+        /// PostgreSQL connection string (overrides `storage.url`). Prefer the configuration
+        /// file or ROOST_DATABASE_URL for one with a password: command lines are visible to
+        /// other users.
+        #[arg(long, env = "ROOST_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Database connections per node (overrides `storage.pool_size`).
+        #[arg(long)]
+        pool_size: Option<u32>,
+        /// Directory of the identity files shared by every node of the domain (overrides
+        /// `identity_dir`).
+        #[arg(long)]
+        identity: Option<PathBuf>,
     },
     /// Administration.
     Admin {
@@ -94,6 +109,10 @@ fn main() -> anyhow::Result<()> {
             listen,
             domain,
             metrics,
+            backend,
+            database_url,
+            pool_size,
+            identity,
         } => {
             let mut config = load_config(config.as_ref())?;
             if let Some(data) = data {
@@ -107,6 +126,18 @@ fn main() -> anyhow::Result<()> {
             }
             if metrics.is_some() {
                 config.metrics_listen = metrics;
+            }
+            if let Some(backend) = backend {
+                config.storage.backend = backend;
+            }
+            if database_url.is_some() {
+                config.storage.url = database_url;
+            }
+            if let Some(pool_size) = pool_size {
+                config.storage.pool_size = pool_size;
+            }
+            if identity.is_some() {
+                config.identity_dir = identity;
             }
             let settings = config.validate()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

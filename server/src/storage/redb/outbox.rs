@@ -152,7 +152,7 @@ mod tests {
     use roost_protocol::messages::queue::GroupMessage;
 
     use super::*;
-    use crate::storage::tables::{META, SCHEMA_VERSION};
+    use crate::storage::redb::tables::{META, SCHEMA_VERSION};
 
     fn schema_version(path: &std::path::Path) -> Option<u64> {
         let db = Database::open(path).unwrap();
