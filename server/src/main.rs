@@ -75,10 +75,11 @@ enum TokenCommand {
     /// Make a registration token and print it (only its hash is stored). Works while the
     /// server runs.
     Create {
-        /// TOML configuration file, for its data_dir.
+        /// TOML configuration file, for its identity_dir (else data_dir).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Data directory (overrides the configuration).
+        /// Directory of the token file (overrides the configuration's identity_dir, else
+        /// data_dir).
         #[arg(long)]
         data: Option<PathBuf>,
         /// How many registrations the token allows.
@@ -152,7 +153,8 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             let config = load_config(config.as_ref())?;
-            let dir = data.unwrap_or(config.data_dir);
+            // Tokens live with the identity files, which every node of a domain shares.
+            let dir = data.unwrap_or(config.identity_dir.unwrap_or(config.data_dir));
             let token = roost_server::create_registration_token(&dir, uses.max(1))?;
             println!("{token}");
         }

@@ -98,7 +98,7 @@ pub(crate) async fn register(
             .as_ref()
             .ok_or(ServiceError::RegistrationTokenRequired)?;
         let hash = tokens::hash_token(token.as_slice());
-        let allowed = tokens::allowed_uses(&state.settings.data_dir, &hash)
+        let allowed = tokens::allowed_uses(&state.settings.identity_dir, &hash)
             .ok_or(ServiceError::RegistrationTokenRequired)?;
         Some((hash, allowed))
     } else {
