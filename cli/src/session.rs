@@ -61,7 +61,7 @@ pub(crate) fn client_config(
 /// One handshake with the server, so that a wrong address or certificate is reported at
 /// once and in plain words.
 pub(crate) async fn probe(config: &ConnectConfig, server: &str) -> anyhow::Result<()> {
-    let endpoint = Endpoint::for_server(config.server_addr)
+    let endpoint = Endpoint::for_servers(&config.server_addrs)
         .map_err(|err| anyhow!(errors::describe_transport(&err, server)))?;
     let result = endpoint.connect(config).await;
     endpoint.close();
