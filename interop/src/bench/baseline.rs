@@ -155,7 +155,7 @@ pub async fn echo_rate(
     duration: Duration,
 ) -> anyhow::Result<(f64, Latencies)> {
     let config = server.connect_config();
-    let endpoint = Endpoint::for_server(config.server_addr)?;
+    let endpoint = Endpoint::for_servers(&config.server_addrs)?;
     let mut conns: Vec<Connection> = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         conns.push(endpoint.connect(&config).await.context("echo connection")?);
