@@ -8,6 +8,7 @@
 //! summary line `N passed, M failed`.
 
 mod groups;
+mod nodes;
 mod outage;
 mod trust;
 
@@ -154,6 +155,30 @@ pub const SCENARIOS: &[Scenario] = &[
         "a peer forwarding or delivering on behalf of another domain is refused",
         60,
         trust::foreign_forwarding,
+    ),
+    multi_node(
+        "cross-node",
+        "members on different nodes of two domains talk; every message pushed exactly once",
+        90,
+        nodes::cross_node,
+    ),
+    multi_node(
+        "node-commit-races",
+        "1,000 same-epoch commit pairs sent to two nodes at once: one winner each",
+        300,
+        nodes::node_commit_races,
+    ),
+    multi_node(
+        "node-killed",
+        "a node is killed under load: its clients fail over, nothing acknowledged is lost or doubled",
+        180,
+        nodes::node_killed,
+    ),
+    multi_node(
+        "outbox-node-killed",
+        "the node draining the outbox is killed: another node delivers, exactly once, in order",
+        180,
+        nodes::outbox_node_killed,
     ),
 ];
 
