@@ -168,8 +168,12 @@ impl Default for FederationConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PeerConfig {
-    /// `host:port` (default: the domain itself, port 4433).
+    /// `host:port` (default, when `addresses` is empty too: the domain itself, port 4433).
     pub address: Option<String>,
+    /// More `host:port` addresses of the peer (the nodes of a homeserver that runs several),
+    /// tried in order after `address`; the next one is used when one fails or its connection
+    /// is lost.
+    pub addresses: Vec<String>,
     /// PEM certificate the peer presents (pinned; trusted without a CA).
     pub certificate: Option<PathBuf>,
 }
