@@ -135,11 +135,16 @@ struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    #[command(flatten)]
+    topology: TopologyArgs,
 }
 
 fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
     use roost_interop::bench;
+    let topology = args.topology.topology()?;
     let config = bench::BenchConfig {
+        storage: topology.storage,
+        nodes: topology.nodes,
         roost,
         workloads: args.workloads,
         pairs: args.pairs,
