@@ -223,9 +223,7 @@ fn tag(rows: &mut [WorkloadResult], storage: Storage, nodes: usize) {
     for row in rows {
         if let serde_json::Value::Object(params) = &mut row.params {
             params.insert("backend".into(), serde_json::json!(backend));
-            params
-                .entry("nodes")
-                .or_insert_with(|| serde_json::json!(nodes));
+            params.insert("nodes".into(), serde_json::json!(nodes));
         }
     }
 }

@@ -320,7 +320,7 @@ pub(super) async fn run(
     let echo_udp = stats::udp_per_op(udp_before, stats::udp_counters(), echo_latencies.len());
     echo.stop();
 
-    let params = json!({ "pairs": config.pairs, "load": "max", "nodes": route.spread });
+    let params = json!({ "pairs": config.pairs, "load": "max", "spread": route.spread });
     let details = json!({
         "messages": max_latencies.len(),
         "request_bytes": request_len,
@@ -355,7 +355,7 @@ pub(super) async fn run(
         let p99 = half_latencies.quantile(0.99);
         rows.push(WorkloadResult {
             workload: name.into(),
-            params: json!({ "pairs": config.pairs, "load": "half", "nodes": route.spread, "offered_per_sec": (max_rate / 2.0).round() }),
+            params: json!({ "pairs": config.pairs, "load": "half", "spread": route.spread, "offered_per_sec": (max_rate / 2.0).round() }),
             ops_per_sec: half_rate,
             p50_us: half_latencies.median(),
             p99_us: p99,
