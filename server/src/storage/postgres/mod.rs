@@ -287,3 +287,69 @@ pub(super) async fn notify_heads(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(url: &str) -> Options<'_> {
+        Options {
+            url,
+            pool_size: 4,
+            timeout: Duration::from_secs(10),
+            domain: "example.org",
+            as_public_key: &[7; 32],
+        }
+    }
+
+    fn sink() -> BusSink {
+        BusSink {
+            queues: Default::default(),
+            revoked: Default::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_migrate_once_and_newer_schemas_are_refused() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("migrate").unwrap();
+        // Four nodes start at once on an empty database: one creates the schema, the others
+        // wait for it and find it done.
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { PgStore::connect(options(&url), sink()).await })
+            })
+            .collect();
+        let mut closers = Vec::new();
+        for start in starts {
+            match start.await.expect("task") {
+                Ok((_, closer)) => closers.push(closer),
+                Err(err) => panic!("a node failed to start: {err}"),
+            }
+        }
+        let versions = cluster
+            .psql(
+                "migrate",
+                "SELECT version FROM roost_schema ORDER BY version",
+            )
+            .unwrap();
+        assert_eq!(versions.trim(), "1");
+        for closer in closers {
+            closer.join();
+        }
+
+        // A database migrated by a newer roost is refused.
+        cluster
+            .psql("migrate", "INSERT INTO roost_schema VALUES (99, 0)")
+            .unwrap();
+        let refused = PgStore::connect(options(&url), sink()).await;
+        assert!(matches!(
+            refused.err(),
+            Some(StoreError::Schema {
+                found: 99,
+                expected: 1
+            })
+        ));
+    }
+}
