@@ -41,7 +41,9 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Database(Arc<str>),
     /// The database was written by a different schema version.
-    #[error("database schema version {found} is not {expected}")]
+    #[error(
+        "database schema version {found} is not {expected}, the one this roost uses (a newer schema needs a newer roost)"
+    )]
     Schema {
         /// Version in the database.
         found: u64,
