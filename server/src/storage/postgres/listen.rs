@@ -12,12 +12,18 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::bus::{BusSink, QUEUES_CHANNEL, REVOKED_CHANNEL, decode_heads};
 
-/// Listens until aborted.
-pub(super) async fn run(config: tokio_postgres::Config, node: std::sync::Arc<str>, sink: BusSink) {
+/// Listens until aborted; `ready` is told once the first LISTEN is in place.
+pub(super) async fn run(
+    config: tokio_postgres::Config,
+    node: std::sync::Arc<str>,
+    sink: BusSink,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
+    let mut ready = Some(ready);
     loop {
-        match listen_once(&config, &node, &sink, first).await {
+        match listen_once(&config, &node, &sink, first, &mut ready).await {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(err) => tracing::warn!(%err, "wake-up bus connection lost; reconnecting"),
         }
@@ -32,6 +38,7 @@ async fn listen_once(
     node: &str,
     sink: &BusSink,
     first: bool,
+    ready: &mut Option<tokio::sync::oneshot::Sender<()>>,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
     let (messages, mut incoming) = tokio::sync::mpsc::unbounded_channel();
@@ -58,6 +65,9 @@ async fn listen_once(
             "LISTEN {QUEUES_CHANNEL}; LISTEN {REVOKED_CHANNEL};"
         ))
         .await?;
+    if let Some(ready) = ready.take() {
+        let _ = ready.send(());
+    }
     if !first {
         // Anything committed while we were not listening: every listener reads again.
         sink.resync();

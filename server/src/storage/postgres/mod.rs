@@ -94,7 +94,10 @@ impl From<tokio_postgres::Error> for StoreError {
             {
                 StoreError::Unavailable
             }
-            _ => StoreError::Database(err.to_string().into()),
+            _ => StoreError::Database(match err.as_db_error() {
+                Some(db) => format!("{} ({})", db.message(), db.code().code()).into(),
+                None => err.to_string().into(),
+            }),
         }
     }
 }
@@ -171,7 +174,18 @@ impl PgStore {
         store
             .check_identity(options.domain, options.as_public_key)
             .await?;
-        let listener = tokio::spawn(listen::run(config, store.node.clone(), sink));
+        let (ready, listening) = tokio::sync::oneshot::channel();
+        let listener = tokio::spawn(listen::run(config, store.node.clone(), sink, ready));
+        // Serve only once the other nodes' wake-ups are heard.
+        if !matches!(
+            tokio::time::timeout(options.timeout, listening).await,
+            Ok(Ok(()))
+        ) {
+            listener.abort();
+            return Err(StoreError::Database(
+                "cannot LISTEN for the other nodes' wake-ups".into(),
+            ));
+        }
         Ok((store, PgCloser { pool, listener }))
     }
 
