@@ -40,7 +40,7 @@ use crate::bus::BusSink;
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
-const MIGRATION_LOCK: i64 = 0x726f_6f73_74;
+const MIGRATION_LOCK: i64 = 0x0072_6f6f_7374;
 
 /// What [`PgStore::connect`] needs.
 pub(crate) struct Options<'a> {
@@ -116,6 +116,16 @@ pub(super) fn to_u64(value: i64) -> Result<u64, StoreError> {
 /// Converts a u64 of the services to a BIGINT (they stay below 2^63).
 pub(super) fn to_i64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::Corrupt("number out of range"))
+}
+
+/// Column `idx` of a row read from `table`; a NULL or a value of another type is a corrupt
+/// record (not a connection failure, which is what a bare `tokio_postgres::Error` maps to).
+pub(super) fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    idx: usize,
+    table: &'static str,
+) -> Result<T, StoreError> {
+    row.try_get(idx).map_err(|_| StoreError::Corrupt(table))
 }
 
 fn pg_config(options: &Options<'_>) -> Result<tokio_postgres::Config, StoreError> {
@@ -273,6 +283,10 @@ impl PgStore {
 
 /// Sends the wake-ups for new queue entries (client number, seq) inside `txn`: PostgreSQL
 /// delivers them to the other nodes when, and only if, the transaction commits.
+#[allow(
+    dead_code,
+    reason = "called by the queue and group writes (queue.rs, groups.rs: in progress)"
+)]
 pub(super) async fn notify_heads(
     txn: &tokio_postgres::Transaction<'_>,
     node: &str,
