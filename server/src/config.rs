@@ -139,6 +139,10 @@ pub struct FederationConfig {
     pub retry_initial_ms: u64,
     /// Longest retry delay.
     pub retry_max_ms: u64,
+    /// With `storage.backend = "postgres"`: how often each node looks for outbox entries it
+    /// was not told about (written by another node that stopped before sending them, or held
+    /// by a node whose lease ran out). Unused with redb.
+    pub outbox_rescan_ms: u64,
     /// Requests per second one peer may send us.
     pub peer_rate_per_sec: u32,
     /// Burst of requests one peer may send us.
@@ -158,6 +162,7 @@ impl Default for FederationConfig {
             outbox_batch_bytes: 4 << 20,
             retry_initial_ms: 250,
             retry_max_ms: 30_000,
+            outbox_rescan_ms: 5_000,
             peer_rate_per_sec: 2_000,
             peer_burst: 4_000,
         }

@@ -16,7 +16,7 @@ use crate::federation::outbox::OutboxStore;
 use crate::keypackage::KeyPackageStore;
 use crate::queue::{Enqueued, QueueStore};
 
-fn credential(client: &str) -> ClientCredential {
+pub(crate) fn credential(client: &str) -> ClientCredential {
     ClientCredential {
         client: client.parse().unwrap(),
         signature_key: vec![7; 32].into(),
@@ -527,14 +527,16 @@ mod redb_backend {
 }
 
 /// The same suite on PostgreSQL: one cluster, a database per part.
-mod postgres_backend {
+pub(crate) mod postgres_backend {
     use std::time::Duration;
 
     use crate::bus::BusSink;
     use crate::storage::Backend;
     use crate::storage::postgres::{Options, PgCloser, PgStore};
 
-    pub(crate) async fn open(url: &str) -> (Backend, PgCloser) {
+    /// A node over the database at `url` (each call is another node: its own pool and id),
+    /// with `timeout` for waits, statements and (times three) outbox leases.
+    pub(crate) async fn connect(url: &str, timeout: Duration) -> (PgStore, PgCloser) {
         let sink = BusSink {
             queues: Default::default(),
             revoked: Default::default(),
@@ -542,11 +544,15 @@ mod postgres_backend {
         let options = Options {
             url,
             pool_size: 8,
-            timeout: Duration::from_secs(10),
+            timeout,
             domain: "example.org",
             as_public_key: &[7; 32],
         };
-        let (store, closer) = PgStore::connect(options, sink).await.unwrap();
+        PgStore::connect(options, sink).await.unwrap()
+    }
+
+    pub(crate) async fn open(url: &str) -> (Backend, PgCloser) {
+        let (store, closer) = connect(url, Duration::from_secs(10)).await;
         (Backend::Postgres(store), closer)
     }
 

@@ -121,6 +121,16 @@ pub(super) fn to_i64(value: u64) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::Corrupt("number out of range"))
 }
 
+/// Column `idx` of a row read from `table`; a NULL or a value of another type is a corrupt
+/// record (not a connection failure, which is what a bare `tokio_postgres::Error` maps to).
+pub(super) fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    idx: usize,
+    table: &'static str,
+) -> Result<T, StoreError> {
+    row.try_get(idx).map_err(|_| StoreError::Corrupt(table))
+}
+
 fn pg_config(options: &Options<'_>) -> Result<tokio_postgres::Config, StoreError> {
     let mut config: tokio_postgres::Config = options
         .url
@@ -291,6 +301,10 @@ impl PgStore {
 
 /// Sends the wake-ups for new queue entries (client number, seq) inside `txn`: PostgreSQL
 /// delivers them to the other nodes when, and only if, the transaction commits.
+#[allow(
+    dead_code,
+    reason = "called by the queue and group writes (queue.rs, groups.rs: in progress)"
+)]
 pub(super) async fn notify_heads(
     txn: &tokio_postgres::Transaction<'_>,
     node: &str,

@@ -9,11 +9,7 @@ use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSize};
 use super::tables::OUTBOX;
 use super::{Store, StoreError, next_counter};
 use crate::error::ServiceError;
-use crate::federation::outbox::OutboxStore;
-
-/// Most recipients named by one outbox entry (one `Delivery`): bounds the size of an entry
-/// and of the batch it travels in.
-pub(crate) const MAX_RECIPIENTS_PER_DELIVERY: usize = 1024;
+use crate::federation::outbox::{MAX_RECIPIENTS_PER_DELIVERY, OutboxStore};
 
 /// Adds one message for `recipients` (all of `domain`) inside `txn`: one entry per
 /// [`MAX_RECIPIENTS_PER_DELIVERY`] recipients, each holding the payload once.

@@ -22,10 +22,12 @@ CREATE TABLE token_uses (
 
 CREATE SEQUENCE client_num_seq;
 
--- Removed clients stay (revoked) so their device name is never reused.
+-- Removed clients stay (revoked) so their device name is never reused. Names sort bytewise
+-- (COLLATE "C"), as the embedded engine lists a user's devices; an engine whose default
+-- ordering is bytewise needs no collation here.
 CREATE TABLE clients (
-    user_name  TEXT NOT NULL,
-    device     TEXT NOT NULL,
+    user_name  TEXT COLLATE "C" NOT NULL,
+    device     TEXT COLLATE "C" NOT NULL,
     client_num BIGINT NOT NULL UNIQUE,
     credential BYTEA NOT NULL, -- TLS-encoded ClientCredential
     revoked    BOOLEAN NOT NULL DEFAULT FALSE,
@@ -70,7 +72,8 @@ CREATE TABLE queue_dedup (
 );
 CREATE INDEX queue_dedup_by_time ON queue_dedup (timestamp_ms);
 
--- KeyPackage service.
+-- KeyPackage service. Ordinary KeyPackages are handed out oldest (lowest seq) first; a claim
+-- deletes the one it hands out. Expired ones stay until a claim of their client or the purge.
 CREATE SEQUENCE key_package_seq;
 
 CREATE TABLE key_packages (
@@ -97,19 +100,22 @@ CREATE TABLE groups (
     snapshot BYTEA NOT NULL
 );
 
--- Federation outbox: one entry per (message, destination domain).
+-- Federation outbox: one entry per (message, destination domain) and up to 1,024 of its
+-- recipients there, sent in seq order.
 CREATE SEQUENCE outbox_seq;
 
 CREATE TABLE outbox (
-    domain   TEXT NOT NULL,
+    domain   TEXT COLLATE "C" NOT NULL,
     seq      BIGINT NOT NULL,
     delivery BYTEA NOT NULL, -- TLS-encoded Delivery
     PRIMARY KEY (domain, seq)
 );
 
--- Which node drains a destination's outbox, until when (ms since the epoch).
+-- Which node drains a destination's outbox, until when (ms since the epoch, the database's
+-- clock). A node takes a free or expired lease, renews its own with every batch it reads, and
+-- drops it when it finds nothing left to send.
 CREATE TABLE outbox_leases (
-    domain     TEXT PRIMARY KEY,
+    domain     TEXT COLLATE "C" PRIMARY KEY,
     holder     TEXT NOT NULL,
     expires_ms BIGINT NOT NULL
 );
