@@ -8,7 +8,7 @@
 use roost_protocol::messages::auth::ClientCredential;
 use roost_protocol::{ClientId, UserId, UserName};
 use tls_codec::{DeserializeBytes, Serialize as _};
-use tokio_postgres::{GenericClient, Row, Transaction};
+use tokio_postgres::{GenericClient, Row};
 
 use super::{PgStore, column, to_i64, to_u64};
 use crate::auth::{AuthStore, ClientRecord};
@@ -76,59 +76,6 @@ pub(super) async fn active_clients_in(
         )
         .await?;
     rows.iter().map(client_record).collect()
-}
-
-/// Deletes a client's queue inside `txn`, as the embedded engine's `delete_queue` does: the
-/// head row first (an enqueue waiting on it then finds no queue), the entries with their
-/// payload references (a payload no entry names any more goes too), the dedup records.
-async fn delete_queue(txn: &Transaction<'_>, client_num: i64) -> Result<(), StoreError> {
-    txn.execute(
-        "DELETE FROM queue_heads WHERE client_num = $1",
-        &[&client_num],
-    )
-    .await?;
-    let released = txn
-        .query(
-            "WITH gone AS (
-                 DELETE FROM queue_entries WHERE client_num = $1 RETURNING payload_id
-             )
-             SELECT payload_id, COUNT(*) FROM gone GROUP BY payload_id ORDER BY payload_id",
-            &[&client_num],
-        )
-        .await?;
-    if !released.is_empty() {
-        let mut ids = Vec::with_capacity(released.len());
-        let mut counts = Vec::with_capacity(released.len());
-        for row in &released {
-            ids.push(column::<i64>(row, 0, "queue_entries")?);
-            counts.push(column::<i64>(row, 1, "queue_entries")?);
-        }
-        // Payload rows are locked in ascending id order, as every writer of them does, so
-        // two transactions releasing the same payloads cannot deadlock.
-        txn.execute(
-            "SELECT id FROM payloads WHERE id = ANY($1) ORDER BY id FOR UPDATE",
-            &[&ids],
-        )
-        .await?;
-        txn.execute(
-            "UPDATE payloads SET refs = payloads.refs - d.n
-             FROM unnest($1::BIGINT[], $2::BIGINT[]) AS d (id, n)
-             WHERE payloads.id = d.id",
-            &[&ids, &counts],
-        )
-        .await?;
-        txn.execute(
-            "DELETE FROM payloads WHERE id = ANY($1) AND refs <= 0",
-            &[&ids],
-        )
-        .await?;
-    }
-    txn.execute(
-        "DELETE FROM queue_dedup WHERE client_num = $1",
-        &[&client_num],
-    )
-    .await?;
-    Ok(())
 }
 
 impl PgStore {
@@ -216,7 +163,7 @@ impl PgStore {
             return Ok(Err(ServiceError::ClientNotFound));
         };
         let client_num: i64 = column(&row, 0, "clients")?;
-        delete_queue(&txn, client_num).await?;
+        super::queue::delete_queue(&txn, to_u64(client_num)?).await?;
         txn.execute(
             "DELETE FROM key_packages WHERE client_num = $1",
             &[&client_num],

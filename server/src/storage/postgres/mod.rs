@@ -210,10 +210,6 @@ impl PgStore {
     }
 
     /// The configured timeout (leases and waits are derived from it).
-    #[expect(
-        dead_code,
-        reason = "for the outbox leases (postgres/outbox.rs), in progress"
-    )]
     pub(super) fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -301,10 +297,6 @@ impl PgStore {
 
 /// Sends the wake-ups for new queue entries (client number, seq) inside `txn`: PostgreSQL
 /// delivers them to the other nodes when, and only if, the transaction commits.
-#[allow(
-    dead_code,
-    reason = "called by the queue and group writes (queue.rs, groups.rs: in progress)"
-)]
 pub(super) async fn notify_heads(
     txn: &tokio_postgres::Transaction<'_>,
     node: &str,

@@ -35,10 +35,6 @@ const LEASE_TIMEOUTS: u32 = 3;
 /// holding the payload once. Seqs come from `outbox_seq`, so a destination's entries are sent
 /// in the order their transactions took them (for one group: its commit order, as a group's
 /// writes are serialised on its row).
-#[allow(
-    dead_code,
-    reason = "called by the Delivery Service's fan-out in groups.rs (in progress)"
-)]
 pub(crate) async fn add_in_txn(
     txn: &tokio_postgres::Transaction<'_>,
     domain: &Domain,
@@ -57,9 +53,13 @@ pub(crate) async fn add_in_txn(
         let bytes = delivery
             .tls_serialize_detached()
             .map_err(|_| StoreError::Corrupt("delivery encoding"))?;
-        txn.execute(
+        // Typed: no prepare round trip inside the fan-out transaction.
+        txn.execute_typed(
             "INSERT INTO outbox (domain, seq, delivery) VALUES ($1, nextval('outbox_seq'), $2)",
-            &[&domain.as_str(), &bytes],
+            &[
+                (&domain.as_str(), tokio_postgres::types::Type::TEXT),
+                (&bytes, tokio_postgres::types::Type::BYTEA),
+            ],
         )
         .await?;
     }
@@ -186,39 +186,6 @@ impl PgStore {
             .await?;
         Ok(())
     }
-}
-
-/// Adds one message for `clients` (all of `domain`) inside `txn`: one entry per 1,024
-/// recipients, each holding the payload once (as the embedded engine's outbox).
-pub(crate) async fn add_in_txn(
-    txn: &tokio_postgres::Transaction<'_>,
-    domain: &Domain,
-    clients: &[roost_protocol::ClientId],
-    id: roost_protocol::MessageId,
-    timestamp_ms: u64,
-    payload: &roost_protocol::messages::queue::QueuePayload,
-) -> Result<(), crate::storage::StoreError> {
-    use tls_codec::Serialize as _;
-    use tokio_postgres::types::Type;
-    /// Most recipients named by one entry (one `Delivery`).
-    const MAX_RECIPIENTS_PER_DELIVERY: usize = 1024;
-    for chunk in clients.chunks(MAX_RECIPIENTS_PER_DELIVERY) {
-        let delivery = Delivery {
-            recipients: chunk.to_vec(),
-            id,
-            timestamp_ms,
-            payload: payload.clone(),
-        };
-        let bytes = delivery
-            .tls_serialize_detached()
-            .map_err(|_| crate::storage::StoreError::Corrupt("delivery encoding"))?;
-        txn.execute_typed(
-            "INSERT INTO outbox (domain, seq, delivery) VALUES ($1, nextval('outbox_seq'), $2)",
-            &[(&domain.as_str(), Type::TEXT), (&bytes, Type::BYTEA)],
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 impl OutboxStore for PgStore {

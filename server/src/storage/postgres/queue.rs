@@ -384,10 +384,6 @@ async fn release(txn: &Transaction<'_>, deleted: &[Row], heads: bool) -> Result<
 
 /// Deletes a whole queue inside `txn` (client removed): its entries (releasing their
 /// payloads), its head row and its dedup records.
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "for the PostgreSQL AuthStore's remove_client")
-)]
 pub(crate) async fn delete_queue(txn: &Transaction<'_>, client_num: u64) -> Result<(), StoreError> {
     let num = to_i64(client_num)?;
     let (_, deleted) = tokio::try_join!(
