@@ -139,9 +139,9 @@ pub struct FederationConfig {
     pub retry_initial_ms: u64,
     /// Longest retry delay.
     pub retry_max_ms: u64,
-    /// With `storage.backend = "postgres"`: how often each node looks for outbox entries it
-    /// was not told about (written by another node that stopped before sending them, or held
-    /// by a node whose lease ran out). Unused with redb.
+    /// How often each node looks for outbox entries it was not told about (with several
+    /// nodes: written by another node that stopped before sending them, or held by a node
+    /// whose lease ran out).
     pub outbox_rescan_ms: u64,
     /// Requests per second one peer may send us.
     pub peer_rate_per_sec: u32,

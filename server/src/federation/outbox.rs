@@ -7,9 +7,10 @@
 //!
 //! With several nodes over one database, every node runs workers, and the store lets one node
 //! at a time drain a destination (a lease: `outbox_batch` is empty for the others, whose
-//! workers then idle). A node hears only of the entries it wrote itself, so each node also
-//! rescans the pending destinations every `federation.outbox_rescan_ms`: that is how entries
-//! of a node that stopped, or whose lease ran out, are sent.
+//! workers then idle). A node hears only of the entries it wrote itself, so every node also
+//! rescans the pending destinations every `federation.outbox_rescan_ms` (one seek per
+//! destination, cheap on any engine): that is how entries of a node that stopped, or whose
+//! lease ran out, are sent.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,6 @@ use roost_protocol::messages::federation::{DeliverRequest, Delivery};
 use tokio::sync::{Notify, mpsc};
 
 use crate::State;
-use crate::config::StorageSettings;
 use crate::error::ServiceError;
 
 /// Most recipients named by one outbox entry (one `Delivery`): bounds the size of an entry
@@ -79,9 +79,8 @@ pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) 
         };
         *guard = Some(sender);
     }
-    if let Some(period) = rescan_period(&state) {
-        tracker.spawn(rescan(state.clone(), period));
-    }
+    let period = Duration::from_millis(state.federation.config.outbox_rescan_ms.max(1));
+    tracker.spawn(rescan(state.clone(), period));
     let tracker_inner = tracker.clone();
     tracker.spawn(async move {
         let mut workers: HashMap<Domain, Arc<Notify>> = HashMap::new();
@@ -106,17 +105,6 @@ pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) 
             notify.notify_one();
         }
     });
-}
-
-/// How often to rescan the pending destinations: only when other nodes write and drain the
-/// same outbox (the embedded engine's node hears of every entry it has).
-fn rescan_period(state: &State) -> Option<Duration> {
-    match state.settings.storage {
-        StorageSettings::Redb => None,
-        StorageSettings::Postgres { .. } => Some(Duration::from_millis(
-            state.federation.config.outbox_rescan_ms.max(1),
-        )),
-    }
 }
 
 /// Wakes the worker of every destination with pending entries, every `period`: entries

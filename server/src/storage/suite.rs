@@ -489,6 +489,28 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         1,
         "a byte budget of one entry holds one"
     );
+
+    // Every destination with entries is listed once, in name order, however many entries
+    // each holds.
+    let domains: Vec<roost_protocol::Domain> = ["a.test", "gamma.test", "zeta.test"]
+        .iter()
+        .map(|d| d.parse().unwrap())
+        .collect();
+    for round in 0..3u8 {
+        let fan = FanOut {
+            local: Vec::new(),
+            remote: domains
+                .iter()
+                .map(|d| (d.clone(), vec![format!("u@{d}/x").parse().unwrap()]))
+                .collect(),
+            payload: fan(10 + round).payload,
+        };
+        store.apply(write(1, None), vec![fan], 10).await.unwrap();
+    }
+    let mut expected = domains.clone();
+    expected.push(beta.clone());
+    expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(store.pending_domains().await.unwrap(), expected);
 }
 
 mod redb_backend {
