@@ -341,6 +341,8 @@ impl Harness {
         let mut addrs = addrs.into_iter();
         for spec in &config.servers {
             let dir = config.dir.join(&spec.domain);
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             let certificate = ca.issue(
                 &spec.certificate_names,
                 &dir.join("cert.pem"),
