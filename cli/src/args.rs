@@ -18,7 +18,7 @@ pub(crate) struct Cli {
     /// Print results as JSON, one object per line on stdout.
     #[arg(long, global = true)]
     pub(crate) json: bool,
-    /// Seconds to wait for the server's handshake before giving up.
+    /// Seconds to wait for the server's handshake (at each of its addresses) before giving up.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 5)]
     pub(crate) timeout: u64,
     #[command(subcommand)]
@@ -79,9 +79,12 @@ pub(crate) enum Command {
 /// Where the homeserver is and how to trust it (for register and device add).
 #[derive(Debug, Args)]
 pub(crate) struct ServerArgs {
-    /// The homeserver's UDP address [default: the user's domain, port 4433].
-    #[arg(long, value_name = "HOST:PORT")]
-    pub(crate) server: Option<String>,
+    /// The homeserver's UDP address [default: the user's domain, port 4433]. A homeserver
+    /// that runs as several nodes has several: repeat the option or separate them with commas
+    /// (`--server a.example:4433,b.example:4433`); they are tried in order and the client moves
+    /// to the next one when a node does not answer.
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+    pub(crate) server: Vec<String>,
     #[command(flatten)]
     pub(crate) trust: TrustArgs,
 }

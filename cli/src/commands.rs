@@ -89,12 +89,17 @@ async fn enroll(
         (None, None) => bail!("pass --server-cert FILE or --ca FILE"),
     };
     let trust = profile::load_trust(&trust_file, kind)?;
-    let server = server
-        .server
-        .unwrap_or_else(|| format!("{}:{}", user.domain, roost_protocol::DEFAULT_PORT));
-    let addr = session::resolve(&server).await?;
-    let mut config = session::client_config(addr, user.domain.as_str(), trust, ctx.timeout, false);
-    session::probe(&config.connect, &server).await?;
+    let mut servers = server.server;
+    if servers.is_empty() {
+        servers.push(format!("{}:{}", user.domain, roost_protocol::DEFAULT_PORT));
+    }
+    let server = servers.join(",");
+    let (addrs, unresolved) = session::resolve_all(&servers).await;
+    if let Some(err) = unresolved.into_iter().next() {
+        return Err(err);
+    }
+    let mut config = session::client_config(addrs, user.domain.as_str(), trust, ctx.timeout, false);
+    session::probe(&mut config.connect, &server).await?;
     profile.create()?;
     let database = profile.database();
     let client_id = ClientId::new(user.clone(), device.clone());
@@ -135,7 +140,7 @@ async fn enroll(
     };
     let settings = Settings {
         client: client_id.to_string(),
-        server: server.clone(),
+        servers: servers.clone(),
         domain: user.domain.to_string(),
         trust: kind,
     };
@@ -153,7 +158,7 @@ async fn enroll(
             "client": client_id.to_string(),
             "user": user.to_string(),
             "device": client_id.device.to_string(),
-            "server": server,
+            "servers": servers,
             "profile": profile.path().display().to_string(),
         }),
     )?;
@@ -259,11 +264,13 @@ fn whoami(ctx: &Context) -> anyhow::Result<()> {
     ctx.out.print(
         format!(
             "{} on {} (domain {}); profile {dir}",
-            settings.client, settings.server, settings.domain
+            settings.client,
+            settings.servers_text(),
+            settings.domain
         ),
         json!({
             "client": settings.client,
-            "server": settings.server,
+            "servers": settings.servers,
             "domain": settings.domain,
             "profile": dir,
         }),

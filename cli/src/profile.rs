@@ -3,7 +3,7 @@
 //! | file | content |
 //! |---|---|
 //! | `profile.redb` | the SDK's database: keys, MLS state of every group, pending events |
-//! | `settings.json` | this device's ClientId, the server's address and domain, the trust kind |
+//! | `settings.json` | this device's ClientId, the server's addresses and domain, the trust kind |
 //! | `server-cert.pem` or `ca.pem` | the pinned server certificate, or the trusted CA bundle |
 //! | `groups.json` | local group names (labels only this profile knows) |
 //!
@@ -42,16 +42,56 @@ pub(crate) enum TrustKind {
 }
 
 /// The contents of `settings.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StoredSettings")]
 pub(crate) struct Settings {
     /// This device, `user@domain/device`.
     pub(crate) client: String,
-    /// The homeserver's address as given (`host:port`), resolved at every start.
-    pub(crate) server: String,
+    /// The homeserver's addresses as given (`host:port`, one per node), resolved at every
+    /// start and tried in order. Never empty.
+    pub(crate) servers: Vec<String>,
     /// The homeserver's domain (TLS server name).
     pub(crate) domain: String,
     /// How the certificate is trusted.
     pub(crate) trust: TrustKind,
+}
+
+impl Settings {
+    /// The addresses as one string, for messages.
+    pub(crate) fn servers_text(&self) -> String {
+        self.servers.join(",")
+    }
+}
+
+/// `settings.json` as read: profiles made before homeservers could have several addresses hold
+/// one `server` string instead of the `servers` list.
+#[derive(Deserialize)]
+struct StoredSettings {
+    client: String,
+    #[serde(default)]
+    servers: Vec<String>,
+    #[serde(default)]
+    server: Option<String>,
+    domain: String,
+    trust: TrustKind,
+}
+
+impl TryFrom<StoredSettings> for Settings {
+    type Error = &'static str;
+
+    fn try_from(stored: StoredSettings) -> Result<Self, Self::Error> {
+        let servers = match (stored.servers, stored.server) {
+            (servers, _) if !servers.is_empty() => servers,
+            (_, Some(server)) => vec![server],
+            (_, None) => return Err("no server address"),
+        };
+        Ok(Self {
+            client: stored.client,
+            servers,
+            domain: stored.domain,
+            trust: stored.trust,
+        })
+    }
 }
 
 impl ProfileDir {
@@ -313,6 +353,52 @@ mod tests {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_name("the team").is_ok());
+    }
+
+    fn settings(servers: &[&str]) -> Settings {
+        Settings {
+            client: "alice@example.org/cli".into(),
+            servers: servers.iter().map(|s| s.to_string()).collect(),
+            domain: "example.org".into(),
+            trust: TrustKind::Pinned,
+        }
+    }
+
+    #[test]
+    fn settings_with_several_servers_survive_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = ProfileDir::new(Some(dir.path().join("p"))).unwrap();
+        profile.create().unwrap();
+        let written = settings(&["node-a.example.org:4433", "[::1]:4433", "10.0.0.3:4433"]);
+        profile.save_settings(&written).unwrap();
+        assert_eq!(profile.settings().unwrap(), written);
+        let text = fs::read_to_string(dir.path().join("p").join(SETTINGS_FILE)).unwrap();
+        assert!(text.contains("\"servers\""), "{text}");
+    }
+
+    #[test]
+    fn settings_of_a_single_address_profile_still_load() {
+        // As written before homeservers could have several addresses.
+        let old = r#"{
+  "client": "alice@example.org/cli",
+  "server": "127.0.0.1:4433",
+  "domain": "example.org",
+  "trust": "pinned"
+}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let profile = ProfileDir::new(Some(dir.path().to_owned())).unwrap();
+        fs::write(dir.path().join(SETTINGS_FILE), old).unwrap();
+        assert_eq!(profile.settings().unwrap(), settings(&["127.0.0.1:4433"]));
+        // A list wins over a stray single address; neither is an error.
+        let both = r#"{"client": "alice@example.org/cli", "server": "a:1", "servers": ["b:2", "c:3"],
+            "domain": "example.org", "trust": "pinned"}"#;
+        fs::write(dir.path().join(SETTINGS_FILE), both).unwrap();
+        assert_eq!(profile.settings().unwrap().servers, ["b:2", "c:3"]);
+        let none = r#"{"client": "alice@example.org/cli", "servers": [], "domain": "example.org",
+            "trust": "pinned"}"#;
+        fs::write(dir.path().join(SETTINGS_FILE), none).unwrap();
+        let err = profile.settings().unwrap_err();
+        assert!(format!("{err:#}").contains("no server address"), "{err:#}");
     }
 
     #[test]

@@ -39,16 +39,30 @@ pub(crate) async fn resolve(server: &str) -> anyhow::Result<SocketAddr> {
         .ok_or_else(|| anyhow!("server unreachable: {server} resolves to no address"))
 }
 
+/// Resolves each of `servers` (see [`resolve`]), in order: the addresses that resolved, and
+/// the errors of those that did not.
+pub(crate) async fn resolve_all(servers: &[String]) -> (Vec<SocketAddr>, Vec<anyhow::Error>) {
+    let mut addrs = Vec::with_capacity(servers.len());
+    let mut errors = Vec::new();
+    for server in servers {
+        match resolve(server).await {
+            Ok(addr) => addrs.push(addr),
+            Err(err) => errors.push(err),
+        }
+    }
+    (addrs, errors)
+}
+
 /// The SDK configuration for this homeserver, tuned for short-lived commands: a bounded
 /// handshake, few connection attempts, and a small KeyPackage stock.
 pub(crate) fn client_config(
-    addr: SocketAddr,
+    addrs: Vec<SocketAddr>,
     domain: &str,
     trust: TrustConfig,
     timeout: Duration,
     listen: bool,
 ) -> ClientConfig {
-    let mut connect = ConnectConfig::new(addr, domain, trust);
+    let mut connect = ConnectConfig::with_addrs(addrs, domain, trust);
     connect.connect_timeout = timeout;
     let mut config = ClientConfig::new(connect);
     config.connect_attempts = 2;
@@ -59,15 +73,21 @@ pub(crate) fn client_config(
 }
 
 /// One handshake with the server, so that a wrong address or certificate is reported at
-/// once and in plain words.
-pub(crate) async fn probe(config: &ConnectConfig, server: &str) -> anyhow::Result<()> {
-    let endpoint = Endpoint::for_server(config.server_addr)
+/// once and in plain words. The address that answered moves to the front of
+/// `config.server_addrs` (the others keep their order after it), so the client does not try
+/// the ones that did not answer first again.
+pub(crate) async fn probe(config: &mut ConnectConfig, server: &str) -> anyhow::Result<()> {
+    let endpoint = Endpoint::for_servers(&config.server_addrs)
         .map_err(|err| anyhow!(errors::describe_transport(&err, server)))?;
     let result = endpoint.connect(config).await;
     endpoint.close();
     match result {
         Ok(connection) => {
             connection.close();
+            let answered = connection.server_addr();
+            if let Some(index) = config.server_addrs.iter().position(|a| *a == answered) {
+                config.server_addrs.rotate_left(index);
+            }
             Ok(())
         }
         Err(err) => bail!(errors::describe_transport(&err, server)),
@@ -88,14 +108,24 @@ impl Session {
         let settings = ctx.profile.settings()?;
         let names = ctx.profile.names()?;
         let trust = ctx.profile.trust(&settings)?;
-        let addr = resolve(&settings.server).await?;
-        let config = client_config(addr, &settings.domain, trust, ctx.timeout, listen);
+        let servers = settings.servers_text();
+        // A node whose name no longer resolves is skipped while another one does.
+        let (addrs, mut unresolved) = resolve_all(&settings.servers).await;
+        if addrs.is_empty()
+            && let Some(err) = unresolved.pop()
+        {
+            return Err(err);
+        }
+        for err in unresolved {
+            ctx.out.note(format!("warning: {err}"));
+        }
+        let mut config = client_config(addrs, &settings.domain, trust, ctx.timeout, listen);
         if check {
-            probe(&config.connect, &settings.server).await?;
+            probe(&mut config.connect, &servers).await?;
         }
         let client = Client::open(config, ctx.profile.database())
             .await
-            .map_err(|err| anyhow!(errors::describe(&err, &settings.server)))?;
+            .map_err(|err| anyhow!(errors::describe(&err, &servers)))?;
         Ok(Self {
             client,
             settings,
@@ -105,7 +135,7 @@ impl Session {
 
     /// `err` as one line.
     pub(crate) fn fail(&self, err: &ClientError) -> anyhow::Error {
-        anyhow!(errors::describe(err, &self.settings.server))
+        anyhow!(errors::describe(err, &self.settings.servers_text()))
     }
 
     /// Processes everything queued for this device (joins, messages, membership changes).

@@ -364,3 +364,81 @@ fn a_second_device_with_the_exported_user_key() {
         format!("{group}\talice@localhost/cli\tnote to self\n")
     );
 }
+
+/// A UDP port on 127.0.0.1 where nobody listens (it was free a moment ago).
+fn dead_addr() -> String {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn several_server_addresses_skip_a_dead_node_and_old_profiles_still_work() {
+    let h = Harness::start();
+    let (dead, live) = (dead_addr(), h.addr());
+    let cert = h.cert();
+    // Comma-separated...
+    let both = format!("{dead},{live}");
+    let args = [
+        "--timeout",
+        "1",
+        "--json",
+        "register",
+        "alice@localhost",
+        "--server",
+        &both,
+        "--server-cert",
+        &cert,
+    ];
+    let registered = json_lines(&h.ok("alice", &args));
+    assert_eq!(registered[0]["servers"], serde_json::json!([dead, live]));
+    let whoami = json_lines(&h.ok("alice", &["--json", "whoami"]));
+    assert_eq!(whoami[0]["servers"], serde_json::json!([dead, live]));
+    // ... or repeated.
+    let args = [
+        "--timeout",
+        "1",
+        "register",
+        "bob@localhost",
+        "--server",
+        &dead,
+        "--server",
+        &live,
+        "--server-cert",
+        &cert,
+    ];
+    h.ok("bob", &args);
+
+    let group = h.ok("alice", &["--timeout", "1", "group", "create"]);
+    let group = group.trim();
+    h.ok(
+        "alice",
+        &["--timeout", "1", "group", "invite", group, "bob@localhost"],
+    );
+    h.ok(
+        "alice",
+        &["--timeout", "1", "send", group, "past the dead node"],
+    );
+    assert_eq!(
+        h.ok("bob", &["--timeout", "1", "recv"]),
+        format!("{group}\talice@localhost/cli\tpast the dead node\n")
+    );
+
+    // A profile written before several addresses existed: one `server` string.
+    let old = serde_json::json!({
+        "client": "bob@localhost/cli",
+        "server": live,
+        "domain": "localhost",
+        "trust": "pinned",
+    });
+    std::fs::write(h.profile("bob").join("settings.json"), old.to_string()).unwrap();
+    let whoami = json_lines(&h.ok("bob", &["--json", "whoami"]));
+    assert_eq!(whoami[0]["servers"], serde_json::json!([live]));
+    h.ok("bob", &["send", group, "from an old profile"]);
+    assert_eq!(
+        h.ok("alice", &["--timeout", "1", "recv"]),
+        format!("{group}\tbob@localhost/cli\tfrom an old profile\n")
+    );
+}

@@ -9,7 +9,8 @@ use crate::transport::ConnectConfig;
 #[non_exhaustive]
 pub struct ClientConfig {
     /// How to reach and trust the homeserver. Its `server_name` is the homeserver's domain,
-    /// which must be the domain of the user.
+    /// which must be the domain of the user; its `server_addrs` may list several nodes of the
+    /// homeserver, which the client fails over between.
     pub connect: ConnectConfig,
     /// How many ordinary KeyPackages to keep uploaded (default 20).
     pub key_package_target: u32,
@@ -18,7 +19,8 @@ pub struct ClientConfig {
     pub key_package_low_water: u32,
     /// Attempts of one commit when it loses against concurrent commits (default 8).
     pub max_commit_attempts: u32,
-    /// Connection attempts (with backoff) of one request before it fails (default 3).
+    /// Rounds of connection attempts of one request before it fails, each round trying every
+    /// server address once, with backoff between rounds (default 3).
     pub connect_attempts: u32,
     /// Keep a listen stream open in the background, so messages are processed (and events
     /// produced) as they arrive (default true). Without it, call

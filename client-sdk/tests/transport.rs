@@ -404,7 +404,7 @@ fn assert_untrusted<T: std::fmt::Debug>(result: Result<T, TransportError>) {
 }
 
 async fn connect(config: &ConnectConfig) -> roost_client::transport::Connection {
-    Endpoint::for_server(config.server_addr)
+    Endpoint::for_servers(&config.server_addrs)
         .unwrap()
         .connect(config)
         .await
@@ -818,4 +818,165 @@ async fn reconnecting_gives_up_on_untrusted_servers_at_once() {
     assert_untrusted(result.map_err(|err| transport_error::<()>(Err(err))));
     assert!(started.elapsed() < Duration::from_secs(2));
     server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several addresses of one server.
+
+/// A UDP port on 127.0.0.1 where nothing listens (it was free a moment ago).
+fn dead_addr() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Pinned `cert` at `addrs`, with a short handshake limit so a dead address costs little.
+fn pinned_at(addrs: &[SocketAddr], cert: &CertificateDer<'static>) -> ConnectConfig {
+    let mut config = ConnectConfig::with_addrs(
+        addrs.iter().copied(),
+        "localhost",
+        TrustConfig::PinnedCertificates(vec![cert.clone()]),
+    );
+    config.connect_timeout = Duration::from_millis(300);
+    config.request_timeout = Duration::from_secs(10);
+    config
+}
+
+/// A backoff far longer than any of these tests: failing over must never wait for it.
+fn slow_backoff() -> Backoff {
+    Backoff::new(Duration::from_secs(60), Duration::from_secs(60))
+}
+
+/// `future`'s output, or a panic naming `what` after `limit`.
+async fn within<T>(what: &str, limit: Duration, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} took too long"))
+}
+
+/// Authenticates every new connection and counts them.
+fn counting_hook(
+    reconnecting: ReconnectingConnection,
+    hooks: &Arc<AtomicUsize>,
+) -> ReconnectingConnection {
+    let hooks = hooks.clone();
+    reconnecting.with_on_connect(move |connection| {
+        let hooks = hooks.clone();
+        async move {
+            connection
+                .authenticate(&client_id(), |input| input.to_vec())
+                .await?;
+            hooks.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    })
+}
+
+#[tokio::test]
+async fn connect_skips_addresses_where_nothing_answers_or_the_certificate_is_wrong() {
+    let (server, cert) = TestServer::localhost().await;
+    let (impostor, _) = TestServer::localhost().await;
+    let addrs = [dead_addr(), impostor.addr, server.addr];
+    let config = pinned_at(&addrs, &cert);
+    let endpoint = Endpoint::for_servers(&config.server_addrs).unwrap();
+    let connection = endpoint.connect(&config).await.unwrap();
+    assert_eq!(connection.server_addr(), server.addr);
+    assert_eq!(connection.call(fetch(7)).await.unwrap().head_seq, 7);
+
+    // Nothing answers anywhere: worth retrying, though one node's certificate is wrong.
+    let err = endpoint
+        .connect(&pinned_at(&[impostor.addr, dead_addr()], &cert))
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    // Only wrong certificates: not worth retrying.
+    assert_untrusted(endpoint.connect(&pinned_at(&[impostor.addr], &cert)).await);
+    // No address at all.
+    let err = endpoint.connect(&pinned_at(&[], &cert)).await.unwrap_err();
+    assert!(matches!(err, TransportError::Config(_)), "{err:?}");
+    impostor.stop().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_tries_every_address_before_backing_off() {
+    let (server, cert) = TestServer::localhost().await;
+    let addrs = [dead_addr(), dead_addr(), server.addr];
+    let reconnecting = ReconnectingConnection::new(
+        Endpoint::for_servers(&addrs).unwrap(),
+        pinned_at(&addrs, &cert),
+    )
+    .with_backoff(slow_backoff());
+    let answer = tokio::time::timeout(Duration::from_secs(5), reconnecting.call(fetch(3)))
+        .await
+        .expect("the live address was tried before backing off")
+        .unwrap();
+    assert_eq!(answer.head_seq, 3);
+    assert_eq!(
+        reconnecting.connection().await.unwrap().server_addr(),
+        server.addr
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_fails_over_when_its_server_goes_away_and_stays_with_the_new_one() {
+    // Two nodes of one server: the same certificate at two addresses.
+    let (cert, key) = self_signed_localhost();
+    let tls = server_config(vec![cert.clone()], key, None);
+    let a = TestServer::start(tls.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let b = TestServer::start(tls.clone(), "127.0.0.1:0".parse().unwrap()).await;
+    let (a_addr, b_addr) = (a.addr, b.addr);
+    // A handshake with a node that is gone costs this much: failing over must not try it.
+    let mut config = pinned_at(&[a_addr, b_addr], &cert);
+    config.connect_timeout = Duration::from_secs(3);
+    let failover = Duration::from_secs(2);
+    let hooks = Arc::new(AtomicUsize::new(0));
+    let reconnecting = counting_hook(
+        ReconnectingConnection::new(Endpoint::for_servers(&[a_addr, b_addr]).unwrap(), config)
+            .with_backoff(slow_backoff()),
+        &hooks,
+    );
+    let noticed = Duration::from_secs(5);
+    assert_eq!(reconnecting.call(fetch(1)).await.unwrap().head_seq, 1);
+    let on_a = reconnecting.connection().await.unwrap();
+    assert_eq!(on_a.server_addr(), a_addr);
+
+    // A goes away: the next call runs on B, authenticated again, without any backoff and
+    // without trying A again first.
+    a.stop().await;
+    within("noticing that A closed", noticed, on_a.closed()).await;
+    let answer = within("failing over to B", failover, reconnecting.call(fetch(2))).await;
+    assert_eq!(answer.unwrap().head_seq, 2);
+    let on_b = reconnecting.connection().await.unwrap();
+    assert_eq!(on_b.server_addr(), b_addr);
+    assert_eq!(hooks.load(Ordering::SeqCst), 2, "the hook ran on B");
+
+    // A is back; a new connection still starts with B, the address that last worked.
+    let a = TestServer::start(tls, a_addr).await;
+    reconnecting.close().await;
+    assert_eq!(reconnecting.call(fetch(3)).await.unwrap().head_seq, 3);
+    assert_eq!(
+        reconnecting.connection().await.unwrap().server_addr(),
+        b_addr
+    );
+
+    // B goes away: the list wraps around to A.
+    let on_b = reconnecting.connection().await.unwrap();
+    b.stop().await;
+    within("noticing that B closed", noticed, on_b.closed()).await;
+    let answer = within(
+        "failing over back to A",
+        failover,
+        reconnecting.call(fetch(4)),
+    )
+    .await;
+    assert_eq!(answer.unwrap().head_seq, 4);
+    assert_eq!(
+        reconnecting.connection().await.unwrap().server_addr(),
+        a_addr
+    );
+    assert_eq!(hooks.load(Ordering::SeqCst), 4);
+    a.stop().await;
 }

@@ -18,6 +18,15 @@
 //! DIR/servers.json                 written by [`Harness::write_servers_json`]
 //! ```
 //!
+//! With [`Storage::Postgres`] the harness also starts a PostgreSQL cluster of its own
+//! (`DIR/postgres`, a free port, see [`crate::postgres`]), gives each domain a database, and
+//! may run several nodes per domain ([`HarnessConfig::nodes`]): node 0 is laid out as above,
+//! node N (N ≥ 1) in `DIR/<domain>/node<N>/`; all nodes of a domain share
+//! `DIR/<domain>/identity/` (AS key, reset key) and its certificate, and every peer entry and
+//! client configuration lists every node's address (clients and peers fail over).
+//! Index-based methods ([`Harness::server`], [`Harness::stop`], ...) address node 0 of a
+//! domain; the `*_node` methods address any node.
+//!
 //! Dropping the harness kills every server still running (SIGKILL); [`Harness::shutdown`]
 //! stops them gracefully.
 
@@ -66,6 +75,9 @@ pub struct ServerSpec {
     /// The DNS names its certificate is issued for (normally just the domain; a scenario may
     /// make a server present a certificate for another domain).
     pub certificate_names: Vec<String>,
+    /// Its nodes, when not [`HarnessConfig::nodes`] (e.g. a one-node domain beside two-node
+    /// ones).
+    pub nodes: Option<usize>,
 }
 
 impl ServerSpec {
@@ -75,6 +87,29 @@ impl ServerSpec {
         Self {
             certificate_names: vec![domain.clone()],
             domain,
+            nodes: None,
+        }
+    }
+}
+
+/// Where the servers keep their data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Storage {
+    /// Each server its embedded redb database (one node per domain).
+    #[default]
+    Redb,
+    /// A PostgreSQL cluster started by the harness, a database per domain.
+    Postgres,
+}
+
+impl std::str::FromStr for Storage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "redb" => Ok(Self::Redb),
+            "postgres" => Ok(Self::Postgres),
+            other => Err(format!("unknown backend {other:?} (redb or postgres)")),
         }
     }
 }
@@ -96,6 +131,10 @@ pub struct HarnessConfig {
     pub retry_max_ms: u64,
     /// How long a server may take to start answering.
     pub start_timeout: Duration,
+    /// Storage engine of every server.
+    pub storage: Storage,
+    /// Nodes per domain (more than 1 needs [`Storage::Postgres`]).
+    pub nodes: usize,
 }
 
 impl HarnessConfig {
@@ -112,15 +151,19 @@ impl HarnessConfig {
             retry_initial_ms: 100,
             retry_max_ms: 500,
             start_timeout: Duration::from_secs(30),
+            storage: Storage::Redb,
+            nodes: 1,
         }
     }
 }
 
-/// One homeserver process of the harness.
+/// One homeserver process of the harness (a node of its domain).
 #[derive(Debug)]
 pub struct Homeserver {
     /// Its domain.
     pub domain: String,
+    /// Which node of its domain it is (0 for the first).
+    pub node: usize,
     /// Its UDP address (fixed for the harness's lifetime).
     pub addr: SocketAddr,
     /// Its directory (`DIR/<domain>`).
@@ -179,6 +222,9 @@ pub struct ServerInfo {
     pub log: PathBuf,
     /// Its process id (when the file was written).
     pub pid: Option<u32>,
+    /// Every node's address (the first is `address`); clients may use any of them.
+    #[serde(default)]
+    pub addresses: Vec<SocketAddr>,
 }
 
 /// A set of running homeservers that federate with each other.
@@ -186,7 +232,12 @@ pub struct Harness {
     roost: PathBuf,
     dir: PathBuf,
     ca: Ca,
+    /// Node 0 of each domain.
     servers: Vec<Homeserver>,
+    /// Further nodes, by domain index.
+    extra: Vec<Vec<Homeserver>>,
+    /// The PostgreSQL cluster, with [`Storage::Postgres`] (dropped after the servers).
+    cluster: Option<crate::postgres::Cluster>,
     log_filter: Option<String>,
     start_timeout: Duration,
     probe: Endpoint,
@@ -207,10 +258,21 @@ struct ServerToml<'a> {
     domain: &'a str,
     listen: SocketAddr,
     data_dir: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identity_dir: Option<&'a Path>,
     tls_cert: &'a Path,
     tls_key: &'a Path,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage: Option<StorageToml>,
     limits: LimitsToml,
     federation: FederationToml<'a>,
+}
+
+#[derive(Serialize)]
+struct StorageToml {
+    backend: &'static str,
+    url: String,
+    pool_size: u32,
 }
 
 /// Registration and claims come from 127.0.0.1 for every user of a scenario or a load test:
@@ -233,9 +295,9 @@ struct FederationToml<'a> {
     peers: BTreeMap<&'a str, PeerToml>,
 }
 
-#[derive(Serialize)]
+#[derive(Clone, Serialize)]
 struct PeerToml {
-    address: String,
+    addresses: Vec<String>,
 }
 
 /// Distinct UDP ports on 127.0.0.1 that were free a moment ago (all sockets are held until
@@ -258,82 +320,158 @@ impl Harness {
         if config.servers.is_empty() {
             bail!("a harness needs at least one server");
         }
+        let nodes_of = |spec: &ServerSpec| spec.nodes.unwrap_or(config.nodes).max(1);
+        let total: usize = config.servers.iter().map(nodes_of).sum();
+        if total > config.servers.len() && config.storage != Storage::Postgres {
+            bail!("several nodes per domain need the postgres backend");
+        }
         std::fs::create_dir_all(&config.dir)
             .with_context(|| format!("cannot create {}", config.dir.display()))?;
         let ca = Ca::generate("roost-interop", &config.dir.join("ca.pem"))?;
-        let addrs = free_ports(config.servers.len())?;
+        let cluster = match config.storage {
+            Storage::Redb => None,
+            Storage::Postgres => Some(
+                crate::postgres::Cluster::start_in(&config.dir.join("postgres"))
+                    .context("cannot start PostgreSQL")?,
+            ),
+        };
+        let addrs = free_ports(total)?;
         let mut servers = Vec::with_capacity(config.servers.len());
-        for (spec, addr) in config.servers.iter().zip(&addrs) {
+        let mut extra = Vec::with_capacity(config.servers.len());
+        let mut addrs = addrs.into_iter();
+        for spec in &config.servers {
             let dir = config.dir.join(&spec.domain);
-            let data_dir = dir.join("data");
-            std::fs::create_dir_all(&data_dir)
-                .with_context(|| format!("cannot create {}", data_dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
             let certificate = ca.issue(
                 &spec.certificate_names,
                 &dir.join("cert.pem"),
                 &dir.join("key.pem"),
             )?;
-            servers.push(Homeserver {
-                domain: spec.domain.clone(),
-                addr: *addr,
-                config_file: dir.join("config.toml"),
-                log_file: dir.join("roost.log"),
-                data_dir,
-                dir,
-                certificate,
-                child: None,
-                starts: 0,
-            });
+            let nodes = nodes_of(spec);
+            let mut domain_nodes = Vec::with_capacity(nodes);
+            for node in 0..nodes {
+                let node_dir = if node == 0 {
+                    dir.clone()
+                } else {
+                    dir.join(format!("node{node}"))
+                };
+                let data_dir = node_dir.join("data");
+                std::fs::create_dir_all(&data_dir)
+                    .with_context(|| format!("cannot create {}", data_dir.display()))?;
+                domain_nodes.push(Homeserver {
+                    domain: spec.domain.clone(),
+                    node,
+                    addr: addrs.next().context("no port")?,
+                    config_file: node_dir.join("config.toml"),
+                    log_file: node_dir.join("roost.log"),
+                    data_dir,
+                    dir: node_dir,
+                    certificate: certificate.clone(),
+                    child: None,
+                    starts: 0,
+                });
+            }
+            let first = domain_nodes.remove(0);
+            servers.push(first);
+            extra.push(domain_nodes);
         }
-        for server in &servers {
+        let all_addrs = |index: usize| -> Vec<SocketAddr> {
+            std::iter::once(servers[index].addr)
+                .chain(extra[index].iter().map(|n| n.addr))
+                .collect()
+        };
+        for (index, spec) in config.servers.iter().enumerate() {
             let peers = servers
                 .iter()
-                .filter(|peer| peer.domain != server.domain)
-                .map(|peer| {
-                    let address = peer.addr.to_string();
-                    (peer.domain.as_str(), PeerToml { address })
+                .enumerate()
+                .filter(|(_, peer)| peer.domain != spec.domain)
+                .map(|(peer_index, peer)| {
+                    let addresses = all_addrs(peer_index)
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    (peer.domain.as_str(), PeerToml { addresses })
                 })
-                .collect();
-            let toml = ServerToml {
-                domain: &server.domain,
-                listen: server.addr,
-                data_dir: &server.data_dir,
-                tls_cert: &server.certificate.cert_file,
-                tls_key: &server.certificate.key_file,
-                limits: LimitsToml {
-                    registration_rate_per_minute: 100_000,
-                    registration_burst: 100_000,
-                    claim_rate_per_minute: 100_000,
-                    claim_burst: 100_000,
-                    shutdown_grace_ms: SHUTDOWN_GRACE_MS,
-                },
-                federation: FederationToml {
-                    enabled: true,
-                    ca_file: ca.ca_file(),
-                    retry_initial_ms: config.retry_initial_ms,
-                    retry_max_ms: config.retry_max_ms,
-                    peers,
-                },
+                .collect::<BTreeMap<_, _>>();
+            let storage = match &cluster {
+                None => None,
+                Some(cluster) => {
+                    let name = spec.domain.replace(['.', '-'], "_");
+                    let url = cluster.create_database(&name).with_context(|| {
+                        format!("cannot create the database of {}", spec.domain)
+                    })?;
+                    Some(url)
+                }
             };
-            let text = toml::to_string(&toml).context("cannot encode a configuration")?;
-            std::fs::write(&server.config_file, text)
-                .with_context(|| format!("cannot write {}", server.config_file.display()))?;
+            let identity_dir = storage
+                .as_ref()
+                .map(|_| servers[index].dir.join("identity"));
+            let domain_nodes: Vec<&Homeserver> = std::iter::once(&servers[index])
+                .chain(extra[index].iter())
+                .collect();
+            for server in domain_nodes {
+                let toml = ServerToml {
+                    domain: &server.domain,
+                    listen: server.addr,
+                    data_dir: &server.data_dir,
+                    identity_dir: identity_dir.as_deref(),
+                    storage: storage.as_ref().map(|url| StorageToml {
+                        backend: "postgres",
+                        url: url.clone(),
+                        pool_size: 16,
+                    }),
+                    tls_cert: &server.certificate.cert_file,
+                    tls_key: &server.certificate.key_file,
+                    limits: LimitsToml {
+                        registration_rate_per_minute: 100_000,
+                        registration_burst: 100_000,
+                        claim_rate_per_minute: 100_000,
+                        claim_burst: 100_000,
+                        shutdown_grace_ms: SHUTDOWN_GRACE_MS,
+                    },
+                    federation: FederationToml {
+                        enabled: true,
+                        ca_file: ca.ca_file(),
+                        retry_initial_ms: config.retry_initial_ms,
+                        retry_max_ms: config.retry_max_ms,
+                        peers: peers.clone(),
+                    },
+                };
+                let text = toml::to_string(&toml).context("cannot encode a configuration")?;
+                std::fs::write(&server.config_file, text)
+                    .with_context(|| format!("cannot write {}", server.config_file.display()))?;
+            }
         }
-        let probe = Endpoint::for_server(addrs[0]).context("cannot bind a probe endpoint")?;
+        let probe =
+            Endpoint::for_server(servers[0].addr).context("cannot bind a probe endpoint")?;
         let mut harness = Harness {
             roost: config.roost,
             dir: config.dir,
             ca,
             servers,
+            extra,
+            cluster,
             log_filter: config.log_filter,
             start_timeout: config.start_timeout,
             probe,
         };
+        // Node 0 first: it creates a domain's identity files, which the other nodes share.
         for index in 0..harness.servers.len() {
-            harness.spawn(index)?;
+            harness.spawn_node(index, 0)?;
         }
         for index in 0..harness.servers.len() {
-            harness.wait_ready(index).await?;
+            harness.wait_ready(index, 0).await?;
+        }
+        for index in 0..harness.servers.len() {
+            for node in 1..harness.node_count(index) {
+                harness.spawn_node(index, node)?;
+            }
+        }
+        for index in 0..harness.servers.len() {
+            for node in 1..harness.node_count(index) {
+                harness.wait_ready(index, node).await?;
+            }
         }
         Ok(harness)
     }
@@ -365,10 +503,52 @@ impl Harness {
             .with_context(|| format!("no server {index}"))
     }
 
-    fn server_mut(&mut self, index: usize) -> anyhow::Result<&mut Homeserver> {
-        self.servers
+    /// Every node of domain `index`, node 0 first.
+    pub fn nodes(&self, index: usize) -> anyhow::Result<Vec<&Homeserver>> {
+        let first = self.server(index)?;
+        let rest = self.extra.get(index).map(Vec::as_slice).unwrap_or(&[]);
+        Ok(std::iter::once(first).chain(rest).collect())
+    }
+
+    /// How many nodes domain `index` runs.
+    pub fn node_count(&self, index: usize) -> usize {
+        self.extra.get(index).map_or(0, Vec::len) + 1
+    }
+
+    /// Node `node` of domain `index`.
+    pub fn node(&self, index: usize, node: usize) -> anyhow::Result<&Homeserver> {
+        self.nodes(index)?
+            .get(node)
+            .copied()
+            .with_context(|| format!("no node {node} of server {index}"))
+    }
+
+    /// The PostgreSQL cluster, with [`Storage::Postgres`].
+    pub fn cluster(&self) -> Option<&crate::postgres::Cluster> {
+        self.cluster.as_ref()
+    }
+
+    fn node_mut(&mut self, index: usize, node: usize) -> anyhow::Result<&mut Homeserver> {
+        if node == 0 {
+            return self
+                .servers
+                .get_mut(index)
+                .with_context(|| format!("no server {index}"));
+        }
+        self.extra
             .get_mut(index)
-            .with_context(|| format!("no server {index}"))
+            .and_then(|nodes| nodes.get_mut(node - 1))
+            .with_context(|| format!("no node {node} of server {index}"))
+    }
+
+    /// Every node's address of domain `index`, starting with node `first`.
+    fn addresses_from(&self, index: usize, first: usize) -> anyhow::Result<Vec<SocketAddr>> {
+        let mut addrs: Vec<SocketAddr> = self.nodes(index)?.iter().map(|n| n.addr).collect();
+        if first >= addrs.len() {
+            bail!("no node {first} of server {index}");
+        }
+        addrs.rotate_left(first);
+        Ok(addrs)
     }
 
     /// The index of the server of `domain`.
@@ -381,13 +561,23 @@ impl Harness {
 
     /// How a client reaches server `index`: its domain checked against the harness CA.
     pub fn connect_config(&self, index: usize) -> anyhow::Result<ConnectConfig> {
+        self.node_connect_config(index, 0)
+    }
+
+    /// How a client reaches domain `index` trying node `node` first, then the others.
+    pub fn node_connect_config(&self, index: usize, node: usize) -> anyhow::Result<ConnectConfig> {
         let server = self.server(index)?;
         let trust = TrustConfig::roots_from_pem_file(self.ca_file())?;
-        Ok(ConnectConfig::new(
-            server.addr,
+        Ok(ConnectConfig::with_addrs(
+            self.addresses_from(index, node)?,
             server.domain.clone(),
             trust,
         ))
+    }
+
+    /// An SDK configuration for a user of domain `index` whose client tries node `node` first.
+    pub fn node_client_config(&self, index: usize, node: usize) -> anyhow::Result<ClientConfig> {
+        Ok(small_client_config(self.node_connect_config(index, node)?))
     }
 
     /// How a client reaches server `index` by pinning its certificate (works whatever names
@@ -418,9 +608,14 @@ impl Harness {
         )?)
     }
 
-    /// Whether server `index`'s process is running.
+    /// Whether server `index`'s process (node 0) is running.
     pub fn is_running(&mut self, index: usize) -> bool {
-        let Ok(server) = self.server_mut(index) else {
+        self.is_node_running(index, 0)
+    }
+
+    /// Whether node `node` of server `index` is running.
+    pub fn is_node_running(&mut self, index: usize, node: usize) -> bool {
+        let Ok(server) = self.node_mut(index, node) else {
             return false;
         };
         match server.child.as_mut().map(Child::try_wait) {
@@ -433,10 +628,10 @@ impl Harness {
         }
     }
 
-    fn spawn(&mut self, index: usize) -> anyhow::Result<()> {
+    fn spawn_node(&mut self, index: usize, node: usize) -> anyhow::Result<()> {
         let roost = self.roost.clone();
         let log_filter = self.log_filter.clone();
-        let server = self.server_mut(index)?;
+        let server = self.node_mut(index, node)?;
         if server.child.is_some() {
             bail!("{} is running already", server.domain);
         }
@@ -465,15 +660,16 @@ impl Harness {
         Ok(())
     }
 
-    /// Waits until server `index` completes a QUIC handshake (or fails if it exits).
-    async fn wait_ready(&mut self, index: usize) -> anyhow::Result<()> {
+    /// Waits until a node completes a QUIC handshake (or fails if it exits).
+    async fn wait_ready(&mut self, index: usize, node: usize) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + self.start_timeout;
         let mut probe = self.pinned_connect_config(index)?;
+        probe.server_addrs = vec![self.node(index, node)?.addr];
         probe.connect_timeout = PROBE_TIMEOUT;
         let attempts = self.start_timeout.as_millis() / POLL.as_millis() + 1;
         for _ in 0..attempts {
-            if !self.is_running(index) {
-                let server = self.server(index)?;
+            if !self.is_node_running(index, node) {
+                let server = self.node(index, node)?;
                 bail!(
                     "{} exited while starting; log:\n{}",
                     server.domain,
@@ -489,7 +685,7 @@ impl Harness {
             }
             tokio::time::sleep(POLL).await;
         }
-        let server = self.server(index)?;
+        let server = self.node(index, node)?;
         bail!(
             "{} did not answer within {:?}; log:\n{}",
             server.domain,
@@ -501,14 +697,24 @@ impl Harness {
     /// Starts server `index` again (after [`Harness::stop`] or [`Harness::kill`]) on the same
     /// port with the same data directory, and waits until it answers.
     pub async fn restart(&mut self, index: usize) -> anyhow::Result<()> {
-        self.spawn(index)?;
-        self.wait_ready(index).await
+        self.restart_node(index, 0).await
+    }
+
+    /// Starts node `node` of server `index` again.
+    pub async fn restart_node(&mut self, index: usize, node: usize) -> anyhow::Result<()> {
+        self.spawn_node(index, node)?;
+        self.wait_ready(index, node).await
     }
 
     /// Stops server `index` with SIGTERM (graceful shutdown) and waits for it to exit; kills
     /// it if it takes longer than 10 s. Returns its exit status.
     pub async fn stop(&mut self, index: usize) -> anyhow::Result<ExitStatus> {
-        let server = self.server_mut(index)?;
+        self.stop_node(index, 0).await
+    }
+
+    /// Stops node `node` of server `index` gracefully (see [`Harness::stop`]).
+    pub async fn stop_node(&mut self, index: usize, node: usize) -> anyhow::Result<ExitStatus> {
+        let server = self.node_mut(index, node)?;
         let domain = server.domain.clone();
         let mut child = server
             .child
@@ -538,7 +744,12 @@ impl Harness {
 
     /// Kills server `index` with SIGKILL (no shutdown at all) and reaps it.
     pub fn kill(&mut self, index: usize) -> anyhow::Result<()> {
-        let server = self.server_mut(index)?;
+        self.kill_node(index, 0)
+    }
+
+    /// Kills node `node` of server `index` with SIGKILL and reaps it.
+    pub fn kill_node(&mut self, index: usize, node: usize) -> anyhow::Result<()> {
+        let server = self.node_mut(index, node)?;
         let mut child = server
             .child
             .take()
@@ -555,7 +766,9 @@ impl Harness {
             servers: self
                 .servers
                 .iter()
-                .map(|s| ServerInfo {
+                .enumerate()
+                .map(|(index, s)| ServerInfo {
+                    addresses: self.addresses_from(index, 0).unwrap_or_default(),
                     domain: s.domain.clone(),
                     address: s.addr,
                     certificate: s.certificate.cert_file.clone(),
@@ -582,10 +795,13 @@ impl Harness {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         let mut first_error = None;
         for index in (0..self.servers.len()).rev() {
-            if self.is_running(index)
-                && let Err(err) = self.stop(index).await
-            {
-                first_error.get_or_insert(err);
+            let nodes = self.extra.get(index).map_or(0, Vec::len) + 1;
+            for node in (0..nodes).rev() {
+                if self.is_node_running(index, node)
+                    && let Err(err) = self.stop_node(index, node).await
+                {
+                    first_error.get_or_insert(err);
+                }
             }
         }
         self.probe.close();
@@ -595,7 +811,11 @@ impl Harness {
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        for server in &mut self.servers {
+        for server in self
+            .servers
+            .iter_mut()
+            .chain(self.extra.iter_mut().flatten())
+        {
             if let Some(mut child) = server.child.take() {
                 let _ = child.kill();
                 let _ = child.wait();

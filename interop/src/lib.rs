@@ -10,6 +10,7 @@
 //! - [`member`]: an SDK client with its events collected, as scenarios use it; [`raw`]:
 //!   connections below the SDK (raw authenticated clients, peer homeservers).
 //! - [`demo`]: a short conversation across two homeservers, printed as it happens.
+//! - [`postgres`]: a throwaway PostgreSQL cluster (tests, `--backend postgres`).
 //! - [`bench`]: the load generator (`roost-interop bench`), its workloads and baselines.
 #![forbid(unsafe_code)]
 
@@ -19,5 +20,6 @@ pub mod demo;
 pub mod harness;
 pub mod member;
 pub mod pki;
+pub mod postgres;
 pub mod raw;
 pub mod scenarios;

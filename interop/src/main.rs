@@ -11,8 +11,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use roost_interop::binary::{Profile, locate_roost};
-use roost_interop::harness::{Harness, HarnessConfig};
-use roost_interop::scenarios;
+use roost_interop::harness::{Harness, HarnessConfig, Storage};
+use roost_interop::scenarios::{self, Topology};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,8 @@ enum Command {
         /// Directory for the CA, configurations, data and logs.
         #[arg(long)]
         dir: PathBuf,
+        #[command(flatten)]
+        topology: TopologyArgs,
     },
     /// Run the scenario suite against fresh homeservers; prints one line per scenario and
     /// `N passed, M failed`. Exits non-zero if any failed.
@@ -52,12 +54,38 @@ enum Command {
         /// List the scenarios and exit.
         #[arg(long)]
         list: bool,
+        #[command(flatten)]
+        topology: TopologyArgs,
     },
     /// Two homeservers, two users, a short conversation printed as it happens.
     Demo,
     /// Load generator: starts two release homeservers, runs the workloads and prints a table
     /// (or JSON lines) of results beside same-run baselines. See docs/BENCHMARKS.md.
     Bench(BenchArgs),
+}
+
+/// Where the servers keep their data, and how many nodes each domain runs.
+#[derive(clap::Args, Clone, Copy)]
+struct TopologyArgs {
+    /// Storage engine of every homeserver: `redb` or `postgres` (a PostgreSQL cluster started
+    /// in the directory, on a free port, a database per domain).
+    #[arg(long, default_value = "redb")]
+    backend: Storage,
+    /// Nodes per domain (several need --backend postgres).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    nodes: u16,
+}
+
+impl TopologyArgs {
+    fn topology(self) -> anyhow::Result<Topology> {
+        if self.nodes > 1 && self.backend != Storage::Postgres {
+            anyhow::bail!("--nodes {} needs --backend postgres", self.nodes);
+        }
+        Ok(Topology {
+            storage: self.backend,
+            nodes: usize::from(self.nodes),
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -107,11 +135,16 @@ struct BenchArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    #[command(flatten)]
+    topology: TopologyArgs,
 }
 
 fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
     use roost_interop::bench;
+    let topology = args.topology.topology()?;
     let config = bench::BenchConfig {
+        storage: topology.storage,
+        nodes: topology.nodes,
         roost,
         workloads: args.workloads,
         pairs: args.pairs,
@@ -155,7 +188,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Run { list: true, .. } = cli.command {
         for scenario in scenarios::SCENARIOS {
-            println!("{:<20} {}", scenario.name, scenario.about);
+            let needs = if scenario.min_nodes > 1 {
+                format!(" [--backend postgres --nodes {}]", scenario.min_nodes)
+            } else {
+                String::new()
+            };
+            println!("{:<20} {}{needs}", scenario.name, scenario.about);
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -170,11 +208,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Up { servers, dir } => up(roost, usize::from(servers), dir).await,
-            Command::Run { scenario, .. } => {
+            Command::Up {
+                servers,
+                dir,
+                topology,
+            } => up(roost, usize::from(servers), dir, topology.topology()?).await,
+            Command::Run {
+                scenario, topology, ..
+            } => {
                 let mut stdout = std::io::stdout();
-                let outcomes =
-                    scenarios::run_suite(&roost, scenario.as_deref(), &mut stdout).await?;
+                let outcomes = scenarios::run_suite(
+                    &roost,
+                    scenario.as_deref(),
+                    topology.topology()?,
+                    &mut stdout,
+                )
+                .await?;
                 Ok(if outcomes.iter().all(|o| o.passed) {
                     ExitCode::SUCCESS
                 } else {
@@ -190,22 +239,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
-async fn up(roost: PathBuf, count: usize, dir: PathBuf) -> anyhow::Result<ExitCode> {
+async fn up(
+    roost: PathBuf,
+    count: usize,
+    dir: PathBuf,
+    topology: Topology,
+) -> anyhow::Result<ExitCode> {
     let dir =
         std::path::absolute(&dir).with_context(|| format!("bad directory {}", dir.display()))?;
     let mut config = HarnessConfig::new(roost, &dir, count);
+    config.storage = topology.storage;
+    config.nodes = topology.nodes;
     // A person's servers retry federation like production ones (up to 30 s).
     config.retry_max_ms = 30_000;
     let harness = Harness::start(config).await?;
     let file = harness.write_servers_json()?;
-    for server in harness.servers() {
-        println!(
-            "{:<14} {}  data {}  log {}",
-            server.domain,
-            server.addr,
-            server.data_dir.display(),
-            server.log_file.display()
-        );
+    for index in 0..harness.servers().len() {
+        for server in harness.nodes(index)? {
+            println!(
+                "{:<14} node {} {}  data {}  log {}",
+                server.domain,
+                server.node,
+                server.addr,
+                server.data_dir.display(),
+                server.log_file.display()
+            );
+        }
+    }
+    if let Some(cluster) = harness.cluster() {
+        println!("PostgreSQL: 127.0.0.1:{} (user roost)", cluster.port());
     }
     println!("CA certificate: {}", harness.ca_file().display());
     println!("servers: {}", file.display());

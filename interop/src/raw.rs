@@ -50,7 +50,7 @@ impl RawClient {
         let user: UserId = user
             .parse()
             .with_context(|| format!("bad user id {user}"))?;
-        let endpoint = Endpoint::for_server(connect.server_addr)?;
+        let endpoint = Endpoint::for_servers(&connect.server_addrs)?;
         let conn = endpoint.connect(connect).await?;
         let user_key = new_key()?;
         let user_public = user_key.public_key().as_ref().to_vec();

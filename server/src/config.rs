@@ -40,6 +40,12 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Directory holding the database, the AS key and the self-signed certificate.
     pub data_dir: PathBuf,
+    /// Directory holding the identity files (AS signing key, stateless-reset key, self-signed
+    /// certificate) instead of `data_dir`. Every node of a domain must use the same identity:
+    /// point them at one copy.
+    pub identity_dir: Option<PathBuf>,
+    /// Where the domain's data lives.
+    pub storage: StorageConfig,
     /// PEM certificate chain to present instead of the self-signed one.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
@@ -52,6 +58,59 @@ pub struct Config {
     pub limits: Limits,
     /// Server-to-server federation.
     pub federation: FederationConfig,
+}
+
+/// The storage engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum StorageBackend {
+    /// An embedded redb database in `data_dir` (one process per domain).
+    #[default]
+    Redb,
+    /// A PostgreSQL database, shared by every node of the domain.
+    Postgres,
+}
+
+impl std::str::FromStr for StorageBackend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "redb" => Ok(Self::Redb),
+            "postgres" => Ok(Self::Postgres),
+            other => Err(format!(
+                "unknown storage backend {other:?} (redb or postgres)"
+            )),
+        }
+    }
+}
+
+/// `[storage]`: which engine, and how to reach PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `redb` (default) or `postgres`.
+    pub backend: StorageBackend,
+    /// PostgreSQL connection string (`postgresql://user@host:port/db` or `host=... user=...`);
+    /// required with `backend = "postgres"`. Several hosts may be listed, as libpq allows.
+    pub url: Option<String>,
+    /// Database connections per node.
+    pub pool_size: u32,
+    /// How long a request waits for a database connection or statement before it fails with
+    /// UNAVAILABLE.
+    pub timeout_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            backend: StorageBackend::Redb,
+            url: None,
+            pool_size: 16,
+            timeout_ms: 5_000,
+        }
+    }
 }
 
 /// Federation with other homeservers (off by default).
@@ -80,6 +139,10 @@ pub struct FederationConfig {
     pub retry_initial_ms: u64,
     /// Longest retry delay.
     pub retry_max_ms: u64,
+    /// How often each node looks for outbox entries it was not told about (with several
+    /// nodes: written by another node that stopped before sending them, or held by a node
+    /// whose lease ran out).
+    pub outbox_rescan_ms: u64,
     /// Requests per second one peer may send us.
     pub peer_rate_per_sec: u32,
     /// Burst of requests one peer may send us.
@@ -99,6 +162,7 @@ impl Default for FederationConfig {
             outbox_batch_bytes: 4 << 20,
             retry_initial_ms: 250,
             retry_max_ms: 30_000,
+            outbox_rescan_ms: 5_000,
             peer_rate_per_sec: 2_000,
             peer_burst: 4_000,
         }
@@ -109,8 +173,12 @@ impl Default for FederationConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PeerConfig {
-    /// `host:port` (default: the domain itself, port 4433).
+    /// `host:port` (default, when `addresses` is empty too: the domain itself, port 4433).
     pub address: Option<String>,
+    /// More `host:port` addresses of the peer (the nodes of a homeserver that runs several),
+    /// tried in order after `address`; the next one is used when one fails or its connection
+    /// is lost.
+    pub addresses: Vec<String>,
     /// PEM certificate the peer presents (pinned; trusted without a CA).
     pub certificate: Option<PathBuf>,
 }
@@ -121,6 +189,8 @@ impl Default for Config {
             domain: "localhost".into(),
             listen: SocketAddr::from(([127, 0, 0, 1], roost_protocol::DEFAULT_PORT)),
             data_dir: PathBuf::from("roost-data"),
+            identity_dir: None,
+            storage: StorageConfig::default(),
             tls_cert: None,
             tls_key: None,
             require_registration_token: false,
@@ -290,6 +360,23 @@ impl Limits {
     }
 }
 
+/// The validated `[storage]` section.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum StorageSettings {
+    /// redb in the data directory.
+    Redb,
+    /// PostgreSQL.
+    Postgres {
+        /// Connection string (may hold a password: never log it).
+        url: String,
+        /// Connections per node.
+        pool_size: u32,
+        /// Wait for a connection or statement.
+        timeout: Duration,
+    },
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -299,6 +386,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// Identity files' directory (`identity_dir`, else `data_dir`).
+    pub identity_dir: PathBuf,
+    /// Storage engine.
+    pub storage: StorageSettings,
     /// Certificate chain and key files, if not self-signed.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Registration gating.
@@ -341,6 +432,26 @@ impl Config {
             }
         };
         self.limits.check()?;
+        let storage = match self.storage.backend {
+            StorageBackend::Redb => StorageSettings::Redb,
+            StorageBackend::Postgres => {
+                let Some(url) = self.storage.url.filter(|u| !u.is_empty()) else {
+                    return Err(ConfigError::Invalid(
+                        "storage.url is required with storage.backend = \"postgres\"".into(),
+                    ));
+                };
+                if self.storage.pool_size == 0 || self.storage.timeout_ms == 0 {
+                    return Err(ConfigError::Invalid(
+                        "storage.pool_size and storage.timeout_ms must be at least 1".into(),
+                    ));
+                }
+                StorageSettings::Postgres {
+                    url,
+                    pool_size: self.storage.pool_size,
+                    timeout: Duration::from_millis(self.storage.timeout_ms),
+                }
+            }
+        };
         for name in self
             .federation
             .peers
@@ -357,7 +468,9 @@ impl Config {
         Ok(Settings {
             domain,
             listen: self.listen,
+            identity_dir: self.identity_dir.unwrap_or_else(|| self.data_dir.clone()),
             data_dir: self.data_dir,
+            storage,
             tls_files,
             require_registration_token: self.require_registration_token,
             metrics_listen: self.metrics_listen,
@@ -408,5 +521,24 @@ mod tests {
             ..Config::default()
         };
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn postgres_needs_a_url() {
+        let config = Config::from_toml("[storage]\nbackend = \"postgres\"\n").unwrap();
+        assert!(config.validate().is_err());
+        let config = Config::from_toml(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgresql://roost@127.0.0.1/roost\"\n",
+        )
+        .unwrap();
+        assert!(matches!(
+            config.validate().unwrap().storage,
+            StorageSettings::Postgres { pool_size: 16, .. }
+        ));
+        assert!(Config::from_toml("[storage]\nbackend = \"mysql\"\n").is_err());
+        assert!(matches!(
+            Config::default().validate().unwrap().storage,
+            StorageSettings::Redb
+        ));
     }
 }

@@ -42,6 +42,11 @@ pub enum ServiceError {
     /// A bug or impossible state; nothing was written.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A group's stored state moved on since this node loaded it (another node of the domain
+    /// wrote it); nothing was written. The Delivery Service reloads and retries; should it
+    /// still escape, the client sees UNAVAILABLE and retries.
+    #[error("group state moved on; retry")]
+    GroupMoved,
 
     // Authentication Service.
     /// The user exists.
@@ -137,7 +142,7 @@ impl ServiceError {
             WrongStream(_) => ErrorCode::WRONG_STREAM,
             LimitExceeded(_) => ErrorCode::LIMIT_EXCEEDED,
             UnknownDomain(_) => ErrorCode::UNKNOWN_DOMAIN,
-            Unavailable => ErrorCode::UNAVAILABLE,
+            Unavailable | GroupMoved | Store(StoreError::Unavailable) => ErrorCode::UNAVAILABLE,
             PeerUnreachable(_) => ErrorCode::PEER_UNREACHABLE,
             Store(_) | Internal(_) => {
                 // Details stay in the log.

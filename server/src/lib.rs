@@ -9,6 +9,7 @@ pub mod identity;
 pub mod ratelimit;
 
 mod auth;
+mod bus;
 mod delivery;
 mod dispatch;
 mod federation;
@@ -34,7 +35,7 @@ pub use auth::tokens::create as create_registration_token;
 use config::Settings;
 use identity::{AsKey, TlsIdentity};
 use ratelimit::RateLimiter;
-use storage::{Store, WriterHandle};
+use storage::{Backend, Closer};
 
 /// File name of the database in the data directory.
 pub const DATABASE_FILE: &str = "roost.redb";
@@ -73,7 +74,7 @@ pub enum ServerError {
 /// Shared state of the services.
 pub(crate) struct State {
     pub(crate) settings: Settings,
-    pub(crate) store: Store,
+    pub(crate) store: Backend,
     pub(crate) as_key: AsKey,
     pub(crate) queues: queue::Notifier,
     pub(crate) registration_limiter: RateLimiter<IpAddr>,
@@ -82,24 +83,17 @@ pub(crate) struct State {
     pub(crate) federation: federation::Federation,
     pub(crate) groups: delivery::GroupCache,
     pub(crate) shutdown: CancellationToken,
-    /// Clients removed while this process runs. Connections authenticated before the removal
-    /// check it on every request; new authentications read the store.
-    revoked: std::sync::RwLock<std::collections::HashSet<u64>>,
+    /// Clients removed while this process runs (here or, through the bus, on another node).
+    revoked: bus::Revoked,
 }
 
 impl State {
     pub(crate) fn revoke(&self, client_num: u64) {
-        match self.revoked.write() {
-            Ok(mut set) => set.insert(client_num),
-            Err(poisoned) => poisoned.into_inner().insert(client_num),
-        };
+        self.revoked.insert(client_num);
     }
 
     pub(crate) fn is_revoked(&self, client_num: u64) -> bool {
-        match self.revoked.read() {
-            Ok(set) => set.contains(&client_num),
-            Err(poisoned) => poisoned.into_inner().contains(&client_num),
-        }
+        self.revoked.contains(client_num)
     }
 }
 
@@ -120,7 +114,7 @@ pub struct Server {
     certificate: CertificateDer<'static>,
     cert_path: PathBuf,
     tracker: TaskTracker,
-    writer: WriterHandle,
+    closer: Closer,
 }
 
 impl Server {
@@ -128,14 +122,19 @@ impl Server {
     /// first start), binds the endpoint and starts serving.
     pub async fn start(settings: Settings) -> Result<Self, ServerError> {
         let dir = settings.data_dir.clone();
-        std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
-            path: dir.clone(),
-            source,
-        })?;
-        let as_key = AsKey::load_or_create(&dir)?;
+        for dir in [&settings.data_dir, &settings.identity_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let identity_dir = settings.identity_dir.clone();
+        let as_key = AsKey::load_or_create(&identity_dir)?;
         let tls = match &settings.tls_files {
             Some((cert, key)) => TlsIdentity::load(cert, key)?,
-            None => TlsIdentity::load_or_create_self_signed(&dir, settings.domain.as_str())?,
+            None => {
+                TlsIdentity::load_or_create_self_signed(&identity_dir, settings.domain.as_str())?
+            }
         };
         let certificate = tls
             .cert_chain
@@ -143,8 +142,19 @@ impl Server {
             .cloned()
             .ok_or_else(|| ServerError::Tls("no certificate".into()))?;
         let cert_path = tls.cert_path.clone();
-        let max_batch = settings.limits.max_write_batch as usize;
-        let (store, writer) = Store::open(&dir.join(DATABASE_FILE), max_batch)?;
+        let queues = queue::Notifier::default();
+        let revoked = bus::Revoked::default();
+        let sink = bus::BusSink {
+            queues: queues.clone(),
+            revoked: revoked.clone(),
+        };
+        let (store, closer) = storage::open(
+            &settings,
+            &dir.join(DATABASE_FILE),
+            &as_key.public_key(),
+            sink,
+        )
+        .await?;
         let federation = federation::Federation::new(&settings, &tls)?;
         let limits = &settings.limits;
         let state = Arc::new(State {
@@ -159,9 +169,9 @@ impl Server {
             ),
             send_limiter: RateLimiter::new(f64::from(limits.send_rate_per_sec), limits.send_burst),
             groups: delivery::GroupCache::new(limits.max_cached_groups as usize),
-            queues: queue::Notifier::default(),
+            queues,
             shutdown: CancellationToken::new(),
-            revoked: Default::default(),
+            revoked,
             as_key,
             store,
             settings,
@@ -201,7 +211,7 @@ impl Server {
             certificate,
             cert_path,
             tracker,
-            writer,
+            closer,
         })
     }
 
@@ -260,10 +270,10 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         drop(self.endpoint);
         drop(self.state);
-        let writer = self.writer;
+        let closer = self.closer;
         // Anything still holding the store (an abandoned task) would keep the writer alive;
         // join on a blocking thread with a bound.
-        let join = tokio::task::spawn_blocking(move || writer.join());
+        let join = tokio::task::spawn_blocking(move || closer.join());
         if tokio::time::timeout(grace, join).await.is_err() {
             tracing::warn!("database did not close within the grace period");
         }

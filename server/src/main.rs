@@ -38,6 +38,21 @@ enum Command {
         /// TCP address for /metrics and /health (overrides `metrics_listen`).
         #[arg(long)]
         metrics: Option<SocketAddr>,
+        /// Storage engine, `redb` or `postgres` (overrides `storage.backend`).
+        #[arg(long)]
+        backend: Option<roost_server::config::StorageBackend>,
+        /// PostgreSQL connection string (overrides `storage.url`). Prefer the configuration
+        /// file or ROOST_DATABASE_URL for one with a password: command lines are visible to
+        /// other users.
+        #[arg(long, env = "ROOST_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+        /// Database connections per node (overrides `storage.pool_size`).
+        #[arg(long)]
+        pool_size: Option<u32>,
+        /// Directory of the identity files shared by every node of the domain (overrides
+        /// `identity_dir`).
+        #[arg(long)]
+        identity: Option<PathBuf>,
     },
     /// Administration.
     Admin {
@@ -60,10 +75,11 @@ enum TokenCommand {
     /// Make a registration token and print it (only its hash is stored). Works while the
     /// server runs.
     Create {
-        /// TOML configuration file, for its data_dir.
+        /// TOML configuration file, for its identity_dir (else data_dir).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Data directory (overrides the configuration).
+        /// Directory of the token file (overrides the configuration's identity_dir, else
+        /// data_dir).
         #[arg(long)]
         data: Option<PathBuf>,
         /// How many registrations the token allows.
@@ -94,6 +110,10 @@ fn main() -> anyhow::Result<()> {
             listen,
             domain,
             metrics,
+            backend,
+            database_url,
+            pool_size,
+            identity,
         } => {
             let mut config = load_config(config.as_ref())?;
             if let Some(data) = data {
@@ -108,6 +128,18 @@ fn main() -> anyhow::Result<()> {
             if metrics.is_some() {
                 config.metrics_listen = metrics;
             }
+            if let Some(backend) = backend {
+                config.storage.backend = backend;
+            }
+            if database_url.is_some() {
+                config.storage.url = database_url;
+            }
+            if let Some(pool_size) = pool_size {
+                config.storage.pool_size = pool_size;
+            }
+            if identity.is_some() {
+                config.identity_dir = identity;
+            }
             let settings = config.validate()?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -121,7 +153,8 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             let config = load_config(config.as_ref())?;
-            let dir = data.unwrap_or(config.data_dir);
+            // Tokens live with the identity files, which every node of a domain shares.
+            let dir = data.unwrap_or(config.identity_dir.unwrap_or(config.data_dir));
             let token = roost_server::create_registration_token(&dir, uses.max(1))?;
             println!("{token}");
         }

@@ -11,7 +11,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 
 use crate::State;
-use crate::storage::StoreError;
 
 /// Largest request head we read.
 const MAX_HEAD: usize = 8 * 1024;
@@ -136,15 +135,7 @@ async fn serve(
         }
         "/health" => {
             // Healthy when the store answers a read.
-            let ok = state
-                .store
-                .read(|txn| {
-                    txn.open_table(crate::storage::tables::META)
-                        .map_err(StoreError::from)?;
-                    Ok::<_, StoreError>(())
-                })
-                .await
-                .is_ok();
+            let ok = state.store.healthy().await.is_ok();
             if ok {
                 respond(&mut stream, "200 OK", "text/plain", "ok\n").await
             } else {

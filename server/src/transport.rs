@@ -86,7 +86,7 @@ pub(crate) fn bind(state: &State, tls: TlsIdentity) -> Result<quinn::Endpoint, S
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
     socket.bind(&addr.into()).map_err(bind_err)?;
     let socket: std::net::UdpSocket = socket.into();
-    let reset_secret = crate::identity::load_or_create_reset_secret(&settings.data_dir)?;
+    let reset_secret = crate::identity::load_or_create_reset_secret(&settings.identity_dir)?;
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset_secret);
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
     // quinn's default generator only accepts connection ids keyed by this process, so after a

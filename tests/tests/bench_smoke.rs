@@ -6,6 +6,7 @@
 mod common;
 
 use roost_interop::bench::{self, BenchConfig, WORKLOADS};
+use roost_interop::harness::Storage;
 
 #[test]
 fn every_workload_runs_and_reports() {
@@ -72,4 +73,57 @@ fn every_workload_runs_and_reports() {
         }
         assert!(object["params"].is_object() && object["met"].is_boolean());
     }
+}
+
+/// The scale-out bench: two nodes per domain on PostgreSQL (a cluster the harness starts),
+/// send-1to1 beside redb's in the same run and spread over the nodes beside one node, fan-out
+/// beside a raw PostgreSQL insert. Tiny parameters; nothing about speed is asserted.
+#[test]
+fn postgres_with_two_nodes_reports_its_baselines() {
+    let config = BenchConfig {
+        roost: Some(common::roost()),
+        workloads: vec!["send-1to1".into(), "fanout".into()],
+        storage: Storage::Postgres,
+        nodes: 2,
+        ..BenchConfig::smoke()
+    };
+    let results = bench::run(config).unwrap();
+    for r in &results {
+        assert!(r.ops_per_sec > 0.0, "{r:?}");
+        assert!(!r.baseline.is_empty() && r.baseline_value > 0.0, "{r:?}");
+    }
+    let max_rows = |backend: &str| -> Vec<&bench::WorkloadResult> {
+        results
+            .iter()
+            .filter(|r| {
+                r.workload == "send-1to1"
+                    && r.params["load"] == "max"
+                    && r.params["backend"] == backend
+            })
+            .collect()
+    };
+    let redb = max_rows("redb");
+    assert_eq!(redb.len(), 1, "{results:?}");
+    let postgres = max_rows("postgres");
+    let one_node = postgres
+        .iter()
+        .find(|r| r.params["spread"] == 1 && r.params.get("compared").is_none())
+        .expect("send-1to1 on one node");
+    let versus_redb = postgres
+        .iter()
+        .find(|r| r.params["compared"] == "postgres vs redb")
+        .expect("the comparison with redb");
+    assert_eq!(versus_redb.baseline_value, redb[0].ops_per_sec);
+    assert_eq!(versus_redb.ops_per_sec, one_node.ops_per_sec);
+    let spread = postgres
+        .iter()
+        .find(|r| r.params["spread"] == 2 && r.params.get("compared").is_some())
+        .expect("send-1to1 spread over two nodes, compared with one node");
+    assert_eq!(spread.baseline_value, one_node.ops_per_sec);
+    let fanout: Vec<_> = results.iter().filter(|r| r.workload == "fanout").collect();
+    assert!(!fanout.is_empty());
+    assert!(
+        fanout.iter().all(|r| r.baseline.starts_with("PostgreSQL")),
+        "{fanout:?}"
+    );
 }

@@ -168,7 +168,7 @@ impl Client {
         if store.profile()?.is_some() {
             return Err(ClientError::ProfileExists(path.to_owned()));
         }
-        let endpoint = Endpoint::for_server(config.connect.server_addr)?;
+        let endpoint = Endpoint::for_servers(&config.connect.server_addrs)?;
         let conn = endpoint.connect(&config.connect).await?;
         let user_stored = user_key.stored.as_slice();
         if let Some(user_public) = register_with {
@@ -223,7 +223,7 @@ impl Client {
             profile.client.clone(),
             profile.client_key.as_slice(),
         )?);
-        let endpoint = Endpoint::for_server(config.connect.server_addr)?;
+        let endpoint = Endpoint::for_servers(&config.connect.server_addrs)?;
         let hook_identity = identity.clone();
         let conn = ReconnectingConnection::new(endpoint.clone(), config.connect.clone())
             .with_max_attempts(config.connect_attempts)

@@ -23,6 +23,7 @@ use super::listen::ListenStream;
 #[derive(Clone)]
 pub struct Connection {
     inner: quinn::Connection,
+    server_addr: std::net::SocketAddr,
     max_frame_len: u32,
     request_timeout: Duration,
 }
@@ -39,11 +40,13 @@ impl fmt::Debug for Connection {
 impl Connection {
     pub(crate) fn new(
         inner: quinn::Connection,
+        server_addr: std::net::SocketAddr,
         max_frame_len: u32,
         request_timeout: Duration,
     ) -> Self {
         Self {
             inner,
+            server_addr,
             max_frame_len,
             request_timeout,
         }
@@ -184,9 +187,16 @@ impl Connection {
         TransportError::ConnectionLost(self.inner.closed().await)
     }
 
-    /// The server's address.
+    /// The server's address, as the UDP socket sees it (IPv4-mapped on a dual-stack
+    /// endpoint).
     pub fn remote_address(&self) -> std::net::SocketAddr {
         self.inner.remote_address()
+    }
+
+    /// The address this connection was made to, as listed in
+    /// [`ConnectConfig::server_addrs`](super::ConnectConfig::server_addrs).
+    pub fn server_addr(&self) -> std::net::SocketAddr {
+        self.server_addr
     }
 
     /// The certificate chain the server presented, end-entity first.

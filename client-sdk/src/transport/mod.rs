@@ -21,6 +21,14 @@
 //! - [`ReconnectingConnection`] re-establishes a lost connection with capped exponential
 //!   backoff and re-runs a hook (typically re-authentication) on every new connection.
 //!
+//! # Several addresses
+//!
+//! A homeserver may run as several nodes behind one domain (same certificate, same AS key).
+//! [`ConnectConfig::server_addrs`] lists them; [`Endpoint::connect`] tries them in order and
+//! returns the first connection that succeeds. [`ReconnectingConnection`] starts from the
+//! address that last worked, moves on to the next one when an attempt fails or its connection
+//! is lost, and backs off only after every address failed once (a *round*).
+//!
 //! # Trust
 //!
 //! A server is trusted either by pinning its exact certificate
@@ -36,7 +44,7 @@
 //!
 //! let trust = TrustConfig::pinned_from_pem_file("server-cert.pem")?;
 //! let config = ConnectConfig::new("127.0.0.1:4433".parse()?, "example.org", trust);
-//! let endpoint = Endpoint::for_server(config.server_addr)?;
+//! let endpoint = Endpoint::for_servers(&config.server_addrs)?;
 //! let connection = endpoint.connect(&config).await?;
 //! let fetched = connection
 //!     .call(QueueFetchRequest { after_seq: 0, max_messages: 100, max_bytes: 1 << 20 })
@@ -77,8 +85,10 @@ const STREAM_RECEIVE_WINDOW: u32 = 2 * 1024 * 1024;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConnectConfig {
-    /// The server's UDP address.
-    pub server_addr: SocketAddr,
+    /// The server's UDP addresses, tried in this order: the nodes of one homeserver, which all
+    /// present a certificate that [`ConnectConfig::trust`] accepts. Connecting with an empty
+    /// list is a [`TransportError::Config`].
+    pub server_addrs: Vec<SocketAddr>,
     /// The server's domain: sent as SNI and checked against the certificate (with
     /// [`TrustConfig::Roots`]).
     pub server_name: String,
@@ -106,14 +116,24 @@ pub struct ConnectConfig {
 }
 
 impl ConnectConfig {
-    /// A client configuration with the defaults.
+    /// A client configuration with the defaults, for a server at one address.
     pub fn new(
         server_addr: SocketAddr,
         server_name: impl Into<String>,
         trust: TrustConfig,
     ) -> Self {
+        Self::with_addrs([server_addr], server_name, trust)
+    }
+
+    /// A client configuration with the defaults, for a server reachable at several addresses
+    /// (tried in this order).
+    pub fn with_addrs(
+        server_addrs: impl IntoIterator<Item = SocketAddr>,
+        server_name: impl Into<String>,
+        trust: TrustConfig,
+    ) -> Self {
         Self {
-            server_addr,
+            server_addrs: server_addrs.into_iter().collect(),
             server_name: server_name.into(),
             trust,
             alpn: roost_protocol::ALPN_CLIENT.to_vec(),
@@ -176,9 +196,16 @@ impl Endpoint {
     /// Binds the unspecified address of `server`'s address family (`0.0.0.0:0` or `[::]:0`).
     /// An IPv6 endpoint is made dual-stack where the system allows it.
     pub fn for_server(server: SocketAddr) -> Result<Self, TransportError> {
-        let local = match server {
-            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        Self::for_servers(&[server])
+    }
+
+    /// Binds an endpoint that can reach all of `servers`: `[::]:0` (dual-stack where the
+    /// system allows it) if any of them is IPv6, else `0.0.0.0:0`.
+    pub fn for_servers(servers: &[SocketAddr]) -> Result<Self, TransportError> {
+        let local = if servers.iter().any(SocketAddr::is_ipv6) {
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
         };
         Self::bind(local)
     }
@@ -217,15 +244,35 @@ impl Endpoint {
         Ok(Self { inner })
     }
 
-    /// Connects and completes the handshake within [`ConnectConfig::connect_timeout`].
+    /// Connects to the first of [`ConnectConfig::server_addrs`] that completes the handshake,
+    /// trying each in order, each within [`ConnectConfig::connect_timeout`].
+    ///
+    /// If every address fails, the error is that of the last one, except that a failure that
+    /// may pass ([`TransportError::is_transient`]) wins over one that will not: while some node
+    /// is merely unreachable, retrying later is worthwhile. A configuration error is returned
+    /// before any address is tried.
     pub async fn connect(&self, config: &ConnectConfig) -> Result<Connection, TransportError> {
-        let span = tracing::debug_span!(
-            "connect",
-            server = %config.server_name,
-            addr = %config.server_addr
-        );
+        let client_config = config.quinn_client_config()?;
+        let mut failure = Failure::default();
+        for &addr in &config.server_addrs {
+            match self.connect_addr(config, client_config.clone(), addr).await {
+                Ok(connection) => return Ok(connection),
+                Err(err) => failure.record(err),
+            }
+        }
+        Err(failure.into_error())
+    }
+
+    /// One connection attempt to `addr`.
+    pub(crate) async fn connect_addr(
+        &self,
+        config: &ConnectConfig,
+        client_config: quinn::ClientConfig,
+        addr: SocketAddr,
+    ) -> Result<Connection, TransportError> {
+        let span = tracing::debug_span!("connect", server = %config.server_name, %addr);
         async {
-            let result = self.connect_inner(config).await;
+            let result = self.connect_inner(config, client_config, addr).await;
             match &result {
                 Ok(_) => tracing::debug!("connected"),
                 Err(err) => tracing::debug!(%err, "connect failed"),
@@ -236,11 +283,15 @@ impl Endpoint {
         .await
     }
 
-    async fn connect_inner(&self, config: &ConnectConfig) -> Result<Connection, TransportError> {
-        let client_config = config.quinn_client_config()?;
-        let connecting =
-            self.inner
-                .connect_with(client_config, config.server_addr, &config.server_name)?;
+    async fn connect_inner(
+        &self,
+        config: &ConnectConfig,
+        client_config: quinn::ClientConfig,
+        addr: SocketAddr,
+    ) -> Result<Connection, TransportError> {
+        let connecting = self
+            .inner
+            .connect_with(client_config, addr, &config.server_name)?;
         let inner = match tokio::time::timeout(config.connect_timeout, connecting).await {
             Err(_) => return Err(TransportError::Timeout),
             Ok(Err(err)) => return Err(TransportError::from_handshake(err)),
@@ -256,6 +307,7 @@ impl Endpoint {
         }
         Ok(Connection::new(
             inner,
+            addr,
             config.max_frame_len,
             config.request_timeout,
         ))
@@ -275,6 +327,54 @@ impl Endpoint {
     /// [`Endpoint::close`] so the peers learn of it before the process exits).
     pub async fn wait_idle(&self) {
         self.inner.wait_idle().await;
+    }
+}
+
+/// The failures of one pass over a server's addresses, reduced to the error to report: the
+/// last one, but a transient failure wins over a permanent one (see [`Endpoint::connect`]).
+#[derive(Debug)]
+pub(crate) struct Failure<E> {
+    error: Option<E>,
+}
+
+impl<E> Default for Failure<E> {
+    fn default() -> Self {
+        Self { error: None }
+    }
+}
+
+/// What [`Failure`] needs to know of an error.
+pub(crate) trait Transient: From<TransportError> {
+    fn transient(&self) -> bool;
+}
+
+impl Transient for TransportError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+}
+
+impl Transient for RequestError {
+    fn transient(&self) -> bool {
+        self.is_transient()
+    }
+}
+
+impl<E: Transient> Failure<E> {
+    pub(crate) fn record(&mut self, err: E) {
+        let keep_previous = self
+            .error
+            .as_ref()
+            .is_some_and(|previous| previous.transient() && !err.transient());
+        if !keep_previous {
+            self.error = Some(err);
+        }
+    }
+
+    /// The error to report; with no address tried, a configuration error.
+    pub(crate) fn into_error(self) -> E {
+        self.error
+            .unwrap_or_else(|| TransportError::Config("no server address configured".into()).into())
     }
 }
 
@@ -305,6 +405,42 @@ mod tests {
         let v4 = Endpoint::for_server("192.0.2.1:4433".parse().unwrap()).unwrap();
         assert!(v4.local_addr().unwrap().is_ipv4());
         assert_ne!(v4.local_addr().unwrap().port(), 0);
+    }
+
+    #[tokio::test]
+    async fn endpoint_for_several_servers_takes_ipv6_if_any_needs_it() {
+        let v4: SocketAddr = "192.0.2.1:4433".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:4433".parse().unwrap();
+        let endpoint = Endpoint::for_servers(&[v4, v4]).unwrap();
+        assert!(endpoint.local_addr().unwrap().is_ipv4());
+        // Binding [::] may fail on hosts without IPv6; only check the family when it works.
+        if let Ok(endpoint) = Endpoint::for_servers(&[v4, v6]) {
+            assert!(endpoint.local_addr().unwrap().is_ipv6());
+        }
+    }
+
+    #[test]
+    fn a_transient_failure_outweighs_later_permanent_ones() {
+        let mut failure = Failure::<TransportError>::default();
+        failure.record(TransportError::AlpnMismatch);
+        failure.record(TransportError::Timeout);
+        failure.record(TransportError::UntrustedCertificate("not pinned".into()));
+        assert!(matches!(failure.into_error(), TransportError::Timeout));
+
+        let mut failure = Failure::<TransportError>::default();
+        failure.record(TransportError::Timeout);
+        failure.record(TransportError::StreamReset(1));
+        assert!(matches!(
+            failure.into_error(),
+            TransportError::StreamReset(1)
+        ));
+
+        let mut failure = Failure::<TransportError>::default();
+        failure.record(TransportError::AlpnMismatch);
+        assert!(matches!(failure.into_error(), TransportError::AlpnMismatch));
+
+        let none = Failure::<TransportError>::default();
+        assert!(matches!(none.into_error(), TransportError::Config(_)));
     }
 
     #[tokio::test]

@@ -1,6 +1,9 @@
 //! A connection that comes back: [`ReconnectingConnection`] hands out the current connection
 //! and, once it is lost, makes a new one with capped exponential backoff ([`Backoff`]) and
-//! re-runs the `on_connect` hook (re-authentication) before anyone uses it.
+//! re-runs the `on_connect` hook (re-authentication) before anyone uses it. With several
+//! server addresses it fails over: a round tries each address once, starting from the one
+//! that last worked (or the next one, if that one's connection was lost), and only a round in
+//! which every address failed is followed by a backoff delay.
 //!
 //! Requests are never retried here: whether a request may run twice is the caller's call.
 
@@ -14,7 +17,7 @@ use roost_protocol::messages::{ClientRequest, Operation, Response};
 
 use super::connection::Connection;
 use super::error::RequestError;
-use super::{ConnectConfig, Endpoint};
+use super::{ConnectConfig, Endpoint, Failure};
 
 type HookFuture = Pin<Box<dyn Future<Output = Result<(), RequestError>> + Send>>;
 type Hook = Arc<dyn Fn(Connection) -> HookFuture + Send + Sync>;
@@ -58,7 +61,8 @@ impl Default for Backoff {
     }
 }
 
-/// A connection to one server that is re-established when lost.
+/// A connection to one server that is re-established when lost, at whichever of the server's
+/// addresses answers.
 ///
 /// Concurrent callers share one connection and, when it is gone, wait for the same
 /// reconnection.
@@ -68,14 +72,22 @@ pub struct ReconnectingConnection {
     backoff: Backoff,
     max_attempts: Option<u32>,
     on_connect: Option<Hook>,
-    current: tokio::sync::Mutex<Option<Connection>>,
+    current: tokio::sync::Mutex<Current>,
+}
+
+/// The shared connection and where the next round of attempts starts.
+#[derive(Default)]
+struct Current {
+    connection: Option<Connection>,
+    /// Index in [`ConnectConfig::server_addrs`] of the address that last worked.
+    preferred: usize,
 }
 
 impl fmt::Debug for ReconnectingConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReconnectingConnection")
             .field("server", &self.config.server_name)
-            .field("addr", &self.config.server_addr)
+            .field("addrs", &self.config.server_addrs)
             .field("backoff", &self.backoff)
             .field("max_attempts", &self.max_attempts)
             .finish_non_exhaustive()
@@ -91,7 +103,7 @@ impl ReconnectingConnection {
             backoff: Backoff::default(),
             max_attempts: None,
             on_connect: None,
-            current: tokio::sync::Mutex::new(None),
+            current: tokio::sync::Mutex::new(Current::default()),
         }
     }
 
@@ -113,36 +125,44 @@ impl ReconnectingConnection {
         self
     }
 
-    /// Gives up after this many failed connection attempts in a row (default: never).
+    /// Gives up after this many failed rounds in a row, a round trying every address once
+    /// (default: never).
     pub fn with_max_attempts(mut self, attempts: u32) -> Self {
         self.max_attempts = Some(attempts.max(1));
         self
     }
 
     /// The current connection, or a new one if there is none or it was lost. Retries
-    /// transient failures with backoff; fails at once on configuration or trust errors.
+    /// transient failures with backoff between rounds; fails at once on configuration errors,
+    /// and after a round in which no address failed transiently (e.g. untrusted
+    /// certificates).
     pub async fn connection(&self) -> Result<Connection, RequestError> {
         let mut current = self.current.lock().await;
-        if let Some(connection) = current.as_ref().filter(|c| c.is_open()) {
+        if let Some(connection) = current.connection.as_ref().filter(|c| c.is_open()) {
             return Ok(connection.clone());
         }
-        *current = None;
+        let count = self.config.server_addrs.len().max(1);
+        // The node of a lost connection may be gone for good: ask the next one first.
+        let lost = current.connection.take().is_some();
+        let start = (current.preferred + usize::from(lost)) % count;
+        let client_config = self.config.quinn_client_config()?;
         let mut backoff = self.backoff.clone();
-        let mut attempts = 0u32;
+        let mut rounds = 0u32;
         loop {
-            attempts = attempts.saturating_add(1);
-            match self.connect_once().await {
-                Ok(connection) => {
-                    *current = Some(connection.clone());
+            rounds = rounds.saturating_add(1);
+            match self.connect_round(&client_config, start).await {
+                Ok((index, connection)) => {
+                    current.preferred = index;
+                    current.connection = Some(connection.clone());
                     return Ok(connection);
                 }
                 Err(err) => {
-                    let exhausted = self.max_attempts.is_some_and(|max| attempts >= max);
+                    let exhausted = self.max_attempts.is_some_and(|max| rounds >= max);
                     if !err.is_transient() || exhausted {
                         return Err(err);
                     }
                     let delay = backoff.next_delay();
-                    tracing::debug!(%err, attempts, ?delay, "reconnect failed, backing off");
+                    tracing::debug!(%err, rounds, ?delay, "reconnect failed, backing off");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -159,15 +179,52 @@ impl ReconnectingConnection {
         Ok(self.connection().await?.request(request).await?)
     }
 
-    /// Closes the current connection, if any; the next use connects again.
+    /// Closes the current connection, if any; the next use connects again (first to the
+    /// same address).
     pub async fn close(&self) {
-        if let Some(connection) = self.current.lock().await.take() {
+        if let Some(connection) = self.current.lock().await.connection.take() {
             connection.close();
         }
     }
 
-    async fn connect_once(&self) -> Result<Connection, RequestError> {
-        let connection = self.endpoint.connect(&self.config).await?;
+    /// Tries every address once, from index `start` on (wrapping around), and returns the
+    /// first connection that is established and passes the hook, with its index.
+    async fn connect_round(
+        &self,
+        client_config: &quinn::ClientConfig,
+        start: usize,
+    ) -> Result<(usize, Connection), RequestError> {
+        let addrs = &self.config.server_addrs;
+        let mut failure = Failure::default();
+        for (index, &addr) in addrs
+            .iter()
+            .enumerate()
+            .cycle()
+            .skip(start)
+            .take(addrs.len())
+        {
+            match self.connect_once(client_config.clone(), addr).await {
+                Ok(connection) => return Ok((index, connection)),
+                Err(err) => {
+                    if addrs.len() > 1 {
+                        tracing::info!(%addr, %err, "cannot connect at this server address");
+                    }
+                    failure.record(err);
+                }
+            }
+        }
+        Err(failure.into_error())
+    }
+
+    async fn connect_once(
+        &self,
+        client_config: quinn::ClientConfig,
+        addr: std::net::SocketAddr,
+    ) -> Result<Connection, RequestError> {
+        let connection = self
+            .endpoint
+            .connect_addr(&self.config, client_config, addr)
+            .await?;
         if let Some(hook) = &self.on_connect
             && let Err(err) = hook(connection.clone()).await
         {

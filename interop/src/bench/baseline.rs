@@ -155,7 +155,7 @@ pub async fn echo_rate(
     duration: Duration,
 ) -> anyhow::Result<(f64, Latencies)> {
     let config = server.connect_config();
-    let endpoint = Endpoint::for_server(config.server_addr)?;
+    let endpoint = Endpoint::for_servers(&config.server_addrs)?;
     let mut conns: Vec<Connection> = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         conns.push(endpoint.connect(&config).await.context("echo connection")?);
@@ -223,6 +223,45 @@ pub fn redb_insert(dir: &std::path::Path, batch: usize, rounds: usize) -> anyhow
     }
     drop(db);
     let _ = std::fs::remove_file(&path);
+    Ok(Duration::from_micros(times.median()))
+}
+
+/// Median time of a PostgreSQL transaction inserting `batch` queue-entry-shaped rows (one
+/// per client, keys `(client, round)`, 32-byte values) in one statement and committing, over
+/// `rounds` transactions, in a fresh table of the database at `url`. Durability is the
+/// server's (fsync and synchronous_commit on), as for the homeserver.
+pub async fn postgres_insert(url: &str, batch: usize, rounds: usize) -> anyhow::Result<Duration> {
+    let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("cannot connect to the baseline database")?;
+    let driver = tokio::spawn(connection);
+    let table = format!("baseline_rows_{batch}");
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table};
+             CREATE TABLE {table} (client BIGINT NOT NULL, seq BIGINT NOT NULL,
+                                   value BYTEA NOT NULL, PRIMARY KEY (client, seq))"
+        ))
+        .await?;
+    let insert = format!(
+        "INSERT INTO {table} (client, seq, value) SELECT c, $2, $3 FROM unnest($1::BIGINT[]) AS c"
+    );
+    let clients: Vec<i64> = (0..i64::try_from(batch)?).collect();
+    let value = vec![9u8; 32];
+    let mut times = Latencies::new();
+    for round in 0..(rounds.max(1) + WARMUP_ROUNDS) {
+        let start = Instant::now();
+        let txn = client.transaction().await?;
+        txn.execute(&insert, &[&clients, &i64::try_from(round)?, &value])
+            .await?;
+        txn.commit().await?;
+        if round >= WARMUP_ROUNDS {
+            times.record(start.elapsed());
+        }
+    }
+    client.batch_execute(&format!("DROP TABLE {table}")).await?;
+    drop(client);
+    driver.abort();
     Ok(Duration::from_micros(times.median()))
 }
 

@@ -91,7 +91,7 @@ fn sign(key: &SignatureKeyPair, input: &[u8]) -> anyhow::Result<Vec<u8>> {
 /// Endpoints to spread `count` connections over.
 pub fn endpoints(connect: &ConnectConfig, count: usize) -> anyhow::Result<Vec<Endpoint>> {
     (0..count.div_ceil(CONNECTIONS_PER_ENDPOINT).max(1))
-        .map(|_| Endpoint::for_server(connect.server_addr).context("cannot bind an endpoint"))
+        .map(|_| Endpoint::for_servers(&connect.server_addrs).context("cannot bind an endpoint"))
         .collect()
 }
 
@@ -104,7 +104,7 @@ pub async fn register(
     count: usize,
     progress: &ProgressBar,
 ) -> anyhow::Result<Vec<BenchClient>> {
-    let endpoint = Endpoint::for_server(connect.server_addr)?;
+    let endpoint = Endpoint::for_servers(&connect.server_addrs)?;
     let mut shared = Vec::new();
     for _ in 0..8 {
         shared.push(endpoint.connect(connect).await?);

@@ -133,6 +133,13 @@ impl GroupOwner {
             .await?)
     }
 
+    /// Drops the pending commit (refused, or only built to race another one).
+    pub fn discard(&mut self) -> anyhow::Result<()> {
+        self.group
+            .clear_pending_commit(self.provider.storage())
+            .map_err(|e| anyhow::anyhow!("cannot drop the pending commit: {e}"))
+    }
+
     /// Merges the pending (accepted) commit.
     pub fn merge(&mut self) -> anyhow::Result<()> {
         self.group

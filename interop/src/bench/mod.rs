@@ -27,6 +27,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::binary::{Profile, locate_roost};
+use crate::harness::Storage;
 
 /// Every workload, in the order [`run`] runs them.
 pub const WORKLOADS: [&str; 6] = [
@@ -71,6 +72,13 @@ pub struct BenchConfig {
     pub progress: bool,
     /// Directory for the servers' data and logs; `None`: a temporary directory.
     pub dir: Option<PathBuf>,
+    /// Storage engine of the servers. With PostgreSQL, `send-1to1` also runs on redb in the
+    /// same run (the baseline of the PostgreSQL figure) and `fanout` compares with a raw
+    /// PostgreSQL insert.
+    pub storage: Storage,
+    /// Nodes per domain (PostgreSQL). With two or more, `send-1to1` also runs with its pairs
+    /// spread over the nodes, compared with all on one node.
+    pub nodes: usize,
 }
 
 impl Default for BenchConfig {
@@ -92,6 +100,8 @@ impl Default for BenchConfig {
             idle: 10_000,
             progress: true,
             dir: None,
+            storage: Storage::Redb,
+            nodes: 1,
         }
     }
 }

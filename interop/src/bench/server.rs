@@ -11,7 +11,7 @@ use std::path::Path;
 use anyhow::Context as _;
 use roost_client::transport::ConnectConfig;
 
-use crate::harness::{Harness, HarnessConfig};
+use crate::harness::{Harness, HarnessConfig, Storage};
 
 /// `[limits]` of a benchmarked server: rate limits out of the way (every client of the load
 /// generator registers and claims from 127.0.0.1 and sends as fast as it can), room for
@@ -45,23 +45,60 @@ pub struct BenchServers {
 }
 
 impl BenchServers {
-    /// Starts `count` homeservers of `roost` in `dir` with the bench limits.
-    pub async fn start(roost: &Path, dir: &Path, count: usize) -> anyhow::Result<Self> {
+    /// Starts `count` homeservers of `roost` in `dir` with the bench limits, on `storage`
+    /// with `nodes` nodes each. Node 0 of each serves `/metrics`.
+    pub async fn start(
+        roost: &Path,
+        dir: &Path,
+        count: usize,
+        storage: Storage,
+        nodes: usize,
+    ) -> anyhow::Result<Self> {
         let mut config = HarnessConfig::new(roost, dir, count);
         config.log_filter = Some("warn".into());
+        config.storage = storage;
+        config.nodes = nodes;
         let mut harness = Harness::start(config).await?;
         let mut metrics = Vec::with_capacity(count);
         for index in 0..count {
-            let file = harness.server(index)?.config_file.clone();
-            let addr = free_tcp_port()?;
-            apply_bench_limits(&file, addr)?;
-            metrics.push(addr);
-            harness.stop(index).await?;
+            for node in (0..harness.node_count(index)).rev() {
+                let file = harness.node(index, node)?.config_file.clone();
+                let addr = free_tcp_port()?;
+                apply_bench_limits(&file, addr)?;
+                if node == 0 {
+                    metrics.push(addr);
+                }
+                harness.stop_node(index, node).await?;
+            }
         }
         for index in 0..count {
-            harness.restart(index).await?;
+            for node in 0..harness.node_count(index) {
+                harness.restart_node(index, node).await?;
+            }
         }
         Ok(Self { harness, metrics })
+    }
+
+    /// How clients reach node `node` of server `index` first (then the others), with the
+    /// request timeout and frame size of [`BenchServers::connect_config`].
+    pub fn node_connect_config(&self, index: usize, node: usize) -> anyhow::Result<ConnectConfig> {
+        let mut config = self.harness.node_connect_config(index, node)?;
+        config.request_timeout = std::time::Duration::from_secs(120);
+        config.max_frame_len = 1 << 25;
+        Ok(config)
+    }
+
+    /// Nodes of server `index`.
+    pub fn nodes(&self, index: usize) -> usize {
+        self.harness.node_count(index)
+    }
+
+    /// A new database on the harness's PostgreSQL cluster (for raw baselines), if it has one.
+    pub fn scratch_database(&self, name: &str) -> anyhow::Result<Option<String>> {
+        self.harness
+            .cluster()
+            .map(|cluster| cluster.create_database(name))
+            .transpose()
     }
 
     /// The `/metrics` address of server `index`.
@@ -72,10 +109,7 @@ impl BenchServers {
     /// How clients reach server `index` (trusting the harness CA), with a request timeout long
     /// enough for the largest commits.
     pub fn connect_config(&self, index: usize) -> anyhow::Result<ConnectConfig> {
-        let mut config = self.harness.connect_config(index)?;
-        config.request_timeout = std::time::Duration::from_secs(120);
-        config.max_frame_len = 1 << 25;
-        Ok(config)
+        self.node_connect_config(index, 0)
     }
 
     /// The process id of server `index`.

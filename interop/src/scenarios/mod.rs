@@ -8,6 +8,7 @@
 //! summary line `N passed, M failed`.
 
 mod groups;
+mod nodes;
 mod outage;
 mod trust;
 
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use crate::harness::{Harness, HarnessConfig, ServerSpec};
+use crate::harness::{Harness, HarnessConfig, ServerSpec, Storage};
 use crate::member::{EVENT_TIMEOUT, Member};
 use roost_client::Event;
 use roost_protocol::GroupId;
@@ -36,6 +37,8 @@ pub struct Scenario {
     pub about: &'static str,
     /// The longest it may take, servers' start included.
     pub timeout: Duration,
+    /// Nodes per domain it needs (1 for most; the scale-out scenarios need 2).
+    pub min_nodes: usize,
     run: fn(Ctx) -> ScenarioFuture,
 }
 
@@ -49,7 +52,45 @@ const fn scenario(
         name,
         about,
         timeout: Duration::from_secs(timeout_secs),
+        min_nodes: 1,
         run,
+    }
+}
+
+const fn multi_node(
+    name: &'static str,
+    about: &'static str,
+    timeout_secs: u64,
+    run: fn(Ctx) -> ScenarioFuture,
+) -> Scenario {
+    Scenario {
+        min_nodes: 2,
+        ..scenario(name, about, timeout_secs, run)
+    }
+}
+
+/// Where a suite's servers keep their data and how many nodes each domain runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// Storage engine of every server.
+    pub storage: Storage,
+    /// Nodes per domain (more than 1 needs PostgreSQL).
+    pub nodes: usize,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self {
+            storage: Storage::Redb,
+            nodes: 1,
+        }
+    }
+}
+
+impl Topology {
+    /// Whether `scenario` runs on this topology.
+    pub fn runs(&self, scenario: &Scenario) -> bool {
+        self.nodes >= scenario.min_nodes
     }
 }
 
@@ -115,6 +156,30 @@ pub const SCENARIOS: &[Scenario] = &[
         60,
         trust::foreign_forwarding,
     ),
+    multi_node(
+        "cross-node",
+        "members on different nodes of two domains talk; every message pushed exactly once",
+        90,
+        nodes::cross_node,
+    ),
+    multi_node(
+        "node-commit-races",
+        "1,000 same-epoch commit pairs sent to two nodes at once: one winner each",
+        300,
+        nodes::node_commit_races,
+    ),
+    multi_node(
+        "node-killed",
+        "a node is killed under load: its clients fail over, nothing acknowledged is lost or doubled",
+        180,
+        nodes::node_killed,
+    ),
+    multi_node(
+        "outbox-node-killed",
+        "the node draining the outbox is killed: another node delivers, exactly once, in order",
+        180,
+        nodes::outbox_node_killed,
+    ),
 ];
 
 /// The scenario called `name`.
@@ -127,30 +192,44 @@ pub fn find(name: &str) -> Option<&'static Scenario> {
 pub struct Ctx {
     roost: PathBuf,
     dir: PathBuf,
+    topology: Topology,
 }
 
 impl Ctx {
-    /// A context for `dir`, starting servers from `roost`.
+    /// A context for `dir`, starting servers from `roost` (redb, one node per domain).
     pub fn new(roost: &Path, dir: &Path) -> Self {
+        Self::with_topology(roost, dir, Topology::default())
+    }
+
+    /// A context whose servers run on `topology`.
+    pub fn with_topology(roost: &Path, dir: &Path, topology: Topology) -> Self {
         Self {
             roost: roost.to_owned(),
             dir: dir.to_owned(),
+            topology,
         }
+    }
+
+    /// The topology the servers run on.
+    pub fn topology(&self) -> Topology {
+        self.topology
+    }
+
+    fn harness_config(&self, count: usize) -> HarnessConfig {
+        let mut config = HarnessConfig::new(&self.roost, self.dir.join("servers"), count);
+        config.storage = self.topology.storage;
+        config.nodes = self.topology.nodes;
+        config
     }
 
     /// Starts `count` federating servers (`alpha.test`, `beta.test`, ...).
     pub async fn harness(&self, count: usize) -> anyhow::Result<Harness> {
-        Harness::start(HarnessConfig::new(
-            &self.roost,
-            self.dir.join("servers"),
-            count,
-        ))
-        .await
+        Harness::start(self.harness_config(count)).await
     }
 
     /// Starts the servers `specs` describes.
     pub async fn harness_with(&self, specs: Vec<ServerSpec>) -> anyhow::Result<Harness> {
-        let mut config = HarnessConfig::new(&self.roost, self.dir.join("servers"), 0);
+        let mut config = self.harness_config(0);
         config.servers = specs;
         Harness::start(config).await
     }
@@ -212,7 +291,7 @@ impl Outcome {
 }
 
 /// Runs one scenario in a fresh temporary directory (kept if it fails).
-pub async fn run_scenario(roost: &Path, scenario: &Scenario) -> Outcome {
+pub async fn run_scenario(roost: &Path, scenario: &Scenario, topology: Topology) -> Outcome {
     let started = Instant::now();
     let dir = match tempfile::Builder::new()
         .prefix(&format!("roost-interop-{}-", scenario.name))
@@ -228,7 +307,7 @@ pub async fn run_scenario(roost: &Path, scenario: &Scenario) -> Outcome {
             };
         }
     };
-    let ctx = Ctx::new(roost, dir.path());
+    let ctx = Ctx::with_topology(roost, dir.path(), topology);
     let task = tokio::spawn(tokio::time::timeout(scenario.timeout, (scenario.run)(ctx)));
     let result = match task.await {
         Ok(Ok(Ok(()))) => Ok(()),
@@ -257,23 +336,35 @@ pub async fn run_scenario(roost: &Path, scenario: &Scenario) -> Outcome {
     }
 }
 
-/// Runs the scenarios (all, or the one named `only`) one after another, printing a line per
-/// scenario (with the error under a failed one) and then `N passed, M failed`.
+/// Runs the scenarios of `topology` (all that run on it, or the one named `only`) one after
+/// another, printing a line per scenario (with the error under a failed one) and then
+/// `N passed, M failed`. The scale-out scenarios belong to suites of two nodes or more.
 pub async fn run_suite(
     roost: &Path,
     only: Option<&str>,
+    topology: Topology,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Vec<Outcome>> {
     let selected: Vec<&Scenario> = match only {
-        Some(name) => vec![find(name).with_context(|| {
-            let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
-            format!("no scenario {name:?}; scenarios: {}", names.join(", "))
-        })?],
-        None => SCENARIOS.iter().collect(),
+        Some(name) => {
+            let scenario = find(name).with_context(|| {
+                let names: Vec<&str> = SCENARIOS.iter().map(|s| s.name).collect();
+                format!("no scenario {name:?}; scenarios: {}", names.join(", "))
+            })?;
+            if !topology.runs(scenario) {
+                anyhow::bail!(
+                    "{name} needs {} nodes per domain: --backend postgres --nodes {}",
+                    scenario.min_nodes,
+                    scenario.min_nodes
+                );
+            }
+            vec![scenario]
+        }
+        None => SCENARIOS.iter().filter(|s| topology.runs(s)).collect(),
     };
     let mut outcomes = Vec::with_capacity(selected.len());
     for scenario in selected {
-        let outcome = run_scenario(roost, scenario).await;
+        let outcome = run_scenario(roost, scenario, topology).await;
         writeln!(out, "{}", outcome.line())?;
         if let Some(error) = &outcome.error {
             for line in error.lines() {

@@ -129,6 +129,7 @@ pub(super) fn wrong_certificate(ctx: Ctx) -> ScenarioFuture {
         let impostor = ServerSpec {
             domain: "beta.test".into(),
             certificate_names: vec!["mallory.test".into()],
+            nodes: None,
         };
         let h = ctx
             .harness_with(vec![ServerSpec::new("alpha.test"), impostor])

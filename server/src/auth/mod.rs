@@ -28,8 +28,8 @@ pub(crate) struct Authenticated {
     pub(crate) client_num: u64,
 }
 
-/// What the Authentication Service needs from storage (implemented for redb in
-/// `storage::auth`). Removed clients must stay known so a device name is never reused.
+/// What the Authentication Service needs from storage (implemented by every engine in
+/// `storage`). Removed clients must stay known so a device name is never reused.
 pub(crate) trait AuthStore {
     /// Creates a user unless the name is taken (USER_EXISTS); with a token (hash, allowed
     /// uses), consumes one use or refuses (REGISTRATION_TOKEN_REQUIRED).
@@ -51,6 +51,10 @@ pub(crate) trait AuthStore {
     async fn active_client(&self, client: &ClientId) -> Result<Option<ClientRecord>, ServiceError>;
     /// Every active client of a user, in device-name order.
     async fn active_clients_of(&self, user: &UserId) -> Result<Vec<ClientRecord>, ServiceError>;
+    /// The client numbers of local clients, in the order asked; `None` for clients that are
+    /// not active (unknown or removed). One call for many, as the Delivery Service resolves a
+    /// group's members.
+    async fn client_nums(&self, clients: Vec<ClientId>) -> Result<Vec<Option<u64>>, ServiceError>;
     /// Replaces an active client's credential (CLIENT_NOT_FOUND if removed).
     async fn replace_credential(&self, credential: ClientCredential) -> Result<(), ServiceError>;
 }
@@ -94,7 +98,7 @@ pub(crate) async fn register(
             .as_ref()
             .ok_or(ServiceError::RegistrationTokenRequired)?;
         let hash = tokens::hash_token(token.as_slice());
-        let allowed = tokens::allowed_uses(&state.settings.data_dir, &hash)
+        let allowed = tokens::allowed_uses(&state.settings.identity_dir, &hash)
             .ok_or(ServiceError::RegistrationTokenRequired)?;
         Some((hash, allowed))
     } else {

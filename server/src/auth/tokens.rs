@@ -1,11 +1,13 @@
 //! Registration tokens. `roost admin token create` appends `sha256-hex uses` lines to
-//! `registration-tokens` in the data directory (works while the server runs); the server
-//! reads that file when a registration presents a token and counts uses in the database.
+//! `registration-tokens` in the identity directory (`identity_dir`, by default the data
+//! directory; shared by every node of a domain), which works while the server runs; the
+//! server reads that file when a registration presents a token and counts uses in the
+//! database.
 
 use std::io::Write;
 use std::path::Path;
 
-/// File name in the data directory.
+/// File name in the identity directory.
 pub(crate) const TOKENS_FILE: &str = "registration-tokens";
 
 /// Hex SHA-256 of a token.

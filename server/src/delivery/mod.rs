@@ -6,6 +6,14 @@
 //! parallel. A commit is validated and applied in memory, then the new state and every
 //! recipient's copy are written in one durable transaction; only then is it acknowledged. If
 //! that write fails, the cached state is dropped, so the group reloads the last durable state.
+//!
+//! Several nodes of one domain may host the same group (one database). The stored state
+//! carries a version, bumped by every write of the state; every write a DS operation makes
+//! (even a message fan-out that leaves the state alone) is checked against the version the
+//! cached state was loaded at, in the same transaction. If another node moved the group on,
+//! the write is refused ([`ServiceError::GroupMoved`]), the cache is dropped and the operation
+//! runs again on the reloaded state, so a commit for an epoch another node already closed
+//! gets STALE_EPOCH with the current epoch, and a message never goes to an old roster.
 //! Next to the MLS state the cache keeps the epoch's [`Roster`]: every member resolved to a
 //! queue (client number) or a remote domain, so a message is fanned out without decoding the
 //! tree or looking clients up.
@@ -21,32 +29,46 @@ use roost_protocol::{ClientId, Domain, GroupId, Opaque};
 use tls_codec::{DeserializeBytes, Serialize as _};
 
 use crate::State;
+use crate::auth::AuthStore;
 use crate::error::ServiceError;
 use crate::mls::{DsGroup, Member, MlsError};
-use crate::storage::auth::active_client;
-use crate::storage::tables::CLIENTS;
-use crate::storage::{Store, StoreError};
+use crate::storage::Backend;
 
 pub(crate) use cache::GroupCache;
 use roster::{Recipients, Roster};
 
-/// A hosted group's durable state: its MLS group id (the key), epoch (for inspection) and MLS
+/// A hosted group's durable state: its MLS group id (the key), epoch (for inspection), the
+/// version of the stored state (bumped by every write of it; see the module docs) and MLS
 /// state, which [`DsGroup::from_snapshot`] reloads whatever the clock says about its leaves'
 /// lifetimes.
 pub(crate) struct GroupState {
     pub(crate) key: Vec<u8>,
     pub(crate) epoch: u64,
+    pub(crate) version: u64,
     pub(crate) snapshot: Vec<u8>,
 }
 
 impl GroupState {
-    fn of(group: &DsGroup) -> Result<Self, MlsError> {
+    fn of(group: &DsGroup, version: u64) -> Result<Self, MlsError> {
         Ok(Self {
             key: group.group_id(),
             epoch: group.epoch(),
+            version,
             snapshot: group.snapshot()?,
         })
     }
+}
+
+/// The group part of a DS write: refused with [`ServiceError::GroupMoved`] (writing nothing)
+/// unless the stored version is still `loaded`.
+pub(crate) struct GroupWrite {
+    /// The group's MLS group id.
+    pub(crate) key: Vec<u8>,
+    /// The version the operation's state was loaded (or last written) at.
+    pub(crate) loaded: u64,
+    /// The new state, whose version must be `loaded + 1`; `None` when only fan-outs are
+    /// written (the version is still checked and cannot change before the transaction ends).
+    pub(crate) state: Option<GroupState>,
 }
 
 /// One payload for a set of recipients, split by where their queues are.
@@ -85,17 +107,21 @@ impl FanOutResult {
 /// the sender's answer goes out before the listeners' pushes compete with it.
 const SPAWNED_WAKE_ABOVE: usize = 64;
 
-/// What the Delivery Service needs from storage (implemented for redb in `storage::groups`).
+/// What the Delivery Service needs from storage (implemented by every engine in `storage`).
 pub(crate) trait GroupStore {
     /// A hosted group's state.
     async fn load_group(&self, key: Vec<u8>) -> Result<Option<GroupState>, ServiceError>;
+    /// The version of a hosted group's stored state, if the group exists.
+    async fn group_version(&self, key: Vec<u8>) -> Result<Option<u64>, ServiceError>;
     /// Stores a new group (GROUP_EXISTS if the id is taken).
     async fn create_group(&self, state: GroupState) -> Result<(), ServiceError>;
-    /// In one durable transaction: the group's new state (if given) and every fan-out — local
-    /// queue entries (full queues skip that recipient) and outbox entries for other domains.
+    /// In one durable transaction, if the group's stored version is still `group.loaded`
+    /// (GROUP_MOVED otherwise, writing nothing): the group's new state (if given) and every
+    /// fan-out — local queue entries (full queues skip that recipient) and outbox entries for
+    /// other domains.
     async fn apply(
         &self,
-        state: Option<GroupState>,
+        group: GroupWrite,
         fan_outs: Vec<FanOut>,
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError>;
@@ -151,24 +177,57 @@ fn require_hosted(state: &State, group: &GroupId) -> Result<(), ServiceError> {
 }
 
 /// Accepts a credential a commit brings in only if it is an active client of this server with
-/// that signature key (RFC 9420 §5.3.1, as the DS can check it). Runs on a blocking thread.
-fn credential_checker(state: &State) -> impl Fn(&[u8], &[u8]) -> bool + Send + 'static {
+/// that signature key (RFC 9420 §5.3.1, as the DS can check it). Runs on a blocking thread
+/// (it waits for the store there). A storage failure refuses the credential and is kept in
+/// the returned [`StoreFailure`], so that the caller reports it instead of an invalid commit.
+fn credential_checker(
+    state: &State,
+) -> (impl Fn(&[u8], &[u8]) -> bool + Send + 'static, StoreFailure) {
     let store = state.store.clone();
     let domain = state.settings.domain.clone();
-    move |identity, signature_key| {
+    let runtime = tokio::runtime::Handle::current();
+    let failure = StoreFailure::default();
+    let failed = failure.clone();
+    let check = move |identity: &[u8], signature_key: &[u8]| {
         let Ok((client, [])) = ClientId::tls_deserialize_bytes(identity) else {
             return false;
         };
         if client.domain() != &domain {
-            // Not checkable here: `recipients` refuses members of other domains (UNKNOWN_DOMAIN)
-            // until federation relays their AS keys.
+            // Checked against the client's own AS by `verify_remote_credentials`.
             return true;
         }
-        let record = store.read_blocking(|txn| {
-            let clients = txn.open_table(CLIENTS)?;
-            active_client(&clients, &client)
-        });
-        matches!(record, Ok(Some(record)) if record.credential.signature_key.as_slice() == signature_key)
+        match runtime.block_on(store.active_client(&client)) {
+            Ok(Some(record)) => record.credential.signature_key.as_slice() == signature_key,
+            Ok(None) => false,
+            Err(err) => {
+                failed.set(err);
+                false
+            }
+        }
+    };
+    (check, failure)
+}
+
+/// A storage failure met inside synchronous MLS processing, reported after it.
+#[derive(Clone, Default)]
+struct StoreFailure(Arc<std::sync::Mutex<Option<ServiceError>>>);
+
+impl StoreFailure {
+    fn set(&self, err: ServiceError) {
+        let mut slot = match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slot.get_or_insert(err);
+    }
+
+    /// The storage failure if there was one, else `err`.
+    fn or(&self, err: ServiceError) -> ServiceError {
+        let mut slot = match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slot.take().unwrap_or(err)
     }
 }
 
@@ -214,26 +273,34 @@ impl Recipients {
     }
 }
 
-/// A hosted group in the cache: its MLS state and the recipients of its current epoch.
+/// A hosted group in the cache: its MLS state, the recipients of its current epoch and the
+/// stored version they are of.
 pub(crate) struct Hosted {
     group: DsGroup,
     roster: Roster,
+    version: u64,
 }
 
-/// Resolves `members` of `epoch` to recipients (see [`Roster::build`]), reading CLIENTS for
-/// local members `previous` does not know. Runs on a blocking thread.
+/// Resolves `members` of `epoch` to recipients (see [`Roster::build`]), asking the store (in
+/// one call) for the local members `previous` does not know. Runs on a blocking thread: it
+/// waits for the store there.
 fn resolve(
-    store: &Store,
+    store: &Backend,
     domain: &Domain,
     epoch: u64,
     members: &[Member],
     previous: Option<Roster>,
-) -> Result<Roster, StoreError> {
-    store.read_blocking(|txn| {
-        let clients = txn.open_table(CLIENTS)?;
-        Roster::build(epoch, members, domain, previous, |client| {
-            Ok(active_client(&clients, client)?.map(|record| record.client_num))
-        })
+) -> Result<Roster, ServiceError> {
+    let unknown = Roster::unresolved(members, domain, previous.as_ref());
+    let nums = if unknown.is_empty() {
+        Vec::new()
+    } else {
+        tokio::runtime::Handle::current().block_on(store.client_nums(unknown.clone()))?
+    };
+    let found: std::collections::HashMap<ClientId, Option<u64>> =
+        unknown.into_iter().zip(nums).collect();
+    Roster::build(epoch, members, domain, previous, |client| {
+        Ok(found.get(client).copied().flatten())
     })
 }
 
@@ -255,14 +322,59 @@ async fn load(state: &State, group: &GroupId) -> Result<Hosted, ServiceError> {
         .await?
         .ok_or(ServiceError::GroupNotFound)?;
     let (store, domain) = (state.store.clone(), state.settings.domain.clone());
+    let version = record.version;
     blocking(move || {
         let group = DsGroup::from_snapshot(record.snapshot.as_slice()).map_err(|err| {
             ServiceError::Internal(format!("stored group does not restore: {err}"))
         })?;
         let roster = resolve(&store, &domain, group.epoch(), &group.members(), None)?;
-        Ok(Hosted { group, roster })
+        Ok(Hosted {
+            group,
+            roster,
+            version,
+        })
     })
     .await?
+}
+
+/// A refusal decided on the cached state stands only if that state is still the stored one:
+/// a node that cached epoch 5 would otherwise refuse a commit for epoch 6 (which another node
+/// reached) as FUTURE_EPOCH, or a member added there as NOT_MEMBER. Otherwise the operation
+/// runs again on the reloaded state (GROUP_MOVED). Costs a version read on refusals only.
+async fn confirm_refusal(
+    state: &State,
+    group: &GroupId,
+    loaded: u64,
+    err: ServiceError,
+) -> ServiceError {
+    if matches!(err, ServiceError::Store(_) | ServiceError::Internal(_)) {
+        return err;
+    }
+    match state.store.group_version(group.to_mls_bytes()).await {
+        Ok(Some(stored)) if stored == loaded => err,
+        Ok(_) => ServiceError::GroupMoved,
+        Err(store_err) => store_err,
+    }
+}
+
+/// How often an operation runs again after another node moved its group on.
+const MOVED_RETRIES: usize = 4;
+
+/// Runs a DS operation, again on the reloaded state while another node moved its group on
+/// under it (see the module docs).
+async fn on_current_state<T, F>(mut op: impl FnMut() -> F) -> Result<T, ServiceError>
+where
+    F: std::future::Future<Output = Result<T, ServiceError>>,
+{
+    for _ in 1..MOVED_RETRIES {
+        match op().await {
+            Err(ServiceError::GroupMoved) => {
+                metrics::counter!("roost_group_moved_retries_total").increment(1);
+            }
+            other => return other,
+        }
+    }
+    op().await
 }
 
 /// CreateGroup.
@@ -282,7 +394,7 @@ pub(crate) async fn create(
     let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
     let key = group_id.clone();
-    let check = credential_checker(state);
+    let (check, failure) = credential_checker(state);
     let (store, domain) = (state.store.clone(), state.settings.domain.clone());
     let hosted = blocking(move || {
         let group = DsGroup::create(
@@ -296,18 +408,22 @@ pub(crate) async fn create(
         match group.member_by_identity(&identity) {
             Some(creator) if check(&creator.identity, &creator.signature_key) => {}
             _ => {
-                return Err(ServiceError::from(MlsError::InvalidGroupInfo(
+                return Err(failure.or(ServiceError::from(MlsError::InvalidGroupInfo(
                     "the creator's leaf does not match its credential".into(),
-                )));
+                ))));
             }
         }
         let roster = resolve(&store, &domain, group.epoch(), &group.members(), None)?;
-        Ok(Hosted { group, roster })
+        Ok(Hosted {
+            group,
+            roster,
+            version: 0,
+        })
     })
     .await??;
     state
         .store
-        .create_group(GroupState::of(&hosted.group)?)
+        .create_group(GroupState::of(&hosted.group, hosted.version)?)
         .await?;
     let epoch = hosted.group.epoch();
     *slot = Some(hosted);
@@ -338,14 +454,19 @@ async fn commit_common(
     group_info: Opaque,
 ) -> Result<CommitResponse, ServiceError> {
     locked_group!(state, group_id, slot);
-    let Some(Hosted { mut group, roster }) = slot.take() else {
+    let Some(Hosted {
+        mut group,
+        roster,
+        version,
+    }) = slot.take()
+    else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
     let commit_bytes = commit.clone();
     let welcome_bytes = welcome.clone();
-    let check = credential_checker(state);
+    let (check, failure) = credential_checker(state);
     let (store, domain) = (state.store.clone(), state.settings.domain.clone());
     let (group, result) = blocking(move || {
         let result = if external {
@@ -387,8 +508,15 @@ async fn commit_common(
         Ok(accepted) => accepted,
         Err((err, roster)) => {
             // A refused commit leaves the state as it was.
-            *slot = Some(Hosted { group, roster });
-            return Err(err.into());
+            let err = confirm_refusal(state, group_id, version, failure.or(err.into())).await;
+            if !matches!(err, ServiceError::GroupMoved) {
+                *slot = Some(Hosted {
+                    group,
+                    roster,
+                    version,
+                });
+            }
+            return Err(err);
         }
     };
     // From here on the in-memory state is ahead of the store: on any failure, drop it.
@@ -403,7 +531,11 @@ async fn commit_common(
     let mut introduced: Vec<&Member> = outcome.added.iter().collect();
     introduced.extend(outcome.committer.iter());
     verify_remote_credentials(state, &introduced).await?;
-    let new_state = GroupState::of(&group)?;
+    let write = GroupWrite {
+        key: group.group_id(),
+        loaded: version,
+        state: Some(GroupState::of(&group, version + 1)?),
+    };
     let mut fan_outs = vec![commit_to.with(QueuePayload::GroupMessage(GroupMessage {
         group: group_id.clone(),
         message: commit,
@@ -415,12 +547,13 @@ async fn commit_common(
         })));
     }
     let max_depth = state.settings.limits.max_queue_depth;
-    let result = state
-        .store
-        .apply(Some(new_state), fan_outs, max_depth)
-        .await?;
+    let result = state.store.apply(write, fan_outs, max_depth).await?;
     let epoch = group.epoch();
-    *slot = Some(Hosted { group, roster });
+    *slot = Some(Hosted {
+        group,
+        roster,
+        version: version + 1,
+    });
     drop(slot);
     let reached = result.wake(state);
     let (commits, welcomes) = (
@@ -435,7 +568,7 @@ async fn commit_common(
 /// For an accepted commit: its recipients (the old epoch's members but the committer) and the
 /// new epoch's roster, which reuses the old one's resolutions. Runs on a blocking thread.
 fn resolve_commit(
-    store: &Store,
+    store: &Backend,
     domain: &Domain,
     committer: &[u8],
     old: Roster,
@@ -461,15 +594,17 @@ pub(crate) async fn commit(
     req: CommitRequest,
 ) -> Result<CommitResponse, ServiceError> {
     check_send_rate(state, me)?;
-    commit_common(
-        state,
-        me,
-        &req.group,
-        false,
-        req.commit,
-        req.welcome,
-        req.group_info,
-    )
+    on_current_state(|| {
+        commit_common(
+            state,
+            me,
+            &req.group,
+            false,
+            req.commit.clone(),
+            req.welcome.clone(),
+            req.group_info.clone(),
+        )
+    })
     .await
 }
 
@@ -480,15 +615,17 @@ pub(crate) async fn external_join(
     req: ExternalJoinRequest,
 ) -> Result<CommitResponse, ServiceError> {
     check_send_rate(state, me)?;
-    commit_common(
-        state,
-        me,
-        &req.group,
-        true,
-        req.commit,
-        None,
-        req.group_info,
-    )
+    on_current_state(|| {
+        commit_common(
+            state,
+            me,
+            &req.group,
+            true,
+            req.commit.clone(),
+            None,
+            req.group_info.clone(),
+        )
+    })
     .await
 }
 
@@ -506,29 +643,73 @@ pub(crate) async fn send_message(
     req: SendMessageRequest,
 ) -> Result<SendMessageResponse, ServiceError> {
     check_send_rate(state, me)?;
+    on_current_state(|| send_once(state, me, &req)).await
+}
+
+async fn send_once(
+    state: &State,
+    me: &ClientId,
+    req: &SendMessageRequest,
+) -> Result<SendMessageResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
-    let Some(Hosted { group, roster }) = slot.as_ref() else {
+    let Some(Hosted {
+        group,
+        roster,
+        version,
+    }) = slot.as_ref()
+    else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
-    if !roster.contains(&identity) {
-        return Err(ServiceError::NotMember);
+    let checked = if roster.contains(&identity) {
+        group
+            .check_application_message(
+                req.message.as_slice(),
+                u64::from(state.settings.limits.past_epochs),
+            )
+            .map_err(ServiceError::from)
+    } else {
+        Err(ServiceError::NotMember)
+    };
+    if let Err(err) = checked {
+        let loaded = *version;
+        let err = confirm_refusal(state, &req.group, loaded, err).await;
+        if matches!(err, ServiceError::GroupMoved) {
+            *slot = None;
+        }
+        return Err(err);
     }
-    group.check_application_message(
-        req.message.as_slice(),
-        u64::from(state.settings.limits.past_epochs),
-    )?;
+    let Some(Hosted {
+        group,
+        roster,
+        version,
+    }) = slot.as_ref()
+    else {
+        return Err(ServiceError::Internal("group state missing".into()));
+    };
     let to = roster.all_but(&identity);
     to.check_domains(allowed(state)).map_err(unknown_domain)?;
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),
-        message: req.message,
+        message: req.message.clone(),
     });
     let max_depth = state.settings.limits.max_queue_depth;
-    let result = state
+    let write = GroupWrite {
+        key: group.group_id(),
+        loaded: *version,
+        state: None,
+    };
+    let result = match state
         .store
-        .apply(None, vec![to.with(payload)], max_depth)
-        .await?;
+        .apply(write, vec![to.with(payload)], max_depth)
+        .await
+    {
+        Err(ServiceError::GroupMoved) => {
+            *slot = None;
+            return Err(ServiceError::GroupMoved);
+        }
+        other => other?,
+    };
     drop(slot);
     let reached = result.wake(state).first().copied().unwrap_or(0);
     metrics::histogram!("roost_fanout_recipients").record(f64::from(reached));
@@ -544,8 +725,21 @@ pub(crate) async fn leave(
     req: LeaveGroupRequest,
 ) -> Result<LeaveGroupResponse, ServiceError> {
     check_send_rate(state, me)?;
+    on_current_state(|| leave_once(state, me, &req)).await
+}
+
+async fn leave_once(
+    state: &State,
+    me: &ClientId,
+    req: &LeaveGroupRequest,
+) -> Result<LeaveGroupResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
-    let Some(Hosted { mut group, roster }) = slot.take() else {
+    let Some(Hosted {
+        mut group,
+        roster,
+        version,
+    }) = slot.take()
+    else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
@@ -557,23 +751,38 @@ pub(crate) async fn leave(
     })
     .await?;
     if let Err(err) = result {
-        *slot = Some(Hosted { group, roster });
-        return Err(err.into());
+        let err = confirm_refusal(state, &req.group, version, err.into()).await;
+        if !matches!(err, ServiceError::GroupMoved) {
+            *slot = Some(Hosted {
+                group,
+                roster,
+                version,
+            });
+        }
+        return Err(err);
     }
     // A proposal does not change the membership: the epoch's roster still holds.
     let to = roster.all_but(&identity);
     to.check_domains(allowed(state)).map_err(unknown_domain)?;
-    let new_state = GroupState::of(&group)?;
+    let write = GroupWrite {
+        key: group.group_id(),
+        loaded: version,
+        state: Some(GroupState::of(&group, version + 1)?),
+    };
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),
-        message: req.proposal,
+        message: req.proposal.clone(),
     });
     let max_depth = state.settings.limits.max_queue_depth;
     let result = state
         .store
-        .apply(Some(new_state), vec![to.with(payload)], max_depth)
+        .apply(write, vec![to.with(payload)], max_depth)
         .await?;
-    *slot = Some(Hosted { group, roster });
+    *slot = Some(Hosted {
+        group,
+        roster,
+        version: version + 1,
+    });
     drop(slot);
     result.wake(state);
     Ok(LeaveGroupResponse {})
@@ -587,7 +796,12 @@ pub(crate) async fn fetch_group_info(
     req: FetchGroupInfoRequest,
 ) -> Result<FetchGroupInfoResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
-    let Some(Hosted { group, roster }) = slot.as_ref() else {
+    // Serve the current state even if another node moved the group on since it was cached.
+    let stored = state.store.group_version(req.group.to_mls_bytes()).await?;
+    if slot.as_ref().map(|hosted| hosted.version) != stored {
+        *slot = Some(load(state, &req.group).await?);
+    }
+    let Some(Hosted { group, roster, .. }) = slot.as_ref() else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
     if !roster.contains(&identity_of(me)?) {

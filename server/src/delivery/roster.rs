@@ -95,6 +95,23 @@ impl Roster {
         Ok(roster)
     }
 
+    /// The members of `domain` among `members` that `previous` does not know: the clients
+    /// [`Roster::build`] will look up.
+    pub(crate) fn unresolved(
+        members: &[Member],
+        domain: &Domain,
+        previous: Option<&Roster>,
+    ) -> Vec<ClientId> {
+        members
+            .iter()
+            .filter(|m| previous.is_none_or(|p| !p.members.contains_key(m.identity.as_slice())))
+            .filter_map(|m| match ClientId::tls_deserialize_bytes(&m.identity) {
+                Ok((client, [])) if client.domain() == domain => Some(client),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The epoch this roster is of.
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch
@@ -262,6 +279,16 @@ mod tests {
         })
         .unwrap();
         assert_eq!(looked_up, vec!["dave@example.org/phone".to_string()]);
+        // `unresolved` names the same clients before the lookup.
+        let previous = Roster::build(1, &before, &domain, None, |_: &ClientId| {
+            Ok::<_, ()>(Some(1))
+        })
+        .unwrap();
+        let names: Vec<String> = Roster::unresolved(&after, &domain, Some(&previous))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(names, looked_up);
         assert_eq!(next.all_but(b"").local, vec![1, 7]);
         assert!(!next.contains(&before[1].identity));
     }

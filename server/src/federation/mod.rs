@@ -32,8 +32,18 @@ use tls::PeerVerifier;
 /// A configured peer.
 #[derive(Debug, Clone, Default)]
 struct Peer {
-    address: Option<String>,
+    /// `host:port` of each node, in the order they are tried (empty: the domain, port 4433).
+    addresses: Vec<String>,
     pinned: Option<CertificateDer<'static>>,
+}
+
+/// The pooled connection to one peer domain.
+#[derive(Default)]
+struct PeerLink {
+    connection: Option<Connection>,
+    /// The address the last connection was made to: the next one starts there, or after it
+    /// if that connection was lost.
+    last_addr: Option<SocketAddr>,
 }
 
 /// Federation state of a homeserver.
@@ -48,7 +58,7 @@ pub(crate) struct Federation {
     identity: ClientIdentity,
     pub(crate) verifier: Arc<PeerVerifier>,
     endpoint: OnceCell<Endpoint>,
-    connections: std::sync::Mutex<HashMap<Domain, Arc<Mutex<Option<Connection>>>>>,
+    connections: std::sync::Mutex<HashMap<Domain, Arc<Mutex<PeerLink>>>>,
     in_flight: std::sync::Mutex<HashMap<Domain, Arc<Semaphore>>>,
     /// Requests per peer certificate (SHA-256 of the leaf).
     pub(crate) inbound_limiter: RateLimiter<Vec<u8>>,
@@ -85,7 +95,12 @@ impl Federation {
             peers.insert(
                 domain,
                 Peer {
-                    address: peer.address.clone(),
+                    addresses: peer
+                        .address
+                        .iter()
+                        .chain(&peer.addresses)
+                        .cloned()
+                        .collect(),
                     pinned,
                 },
             );
@@ -169,21 +184,36 @@ impl Federation {
             .clone()
     }
 
-    async fn resolve(&self, domain: &Domain) -> Result<SocketAddr, ServiceError> {
-        let target = self
-            .peers
-            .get(domain)
-            .and_then(|p| p.address.clone())
-            .unwrap_or_else(|| format!("{domain}:{}", roost_protocol::DEFAULT_PORT));
-        let mut addresses = tokio::net::lookup_host(target)
-            .await
-            .map_err(|_| ServiceError::PeerUnreachable(domain.to_string()))?;
-        addresses
-            .next()
-            .ok_or_else(|| ServiceError::PeerUnreachable(domain.to_string()))
+    /// Every address of `domain`'s homeserver, in the configured order (each `host:port` may
+    /// resolve to several). Names that do not resolve are skipped while others do.
+    async fn resolve(&self, domain: &Domain) -> Result<Vec<SocketAddr>, ServiceError> {
+        let default = [format!("{domain}:{}", roost_protocol::DEFAULT_PORT)];
+        let targets = match self.peers.get(domain) {
+            Some(peer) if !peer.addresses.is_empty() => peer.addresses.as_slice(),
+            _ => &default,
+        };
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for target in targets {
+            match tokio::net::lookup_host(target.as_str()).await {
+                Ok(found) => {
+                    for addr in found {
+                        if !addrs.contains(&addr) {
+                            addrs.push(addr);
+                        }
+                    }
+                }
+                Err(err) => tracing::debug!(%domain, %target, %err, "cannot resolve peer address"),
+            }
+        }
+        if addrs.is_empty() {
+            return Err(ServiceError::PeerUnreachable(domain.to_string()));
+        }
+        Ok(addrs)
     }
 
-    /// The pooled connection to `domain`'s homeserver, (re)connecting if needed.
+    /// The pooled connection to `domain`'s homeserver, (re)connecting if needed: to the
+    /// address that worked last, or, if that connection was lost, first to the addresses after
+    /// it (its node may be gone), then to the others in order.
     async fn connection(&self, domain: &Domain) -> Result<Connection, ServiceError> {
         let slot = {
             let mut map = match self.connections.lock() {
@@ -193,9 +223,10 @@ impl Federation {
             map.entry(domain.clone()).or_default().clone()
         };
         let mut slot = slot.lock().await;
-        if let Some(conn) = slot.as_ref().filter(|c| c.is_open()) {
+        if let Some(conn) = slot.connection.as_ref().filter(|c| c.is_open()) {
             return Ok(conn.clone());
         }
+        let lost = slot.connection.take().is_some();
         let trust = match (
             self.peers.get(domain).and_then(|p| p.pinned.clone()),
             &self.roots,
@@ -204,23 +235,36 @@ impl Federation {
             (None, Some(roots)) => TrustConfig::Roots(roots.clone()),
             (None, None) => return Err(ServiceError::UnknownDomain(domain.to_string())),
         };
-        let addr = self.resolve(domain).await?;
+        let mut addrs = self.resolve(domain).await?;
+        if let Some(last) = slot
+            .last_addr
+            .and_then(|last| addrs.iter().position(|a| *a == last))
+        {
+            let start = (last + usize::from(lost)) % addrs.len();
+            addrs.rotate_left(start);
+        }
         let endpoint = self
             .endpoint
             .get_or_try_init(|| async { Endpoint::bind(SocketAddr::from(([0, 0, 0, 0], 0))) })
             .await
             .map_err(|e| ServiceError::Internal(format!("federation endpoint: {e}")))?;
+        let Some(&first) = addrs.first() else {
+            return Err(ServiceError::PeerUnreachable(domain.to_string()));
+        };
         let mut config =
-            ConnectConfig::federation(addr, domain.as_str(), trust, self.identity.clone());
-        // A peer that does not answer within this is treated as unreachable (the outbox
-        // retries); a restarted peer resets our old connection at once (stable reset key).
+            ConnectConfig::federation(first, domain.as_str(), trust, self.identity.clone());
+        config.server_addrs = addrs;
+        // A peer address that does not answer within this is treated as unreachable (the next
+        // one is tried; once all failed, the outbox retries); a restarted peer resets our old
+        // connection at once (stable reset key).
         config.request_timeout = std::time::Duration::from_secs(10);
         config.connect_timeout = std::time::Duration::from_secs(5);
         let conn = endpoint.connect(&config).await.map_err(|err| {
             tracing::warn!(%domain, %err, "cannot reach peer");
             ServiceError::PeerUnreachable(domain.to_string())
         })?;
-        *slot = Some(conn.clone());
+        slot.last_addr = Some(conn.server_addr());
+        slot.connection = Some(conn.clone());
         Ok(conn)
     }
 

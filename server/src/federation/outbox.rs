@@ -4,6 +4,13 @@
 //! in batches, and deletes them only once the peer acknowledged them (the peer acknowledges
 //! only what it stored durably, and deduplicates by message id, so a retry never delivers
 //! twice). While a peer is unreachable, its worker retries with capped exponential backoff.
+//!
+//! With several nodes over one database, every node runs workers, and the store lets one node
+//! at a time drain a destination (a lease: `outbox_batch` is empty for the others, whose
+//! workers then idle). A node hears only of the entries it wrote itself, so every node also
+//! rescans the pending destinations every `federation.outbox_rescan_ms` (one seek per
+//! destination, cheap on any engine): that is how entries of a node that stopped, or whose
+//! lease ran out, are sent.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +23,10 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::State;
 use crate::error::ServiceError;
+
+/// Most recipients named by one outbox entry (one `Delivery`): bounds the size of an entry
+/// and of the batch it travels in. The same for every storage engine.
+pub(crate) const MAX_RECIPIENTS_PER_DELIVERY: usize = 1024;
 
 /// Wakes the per-domain workers.
 #[derive(Default)]
@@ -38,13 +49,15 @@ impl Outbox {
     }
 }
 
-/// What the outbox needs from storage (implemented for redb in `storage::outbox`; entries are
+/// What the outbox needs from storage (implemented by every engine in `storage`; entries are
 /// added by the Delivery Service's fan-out transaction).
 pub(crate) trait OutboxStore {
     /// Domains with pending entries.
     async fn pending_domains(&self) -> Result<Vec<Domain>, ServiceError>;
     /// The oldest entries for `domain`, in order, with their seqs: at most `max`, and at most
-    /// `max_bytes` of encoded deliveries unless the first alone is larger.
+    /// `max_bytes` of encoded deliveries unless the first alone is larger. Empty as well when
+    /// another node of the domain drains `domain` now (an engine shared by several nodes
+    /// grants each destination to one node at a time; the embedded engine always to this one).
     async fn outbox_batch(
         &self,
         domain: &Domain,
@@ -56,7 +69,7 @@ pub(crate) trait OutboxStore {
 }
 
 /// Starts the dispatcher: one worker per destination with pending entries, now and whenever
-/// new entries are written.
+/// new entries are written, and (with a database shared by several nodes) on every rescan.
 pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) {
     let (sender, mut receiver) = mpsc::unbounded_channel::<Domain>();
     {
@@ -66,6 +79,8 @@ pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) 
         };
         *guard = Some(sender);
     }
+    let period = Duration::from_millis(state.federation.config.outbox_rescan_ms.max(1));
+    tracker.spawn(rescan(state.clone(), period));
     let tracker_inner = tracker.clone();
     tracker.spawn(async move {
         let mut workers: HashMap<Domain, Arc<Notify>> = HashMap::new();
@@ -92,6 +107,21 @@ pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) 
     });
 }
 
+/// Wakes the worker of every destination with pending entries, every `period`: entries
+/// written by other nodes, and those a stopped node held the lease of.
+async fn rescan(state: Arc<State>, period: Duration) {
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        match state.store.pending_domains().await {
+            Ok(domains) => state.federation.outbox.wake(domains),
+            Err(err) => tracing::warn!(%err, "cannot rescan the outbox"),
+        }
+    }
+}
+
 async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
     let config = &state.federation.config;
     let initial = Duration::from_millis(config.retry_initial_ms.max(1));
@@ -114,6 +144,7 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
             }
         };
         if batch.is_empty() {
+            // Nothing to send, or another node sends it: wait for new entries or a rescan.
             tokio::select! {
                 _ = state.shutdown.cancelled() => return,
                 _ = notify.notified() => continue,

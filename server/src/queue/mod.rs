@@ -179,6 +179,9 @@ impl Notifier {
                     listened.recent.pop_front();
                 }
             }
+            // A head the window already covers (e.g. another node's wake-up for an entry this
+            // node pushed) keeps it; a head beyond it is a gap.
+            None if listened.recent.back().is_some_and(|last| last.seq >= head) => {}
             _ => listened.recent.clear(),
         }
         listened.sender.send_modify(|s| s.head = s.head.max(head));
@@ -209,6 +212,15 @@ impl Notifier {
     pub(crate) fn acked(&self, client_num: u64, up_to_seq: u64) {
         if let Some(listened) = self.lock().get_mut(&client_num) {
             listened.recent.retain(|f| f.seq > up_to_seq);
+        }
+    }
+
+    /// Wakes every listener of this node, so each reads from its cursor (after a bus may have
+    /// missed wake-ups).
+    pub(crate) fn wake_all(&self) {
+        let queues = self.lock();
+        for listened in queues.values() {
+            listened.sender.send_modify(|_| {});
         }
     }
 

@@ -1,43 +1,51 @@
-//! The embedded redb store: opening and schema check, reads off the async executor, and a
-//! single writer thread that coalesces concurrent write operations into one durable
-//! transaction (group commit), so one fsync serves every request in the batch.
+//! Storage engines behind the services' store traits ([`crate::auth::AuthStore`],
+//! [`crate::keypackage::KeyPackageStore`], [`crate::queue::QueueStore`],
+//! [`crate::delivery::GroupStore`], [`crate::federation::outbox::OutboxStore`]).
 //!
-//! A write operation returns `Result<Result<R, E>, StoreError>`: the outer error is a storage
-//! failure and aborts the whole batch (every operation in it fails, nothing is written); the
-//! inner error is the operation's own refusal, and an operation that refuses must not have
-//! written anything. The caller's future resolves only after the batch committed durably.
+//! One module per engine: [`redb`] (embedded, the default: one process per domain) and
+//! [`postgres`] (several nodes of one domain over one database). [`Backend`] is the engine the
+//! configuration chose; it implements every trait by handing the call to that engine, so the
+//! services never learn which one runs. The same suite (`suite.rs`) runs against each.
+//!
+//! Every engine gives the same guarantees: nothing is acknowledged before it is durable; an
+//! operation that refuses (the inner error of a write) writes nothing; a group's new state
+//! with all its queue and outbox entries is one transaction; a fanned-out payload is stored
+//! once.
 
-pub(crate) mod auth;
-pub(crate) mod groups;
-pub(crate) mod keypackage;
-pub(crate) mod outbox;
-pub(crate) mod queue;
-pub(crate) mod tables;
+pub(crate) mod postgres;
+pub(crate) mod redb;
 
 #[cfg(test)]
 mod suite;
 
-use std::panic::AssertUnwindSafe;
-use std::path::Path;
 use std::sync::Arc;
-use std::sync::mpsc;
 
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
-use tokio::sync::oneshot;
+use roost_protocol::messages::auth::ClientCredential;
+use roost_protocol::messages::federation::{DeliverResponse, Delivery};
+use roost_protocol::{ClientId, Domain, MessageId, UserId, UserName};
 
-use tables::*;
+use crate::auth::{AuthStore, ClientRecord};
+use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
+use crate::error::ServiceError;
+use crate::federation::outbox::OutboxStore;
+use crate::keypackage::KeyPackageStore;
+use crate::queue::{Enqueued, Fresh, QueueStore};
+use roost_protocol::messages::keypackage::ClaimedKeyPackage;
+use roost_protocol::messages::queue::QueueMessage;
 
 /// A storage failure. Nothing of the failed operation was written.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// redb reported an error.
+    /// The engine reported an error.
     #[error("database error: {0}")]
     Database(Arc<str>),
     /// The database was written by a different schema version.
-    #[error("database schema version {found} is not {expected}")]
+    #[error(
+        "database schema version {found} is not {expected}, the one this roost uses (a newer schema needs a newer roost)"
+    )]
     Schema {
-        /// Version in the file.
+        /// Version in the database.
         found: u64,
         /// Version this build uses.
         expected: u64,
@@ -45,333 +53,133 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("corrupt record in {0}")]
     Corrupt(&'static str),
-    /// The writer thread is gone (shutting down) or an operation panicked.
+    /// The engine is gone (shutting down, the database unreachable) or an operation panicked.
     #[error("store unavailable")]
     Unavailable,
+    /// The database belongs to another homeserver or disagrees with the configuration.
+    #[error("{0}")]
+    Mismatch(String),
 }
 
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(err: $t) -> Self {
-                StoreError::Database(err.to_string().into())
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
-);
-
-type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-type Job = Box<dyn FnOnce(&WriteTransaction) -> Result<Completion, StoreError> + Send>;
-
-/// Handle to the store; cheap to clone.
+/// The storage engine chosen by `[storage] backend`; cheap to clone.
 #[derive(Clone)]
-pub(crate) struct Store {
-    db: Arc<Database>,
-    writer: mpsc::SyncSender<Job>,
+pub(crate) enum Backend {
+    /// The embedded redb database in the data directory.
+    Redb(redb::Store),
+    /// A PostgreSQL database shared by every node of the domain.
+    Postgres(postgres::PgStore),
 }
 
-impl Store {
-    /// Opens or creates the database at `path`, checks the schema version and starts the
-    /// writer thread. `max_batch` bounds how many operations share one transaction. The
-    /// returned [`WriterHandle`] waits for the writer (and so the database) to close once
-    /// every `Store` clone is dropped.
-    pub(crate) fn open(path: &Path, max_batch: usize) -> Result<(Self, WriterHandle), StoreError> {
-        let db = Database::builder().create(path)?;
-        let txn = db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let found = meta.get("schema_version")?.map(|v| v.value());
-            match found {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)?;
-                }
-                Some(2) => {
-                    outbox::upgrade_from_v2(&txn)?;
-                    meta.insert("schema_version", SCHEMA_VERSION)?;
-                    tracing::info!("database upgraded from schema version 2");
-                }
-                Some(found) if found != SCHEMA_VERSION => {
-                    return Err(StoreError::Schema {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-                Some(_) => {}
-            }
-            // Create every table so readers never meet a missing one.
-            txn.open_table(USERS)?;
-            txn.open_table(CLIENTS)?;
-            txn.open_table(QUEUE_HEADS)?;
-            txn.open_table(QUEUE_ENTRIES)?;
-            txn.open_table(QUEUE_DEDUP)?;
-            txn.open_table(PAYLOADS)?;
-            txn.open_table(PAYLOAD_REFS)?;
-            txn.open_table(KEY_PACKAGES)?;
-            txn.open_table(KEY_PACKAGE_COUNTS)?;
-            txn.open_table(LAST_RESORT)?;
-            txn.open_table(TOKEN_USES)?;
-            txn.open_table(GROUPS)?;
-            txn.open_table(OUTBOX)?;
-        }
-        txn.commit()?;
-
-        let db = Arc::new(db);
-        // A bounded queue: when the disk falls behind, writers wait instead of piling up.
-        let (writer, jobs) = mpsc::sync_channel::<Job>(max_batch * 4);
-        let writer_db = db.clone();
-        let thread = std::thread::Builder::new()
-            .name("roost-store-writer".into())
-            .spawn(move || write_loop(writer_db, &jobs, max_batch))
-            .map_err(|_| StoreError::Unavailable)?;
-        Ok((Self { db, writer }, WriterHandle(thread)))
-    }
-
-    /// Runs `op` in a write transaction shared with other concurrent operations; resolves
-    /// after the transaction committed durably.
-    pub(crate) async fn write<R, E, F>(&self, op: F) -> Result<R, E>
-    where
-        R: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-        F: FnOnce(&WriteTransaction) -> Result<Result<R, E>, StoreError> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel::<Result<R, E>>();
-        let job: Job = Box::new(move |txn| {
-            let outcome = op(txn)?;
-            Ok(Box::new(move |committed: Result<(), StoreError>| {
-                let result = match committed {
-                    Ok(()) => outcome,
-                    Err(err) => Err(E::from(err)),
-                };
-                let _ = tx.send(result);
-            }))
-        });
-        // Normally the queue has room and the job is handed over right here: a blocking-pool
-        // thread per write costs thread switches that dominated the server's profile under
-        // load (docs/BENCHMARKS.md).
-        match self.writer.try_send(job) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(job)) => {
-                let writer = self.writer.clone();
-                // The disk falls behind: wait for room off the executor.
-                tokio::task::spawn_blocking(move || writer.send(job))
-                    .await
-                    .map_err(|_| E::from(StoreError::Unavailable))?
-                    .map_err(|_| E::from(StoreError::Unavailable))?;
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => {
-                return Err(E::from(StoreError::Unavailable));
-            }
-        }
-        rx.await.map_err(|_| E::from(StoreError::Unavailable))?
-    }
-
-    /// Runs `op` in a read transaction on the calling thread. Only for code that already runs
-    /// on a blocking thread (e.g. inside MLS processing).
-    pub(crate) fn read_blocking<R>(
-        &self,
-        op: impl FnOnce(&ReadTransaction) -> Result<R, StoreError>,
-    ) -> Result<R, StoreError> {
-        let txn = self.db.begin_read()?;
-        op(&txn)
-    }
-
-    /// Runs `op` in a read transaction on a blocking thread.
-    pub(crate) async fn read<R, E, F>(&self, op: F) -> Result<R, E>
-    where
-        R: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-        F: FnOnce(&ReadTransaction) -> Result<R, E> + Send + 'static,
-    {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || {
-            let txn = db.begin_read().map_err(StoreError::from)?;
-            op(&txn)
-        })
-        .await
-        .map_err(|_| E::from(StoreError::Unavailable))?
-    }
+/// What must run until the engine is closed: redb's writer thread, PostgreSQL's listener.
+pub(crate) enum Closer {
+    Redb(redb::WriterHandle),
+    Postgres(postgres::PgCloser),
 }
 
-/// The writer thread; see [`Store::open`].
-pub(crate) struct WriterHandle(std::thread::JoinHandle<()>);
-
-impl WriterHandle {
-    /// Waits until every `Store` clone is dropped, the last batch committed and the database
-    /// file is closed.
+impl Closer {
+    /// Waits until every [`Backend`] clone is dropped and the engine closed. Blocking.
     pub(crate) fn join(self) {
-        if self.0.join().is_err() {
-            tracing::error!("store writer thread panicked");
+        match self {
+            Closer::Redb(writer) => writer.join(),
+            Closer::Postgres(closer) => closer.join(),
         }
     }
 }
 
-fn write_loop(db: Arc<Database>, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
-    // Blocks until the first job; ends when every Store handle is gone.
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        run_batch(&db, batch);
-    }
-    // Readers hold their own clones only for the duration of a read; wait them out so the
-    // file is closed when join() returns.
-    let mut db = db;
-    loop {
-        match Arc::try_unwrap(db) {
-            Ok(db) => {
-                drop(db);
-                return;
-            }
-            Err(shared) => {
-                db = shared;
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
+impl Backend {
+    /// Whether the engine answers a trivial read (for `/health`).
+    pub(crate) async fn healthy(&self) -> Result<(), StoreError> {
+        match self {
+            Backend::Redb(store) => store.healthy().await,
+            Backend::Postgres(store) => store.healthy().await,
         }
     }
 }
 
-fn run_batch(db: &Database, batch: Vec<Job>) {
-    let txn = match db.begin_write() {
-        Ok(txn) => txn,
-        Err(err) => {
-            let err = StoreError::from(err);
-            tracing::error!(%err, "cannot begin write transaction");
-            // Jobs that never ran are dropped: their callers see Unavailable.
-            return;
+/// Implements a store trait for [`Backend`] by handing every call to the engine.
+macro_rules! dispatch {
+    ($trait:ident { $(async fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)* }) => {
+        impl $trait for Backend {
+            $(
+                async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                    match self {
+                        Backend::Redb(store) => store.$name($($arg),*).await,
+                        Backend::Postgres(store) => store.$name($($arg),*).await,
+                    }
+                }
+            )*
         }
     };
-    let mut completions = Vec::with_capacity(batch.len());
-    let mut failure = None;
-    for job in batch {
-        if failure.is_some() {
-            // Dropping the job drops its reply sender: the caller gets Unavailable.
-            continue;
-        }
-        match std::panic::catch_unwind(AssertUnwindSafe(|| job(&txn))) {
-            Ok(Ok(completion)) => completions.push(completion),
-            Ok(Err(err)) => failure = Some(err),
-            Err(_) => failure = Some(StoreError::Unavailable),
-        }
-    }
-    let result = match failure {
-        Some(err) => {
-            tracing::error!(%err, "write batch aborted");
-            let _ = txn.abort();
-            Err(err)
-        }
-        None => txn.commit().map_err(StoreError::from),
-    };
-    if let Err(err) = &result {
-        tracing::error!(%err, "write batch failed");
-    }
-    for completion in completions {
-        completion(result.clone());
-    }
 }
 
-/// Reads a counter from META, returns it, and stores it incremented.
-pub(crate) fn next_counter(txn: &WriteTransaction, name: &str) -> Result<u64, StoreError> {
-    let mut meta = txn.open_table(META)?;
-    let value = meta.get(name)?.map(|v| v.value()).unwrap_or(1);
-    meta.insert(name, value + 1)?;
-    Ok(value)
-}
+dispatch!(AuthStore {
+    async fn create_user(&self, name: &UserName, user_key: Vec<u8>, token: Option<(String, u64)>) -> Result<(), ServiceError>;
+    async fn user_key(&self, name: &UserName) -> Result<Option<Vec<u8>>, ServiceError>;
+    async fn add_client(&self, credential: ClientCredential) -> Result<u64, ServiceError>;
+    async fn remove_client(&self, client: &ClientId) -> Result<u64, ServiceError>;
+    async fn active_client(&self, client: &ClientId) -> Result<Option<ClientRecord>, ServiceError>;
+    async fn active_clients_of(&self, user: &UserId) -> Result<Vec<ClientRecord>, ServiceError>;
+    async fn client_nums(&self, clients: Vec<ClientId>) -> Result<Vec<Option<u64>>, ServiceError>;
+    async fn replace_credential(&self, credential: ClientCredential) -> Result<(), ServiceError>;
+});
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+dispatch!(KeyPackageStore {
+    async fn add(&self, client_num: u64, ordinary: Vec<(u64, Vec<u8>)>, last_resort: Option<(u64, Vec<u8>)>, max_held: u64) -> Result<u64, ServiceError>;
+    async fn claim_one(&self, target: &ClientId, now: u64) -> Result<ClaimedKeyPackage, ServiceError>;
+    async fn claim_for_user(&self, user: &UserId, now: u64) -> Result<Vec<ClaimedKeyPackage>, ServiceError>;
+    async fn count(&self, client_num: u64, now: u64) -> Result<(u32, bool), ServiceError>;
+    async fn purge_expired(&self, now: u64) -> Result<u64, ServiceError>;
+});
 
-    #[derive(Debug, PartialEq)]
-    enum TestError {
-        Store,
-        Refused,
-    }
+dispatch!(QueueStore {
+    async fn enqueue(&self, recipient: &ClientId, id: MessageId, timestamp_ms: u64, payload: Vec<u8>, max_depth: u64) -> Result<(u64, Enqueued), ServiceError>;
+    async fn read_queue(&self, client_num: u64, after_seq: u64, max_messages: usize, max_bytes: usize, cutoff_ms: u64) -> Result<(Vec<QueueMessage>, u64), ServiceError>;
+    async fn ack(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
+    async fn deliver(&self, deliveries: Vec<Delivery>, max_depth: u64, now_ms: u64) -> Result<(DeliverResponse, Vec<(u64, Fresh)>), ServiceError>;
+    async fn expire(&self, cutoff_ms: u64) -> Result<u64, ServiceError>;
+});
 
-    impl From<StoreError> for TestError {
-        fn from(_: StoreError) -> Self {
-            TestError::Store
+dispatch!(GroupStore {
+    async fn load_group(&self, key: Vec<u8>) -> Result<Option<GroupState>, ServiceError>;
+    async fn group_version(&self, key: Vec<u8>) -> Result<Option<u64>, ServiceError>;
+    async fn create_group(&self, state: GroupState) -> Result<(), ServiceError>;
+    async fn apply(&self, group: GroupWrite, fan_outs: Vec<FanOut>, max_depth: u64) -> Result<FanOutResult, ServiceError>;
+});
+
+dispatch!(OutboxStore {
+    async fn pending_domains(&self) -> Result<Vec<Domain>, ServiceError>;
+    async fn outbox_batch(&self, domain: &Domain, max: usize, max_bytes: usize) -> Result<Vec<(u64, Delivery)>, ServiceError>;
+    async fn outbox_remove(&self, domain: &Domain, seqs: Vec<u64>) -> Result<(), ServiceError>;
+});
+
+/// Opens the configured engine: redb at `redb_path`, or PostgreSQL (migrating its schema and
+/// checking that it belongs to this domain and AS key). `sink` hears the other nodes.
+pub(crate) async fn open(
+    settings: &crate::config::Settings,
+    redb_path: &std::path::Path,
+    as_public_key: &[u8],
+    sink: crate::bus::BusSink,
+) -> Result<(Backend, Closer), StoreError> {
+    match &settings.storage {
+        crate::config::StorageSettings::Redb => {
+            let max_batch = settings.limits.max_write_batch as usize;
+            let (store, writer) = redb::Store::open(redb_path, max_batch)?;
+            Ok((Backend::Redb(store), Closer::Redb(writer)))
         }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_writes_are_all_durable_and_refusals_write_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.redb");
-        let (store, writer) = Store::open(&path, 64).unwrap();
-        let mut tasks = Vec::new();
-        for i in 0..200u64 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                store
-                    .write(move |txn| {
-                        if i % 10 == 0 {
-                            return Ok(Err(TestError::Refused));
-                        }
-                        let mut meta = txn.open_table(META)?;
-                        meta.insert(format!("k{i}").as_str(), i)?;
-                        Ok(Ok(i))
-                    })
-                    .await
-            }));
+        crate::config::StorageSettings::Postgres {
+            url,
+            pool_size,
+            timeout,
+        } => {
+            let options = postgres::Options {
+                url,
+                pool_size: *pool_size,
+                timeout: *timeout,
+                domain: settings.domain.as_str(),
+                as_public_key,
+            };
+            let (store, closer) = postgres::PgStore::connect(options, sink).await?;
+            Ok((Backend::Postgres(store), Closer::Postgres(closer)))
         }
-        for (i, task) in tasks.into_iter().enumerate() {
-            let result = task.await.unwrap();
-            if i % 10 == 0 {
-                assert_eq!(result, Err(TestError::Refused));
-            } else {
-                assert_eq!(result, Ok(i as u64));
-            }
-        }
-        drop(store);
-        writer.join();
-        // Reopen: everything acknowledged is there, nothing refused is.
-        let db = Database::create(&path).unwrap();
-        let txn = db.begin_read().unwrap();
-        let meta = txn.open_table(META).unwrap();
-        for i in 0..200u64 {
-            let got = meta
-                .get(format!("k{i}").as_str())
-                .unwrap()
-                .map(|v| v.value());
-            assert_eq!(got, if i % 10 == 0 { None } else { Some(i) });
-        }
-    }
-
-    #[tokio::test]
-    async fn a_storage_failure_aborts_the_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _writer) = Store::open(&dir.path().join("db.redb"), 8).unwrap();
-        let failed: Result<(), TestError> = store
-            .write(|txn| {
-                txn.open_table(META)?.insert("partial", 1)?;
-                Err(StoreError::Corrupt("test"))
-            })
-            .await;
-        assert_eq!(failed, Err(TestError::Store));
-        let value: Option<u64> = store
-            .read(|txn| {
-                let meta = txn.open_table(META).map_err(StoreError::from)?;
-                Ok::<_, TestError>(
-                    meta.get("partial")
-                        .map_err(StoreError::from)?
-                        .map(|v| v.value()),
-                )
-            })
-            .await
-            .unwrap();
-        assert_eq!(value, None);
     }
 }

@@ -1,5 +1,6 @@
 //! The store test suite, written against the service traits only, so that every storage
-//! backend runs the same tests (today: redb).
+//! engine runs the same tests: redb, and PostgreSQL on a throwaway cluster started by the test
+//! (roost_interop::postgres; the binaries of the Debian package postgresql-15).
 
 use roost_protocol::messages::auth::ClientCredential;
 use roost_protocol::messages::federation::Delivery;
@@ -9,13 +10,13 @@ use roost_protocol::{ClientId, MessageId};
 use tls_codec::Serialize as _;
 
 use crate::auth::AuthStore;
-use crate::delivery::{FanOut, GroupState, GroupStore};
+use crate::delivery::{FanOut, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
 use crate::keypackage::KeyPackageStore;
 use crate::queue::{Enqueued, QueueStore};
 
-fn credential(client: &str) -> ClientCredential {
+pub(crate) fn credential(client: &str) -> ClientCredential {
     ClientCredential {
         client: client.parse().unwrap(),
         signature_key: vec![7; 32].into(),
@@ -91,6 +92,16 @@ pub(crate) async fn auth<S: AuthStore>(store: &S) {
         ["laptop", "phone"]
     );
 
+    // Client numbers of many clients in one call, in the order asked.
+    let laptop_id: ClientId = "alice@example.org/laptop".parse().unwrap();
+    let nobody: ClientId = "nobody@example.org/x".parse().unwrap();
+    assert_eq!(
+        store
+            .client_nums(vec![laptop_id.clone(), nobody.clone(), phone.clone()])
+            .await
+            .unwrap(),
+        vec![Some(laptop), None, Some(num)]
+    );
     let mut renewed = credential("alice@example.org/phone");
     renewed.not_after = 99;
     store.replace_credential(renewed.clone()).await.unwrap();
@@ -107,6 +118,10 @@ pub(crate) async fn auth<S: AuthStore>(store: &S) {
     // Removal leaves a tombstone: gone, and the name stays used.
     assert_eq!(store.remove_client(&phone).await.unwrap(), num);
     assert_eq!(store.active_client(&phone).await.unwrap(), None);
+    assert_eq!(
+        store.client_nums(vec![phone.clone()]).await.unwrap(),
+        vec![None]
+    );
     assert!(matches!(
         store.remove_client(&phone).await,
         Err(ServiceError::ClientNotFound)
@@ -312,7 +327,13 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
     let state = |epoch| GroupState {
         key: vec![1, 2, 3],
         epoch,
+        version: epoch,
         snapshot: vec![epoch as u8; 10],
+    };
+    let write = |loaded: u64, state: Option<GroupState>| GroupWrite {
+        key: vec![1, 2, 3],
+        loaded,
+        state,
     };
     store.create_group(state(0)).await.unwrap();
     assert!(matches!(
@@ -329,6 +350,8 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         vec![0; 10]
     );
     assert!(store.load_group(vec![9]).await.unwrap().is_none());
+    assert_eq!(store.group_version(vec![1, 2, 3]).await.unwrap(), Some(0));
+    assert_eq!(store.group_version(vec![9]).await.unwrap(), None);
 
     let beta: roost_protocol::Domain = "beta.test".parse().unwrap();
     let remote: Vec<ClientId> = vec![
@@ -346,8 +369,32 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
             message: vec![n].into(),
         }),
     };
+    // A write against a version that is not the stored one (another node moved the group on)
+    // writes nothing: neither the state nor any queue or outbox entry.
+    for stale in [write(1, Some(state(2))), write(5, None)] {
+        assert!(matches!(
+            store.apply(stale, vec![fan(1)], 10).await,
+            Err(ServiceError::GroupMoved)
+        ));
+    }
+    assert!(matches!(
+        store
+            .apply(
+                GroupWrite {
+                    key: vec![9],
+                    loaded: 0,
+                    state: None
+                },
+                vec![fan(1)],
+                10
+            )
+            .await,
+        Err(ServiceError::GroupMoved)
+    ));
+    assert_eq!(store.read_queue(num, 0, 10, 1 << 20, 0).await.unwrap().1, 0);
+    assert!(store.pending_domains().await.unwrap().is_empty());
     let result = store
-        .apply(Some(state(1)), vec![fan(1), fan(2)], 10)
+        .apply(write(0, Some(state(1))), vec![fan(1), fan(2)], 10)
         .await
         .unwrap();
     // Unknown local recipients are skipped; remote ones are counted once in the outbox.
@@ -363,6 +410,13 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
             .epoch,
         1
     );
+    assert_eq!(store.group_version(vec![1, 2, 3]).await.unwrap(), Some(1));
+    // The version moved: the old one is refused, the new one accepted.
+    assert!(matches!(
+        store.apply(write(0, None), Vec::new(), 10).await,
+        Err(ServiceError::GroupMoved)
+    ));
+    store.apply(write(1, None), Vec::new(), 10).await.unwrap();
     assert_eq!(
         store
             .read_queue(num, 0, 10, 1 << 20, 0)
@@ -412,7 +466,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         remote: [(beta.clone(), many.clone())].into_iter().collect(),
         payload: fan(3).payload,
     };
-    let result = store.apply(None, vec![big], 10).await.unwrap();
+    let result = store.apply(write(1, None), vec![big], 10).await.unwrap();
     assert_eq!(result.reached, vec![1500]);
     let batch = store.outbox_batch(&beta, 10, usize::MAX).await.unwrap();
     let sizes: Vec<usize> = batch.iter().map(|(_, d)| d.recipients.len()).collect();
@@ -435,15 +489,38 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         1,
         "a byte budget of one entry holds one"
     );
+
+    // Every destination with entries is listed once, in name order, however many entries
+    // each holds.
+    let domains: Vec<roost_protocol::Domain> = ["a.test", "gamma.test", "zeta.test"]
+        .iter()
+        .map(|d| d.parse().unwrap())
+        .collect();
+    for round in 0..3u8 {
+        let fan = FanOut {
+            local: Vec::new(),
+            remote: domains
+                .iter()
+                .map(|d| (d.clone(), vec![format!("u@{d}/x").parse().unwrap()]))
+                .collect(),
+            payload: fan(10 + round).payload,
+        };
+        store.apply(write(1, None), vec![fan], 10).await.unwrap();
+    }
+    let mut expected = domains.clone();
+    expected.push(beta.clone());
+    expected.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    assert_eq!(store.pending_domains().await.unwrap(), expected);
 }
 
 mod redb_backend {
-    use crate::storage::Store;
+    use crate::storage::Backend;
+    use crate::storage::redb::Store;
 
-    fn open() -> (tempfile::TempDir, Store) {
+    fn open() -> (tempfile::TempDir, Backend) {
         let dir = tempfile::tempdir().unwrap();
         let (store, _writer) = Store::open(&dir.path().join("db.redb"), 64).unwrap();
-        (dir, store)
+        (dir, Backend::Redb(store))
     }
 
     #[tokio::test]
@@ -468,5 +545,53 @@ mod redb_backend {
     async fn queues() {
         let (_dir, store) = open();
         super::queues(&store).await;
+    }
+}
+
+/// The same suite on PostgreSQL: one cluster, a database per part.
+pub(crate) mod postgres_backend {
+    use std::time::Duration;
+
+    use crate::bus::BusSink;
+    use crate::storage::Backend;
+    use crate::storage::postgres::{Options, PgCloser, PgStore};
+
+    /// A node over the database at `url` (each call is another node: its own pool and id),
+    /// with `timeout` for waits, statements and (times three) outbox leases.
+    pub(crate) async fn connect(url: &str, timeout: Duration) -> (PgStore, PgCloser) {
+        let sink = BusSink {
+            queues: Default::default(),
+            revoked: Default::default(),
+        };
+        let options = Options {
+            url,
+            pool_size: 8,
+            timeout,
+            domain: "example.org",
+            as_public_key: &[7; 32],
+        };
+        PgStore::connect(options, sink).await.unwrap()
+    }
+
+    pub(crate) async fn open(url: &str) -> (Backend, PgCloser) {
+        let (store, closer) = connect(url, Duration::from_secs(10)).await;
+        (Backend::Postgres(store), closer)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_part() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        for part in ["auth", "key_packages", "queues", "groups_and_outbox"] {
+            let url = cluster.create_database(part).unwrap();
+            let (store, closer) = open(&url).await;
+            match part {
+                "auth" => super::auth(&store).await,
+                "key_packages" => super::key_packages(&store).await,
+                "queues" => super::queues(&store).await,
+                _ => super::groups_and_outbox(&store).await,
+            }
+            drop(store);
+            closer.join();
+        }
     }
 }

@@ -59,6 +59,7 @@ fn server_config(
         peer.0.into(),
         PeerConfig {
             address: Some(peer.1.to_string()),
+            addresses: Vec::new(),
             certificate: None,
         },
     );
@@ -464,4 +465,128 @@ async fn denied_domains_are_not_federated_with() {
     assert_eq!(err.wire_error().unwrap().code, ErrorCode::FORBIDDEN);
     beta.shutdown().await;
     alpha.shutdown().await;
+}
+
+/// A UDP socket on 127.0.0.1 that never answers: a peer node that is down. Keep it while the
+/// test runs so its port stays taken.
+fn silent_node() -> (std::net::UdpSocket, String) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap().to_string();
+    (socket, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_entry_whose_first_address_is_down_delivers_through_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    let (a, b) = (free_port(), free_port());
+    let (_down_1, down_1) = silent_node();
+    let (_down_2, down_2) = silent_node();
+    let mut alpha_cfg = server_config(dir.path(), &pki, ALPHA, a, (BETA, b));
+    let mut beta_cfg = server_config(dir.path(), &pki, BETA, b, (ALPHA, a));
+    // Both forms: `address` first, then `addresses`; or `addresses` alone.
+    alpha_cfg.federation.peers.insert(
+        BETA.into(),
+        PeerConfig {
+            address: Some(down_1),
+            addresses: vec![b.to_string()],
+            certificate: None,
+        },
+    );
+    beta_cfg.federation.peers.insert(
+        ALPHA.into(),
+        PeerConfig {
+            address: None,
+            addresses: vec![down_2, a.to_string()],
+            certificate: None,
+        },
+    );
+    let alpha = start(alpha_cfg).await;
+    let beta = start(beta_cfg).await;
+    let mut alice = Member::new_in(&alpha, "alice", ALPHA).await;
+    let mut bob = Member::new_in(&beta, "bob", BETA).await;
+    bob.upload_key_packages(1).await;
+
+    // alpha → beta: a forwarded claim, then the Welcome and a message through the outbox.
+    alice.create_group(4).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    join(&mut bob).await;
+    alice.send(b"to beta").await.unwrap();
+    assert_eq!(receive(&mut bob, 1).await, vec![b"to beta".to_vec()]);
+    // beta → alpha: bob's message is forwarded to the hub.
+    bob.send(b"to alpha").await.unwrap();
+    assert_eq!(receive(&mut alice, 1).await, vec![b"to alpha".to_vec()]);
+    beta.shutdown().await;
+    alpha.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_peer_node_goes_away_the_outbox_moves_to_its_next_address_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    let (a, b1, b2) = (free_port(), free_port(), free_port());
+    let mut alpha_cfg = server_config(dir.path(), &pki, ALPHA, a, (BETA, b1));
+    if let Some(beta) = alpha_cfg.federation.peers.get_mut(BETA) {
+        beta.addresses = vec![b2.to_string()];
+    }
+    let mut beta_cfg = server_config(dir.path(), &pki, BETA, b1, (ALPHA, a));
+    let alpha = start(alpha_cfg).await;
+    let beta = start(beta_cfg.clone()).await;
+    let mut alice = Member::new_in(&alpha, "alice", ALPHA).await;
+    let mut bob = Member::new_in(&beta, "bob", BETA).await;
+    bob.upload_key_packages(1).await;
+    alice.create_group(5).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    join(&mut bob).await;
+
+    // beta's node at its first address goes away; beta (the same data) answers at the second.
+    beta.shutdown().await;
+    beta_cfg.listen = b2;
+    let beta = start(beta_cfg).await;
+    bob.conn = connect(&beta).await;
+    login(&bob.conn, &bob.client).await;
+
+    let sent = std::time::Instant::now();
+    for n in 0..3u8 {
+        alice.send(&[n]).await.unwrap();
+    }
+    let got = receive(&mut bob, 3).await;
+    assert_eq!(got, (0..3u8).map(|n| vec![n]).collect::<Vec<_>>());
+    // Trying the gone address again first would cost the 5 s handshake limit.
+    assert!(
+        sent.elapsed() < Duration::from_secs(4),
+        "arrived after {:?}",
+        sent.elapsed()
+    );
+    beta.shutdown().await;
+    alpha.shutdown().await;
+}
+
+#[test]
+fn peer_addresses_are_read_from_the_configuration_file() {
+    let config = Config::from_toml(
+        r#"
+[federation.peers."beta.test"]
+address = "beta-1.example.net:4433"
+addresses = ["beta-2.example.net:4433", "192.0.2.7:4433"]
+
+[federation.peers."gamma.test"]
+addresses = ["gamma.example.net:4433"]
+"#,
+    )
+    .unwrap();
+    let peers = &config.federation.peers;
+    assert_eq!(
+        peers["beta.test"].address.as_deref(),
+        Some("beta-1.example.net:4433")
+    );
+    assert_eq!(
+        peers["beta.test"].addresses,
+        ["beta-2.example.net:4433", "192.0.2.7:4433"]
+    );
+    assert_eq!(peers["gamma.test"].address, None);
+    assert_eq!(peers["gamma.test"].addresses, ["gamma.example.net:4433"]);
+    config.validate().unwrap();
 }

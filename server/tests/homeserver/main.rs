@@ -11,6 +11,7 @@ mod federation;
 mod keypackages;
 mod mls_member;
 mod mls_member_external;
+mod multinode;
 mod operations;
 mod pki;
 mod queue;

@@ -33,9 +33,18 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
 
 /// Runs the scenario `name` against fresh homeservers and fails the test if it fails.
 pub(crate) fn scenario(name: &str) {
+    scenario_on(name, scenarios::Topology::default());
+}
+
+/// Runs the scenario `name` on `topology` and fails the test if it fails.
+pub(crate) fn scenario_on(name: &str, topology: scenarios::Topology) {
     let scenario = scenarios::find(name).unwrap_or_else(|| panic!("no scenario {name}"));
+    assert!(
+        topology.runs(scenario),
+        "{name} does not run on {topology:?}"
+    );
     let roost = roost();
-    let outcome = runtime().block_on(scenarios::run_scenario(&roost, scenario));
+    let outcome = runtime().block_on(scenarios::run_scenario(&roost, scenario, topology));
     println!("{}", outcome.line());
     assert!(
         outcome.passed,

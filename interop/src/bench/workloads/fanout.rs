@@ -1,8 +1,9 @@
 //! `fanout`: one sender, a group of N members (the sender and N−1 pooled clients, all
 //! listening). Per message: the time until the SendMessage is acknowledged, i.e. every
 //! member's queue holds it durably (the DS answers after the transaction with the N−1 queue
-//! entries committed), and the time until every listener got it pushed. The baseline is raw
-//! redb: one durable transaction inserting N−1 queue-entry-shaped rows, one per client.
+//! entries committed), and the time until every listener got it pushed. The baseline is the
+//! raw engine: one durable transaction inserting N−1 queue-entry-shaped rows, one per client
+//! (redb, or PostgreSQL when the servers run on it).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -13,7 +14,7 @@ use indicatif::ProgressBar;
 use serde_json::json;
 
 use super::{Pool, listen, set_phase, uuid};
-use crate::bench::baseline::redb_insert;
+use crate::bench::baseline::{postgres_insert, redb_insert};
 use crate::bench::clients::{self, BenchClient};
 use crate::bench::mls::GroupOwner;
 use crate::bench::server::BenchServers;
@@ -24,8 +25,16 @@ use crate::bench::{BenchConfig, WorkloadResult};
 const SETUP_CHUNK: usize = 1_000;
 /// Longest wait for every listener to get one message.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(60);
-/// Transactions of the redb baseline.
+/// Transactions of the raw baseline.
 const BASELINE_ROUNDS: usize = 20;
+
+/// The raw engine the fan-out is compared with.
+pub(super) enum Baseline<'a> {
+    /// A redb file in this directory.
+    Redb(&'a Path),
+    /// A PostgreSQL database (connection string).
+    Postgres(&'a str),
+}
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
@@ -35,7 +44,7 @@ pub(super) async fn run(
     owner: BenchClient,
     size: usize,
     index: usize,
-    dir: &Path,
+    baseline: &Baseline<'_>,
     progress: &ProgressBar,
 ) -> anyhow::Result<WorkloadResult> {
     let size = size.clamp(2, pool.clients.len() + 1);
@@ -85,7 +94,13 @@ pub(super) async fn run(
     let peak = stats::rss_of(servers.pid(0)).peak;
     drop(listening);
 
-    let baseline = redb_insert(dir, receivers, BASELINE_ROUNDS)?;
+    let (engine, baseline) = match baseline {
+        Baseline::Redb(dir) => ("redb", redb_insert(dir, receivers, BASELINE_ROUNDS)?),
+        Baseline::Postgres(url) => (
+            "PostgreSQL",
+            postgres_insert(url, receivers, BASELINE_ROUNDS).await?,
+        ),
+    };
     let baseline_us = baseline.as_micros() as f64;
     let durable_p50 = durable.median();
     let ratio = if baseline_us > 0.0 {
@@ -95,7 +110,7 @@ pub(super) async fn run(
     };
     let pushed_max = pushed.quantile(1.0);
     let (target, met) = match size {
-        1_000 => ("durable ≤ 3 × redb insert".to_owned(), ratio <= 3.0),
+        1_000 => (format!("durable ≤ 3 × {engine} insert"), ratio <= 3.0),
         10_000 => (
             "all listeners pushed ≤ 1 s".to_owned(),
             pushed_max <= 1_000_000,
@@ -118,7 +133,7 @@ pub(super) async fn run(
         p99_us: durable.quantile(0.99),
         p999_us: durable.quantile(0.999),
         server_peak_rss_bytes: peak,
-        baseline: format!("redb µs, {receivers} rows/txn"),
+        baseline: format!("{engine} µs, {receivers} rows/txn"),
         baseline_value: baseline_us,
         ratio,
         target,

@@ -27,6 +27,8 @@ use super::clients::{self, BenchClient};
 use super::server::BenchServers;
 use super::stats::{self, ExecutorProbe, Latencies};
 use super::{BenchConfig, WorkloadResult};
+use crate::harness::Storage;
+use send::Route;
 
 /// An application message a pooled client received: (its index in the pool, the group's
 /// uuid, when it arrived).
@@ -182,13 +184,48 @@ pub(crate) async fn run_all(
     dir: &Path,
     progress: &ProgressBar,
 ) -> anyhow::Result<Vec<WorkloadResult>> {
+    let mut results = Vec::new();
+    // On PostgreSQL, send-1to1 is compared with redb's in the same run.
+    let mut redb_send = None;
+    if config.storage == Storage::Postgres && config.selected("send-1to1") {
+        set_phase(progress, "redb baseline: starting a homeserver", 1);
+        let servers =
+            BenchServers::start(roost, &dir.join("redb-baseline"), 1, Storage::Redb, 1).await?;
+        let result = send::run(config, &servers, Route::LOCAL, false, progress).await;
+        let stopped = servers.shutdown().await;
+        let (mut rows, _) = result?;
+        stopped?;
+        tag(&mut rows, Storage::Redb, 1);
+        redb_send = rows.first().map(|r| r.ops_per_sec);
+        results.extend(rows);
+    }
     set_phase(progress, "starting homeservers", 1);
-    let servers = BenchServers::start(roost, dir, 2).await?;
-    let result = run_on(config, &servers, dir, progress).await;
+    let servers = BenchServers::start(roost, dir, 2, config.storage, config.nodes).await?;
+    let result = run_on(config, &servers, dir, redb_send, progress)
+        .await
+        .map(|mut rows| {
+            tag(&mut rows, config.storage, config.nodes);
+            results.extend(rows);
+            results
+        });
     let stopped = servers.shutdown().await;
     let results = result?;
     stopped?;
     Ok(results)
+}
+
+/// Adds the storage engine and nodes per domain to every row's parameters.
+fn tag(rows: &mut [WorkloadResult], storage: Storage, nodes: usize) {
+    let backend = match storage {
+        Storage::Redb => "redb",
+        Storage::Postgres => "postgres",
+    };
+    for row in rows {
+        if let serde_json::Value::Object(params) = &mut row.params {
+            params.insert("backend".into(), serde_json::json!(backend));
+            params.insert("nodes".into(), serde_json::json!(nodes));
+        }
+    }
 }
 
 /// The executor probe of alpha (server 0), if its `/metrics` answers.
@@ -218,6 +255,7 @@ async fn run_on(
     config: &BenchConfig,
     servers: &BenchServers,
     dir: &Path,
+    redb_send: Option<f64>,
     progress: &ProgressBar,
 ) -> anyhow::Result<Vec<WorkloadResult>> {
     let mut results = Vec::new();
@@ -235,16 +273,39 @@ async fn run_on(
         stats::reset_peak(servers.pid(0));
         let keep = config.selected("idle-connections");
         let before = probe(servers).await;
-        let (mut rows, pairs) = send::run(config, servers, (0, 0), keep, progress).await?;
+        let (mut rows, pairs) = send::run(config, servers, Route::LOCAL, keep, progress).await?;
         attach_probe(servers, before, &mut rows).await;
         one_to_one = rows.first().map(|r| r.ops_per_sec);
         kept = pairs;
+        if let (Some(redb), Some(row)) = (redb_send, rows.first()) {
+            let row = send::compared(row, "postgres vs redb", "redb send-1to1 msgs/s", redb, 0.5);
+            rows.push(row);
+        }
         results.extend(rows);
+        let spread = servers.nodes(0);
+        if spread > 1 {
+            let route = Route {
+                spread,
+                ..Route::LOCAL
+            };
+            let (mut rows, _) = send::run(config, servers, route, false, progress).await?;
+            if let (Some(one), Some(row)) = (one_to_one, rows.first()) {
+                let row = send::compared(
+                    row,
+                    "pairs spread over the nodes vs all on node 0",
+                    "send-1to1 msgs/s on one node",
+                    one,
+                    1.0,
+                );
+                rows.push(row);
+            }
+            results.extend(rows);
+        }
     }
     if config.selected("federated-send") {
         stats::reset_peak(servers.pid(0));
         let before = probe(servers).await;
-        let (mut rows, _) = send::run(config, servers, (0, 1), false, progress).await?;
+        let (mut rows, _) = send::run(config, servers, Route::FEDERATED, false, progress).await?;
         if let (Some(row), Some(local)) = (rows.first_mut(), one_to_one) {
             send::compare_with_local(row, local);
         }
@@ -299,6 +360,11 @@ async fn run_on(
         }
     }
     if config.selected("fanout") {
+        let url = servers.scratch_database("bench_baseline")?;
+        let baseline = match &url {
+            Some(url) => fanout::Baseline::Postgres(url),
+            None => fanout::Baseline::Redb(dir),
+        };
         for (i, &size) in config.members.iter().enumerate() {
             stats::reset_peak(servers.pid(0));
             let before = probe(servers).await;
@@ -309,7 +375,7 @@ async fn run_on(
                 owner.clone(),
                 size,
                 i,
-                dir,
+                &baseline,
                 progress,
             )
             .await?;

@@ -55,31 +55,67 @@ async fn next_message(stream: &mut ListenStream) -> anyhow::Result<(u64, QueuePa
     }
 }
 
+/// Where a send workload's pairs are: senders on server `from`, receivers on server `to`;
+/// with `spread` > 1 the pairs are spread over that many nodes of a domain (a pair's sender
+/// and receiver on the same node), otherwise all are on node 0.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Route {
+    pub(super) from: usize,
+    pub(super) to: usize,
+    pub(super) spread: usize,
+}
+
+impl Route {
+    /// `send-1to1` on one node.
+    pub(super) const LOCAL: Route = Route {
+        from: 0,
+        to: 0,
+        spread: 1,
+    };
+    /// `federated-send`.
+    pub(super) const FEDERATED: Route = Route {
+        from: 0,
+        to: 1,
+        spread: 1,
+    };
+}
+
 async fn setup(
     servers: &BenchServers,
-    (from, to): (usize, usize),
+    route: Route,
     count: usize,
     tag: u8,
     progress: &ProgressBar,
 ) -> anyhow::Result<Vec<Pair>> {
+    let Route { from, to, spread } = route;
     let name = if from == to { "send" } else { "fed" };
     set_phase(progress, &format!("{name}: clients"), 4 * count);
-    let senders = clients::ready_clients(
-        &servers.connect_config(from)?,
-        &servers.domain(from)?,
-        &format!("{name}s"),
-        count,
-        progress,
-    )
-    .await?;
-    let receivers = clients::ready_clients(
-        &servers.connect_config(to)?,
-        &servers.domain(to)?,
-        &format!("{name}r"),
-        count,
-        progress,
-    )
-    .await?;
+    let spread = spread.clamp(1, count.max(1));
+    let mut senders = Vec::with_capacity(count);
+    let mut receivers = Vec::with_capacity(count);
+    for node in 0..spread {
+        let here = count / spread + usize::from(node < count % spread);
+        senders.extend(
+            clients::ready_clients(
+                &servers.node_connect_config(from, node)?,
+                &servers.domain(from)?,
+                &format!("{name}s{tag}n{node}x"),
+                here,
+                progress,
+            )
+            .await?,
+        );
+        receivers.extend(
+            clients::ready_clients(
+                &servers.node_connect_config(to, node)?,
+                &servers.domain(to)?,
+                &format!("{name}r{tag}n{node}x"),
+                here,
+                progress,
+            )
+            .await?,
+        );
+    }
     let kps = clients::key_packages(&receivers).await?;
     set_phase(progress, &format!("{name}: groups"), count);
     let mut tasks = JoinSet::new();
@@ -224,18 +260,21 @@ pub(super) async fn among_idle(
     })
 }
 
-/// `send-1to1` (`route` = (0, 0)) or `federated-send` (`route` = (0, 1)). With `keep`, the
-/// pairs of a local run stay connected and are returned for [`among_idle`].
+/// `send-1to1` ([`Route::LOCAL`], or spread over nodes) or `federated-send`
+/// ([`Route::FEDERATED`]). With `keep`, the pairs of a local run stay connected and are
+/// returned for [`among_idle`].
 pub(super) async fn run(
     config: &BenchConfig,
     servers: &BenchServers,
-    route: (usize, usize),
+    route: Route,
     keep: bool,
     progress: &ProgressBar,
 ) -> anyhow::Result<(Vec<WorkloadResult>, Option<Kept>)> {
-    let federated = route.0 != route.1;
+    let federated = route.from != route.to;
     let (name, tag) = if federated {
         ("federated-send", 2)
+    } else if route.spread > 1 {
+        ("send-1to1", 5)
     } else {
         ("send-1to1", 1)
     };
@@ -251,7 +290,7 @@ pub(super) async fn run(
         - 4;
 
     set_phase(progress, &format!("{name}: max rate"), 1);
-    let rss_pid = servers.pid(route.0);
+    let rss_pid = servers.pid(route.from);
     let udp_before = stats::udp_counters();
     let (pairs, max_rate, max_latencies) = phase(pairs, config.duration, None).await?;
     let udp = stats::udp_per_op(udp_before, stats::udp_counters(), max_latencies.len());
@@ -262,7 +301,7 @@ pub(super) async fn run(
         phase(pairs, config.duration, Some(max_rate / 2.0)).await?
     };
     let peak = stats::rss_of(rss_pid).peak;
-    let receiver_peak = stats::rss_of(servers.pid(route.1)).peak;
+    let receiver_peak = stats::rss_of(servers.pid(route.to)).peak;
     let kept = if keep && !federated {
         Some(Kept { pairs, max_rate })
     } else {
@@ -281,7 +320,7 @@ pub(super) async fn run(
     let echo_udp = stats::udp_per_op(udp_before, stats::udp_counters(), echo_latencies.len());
     echo.stop();
 
-    let params = json!({ "pairs": config.pairs, "load": "max" });
+    let params = json!({ "pairs": config.pairs, "load": "max", "spread": route.spread });
     let details = json!({
         "messages": max_latencies.len(),
         "request_bytes": request_len,
@@ -316,7 +355,7 @@ pub(super) async fn run(
         let p99 = half_latencies.quantile(0.99);
         rows.push(WorkloadResult {
             workload: name.into(),
-            params: json!({ "pairs": config.pairs, "load": "half", "offered_per_sec": (max_rate / 2.0).round() }),
+            params: json!({ "pairs": config.pairs, "load": "half", "spread": route.spread, "offered_per_sec": (max_rate / 2.0).round() }),
             ops_per_sec: half_rate,
             p50_us: half_latencies.median(),
             p99_us: p99,
@@ -350,4 +389,35 @@ pub(super) fn compare_with_local(row: &mut WorkloadResult, local_rate: f64) {
     };
     row.target = "≥ 0.60 × send-1to1".into();
     row.met = row.ratio >= 0.60;
+}
+
+/// A row comparing a `send-1to1` rate with another same-run `send-1to1` rate: PostgreSQL
+/// against redb (target ≥ `min_ratio`), or pairs spread over nodes against one node.
+pub(super) fn compared(
+    row: &WorkloadResult,
+    what: &str,
+    baseline_name: &str,
+    baseline_rate: f64,
+    min_ratio: f64,
+) -> WorkloadResult {
+    let ratio = if baseline_rate > 0.0 {
+        row.ops_per_sec / baseline_rate
+    } else {
+        0.0
+    };
+    let mut params = row.params.clone();
+    if let serde_json::Value::Object(map) = &mut params {
+        map.insert("compared".into(), json!(what));
+    }
+    WorkloadResult {
+        workload: row.workload.clone(),
+        params,
+        baseline: baseline_name.to_owned(),
+        baseline_value: baseline_rate,
+        ratio,
+        target: format!("≥ {min_ratio:.2} × {baseline_name}"),
+        met: ratio >= min_ratio,
+        details: json!({ "quinn_echo_ratio": row.ratio }),
+        ..row.clone()
+    }
 }

@@ -9,11 +9,7 @@ use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSize};
 use super::tables::OUTBOX;
 use super::{Store, StoreError, next_counter};
 use crate::error::ServiceError;
-use crate::federation::outbox::OutboxStore;
-
-/// Most recipients named by one outbox entry (one `Delivery`): bounds the size of an entry
-/// and of the batch it travels in.
-pub(crate) const MAX_RECIPIENTS_PER_DELIVERY: usize = 1024;
+use crate::federation::outbox::{MAX_RECIPIENTS_PER_DELIVERY, OutboxStore};
 
 /// Adds one message for `recipients` (all of `domain`) inside `txn`: one entry per
 /// [`MAX_RECIPIENTS_PER_DELIVERY`] recipients, each holding the payload once.
@@ -85,16 +81,41 @@ impl OutboxStore for Store {
     async fn pending_domains(&self) -> Result<Vec<Domain>, ServiceError> {
         self.read(|txn| {
             let outbox = txn.open_table(OUTBOX)?;
+            // One seek per destination, not a walk over every entry: keys are (domain, seq),
+            // so the first key at or after (domain, u64::MAX) belongs to the next domain.
             let mut domains: Vec<Domain> = Vec::new();
-            for entry in outbox.iter()? {
+            let mut after: Option<String> = None;
+            loop {
+                let mut range = match &after {
+                    None => outbox.iter()?,
+                    Some(name) => outbox.range((name.as_str(), u64::MAX)..)?,
+                };
+                let Some(entry) = range.next() else {
+                    break;
+                };
                 let (key, _) = entry?;
-                if let Ok(domain) = key.value().0.parse::<Domain>()
-                    && domains.last() != Some(&domain)
-                {
+                let (name, seq) = key.value();
+                if after.as_deref() == Some(name) && seq == u64::MAX {
+                    // An entry at the very end of the previous domain: step past it.
+                    match range.next() {
+                        Some(entry) => {
+                            let (key, _) = entry?;
+                            let name = key.value().0.to_owned();
+                            if let Ok(domain) = name.parse::<Domain>() {
+                                domains.push(domain);
+                            }
+                            after = Some(name);
+                        }
+                        None => break,
+                    }
+                    continue;
+                }
+                let name = name.to_owned();
+                if let Ok(domain) = name.parse::<Domain>() {
                     domains.push(domain);
                 }
+                after = Some(name);
             }
-            domains.dedup();
             Ok::<_, StoreError>(domains)
         })
         .await
@@ -152,7 +173,7 @@ mod tests {
     use roost_protocol::messages::queue::GroupMessage;
 
     use super::*;
-    use crate::storage::tables::{META, SCHEMA_VERSION};
+    use crate::storage::redb::tables::{META, SCHEMA_VERSION};
 
     fn schema_version(path: &std::path::Path) -> Option<u64> {
         let db = Database::open(path).unwrap();

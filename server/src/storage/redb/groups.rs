@@ -8,9 +8,9 @@ use roost_protocol::MessageId;
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use super::queue::enqueue_in_txn;
-use super::tables::GROUPS;
+use super::tables::{GROUP_VERSIONS, GROUPS};
 use super::{Store, StoreError};
-use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore};
+use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::queue::{Enqueued, Fresh};
 
@@ -23,6 +23,8 @@ struct StoredGroup {
 
 /// Stores `state` (taken: its snapshot becomes the record's bytes without a copy).
 fn store_group(txn: &redb::WriteTransaction, state: GroupState) -> Result<(), StoreError> {
+    txn.open_table(GROUP_VERSIONS)?
+        .insert(state.key.as_slice(), state.version)?;
     let record = StoredGroup {
         epoch: state.epoch,
         snapshot: state.snapshot.into(),
@@ -92,6 +94,19 @@ fn fan_out(
     Ok(reached)
 }
 
+/// The stored version of a group (0 for groups stored before versions were kept), if the
+/// group exists.
+fn version_of<T, V>(groups: &T, versions: &V, key: &[u8]) -> Result<Option<u64>, StoreError>
+where
+    T: ReadableTable<&'static [u8], &'static [u8]>,
+    V: ReadableTable<&'static [u8], u64>,
+{
+    if groups.get(key)?.is_none() {
+        return Ok(None);
+    }
+    Ok(Some(versions.get(key)?.map(|v| v.value()).unwrap_or(0)))
+}
+
 impl GroupStore for Store {
     async fn load_group(&self, key: Vec<u8>) -> Result<Option<GroupState>, ServiceError> {
         self.read(move |txn| {
@@ -99,14 +114,30 @@ impl GroupStore for Store {
             let Some(raw) = groups.get(key.as_slice())? else {
                 return Ok(None);
             };
+            let version = txn
+                .open_table(GROUP_VERSIONS)?
+                .get(key.as_slice())?
+                .map(|v| v.value())
+                .unwrap_or(0);
             match StoredGroup::tls_deserialize_bytes(raw.value()) {
                 Ok((record, [])) => Ok(Some(GroupState {
                     key: key.clone(),
                     epoch: record.epoch,
+                    version,
                     snapshot: record.snapshot.into_vec(),
                 })),
                 _ => Err(StoreError::Corrupt("groups")),
             }
+        })
+        .await
+        .map_err(ServiceError::from)
+    }
+
+    async fn group_version(&self, key: Vec<u8>) -> Result<Option<u64>, ServiceError> {
+        self.read(move |txn| {
+            let groups = txn.open_table(GROUPS)?;
+            let versions = txn.open_table(GROUP_VERSIONS)?;
+            version_of(&groups, &versions, &key)
         })
         .await
         .map_err(ServiceError::from)
@@ -125,12 +156,25 @@ impl GroupStore for Store {
 
     async fn apply(
         &self,
-        state: Option<GroupState>,
+        group: GroupWrite,
         fan_outs: Vec<FanOut>,
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError> {
         self.write(move |txn| {
-            if let Some(state) = state {
+            let stored = {
+                let groups = txn.open_table(GROUPS)?;
+                let versions = txn.open_table(GROUP_VERSIONS)?;
+                version_of(&groups, &versions, &group.key)?
+            };
+            if stored != Some(group.loaded) {
+                return Ok(Err(ServiceError::GroupMoved));
+            }
+            if let Some(state) = group.state {
+                if state.version != group.loaded + 1 || state.key != group.key {
+                    return Ok(Err(ServiceError::Internal(
+                        "group write out of step".into(),
+                    )));
+                }
                 store_group(txn, state)?;
             }
             let mut result = FanOutResult::default();

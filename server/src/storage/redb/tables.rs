@@ -55,6 +55,11 @@ pub(crate) const LAST_RESORT: TableDefinition<'_, u64, (u64, &[u8])> =
 /// (epoch, `DsGroup` snapshot).
 pub(crate) const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
 
+/// Version of each hosted group's stored state (see `delivery`), by MLS group id; bumped
+/// with every write of the state. Absent for groups stored before versions were kept: 0.
+pub(crate) const GROUP_VERSIONS: TableDefinition<'_, &[u8], u64> =
+    TableDefinition::new("group_versions");
+
 /// Federation outbox by (destination domain, outbox seq): TLS-encoded `Delivery` (one message
 /// for up to 1,024 recipients of that domain). Written in the transaction that accepts the
 /// message; deleted when the peer acknowledged it.

@@ -65,10 +65,7 @@ fn active(stored: StoredClient) -> Option<ClientRecord> {
 }
 
 /// Looks up an active local client in an open table (for other stores' transactions).
-pub(crate) fn active_client<T>(
-    clients: &T,
-    client: &ClientId,
-) -> Result<Option<ClientRecord>, StoreError>
+fn active_client<T>(clients: &T, client: &ClientId) -> Result<Option<ClientRecord>, StoreError>
 where
     T: ReadableTable<&'static str, &'static [u8]>,
 {
@@ -148,6 +145,18 @@ impl AuthStore for Store {
                 Ok((record, [])) => Ok(Some(record.user_key.into_vec())),
                 _ => Err(StoreError::Corrupt("users")),
             }
+        })
+        .await
+        .map_err(ServiceError::from)
+    }
+
+    async fn client_nums(&self, clients: Vec<ClientId>) -> Result<Vec<Option<u64>>, ServiceError> {
+        self.read(move |txn| {
+            let table = txn.open_table(CLIENTS)?;
+            clients
+                .iter()
+                .map(|client| Ok(active_client(&table, client)?.map(|r| r.client_num)))
+                .collect::<Result<Vec<_>, StoreError>>()
         })
         .await
         .map_err(ServiceError::from)

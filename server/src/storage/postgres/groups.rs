@@ -1,0 +1,415 @@
+//! PostgreSQL implementation of the Delivery Service's store: hosted groups' states, and
+//! fan-outs that write a group's new state, every local recipient's queue entry (payload
+//! stored once per fan-out) and every remote recipient's outbox entry in one transaction.
+//!
+//! A write first locks the group row (`FOR UPDATE` when it writes a new state, `FOR SHARE`
+//! when it only fans out: fan-outs of one version may run side by side, a state write waits
+//! for them and they for it) and refuses, writing nothing, unless the stored version is the
+//! one the operation loaded. The group row is locked before any queue row (see `queue`).
+
+use std::borrow::Cow;
+
+use bytes::Bytes;
+use roost_protocol::MessageId;
+use tls_codec::Serialize as _;
+use tokio_postgres::types::Type;
+
+use super::queue::{Batch, col, enqueue_in_txn, exec, refuse};
+use super::{PgStore, to_i64, to_u64};
+use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
+use crate::error::ServiceError;
+use crate::queue::{Enqueued, Fresh};
+use crate::storage::StoreError;
+
+/// A fan-out ready to write: its message id and time, its local recipients in ascending
+/// order, its payload encoded once.
+struct Prepared<'a> {
+    id: MessageId,
+    timestamp_ms: u64,
+    local: Cow<'a, [u64]>,
+    payload: Bytes,
+}
+
+fn prepare(fan_out: &FanOut) -> Result<Prepared<'_>, StoreError> {
+    // Ascending client numbers lock the head rows in the order every writer uses. The DS
+    // hands them over sorted; sorting again is cheap insurance for other callers.
+    let local: Cow<'_, [u64]> = if fan_out.local.is_sorted() {
+        fan_out.local.as_slice().into()
+    } else {
+        let mut sorted = fan_out.local.clone();
+        sorted.sort_unstable();
+        sorted.into()
+    };
+    let payload = fan_out
+        .payload
+        .tls_serialize_detached()
+        .map_err(|_| StoreError::Corrupt("payload encoding"))?;
+    Ok(Prepared {
+        id: MessageId(rand::random()),
+        timestamp_ms: crate::unix_millis(),
+        local,
+        payload: payload.into(),
+    })
+}
+
+async fn load_group(store: &PgStore, key: Vec<u8>) -> Result<Option<GroupState>, StoreError> {
+    let client = store.client().await?;
+    let Some(row) = client
+        .query_typed_opt(
+            "SELECT epoch, version, snapshot FROM groups WHERE key = $1",
+            &[(&key, Type::BYTEA)],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(GroupState {
+        epoch: to_u64(col(&row, 0)?)?,
+        version: to_u64(col(&row, 1)?)?,
+        snapshot: col(&row, 2)?,
+        key,
+    }))
+}
+
+async fn group_version(store: &PgStore, key: &[u8]) -> Result<Option<u64>, StoreError> {
+    let client = store.client().await?;
+    let row = client
+        .query_typed_opt(
+            "SELECT version FROM groups WHERE key = $1",
+            &[(&key, Type::BYTEA)],
+        )
+        .await?;
+    row.map(|row| to_u64(col(&row, 0)?)).transpose()
+}
+
+async fn create_group(
+    store: &PgStore,
+    state: GroupState,
+) -> Result<Result<(), ServiceError>, StoreError> {
+    let client = store.client().await?;
+    let (epoch, version) = (to_i64(state.epoch)?, to_i64(state.version)?);
+    let inserted = client
+        .execute_typed(
+            "INSERT INTO groups (key, epoch, version, snapshot) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (key) DO NOTHING",
+            &[
+                (&state.key, Type::BYTEA),
+                (&epoch, Type::INT8),
+                (&version, Type::INT8),
+                (&state.snapshot, Type::BYTEA),
+            ],
+        )
+        .await?;
+    Ok(if inserted == 0 {
+        Err(ServiceError::GroupExists)
+    } else {
+        Ok(())
+    })
+}
+
+async fn apply(
+    store: &PgStore,
+    group: GroupWrite,
+    fan_outs: Vec<FanOut>,
+    max_depth: u64,
+) -> Result<Result<FanOutResult, ServiceError>, StoreError> {
+    let prepared: Vec<Prepared<'_>> = fan_outs.iter().map(prepare).collect::<Result<_, _>>()?;
+    let mut client = store.client().await?;
+    let txn = client.transaction().await?;
+    let lock = if group.state.is_some() {
+        "SELECT version FROM groups WHERE key = $1 FOR UPDATE"
+    } else {
+        "SELECT version FROM groups WHERE key = $1 FOR SHARE"
+    };
+    let stored = txn
+        .query_typed_opt(lock, &[(&group.key, Type::BYTEA)])
+        .await?
+        .map(|row| to_u64(col(&row, 0)?))
+        .transpose()?;
+    if stored != Some(group.loaded) {
+        return refuse(txn, ServiceError::GroupMoved).await;
+    }
+    let new_state = match &group.state {
+        Some(state) => {
+            if state.version != group.loaded + 1 || state.key != group.key {
+                return refuse(
+                    txn,
+                    ServiceError::Internal("group write out of step".into()),
+                )
+                .await;
+            }
+            Some((state, to_i64(state.epoch)?, to_i64(state.version)?))
+        }
+        None => None,
+    };
+    let batches: Vec<Batch<'_>> = prepared
+        .iter()
+        .map(|p| Batch {
+            recipients: &p.local,
+            id: p.id,
+            timestamp_ms: p.timestamp_ms,
+            payload: &p.payload,
+        })
+        .collect();
+    // The state, the outbox entries and the queue entries do not depend on each other: their
+    // statements are pipelined.
+    let ((), (), outcomes) = tokio::try_join!(
+        biased;
+        async {
+            let Some((state, epoch, version)) = &new_state else {
+                return Ok(());
+            };
+            exec(
+                &txn,
+                "UPDATE groups SET epoch = $2, version = $3, snapshot = $4 WHERE key = $1",
+                [
+                    (&state.key, Type::BYTEA),
+                    (epoch, Type::INT8),
+                    (version, Type::INT8),
+                    (&state.snapshot, Type::BYTEA),
+                ],
+            )
+            .await
+            .map(|_| ())
+        },
+        async {
+            for (fan_out, prepared) in fan_outs.iter().zip(&prepared) {
+                for (domain, clients) in &fan_out.remote {
+                    super::outbox::add_in_txn(
+                        &txn,
+                        domain,
+                        clients,
+                        prepared.id,
+                        prepared.timestamp_ms,
+                        &fan_out.payload,
+                    )
+                    .await?;
+                }
+            }
+            Ok(())
+        },
+        enqueue_in_txn(&txn, store.node(), max_depth, &batches, false),
+    )?;
+    txn.commit().await?;
+
+    let mut result = FanOutResult::default();
+    for ((fan_out, prepared), outcomes) in fan_outs.iter().zip(&prepared).zip(outcomes) {
+        let mut reached = 0u32;
+        for (domain, clients) in &fan_out.remote {
+            reached = reached.saturating_add(u32::try_from(clients.len()).unwrap_or(u32::MAX));
+            result.domains.push(domain.clone());
+        }
+        for (num, outcome) in prepared.local.iter().zip(outcomes) {
+            match outcome {
+                Enqueued::Queued(seq) => {
+                    let fresh = Fresh {
+                        seq,
+                        id: prepared.id,
+                        timestamp_ms: prepared.timestamp_ms,
+                        payload: prepared.payload.clone(),
+                    };
+                    result.queues.push((*num, fresh));
+                    reached = reached.saturating_add(1);
+                }
+                Enqueued::Duplicate(_) => reached = reached.saturating_add(1),
+                // Removed since the DS resolved its recipients: its queue is gone.
+                Enqueued::Gone => {}
+                Enqueued::Full => {
+                    metrics::counter!("roost_queue_full_drops_total").increment(1);
+                    tracing::warn!(
+                        client_num = num,
+                        "queue full: message dropped for this recipient"
+                    );
+                }
+            }
+        }
+        result.reached.push(reached);
+    }
+    Ok(Ok(result))
+}
+
+impl GroupStore for PgStore {
+    async fn load_group(&self, key: Vec<u8>) -> Result<Option<GroupState>, ServiceError> {
+        Ok(load_group(self, key).await?)
+    }
+
+    async fn group_version(&self, key: Vec<u8>) -> Result<Option<u64>, ServiceError> {
+        Ok(group_version(self, &key).await?)
+    }
+
+    async fn create_group(&self, state: GroupState) -> Result<(), ServiceError> {
+        create_group(self, state).await?
+    }
+
+    async fn apply(
+        &self,
+        group: GroupWrite,
+        fan_outs: Vec<FanOut>,
+        max_depth: u64,
+    ) -> Result<FanOutResult, ServiceError> {
+        apply(self, group, fan_outs, max_depth).await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use roost_protocol::messages::queue::QueuePayload;
+
+    use super::*;
+    use crate::queue::QueueStore;
+    use crate::storage::postgres::queue::tests::{add_queue, count, database, message, node};
+
+    const KEY: [u8; 3] = [1, 2, 3];
+
+    fn state(version: u64, tag: u8) -> GroupState {
+        GroupState {
+            key: KEY.to_vec(),
+            epoch: version,
+            version,
+            snapshot: vec![tag; 10],
+        }
+    }
+
+    fn fan_out(local: &[u64], payload: QueuePayload) -> FanOut {
+        FanOut {
+            local: local.to_vec(),
+            remote: Default::default(),
+            payload,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_fanning_out_to_the_same_queues_leave_no_gap() {
+        let (_cluster, url) = database();
+        let (a, closer_a, _) = node(&url).await;
+        let (b, closer_b, _) = node(&url).await;
+        let mut nums = Vec::new();
+        for i in 0..50 {
+            nums.push(add_queue(&a, &format!("u{i}")).await.1);
+        }
+        a.create_group(state(0, 0)).await.unwrap();
+        // Each node sends 20 messages from 4 concurrent senders of 5 each; node B names the
+        // recipients in descending order (the store sorts them).
+        let mut senders = Vec::new();
+        for (store, tag) in [(&a, 1u8), (&b, 2u8)] {
+            for sender in 0..4u8 {
+                let (store, nums) = (store.clone(), nums.clone());
+                senders.push(tokio::spawn(async move {
+                    let mut local = nums;
+                    if tag == 2 {
+                        local.reverse();
+                    }
+                    for n in 0..5u8 {
+                        let write = GroupWrite {
+                            key: KEY.to_vec(),
+                            loaded: 0,
+                            state: None,
+                        };
+                        let fan = fan_out(&local, message(tag, sender * 5 + n));
+                        let result = store.apply(write, vec![fan], 100).await.unwrap();
+                        assert_eq!(result.reached, [50]);
+                        assert_eq!(result.queues.len(), 50);
+                    }
+                }));
+            }
+        }
+        for sender in senders {
+            sender.await.unwrap();
+        }
+        for &num in &nums {
+            let (messages, head) = a.read_queue(num, 0, 100, usize::MAX, 0).await.unwrap();
+            let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "queue {num}");
+            assert_eq!(head, 40);
+            // Every message once, and each sender's in the order it sent them.
+            for tag in [1u8, 2] {
+                for sender in 0..4u8 {
+                    let sent: Vec<QueuePayload> = messages
+                        .iter()
+                        .map(|m| m.payload.clone())
+                        .filter(|p| {
+                            matches!(p, QueuePayload::GroupMessage(g)
+                                if g.message.as_slice().first() == Some(&tag)
+                                    && g.message.as_slice().get(1).is_some_and(|n| n / 5 == sender))
+                        })
+                        .collect();
+                    let expected: Vec<QueuePayload> =
+                        (0..5).map(|n| message(tag, sender * 5 + n)).collect();
+                    assert_eq!(sent, expected, "queue {num}, node {tag}, sender {sender}");
+                }
+            }
+        }
+        // Each payload stored once, named by all 50 entries.
+        assert_eq!(
+            count(&a, "SELECT count(*) FROM payloads WHERE refs = 50").await,
+            40
+        );
+        assert_eq!(count(&a, "SELECT count(*) FROM payloads").await, 40);
+        drop((a, b));
+        closer_a.join();
+        closer_b.join();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn of_two_nodes_writing_one_version_one_wins_and_the_other_writes_nothing() {
+        let (_cluster, url) = database();
+        let (a, closer_a, _) = node(&url).await;
+        let (b, closer_b, _) = node(&url).await;
+        let (_, num) = add_queue(&a, "member").await;
+        a.create_group(state(0, 0)).await.unwrap();
+        let mut winners = Vec::new();
+        for round in 0..10u8 {
+            let loaded = u64::from(round);
+            let attempt = |store: &PgStore, tag: u8| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let write = GroupWrite {
+                        key: KEY.to_vec(),
+                        loaded,
+                        state: Some(state(loaded + 1, tag)),
+                    };
+                    store
+                        .apply(write, vec![fan_out(&[num], message(tag, round))], 100)
+                        .await
+                })
+            };
+            let (on_a, on_b) = tokio::join!(attempt(&a, 1), attempt(&b, 2));
+            let winner = match (on_a.unwrap(), on_b.unwrap()) {
+                (Ok(result), Err(ServiceError::GroupMoved)) => {
+                    assert_eq!(result.queues.len(), 1);
+                    1
+                }
+                (Err(ServiceError::GroupMoved), Ok(result)) => {
+                    assert_eq!(result.queues.len(), 1);
+                    2
+                }
+                (a, b) => panic!(
+                    "round {round}: expected one success and one GroupMoved, got {:?} and {:?}",
+                    a.err(),
+                    b.err()
+                ),
+            };
+            winners.push(winner);
+            let stored = a.load_group(KEY.to_vec()).await.unwrap().unwrap();
+            assert_eq!(
+                (stored.version, stored.snapshot),
+                (loaded + 1, vec![winner; 10])
+            );
+        }
+        // Only the winners' messages were queued, one per round, and only their payloads
+        // stored.
+        let (messages, head) = a.read_queue(num, 0, 100, usize::MAX, 0).await.unwrap();
+        let got: Vec<(u64, QueuePayload)> =
+            messages.into_iter().map(|m| (m.seq, m.payload)).collect();
+        let expected: Vec<(u64, QueuePayload)> = winners
+            .iter()
+            .zip(0u8..)
+            .map(|(&tag, round)| (u64::from(round) + 1, message(tag, round)))
+            .collect();
+        assert_eq!((got, head), (expected, 10));
+        assert_eq!(count(&a, "SELECT count(*) FROM payloads").await, 10);
+        drop((a, b));
+        closer_a.join();
+        closer_b.join();
+    }
+}

@@ -1,0 +1,379 @@
+//! The PostgreSQL engine: every node of a domain runs the services over one database.
+//!
+//! - Connections come from a pool (deadpool over tokio-postgres); waiting for one, connecting
+//!   and each statement are bounded by `storage.timeout_ms`, and a database that is down or
+//!   unreachable makes the operation fail with [`StoreError::Unavailable`] (UNAVAILABLE on the
+//!   wire). The pool replaces broken connections, so a node recovers by itself when the
+//!   database returns.
+//! - Every write operation is one transaction, committed (durably: `synchronous_commit` is the
+//!   server's, on by default) before it is acknowledged. An operation that refuses rolls back.
+//!   PostgreSQL shares one WAL flush between transactions that commit together, which is the
+//!   group commit the embedded engine does itself.
+//! - Ordering across nodes comes from row locks taken in a fixed order (ascending client
+//!   number for queues; the group row for a group), so there are no deadlocks between writers
+//!   of this module.
+//! - The schema is created and upgraded by numbered, forward-only migrations (`migrations/`),
+//!   applied at start inside one transaction under an advisory lock, so nodes starting
+//!   together do not race; a database whose schema is newer than this build is refused, and
+//!   so is one that belongs to another domain or AS key.
+//! - Wake-ups for the other nodes are `NOTIFY`s sent inside the writing transactions (see
+//!   [`crate::bus`] and `listen`).
+
+mod auth;
+mod groups;
+mod keypackage;
+mod listen;
+mod outbox;
+mod queue;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+use super::StoreError;
+use crate::bus::BusSink;
+
+/// Migrations, in order: (version, SQL). Append only; never edit a released one.
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+
+/// Key of the advisory lock that serialises migrations ("roost" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0072_6f6f_7374;
+
+/// What [`PgStore::connect`] needs.
+pub(crate) struct Options<'a> {
+    /// Connection string (may hold a password: never logged).
+    pub(crate) url: &'a str,
+    pub(crate) pool_size: u32,
+    pub(crate) timeout: Duration,
+    pub(crate) domain: &'a str,
+    pub(crate) as_public_key: &'a [u8],
+}
+
+/// Handle to the PostgreSQL engine; cheap to clone.
+#[derive(Clone)]
+pub(crate) struct PgStore {
+    pool: Pool,
+    /// This node's id, random per process: names its outbox leases and its own wake-ups.
+    node: Arc<str>,
+    timeout: Duration,
+}
+
+/// Closes the pool and stops the listener at shutdown.
+pub(crate) struct PgCloser {
+    pool: Pool,
+    listener: tokio::task::JoinHandle<()>,
+}
+
+impl PgCloser {
+    /// Stops the listener and closes every pooled connection. Blocking-safe.
+    pub(crate) fn join(self) {
+        self.listener.abort();
+        self.pool.close();
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        // A closed or failed connection: the database went away (or the network to it).
+        if err.is_closed() || err.code().is_none() && err.as_db_error().is_none() {
+            return StoreError::Unavailable;
+        }
+        match err.code() {
+            Some(code)
+                if *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+                    || *code == SqlState::QUERY_CANCELED
+                    || *code == SqlState::TOO_MANY_CONNECTIONS
+                    || *code == SqlState::DISK_FULL
+                    || *code == SqlState::OUT_OF_MEMORY
+                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED =>
+            {
+                StoreError::Unavailable
+            }
+            _ => StoreError::Database(match err.as_db_error() {
+                Some(db) => format!("{} ({})", db.message(), db.code().code()).into(),
+                None => err.to_string().into(),
+            }),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for StoreError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => err.into(),
+            _ => StoreError::Unavailable,
+        }
+    }
+}
+
+/// Converts a stored BIGINT back to the services' u64 (stored values are never negative).
+pub(super) fn to_u64(value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt("negative number"))
+}
+
+/// Converts a u64 of the services to a BIGINT (they stay below 2^63).
+pub(super) fn to_i64(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::Corrupt("number out of range"))
+}
+
+/// Column `idx` of a row read from `table`; a NULL or a value of another type is a corrupt
+/// record (not a connection failure, which is what a bare `tokio_postgres::Error` maps to).
+pub(super) fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    idx: usize,
+    table: &'static str,
+) -> Result<T, StoreError> {
+    row.try_get(idx).map_err(|_| StoreError::Corrupt(table))
+}
+
+fn pg_config(options: &Options<'_>) -> Result<tokio_postgres::Config, StoreError> {
+    let mut config: tokio_postgres::Config = options
+        .url
+        .parse()
+        .map_err(|_| StoreError::Mismatch("storage.url is not a valid connection string".into()))?;
+    let ms = options.timeout.as_millis();
+    config
+        .connect_timeout(options.timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .tcp_user_timeout(options.timeout)
+        .application_name("roost")
+        // A statement that hangs (a lock held by a stuck node, a slow disk) fails instead of
+        // holding the request past its deadline.
+        .options(format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
+            ms.saturating_mul(4)
+        ));
+    Ok(config)
+}
+
+impl PgStore {
+    /// Connects, migrates the schema, checks that the database is this domain's and starts
+    /// listening for the other nodes' wake-ups.
+    pub(crate) async fn connect(
+        options: Options<'_>,
+        sink: BusSink,
+    ) -> Result<(Self, PgCloser), StoreError> {
+        let config = pg_config(&options)?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size as usize)
+            .wait_timeout(Some(options.timeout))
+            .create_timeout(Some(options.timeout))
+            .recycle_timeout(Some(options.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|err| StoreError::Database(err.to_string().into()))?;
+        let store = Self {
+            pool: pool.clone(),
+            node: uuid::Uuid::new_v4().simple().to_string().into(),
+            timeout: options.timeout,
+        };
+        store.migrate().await?;
+        store
+            .check_identity(options.domain, options.as_public_key)
+            .await?;
+        let (ready, listening) = tokio::sync::oneshot::channel();
+        let listener = tokio::spawn(listen::run(config, store.node.clone(), sink, ready));
+        // Serve only once the other nodes' wake-ups are heard.
+        if !matches!(
+            tokio::time::timeout(options.timeout, listening).await,
+            Ok(Ok(()))
+        ) {
+            listener.abort();
+            return Err(StoreError::Database(
+                "cannot LISTEN for the other nodes' wake-ups".into(),
+            ));
+        }
+        Ok((store, PgCloser { pool, listener }))
+    }
+
+    /// A pooled connection (UNAVAILABLE if none comes within the timeout).
+    pub(super) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// This node's id.
+    pub(super) fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The configured timeout (leases and waits are derived from it).
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether the database answers.
+    pub(crate) async fn healthy(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client.simple_query("SELECT 1").await?;
+        Ok(())
+    }
+
+    /// Applies the migrations this build knows that the database lacks, in one transaction
+    /// under an advisory lock; refuses a database with a newer schema.
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        txn.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        txn.batch_execute(
+            "CREATE TABLE IF NOT EXISTS roost_schema (
+                 version    BIGINT PRIMARY KEY,
+                 applied_ms BIGINT NOT NULL
+             )",
+        )
+        .await?;
+        let row = txn
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM roost_schema", &[])
+            .await?;
+        let found: i64 = row.get(0);
+        let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+        if found > known {
+            return Err(StoreError::Schema {
+                found: to_u64(found)?,
+                expected: to_u64(known)?,
+            });
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+            txn.batch_execute(sql).await?;
+            txn.execute(
+                "INSERT INTO roost_schema (version, applied_ms) VALUES ($1, $2)",
+                &[version, &to_i64(crate::unix_millis())?],
+            )
+            .await?;
+            tracing::info!(version, "database schema migrated");
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Records the domain and AS key on first start; refuses a database of another domain or
+    /// AS key (every node of a domain must share its identity files).
+    async fn check_identity(&self, domain: &str, as_public_key: &[u8]) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let txn = client.transaction().await?;
+        let as_key = hex::encode(as_public_key);
+        for (name, value, what) in [
+            ("domain", domain, "domain"),
+            ("as_public_key", as_key.as_str(), "AS signing key"),
+        ] {
+            txn.execute(
+                "INSERT INTO roost_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                &[&name, &value],
+            )
+            .await?;
+            let row = txn
+                .query_one("SELECT value FROM roost_meta WHERE name = $1", &[&name])
+                .await?;
+            let stored: String = row.get(0);
+            if stored != value {
+                return Err(StoreError::Mismatch(if name == "domain" {
+                    format!(
+                        "the database belongs to domain {stored:?}, not {value:?}: check domain and storage.url"
+                    )
+                } else {
+                    format!(
+                        "the database was made with another {what}: every node of a domain must use the same identity files (identity_dir)"
+                    )
+                }));
+            }
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+}
+
+/// Sends the wake-ups for new queue entries (client number, seq) inside `txn`: PostgreSQL
+/// delivers them to the other nodes when, and only if, the transaction commits.
+pub(super) async fn notify_heads(
+    txn: &tokio_postgres::Transaction<'_>,
+    node: &str,
+    heads: &[(u64, u64)],
+) -> Result<(), StoreError> {
+    for payload in crate::bus::encode_heads(node, heads) {
+        txn.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&crate::bus::QUEUES_CHANNEL, &payload],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(url: &str) -> Options<'_> {
+        Options {
+            url,
+            pool_size: 4,
+            timeout: Duration::from_secs(10),
+            domain: "example.org",
+            as_public_key: &[7; 32],
+        }
+    }
+
+    fn sink() -> BusSink {
+        BusSink {
+            queues: Default::default(),
+            revoked: Default::default(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nodes_starting_together_migrate_once_and_newer_schemas_are_refused() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("migrate").unwrap();
+        // Four nodes start at once on an empty database: one creates the schema, the others
+        // wait for it and find it done.
+        let starts: Vec<_> = (0..4)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { PgStore::connect(options(&url), sink()).await })
+            })
+            .collect();
+        let mut closers = Vec::new();
+        for start in starts {
+            match start.await.expect("task") {
+                Ok((_, closer)) => closers.push(closer),
+                Err(err) => panic!("a node failed to start: {err}"),
+            }
+        }
+        let versions = cluster
+            .psql(
+                "migrate",
+                "SELECT version FROM roost_schema ORDER BY version",
+            )
+            .unwrap();
+        assert_eq!(versions.trim(), "1");
+        for closer in closers {
+            closer.join();
+        }
+
+        // A database migrated by a newer roost is refused.
+        cluster
+            .psql("migrate", "INSERT INTO roost_schema VALUES (99, 0)")
+            .unwrap();
+        let refused = PgStore::connect(options(&url), sink()).await;
+        assert!(matches!(
+            refused.err(),
+            Some(StoreError::Schema {
+                found: 99,
+                expected: 1
+            })
+        ));
+    }
+}
