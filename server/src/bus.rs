@@ -9,8 +9,9 @@
 //! [`BusSink::resync`], which wakes every listener of this node.
 //!
 //! The engine publishes, because only the engine knows when a write committed: the PostgreSQL
-//! engine sends `NOTIFY` inside the writing transaction (delivered on commit, never for a
-//! rolled-back write) and listens on a connection of its own (`storage::postgres::listen`).
+//! engine sends a removal's `NOTIFY` inside its transaction (delivered on commit, never for a
+//! rolled-back write), announces queue heads right after their commit, and listens on a
+//! connection of its own (`storage::postgres::{announce, listen}`).
 //! The embedded engine runs one node per domain and needs no bus. Another bus (a message
 //! broker, say) would feed the same [`BusSink`].
 

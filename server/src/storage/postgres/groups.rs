@@ -153,7 +153,7 @@ async fn apply(
         .collect();
     // The state, the outbox entries and the queue entries do not depend on each other: their
     // statements are pipelined.
-    let ((), (), outcomes) = tokio::try_join!(
+    let ((), (), (outcomes, woken)) = tokio::try_join!(
         biased;
         async {
             let Some((state, epoch, version)) = &new_state else {
@@ -188,9 +188,10 @@ async fn apply(
             }
             Ok(())
         },
-        enqueue_in_txn(&txn, store.node(), max_depth, &batches, false),
+        enqueue_in_txn(&txn, max_depth, &batches, false),
     )?;
     txn.commit().await?;
+    store.announce(woken);
 
     let mut result = FanOutResult::default();
     for ((fan_out, prepared), outcomes) in fan_outs.iter().zip(&prepared).zip(outcomes) {

@@ -16,9 +16,15 @@
 //!   applied at start inside one transaction under an advisory lock, so nodes starting
 //!   together do not race; a database whose schema is newer than this build is refused, and
 //!   so is one that belongs to another domain or AS key.
-//! - Wake-ups for the other nodes are `NOTIFY`s sent inside the writing transactions (see
-//!   [`crate::bus`] and `listen`).
+//! - Wake-ups for the other nodes are `NOTIFY`s (see [`crate::bus`] and `listen`). Removals
+//!   notify inside their transaction (delivered on commit, never lost). Queue heads are
+//!   announced after the commit, in batches, by a task of their own (`announce`): PostgreSQL
+//!   serialises the commits of every transaction that notifies (a database-wide lock held
+//!   through the WAL flush), which capped a node at one commit per flush. A node that dies
+//!   between a commit and its announcement leaves other nodes' listeners unwoken until the
+//!   next wake-up of their queue or the periodic resync (`listen`), never without the message.
 
+mod announce;
 mod auth;
 mod groups;
 mod keypackage;
@@ -59,18 +65,23 @@ pub(crate) struct PgStore {
     /// This node's id, random per process: names its outbox leases and its own wake-ups.
     node: Arc<str>,
     timeout: Duration,
+    /// Queue heads to announce to the other nodes (see `announce`).
+    announcer: tokio::sync::mpsc::UnboundedSender<Vec<(u64, u64)>>,
 }
 
-/// Closes the pool and stops the listener at shutdown.
+/// Closes the pool and stops the listener and the announcer at shutdown.
 pub(crate) struct PgCloser {
     pool: Pool,
     listener: tokio::task::JoinHandle<()>,
+    announcer: tokio::task::JoinHandle<()>,
 }
 
 impl PgCloser {
-    /// Stops the listener and closes every pooled connection. Blocking-safe.
+    /// Stops the listener and the announcer and closes every pooled connection.
+    /// Blocking-safe.
     pub(crate) fn join(self) {
         self.listener.abort();
+        self.announcer.abort();
         self.pool.close();
     }
 }
@@ -142,7 +153,6 @@ fn pg_config(options: &Options<'_>) -> Result<tokio_postgres::Config, StoreError
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(10))
         .tcp_user_timeout(options.timeout)
-        .application_name("roost")
         // A statement that hangs (a lock held by a stuck node, a slow disk) fails instead of
         // holding the request past its deadline.
         .options(format!(
@@ -159,7 +169,10 @@ impl PgStore {
         options: Options<'_>,
         sink: BusSink,
     ) -> Result<(Self, PgCloser), StoreError> {
-        let config = pg_config(&options)?;
+        let node: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
+        let mut config = pg_config(&options)?;
+        // Every connection of this node names it, so the others can tell when it is gone.
+        config.application_name(format!("{}{node}", listen::NODE_PREFIX));
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -175,28 +188,39 @@ impl PgStore {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|err| StoreError::Database(err.to_string().into()))?;
+        let (announcer, announcements) = tokio::sync::mpsc::unbounded_channel();
         let store = Self {
             pool: pool.clone(),
-            node: uuid::Uuid::new_v4().simple().to_string().into(),
+            node,
             timeout: options.timeout,
+            announcer,
         };
         store.migrate().await?;
         store
             .check_identity(options.domain, options.as_public_key)
             .await?;
         let (ready, listening) = tokio::sync::oneshot::channel();
-        let listener = tokio::spawn(listen::run(config, store.node.clone(), sink, ready));
+        let listener = tokio::spawn(listen::run(config.clone(), store.node.clone(), sink, ready));
+        let announcer = tokio::spawn(announce::run(config, store.node.clone(), announcements));
         // Serve only once the other nodes' wake-ups are heard.
         if !matches!(
             tokio::time::timeout(options.timeout, listening).await,
             Ok(Ok(()))
         ) {
             listener.abort();
+            announcer.abort();
             return Err(StoreError::Database(
                 "cannot LISTEN for the other nodes' wake-ups".into(),
             ));
         }
-        Ok((store, PgCloser { pool, listener }))
+        Ok((
+            store,
+            PgCloser {
+                pool,
+                listener,
+                announcer,
+            },
+        ))
     }
 
     /// A pooled connection (UNAVAILABLE if none comes within the timeout).
@@ -207,6 +231,14 @@ impl PgStore {
     /// This node's id.
     pub(super) fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Announces committed queue heads (client number, seq) to the other nodes.
+    pub(super) fn announce(&self, heads: Vec<(u64, u64)>) {
+        if !heads.is_empty() {
+            // Only fails once the announcer is gone (shutting down).
+            let _ = self.announcer.send(heads);
+        }
     }
 
     /// The configured timeout (leases and waits are derived from it).
@@ -293,23 +325,6 @@ impl PgStore {
         txn.commit().await?;
         Ok(())
     }
-}
-
-/// Sends the wake-ups for new queue entries (client number, seq) inside `txn`: PostgreSQL
-/// delivers them to the other nodes when, and only if, the transaction commits.
-pub(super) async fn notify_heads(
-    txn: &tokio_postgres::Transaction<'_>,
-    node: &str,
-    heads: &[(u64, u64)],
-) -> Result<(), StoreError> {
-    for payload in crate::bus::encode_heads(node, heads) {
-        txn.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&crate::bus::QUEUES_CHANNEL, &payload],
-        )
-        .await?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -11,8 +11,8 @@
 //!   over unnested arrays. Statements that do not need each other's answers are pipelined on
 //!   the connection (sent together, answered in order); the server still runs them one after
 //!   the other, in the order sent.
-//! - Every transaction that adds entries sends their wake-ups ([`notify_heads`]), delivered to
-//!   the other nodes on commit.
+//! - Every transaction that adds entries returns their heads, which the caller announces to
+//!   the other nodes once it committed ([`PgStore::announce`]).
 //! - A payload's reference count is one row that every ack of a fan-out's recipients updates:
 //!   acks of one big fan-out wait for each other on it (briefly: one statement each).
 //!
@@ -33,7 +33,7 @@ use tls_codec::{DeserializeBytes, Serialize as _};
 use tokio_postgres::types::{FromSql, ToSql, Type};
 use tokio_postgres::{Row, Transaction};
 
-use super::{PgStore, notify_heads, to_i64, to_u64};
+use super::{PgStore, to_i64, to_u64};
 use crate::error::ServiceError;
 use crate::queue::{Enqueued, Fresh, QueueStore};
 use crate::storage::StoreError;
@@ -128,11 +128,10 @@ struct Rows<'a> {
 /// the deepest queue each batch appended to in `roost_queue_depth`.
 pub(super) async fn enqueue_in_txn(
     txn: &Transaction<'_>,
-    node: &str,
     max_depth: u64,
     batches: &[Batch<'_>],
     dedup: bool,
-) -> Result<Vec<Vec<Enqueued>>, StoreError> {
+) -> Result<(Vec<Vec<Enqueued>>, Vec<(u64, u64)>), StoreError> {
     let mut queues = Vec::new();
     for batch in batches {
         for &num in batch.recipients {
@@ -142,7 +141,7 @@ pub(super) async fn enqueue_in_txn(
     queues.sort_unstable();
     queues.dedup();
     if queues.is_empty() {
-        return Ok(batches.iter().map(|_| Vec::new()).collect());
+        return Ok((batches.iter().map(|_| Vec::new()).collect(), Vec::new()));
     }
     let (mut key_nums, mut key_ids) = (Vec::new(), Vec::new());
     if dedup {
@@ -256,7 +255,7 @@ pub(super) async fn enqueue_in_txn(
         outcomes.push(out);
     }
     if rows.woken.is_empty() {
-        return Ok(outcomes);
+        return Ok((outcomes, Vec::new()));
     }
     let (mut head_nums, mut head_seqs, mut head_held) = (Vec::new(), Vec::new(), Vec::new());
     for num in touched {
@@ -319,9 +318,8 @@ pub(super) async fn enqueue_in_txn(
             )
             .await
         },
-        notify_heads(txn, node, &rows.woken),
     )?;
-    Ok(outcomes)
+    Ok((outcomes, rows.woken))
 }
 
 /// Accounts for deleted entries, given as (client number, payload id): lowers the payloads'
@@ -454,8 +452,9 @@ async fn enqueue(
         timestamp_ms,
         payload,
     };
-    let outcomes = enqueue_in_txn(&txn, store.node(), max_depth, &[batch], true).await?;
+    let (outcomes, woken) = enqueue_in_txn(&txn, max_depth, &[batch], true).await?;
     txn.commit().await?;
+    store.announce(woken);
     let outcome = outcomes
         .first()
         .and_then(|out| out.first())
@@ -634,8 +633,9 @@ async fn deliver(
             payload: bytes,
         })
         .collect();
-    let outcomes = enqueue_in_txn(&txn, store.node(), max_depth, &batches, true).await?;
+    let (outcomes, woken_heads) = enqueue_in_txn(&txn, max_depth, &batches, true).await?;
     txn.commit().await?;
+    store.announce(woken_heads);
     let mut woken = Vec::new();
     for ((id, nums, shared), outcomes) in resolved.iter().zip(outcomes) {
         for (num, outcome) in nums.iter().zip(outcomes) {
@@ -1020,23 +1020,6 @@ pub(super) mod tests {
         closer.join();
     }
 
-    /// Waits until `nodes` nodes listen for wake-ups on the database (bounded).
-    pub(in crate::storage::postgres) async fn wait_listening(store: &PgStore, nodes: i64) {
-        for _ in 0..200 {
-            let listening = count(
-                store,
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()
-                 AND state = 'idle' AND query LIKE 'LISTEN%'",
-            )
-            .await;
-            if listening >= nodes {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the nodes' wake-up listeners never started");
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_wake_up_reaches_the_other_node() {
         let (_cluster, url) = database();
@@ -1044,7 +1027,7 @@ pub(super) mod tests {
         let (b, closer_b, heard_by_b) = node(&url).await;
         let (client, num) = add_queue(&a, "listener").await;
         let mut signal = heard_by_b.subscribe(num);
-        wait_listening(&a, 2).await;
+        // `connect` returns once its node listens: B hears what A announces from now on.
         let (_, outcome) = a
             .enqueue(&client, MessageId([1; 16]), 1, encoded(0, 1), 10)
             .await
