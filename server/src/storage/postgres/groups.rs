@@ -23,14 +23,14 @@ use crate::storage::StoreError;
 
 /// A fan-out ready to write: its message id and time, its local recipients in ascending
 /// order, its payload encoded once.
-struct Prepared<'a> {
-    id: MessageId,
-    timestamp_ms: u64,
-    local: Cow<'a, [u64]>,
-    payload: Bytes,
+pub(super) struct Prepared<'a> {
+    pub(super) id: MessageId,
+    pub(super) timestamp_ms: u64,
+    pub(super) local: Cow<'a, [u64]>,
+    pub(super) payload: Bytes,
 }
 
-fn prepare(fan_out: &FanOut) -> Result<Prepared<'_>, StoreError> {
+pub(super) fn prepare(fan_out: &FanOut) -> Result<Prepared<'_>, StoreError> {
     // Ascending client numbers lock the head rows in the order every writer uses. The DS
     // hands them over sorted; sorting again is cheap insurance for other callers.
     let local: Cow<'_, [u64]> = if fan_out.local.is_sorted() {
@@ -113,6 +113,10 @@ async fn apply(
     fan_outs: Vec<FanOut>,
     max_depth: u64,
 ) -> Result<Result<FanOutResult, ServiceError>, StoreError> {
+    if group.state.is_none() {
+        // Messages: written with others of this node in one transaction (see `batch`).
+        return store.fan_out_batched(group, fan_outs, max_depth).await;
+    }
     let prepared: Vec<Prepared<'_>> = fan_outs.iter().map(prepare).collect::<Result<_, _>>()?;
     let mut client = store.client().await?;
     let txn = client.transaction().await?;
@@ -192,9 +196,17 @@ async fn apply(
     )?;
     txn.commit().await?;
     store.announce(woken);
+    Ok(Ok(results(&fan_outs, &prepared, outcomes)))
+}
 
+/// What written fan-outs did, from their queue outcomes (one list per fan-out, in order).
+pub(super) fn results(
+    fan_outs: &[FanOut],
+    prepared: &[Prepared<'_>],
+    outcomes: impl IntoIterator<Item = Vec<Enqueued>>,
+) -> FanOutResult {
     let mut result = FanOutResult::default();
-    for ((fan_out, prepared), outcomes) in fan_outs.iter().zip(&prepared).zip(outcomes) {
+    for ((fan_out, prepared), outcomes) in fan_outs.iter().zip(prepared).zip(outcomes) {
         let mut reached = 0u32;
         for (domain, clients) in &fan_out.remote {
             reached = reached.saturating_add(u32::try_from(clients.len()).unwrap_or(u32::MAX));
@@ -226,7 +238,7 @@ async fn apply(
         }
         result.reached.push(reached);
     }
-    Ok(Ok(result))
+    result
 }
 
 impl GroupStore for PgStore {

@@ -26,6 +26,7 @@
 
 mod announce;
 mod auth;
+mod batch;
 mod groups;
 mod keypackage;
 mod listen;
@@ -67,6 +68,8 @@ pub(crate) struct PgStore {
     timeout: Duration,
     /// Queue heads to announce to the other nodes (see `announce`).
     announcer: tokio::sync::mpsc::UnboundedSender<Vec<(u64, u64)>>,
+    /// Message fan-outs waiting for this node's fan-out workers (see `batch`).
+    fan_outs: batch::Jobs,
 }
 
 /// Closes the pool and stops the listener and the announcer at shutdown.
@@ -74,6 +77,7 @@ pub(crate) struct PgCloser {
     pool: Pool,
     listener: tokio::task::JoinHandle<()>,
     announcer: tokio::task::JoinHandle<()>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl PgCloser {
@@ -82,6 +86,9 @@ impl PgCloser {
     pub(crate) fn join(self) {
         self.listener.abort();
         self.announcer.abort();
+        for worker in &self.workers {
+            worker.abort();
+        }
         self.pool.close();
     }
 }
@@ -189,11 +196,13 @@ impl PgStore {
             .build()
             .map_err(|err| StoreError::Database(err.to_string().into()))?;
         let (announcer, announcements) = tokio::sync::mpsc::unbounded_channel();
+        let (fan_outs, jobs) = tokio::sync::mpsc::unbounded_channel();
         let store = Self {
             pool: pool.clone(),
             node,
             timeout: options.timeout,
             announcer,
+            fan_outs,
         };
         store.migrate().await?;
         store
@@ -202,6 +211,7 @@ impl PgStore {
         let (ready, listening) = tokio::sync::oneshot::channel();
         let listener = tokio::spawn(listen::run(config.clone(), store.node.clone(), sink, ready));
         let announcer = tokio::spawn(announce::run(config, store.node.clone(), announcements));
+        let workers = batch::start(&store, jobs);
         // Serve only once the other nodes' wake-ups are heard.
         if !matches!(
             tokio::time::timeout(options.timeout, listening).await,
@@ -209,6 +219,9 @@ impl PgStore {
         ) {
             listener.abort();
             announcer.abort();
+            for worker in &workers {
+                worker.abort();
+            }
             return Err(StoreError::Database(
                 "cannot LISTEN for the other nodes' wake-ups".into(),
             ));
@@ -219,6 +232,7 @@ impl PgStore {
                 pool,
                 listener,
                 announcer,
+                workers,
             },
         ))
     }

@@ -535,39 +535,24 @@ async fn read_messages(
     Ok((out, head))
 }
 
+/// QueueAck, written with the other acks and fan-outs waiting on this node (`batch`, and
+/// `roost_ack` in migrations/0001_init.sql). The queue's head row is the check: it exists
+/// exactly while the client is active. No entry is above the head, so "up to min(up_to,
+/// head)" is "up to up_to".
+///
+/// An ack alone does not wait for its commit to reach the disk (`synchronous_commit` off for
+/// a batch of acks only): it deletes only messages the client already has, so an ack lost in
+/// a database crash re-delivers them, and clients skip what they already have by seq
+/// (docs/PROTOCOL.md, QueueAck). Any later durable commit flushes it too, as the log is
+/// written in order.
 async fn ack(
     store: &PgStore,
     client_num: u64,
     up_to_seq: u64,
 ) -> Result<Result<(), ServiceError>, StoreError> {
-    let mut client = store.client().await?;
-    let txn = client.transaction().await?;
-    let (num, up_to) = (
-        to_i64(client_num)?,
-        i64::try_from(up_to_seq).unwrap_or(i64::MAX),
-    );
-    // The queue's head row is the check: it exists exactly while the client is active. No
-    // entry is above the head, so "up to min(up_to, head)" is "up to up_to".
-    let (head, deleted) = tokio::try_join!(
-        biased;
-        query(
-            &txn,
-            "SELECT head FROM queue_heads WHERE client_num = $1 FOR UPDATE",
-            [(&num, Type::INT8)],
-        ),
-        query(
-            &txn,
-            "DELETE FROM queue_entries WHERE client_num = $1 AND seq <= $2
-             RETURNING client_num, payload_id",
-            [(&num, Type::INT8), (&up_to, Type::INT8)],
-        ),
-    )?;
-    if head.is_empty() {
-        return refuse(txn, ServiceError::ClientNotFound).await;
-    }
-    release(&txn, &deleted, true).await?;
-    txn.commit().await?;
-    Ok(Ok(()))
+    let num = to_i64(client_num)?;
+    let up_to = i64::try_from(up_to_seq).unwrap_or(i64::MAX);
+    store.ack_batched(num, up_to).await
 }
 
 /// A peer's deliveries, in one transaction: recipients resolved in one statement, every

@@ -119,3 +119,40 @@ CREATE TABLE outbox_leases (
     holder     TEXT NOT NULL,
     expires_ms BIGINT NOT NULL
 );
+
+-- QueueAck for many queues in one statement: deletes each queue's entries up to its seq,
+-- releases their payloads (locked in id order, as every writer of payloads does) and lowers
+-- the queues' held counts. Returns the clients whose queue is gone (client removed). The
+-- caller has locked the queues' head rows in ascending order. PL/pgSQL: see
+-- docs/ARCHITECTURE.md for distributed engines.
+CREATE FUNCTION roost_ack(p_clients BIGINT[], p_up_tos BIGINT[]) RETURNS SETOF BIGINT
+LANGUAGE plpgsql AS $$
+DECLARE
+    nums BIGINT[];
+    ids BIGINT[];
+BEGIN
+    RETURN QUERY
+        SELECT c FROM unnest(p_clients) AS c
+        WHERE NOT EXISTS (SELECT 1 FROM queue_heads AS h WHERE h.client_num = c);
+    WITH a AS (
+        SELECT * FROM unnest(p_clients, p_up_tos) AS a (client_num, up_to)
+    ), gone AS (
+        DELETE FROM queue_entries AS e USING a
+        WHERE e.client_num = a.client_num AND e.seq <= a.up_to
+        RETURNING e.client_num, e.payload_id
+    )
+    SELECT array_agg(client_num), array_agg(payload_id ORDER BY payload_id)
+    INTO nums, ids FROM gone;
+    IF nums IS NULL THEN
+        RETURN;
+    END IF;
+    UPDATE queue_heads AS h SET held = GREATEST(h.held - t.n, 0)
+    FROM (SELECT c, count(*) AS n FROM unnest(nums) AS c GROUP BY c) AS t
+    WHERE h.client_num = t.c;
+    PERFORM 1 FROM payloads WHERE id = ANY(ids) ORDER BY id FOR UPDATE;
+    UPDATE payloads AS p SET refs = p.refs - t.n
+    FROM (SELECT id, count(*) AS n FROM unnest(ids) AS id GROUP BY id) AS t
+    WHERE p.id = t.id;
+    DELETE FROM payloads WHERE id = ANY(ids) AND refs <= 0;
+END
+$$;
