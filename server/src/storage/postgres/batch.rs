@@ -26,7 +26,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::types::Type;
 
 use super::groups::{Prepared, prepare, results};
-use super::queue::{Batch, col, enqueue_in_txn};
+use super::queue::{Batch, col, enqueue_in_txn, exec, query};
 use super::{PgStore, to_i64};
 use crate::delivery::{FanOut, FanOutResult, GroupWrite};
 use crate::error::ServiceError;
@@ -179,70 +179,90 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
     }
     keys.sort_unstable();
     keys.dedup();
+    // Every head row the batch may touch (acks' and every fan-out's recipients), locked in one
+    // ascending pass after the group rows: no deadlock with other batches or commits.
+    let mut heads: Vec<i64> = ack_nums.clone();
+    for job in jobs {
+        if let Job::FanOut { fan_outs, .. } = job {
+            for fan_out in fan_outs {
+                for &num in &fan_out.local {
+                    heads.push(to_i64(num)?);
+                }
+            }
+        }
+    }
+    heads.sort_unstable();
+    heads.dedup();
     let mut client = store.client().await?;
     let txn = client.transaction().await?;
-    if keys.is_empty() {
-        // Only acks: see `queue`'s ack for why they need not wait for the disk.
-        txn.batch_execute("SET LOCAL synchronous_commit TO OFF")
-            .await?;
-    }
-    let mut versions: HashMap<Vec<u8>, i64> = HashMap::with_capacity(keys.len());
-    if !keys.is_empty() {
-        let rows = txn
-            .query_typed(
+    // Sent together (pipelined), run in this order.
+    let (_, groups, _, acked) = tokio::try_join!(
+        biased;
+        async {
+            if keys.is_empty() {
+                // Only acks: see `queue`'s ack for why they need not wait for the disk.
+                exec(&txn, "SET LOCAL synchronous_commit TO OFF", []).await
+            } else {
+                Ok(0)
+            }
+        },
+        async {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            query(
+                &txn,
                 "SELECT key, version FROM groups WHERE key = ANY($1) ORDER BY key FOR SHARE",
-                &[(&keys, Type::BYTEA_ARRAY)],
+                [(&keys, Type::BYTEA_ARRAY)],
             )
-            .await?;
-        for row in &rows {
-            versions.insert(col(row, 0)?, col(row, 1)?);
-        }
+            .await
+        },
+        async {
+            if heads.is_empty() {
+                return Ok(Vec::new());
+            }
+            query(
+                &txn,
+                "SELECT client_num FROM queue_heads WHERE client_num = ANY($1)
+                 ORDER BY client_num FOR UPDATE",
+                [(&heads, Type::INT8_ARRAY)],
+            )
+            .await
+        },
+        async {
+            if ack_nums.is_empty() {
+                return Ok(Vec::new());
+            }
+            query(
+                &txn,
+                "SELECT roost_ack($1, $2)",
+                [
+                    (&ack_nums, Type::INT8_ARRAY),
+                    (&ack_up_tos, Type::INT8_ARRAY),
+                ],
+            )
+            .await
+        },
+    )?;
+    let mut versions: HashMap<Vec<u8>, i64> = HashMap::with_capacity(groups.len());
+    for row in &groups {
+        versions.insert(col(row, 0)?, col(row, 1)?);
+    }
+    let mut gone = std::collections::HashSet::new();
+    for row in &acked {
+        gone.insert(col::<i64>(row, 0)?);
     }
     // Prepared fan-outs of the jobs that go ahead (their group did not move on).
     let mut prepared: Vec<Option<Vec<Prepared<'_>>>> = Vec::with_capacity(jobs.len());
-    let mut heads: Vec<i64> = ack_nums.clone();
     for job in jobs {
         prepared.push(match job {
             Job::FanOut {
                 group, fan_outs, ..
             } if i64::try_from(group.loaded).ok() == versions.get(&group.key).copied() => {
-                let mine: Vec<Prepared<'_>> =
-                    fan_outs.iter().map(prepare).collect::<Result<_, _>>()?;
-                for p in &mine {
-                    for &num in p.local.iter() {
-                        heads.push(to_i64(num)?);
-                    }
-                }
-                Some(mine)
+                Some(fan_outs.iter().map(prepare).collect::<Result<_, _>>()?)
             }
             _ => None,
         });
-    }
-    // Every head row of the batch, in one ascending pass (no deadlock with other batches).
-    heads.sort_unstable();
-    heads.dedup();
-    if !heads.is_empty() {
-        txn.query_typed(
-            "SELECT client_num FROM queue_heads WHERE client_num = ANY($1)
-             ORDER BY client_num FOR UPDATE",
-            &[(&heads, Type::INT8_ARRAY)],
-        )
-        .await?;
-    }
-    let mut gone = std::collections::HashSet::new();
-    if !ack_nums.is_empty() {
-        for row in txn
-            .query_typed(
-                "SELECT roost_ack($1, $2)",
-                &[
-                    (&ack_nums, Type::INT8_ARRAY),
-                    (&ack_up_tos, Type::INT8_ARRAY),
-                ],
-            )
-            .await?
-        {
-            gone.insert(col::<i64>(&row, 0)?);
-        }
     }
     let mut batches = Vec::new();
     let mut max_depth = u64::MAX;
