@@ -183,3 +183,73 @@ pub(crate) async fn open(
         }
     }
 }
+
+/// What every engine does around a fan-out's queue writes, so both count and skip alike.
+pub(crate) mod fan_out {
+    use std::borrow::Cow;
+
+    use bytes::Bytes;
+    use roost_protocol::MessageId;
+    use tls_codec::Serialize as _;
+
+    use super::StoreError;
+    use crate::delivery::{FanOut, FanOutResult};
+    use crate::queue::{Enqueued, Fresh};
+
+    /// The local recipients in ascending order: the order every engine locks and walks queues
+    /// in. The DS hands them over sorted; sorting again is cheap insurance for other callers.
+    pub(crate) fn sorted_local(fan_out: &FanOut) -> Cow<'_, [u64]> {
+        if fan_out.local.is_sorted() {
+            fan_out.local.as_slice().into()
+        } else {
+            let mut sorted = fan_out.local.clone();
+            sorted.sort_unstable();
+            sorted.into()
+        }
+    }
+
+    /// The payload encoded once, for every recipient's entry.
+    pub(crate) fn encoded_payload(fan_out: &FanOut) -> Result<Vec<u8>, StoreError> {
+        fan_out
+            .payload
+            .tls_serialize_detached()
+            .map_err(|_| StoreError::Corrupt("payload encoding"))
+    }
+
+    /// Adds the queue outcomes of one fan-out (`nums[i]` got `outcomes[i]`) to `result`;
+    /// returns how many local recipients it reached. A full queue skips that recipient
+    /// (counted and logged); a queue that is gone (client removed since the DS resolved it)
+    /// is skipped silently.
+    pub(crate) fn tally(
+        result: &mut FanOutResult,
+        nums: &[u64],
+        outcomes: impl IntoIterator<Item = Enqueued>,
+        (id, timestamp_ms, payload): (MessageId, u64, &Bytes),
+    ) -> u32 {
+        let mut reached = 0u32;
+        for (num, outcome) in nums.iter().zip(outcomes) {
+            match outcome {
+                Enqueued::Queued(seq) => {
+                    let fresh = Fresh {
+                        seq,
+                        id,
+                        timestamp_ms,
+                        payload: payload.clone(),
+                    };
+                    result.queues.push((*num, fresh));
+                    reached = reached.saturating_add(1);
+                }
+                Enqueued::Duplicate(_) => reached = reached.saturating_add(1),
+                Enqueued::Gone => {}
+                Enqueued::Full => {
+                    metrics::counter!("roost_queue_full_drops_total").increment(1);
+                    tracing::warn!(
+                        client_num = num,
+                        "queue full: message dropped for this recipient"
+                    );
+                }
+            }
+        }
+        reached
+    }
+}

@@ -11,15 +11,14 @@ use std::borrow::Cow;
 
 use bytes::Bytes;
 use roost_protocol::MessageId;
-use tls_codec::Serialize as _;
 use tokio_postgres::types::Type;
 
 use super::queue::{Batch, col, enqueue_in_txn, exec, refuse};
 use super::{PgStore, to_i64, to_u64};
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
-use crate::queue::{Enqueued, Fresh};
-use crate::storage::StoreError;
+use crate::queue::Enqueued;
+use crate::storage::{StoreError, fan_out};
 
 /// A fan-out ready to write: its message id and time, its local recipients in ascending
 /// order, its payload encoded once.
@@ -30,25 +29,12 @@ pub(super) struct Prepared<'a> {
     pub(super) payload: Bytes,
 }
 
-pub(super) fn prepare(fan_out: &FanOut) -> Result<Prepared<'_>, StoreError> {
-    // Ascending client numbers lock the head rows in the order every writer uses. The DS
-    // hands them over sorted; sorting again is cheap insurance for other callers.
-    let local: Cow<'_, [u64]> = if fan_out.local.is_sorted() {
-        fan_out.local.as_slice().into()
-    } else {
-        let mut sorted = fan_out.local.clone();
-        sorted.sort_unstable();
-        sorted.into()
-    };
-    let payload = fan_out
-        .payload
-        .tls_serialize_detached()
-        .map_err(|_| StoreError::Corrupt("payload encoding"))?;
+pub(super) fn prepare(fan: &FanOut) -> Result<Prepared<'_>, StoreError> {
     Ok(Prepared {
         id: MessageId(rand::random()),
         timestamp_ms: crate::unix_millis(),
-        local,
-        payload: payload.into(),
+        local: fan_out::sorted_local(fan),
+        payload: fan_out::encoded_payload(fan)?.into(),
     })
 }
 
@@ -206,36 +192,15 @@ pub(super) fn results(
     outcomes: impl IntoIterator<Item = Vec<Enqueued>>,
 ) -> FanOutResult {
     let mut result = FanOutResult::default();
-    for ((fan_out, prepared), outcomes) in fan_outs.iter().zip(prepared).zip(outcomes) {
+    for ((fan, prepared), outcomes) in fan_outs.iter().zip(prepared).zip(outcomes) {
         let mut reached = 0u32;
-        for (domain, clients) in &fan_out.remote {
+        for (domain, clients) in &fan.remote {
             reached = reached.saturating_add(u32::try_from(clients.len()).unwrap_or(u32::MAX));
             result.domains.push(domain.clone());
         }
-        for (num, outcome) in prepared.local.iter().zip(outcomes) {
-            match outcome {
-                Enqueued::Queued(seq) => {
-                    let fresh = Fresh {
-                        seq,
-                        id: prepared.id,
-                        timestamp_ms: prepared.timestamp_ms,
-                        payload: prepared.payload.clone(),
-                    };
-                    result.queues.push((*num, fresh));
-                    reached = reached.saturating_add(1);
-                }
-                Enqueued::Duplicate(_) => reached = reached.saturating_add(1),
-                // Removed since the DS resolved its recipients: its queue is gone.
-                Enqueued::Gone => {}
-                Enqueued::Full => {
-                    metrics::counter!("roost_queue_full_drops_total").increment(1);
-                    tracing::warn!(
-                        client_num = num,
-                        "queue full: message dropped for this recipient"
-                    );
-                }
-            }
-        }
+        let sent = (prepared.id, prepared.timestamp_ms, &prepared.payload);
+        reached =
+            reached.saturating_add(fan_out::tally(&mut result, &prepared.local, outcomes, sent));
         result.reached.push(reached);
     }
     result

@@ -12,7 +12,7 @@ use super::tables::{GROUP_VERSIONS, GROUPS};
 use super::{Store, StoreError};
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
-use crate::queue::{Enqueued, Fresh};
+use crate::storage::fan_out;
 
 /// A hosted group as stored.
 #[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
@@ -38,59 +38,26 @@ fn store_group(txn: &redb::WriteTransaction, state: GroupState) -> Result<(), St
 }
 
 /// Writes one fan-out inside `txn`; returns the recipients reached.
-fn fan_out(
+fn write_fan_out(
     txn: &redb::WriteTransaction,
     max_depth: u64,
-    fan_out: &FanOut,
+    fan: &FanOut,
     result: &mut FanOutResult,
 ) -> Result<u32, StoreError> {
     let id = MessageId(rand::random());
     let timestamp_ms = crate::unix_millis();
     let mut reached = 0;
-    for (domain, clients) in &fan_out.remote {
-        super::outbox::add_in_txn(txn, domain, clients, id, timestamp_ms, &fan_out.payload)?;
+    for (domain, clients) in &fan.remote {
+        super::outbox::add_in_txn(txn, domain, clients, id, timestamp_ms, &fan.payload)?;
         reached += clients.len() as u32;
         result.domains.push(domain.clone());
     }
-    // Ascending client numbers walk QUEUE_HEADS and QUEUE_ENTRIES in key order. The DS hands
-    // them over sorted; sorting again is cheap insurance for other callers.
-    let nums: std::borrow::Cow<'_, [u64]> = if fan_out.local.is_sorted() {
-        fan_out.local.as_slice().into()
-    } else {
-        let mut sorted = fan_out.local.clone();
-        sorted.sort_unstable();
-        sorted.into()
-    };
-    let bytes = fan_out
-        .payload
-        .tls_serialize_detached()
-        .map_err(|_| StoreError::Corrupt("payload encoding"))?;
+    // Ascending client numbers walk QUEUE_HEADS and QUEUE_ENTRIES in key order.
+    let nums = fan_out::sorted_local(fan);
+    let bytes = fan_out::encoded_payload(fan)?;
     let outcomes = enqueue_in_txn(txn, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
     let shared = bytes::Bytes::from(bytes);
-    for (num, outcome) in nums.iter().zip(outcomes) {
-        match outcome {
-            Enqueued::Queued(seq) => {
-                let fresh = Fresh {
-                    seq,
-                    id,
-                    timestamp_ms,
-                    payload: shared.clone(),
-                };
-                result.queues.push((*num, fresh));
-                reached += 1;
-            }
-            Enqueued::Duplicate(_) => reached += 1,
-            // Removed since the DS resolved its recipients: its queue is gone.
-            Enqueued::Gone => {}
-            Enqueued::Full => {
-                metrics::counter!("roost_queue_full_drops_total").increment(1);
-                tracing::warn!(
-                    client_num = num,
-                    "queue full: message dropped for this recipient"
-                );
-            }
-        }
-    }
+    reached += fan_out::tally(result, &nums, outcomes, (id, timestamp_ms, &shared));
     Ok(reached)
 }
 
@@ -179,7 +146,7 @@ impl GroupStore for Store {
             }
             let mut result = FanOutResult::default();
             for fan in &fan_outs {
-                let reached = fan_out(txn, max_depth, fan, &mut result)?;
+                let reached = write_fan_out(txn, max_depth, fan, &mut result)?;
                 result.reached.push(reached);
             }
             Ok(Ok(result))
