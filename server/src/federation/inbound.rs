@@ -187,6 +187,14 @@ async fn handle_deliver(
         if delivery.recipients.is_empty() {
             return Err(ServiceError::Forbidden("a delivery has no recipients"));
         }
+        // The bound every sender keeps (one outbox entry), so one peer request cannot make
+        // the store resolve an unbounded list of recipients in one transaction.
+        if delivery.recipients.len() > super::outbox::MAX_RECIPIENTS_PER_DELIVERY {
+            return Err(ServiceError::LimitExceeded(format!(
+                "a delivery names at most {} recipients",
+                super::outbox::MAX_RECIPIENTS_PER_DELIVERY
+            )));
+        }
         if delivery.recipients.iter().any(|r| r.domain() != ours) {
             return Err(ServiceError::Forbidden(
                 "a recipient is not a client of this homeserver",

@@ -368,6 +368,14 @@ async fn peers_speak_only_for_their_own_domain() {
             .unwrap();
         assert_eq!(refused(response), ErrorCode::FORBIDDEN);
     }
+    // More recipients in one delivery than any sender puts there (1,024): refused before the
+    // store looks any of them up.
+    elsewhere.deliveries[0].recipients = vec![alice_client.id.clone(); 1025];
+    let response = beta
+        .request_federation(&FederationRequest::Deliver(elsewhere.clone()))
+        .await
+        .unwrap();
+    assert_eq!(refused(response), ErrorCode::LIMIT_EXCEEDED);
     // Nothing of the refused batches was queued: the message id is still new for alice.
     elsewhere.deliveries[0].recipients = vec![alice_client.id.clone()];
     let response = beta
