@@ -94,7 +94,18 @@ impl Cluster {
             if !status.success() {
                 bail!("cannot hand {} to the user {user}", dir.display());
             }
-            open_path_to(dir);
+            let reachable = Command::new("runuser")
+                .args(["-u", user, "--", "test", "-w"])
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !reachable {
+                bail!(
+                    "PostgreSQL runs as the user {user}, which cannot reach {}: use a directory \
+                     whose parents it may enter (e.g. under /tmp), or make them searchable",
+                    dir.display()
+                );
+            }
         }
         let cluster = Self {
             bindir,
@@ -271,23 +282,6 @@ impl Drop for Cluster {
         if let Err(err) = self.stop_mode("immediate") {
             eprintln!("stopping PostgreSQL in {}: {err:#}", self.dir.display());
         }
-    }
-}
-
-/// Lets the unprivileged user reach `dir` through its parents (temporary directories are
-/// usually world-searchable already; a harness directory under a private home may not be).
-fn open_path_to(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let mut current = dir.parent();
-    while let Some(parent) = current {
-        if let Ok(meta) = std::fs::metadata(parent) {
-            let mode = meta.permissions().mode();
-            if mode & 0o001 == 0 {
-                let _ =
-                    std::fs::set_permissions(parent, std::fs::Permissions::from_mode(mode | 0o001));
-            }
-        }
-        current = parent.parent();
     }
 }
 
