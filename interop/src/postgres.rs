@@ -11,7 +11,6 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 
@@ -283,16 +282,4 @@ impl Drop for Cluster {
             eprintln!("stopping PostgreSQL in {}: {err:#}", self.dir.display());
         }
     }
-}
-
-/// Waits until `f` succeeds or `timeout` passes (for tests that restart the database).
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
 }
