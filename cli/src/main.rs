@@ -1,8 +1,8 @@
 //! `roost-cli`: a terminal client for roost homeservers, on top of the roost-client SDK.
 //!
 //! `main` parses the command line, installs tracing (stderr, `RUST_LOG`, errors only by
-//! default), runs one command and turns a failure into a single `error: ...` line on stderr
-//! and exit code 1 (2 for command-line mistakes, from clap).
+//! default, coloured only on a terminal), runs one command and turns a failure into a single
+//! `error: ...` line on stderr and exit code 1 (2 for a command-line mistake).
 #![forbid(unsafe_code)]
 
 mod args;
@@ -13,6 +13,7 @@ mod output;
 mod profile;
 mod session;
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -23,9 +24,15 @@ use crate::profile::ProfileDir;
 use crate::session::Context;
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let cli = match args::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
+    let ansi = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
@@ -62,9 +69,58 @@ fn fail(err: &anyhow::Error) -> ExitCode {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     });
     if !broken_pipe {
-        // `{:#}` joins the causes with ": "; one line whatever they contain.
-        let message = format!("{err:#}").replace(['\n', '\r'], " ");
-        eprintln!("error: {message}");
+        eprintln!("error: {}", one_line(err));
     }
     ExitCode::FAILURE
+}
+
+/// The causes joined with ": ", each once (many errors already print their source), on one
+/// line whatever they contain.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace(['\n', '\r'], " ")
+}
+
+/// Help and version go out as clap prints them; a mistake becomes one `error:` line and
+/// exit code 2.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = err.print();
+        return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2));
+    }
+    // clap's text: the message (perhaps continued on indented lines), a blank line, tips,
+    // `Usage: roost-cli SUBCOMMAND [OPTIONS] ...`; keep the message and name the help to read.
+    let rendered = err.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    let command: Vec<&str> = rendered
+        .lines()
+        .find_map(|line| line.strip_prefix("Usage: "))
+        .unwrap_or("roost-cli")
+        .split_whitespace()
+        .take_while(|word| !word.starts_with(['[', '<', '-']))
+        .collect();
+    eprintln!("error: {message} (see `{} --help`)", command.join(" "));
+    ExitCode::from(2)
 }

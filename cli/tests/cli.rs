@@ -313,6 +313,32 @@ fn mistakes_get_one_line_errors() {
 }
 
 #[test]
+fn command_line_mistakes_get_one_line_errors_and_exit_code_2() {
+    let profile = tempfile::tempdir().unwrap();
+    for (args, says) in [
+        (&["--bogus"][..], "unexpected argument '--bogus'"),
+        (&["send"][..], "(see `roost-cli send --help`)"),
+        (&["--timeout", "soon", "whoami"][..], "--timeout"),
+    ] {
+        let out = Command::new(BIN)
+            .arg("--profile")
+            .arg(profile.path())
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr:?}");
+        assert!(stderr.starts_with("error: "), "{stderr:?}");
+        assert!(stderr.contains(says), "{stderr:?}");
+        assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    }
+}
+
+#[test]
 fn a_second_device_with_the_exported_user_key() {
     let h = Harness::start();
     h.register("alice");

@@ -58,6 +58,32 @@ pub struct Config {
     pub limits: Limits,
     /// Server-to-server federation.
     pub federation: FederationConfig,
+    /// How log lines on stderr are written: `text` (default) or `json` (one object per line).
+    pub log_format: LogFormat,
+}
+
+/// The format of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// Human-readable lines (coloured only when stderr is a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line with `timestamp`, `level`, `target` and `fields`.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?} (text or json)")),
+        }
+    }
 }
 
 /// The storage engine.
@@ -197,6 +223,7 @@ impl Default for Config {
             metrics_listen: None,
             limits: Limits::default(),
             federation: FederationConfig::default(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -536,6 +563,10 @@ mod tests {
             StorageSettings::Postgres { pool_size: 16, .. }
         ));
         assert!(Config::from_toml("[storage]\nbackend = \"mysql\"\n").is_err());
+        assert_eq!(Config::default().log_format, LogFormat::Text);
+        let config = Config::from_toml("log_format = \"json\"\n").unwrap();
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert!(Config::from_toml("log_format = \"xml\"\n").is_err());
         assert!(matches!(
             Config::default().validate().unwrap().storage,
             StorageSettings::Redb

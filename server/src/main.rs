@@ -1,11 +1,15 @@
 //! `roost`: the homeserver binary. Parses the command line and configuration, installs
-//! tracing, and runs the server until SIGINT or SIGTERM.
+//! tracing (stderr; text, coloured only on a terminal, or JSON lines), and runs the server
+//! until SIGINT or SIGTERM. A failure is one `error: ...` line on stderr and exit code 1
+//! (2 for a command-line mistake).
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use roost_server::config::Config;
+use roost_server::config::{Config, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +57,9 @@ enum Command {
         /// `identity_dir`).
         #[arg(long)]
         identity: Option<PathBuf>,
+        /// Log lines on stderr: `text` or `json` (overrides `log_format`).
+        #[arg(long)]
+        log_format: Option<LogFormat>,
     },
     /// Administration.
     Admin {
@@ -95,14 +102,90 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     })
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The causes joined with ": ", each once (many errors already print their source), on one
+/// line whatever they contain.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace(['\n', '\r'], " ")
+}
+
+/// Help and version go out as clap prints them; a mistake becomes one `error:` line and
+/// exit code 2.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        err.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = err.print();
+        return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2));
+    }
+    // clap's text: the message (perhaps continued on indented lines), a blank line, tips,
+    // `Usage: roost SUBCOMMAND [OPTIONS] ...`; keep the message and name the help to read.
+    let rendered = err.render().to_string();
+    let message: Vec<&str> = rendered
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let message = message.join(" ");
+    let message = message.strip_prefix("error: ").unwrap_or(&message);
+    let command: Vec<&str> = rendered
+        .lines()
+        .find_map(|line| line.strip_prefix("Usage: "))
+        .unwrap_or("roost")
+        .split_whitespace()
+        .take_while(|word| !word.starts_with(['[', '<', '-']))
+        .collect();
+    eprintln!("error: {message} (see `{} --help`)", command.join(" "));
+    ExitCode::from(2)
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`); colour only when stderr is a
+/// terminal and `NO_COLOR` is unset, so files and pipes get plain text.
+fn install_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+        _ => {
+            let ansi = std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
+            builder.with_ansi(ansi).init();
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
             config,
@@ -114,8 +197,10 @@ fn main() -> anyhow::Result<()> {
             database_url,
             pool_size,
             identity,
+            log_format,
         } => {
             let mut config = load_config(config.as_ref())?;
+            install_tracing(log_format.unwrap_or(config.log_format));
             if let Some(data) = data {
                 config.data_dir = data;
             }
@@ -152,6 +237,7 @@ fn main() -> anyhow::Result<()> {
                     command: TokenCommand::Create { config, data, uses },
                 },
         } => {
+            install_tracing(LogFormat::Text);
             let config = load_config(config.as_ref())?;
             // Tokens live with the identity files, which every node of a domain shares.
             let dir = data.unwrap_or(config.identity_dir.unwrap_or(config.data_dir));

@@ -94,6 +94,8 @@ fn servers_are_killed_stopped_and_restarted_in_place() {
             .unwrap();
         let log = std::fs::read_to_string(&h.servers()[0].log_file).unwrap();
         assert!(log.contains("homeserver listening"), "{log}");
+        // The log is a file, not a terminal: plain text, no colour codes.
+        assert!(!log.contains('\x1b'), "{log}");
         assert!(log.contains("=== roost-interop: start 2 ==="));
 
         bob.close().await;

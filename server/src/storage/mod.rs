@@ -163,7 +163,8 @@ pub(crate) async fn open(
     match &settings.storage {
         crate::config::StorageSettings::Redb => {
             let max_batch = settings.limits.max_write_batch as usize;
-            let (store, writer) = redb::Store::open(redb_path, max_batch)?;
+            let (store, writer) =
+                redb::Store::open(redb_path, settings.domain.as_str(), max_batch)?;
             Ok((Backend::Redb(store), Closer::Redb(writer)))
         }
         crate::config::StorageSettings::Postgres {

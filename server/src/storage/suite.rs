@@ -519,7 +519,7 @@ mod redb_backend {
 
     fn open() -> (tempfile::TempDir, Backend) {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _writer) = Store::open(&dir.path().join("db.redb"), 64).unwrap();
+        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 64).unwrap();
         (dir, Backend::Redb(store))
     }
 

@@ -1,10 +1,11 @@
 //! End-to-end tests of one homeserver over real QUIC on 127.0.0.1:0: Authentication,
-//! KeyPackage and Queuing services, restart, and hostile input. One test binary, so openmls is
-//! linked once.
+//! KeyPackage and Queuing services, restart, hostile input, and the `roost` binary's errors
+//! and logs. One test binary, so openmls is linked once.
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
 mod auth;
 mod bad_input;
+mod binary;
 mod common;
 mod delivery;
 mod federation;

@@ -6,6 +6,27 @@ use roost_protocol::{GroupId, MessageId};
 use crate::common::*;
 
 #[tokio::test]
+async fn a_data_dir_refuses_another_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    start(config(dir.path())).await.shutdown().await;
+
+    let mut other = config(dir.path());
+    other.domain = "other.test".into();
+    let Err(err) = roost_server::Server::start(other.validate().unwrap()).await else {
+        panic!("a data directory of {DOMAIN} started as other.test");
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains(DOMAIN) && text.contains("other.test"),
+        "{text}"
+    );
+    assert!(!text.contains('\n'), "{text}");
+
+    // Still the first domain's, and still usable by it.
+    start(config(dir.path())).await.shutdown().await;
+}
+
+#[tokio::test]
 async fn a_restart_keeps_users_clients_queues_key_packages_and_identity() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(config(dir.path())).await;

@@ -55,11 +55,16 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    /// Opens or creates the database at `path`, checks the schema version and starts the
-    /// writer thread. `max_batch` bounds how many operations share one transaction. The
-    /// returned [`WriterHandle`] waits for the writer (and so the database) to close once
-    /// every `Store` clone is dropped.
-    pub(crate) fn open(path: &Path, max_batch: usize) -> Result<(Self, WriterHandle), StoreError> {
+    /// Opens or creates the database at `path`, checks the schema version and that the
+    /// database belongs to `domain` (recording it on first start), and starts the writer
+    /// thread. `max_batch` bounds how many operations share one transaction. The returned
+    /// [`WriterHandle`] waits for the writer (and so the database) to close once every `Store`
+    /// clone is dropped.
+    pub(crate) fn open(
+        path: &Path,
+        domain: &str,
+        max_batch: usize,
+    ) -> Result<(Self, WriterHandle), StoreError> {
         let db = Database::builder().create(path)?;
         let txn = db.begin_write()?;
         {
@@ -82,6 +87,7 @@ impl Store {
                 }
                 Some(_) => {}
             }
+            check_domain(&txn, domain)?;
             // Create every table so readers never meet a missing one.
             txn.open_table(USERS)?;
             txn.open_table(CLIENTS)?;
@@ -257,6 +263,24 @@ fn run_batch(db: &Database, batch: Vec<Job>) {
     }
 }
 
+/// Refuses a database recorded for another domain; records `domain` in one that has none
+/// (new, or made before the domain was kept). On refusal nothing is committed.
+fn check_domain(txn: &WriteTransaction, domain: &str) -> Result<(), StoreError> {
+    let mut settings = txn.open_table(SETTINGS)?;
+    let stored = settings.get("domain")?.map(|v| v.value().to_owned());
+    match stored {
+        None => {
+            settings.insert("domain", domain)?;
+            Ok(())
+        }
+        Some(stored) if stored == domain => Ok(()),
+        Some(stored) => Err(StoreError::Mismatch(format!(
+            "the data directory belongs to domain {stored:?}, not {domain:?}: check domain and \
+             data_dir (a data directory serves one domain)"
+        ))),
+    }
+}
+
 /// Reads a counter from META, returns it, and stores it incremented.
 pub(crate) fn next_counter(txn: &WriteTransaction, name: &str) -> Result<u64, StoreError> {
     let mut meta = txn.open_table(META)?;
@@ -285,7 +309,7 @@ mod tests {
     async fn concurrent_writes_are_all_durable_and_refusals_write_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let (store, writer) = Store::open(&path, 64).unwrap();
+        let (store, writer) = Store::open(&path, "example.org", 64).unwrap();
         let mut tasks = Vec::new();
         for i in 0..200u64 {
             let store = store.clone();
@@ -328,7 +352,7 @@ mod tests {
     #[tokio::test]
     async fn a_storage_failure_aborts_the_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _writer) = Store::open(&dir.path().join("db.redb"), 8).unwrap();
+        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 8).unwrap();
         let failed: Result<(), TestError> = store
             .write(|txn| {
                 txn.open_table(META)?.insert("partial", 1)?;
@@ -348,5 +372,29 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(value, None);
+    }
+
+    #[test]
+    fn a_database_without_a_domain_records_it_then_refuses_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        // As made before the domain was kept: the schema version and no SETTINGS table.
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", SCHEMA_VERSION)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
+        drop(store);
+        writer.join();
+        let refused = Store::open(&path, "other.test", 8).err().unwrap();
+        assert!(matches!(refused, StoreError::Mismatch(_)), "{refused}");
+        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
+        drop(store);
+        writer.join();
     }
 }

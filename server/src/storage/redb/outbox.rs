@@ -218,7 +218,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
         let old = old_database(&path, 2);
-        let (store, writer) = Store::open(&path, 8).unwrap();
+        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
         let beta: Domain = "beta.test".parse().unwrap();
         let batch = store.outbox_batch(&beta, 10, usize::MAX).await.unwrap();
         let expected = Delivery {
@@ -232,7 +232,7 @@ mod tests {
         writer.join();
         assert_eq!(schema_version(&path), Some(SCHEMA_VERSION));
         // Opening again is an ordinary open.
-        let (store, writer) = Store::open(&path, 8).unwrap();
+        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
         assert_eq!(
             store
                 .outbox_batch(&beta, 10, usize::MAX)
@@ -251,7 +251,7 @@ mod tests {
         let path = dir.path().join("db.redb");
         old_database(&path, 1);
         assert!(matches!(
-            Store::open(&path, 8),
+            Store::open(&path, "example.org", 8),
             Err(StoreError::Schema {
                 found: 1,
                 expected: SCHEMA_VERSION

@@ -14,6 +14,10 @@ pub(crate) const SCHEMA_VERSION: u64 = 3;
 /// Counters and settings: "schema_version", "next_client_num", "next_payload_id".
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 
+/// What the database belongs to: "domain", recorded at its first start (or the first start
+/// of a database made before it was kept); a start under another domain is refused.
+pub(crate) const SETTINGS: TableDefinition<'_, &str, &str> = TableDefinition::new("settings");
+
 /// Local users by name: TLS-encoded `UserRecord`.
 pub(crate) const USERS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("users");
 
