@@ -62,16 +62,17 @@ fn write_fan_out(
 }
 
 /// The stored version of a group (0 for groups stored before versions were kept), if the
-/// group exists.
+/// group exists. Every group written since versions are kept has a version row, so the
+/// group's (large) record is looked at only for older ones.
 fn version_of<T, V>(groups: &T, versions: &V, key: &[u8]) -> Result<Option<u64>, StoreError>
 where
     T: ReadableTable<&'static [u8], &'static [u8]>,
     V: ReadableTable<&'static [u8], u64>,
 {
-    if groups.get(key)?.is_none() {
-        return Ok(None);
+    if let Some(version) = versions.get(key)? {
+        return Ok(Some(version.value()));
     }
-    Ok(Some(versions.get(key)?.map(|v| v.value()).unwrap_or(0)))
+    Ok(groups.get(key)?.map(|_| 0))
 }
 
 impl GroupStore for Store {
