@@ -155,3 +155,47 @@ impl GroupStore for Store {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A group stored before versions were kept (no version row) is at version 0, and a
+    /// write against version 0 goes through and records version 1.
+    #[tokio::test]
+    async fn groups_stored_before_versions_are_at_version_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 8).unwrap();
+        let old = StoredGroup {
+            epoch: 4,
+            snapshot: vec![1, 2, 3].into(),
+        }
+        .tls_serialize_detached()
+        .unwrap();
+        store
+            .write(move |txn| {
+                txn.open_table(GROUPS)?
+                    .insert([9u8, 9].as_slice(), old.as_slice())?;
+                Ok(Ok::<_, ServiceError>(()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.group_version(vec![9, 9]).await.unwrap(), Some(0));
+        assert_eq!(
+            store.load_group(vec![9, 9]).await.unwrap().unwrap().version,
+            0
+        );
+        let write = GroupWrite {
+            key: vec![9, 9],
+            loaded: 0,
+            state: Some(GroupState {
+                key: vec![9, 9],
+                epoch: 5,
+                version: 1,
+                snapshot: vec![4],
+            }),
+        };
+        store.apply(write, Vec::new(), 10).await.unwrap();
+        assert_eq!(store.group_version(vec![9, 9]).await.unwrap(), Some(1));
+    }
+}
