@@ -169,6 +169,11 @@ fn enroll_error(err: &ClientError, client: &ClientId, server: &str, dir: &Path) 
     match (err, err.server_code()) {
         (_, Some(ErrorCode::USER_EXISTS)) => anyhow!("user {} exists already", client.user),
         (_, Some(ErrorCode::USER_NOT_FOUND)) => anyhow!("unknown user {}", client.user),
+        // The server answers an unknown user like a wrong key (no existence oracle).
+        (_, Some(ErrorCode::BAD_SIGNATURE)) => anyhow!(
+            "the server refused the user signature: {} does not exist there, or the user key is not theirs",
+            client.user
+        ),
         (_, Some(ErrorCode::CLIENT_EXISTS)) => anyhow!(
             "device name {} is taken (or was used before) for {}: choose another with --device",
             client.device,

@@ -259,10 +259,18 @@ pub struct Limits {
     pub key_package_clock_skew_secs: u64,
     /// Longest KeyPackage lifetime (not_after - not_before) accepted.
     pub key_package_max_lifetime_secs: u64,
-    /// KeyPackage claims per minute per (claimer, target client).
+    /// KeyPackage claims per minute per (claiming user, target client). All devices of the
+    /// claiming user (or of a remote claimer's user) share one bucket.
     pub claim_rate_per_minute: u32,
-    /// Burst of KeyPackage claims per (claimer, target client).
+    /// Burst of KeyPackage claims per (claiming user, target client).
     pub claim_burst: u32,
+    /// AddClient requests per hour per user (counted after the user signature verified).
+    pub add_client_rate_per_hour: u32,
+    /// Burst of AddClient requests per user.
+    pub add_client_burst: u32,
+    /// Active clients per user; removed clients do not count. AddClient beyond it fails with
+    /// LIMIT_EXCEEDED.
+    pub max_clients_per_user: u32,
     /// Registrations per minute per source IP address.
     pub registration_rate_per_minute: u32,
     /// Burst of registrations per source IP address.
@@ -309,6 +317,9 @@ impl Default for Limits {
             key_package_max_lifetime_secs: 366 * 24 * 3600,
             claim_rate_per_minute: 10,
             claim_burst: 10,
+            add_client_rate_per_hour: 10,
+            add_client_burst: 10,
+            max_clients_per_user: 32,
             registration_rate_per_minute: 10,
             registration_burst: 10,
             send_rate_per_sec: 200,
@@ -343,7 +354,7 @@ impl Limits {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let nonzero: [(&str, u64); 17] = [
+        let nonzero: [(&str, u64); 19] = [
             ("max_frame_len", self.max_frame_len.into()),
             ("request_read_timeout_ms", self.request_read_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
@@ -363,6 +374,8 @@ impl Limits {
                 self.max_key_packages_per_client.into(),
             ),
             ("claim_burst", self.claim_burst.into()),
+            ("add_client_burst", self.add_client_burst.into()),
+            ("max_clients_per_user", self.max_clients_per_user.into()),
             ("registration_burst", self.registration_burst.into()),
             ("send_burst", self.send_burst.into()),
             ("max_queue_depth", self.max_queue_depth),

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use roost_protocol::messages::queue::QueuePayload;
-use roost_protocol::{ClientId, MessageId, WireError};
+use roost_protocol::{ClientId, MessageId, UserId, WireError};
 use rustls_pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,7 +78,11 @@ pub(crate) struct State {
     pub(crate) as_key: AsKey,
     pub(crate) queues: queue::Notifier,
     pub(crate) registration_limiter: RateLimiter<IpAddr>,
-    pub(crate) claim_limiter: RateLimiter<(ClientId, ClientId)>,
+    /// AddClient requests per user.
+    pub(crate) add_client_limiter: RateLimiter<UserId>,
+    /// KeyPackage claims per (claiming user, target client): every device of a claimer
+    /// shares one bucket.
+    pub(crate) claim_limiter: RateLimiter<(UserId, ClientId)>,
     pub(crate) send_limiter: RateLimiter<ClientId>,
     pub(crate) federation: federation::Federation,
     pub(crate) groups: delivery::GroupCache,
@@ -162,6 +166,10 @@ impl Server {
             registration_limiter: RateLimiter::new(
                 f64::from(limits.registration_rate_per_minute) / 60.0,
                 limits.registration_burst,
+            ),
+            add_client_limiter: RateLimiter::new(
+                f64::from(limits.add_client_rate_per_hour) / 3600.0,
+                limits.add_client_burst,
             ),
             claim_limiter: RateLimiter::new(
                 f64::from(limits.claim_rate_per_minute) / 60.0,

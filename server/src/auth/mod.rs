@@ -113,23 +113,39 @@ pub(crate) async fn register(
     Ok(RegisterUserResponse { user })
 }
 
-/// AddClient: authorised by the user's signature.
+/// AddClient: authorised by the user's signature, then limited per user (rate, and number of
+/// active clients). Before the signature is checked an unknown user and a wrong key give the
+/// same answer (BAD_SIGNATURE), so the request is no existence oracle.
 pub(crate) async fn add_client(
     state: &State,
     req: AddClientRequest,
 ) -> Result<AddClientResponse, ServiceError> {
     require_local(state, req.client.domain())?;
     check_ed25519_key(req.client_key.as_slice())?;
-    let user_key = user_key(state, &req.client.user).await?;
     let tbs = AddClientTbs {
         client: req.client.clone(),
         client_key: req.client_key.clone(),
     };
-    verify_ed25519(
-        &user_key,
+    verify_user_signature(
+        state,
+        &req.client.user,
         &signing_input(LABEL_ADD_CLIENT, &tbs),
         req.user_signature.as_slice(),
-    )?;
+    )
+    .await?;
+    state
+        .add_client_limiter
+        .check(req.client.user.clone())
+        .map_err(ServiceError::RateLimited)?;
+    // Removed clients are tombstones: they do not count. Concurrent AddClients of one user
+    // may pass this check together; the rate limit above bounds how many.
+    let max = state.settings.limits.max_clients_per_user;
+    let active = state.store.active_clients_of(&req.client.user).await?.len();
+    if active >= max as usize {
+        return Err(ServiceError::LimitExceeded(format!(
+            "at most {max} clients per user"
+        )));
+    }
 
     let credential = issue_credential(state, req.client.clone(), req.client_key);
     state.store.add_client(credential.clone()).await?;
@@ -137,30 +153,43 @@ pub(crate) async fn add_client(
     Ok(AddClientResponse { credential })
 }
 
-async fn user_key(state: &State, user: &UserId) -> Result<Vec<u8>, ServiceError> {
-    state
-        .store
-        .user_key(&user.name)
-        .await?
-        .ok_or(ServiceError::UserNotFound)
+/// Checks a signature by `user`'s key. An unknown user fails exactly like a wrong signature
+/// (BAD_SIGNATURE), after the same work: the signature is checked against a stand-in key
+/// (the AS key, whose owner never signs these labels) and refused whatever the outcome.
+async fn verify_user_signature(
+    state: &State,
+    user: &UserId,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), ServiceError> {
+    match state.store.user_key(&user.name).await? {
+        Some(key) => verify_ed25519(&key, message, signature),
+        None => {
+            let _ = verify_ed25519(&state.as_key.public_key(), message, signature);
+            Err(ServiceError::BadSignature)
+        }
+    }
 }
 
-/// RemoveClient: authorised by the user's signature. Deletes the queue and KeyPackages and
-/// keeps a tombstone so the device name is never reused.
+/// RemoveClient: authorised by the user's signature, checked before anything about the
+/// client is revealed (an unknown user, like a wrong key, is BAD_SIGNATURE; CLIENT_NOT_FOUND
+/// only after a valid signature). Deletes the queue and KeyPackages and keeps a tombstone so
+/// the device name is never reused.
 pub(crate) async fn remove_client(
     state: &State,
     req: RemoveClientRequest,
 ) -> Result<RemoveClientResponse, ServiceError> {
     require_local(state, req.client.domain())?;
-    let user_key = user_key(state, &req.client.user).await?;
     let tbs = RemoveClientTbs {
         client: req.client.clone(),
     };
-    verify_ed25519(
-        &user_key,
+    verify_user_signature(
+        state,
+        &req.client.user,
         &signing_input(LABEL_REMOVE_CLIENT, &tbs),
         req.user_signature.as_slice(),
-    )?;
+    )
+    .await?;
     let client_num = state.store.remove_client(&req.client).await?;
     state.revoke(client_num);
     state.queues.close_listeners(client_num);

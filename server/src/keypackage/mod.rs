@@ -112,7 +112,9 @@ pub(crate) async fn upload(
     })
 }
 
-/// ClaimClientKeyPackage for a local client, on behalf of `claimer`.
+/// ClaimClientKeyPackage for a local client, on behalf of `claimer`. Rate limited per
+/// (claiming user, target client): a user's devices share one budget, so adding devices buys
+/// no extra claims.
 pub(crate) async fn claim_client(
     state: &State,
     claimer: &ClientId,
@@ -123,14 +125,14 @@ pub(crate) async fn claim_client(
     }
     state
         .claim_limiter
-        .check((claimer.clone(), req.client.clone()))
+        .check((claimer.user.clone(), req.client.clone()))
         .map_err(ServiceError::RateLimited)?;
     let key_package = state.store.claim_one(&req.client, now_secs()).await?;
     Ok(ClaimClientKeyPackageResponse { key_package })
 }
 
 /// ClaimUserKeyPackages for a local user: one KeyPackage per active client, in one
-/// transaction. Rate limited per (claimer, target client), all or nothing.
+/// transaction. Rate limited per (claiming user, target client), all or nothing.
 pub(crate) async fn claim_user(
     state: &State,
     claimer: &ClientId,
@@ -145,7 +147,7 @@ pub(crate) async fn claim_user(
     }
     let keys: Vec<_> = targets
         .iter()
-        .map(|r| (claimer.clone(), r.credential.client.clone()))
+        .map(|r| (claimer.user.clone(), r.credential.client.clone()))
         .collect();
     state
         .claim_limiter

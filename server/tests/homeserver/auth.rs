@@ -341,3 +341,147 @@ async fn credentials_are_renewed_when_half_their_validity_is_gone() {
     assert_eq!(found.clients, vec![renewed.credential]);
     server.shutdown().await;
 }
+
+/// The code and reason of a refused request.
+fn refusal(err: roost_client::transport::RequestError) -> (ErrorCode, String) {
+    let wire = err.wire_error().expect("a server error");
+    (
+        wire.code,
+        String::from_utf8_lossy(wire.reason.as_slice()).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn unauthenticated_client_changes_do_not_reveal_whether_a_user_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let conn = connect(&server).await;
+    let alice = register(&conn, "alice").await;
+    let phone = add_client(&conn, &alice, "phone").await;
+
+    // A stranger's key, once for alice and once for a user that does not exist.
+    let guess = |id: &str| TestUser {
+        id: id.parse().unwrap(),
+        key: keypair(),
+    };
+    let (existing, unknown) = (guess("alice@example.org"), guess("nobody@example.org"));
+    let device = |user: &TestUser, name: &str| {
+        roost_protocol::ClientId::new(user.id.clone(), name.parse().unwrap())
+    };
+
+    let add_existing = conn
+        .call(add_client_request(
+            &existing,
+            &device(&existing, "evil"),
+            &keypair(),
+        ))
+        .await
+        .unwrap_err();
+    let add_unknown = conn
+        .call(add_client_request(
+            &unknown,
+            &device(&unknown, "evil"),
+            &keypair(),
+        ))
+        .await
+        .unwrap_err();
+    let add_existing = refusal(add_existing);
+    assert_eq!(add_existing.0, ErrorCode::BAD_SIGNATURE);
+    assert_eq!(add_existing, refusal(add_unknown));
+
+    // RemoveClient: an existing device, an unknown device of alice, a device of nobody.
+    let mut answers = Vec::new();
+    for (user, name) in [
+        (&existing, "phone"),
+        (&existing, "tablet"),
+        (&unknown, "phone"),
+    ] {
+        let err = conn
+            .call(remove_client_request(user, &device(user, name)))
+            .await
+            .unwrap_err();
+        answers.push(refusal(err));
+    }
+    assert_eq!(answers[0].0, ErrorCode::BAD_SIGNATURE);
+    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+
+    // Only alice's own signature learns that a device does not exist; the phone is intact.
+    let err = conn
+        .call(remove_client_request(&alice, &device(&existing, "tablet")))
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), ErrorCode::CLIENT_NOT_FOUND);
+    login(&conn, &phone).await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn devices_per_user_are_capped_and_removed_ones_do_not_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.max_clients_per_user = 2;
+    let server = start(cfg).await;
+    let conn = connect(&server).await;
+    let alice = register(&conn, "alice").await;
+    let phone = add_client(&conn, &alice, "phone").await;
+    add_client(&conn, &alice, "laptop").await;
+    let tablet = roost_protocol::ClientId::new(alice.id.clone(), "tablet".parse().unwrap());
+    let err = conn
+        .call(add_client_request(&alice, &tablet, &keypair()))
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), ErrorCode::LIMIT_EXCEEDED);
+    // Another user has a cap of their own.
+    let bob = register(&conn, "bob").await;
+    add_client(&conn, &bob, "phone").await;
+    // A removed device frees its place (its name stays used).
+    conn.call(remove_client_request(&alice, &phone.id))
+        .await
+        .unwrap();
+    add_client(&conn, &alice, "tablet").await;
+    let err = conn
+        .call(add_client_request(&alice, &phone.id, &keypair()))
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), ErrorCode::LIMIT_EXCEEDED);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn add_client_is_rate_limited_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.add_client_burst = 3;
+    cfg.limits.add_client_rate_per_hour = 1;
+    let server = start(cfg).await;
+    let conn = connect(&server).await;
+    let alice = register(&conn, "alice").await;
+    for device in ["d1", "d2", "d3"] {
+        add_client(&conn, &alice, device).await;
+    }
+    let d4 = roost_protocol::ClientId::new(alice.id.clone(), "d4".parse().unwrap());
+    let err = conn
+        .call(add_client_request(&alice, &d4, &keypair()))
+        .await
+        .unwrap_err();
+    let wire = err.wire_error().unwrap();
+    assert_eq!(wire.code, ErrorCode::RATE_LIMITED);
+    assert!(matches!(
+        wire.detail,
+        roost_protocol::ErrorDetail::RateLimited { retry_after_ms } if retry_after_ms > 60_000
+    ));
+    // Requests without alice's signature neither use up nor see her budget.
+    let forged = TestUser {
+        id: alice.id.clone(),
+        key: keypair(),
+    };
+    let err = conn
+        .call(add_client_request(&forged, &d4, &keypair()))
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), ErrorCode::BAD_SIGNATURE);
+    // Other users are not affected.
+    let bob = register(&conn, "bob").await;
+    add_client(&conn, &bob, "phone").await;
+    server.shutdown().await;
+}

@@ -412,3 +412,84 @@ async fn lifetimes_tolerate_clock_skew_and_are_capped() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn extra_devices_share_one_claim_budget_and_the_target_stays_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.claim_burst = 10;
+    cfg.limits.claim_rate_per_minute = 1;
+    let server = start(cfg).await;
+    // The target holds 3 ordinary KeyPackages and a last-resort one.
+    let (alice, phone, alice_conn) = new_client(&server, "alice").await;
+    let last_resort = key_package_with(&phone, &phone.id, None, true);
+    alice_conn
+        .call(UploadKeyPackagesRequest {
+            key_packages: (0..3).map(|_| key_package(&phone)).collect(),
+            last_resort: Some(last_resort.clone()),
+        })
+        .await
+        .unwrap();
+
+    // Mallory adds devices and claims from each of them, by client and by user.
+    let (mallory, first, first_conn) = new_client(&server, "mallory").await;
+    let mut devices = vec![(first, first_conn)];
+    for i in 1..5 {
+        let device = add_client(&devices[0].1, &mallory, &format!("d{i}")).await;
+        let conn = connect(&server).await;
+        login(&conn, &device).await;
+        devices.push((device, conn));
+    }
+    let (mut handed_out, mut refused) = (0, 0);
+    for (i, (_device, conn)) in devices.iter().enumerate() {
+        for _ in 0..10 {
+            let result = if i % 2 == 0 {
+                conn.call(ClaimClientKeyPackageRequest {
+                    client: phone.id.clone(),
+                })
+                .await
+                .map(|r| vec![r.key_package])
+            } else {
+                conn.call(ClaimUserKeyPackagesRequest {
+                    user: alice.id.clone(),
+                })
+                .await
+                .map(|r| r.key_packages)
+            };
+            match result {
+                Ok(got) => handed_out += got.len(),
+                Err(err) => {
+                    let wire = err.wire_error().unwrap();
+                    assert_eq!(wire.code, ErrorCode::RATE_LIMITED);
+                    assert!(matches!(
+                        wire.detail,
+                        ErrorDetail::RateLimited { retry_after_ms } if retry_after_ms > 0
+                    ));
+                    refused += 1;
+                }
+            }
+        }
+    }
+    // All five devices together got no more than one user's burst.
+    assert_eq!(
+        handed_out, 10,
+        "mallory's devices got {handed_out} KeyPackages"
+    );
+    assert_eq!(refused, 40);
+
+    // The ordinary ones are gone, but anyone else still reaches alice through her
+    // last-resort KeyPackage.
+    let (_bob, _bp, bob_conn) = new_client(&server, "bob").await;
+    let got = bob_conn
+        .call(ClaimUserKeyPackagesRequest {
+            user: alice.id.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.key_packages.len(), 1);
+    assert_eq!(got.key_packages[0].kind, KeyPackageKind::LastResort);
+    assert_eq!(got.key_packages[0].key_package, last_resort);
+    let count = alice_conn.call(KeyPackageCountRequest {}).await.unwrap();
+    assert_eq!((count.remaining, count.has_last_resort), (0, 1));
+    server.shutdown().await;
+}
