@@ -99,6 +99,10 @@ pub(crate) async fn register(
             .ok_or(ServiceError::RegistrationTokenRequired)?;
         let hash = tokens::hash_token(token.as_slice());
         let allowed = tokens::allowed_uses(&state.settings.identity_dir, &hash)
+            .map_err(|err| {
+                tracing::error!(%err, "cannot read the registration tokens");
+                ServiceError::Unavailable
+            })?
             .ok_or(ServiceError::RegistrationTokenRequired)?;
         Some((hash, allowed))
     } else {

@@ -16,13 +16,28 @@ pub(crate) fn hash_token(token: &[u8]) -> String {
     digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// How many registrations the token with this hash allows, if it exists.
-pub(crate) fn allowed_uses(data_dir: &Path, hash: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(data_dir.join(TOKENS_FILE)).ok()?;
-    text.lines().find_map(|line| {
+/// How many registrations the token with this hash allows, if it exists. A missing file
+/// holds no token; a file that cannot be read is an error (not "no such token"), and a line
+/// whose count is not a number allows nothing.
+pub(crate) fn allowed_uses(data_dir: &Path, hash: &str) -> std::io::Result<Option<u64>> {
+    let text = match std::fs::read_to_string(data_dir.join(TOKENS_FILE)) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    Ok(text.lines().find_map(|line| {
         let mut parts = line.split_whitespace();
-        (parts.next()? == hash).then(|| parts.next().and_then(|n| n.parse().ok()).unwrap_or(1))
-    })
+        if parts.next()? != hash {
+            return None;
+        }
+        match (parts.next().map(str::parse::<u64>), parts.next()) {
+            (Some(Ok(uses)), None) => Some(uses),
+            _ => {
+                tracing::warn!(file = TOKENS_FILE, "a registration-token line is malformed");
+                Some(0)
+            }
+        }
+    }))
 }
 
 /// Makes a new random token allowing `uses` registrations and records its hash. Returns the
@@ -53,11 +68,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let token = create(dir.path(), 3).unwrap();
         assert_eq!(
-            allowed_uses(dir.path(), &hash_token(token.as_bytes())),
+            allowed_uses(dir.path(), &hash_token(token.as_bytes())).unwrap(),
             Some(3)
         );
-        assert_eq!(allowed_uses(dir.path(), &hash_token(b"guess")), None);
+        assert_eq!(
+            allowed_uses(dir.path(), &hash_token(b"guess")).unwrap(),
+            None
+        );
         let stored = std::fs::read_to_string(dir.path().join(TOKENS_FILE)).unwrap();
         assert!(!stored.contains(&token));
+    }
+
+    #[test]
+    fn unreadable_files_and_malformed_counts_are_not_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(
+            allowed_uses(dir.path(), "ab").unwrap(),
+            None,
+            "no file: no token"
+        );
+        let hash = hash_token(b"t");
+        std::fs::write(dir.path().join(TOKENS_FILE), format!("{hash} lots\n")).unwrap();
+        assert_eq!(allowed_uses(dir.path(), &hash).unwrap(), Some(0));
+        std::fs::write(dir.path().join(TOKENS_FILE), format!("{hash}\n")).unwrap();
+        assert_eq!(allowed_uses(dir.path(), &hash).unwrap(), Some(0));
+        // A directory where the file should be: an I/O error, not "token required".
+        std::fs::remove_file(dir.path().join(TOKENS_FILE)).unwrap();
+        std::fs::create_dir(dir.path().join(TOKENS_FILE)).unwrap();
+        assert!(allowed_uses(dir.path(), &hash).is_err());
     }
 }
