@@ -45,6 +45,23 @@ impl GroupCache {
     }
 }
 
+impl GroupCache {
+    /// Forgets the slot of a group that did not load (e.g. an id no group has), unless someone
+    /// holds it: ids that name no group must not take room from hosted ones.
+    pub(crate) fn forget_empty(&self, group: &GroupId) {
+        let mut slots = match self.slots.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let unused = slots.get(group).is_some_and(|(slot, _)| {
+            Arc::strong_count(slot) == 1 && slot.try_lock().is_ok_and(|state| state.is_none())
+        });
+        if unused {
+            slots.remove(group);
+        }
+    }
+}
+
 /// Drops the least recently used idle quarter of the cache (idle: nobody holds its slot).
 fn evict(slots: &mut HashMap<GroupId, (GroupSlot, u64)>, capacity: usize) {
     let mut idle: Vec<(u64, GroupId)> = slots
@@ -77,5 +94,23 @@ mod tests {
         // The group in use survived eviction; the map stayed bounded.
         assert!(Arc::ptr_eq(&held, &cache.entry(&group(0))));
         assert!(cache.slots.lock().unwrap().len() <= 5);
+    }
+
+    #[test]
+    fn ids_of_no_group_leave_no_slot_behind() {
+        let cache = GroupCache::new(4);
+        let held = cache.entry(&group(0));
+        for n in 1..200 {
+            let slot = cache.entry(&group(n));
+            drop(slot);
+            cache.forget_empty(&group(n));
+        }
+        let slots = cache.slots.lock().unwrap();
+        assert_eq!(slots.len(), 1, "only the group in use is left");
+        assert!(Arc::ptr_eq(&held, &slots[&group(0)].0));
+        drop(slots);
+        // A slot in use is never forgotten.
+        cache.forget_empty(&group(0));
+        assert!(Arc::ptr_eq(&held, &cache.entry(&group(0))));
     }
 }

@@ -438,7 +438,15 @@ macro_rules! locked_group {
         let entry = $state.groups.entry($group);
         let mut $slot = entry.lock().await;
         if $slot.is_none() {
-            *$slot = Some(load($state, $group).await?);
+            match load($state, $group).await {
+                Ok(hosted) => *$slot = Some(hosted),
+                Err(err) => {
+                    drop($slot);
+                    drop(entry);
+                    $state.groups.forget_empty($group);
+                    return Err(err);
+                }
+            }
         }
     };
 }
