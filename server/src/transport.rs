@@ -137,7 +137,9 @@ pub(crate) async fn accept_loop(
                 None => return,
             },
         };
-        if connected.load(Ordering::Relaxed) >= limits.max_connections as usize {
+        // Handshakes in progress count: a burst of them must not get past the limit.
+        let open = connected.load(Ordering::Relaxed) + handshaking.load(Ordering::Relaxed);
+        if open >= limits.max_connections as usize {
             metrics::counter!("roost_connections_refused_total").increment(1);
             incoming.refuse();
             continue;
@@ -154,25 +156,28 @@ pub(crate) async fn accept_loop(
             continue;
         }
         let state = state.clone();
+        // Counted here, before the next incoming connection is looked at.
+        handshaking.fetch_add(1, Ordering::Relaxed);
         let (handshaking, connected) = (handshaking.clone(), connected.clone());
         let streams = tracker.clone();
         tracker.spawn(async move {
-            handshaking.fetch_add(1, Ordering::Relaxed);
             let remote = incoming.remote_address();
             let connecting = incoming.accept();
             let result = match connecting {
                 Ok(connecting) => connecting.await,
                 Err(err) => Err(err),
             };
-            handshaking.fetch_sub(1, Ordering::Relaxed);
             let conn = match result {
                 Ok(conn) => conn,
                 Err(err) => {
+                    handshaking.fetch_sub(1, Ordering::Relaxed);
                     tracing::debug!(%remote, %err, "handshake failed");
                     return;
                 }
             };
+            // From handshaking to connected without a moment in neither.
             connected.fetch_add(1, Ordering::Relaxed);
+            handshaking.fetch_sub(1, Ordering::Relaxed);
             metrics::gauge!("roost_connections").increment(1.0);
             let span = tracing::info_span!("conn", %remote);
             serve_connection(conn, remote, state, streams)

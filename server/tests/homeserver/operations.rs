@@ -101,6 +101,43 @@ async fn connections_beyond_the_limit_are_refused() {
     server.shutdown().await;
 }
 
+/// Handshakes in progress count against the limit too: a burst of simultaneous handshakes
+/// cannot push the server past it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_handshakes_beyond_the_limit_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.max_connections = 2;
+    let server = start(cfg).await;
+    let trust = TrustConfig::PinnedCertificates(vec![server.certificate().clone()]);
+    let config = ConnectConfig::new(server.local_addr(), DOMAIN, trust);
+    let attempts: Vec<_> = (0..6)
+        .map(|_| {
+            let config = config.clone();
+            let addr = server.local_addr();
+            tokio::spawn(async move {
+                let endpoint = Endpoint::for_server(addr).unwrap();
+                let conn = endpoint.connect(&config).await;
+                (endpoint, conn)
+            })
+        })
+        .collect();
+    let mut open = Vec::new();
+    for attempt in attempts {
+        let (endpoint, conn) = attempt.await.unwrap();
+        if let Ok(conn) = conn {
+            open.push((endpoint, conn));
+        }
+    }
+    assert!(
+        open.len() <= 2,
+        "{} connections got in with max_connections = 2",
+        open.len()
+    );
+    assert!(!open.is_empty());
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn clients_pass_address_validation_when_the_server_demands_it() {
     let dir = tempfile::tempdir().unwrap();
