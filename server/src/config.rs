@@ -275,6 +275,9 @@ pub struct Limits {
     pub registration_rate_per_minute: u32,
     /// Burst of registrations per source IP address.
     pub registration_burst: u32,
+    /// IPv6 sources are limited per network of this prefix length (one host usually holds a
+    /// whole /64); IPv4 sources per address.
+    pub registration_ipv6_prefix: u8,
     /// Messages per second a client may send (application messages, commits, proposals).
     pub send_rate_per_sec: u32,
     /// Burst of messages a client may send.
@@ -322,6 +325,7 @@ impl Default for Limits {
             max_clients_per_user: 32,
             registration_rate_per_minute: 10,
             registration_burst: 10,
+            registration_ipv6_prefix: 64,
             send_rate_per_sec: 200,
             send_burst: 400,
             max_queue_depth: 10_000,
@@ -390,6 +394,11 @@ impl Limits {
                     "limits.{name} must be at least 1"
                 )));
             }
+        }
+        if self.registration_ipv6_prefix > 128 {
+            return Err(ConfigError::Invalid(
+                "limits.registration_ipv6_prefix must be at most 128".into(),
+            ));
         }
         if self.max_frame_len > (1 << 30) {
             return Err(ConfigError::Invalid(

@@ -7,6 +7,23 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The key a source address is limited by: an IPv4 address (also when it arrives as an
+/// IPv4-mapped IPv6 address) as it is, an IPv6 address as its network of `ipv6_prefix` bits.
+pub fn source_key(addr: std::net::IpAddr, ipv6_prefix: u8) -> std::net::IpAddr {
+    use std::net::IpAddr;
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u32::from(ipv6_prefix.min(128));
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        },
+    }
+}
+
 /// When the map grows past this, full buckets are dropped (they carry no information).
 const PRUNE_AT: usize = 100_000;
 
@@ -87,6 +104,32 @@ fn refill(bucket: &Bucket, now: Instant, per_second: f64, burst: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ipv6_sources_share_their_network_and_ipv4_stays_per_address() {
+        use std::net::IpAddr;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let limiter = RateLimiter::new(0.0001, 2);
+        // Two registrations from one /64, whatever the host part: the third is refused.
+        for host in ["2001:db8:1:2::1", "2001:db8:1:2:ffff::9"] {
+            limiter.check(source_key(ip(host), 64)).unwrap();
+        }
+        assert!(
+            limiter
+                .check(source_key(ip("2001:db8:1:2::77"), 64))
+                .is_err()
+        );
+        // Another /64 has its own budget.
+        limiter
+            .check(source_key(ip("2001:db8:1:3::1"), 64))
+            .unwrap();
+        // IPv4, also mapped into IPv6, is per address.
+        assert_eq!(source_key(ip("::ffff:192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("192.0.2.7"), 64), ip("192.0.2.7"));
+        assert_eq!(source_key(ip("2001:db8::1"), 128), ip("2001:db8::1"));
+        assert_eq!(source_key(ip("2001:db8::1"), 0), ip("::"));
+    }
+
     use super::*;
 
     #[test]

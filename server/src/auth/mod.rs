@@ -78,9 +78,10 @@ pub(crate) async fn register(
     req: RegisterUserRequest,
 ) -> Result<RegisterUserResponse, ServiceError> {
     require_local(state, &req.user.domain)?;
+    let key = crate::ratelimit::source_key(source, state.settings.limits.registration_ipv6_prefix);
     state
         .registration_limiter
-        .check(source)
+        .check(key)
         .map_err(ServiceError::RateLimited)?;
     check_ed25519_key(req.user_key.as_slice())?;
     let tbs = RegisterUserTbs {
