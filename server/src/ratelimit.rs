@@ -24,8 +24,15 @@ pub fn source_key(addr: std::net::IpAddr, ipv6_prefix: u8) -> std::net::IpAddr {
     }
 }
 
-/// When the map grows past this, full buckets are dropped (they carry no information).
+/// When the map grows past this, full buckets are dropped (they carry no information), at
+/// most once per [`PRUNE_EVERY`]: a map kept large by keys that stay partly drained is not
+/// scanned on every check.
 const PRUNE_AT: usize = 100_000;
+/// Least time between two prunes.
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// Most keys held: past it (keys that a prune cannot drop), new keys are refused until some
+/// refill, so memory stays bounded whatever the keys.
+const MAX_KEYS: usize = 1_000_000;
 
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
@@ -38,7 +45,14 @@ struct Bucket {
 pub struct RateLimiter<K> {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<K, Bucket>>,
+    max_keys: usize,
+    buckets: Mutex<Buckets<K>>,
+}
+
+#[derive(Debug)]
+struct Buckets<K> {
+    map: HashMap<K, Bucket>,
+    pruned: Option<Instant>,
 }
 
 impl<K: Hash + Eq + Clone> RateLimiter<K> {
@@ -47,8 +61,18 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
         Self {
             per_second,
             burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            max_keys: MAX_KEYS,
+            buckets: Mutex::new(Buckets {
+                map: HashMap::new(),
+                pruned: None,
+            }),
         }
+    }
+
+    #[cfg(test)]
+    fn with_max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
     }
 
     /// Takes one token for each key, all or none. On refusal, how long until all keys have one.
@@ -66,9 +90,24 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if buckets.len() > PRUNE_AT {
+        let new_keys = keys
+            .iter()
+            .filter(|k| !buckets.map.contains_key(*k))
+            .count();
+        let crowded = buckets.map.len() > PRUNE_AT || buckets.map.len() + new_keys > self.max_keys;
+        let due = buckets
+            .pruned
+            .is_none_or(|at| now.saturating_duration_since(at) >= PRUNE_EVERY);
+        if crowded && due {
             let (rate, burst) = (self.per_second, self.burst);
-            buckets.retain(|_, b| refill(b, now, rate, burst) < burst);
+            buckets
+                .map
+                .retain(|_, b| refill(b, now, rate, burst) < burst);
+            buckets.pruned = Some(now);
+        }
+        let buckets = &mut buckets.map;
+        if buckets.len() + new_keys > self.max_keys {
+            return Err(PRUNE_EVERY);
         }
         let mut wait = Duration::ZERO;
         for key in keys {
@@ -131,6 +170,25 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn keys_are_bounded_and_full_buckets_make_room() {
+        let limiter = RateLimiter::new(1.0, 2).with_max_keys(3);
+        let start = Instant::now();
+        for key in ["a", "b", "c"] {
+            limiter.check_all_at(&[key], start).unwrap();
+        }
+        // A fourth key while the three are partly drained: refused, the others still served.
+        assert!(limiter.check_all_at(&["d"], start).is_err());
+        limiter.check_all_at(&["a"], start).unwrap();
+        // Once they refilled, a prune drops them and the new key gets in.
+        let later = start + Duration::from_secs(5);
+        limiter.check_all_at(&["d"], later).unwrap();
+        // Prunes are spaced: right after one, a full map is not scanned again.
+        let buckets = limiter.buckets.lock().unwrap();
+        assert_eq!(buckets.map.len(), 1);
+        assert_eq!(buckets.pruned, Some(later));
+    }
 
     #[test]
     fn burst_then_refill() {
