@@ -105,6 +105,22 @@ impl TestServer {
 pub async fn raw_client(t: &TestServer, name: &str) -> (Connection, ClientId, SignatureKeyPair) {
     let conn = t.raw_connection().await;
     let user_key = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+    let key = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
+    let client = enroll(&conn, name, &user_key, &key).await;
+    conn.authenticate(&client, |input| key.sign(input).unwrap())
+        .await
+        .unwrap();
+    (conn, client, key)
+}
+
+/// Registers user `name` with `user_key` and adds its device `phone` with `client_key`, over
+/// `conn` (raw requests); returns the device's id.
+pub async fn enroll(
+    conn: &Connection,
+    name: &str,
+    user_key: &SignatureKeyPair,
+    client_key: &SignatureKeyPair,
+) -> ClientId {
     let id = user(name);
     let tbs = RegisterUserTbs {
         user: id.clone(),
@@ -121,15 +137,14 @@ pub async fn raw_client(t: &TestServer, name: &str) -> (Connection, ClientId, Si
     })
     .await
     .unwrap();
-    let key = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
     let client = ClientId::new(id, "phone".parse().unwrap());
     let tbs = AddClientTbs {
         client: client.clone(),
-        client_key: key.public().into(),
+        client_key: client_key.public().into(),
     };
     conn.call(AddClientRequest {
         client: client.clone(),
-        client_key: key.public().into(),
+        client_key: client_key.public().into(),
         user_signature: user_key
             .sign(&signing_input(LABEL_ADD_CLIENT, &tbs))
             .unwrap()
@@ -137,10 +152,7 @@ pub async fn raw_client(t: &TestServer, name: &str) -> (Connection, ClientId, Si
     })
     .await
     .unwrap();
-    conn.authenticate(&client, |input| key.sign(input).unwrap())
-        .await
-        .unwrap();
-    (conn, client, key)
+    client
 }
 
 pub fn user(name: &str) -> UserId {

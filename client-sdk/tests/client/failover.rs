@@ -16,16 +16,12 @@ use roost_client::transport::{
     Backoff, ConnectConfig, Connection, Endpoint, ReconnectingConnection, TrustConfig,
 };
 use roost_protocol::ClientId;
-use roost_protocol::messages::auth::{
-    AddClientRequest, AddClientTbs, LABEL_ADD_CLIENT, LABEL_REGISTER_USER, RegisterUserRequest,
-    RegisterUserTbs, signing_input,
-};
 use roost_protocol::messages::keypackage::KeyPackageCountRequest;
 use roost_server::Server;
 use roost_server::config::Config;
 use roost_server::identity::{AS_KEY_FILE, CERT_FILE, CERT_KEY_FILE};
 
-use crate::common::{DOMAIN, client_id, start_server, user, wait_joined, wait_message};
+use crate::common::{DOMAIN, client_id, enroll, start_server, user, wait_joined, wait_message};
 
 /// A UDP port on 127.0.0.1 where nothing listens (it was free a moment ago).
 fn dead_addr() -> SocketAddr {
@@ -71,35 +67,7 @@ async fn enroll_on(
     let mut only_this_node = config.clone();
     only_this_node.server_addrs = vec![node.local_addr()];
     let conn = endpoint.connect(&only_this_node).await.unwrap();
-    let tbs = RegisterUserTbs {
-        user: user("alice"),
-        user_key: user_key.public().into(),
-    };
-    conn.call(RegisterUserRequest {
-        user: user("alice"),
-        user_key: user_key.public().into(),
-        registration_token: None,
-        signature: user_key
-            .sign(&signing_input(LABEL_REGISTER_USER, &tbs))
-            .unwrap()
-            .into(),
-    })
-    .await
-    .unwrap();
-    let tbs = AddClientTbs {
-        client: client_id("alice", "phone"),
-        client_key: client_key.public().into(),
-    };
-    conn.call(AddClientRequest {
-        client: client_id("alice", "phone"),
-        client_key: client_key.public().into(),
-        user_signature: user_key
-            .sign(&signing_input(LABEL_ADD_CLIENT, &tbs))
-            .unwrap()
-            .into(),
-    })
-    .await
-    .unwrap();
+    enroll(&conn, "alice", user_key, client_key).await;
     conn.close();
     endpoint.close();
 }
