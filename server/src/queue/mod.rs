@@ -341,12 +341,51 @@ pub(crate) async fn deliver_remote(
     deliveries: Vec<Delivery>,
 ) -> Result<DeliverResponse, ServiceError> {
     let max_depth = state.settings.limits.max_queue_depth;
-    let (response, woken) = state
-        .store
-        .deliver(deliveries, max_depth, crate::unix_millis())
-        .await?;
-    state.queues.notify_fresh(&woken);
-    Ok(response)
+    let mut total = DeliverResponse {
+        accepted: 0,
+        unknown_recipients: 0,
+        queue_full: 0,
+    };
+    // A peer's request may name up to `outbox_batch` deliveries of 1,024 recipients each: one
+    // transaction for all of them would hold the store's writer for ~260k lookups. Each chunk
+    // is its own transaction, so other writes go in between. A chunk that fails leaves the
+    // earlier ones stored; the peer retries the whole request and the enqueue is idempotent
+    // by message id, so nothing is queued twice.
+    for chunk in transaction_chunks(deliveries, MAX_RECIPIENTS_PER_TRANSACTION) {
+        let (response, woken) = state
+            .store
+            .deliver(chunk, max_depth, crate::unix_millis())
+            .await?;
+        state.queues.notify_fresh(&woken);
+        total.accepted += response.accepted;
+        total.unknown_recipients += response.unknown_recipients;
+        total.queue_full += response.queue_full;
+    }
+    Ok(total)
+}
+
+/// Recipients looked up and enqueued in one store transaction for a peer's deliveries.
+const MAX_RECIPIENTS_PER_TRANSACTION: usize = 4096;
+
+/// Splits deliveries, in order, into runs of at most `max_recipients` recipients in all (a
+/// delivery larger than that goes alone; the caller bounds each delivery at 1,024).
+fn transaction_chunks(deliveries: Vec<Delivery>, max_recipients: usize) -> Vec<Vec<Delivery>> {
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut recipients = 0;
+    for delivery in deliveries {
+        let n = delivery.recipients.len();
+        if !current.is_empty() && recipients + n > max_recipients {
+            chunks.push(std::mem::take(&mut current));
+            recipients = 0;
+        }
+        recipients += n;
+        current.push(delivery);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
 }
 
 #[cfg(test)]
@@ -435,5 +474,44 @@ mod tests {
             // The same bytes, not a copy.
             assert_eq!(page[0].payload.as_ptr(), entry.payload.as_ptr());
         }
+    }
+
+    fn delivery(tag: u8, recipients: usize) -> Delivery {
+        let group = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+            .parse()
+            .unwrap();
+        Delivery {
+            recipients: (0..recipients)
+                .map(|i| format!("u{i}@example.org/phone").parse().unwrap())
+                .collect(),
+            id: MessageId([tag; 16]),
+            timestamp_ms: 0,
+            payload: QueuePayload::GroupMessage(GroupMessage {
+                group,
+                message: vec![tag].into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_peers_deliveries_are_stored_in_bounded_transactions_in_order() {
+        // What a peer may send in one request: outbox_batch (256) deliveries of 1,024.
+        let deliveries: Vec<_> = (0..=255u8).map(|tag| delivery(tag, 1024)).collect();
+        let chunks = transaction_chunks(deliveries, MAX_RECIPIENTS_PER_TRANSACTION);
+        assert_eq!(chunks.len(), 64);
+        for chunk in &chunks {
+            let recipients: usize = chunk.iter().map(|d| d.recipients.len()).sum();
+            assert!(recipients <= MAX_RECIPIENTS_PER_TRANSACTION, "{recipients}");
+        }
+        let order: Vec<u8> = chunks.iter().flatten().map(|d| d.id.0[0]).collect();
+        assert_eq!(order, (0..=255u8).collect::<Vec<_>>());
+
+        // Small deliveries share a transaction; one larger than the bound goes alone.
+        let mixed = vec![delivery(1, 3), delivery(2, 2), delivery(3, 9), delivery(4, 1)];
+        let sizes: Vec<Vec<usize>> = transaction_chunks(mixed, 5)
+            .iter()
+            .map(|c| c.iter().map(|d| d.recipients.len()).collect())
+            .collect();
+        assert_eq!(sizes, vec![vec![3, 2], vec![9], vec![1]]);
     }
 }
