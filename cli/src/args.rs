@@ -74,6 +74,13 @@ pub(crate) enum Command {
         /// The group: its id or its local name.
         group: String,
     },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout: `roost-cli man > roost-cli.1`.
+    Man,
 }
 
 /// Where the homeserver is and how to trust it (for register and device add).

@@ -60,6 +60,8 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
         }
         Command::Recv { wait, follow } => events::recv(ctx, wait, follow).await,
         Command::Chat { group } => events::chat(ctx, &group).await,
+        // Handled in main before a profile is opened.
+        Command::Completions { .. } | Command::Man => Ok(()),
     }
 }
 

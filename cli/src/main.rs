@@ -28,6 +28,24 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
+    // These need no profile, server or runtime.
+    match &cli.command {
+        args::Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut args::Cli::command(), "roost-cli", &mut script);
+            return write_stdout(&script);
+        }
+        args::Command::Man => {
+            use clap::CommandFactory as _;
+            let mut page = Vec::new();
+            if let Err(err) = clap_mangen::Man::new(args::Cli::command()).render(&mut page) {
+                return fail(&err.into());
+            }
+            return write_stdout(&page);
+        }
+        _ => {}
+    }
     let ansi = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|value| value.is_empty());
     tracing_subscriber::fmt()
@@ -59,6 +77,15 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => fail(&err),
+    }
+}
+
+/// Writes generated text to stdout (a closed pipe is not an error: `fail` stays quiet on it).
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(bytes) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => fail(&err.into()),
     }
 }
 

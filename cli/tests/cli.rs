@@ -468,3 +468,27 @@ fn several_server_addresses_skip_a_dead_node_and_old_profiles_still_work() {
         format!("{group}\tbob@localhost/cli\tfrom an old profile\n")
     );
 }
+
+#[test]
+fn completions_and_manual_page_need_no_profile() {
+    let home = tempfile::tempdir().unwrap();
+    let profile = home.path().join("never-made");
+    for (args, says) in [
+        (&["completions", "fish"][..], "complete -c roost-cli"),
+        (&["man"][..], ".TH roost-cli 1"),
+    ] {
+        let out = Command::new(BIN)
+            .arg("--profile")
+            .arg(&profile)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(text.contains(says), "{args:?}: {text}");
+        assert!(text.contains("send"), "{args:?}");
+    }
+    assert!(!profile.exists(), "a profile was created");
+}

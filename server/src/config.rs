@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use roost_protocol::Domain;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -31,7 +31,7 @@ pub enum ConfigError {
 }
 
 /// The configuration file. Every field has a default; see README.md for the table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// The domain this homeserver serves (the part after `@` in its user ids).
@@ -63,7 +63,7 @@ pub struct Config {
 }
 
 /// The format of log lines.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum LogFormat {
@@ -87,7 +87,7 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// The storage engine.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 #[non_exhaustive]
 pub enum StorageBackend {
@@ -113,7 +113,7 @@ impl std::str::FromStr for StorageBackend {
 }
 
 /// `[storage]`: which engine, and how to reach PostgreSQL.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// `redb` (default) or `postgres`.
@@ -140,7 +140,7 @@ impl Default for StorageConfig {
 }
 
 /// Federation with other homeservers (off by default).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FederationConfig {
     /// Accept federation connections and forward requests for other domains.
@@ -196,7 +196,7 @@ impl Default for FederationConfig {
 }
 
 /// One known peer.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PeerConfig {
     /// `host:port` (default, when `addresses` is empty too: the domain itself, port 4433).
@@ -229,7 +229,7 @@ impl Default for Config {
 }
 
 /// Every limit of the server. Times are in milliseconds or seconds as the name says.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Largest frame body accepted, in bytes.

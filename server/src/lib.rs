@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod config_reference;
 pub mod error;
 pub mod identity;
 pub mod ratelimit;

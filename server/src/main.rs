@@ -66,6 +66,31 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Check a configuration file, or print one with every field and its default.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to stdout: `roost man > roost.1`.
+    Man,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate a configuration file (default: none, so the defaults) and print the
+    /// effective settings as TOML (a database password shown as ***). Exit 1 if it is invalid.
+    Check {
+        /// TOML configuration file (`-` or /dev/stdin for standard input).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print a commented TOML file with every field set to its default.
+    Default,
 }
 
 #[derive(Subcommand)]
@@ -97,6 +122,12 @@ enum TokenCommand {
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     Ok(match path {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map_err(|e| anyhow::anyhow!("cannot read the configuration from stdin: {e}"))?;
+            Config::from_toml(&text)?
+        }
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     })
@@ -244,8 +275,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let token = roost_server::create_registration_token(&dir, uses.max(1))?;
             println!("{token}");
         }
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
+            let config = load_config(config.as_ref())?;
+            config.clone().validate()?;
+            print!(
+                "{}",
+                roost_server::config_reference::effective_toml(&config)
+            );
+        }
+        Command::Config {
+            command: ConfigCommand::Default,
+        } => print!("{}", roost_server::config_reference::default_toml()),
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "roost", &mut script);
+            write_stdout(&script)?;
+        }
+        Command::Man => {
+            use clap::CommandFactory as _;
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut page)?;
+            write_stdout(&page)?;
+        }
     }
     Ok(())
+}
+
+/// Writes generated text to stdout; a reader that went away early (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(bytes) {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
 }
 
 async fn shutdown_signal() {

@@ -156,3 +156,41 @@ fn every_postgres_table_is_described() {
         format!("`{t}`")
     });
 }
+
+/// README.md's configuration tables are rendered from `config_reference::FIELDS` and the
+/// defaults in the code, the same source `roost config default` prints: a field added, renamed
+/// or given a new default without its row fails here. `ROOST_BLESS=1` rewrites the tables.
+#[test]
+fn readme_configuration_tables_are_the_reference() {
+    use roost_server::config_reference::{SECTIONS, markdown_table};
+    let path = root().join("README.md");
+    let mut readme = read(&path);
+    let mut stale = Vec::new();
+    for section in SECTIONS {
+        let name = if section.is_empty() { "top" } else { section };
+        let marker = format!("<!-- config-table: {name} -->\n");
+        let start = readme
+            .find(&marker)
+            .unwrap_or_else(|| panic!("README.md has no {marker:?}"))
+            + marker.len();
+        let end = start
+            + readme[start..]
+                .find("<!-- end config-table -->")
+                .unwrap_or_else(|| panic!("README.md: table {name} has no end marker"));
+        let expected = markdown_table(section);
+        if readme[start..end] != expected {
+            stale.push(format!("[{name}] expected:\n{expected}"));
+            readme.replace_range(start..end, &expected);
+        }
+    }
+    if std::env::var_os("ROOST_BLESS").is_some() {
+        std::fs::write(&path, readme).unwrap();
+        return;
+    }
+    assert!(
+        stale.is_empty(),
+        "README.md's configuration tables differ from server/src/config_reference.rs \
+         (rerun with ROOST_BLESS=1 to rewrite them):\n{}",
+        stale.join("\n")
+    );
+}

@@ -127,3 +127,87 @@ fn text_logs_have_no_escape_codes_when_stderr_is_not_a_terminal() {
     assert!(stderr.contains("INFO"), "{stderr:?}");
     assert!(!stderr.contains('\x1b'), "escape codes: {stderr:?}");
 }
+
+fn roost_cmd(args: &[&str], stdin: &[u8]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(ROOST)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn the_default_configuration_file_passes_its_own_check() {
+    let default = roost_cmd(&["config", "default"], b"");
+    assert!(default.status.success(), "{default:?}");
+    let text = String::from_utf8(default.stdout).unwrap();
+    // Every table and a field of each, with its default.
+    for line in [
+        "domain = \"localhost\"",
+        "[storage]",
+        "backend = \"redb\"",
+        "[limits]",
+        "max_queue_depth = 10000",
+        "[federation]",
+        "# url = ",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from:\n{text}");
+    }
+    let check = roost_cmd(
+        &["config", "check", "--config", "/dev/stdin"],
+        text.as_bytes(),
+    );
+    assert!(check.status.success(), "{check:?}");
+    let effective = String::from_utf8(check.stdout).unwrap();
+    assert!(effective.contains("max_queue_depth = 10000"), "{effective}");
+
+    // A changed value shows in the effective settings; a password does not.
+    let custom = "domain = \"example.org\"\n[storage]\nbackend = \"postgres\"\n\
+                  url = \"postgresql://roost:hunter2@db:5432/roost\"\n[limits]\nmax_queue_depth = 7\n";
+    let check = roost_cmd(&["config", "check", "-c", "-"], custom.as_bytes());
+    assert!(check.status.success(), "{check:?}");
+    let effective = String::from_utf8(check.stdout).unwrap();
+    assert!(
+        effective.contains("domain = \"example.org\""),
+        "{effective}"
+    );
+    assert!(effective.contains("max_queue_depth = 7"), "{effective}");
+    assert!(!effective.contains("hunter2"), "{effective}");
+
+    // An invalid file: one error line naming the problem, exit 1, nothing on stdout.
+    for (bad, says) in [
+        ("[limits]\nmax_queue_depth = \"lots\"\n", "max_queue_depth"),
+        ("[storage]\nbackend = \"postgres\"\n", "storage.url"),
+        ("colour = \"blue\"\n", "colour"),
+    ] {
+        let check = roost_cmd(&["config", "check", "-c", "-"], bad.as_bytes());
+        assert_eq!(check.status.code(), Some(1), "{bad:?}");
+        assert!(check.stdout.is_empty(), "{bad:?}");
+        let line = assert_one_error_line(&check.stderr);
+        assert!(line.contains(says), "{bad:?}: {line}");
+    }
+}
+
+#[test]
+fn completions_and_manual_page_are_generated() {
+    let bash = roost_cmd(&["completions", "bash"], b"");
+    assert!(bash.status.success(), "{bash:?}");
+    let script = String::from_utf8(bash.stdout).unwrap();
+    assert!(script.contains("complete -F _roost"), "{script}");
+    for subcommand in ["serve", "admin", "config", "completions"] {
+        assert!(script.contains(subcommand), "{subcommand} missing");
+    }
+    let man = roost_cmd(&["man"], b"");
+    assert!(man.status.success(), "{man:?}");
+    let page = String::from_utf8(man.stdout).unwrap();
+    assert!(page.contains(".TH roost 1"), "{page}");
+    assert!(page.contains("serve"), "{page}");
+    let unknown = roost_cmd(&["completions", "tcsh"], b"");
+    assert_eq!(unknown.status.code(), Some(2));
+}
