@@ -218,7 +218,11 @@ impl ProfileDir {
         let path = self.file(name);
         let tmp = self.file(&format!(".{name}.tmp"));
         let write = || -> std::io::Result<()> {
-            let mut file = fs::File::create(&tmp)?;
+            let mut options = fs::OpenOptions::new();
+            options.write(true).create(true).truncate(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&tmp)?;
             file.write_all(bytes)?;
             file.sync_all()?;
             fs::rename(&tmp, &path)

@@ -20,7 +20,10 @@ fn read(path: &str) -> String {
 
 /// `roost serve --help`.
 fn serve_help() -> String {
-    let out = Command::new(ROOST).args(["serve", "--help"]).output().unwrap();
+    let out = Command::new(ROOST)
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
@@ -77,18 +80,40 @@ fn the_dockerfile_builds_the_binaries_and_runs_them_as_a_user_with_a_health_chec
     let dockerfile = read("Dockerfile");
     let steps = instructions(&dockerfile);
     const KNOWN: &[&str] = &[
-        "FROM", "RUN", "COPY", "WORKDIR", "USER", "VOLUME", "EXPOSE", "HEALTHCHECK",
-        "ENTRYPOINT", "CMD", "ENV", "ARG", "LABEL",
+        "FROM",
+        "RUN",
+        "COPY",
+        "WORKDIR",
+        "USER",
+        "VOLUME",
+        "EXPOSE",
+        "HEALTHCHECK",
+        "ENTRYPOINT",
+        "CMD",
+        "ENV",
+        "ARG",
+        "LABEL",
     ];
     for (keyword, _) in &steps {
-        assert!(KNOWN.contains(&keyword.as_str()), "unknown instruction {keyword}");
+        assert!(
+            KNOWN.contains(&keyword.as_str()),
+            "unknown instruction {keyword}"
+        );
     }
 
     // Two stages: the build one is named and is what the final stage copies from.
-    let froms: Vec<&String> = steps.iter().filter(|(k, _)| k == "FROM").map(|(_, r)| r).collect();
+    let froms: Vec<&String> = steps
+        .iter()
+        .filter(|(k, _)| k == "FROM")
+        .map(|(_, r)| r)
+        .collect();
     assert_eq!(froms.len(), 2, "{froms:?}");
     let build = froms[0].split_whitespace().collect::<Vec<_>>();
-    assert_eq!(build.get(1).map(|s| s.to_lowercase()), Some("as".into()), "{build:?}");
+    assert_eq!(
+        build.get(1).map(|s| s.to_lowercase()),
+        Some("as".into()),
+        "{build:?}"
+    );
     let stage = build[2];
     // The Rust image is at least the workspace's rust-version.
     let image_version = build[0]
@@ -97,17 +122,26 @@ fn the_dockerfile_builds_the_binaries_and_runs_them_as_a_user_with_a_health_chec
         .unwrap();
     let msrv = read("Cargo.toml")
         .lines()
-        .find_map(|l| l.strip_prefix("rust-version = ").map(|v| v.trim_matches('"').to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("rust-version = ")
+                .map(|v| v.trim_matches('"').to_owned())
+        })
         .unwrap();
     let minor = |v: &str| v.split('.').nth(1).unwrap().parse::<u32>().unwrap();
-    assert!(minor(image_version) >= minor(&msrv), "{image_version} < {msrv}");
+    assert!(
+        minor(image_version) >= minor(&msrv),
+        "{image_version} < {msrv}"
+    );
 
     let build_cmd = steps
         .iter()
         .find(|(k, r)| k == "RUN" && r.contains("cargo build"))
         .map(|(_, r)| r.clone())
         .unwrap();
-    assert!(build_cmd.contains("--locked") && build_cmd.contains("--release"), "{build_cmd}");
+    assert!(
+        build_cmd.contains("--locked") && build_cmd.contains("--release"),
+        "{build_cmd}"
+    );
     for package in ["roost-server", "roost-cli"] {
         assert!(build_cmd.contains(&format!("-p {package}")), "{build_cmd}");
     }
@@ -135,7 +169,13 @@ fn the_dockerfile_builds_the_binaries_and_runs_them_as_a_user_with_a_health_chec
 
     // The command: flags of `roost serve`; its data dir is the volume, its metrics port is
     // exposed and is what the health check asks for /health.
-    let entrypoint = exec_form(&final_stage.iter().find(|(k, _)| k == "ENTRYPOINT").unwrap().1);
+    let entrypoint = exec_form(
+        &final_stage
+            .iter()
+            .find(|(k, _)| k == "ENTRYPOINT")
+            .unwrap()
+            .1,
+    );
     assert_eq!(entrypoint, vec!["roost"]);
     let cmd = exec_form(&final_stage.iter().find(|(k, _)| k == "CMD").unwrap().1);
     let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
@@ -143,17 +183,32 @@ fn the_dockerfile_builds_the_binaries_and_runs_them_as_a_user_with_a_health_chec
     let data = arg_after(&cmd, "--data").unwrap();
     let volume = exec_form(&final_stage.iter().find(|(k, _)| k == "VOLUME").unwrap().1);
     assert_eq!(volume, vec![data.to_owned()]);
-    let listen_port = arg_after(&cmd, "--listen").unwrap().rsplit(':').next().unwrap();
-    let metrics_port = arg_after(&cmd, "--metrics").unwrap().rsplit(':').next().unwrap();
+    let listen_port = arg_after(&cmd, "--listen")
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap();
+    let metrics_port = arg_after(&cmd, "--metrics")
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap();
     let expose = &final_stage.iter().find(|(k, _)| k == "EXPOSE").unwrap().1;
     assert!(expose.contains(&format!("{listen_port}/udp")), "{expose}");
     assert!(expose.contains(&format!("{metrics_port}/tcp")), "{expose}");
-    let health = &final_stage.iter().find(|(k, _)| k == "HEALTHCHECK").unwrap().1;
+    let health = &final_stage
+        .iter()
+        .find(|(k, _)| k == "HEALTHCHECK")
+        .unwrap()
+        .1;
     assert!(
         health.contains(&format!("127.0.0.1:{metrics_port}/health")),
         "{health}"
     );
-    assert!(health.contains("--fail"), "a failing /health must fail the check: {health}");
+    assert!(
+        health.contains("--fail"),
+        "a failing /health must fail the check: {health}"
+    );
 
     // What the build copies leaves the local build and data out.
     let ignore = read(".dockerignore");
@@ -178,7 +233,11 @@ fn the_systemd_unit_runs_the_server_as_its_user_in_a_hardened_sandbox() {
         arg_after(&exec, "--data"),
         Some(format!("/var/lib/{}", value("StateDirectory")).as_str())
     );
-    assert!(arg_after(&exec, "--config").unwrap().starts_with(&format!("/etc/{}/", value("ConfigurationDirectory"))));
+    assert!(
+        arg_after(&exec, "--config")
+            .unwrap()
+            .starts_with(&format!("/etc/{}/", value("ConfigurationDirectory")))
+    );
     assert_ne!(value("User"), "root");
     assert_eq!(value("KillSignal"), "SIGTERM");
     for (key, expected) in [

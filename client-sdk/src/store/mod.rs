@@ -149,6 +149,33 @@ fn u64_value(bytes: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(array))
 }
 
+/// Creates the profile database file readable and writable by its owner only (it holds the
+/// device's private keys and group secrets), or narrows an existing one to that.
+fn owner_only(path: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
+            }
+            Err(err) => {
+                return Err(StoreError::Database(format!("{}: {err}", path.display())));
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// The key of a verified (client, signature key) pair.
 fn verified_key(client: &ClientId, key: &[u8]) -> Result<Vec<u8>, StoreError> {
     let mut out = encode(client)?;
@@ -159,6 +186,7 @@ fn verified_key(client: &ClientId, key: &[u8]) -> Result<Vec<u8>, StoreError> {
 impl Store {
     /// Opens (or creates) the database at `path`.
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        owner_only(path)?;
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
         {
@@ -380,6 +408,33 @@ mod tests {
         store.overlay_put(b"k".to_vec(), None);
         store.commit(Changes::default()).unwrap();
         assert_eq!(store.mls_read(b"k").unwrap(), None);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_profile_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let path = dir.path().join("new.redb");
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&path), 0o600);
+        // A profile written by an older SDK with the default mode is narrowed when opened,
+        // and keeps what it holds.
+        let old = dir.path().join("old.redb");
+        {
+            let store = Store::open(&old).unwrap();
+            store
+                .commit(Changes {
+                    last_seq: Some(3),
+                    ..Changes::default()
+                })
+                .unwrap();
+        }
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&old).unwrap();
+        assert_eq!(mode(&old), 0o600);
+        assert_eq!(store.last_seq().unwrap(), 3);
     }
 
     #[test]
