@@ -11,7 +11,7 @@
 //!   is added), [`Client::remove_users`], [`Client::send`], [`Client::leave_group`],
 //!   [`Client::rejoin_group`] (external commit after lost state), [`Client::groups`],
 //!   [`Client::members`].
-//! - Events: [`Client::next_event`] yields each [`Event`] (messages, joins, membership
+//! - Events: [`Client::next_event`] (or the stream [`Client::events`]) yields each [`Event`] (messages, joins, membership
 //!   changes, refused credentials, group errors) at least once, across restarts.
 //! - A background listener processes the client's queue as messages arrive (or call
 //!   [`Client::sync`]); KeyPackages are replenished automatically.
@@ -74,3 +74,9 @@ pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::Event;
 pub use store::StoreError;
+
+/// The identifiers apps handle (users, devices, clients, groups, domains), so an app needs no
+/// direct dependency on roost-protocol.
+pub use roost_protocol::{
+    ClientId, DeviceName, Domain, ErrorCode, GroupId, IdError, UserId, UserName,
+};

@@ -286,6 +286,25 @@ impl Client {
         })
     }
 
+    /// The events as a stream: each item is what [`Client::next_event`] returns, with the same
+    /// at-least-once rule (an event is deleted when the next one is asked for). The stream
+    /// never ends; one [`ClientError`] item does not end it either.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: roost_client::Client) {
+    /// use futures_util::StreamExt as _;
+    /// let mut events = std::pin::pin!(client.events());
+    /// while let Some(event) = events.next().await {
+    ///     println!("{event:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn events(&self) -> impl futures_core::Stream<Item = Result<Event, ClientError>> + '_ {
+        futures_util::stream::unfold(self, |client| async move {
+            Some((client.next_event().await, client))
+        })
+    }
+
     /// The next event. Events are stored durably with the state change that produced them;
     /// an event is deleted when the app asks for the next one, so after a crash the app
     /// receives again the event it was handling (at-least-once delivery). Waits until there
