@@ -109,6 +109,7 @@ async fn enroll(
         Enrollment::Register { .. } => "registered",
         Enrollment::AddDevice(_) => "added device",
     };
+    let token_given = matches!(&how, Enrollment::Register { token: Some(_) });
     let result = match how {
         Enrollment::Register { token } => {
             config.registration_token = token;
@@ -136,7 +137,15 @@ async fn enroll(
                         .note(format!("warning: {}", errors::describe(&err, &server)));
                     client
                 }
-                None => return Err(enroll_error(&err, &client_id, &server, profile.path())),
+                None => {
+                    return Err(enroll_error(
+                        &err,
+                        &client_id,
+                        &server,
+                        profile.path(),
+                        token_given,
+                    ));
+                }
             }
         }
     };
@@ -167,26 +176,46 @@ async fn enroll(
     Ok(())
 }
 
-fn enroll_error(err: &ClientError, client: &ClientId, server: &str, dir: &Path) -> anyhow::Error {
-    match (err, err.server_code()) {
-        (_, Some(ErrorCode::USER_EXISTS)) => anyhow!("user {} exists already", client.user),
-        (_, Some(ErrorCode::USER_NOT_FOUND)) => anyhow!("unknown user {}", client.user),
+fn enroll_error(
+    err: &ClientError,
+    client: &ClientId,
+    server: &str,
+    dir: &Path,
+    token_given: bool,
+) -> anyhow::Error {
+    let code = errors::code(err);
+    let message = match (err, err.server_code()) {
+        (_, Some(ErrorCode::USER_EXISTS)) => format!("user {} exists already", client.user),
+        (_, Some(ErrorCode::USER_NOT_FOUND)) => format!("unknown user {}", client.user),
         // The server answers an unknown user like a wrong key (no existence oracle).
-        (_, Some(ErrorCode::BAD_SIGNATURE)) => anyhow!(
+        (_, Some(ErrorCode::BAD_SIGNATURE)) => format!(
             "the server refused the user signature: {} does not exist there, or the user key is not theirs",
             client.user
         ),
-        (_, Some(ErrorCode::CLIENT_EXISTS)) => anyhow!(
+        (_, Some(ErrorCode::CLIENT_EXISTS)) => format!(
             "device name {} is taken (or was used before) for {}: choose another with --device",
-            client.device,
-            client.user
+            client.device, client.user
         ),
-        (ClientError::ProfileExists(_), _) => anyhow!(
-            "a profile exists already at {}: pass another --profile DIR",
-            dir.display()
-        ),
-        _ => anyhow!(errors::describe(err, server)),
-    }
+        // The server does not say whether a token is wrong or used up (it would help guessing).
+        (_, Some(ErrorCode::REGISTRATION_TOKEN_REQUIRED)) if token_given => {
+            return errors::coded(
+                "token_refused",
+                "the registration token was refused: it is wrong or used up; ask the server's \
+                 operator for a new one",
+            );
+        }
+        (ClientError::ProfileExists(_), _) => {
+            return errors::coded(
+                "profile_exists",
+                format!(
+                    "a profile exists already at {}: pass another --profile DIR",
+                    dir.display()
+                ),
+            );
+        }
+        _ => errors::describe(err, server),
+    };
+    errors::coded(&code, message)
 }
 
 /// Reads a user key file (or standard input for `-`).
@@ -328,15 +357,44 @@ async fn group_in(
                     _ => session.fail(&err),
                 }
             })?;
-            for user in &users {
-                if !added.iter().any(|c| &c.user == user) {
-                    out.note(format!(
-                        "{user}: no device added (already a member, or refused: see \
-                         roost-cli recv)"
-                    ));
-                }
-            }
             print_clients(ctx, "added", &id, &added)?;
+            // A user none of whose devices was added: already in the group (every device),
+            // or every KeyPackage was refused (reported as events by recv).
+            let members = session
+                .client
+                .members(&id)
+                .await
+                .map_err(|err| session.fail(&err))?;
+            let missing: Vec<&UserId> = users
+                .iter()
+                .filter(|user| !added.iter().any(|c| &c.user == *user))
+                .collect();
+            let (already, refused): (Vec<&UserId>, Vec<&UserId>) = missing
+                .into_iter()
+                .partition(|user| members.iter().any(|c| &c.user == *user));
+            let list = |users: &[&UserId]| {
+                users
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !already.is_empty() {
+                return Err(errors::coded(
+                    "already_member",
+                    format!("already a member of {group}: {}", list(&already)),
+                ));
+            }
+            if !refused.is_empty() {
+                return Err(errors::coded(
+                    "error",
+                    format!(
+                        "no device of {} could be added (their KeyPackages were refused: see \
+                         roost-cli recv)",
+                        list(&refused)
+                    ),
+                ));
+            }
         }
         GroupCommand::Remove { group, users } => {
             let id = session.member_group(&group)?;

@@ -8,6 +8,60 @@ use roost_client::StoreError;
 use roost_client::transport::{RequestError, TransportError};
 use roost_protocol::{ErrorCode, WireError};
 
+/// A failure with a stable machine-readable code (what `--json` prints on stderr beside the
+/// message). Codes: a server's error code name in lower case (`user_not_found`,
+/// `rate_limited`, ...), or one of `unreachable`, `bad_certificate`, `not_member`,
+/// `profile_in_use`, `no_user_key`, `wrong_domain`, `already_member`, `token_refused`,
+/// `profile_exists`, `usage` (a command-line mistake) and `error` (anything else).
+#[derive(Debug)]
+pub(crate) struct Coded {
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+impl std::fmt::Display for Coded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Coded {}
+
+/// An error with `code` and `message`.
+pub(crate) fn coded(code: &str, message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Coded {
+        code: code.to_owned(),
+        message: message.into(),
+    })
+}
+
+/// The stable code of an SDK failure.
+pub(crate) fn code(err: &ClientError) -> String {
+    match err {
+        ClientError::Request(RequestError::Server(err)) => err
+            .code
+            .name()
+            .map_or_else(|| "error".to_owned(), str::to_lowercase),
+        ClientError::Request(RequestError::Transport(TransportError::UntrustedCertificate(_)))
+        | ClientError::Request(RequestError::Transport(
+            TransportError::Pem { .. } | TransportError::Config(_),
+        )) => "bad_certificate".into(),
+        ClientError::Request(RequestError::Transport(_)) => "unreachable".into(),
+        ClientError::Store(StoreError::Database(detail)) if detail.contains("already open") => {
+            "profile_in_use".into()
+        }
+        ClientError::UnknownGroup(_) => "not_member".into(),
+        ClientError::NoUserKey => "no_user_key".into(),
+        ClientError::WrongDomain { .. } => "wrong_domain".into(),
+        _ => "error".into(),
+    }
+}
+
+/// `describe(err)` with its code.
+pub(crate) fn coded_client_error(err: &ClientError, server: &str) -> anyhow::Error {
+    coded(&code(err), describe(err, server))
+}
+
 /// One line describing `err`; `server` is the homeserver's address as configured.
 pub(crate) fn describe(err: &ClientError, server: &str) -> String {
     match err {

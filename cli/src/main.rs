@@ -96,9 +96,34 @@ fn fail(err: &anyhow::Error) -> ExitCode {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     });
     if !broken_pipe {
-        eprintln!("error: {}", one_line(err));
+        let code = err
+            .chain()
+            .find_map(|cause| cause.downcast_ref::<errors::Coded>())
+            .map_or("error", |coded| coded.code.as_str());
+        report(code, &one_line(err));
     }
     ExitCode::FAILURE
+}
+
+/// Whether `--json` is on the command line (also when clap could not parse the rest).
+fn json_mode() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|arg| arg != "--")
+        .any(|arg| arg == "--json")
+}
+
+/// One error on stderr: `error: MESSAGE`, or with `--json` one object
+/// `{"error":{"code":CODE,"message":MESSAGE}}`.
+fn report(code: &str, message: &str) {
+    if json_mode() {
+        eprintln!(
+            "{}",
+            serde_json::json!({"error": {"code": code, "message": message}})
+        );
+    } else {
+        eprintln!("error: {message}");
+    }
 }
 
 /// The causes joined with ": ", each once (many errors already print their source), on one
@@ -148,6 +173,9 @@ fn usage_error(err: &clap::Error) -> ExitCode {
         .split_whitespace()
         .take_while(|word| !word.starts_with(['[', '<', '-']))
         .collect();
-    eprintln!("error: {message} (see `{} --help`)", command.join(" "));
+    report(
+        "usage",
+        &format!("{message} (see `{} --help`)", command.join(" ")),
+    );
     ExitCode::from(2)
 }

@@ -135,7 +135,7 @@ impl Session {
 
     /// `err` as one line.
     pub(crate) fn fail(&self, err: &ClientError) -> anyhow::Error {
-        anyhow!(errors::describe(err, &self.settings.servers_text()))
+        errors::coded_client_error(err, &self.settings.servers_text())
     }
 
     /// Processes everything queued for this device (joins, messages, membership changes).

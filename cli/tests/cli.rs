@@ -492,3 +492,98 @@ fn completions_and_manual_page_need_no_profile() {
     }
     assert!(!profile.exists(), "a profile was created");
 }
+
+#[test]
+fn errors_say_what_to_do_and_json_errors_carry_a_stable_code() {
+    let h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+    h.ok("alice", &["group", "create", "--name", "team"]);
+    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
+
+    // Inviting a member again is an error that says so.
+    assert_eq!(
+        h.fails("alice", &["group", "invite", "team", "bob@localhost"]),
+        "error: already a member of team: bob@localhost"
+    );
+
+    // With --json every error is one JSON object on stderr, with a code a script can match.
+    let json_error = |profile: &str, args: &[&str], exit: i32| {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = h.run(profile, &all);
+        assert_eq!(out.status.code(), Some(exit), "{args:?}: {out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+        let value: Value = serde_json::from_str(&stderr).unwrap();
+        let error = &value["error"];
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{value}"
+        );
+        error["code"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(
+        json_error("alice", &["group", "invite", "team", "bob@localhost"], 1),
+        "already_member"
+    );
+    assert_eq!(json_error("alice", &["send"], 2), "usage");
+    assert_eq!(
+        json_error(
+            "bob2",
+            &[
+                "register",
+                "bob@localhost",
+                "--server",
+                &h.addr(),
+                "--server-cert",
+                &h.cert()
+            ],
+            1
+        ),
+        "user_exists"
+    );
+    assert_eq!(
+        json_error("alice", &["group", "invite", "team", "carol@localhost"], 1),
+        "error"
+    );
+
+    // A server that requires registration tokens: no token, and a wrong one, are told apart.
+    let config = Config {
+        domain: "localhost".into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: h.dir.path().join("token-server"),
+        require_registration_token: true,
+        ..Config::default()
+    };
+    let server = h
+        .runtime
+        .block_on(Server::start(config.validate().unwrap()))
+        .unwrap();
+    let (addr, cert) = (
+        server.local_addr().to_string(),
+        server.certificate_path().to_str().unwrap().to_owned(),
+    );
+    let register = |profile: &str, extra: &[&str]| {
+        let mut args = vec![
+            "register",
+            "dan@localhost",
+            "--server",
+            &addr,
+            "--server-cert",
+            &cert,
+        ];
+        args.extend_from_slice(extra);
+        h.fails(profile, &args)
+    };
+    assert_eq!(
+        register("dan1", &[]),
+        "error: the server requires a registration token: pass --token TOKEN"
+    );
+    assert_eq!(
+        register("dan2", &["--token", "not-a-token"]),
+        "error: the registration token was refused: it is wrong or used up; ask the server's \
+         operator for a new one"
+    );
+    h.runtime.block_on(server.shutdown());
+}
