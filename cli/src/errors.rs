@@ -11,7 +11,7 @@ use roost_protocol::{ErrorCode, WireError};
 /// A failure with a stable machine-readable code (what `--json` prints on stderr beside the
 /// message). Codes: a server's error code name in lower case (`user_not_found`,
 /// `rate_limited`, ...), or one of `unreachable`, `bad_certificate`, `not_member`,
-/// `profile_in_use`, `no_user_key`, `wrong_domain`, `already_member`, `token_refused`,
+/// `profile_in_use`, `no_user_key`, `wrong_domain`, `left_group`, `already_member`, `token_refused`,
 /// `profile_exists`, `usage` (a command-line mistake) and `error` (anything else).
 #[derive(Debug)]
 pub(crate) struct Coded {
@@ -51,6 +51,7 @@ pub(crate) fn code(err: &ClientError) -> String {
             "profile_in_use".into()
         }
         ClientError::UnknownGroup(_) => "not_member".into(),
+        ClientError::LeftGroup(_) => "left_group".into(),
         ClientError::NoUserKey => "no_user_key".into(),
         ClientError::WrongDomain { .. } => "wrong_domain".into(),
         _ => "error".into(),
@@ -71,6 +72,10 @@ pub(crate) fn describe(err: &ClientError, server: &str) -> String {
             "the profile is in use by another roost-cli (chat or recv --follow?)".into()
         }
         ClientError::UnknownGroup(group) => format!("not a member of {group}"),
+        ClientError::LeftGroup(group) => format!(
+            "you left {group}: nothing more can be sent there (it goes once a member commits \
+             your removal)"
+        ),
         ClientError::NoUserKey => {
             "this device does not hold the user key (export it from the user's first device)".into()
         }

@@ -498,7 +498,8 @@ fn errors_say_what_to_do_and_json_errors_carry_a_stable_code() {
     let h = Harness::start();
     h.register("alice");
     h.register("bob");
-    h.ok("alice", &["group", "create", "--name", "team"]);
+    let group = h.ok("alice", &["group", "create", "--name", "team"]);
+    let group = group.trim();
     h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
 
     // Inviting a member again is an error that says so.
@@ -546,6 +547,17 @@ fn errors_say_what_to_do_and_json_errors_carry_a_stable_code() {
     assert_eq!(
         json_error("alice", &["group", "invite", "team", "carol@localhost"], 1),
         "error"
+    );
+
+    // Sending after leaving says so (it was an MLS "PendingProposal" error).
+    h.ok("bob", &["recv"]);
+    h.ok("bob", &["group", "leave", group]);
+    assert_eq!(
+        h.fails("bob", &["send", group, "still here?"]),
+        format!(
+            "error: you left {group}: nothing more can be sent there (it goes once a member \
+             commits your removal)"
+        )
     );
 
     // A server that requires registration tokens: no token, and a wrong one, are told apart.

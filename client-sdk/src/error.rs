@@ -53,6 +53,10 @@ pub enum ClientError {
     /// use [`Client::leave_group`](crate::Client::leave_group)).
     #[error("{0}")]
     InvalidOperation(String),
+    /// This client asked to leave the group ([`Client::leave_group`](crate::Client::leave_group)):
+    /// it sends nothing more there, and the group goes when a member commits the removal.
+    #[error("this client left the group {0}")]
+    LeftGroup(GroupId),
     /// A commit kept losing against concurrent commits.
     #[error("the commit lost against concurrent commits {0} times")]
     TooManyAttempts(u32),

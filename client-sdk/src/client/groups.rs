@@ -139,6 +139,9 @@ impl Client {
             let mls = inner.state.lock().await;
             for attempt in 0..2 {
                 inner.check_member(&mls, group)?;
+                if inner.store.group(group)?.is_some_and(|r| r.leaving == 1) {
+                    return Err(ClientError::LeftGroup(group.clone()));
+                }
                 let message =
                     inner.mls_op(&mls, |mls| mls.encrypt(&inner.identity, group, bytes))?;
                 // The ratchet generation is used up durably before anything leaves.
@@ -335,9 +338,7 @@ impl Inner {
         for _ in 0..attempts {
             self.check_member(mls, group)?;
             if self.store.group(group)?.is_some_and(|r| r.leaving == 1) {
-                return Err(ClientError::InvalidOperation(
-                    "this client is leaving the group".into(),
-                ));
+                return Err(ClientError::LeftGroup(group.clone()));
             }
             let members = mls.members(group)?;
             let is_member =
