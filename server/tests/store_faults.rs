@@ -59,7 +59,10 @@ async fn wait_healthy(addr: std::net::SocketAddr) {
         if http_get(addr, "/health").await.starts_with("HTTP/1.1 200") {
             return;
         }
-        assert!(Instant::now() < deadline, "the server never became healthy again");
+        assert!(
+            Instant::now() < deadline,
+            "the server never became healthy again"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -88,13 +91,20 @@ async fn a_full_disk_makes_sends_unavailable_until_the_server_reopens_its_store_
         alice.send(&text).await.unwrap();
         acknowledged.push(text);
     }
-    assert!(http_get(metrics, "/health").await.starts_with("HTTP/1.1 200"));
+    assert!(
+        http_get(metrics, "/health")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     let failures_before = failures(&http_get(metrics, "/metrics").await);
 
     // The disk fills up.
     faults.fail_writes_after(0);
     for i in 0..5 {
-        let err = alice.send(format!("lost {i}").as_bytes()).await.unwrap_err();
+        let err = alice
+            .send(format!("lost {i}").as_bytes())
+            .await
+            .unwrap_err();
         assert_unavailable(err, "a send on a full disk");
     }
     let bundle = alice.commit(Vec::new(), &[]);

@@ -49,7 +49,9 @@ async fn write_pairs(store: &Store, range: std::ops::Range<u64>) -> (Vec<u64>, V
     let mut tasks = Vec::new();
     for i in range {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move { (i, write_pair(&store, i).await) }));
+        tasks.push(tokio::spawn(
+            async move { (i, write_pair(&store, i).await) },
+        ));
     }
     let (mut acked, mut refused) = (Vec::new(), Vec::new());
     for task in tasks {
@@ -133,9 +135,15 @@ async fn a_disk_that_fills_up_again_and_again_loses_nothing_acknowledged() {
                 break;
             }
         }
-        assert!(faults.injected() > 0, "cycle {cycle}: the disk never filled");
+        assert!(
+            faults.injected() > 0,
+            "cycle {cycle}: the disk never filled"
+        );
         // While the disk stays full, the store says so and refuses at once.
-        assert!(store.healthy().await.is_err(), "cycle {cycle}: healthy on a full disk");
+        assert!(
+            store.healthy().await.is_err(),
+            "cycle {cycle}: healthy on a full disk"
+        );
         assert_eq!(
             write_pair(&store, next).await,
             Err(TestError::Unavailable),
@@ -196,7 +204,10 @@ async fn a_disk_whose_fsync_keeps_failing_is_unavailable_until_it_heals() {
     assert_eq!(acked.len(), 10);
     faults.fail_syncs_after(0);
     let (ok, mut refused) = write_pairs(&store, 10..30).await;
-    assert!(ok.is_empty(), "acknowledged without a working fsync: {ok:?}");
+    assert!(
+        ok.is_empty(),
+        "acknowledged without a working fsync: {ok:?}"
+    );
     assert!(store.healthy().await.is_err());
     // Still broken a while later: every write is refused, none acknowledged.
     tokio::time::sleep(Duration::from_millis(100)).await;
