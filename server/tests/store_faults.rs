@@ -15,21 +15,9 @@ use std::time::{Duration, Instant};
 
 use roost_protocol::{ErrorCode, ErrorDetail};
 use roost_server::testing::{Faults, start_with_store_faults};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::*;
 use mls_member::Member;
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
 
 /// The value of `roost_storage_failures_total{engine="redb"}` (0 when absent).
 fn failures(metrics: &str) -> f64 {
