@@ -133,3 +133,42 @@ async fn a_full_disk_makes_sends_unavailable_until_the_server_reopens_its_store_
     assert_eq!(received.messages, acknowledged);
     server.shutdown().await;
 }
+
+/// A send whose fsync failed is answered UNAVAILABLE when the store cannot be reopened at once;
+/// its batch may still be in the file (PROTOCOL.md §9.2). Once the store is back, a listening
+/// recipient gets it without waiting for another write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_reads_the_store_again_after_a_reopen() {
+    use roost_protocol::messages::queue::ListenEvent;
+
+    let dir = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let server = start_with_store_faults(config(dir.path()).validate().unwrap(), faults.clone())
+        .await
+        .unwrap();
+    let mut alice = Member::new(&server, "alice").await;
+    let mut bob = Member::new(&server, "bob").await;
+    bob.upload_key_packages(1).await;
+    alice.create_group(1).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    assert!(bob.sync().await.joined);
+    alice.send(b"first").await.unwrap();
+    let mut stream = bob.conn.listen(bob.seen).await.unwrap();
+    let first = match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+        Ok(Some(Ok(ListenEvent::Message(message)))) => message,
+        other => panic!("expected the first message, got {other:?}"),
+    };
+
+    // Every fsync fails: the send's commit fails and so does the first reopen.
+    faults.fail_syncs_after(0);
+    let err = alice.send(b"in doubt").await.unwrap_err();
+    assert_unavailable(err, "a send whose fsync failed");
+    faults.clear();
+    // No other write happens: the listener learns of the entry from the reopen alone.
+    match tokio::time::timeout(Duration::from_secs(20), stream.next()).await {
+        Ok(Some(Ok(ListenEvent::Message(message)))) => assert!(message.seq > first.seq),
+        other => panic!("expected the landed message, got {other:?}"),
+    }
+    server.shutdown().await;
+}

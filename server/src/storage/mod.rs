@@ -174,8 +174,15 @@ pub(crate) async fn open(
                 Some(faults) => redb::faulty_opener(redb_path, faults),
                 None => redb::file_opener(redb_path),
             };
-            let (store, writer) =
-                redb::Store::open_with(opener, settings.domain.as_str(), max_batch)?;
+            // After a reopen every listener reads its queue from the store again.
+            let queues = sink.queues.clone();
+            let on_reopen: Box<dyn Fn() + Send + Sync> = Box::new(move || queues.wake_all());
+            let (store, writer) = redb::Store::open_with(
+                opener,
+                settings.domain.as_str(),
+                max_batch,
+                Some(on_reopen),
+            )?;
             Ok((Backend::Redb(store), Closer::Redb(writer)))
         }
         crate::config::StorageSettings::Postgres {

@@ -103,6 +103,8 @@ struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     opener: Opener,
     domain: String,
+    /// Called after every reopen (the queue listeners read the store again).
+    on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Shared {
@@ -137,21 +139,24 @@ impl Store {
         domain: &str,
         max_batch: usize,
     ) -> Result<(Self, WriterHandle), StoreError> {
-        Self::open_with(file_opener(path), domain, max_batch)
+        Self::open_with(file_opener(path), domain, max_batch, None)
     }
 
     /// [`Store::open`] through `opener`, which the writer also uses to reopen the database
     /// after a storage failure.
+    /// `on_reopen` runs after every such reopen.
     pub(crate) fn open_with(
         opener: Opener,
         domain: &str,
         max_batch: usize,
+        on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
     ) -> Result<(Self, WriterHandle), StoreError> {
         let db = open_checked(&opener, domain)?;
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             opener,
             domain: domain.to_owned(),
+            on_reopen,
         });
         // A bounded queue: when the disk falls behind, writers wait instead of piling up.
         let (writer, jobs) = mpsc::sync_channel::<Job>(max_batch * 4);
@@ -482,6 +487,10 @@ fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Job>, mut unsure: Option<Unsure
                 }
                 shared.set(Some(Arc::new(db)));
                 tracing::info!("database reopened after a storage failure");
+                if let Some(on_reopen) = &shared.on_reopen {
+                    // A batch whose callers were told it failed may be in the file after all.
+                    on_reopen();
+                }
                 return true;
             }
             Err(err) => {
