@@ -2,22 +2,15 @@
 //! sends and commits are refused with UNAVAILABLE (and a suggested wait), `/health` says
 //! unhealthy and the failure is counted; once space is back the server has reopened its
 //! database by itself, the same connections send again, and every acknowledged message is
-//! delivered exactly once. Its own test binary: the metrics recorder is per process.
-#![allow(clippy::unwrap_used, unreachable_pub)]
-
-#[path = "homeserver/common.rs"]
-mod common;
-#[allow(dead_code)]
-#[path = "homeserver/mls_member.rs"]
-mod mls_member;
+//! delivered exactly once.
 
 use std::time::{Duration, Instant};
 
 use roost_protocol::{ErrorCode, ErrorDetail};
 use roost_server::testing::{Faults, start_with_store_faults};
 
-use common::*;
-use mls_member::Member;
+use crate::common::*;
+use crate::mls_member::Member;
 
 /// The value of `roost_storage_failures_total{engine="redb"}` (0 when absent).
 fn failures(metrics: &str) -> f64 {
