@@ -317,7 +317,8 @@ fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
             }
         }
         let Some(db) = shared.current() else {
-            // Only after a reopen gave up because every handle was gone.
+            // Not reached: only this thread takes the database out, and it puts one back
+            // before it takes jobs again. Dropping the batch answers Unavailable.
             break;
         };
         match run_batch(&db, batch) {
