@@ -7,6 +7,10 @@ use roost_protocol::{ErrorCode, ErrorDetail, WireError};
 
 use crate::storage::StoreError;
 
+/// The wait an UNAVAILABLE answer caused by storage suggests (detail `RateLimited`): about the
+/// longest pause between two attempts to reopen a failed database.
+pub const STORE_RETRY_AFTER_MS: u64 = 1000;
+
 /// Why a request was refused. Every variant maps to exactly one [`ErrorCode`].
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -142,7 +146,17 @@ impl ServiceError {
             WrongStream(_) => ErrorCode::WRONG_STREAM,
             LimitExceeded(_) => ErrorCode::LIMIT_EXCEEDED,
             UnknownDomain(_) => ErrorCode::UNKNOWN_DOMAIN,
-            Unavailable | GroupMoved | Store(StoreError::Unavailable) => ErrorCode::UNAVAILABLE,
+            Store(StoreError::Unavailable | StoreError::Io(_)) => {
+                // The storage is down or being reopened: a retry after the wait can succeed.
+                return WireError::with_detail(
+                    ErrorCode::UNAVAILABLE,
+                    "storage unavailable",
+                    ErrorDetail::RateLimited {
+                        retry_after_ms: STORE_RETRY_AFTER_MS,
+                    },
+                );
+            }
+            Unavailable | GroupMoved => ErrorCode::UNAVAILABLE,
             PeerUnreachable(_) => ErrorCode::PEER_UNREACHABLE,
             Store(_) | Internal(_) => {
                 // Details stay in the log.

@@ -21,6 +21,26 @@ mod queue;
 mod storage;
 mod transport;
 
+/// Test support: a homeserver whose database file sits on a backend that fails on command.
+/// Not part of the configuration; only tests reach it.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::storage::redb::fault::Faults;
+
+    use crate::config::Settings;
+    use crate::{Server, ServerError};
+
+    /// Starts a homeserver like [`Server::start`] whose redb database file goes through a
+    /// backend that fails writes or fsyncs when `faults` says so. The settings must choose the
+    /// redb engine.
+    pub async fn start_with_store_faults(
+        settings: Settings,
+        faults: Faults,
+    ) -> Result<Server, ServerError> {
+        Server::start_inner(settings, Some(faults)).await
+    }
+}
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -126,6 +146,13 @@ impl Server {
     /// Opens the data directory (creating the database, AS key and self-signed certificate on
     /// first start), binds the endpoint and starts serving.
     pub async fn start(settings: Settings) -> Result<Self, ServerError> {
+        Self::start_inner(settings, None).await
+    }
+
+    async fn start_inner(
+        settings: Settings,
+        redb_faults: Option<storage::redb::fault::Faults>,
+    ) -> Result<Self, ServerError> {
         let dir = settings.data_dir.clone();
         for dir in [&settings.data_dir, &settings.identity_dir] {
             std::fs::create_dir_all(dir).map_err(|source| ServerError::DataDir {
@@ -158,6 +185,7 @@ impl Server {
             &dir.join(DATABASE_FILE),
             &as_key.public_key(),
             sink,
+            redb_faults,
         )
         .await?;
         let federation = federation::Federation::new(&settings, &tls)?;

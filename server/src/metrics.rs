@@ -21,13 +21,21 @@ pub(crate) async fn start(
     state: Arc<State>,
     tracker: &TaskTracker,
 ) -> std::io::Result<SocketAddr> {
-    let recorder = PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    if metrics::set_global_recorder(recorder).is_err() {
-        tracing::warn!(
-            "a metrics recorder is already installed in this process; /metrics shows its first server only"
-        );
-    }
+    // One recorder per process (metrics are process-wide): every server in it renders the
+    // same one, so a second server (tests) shows the process's metrics rather than none.
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    let handle = HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "another metrics recorder is installed in this process; /metrics shows none of it"
+                );
+            }
+            handle
+        })
+        .clone();
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(%addr, "metrics and health listening");

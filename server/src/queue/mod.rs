@@ -215,11 +215,14 @@ impl Notifier {
         }
     }
 
-    /// Wakes every listener of this node, so each reads from its cursor (after a bus may have
-    /// missed wake-ups).
+    /// Wakes every listener of this node, so each reads from its cursor in the store (after a
+    /// bus may have missed wake-ups, or a reopened database may hold entries nobody was told
+    /// about). The windows are emptied: a window that seems to cover the head would otherwise
+    /// answer instead of the store.
     pub(crate) fn wake_all(&self) {
-        let queues = self.lock();
-        for listened in queues.values() {
+        let mut queues = self.lock();
+        for listened in queues.values_mut() {
+            listened.recent.clear();
             listened.sender.send_modify(|_| {});
         }
     }

@@ -53,9 +53,14 @@ pub enum StoreError {
     /// A stored record could not be decoded.
     #[error("corrupt record in {0}")]
     Corrupt(&'static str),
-    /// The engine is gone (shutting down, the database unreachable) or an operation panicked.
+    /// The engine is gone (shutting down, the database unreachable, being reopened after a
+    /// storage failure) or an operation panicked.
     #[error("store unavailable")]
     Unavailable,
+    /// The storage under the engine failed (disk full, fsync failed); the engine reopens the
+    /// database by itself. Nothing of the operation was written.
+    #[error("storage I/O failed: {0}")]
+    Io(Arc<str>),
     /// The database belongs to another homeserver or disagrees with the configuration.
     #[error("{0}")]
     Mismatch(String),
@@ -153,18 +158,31 @@ dispatch!(OutboxStore {
 });
 
 /// Opens the configured engine: redb at `redb_path`, or PostgreSQL (migrating its schema and
-/// checking that it belongs to this domain and AS key). `sink` hears the other nodes.
+/// checking that it belongs to this domain and AS key). `sink` hears the other nodes. Tests
+/// may put the redb file under a fault-injecting backend (`redb_faults`).
 pub(crate) async fn open(
     settings: &crate::config::Settings,
     redb_path: &std::path::Path,
     as_public_key: &[u8],
     sink: crate::bus::BusSink,
+    redb_faults: Option<redb::fault::Faults>,
 ) -> Result<(Backend, Closer), StoreError> {
     match &settings.storage {
         crate::config::StorageSettings::Redb => {
             let max_batch = settings.limits.max_write_batch as usize;
-            let (store, writer) =
-                redb::Store::open(redb_path, settings.domain.as_str(), max_batch)?;
+            let opener = match redb_faults {
+                Some(faults) => redb::faulty_opener(redb_path, faults),
+                None => redb::file_opener(redb_path),
+            };
+            // After a reopen every listener reads its queue from the store again.
+            let queues = sink.queues.clone();
+            let on_reopen: Box<dyn Fn() + Send + Sync> = Box::new(move || queues.wake_all());
+            let (store, writer) = redb::Store::open_with(
+                opener,
+                settings.domain.as_str(),
+                max_batch,
+                Some(on_reopen),
+            )?;
             Ok((Backend::Redb(store), Closer::Redb(writer)))
         }
         crate::config::StorageSettings::Postgres {

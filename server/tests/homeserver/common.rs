@@ -36,6 +36,19 @@ pub async fn start(config: Config) -> Server {
     Server::start(config.validate().unwrap()).await.unwrap()
 }
 
+/// A plain HTTP GET (for `/health` and `/metrics`); the whole response, head and body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
 pub async fn connect(server: &Server) -> Connection {
     let endpoint = Endpoint::for_server(server.local_addr()).unwrap();
     let trust = TrustConfig::PinnedCertificates(vec![server.certificate().clone()]);

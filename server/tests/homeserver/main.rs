@@ -17,3 +17,4 @@ mod operations;
 mod pki;
 mod queue;
 mod restart;
+mod store_faults;

@@ -220,7 +220,15 @@ async fn a_client_removed_through_one_node_is_cut_off_on_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_gets_unavailable_and_the_node_recovers_by_itself() {
     let mut domain = Domain::new();
-    let a = domain.node().await;
+    let mut cfg = domain.node_config();
+    cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let a = start(cfg).await;
+    let health = a.metrics_addr().unwrap();
+    assert!(
+        http_get(health, "/health")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
     let (_alice, phone, conn) = new_client(&a, "alice").await;
     let fetch = QueueFetchRequest {
         after_seq: 0,
@@ -232,9 +240,17 @@ async fn a_database_outage_gets_unavailable_and_the_node_recovers_by_itself() {
     domain.cluster.kill().unwrap();
     let started = std::time::Instant::now();
     let err = conn.call(fetch.clone()).await.unwrap_err();
-    assert_eq!(code(err), ErrorCode::UNAVAILABLE);
+    let wire = err.wire_error().expect("a wire error");
+    assert_eq!(wire.code, ErrorCode::UNAVAILABLE);
+    // With a suggested wait, as for a failed redb disk.
+    assert!(
+        matches!(wire.detail, roost_protocol::ErrorDetail::RateLimited { retry_after_ms } if retry_after_ms > 0),
+        "{wire:?}"
+    );
     // Typed, and before the request deadline (not a hang).
     assert!(started.elapsed() < Duration::from_secs(10));
+    let down = http_get(health, "/health").await;
+    assert!(down.starts_with("HTTP/1.1 503"), "{down}");
 
     domain.cluster.restart().unwrap();
     let mut recovered = false;
@@ -248,6 +264,11 @@ async fn a_database_outage_gets_unavailable_and_the_node_recovers_by_itself() {
     assert!(
         recovered,
         "the node did not recover when the database came back"
+    );
+    assert!(
+        http_get(health, "/health")
+            .await
+            .starts_with("HTTP/1.1 200")
     );
     // New connections authenticate again too.
     let again = connect(&a).await;

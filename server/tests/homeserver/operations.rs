@@ -1,22 +1,9 @@
 //! What an operator notices: metrics and health, connection limits, address validation.
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
 use roost_client::transport::{ConnectConfig, Endpoint, TrustConfig};
 use roost_protocol::messages::auth::AsKeysRequest;
 
 use crate::common::*;
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
-}
 
 #[tokio::test]
 async fn metrics_and_health_are_served_when_configured() {

@@ -95,28 +95,42 @@ impl PgCloser {
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(err: tokio_postgres::Error) -> Self {
-        // A closed or failed connection: the database went away (or the network to it).
-        if err.is_closed() || err.code().is_none() && err.as_db_error().is_none() {
-            return StoreError::Unavailable;
+        // Contention between transactions is no failure of the database.
+        let contention = err.code().is_some_and(|code| {
+            *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+        });
+        let err = classify(err);
+        if matches!(err, StoreError::Unavailable) && !contention {
+            metrics::counter!("roost_storage_failures_total", "engine" => "postgres").increment(1);
         }
-        match err.code() {
-            Some(code)
-                if *code == SqlState::ADMIN_SHUTDOWN
-                    || *code == SqlState::CANNOT_CONNECT_NOW
-                    || *code == SqlState::QUERY_CANCELED
-                    || *code == SqlState::TOO_MANY_CONNECTIONS
-                    || *code == SqlState::DISK_FULL
-                    || *code == SqlState::OUT_OF_MEMORY
-                    || *code == SqlState::T_R_SERIALIZATION_FAILURE
-                    || *code == SqlState::T_R_DEADLOCK_DETECTED =>
-            {
-                StoreError::Unavailable
-            }
-            _ => StoreError::Database(match err.as_db_error() {
-                Some(db) => format!("{} ({})", db.message(), db.code().code()).into(),
-                None => err.to_string().into(),
-            }),
+        err
+    }
+}
+
+/// A failure of the database or of the way to it is [`StoreError::Unavailable`]; a refusal of
+/// the statement is a plain database error.
+fn classify(err: tokio_postgres::Error) -> StoreError {
+    // A closed or failed connection: the database went away (or the network to it).
+    if err.is_closed() || err.code().is_none() && err.as_db_error().is_none() {
+        return StoreError::Unavailable;
+    }
+    match err.code() {
+        Some(code)
+            if *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+                || *code == SqlState::DISK_FULL
+                || *code == SqlState::OUT_OF_MEMORY
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
+            StoreError::Unavailable
         }
+        _ => StoreError::Database(match err.as_db_error() {
+            Some(db) => format!("{} ({})", db.message(), db.code().code()).into(),
+            None => err.to_string().into(),
+        }),
     }
 }
 
@@ -124,7 +138,11 @@ impl From<deadpool_postgres::PoolError> for StoreError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
         match err {
             deadpool_postgres::PoolError::Backend(err) => err.into(),
-            _ => StoreError::Unavailable,
+            _ => {
+                metrics::counter!("roost_storage_failures_total", "engine" => "postgres")
+                    .increment(1);
+                StoreError::Unavailable
+            }
         }
     }
 }

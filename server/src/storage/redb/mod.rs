@@ -8,16 +8,20 @@
 //! written anything. The caller's future resolves only after the batch committed durably.
 
 mod auth;
+pub(crate) mod fault;
 mod groups;
 mod keypackage;
 mod outbox;
 mod queue;
+#[cfg(test)]
+mod recovery_tests;
 pub(crate) mod tables;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::mpsc;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use super::StoreError;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
@@ -29,13 +33,12 @@ macro_rules! from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(err: $t) -> Self {
-                StoreError::Database(err.to_string().into())
+                classify(err.into())
             }
         }
     )*};
 }
 from_redb!(
-    redb::Error,
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,
@@ -44,13 +47,83 @@ from_redb!(
     redb::SetDurabilityError
 );
 
+impl From<redb::Error> for StoreError {
+    fn from(err: redb::Error) -> Self {
+        classify(err)
+    }
+}
+
+/// A failure of the file (or of an earlier I/O on it, which redb latches until the database is
+/// reopened) is [`StoreError::Io`]: the writer reopens the database. Anything else (a corrupt
+/// page, a value too large) is a plain database error.
+fn classify(err: redb::Error) -> StoreError {
+    match err {
+        redb::Error::Io(_)
+        | redb::Error::Backend(_)
+        | redb::Error::PreviousIo
+        | redb::Error::DatabaseClosed
+        | redb::Error::LockPoisoned(_) => StoreError::Io(err.to_string().into()),
+        err => StoreError::Database(err.to_string().into()),
+    }
+}
+
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&WriteTransaction) -> Result<Completion, StoreError> + Send>;
+
+/// Opens the database file (again). The default opens it as a plain file; tests put a
+/// fault-injecting backend under it ([`fault::FaultyBackend`]).
+pub(crate) type Opener = Arc<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
+
+/// The opener of the database file at `path`.
+pub(crate) fn file_opener(path: &Path) -> Opener {
+    let path = path.to_owned();
+    Arc::new(move || Ok(Database::builder().create(&path)?))
+}
+
+/// The opener of the database file at `path` through a [`fault::FaultyBackend`].
+pub(crate) fn faulty_opener(path: &Path, faults: fault::Faults) -> Opener {
+    let path = path.to_owned();
+    Arc::new(move || {
+        let backend = fault::FaultyBackend::open(&path, faults.clone())
+            .map_err(|err| StoreError::Io(err.to_string().into()))?;
+        Ok(Database::builder().create_with_backend(backend)?)
+    })
+}
+
+/// First wait before reopening a database whose storage failed; doubled after every failed
+/// attempt up to [`REOPEN_MAX_BACKOFF`].
+const REOPEN_FIRST_BACKOFF: Duration = Duration::from_millis(20);
+/// Longest wait between two attempts to reopen the database.
+const REOPEN_MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What the handles and the writer share.
+struct Shared {
+    /// The open database; `None` while the writer reopens it after a storage failure (every
+    /// operation fails with [`StoreError::Unavailable`] meanwhile).
+    db: RwLock<Option<Arc<Database>>>,
+    opener: Opener,
+    domain: String,
+    /// Called after every reopen (the queue listeners read the store again).
+    on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl Shared {
+    fn current(&self) -> Option<Arc<Database>> {
+        self.db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, db: Option<Arc<Database>>) {
+        *self.db.write().unwrap_or_else(PoisonError::into_inner) = db;
+    }
+}
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Store {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     writer: mpsc::SyncSender<Job>,
 }
 
@@ -60,61 +133,39 @@ impl Store {
     /// thread. `max_batch` bounds how many operations share one transaction. The returned
     /// [`WriterHandle`] waits for the writer (and so the database) to close once every `Store`
     /// clone is dropped.
+    #[cfg(test)]
     pub(crate) fn open(
         path: &Path,
         domain: &str,
         max_batch: usize,
     ) -> Result<(Self, WriterHandle), StoreError> {
-        let db = Database::builder().create(path)?;
-        let txn = db.begin_write()?;
-        {
-            let mut meta = txn.open_table(META)?;
-            let found = meta.get("schema_version")?.map(|v| v.value());
-            match found {
-                None => {
-                    meta.insert("schema_version", SCHEMA_VERSION)?;
-                }
-                Some(2) => {
-                    outbox::upgrade_from_v2(&txn)?;
-                    meta.insert("schema_version", SCHEMA_VERSION)?;
-                    tracing::info!("database upgraded from schema version 2");
-                }
-                Some(found) if found != SCHEMA_VERSION => {
-                    return Err(StoreError::Schema {
-                        found,
-                        expected: SCHEMA_VERSION,
-                    });
-                }
-                Some(_) => {}
-            }
-            check_domain(&txn, domain)?;
-            // Create every table so readers never meet a missing one.
-            txn.open_table(USERS)?;
-            txn.open_table(CLIENTS)?;
-            txn.open_table(QUEUE_HEADS)?;
-            txn.open_table(QUEUE_ENTRIES)?;
-            txn.open_table(QUEUE_DEDUP)?;
-            txn.open_table(PAYLOADS)?;
-            txn.open_table(PAYLOAD_REFS)?;
-            txn.open_table(KEY_PACKAGES)?;
-            txn.open_table(KEY_PACKAGE_COUNTS)?;
-            txn.open_table(LAST_RESORT)?;
-            txn.open_table(TOKEN_USES)?;
-            txn.open_table(GROUPS)?;
-            txn.open_table(GROUP_VERSIONS)?;
-            txn.open_table(OUTBOX)?;
-        }
-        txn.commit()?;
+        Self::open_with(file_opener(path), domain, max_batch, None)
+    }
 
-        let db = Arc::new(db);
+    /// [`Store::open`] through `opener`, which the writer also uses to reopen the database
+    /// after a storage failure.
+    /// `on_reopen` runs after every such reopen.
+    pub(crate) fn open_with(
+        opener: Opener,
+        domain: &str,
+        max_batch: usize,
+        on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+    ) -> Result<(Self, WriterHandle), StoreError> {
+        let db = open_checked(&opener, domain)?;
+        let shared = Arc::new(Shared {
+            db: RwLock::new(Some(Arc::new(db))),
+            opener,
+            domain: domain.to_owned(),
+            on_reopen,
+        });
         // A bounded queue: when the disk falls behind, writers wait instead of piling up.
         let (writer, jobs) = mpsc::sync_channel::<Job>(max_batch * 4);
-        let writer_db = db.clone();
+        let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("roost-store-writer".into())
-            .spawn(move || write_loop(writer_db, &jobs, max_batch))
+            .spawn(move || write_loop(&writer_shared, &jobs, max_batch))
             .map_err(|_| StoreError::Unavailable)?;
-        Ok((Self { db, writer }, WriterHandle(thread)))
+        Ok((Self { shared, writer }, WriterHandle(thread)))
     }
 
     /// Runs `op` in a write transaction shared with other concurrent operations; resolves
@@ -125,6 +176,10 @@ impl Store {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<Result<R, E>, StoreError> + Send + 'static,
     {
+        if self.shared.current().is_none() {
+            // Reopening after a storage failure: refuse at once rather than queue.
+            return Err(E::from(StoreError::Unavailable));
+        }
         let (tx, rx) = oneshot::channel::<Result<R, E>>();
         let job: Job = Box::new(move |txn| {
             let outcome = op(txn)?;
@@ -156,13 +211,21 @@ impl Store {
         rx.await.map_err(|_| E::from(StoreError::Unavailable))?
     }
 
-    /// Whether a read of META succeeds.
+    /// Whether the database is open and a read of META succeeds. A read that meets a failed
+    /// file makes the writer reopen the database even when no write comes.
     pub(crate) async fn healthy(&self) -> Result<(), StoreError> {
-        self.read(|txn| {
-            txn.open_table(META)?.get("schema_version")?;
-            Ok(())
-        })
-        .await
+        let read = self
+            .read(|txn| {
+                txn.open_table(META)?.get("schema_version")?;
+                Ok(())
+            })
+            .await;
+        if let Err(StoreError::Io(_)) = &read {
+            // An empty write: its commit fails on the latched error and starts the reopen.
+            let job: Job = Box::new(|_| Ok(Box::new(|_| {})));
+            let _ = self.writer.try_send(job);
+        }
+        read
     }
 
     /// Runs `op` in a read transaction on a blocking thread.
@@ -172,7 +235,9 @@ impl Store {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&ReadTransaction) -> Result<R, E> + Send + 'static,
     {
-        let db = self.db.clone();
+        let Some(db) = self.shared.current() else {
+            return Err(E::from(StoreError::Unavailable));
+        };
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(StoreError::from)?;
             op(&txn)
@@ -180,6 +245,52 @@ impl Store {
         .await
         .map_err(|_| E::from(StoreError::Unavailable))?
     }
+}
+
+/// Opens the database through `opener`, checks (or records) the schema version and domain,
+/// and makes sure every table exists, in one durable write transaction.
+fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
+    let db = opener()?;
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let found = meta.get("schema_version")?.map(|v| v.value());
+        match found {
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)?;
+            }
+            Some(2) => {
+                outbox::upgrade_from_v2(&txn)?;
+                meta.insert("schema_version", SCHEMA_VERSION)?;
+                tracing::info!("database upgraded from schema version 2");
+            }
+            Some(found) if found != SCHEMA_VERSION => {
+                return Err(StoreError::Schema {
+                    found,
+                    expected: SCHEMA_VERSION,
+                });
+            }
+            Some(_) => {}
+        }
+        check_domain(&txn, domain)?;
+        // Create every table so readers never meet a missing one.
+        txn.open_table(USERS)?;
+        txn.open_table(CLIENTS)?;
+        txn.open_table(QUEUE_HEADS)?;
+        txn.open_table(QUEUE_ENTRIES)?;
+        txn.open_table(QUEUE_DEDUP)?;
+        txn.open_table(PAYLOADS)?;
+        txn.open_table(PAYLOAD_REFS)?;
+        txn.open_table(KEY_PACKAGES)?;
+        txn.open_table(KEY_PACKAGE_COUNTS)?;
+        txn.open_table(LAST_RESORT)?;
+        txn.open_table(TOKEN_USES)?;
+        txn.open_table(GROUPS)?;
+        txn.open_table(GROUP_VERSIONS)?;
+        txn.open_table(OUTBOX)?;
+    }
+    txn.commit()?;
+    Ok(db)
 }
 
 /// The writer thread; see [`Store::open`].
@@ -195,7 +306,7 @@ impl WriterHandle {
     }
 }
 
-fn write_loop(db: Arc<Database>, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
+fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
     // Blocks until the first job; ends when every Store handle is gone.
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
@@ -205,33 +316,95 @@ fn write_loop(db: Arc<Database>, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
                 Err(_) => break,
             }
         }
-        run_batch(&db, batch);
+        let Some(db) = shared.current() else {
+            // Not reached: only this thread takes the database out, and it puts one back
+            // before it takes jobs again. Dropping the batch answers Unavailable.
+            break;
+        };
+        match run_batch(&db, batch) {
+            Batch::Done => {}
+            Batch::StorageFailed(unsure) => {
+                drop(db);
+                if !reopen(shared, jobs, unsure) {
+                    break;
+                }
+            }
+        }
     }
     // Readers hold their own clones only for the duration of a read; wait them out so the
     // file is closed when join() returns.
-    let mut db = db;
+    close(shared);
+}
+
+/// Takes the database out of `shared` and drops it once the reads in progress are done, so
+/// its file is closed (and its lock released) on return.
+fn close(shared: &Shared) {
+    let Some(mut db) = shared
+        .db
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take()
+    else {
+        return;
+    };
     loop {
         match Arc::try_unwrap(db) {
             Ok(db) => {
                 drop(db);
                 return;
             }
-            Err(shared) => {
-                db = shared;
-                std::thread::sleep(std::time::Duration::from_millis(5));
+            Err(still_shared) => {
+                db = still_shared;
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
 }
 
-fn run_batch(db: &Database, batch: Vec<Job>) {
+/// A batch whose commit failed in the storage: the batch's number and the callers waiting for
+/// it. Whether it reached the file is unknown until the database is reopened.
+struct Unsure {
+    number: u64,
+    completions: Vec<Completion>,
+}
+
+enum Batch {
+    /// Committed, or aborted without a storage failure (its callers have their answers).
+    Done,
+    /// The storage failed: the database must be reopened. With `Some`, the commit itself
+    /// failed and its callers wait for the reopen to tell whether it took effect.
+    StorageFailed(Option<Unsure>),
+}
+
+/// Counts a storage failure of this engine (`roost_storage_failures_total`).
+fn count_failure() {
+    metrics::counter!("roost_storage_failures_total", "engine" => "redb").increment(1);
+}
+
+fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
     let txn = match db.begin_write() {
         Ok(txn) => txn,
         Err(err) => {
             let err = StoreError::from(err);
             tracing::error!(%err, "cannot begin write transaction");
             // Jobs that never ran are dropped: their callers see Unavailable.
-            return;
+            return match err {
+                StoreError::Io(_) => Batch::StorageFailed(None),
+                _ => Batch::Done,
+            };
+        }
+    };
+    // Every batch bumps a counter, so that after a failed commit a reopened database tells
+    // whether the batch reached the file.
+    let number = match next_counter(&txn, "write_batch") {
+        Ok(number) => number,
+        Err(err) => {
+            tracing::error!(%err, "write batch aborted");
+            let _ = txn.abort();
+            return match err {
+                StoreError::Io(_) => Batch::StorageFailed(None),
+                _ => Batch::Done,
+            };
         }
     };
     let mut completions = Vec::with_capacity(batch.len());
@@ -247,20 +420,116 @@ fn run_batch(db: &Database, batch: Vec<Job>) {
             Err(_) => failure = Some(StoreError::Unavailable),
         }
     }
-    let result = match failure {
-        Some(err) => {
-            tracing::error!(%err, "write batch aborted");
-            let _ = txn.abort();
-            Err(err)
+    if let Some(err) = failure {
+        tracing::error!(%err, "write batch aborted");
+        let _ = txn.abort();
+        let io = matches!(err, StoreError::Io(_));
+        for completion in completions {
+            completion(Err(err.clone()));
         }
-        None => txn.commit().map_err(StoreError::from),
-    };
-    if let Err(err) = &result {
-        tracing::error!(%err, "write batch failed");
+        return if io {
+            Batch::StorageFailed(None)
+        } else {
+            Batch::Done
+        };
     }
-    for completion in completions {
-        completion(result.clone());
+    match txn.commit().map_err(StoreError::from) {
+        Ok(()) => {
+            for completion in completions {
+                completion(Ok(()));
+            }
+            Batch::Done
+        }
+        Err(StoreError::Io(err)) => {
+            tracing::error!(%err, "write batch failed in the storage; reopening the database");
+            Batch::StorageFailed(Some(Unsure {
+                number,
+                completions,
+            }))
+        }
+        Err(err) => {
+            tracing::error!(%err, "write batch failed");
+            for completion in completions {
+                completion(Err(err.clone()));
+            }
+            Batch::Done
+        }
     }
+}
+
+/// Reopens the database after a storage failure, refusing (dropping) every job that arrives
+/// meanwhile, with a growing wait between attempts. Answers the callers of an unsure batch:
+/// success if the reopened database holds it, [`StoreError::Unavailable`] if it does not or
+/// the first attempt failed. Returns false when every handle is gone (shutting down).
+fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Job>, mut unsure: Option<Unsure>) -> bool {
+    count_failure();
+    close(shared);
+    let mut backoff = REOPEN_FIRST_BACKOFF;
+    loop {
+        match open_checked(&shared.opener, &shared.domain) {
+            Ok(db) => {
+                if let Some(Unsure {
+                    number,
+                    completions,
+                }) = unsure.take()
+                {
+                    let outcome = match batch_landed(&db, number) {
+                        Ok(true) => Ok(()),
+                        Ok(false) => Err(StoreError::Unavailable),
+                        Err(err) => Err(err),
+                    };
+                    tracing::warn!(
+                        landed = outcome.is_ok(),
+                        "write batch whose commit failed, checked after reopening"
+                    );
+                    for completion in completions {
+                        completion(outcome.clone());
+                    }
+                }
+                shared.set(Some(Arc::new(db)));
+                tracing::info!("database reopened after a storage failure");
+                if let Some(on_reopen) = &shared.on_reopen {
+                    // A batch whose callers were told it failed may be in the file after all.
+                    on_reopen();
+                }
+                return true;
+            }
+            Err(err) => {
+                count_failure();
+                tracing::error!(%err, ?backoff, "cannot reopen the database; retrying");
+                if let Some(unsure) = unsure.take() {
+                    // Unknown whether it landed: the callers retry (PROTOCOL.md §9.2).
+                    for completion in unsure.completions {
+                        completion(Err(StoreError::Unavailable));
+                    }
+                }
+            }
+        }
+        let until = Instant::now() + backoff;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match jobs.recv_timeout(left) {
+                // Refused: its caller sees Unavailable.
+                Ok(job) => drop(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+            }
+        }
+        backoff = (backoff * 2).min(REOPEN_MAX_BACKOFF);
+    }
+}
+
+/// Whether batch `number` is in `db` (its counter moved past it).
+fn batch_landed(db: &Database, number: u64) -> Result<bool, StoreError> {
+    let txn = db.begin_read()?;
+    let next = txn
+        .open_table(META)?
+        .get("write_batch")?
+        .map_or(1, |v| v.value());
+    Ok(next > number)
 }
 
 /// Refuses a database recorded for another domain; records `domain` in one that has none

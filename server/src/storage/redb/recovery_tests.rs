@@ -1,0 +1,225 @@
+//! The redb engine under a failing disk ([`super::fault::FaultyBackend`]): a write batch that
+//! meets a full disk or a failed fsync fails with a typed error, the store reopens its database
+//! by itself once the fault is gone, nothing acknowledged is lost and no batch is half stored.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableDatabase};
+
+use super::fault::Faults;
+use super::tables::META;
+use super::{Store, StoreError, faulty_opener};
+
+#[derive(Debug, PartialEq)]
+enum TestError {
+    /// UNAVAILABLE on the wire: retry later.
+    Unavailable,
+    /// Any other storage error (INTERNAL on the wire).
+    Other(String),
+}
+
+impl From<StoreError> for TestError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable | StoreError::Io(_) => TestError::Unavailable,
+            err => TestError::Other(err.to_string()),
+        }
+    }
+}
+
+fn open(path: &Path, faults: &Faults) -> (Store, super::WriterHandle) {
+    Store::open_with(faulty_opener(path, faults.clone()), "example.org", 16, None).unwrap()
+}
+
+/// One operation that writes two keys, `a{i}` and `b{i}`: both or neither may be stored.
+async fn write_pair(store: &Store, i: u64) -> Result<(), TestError> {
+    store
+        .write(move |txn| {
+            let mut meta = txn.open_table(META)?;
+            meta.insert(format!("a{i}").as_str(), i)?;
+            meta.insert(format!("b{i}").as_str(), i)?;
+            Ok(Ok(()))
+        })
+        .await
+}
+
+/// Writes pairs `range` concurrently; returns (acknowledged, refused).
+async fn write_pairs(store: &Store, range: std::ops::Range<u64>) -> (Vec<u64>, Vec<u64>) {
+    let mut tasks = Vec::new();
+    for i in range {
+        let store = store.clone();
+        tasks.push(tokio::spawn(
+            async move { (i, write_pair(&store, i).await) },
+        ));
+    }
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    for task in tasks {
+        match task.await.unwrap() {
+            (i, Ok(())) => acked.push(i),
+            (i, Err(TestError::Unavailable)) => refused.push(i),
+            (i, Err(other)) => panic!("pair {i}: untyped failure {other:?}"),
+        }
+    }
+    (acked, refused)
+}
+
+/// Waits (bounded, so a broken store fails the test instead of hanging it) until a write
+/// succeeds again.
+async fn wait_writable(store: &Store) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut probe = 1_000_000;
+    loop {
+        probe += 1;
+        if write_pair(store, probe).await.is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store did not come back after the fault cleared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The stored values of `a{i}` and `b{i}`.
+fn pair_in(db: &Database, i: u64) -> (Option<u64>, Option<u64>) {
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    let get = |key: String| meta.get(key.as_str()).unwrap().map(|v| v.value());
+    (get(format!("a{i}")), get(format!("b{i}")))
+}
+
+/// Every acknowledged pair is stored whole; a refused pair is stored whole or not at all.
+fn check_file(path: &Path, acked: &[u64], refused: &[u64]) {
+    let db = Database::builder()
+        .set_check_integrity_on_open(true)
+        .create(path)
+        .unwrap();
+    for &i in acked {
+        assert_eq!(pair_in(&db, i), (Some(i), Some(i)), "acknowledged pair {i}");
+    }
+    for &i in refused {
+        let pair = pair_in(&db, i);
+        assert!(
+            pair == (None, None) || pair == (Some(i), Some(i)),
+            "pair {i} half stored: {pair:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_that_fills_up_again_and_again_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let faults = Faults::new();
+    let (store, writer) = open(&path, &faults);
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    let mut next = 0u64;
+    // The disk fills at different points of a batch: at its first write, a few pages in, and
+    // late (some batches commit before the disk is full).
+    for (cycle, fail_after) in [0u64, 1, 3, 8, 20].into_iter().enumerate() {
+        let (ok, _) = write_pairs(&store, next..next + 10).await;
+        assert_eq!(ok.len(), 10, "cycle {cycle}: writes before the fault");
+        acked.extend(ok);
+        next += 10;
+
+        faults.fail_writes_after(fail_after);
+        for _ in 0..50 {
+            let (ok, no) = write_pairs(&store, next..next + 10).await;
+            next += 10;
+            acked.extend(ok);
+            let full = !no.is_empty();
+            refused.extend(no);
+            if full {
+                break;
+            }
+        }
+        assert!(
+            faults.injected() > 0,
+            "cycle {cycle}: the disk never filled"
+        );
+        // While the disk stays full, the store says so and refuses at once.
+        assert!(
+            store.healthy().await.is_err(),
+            "cycle {cycle}: healthy on a full disk"
+        );
+        assert_eq!(
+            write_pair(&store, next).await,
+            Err(TestError::Unavailable),
+            "cycle {cycle}: a write on the full disk"
+        );
+        refused.push(next);
+        next += 1;
+
+        faults.clear();
+        wait_writable(&store).await;
+        store.healthy().await.unwrap();
+        let (ok, _) = write_pairs(&store, next..next + 10).await;
+        assert_eq!(ok.len(), 10, "cycle {cycle}: writes after recovery");
+        acked.extend(ok);
+        next += 10;
+    }
+    assert!(faults.injected() > 0);
+    drop(store);
+    writer.join();
+    check_file(&path, &acked, &refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_is_answered_by_what_the_reopened_file_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let faults = Faults::new();
+    let (store, writer) = open(&path, &faults);
+    let (mut acked, mut refused) = (Vec::new(), Vec::new());
+    let mut next = 0u64;
+    for cycle in 0..4 {
+        let (ok, _) = write_pairs(&store, next..next + 10).await;
+        assert_eq!(ok.len(), 10, "cycle {cycle}: writes before the fault");
+        acked.extend(ok);
+        next += 10;
+        // One fsync fails: the batch's commit fails, the store reopens at once and tells its
+        // callers whether the batch is in the reopened file.
+        faults.fail_next_sync();
+        let (ok, no) = write_pairs(&store, next..next + 20).await;
+        next += 20;
+        acked.extend(ok);
+        refused.extend(no);
+        wait_writable(&store).await;
+    }
+    assert_eq!(faults.injected(), 4);
+    drop(store);
+    writer.join();
+    check_file(&path, &acked, &refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_whose_fsync_keeps_failing_is_unavailable_until_it_heals() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let faults = Faults::new();
+    let (store, writer) = open(&path, &faults);
+    let (mut acked, _) = write_pairs(&store, 0..10).await;
+    assert_eq!(acked.len(), 10);
+    faults.fail_syncs_after(0);
+    let (ok, mut refused) = write_pairs(&store, 10..30).await;
+    assert!(
+        ok.is_empty(),
+        "acknowledged without a working fsync: {ok:?}"
+    );
+    assert!(store.healthy().await.is_err());
+    // Still broken a while later: every write is refused, none acknowledged.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(write_pair(&store, 30).await, Err(TestError::Unavailable));
+    refused.push(30);
+    faults.clear();
+    wait_writable(&store).await;
+    store.healthy().await.unwrap();
+    let (ok, _) = write_pairs(&store, 31..41).await;
+    assert_eq!(ok.len(), 10);
+    acked.extend(ok);
+    drop(store);
+    writer.join();
+    check_file(&path, &acked, &refused);
+}
