@@ -167,6 +167,35 @@ fn the_stored_vector_recomputes_step_by_step() {
 }
 
 #[test]
+fn protocol_md_prints_the_stored_vector() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/PROTOCOL.md");
+    let spec: String = std::fs::read_to_string(path)
+        .unwrap()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    for (name, bytes) in vectors() {
+        // Each value follows its caption in the spec (whitespace removed).
+        let caption = match name.rsplit('/').next().unwrap() {
+            "client_id" => continue, // shown field by field
+            "client_key_seed" => "seed",
+            "client_public_key" => "publickey",
+            "exporter_master_secret" => "exporter_master_secret",
+            "derived_secret" => "derived",
+            "exporter" => "exporter",
+            "signing_input" => "signinginput(82bytes):",
+            "signature" => "signature:",
+            other => panic!("no caption for {other}"),
+        };
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(
+            spec.contains(&format!("{caption}{hex}")),
+            "PROTOCOL.md §12 lacks {name} = {hex}"
+        );
+    }
+}
+
+#[test]
 fn the_formula_matches_the_rfc_8448_exporter() {
     // RFC 8448 §3 (simple 1-RTT handshake, TLS_AES_128_GCM_SHA256): the exporter master
     // secret, and the derivation checked against an independent value: Derive-Secret over
