@@ -497,10 +497,11 @@ fn unsupported_and_unreadable_messages_are_shown_as_such() {
     h.ok("alice", &["group", "invite", "team", "carol@localhost"]);
     h.runtime.block_on(async {
         let group = loop {
-            let event = tokio::time::timeout(std::time::Duration::from_secs(20), carol.next_event())
-                .await
-                .expect("carol joins")
-                .unwrap();
+            let event =
+                tokio::time::timeout(std::time::Duration::from_secs(20), carol.next_event())
+                    .await
+                    .expect("carol joins")
+                    .unwrap();
             if let Event::Joined { group, .. } = event {
                 break group;
             }

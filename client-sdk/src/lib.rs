@@ -75,6 +75,6 @@ pub mod transport;
 pub use client::{Client, UserKey};
 pub use config::ClientConfig;
 pub use error::ClientError;
-pub use roost_protocol::content::{Content, ContentError, ContentType};
 pub use event::Event;
+pub use roost_protocol::content::{Content, ContentError, ContentType};
 pub use store::StoreError;

@@ -42,7 +42,7 @@ fn vectors() -> BTreeMap<String, Vec<u8>> {
 }
 
 fn hex_decode(text: &str) -> Vec<u8> {
-    assert!(text.len() % 2 == 0, "odd hex length");
+    assert!(text.len().is_multiple_of(2), "odd hex length");
     (0..text.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
@@ -202,8 +202,7 @@ fn the_formula_matches_the_rfc_8448_exporter() {
     // "exp master" of the master secret with the transcript hash is what the RFC prints as
     // exp_master. The exporter formula itself is then the same HKDF-Expand-Label twice.
     let master = hex_decode("18df06843d13a08bf2a449844c5f8a478001bc4d4c627984d5a41da8d0402919");
-    let transcript =
-        hex_decode("9608102a0f1ccc6db6250b7b7e417b1a000eaada3daae4777a7686c9ff83df13");
+    let transcript = hex_decode("9608102a0f1ccc6db6250b7b7e417b1a000eaada3daae4777a7686c9ff83df13");
     let exp_master = expand_label(hkdf::HKDF_SHA256, &master, b"exp master", &transcript, 32);
     assert_eq!(
         exp_master,

@@ -135,8 +135,14 @@ mod tests {
         // Raw text (what clients sent before this envelope) is not a MessageContent.
         assert_eq!(Content::decode(b"hello"), Err(ContentError::Malformed));
         assert_eq!(Content::decode(&[]), Err(ContentError::Malformed));
-        assert_eq!(Content::decode(&[0, 1, 1, b'a', 0]), Err(ContentError::Malformed));
+        assert_eq!(
+            Content::decode(&[0, 1, 1, b'a', 0]),
+            Err(ContentError::Malformed)
+        );
         assert_eq!(Content::decode(&[0, 0, 0]), Err(ContentError::ReservedType));
-        assert_eq!(Content::decode(&[0, 1, 1, 0xff]), Err(ContentError::InvalidText));
+        assert_eq!(
+            Content::decode(&[0, 1, 1, 0xff]),
+            Err(ContentError::InvalidText)
+        );
     }
 }

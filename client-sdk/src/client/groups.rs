@@ -139,7 +139,11 @@ impl Client {
 
     /// Sends `content`, encoded as a `MessageContent` (PROTOCOL.md §4.5), to every other member
     /// of the group. Receivers read it with [`Event::content`](crate::Event::content).
-    pub async fn send_content(&self, group: &GroupId, content: &Content) -> Result<(), ClientError> {
+    pub async fn send_content(
+        &self,
+        group: &GroupId,
+        content: &Content,
+    ) -> Result<(), ClientError> {
         self.send(group, &content.encode()).await
     }
 

@@ -43,7 +43,7 @@ async fn a_minimal_key_package_is_accepted_and_its_owner_joins_from_the_welcome_
         .unwrap();
     let bytes = bundle.key_package().tls_serialize_detached().unwrap();
     // It is as minimal as claimed.
-    let kp = KeyPackageIn::tls_deserialize_exact(&mut bytes.as_slice())
+    let kp = KeyPackageIn::tls_deserialize_exact(bytes.as_slice())
         .unwrap()
         .validate(provider.crypto(), ProtocolVersion::Mls10)
         .unwrap();
@@ -87,7 +87,7 @@ async fn a_minimal_key_package_is_accepted_and_its_owner_joins_from_the_welcome_
         panic!("expected a Welcome first");
     };
     let MlsMessageBodyIn::Welcome(welcome) =
-        MlsMessageIn::tls_deserialize_exact(&mut welcome.message.as_slice())
+        MlsMessageIn::tls_deserialize_exact(welcome.message.as_slice())
             .unwrap()
             .extract()
     else {
@@ -107,11 +107,10 @@ async fn a_minimal_key_package_is_accepted_and_its_owner_joins_from_the_welcome_
     let QueuePayload::GroupMessage(message) = &second.payload else {
         panic!("expected the text message second");
     };
-    let message: ProtocolMessage =
-        MlsMessageIn::tls_deserialize_exact(&mut message.message.as_slice())
-            .unwrap()
-            .try_into_protocol_message()
-            .unwrap();
+    let message: ProtocolMessage = MlsMessageIn::tls_deserialize_exact(message.message.as_slice())
+        .unwrap()
+        .try_into_protocol_message()
+        .unwrap();
     let processed = joined.process_message(&provider, message).unwrap();
     let ProcessedMessageContent::ApplicationMessage(plaintext) = processed.into_content() else {
         panic!("not an application message");

@@ -664,8 +664,14 @@ fn group_infos_with_the_tree_or_without_external_pub_are_refused_by_name() {
         .unwrap_err(),
         MlsError::GroupInfoWithoutExternalPub
     );
-    let mut ds = DsGroup::create(GROUP_ID, b"alice", &resigned(&alice, &info, true), &tree, MAX)
-        .unwrap();
+    let mut ds = DsGroup::create(
+        GROUP_ID,
+        b"alice",
+        &resigned(&alice, &info, true),
+        &tree,
+        MAX,
+    )
+    .unwrap();
 
     // Commit: openmls puts the tree into the GroupInfo with `use_ratchet_tree_extension`.
     let mut bob = Client::new("bob");

@@ -5,8 +5,7 @@
 
 use openmls::prelude::{
     BasicCredential, CredentialWithKey, GroupId as MlsGroupId, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY,
-    MlsGroup, MlsGroupCreateConfig, OpenMlsProvider as _,
-    tls_codec::Serialize as _,
+    MlsGroup, MlsGroupCreateConfig, OpenMlsProvider as _, tls_codec::Serialize as _,
 };
 use roost_protocol::messages::delivery::*;
 use roost_protocol::messages::queue::QueueFetchRequest;
