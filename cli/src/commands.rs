@@ -487,7 +487,7 @@ async fn send(ctx: &Context, session: &Session, group: &str, text: &str) -> anyh
     let id = session.member_group(group)?;
     session
         .client
-        .send(&id, text.as_bytes())
+        .send_text(&id, text)
         .await
         .map_err(|err| session.fail(&err))?;
     ctx.out

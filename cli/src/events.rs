@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use roost_client::{ClientError, Event};
+use roost_client::{ClientError, Content, Event};
 use roost_protocol::{ClientId, GroupId};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
@@ -141,7 +141,7 @@ async fn chat_line(
         }
         _ => line,
     };
-    match session.client.send(group, text.as_bytes()).await {
+    match session.client.send_text(group, text).await {
         Ok(()) => Ok(true),
         Err(err @ ClientError::UnknownGroup(_)) => Err(session.fail(&err)),
         Err(err) => {
@@ -169,16 +169,35 @@ pub(crate) fn show(
     });
     let (kind, note, extra) = match event {
         Event::Message { sender, bytes, .. } => {
-            let text = String::from_utf8_lossy(bytes);
+            // PROTOCOL.md §4.5: text is shown; a content type this version does not know, or
+            // bytes that are no MessageContent, are shown as such and the conversation goes on.
+            let (text, field, value) = match Content::decode(bytes) {
+                Ok(Content::Text(text)) => (one_line(&text), "text", Value::from(text)),
+                Ok(Content::Unknown { content_type, .. }) => (
+                    format!("[unsupported message: content type {}]", content_type.0),
+                    "content_type",
+                    Value::from(content_type.0),
+                ),
+                Ok(other) => (
+                    "[unsupported message]".to_string(),
+                    "unsupported",
+                    Value::from(format!("{other:?}")),
+                ),
+                Err(err) => (
+                    format!("[unreadable message: {err}]"),
+                    "unreadable",
+                    Value::from(err.to_string()),
+                ),
+            };
             let line = match chat {
-                Some(g) if g == group => format!("{sender}: {}", one_line(&text)),
-                Some(_) => format!("[{label}] {sender}: {}", one_line(&text)),
-                None => format!("{label}\t{sender}\t{}", one_line(&text)),
+                Some(g) if g == group => format!("{sender}: {text}"),
+                Some(_) => format!("[{label}] {sender}: {text}"),
+                None => format!("{label}\t{sender}\t{text}"),
             };
             if let Value::Object(map) = &mut fields {
                 map.insert("event".into(), "message".into());
                 map.insert("sender".into(), sender.to_string().into());
-                map.insert("text".into(), text.into_owned().into());
+                map.insert(field.into(), value);
             }
             return out.print(line, fields);
         }

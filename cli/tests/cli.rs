@@ -469,6 +469,63 @@ fn several_server_addresses_skip_a_dead_node_and_old_profiles_still_work() {
     );
 }
 
+/// PROTOCOL.md §4.5: content the CLI cannot show (a content type from a later version, bytes
+/// that are no MessageContent) is printed as a placeholder line, and the conversation goes on.
+#[test]
+fn unsupported_and_unreadable_messages_are_shown_as_such() {
+    use roost_client::transport::{ConnectConfig, TrustConfig};
+    use roost_client::{Client, ClientConfig, Content, ContentType, Event};
+
+    let h = Harness::start();
+    h.register("alice");
+    let connect = ConnectConfig::new(
+        h.server().local_addr(),
+        "localhost",
+        TrustConfig::pinned_from_pem_file(h.cert()).unwrap(),
+    );
+    let carol = h.runtime.block_on(async {
+        Client::register(
+            ClientConfig::new(connect),
+            h.profile("carol-sdk.roost"),
+            "carol@localhost".parse().unwrap(),
+            "sdk".parse().unwrap(),
+        )
+        .await
+        .unwrap()
+    });
+    h.ok("alice", &["group", "create", "--name", "team"]);
+    h.ok("alice", &["group", "invite", "team", "carol@localhost"]);
+    h.runtime.block_on(async {
+        let group = loop {
+            let event =
+                tokio::time::timeout(std::time::Duration::from_secs(20), carol.next_event())
+                    .await
+                    .expect("carol joins")
+                    .unwrap();
+            if let Event::Joined { group, .. } = event {
+                break group;
+            }
+        };
+        let future = Content::Unknown {
+            content_type: ContentType(0x7f01),
+            body: vec![1, 2, 3],
+        };
+        carol.send_content(&group, &future).await.unwrap();
+        carol.send(&group, b"raw").await.unwrap();
+        carol.send_text(&group, "after").await.unwrap();
+    });
+    let from = "team\tcarol@localhost/sdk\t";
+    assert_eq!(
+        h.ok("alice", &["recv"]),
+        format!(
+            "{from}[unsupported message: content type 32513]\n\
+             {from}[unreadable message: the plaintext is not a MessageContent]\n\
+             {from}after\n"
+        )
+    );
+    h.runtime.block_on(carol.close());
+}
+
 #[test]
 fn completions_and_manual_page_need_no_profile() {
     let home = tempfile::tempdir().unwrap();

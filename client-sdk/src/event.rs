@@ -5,6 +5,7 @@
 //! (a decrypted message, a new epoch, a join), so none is lost in a crash: the app receives
 //! each one at least once (see [`Client::next_event`](crate::Client::next_event)).
 
+use roost_protocol::content::{Content, ContentError};
 use roost_protocol::{ClientId, GroupId};
 use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
 
@@ -18,7 +19,8 @@ pub enum Event {
         group: GroupId,
         /// The client that sent it (authenticated by MLS).
         sender: ClientId,
-        /// The plaintext.
+        /// The plaintext: the encoding of a `MessageContent` (PROTOCOL.md §4.5) if the sender
+        /// follows the protocol. [`Event::content`] decodes it.
         bytes: Vec<u8>,
     },
     /// This client joined a group (by a Welcome from `inviter`).
@@ -78,6 +80,17 @@ pub enum Event {
 }
 
 impl Event {
+    /// The content of a [`Event::Message`] (`None` for other events). A content type this
+    /// version does not know is [`Content::Unknown`]; bytes that are no `MessageContent` are a
+    /// [`ContentError`]. Neither affects the group: show the message as unsupported or
+    /// unreadable and go on.
+    pub fn content(&self) -> Option<Result<Content, ContentError>> {
+        match self {
+            Event::Message { bytes, .. } => Some(Content::decode(bytes)),
+            _ => None,
+        }
+    }
+
     /// The group the event is about.
     pub fn group(&self) -> &GroupId {
         match self {

@@ -8,7 +8,8 @@
 //! - Enrollment: [`Client::register`] (new user and first device), [`Client::add_device`]
 //!   (another device of an existing user, with the [`UserKey`] from a device that has it).
 //! - Groups: [`Client::create_group`], [`Client::invite`] (by user: every device of the user
-//!   is added), [`Client::remove_users`], [`Client::send`], [`Client::leave_group`],
+//!   is added), [`Client::remove_users`], [`Client::send_text`] and [`Client::send_content`]
+//!   (application messages, a [`Content`] each: PROTOCOL.md §4.5), [`Client::leave_group`],
 //!   [`Client::rejoin_group`] (external commit after lost state), [`Client::groups`],
 //!   [`Client::members`].
 //! - Events: [`Client::next_event`] (or the stream [`Client::events`]) yields each [`Event`] (messages, joins, membership
@@ -28,7 +29,7 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use roost_client::transport::{ConnectConfig, TrustConfig};
-//! use roost_client::{Client, ClientConfig, Event};
+//! use roost_client::{Client, ClientConfig, Content, Event};
 //!
 //! let trust = TrustConfig::pinned_from_pem_file("server-cert.pem")?;
 //! let connect = ConnectConfig::new("127.0.0.1:4433".parse()?, "example.org", trust);
@@ -42,13 +43,15 @@
 //!
 //! let group = alice.create_group().await?;
 //! alice.invite(&group, &["bob@example.org".parse()?]).await?;
-//! alice.send(&group, b"hello bob").await?;
+//! alice.send_text(&group, "hello bob").await?;
 //!
 //! loop {
 //!     match alice.next_event().await? {
-//!         Event::Message { sender, bytes, .. } => {
-//!             println!("{sender}: {}", String::from_utf8_lossy(&bytes));
-//!         }
+//!         event @ Event::Message { .. } => match event.content() {
+//!             Some(Ok(Content::Text(text))) => println!("{}: {text}", event.group()),
+//!             // A newer kind of content, or bytes that are no MessageContent: not an error.
+//!             _ => println!("{}: (a message this app cannot show)", event.group()),
+//!         },
 //!         Event::CredentialRejected { client, reason, .. } => {
 //!             eprintln!("refused {client:?}: {reason}");
 //!         }
@@ -73,6 +76,7 @@ pub use client::{Client, UserKey};
 pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::Event;
+pub use roost_protocol::content::{Content, ContentError, ContentType};
 pub use store::StoreError;
 
 /// The identifiers apps handle (users, devices, clients, groups, domains), so an app needs no

@@ -115,6 +115,10 @@ error_codes! {
     GROUP_TOO_LARGE = 409,
     /// The commit does not include all pending proposals of its epoch.
     MISSING_PROPOSALS = 410,
+    /// A GroupInfo sent to the DS carries the `ratchet_tree` extension (the DS serves the tree).
+    GROUP_INFO_HAS_RATCHET_TREE = 411,
+    /// A GroupInfo sent to the DS lacks the `external_pub` extension (members could not rejoin).
+    GROUP_INFO_WITHOUT_EXTERNAL_PUB = 412,
 
     // Federation (500-599).
     /// The homeserver of that domain could not be reached. Safe to retry.

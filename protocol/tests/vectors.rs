@@ -323,6 +323,31 @@ fn signed_struct_vectors() {
     );
 }
 
+#[test]
+fn message_content_vectors() {
+    use roost_protocol::content::{ContentType, MessageContent};
+    check_file(
+        "content.txt",
+        "TLS encoding of MessageContent, the plaintext of an application message (PROTOCOL.md §4.5).",
+        vec![
+            plain_case(
+                "MessageContent/text",
+                MessageContent {
+                    content_type: ContentType::TEXT,
+                    body: roost_protocol::Opaque::from(&b"hello"[..]),
+                },
+            ),
+            plain_case(
+                "MessageContent/unknown_type",
+                MessageContent {
+                    content_type: ContentType(0x7f01),
+                    body: roost_protocol::Opaque::from(&[1u8, 2, 3][..]),
+                },
+            ),
+        ],
+    );
+}
+
 /// Decodes every frame stored in `file` as `T`.
 fn stored_frames<T: DeserializeBytes + Debug>(file: &str) -> Vec<(String, T)> {
     common::load_vectors(file)

@@ -113,6 +113,12 @@ pub enum ServiceError {
     /// The GroupInfo or tree failed validation.
     #[error("invalid GroupInfo: {0}")]
     InvalidGroupInfo(String),
+    /// A GroupInfo sent to the DS carries the `ratchet_tree` extension.
+    #[error("the GroupInfo must not carry the ratchet_tree extension (the DS serves the tree)")]
+    GroupInfoHasRatchetTree,
+    /// A GroupInfo sent to the DS lacks the `external_pub` extension.
+    #[error("the GroupInfo must carry the external_pub extension (members rejoin with it)")]
+    GroupInfoWithoutExternalPub,
     /// Adds without a Welcome.
     #[error("the commit adds members but carries no Welcome")]
     MissingWelcome,
@@ -188,6 +194,8 @@ impl ServiceError {
             FutureEpoch(_) => ErrorCode::FUTURE_EPOCH,
             InvalidCommit(_) => ErrorCode::INVALID_COMMIT,
             InvalidGroupInfo(_) => ErrorCode::INVALID_GROUP_INFO,
+            GroupInfoHasRatchetTree => ErrorCode::GROUP_INFO_HAS_RATCHET_TREE,
+            GroupInfoWithoutExternalPub => ErrorCode::GROUP_INFO_WITHOUT_EXTERNAL_PUB,
             MissingWelcome => ErrorCode::MISSING_WELCOME,
             InvalidMessage(_) => ErrorCode::INVALID_MESSAGE,
             GroupTooLarge => ErrorCode::GROUP_TOO_LARGE,

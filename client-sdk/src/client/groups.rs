@@ -9,6 +9,7 @@
 
 use std::collections::BTreeSet;
 
+use roost_protocol::content::Content;
 use roost_protocol::messages::auth::DiscoverUserRequest;
 use roost_protocol::messages::delivery::{
     CommitRequest, CreateGroupRequest, ExternalJoinRequest, FetchGroupInfoRequest,
@@ -131,7 +132,26 @@ impl Client {
         Ok(removed)
     }
 
-    /// Encrypts `bytes` for the group and sends it to every other member.
+    /// Sends a text message to the group: [`Client::send_content`] with [`Content::Text`].
+    pub async fn send_text(&self, group: &GroupId, text: &str) -> Result<(), ClientError> {
+        self.send(group, &Content::text(text).encode()).await
+    }
+
+    /// Sends `content`, encoded as a `MessageContent` (PROTOCOL.md §4.5), to every other member
+    /// of the group. Receivers read it with [`Event::content`](crate::Event::content).
+    pub async fn send_content(
+        &self,
+        group: &GroupId,
+        content: &Content,
+    ) -> Result<(), ClientError> {
+        self.send(group, &content.encode()).await
+    }
+
+    /// Encrypts `bytes` for the group, as they are, and sends it to every other member.
+    ///
+    /// The plaintext of a roost application message is a `MessageContent` (PROTOCOL.md §4.5):
+    /// use [`Client::send_text`] or [`Client::send_content`], which encode it. This method is
+    /// for apps that encode content themselves; receivers report other bytes as unreadable.
     pub async fn send(&self, group: &GroupId, bytes: &[u8]) -> Result<(), ClientError> {
         let inner = &self.inner;
         let mut outcome = Outcome::default();

@@ -5,8 +5,10 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod content;
 mod failover;
 mod forged;
 mod groups;
+mod minimal;
 mod outage;
 mod profile;

@@ -136,6 +136,8 @@ impl From<MlsError> for ServiceError {
                 ServiceError::InvalidGroupInfo("unsupported ciphersuite".into())
             }
             MlsError::InvalidGroupInfo(reason) => ServiceError::InvalidGroupInfo(reason),
+            MlsError::GroupInfoHasRatchetTree => ServiceError::GroupInfoHasRatchetTree,
+            MlsError::GroupInfoWithoutExternalPub => ServiceError::GroupInfoWithoutExternalPub,
             MlsError::StaleEpoch { current } => ServiceError::StaleEpoch(current),
             MlsError::FutureEpoch { current } => ServiceError::FutureEpoch(current),
             MlsError::NotPublicMessage => {

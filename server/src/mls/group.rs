@@ -44,6 +44,12 @@ pub(crate) enum MlsError {
     /// The GroupInfo is not acceptable (signature, mismatch with the group state, ...).
     #[error("invalid GroupInfo: {0}")]
     InvalidGroupInfo(String),
+    /// The GroupInfo carries the `ratchet_tree` extension (the DS serves the tree itself).
+    #[error("the GroupInfo must not carry the ratchet_tree extension (the DS serves the tree)")]
+    GroupInfoHasRatchetTree,
+    /// The GroupInfo lacks the `external_pub` extension (no rejoin by external commit).
+    #[error("the GroupInfo must carry the external_pub extension")]
+    GroupInfoWithoutExternalPub,
     /// The message is for an older epoch.
     #[error("stale epoch, the group is at epoch {current}")]
     StaleEpoch { current: u64 },
@@ -913,14 +919,10 @@ fn confirmation_tag(message: &PublicMessageIn) -> Result<Vec<u8>, MlsError> {
 /// joiners prefer it over the one the DS serves).
 fn check_group_info_extensions(group_info: &VerifiableGroupInfo) -> Result<(), MlsError> {
     if group_info.extensions().ratchet_tree().is_some() {
-        return Err(MlsError::InvalidGroupInfo(
-            "the GroupInfo must not carry the ratchet tree (the DS serves it)".into(),
-        ));
+        return Err(MlsError::GroupInfoHasRatchetTree);
     }
     if group_info.extensions().external_pub().is_none() {
-        return Err(MlsError::InvalidGroupInfo(
-            "the GroupInfo must carry an external_pub extension".into(),
-        ));
+        return Err(MlsError::GroupInfoWithoutExternalPub);
     }
     Ok(())
 }

@@ -49,6 +49,9 @@ pub(super) struct Client {
     pub(super) provider: OpenMlsRustCrypto,
     pub(super) signer: SignatureKeyPair,
     pub(super) group: Option<MlsGroup>,
+    /// Whether the GroupInfo of our commits carries the `ratchet_tree` extension (the default
+    /// of some MLS libraries; the DS refuses it).
+    pub(super) tree_in_group_info: bool,
 }
 
 impl Client {
@@ -64,6 +67,7 @@ impl Client {
             provider: OpenMlsRustCrypto::default(),
             signer,
             group: None,
+            tree_in_group_info: false,
         }
     }
 
@@ -143,6 +147,7 @@ impl Client {
             .load_psks(self.provider.storage())
             .unwrap()
             .create_group_info(true)
+            .use_ratchet_tree_extension(self.tree_in_group_info)
             .build(
                 self.provider.rand(),
                 self.provider.crypto(),
@@ -211,6 +216,7 @@ impl Client {
             .load_psks(self.provider.storage())
             .unwrap()
             .create_group_info(true)
+            .use_ratchet_tree_extension(self.tree_in_group_info)
             .build(
                 self.provider.rand(),
                 self.provider.crypto(),

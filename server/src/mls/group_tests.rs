@@ -49,10 +49,10 @@ fn create_refuses_bad_inputs() {
         Err(MlsError::InvalidGroupInfo(_))
     ));
     // A GroupInfo carrying the tree is refused (the DS serves the tree).
-    assert!(matches!(
-        DsGroup::create(GROUP_ID, b"alice", &alice.group_info(true), &tree, MAX),
-        Err(MlsError::InvalidGroupInfo(_))
-    ));
+    assert_eq!(
+        DsGroup::create(GROUP_ID, b"alice", &alice.group_info(true), &tree, MAX).unwrap_err(),
+        MlsError::GroupInfoHasRatchetTree
+    );
     // Garbage, a tree that is not the GroupInfo's, trailing bytes.
     assert!(matches!(
         DsGroup::create(GROUP_ID, b"alice", b"\x00\x01\x00", &tree, MAX),
@@ -609,4 +609,111 @@ fn inspect_names_every_kind() {
     trailing.push(0);
     assert!(matches!(inspect(&trailing), Err(MlsError::Malformed(_))));
     assert!(matches!(inspect(&[]), Err(MlsError::Malformed(_))));
+}
+
+/// `group_info` (an MLSMessage GroupInfo signed by `signer`) re-signed by `signer`, with its
+/// extensions kept or dropped: GroupInfoTBS = group_context || extensions<V> ||
+/// confirmation_tag<V> || uint32 signer, signed as SignContent("MLS 1.0 GroupInfoTBS", tbs).
+fn resigned(signer: &Client, group_info: &[u8], keep_extensions: bool) -> Vec<u8> {
+    use openmls::prelude::{MlsMessageBodyIn, MlsMessageIn, Verifiable as _};
+    use openmls_traits::signatures::Signer as _;
+    use tls_codec::{Deserialize as _, Serialize as _, Size as _, VLBytes};
+    let MlsMessageBodyIn::GroupInfo(info) = MlsMessageIn::tls_deserialize_exact(group_info)
+        .unwrap()
+        .extract()
+    else {
+        panic!("not a GroupInfo");
+    };
+    let payload = info.unsigned_payload().unwrap();
+    let context_len = info.group_context().tls_serialized_len();
+    let prefix_len = context_len + info.extensions().tls_serialized_len();
+    let mut tbs = payload[..context_len].to_vec();
+    if keep_extensions {
+        tbs.extend_from_slice(&payload[context_len..prefix_len]);
+    } else {
+        tbs.push(0); // an empty extension vector
+    }
+    tbs.extend_from_slice(&payload[prefix_len..]);
+    let mut content = VLBytes::new(b"MLS 1.0 GroupInfoTBS".to_vec())
+        .tls_serialize_detached()
+        .unwrap();
+    content.extend(VLBytes::new(tbs.clone()).tls_serialize_detached().unwrap());
+    let signature = signer.signer.sign(&content).unwrap();
+    let mut out = vec![0, 1, 0, 4]; // MLSMessage: mls10, wire format group_info
+    out.extend(tbs);
+    out.extend(VLBytes::new(signature).tls_serialize_detached().unwrap());
+    out
+}
+
+#[test]
+fn group_infos_with_the_tree_or_without_external_pub_are_refused_by_name() {
+    // CreateGroup: without external_pub (otherwise valid: the same GroupInfo re-signed with its
+    // extensions kept is accepted).
+    let mut alice = Client::new("alice");
+    alice.create_group();
+    let tree = alice.tree();
+    let info = alice.group_info(false);
+    assert_eq!(
+        DsGroup::create(
+            GROUP_ID,
+            b"alice",
+            &resigned(&alice, &info, false),
+            &tree,
+            MAX
+        )
+        .unwrap_err(),
+        MlsError::GroupInfoWithoutExternalPub
+    );
+    let mut ds = DsGroup::create(
+        GROUP_ID,
+        b"alice",
+        &resigned(&alice, &info, true),
+        &tree,
+        MAX,
+    )
+    .unwrap();
+
+    // Commit: openmls puts the tree into the GroupInfo with `use_ratchet_tree_extension`.
+    let mut bob = Client::new("bob");
+    alice.tree_in_group_info = true;
+    let bundle = alice.commit(vec![bob.key_package()], &[]);
+    let before = (ds.epoch(), ds.members(), ds.group_info());
+    assert_eq!(
+        ds.process_commit(
+            b"alice",
+            &bundle.commit,
+            bundle.welcome.as_deref(),
+            &bundle.group_info,
+            MAX
+        )
+        .unwrap_err(),
+        MlsError::GroupInfoHasRatchetTree
+    );
+    // The same commit with a GroupInfo re-signed without extensions lacks external_pub.
+    assert_eq!(
+        ds.process_commit(
+            b"alice",
+            &bundle.commit,
+            bundle.welcome.as_deref(),
+            &resigned(&alice, &bundle.group_info, false),
+            MAX
+        )
+        .unwrap_err(),
+        MlsError::GroupInfoWithoutExternalPub
+    );
+    assert_eq!(before, (ds.epoch(), ds.members(), ds.group_info()));
+    alice.discard_pending_commit();
+    alice.tree_in_group_info = false;
+    add(&mut ds, &mut alice, &mut [], &mut [&mut bob]);
+
+    // ExternalJoin.
+    let mut dave = Client::new("dave");
+    dave.tree_in_group_info = true;
+    let bundle = dave.external_commit(&ds.group_info(), &ds.export_ratchet_tree());
+    assert_eq!(
+        ds.process_external_commit(b"dave", &bundle.commit, &bundle.group_info, MAX)
+            .unwrap_err(),
+        MlsError::GroupInfoHasRatchetTree
+    );
+    assert_eq!(ds.epoch(), 1);
 }
