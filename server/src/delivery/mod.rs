@@ -472,6 +472,7 @@ async fn commit_common(
     };
     let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
+    let past_epochs = u64::from(state.settings.limits.past_epochs);
     let commit_bytes = commit.clone();
     let welcome_bytes = welcome.clone();
     let (check, failure) = credential_checker(state);
@@ -498,6 +499,9 @@ async fn commit_common(
         let result = match result {
             Err(err) => Err((err, roster)),
             Ok(outcome) => {
+                // Joins older than every epoch whose messages are still accepted no longer
+                // restrict any fan-out.
+                group.forget_joins_up_to(outcome.new_epoch.saturating_sub(past_epochs));
                 let resolved = resolve_commit(
                     &store,
                     &domain,
@@ -669,7 +673,7 @@ async fn send_once(
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
-    let checked = if roster.contains(&identity) {
+    let epoch = if roster.contains(&identity) {
         group
             .check_application_message(
                 req.message.as_slice(),
@@ -679,14 +683,17 @@ async fn send_once(
     } else {
         Err(ServiceError::NotMember)
     };
-    if let Err(err) = checked {
-        let loaded = *version;
-        let err = confirm_refusal(state, &req.group, loaded, err).await;
-        if matches!(err, ServiceError::GroupMoved) {
-            *slot = None;
+    let epoch = match epoch {
+        Ok(epoch) => epoch,
+        Err(err) => {
+            let loaded = *version;
+            let err = confirm_refusal(state, &req.group, loaded, err).await;
+            if matches!(err, ServiceError::GroupMoved) {
+                *slot = None;
+            }
+            return Err(err);
         }
-        return Err(err);
-    }
+    };
     let Some(Hosted {
         group,
         roster,
@@ -695,7 +702,13 @@ async fn send_once(
     else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
-    let to = roster.all_but(&identity);
+    // A message of an older epoch goes only to the members of that epoch: one who joined
+    // later cannot read it (and would learn who talked when).
+    let to = if epoch < group.epoch() {
+        roster.all_but_these(&identity, &group.joined_after(epoch))
+    } else {
+        roster.all_but(&identity)
+    };
     to.check_domains(allowed(state)).map_err(unknown_domain)?;
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),
