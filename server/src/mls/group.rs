@@ -83,7 +83,16 @@ pub(crate) enum MlsError {
     /// A snapshot does not load, or the state cannot be snapshotted. Never the client's fault.
     #[error("unusable group state: {0}")]
     State(String),
+    /// The commit passed every check but the credential check could not decide on some of the
+    /// credentials it brings in yet (their AS has to be asked first). Nothing was merged.
+    #[error("credentials not verified yet")]
+    CredentialsUnverified,
 }
+
+/// What a credential check says about a credential a commit brings in: `Some(true)` accepted,
+/// `Some(false)` refused, `None` not known yet (the commit is then checked completely but not
+/// merged: [`MlsError::CredentialsUnverified`]).
+pub(crate) type CredentialCheck<'a> = &'a dyn Fn(&[u8], &[u8]) -> Option<bool>;
 
 /// A member as the DS sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,8 +214,8 @@ impl std::fmt::Debug for DsGroup {
 
 /// Accepts every credential; the default of [`DsGroup::process_commit`].
 #[cfg(test)]
-fn accept_any(_identity: &[u8], _signature_key: &[u8]) -> bool {
-    true
+fn accept_any(_identity: &[u8], _signature_key: &[u8]) -> Option<bool> {
+    Some(true)
 }
 
 impl DsGroup {
@@ -417,7 +426,7 @@ impl DsGroup {
         welcome: Option<&[u8]>,
         new_group_info: &[u8],
         max_members: usize,
-        accept_credential: &dyn Fn(&[u8], &[u8]) -> bool,
+        accept_credential: CredentialCheck<'_>,
     ) -> Result<CommitOutcome, MlsError> {
         let message = decode_public(commit, ContentType::Commit)?;
         self.check_frame(&message)?;
@@ -482,7 +491,7 @@ impl DsGroup {
         commit: &[u8],
         new_group_info: &[u8],
         max_members: usize,
-        accept_credential: &dyn Fn(&[u8], &[u8]) -> bool,
+        accept_credential: CredentialCheck<'_>,
     ) -> Result<CommitOutcome, MlsError> {
         let message = decode_public(commit, ContentType::Commit)?;
         self.check_frame(&message)?;
@@ -673,7 +682,7 @@ impl DsGroup {
     fn apply(
         &mut self,
         plan: CommitPlan<'_>,
-        accept_credential: &dyn Fn(&[u8], &[u8]) -> bool,
+        accept_credential: CredentialCheck<'_>,
     ) -> Result<CommitOutcome, MlsError> {
         let crypto = RustCrypto::default();
         let CommitPlan {
@@ -688,6 +697,15 @@ impl DsGroup {
             max_members,
         } = plan;
         let before = self.members();
+        let undecided = std::cell::Cell::new(false);
+        let accept_credential = |identity: &[u8], key: &[u8]| match accept_credential(identity, key)
+        {
+            Some(accepted) => accepted,
+            None => {
+                undecided.set(true);
+                true
+            }
+        };
         let removed: HashSet<u32> = staged
             .remove_proposals()
             .map(|r| r.remove_proposal().removed().u32())
@@ -815,6 +833,9 @@ impl DsGroup {
             .filter_map(|p| before.iter().find(|m| m.leaf_index == p.leaf).cloned())
             .collect();
 
+        if undecided.get() {
+            return Err(MlsError::CredentialsUnverified);
+        }
         // Everything that can fail has been checked: merge. merge_commit merges first and then
         // writes to the storage, whose writes never fail (a value that does not serialize only
         // makes the next snapshot fail).

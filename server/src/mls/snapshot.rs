@@ -262,12 +262,11 @@ pub(super) fn encode(
         tag,
         &proposal_items,
     ];
-    let len = 1
-        + fields
-            .iter()
-            .chain([&join_items.as_slice()])
-            .map(|f| VLByteSlice(f).tls_serialized_len())
-            .sum::<usize>();
+    let len = 1 + fields
+        .iter()
+        .chain([&join_items.as_slice()])
+        .map(|f| VLByteSlice(f).tls_serialized_len())
+        .sum::<usize>();
     let mut bytes = Vec::with_capacity(len);
     #[cfg(test)]
     let version = if state.legacy_json { 1 } else { FORMAT_VERSION };
