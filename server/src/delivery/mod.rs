@@ -187,11 +187,7 @@ type Certified = HashMap<ClientId, Option<Vec<u8>>>;
 fn credential_checker(
     state: &State,
     certified: Arc<Certified>,
-) -> (
-    impl Fn(&[u8], &[u8]) -> Option<bool> + Send + 'static,
-    StoreFailure,
-    Undecided,
-) {
+) -> Checker<impl Fn(&[u8], &[u8]) -> Option<bool> + Send + 'static> {
     let store = state.store.clone();
     let domain = state.settings.domain.clone();
     let cache = state.federation.certified.clone();
@@ -223,7 +219,18 @@ fn credential_checker(
             }
         }
     };
-    (check, failure, undecided)
+    Checker {
+        check,
+        failure,
+        undecided,
+    }
+}
+
+/// A credential check (see [`credential_checker`]) and what it met besides its answers.
+struct Checker<F> {
+    check: F,
+    failure: StoreFailure,
+    undecided: Undecided,
 }
 
 /// Clients of other domains whose credentials a commit brings in and nobody vouched for yet.
@@ -444,7 +451,7 @@ pub(crate) async fn create(
     let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
     let key = group_id.clone();
-    let (check, failure, _) = credential_checker(state, Arc::default());
+    let Checker { check, failure, .. } = credential_checker(state, Arc::default());
     let (store, domain) = (state.store.clone(), state.settings.domain.clone());
     let hosted = blocking(move || {
         let group = DsGroup::create(
@@ -561,7 +568,11 @@ async fn commit_attempt(
     let past_epochs = u64::from(state.settings.limits.past_epochs);
     let commit_bytes = commit.clone();
     let welcome_bytes = welcome.clone();
-    let (check, failure, undecided) = credential_checker(state, certified);
+    let Checker {
+        check,
+        failure,
+        undecided,
+    } = credential_checker(state, certified);
     let (store, domain) = (state.store.clone(), state.settings.domain.clone());
     let (group, result) = blocking(move || {
         let result = if external {
