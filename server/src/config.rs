@@ -173,6 +173,14 @@ pub struct FederationConfig {
     pub peer_rate_per_sec: u32,
     /// Burst of requests one peer may send us.
     pub peer_burst: u32,
+    /// How long a commit waits for other domains' ASes to certify the credentials it brings
+    /// in (asked without holding the group's lock); then it fails with PEER_UNREACHABLE.
+    pub credential_timeout_ms: u64,
+    /// Signature keys of other domains' clients, as their AS certified them, kept at most
+    /// this many (0: ask every time).
+    pub certified_keys_cached: u32,
+    /// How long a certified key is trusted without asking its AS again.
+    pub certified_keys_ttl_ms: u64,
 }
 
 impl Default for FederationConfig {
@@ -191,6 +199,9 @@ impl Default for FederationConfig {
             outbox_rescan_ms: 5_000,
             peer_rate_per_sec: 2_000,
             peer_burst: 4_000,
+            credential_timeout_ms: 5_000,
+            certified_keys_cached: 10_000,
+            certified_keys_ttl_ms: 60_000,
         }
     }
 }

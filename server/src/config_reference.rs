@@ -315,6 +315,16 @@ pub const FIELDS: &[Field] = &[
         &["peer_rate_per_sec", "peer_burst"],
         "requests one peer may send us",
     ),
+    f(
+        "federation",
+        &["credential_timeout_ms"],
+        "how long a commit waits for another domain's AS to certify the credentials it adds (asked outside the group's lock: the group's other operations go on meanwhile); then PEER_UNREACHABLE",
+    ),
+    f(
+        "federation",
+        &["certified_keys_cached", "certified_keys_ttl_ms"],
+        "certified keys of other domains' clients kept in memory, and for how long (a revocation there is seen here at most this late; 0 entries: ask every time)",
+    ),
 ];
 
 /// The default configuration as a TOML table.

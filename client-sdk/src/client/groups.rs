@@ -71,7 +71,7 @@ impl Client {
         inner.commit(
             &mls,
             Changes {
-                groups: vec![(group.clone(), Some(GroupRecord { leaving: 0 }))],
+                groups: vec![(group.clone(), Some(GroupRecord::joined(0)))],
                 ..Changes::default()
             },
         )?;
@@ -217,8 +217,13 @@ impl Client {
                 };
                 match inner.conn.call(request).await {
                     Ok(_) => {
+                        let joined_epoch = inner.store.group(group)?.map_or(0, |r| r.joined_epoch);
+                        let record = GroupRecord {
+                            leaving: 1,
+                            joined_epoch,
+                        };
                         let changes = Changes {
-                            groups: vec![(group.clone(), Some(GroupRecord { leaving: 1 }))],
+                            groups: vec![(group.clone(), Some(record))],
                             ..Changes::default()
                         };
                         inner.commit(&mls, changes)?;
@@ -532,10 +537,10 @@ impl Inner {
                 group_info: out.group_info.into(),
             };
             match self.conn.call(request).await {
-                Ok(_) => {
+                Ok(joined) => {
                     changes
                         .groups
-                        .push((group.clone(), Some(GroupRecord { leaving: 0 })));
+                        .push((group.clone(), Some(GroupRecord::joined(joined.epoch))));
                     return self.commit(&mls, changes);
                 }
                 Err(err) if server_code(&err) == Some(ErrorCode::STALE_EPOCH) => {

@@ -277,8 +277,8 @@ impl Inner {
             return self.consume_with(mls, seq, Some(event), Vec::new());
         };
         let group = join.group.clone();
-        match mls.finish_join(join) {
-            Ok(()) => {}
+        let joined_epoch = match mls.finish_join(join).and_then(|()| mls.epoch(&group)) {
+            Ok(epoch) => epoch,
             Err(MlsError::Storage(err)) => return Err(MlsError::Storage(err).into()),
             Err(err) => {
                 let event = Event::GroupError {
@@ -287,10 +287,10 @@ impl Inner {
                 };
                 return self.consume_with(mls, seq, Some(event), Vec::new());
             }
-        }
+        };
         changes
             .groups
-            .push((group.clone(), Some(GroupRecord { leaving: 0 })));
+            .push((group.clone(), Some(GroupRecord::joined(joined_epoch))));
         changes.event(Event::Joined { group, inviter });
         outcome.replenish = true;
         self.commit(mls, changes)
@@ -304,8 +304,17 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<(), ClientError> {
         let group = message.group;
-        if self.store.group(&group)?.is_none() || !mls.has_group(&group)? {
+        let record = match self.store.group(&group)? {
+            Some(record) if mls.has_group(&group)? => record,
             // A group we left or were never in (e.g. a message sent just before we left).
+            _ => return self.consume_with(mls, seq, None, Vec::new()),
+        };
+        if let Some(epoch) = crate::mls::private_message_epoch(message.message.as_slice())
+            && epoch < record.joined_epoch
+        {
+            // Sent before we joined (a hub that fans such messages out to later members):
+            // never meant for us, and unreadable.
+            tracing::debug!(%group, epoch, joined = record.joined_epoch, "skipped a message from before we joined");
             return self.consume_with(mls, seq, None, Vec::new());
         }
         let error = |reason: String| Event::GroupError {

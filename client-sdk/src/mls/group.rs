@@ -95,6 +95,15 @@ fn decode_message(bytes: &[u8]) -> Result<MlsMessageBodyIn, MlsError> {
     Ok(message.extract())
 }
 
+/// The epoch of an MLSMessage that is a PrivateMessage (an application message, as the DS
+/// sends them), without decrypting it; `None` for anything else.
+pub(crate) fn private_message_epoch(bytes: &[u8]) -> Option<u64> {
+    match decode_message(bytes) {
+        Ok(MlsMessageBodyIn::PrivateMessage(m)) => Some(m.epoch().as_u64()),
+        _ => None,
+    }
+}
+
 /// The epoch and the TLS-encoded group context of an MLSMessage GroupInfo (unverified:
 /// only compared with a context we computed ourselves).
 pub(crate) fn group_info_context(group_info: &[u8]) -> Result<(u64, Vec<u8>), MlsError> {
@@ -140,6 +149,11 @@ impl Mls {
             .members()
             .map(|m| Leaf::of(m.index.u32(), &m.credential, &m.signature_key))
             .collect())
+    }
+
+    /// The group's current epoch.
+    pub(crate) fn epoch(&self, group: &GroupId) -> Result<u64, MlsError> {
+        Ok(self.load(group)?.epoch().as_u64())
     }
 
     /// Our own leaf index in the group.

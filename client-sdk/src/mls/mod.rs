@@ -24,7 +24,7 @@ use tls_codec::{DeserializeBytes, Serialize as _};
 use crate::store::Store;
 use crate::store::provider::MlsStorageError;
 
-pub(crate) use group::{Incoming, group_info_context};
+pub(crate) use group::{Incoming, group_info_context, private_message_epoch};
 
 /// The only ciphersuite of roost/1.
 pub(crate) const CIPHERSUITE: Ciphersuite =

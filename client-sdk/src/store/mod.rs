@@ -100,6 +100,30 @@ impl std::fmt::Debug for Profile {
 pub(crate) struct GroupRecord {
     /// 1 once this client asked to leave (its removal is pending).
     pub(crate) leaving: u8,
+    /// The epoch in which this client (its current leaf) joined: messages of earlier epochs
+    /// were never meant for it. 0 in records written before this was kept.
+    pub(crate) joined_epoch: u64,
+}
+
+impl GroupRecord {
+    /// A group this client has just joined (or created) at `epoch`.
+    pub(crate) fn joined(epoch: u64) -> Self {
+        Self {
+            leaving: 0,
+            joined_epoch: epoch,
+        }
+    }
+
+    /// Reads a record, also in its first layout (the `leaving` byte alone).
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match bytes {
+            [leaving] => Ok(Self {
+                leaving: *leaving,
+                joined_epoch: 0,
+            }),
+            _ => decode(bytes, "group record"),
+        }
+    }
 }
 
 /// The SDK's side of one state change, written with the openmls overlay.
@@ -322,7 +346,7 @@ impl Store {
             let (key, value) = entry?;
             let group = GroupId::from_mls_bytes(key.value())
                 .map_err(|e| StoreError::Corrupt(format!("group id: {e}")))?;
-            out.push((group, decode(value.value(), "group record")?));
+            out.push((group, GroupRecord::decode(value.value())?));
         }
         Ok(out)
     }
@@ -332,7 +356,7 @@ impl Store {
         let table = txn.open_table(GROUPS)?;
         table
             .get(group.to_mls_bytes().as_slice())?
-            .map(|v| decode(v.value(), "group record"))
+            .map(|v| GroupRecord::decode(v.value()))
             .transpose()
     }
 
@@ -395,7 +419,7 @@ mod tests {
         store.overlay_put(b"k".to_vec(), Some(b"v2".to_vec()));
         let changes = Changes {
             last_seq: Some(7),
-            groups: vec![(group(), Some(GroupRecord { leaving: 0 }))],
+            groups: vec![(group(), Some(GroupRecord::joined(0)))],
             ..Changes::default()
         };
         store.commit(changes).unwrap();
@@ -435,6 +459,22 @@ mod tests {
         let store = Store::open(&old).unwrap();
         assert_eq!(mode(&old), 0o600);
         assert_eq!(store.last_seq().unwrap(), 3);
+    }
+
+    #[test]
+    fn group_records_keep_the_join_epoch_and_old_records_still_read() {
+        let record = GroupRecord::joined(5);
+        let bytes = encode(&record).unwrap();
+        assert_eq!(GroupRecord::decode(&bytes).unwrap(), record);
+        // The first layout: the `leaving` byte alone.
+        assert_eq!(
+            GroupRecord::decode(&[1]).unwrap(),
+            GroupRecord {
+                leaving: 1,
+                joined_epoch: 0
+            }
+        );
+        assert!(GroupRecord::decode(&[]).is_err());
     }
 
     #[test]

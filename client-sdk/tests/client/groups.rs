@@ -248,4 +248,40 @@ async fn events_arrive_as_a_stream_with_the_sdks_own_id_types() {
         }
     }
     assert_eq!(seen, ["joined", "one", "two", "three"]);
+async fn a_member_invited_while_others_write_gets_none_of_their_older_messages_and_no_error() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    // Bob processes his queue only when he syncs: he keeps writing in the epoch he knows.
+    let mut quiet = t.client_config();
+    quiet.listen = false;
+    let bob = t.register_with("bob", quiet).await;
+    let dave = t.register("dave").await;
+
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(wait_joined(&bob).await, group);
+    // Dave joins in epoch 2; bob has not seen that commit and writes in epoch 1.
+    alice.invite(&group, &[user("dave")]).await.unwrap();
+    assert_eq!(wait_joined(&dave).await, group);
+    bob.send(&group, b"epoch 1").await.unwrap();
+    // Alice, a member of epoch 1, reads it.
+    assert_eq!(
+        wait_message(&alice, &group).await,
+        (client_id("bob", "phone"), b"epoch 1".to_vec())
+    );
+    // Dave's next event is alice's next message: neither bob's nor an error about it.
+    alice.send(&group, b"epoch 2").await.unwrap();
+    let next = tokio::time::timeout(EVENT_TIMEOUT, dave.next_event())
+        .await
+        .expect("no event for dave")
+        .unwrap();
+    assert_eq!(
+        next,
+        Event::Message {
+            group: group.clone(),
+            sender: client_id("alice", "phone"),
+            bytes: b"epoch 2".to_vec(),
+        }
+    );
 }

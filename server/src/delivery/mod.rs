@@ -21,6 +21,7 @@
 mod cache;
 mod roster;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use roost_protocol::messages::delivery::*;
@@ -152,6 +153,9 @@ impl From<MlsError> for ServiceError {
             MlsError::InvalidWelcome(reason) => ServiceError::InvalidMessage(reason),
             MlsError::GroupTooLarge => ServiceError::GroupTooLarge,
             MlsError::State(reason) => ServiceError::Internal(reason),
+            MlsError::CredentialsUnverified => {
+                ServiceError::Internal("credentials not verified".into())
+            }
         }
     }
 }
@@ -162,14 +166,6 @@ fn identity_of(client: &ClientId) -> Result<Vec<u8>, ServiceError> {
         .map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
-/// The ClientId a member's credential names, if it is one.
-fn member_client(member: &Member) -> Option<ClientId> {
-    match ClientId::tls_deserialize_bytes(&member.identity) {
-        Ok((id, [])) => Some(id),
-        _ => None,
-    }
-}
-
 fn require_hosted(state: &State, group: &GroupId) -> Result<(), ServiceError> {
     if group.domain == state.settings.domain {
         Ok(())
@@ -178,36 +174,89 @@ fn require_hosted(state: &State, group: &GroupId) -> Result<(), ServiceError> {
     }
 }
 
-/// Accepts a credential a commit brings in only if it is an active client of this server with
-/// that signature key (RFC 9420 §5.3.1, as the DS can check it). Runs on a blocking thread
-/// (it waits for the store there). A storage failure refuses the credential and is kept in
-/// the returned [`StoreFailure`], so that the caller reports it instead of an invalid commit.
+/// What the ASes of other domains answered for one commit: the key each certifies for a
+/// client (`None`: not certified). Asked outside the group's lock.
+type Certified = HashMap<ClientId, Option<Vec<u8>>>;
+
+/// Accepts a credential a commit brings in only if its AS certifies that signature key for
+/// that client (RFC 9420 §5.3.1, as the DS can check it): for a client of this server, it is
+/// an active client with that key (asked from the store; runs on a blocking thread, it waits
+/// for the store there); for a client of another domain, `certified` (what its AS answered
+/// for this commit) or else the certified-key cache says so. Another domain's client that
+/// neither knows is undecided (`None`) and noted in the returned list, to be asked outside the
+/// lock. A storage failure refuses the credential and is kept in the returned
+/// [`StoreFailure`], so that the caller reports it instead of an invalid commit.
 fn credential_checker(
     state: &State,
-) -> (impl Fn(&[u8], &[u8]) -> bool + Send + 'static, StoreFailure) {
+    certified: Arc<Certified>,
+) -> Checker<impl Fn(&[u8], &[u8]) -> Option<bool> + Send + 'static> {
     let store = state.store.clone();
     let domain = state.settings.domain.clone();
+    let cache = state.federation.certified.clone();
     let runtime = tokio::runtime::Handle::current();
     let failure = StoreFailure::default();
     let failed = failure.clone();
+    let undecided = Undecided::default();
+    let unknown = undecided.clone();
     let check = move |identity: &[u8], signature_key: &[u8]| {
         let Ok((client, [])) = ClientId::tls_deserialize_bytes(identity) else {
-            return false;
+            return Some(false);
         };
         if client.domain() != &domain {
-            // Checked against the client's own AS by `verify_remote_credentials`.
-            return true;
+            if let Some(answer) = certified.get(&client) {
+                return Some(answer.as_deref() == Some(signature_key));
+            }
+            if cache.get(&client).as_deref() == Some(signature_key) {
+                return Some(true);
+            }
+            unknown.add(client);
+            return None;
         }
         match runtime.block_on(store.active_client(&client)) {
-            Ok(Some(record)) => record.credential.signature_key.as_slice() == signature_key,
-            Ok(None) => false,
+            Ok(Some(record)) => Some(record.credential.signature_key.as_slice() == signature_key),
+            Ok(None) => Some(false),
             Err(err) => {
                 failed.set(err);
-                false
+                Some(false)
             }
         }
     };
-    (check, failure)
+    Checker {
+        check,
+        failure,
+        undecided,
+    }
+}
+
+/// A credential check (see [`credential_checker`]) and what it met besides its answers.
+struct Checker<F> {
+    check: F,
+    failure: StoreFailure,
+    undecided: Undecided,
+}
+
+/// Clients of other domains whose credentials a commit brings in and nobody vouched for yet.
+#[derive(Clone, Default)]
+struct Undecided(Arc<std::sync::Mutex<Vec<ClientId>>>);
+
+impl Undecided {
+    fn add(&self, client: ClientId) {
+        let mut clients = match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !clients.contains(&client) {
+            clients.push(client);
+        }
+    }
+
+    fn take(&self) -> Vec<ClientId> {
+        let mut clients = match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        std::mem::take(&mut *clients)
+    }
 }
 
 /// A storage failure met inside synchronous MLS processing, reported after it.
@@ -233,25 +282,33 @@ impl StoreFailure {
     }
 }
 
-/// Checks that every member of another domain carries the signature key its own AS certifies
-/// for that client (RFC 9420 §5.3.1), asking that domain's homeserver.
-async fn verify_remote_credentials(state: &State, members: &[&Member]) -> Result<(), ServiceError> {
-    for member in members {
-        let Some(client) = member_client(member) else {
-            return Err(ServiceError::InvalidCommit(
-                "a credential does not name a client".into(),
-            ));
+/// Asks the AS of each of `clients` (of other domains) which signature key it certifies for
+/// it, into `certified`. Never called with a group's lock held: a slow or absent peer delays
+/// only the commit that needs it, for at most `federation.credential_timeout_ms`.
+async fn ask_remote_ases(
+    state: &State,
+    clients: Vec<ClientId>,
+    certified: &mut Certified,
+) -> Result<(), ServiceError> {
+    let limit = std::time::Duration::from_millis(state.federation.config.credential_timeout_ms);
+    let deadline = tokio::time::Instant::now() + limit;
+    for client in clients {
+        if certified.contains_key(&client) {
+            continue;
+        }
+        let asked = crate::federation::certified_key(state, &client);
+        let key = match tokio::time::timeout_at(deadline, asked).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                metrics::counter!("roost_credential_check_timeouts_total").increment(1);
+                tracing::info!(%client, "the AS of a credential a commit adds did not answer in time");
+                return Err(ServiceError::PeerUnreachable(client.domain().to_string()));
+            }
         };
-        if client.domain() == &state.settings.domain {
-            continue; // checked by `credential_checker`
-        }
-        let certified = crate::federation::certified_key(state, &client).await?;
-        if certified.as_deref() != Some(member.signature_key.as_slice()) {
+        if key.is_none() {
             tracing::warn!(%client, "a commit introduces a credential its AS does not certify");
-            return Err(ServiceError::InvalidCommit(format!(
-                "the credential of {client} is not certified by its AS"
-            )));
         }
+        certified.insert(client, key);
     }
     Ok(())
 }
@@ -396,7 +453,7 @@ pub(crate) async fn create(
     let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
     let key = group_id.clone();
-    let (check, failure) = credential_checker(state);
+    let Checker { check, failure, .. } = credential_checker(state, Arc::default());
     let (store, domain) = (state.store.clone(), state.settings.domain.clone());
     let hosted = blocking(move || {
         let group = DsGroup::create(
@@ -408,7 +465,7 @@ pub(crate) async fn create(
         )?;
         // The creator's leaf must carry its AS-registered key.
         match group.member_by_identity(&identity) {
-            Some(creator) if check(&creator.identity, &creator.signature_key) => {}
+            Some(creator) if check(&creator.identity, &creator.signature_key) == Some(true) => {}
             _ => {
                 return Err(failure.or(ServiceError::from(MlsError::InvalidGroupInfo(
                     "the creator's leaf does not match its credential".into(),
@@ -453,16 +510,52 @@ macro_rules! locked_group {
     };
 }
 
-/// Applies a commit (member or external) and fans it out.
+/// How many times a commit is processed: once more after asking other domains' ASes about
+/// the credentials it brings in (the same commit bytes bring in the same credentials, so a
+/// third pass is only a safety margin).
+const CREDENTIAL_ROUNDS: usize = 3;
+
+/// What one pass over a commit under the group's lock came to.
+enum Attempt {
+    Done(CommitResponse),
+    /// Valid as far as checked, but these clients' ASes must be asked first; nothing changed.
+    Ask(Vec<ClientId>),
+}
+
+/// Applies a commit (member or external) and fans it out. Credentials of other domains that
+/// the certified-key cache does not vouch for are asked from their AS between two passes
+/// under the group's lock, never while holding it: the second pass re-validates the commit
+/// against whatever state the group has by then.
 async fn commit_common(
     state: &State,
     me: &ClientId,
     group_id: &GroupId,
     external: bool,
-    commit: Opaque,
-    welcome: Option<Opaque>,
-    group_info: Opaque,
+    bundle: (&Opaque, Option<&Opaque>, &Opaque),
 ) -> Result<CommitResponse, ServiceError> {
+    let mut certified = Certified::new();
+    for _ in 0..CREDENTIAL_ROUNDS {
+        let known = Arc::new(certified.clone());
+        match commit_attempt(state, me, group_id, external, bundle, known).await? {
+            Attempt::Done(response) => return Ok(response),
+            Attempt::Ask(clients) => ask_remote_ases(state, clients, &mut certified).await?,
+        }
+    }
+    Err(ServiceError::Internal(
+        "the credentials of a commit could not be settled".into(),
+    ))
+}
+
+/// One pass over a commit under the group's lock (see [`commit_common`]).
+async fn commit_attempt(
+    state: &State,
+    me: &ClientId,
+    group_id: &GroupId,
+    external: bool,
+    (commit, welcome, group_info): (&Opaque, Option<&Opaque>, &Opaque),
+    certified: Arc<Certified>,
+) -> Result<Attempt, ServiceError> {
+    let (commit, welcome, group_info) = (commit.clone(), welcome.cloned(), group_info.clone());
     locked_group!(state, group_id, slot);
     let Some(Hosted {
         mut group,
@@ -474,9 +567,14 @@ async fn commit_common(
     };
     let identity = identity_of(me)?;
     let max = state.settings.limits.max_group_size as usize;
+    let past_epochs = u64::from(state.settings.limits.past_epochs);
     let commit_bytes = commit.clone();
     let welcome_bytes = welcome.clone();
-    let (check, failure) = credential_checker(state);
+    let Checker {
+        check,
+        failure,
+        undecided,
+    } = credential_checker(state, certified);
     let (store, domain) = (state.store.clone(), state.settings.domain.clone());
     let (group, result) = blocking(move || {
         let result = if external {
@@ -500,6 +598,9 @@ async fn commit_common(
         let result = match result {
             Err(err) => Err((err, roster)),
             Ok(outcome) => {
+                // Joins older than every epoch whose messages are still accepted no longer
+                // restrict any fan-out.
+                group.forget_joins_up_to(outcome.new_epoch.saturating_sub(past_epochs));
                 let resolved = resolve_commit(
                     &store,
                     &domain,
@@ -516,6 +617,15 @@ async fn commit_common(
     .await?;
     let (outcome, resolved) = match result {
         Ok(accepted) => accepted,
+        Err((MlsError::CredentialsUnverified, roster)) => {
+            // Valid so far, nothing merged: ask the ASes without holding the lock, then redo.
+            *slot = Some(Hosted {
+                group,
+                roster,
+                version,
+            });
+            return Ok(Attempt::Ask(undecided.take()));
+        }
         Err((err, roster)) => {
             // A refused commit leaves the state as it was.
             let err = confirm_refusal(state, group_id, version, failure.or(err.into())).await;
@@ -537,10 +647,6 @@ async fn commit_common(
         .check_domains(allowed(state))
         .and_then(|()| roster.check_domains(allowed(state)))
         .map_err(unknown_domain)?;
-    // Credentials of other domains, checked against their own AS before anything is stored.
-    let mut introduced: Vec<&Member> = outcome.added.iter().collect();
-    introduced.extend(outcome.committer.iter());
-    verify_remote_credentials(state, &introduced).await?;
     let write = GroupWrite {
         key: group.group_id(),
         loaded: version,
@@ -572,7 +678,7 @@ async fn commit_common(
     );
     metrics::histogram!("roost_fanout_recipients").record(f64::from(commits + welcomes));
     tracing::debug!(group = %group_id, epoch, commits, welcomes, "commit accepted");
-    Ok(CommitResponse { epoch })
+    Ok(Attempt::Done(CommitResponse { epoch }))
 }
 
 /// For an accepted commit: its recipients (the old epoch's members but the committer) and the
@@ -610,9 +716,7 @@ pub(crate) async fn commit(
             me,
             &req.group,
             false,
-            req.commit.clone(),
-            req.welcome.clone(),
-            req.group_info.clone(),
+            (&req.commit, req.welcome.as_ref(), &req.group_info),
         )
     })
     .await
@@ -631,9 +735,7 @@ pub(crate) async fn external_join(
             me,
             &req.group,
             true,
-            req.commit.clone(),
-            None,
-            req.group_info.clone(),
+            (&req.commit, None, &req.group_info),
         )
     })
     .await
@@ -671,7 +773,7 @@ async fn send_once(
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let identity = identity_of(me)?;
-    let checked = if roster.contains(&identity) {
+    let epoch = if roster.contains(&identity) {
         group
             .check_application_message(
                 req.message.as_slice(),
@@ -681,14 +783,17 @@ async fn send_once(
     } else {
         Err(ServiceError::NotMember)
     };
-    if let Err(err) = checked {
-        let loaded = *version;
-        let err = confirm_refusal(state, &req.group, loaded, err).await;
-        if matches!(err, ServiceError::GroupMoved) {
-            *slot = None;
+    let epoch = match epoch {
+        Ok(epoch) => epoch,
+        Err(err) => {
+            let loaded = *version;
+            let err = confirm_refusal(state, &req.group, loaded, err).await;
+            if matches!(err, ServiceError::GroupMoved) {
+                *slot = None;
+            }
+            return Err(err);
         }
-        return Err(err);
-    }
+    };
     let Some(Hosted {
         group,
         roster,
@@ -697,7 +802,13 @@ async fn send_once(
     else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
-    let to = roster.all_but(&identity);
+    // A message of an older epoch goes only to the members of that epoch: one who joined
+    // later cannot read it (and would learn who talked when).
+    let to = if epoch < group.epoch() {
+        roster.all_but_these(&identity, &group.joined_after(epoch))
+    } else {
+        roster.all_but(&identity)
+    };
     to.check_domains(allowed(state)).map_err(unknown_domain)?;
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),

@@ -143,6 +143,27 @@ impl Roster {
         Recipients { local, remote }
     }
 
+    /// Every member but the one with credential identity `except` and those with the
+    /// identities `excluded` (e.g. members that joined after a message's epoch).
+    pub(crate) fn all_but_these(&self, except: &[u8], excluded: &[&[u8]]) -> Recipients {
+        let mut out = self.all_but(except);
+        for identity in excluded {
+            match self.members.get(*identity) {
+                Some(Target::Local(Some(num))) => out.local.retain(|n| n != num),
+                Some(Target::Remote(client)) => {
+                    if let Some(clients) = out.remote.get_mut(client.domain()) {
+                        clients.retain(|c| c != client);
+                        if clients.is_empty() {
+                            out.remote.remove(client.domain());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
     /// The given members (all of this roster), e.g. those a commit added.
     pub(crate) fn subset(&self, members: &[Member]) -> Recipients {
         let mut out = Recipients::default();

@@ -7,6 +7,7 @@
 //! about this server's own users, clients and groups. Peer connections reuse the client SDK's
 //! request layer.
 
+pub(crate) mod certified;
 pub(crate) mod inbound;
 pub(crate) mod outbox;
 pub(crate) mod tls;
@@ -63,6 +64,8 @@ pub(crate) struct Federation {
     /// Requests per peer certificate (SHA-256 of the leaf).
     pub(crate) inbound_limiter: RateLimiter<Vec<u8>>,
     pub(crate) outbox: outbox::Outbox,
+    /// Signature keys other domains' ASes certified (see [`certified_key`]).
+    pub(crate) certified: Arc<certified::CertifiedKeys>,
 }
 
 fn parse_domains(names: &[String]) -> Vec<Domain> {
@@ -139,6 +142,10 @@ impl Federation {
                 config.peer_burst,
             ),
             outbox: outbox::Outbox::default(),
+            certified: Arc::new(certified::CertifiedKeys::new(
+                config.certified_keys_cached as usize,
+                std::time::Duration::from_millis(config.certified_keys_ttl_ms),
+            )),
             config,
         })
     }
@@ -339,8 +346,22 @@ pub(crate) fn remote_target<'a>(ours: &Domain, request: &'a ClientRequest) -> Op
 }
 
 /// The signature key the AS of `client`'s domain currently certifies for it (None if the
-/// client does not exist there, or the credential does not verify under that AS's keys).
+/// client does not exist there, or the credential does not verify under that AS's keys),
+/// asking that AS and remembering the answer in [`Federation::certified`].
 pub(crate) async fn certified_key(
+    state: &crate::State,
+    client: &ClientId,
+) -> Result<Option<Vec<u8>>, ServiceError> {
+    let key = ask_certified_key(state, client).await?;
+    let cache = &state.federation.certified;
+    match &key {
+        Some(key) => cache.insert(client.clone(), key.clone()),
+        None => cache.remove(client),
+    }
+    Ok(key)
+}
+
+async fn ask_certified_key(
     state: &crate::State,
     client: &ClientId,
 ) -> Result<Option<Vec<u8>>, ServiceError> {

@@ -89,7 +89,16 @@ pub(crate) enum MlsError {
     /// A snapshot does not load, or the state cannot be snapshotted. Never the client's fault.
     #[error("unusable group state: {0}")]
     State(String),
+    /// The commit passed every check but the credential check could not decide on some of the
+    /// credentials it brings in yet (their AS has to be asked first). Nothing was merged.
+    #[error("credentials not verified yet")]
+    CredentialsUnverified,
 }
+
+/// What a credential check says about a credential a commit brings in: `Some(true)` accepted,
+/// `Some(false)` refused, `None` not known yet (the commit is then checked completely but not
+/// merged: [`MlsError::CredentialsUnverified`]).
+pub(crate) type CredentialCheck<'a> = &'a dyn Fn(&[u8], &[u8]) -> Option<bool>;
 
 /// A member as the DS sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +196,10 @@ pub(crate) struct DsGroup {
     stored: StoredState,
     group_info: Vec<u8>,
     pending: Vec<PendingProposal>,
+    /// Members whose leaf joined in a recent epoch: (credential identity, epoch of the join),
+    /// so that an application message of an older epoch is not sent to members that cannot
+    /// read it. Kept by every accepted commit, pruned with [`DsGroup::forget_joins_up_to`].
+    joins: Vec<(Vec<u8>, u64)>,
 }
 
 // The Delivery Service caches groups behind locks and works on them in blocking tasks.
@@ -207,8 +220,8 @@ impl std::fmt::Debug for DsGroup {
 
 /// Accepts every credential; the default of [`DsGroup::process_commit`].
 #[cfg(test)]
-fn accept_any(_identity: &[u8], _signature_key: &[u8]) -> bool {
-    true
+fn accept_any(_identity: &[u8], _signature_key: &[u8]) -> Option<bool> {
+    Some(true)
 }
 
 impl DsGroup {
@@ -283,13 +296,15 @@ impl DsGroup {
             stored,
             group_info: group_info.to_vec(),
             pending: Vec::new(),
+            joins: Vec::new(),
         })
     }
 
     /// The state to persist: openmls's stored `PublicGroup`, the GroupInfo and the pending
     /// proposals, versioned. [`DsGroup::from_snapshot`] rebuilds the group from it.
     pub(crate) fn snapshot(&self) -> Result<Vec<u8>, MlsError> {
-        super::snapshot::encode(&self.group_info, &self.pending, &self.stored).map_err(unusable)
+        super::snapshot::encode(&self.group_info, &self.pending, &self.stored, &self.joins)
+            .map_err(unusable)
     }
 
     /// Rebuilds a group from [`DsGroup::snapshot`] with openmls `PublicGroup::load`. Nothing is
@@ -300,6 +315,7 @@ impl DsGroup {
             group_info,
             pending,
             state: mut stored,
+            joins,
         } = Snapshot::decode(bytes).map_err(unusable)?;
         let verifiable = decode_group_info(&group_info).map_err(unusable)?;
         let recorder = Recorder::new(&mut stored);
@@ -327,6 +343,7 @@ impl DsGroup {
             stored,
             group_info,
             pending,
+            joins,
         })
     }
 
@@ -415,7 +432,7 @@ impl DsGroup {
         welcome: Option<&[u8]>,
         new_group_info: &[u8],
         max_members: usize,
-        accept_credential: &dyn Fn(&[u8], &[u8]) -> bool,
+        accept_credential: CredentialCheck<'_>,
     ) -> Result<CommitOutcome, MlsError> {
         let message = decode_public(commit, ContentType::Commit)?;
         self.check_frame(&message)?;
@@ -480,7 +497,7 @@ impl DsGroup {
         commit: &[u8],
         new_group_info: &[u8],
         max_members: usize,
-        accept_credential: &dyn Fn(&[u8], &[u8]) -> bool,
+        accept_credential: CredentialCheck<'_>,
     ) -> Result<CommitOutcome, MlsError> {
         let message = decode_public(commit, ContentType::Commit)?;
         self.check_frame(&message)?;
@@ -526,13 +543,13 @@ impl DsGroup {
     }
 
     /// Checks that an application message is a PrivateMessage of this group whose epoch is at
-    /// most `past_epochs` behind the current one. The sender is encrypted: the caller checks
-    /// that the authenticated client is a member.
+    /// most `past_epochs` behind the current one, and returns that epoch. The sender is
+    /// encrypted: the caller checks that the authenticated client is a member.
     pub(crate) fn check_application_message(
         &self,
         message: &[u8],
         past_epochs: u64,
-    ) -> Result<(), MlsError> {
+    ) -> Result<u64, MlsError> {
         let private = match decode(message)? {
             MlsMessageBodyIn::PrivateMessage(m) => m,
             _ => return Err(MlsError::WrongContentType),
@@ -551,7 +568,24 @@ impl DsGroup {
         if epoch.saturating_add(past_epochs) < current {
             return Err(MlsError::StaleEpoch { current });
         }
-        Ok(())
+        Ok(epoch)
+    }
+
+    /// The credential identities of the current members whose leaf joined after `epoch` (as
+    /// far as the recent joins still know: see [`DsGroup::forget_joins_up_to`]). They cannot
+    /// read a message of `epoch`.
+    pub(crate) fn joined_after(&self, epoch: u64) -> Vec<&[u8]> {
+        self.joins
+            .iter()
+            .filter(|(_, joined)| *joined > epoch)
+            .map(|(identity, _)| identity.as_slice())
+            .collect()
+    }
+
+    /// Forgets the joins of epoch `epoch` and earlier: once no message of an epoch before
+    /// them is accepted any more, such members are members of every epoch that still counts.
+    pub(crate) fn forget_joins_up_to(&mut self, epoch: u64) {
+        self.joins.retain(|(_, joined)| *joined > epoch);
     }
 
     /// Group id and epoch of a handshake message (checked before any cryptography).
@@ -654,7 +688,7 @@ impl DsGroup {
     fn apply(
         &mut self,
         plan: CommitPlan<'_>,
-        accept_credential: &dyn Fn(&[u8], &[u8]) -> bool,
+        accept_credential: CredentialCheck<'_>,
     ) -> Result<CommitOutcome, MlsError> {
         let crypto = RustCrypto::default();
         let CommitPlan {
@@ -669,6 +703,15 @@ impl DsGroup {
             max_members,
         } = plan;
         let before = self.members();
+        let undecided = std::cell::Cell::new(false);
+        let accept_credential = |identity: &[u8], key: &[u8]| match accept_credential(identity, key)
+        {
+            Some(accepted) => accepted,
+            None => {
+                undecided.set(true);
+                true
+            }
+        };
         let removed: HashSet<u32> = staged
             .remove_proposals()
             .map(|r| r.remove_proposal().removed().u32())
@@ -796,6 +839,9 @@ impl DsGroup {
             .filter_map(|p| before.iter().find(|m| m.leaf_index == p.leaf).cloned())
             .collect();
 
+        if undecided.get() {
+            return Err(MlsError::CredentialsUnverified);
+        }
         // Everything that can fail has been checked: merge. merge_commit merges first and then
         // writes to the storage, whose writes never fail (a value that does not serialize only
         // makes the next snapshot fail).
@@ -809,18 +855,30 @@ impl DsGroup {
         let kept = |m: &Member| {
             !removed.contains(&m.leaf_index) && before.iter().any(|b| b.leaf_index == m.leaf_index)
         };
-        let added = after.iter().filter(|m| !kept(m)).cloned().collect();
-        let removed = before
+        let added: Vec<Member> = after.iter().filter(|m| !kept(m)).cloned().collect();
+        let removed: Vec<Member> = before
             .iter()
             .filter(|m| removed.contains(&m.leaf_index))
             .cloned()
             .collect();
+        let new_epoch = self.epoch();
+        // A member's join is that of its current leaf: one removed (and maybe back with a new
+        // leaf, e.g. a rejoin) starts over.
+        let restarted: HashSet<&[u8]> = removed
+            .iter()
+            .chain(&added)
+            .map(|m| m.identity.as_slice())
+            .collect();
+        self.joins
+            .retain(|(identity, _)| !restarted.contains(identity.as_slice()));
+        self.joins
+            .extend(added.iter().map(|m| (m.identity.clone(), new_epoch)));
         let committer = after
             .iter()
             .find(|m| m.leaf_index == committer.u32())
             .cloned();
         Ok(CommitOutcome {
-            new_epoch: self.epoch(),
+            new_epoch,
             members_before: before,
             members_after: after,
             added,

@@ -337,7 +337,7 @@ fn identities_stay_unique() {
     alice.discard_pending_commit();
     let carol = Client::new("carol");
     let bundle = alice.commit(vec![carol.key_package()], &[]);
-    let refuse_carol = |identity: &[u8], _: &[u8]| identity != b"carol";
+    let refuse_carol = |identity: &[u8], _: &[u8]| Some(identity != b"carol");
     assert!(matches!(
         ds.process_commit_checked(
             b"alice",
@@ -350,6 +350,31 @@ fn identities_stay_unique() {
         Err(MlsError::InvalidCommit(_))
     ));
     assert_eq!(ds.members().len(), 2);
+    // A check that cannot decide yet: the commit is checked completely but not merged.
+    let undecided = |_: &[u8], _: &[u8]| None;
+    assert!(matches!(
+        ds.process_commit_checked(
+            b"alice",
+            &bundle.commit,
+            bundle.welcome.as_deref(),
+            &bundle.group_info,
+            MAX,
+            &undecided
+        ),
+        Err(MlsError::CredentialsUnverified)
+    ));
+    assert_eq!((ds.members().len(), ds.epoch()), (2, 1));
+    // Once decided, the same commit goes through.
+    ds.process_commit_checked(
+        b"alice",
+        &bundle.commit,
+        bundle.welcome.as_deref(),
+        &bundle.group_info,
+        MAX,
+        &|_: &[u8], _: &[u8]| Some(true),
+    )
+    .unwrap();
+    assert_eq!(ds.members().len(), 3);
 }
 
 #[test]

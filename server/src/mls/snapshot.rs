@@ -29,11 +29,11 @@ use tls_codec::{
 
 /// The first byte of every snapshot. Bump it (and keep a decoder for the old one) whenever
 /// the envelope, the value encoding or openmls's storage version changes. Format 1 (values in
-/// serde_json only) is still read.
-const FORMAT_VERSION: u8 = 2;
+/// serde_json only) and format 2 (without the recent joins) are still read.
+const FORMAT_VERSION: u8 = 3;
 
 /// The formats [`Snapshot::decode`] reads.
-const READABLE_VERSIONS: [u8; 2] = [1, FORMAT_VERSION];
+const READABLE_VERSIONS: [u8; 3] = [1, 2, FORMAT_VERSION];
 
 /// First byte of a postcard-encoded value. serde_json output starts with `{`, `[`, `"`, a digit,
 /// `-`, `t`, `f` or `n`, never with this.
@@ -103,6 +103,16 @@ pub(super) struct Snapshot {
     /// In arrival order.
     pub(super) pending: Vec<PendingProposal>,
     pub(super) state: StoredState,
+    /// Members that joined in recent epochs: (credential identity, epoch of the join).
+    /// Format 3 on; empty when read from an older format.
+    pub(super) joins: Vec<(Vec<u8>, u64)>,
+}
+
+/// One recent join, format 3.
+#[derive(Debug, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct JoinV3 {
+    identity: VLBytes,
+    epoch: u64,
 }
 
 #[derive(Debug, TlsSize, TlsSerialize, TlsDeserializeBytes)]
@@ -133,7 +143,7 @@ struct SnapshotV1 {
 impl Snapshot {
     #[cfg(test)]
     pub(super) fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
-        encode(&self.group_info, &self.pending, &self.state)
+        encode(&self.group_info, &self.pending, &self.state, &self.joins)
     }
 
     pub(super) fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
@@ -145,10 +155,22 @@ impl Snapshot {
                 "unknown format version {version}"
             )));
         }
-        let v1 = match SnapshotV1::tls_deserialize_bytes(rest) {
-            Ok((v1, [])) => v1,
-            Ok(_) => return Err(SnapshotError::new("trailing bytes")),
-            Err(e) => return Err(SnapshotError::new(e.to_string())),
+        let (v1, rest) = SnapshotV1::tls_deserialize_bytes(rest)
+            .map_err(|e| SnapshotError::new(e.to_string()))?;
+        // Format 3 appends the recent joins.
+        let joins = if version >= 3 {
+            match Vec::<JoinV3>::tls_deserialize_bytes(rest) {
+                Ok((joins, [])) => joins
+                    .into_iter()
+                    .map(|j| (j.identity.into(), j.epoch))
+                    .collect(),
+                Ok(_) => return Err(SnapshotError::new("trailing bytes")),
+                Err(e) => return Err(SnapshotError::new(e.to_string())),
+            }
+        } else if rest.is_empty() {
+            Vec::new()
+        } else {
+            return Err(SnapshotError::new("trailing bytes"));
         };
         Ok(Snapshot {
             group_info: v1.group_info.into(),
@@ -175,17 +197,20 @@ impl Snapshot {
                 #[cfg(test)]
                 legacy_json: false,
             },
+            joins,
         })
     }
 }
 
 /// Encodes a snapshot from its parts without copying them first: the bytes are exactly those
-/// of [`SnapshotV1`] behind the version byte (a TLS vector `T items<V>` is its items' encodings
-/// behind a varint of their total length, which is what [`VLByteSlice`] writes).
+/// of [`SnapshotV1`] behind the version byte, then (format 3) the recent joins as a vector of
+/// [`JoinV3`] (a TLS vector `T items<V>` is its items' encodings behind a varint of their
+/// total length, which is what [`VLByteSlice`] writes).
 pub(super) fn encode(
     group_info: &[u8],
     pending: &[PendingProposal],
     state: &StoredState,
+    joins: &[(Vec<u8>, u64)],
 ) -> Result<Vec<u8>, SnapshotError> {
     if let Some(failure) = &state.failure {
         return Err(SnapshotError::new(format!(
@@ -221,6 +246,13 @@ pub(super) fn encode(
             .tls_serialize(&mut proposal_items)
             .map_err(tls)?;
     }
+    let mut join_items = Vec::new();
+    for (identity, epoch) in joins {
+        VLByteSlice(identity)
+            .tls_serialize(&mut join_items)
+            .map_err(tls)?;
+        epoch.tls_serialize(&mut join_items).map_err(tls)?;
+    }
     let fields = [
         group_info,
         &pending_items,
@@ -232,15 +264,22 @@ pub(super) fn encode(
     ];
     let len = 1 + fields
         .iter()
+        .chain([&join_items.as_slice()])
         .map(|f| VLByteSlice(f).tls_serialized_len())
         .sum::<usize>();
     let mut bytes = Vec::with_capacity(len);
     #[cfg(test)]
-    bytes.push(if state.legacy_json { 1 } else { FORMAT_VERSION });
+    let version = if state.legacy_json { 1 } else { FORMAT_VERSION };
     #[cfg(not(test))]
-    bytes.push(FORMAT_VERSION);
+    let version = FORMAT_VERSION;
+    bytes.push(version);
     for field in fields {
         VLByteSlice(field).tls_serialize(&mut bytes).map_err(tls)?;
+    }
+    if version >= 3 {
+        VLByteSlice(&join_items)
+            .tls_serialize(&mut bytes)
+            .map_err(tls)?;
     }
     Ok(bytes)
 }

@@ -638,3 +638,81 @@ fn key_package_of(client: &TestClient) -> openmls::prelude::KeyPackage {
         )
         .unwrap()
 }
+
+/// The application messages (as sent) waiting in `member`'s queue after what it processed.
+async fn queued_messages(member: &Member) -> Vec<Vec<u8>> {
+    use roost_protocol::messages::queue::QueuePayload;
+    member
+        .conn
+        .call(QueueFetchRequest {
+            after_seq: member.seen,
+            max_messages: 1000,
+            max_bytes: 1 << 24,
+        })
+        .await
+        .unwrap()
+        .messages
+        .into_iter()
+        .filter_map(|m| match m.payload {
+            QueuePayload::GroupMessage(g) => Some(g.message.into_vec()),
+            QueuePayload::Welcome(_) => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_message_of_an_older_epoch_reaches_only_members_of_that_epoch_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let address = server.local_addr();
+    let mut alice = Member::new(&server, "alice").await;
+    let mut bob = Member::new(&server, "bob").await;
+    let mut dave = Member::new(&server, "dave").await;
+    bob.upload_key_packages(1).await;
+    dave.upload_key_packages(1).await;
+    alice.create_group(14).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    assert!(bob.sync().await.joined);
+    // Bob writes at epoch 1; before it reaches the DS, alice adds dave (epoch 2).
+    let old = {
+        let group = bob.group.as_mut().unwrap();
+        let message = group
+            .create_message(&bob.provider, &bob.client.key, b"epoch 1")
+            .unwrap();
+        use openmls::prelude::tls_codec::Serialize as _;
+        message.tls_serialize_detached().unwrap()
+    };
+    let kps = alice.claim(&[dave.user_id()]).await;
+    assert_eq!(alice.commit_and_merge(kps, &[]).await, 2);
+    assert!(dave.sync().await.joined);
+
+    // The recent joins are part of the durable group state: a restart keeps them.
+    server.shutdown().await;
+    let mut cfg = config(dir.path());
+    cfg.listen = address;
+    let server = start(cfg).await;
+    for member in [&mut alice, &mut bob, &mut dave] {
+        member.conn = connect(&server).await;
+        login(&member.conn, &member.client).await;
+    }
+    let sent = bob
+        .conn
+        .call(SendMessageRequest {
+            group: alice.gid(),
+            message: old.clone().into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(sent.recipients, 1, "only alice was a member at epoch 1");
+    assert_eq!(queued_messages(&alice).await, vec![old.clone()]);
+    assert!(
+        queued_messages(&dave).await.is_empty(),
+        "dave joined at epoch 2 and cannot read a message of epoch 1"
+    );
+    // A message of the current epoch reaches everyone, dave included.
+    bob.sync().await;
+    assert_eq!(bob.send(b"epoch 2").await.unwrap().recipients, 2);
+    assert_eq!(dave.sync().await.messages, vec![b"epoch 2".to_vec()]);
+    server.shutdown().await;
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use roost_client::transport::{ClientIdentity, ConnectConfig, Endpoint, TrustConfig};
 use roost_protocol::messages::auth::{AsKeysRequest, DiscoverUserRequest};
+use roost_protocol::messages::delivery::CommitRequest;
 use roost_protocol::messages::federation::*;
 use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
 use roost_protocol::messages::{ClientRequest, Response};
@@ -597,4 +598,84 @@ addresses = ["gamma.example.net:4433"]
     assert_eq!(peers["gamma.test"].address, None);
     assert_eq!(peers["gamma.test"].addresses, ["gamma.example.net:4433"]);
     config.validate().unwrap();
+}
+
+/// Validates a KeyPackage built by a test client (what `Member::commit` takes).
+fn validated(bytes: &roost_protocol::Opaque) -> openmls::prelude::KeyPackage {
+    use openmls::prelude::OpenMlsProvider as _;
+    use openmls::prelude::tls_codec::Deserialize as _;
+    openmls::prelude::KeyPackageIn::tls_deserialize_exact(bytes.as_slice())
+        .unwrap()
+        .validate(
+            openmls_rust_crypto::OpenMlsRustCrypto::default().crypto(),
+            openmls::prelude::ProtocolVersion::Mls10,
+        )
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waiting_for_a_silent_peers_as_does_not_hold_up_the_group() {
+    const SILENT: &str = "silent.test";
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    // The peer's "homeserver": a UDP socket that reads and never answers.
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let cfg = server_config(
+        dir.path(),
+        &pki,
+        ALPHA,
+        free_port(),
+        (SILENT, silent.local_addr().unwrap()),
+    );
+    let alpha = start(cfg).await;
+    let mut alice = Member::new_in(&alpha, "alice", ALPHA).await;
+    let mut carol = Member::new_in(&alpha, "carol", ALPHA).await;
+    carol.upload_key_packages(1).await;
+    alice.create_group(6).await;
+    let kps = alice.claim(&[carol.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    join(&mut carol).await;
+
+    // alice adds a client of the silent domain: the hub must ask that domain's AS first.
+    let ghost = TestClient {
+        id: format!("ghost@{SILENT}/phone").parse().unwrap(),
+        key: keypair(),
+        credential: carol.client.credential.clone(),
+    };
+    let bundle = alice.commit(vec![validated(&key_package(&ghost))], &[]);
+    let request = CommitRequest {
+        group: alice.gid(),
+        commit: bundle.commit.clone().into(),
+        welcome: bundle.welcome.clone().map(Into::into),
+        group_info: bundle.group_info.clone().into(),
+    };
+    let conn = alice.conn.clone();
+    let mut waiting = tokio::spawn(async move { conn.call(request).await });
+    // Its first datagram shows the hub is now waiting for the silent peer.
+    let mut datagram = [0u8; 2048];
+    silent.recv_from(&mut datagram).await.unwrap();
+
+    // Meanwhile the group's other operations go through: a message, then a commit.
+    tokio::select! {
+        biased;
+        done = &mut waiting => panic!("the waiting commit ended ({done:?}) before a message could be sent"),
+        sent = carol.send(b"meanwhile") => assert_eq!(sent.unwrap().recipients, 1),
+    }
+    let update = carol.commit(vec![], &[]);
+    tokio::select! {
+        biased;
+        done = &mut waiting => panic!("the waiting commit ended ({done:?}) before another commit"),
+        accepted = carol.send_commit(&update) => assert_eq!(accepted.unwrap().epoch, 2),
+    }
+    carol.merge();
+
+    // The peer never answers: the commit that needed it fails, and changed nothing.
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(err.wire_error().unwrap().code, ErrorCode::PEER_UNREACHABLE);
+    alice.discard();
+    assert_eq!(receive(&mut alice, 1).await, vec![b"meanwhile".to_vec()]);
+    assert_eq!(alice.epoch(), 2);
+    alice.send(b"still here").await.unwrap();
+    assert_eq!(receive(&mut carol, 1).await, vec![b"still here".to_vec()]);
+    alpha.shutdown().await;
 }
