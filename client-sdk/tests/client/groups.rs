@@ -217,37 +217,6 @@ async fn rejoin_by_external_commit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_arrive_as_a_stream_with_the_sdks_own_id_types() {
-    use futures_util::StreamExt as _;
-    // Ids come from roost_client itself: an app needs no roost-protocol dependency.
-    let bob_id: roost_client::UserId = format!("bob@{DOMAIN}").parse().unwrap();
-    let t = start_server().await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group: roost_client::GroupId = alice.create_group().await.unwrap();
-    alice.invite(&group, &[bob_id]).await.unwrap();
-    for text in ["one", "two", "three"] {
-        alice.send(&group, text.as_bytes()).await.unwrap();
-    }
-
-    let mut events = std::pin::pin!(bob.events());
-    let mut seen = Vec::new();
-    while seen.len() < 4 {
-        let event = tokio::time::timeout(std::time::Duration::from_secs(20), events.next())
-            .await
-            .expect("no event within 20 s")
-            .expect("the stream does not end")
-            .unwrap();
-        match event {
-            Event::Joined { group: joined, .. } => {
-                assert_eq!(joined, group);
-                seen.push("joined".to_owned());
-            }
-            Event::Message { bytes, .. } => seen.push(String::from_utf8(bytes).unwrap()),
-            _ => {}
-        }
-    }
-    assert_eq!(seen, ["joined", "one", "two", "three"]);
 async fn a_member_invited_while_others_write_gets_none_of_their_older_messages_and_no_error() {
     let t = start_server().await;
     let alice = t.register("alice").await;
@@ -284,4 +253,38 @@ async fn a_member_invited_while_others_write_gets_none_of_their_older_messages_a
             bytes: b"epoch 2".to_vec(),
         }
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_as_a_stream_with_the_sdks_own_id_types() {
+    use futures_util::StreamExt as _;
+    // Ids come from roost_client itself: an app needs no roost-protocol dependency.
+    let bob_id: roost_client::UserId = format!("bob@{DOMAIN}").parse().unwrap();
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let group: roost_client::GroupId = alice.create_group().await.unwrap();
+    alice.invite(&group, &[bob_id]).await.unwrap();
+    for text in ["one", "two", "three"] {
+        alice.send(&group, text.as_bytes()).await.unwrap();
+    }
+
+    let mut events = std::pin::pin!(bob.events());
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(20), events.next())
+            .await
+            .expect("no event within 20 s")
+            .expect("the stream does not end")
+            .unwrap();
+        match event {
+            Event::Joined { group: joined, .. } => {
+                assert_eq!(joined, group);
+                seen.push("joined".to_owned());
+            }
+            Event::Message { bytes, .. } => seen.push(String::from_utf8(bytes).unwrap()),
+            _ => {}
+        }
+    }
+    assert_eq!(seen, ["joined", "one", "two", "three"]);
 }
