@@ -1,6 +1,7 @@
 //! Storage engines behind the services' store traits ([`crate::auth::AuthStore`],
 //! [`crate::keypackage::KeyPackageStore`], [`crate::queue::QueueStore`],
-//! [`crate::delivery::GroupStore`], [`crate::federation::outbox::OutboxStore`]).
+//! [`crate::delivery::GroupStore`], [`crate::delivery::receipt::ReceiptStore`],
+//! [`crate::federation::outbox::OutboxStore`]).
 //!
 //! One module per engine: [`redb`] (embedded, the default: one process per domain) and
 //! [`postgres`] (several nodes of one domain over one database). [`Backend`] is the engine the
@@ -25,6 +26,7 @@ use roost_protocol::messages::federation::{DeliverResponse, Delivery};
 use roost_protocol::{ClientId, Domain, MessageId, UserId, UserName};
 
 use crate::auth::{AuthStore, ClientRecord};
+use crate::delivery::receipt::ReceiptStore;
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
@@ -144,6 +146,11 @@ dispatch!(GroupStore {
     async fn group_version(&self, key: Vec<u8>) -> Result<Option<u64>, ServiceError>;
     async fn create_group(&self, state: GroupState) -> Result<(), ServiceError>;
     async fn apply(&self, group: GroupWrite, fan_outs: Vec<FanOut>, max_depth: u64) -> Result<FanOutResult, ServiceError>;
+});
+
+dispatch!(ReceiptStore {
+    async fn receipt(&self, key: [u8; 32], fresh_after_ms: u64) -> Result<Option<u64>, ServiceError>;
+    async fn prune_receipts(&self, before_ms: u64, max_kept: u64) -> Result<u64, ServiceError>;
 });
 
 dispatch!(OutboxStore {

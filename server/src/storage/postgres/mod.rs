@@ -32,6 +32,7 @@ mod keypackage;
 mod listen;
 mod outbox;
 mod queue;
+mod receipts;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +45,10 @@ use super::StoreError;
 use crate::bus::BusSink;
 
 /// Migrations, in order: (version, SQL). Append only; never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_receipts.sql")),
+];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0072_6f6f_7374;

@@ -12,6 +12,7 @@ mod groups;
 mod keypackage;
 mod outbox;
 mod queue;
+mod receipts;
 pub(crate) mod tables;
 
 use std::panic::AssertUnwindSafe;
@@ -103,6 +104,8 @@ impl Store {
             txn.open_table(GROUPS)?;
             txn.open_table(GROUP_VERSIONS)?;
             txn.open_table(OUTBOX)?;
+            txn.open_table(RECEIPTS)?;
+            txn.open_table(RECEIPT_TIMES)?;
         }
         txn.commit()?;
 
