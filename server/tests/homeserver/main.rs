@@ -9,6 +9,7 @@ mod binary;
 mod common;
 mod delivery;
 mod federation;
+mod idempotency;
 mod keypackages;
 mod mls_member;
 mod mls_member_external;
