@@ -26,6 +26,7 @@ pub(crate) enum Kind {
     Commit = 2,
     ExternalJoin = 3,
     LeaveGroup = 4,
+    UploadKeyPackages = 5,
 }
 
 /// What the original answer was.
@@ -64,21 +65,24 @@ pub(crate) trait ReceiptStore {
     async fn prune_receipts(&self, before_ms: u64, max_kept: u64) -> Result<u64, ServiceError>;
 }
 
-/// The digest identifying a request: SHA-256 over a label, the kind, the sender's and the
-/// group's TLS encodings and the message bytes (each length-prefixed).
+/// The digest identifying a DS request: see [`digest`], with parts the group's TLS encoding
+/// and the message bytes.
 pub(crate) fn key(kind: Kind, sender: &ClientId, group: &GroupId, bytes: &[u8]) -> [u8; 32] {
+    let group = group.tls_serialize_detached().unwrap_or_default();
+    digest(kind, sender, &[&group, bytes])
+}
+
+/// SHA-256 over a label, the kind, the sender's TLS encoding and `parts`, each
+/// length-prefixed (uint64, big-endian).
+fn digest(kind: Kind, sender: &ClientId, parts: &[&[u8]]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(b"roost receipt v1");
     ctx.update(&(kind as u16).to_be_bytes());
-    for part in [
-        sender.tls_serialize_detached().unwrap_or_default(),
-        group.tls_serialize_detached().unwrap_or_default(),
-    ] {
+    let sender = sender.tls_serialize_detached().unwrap_or_default();
+    for part in std::iter::once(sender.as_slice()).chain(parts.iter().copied()) {
         ctx.update(&(part.len() as u64).to_be_bytes());
-        ctx.update(&part);
+        ctx.update(part);
     }
-    ctx.update(&(bytes.len() as u64).to_be_bytes());
-    ctx.update(bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
@@ -98,14 +102,29 @@ impl Submission {
         group: &GroupId,
         bytes: &[u8],
     ) -> Self {
-        let window_ms = state
-            .settings
-            .limits
-            .receipt_window_secs
-            .saturating_mul(1000);
         Self {
             key: key(kind, sender, group, bytes),
-            fresh_after_ms: crate::unix_millis().saturating_sub(window_ms),
+            fresh_after_ms: window_start(state),
+        }
+    }
+
+    /// An UploadKeyPackages: parts are the ordinary KeyPackages' bytes in order, then the
+    /// last-resort one's (an empty part when there is none; a KeyPackage is never empty).
+    pub(crate) fn for_upload(
+        state: &State,
+        sender: &ClientId,
+        ordinary: &[(u64, Vec<u8>)],
+        last_resort: &Option<(u64, Vec<u8>)>,
+    ) -> Self {
+        let mut parts: Vec<&[u8]> = ordinary.iter().map(|(_, kp)| kp.as_slice()).collect();
+        parts.push(
+            last_resort
+                .as_ref()
+                .map_or(&[][..], |(_, kp)| kp.as_slice()),
+        );
+        Self {
+            key: digest(Kind::UploadKeyPackages, sender, &parts),
+            fresh_after_ms: window_start(state),
         }
     }
 
@@ -130,15 +149,20 @@ impl Submission {
     }
 }
 
+/// Receipts accepted before this time (unix ms) are out of the window.
+fn window_start(state: &State) -> u64 {
+    let window_ms = state
+        .settings
+        .limits
+        .receipt_window_secs
+        .saturating_mul(1000);
+    crate::unix_millis().saturating_sub(window_ms)
+}
+
 /// Prunes receipts out of the window or beyond `max_receipts` (run by the sweeper).
 pub(crate) async fn prune(state: &State) -> Result<u64, ServiceError> {
-    let limits = &state.settings.limits;
-    let before =
-        crate::unix_millis().saturating_sub(limits.receipt_window_secs.saturating_mul(1000));
-    state
-        .store
-        .prune_receipts(before, limits.max_receipts)
-        .await
+    let max = state.settings.limits.max_receipts;
+    state.store.prune_receipts(window_start(state), max).await
 }
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ dispatch!(AuthStore {
 });
 
 dispatch!(KeyPackageStore {
-    async fn add(&self, client_num: u64, ordinary: Vec<(u64, Vec<u8>)>, last_resort: Option<(u64, Vec<u8>)>, max_held: u64) -> Result<u64, ServiceError>;
+    async fn add(&self, client_num: u64, ordinary: Vec<(u64, Vec<u8>)>, last_resort: Option<(u64, Vec<u8>)>, max_held: u64, receipt: Option<crate::delivery::receipt::Receipt>) -> Result<u64, ServiceError>;
     async fn claim_one(&self, target: &ClientId, now: u64) -> Result<ClaimedKeyPackage, ServiceError>;
     async fn claim_for_user(&self, user: &UserId, now: u64) -> Result<Vec<ClaimedKeyPackage>, ServiceError>;
     async fn count(&self, client_num: u64, now: u64) -> Result<(u32, bool), ServiceError>;

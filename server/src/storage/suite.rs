@@ -152,12 +152,15 @@ pub(crate) async fn key_packages<S: AuthStore + KeyPackageStore>(store: &S) {
             vec![(now + 10, vec![1]), (now - 1, vec![2]), (now + 10, vec![3])],
             Some((now + 10, vec![9])),
             5,
+            None,
         )
         .await
         .unwrap();
     assert_eq!(held, 3);
     assert!(matches!(
-        store.add(num, vec![(now + 10, vec![4]); 3], None, 5).await,
+        store
+            .add(num, vec![(now + 10, vec![4]); 3], None, 5, None)
+            .await,
         Err(ServiceError::LimitExceeded(_))
     ));
     assert_eq!(store.count(num, now).await.unwrap(), (2, true));
@@ -189,7 +192,7 @@ pub(crate) async fn key_packages<S: AuthStore + KeyPackageStore>(store: &S) {
         1
     );
     store
-        .add(num, vec![(now + 1, vec![5])], None, 5)
+        .add(num, vec![(now + 1, vec![5])], None, 5, None)
         .await
         .unwrap();
     assert_eq!(store.purge_expired(now + 1).await.unwrap(), 1);
@@ -519,7 +522,11 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
 /// Receipts of accepted requests: written with the effect, found within their window, refusing
 /// a second write of the same request (even two at once), replaced once out of the window,
 /// never written by a refused write, pruned by age and count.
-pub(crate) async fn receipts<S: AuthStore + QueueStore + GroupStore + ReceiptStore>(store: &S) {
+pub(crate) async fn receipts<
+    S: AuthStore + QueueStore + GroupStore + ReceiptStore + KeyPackageStore,
+>(
+    store: &S,
+) {
     let num = store
         .add_client(credential("r@example.org/phone"))
         .await
@@ -654,6 +661,39 @@ pub(crate) async fn receipts<S: AuthStore + QueueStore + GroupStore + ReceiptSto
     assert_eq!(store.receipt([4; 32], 0).await.unwrap(), None);
     assert_eq!(store.receipt([1; 32], 0).await.unwrap(), Some(1));
     assert_eq!(store.prune_receipts(0, 1).await.unwrap(), 0);
+
+    // A KeyPackage upload with a receipt is written once: the repeat answers what the first
+    // one did and adds nothing; out of the window it is a new upload.
+    let upload = |tag: u8, fresh_after_ms: u64| Receipt {
+        key: [tag; 32],
+        answer: Answer::Value(0),
+        accepted_ms: 6_000,
+        fresh_after_ms,
+    };
+    let kps = || vec![(4_000_000_000, vec![1]), (4_000_000_000, vec![2])];
+    assert_eq!(
+        store
+            .add(num, kps(), None, 10, Some(upload(9, 5_000)))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .add(num, kps(), None, 10, Some(upload(9, 5_000)))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.count(num, 0).await.unwrap().0, 2);
+    assert_eq!(
+        store
+            .add(num, kps(), None, 10, Some(upload(9, 6_001)))
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(store.count(num, 0).await.unwrap().0, 4);
 }
 
 mod redb_backend {

@@ -162,3 +162,32 @@ async fn a_repeat_after_a_server_restart_is_still_recognised() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_key_package_upload_adds_nothing() {
+    use roost_protocol::messages::keypackage::{KeyPackageCountRequest, UploadKeyPackagesRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    let upload = UploadKeyPackagesRequest {
+        key_packages: vec![key_package(&phone), key_package(&phone)],
+        last_resort: None,
+    };
+    assert_eq!(conn.call(upload.clone()).await.unwrap().remaining, 2);
+    // The answer was lost; the same upload again: the original answer, nothing added.
+    assert_eq!(conn.call(upload).await.unwrap().remaining, 2);
+    assert_eq!(
+        conn.call(KeyPackageCountRequest {})
+            .await
+            .unwrap()
+            .remaining,
+        2
+    );
+    // Other KeyPackages are another upload.
+    let more = UploadKeyPackagesRequest {
+        key_packages: vec![key_package(&phone)],
+        last_resort: None,
+    };
+    assert_eq!(conn.call(more).await.unwrap().remaining, 3);
+    server.shutdown().await;
+}

@@ -53,6 +53,22 @@ pub(super) async fn claim(
     rows.iter().map(|row| col::<Vec<u8>>(row, 0)).collect()
 }
 
+/// The answer of the stored receipt for `receipt.key`, if accepted within its window.
+pub(super) async fn fresh_answer(
+    txn: &tokio_postgres::Transaction<'_>,
+    receipt: &Receipt,
+) -> Result<Option<u64>, StoreError> {
+    let fresh_after = to_i64(receipt.fresh_after_ms)?;
+    let key = receipt.key.to_vec();
+    let rows = query(
+        txn,
+        "SELECT answer FROM receipts WHERE key = $1 AND accepted_ms >= $2",
+        [(&key, Type::BYTEA), (&fresh_after, Type::INT8)],
+    )
+    .await?;
+    rows.first().map(|row| to_u64(col(row, 0)?)).transpose()
+}
+
 /// Records the answers of claimed receipts.
 pub(super) async fn set_answers(
     txn: &tokio_postgres::Transaction<'_>,

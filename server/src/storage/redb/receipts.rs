@@ -20,6 +20,18 @@ pub(super) fn is_fresh(
     Ok(found.is_some_and(|(accepted, _)| accepted >= receipt.fresh_after_ms))
 }
 
+/// The answer of the stored receipt for `receipt.key`, if it was accepted within the window.
+pub(super) fn fresh_answer(
+    txn: &redb::WriteTransaction,
+    receipt: &Receipt,
+) -> Result<Option<u64>, StoreError> {
+    let table = txn.open_table(RECEIPTS)?;
+    let found = table.get(receipt.key)?.map(|v| v.value());
+    Ok(found
+        .filter(|(accepted, _)| *accepted >= receipt.fresh_after_ms)
+        .map(|(_, answer)| answer))
+}
+
 /// Stores `receipt` (replacing a stale one for the same key); a [`Answer::Reached`] answer is
 /// the first fan-out's count in `result`.
 pub(super) fn insert(
