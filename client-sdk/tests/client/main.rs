@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod crash;
 mod failover;
 mod forged;
 mod groups;
