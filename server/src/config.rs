@@ -311,6 +311,13 @@ pub struct Limits {
     pub max_write_batch: u32,
     /// Groups whose MLS public state stays in memory (least recently used ones are dropped).
     pub max_cached_groups: u32,
+    /// How long an accepted SendMessage, Commit, ExternalJoin or LeaveGroup is remembered:
+    /// a repeat of the same bytes by the same client within this time gets the original
+    /// answer and enqueues nothing (see PROTOCOL.md, "Idempotent submission").
+    pub receipt_window_secs: u64,
+    /// Most such receipts stored; beyond it the oldest are dropped early (the window
+    /// shrinks), so the store holds at most this many (about 100 bytes each).
+    pub max_receipts: u64,
 }
 
 impl Default for Limits {
@@ -348,6 +355,8 @@ impl Default for Limits {
             credential_validity_secs: 365 * 24 * 3600,
             max_write_batch: 1_024,
             max_cached_groups: 1_024,
+            receipt_window_secs: 24 * 3600,
+            max_receipts: 1_000_000,
         }
     }
 }
@@ -369,7 +378,7 @@ impl Limits {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let nonzero: [(&str, u64); 19] = [
+        let nonzero: [(&str, u64); 21] = [
             ("max_frame_len", self.max_frame_len.into()),
             ("request_read_timeout_ms", self.request_read_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
@@ -398,6 +407,8 @@ impl Limits {
             ("max_group_size", self.max_group_size.into()),
             ("max_write_batch", self.max_write_batch.into()),
             ("max_cached_groups", self.max_cached_groups.into()),
+            ("receipt_window_secs", self.receipt_window_secs),
+            ("max_receipts", self.max_receipts),
         ];
         for (name, value) in nonzero {
             if value == 0 {

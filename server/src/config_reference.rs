@@ -250,6 +250,16 @@ pub const FIELDS: &[Field] = &[
         "groups whose MLS state stays in memory",
     ),
     f(
+        "limits",
+        &["receipt_window_secs"],
+        "how long an accepted SendMessage, Commit, ExternalJoin or LeaveGroup is remembered: a repeat of the same bytes by the same client within it gets the original answer and enqueues nothing",
+    ),
+    f(
+        "limits",
+        &["max_receipts"],
+        "most such receipts stored (about 100 bytes each); beyond it the oldest are dropped early",
+    ),
+    f(
         "federation",
         &["enabled"],
         "accept federation connections and forward requests for other domains",

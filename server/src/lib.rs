@@ -329,7 +329,7 @@ pub async fn run(
     Ok(())
 }
 
-/// Drops expired queue messages and KeyPackages once a minute.
+/// Drops expired queue messages, KeyPackages and request receipts once a minute.
 async fn sweeper(state: Arc<State>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -356,6 +356,11 @@ async fn sweeper(state: Arc<State>) {
             Ok((0, 0)) => {}
             Ok((messages, key_packages)) => tracing::info!(messages, key_packages, "expired"),
             Err(err) => tracing::warn!(%err, "expiry sweep failed"),
+        }
+        match delivery::receipt::prune(&state).await {
+            Ok(0) => {}
+            Ok(receipts) => tracing::debug!(receipts, "receipts pruned"),
+            Err(err) => tracing::warn!(%err, "receipt pruning failed"),
         }
     }
 }

@@ -4,8 +4,15 @@
 //! the DS answers STALE_EPOCH (someone else's commit won the epoch) or MISSING_PROPOSALS
 //! (a proposal we had not seen yet), the commit is dropped, the queue is processed up to the
 //! DS's epoch and the commit is rebuilt from the caller's intent on the new state, up to
-//! [`ClientConfig::max_commit_attempts`](crate::ClientConfig::max_commit_attempts) times. If
-//! the answer is lost, the DS's GroupInfo tells whether the commit was applied.
+//! [`ClientConfig::max_commit_attempts`](crate::ClientConfig::max_commit_attempts) times.
+//!
+//! Before a commit leaves, it is made durable in the profile as the group's *pending commit*
+//! (the request bytes and the state writes of merging it, set aside; see
+//! [`Store::stash_pending`](crate::store::Store)). If the answer is lost, the same bytes are
+//! sent again: the DS answers a commit it applied with its original answer (idempotent
+//! submission, PROTOCOL.md §7.4). If the app dies before the outcome is known, the next start
+//! (or the next operation) sends it again and merges it once accepted, so the client never
+//! falls behind its own commit and never rejoins for it.
 
 use std::collections::BTreeSet;
 
@@ -25,8 +32,17 @@ use super::{Client, Inner};
 use crate::error::ClientError;
 use crate::event::Event;
 use crate::mls::{Mls, ValidKeyPackage};
-use crate::store::{Changes, GroupRecord};
+use crate::store::{Changes, GroupRecord, PendingCommit};
 use crate::transport::RequestError;
+
+/// How a pending commit was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// The DS accepted it; it is merged.
+    Merged,
+    /// The DS refused it for its epoch; it is dropped.
+    Refused,
+}
 
 /// What a commit is meant to achieve; re-evaluated on the current state at every attempt.
 #[derive(Debug)]
@@ -157,6 +173,7 @@ impl Client {
         let mut outcome = Outcome::default();
         {
             let mls = inner.state.lock().await;
+            inner.settle_all_pending().await?;
             for attempt in 0..2 {
                 inner.check_member(&mls, group)?;
                 if inner.store.group(group)?.is_some_and(|r| r.leaving == 1) {
@@ -359,6 +376,7 @@ impl Inner {
         intent: &Intent,
         outcome: &mut Outcome,
     ) -> Result<Vec<ClientId>, ClientError> {
+        self.settle_all_pending().await?;
         let attempts = self.config.max_commit_attempts.max(1);
         for _ in 0..attempts {
             self.check_member(mls, group)?;
@@ -399,48 +417,102 @@ impl Inner {
                 return Ok(Vec::new());
             }
             let out = self.mls_op(mls, |mls| mls.commit(&self.identity, group, adds, removes))?;
-            let context = out.context;
-            let request = CommitRequest {
-                group: group.clone(),
-                commit: out.commit.into(),
-                welcome: out.welcome.map(Into::into),
-                group_info: out.group_info.into(),
-            };
-            let applied = match self.conn.call(request).await {
-                Ok(_) => true,
-                Err(err)
-                    if matches!(
-                        server_code(&err),
-                        Some(ErrorCode::STALE_EPOCH | ErrorCode::MISSING_PROPOSALS)
-                    ) =>
-                {
-                    tracing::debug!(%group, %err, "commit lost, catching up");
-                    false
-                }
-                Err(RequestError::Transport(err)) => {
-                    // The DS may or may not have applied it: ask for its current state.
-                    tracing::debug!(%group, %err, "commit outcome unknown");
-                    match self.was_applied(group, &context).await {
-                        Ok(applied) => applied,
-                        Err(err) => {
-                            mls.store().discard();
-                            return Err(err);
-                        }
-                    }
-                }
-                Err(err) => {
-                    mls.store().discard();
-                    return Err(err.into());
-                }
-            };
-            if applied {
-                self.commit(mls, Changes::default())?;
-                return Ok(affected);
+            // Durable before it leaves: from here on a crash leaves it pending, not lost.
+            let pending = self.store.stash_pending(
+                group,
+                out.commit.into(),
+                out.welcome.map(Into::into),
+                out.group_info.into(),
+                out.context.into(),
+            )?;
+            match self.settle_pending(group, pending).await? {
+                Settled::Merged => return Ok(affected),
+                Settled::Refused => {}
             }
-            mls.store().discard();
             self.sync_into(mls, outcome).await?;
         }
         Err(ClientError::TooManyAttempts(attempts))
+    }
+
+    /// Sends `group`'s pending commit (again: the same bytes) and settles it by the DS's
+    /// answer: accepted (first time or as a repeat) → merged; refused for the epoch
+    /// (STALE_EPOCH, MISSING_PROPOSALS: someone else's commit won) → dropped, unless the DS's
+    /// GroupInfo shows it is ours after all (a server without receipts, or the receipt window
+    /// passed); refused otherwise → dropped and the error returned. When the outcome stays
+    /// unknown (the connection failed twice) the commit stays pending and the error is
+    /// returned: the next operation settles it.
+    pub(crate) async fn settle_pending(
+        &self,
+        group: &GroupId,
+        pending: PendingCommit,
+    ) -> Result<Settled, ClientError> {
+        let request = CommitRequest {
+            group: group.clone(),
+            commit: pending.commit.clone(),
+            welcome: pending.welcome.clone(),
+            group_info: pending.group_info.clone(),
+        };
+        let mut answer = self.conn.call(request.clone()).await;
+        if let Err(RequestError::Transport(err)) = &answer {
+            tracing::debug!(%group, %err, "commit outcome unknown: sending it again");
+            answer = self.conn.call(request).await;
+        }
+        if answer.is_ok()
+            && self
+                .crash_after_commit
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(ClientError::InvalidOperation(
+                "simulated crash after the commit was sent".into(),
+            ));
+        }
+        let applied = match answer {
+            Ok(_) => true,
+            Err(err)
+                if matches!(
+                    server_code(&err),
+                    Some(ErrorCode::STALE_EPOCH | ErrorCode::MISSING_PROPOSALS)
+                ) =>
+            {
+                tracing::debug!(%group, %err, "commit lost, catching up");
+                self.was_applied(group, pending.context.as_slice()).await?
+            }
+            Err(RequestError::Transport(err)) => return Err(RequestError::Transport(err).into()),
+            Err(err) => {
+                self.store.drop_pending(group)?;
+                return Err(err.into());
+            }
+        };
+        if applied {
+            self.store
+                .apply_pending(group, pending, Changes::default())?;
+            self.events_ready.notify_waiters();
+            Ok(Settled::Merged)
+        } else {
+            self.store.drop_pending(group)?;
+            Ok(Settled::Refused)
+        }
+    }
+
+    /// Settles every pending commit (see [`Inner::settle_pending`]); for the start of an
+    /// operation, with the state lock held. A commit whose outcome stays unknown fails the
+    /// operation: the group cannot go on before it is known.
+    pub(crate) async fn settle_all_pending(&self) -> Result<(), ClientError> {
+        for (group, pending) in self.store.pending_commits()? {
+            match self.settle_pending(&group, pending).await {
+                Ok(Settled::Merged) => {
+                    tracing::info!(%group, "merged our commit that the DS had accepted");
+                }
+                Ok(Settled::Refused) => {
+                    tracing::info!(%group, "our pending commit was refused: dropped");
+                }
+                Err(ClientError::Request(RequestError::Transport(err))) => {
+                    return Err(RequestError::Transport(err).into());
+                }
+                Err(err) => tracing::warn!(%group, %err, "our pending commit was refused"),
+            }
+        }
+        Ok(())
     }
 
     /// Whether the DS's current state is the one our commit leads to (`context`: the new

@@ -186,6 +186,10 @@ impl Inner {
         messages: Vec<QueueMessage>,
         outcome: &mut Outcome,
     ) -> Result<(), ClientError> {
+        // Our own commit first: what others sent after it is of its epoch.
+        if !messages.is_empty() {
+            self.settle_all_pending().await?;
+        }
         for message in messages {
             if message.seq <= self.store.last_seq()? {
                 continue;

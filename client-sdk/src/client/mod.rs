@@ -105,6 +105,9 @@ pub(crate) struct Inner {
     acked: AtomicU64,
     /// Serialises KeyPackage top-ups (count, then upload), so two never both top up.
     key_package_lock: Mutex<()>,
+    /// Test hook: stop right after the DS accepted a commit, before merging it (as if the app
+    /// were killed there); see [`Client::simulate_crash_after_commit`].
+    crash_after_commit: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -143,6 +146,13 @@ impl Client {
             .profile()?
             .ok_or_else(|| ClientError::NoProfile(path.to_owned()))?;
         let client = Self::start(config, store, profile)?;
+        // A commit sent before the app stopped: merge it if the DS accepted it.
+        {
+            let _mls = client.inner.state.lock().await;
+            if let Err(err) = client.inner.settle_all_pending().await {
+                tracing::warn!(%err, "cannot settle a pending commit now");
+            }
+        }
         if let Err(err) = client.inner.ensure_key_packages().await {
             tracing::warn!(%err, "cannot check KeyPackages now");
         }
@@ -253,6 +263,7 @@ impl Client {
             event_cursor: Mutex::new(0),
             acked: AtomicU64::new(0),
             key_package_lock: Mutex::new(()),
+            crash_after_commit: std::sync::atomic::AtomicBool::new(false),
             config,
         });
         let listener = inner
@@ -366,6 +377,17 @@ impl Client {
     /// of the listener and after joining a group.
     pub async fn refresh_key_packages(&self) -> Result<(), ClientError> {
         self.inner.ensure_key_packages().await
+    }
+
+    /// Test hook, for crash tests: from now on, a commit this client makes stops right after
+    /// the DS accepted it, before it is merged, and the operation fails — the profile is left
+    /// as if the app had been killed at that moment (the commit pending). Close the client and
+    /// open the profile again to see what a restarted app does.
+    #[doc(hidden)]
+    pub fn simulate_crash_after_commit(&self) {
+        self.inner
+            .crash_after_commit
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops the background listener, closes the connection and releases the profile.

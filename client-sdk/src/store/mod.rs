@@ -10,6 +10,7 @@
 //! | `groups` | MLS group id → [`GroupRecord`] |
 //! | `events` | event id → event not yet taken by the app |
 //! | `verified` | encoded ClientId ‖ signature key → `not_after` of the AS credential that vouched for it |
+//! | `pending` | MLS group id → [`PendingCommit`]: a commit sent (or about to be) whose outcome is not known yet |
 //!
 //! Writes happen only in [`Store::commit`]: the openmls overlay and a [`Changes`] set go into
 //! one durable write transaction.
@@ -32,6 +33,7 @@ const MLS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("mls");
 const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups");
 const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
 const VERIFIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("verified");
+const PENDING: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("pending");
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &str = "schema";
@@ -126,6 +128,39 @@ impl GroupRecord {
     }
 }
 
+/// A commit of ours whose outcome is not known yet: the request as sent (the same bytes are
+/// sent again until the DS answers) and the openmls writes that merging it makes, kept aside
+/// (the group's stored state stays at the old epoch until they are applied).
+#[derive(Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+pub(crate) struct PendingCommit {
+    pub(crate) commit: Opaque,
+    pub(crate) welcome: Option<Opaque>,
+    pub(crate) group_info: Opaque,
+    /// The new epoch's group context (to recognise the commit in the DS's GroupInfo).
+    pub(crate) context: Opaque,
+    writes: Vec<PendingWrite>,
+}
+
+impl std::fmt::Debug for PendingCommit {
+    // Not derived: the writes hold secrets of the new epoch.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingCommit").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct PendingWrite {
+    // Debug (required by tls_codec's Vec) shows no values: they hold secrets.
+    key: Opaque,
+    value: Option<Opaque>,
+}
+
+impl std::fmt::Debug for PendingWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingWrite").finish_non_exhaustive()
+    }
+}
+
 /// The SDK's side of one state change, written with the openmls overlay.
 #[derive(Debug, Default)]
 pub(crate) struct Changes {
@@ -135,6 +170,7 @@ pub(crate) struct Changes {
     pub(crate) events: Vec<Event>,
     pub(crate) delete_events_up_to: Option<u64>,
     pub(crate) verified: Vec<(ClientId, Vec<u8>, u64)>,
+    pub(crate) pending: Vec<(GroupId, Option<PendingCommit>)>,
 }
 
 impl Changes {
@@ -230,6 +266,7 @@ impl Store {
             txn.open_table(GROUPS)?;
             txn.open_table(EVENTS)?;
             txn.open_table(VERIFIED)?;
+            txn.open_table(PENDING)?;
         }
         txn.commit()?;
         Ok(Self {
@@ -314,9 +351,94 @@ impl Store {
             for (client, key, not_after) in &changes.verified {
                 verified.insert(verified_key(client, key)?.as_slice(), *not_after)?;
             }
+            let mut pending = txn.open_table(PENDING)?;
+            for (group, record) in &changes.pending {
+                let key = group.to_mls_bytes();
+                match record {
+                    Some(record) => pending.insert(key.as_slice(), encode(record)?.as_slice())?,
+                    None => pending.remove(key.as_slice())?,
+                };
+            }
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Durably sets the overlay (the writes of merging our commit for `group`) aside as that
+    /// group's pending commit, with the request that carries it; the group's stored state stays
+    /// at the old epoch. The overlay is empty afterwards.
+    pub(crate) fn stash_pending(
+        &self,
+        group: &GroupId,
+        commit: Opaque,
+        welcome: Option<Opaque>,
+        group_info: Opaque,
+        context: Opaque,
+    ) -> Result<PendingCommit, StoreError> {
+        let overlay = std::mem::take(&mut *self.overlay());
+        let writes = overlay
+            .into_iter()
+            .map(|(key, value)| PendingWrite {
+                key: key.into(),
+                value: value.map(Into::into),
+            })
+            .collect();
+        let record = PendingCommit {
+            commit,
+            welcome,
+            group_info,
+            context,
+            writes,
+        };
+        self.commit(Changes {
+            pending: vec![(group.clone(), Some(record.clone()))],
+            ..Changes::default()
+        })?;
+        Ok(record)
+    }
+
+    /// Applies `group`'s pending commit (our commit was accepted: the group moves to its new
+    /// epoch) with `changes`, in one durable transaction; drops the record. Any uncommitted
+    /// overlay is dropped first.
+    pub(crate) fn apply_pending(
+        &self,
+        group: &GroupId,
+        record: PendingCommit,
+        mut changes: Changes,
+    ) -> Result<(), StoreError> {
+        {
+            let mut overlay = self.overlay();
+            overlay.clear();
+            for write in record.writes {
+                overlay.insert(write.key.into_vec(), write.value.map(Opaque::into_vec));
+            }
+        }
+        changes.pending.push((group.clone(), None));
+        self.commit(changes)
+    }
+
+    /// Drops `group`'s pending commit (refused: the group stays at its stored state). Any
+    /// uncommitted overlay is dropped too.
+    pub(crate) fn drop_pending(&self, group: &GroupId) -> Result<(), StoreError> {
+        self.discard();
+        self.commit(Changes {
+            pending: vec![(group.clone(), None)],
+            ..Changes::default()
+        })
+    }
+
+    /// Every pending commit, by group.
+    pub(crate) fn pending_commits(&self) -> Result<Vec<(GroupId, PendingCommit)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PENDING)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (key, value) = entry?;
+            let group = GroupId::from_mls_bytes(key.value())
+                .map_err(|_| StoreError::Corrupt("pending commit's group id".into()))?;
+            out.push((group, decode(value.value(), "pending commit")?));
+        }
+        Ok(out)
     }
 
     pub(crate) fn profile(&self) -> Result<Option<Profile>, StoreError> {

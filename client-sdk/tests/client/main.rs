@@ -6,6 +6,7 @@
 
 mod common;
 mod content;
+mod crash;
 mod failover;
 mod forged;
 mod groups;

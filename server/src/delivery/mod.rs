@@ -19,6 +19,7 @@
 //! tree or looking clients up.
 
 mod cache;
+pub(crate) mod receipt;
 mod roster;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use crate::mls::{DsGroup, Member, MlsError};
 use crate::storage::Backend;
 
 pub(crate) use cache::GroupCache;
+use receipt::{Answer, Kind, Receipt, Submission};
 use roster::{Recipients, Roster};
 
 /// A hosted group's durable state: its MLS group id (the key), epoch (for inspection), the
@@ -70,6 +72,9 @@ pub(crate) struct GroupWrite {
     /// The new state, whose version must be `loaded + 1`; `None` when only fan-outs are
     /// written (the version is still checked and cannot change before the transaction ends).
     pub(crate) state: Option<GroupState>,
+    /// The request's receipt, written in the same transaction (see [`receipt`]); a fresh
+    /// receipt already stored for its key refuses the write (GROUP_MOVED, writing nothing).
+    pub(crate) receipt: Option<Receipt>,
 }
 
 /// One payload for a set of recipients, split by where their queues are.
@@ -557,6 +562,16 @@ async fn commit_attempt(
 ) -> Result<Attempt, ServiceError> {
     let (commit, welcome, group_info) = (commit.clone(), welcome.cloned(), group_info.clone());
     locked_group!(state, group_id, slot);
+    let kind = if external {
+        Kind::ExternalJoin
+    } else {
+        Kind::Commit
+    };
+    let submission = Submission::new(state, kind, me, group_id, commit.as_slice());
+    if let Some(epoch) = submission.repeated(state).await? {
+        // Applied already (the group may be at a later epoch by now): the original answer.
+        return Ok(Attempt::Done(CommitResponse { epoch }));
+    }
     let Some(Hosted {
         mut group,
         roster,
@@ -651,6 +666,7 @@ async fn commit_attempt(
         key: group.group_id(),
         loaded: version,
         state: Some(GroupState::of(&group, version + 1)?),
+        receipt: Some(submission.receipt(Answer::Value(group.epoch()))),
     };
     let mut fan_outs = vec![commit_to.with(QueuePayload::GroupMessage(GroupMessage {
         group: group_id.clone(),
@@ -764,6 +780,18 @@ async fn send_once(
     req: &SendMessageRequest,
 ) -> Result<SendMessageResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
+    let submission = Submission::new(
+        state,
+        Kind::SendMessage,
+        me,
+        &req.group,
+        req.message.as_slice(),
+    );
+    if let Some(recipients) = submission.repeated(state).await? {
+        return Ok(SendMessageResponse {
+            recipients: u32::try_from(recipients).unwrap_or(u32::MAX),
+        });
+    }
     let Some(Hosted {
         group,
         roster,
@@ -819,6 +847,7 @@ async fn send_once(
         key: group.group_id(),
         loaded: *version,
         state: None,
+        receipt: Some(submission.receipt(Answer::Reached)),
     };
     let result = match state
         .store
@@ -855,6 +884,16 @@ async fn leave_once(
     req: &LeaveGroupRequest,
 ) -> Result<LeaveGroupResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
+    let submission = Submission::new(
+        state,
+        Kind::LeaveGroup,
+        me,
+        &req.group,
+        req.proposal.as_slice(),
+    );
+    if submission.repeated(state).await?.is_some() {
+        return Ok(LeaveGroupResponse {});
+    }
     let Some(Hosted {
         mut group,
         roster,
@@ -889,6 +928,7 @@ async fn leave_once(
         key: group.group_id(),
         loaded: version,
         state: Some(GroupState::of(&group, version + 1)?),
+        receipt: Some(submission.receipt(Answer::Value(0))),
     };
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),

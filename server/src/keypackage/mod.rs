@@ -9,6 +9,7 @@ use tls_codec::Serialize as _;
 
 use crate::State;
 use crate::auth::{AuthStore, Authenticated};
+use crate::delivery::receipt;
 use crate::error::ServiceError;
 use crate::mls::{KeyPackagePolicy, validate_key_package};
 
@@ -17,13 +18,17 @@ use crate::mls::{KeyPackagePolicy, validate_key_package};
 pub(crate) trait KeyPackageStore {
     /// Adds validated KeyPackages (not_after, bytes) of a client, refusing (LIMIT_EXCEEDED) if
     /// it would then hold more than `max_held`; a last-resort one replaces the previous one.
-    /// Returns how many ordinary ones it holds.
+    /// Returns how many ordinary ones it holds. With a receipt (see `delivery::receipt`): if
+    /// one for `receipt.key` accepted at or after `receipt.fresh_after_ms` is stored, writes
+    /// nothing and returns its answer; otherwise stores the receipt (answer: the count
+    /// returned) in the same transaction.
     async fn add(
         &self,
         client_num: u64,
         ordinary: Vec<(u64, Vec<u8>)>,
         last_resort: Option<(u64, Vec<u8>)>,
         max_held: u64,
+        receipt: Option<receipt::Receipt>,
     ) -> Result<u64, ServiceError>;
     /// Hands out one KeyPackage of an active client: the oldest unexpired ordinary one
     /// (deleted), else the unexpired last-resort one (kept); NO_KEY_PACKAGE or
@@ -103,9 +108,17 @@ pub(crate) async fn upload(
 
     let (ordinary, last_resort) = validated;
     let max_held = u64::from(limits.max_key_packages_per_client);
+    let receipt = receipt::Submission::for_upload(state, &me.client, &ordinary, &last_resort)
+        .receipt(receipt::Answer::Value(0));
     let remaining = state
         .store
-        .add(me.client_num, ordinary, last_resort, max_held)
+        .add(
+            me.client_num,
+            ordinary,
+            last_resort,
+            max_held,
+            Some(receipt),
+        )
         .await?;
     Ok(UploadKeyPackagesResponse {
         remaining: u32::try_from(remaining).unwrap_or(u32::MAX),

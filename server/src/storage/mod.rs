@@ -1,6 +1,7 @@
 //! Storage engines behind the services' store traits ([`crate::auth::AuthStore`],
 //! [`crate::keypackage::KeyPackageStore`], [`crate::queue::QueueStore`],
-//! [`crate::delivery::GroupStore`], [`crate::federation::outbox::OutboxStore`]).
+//! [`crate::delivery::GroupStore`], [`crate::delivery::receipt::ReceiptStore`],
+//! [`crate::federation::outbox::OutboxStore`]).
 //!
 //! One module per engine: [`redb`] (embedded, the default: one process per domain) and
 //! [`postgres`] (several nodes of one domain over one database). [`Backend`] is the engine the
@@ -25,6 +26,7 @@ use roost_protocol::messages::federation::{DeliverResponse, Delivery};
 use roost_protocol::{ClientId, Domain, MessageId, UserId, UserName};
 
 use crate::auth::{AuthStore, ClientRecord};
+use crate::delivery::receipt::ReceiptStore;
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
@@ -129,7 +131,7 @@ dispatch!(AuthStore {
 });
 
 dispatch!(KeyPackageStore {
-    async fn add(&self, client_num: u64, ordinary: Vec<(u64, Vec<u8>)>, last_resort: Option<(u64, Vec<u8>)>, max_held: u64) -> Result<u64, ServiceError>;
+    async fn add(&self, client_num: u64, ordinary: Vec<(u64, Vec<u8>)>, last_resort: Option<(u64, Vec<u8>)>, max_held: u64, receipt: Option<crate::delivery::receipt::Receipt>) -> Result<u64, ServiceError>;
     async fn claim_one(&self, target: &ClientId, now: u64) -> Result<ClaimedKeyPackage, ServiceError>;
     async fn claim_for_user(&self, user: &UserId, now: u64) -> Result<Vec<ClaimedKeyPackage>, ServiceError>;
     async fn count(&self, client_num: u64, now: u64) -> Result<(u32, bool), ServiceError>;
@@ -149,6 +151,11 @@ dispatch!(GroupStore {
     async fn group_version(&self, key: Vec<u8>) -> Result<Option<u64>, ServiceError>;
     async fn create_group(&self, state: GroupState) -> Result<(), ServiceError>;
     async fn apply(&self, group: GroupWrite, fan_outs: Vec<FanOut>, max_depth: u64) -> Result<FanOutResult, ServiceError>;
+});
+
+dispatch!(ReceiptStore {
+    async fn receipt(&self, key: [u8; 32], fresh_after_ms: u64) -> Result<Option<u64>, ServiceError>;
+    async fn prune_receipts(&self, before_ms: u64, max_kept: u64) -> Result<u64, ServiceError>;
 });
 
 dispatch!(OutboxStore {

@@ -10,6 +10,7 @@ use roost_protocol::{ClientId, MessageId};
 use tls_codec::Serialize as _;
 
 use crate::auth::AuthStore;
+use crate::delivery::receipt::{Answer, Receipt, ReceiptStore};
 use crate::delivery::{FanOut, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
@@ -151,12 +152,15 @@ pub(crate) async fn key_packages<S: AuthStore + KeyPackageStore>(store: &S) {
             vec![(now + 10, vec![1]), (now - 1, vec![2]), (now + 10, vec![3])],
             Some((now + 10, vec![9])),
             5,
+            None,
         )
         .await
         .unwrap();
     assert_eq!(held, 3);
     assert!(matches!(
-        store.add(num, vec![(now + 10, vec![4]); 3], None, 5).await,
+        store
+            .add(num, vec![(now + 10, vec![4]); 3], None, 5, None)
+            .await,
         Err(ServiceError::LimitExceeded(_))
     ));
     assert_eq!(store.count(num, now).await.unwrap(), (2, true));
@@ -188,7 +192,7 @@ pub(crate) async fn key_packages<S: AuthStore + KeyPackageStore>(store: &S) {
         1
     );
     store
-        .add(num, vec![(now + 1, vec![5])], None, 5)
+        .add(num, vec![(now + 1, vec![5])], None, 5, None)
         .await
         .unwrap();
     assert_eq!(store.purge_expired(now + 1).await.unwrap(), 1);
@@ -334,6 +338,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         key: vec![1, 2, 3],
         loaded,
         state,
+        receipt: None,
     };
     store.create_group(state(0)).await.unwrap();
     assert!(matches!(
@@ -383,7 +388,8 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
                 GroupWrite {
                     key: vec![9],
                     loaded: 0,
-                    state: None
+                    state: None,
+                    receipt: None,
                 },
                 vec![fan(1)],
                 10
@@ -513,6 +519,183 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
     assert_eq!(store.pending_domains().await.unwrap(), expected);
 }
 
+/// Receipts of accepted requests: written with the effect, found within their window, refusing
+/// a second write of the same request (even two at once), replaced once out of the window,
+/// never written by a refused write, pruned by age and count.
+pub(crate) async fn receipts<
+    S: AuthStore + QueueStore + GroupStore + ReceiptStore + KeyPackageStore,
+>(
+    store: &S,
+) {
+    let num = store
+        .add_client(credential("r@example.org/phone"))
+        .await
+        .unwrap();
+    let key = vec![4, 5, 6];
+    store
+        .create_group(GroupState {
+            key: key.clone(),
+            epoch: 0,
+            version: 0,
+            snapshot: vec![0; 4],
+        })
+        .await
+        .unwrap();
+    let receipt = |tag: u8, answer: Answer, accepted_ms: u64, fresh_after_ms: u64| Receipt {
+        key: [tag; 32],
+        answer,
+        accepted_ms,
+        fresh_after_ms,
+    };
+    let write = |loaded: u64, state: Option<GroupState>, receipt: Receipt| GroupWrite {
+        key: key.clone(),
+        loaded,
+        state,
+        receipt: Some(receipt),
+    };
+    let fan = |n: u8| FanOut {
+        local: vec![num],
+        remote: Default::default(),
+        payload: QueuePayload::GroupMessage(GroupMessage {
+            group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                .parse()
+                .unwrap(),
+            message: vec![n].into(),
+        }),
+    };
+    let held = || async {
+        store
+            .read_queue(num, 0, 100, 1 << 20, 0)
+            .await
+            .unwrap()
+            .0
+            .len()
+    };
+    // A message: its receipt answers how many it reached.
+    let result = store
+        .apply(
+            write(0, None, receipt(1, Answer::Reached, 1_000, 500)),
+            vec![fan(1)],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.reached, [1]);
+    assert_eq!(store.receipt([1; 32], 500).await.unwrap(), Some(1));
+    assert_eq!(store.receipt([2; 32], 0).await.unwrap(), None);
+    // The same request again writes nothing.
+    assert!(matches!(
+        store
+            .apply(
+                write(0, None, receipt(1, Answer::Reached, 1_100, 500)),
+                vec![fan(1)],
+                10
+            )
+            .await,
+        Err(ServiceError::GroupMoved)
+    ));
+    assert_eq!(held().await, 1);
+    // Two copies at once: one is written.
+    let (a, b) = tokio::join!(
+        store.apply(
+            write(0, None, receipt(3, Answer::Reached, 1_200, 500)),
+            vec![fan(3)],
+            10
+        ),
+        store.apply(
+            write(0, None, receipt(3, Answer::Reached, 1_200, 500)),
+            vec![fan(3)],
+            10
+        ),
+    );
+    assert_eq!(
+        u8::from(a.is_ok()) + u8::from(b.is_ok()),
+        1,
+        "exactly one copy written"
+    );
+    assert_eq!(held().await, 2);
+    // A state write records its fixed answer; a refused one (stale version) records nothing.
+    let next = || GroupState {
+        key: key.clone(),
+        epoch: 1,
+        version: 1,
+        snapshot: vec![1; 4],
+    };
+    assert!(matches!(
+        store
+            .apply(
+                write(7, Some(next()), receipt(4, Answer::Value(9), 1_300, 500)),
+                vec![],
+                10
+            )
+            .await,
+        Err(ServiceError::GroupMoved)
+    ));
+    assert_eq!(store.receipt([4; 32], 0).await.unwrap(), None);
+    store
+        .apply(
+            write(0, Some(next()), receipt(4, Answer::Value(1), 1_300, 500)),
+            vec![fan(4)],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.receipt([4; 32], 500).await.unwrap(), Some(1));
+    // Out of its window, a receipt is not found and the request is written anew.
+    assert_eq!(store.receipt([1; 32], 1_001).await.unwrap(), None);
+    store
+        .apply(
+            write(1, None, receipt(1, Answer::Reached, 5_000, 1_001)),
+            vec![fan(5)],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(held().await, 4);
+    assert_eq!(store.receipt([1; 32], 4_000).await.unwrap(), Some(1));
+    // Pruning: by age (receipts 3 at 1,200 and 4 at 1,300 are older than 1,250: 3 goes),
+    // then by count (the oldest left, 4, goes; 1 at 5,000 stays).
+    assert_eq!(store.prune_receipts(1_250, 10).await.unwrap(), 1);
+    assert_eq!(store.receipt([3; 32], 0).await.unwrap(), None);
+    assert_eq!(store.prune_receipts(0, 1).await.unwrap(), 1);
+    assert_eq!(store.receipt([4; 32], 0).await.unwrap(), None);
+    assert_eq!(store.receipt([1; 32], 0).await.unwrap(), Some(1));
+    assert_eq!(store.prune_receipts(0, 1).await.unwrap(), 0);
+
+    // A KeyPackage upload with a receipt is written once: the repeat answers what the first
+    // one did and adds nothing; out of the window it is a new upload.
+    let upload = |tag: u8, fresh_after_ms: u64| Receipt {
+        key: [tag; 32],
+        answer: Answer::Value(0),
+        accepted_ms: 6_000,
+        fresh_after_ms,
+    };
+    let kps = || vec![(4_000_000_000, vec![1]), (4_000_000_000, vec![2])];
+    assert_eq!(
+        store
+            .add(num, kps(), None, 10, Some(upload(9, 5_000)))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .add(num, kps(), None, 10, Some(upload(9, 5_000)))
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(store.count(num, 0).await.unwrap().0, 2);
+    assert_eq!(
+        store
+            .add(num, kps(), None, 10, Some(upload(9, 6_001)))
+            .await
+            .unwrap(),
+        4
+    );
+    assert_eq!(store.count(num, 0).await.unwrap().0, 4);
+}
+
 mod redb_backend {
     use crate::storage::Backend;
     use crate::storage::redb::Store;
@@ -545,6 +728,12 @@ mod redb_backend {
     async fn queues() {
         let (_dir, store) = open();
         super::queues(&store).await;
+    }
+
+    #[tokio::test]
+    async fn receipts() {
+        let (_dir, store) = open();
+        super::receipts(&store).await;
     }
 }
 
@@ -581,13 +770,20 @@ pub(crate) mod postgres_backend {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_part() {
         let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
-        for part in ["auth", "key_packages", "queues", "groups_and_outbox"] {
+        for part in [
+            "auth",
+            "key_packages",
+            "queues",
+            "groups_and_outbox",
+            "receipts",
+        ] {
             let url = cluster.create_database(part).unwrap();
             let (store, closer) = open(&url).await;
             match part {
                 "auth" => super::auth(&store).await,
                 "key_packages" => super::key_packages(&store).await,
                 "queues" => super::queues(&store).await,
+                "receipts" => super::receipts(&store).await,
                 _ => super::groups_and_outbox(&store).await,
             }
             drop(store);

@@ -183,6 +183,49 @@ async fn users_discover_each_other_and_talk_across_two_homeservers() {
     pair.shutdown().await;
 }
 
+/// Entries in `member`'s queue it has not processed yet.
+async fn queued(member: &Member) -> usize {
+    let fetched = member
+        .conn
+        .call(roost_protocol::messages::queue::QueueFetchRequest {
+            after_seq: member.seen,
+            max_messages: 1000,
+            max_bytes: 1 << 24,
+        })
+        .await
+        .unwrap();
+    fetched.messages.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_members_send_retried_through_its_home_server_is_delivered_once() {
+    let pair = pair().await;
+    let mut alice = Member::new_in(&pair.alpha, "alice", ALPHA).await;
+    let mut bob = Member::new_in(pair.beta(), "bob", BETA).await;
+    bob.upload_key_packages(1).await;
+    alice.create_group(1).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    join(&mut bob).await;
+    // bob's requests go through beta to the hub on alpha; alice's queue is on the hub, so
+    // what the hub accepted is there when bob's answer comes back.
+    let message = bob.encrypt(b"once across domains");
+    let first = bob.send_bytes(&message).await.unwrap();
+    let again = bob.send_bytes(&message).await.unwrap();
+    assert_eq!((first.recipients, again.recipients), (1, 1));
+    assert_eq!(queued(&alice).await, 1);
+    // A remote member's commit, repeated: the original epoch, applied once.
+    let bundle = bob.commit(Vec::new(), &[]);
+    let epoch = bob.send_commit(&bundle).await.unwrap().epoch;
+    assert_eq!(bob.send_commit(&bundle).await.unwrap().epoch, epoch);
+    bob.merge();
+    assert_eq!(queued(&alice).await, 2);
+    let got = alice.sync().await;
+    assert_eq!(got.messages, [b"once across domains".to_vec()]);
+    assert_eq!((got.commits, alice.epoch()), (1, epoch));
+    pair.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_once() {
     let mut pair = pair().await;

@@ -10,6 +10,7 @@ mod common;
 mod delivery;
 mod federation;
 mod group_info_rules;
+mod idempotency;
 mod keypackages;
 mod mls_member;
 mod mls_member_external;

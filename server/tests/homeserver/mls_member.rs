@@ -255,6 +255,28 @@ impl Member {
         response.epoch
     }
 
+    /// Encrypts an application message without sending it.
+    pub fn encrypt(&mut self, text: &[u8]) -> Vec<u8> {
+        let provider = &self.provider;
+        let message = self
+            .group
+            .as_mut()
+            .unwrap()
+            .create_message(provider, &self.client.key, text)
+            .unwrap();
+        bytes(&message)
+    }
+
+    /// Sends an encrypted application message (the same bytes as often as called).
+    pub async fn send_bytes(&self, message: &[u8]) -> Result<SendMessageResponse, RequestError> {
+        self.conn
+            .call(SendMessageRequest {
+                group: self.gid(),
+                message: message.to_vec().into(),
+            })
+            .await
+    }
+
     pub async fn send(&mut self, text: &[u8]) -> Result<SendMessageResponse, RequestError> {
         let provider = &self.provider;
         let message = self

@@ -351,6 +351,7 @@ mod tests {
             vec![(u64::MAX, vec![1])],
             Some((u64::MAX, vec![2])),
             10,
+            None,
         )
         .await
         .unwrap();
@@ -401,7 +402,7 @@ mod tests {
             Err(ServiceError::ClientNotFound)
         ));
         assert!(matches!(
-            b.add(one, vec![(u64::MAX, vec![3])], None, 10).await,
+            b.add(one, vec![(u64::MAX, vec![3])], None, 10, None).await,
             Err(ServiceError::ClientNotFound)
         ));
         b.remove_client(&two_id).await.unwrap();

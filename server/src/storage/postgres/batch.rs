@@ -19,13 +19,13 @@
 //! disk (see `queue`'s ack); a batch with a fan-out is durable, acks included. A storage
 //! failure fails every job of the batch (nothing of it was written).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_postgres::types::Type;
 
-use super::groups::{Prepared, prepare, results};
+use super::groups::{Prepared, prepare, receipt_answer, results};
 use super::queue::{Batch, col, enqueue_in_txn, exec, query};
 use super::{PgStore, to_i64};
 use crate::delivery::{FanOut, FanOutResult, GroupWrite};
@@ -264,6 +264,31 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
             _ => None,
         });
     }
+    // Receipts of the jobs that go ahead: a job whose request was applied already (by an
+    // earlier batch, another node, or an earlier job of this batch) is refused like a moved
+    // group and writes nothing; it runs again and finds the receipt.
+    let mut claiming: Vec<(usize, &crate::delivery::receipt::Receipt)> = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, (job, prepared)) in jobs.iter().zip(prepared.iter_mut()).enumerate() {
+        if let (Job::FanOut { group, .. }, Some(_)) = (job, &prepared)
+            && let Some(receipt) = &group.receipt
+        {
+            if seen.insert(receipt.key) {
+                claiming.push((i, receipt));
+            } else {
+                *prepared = None;
+            }
+        }
+    }
+    let receipts: Vec<_> = claiming.iter().map(|(_, r)| *r).collect();
+    let claimed = super::receipts::claim(&txn, &receipts).await?;
+    for (i, receipt) in &claiming {
+        if !claimed.contains(receipt.key.as_slice())
+            && let Some(slot) = prepared.get_mut(*i)
+        {
+            *slot = None;
+        }
+    }
     let mut batches = Vec::new();
     let mut max_depth = u64::MAX;
     for (job, prepared) in jobs.iter().zip(&prepared) {
@@ -305,15 +330,23 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
     } else {
         enqueue_in_txn(&txn, max_depth, &batches, false).await?
     };
-    txn.commit().await?;
-    store.announce(woken);
     let mut outcomes = outcomes.into_iter();
     let mut out = Vec::with_capacity(jobs.len());
+    let mut answers = Vec::new();
     for (job, prepared) in jobs.iter().zip(&prepared) {
         out.push(match (job, prepared) {
-            (Job::FanOut { fan_outs, .. }, Some(prepared)) => {
+            (
+                Job::FanOut {
+                    fan_outs, group, ..
+                },
+                Some(prepared),
+            ) => {
                 let mine: Vec<_> = outcomes.by_ref().take(fan_outs.len()).collect();
-                Outcome::FanOut(Ok(results(fan_outs, prepared, mine)))
+                let result = results(fan_outs, prepared, mine);
+                if let Some(receipt) = &group.receipt {
+                    answers.push((receipt, receipt_answer(receipt, &result)));
+                }
+                Outcome::FanOut(Ok(result))
             }
             (Job::FanOut { .. }, None) => Outcome::FanOut(Err(ServiceError::GroupMoved)),
             (Job::Ack { client_num, .. }, _) => Outcome::Ack(if gone.contains(client_num) {
@@ -323,5 +356,8 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
             }),
         });
     }
+    super::receipts::set_answers(&txn, &answers).await?;
+    txn.commit().await?;
+    store.announce(woken);
     Ok(out)
 }

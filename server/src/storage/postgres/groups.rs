@@ -15,6 +15,7 @@ use tokio_postgres::types::Type;
 
 use super::queue::{Batch, col, enqueue_in_txn, exec, refuse};
 use super::{PgStore, to_i64, to_u64};
+use crate::delivery::receipt::{Answer, Receipt};
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::queue::Enqueued;
@@ -119,6 +120,12 @@ async fn apply(
     if stored != Some(group.loaded) {
         return refuse(txn, ServiceError::GroupMoved).await;
     }
+    if let Some(receipt) = &group.receipt
+        && super::receipts::claim(&txn, &[receipt]).await?.is_empty()
+    {
+        // Applied already: the operation runs again and finds the receipt.
+        return refuse(txn, ServiceError::GroupMoved).await;
+    }
     let new_state = match &group.state {
         Some(state) => {
             if state.version != group.loaded + 1 || state.key != group.key {
@@ -180,9 +187,22 @@ async fn apply(
         },
         enqueue_in_txn(&txn, max_depth, &batches, false),
     )?;
+    let result = results(&fan_outs, &prepared, outcomes);
+    if let Some(receipt) = &group.receipt {
+        let answer = receipt_answer(receipt, &result);
+        super::receipts::set_answers(&txn, &[(receipt, answer)]).await?;
+    }
     txn.commit().await?;
     store.announce(woken);
-    Ok(Ok(results(&fan_outs, &prepared, outcomes)))
+    Ok(Ok(result))
+}
+
+/// The answer a receipt records for a written fan-out.
+pub(super) fn receipt_answer(receipt: &Receipt, result: &FanOutResult) -> u64 {
+    match receipt.answer {
+        Answer::Value(value) => value,
+        Answer::Reached => u64::from(result.reached.first().copied().unwrap_or(0)),
+    }
 }
 
 /// What written fan-outs did, from their queue outcomes (one list per fan-out, in order).
@@ -282,6 +302,7 @@ mod tests {
                             key: KEY.to_vec(),
                             loaded: 0,
                             state: None,
+                            receipt: None,
                         };
                         let fan = fan_out(&local, message(tag, sender * 5 + n));
                         let result = store.apply(write, vec![fan], 100).await.unwrap();
@@ -345,6 +366,7 @@ mod tests {
                         key: KEY.to_vec(),
                         loaded,
                         state: Some(state(loaded + 1, tag)),
+                        receipt: None,
                     };
                     store
                         .apply(write, vec![fan_out(&[num], message(tag, round))], 100)

@@ -14,6 +14,7 @@ use tokio_postgres::Transaction;
 use super::auth::{Refusable, active_client_in, active_clients_in, flatten};
 use super::{PgStore, column, to_u64};
 use crate::auth::ClientRecord;
+use crate::delivery::receipt::Receipt;
 use crate::error::ServiceError;
 use crate::keypackage::KeyPackageStore;
 use crate::storage::StoreError;
@@ -85,6 +86,7 @@ impl PgStore {
         ordinary: Vec<(u64, Vec<u8>)>,
         last_resort: Option<(u64, Vec<u8>)>,
         max_held: u64,
+        receipt: Option<Receipt>,
     ) -> Refusable<u64> {
         let num = super::to_i64(client_num)?;
         let mut client = self.client().await?;
@@ -98,6 +100,13 @@ impl PgStore {
             .await?;
         if locked.is_none() {
             return Ok(Err(ServiceError::ClientNotFound));
+        }
+        // Uploads of this client are serialised by the lock above: a repeat finds the receipt.
+        if let Some(receipt) = &receipt
+            && let Some(answer) = super::receipts::fresh_answer(&txn, receipt).await?
+        {
+            txn.rollback().await?;
+            return Ok(Ok(answer));
         }
         let row = txn
             .query_one(
@@ -146,6 +155,10 @@ impl PgStore {
                 &[&num, &secs(*not_after), body],
             )
             .await?;
+        }
+        if let Some(receipt) = &receipt {
+            super::receipts::claim(&txn, &[receipt]).await?;
+            super::receipts::set_answers(&txn, &[(receipt, held + adding)]).await?;
         }
         txn.commit().await?;
         Ok(Ok(held + adding))
@@ -222,9 +235,10 @@ impl KeyPackageStore for PgStore {
         ordinary: Vec<(u64, Vec<u8>)>,
         last_resort: Option<(u64, Vec<u8>)>,
         max_held: u64,
+        receipt: Option<Receipt>,
     ) -> Result<u64, ServiceError> {
         flatten(
-            self.add_txn(client_num, ordinary, last_resort, max_held)
+            self.add_txn(client_num, ordinary, last_resort, max_held, receipt)
                 .await,
         )
     }
@@ -287,7 +301,7 @@ mod tests {
                 .collect();
             let last = last_resort.then(|| (now + 100, b"last".to_vec()));
             assert_eq!(
-                a.add(num, ordinary.clone(), last, HELD as u64)
+                a.add(num, ordinary.clone(), last, HELD as u64, None)
                     .await
                     .unwrap(),
                 HELD as u64
@@ -352,7 +366,7 @@ mod tests {
             .map(|i| {
                 let node = if i % 2 == 0 { a.clone() } else { b.clone() };
                 let batch = (0..10u8).map(|j| (u64::MAX, vec![i, j])).collect();
-                tokio::spawn(async move { node.add(num, batch, None, 50).await })
+                tokio::spawn(async move { node.add(num, batch, None, 50, None).await })
             })
             .collect();
         let mut accepted = 0;

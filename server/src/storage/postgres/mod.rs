@@ -32,6 +32,7 @@ mod keypackage;
 mod listen;
 mod outbox;
 mod queue;
+mod receipts;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +45,10 @@ use super::StoreError;
 use crate::bus::BusSink;
 
 /// Migrations, in order: (version, SQL). Append only; never edit a released one.
-const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("migrations/0001_init.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("migrations/0001_init.sql")),
+    (2, include_str!("migrations/0002_receipts.sql")),
+];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0072_6f6f_7374;
@@ -405,7 +409,9 @@ mod tests {
                 "SELECT version FROM roost_schema ORDER BY version",
             )
             .unwrap();
-        assert_eq!(versions.trim(), "1");
+        // Every migration applied, each once.
+        let known: Vec<String> = MIGRATIONS.iter().map(|(v, _)| v.to_string()).collect();
+        assert_eq!(versions.trim(), known.join("\n"));
         for closer in closers {
             closer.join();
         }
@@ -419,7 +425,7 @@ mod tests {
             refused.err(),
             Some(StoreError::Schema {
                 found: 99,
-                expected: 1
+                expected: 2
             })
         ));
     }

@@ -137,6 +137,12 @@ impl GroupStore for Store {
             if stored != Some(group.loaded) {
                 return Ok(Err(ServiceError::GroupMoved));
             }
+            if let Some(receipt) = &group.receipt
+                && super::receipts::is_fresh(txn, receipt)?
+            {
+                // Applied already: the operation runs again and finds the receipt.
+                return Ok(Err(ServiceError::GroupMoved));
+            }
             if let Some(state) = group.state {
                 if state.version != group.loaded + 1 || state.key != group.key {
                     return Ok(Err(ServiceError::Internal(
@@ -149,6 +155,9 @@ impl GroupStore for Store {
             for fan in &fan_outs {
                 let reached = write_fan_out(txn, max_depth, fan, &mut result)?;
                 result.reached.push(reached);
+            }
+            if let Some(receipt) = &group.receipt {
+                super::receipts::insert(txn, receipt, &result)?;
             }
             Ok(Ok(result))
         })
@@ -194,6 +203,7 @@ mod tests {
                 version: 1,
                 snapshot: vec![4],
             }),
+            receipt: None,
         };
         store.apply(write, Vec::new(), 10).await.unwrap();
         assert_eq!(store.group_version(vec![9, 9]).await.unwrap(), Some(1));

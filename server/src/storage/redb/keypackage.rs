@@ -9,6 +9,7 @@ use super::auth::active_client_in;
 use super::tables::{CLIENTS, KEY_PACKAGE_COUNTS, KEY_PACKAGES, LAST_RESORT};
 use super::{Store, StoreError};
 use crate::auth::ClientRecord;
+use crate::delivery::receipt::{Answer, Receipt};
 use crate::error::ServiceError;
 use crate::keypackage::KeyPackageStore;
 
@@ -68,15 +69,22 @@ fn claimed(
     })
 }
 
-impl KeyPackageStore for Store {
-    async fn add(
+impl Store {
+    /// Adds KeyPackages (see [`KeyPackageStore::add`]); with a receipt, at most once.
+    async fn add_with(
         &self,
         client_num: u64,
         ordinary: Vec<(u64, Vec<u8>)>,
         last_resort: Option<(u64, Vec<u8>)>,
         max_held: u64,
+        receipt: Option<Receipt>,
     ) -> Result<u64, ServiceError> {
         self.write(move |txn| {
+            if let Some(receipt) = &receipt
+                && let Some(answer) = super::receipts::fresh_answer(txn, receipt)?
+            {
+                return Ok(Ok(answer));
+            }
             let mut counts = txn.open_table(KEY_PACKAGE_COUNTS)?;
             let (mut next, mut held) = counts.get(client_num)?.map(|v| v.value()).unwrap_or((1, 0));
             if held + ordinary.len() as u64 > max_held {
@@ -95,9 +103,30 @@ impl KeyPackageStore for Store {
                 txn.open_table(LAST_RESORT)?
                     .insert(client_num, (*not_after, bytes.as_slice()))?;
             }
+            if let Some(receipt) = &receipt {
+                let answered = Receipt {
+                    answer: Answer::Value(held),
+                    ..receipt.clone()
+                };
+                super::receipts::insert(txn, &answered, &Default::default())?;
+            }
             Ok(Ok(held))
         })
         .await
+    }
+}
+
+impl KeyPackageStore for Store {
+    async fn add(
+        &self,
+        client_num: u64,
+        ordinary: Vec<(u64, Vec<u8>)>,
+        last_resort: Option<(u64, Vec<u8>)>,
+        max_held: u64,
+        receipt: Option<Receipt>,
+    ) -> Result<u64, ServiceError> {
+        self.add_with(client_num, ordinary, last_resort, max_held, receipt)
+            .await
     }
 
     async fn claim_one(

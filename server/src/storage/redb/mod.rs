@@ -13,6 +13,7 @@ mod groups;
 mod keypackage;
 mod outbox;
 mod queue;
+mod receipts;
 #[cfg(test)]
 mod recovery_tests;
 pub(crate) mod tables;
@@ -288,6 +289,8 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(GROUPS)?;
         txn.open_table(GROUP_VERSIONS)?;
         txn.open_table(OUTBOX)?;
+        txn.open_table(RECEIPTS)?;
+        txn.open_table(RECEIPT_TIMES)?;
     }
     txn.commit()?;
     Ok(db)

@@ -69,5 +69,14 @@ pub(crate) const GROUP_VERSIONS: TableDefinition<'_, &[u8], u64> =
 /// message; deleted when the peer acknowledged it.
 pub(crate) const OUTBOX: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("outbox");
 
+/// Receipts of accepted DS requests (see `delivery::receipt`) by digest: (accepted ms,
+/// answer).
+pub(crate) const RECEIPTS: TableDefinition<'_, [u8; 32], (u64, u64)> =
+    TableDefinition::new("receipts");
+
+/// The same receipts by (accepted ms, digest), for pruning the oldest first.
+pub(crate) const RECEIPT_TIMES: TableDefinition<'_, (u64, [u8; 32]), ()> =
+    TableDefinition::new("receipt_times");
+
 /// Registration tokens already used, by SHA-256 (hex): times used.
 pub(crate) const TOKEN_USES: TableDefinition<'_, &str, u64> = TableDefinition::new("token_uses");

@@ -1,0 +1,64 @@
+//! A client killed between sending a commit and merging it.
+
+use roost_client::{Client, Event};
+
+use crate::common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_restart() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let carol = t.register("carol").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    wait_joined(&bob).await;
+
+    // Alice's app dies after the DS accepted her commit adding carol, before she merged it.
+    alice.simulate_crash_after_commit();
+    assert!(alice.invite(&group, &[user("carol")]).await.is_err());
+    alice.close().await;
+
+    // The others are in the new epoch and talk.
+    assert_eq!(wait_joined(&carol).await, group);
+    wait_for(&bob, "carol added", |e| {
+        matches!(e, Event::MembersAdded { members, .. } if members == &vec![client_id("carol", "phone")])
+    })
+    .await;
+    bob.send(&group, b"one").await.unwrap();
+    carol.send(&group, b"two").await.unwrap();
+
+    // Alice's app starts again: she learns her commit was accepted, merges it, and gets what
+    // was sent in its epoch — no rejoin, nothing missed.
+    let alice = Client::open(t.client_config(), t.profile_path("alice-phone"))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, alice.next_event())
+            .await
+            .expect("alice got the messages of the new epoch in time")
+            .unwrap();
+        match event {
+            Event::Message { sender, bytes, .. } => got.push((sender, bytes)),
+            Event::GroupError { reason, .. } => panic!("alice's group failed: {reason}"),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        got,
+        [
+            (client_id("bob", "phone"), b"one".to_vec()),
+            (client_id("carol", "phone"), b"two".to_vec())
+        ]
+    );
+    // She is in the same epoch as the others, with carol.
+    alice.send(&group, b"three").await.unwrap();
+    for other in [&bob, &carol] {
+        wait_for(other, "alice's message", |e| {
+            matches!(e, Event::Message { sender, bytes, .. }
+                if sender == &client_id("alice", "phone") && bytes == b"three")
+        })
+        .await;
+    }
+}

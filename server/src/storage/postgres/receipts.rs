@@ -1,0 +1,145 @@
+//! PostgreSQL implementation of the receipts of accepted DS requests (see
+//! `delivery::receipt`). A write claims its receipt's key inside its transaction before it
+//! enqueues anything: the insert replaces only a receipt out of the window, so of two nodes
+//! (or two jobs) writing the same request, the second finds the key taken (after the first
+//! committed: the unique index makes it wait) and is refused, writing nothing. The answer is
+//! filled in once the fan-out's outcome is known, in the same transaction.
+
+use std::collections::HashSet;
+
+use tokio_postgres::types::Type;
+
+use super::queue::{col, exec, query};
+use super::{PgStore, to_i64, to_u64};
+use crate::delivery::receipt::{Receipt, ReceiptStore};
+use crate::error::ServiceError;
+use crate::storage::StoreError;
+
+/// Claims the keys of `receipts` (distinct keys, one window start: a node's); returns the keys
+/// claimed. A key not returned has a receipt within its window: that request was applied.
+pub(super) async fn claim(
+    txn: &tokio_postgres::Transaction<'_>,
+    receipts: &[&Receipt],
+) -> Result<HashSet<Vec<u8>>, StoreError> {
+    if receipts.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let keys: Vec<Vec<u8>> = receipts.iter().map(|r| r.key.to_vec()).collect();
+    let times: Vec<i64> = receipts
+        .iter()
+        .map(|r| to_i64(r.accepted_ms))
+        .collect::<Result<_, _>>()?;
+    let fresh_after = receipts
+        .iter()
+        .map(|r| r.fresh_after_ms)
+        .min()
+        .map(to_i64)
+        .transpose()?
+        .unwrap_or(0);
+    let rows = query(
+        txn,
+        "INSERT INTO receipts (key, accepted_ms, answer)
+         SELECT k, t, 0 FROM unnest($1::bytea[], $2::int8[]) AS u(k, t)
+         ON CONFLICT (key) DO UPDATE SET accepted_ms = EXCLUDED.accepted_ms, answer = 0
+         WHERE receipts.accepted_ms < $3
+         RETURNING key",
+        [
+            (&keys, Type::BYTEA_ARRAY),
+            (&times, Type::INT8_ARRAY),
+            (&fresh_after, Type::INT8),
+        ],
+    )
+    .await?;
+    rows.iter().map(|row| col::<Vec<u8>>(row, 0)).collect()
+}
+
+/// The answer of the stored receipt for `receipt.key`, if accepted within its window.
+pub(super) async fn fresh_answer(
+    txn: &tokio_postgres::Transaction<'_>,
+    receipt: &Receipt,
+) -> Result<Option<u64>, StoreError> {
+    let fresh_after = to_i64(receipt.fresh_after_ms)?;
+    let key = receipt.key.to_vec();
+    let rows = query(
+        txn,
+        "SELECT answer FROM receipts WHERE key = $1 AND accepted_ms >= $2",
+        [(&key, Type::BYTEA), (&fresh_after, Type::INT8)],
+    )
+    .await?;
+    rows.first().map(|row| to_u64(col(row, 0)?)).transpose()
+}
+
+/// Records the answers of claimed receipts.
+pub(super) async fn set_answers(
+    txn: &tokio_postgres::Transaction<'_>,
+    answers: &[(&Receipt, u64)],
+) -> Result<(), StoreError> {
+    if answers.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<Vec<u8>> = answers.iter().map(|(r, _)| r.key.to_vec()).collect();
+    let values: Vec<i64> = answers
+        .iter()
+        .map(|(_, a)| to_i64(*a))
+        .collect::<Result<_, _>>()?;
+    exec(
+        txn,
+        "UPDATE receipts SET answer = u.a
+         FROM unnest($1::bytea[], $2::int8[]) AS u(k, a) WHERE receipts.key = u.k",
+        [(&keys, Type::BYTEA_ARRAY), (&values, Type::INT8_ARRAY)],
+    )
+    .await?;
+    Ok(())
+}
+
+impl ReceiptStore for PgStore {
+    async fn receipt(
+        &self,
+        key: [u8; 32],
+        fresh_after_ms: u64,
+    ) -> Result<Option<u64>, ServiceError> {
+        let client = self.client().await?;
+        let fresh_after = to_i64(fresh_after_ms)?;
+        let row = client
+            .query_typed_opt(
+                "SELECT answer FROM receipts WHERE key = $1 AND accepted_ms >= $2",
+                &[(&key.as_slice(), Type::BYTEA), (&fresh_after, Type::INT8)],
+            )
+            .await
+            .map_err(StoreError::from)?;
+        Ok(row.map(|row| to_u64(col(&row, 0)?)).transpose()?)
+    }
+
+    async fn prune_receipts(&self, before_ms: u64, max_kept: u64) -> Result<u64, ServiceError> {
+        let client = self.client().await?;
+        let before = to_i64(before_ms)?;
+        let aged = client
+            .execute_typed(
+                "DELETE FROM receipts WHERE accepted_ms < $1",
+                &[(&before, Type::INT8)],
+            )
+            .await
+            .map_err(StoreError::from)?;
+        // Counting is a scan: once a minute, over at most `max_receipts` small rows.
+        let held: i64 = client
+            .query_one("SELECT count(*) FROM receipts", &[])
+            .await
+            .map_err(StoreError::from)?
+            .try_get(0)
+            .map_err(|_| StoreError::Corrupt("receipt count"))?;
+        let over = to_u64(held)?.saturating_sub(max_kept);
+        if over == 0 {
+            return Ok(aged);
+        }
+        let over = to_i64(over)?;
+        let crowded = client
+            .execute_typed(
+                "DELETE FROM receipts WHERE key IN
+                 (SELECT key FROM receipts ORDER BY accepted_ms LIMIT $1)",
+                &[(&over, Type::INT8)],
+            )
+            .await
+            .map_err(StoreError::from)?;
+        Ok(aged + crowded)
+    }
+}
