@@ -192,28 +192,33 @@ impl Server {
         .await?;
         let federation = federation::Federation::new(&settings, &tls)?;
         let limits = &settings.limits;
+        let clock = settings.clock.clone();
         let state = Arc::new(State {
             federation,
             registration_limiter: RateLimiter::new(
                 f64::from(limits.registration_rate_per_minute) / 60.0,
                 limits.registration_burst,
-            ),
+            )
+            .with_clock(clock.clone()),
             add_client_limiter: RateLimiter::new(
                 f64::from(limits.add_client_rate_per_hour) / 3600.0,
                 limits.add_client_burst,
-            ),
+            )
+            .with_clock(clock.clone()),
             claim_limiter: RateLimiter::new(
                 f64::from(limits.claim_rate_per_minute) / 60.0,
                 limits.claim_burst,
-            ),
-            send_limiter: RateLimiter::new(f64::from(limits.send_rate_per_sec), limits.send_burst),
+            )
+            .with_clock(clock.clone()),
+            send_limiter: RateLimiter::new(f64::from(limits.send_rate_per_sec), limits.send_burst)
+                .with_clock(clock.clone()),
             groups: delivery::GroupCache::new(limits.max_cached_groups as usize),
             queues,
             shutdown: CancellationToken::new(),
             revoked,
             as_key,
             store,
-            clock: settings.clock.clone(),
+            clock,
             settings,
         });
         let endpoint = transport::bind(&state, tls)?;
