@@ -116,6 +116,27 @@ async fn receive(member: &mut Member, count: usize) -> Vec<Vec<u8>> {
     got
 }
 
+/// Waits until something sends a datagram to `addr` while the server that listened there is
+/// down: the hub's outbox trying to reach it. The socket is closed again on return.
+async fn wait_for_delivery_attempt(addr: SocketAddr) {
+    let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(15), socket.recv_from(&mut buf))
+        .await
+        .expect("the hub did not try to deliver within 15 s")
+        .unwrap();
+}
+
+/// Exactly once: `sender` sends a marker after what `members` already received; the marker
+/// is the next and only thing each of them gets (a duplicate would come before it).
+async fn nothing_more_arrives(sender: &mut Member, members: &mut [&mut Member]) {
+    let marker = b"marker".to_vec();
+    sender.send(&marker).await.unwrap();
+    for member in members {
+        assert_eq!(receive(member, 1).await, vec![marker.clone()]);
+    }
+}
+
 async fn join(member: &mut Member) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while !member.sync().await.joined {
@@ -198,16 +219,15 @@ async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_on
     for n in 0..5u8 {
         alice.send(&[n]).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The hub tries (and fails) to deliver while beta is down.
+    wait_for_delivery_attempt(pair.beta_cfg.listen).await;
     let beta = start(pair.beta_cfg.clone()).await;
     bob.conn = connect(&beta).await;
     login(&bob.conn, &bob.client).await;
     pair.beta = Some(beta);
     let got = receive(&mut bob, 5).await;
     assert_eq!(got, (0..5u8).map(|n| vec![n]).collect::<Vec<_>>());
-    // Exactly once: nothing more arrives.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(bob.sync().await.messages.is_empty());
+    nothing_more_arrives(&mut alice, &mut [&mut bob]).await;
     pair.shutdown().await;
 }
 
@@ -254,10 +274,8 @@ async fn a_backlog_for_several_remote_members_arrives_in_batches_the_peer_accept
         // Every message exactly once, in order.
         assert_eq!(receive(member, 8).await, texts);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for member in &mut remote {
-        assert!(member.sync().await.messages.is_empty());
-    }
+    let mut members: Vec<&mut Member> = remote.iter_mut().collect();
+    nothing_more_arrives(&mut alice, &mut members).await;
     beta.shutdown().await;
     alpha.shutdown().await;
 }
