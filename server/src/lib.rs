@@ -125,9 +125,9 @@ impl State {
     }
 }
 
-/// Milliseconds since the Unix epoch by the system clock, for the stamps the storage engines
-/// take themselves (creation times, and the enqueue time of a DS fan-out, which the queue age
-/// limit then reads). Services decide by [`State::clock`].
+/// Milliseconds since the Unix epoch by the system clock, for bookkeeping stamps the storage
+/// engines take themselves (creation times) that no decision reads. Services decide by
+/// [`State::clock`].
 pub(crate) fn unix_millis() -> u64 {
     clock::Clock::system().unix_millis()
 }
