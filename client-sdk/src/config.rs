@@ -33,6 +33,9 @@ pub struct ClientConfig {
     /// Tolerated clock difference with the AS when checking credential validity (default
     /// 300 s).
     pub clock_skew: Duration,
+    /// The clock credential validity is checked by (default: the system clock; tests use a
+    /// [`ManualClock`](crate::clock::ManualClock)).
+    pub clock: crate::clock::Clock,
 }
 
 impl ClientConfig {
@@ -48,6 +51,7 @@ impl ClientConfig {
             listen_retry: Duration::from_secs(1),
             registration_token: None,
             clock_skew: Duration::from_secs(300),
+            clock: crate::clock::Clock::system(),
         }
     }
 }

@@ -7,13 +7,14 @@
 //! credential expires; AS keys are cached per domain for the life of the [`Verifier`].
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use roost_protocol::messages::auth::{
     AsKeysRequest, ClientCredential, DiscoverUserRequest, LABEL_CLIENT_CREDENTIAL, signing_input,
 };
 use roost_protocol::{ClientId, Domain, ErrorCode};
 
+use crate::clock::Clock;
 use crate::error::ClientError;
 use crate::mls::Leaf;
 use crate::store::{Changes, Store};
@@ -42,13 +43,6 @@ impl From<Rejection> for ClientError {
             reason: r.reason,
         }
     }
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn ed25519_verifies(key: &[u8], message: &[u8], signature: &[u8]) -> bool {
@@ -82,15 +76,17 @@ pub(crate) struct Verifier {
     own: ClientId,
     own_key: Vec<u8>,
     skew: Duration,
+    clock: Clock,
     as_keys: tokio::sync::Mutex<HashMap<Domain, Vec<Vec<u8>>>>,
 }
 
 impl Verifier {
-    pub(crate) fn new(own: ClientId, own_key: Vec<u8>, skew: Duration) -> Self {
+    pub(crate) fn new(own: ClientId, own_key: Vec<u8>, skew: Duration, clock: Clock) -> Self {
         Self {
             own,
             own_key,
             skew,
+            clock,
             as_keys: Default::default(),
         }
     }
@@ -123,7 +119,7 @@ impl Verifier {
                 ))
             });
         }
-        let now = now_secs();
+        let now = self.clock.unix_secs();
         if let Some(not_after) = store.verified(client, &leaf.signature_key)?
             && not_after > now
         {

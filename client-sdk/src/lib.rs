@@ -64,6 +64,7 @@
 #![warn(missing_docs)]
 
 mod client;
+pub mod clock;
 mod config;
 mod credential;
 mod error;

@@ -783,12 +783,15 @@ async fn reconnects_after_the_server_restarts_on_the_same_port() {
         .expect("the client learns that the server closed");
     assert!(lost.is_connection_lost());
 
-    // While the server is down the call keeps retrying with backoff.
+    // While the server is down the call keeps retrying with backoff: a socket holding the
+    // address (answering nothing) sees a second connection attempt after the first failed.
+    let down = bind_when_free(addr).await;
     let pending = {
         let reconnecting = reconnecting.clone();
         tokio::spawn(async move { reconnecting.call(fetch(2)).await })
     };
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_attempts(&down, 2).await;
+    drop(down);
     if pending.is_finished() {
         panic!("gave up while the server was down: {:?}", pending.await);
     }
@@ -803,6 +806,44 @@ async fn reconnects_after_the_server_restarts_on_the_same_port() {
     assert_eq!(answer.head_seq, 2);
     assert_eq!(hooks.load(Ordering::SeqCst), 2, "the hook ran again");
     restarted.stop().await;
+}
+
+/// Binds `addr` once the stopped server's endpoint released it.
+async fn bind_when_free(addr: SocketAddr) -> tokio::net::UdpSocket {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::UdpSocket::bind(addr).await {
+            Ok(socket) => return socket,
+            Err(err) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{addr} still in use: {err}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `count` distinct QUIC connection attempts reached `socket` (each begins with
+/// a fresh destination connection id in its long header; retransmissions repeat it).
+async fn wait_for_attempts(socket: &tokio::net::UdpSocket, count: usize) {
+    let mut seen = std::collections::HashSet::new();
+    let mut buf = [0u8; 2048];
+    let wait = async {
+        while seen.len() < count {
+            let (len, _) = socket.recv_from(&mut buf).await.unwrap();
+            let packet = &buf[..len];
+            // Long header: flags, version (4), DCID length, DCID.
+            let dcid = packet
+                .get(5)
+                .and_then(|&n| packet.get(6..6 + usize::from(n)));
+            if let Some(dcid) = dcid.filter(|_| packet[0] & 0x80 != 0) {
+                seen.insert(dcid.to_vec());
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the client stopped trying to connect");
 }
 
 #[tokio::test]

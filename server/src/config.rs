@@ -471,6 +471,9 @@ pub struct Settings {
     pub limits: Limits,
     /// Federation.
     pub federation: FederationConfig,
+    /// The clock the services decide by: the system clock unless a test sets a
+    /// [`ManualClock`](crate::clock::ManualClock)'s (not configurable from a file).
+    pub clock: crate::clock::Clock,
 }
 
 impl Config {
@@ -547,6 +550,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             limits: self.limits,
             federation: self.federation,
+            clock: crate::clock::Clock::system(),
         })
     }
 }

@@ -3,6 +3,7 @@
 //! parses the command line and the configuration.
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod config;
 pub mod config_reference;
 pub mod error;
@@ -95,6 +96,8 @@ pub enum ServerError {
 /// Shared state of the services.
 pub(crate) struct State {
     pub(crate) settings: Settings,
+    /// What every decision by time reads (a copy of `settings.clock`).
+    pub(crate) clock: clock::Clock,
     pub(crate) store: Backend,
     pub(crate) as_key: AsKey,
     pub(crate) queues: queue::Notifier,
@@ -122,12 +125,11 @@ impl State {
     }
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch by the system clock, for bookkeeping stamps the storage
+/// engines take themselves (creation times) that no decision reads. Services decide by
+/// [`State::clock`].
 pub(crate) fn unix_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    clock::Clock::system().unix_millis()
 }
 
 /// A running homeserver.
@@ -190,27 +192,33 @@ impl Server {
         .await?;
         let federation = federation::Federation::new(&settings, &tls)?;
         let limits = &settings.limits;
+        let clock = settings.clock.clone();
         let state = Arc::new(State {
             federation,
             registration_limiter: RateLimiter::new(
                 f64::from(limits.registration_rate_per_minute) / 60.0,
                 limits.registration_burst,
-            ),
+            )
+            .with_clock(clock.clone()),
             add_client_limiter: RateLimiter::new(
                 f64::from(limits.add_client_rate_per_hour) / 3600.0,
                 limits.add_client_burst,
-            ),
+            )
+            .with_clock(clock.clone()),
             claim_limiter: RateLimiter::new(
                 f64::from(limits.claim_rate_per_minute) / 60.0,
                 limits.claim_burst,
-            ),
-            send_limiter: RateLimiter::new(f64::from(limits.send_rate_per_sec), limits.send_burst),
+            )
+            .with_clock(clock.clone()),
+            send_limiter: RateLimiter::new(f64::from(limits.send_rate_per_sec), limits.send_burst)
+                .with_clock(clock.clone()),
             groups: delivery::GroupCache::new(limits.max_cached_groups as usize),
             queues,
             shutdown: CancellationToken::new(),
             revoked,
             as_key,
             store,
+            clock,
             settings,
         });
         let endpoint = transport::bind(&state, tls)?;
@@ -337,17 +345,11 @@ async fn sweeper(state: Arc<State>) {
             _ = state.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let cutoff = unix_millis().saturating_sub(
-            state
-                .settings
-                .limits
-                .max_message_age_secs
-                .saturating_mul(1000),
-        );
+        let cutoff = queue::cutoff_ms(&state);
         let result = async {
             let messages = queue::QueueStore::expire(&state.store, cutoff).await?;
             let key_packages =
-                keypackage::KeyPackageStore::purge_expired(&state.store, unix_millis() / 1000)
+                keypackage::KeyPackageStore::purge_expired(&state.store, state.clock.unix_secs())
                     .await?;
             Ok::<_, error::ServiceError>((messages, key_packages))
         }

@@ -1,11 +1,13 @@
 //! Token-bucket rate limiting, keyed by whatever the caller limits on (source address,
 //! (claimer, target), sender). In memory: limits reset on restart, which is acceptable for
-//! abuse control.
+//! abuse control. Refill is measured against the server's [`Clock`].
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::clock::Clock;
 
 /// The key a source address is limited by: an IPv4 address (also when it arrives as an
 /// IPv4-mapped IPv6 address) as it is, an IPv6 address as its network of `ipv6_prefix` bits.
@@ -46,6 +48,7 @@ pub struct RateLimiter<K> {
     per_second: f64,
     burst: f64,
     max_keys: usize,
+    clock: Clock,
     buckets: Mutex<Buckets<K>>,
 }
 
@@ -62,11 +65,18 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             per_second,
             burst: f64::from(burst.max(1)),
             max_keys: MAX_KEYS,
+            clock: Clock::system(),
             buckets: Mutex::new(Buckets {
                 map: HashMap::new(),
                 pruned: None,
             }),
         }
+    }
+
+    /// The same limiter, measuring refill against `clock` (the system clock by default).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     #[cfg(test)]
@@ -77,7 +87,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
     /// Takes one token for each key, all or none. On refusal, how long until all keys have one.
     pub fn check_all(&self, keys: &[K]) -> Result<(), Duration> {
-        self.check_all_at(keys, Instant::now())
+        self.check_all_at(keys, self.clock.instant())
     }
 
     /// Takes one token for `key`.

@@ -252,6 +252,7 @@ impl Client {
                 profile.client.clone(),
                 identity.public_key().to_vec(),
                 config.clock_skew,
+                config.clock.clone(),
             ),
             state: Mutex::new(Mls::new(store.clone())),
             store,

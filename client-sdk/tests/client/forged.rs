@@ -1,6 +1,6 @@
 //! Credential checks: a Welcome whose tree holds a leaf whose signature key is not the one
 //! in that client's AS credential is refused by the receiving SDK; the same Welcome with the
-//! honest key is accepted.
+//! honest key is accepted, unless the AS credential has expired by the receiver's clock.
 //!
 //! The Welcomes are made with raw openmls by "mallory" (a real, registered client) and put
 //! into carol's queue directly with `Server::enqueue`, as the DS would.
@@ -139,4 +139,56 @@ async fn a_leaf_key_that_does_not_match_the_as_credential_is_refused() {
         }
     );
     assert_eq!(carol.groups().unwrap(), vec![honest_group]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_as_credential_has_expired_is_refused() {
+    let t = start_server_with(|config| config.limits.credential_validity_secs = 3600).await;
+    let clock = roost_client::clock::ManualClock::new();
+    let mut config = t.client_config();
+    config.clock = clock.clock();
+    let carol = t.register_with("carol", config).await;
+    let (conn, mallory, mallory_key) = raw_client(&t, "mallory").await;
+    let key_package = conn
+        .call(ClaimClientKeyPackageRequest {
+            client: client_id("carol", "phone"),
+        })
+        .await
+        .unwrap()
+        .key_package
+        .key_package;
+    // Mallory's credential was issued for an hour; by carol's clock that hour and the
+    // tolerated skew (300 s) are over. The Welcome is otherwise the honest one the test above
+    // accepts.
+    clock.advance(std::time::Duration::from_secs(3600 + 300 + 60));
+    let group = group_id(3);
+    let honest = welcome(&mallory, &mallory_key, &group, key_package.as_slice());
+    t.server
+        .enqueue(
+            carol.client_id(),
+            MessageId([3; 16]),
+            QueuePayload::Welcome(GroupMessage {
+                group: group.clone(),
+                message: honest.into(),
+            }),
+        )
+        .await
+        .unwrap();
+    let event = wait_for(&carol, "rejection", |e| {
+        matches!(e, Event::CredentialRejected { .. } | Event::Joined { .. })
+    })
+    .await;
+    match event {
+        Event::CredentialRejected {
+            group: refused,
+            client,
+            reason,
+        } => {
+            assert_eq!(refused, group);
+            assert_eq!(client, Some(mallory));
+            assert!(reason.contains("not valid now"), "{reason}");
+        }
+        other => panic!("a member with an expired credential was accepted: {other:?}"),
+    }
+    assert!(carol.groups().unwrap().is_empty());
 }

@@ -67,10 +67,6 @@ fn require_local(state: &State, domain: &Domain) -> Result<(), ServiceError> {
     }
 }
 
-fn now_secs() -> u64 {
-    crate::unix_millis() / 1000
-}
-
 /// RegisterUser.
 pub(crate) async fn register(
     state: &State,
@@ -253,11 +249,12 @@ pub(crate) async fn authenticate(
         req.signature.as_slice(),
     )?;
     let validity = state.settings.limits.credential_validity_secs;
-    let credential = if record.credential.not_after <= now_secs().saturating_add(validity / 2) {
-        renew_credential(state, record.credential).await?
-    } else {
-        record.credential
-    };
+    let credential =
+        if record.credential.not_after <= state.clock.unix_secs().saturating_add(validity / 2) {
+            renew_credential(state, record.credential).await?
+        } else {
+            record.credential
+        };
     Ok((
         Authenticated {
             client: req.client,
@@ -281,7 +278,7 @@ async fn renew_credential(
 
 /// Makes and signs a credential valid from now for the configured validity.
 fn issue_credential(state: &State, client: ClientId, signature_key: Opaque) -> ClientCredential {
-    let not_before = now_secs();
+    let not_before = state.clock.unix_secs();
     let not_after = not_before.saturating_add(state.settings.limits.credential_validity_secs);
     let tbs = ClientCredentialTbs {
         client: client.clone(),

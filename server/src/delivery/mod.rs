@@ -83,6 +83,9 @@ pub(crate) struct FanOut {
     pub(crate) local: Vec<u64>,
     pub(crate) remote: std::collections::BTreeMap<Domain, Vec<ClientId>>,
     pub(crate) payload: QueuePayload,
+    /// Enqueue time (Unix milliseconds, by the server's clock): what the message age limit
+    /// and the outbox's expiry compare against.
+    pub(crate) timestamp_ms: u64,
 }
 
 /// What a durable fan-out did, for waking listeners and outbox workers afterwards.
@@ -328,11 +331,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Recipients {
-    fn with(self, payload: QueuePayload) -> FanOut {
+    fn with(self, payload: QueuePayload, timestamp_ms: u64) -> FanOut {
         FanOut {
             local: self.local,
             remote: self.remote,
             payload,
+            timestamp_ms,
         }
     }
 }
@@ -668,15 +672,22 @@ async fn commit_attempt(
         state: Some(GroupState::of(&group, version + 1)?),
         receipt: Some(submission.receipt(Answer::Value(group.epoch()))),
     };
-    let mut fan_outs = vec![commit_to.with(QueuePayload::GroupMessage(GroupMessage {
-        group: group_id.clone(),
-        message: commit,
-    }))];
-    if let Some(welcome) = welcome {
-        fan_outs.push(welcome_to.with(QueuePayload::Welcome(GroupMessage {
+    let now_ms = state.clock.unix_millis();
+    let mut fan_outs = vec![commit_to.with(
+        QueuePayload::GroupMessage(GroupMessage {
             group: group_id.clone(),
-            message: welcome,
-        })));
+            message: commit,
+        }),
+        now_ms,
+    )];
+    if let Some(welcome) = welcome {
+        fan_outs.push(welcome_to.with(
+            QueuePayload::Welcome(GroupMessage {
+                group: group_id.clone(),
+                message: welcome,
+            }),
+            now_ms,
+        ));
     }
     let max_depth = state.settings.limits.max_queue_depth;
     let result = state.store.apply(write, fan_outs, max_depth).await?;
@@ -851,7 +862,11 @@ async fn send_once(
     };
     let result = match state
         .store
-        .apply(write, vec![to.with(payload)], max_depth)
+        .apply(
+            write,
+            vec![to.with(payload, state.clock.unix_millis())],
+            max_depth,
+        )
         .await
     {
         Err(ServiceError::GroupMoved) => {
@@ -937,7 +952,11 @@ async fn leave_once(
     let max_depth = state.settings.limits.max_queue_depth;
     let result = state
         .store
-        .apply(write, vec![to.with(payload)], max_depth)
+        .apply(
+            write,
+            vec![to.with(payload, state.clock.unix_millis())],
+            max_depth,
+        )
         .await?;
     *slot = Some(Hosted {
         group,

@@ -393,7 +393,7 @@ async fn ask_certified_key(
     let Response::DiscoverUser(found) = discovered else {
         return Ok(None);
     };
-    let now = crate::unix_millis() / 1000;
+    let now = state.clock.unix_secs();
     let Some(credential) = found.clients.into_iter().find(|c| &c.client == client) else {
         return Ok(None);
     };

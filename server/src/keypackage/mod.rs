@@ -50,10 +50,6 @@ pub(crate) trait KeyPackageStore {
     async fn purge_expired(&self, now: u64) -> Result<u64, ServiceError>;
 }
 
-fn now_secs() -> u64 {
-    crate::unix_millis() / 1000
-}
-
 /// UploadKeyPackages.
 pub(crate) async fn upload(
     state: &State,
@@ -81,12 +77,13 @@ pub(crate) async fn upload(
         limits.key_package_clock_skew_secs,
         limits.key_package_max_lifetime_secs,
     );
+    let now = state.clock.unix_secs();
     // Signature checks cost ~0.1 ms each: run them off the executor.
     let validated = tokio::task::spawn_blocking(move || {
         let policy = KeyPackagePolicy {
             identity: &identity,
             signature_key: record.credential.signature_key.as_slice(),
-            now: now_secs(),
+            now,
             clock_skew: skew,
             max_lifetime,
         };
@@ -140,7 +137,10 @@ pub(crate) async fn claim_client(
         .claim_limiter
         .check((claimer.user.clone(), req.client.clone()))
         .map_err(ServiceError::RateLimited)?;
-    let key_package = state.store.claim_one(&req.client, now_secs()).await?;
+    let key_package = state
+        .store
+        .claim_one(&req.client, state.clock.unix_secs())
+        .await?;
     Ok(ClaimClientKeyPackageResponse { key_package })
 }
 
@@ -166,7 +166,10 @@ pub(crate) async fn claim_user(
         .claim_limiter
         .check_all(&keys)
         .map_err(ServiceError::RateLimited)?;
-    let key_packages = state.store.claim_for_user(&req.user, now_secs()).await?;
+    let key_packages = state
+        .store
+        .claim_for_user(&req.user, state.clock.unix_secs())
+        .await?;
     if key_packages.is_empty() {
         return Err(ServiceError::NoKeyPackage);
     }
@@ -178,7 +181,10 @@ pub(crate) async fn count(
     state: &State,
     me: &Authenticated,
 ) -> Result<KeyPackageCountResponse, ServiceError> {
-    let (remaining, has_last_resort) = state.store.count(me.client_num, now_secs()).await?;
+    let (remaining, has_last_resort) = state
+        .store
+        .count(me.client_num, state.clock.unix_secs())
+        .await?;
     Ok(KeyPackageCountResponse {
         remaining,
         has_last_resort: u8::from(has_last_resort),

@@ -250,7 +250,7 @@ pub(crate) enum Enqueued {
 
 /// The oldest enqueue time still served.
 pub(crate) fn cutoff_ms(state: &State) -> u64 {
-    crate::unix_millis().saturating_sub(
+    state.clock.unix_millis().saturating_sub(
         state
             .settings
             .limits
@@ -273,7 +273,7 @@ pub(crate) async fn enqueue(
     let max_depth = state.settings.limits.max_queue_depth;
     let (client_num, outcome) = state
         .store
-        .enqueue(recipient, id, crate::unix_millis(), bytes, max_depth)
+        .enqueue(recipient, id, state.clock.unix_millis(), bytes, max_depth)
         .await?;
     match outcome {
         Enqueued::Queued(seq) => {
@@ -357,7 +357,7 @@ pub(crate) async fn deliver_remote(
     for chunk in transaction_chunks(deliveries, MAX_RECIPIENTS_PER_TRANSACTION) {
         let (response, woken) = state
             .store
-            .deliver(chunk, max_depth, crate::unix_millis())
+            .deliver(chunk, max_depth, state.clock.unix_millis())
             .await?;
         state.queues.notify_fresh(&woken);
         total.accepted += response.accepted;

@@ -373,6 +373,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
                 .unwrap(),
             message: vec![n].into(),
         }),
+        timestamp_ms: crate::unix_millis(),
     };
     // A write against a version that is not the stored one (another node moved the group on)
     // writes nothing: neither the state nor any queue or outbox entry.
@@ -471,6 +472,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         local: Vec::new(),
         remote: [(beta.clone(), many.clone())].into_iter().collect(),
         payload: fan(3).payload,
+        timestamp_ms: crate::unix_millis(),
     };
     let result = store.apply(write(1, None), vec![big], 10).await.unwrap();
     assert_eq!(result.reached, vec![1500]);
@@ -510,6 +512,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
                 .map(|d| (d.clone(), vec![format!("u@{d}/x").parse().unwrap()]))
                 .collect(),
             payload: fan(10 + round).payload,
+            timestamp_ms: crate::unix_millis(),
         };
         store.apply(write(1, None), vec![fan], 10).await.unwrap();
     }

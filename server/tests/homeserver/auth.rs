@@ -309,8 +309,9 @@ async fn a_removed_clients_open_connections_stop_working() {
 async fn credentials_are_renewed_when_half_their_validity_is_gone() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
-    cfg.limits.credential_validity_secs = 4;
-    let server = start(cfg).await;
+    cfg.limits.credential_validity_secs = 3600;
+    let clock = ManualClock::new();
+    let server = start_with_clock(cfg, &clock).await;
     let conn = connect(&server).await;
     let alice = register(&conn, "alice").await;
     let phone = add_client(&conn, &alice, "phone").await;
@@ -320,13 +321,25 @@ async fn credentials_are_renewed_when_half_their_validity_is_gone() {
         .await
         .unwrap();
     assert_eq!(first.credential, phone.credential);
-    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    // With just over half of the validity left, nothing changes yet.
+    clock.advance(std::time::Duration::from_secs(1799));
+    let early = connect(&server).await;
+    let same = early
+        .authenticate(&phone.id, |i| sign(&phone.key, i))
+        .await
+        .unwrap();
+    assert_eq!(same.credential, phone.credential);
+    clock.advance(std::time::Duration::from_secs(2));
     let later = connect(&server).await;
     let renewed = later
         .authenticate(&phone.id, |i| sign(&phone.key, i))
         .await
         .unwrap();
     assert!(renewed.credential.not_after > phone.credential.not_after);
+    assert_eq!(
+        renewed.credential.not_after - renewed.credential.not_before,
+        3600
+    );
     assert_eq!(
         renewed.credential.signature_key,
         phone.credential.signature_key

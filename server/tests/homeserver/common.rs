@@ -17,6 +17,7 @@ use roost_client::transport::{ConnectConfig, Connection, Endpoint, TrustConfig};
 use roost_protocol::messages::auth::*;
 use roost_protocol::{ClientId, Opaque, UserId};
 use roost_server::Server;
+pub use roost_server::clock::ManualClock;
 use roost_server::config::Config;
 
 pub const DOMAIN: &str = "example.org";
@@ -47,6 +48,13 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// Starts a server whose clock stands still until the test advances it.
+pub async fn start_with_clock(config: Config, clock: &ManualClock) -> Server {
+    let mut settings = config.validate().unwrap();
+    settings.clock = clock.clock();
+    Server::start(settings).await.unwrap()
 }
 
 pub async fn connect(server: &Server) -> Connection {

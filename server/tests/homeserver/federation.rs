@@ -117,6 +117,67 @@ async fn receive(member: &mut Member, count: usize) -> Vec<Vec<u8>> {
     got
 }
 
+/// Waits until something sends a datagram to `addr` while the server that listened there is
+/// down: the hub's outbox trying to reach it. The socket is closed again on return.
+async fn wait_for_delivery_attempt(addr: SocketAddr) {
+    let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(15), socket.recv_from(&mut buf))
+        .await
+        .expect("the hub did not try to deliver within 15 s")
+        .unwrap();
+}
+
+/// Stands in for a server that is down: holds its UDP address and answers nothing, while it
+/// tells the hub's connection attempts apart (each starts with a fresh destination connection
+/// id in its QUIC long header; retransmissions repeat it).
+struct Blackhole {
+    socket: tokio::net::UdpSocket,
+    seen: std::collections::HashSet<Vec<u8>>,
+}
+
+impl Blackhole {
+    async fn bind(addr: SocketAddr) -> Self {
+        let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+        let seen = Default::default();
+        Self { socket, seen }
+    }
+
+    /// Waits for the first packet of a connection attempt not seen before.
+    async fn new_attempt(&mut self) {
+        let mut buf = [0u8; 2048];
+        let wait = async {
+            loop {
+                let (len, _) = self.socket.recv_from(&mut buf).await.unwrap();
+                let packet = &buf[..len];
+                // Long header: flags, version (4), DCID length, DCID.
+                let Some(&dcid_len) = packet.get(5) else {
+                    continue;
+                };
+                let Some(dcid) = packet.get(6..6 + usize::from(dcid_len)) else {
+                    continue;
+                };
+                if packet[0] & 0x80 != 0 && self.seen.insert(dcid.to_vec()) {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("the hub made no new delivery attempt within 30 s");
+    }
+}
+
+/// Exactly once: `sender` sends a marker after what `members` already received; the marker
+/// is the next and only thing each of them gets (a duplicate would come before it).
+async fn nothing_more_arrives(sender: &mut Member, members: &mut [&mut Member]) {
+    let marker = b"marker".to_vec();
+    sender.send(&marker).await.unwrap();
+    for member in members {
+        assert_eq!(receive(member, 1).await, vec![marker.clone()]);
+    }
+}
+
 async fn join(member: &mut Member) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while !member.sync().await.joined {
@@ -242,16 +303,15 @@ async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_on
     for n in 0..5u8 {
         alice.send(&[n]).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The hub tries (and fails) to deliver while beta is down.
+    wait_for_delivery_attempt(pair.beta_cfg.listen).await;
     let beta = start(pair.beta_cfg.clone()).await;
     bob.conn = connect(&beta).await;
     login(&bob.conn, &bob.client).await;
     pair.beta = Some(beta);
     let got = receive(&mut bob, 5).await;
     assert_eq!(got, (0..5u8).map(|n| vec![n]).collect::<Vec<_>>());
-    // Exactly once: nothing more arrives.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(bob.sync().await.messages.is_empty());
+    nothing_more_arrives(&mut alice, &mut [&mut bob]).await;
     pair.shutdown().await;
 }
 
@@ -298,10 +358,50 @@ async fn a_backlog_for_several_remote_members_arrives_in_batches_the_peer_accept
         // Every message exactly once, in order.
         assert_eq!(receive(member, 8).await, texts);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    for member in &mut remote {
-        assert!(member.sync().await.messages.is_empty());
+    let mut members: Vec<&mut Member> = remote.iter_mut().collect();
+    nothing_more_arrives(&mut alice, &mut members).await;
+    beta.shutdown().await;
+    alpha.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_older_than_the_message_age_limit_is_dropped_not_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    let (a, b) = (free_port(), free_port());
+    let mut alpha_cfg = server_config(dir.path(), &pki, ALPHA, a, (BETA, b));
+    alpha_cfg.limits.max_message_age_secs = 3600;
+    let beta_cfg = server_config(dir.path(), &pki, BETA, b, (ALPHA, a));
+    let clock = ManualClock::new();
+    let alpha = start_with_clock(alpha_cfg, &clock).await;
+    let beta = start(beta_cfg.clone()).await;
+    let mut alice = Member::new_in(&alpha, "alice", ALPHA).await;
+    let mut bob = Member::new_in(&beta, "bob", BETA).await;
+    bob.upload_key_packages(1).await;
+    alice.create_group(4).await;
+    let kps = alice.claim(&[bob.user_id()]).await;
+    alice.commit_and_merge(kps, &[]).await;
+    join(&mut bob).await;
+
+    // Beta is down while alice sends; the hub keeps the messages in its outbox.
+    beta.shutdown().await;
+    let mut down = Blackhole::bind(b).await;
+    for n in 0..3u8 {
+        alice.send(&[n]).await.unwrap();
     }
+    down.new_attempt().await;
+    // More than the age limit passes before beta is back; then alice sends a marker. The
+    // hub's next attempt (after the one in flight fails) reads its outbox after that.
+    clock.advance(Duration::from_secs(3601));
+    let marker = b"marker".to_vec();
+    alice.send(&marker).await.unwrap();
+    down.new_attempt().await;
+    drop(down);
+    let beta = start(beta_cfg).await;
+    bob.conn = connect(&beta).await;
+    login(&bob.conn, &bob.client).await;
+    // Bob gets the marker and none of the messages that aged out in the outbox.
+    assert_eq!(receive(&mut bob, 1).await, vec![marker]);
     beta.shutdown().await;
     alpha.shutdown().await;
 }

@@ -262,6 +262,46 @@ async fn claims_are_rate_limited_per_claimer_and_target() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_rate_limited_claimer_is_served_again_once_its_bucket_refilled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.claim_burst = 1;
+    cfg.limits.claim_rate_per_minute = 1;
+    let clock = ManualClock::new();
+    let server = start_with_clock(cfg, &clock).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    let kps: Vec<_> = (0..3).map(|_| key_package(&phone)).collect();
+    conn.call(UploadKeyPackagesRequest {
+        key_packages: kps,
+        last_resort: None,
+    })
+    .await
+    .unwrap();
+    let (_bob, _bp, bob_conn) = new_client(&server, "bob").await;
+    let claim = || ClaimClientKeyPackageRequest {
+        client: phone.id.clone(),
+    };
+    bob_conn.call(claim()).await.unwrap();
+    let err = bob_conn.call(claim()).await.unwrap_err();
+    let Some(ErrorDetail::RateLimited { retry_after_ms }) =
+        err.wire_error().map(|w| w.detail.clone())
+    else {
+        panic!("not rate limited: {err}");
+    };
+    // Just before the advertised time, still refused; at it, served.
+    clock.advance(std::time::Duration::from_millis(
+        retry_after_ms.saturating_sub(1000),
+    ));
+    assert_eq!(
+        code(bob_conn.call(claim()).await.unwrap_err()),
+        ErrorCode::RATE_LIMITED
+    );
+    clock.advance(std::time::Duration::from_millis(1000));
+    bob_conn.call(claim()).await.unwrap();
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_never_hand_out_a_key_package_twice() {
     let dir = tempfile::tempdir().unwrap();
@@ -316,11 +356,12 @@ async fn concurrent_claims_never_hand_out_a_key_package_twice() {
 #[tokio::test]
 async fn expired_key_packages_are_never_served() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await;
+    let clock = ManualClock::new();
+    let server = start_with_clock(config(dir.path()), &clock).await;
     let (_alice, phone, conn) = new_client(&server, "alice").await;
     let (_bob, _bp, bob_conn) = new_client(&server, "bob").await;
-    // openmls backdates not_before by an hour; this one expires 2 seconds from now.
-    let short = key_package_with(&phone, &phone.id, Some(2), false);
+    // openmls backdates not_before by an hour; this one expires 60 seconds from now.
+    let short = key_package_with(&phone, &phone.id, Some(60), false);
     let long = key_package(&phone);
     conn.call(UploadKeyPackagesRequest {
         key_packages: vec![short, long.clone()],
@@ -328,7 +369,14 @@ async fn expired_key_packages_are_never_served() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    assert_eq!(
+        conn.call(KeyPackageCountRequest {})
+            .await
+            .unwrap()
+            .remaining,
+        2
+    );
+    clock.advance(std::time::Duration::from_secs(600));
     assert_eq!(
         conn.call(KeyPackageCountRequest {})
             .await

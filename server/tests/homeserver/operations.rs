@@ -37,10 +37,21 @@ async fn metrics_and_health_are_served_when_configured() {
     };
     let before = stalls(&http_get(addr, "/metrics").await);
     std::thread::sleep(std::time::Duration::from_millis(150));
-    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-    let metrics = http_get(addr, "/metrics").await;
-    assert!(metrics.contains("roost_executor_probes_total"), "{metrics}");
-    assert!(stalls(&metrics) >= before + 1.0, "{metrics}");
+    // The probe records the stall once it runs again: wait for it (the deadline only bounds
+    // a failure).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let metrics = http_get(addr, "/metrics").await;
+        assert!(metrics.contains("roost_executor_probes_total"), "{metrics}");
+        if stalls(&metrics) >= before + 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stall was not counted: {metrics}"
+        );
+        tokio::task::yield_now().await;
+    }
     server.shutdown().await;
 
     // Off unless configured.

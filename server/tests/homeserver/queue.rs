@@ -311,11 +311,13 @@ async fn full_queues_refuse_and_old_messages_expire() {
     );
     server.shutdown().await;
 
-    // The same data with a message age limit of one second: everything is too old.
+    // The same data with a message age limit of one hour, an hour and a second later:
+    // everything is too old.
     let mut cfg = config(dir.path());
-    cfg.limits.max_message_age_secs = 1;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let server = start(cfg).await;
+    cfg.limits.max_message_age_secs = 3600;
+    let clock = ManualClock::new();
+    clock.advance(Duration::from_secs(3601));
+    let server = start_with_clock(cfg, &clock).await;
     let conn = connect(&server).await;
     login(&conn, &phone).await;
     let fetched = conn

@@ -33,7 +33,7 @@ pub(super) struct Prepared<'a> {
 pub(super) fn prepare(fan: &FanOut) -> Result<Prepared<'_>, StoreError> {
     Ok(Prepared {
         id: MessageId(rand::random()),
-        timestamp_ms: crate::unix_millis(),
+        timestamp_ms: fan.timestamp_ms,
         local: fan_out::sorted_local(fan),
         payload: fan_out::encoded_payload(fan)?.into(),
     })
@@ -273,6 +273,7 @@ mod tests {
             local: local.to_vec(),
             remote: Default::default(),
             payload,
+            timestamp_ms: crate::unix_millis(),
         }
     }
 

@@ -45,7 +45,7 @@ fn write_fan_out(
     result: &mut FanOutResult,
 ) -> Result<u32, StoreError> {
     let id = MessageId(rand::random());
-    let timestamp_ms = crate::unix_millis();
+    let timestamp_ms = fan.timestamp_ms;
     let mut reached = 0;
     for (domain, clients) in &fan.remote {
         super::outbox::add_in_txn(txn, domain, clients, id, timestamp_ms, &fan.payload)?;
