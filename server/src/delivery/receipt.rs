@@ -91,6 +91,8 @@ fn digest(kind: Kind, sender: &ClientId, parts: &[&[u8]]) -> [u8; 32] {
 /// A request being handled: its digest and the start of the window it is looked up in.
 pub(crate) struct Submission {
     key: [u8; 32],
+    /// When the request arrived, by the server's clock.
+    now_ms: u64,
     fresh_after_ms: u64,
 }
 
@@ -104,6 +106,7 @@ impl Submission {
     ) -> Self {
         Self {
             key: key(kind, sender, group, bytes),
+            now_ms: state.clock.unix_millis(),
             fresh_after_ms: window_start(state),
         }
     }
@@ -124,6 +127,7 @@ impl Submission {
         );
         Self {
             key: digest(Kind::UploadKeyPackages, sender, &parts),
+            now_ms: state.clock.unix_millis(),
             fresh_after_ms: window_start(state),
         }
     }
@@ -143,7 +147,7 @@ impl Submission {
         Receipt {
             key: self.key,
             answer,
-            accepted_ms: crate::unix_millis(),
+            accepted_ms: self.now_ms,
             fresh_after_ms: self.fresh_after_ms,
         }
     }
@@ -156,7 +160,7 @@ fn window_start(state: &State) -> u64 {
         .limits
         .receipt_window_secs
         .saturating_mul(1000);
-    crate::unix_millis().saturating_sub(window_ms)
+    state.clock.unix_millis().saturating_sub(window_ms)
 }
 
 /// Prunes receipts out of the window or beyond `max_receipts` (run by the sweeper).

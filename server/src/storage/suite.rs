@@ -559,6 +559,7 @@ pub(crate) async fn receipts<
     let fan = |n: u8| FanOut {
         local: vec![num],
         remote: Default::default(),
+        timestamp_ms: crate::unix_millis(),
         payload: QueuePayload::GroupMessage(GroupMessage {
             group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
                 .parse()

@@ -105,7 +105,8 @@ async fn a_repeat_after_the_window_is_judged_as_new() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.limits.receipt_window_secs = 1;
-    let server = start(cfg).await;
+    let clock = ManualClock::new();
+    let server = start_with_clock(cfg, &clock).await;
     let (mut alice, bob) = pair(&server).await;
     let bundle = alice.commit(Vec::new(), &[]);
     assert_eq!(resend(&alice, &bundle).await, Ok(2));
@@ -119,7 +120,7 @@ async fn a_repeat_after_the_window_is_judged_as_new() {
         2,
         "the commit and the message, once each"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
+    clock.advance(std::time::Duration::from_millis(1_200));
     // Forgotten: the commit is judged on the group's state (its epoch is closed), the
     // message is delivered again (the receiver's MLS state refuses the copy).
     assert_eq!(resend(&alice, &bundle).await, Err(ErrorCode::STALE_EPOCH));
