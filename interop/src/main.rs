@@ -213,6 +213,14 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The SDK clients' own logs (e.g. RUST_LOG=roost_client=debug), on stderr; none without
+    // RUST_LOG.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {

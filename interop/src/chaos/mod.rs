@@ -45,7 +45,7 @@ use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use roost_client::transport::RequestError;
 use roost_client::{Client, ClientConfig, ClientError, Event};
-use roost_protocol::{ClientId, GroupId, UserId};
+use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -122,6 +122,8 @@ pub struct CommitTally {
     pub acknowledged: u64,
     /// Failed or outcome unknown.
     pub failed: u64,
+    /// The first failures, in words.
+    pub failure_samples: Vec<String>,
 }
 
 /// What a chaos run found.
@@ -217,6 +219,9 @@ impl ChaosReport {
             self.group_errors,
             self.elapsed_secs
         )?;
+        for sample in &self.commits.failure_samples {
+            writeln!(out, "  commit failed: {sample}")?;
+        }
         for sample in &self.group_error_samples {
             writeln!(out, "  group error: {sample}")?;
         }
@@ -346,6 +351,13 @@ async fn pump(
 /// How a failed send ended: refused by the server (nothing accepted), or unknown.
 fn classify(err: &ClientError) -> (SendOutcome, String) {
     match err {
+        // A forwarding server's answer when the hub's was lost: "may or may not have been
+        // applied" (PROTOCOL.md §8.2).
+        ClientError::Request(RequestError::Server(wire))
+            if wire.code == ErrorCode::PEER_UNREACHABLE =>
+        {
+            (SendOutcome::Unknown, String::new())
+        }
         ClientError::Request(RequestError::Server(wire)) => {
             (SendOutcome::Refused, format!("{:?}", wire.code))
         }
@@ -429,12 +441,16 @@ async fn committer_loop(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let ok = toggle_rover(&client, &group, &rover).await.is_ok();
+        let result = toggle_rover(&client, &group, &rover).await;
         let mut tally = lock(&tally);
-        if ok {
-            tally.acknowledged += 1;
-        } else {
-            tally.failed += 1;
+        match result {
+            Ok(_) => tally.acknowledged += 1,
+            Err(err) => {
+                tally.failed += 1;
+                if tally.failure_samples.len() < 10 {
+                    tally.failure_samples.push(format!("{err:#}"));
+                }
+            }
         }
     }
 }
@@ -506,7 +522,6 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let mut harness_config = HarnessConfig::new(&config.roost, dir.join("servers"), config.domains);
     harness_config.storage = config.storage;
     harness_config.nodes = config.nodes;
-    harness_config.log_filter = Some("warn".into());
     let mut harness = Harness::start(harness_config).await?;
     let mut report = run_with(&config, &mut harness, &dir.join("profiles")).await?;
     if let Err(err) = harness.shutdown().await {
@@ -607,12 +622,19 @@ async fn run_with(
         })
         .await?;
     }
-    if config.progress {
-        eprintln!(
-            "chaos: {} members in {group}; {} kill cycles, seed {}",
-            total, config.cycles, config.seed
-        );
-    }
+    let setup_started = Instant::now();
+    let progress = |what: String| {
+        if config.progress {
+            eprintln!(
+                "chaos [{:6.1} s]: {what}",
+                setup_started.elapsed().as_secs_f64()
+            );
+        }
+    };
+    progress(format!(
+        "{total} members in {group}; {} kill cycles, seed {}",
+        config.cycles, config.seed
+    ));
 
     // Traffic.
     let ledger: Ledger = Arc::new(Mutex::new(vec![BTreeMap::new(); total]));
@@ -675,7 +697,6 @@ async fn run_with(
         failures: Vec::new(),
         dir: None,
     };
-    let cycle_started = Instant::now();
     for cycle in 0..config.cycles {
         tokio::time::sleep(random_between(&mut rng, config.up)).await;
         let node = rng.random_range(0..config.nodes);
@@ -704,7 +725,7 @@ async fn run_with(
             }
         }
         report.cycles = cycle + 1;
-        if config.progress && (cycle + 1) % 10 == 0 {
+        if (cycle + 1) % 10 == 0 || cycle + 1 == config.cycles {
             let (acked, unknown) = {
                 let ledger = lock(&ledger);
                 let all = ledger.iter().flat_map(BTreeMap::values);
@@ -714,15 +735,15 @@ async fn run_with(
                     SendOutcome::Refused => (a, u),
                 })
             };
-            eprintln!(
-                "chaos: cycle {}/{} after {:.0} s: {acked} acknowledged, {unknown} unknown",
+            progress(format!(
+                "cycle {}/{}: {acked} acknowledged, {unknown} unknown",
                 cycle + 1,
                 config.cycles,
-                cycle_started.elapsed().as_secs_f64()
-            );
+            ));
         }
     }
     stop.store(true, Ordering::Relaxed);
+    progress("kills done; stopping the senders".into());
     for sender in senders {
         sender.await.context("a sender task failed")?;
     }
@@ -762,6 +783,7 @@ async fn run_with(
             .failures
             .push("the rover could not be added back after the run".into());
     }
+    progress("rover back; last message from everyone".into());
     let mut final_seq: Vec<Option<u64>> = vec![None; total];
     for (index, peer) in peers.iter().enumerate() {
         for attempt in 0..FINAL_ATTEMPTS {
@@ -795,6 +817,7 @@ async fn run_with(
                 .collect()
         })
         .collect();
+    progress("waiting for every delivery".into());
     // Wait until everything that must arrive has (or the time is up).
     let deadline = Instant::now() + config.settle_timeout;
     loop {
@@ -925,5 +948,31 @@ async fn wait_for(
         if tokio::time::timeout_at(deadline, changed).await.is_err() {
             bail!("{}: no {what} within {timeout:?}", peer.name);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roost_client::transport::TransportError;
+    use roost_protocol::WireError;
+
+    fn server(code: ErrorCode) -> ClientError {
+        ClientError::Request(RequestError::Server(WireError::new(code, "test")))
+    }
+
+    #[test]
+    fn only_definite_refusals_count_as_refused() {
+        assert_eq!(classify(&server(ErrorCode::STALE_EPOCH)).0, SendOutcome::Refused);
+        assert_eq!(classify(&server(ErrorCode::INTERNAL)).0, SendOutcome::Refused);
+        // Forwarded to the hub, answer lost: it may have been applied there.
+        assert_eq!(
+            classify(&server(ErrorCode::PEER_UNREACHABLE)).0,
+            SendOutcome::Unknown
+        );
+        let lost = ClientError::Request(RequestError::Transport(TransportError::Timeout));
+        assert_eq!(classify(&lost).0, SendOutcome::Unknown);
+        let local = ClientError::InvalidOperation("no".into());
+        assert_eq!(classify(&local).0, SendOutcome::Refused);
     }
 }
