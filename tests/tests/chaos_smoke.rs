@@ -52,7 +52,10 @@ fn kill_cycles_lose_and_duplicate_nothing() {
         (t.lost, t.duplicated, t.out_of_order, t.phantom, t.partial),
         (0, 0, 0, 0, 0)
     );
-    assert!(report.commits.acknowledged > 0, "no membership commit: {report:?}");
+    assert!(
+        report.commits.acknowledged > 0,
+        "no membership commit: {report:?}"
+    );
     // Three members and the rover each sent once more, and everyone got it.
     assert_eq!(report.sent_after, 4);
     // The report is machine-readable with the figures docs/RELIABILITY.md records.

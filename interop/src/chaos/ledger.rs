@@ -152,7 +152,11 @@ pub fn analyze(
                 None => {
                     tally.phantom += 1;
                     tally.finding(|| {
-                        format!("{} received {} #{seq}, which was never sent", name(r), name(s))
+                        format!(
+                            "{} received {} #{seq}, which was never sent",
+                            name(r),
+                            name(s)
+                        )
                     });
                     continue;
                 }
@@ -287,7 +291,7 @@ mod tests {
     #[test]
     fn a_clean_run_is_clean() {
         let sent = sent(&[&[A, A, U, A], &[A, R, A], &[]]);
-        let everything = got(&[(0, 1), (1, 1), (0, 2), (0, 4), (1, 3)]);
+        let everything = got(&[(0, 1), (1, 1), (0, 2), (0, 3), (0, 4), (1, 3)]);
         let received = vec![
             got(&[(1, 1), (1, 3)]),
             got(&[(0, 1), (0, 2), (0, 3), (0, 4)]),
@@ -299,8 +303,8 @@ mod tests {
             (tally.acknowledged, tally.unknown, tally.refused),
             (5, 1, 1)
         );
-        assert_eq!(tally.received, 11);
-        // m0 #3 reached m1 only: m2 had to get it if anyone did.
+        assert_eq!(tally.received, 12);
+        // m0 #3 (answer lost) reached both members that had to get it.
         assert_eq!(tally.unknown_delivered, 1);
         assert_eq!(tally.partial, 0, "{tally:?}");
     }

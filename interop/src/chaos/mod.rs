@@ -340,7 +340,8 @@ async fn pump(
                 s.group_errors.push(format!("{g}: {reason}"));
             }
             Event::CredentialRejected { reason, .. } => {
-                s.group_errors.push(format!("credential rejected: {reason}"));
+                s.group_errors
+                    .push(format!("credential rejected: {reason}"));
             }
             _ => {}
         });
@@ -385,19 +386,18 @@ async fn send_numbered(
         seq
     };
     let text = ledger::message_text(index, seq);
-    let outcome = match tokio::time::timeout(OPERATION_LIMIT, client.send(group, text.as_bytes()))
-        .await
-    {
-        Ok(Ok(())) => SendOutcome::Acknowledged,
-        Ok(Err(err)) => {
-            let (outcome, code) = classify(&err);
-            if outcome == SendOutcome::Refused {
-                *lock(refused_codes).entry(code).or_insert(0) += 1;
+    let outcome =
+        match tokio::time::timeout(OPERATION_LIMIT, client.send(group, text.as_bytes())).await {
+            Ok(Ok(())) => SendOutcome::Acknowledged,
+            Ok(Err(err)) => {
+                let (outcome, code) = classify(&err);
+                if outcome == SendOutcome::Refused {
+                    *lock(refused_codes).entry(code).or_insert(0) += 1;
+                }
+                outcome
             }
-            outcome
-        }
-        Err(_) => SendOutcome::Unknown,
-    };
+            Err(_) => SendOutcome::Unknown,
+        };
     lock(ledger)[index].insert(seq, outcome);
     (outcome, seq)
 }
@@ -525,7 +525,9 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     let mut harness = Harness::start(harness_config).await?;
     let mut report = run_with(&config, &mut harness, &dir.join("profiles")).await?;
     if let Err(err) = harness.shutdown().await {
-        report.failures.push(format!("stopping the servers: {err:#}"));
+        report
+            .failures
+            .push(format!("stopping the servers: {err:#}"));
     }
     report.elapsed_secs = started.elapsed().as_secs_f64();
     report.dir = if report.passed() {
@@ -605,7 +607,11 @@ async fn run_with(
     drop(clients);
 
     let creator = &peers[0];
-    let group = creator.client.create_group().await.context("creating the group")?;
+    let group = creator
+        .client
+        .create_group()
+        .await
+        .context("creating the group")?;
     let _ = group_cell.set(group.clone());
     let others: Vec<UserId> = peers[1..]
         .iter()
@@ -702,7 +708,8 @@ async fn run_with(
         let node = rng.random_range(0..config.nodes);
         let domain = rng.random_range(0..config.domains);
         let mid_drain = config.domains == 2 && domain != HUB && rng.random_bool(0.3);
-        if let Err(err) = kill_and_restart(harness, domain, node, config, &mut rng, &mut report).await
+        if let Err(err) =
+            kill_and_restart(harness, domain, node, config, &mut rng, &mut report).await
         {
             report.restart_failures.push(format!("{err:#}"));
             break;
@@ -786,6 +793,14 @@ async fn run_with(
     progress("rover back; last message from everyone".into());
     let mut final_seq: Vec<Option<u64>> = vec![None; total];
     for (index, peer) in peers.iter().enumerate() {
+        // Sent before this member saw the rover's add, the message would be of an epoch the
+        // rover never had (and is not meant for it).
+        if !sees_member(&peer.client, &group, &rover_id.0, Duration::from_secs(60)).await {
+            report.failures.push(format!(
+                "{} does not see the rover as a member after the run",
+                peer.name
+            ));
+        }
         for attempt in 0..FINAL_ATTEMPTS {
             let (outcome, seq) =
                 send_numbered(&peer.client, &group, index, &ledger, &refused_codes).await;
@@ -833,10 +848,8 @@ async fn run_with(
             final_seq[s].is_some_and(|seq| {
                 peers.iter().enumerate().all(|(r, p)| {
                     r == s
-                        || p.inbox.with(|st| {
-                            st.receipts
-                                .contains(&Receipt::Numbered { sender: s, seq })
-                        })
+                        || p.inbox
+                            .with(|st| st.receipts.contains(&Receipt::Numbered { sender: s, seq }))
                 })
             })
         })
@@ -930,6 +943,27 @@ async fn kill_and_restart(
     Ok(())
 }
 
+/// Waits until `client`'s view of `group` includes `member` (or is `member`'s own).
+async fn sees_member(
+    client: &Client,
+    group: &GroupId,
+    member: &ClientId,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if client
+            .members(group)
+            .await
+            .is_ok_and(|members| members.contains(member))
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Waits until `check` holds for `peer`'s inbox.
 async fn wait_for(
     peer: &Peer,
@@ -963,8 +997,14 @@ mod tests {
 
     #[test]
     fn only_definite_refusals_count_as_refused() {
-        assert_eq!(classify(&server(ErrorCode::STALE_EPOCH)).0, SendOutcome::Refused);
-        assert_eq!(classify(&server(ErrorCode::INTERNAL)).0, SendOutcome::Refused);
+        assert_eq!(
+            classify(&server(ErrorCode::STALE_EPOCH)).0,
+            SendOutcome::Refused
+        );
+        assert_eq!(
+            classify(&server(ErrorCode::INTERNAL)).0,
+            SendOutcome::Refused
+        );
         // Forwarded to the hub, answer lost: it may have been applied there.
         assert_eq!(
             classify(&server(ErrorCode::PEER_UNREACHABLE)).0,
