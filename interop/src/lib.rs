@@ -11,11 +11,14 @@
 //!   connections below the SDK (raw authenticated clients, peer homeservers).
 //! - [`demo`]: a short conversation across two homeservers, printed as it happens.
 //! - [`postgres`]: a throwaway PostgreSQL cluster (tests, `--backend postgres`).
+//! - [`chaos`]: kill -9 and restart homeservers under real client traffic and check every
+//!   acknowledged message arrives exactly once (`roost-interop chaos`).
 //! - [`bench`]: the load generator (`roost-interop bench`), its workloads and baselines.
 #![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod binary;
+pub mod chaos;
 pub mod demo;
 pub mod harness;
 pub mod member;

@@ -1,5 +1,6 @@
 //! `roost-interop`: start local federating homeservers (`up`), run the federation scenario
-//! suite (`run`), a short demo (`demo`) or the load generator (`bench`).
+//! suite (`run`), a short demo (`demo`), the load generator (`bench`) or the kill -9 test
+//! (`chaos`).
 //!
 //! The `roost` binary is `--roost PATH` (or `$ROOST_BIN`); without it, it is built with
 //! `cargo build -p roost-server --bin roost` in the same profile as this program (see
@@ -62,6 +63,45 @@ enum Command {
     /// Load generator: starts two release homeservers, runs the workloads and prints a table
     /// (or JSON lines) of results beside same-run baselines. See docs/BENCHMARKS.md.
     Bench(BenchArgs),
+    /// Kill -9 and restart homeservers at random while clients send numbered messages and
+    /// commit membership changes; then check every acknowledged message arrived exactly once,
+    /// in order, nothing phantom, every server reopened, every member can still send. Exits
+    /// non-zero when a check fails. See docs/RELIABILITY.md.
+    Chaos(ChaosArgs),
+}
+
+#[derive(clap::Args)]
+struct ChaosArgs {
+    /// Kill cycles (each: SIGKILL one homeserver process, restart it, wait until it answers).
+    #[arg(long, default_value_t = 200)]
+    cycles: usize,
+    /// Sending members (one more, the rover, is removed and re-added by membership commits).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=64))]
+    clients: u16,
+    /// Seed of the kill schedule (default: random, printed in the report).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Domains: 1, or 2 (federation; the hub is also killed while draining to the other).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=2))]
+    domains: u16,
+    /// Longest time between kills (ms); each wait is random between a seventh of it and it.
+    #[arg(long, default_value_t = 2_000)]
+    max_up_ms: u64,
+    /// Longest time a killed server stays down (ms).
+    #[arg(long, default_value_t = 500)]
+    max_down_ms: u64,
+    /// The report as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Directory for the servers' data and logs and the profiles (default: temporary, kept
+    /// when the run fails).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    topology: TopologyArgs,
 }
 
 /// Where the servers keep their data, and how many nodes each domain runs.
@@ -173,6 +213,14 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The SDK clients' own logs (e.g. RUST_LOG=roost_client=debug), on stderr; none without
+    // RUST_LOG.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init();
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -235,7 +283,43 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Bench(_) => Ok(ExitCode::SUCCESS),
+            Command::Chaos(args) => chaos(roost, args).await,
         }
+    })
+}
+
+async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
+    use roost_interop::chaos::{self, ChaosConfig};
+    use std::time::Duration;
+    let topology = args.topology.topology()?;
+    let mut config = ChaosConfig::new(roost);
+    config.cycles = args.cycles;
+    config.clients = usize::from(args.clients);
+    if let Some(seed) = args.seed {
+        config.seed = seed;
+    }
+    config.domains = usize::from(args.domains);
+    config.storage = topology.storage;
+    config.nodes = topology.nodes;
+    config.up = (
+        Duration::from_millis(args.max_up_ms / 7),
+        Duration::from_millis(args.max_up_ms),
+    );
+    config.down = (Duration::ZERO, Duration::from_millis(args.max_down_ms));
+    config.dir = args.dir;
+    config.progress = !args.no_progress;
+    let report = chaos::run(config).await?;
+    let mut stdout = std::io::stdout();
+    if args.json {
+        serde_json::to_writer(&mut stdout, &report)?;
+        println!();
+    } else {
+        report.write_text(&mut stdout)?;
+    }
+    Ok(if report.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

@@ -1,0 +1,1018 @@
+//! `roost-interop chaos`: real SDK clients send numbered messages and make membership commits
+//! while homeserver processes are killed with SIGKILL and started again at random; afterwards
+//! every acknowledged message must have reached every member exactly once, in each sender's
+//! order, nothing must arrive that was not sent, every server must have reopened its database
+//! after every kill, and every member must still be able to send.
+//!
+//! The run, with `clients` members `m0`, `m1`, ... spread over the domains (and nodes) and one
+//! more member, the *rover*, on the last domain:
+//!
+//! 1. `m0` creates a group on `alpha.test` (the hub) and invites everyone.
+//! 2. Every `m<i>` sends `chaos <i> <n>` for n = 1, 2, ... without pause beyond
+//!    [`ChaosConfig::send_interval`]; each send is recorded as acknowledged, refused or unknown
+//!    ([`ledger::SendOutcome`]). A number is never reused: after a lost answer the next send
+//!    has the next number, so an unknown send may arrive once or not at all, never twice.
+//! 3. Meanwhile `m0` removes the rover and invites it back, again and again (each commit is
+//!    a real MLS commit through the DS, with a Welcome when adding).
+//! 4. Meanwhile the controller runs `cycles` kill cycles: wait a random time, SIGKILL one
+//!    homeserver process (with several nodes, one node), wait a random time, start it again
+//!    on the same port and data directory and wait until it answers (its database reopened).
+//!    With two domains, some cycles kill the other domain's server, restart it, and kill the
+//!    hub right after, while the hub drains its federation outbox to it.
+//! 5. Then the senders stop, the rover is made a member again, every member (the rover too)
+//!    sends one more message until it is acknowledged, and the run waits until every member
+//!    has everything it must have. [`ledger::analyze`] counts what is lost, duplicated, out of
+//!    order, phantom or half-delivered.
+//!
+//! The kill schedule (which server, how long up and down) comes from [`ChaosConfig::seed`];
+//! the interleaving with the clients' traffic depends on timing and is not reproducible.
+//!
+//! Clients are only ever disconnected, never killed. Killing one would mean dropping its
+//! [`Client`] (or running it as a separate process) at a random point and reopening its
+//! profile with [`Client::open`]: the ledger lives here, outside the clients, so it would
+//! survive that; the sender's next number would have to be taken from the ledger.
+
+pub mod ledger;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use roost_client::transport::RequestError;
+use roost_client::{Client, ClientConfig, ClientError, Event};
+use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::harness::{Harness, HarnessConfig, Storage};
+use ledger::{Receipt, SendOutcome, Tally};
+
+/// The hub: the domain whose server hosts the group.
+const HUB: usize = 0;
+/// Longest one SDK operation may take before it counts as hung (its answer unknown).
+const OPERATION_LIMIT: Duration = Duration::from_secs(60);
+/// Attempts of each member's final send.
+const FINAL_ATTEMPTS: u32 = 30;
+
+/// How to run the chaos test.
+#[derive(Debug, Clone)]
+pub struct ChaosConfig {
+    /// The `roost` binary.
+    pub roost: PathBuf,
+    /// Directory for servers and profiles (default: a temporary directory, kept on failure).
+    pub dir: Option<PathBuf>,
+    /// Kill cycles.
+    pub cycles: usize,
+    /// Sending members (the rover comes on top).
+    pub clients: usize,
+    /// Seed of the kill schedule.
+    pub seed: u64,
+    /// Domains: 1, or 2 (federation: the group lives on the first, members on both).
+    pub domains: usize,
+    /// Storage engine of every homeserver.
+    pub storage: Storage,
+    /// Nodes per domain (more than one needs PostgreSQL; single nodes are killed).
+    pub nodes: usize,
+    /// How long the servers run between kills (uniformly random in this range).
+    pub up: (Duration, Duration),
+    /// How long a killed server stays down.
+    pub down: (Duration, Duration),
+    /// Pause between two acknowledged sends of one member.
+    pub send_interval: Duration,
+    /// Pause between two membership commits.
+    pub commit_interval: (Duration, Duration),
+    /// How long the end of the run waits for every member to have everything.
+    pub settle_timeout: Duration,
+    /// Progress lines on stderr.
+    pub progress: bool,
+}
+
+impl ChaosConfig {
+    /// The long run's defaults: 200 cycles, 4 members, one domain on redb.
+    pub fn new(roost: PathBuf) -> Self {
+        Self {
+            roost,
+            dir: None,
+            cycles: 200,
+            clients: 4,
+            seed: rand::random(),
+            domains: 1,
+            storage: Storage::Redb,
+            nodes: 1,
+            up: (Duration::from_millis(300), Duration::from_millis(2_000)),
+            down: (Duration::from_millis(0), Duration::from_millis(500)),
+            send_interval: Duration::from_millis(20),
+            commit_interval: (Duration::from_millis(500), Duration::from_millis(2_500)),
+            settle_timeout: Duration::from_secs(120),
+            progress: true,
+        }
+    }
+}
+
+/// Membership commits `m0` made.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CommitTally {
+    /// Acknowledged (rover removed or added).
+    pub acknowledged: u64,
+    /// Failed or outcome unknown.
+    pub failed: u64,
+    /// The first failures, in words.
+    pub failure_samples: Vec<String>,
+}
+
+/// What a chaos run found.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChaosReport {
+    /// The seed of the kill schedule.
+    pub seed: u64,
+    /// Storage engine.
+    pub backend: String,
+    /// Domains.
+    pub domains: usize,
+    /// Nodes per domain.
+    pub nodes: usize,
+    /// Sending members (the rover not counted).
+    pub clients: usize,
+    /// Kill cycles completed.
+    pub cycles: usize,
+    /// SIGKILLs sent to homeserver processes.
+    pub kills: u64,
+    /// Of those, of the hub's processes.
+    pub hub_kills: u64,
+    /// Of those, hub kills right after the other domain came back (its outbox draining).
+    pub hub_kills_mid_drain: u64,
+    /// Restarts after which the server answered again (its database reopened).
+    pub restarts: u64,
+    /// Restarts that failed, with the server's log tail.
+    pub restart_failures: Vec<String>,
+    /// Membership commits.
+    pub commits: CommitTally,
+    /// Refused sends by error code.
+    pub refused_codes: BTreeMap<String, u64>,
+    /// Message deliveries.
+    #[serde(flatten)]
+    pub deliveries: Tally,
+    /// Members whose send after the run was acknowledged and received by every other member.
+    pub sent_after: usize,
+    /// `GroupError` events the members reported (e.g. a member that fell behind rejoining).
+    pub group_errors: u64,
+    /// The first of those, in words.
+    pub group_error_samples: Vec<String>,
+    /// Wall time of the whole run, servers' start included (s).
+    pub elapsed_secs: f64,
+    /// Why the run failed (empty: it passed).
+    pub failures: Vec<String>,
+    /// Where the servers' logs and data are (kept when the run failed).
+    pub dir: Option<PathBuf>,
+}
+
+impl ChaosReport {
+    /// Whether every check passed.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// The report in words.
+    pub fn write_text(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let t = &self.deliveries;
+        writeln!(
+            out,
+            "chaos: seed {}, backend {}, {} domain(s) x {} node(s), {} clients + rover",
+            self.seed, self.backend, self.domains, self.nodes, self.clients
+        )?;
+        writeln!(
+            out,
+            "cycles {}  kills {} (hub {}, hub mid-drain {})  restarts {} ok, {} failed",
+            self.cycles,
+            self.kills,
+            self.hub_kills,
+            self.hub_kills_mid_drain,
+            self.restarts,
+            self.restart_failures.len()
+        )?;
+        writeln!(
+            out,
+            "sends: {} acknowledged, {} unknown ({} of them delivered), {} refused {:?}",
+            t.acknowledged, t.unknown, t.unknown_delivered, t.refused, self.refused_codes
+        )?;
+        writeln!(
+            out,
+            "commits: {} acknowledged, {} failed",
+            self.commits.acknowledged, self.commits.failed
+        )?;
+        writeln!(
+            out,
+            "received {}: lost {}, duplicated {}, out of order {}, phantom {}, partial {}",
+            t.received, t.lost, t.duplicated, t.out_of_order, t.phantom, t.partial
+        )?;
+        writeln!(
+            out,
+            "members able to send afterwards: {}/{}  group errors: {}  time {:.1} s",
+            self.sent_after,
+            self.clients + 1,
+            self.group_errors,
+            self.elapsed_secs
+        )?;
+        for sample in &self.commits.failure_samples {
+            writeln!(out, "  commit failed: {sample}")?;
+        }
+        for sample in &self.group_error_samples {
+            writeln!(out, "  group error: {sample}")?;
+        }
+        for finding in &t.findings {
+            writeln!(out, "  finding: {finding}")?;
+        }
+        for failure in &self.restart_failures {
+            writeln!(out, "  restart failed: {failure}")?;
+        }
+        if self.passed() {
+            writeln!(out, "PASSED")?;
+        } else {
+            for failure in &self.failures {
+                writeln!(out, "FAILED: {failure}")?;
+            }
+            if let Some(dir) = &self.dir {
+                writeln!(out, "logs and data kept in {}", dir.display())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What one member's event pump collected.
+#[derive(Default)]
+struct InboxState {
+    receipts: Vec<Receipt>,
+    /// Whether this member is in the group, by its last Joined / RemovedFromGroup event.
+    in_group: bool,
+    joins: u64,
+    group_errors: Vec<String>,
+    stream_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    changed: Notify,
+}
+
+impl Inbox {
+    fn with<T>(&self, f: impl FnOnce(&mut InboxState) -> T) -> T {
+        match self.state.lock() {
+            Ok(mut state) => f(&mut state),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+}
+
+/// One member: its client and what it received.
+struct Peer {
+    name: String,
+    client: Arc<Client>,
+    inbox: Arc<Inbox>,
+    pump: Option<JoinHandle<()>>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+        }
+    }
+}
+
+/// Every member's sends (index = member).
+type Ledger = Arc<Mutex<Vec<BTreeMap<u64, SendOutcome>>>>;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Keeps every event of `client` that concerns the run.
+async fn pump(
+    client: Arc<Client>,
+    inbox: Arc<Inbox>,
+    group: Arc<std::sync::OnceLock<GroupId>>,
+    ids: Arc<HashMap<ClientId, usize>>,
+) {
+    loop {
+        let event = match client.next_event().await {
+            Ok(event) => event,
+            Err(err) => {
+                inbox.with(|s| s.stream_error = Some(err.to_string()));
+                inbox.changed.notify_waiters();
+                return;
+            }
+        };
+        let ours = |g: &GroupId| group.get() == Some(g);
+        inbox.with(|s| match event {
+            Event::Message {
+                group: g,
+                sender,
+                bytes,
+            } => {
+                let receipt = match ledger::parse_message(&bytes) {
+                    Some((index, seq)) if ours(&g) && ids.get(&sender) == Some(&index) => {
+                        Receipt::Numbered { sender: index, seq }
+                    }
+                    _ => Receipt::Garbage(format!(
+                        "{:?} from {sender} in {g}",
+                        String::from_utf8_lossy(&bytes)
+                    )),
+                };
+                s.receipts.push(receipt);
+            }
+            Event::Joined { group: g, .. } if ours(&g) => {
+                s.in_group = true;
+                s.joins += 1;
+            }
+            Event::RemovedFromGroup { group: g, .. } if ours(&g) => s.in_group = false,
+            Event::GroupError { group: g, reason } => {
+                s.group_errors.push(format!("{g}: {reason}"));
+            }
+            Event::CredentialRejected { reason, .. } => {
+                s.group_errors
+                    .push(format!("credential rejected: {reason}"));
+            }
+            _ => {}
+        });
+        inbox.changed.notify_waiters();
+    }
+}
+
+/// How a failed send ended: refused by the server (nothing accepted), or unknown.
+fn classify(err: &ClientError) -> (SendOutcome, String) {
+    match err {
+        // A forwarding server's answer when the hub's was lost: "may or may not have been
+        // applied" (PROTOCOL.md §8.2).
+        ClientError::Request(RequestError::Server(wire))
+            if wire.code == ErrorCode::PEER_UNREACHABLE =>
+        {
+            (SendOutcome::Unknown, String::new())
+        }
+        ClientError::Request(RequestError::Server(wire)) => {
+            (SendOutcome::Refused, format!("{:?}", wire.code))
+        }
+        // The answer may have been lost after the server accepted the message.
+        ClientError::Request(_) => (SendOutcome::Unknown, String::new()),
+        // Failed before anything was sent (local state, MLS).
+        other => (SendOutcome::Refused, format!("client: {other}")),
+    }
+}
+
+/// Sends message `seq` of member `index` and records how it ended.
+async fn send_numbered(
+    client: &Client,
+    group: &GroupId,
+    index: usize,
+    ledger: &Ledger,
+    refused_codes: &Mutex<BTreeMap<String, u64>>,
+) -> (SendOutcome, u64) {
+    let seq = {
+        let mut ledger = lock(ledger);
+        let mine = &mut ledger[index];
+        let seq = mine.keys().next_back().map_or(1, |last| last + 1);
+        // Recorded before it leaves: if this task dies, the send counts as unknown.
+        mine.insert(seq, SendOutcome::Unknown);
+        seq
+    };
+    let text = ledger::message_text(index, seq);
+    let outcome =
+        match tokio::time::timeout(OPERATION_LIMIT, client.send(group, text.as_bytes())).await {
+            Ok(Ok(())) => SendOutcome::Acknowledged,
+            Ok(Err(err)) => {
+                let (outcome, code) = classify(&err);
+                if outcome == SendOutcome::Refused {
+                    *lock(refused_codes).entry(code).or_insert(0) += 1;
+                }
+                outcome
+            }
+            Err(_) => SendOutcome::Unknown,
+        };
+    lock(ledger)[index].insert(seq, outcome);
+    (outcome, seq)
+}
+
+async fn sender_loop(
+    client: Arc<Client>,
+    group: GroupId,
+    index: usize,
+    ledger: Ledger,
+    refused_codes: Arc<Mutex<BTreeMap<String, u64>>>,
+    stop: Arc<AtomicBool>,
+    interval: Duration,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.load(Ordering::Relaxed) {
+        let (outcome, _) = send_numbered(&client, &group, index, &ledger, &refused_codes).await;
+        if outcome == SendOutcome::Acknowledged {
+            backoff = Duration::from_millis(100);
+            tokio::time::sleep(interval).await;
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+/// `m0` removes the rover and invites it back, again and again.
+#[allow(clippy::too_many_arguments)]
+async fn committer_loop(
+    client: Arc<Client>,
+    group: GroupId,
+    rover: (ClientId, UserId),
+    stop: Arc<AtomicBool>,
+    interval: (Duration, Duration),
+    seed: u64,
+    tally: Arc<Mutex<CommitTally>>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(random_between(&mut rng, interval)).await;
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let result = toggle_rover(&client, &group, &rover).await;
+        let mut tally = lock(&tally);
+        match result {
+            Ok(_) => tally.acknowledged += 1,
+            Err(err) => {
+                tally.failed += 1;
+                if tally.failure_samples.len() < 10 {
+                    tally.failure_samples.push(format!("{err:#}"));
+                }
+            }
+        }
+    }
+}
+
+/// Removes the rover if it is a member (in `client`'s view), else invites it.
+async fn toggle_rover(
+    client: &Client,
+    group: &GroupId,
+    (rover, user): &(ClientId, UserId),
+) -> anyhow::Result<bool> {
+    let members = client.members(group).await?;
+    let users = std::slice::from_ref(user);
+    let added = !members.contains(rover);
+    let call = async {
+        if added {
+            client.invite(group, users).await
+        } else {
+            client.remove_users(group, users).await
+        }
+    };
+    tokio::time::timeout(OPERATION_LIMIT, call)
+        .await
+        .context("commit hung")??;
+    Ok(added)
+}
+
+fn random_between(rng: &mut StdRng, (low, high): (Duration, Duration)) -> Duration {
+    if high <= low {
+        return low;
+    }
+    let ms = rng.random_range(low.as_millis()..=high.as_millis());
+    Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+}
+
+/// A client configuration for the chaos run: a lost server is noticed within ~2 s, not 30.
+fn chaos_client_config(mut config: ClientConfig) -> ClientConfig {
+    let connect = &mut config.connect;
+    connect.idle_timeout = Duration::from_secs(2);
+    connect.keep_alive_interval = Some(Duration::from_millis(400));
+    connect.connect_timeout = Duration::from_secs(2);
+    connect.request_timeout = Duration::from_secs(5);
+    config.listen_retry = Duration::from_millis(200);
+    config.max_commit_attempts = 16;
+    config
+}
+
+/// Runs the chaos test; the report says whether it passed. An error means the run could not
+/// be set up (servers did not start, registration failed), not that a check failed.
+pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
+    if !(1..=2).contains(&config.domains) {
+        bail!("--domains must be 1 or 2");
+    }
+    if config.clients < 2 {
+        bail!("--clients must be at least 2");
+    }
+    if config.nodes > 1 && config.storage != Storage::Postgres {
+        bail!("--nodes {} needs --backend postgres", config.nodes);
+    }
+    let started = Instant::now();
+    let temp = match &config.dir {
+        Some(_) => None,
+        None => Some(tempfile::Builder::new().prefix("roost-chaos-").tempdir()?),
+    };
+    let dir = match (&config.dir, &temp) {
+        (Some(dir), _) => std::path::absolute(dir)?,
+        (None, Some(temp)) => temp.path().to_owned(),
+        (None, None) => bail!("no directory"),
+    };
+    let mut harness_config = HarnessConfig::new(&config.roost, dir.join("servers"), config.domains);
+    harness_config.storage = config.storage;
+    harness_config.nodes = config.nodes;
+    let mut harness = Harness::start(harness_config).await?;
+    let mut report = run_with(&config, &mut harness, &dir.join("profiles")).await?;
+    if let Err(err) = harness.shutdown().await {
+        report
+            .failures
+            .push(format!("stopping the servers: {err:#}"));
+    }
+    report.elapsed_secs = started.elapsed().as_secs_f64();
+    report.dir = if report.passed() {
+        config.dir.clone()
+    } else {
+        Some(match temp {
+            Some(temp) => temp.keep(),
+            None => dir,
+        })
+    };
+    Ok(report)
+}
+
+async fn run_with(
+    config: &ChaosConfig,
+    harness: &mut Harness,
+    profiles: &std::path::Path,
+) -> anyhow::Result<ChaosReport> {
+    std::fs::create_dir_all(profiles)?;
+    let mut rng = StdRng::seed_from_u64(config.seed);
+    let total = config.clients + 1;
+    let rover_index = config.clients;
+    // Register everyone (no faults yet).
+    let mut clients = Vec::with_capacity(total);
+    let mut names = Vec::with_capacity(total);
+    for index in 0..total {
+        let (domain, node, name) = if index == rover_index {
+            (config.domains - 1, config.nodes - 1, "rover".to_owned())
+        } else {
+            (
+                index % config.domains,
+                (index / config.domains) % config.nodes,
+                format!("m{index}"),
+            )
+        };
+        let domain_name = harness.server(domain)?.domain.clone();
+        let user: UserId = format!("{name}@{domain_name}").parse()?;
+        let client_config = chaos_client_config(harness.node_client_config(domain, node)?);
+        let client = Client::register(
+            client_config,
+            profiles.join(format!("{name}.redb")),
+            user,
+            "phone".parse()?,
+        )
+        .await
+        .with_context(|| format!("registering {name}"))?;
+        clients.push(Arc::new(client));
+        names.push(format!("{name}@{domain_name}"));
+    }
+    let ids: Arc<HashMap<ClientId, usize>> = Arc::new(
+        clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.client_id().clone(), i))
+            .collect(),
+    );
+    let group_cell = Arc::new(std::sync::OnceLock::new());
+    let peers: Vec<Peer> = clients
+        .iter()
+        .zip(&names)
+        .map(|(client, name)| {
+            let inbox = Arc::new(Inbox::default());
+            let pump = tokio::spawn(pump(
+                client.clone(),
+                inbox.clone(),
+                group_cell.clone(),
+                ids.clone(),
+            ));
+            Peer {
+                name: name.clone(),
+                client: client.clone(),
+                inbox,
+                pump: Some(pump),
+            }
+        })
+        .collect();
+    drop(clients);
+
+    let creator = &peers[0];
+    let group = creator
+        .client
+        .create_group()
+        .await
+        .context("creating the group")?;
+    let _ = group_cell.set(group.clone());
+    let others: Vec<UserId> = peers[1..]
+        .iter()
+        .map(|p| p.client.user_id().clone())
+        .collect();
+    creator
+        .client
+        .invite(&group, &others)
+        .await
+        .context("inviting the members")?;
+    for peer in &peers[1..] {
+        wait_for(peer, "joining the group", Duration::from_secs(60), |s| {
+            s.in_group
+        })
+        .await?;
+    }
+    let setup_started = Instant::now();
+    let progress = |what: String| {
+        if config.progress {
+            eprintln!(
+                "chaos [{:6.1} s]: {what}",
+                setup_started.elapsed().as_secs_f64()
+            );
+        }
+    };
+    progress(format!(
+        "{total} members in {group}; {} kill cycles, seed {}",
+        config.cycles, config.seed
+    ));
+
+    // Traffic.
+    let ledger: Ledger = Arc::new(Mutex::new(vec![BTreeMap::new(); total]));
+    let refused_codes = Arc::new(Mutex::new(BTreeMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<JoinHandle<()>> = peers[..config.clients]
+        .iter()
+        .enumerate()
+        .map(|(index, peer)| {
+            tokio::spawn(sender_loop(
+                peer.client.clone(),
+                group.clone(),
+                index,
+                ledger.clone(),
+                refused_codes.clone(),
+                stop.clone(),
+                config.send_interval,
+            ))
+        })
+        .collect();
+    let commits = Arc::new(Mutex::new(CommitTally::default()));
+    let rover = &peers[rover_index];
+    let rover_id = (
+        rover.client.client_id().clone(),
+        rover.client.user_id().clone(),
+    );
+    let committer = tokio::spawn(committer_loop(
+        creator.client.clone(),
+        group.clone(),
+        rover_id.clone(),
+        stop.clone(),
+        config.commit_interval,
+        config.seed ^ 0x5eed,
+        commits.clone(),
+    ));
+
+    // Faults.
+    let mut report = ChaosReport {
+        seed: config.seed,
+        backend: match config.storage {
+            Storage::Redb => "redb".into(),
+            Storage::Postgres => "postgres".into(),
+        },
+        domains: config.domains,
+        nodes: config.nodes,
+        clients: config.clients,
+        cycles: 0,
+        kills: 0,
+        hub_kills: 0,
+        hub_kills_mid_drain: 0,
+        restarts: 0,
+        restart_failures: Vec::new(),
+        commits: CommitTally::default(),
+        refused_codes: BTreeMap::new(),
+        deliveries: Tally::default(),
+        sent_after: 0,
+        group_errors: 0,
+        group_error_samples: Vec::new(),
+        elapsed_secs: 0.0,
+        failures: Vec::new(),
+        dir: None,
+    };
+    for cycle in 0..config.cycles {
+        tokio::time::sleep(random_between(&mut rng, config.up)).await;
+        let node = rng.random_range(0..config.nodes);
+        let domain = rng.random_range(0..config.domains);
+        let mid_drain = config.domains == 2 && domain != HUB && rng.random_bool(0.3);
+        if let Err(err) =
+            kill_and_restart(harness, domain, node, config, &mut rng, &mut report).await
+        {
+            report.restart_failures.push(format!("{err:#}"));
+            break;
+        }
+        if mid_drain {
+            // The other domain is back; the hub retries what it held for it within its
+            // federation backoff (≤ 500 ms): kill the hub while it does.
+            tokio::time::sleep(random_between(
+                &mut rng,
+                (Duration::ZERO, Duration::from_millis(300)),
+            ))
+            .await;
+            let hub_node = rng.random_range(0..config.nodes);
+            report.hub_kills_mid_drain += 1;
+            if let Err(err) =
+                kill_and_restart(harness, HUB, hub_node, config, &mut rng, &mut report).await
+            {
+                report.restart_failures.push(format!("{err:#}"));
+                break;
+            }
+        }
+        report.cycles = cycle + 1;
+        if (cycle + 1) % 10 == 0 || cycle + 1 == config.cycles {
+            let (acked, unknown) = {
+                let ledger = lock(&ledger);
+                let all = ledger.iter().flat_map(BTreeMap::values);
+                all.fold((0, 0), |(a, u), o| match o {
+                    SendOutcome::Acknowledged => (a + 1, u),
+                    SendOutcome::Unknown => (a, u + 1),
+                    SendOutcome::Refused => (a, u),
+                })
+            };
+            progress(format!(
+                "cycle {}/{}: {acked} acknowledged, {unknown} unknown",
+                cycle + 1,
+                config.cycles,
+            ));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    progress("kills done; stopping the senders".into());
+    for sender in senders {
+        sender.await.context("a sender task failed")?;
+    }
+    committer.await.context("the committer task failed")?;
+    report.commits = lock(&commits).clone();
+    report.refused_codes = lock(&refused_codes).clone();
+    if !report.restart_failures.is_empty() {
+        report
+            .failures
+            .push("a homeserver did not come back after a kill".into());
+        finish(&mut report, &peers, &ledger, &[], &names);
+        return Ok(report);
+    }
+
+    // Afterwards: the rover back in, then one more message from everyone.
+    let mut rover_back = false;
+    let joins_before = rover.inbox.with(|s| s.joins);
+    for _ in 0..FINAL_ATTEMPTS {
+        match toggle_rover(&creator.client, &group, &rover_id).await {
+            Ok(true) => {
+                rover_back = true;
+                break;
+            }
+            // It was a member: removed now, invite it again next round.
+            Ok(false) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+    if !rover_back
+        || wait_for(rover, "rejoining", Duration::from_secs(60), |s| {
+            s.in_group && s.joins > joins_before
+        })
+        .await
+        .is_err()
+    {
+        report
+            .failures
+            .push("the rover could not be added back after the run".into());
+    }
+    progress("rover back; last message from everyone".into());
+    let mut final_seq: Vec<Option<u64>> = vec![None; total];
+    for (index, peer) in peers.iter().enumerate() {
+        // Sent before this member saw the rover's add, the message would be of an epoch the
+        // rover never had (and is not meant for it).
+        if !sees_member(&peer.client, &group, &rover_id.0, Duration::from_secs(60)).await {
+            report.failures.push(format!(
+                "{} does not see the rover as a member after the run",
+                peer.name
+            ));
+        }
+        for attempt in 0..FINAL_ATTEMPTS {
+            let (outcome, seq) =
+                send_numbered(&peer.client, &group, index, &ledger, &refused_codes).await;
+            if outcome == SendOutcome::Acknowledged {
+                final_seq[index] = Some(seq);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10) + 1))).await;
+        }
+        if final_seq[index].is_none() {
+            report.failures.push(format!(
+                "{} could not send after the run ({FINAL_ATTEMPTS} attempts)",
+                peer.name
+            ));
+        }
+    }
+    // Who must have what: the members everything acknowledged (from the rover only its last
+    // message); the rover each member's last message (it was away for the rest).
+    let must: Vec<Vec<Option<u64>>> = (0..total)
+        .map(|r| {
+            (0..total)
+                .map(|s| {
+                    if r == rover_index || s == rover_index {
+                        final_seq[s]
+                    } else {
+                        Some(1)
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    progress("waiting for every delivery".into());
+    // Wait until everything that must arrive has (or the time is up).
+    let deadline = Instant::now() + config.settle_timeout;
+    loop {
+        let tally = analyze_now(&peers, &ledger, &must, &names);
+        if tally.lost == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    finish(&mut report, &peers, &ledger, &must, &names);
+    report.sent_after = (0..total)
+        .filter(|&s| {
+            final_seq[s].is_some_and(|seq| {
+                peers.iter().enumerate().all(|(r, p)| {
+                    r == s
+                        || p.inbox
+                            .with(|st| st.receipts.contains(&Receipt::Numbered { sender: s, seq }))
+                })
+            })
+        })
+        .count();
+    if report.sent_after < total && report.failures.is_empty() {
+        report.failures.push(format!(
+            "only {}/{total} members' last messages reached everyone",
+            report.sent_after
+        ));
+    }
+    Ok(report)
+}
+
+fn analyze_now(
+    peers: &[Peer],
+    ledger: &Ledger,
+    must: &[Vec<Option<u64>>],
+    names: &[String],
+) -> Tally {
+    let received: Vec<Vec<Receipt>> = peers
+        .iter()
+        .map(|p| p.inbox.with(|s| s.receipts.clone()))
+        .collect();
+    let sent = lock(ledger).clone();
+    ledger::analyze(&sent, &received, must, names)
+}
+
+/// Fills in the deliveries and the failures they imply.
+fn finish(
+    report: &mut ChaosReport,
+    peers: &[Peer],
+    ledger: &Ledger,
+    must: &[Vec<Option<u64>>],
+    names: &[String],
+) {
+    report.deliveries = analyze_now(peers, ledger, must, names);
+    for peer in peers {
+        peer.inbox.with(|s| {
+            report.group_errors += s.group_errors.len() as u64;
+            for error in &s.group_errors {
+                if report.group_error_samples.len() < 10 {
+                    report
+                        .group_error_samples
+                        .push(format!("{}: {error}", peer.name));
+                }
+            }
+            if let Some(err) = &s.stream_error {
+                report
+                    .failures
+                    .push(format!("{}: event stream failed: {err}", peer.name));
+            }
+        });
+    }
+    let t = &report.deliveries;
+    for (count, what) in [
+        (t.lost, "acknowledged messages lost"),
+        (t.duplicated, "messages duplicated"),
+        (t.out_of_order, "messages out of order"),
+        (t.phantom, "phantom messages"),
+        (t.partial, "unknown sends delivered to some members only"),
+    ] {
+        if count > 0 {
+            report.failures.push(format!("{count} {what}"));
+        }
+    }
+}
+
+/// SIGKILLs node `node` of domain `domain`, leaves it down a while, starts it again and waits
+/// until it answers.
+async fn kill_and_restart(
+    harness: &mut Harness,
+    domain: usize,
+    node: usize,
+    config: &ChaosConfig,
+    rng: &mut StdRng,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    let name = format!("{} node {node}", harness.node(domain, node)?.domain);
+    harness
+        .kill_node(domain, node)
+        .with_context(|| format!("killing {name}"))?;
+    report.kills += 1;
+    if domain == HUB {
+        report.hub_kills += 1;
+    }
+    tokio::time::sleep(random_between(rng, config.down)).await;
+    if let Err(err) = harness.restart_node(domain, node).await {
+        bail!("{name} after kill {}: {err:#}", report.kills);
+    }
+    report.restarts += 1;
+    Ok(())
+}
+
+/// Waits until `client`'s view of `group` includes `member` (or is `member`'s own).
+async fn sees_member(
+    client: &Client,
+    group: &GroupId,
+    member: &ClientId,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if client
+            .members(group)
+            .await
+            .is_ok_and(|members| members.contains(member))
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// Waits until `check` holds for `peer`'s inbox.
+async fn wait_for(
+    peer: &Peer,
+    what: &str,
+    timeout: Duration,
+    check: impl Fn(&InboxState) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let changed = peer.inbox.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        if peer.inbox.with(|s| check(s)) {
+            return Ok(());
+        }
+        if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            bail!("{}: no {what} within {timeout:?}", peer.name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roost_client::transport::TransportError;
+    use roost_protocol::WireError;
+
+    fn server(code: ErrorCode) -> ClientError {
+        ClientError::Request(RequestError::Server(WireError::new(code, "test")))
+    }
+
+    #[test]
+    fn only_definite_refusals_count_as_refused() {
+        assert_eq!(
+            classify(&server(ErrorCode::STALE_EPOCH)).0,
+            SendOutcome::Refused
+        );
+        assert_eq!(
+            classify(&server(ErrorCode::INTERNAL)).0,
+            SendOutcome::Refused
+        );
+        // Forwarded to the hub, answer lost: it may have been applied there.
+        assert_eq!(
+            classify(&server(ErrorCode::PEER_UNREACHABLE)).0,
+            SendOutcome::Unknown
+        );
+        let lost = ClientError::Request(RequestError::Transport(TransportError::Timeout));
+        assert_eq!(classify(&lost).0, SendOutcome::Unknown);
+        let local = ClientError::InvalidOperation("no".into());
+        assert_eq!(classify(&local).0, SendOutcome::Refused);
+    }
+}
