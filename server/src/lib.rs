@@ -3,6 +3,7 @@
 //! parses the command line and the configuration.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod identity;
@@ -197,6 +198,12 @@ impl Server {
         ));
         tracker.spawn(sweeper(state.clone()));
         federation::outbox::start(state.clone(), &tracker);
+        match admin::serve(state.clone(), &tracker).await {
+            Ok(path) => tracing::info!(socket = %path.display(), "admin socket listening"),
+            Err(err) => {
+                tracing::warn!(%err, "no admin socket: roost admin cannot reach this server")
+            }
+        }
         let metrics_addr = match state.settings.metrics_listen {
             Some(addr) => Some(
                 metrics::start(addr, state.clone(), &tracker)

@@ -507,7 +507,12 @@ mod tests {
         assert_eq!(order, (0..=255u8).collect::<Vec<_>>());
 
         // Small deliveries share a transaction; one larger than the bound goes alone.
-        let mixed = vec![delivery(1, 3), delivery(2, 2), delivery(3, 9), delivery(4, 1)];
+        let mixed = vec![
+            delivery(1, 3),
+            delivery(2, 2),
+            delivery(3, 9),
+            delivery(4, 1),
+        ];
         let sizes: Vec<Vec<usize>> = transaction_chunks(mixed, 5)
             .iter()
             .map(|c| c.iter().map(|d| d.recipients.len()).collect())
