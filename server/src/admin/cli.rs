@@ -119,8 +119,10 @@ fn no_homeserver(dir: &Path, missing: &Path) -> anyhow::Error {
     )
 }
 
-/// The settings `roost admin` works with, after checking that they name a homeserver.
-fn settings(args: &AdminArgs) -> anyhow::Result<Settings> {
+/// The settings `roost admin` works with, after checking that they name a homeserver. A
+/// data directory whose admin socket exists is one (the server there knows its identity
+/// directory and database) unless the command works on the files itself (`files`).
+fn settings(args: &AdminArgs, files: bool) -> anyhow::Result<Settings> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -129,6 +131,9 @@ fn settings(args: &AdminArgs) -> anyhow::Result<Settings> {
         config.data_dir = data.clone();
     }
     let settings = config.validate()?;
+    if !files && settings.data_dir.join(SOCKET_FILE).exists() {
+        return Ok(settings);
+    }
     let as_key = settings.identity_dir.join(crate::identity::AS_KEY_FILE);
     if !as_key.is_file() {
         return Err(no_homeserver(&settings.data_dir, &as_key));
@@ -144,7 +149,13 @@ fn settings(args: &AdminArgs) -> anyhow::Result<Settings> {
 
 /// Runs `roost admin`.
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
-    let settings = settings(&args)?;
+    let files = matches!(
+        args.command,
+        AdminCommand::Token {
+            command: TokenCommand::Create { .. } | TokenCommand::Revoke { .. }
+        }
+    );
+    let settings = settings(&args, files)?;
     let request = match &args.command {
         AdminCommand::Token { command } => match command {
             TokenCommand::Create { uses } => {

@@ -410,3 +410,85 @@ async fn a_backup_under_writes_restores_into_a_working_server() {
     assert_eq!(fetched.messages[4].payload, payload(5));
     server.shutdown().await;
 }
+
+/// PostgreSQL: `roost admin` opens the shared database itself (no node's socket), and the
+/// deactivation reaches the node the user is connected to; the other node's socket answers
+/// the same; backup names pg_dump instead of copying.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgres_a_deactivation_reaches_every_node() {
+    use roost_server::config::StorageBackend;
+
+    let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
+    let url = cluster.create_database("roost").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let identity = dir.path().join("identity");
+    let node_config = |name: &str| {
+        let mut config = config(&dir.path().join(name));
+        config.identity_dir = Some(identity.clone());
+        config.storage.backend = StorageBackend::Postgres;
+        config.storage.url = Some(url.clone());
+        config.storage.pool_size = 4;
+        config.storage.timeout_ms = 3_000;
+        config
+    };
+    let a = start(node_config("a")).await;
+    let b = start(node_config("b")).await;
+    let (_alice, _phone, alice_on_b) = new_client(&b, "alice").await;
+    let (_bob, _bob_phone, _bob_on_a) = new_client(&a, "bob").await;
+    assert!(alice_on_b.call(fetch_all()).await.is_ok());
+
+    // An operator's configuration: the database and identity, a data directory of no node.
+    let admin_data = dir.path().join("admin");
+    std::fs::create_dir(&admin_data).unwrap();
+    let file = dir.path().join("roost.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "domain = {DOMAIN:?}\nidentity_dir = {:?}\n[storage]\nbackend = \"postgres\"\nurl = {url:?}\n",
+            identity.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let config_args = ["--config", file.to_str().unwrap()];
+    let mut args = config_args.to_vec();
+    args.extend(["user", "deactivate", "alice"]);
+    let out = admin_ok(&admin_data, &args).await;
+    assert!(out.contains("1 device"), "{out}");
+
+    // Node b hears it through the database's notifications and cuts alice off.
+    let mut cut_off = false;
+    for _ in 0..100 {
+        match alice_on_b.call(fetch_all()).await {
+            Err(RequestError::Server(err)) if err.code == ErrorCode::CLIENT_NOT_FOUND => {
+                cut_off = true;
+                break;
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+        }
+    }
+    assert!(
+        cut_off,
+        "node b still serves the deactivated user's connection"
+    );
+
+    // Node a's socket sees the same database.
+    let stats = admin_json(&dir.path().join("a"), &["stats"]).await;
+    assert_eq!(
+        (
+            &stats["users"],
+            &stats["deactivated_users"],
+            &stats["clients"]
+        ),
+        (&2.into(), &1.into(), &1.into())
+    );
+    let backup = admin(
+        &dir.path().join("a"),
+        &["backup", "/tmp/roost-never-written"],
+    )
+    .await;
+    assert_eq!(backup.code, Some(1));
+    assert!(backup.stderr.contains("pg_dump"), "{}", backup.stderr);
+    assert_eq!(backup.stderr.lines().count(), 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
