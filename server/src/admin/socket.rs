@@ -147,8 +147,19 @@ pub(crate) async fn request(path: &Path, request: &Request) -> Result<Option<Rep
         }
         Err(err) => return Err(AdminError::Io(format!("{}: {err}", path.display()))),
     };
-    let io =
-        |err: std::io::Error| AdminError::Io(format!("admin socket {}: {err}", path.display()));
+    // The server closes a connection it refuses (another user's) without a word: the write
+    // or the read then fails, or the answer is empty.
+    let refused = || {
+        AdminError::Io(format!(
+            "the server closed the admin socket {} without answering (run roost admin as the \
+             server's user)",
+            path.display()
+        ))
+    };
+    let io = |err: std::io::Error| match err.kind() {
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset => refused(),
+        _ => AdminError::Io(format!("admin socket {}: {err}", path.display())),
+    };
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(request).map_err(|err| AdminError::Io(err.to_string()))?;
     line.push(b'\n');
@@ -160,11 +171,7 @@ pub(crate) async fn request(path: &Path, request: &Request) -> Result<Option<Rep
         .await
         .map_err(io)?;
     if answer.is_empty() {
-        return Err(AdminError::Io(format!(
-            "the server closed the admin socket {} without answering (run roost admin as the \
-             server's user)",
-            path.display()
-        )));
+        return Err(refused());
     }
     match serde_json::from_slice::<Outcome>(&answer) {
         Ok(Outcome::Ok(reply)) => Ok(Some(reply)),
