@@ -124,6 +124,14 @@ pub(crate) enum DeviceCommand {
         #[arg(long)]
         device: DeviceName,
     },
+    /// List your user's devices as DEVICE<TAB>CLIENT (this one marked `*` after its name).
+    List,
+    /// Remove one of your user's devices: the server cuts it off, deletes its queue and
+    /// KeyPackages and never accepts its name again. Needs the user key on this device.
+    Remove {
+        /// The device to remove (not this one).
+        device: DeviceName,
+    },
     /// Write the user key (which authorises adding devices) to a new file with mode 0600.
     ExportUserKey {
         /// The file to create (`-` writes to standard output).

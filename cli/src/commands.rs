@@ -50,6 +50,12 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
         Command::Device {
             command: DeviceCommand::ExportUserKey { out },
         } => export_user_key(ctx, &out).await,
+        Command::Device {
+            command: DeviceCommand::List,
+        } => list_devices(ctx).await,
+        Command::Device {
+            command: DeviceCommand::Remove { device },
+        } => remove_device(ctx, &device).await,
         Command::Whoami => whoami(ctx),
         Command::Group { command } => group(ctx, command).await,
         Command::Send { group, text } => {
@@ -291,6 +297,49 @@ async fn export_user_key(ctx: &Context, path: &Path) -> anyhow::Result<()> {
         "user": key.user().to_string(),
         "file": path.display().to_string(),
     }))?;
+    Ok(())
+}
+
+/// `device list`: DEVICE<TAB>CLIENT, this device marked.
+async fn list_devices(ctx: &Context) -> anyhow::Result<()> {
+    let session = Session::open(ctx, false, false).await?;
+    let me = session.client.client_id().clone();
+    let devices = session.client.devices().await;
+    let servers = session.settings.servers_text();
+    session.close().await;
+    let devices = devices.map_err(|err| anyhow!(errors::describe(&err, &servers)))?;
+    for credential in devices {
+        let this = credential.client == me;
+        let mark = if this { " *" } else { "" };
+        ctx.out.print(
+            format!("{}{mark}\t{}", credential.client.device, credential.client),
+            json!({
+                "device": credential.client.device.to_string(),
+                "client": credential.client.to_string(),
+                "this_device": this,
+                "credential_not_after": credential.not_after,
+            }),
+        )?;
+    }
+    Ok(())
+}
+
+/// `device remove DEVICE`.
+async fn remove_device(ctx: &Context, device: &DeviceName) -> anyhow::Result<()> {
+    let session = Session::open(ctx, false, false).await?;
+    if session.client.client_id().device == *device {
+        session.close().await;
+        bail!("{device} is this device: remove it from another device of the user");
+    }
+    let removed = session.client.remove_device(device).await;
+    let client = ClientId::new(session.client.user_id().clone(), device.clone());
+    let servers = session.settings.servers_text();
+    session.close().await;
+    removed.map_err(|err| anyhow!(errors::describe(&err, &servers)))?;
+    ctx.out.print(
+        format!("removed {client}"),
+        json!({ "removed": client.to_string() }),
+    )?;
     Ok(())
 }
 

@@ -118,6 +118,9 @@ fn describe_server(err: &WireError) -> String {
         ErrorCode::REGISTRATION_TOKEN_REQUIRED => {
             "the server requires a registration token: pass --token TOKEN".into()
         }
+        ErrorCode::CLIENT_NOT_FOUND => {
+            "no such device: it is not (or no longer) a device of this user".into()
+        }
         ErrorCode::BAD_SIGNATURE => "the server refused the signature (wrong user key?)".into(),
         ErrorCode::NOT_MEMBER => "not a member of the group".into(),
         ErrorCode::GROUP_NOT_FOUND => "the server does not know this group".into(),

@@ -391,6 +391,59 @@ fn a_second_device_with_the_exported_user_key() {
     );
 }
 
+#[test]
+fn a_user_lists_and_removes_their_own_devices() {
+    let h = Harness::start();
+    h.register("alice");
+    let key = h.dir.path().join("alice.key");
+    let key = key.to_str().unwrap();
+    h.ok("alice", &["device", "export-user-key", "--out", key]);
+    h.ok(
+        "laptop",
+        &[
+            "device",
+            "add",
+            "alice@localhost",
+            "--user-key",
+            key,
+            "--device",
+            "laptop",
+            "--server",
+            &h.addr(),
+            "--server-cert",
+            &h.cert(),
+        ],
+    );
+    assert_eq!(
+        h.ok("alice", &["device", "list"]),
+        "cli *\talice@localhost/cli\nlaptop\talice@localhost/laptop\n"
+    );
+    let listed = json_lines(&h.ok("laptop", &["--json", "device", "list"]));
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1]["client"], "alice@localhost/laptop");
+    assert_eq!(listed[1]["this_device"], true);
+    assert_eq!(listed[0]["this_device"], false);
+
+    assert!(
+        h.fails("alice", &["device", "remove", "cli"])
+            .contains("is this device")
+    );
+    assert_eq!(
+        h.ok("alice", &["device", "remove", "laptop"]),
+        "removed alice@localhost/laptop\n"
+    );
+    assert_eq!(
+        h.ok("alice", &["device", "list"]),
+        "cli *\talice@localhost/cli\n"
+    );
+    // The removed device is cut off, and its name is not free again.
+    h.fails("laptop", &["device", "list"]);
+    assert!(
+        h.fails("alice", &["device", "remove", "laptop"])
+            .contains("no such device")
+    );
+}
+
 /// A UDP port on 127.0.0.1 where nobody listens (it was free a moment ago).
 fn dead_addr() -> String {
     std::net::UdpSocket::bind("127.0.0.1:0")

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod clock;
+pub mod admin;
 pub mod config;
 pub mod config_reference;
 pub mod error;
@@ -234,6 +235,12 @@ impl Server {
         ));
         tracker.spawn(sweeper(state.clone()));
         federation::outbox::start(state.clone(), &tracker);
+        match admin::serve(state.clone(), &tracker).await {
+            Ok(path) => tracing::info!(socket = %path.display(), "admin socket listening"),
+            Err(err) => {
+                tracing::warn!(%err, "no admin socket: roost admin cannot reach this server")
+            }
+        }
         let metrics_addr = match state.settings.metrics_listen {
             Some(addr) => Some(
                 metrics::start(addr, state.clone(), &tracker)

@@ -61,11 +61,8 @@ enum Command {
         #[arg(long)]
         log_format: Option<LogFormat>,
     },
-    /// Administration.
-    Admin {
-        #[command(subcommand)]
-        command: AdminCommand,
-    },
+    /// Administration of a homeserver, running or stopped (see README.md, Administration).
+    Admin(roost_server::admin::cli::AdminArgs),
     /// Check a configuration file, or print one with every field and its default.
     Config {
         #[command(subcommand)]
@@ -91,33 +88,6 @@ enum ConfigCommand {
     },
     /// Print a commented TOML file with every field set to its default.
     Default,
-}
-
-#[derive(Subcommand)]
-enum AdminCommand {
-    /// Registration tokens.
-    Token {
-        #[command(subcommand)]
-        command: TokenCommand,
-    },
-}
-
-#[derive(Subcommand)]
-enum TokenCommand {
-    /// Make a registration token and print it (only its hash is stored). Works while the
-    /// server runs.
-    Create {
-        /// TOML configuration file, for its identity_dir (else data_dir).
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Directory of the token file (overrides the configuration's identity_dir, else
-        /// data_dir).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// How many registrations the token allows.
-        #[arg(long, default_value_t = 1)]
-        uses: u64,
-    },
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -262,18 +232,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()?;
             runtime.block_on(roost_server::run(settings, shutdown_signal()))?;
         }
-        Command::Admin {
-            command:
-                AdminCommand::Token {
-                    command: TokenCommand::Create { config, data, uses },
-                },
-        } => {
+        Command::Admin(args) => {
             install_tracing(LogFormat::Text);
-            let config = load_config(config.as_ref())?;
-            // Tokens live with the identity files, which every node of a domain shares.
-            let dir = data.unwrap_or(config.identity_dir.unwrap_or(config.data_dir));
-            let token = roost_server::create_registration_token(&dir, uses.max(1))?;
-            println!("{token}");
+            roost_server::admin::cli::run(args)?;
         }
         Command::Config {
             command: ConfigCommand::Check { config },

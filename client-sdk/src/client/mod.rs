@@ -6,6 +6,7 @@
 //! whenever the lock is free. Submodules: `groups` (group operations and the commit retry),
 //! `inbox` (queue processing and the background listener), `keypackages` (replenishment).
 
+mod devices;
 mod groups;
 mod inbox;
 mod keypackages;

@@ -1,7 +1,7 @@
 //! Storage engines behind the services' store traits ([`crate::auth::AuthStore`],
 //! [`crate::keypackage::KeyPackageStore`], [`crate::queue::QueueStore`],
 //! [`crate::delivery::GroupStore`], [`crate::delivery::receipt::ReceiptStore`],
-//! [`crate::federation::outbox::OutboxStore`]).
+//! [`crate::federation::outbox::OutboxStore`], [`crate::admin::store::AdminStore`]).
 //!
 //! One module per engine: [`redb`] (embedded, the default: one process per domain) and
 //! [`postgres`] (several nodes of one domain over one database). [`Backend`] is the engine the
@@ -14,6 +14,7 @@
 //! once.
 
 pub(crate) mod postgres;
+pub(crate) use self::redb::admin::stored_domain as redb_stored_domain;
 pub(crate) mod redb;
 
 #[cfg(test)]
@@ -25,6 +26,7 @@ use roost_protocol::messages::auth::ClientCredential;
 use roost_protocol::messages::federation::{DeliverResponse, Delivery};
 use roost_protocol::{ClientId, Domain, MessageId, UserId, UserName};
 
+use crate::admin::store::{AdminStore, BackupOutcome, StoreStats, UserSummary};
 use crate::auth::{AuthStore, ClientRecord};
 use crate::delivery::receipt::ReceiptStore;
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
@@ -162,6 +164,15 @@ dispatch!(OutboxStore {
     async fn pending_domains(&self) -> Result<Vec<Domain>, ServiceError>;
     async fn outbox_batch(&self, domain: &Domain, max: usize, max_bytes: usize) -> Result<Vec<(u64, Delivery)>, ServiceError>;
     async fn outbox_remove(&self, domain: &Domain, seqs: Vec<u64>) -> Result<(), ServiceError>;
+});
+
+dispatch!(AdminStore {
+    async fn users(&self) -> Result<Vec<UserSummary>, ServiceError>;
+    async fn user(&self, name: &UserName) -> Result<Option<UserSummary>, ServiceError>;
+    async fn deactivate_user(&self, name: &UserName) -> Result<Vec<u64>, ServiceError>;
+    async fn token_uses(&self) -> Result<Vec<(String, u64)>, ServiceError>;
+    async fn stats(&self) -> Result<StoreStats, ServiceError>;
+    async fn backup(&self, dest: std::path::PathBuf) -> Result<BackupOutcome, ServiceError>;
 });
 
 /// Opens the configured engine: redb at `redb_path`, or PostgreSQL (migrating its schema and

@@ -6,9 +6,10 @@ use roost_protocol::messages::auth::ClientCredential;
 use roost_protocol::messages::federation::Delivery;
 use roost_protocol::messages::keypackage::KeyPackageKind;
 use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
-use roost_protocol::{ClientId, MessageId};
+use roost_protocol::{ClientId, MessageId, UserName};
 use tls_codec::Serialize as _;
 
+use crate::admin::store::{AdminStore, StoreStats};
 use crate::auth::AuthStore;
 use crate::delivery::receipt::{Answer, Receipt, ReceiptStore};
 use crate::delivery::{FanOut, GroupState, GroupStore, GroupWrite};
@@ -700,6 +701,156 @@ pub(crate) async fn receipts<
     assert_eq!(store.count(num, 0).await.unwrap().0, 4);
 }
 
+/// Administration: listing, deactivation (clients, queues and KeyPackages gone in one
+/// transaction, the name kept taken), token uses and the counts of `roost admin stats`.
+pub(crate) async fn admin<S>(store: &S)
+where
+    S: AuthStore + KeyPackageStore + QueueStore + GroupStore + AdminStore,
+{
+    let (alice, bob): (UserName, UserName) = ("alice".parse().unwrap(), "bob".parse().unwrap());
+    assert_eq!(store.stats().await.unwrap(), StoreStats::default());
+    store.create_user(&bob, vec![2; 32], None).await.unwrap();
+    store
+        .create_user(&alice, vec![1; 32], Some(("tokenhash".into(), 5)))
+        .await
+        .unwrap();
+    let mut nums = Vec::new();
+    for device in ["phone", "laptop", "tablet"] {
+        let client = format!("alice@example.org/{device}");
+        nums.push(store.add_client(credential(&client)).await.unwrap());
+    }
+    let bob_phone: ClientId = "bob@example.org/phone".parse().unwrap();
+    let bob_num = store
+        .add_client(credential("bob@example.org/phone"))
+        .await
+        .unwrap();
+    store
+        .remove_client(&"alice@example.org/tablet".parse().unwrap())
+        .await
+        .unwrap();
+    for (n, num) in [nums[0], nums[0], nums[1], bob_num].into_iter().enumerate() {
+        let n = u8::try_from(n).unwrap();
+        store
+            .add(num, vec![(u64::MAX, vec![n])], None, 10, None)
+            .await
+            .unwrap();
+    }
+    let alice_phone: ClientId = "alice@example.org/phone".parse().unwrap();
+    for n in 1..=3u8 {
+        store
+            .enqueue(&alice_phone, MessageId([n; 16]), 1, payload(n), 10)
+            .await
+            .unwrap();
+    }
+    store
+        .enqueue(&bob_phone, MessageId([9; 16]), 1, payload(9), 10)
+        .await
+        .unwrap();
+    store
+        .create_group(GroupState {
+            key: vec![4, 2],
+            epoch: 0,
+            version: 0,
+            snapshot: vec![1],
+        })
+        .await
+        .unwrap();
+    let beta: roost_protocol::Domain = "beta.test".parse().unwrap();
+    let to_beta = |n: u8| FanOut {
+        local: Vec::new(),
+        remote: [(beta.clone(), vec!["r@beta.test/phone".parse().unwrap()])]
+            .into_iter()
+            .collect(),
+        payload: QueuePayload::GroupMessage(GroupMessage {
+            group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                .parse()
+                .unwrap(),
+            message: vec![n].into(),
+        }),
+        timestamp_ms: crate::unix_millis(),
+    };
+    let next = GroupState {
+        key: vec![4, 2],
+        epoch: 1,
+        version: 1,
+        snapshot: vec![2],
+    };
+    let write = GroupWrite {
+        key: vec![4, 2],
+        loaded: 0,
+        state: Some(next),
+        receipt: None,
+    };
+    store
+        .apply(write, vec![to_beta(1), to_beta(2)], 10)
+        .await
+        .unwrap();
+    let users = store.users().await.unwrap();
+    let listed: Vec<(&str, u64, bool)> = users
+        .iter()
+        .map(|u| (u.name.as_str(), u.clients, u.deactivated))
+        .collect();
+    assert_eq!(listed, vec![("alice", 2, false), ("bob", 1, false)]);
+    assert_eq!(store.user(&alice).await.unwrap().unwrap(), users[0]);
+    assert!(users[0].created_ms > 0);
+    assert_eq!(store.user(&"carol".parse().unwrap()).await.unwrap(), None);
+    assert_eq!(
+        store.token_uses().await.unwrap(),
+        vec![("tokenhash".to_owned(), 1)]
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (stats.users, stats.deactivated_users, stats.clients),
+        (2, 0, 3)
+    );
+    assert_eq!((stats.groups, stats.queued_messages), (1, 4));
+    assert_eq!(stats.outbox, vec![("beta.test".to_owned(), 2)]);
+
+    // Deactivation: every active client goes with its queue and KeyPackages, in one go.
+    let mut removed = store.deactivate_user(&alice).await.unwrap();
+    removed.sort_unstable();
+    let mut expected = vec![nums[0], nums[1]];
+    expected.sort_unstable();
+    assert_eq!(removed, expected);
+    assert!(
+        store
+            .active_clients_of(&alice_phone.user)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.count(nums[0], 0).await.unwrap(), (0, false));
+    assert_eq!(store.count(nums[1], 0).await.unwrap(), (0, false));
+    assert_eq!(store.count(bob_num, 0).await.unwrap(), (1, false));
+    assert!(
+        !matches!(
+            store
+                .enqueue(&alice_phone, MessageId([7; 16]), 1, payload(7), 10)
+                .await,
+            Ok((_, Enqueued::Queued(_)))
+        ),
+        "a deactivated user's queue takes nothing"
+    );
+    // The name stays taken and no user signature can verify any more.
+    assert!(matches!(
+        store.create_user(&alice, vec![3; 32], None).await,
+        Err(ServiceError::UserExists)
+    ));
+    assert_eq!(store.user_key(&alice).await.unwrap(), Some(Vec::new()));
+    assert!(store.user(&alice).await.unwrap().unwrap().deactivated);
+    assert!(store.deactivate_user(&alice).await.unwrap().is_empty());
+    assert!(matches!(
+        store.deactivate_user(&"carol".parse().unwrap()).await,
+        Err(ServiceError::UserNotFound)
+    ));
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        (stats.users, stats.deactivated_users, stats.clients),
+        (2, 1, 1)
+    );
+    assert_eq!((stats.groups, stats.queued_messages), (1, 1));
+}
+
 mod redb_backend {
     use crate::storage::Backend;
     use crate::storage::redb::Store;
@@ -738,6 +889,12 @@ mod redb_backend {
     async fn receipts() {
         let (_dir, store) = open();
         super::receipts(&store).await;
+    }
+
+    #[tokio::test]
+    async fn admin() {
+        let (_dir, store) = open();
+        super::admin(&store).await;
     }
 }
 
@@ -780,6 +937,7 @@ pub(crate) mod postgres_backend {
             "queues",
             "groups_and_outbox",
             "receipts",
+            "admin",
         ] {
             let url = cluster.create_database(part).unwrap();
             let (store, closer) = open(&url).await;
@@ -788,6 +946,7 @@ pub(crate) mod postgres_backend {
                 "key_packages" => super::key_packages(&store).await,
                 "queues" => super::queues(&store).await,
                 "receipts" => super::receipts(&store).await,
+                "admin" => super::admin(&store).await,
                 _ => super::groups_and_outbox(&store).await,
             }
             drop(store);

@@ -3,6 +3,7 @@
 //! and logs. One test binary, so openmls is linked once.
 #![allow(clippy::unwrap_used, unreachable_pub)]
 
+mod admin;
 mod auth;
 mod bad_input;
 mod binary;

@@ -24,6 +24,7 @@
 //!   between a commit and its announcement leaves other nodes' listeners unwoken until the
 //!   next wake-up of their queue or the periodic resync (`listen`), never without the message.
 
+mod admin;
 mod announce;
 mod auth;
 mod batch;

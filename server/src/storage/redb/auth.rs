@@ -13,32 +13,34 @@ use crate::error::ServiceError;
 
 /// A local user as stored.
 #[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
-struct StoredUser {
-    user_key: Opaque,
-    created_ms: u64,
+pub(super) struct StoredUser {
+    pub(super) user_key: Opaque,
+    pub(super) created_ms: u64,
 }
 
 /// A local client as stored. Removed clients stay as tombstones so their device name is never
 /// reused.
 #[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
-struct StoredClient {
-    credential: ClientCredential,
-    client_num: u64,
+pub(super) struct StoredClient {
+    pub(super) credential: ClientCredential,
+    pub(super) client_num: u64,
     /// 0 = active, 1 = removed.
-    revoked: u8,
+    pub(super) revoked: u8,
 }
 
 fn client_key(client: &ClientId) -> String {
     format!("{}/{}", client.user.name, client.device)
 }
 
-fn encode<T: tls_codec::Serialize + tls_codec::Size>(value: &T) -> Result<Vec<u8>, StoreError> {
+pub(super) fn encode<T: tls_codec::Serialize + tls_codec::Size>(
+    value: &T,
+) -> Result<Vec<u8>, StoreError> {
     value
         .tls_serialize_detached()
         .map_err(|_| StoreError::Corrupt("encode"))
 }
 
-fn decode_client(bytes: &[u8]) -> Result<StoredClient, StoreError> {
+pub(super) fn decode_client(bytes: &[u8]) -> Result<StoredClient, StoreError> {
     match StoredClient::tls_deserialize_bytes(bytes) {
         Ok((record, [])) => Ok(record),
         _ => Err(StoreError::Corrupt("clients")),

@@ -7,6 +7,7 @@
 //! inner error is the operation's own refusal, and an operation that refuses must not have
 //! written anything. The caller's future resolves only after the batch committed durably.
 
+pub(crate) mod admin;
 mod auth;
 pub(crate) mod fault;
 mod groups;
