@@ -69,6 +69,9 @@ mod config;
 mod credential;
 mod error;
 mod event;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod mls;
 mod store;
 pub mod transport;

@@ -16,6 +16,9 @@ mod bus;
 mod delivery;
 mod dispatch;
 mod federation;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 mod keypackage;
 mod metrics;
 mod mls;

@@ -1070,3 +1070,7 @@ mod tests;
 #[cfg(test)]
 #[path = "snapshot_tests.rs"]
 mod snapshot_tests;
+
+#[cfg(test)]
+#[path = "fuzz_seeds.rs"]
+mod fuzz_seeds;

@@ -71,7 +71,7 @@ pub(crate) fn validate_key_package(
 
 /// Reads (not_before, not_after) from the leaf node of a TLS-encoded KeyPackage (RFC 9420
 /// §10 and §7.2) without interpreting anything else.
-fn key_package_lifetime(bytes: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn key_package_lifetime(bytes: &[u8]) -> Option<(u64, u64)> {
     fn skip_vec(b: &[u8]) -> Option<&[u8]> {
         let (len, rest) = read_varint(b).ok()?;
         rest.get(len as usize..)

@@ -8,4 +8,6 @@ mod keypackage;
 mod snapshot;
 
 pub(crate) use group::{DsGroup, Member, MlsError};
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) use keypackage::key_package_lifetime;
 pub(crate) use keypackage::{CIPHERSUITE, KeyPackagePolicy, validate_key_package};
