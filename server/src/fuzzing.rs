@@ -312,7 +312,7 @@ impl DsHarness {
 
     /// Ok(true) when the group changed.
     fn apply(&mut self, op: DsOp) -> Result<bool, String> {
-        let accept = |_: &[u8], _: &[u8]| true;
+        let accept = |_: &[u8], _: &[u8]| Some(true);
         match op {
             DsOp::Create {
                 creator,

@@ -3,8 +3,8 @@
 //! parses the command line and the configuration.
 #![forbid(unsafe_code)]
 
-pub mod clock;
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod config_reference;
 pub mod error;
