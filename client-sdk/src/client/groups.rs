@@ -439,8 +439,9 @@ impl Inner {
     /// (STALE_EPOCH, MISSING_PROPOSALS: someone else's commit won) → dropped, unless the DS's
     /// GroupInfo shows it is ours after all (a server without receipts, or the receipt window
     /// passed); refused otherwise → dropped and the error returned. When the outcome stays
-    /// unknown (the connection failed twice) the commit stays pending and the error is
-    /// returned: the next operation settles it.
+    /// unknown (the connection failed twice, or PEER_UNREACHABLE / UNAVAILABLE /
+    /// RATE_LIMITED) the commit stays pending and the error is returned: the next operation
+    /// settles it.
     pub(crate) async fn settle_pending(
         &self,
         group: &GroupId,
@@ -478,6 +479,23 @@ impl Inner {
                 self.was_applied(group, pending.context.as_slice()).await?
             }
             Err(RequestError::Transport(err)) => return Err(RequestError::Transport(err).into()),
+            // Not known to be refused: a forwarding homeserver that lost the hub's answer
+            // (PEER_UNREACHABLE, PROTOCOL.md §8.2: may or may not have been applied), or a
+            // hub that could not work now. The commit stays pending: sending the same bytes
+            // again is answered from its receipt if it was applied, judged afresh if not.
+            Err(err)
+                if matches!(
+                    server_code(&err),
+                    Some(
+                        ErrorCode::PEER_UNREACHABLE
+                            | ErrorCode::UNAVAILABLE
+                            | ErrorCode::RATE_LIMITED
+                    )
+                ) =>
+            {
+                tracing::debug!(%group, %err, "commit outcome unknown: kept pending");
+                return Err(err.into());
+            }
             Err(err) => {
                 self.store.drop_pending(group)?;
                 return Err(err.into());

@@ -1,6 +1,7 @@
 //! `send-1to1` and `federated-send`: C concurrent pairs, each in its own 1:1 group. The sender
-//! sends a real SendMessage (a PrivateMessage of the group's epoch, made once per pair: the
-//! DS checks epoch and membership, not freshness), the DS validates it and enqueues it durably,
+//! sends a real SendMessage (a fresh PrivateMessage of the group's epoch each time, encrypted
+//! before its clock starts: the DS answers a repeat of the same bytes from its receipt and
+//! enqueues nothing), the DS validates it and enqueues it durably,
 //! the receiver's listen stream gets it pushed and the receiver acks it on its listen stream
 //! (a `ListenControl::Ack` frame, no round trip); then the next.
 //!
@@ -39,6 +40,9 @@ const TEXT_LEN: usize = 100;
 struct Pair {
     sender: BenchClient,
     receiver: BenchClient,
+    /// The sender's group, which encrypts each message.
+    owner: GroupOwner,
+    /// A message as sent (for its size).
     request: SendMessageRequest,
     stream: ListenStream,
 }
@@ -134,6 +138,7 @@ async fn setup(
             Ok::<_, anyhow::Error>(Pair {
                 sender,
                 receiver,
+                owner,
                 request,
                 stream,
             })
@@ -156,6 +161,7 @@ async fn drive(
 ) -> anyhow::Result<(Pair, Latencies)> {
     let mut latencies = Latencies::new();
     for k in 0..MAX_PER_PAIR {
+        let request = pair.owner.message(&[b'x'; TEXT_LEN])?;
         let sent = match pace {
             Some(pace) => {
                 let at = start + pace.saturating_mul(u32::try_from(k).unwrap_or(u32::MAX));
@@ -170,7 +176,7 @@ async fn drive(
         if sent >= deadline {
             break;
         }
-        pair.sender.conn()?.call(pair.request.clone()).await?;
+        pair.sender.conn()?.call(request).await?;
         let (seq, _) = next_message(&mut pair.stream).await?;
         latencies.record(sent.elapsed());
         pair.stream.ack(seq).await?;
