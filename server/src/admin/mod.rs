@@ -281,6 +281,7 @@ async fn backup(ctx: &Ctx, dir: &Path) -> Result<Reply, AdminError> {
         )));
     }
     let io = |err: std::io::Error| AdminError::Io(format!("{}: {err}", dir.display()));
+    let mut created = false;
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -292,14 +293,28 @@ async fn backup(ctx: &Ctx, dir: &Path) -> Result<Reply, AdminError> {
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(dir).map_err(io)?;
+            created = true;
         }
         Err(err) => return Err(io(err)),
     }
     restrict_dir(dir).map_err(io)?;
     let database = dir.join(crate::DATABASE_FILE);
-    let bytes = match ctx.store.backup(database).await? {
-        BackupOutcome::Written(bytes) => bytes,
-        BackupOutcome::External(how) => return Err(AdminError::External(how.to_owned())),
+    // A backup that was not written leaves no directory behind that this command made.
+    let discard = || {
+        if created {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    };
+    let bytes = match ctx.store.backup(database).await {
+        Ok(BackupOutcome::Written(bytes)) => bytes,
+        Ok(BackupOutcome::External(how)) => {
+            discard();
+            return Err(AdminError::External(how.to_owned()));
+        }
+        Err(err) => {
+            discard();
+            return Err(err.into());
+        }
     };
     let mut files = vec![crate::DATABASE_FILE.to_owned()];
     for name in IDENTITY_FILES {

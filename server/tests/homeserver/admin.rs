@@ -260,11 +260,13 @@ async fn admin_refuses_a_directory_without_a_homeserver() {
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("nothing-here");
     std::fs::create_dir(&empty).unwrap();
+    let never = dir.path().join("never");
+    let never_text = never.to_str().unwrap();
     for args in [
         &["token", "create"][..],
         &["user", "list"],
         &["stats"],
-        &["backup", "/tmp/never"],
+        &["backup", never_text],
     ] {
         let out = admin(&empty, args).await;
         assert_eq!(out.code, Some(1), "{args:?}");
@@ -282,7 +284,7 @@ async fn admin_refuses_a_directory_without_a_homeserver() {
         0,
         "files were created"
     );
-    assert!(!Path::new("/tmp/never").exists());
+    assert!(!never.exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -481,14 +483,12 @@ async fn on_postgres_a_deactivation_reaches_every_node() {
         ),
         (&2.into(), &1.into(), &1.into())
     );
-    let backup = admin(
-        &dir.path().join("a"),
-        &["backup", "/tmp/roost-never-written"],
-    )
-    .await;
+    let never = dir.path().join("never-written");
+    let backup = admin(&dir.path().join("a"), &["backup", never.to_str().unwrap()]).await;
     assert_eq!(backup.code, Some(1));
     assert!(backup.stderr.contains("pg_dump"), "{}", backup.stderr);
     assert_eq!(backup.stderr.lines().count(), 1);
+    assert!(!never.exists());
     a.shutdown().await;
     b.shutdown().await;
 }
