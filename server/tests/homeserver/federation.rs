@@ -117,10 +117,28 @@ async fn receive(member: &mut Member, count: usize) -> Vec<Vec<u8>> {
     got
 }
 
+/// Binds the UDP address a server just stopped listening on: its socket may close a moment
+/// after `shutdown` returns, so AddrInUse is retried for a while.
+async fn bind_freed(addr: SocketAddr) -> tokio::net::UdpSocket {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::net::UdpSocket::bind(addr).await {
+            Ok(socket) => return socket,
+            Err(err)
+                if err.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("cannot bind {addr} after its server stopped: {err}"),
+        }
+    }
+}
+
 /// Waits until something sends a datagram to `addr` while the server that listened there is
 /// down: the hub's outbox trying to reach it. The socket is closed again on return.
 async fn wait_for_delivery_attempt(addr: SocketAddr) {
-    let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    let socket = bind_freed(addr).await;
     let mut buf = [0u8; 2048];
     tokio::time::timeout(Duration::from_secs(15), socket.recv_from(&mut buf))
         .await
@@ -138,7 +156,7 @@ struct Blackhole {
 
 impl Blackhole {
     async fn bind(addr: SocketAddr) -> Self {
-        let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+        let socket = bind_freed(addr).await;
         let seen = Default::default();
         Self { socket, seen }
     }
