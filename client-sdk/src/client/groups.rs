@@ -173,7 +173,7 @@ impl Client {
         let mut outcome = Outcome::default();
         {
             let mls = inner.state.lock().await;
-            inner.settle_all_pending().await?;
+            inner.settle_all_pending(&mls).await?;
             for attempt in 0..2 {
                 inner.check_member(&mls, group)?;
                 if inner.store.group(group)?.is_some_and(|r| r.leaving == 1) {
@@ -376,7 +376,11 @@ impl Inner {
         intent: &Intent,
         outcome: &mut Outcome,
     ) -> Result<Vec<ClientId>, ClientError> {
-        self.settle_all_pending().await?;
+        self.settle_all_pending(mls).await?;
+        // Process what is queued first: the messages the hub accepts before our commit are
+        // read after we merge it, so they must stay within the past epochs we keep
+        // (MAX_PAST_EPOCHS in mls/mod.rs).
+        self.sync_into(mls, outcome).await?;
         let attempts = self.config.max_commit_attempts.max(1);
         for _ in 0..attempts {
             self.check_member(mls, group)?;
@@ -425,7 +429,7 @@ impl Inner {
                 out.group_info.into(),
                 out.context.into(),
             )?;
-            match self.settle_pending(group, pending).await? {
+            match self.settle_pending(mls, group, pending).await? {
                 Settled::Merged => return Ok(affected),
                 Settled::Refused => {}
             }
@@ -444,15 +448,37 @@ impl Inner {
     /// settles it.
     pub(crate) async fn settle_pending(
         &self,
+        mls: &Mls,
         group: &GroupId,
         pending: PendingCommit,
     ) -> Result<Settled, ClientError> {
+        // A record made from an epoch the group has left since (we rejoined, or processed a
+        // commit that won) can never be merged: merging it would put the group back.
+        let (new_epoch, _) = crate::mls::group_info_context(pending.group_info.as_slice())?;
+        let current = match mls.epoch(group) {
+            Ok(epoch) => Some(epoch),
+            Err(crate::mls::MlsError::NoGroup) => None,
+            Err(err) => return Err(err.into()),
+        };
+        if current != Some(new_epoch.saturating_sub(1)) {
+            tracing::info!(%group, ?current, new_epoch, "dropped a pending commit of an epoch we left");
+            self.store.drop_pending(group)?;
+            return Ok(Settled::Refused);
+        }
         let request = CommitRequest {
             group: group.clone(),
             commit: pending.commit.clone(),
             welcome: pending.welcome.clone(),
             group_info: pending.group_info.clone(),
         };
+        if self
+            .crash_before_send
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Err(ClientError::InvalidOperation(
+                "simulated crash before the commit was sent".into(),
+            ));
+        }
         let mut answer = self.conn.call(request.clone()).await;
         if let Err(RequestError::Transport(err)) = &answer {
             tracing::debug!(%group, %err, "commit outcome unknown: sending it again");
@@ -480,18 +506,16 @@ impl Inner {
             }
             Err(RequestError::Transport(err)) => return Err(RequestError::Transport(err).into()),
             // Not known to be refused: a forwarding homeserver that lost the hub's answer
-            // (PEER_UNREACHABLE, PROTOCOL.md §8.2: may or may not have been applied), or a
-            // hub that could not work now. The commit stays pending: sending the same bytes
-            // again is answered from its receipt if it was applied, judged afresh if not.
+            // (PEER_UNREACHABLE from our homeserver for a group hosted elsewhere, PROTOCOL.md
+            // §8.2: may or may not have been applied), or a server that could not tell whether
+            // its write went through (UNAVAILABLE). The commit stays pending: sending the same
+            // bytes again is answered from its receipt if it was applied, judged afresh if
+            // not. PEER_UNREACHABLE from the hub itself (its credential check could not reach
+            // a peer, §7.4) and RATE_LIMITED change nothing: refusals, handled below.
             Err(err)
-                if matches!(
-                    server_code(&err),
-                    Some(
-                        ErrorCode::PEER_UNREACHABLE
-                            | ErrorCode::UNAVAILABLE
-                            | ErrorCode::RATE_LIMITED
-                    )
-                ) =>
+                if server_code(&err) == Some(ErrorCode::UNAVAILABLE)
+                    || (server_code(&err) == Some(ErrorCode::PEER_UNREACHABLE)
+                        && group.domain != *self.identity.client.domain()) =>
             {
                 tracing::debug!(%group, %err, "commit outcome unknown: kept pending");
                 return Err(err.into());
@@ -514,19 +538,19 @@ impl Inner {
 
     /// Settles every pending commit (see [`Inner::settle_pending`]); for the start of an
     /// operation, with the state lock held. A commit whose outcome stays unknown fails the
-    /// operation: the group cannot go on before it is known.
-    pub(crate) async fn settle_all_pending(&self) -> Result<(), ClientError> {
+    /// operation: the group cannot go on before it is known (merging it later over state that
+    /// moved on meanwhile would undo what was processed in between). A refused one is dropped
+    /// and the operation goes on.
+    pub(crate) async fn settle_all_pending(&self, mls: &Mls) -> Result<(), ClientError> {
         for (group, pending) in self.store.pending_commits()? {
-            match self.settle_pending(&group, pending).await {
+            match self.settle_pending(mls, &group, pending).await {
                 Ok(Settled::Merged) => {
                     tracing::info!(%group, "merged our commit that the DS had accepted");
                 }
                 Ok(Settled::Refused) => {
                     tracing::info!(%group, "our pending commit was refused: dropped");
                 }
-                Err(ClientError::Request(RequestError::Transport(err))) => {
-                    return Err(RequestError::Transport(err).into());
-                }
+                Err(err) if self.store.pending_commit(&group)?.is_some() => return Err(err),
                 Err(err) => tracing::warn!(%group, %err, "our pending commit was refused"),
             }
         }

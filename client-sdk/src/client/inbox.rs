@@ -188,7 +188,7 @@ impl Inner {
     ) -> Result<(), ClientError> {
         // Our own commit first: what others sent after it is of its epoch.
         if !messages.is_empty() {
-            self.settle_all_pending().await?;
+            self.settle_all_pending(mls).await?;
         }
         for message in messages {
             if message.seq <= self.store.last_seq()? {

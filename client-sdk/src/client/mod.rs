@@ -109,6 +109,9 @@ pub(crate) struct Inner {
     /// Test hook: stop right after the DS accepted a commit, before merging it (as if the app
     /// were killed there); see [`Client::simulate_crash_after_commit`].
     crash_after_commit: std::sync::atomic::AtomicBool,
+    /// Test hook: stop right after a commit was made durable as pending, before it is sent;
+    /// see [`Client::simulate_crash_before_commit_sent`].
+    crash_before_send: std::sync::atomic::AtomicBool,
 }
 
 impl Client {
@@ -149,8 +152,8 @@ impl Client {
         let client = Self::start(config, store, profile)?;
         // A commit sent before the app stopped: merge it if the DS accepted it.
         {
-            let _mls = client.inner.state.lock().await;
-            if let Err(err) = client.inner.settle_all_pending().await {
+            let mls = client.inner.state.lock().await;
+            if let Err(err) = client.inner.settle_all_pending(&mls).await {
                 tracing::warn!(%err, "cannot settle a pending commit now");
             }
         }
@@ -266,6 +269,7 @@ impl Client {
             acked: AtomicU64::new(0),
             key_package_lock: Mutex::new(()),
             crash_after_commit: std::sync::atomic::AtomicBool::new(false),
+            crash_before_send: std::sync::atomic::AtomicBool::new(false),
             config,
         });
         let listener = inner
@@ -389,6 +393,17 @@ impl Client {
     pub fn simulate_crash_after_commit(&self) {
         self.inner
             .crash_after_commit
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Test hook, for crash tests: from now on, a commit this client makes stops once it is
+    /// durable in the profile as pending, before it is sent, and the operation fails — as if
+    /// the app had been killed at that moment. Close the client and open the profile again to
+    /// see what a restarted app does.
+    #[doc(hidden)]
+    pub fn simulate_crash_before_commit_sent(&self) {
+        self.inner
+            .crash_before_send
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 

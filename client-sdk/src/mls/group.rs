@@ -282,9 +282,13 @@ impl Mls {
         if theirs < ours && matches!(message, ProtocolMessage::PublicMessage(_)) {
             return Err(MlsError::Stale { ours, theirs });
         }
-        let processed = mls_group
-            .process_message(self, message)
-            .map_err(|e| MlsError::refused("processing", e))?;
+        let processed =
+            mls_group
+                .process_message(self, message)
+                .map_err(|e| MlsError::Refused {
+                    context: "processing",
+                    reason: format!("{e:?} (a message of epoch {theirs}, ours is {ours})"),
+                })?;
         let sender_leaf = match processed.sender() {
             Sender::Member(index) => Some(*index),
             _ => None,

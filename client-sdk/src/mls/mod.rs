@@ -29,8 +29,10 @@ pub(crate) use group::{Incoming, group_info_context, private_message_epoch};
 /// The only ciphersuite of roost/1.
 pub(crate) const CIPHERSUITE: Ciphersuite =
     Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
-/// Past epochs whose application messages can still be decrypted (the DS accepts 2).
-const MAX_PAST_EPOCHS: usize = 2;
+/// Past epochs whose application messages can still be decrypted: the DS accepts messages of
+/// 2 past epochs (`limits.past_epochs`), and a committer reads those the hub accepted just
+/// before its commit only after merging it, one epoch further on.
+const MAX_PAST_EPOCHS: usize = 3;
 
 /// An MLS operation failed.
 #[derive(Debug, thiserror::Error)]

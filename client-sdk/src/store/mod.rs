@@ -427,6 +427,20 @@ impl Store {
         })
     }
 
+    /// `group`'s pending commit, if it has one.
+    pub(crate) fn pending_commit(
+        &self,
+        group: &GroupId,
+    ) -> Result<Option<PendingCommit>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(PENDING)?;
+        let key = group.to_mls_bytes();
+        match table.get(key.as_slice())? {
+            Some(value) => Ok(Some(decode(value.value(), "pending commit")?)),
+            None => Ok(None),
+        }
+    }
+
     /// Every pending commit, by group.
     pub(crate) fn pending_commits(&self) -> Result<Vec<(GroupId, PendingCommit)>, StoreError> {
         let txn = self.db.begin_read()?;

@@ -62,3 +62,59 @@ async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_rest
         .await;
     }
 }
+
+/// The chaos run's finding (docs/RELIABILITY.md): a message the hub accepted for an epoch 2
+/// back, just before the committer's own commit, is read by the committer only after it has
+/// merged that commit: 3 epochs back by then, and it must still decrypt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committer_reads_a_message_of_an_old_epoch_accepted_just_before_its_commit() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    // Bob processes his queue only when asked: he stays in an old epoch.
+    let mut quiet = t.client_config();
+    quiet.listen = false;
+    let bob = t.register_with("bob", quiet).await;
+    let _carol = t.register("carol").await;
+    let _dave = t.register("dave").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    bob.sync().await.unwrap();
+    assert_eq!(wait_joined(&bob).await, group);
+    // Epoch 1 for bob; alice goes on to epoch 3.
+    alice.invite(&group, &[user("carol")]).await.unwrap();
+    alice.invite(&group, &[user("dave")]).await.unwrap();
+
+    // Alice's app dies with her next commit (epoch 3 to 4) durable but not sent yet.
+    alice.simulate_crash_before_commit_sent();
+    assert!(alice.remove_users(&group, &[user("dave")]).await.is_err());
+    alice.close().await;
+
+    // Bob writes from epoch 1: 2 epochs back, which the hub still accepts.
+    bob.send(&group, b"from the past").await.unwrap();
+
+    // Alice starts again: her commit goes out and is merged (epoch 4), then she reads bob's
+    // message, queued before it.
+    let alice = Client::open(t.client_config(), t.profile_path("alice-phone"))
+        .await
+        .unwrap();
+    loop {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, alice.next_event())
+            .await
+            .expect("alice got bob's message in time")
+            .unwrap();
+        match event {
+            Event::Message { sender, bytes, .. } => {
+                assert_eq!(sender, client_id("bob", "phone"));
+                assert_eq!(bytes, b"from the past");
+                break;
+            }
+            Event::GroupError { reason, .. } => panic!("alice could not read it: {reason}"),
+            _ => {}
+        }
+    }
+    assert!(
+        !members(&alice, &group)
+            .await
+            .contains(&client_id("dave", "phone"))
+    );
+}

@@ -49,6 +49,7 @@ use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
 use crate::harness::{Harness, HarnessConfig, Storage};
 use ledger::{Receipt, SendOutcome, Tally};
@@ -590,12 +591,15 @@ async fn run_with(
         .zip(&names)
         .map(|(client, name)| {
             let inbox = Arc::new(Inbox::default());
-            let pump = tokio::spawn(pump(
-                client.clone(),
-                inbox.clone(),
-                group_cell.clone(),
-                ids.clone(),
-            ));
+            let pump = tokio::spawn(
+                pump(
+                    client.clone(),
+                    inbox.clone(),
+                    group_cell.clone(),
+                    ids.clone(),
+                )
+                .instrument(tracing::info_span!("member", name = %name)),
+            );
             Peer {
                 name: name.clone(),
                 client: client.clone(),
@@ -650,15 +654,18 @@ async fn run_with(
         .iter()
         .enumerate()
         .map(|(index, peer)| {
-            tokio::spawn(sender_loop(
-                peer.client.clone(),
-                group.clone(),
-                index,
-                ledger.clone(),
-                refused_codes.clone(),
-                stop.clone(),
-                config.send_interval,
-            ))
+            tokio::spawn(
+                sender_loop(
+                    peer.client.clone(),
+                    group.clone(),
+                    index,
+                    ledger.clone(),
+                    refused_codes.clone(),
+                    stop.clone(),
+                    config.send_interval,
+                )
+                .instrument(tracing::info_span!("member", name = %peer.name)),
+            )
         })
         .collect();
     let commits = Arc::new(Mutex::new(CommitTally::default()));
@@ -667,15 +674,18 @@ async fn run_with(
         rover.client.client_id().clone(),
         rover.client.user_id().clone(),
     );
-    let committer = tokio::spawn(committer_loop(
-        creator.client.clone(),
-        group.clone(),
-        rover_id.clone(),
-        stop.clone(),
-        config.commit_interval,
-        config.seed ^ 0x5eed,
-        commits.clone(),
-    ));
+    let committer = tokio::spawn(
+        committer_loop(
+            creator.client.clone(),
+            group.clone(),
+            rover_id.clone(),
+            stop.clone(),
+            config.commit_interval,
+            config.seed ^ 0x5eed,
+            commits.clone(),
+        )
+        .instrument(tracing::info_span!("member", name = %creator.name)),
+    );
 
     // Faults.
     let mut report = ChaosReport {
