@@ -292,6 +292,9 @@ fn profile_path(dir: &Path, user: &UserId, device: &str) -> PathBuf {
     ))
 }
 
+/// How the marker messages of `scenarios::barrier` begin; they are not counted as messages.
+pub(crate) const BARRIER_PREFIX: &[u8] = b"\0barrier ";
+
 fn messages_in(events: &[Event], group: &GroupId) -> Vec<(ClientId, Vec<u8>)> {
     events
         .iter()
@@ -300,7 +303,9 @@ fn messages_in(events: &[Event], group: &GroupId) -> Vec<(ClientId, Vec<u8>)> {
                 group: g,
                 sender,
                 bytes,
-            } if g == group => Some((sender.clone(), bytes.clone())),
+            } if g == group && !bytes.starts_with(BARRIER_PREFIX) => {
+                Some((sender.clone(), bytes.clone()))
+            }
             _ => None,
         })
         .collect()

@@ -453,10 +453,59 @@ pub(crate) fn check(condition: bool, what: impl FnOnce() -> String) -> anyhow::R
     }
 }
 
-/// Waits `duration` so that anything still in flight would arrive (before checking that
-/// nothing more did).
-pub(crate) async fn settle(duration: Duration) {
-    tokio::time::sleep(duration).await;
+/// [`barrier`] from each of `members` to the others: afterwards every message any of them sent
+/// before the call, and any duplicate of one, has been processed by all of them.
+pub(crate) async fn quiesce(group: &GroupId, members: &[&Member]) -> anyhow::Result<()> {
+    for (i, from) in members.iter().enumerate() {
+        let others: Vec<&Member> = members
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, m)| *m)
+            .collect();
+        barrier(group, from, &others).await?;
+    }
+    Ok(())
+}
+
+/// Returns once everything sent to `members` in `group` before the call has arrived: `from`
+/// (a member) sends a marker and each of `members` waits for it. A recipient's queue is
+/// ordered, and so is the outbox towards each domain, so anything queued for a recipient
+/// before the marker — a late message, a duplicate — is processed before the marker is. What
+/// is checked after a barrier does not depend on how long anything took. Markers are not
+/// counted by `Member::messages` or `texts`.
+pub(crate) async fn barrier(
+    group: &GroupId,
+    from: &Member,
+    members: &[&Member],
+) -> anyhow::Result<()> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut marker = crate::member::BARRIER_PREFIX.to_vec();
+    marker.extend_from_slice(format!("{n}").as_bytes());
+    from.client()
+        .send(group, &marker)
+        .await
+        .with_context(|| format!("{} sending barrier {n}", from.id()))?;
+    let sender = from.id().clone();
+    for member in members {
+        member
+            .wait_until(
+                &format!("barrier {n} from {sender}"),
+                EVENT_TIMEOUT,
+                |events| {
+                    events
+                        .iter()
+                        .any(|e| {
+                            matches!(e, Event::Message { group: g, sender: s, bytes }
+                            if g == group && s == &sender && bytes == &marker)
+                        })
+                        .then_some(())
+                },
+            )
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use roost_protocol::GroupId;
 
-use super::{Ctx, ScenarioFuture, check, deliver, each_once, received, settle};
+use super::{Ctx, ScenarioFuture, barrier, check, deliver, each_once, quiesce, received};
 use crate::harness::Harness;
 use crate::member::Member;
 
@@ -35,7 +35,12 @@ async fn pair_group(ctx: &Ctx, h: &Harness) -> anyhow::Result<(Member, Member, G
 
 /// Waits until `member` holds exactly `expected` (texts, in order) in `group`, then checks
 /// that nothing more arrives.
-async fn exactly(member: &Member, group: &GroupId, expected: &[String]) -> anyhow::Result<()> {
+async fn exactly(
+    from: &Member,
+    member: &Member,
+    group: &GroupId,
+    expected: &[String],
+) -> anyhow::Result<()> {
     let got = member
         .wait_until(
             &format!("{} messages", expected.len()),
@@ -49,7 +54,8 @@ async fn exactly(member: &Member, group: &GroupId, expected: &[String]) -> anyho
     check(got == expected, || {
         format!("{} got {got:?}, expected {expected:?}", member.id())
     })?;
-    settle(Duration::from_millis(1000)).await;
+    // A duplicate of any of them would be queued before a later message of the same sender.
+    barrier(group, from, &[member]).await?;
     let after = member.messages(group).len();
     check(after == expected.len(), || {
         format!(
@@ -76,9 +82,11 @@ pub(super) fn recipient_down(ctx: Ctx) -> ScenarioFuture {
                 .with_context(|| format!("alice sending {text:?} (the hub must accept it)"))?;
             expected.push(text);
         }
-        settle(Duration::from_millis(300)).await;
+        // Give the hub's outbox time to try beta and fail (what this scenario is about); no
+        // check below depends on how long this is.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         h.restart(BETA).await.context("restarting beta")?;
-        exactly(&bob, &group, &expected).await?;
+        exactly(&alice, &bob, &group, &expected).await?;
         deliver(&group, &bob, "I am back", &[&alice]).await?;
         each_once(&group, &[&alice, &bob])?;
         Ok(())
@@ -104,9 +112,11 @@ pub(super) fn recipient_killed(ctx: Ctx) -> ScenarioFuture {
                 .with_context(|| format!("alice sending {text:?}"))?;
             expected.push(text);
         }
-        settle(Duration::from_millis(300)).await;
+        // Give the hub's outbox time to try beta and fail (what this scenario is about); no
+        // check below depends on how long this is.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         h.restart(BETA).await.context("restarting beta")?;
-        exactly(&bob, &group, &expected).await?;
+        exactly(&alice, &bob, &group, &expected).await?;
         deliver(&group, &bob, "I am back", &[&alice]).await?;
         each_once(&group, &[&alice, &bob])?;
         Ok(())
@@ -163,7 +173,7 @@ pub(super) fn hub_restart(ctx: Ctx) -> ScenarioFuture {
                 .await?;
         }
         deliver(&group, &dave, "new here", &[&alice, &bob, &carol]).await?;
-        settle(Duration::from_millis(500)).await;
+        quiesce(&group, &[&alice, &bob, &carol, &dave]).await?;
         each_once(&group, &[&alice, &bob, &carol, &dave])?;
         for (member, want) in [(&alice, 4), (&bob, 4), (&carol, 5)] {
             let count = member.messages(&group).len();
