@@ -407,3 +407,69 @@ fn spawn_executor_probe(state: Arc<State>, tracker: &TaskTracker) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `roost_*` metric name recorded in the server's sources, found by reading them.
+    fn recorded_in_sources() -> BTreeSet<String> {
+        fn walk(dir: &std::path::Path, out: &mut BTreeSet<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for macro_name in ["counter!(", "gauge!(", "histogram!("] {
+                        for (at, _) in text.match_indices(macro_name) {
+                            let rest = text[at + macro_name.len()..].trim_start();
+                            if let Some(name) = rest
+                                .strip_prefix('"')
+                                .and_then(|r| r.split_once('"'))
+                                .map(|(name, _)| name)
+                                .filter(|name| name.starts_with("roost_"))
+                            {
+                                out.insert(name.to_owned());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn every_recorded_metric_is_in_the_catalogue() {
+        let listed: BTreeSet<String> = CATALOGUE.iter().map(|m| m.name.to_owned()).collect();
+        assert_eq!(listed.len(), CATALOGUE.len(), "a metric is listed twice");
+        let recorded = recorded_in_sources();
+        assert!(recorded.len() > 20, "{recorded:?}");
+        let missing: Vec<_> = recorded.difference(&listed).collect();
+        assert!(
+            missing.is_empty(),
+            "recorded but not described: {missing:?}"
+        );
+        let unused: Vec<_> = listed.difference(&recorded).collect();
+        assert!(
+            unused.is_empty(),
+            "described but never recorded: {unused:?}"
+        );
+    }
+
+    #[test]
+    fn bucketed_metrics_are_histograms_with_increasing_bounds() {
+        for (name, buckets) in BUCKETS {
+            let metric = CATALOGUE.iter().find(|m| m.name == *name).unwrap();
+            assert_eq!(metric.kind, Kind::Histogram, "{name}");
+            assert!(!buckets.is_empty(), "{name}");
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{name}");
+        }
+    }
+}
