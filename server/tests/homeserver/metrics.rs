@@ -196,10 +196,10 @@ async fn every_series_is_described_and_build_info_is_exported() {
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn store_gauges_count_users_clients_and_queued_messages() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start(config(dir.path())).await;
+/// Registers two users with a device each and queues three messages for the first, stops the
+/// server, starts it again from `cfg` with metrics on, and checks the storage gauges.
+async fn check_store_gauges(cfg: roost_server::config::Config) {
+    let server = start(cfg.clone()).await;
     let (_alice, alice_phone, _a) = new_client(&server, "alice").await;
     let (_bob, _bob_phone, _b) = new_client(&server, "bob").await;
     let group: GroupId = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
@@ -218,7 +218,7 @@ async fn store_gauges_count_users_clients_and_queued_messages() {
     server.shutdown().await;
 
     // The gauges are read from storage when metrics start, then every 15 s.
-    let mut cfg = config(dir.path());
+    let mut cfg = cfg;
     cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     let server = start(cfg).await;
     let addr = server.metrics_addr().unwrap();
@@ -236,6 +236,25 @@ async fn store_gauges_count_users_clients_and_queued_messages() {
     assert_eq!(value(&text, "roost_groups"), Some(0.0), "{text}");
     assert_eq!(value(&text, "roost_users_deactivated"), Some(0.0), "{text}");
     server.shutdown().await;
+}
+
+#[tokio::test]
+async fn store_gauges_count_users_clients_and_queued_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    check_store_gauges(config(dir.path())).await;
+}
+
+#[tokio::test]
+async fn store_gauges_count_the_same_on_postgres() {
+    let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
+    let url = cluster.create_database("roost").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.storage.backend = roost_server::config::StorageBackend::Postgres;
+    cfg.storage.url = Some(url);
+    cfg.storage.pool_size = 4;
+    check_store_gauges(cfg).await;
+    drop(cluster);
 }
 
 /// Metric names a PromQL expression uses (every roost metric starts with `roost_`).
