@@ -248,14 +248,15 @@ fn handle() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
             // Refused only for an empty bucket list, which BUCKETS has none of (a unit test
-            // checks); then the metric stays a summary.
+            // checks); were it to happen, every histogram would be a summary.
             let builder = BUCKETS
                 .iter()
-                .filter(|(_, buckets)| !buckets.is_empty())
-                .fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
-                    builder
-                        .set_buckets_for_metric(Matcher::Full((*name).to_owned()), buckets)
-                        .unwrap_or_else(|_| PrometheusBuilder::new())
+                .try_fold(PrometheusBuilder::new(), |builder, (name, buckets)| {
+                    builder.set_buckets_for_metric(Matcher::Full((*name).to_owned()), buckets)
+                })
+                .unwrap_or_else(|err| {
+                    tracing::warn!(%err, "histogram buckets refused; histograms are summaries");
+                    PrometheusBuilder::new()
                 });
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
