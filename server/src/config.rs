@@ -126,6 +126,9 @@ pub struct StorageConfig {
     /// How long a request waits for a database connection or statement before it fails with
     /// UNAVAILABLE.
     pub timeout_ms: u64,
+    /// Memory redb may use to cache database pages and buffer writes, in MiB (redb engine
+    /// only).
+    pub cache_size_mib: u64,
 }
 
 impl Default for StorageConfig {
@@ -135,6 +138,7 @@ impl Default for StorageConfig {
             url: None,
             pool_size: 16,
             timeout_ms: 5_000,
+            cache_size_mib: 64,
         }
     }
 }
@@ -318,6 +322,8 @@ pub struct Limits {
     /// Most such receipts stored; beyond it the oldest are dropped early (the window
     /// shrinks), so the store holds at most this many (about 100 bytes each).
     pub max_receipts: u64,
+    /// Connections to `metrics_listen` served at once; more are closed at once.
+    pub metrics_max_connections: u32,
 }
 
 impl Default for Limits {
@@ -357,6 +363,7 @@ impl Default for Limits {
             max_cached_groups: 1_024,
             receipt_window_secs: 24 * 3600,
             max_receipts: 1_000_000,
+            metrics_max_connections: 64,
         }
     }
 }
@@ -378,7 +385,7 @@ impl Limits {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
-        let nonzero: [(&str, u64); 21] = [
+        let nonzero: [(&str, u64); 22] = [
             ("max_frame_len", self.max_frame_len.into()),
             ("request_read_timeout_ms", self.request_read_timeout_ms),
             ("idle_timeout_ms", self.idle_timeout_ms),
@@ -409,6 +416,10 @@ impl Limits {
             ("max_cached_groups", self.max_cached_groups.into()),
             ("receipt_window_secs", self.receipt_window_secs),
             ("max_receipts", self.max_receipts),
+            (
+                "metrics_max_connections",
+                self.metrics_max_connections.into(),
+            ),
         ];
         for (name, value) in nonzero {
             if value == 0 {
@@ -461,6 +472,8 @@ pub struct Settings {
     pub identity_dir: PathBuf,
     /// Storage engine.
     pub storage: StorageSettings,
+    /// redb's cache size in bytes (`storage.cache_size_mib`; unused with PostgreSQL).
+    pub redb_cache_size: usize,
     /// Certificate chain and key files, if not self-signed.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// Registration gating.
@@ -506,6 +519,18 @@ impl Config {
             }
         };
         self.limits.check()?;
+        let redb_cache_size = self
+            .storage
+            .cache_size_mib
+            .checked_mul(1024 * 1024)
+            .and_then(|bytes| usize::try_from(bytes).ok())
+            .filter(|&bytes| bytes > 0)
+            .ok_or_else(|| {
+                ConfigError::Invalid(format!(
+                    "storage.cache_size_mib must be at least 1 and fit in memory, not {}",
+                    self.storage.cache_size_mib
+                ))
+            })?;
         let storage = match self.storage.backend {
             StorageBackend::Redb => StorageSettings::Redb,
             StorageBackend::Postgres => {
@@ -545,6 +570,7 @@ impl Config {
             identity_dir: self.identity_dir.unwrap_or_else(|| self.data_dir.clone()),
             data_dir: self.data_dir,
             storage,
+            redb_cache_size,
             tls_files,
             require_registration_token: self.require_registration_token,
             metrics_listen: self.metrics_listen,
@@ -611,6 +637,12 @@ mod tests {
             StorageSettings::Postgres { pool_size: 16, .. }
         ));
         assert!(Config::from_toml("[storage]\nbackend = \"mysql\"\n").is_err());
+        let config = Config::from_toml("[storage]\ncache_size_mib = 8\n").unwrap();
+        assert_eq!(config.validate().unwrap().redb_cache_size, 8 << 20);
+        let config = Config::from_toml("[storage]\ncache_size_mib = 0\n").unwrap();
+        assert!(config.validate().is_err());
+        let config = Config::from_toml(&format!("[storage]\ncache_size_mib = {}\n", u64::MAX));
+        assert!(config.unwrap().validate().is_err());
         assert_eq!(Config::default().log_format, LogFormat::Text);
         let config = Config::from_toml("log_format = \"json\"\n").unwrap();
         assert_eq!(config.log_format, LogFormat::Json);

@@ -123,6 +123,11 @@ pub const FIELDS: &[Field] = &[
         "longest wait for a database connection, a statement or a lock; past it the request fails with UNAVAILABLE (retryable) and nothing is written",
     ),
     f(
+        "storage",
+        &["cache_size_mib"],
+        "memory redb may use for its page cache and write buffer (MiB; redb only). Bounds the database's share of the server's memory: see docs/BENCHMARKS.md for RSS under a large backlog",
+    ),
+    f(
         "limits",
         &["max_frame_len"],
         "largest request frame body (bytes); checked before reading the body",
@@ -130,7 +135,7 @@ pub const FIELDS: &[Field] = &[
     f(
         "limits",
         &["request_read_timeout_ms"],
-        "a request must arrive completely within this time (slow senders are cut off)",
+        "a request must arrive completely within this time (slow senders are cut off); on `metrics_listen`, the HTTP request head must, and the whole exchange ends within twice this time",
     ),
     f("limits", &["idle_timeout_ms"], "QUIC idle timeout"),
     f(
@@ -258,6 +263,11 @@ pub const FIELDS: &[Field] = &[
         "limits",
         &["max_receipts"],
         "most such receipts stored (about 100 bytes each); beyond it the oldest are dropped early",
+    ),
+    f(
+        "limits",
+        &["metrics_max_connections"],
+        "HTTP connections to `metrics_listen` served at once; more are closed at once",
     ),
     f(
         "federation",

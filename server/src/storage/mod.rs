@@ -103,6 +103,14 @@ impl Backend {
             Backend::Postgres(store) => store.healthy().await,
         }
     }
+
+    /// The engine's name, as the `engine` label of `roost_storage_failures_total` says it.
+    pub(crate) fn engine(&self) -> &'static str {
+        match self {
+            Backend::Redb(_) => "redb",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
 }
 
 /// Implements a store trait for [`Backend`] by handing every call to the engine.
@@ -189,8 +197,8 @@ pub(crate) async fn open(
         crate::config::StorageSettings::Redb => {
             let max_batch = settings.limits.max_write_batch as usize;
             let opener = match redb_faults {
-                Some(faults) => redb::faulty_opener(redb_path, faults),
-                None => redb::file_opener(redb_path),
+                Some(faults) => redb::faulty_opener(redb_path, faults, settings.redb_cache_size),
+                None => redb::file_opener(redb_path, settings.redb_cache_size),
             };
             // After a reopen every listener reads its queue from the store again.
             let queues = sink.queues.clone();

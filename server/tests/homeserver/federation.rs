@@ -305,9 +305,8 @@ async fn a_remote_members_send_retried_through_its_home_server_is_delivered_once
     pair.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_once() {
-    let mut pair = pair().await;
+/// alice on alpha and bob on beta, in one group hosted by alpha.
+async fn alice_and_bob_in_a_group(pair: &Pair) -> (Member, Member) {
     let mut alice = Member::new_in(&pair.alpha, "alice", ALPHA).await;
     let mut bob = Member::new_in(pair.beta(), "bob", BETA).await;
     bob.upload_key_packages(1).await;
@@ -315,6 +314,13 @@ async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_on
     let kps = alice.claim(&[bob.user_id()]).await;
     alice.commit_and_merge(kps, &[]).await;
     join(&mut bob).await;
+    (alice, bob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_while_the_recipients_server_is_down_and_arrive_exactly_once() {
+    let mut pair = pair().await;
+    let (mut alice, mut bob) = alice_and_bob_in_a_group(&pair).await;
 
     // Beta goes down; alice keeps sending: the hub accepts and keeps them in its outbox.
     pair.beta.take().unwrap().shutdown().await;
@@ -839,4 +845,46 @@ async fn a_commit_waiting_for_a_silent_peers_as_does_not_hold_up_the_group() {
     alice.send(b"still here").await.unwrap();
     assert_eq!(receive(&mut carol, 1).await, vec![b"still here".to_vec()]);
     alpha.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_backlog_for_a_peer_that_is_down_is_exported() {
+    let mut pair = pair().await;
+    let (mut alice, _bob) = alice_and_bob_in_a_group(&pair).await;
+    pair.beta.take().unwrap().shutdown().await;
+    for n in 0..5u8 {
+        alice.send(&[n]).await.unwrap();
+    }
+    // Alpha starts again with metrics on: the storage gauges are read when metrics start.
+    let Pair {
+        _dir: dir,
+        alpha,
+        mut alpha_cfg,
+        ..
+    } = pair;
+    drop(alice);
+    alpha.shutdown().await;
+    alpha_cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let alpha = start(alpha_cfg).await;
+    let addr = alpha.metrics_addr().unwrap();
+    let backlog = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("roost_outbox_backlog{domain=\"beta.test\"} "))
+            .map(|v| v.trim().parse::<f64>().unwrap())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http_get(addr, "/metrics").await;
+        // One outbox entry per message (each for bob, beta's only recipient).
+        if backlog(&text) == Some(5.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "backlog never exported: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    alpha.shutdown().await;
+    drop(dir);
 }

@@ -13,6 +13,7 @@ mod federation;
 mod group_info_rules;
 mod idempotency;
 mod keypackages;
+mod metrics;
 mod mls_member;
 mod mls_member_external;
 mod multinode;

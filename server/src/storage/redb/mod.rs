@@ -77,18 +77,25 @@ type Job = Box<dyn FnOnce(&WriteTransaction) -> Result<Completion, StoreError> +
 pub(crate) type Opener = Arc<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
 
 /// The opener of the database file at `path`.
-pub(crate) fn file_opener(path: &Path) -> Opener {
+/// `cache_size` bounds the memory redb uses for its page cache and write buffer (bytes).
+pub(crate) fn file_opener(path: &Path, cache_size: usize) -> Opener {
     let path = path.to_owned();
-    Arc::new(move || Ok(Database::builder().create(&path)?))
+    Arc::new(move || {
+        Ok(Database::builder()
+            .set_cache_size(cache_size)
+            .create(&path)?)
+    })
 }
 
 /// The opener of the database file at `path` through a [`fault::FaultyBackend`].
-pub(crate) fn faulty_opener(path: &Path, faults: fault::Faults) -> Opener {
+pub(crate) fn faulty_opener(path: &Path, faults: fault::Faults, cache_size: usize) -> Opener {
     let path = path.to_owned();
     Arc::new(move || {
         let backend = fault::FaultyBackend::open(&path, faults.clone())
             .map_err(|err| StoreError::Io(err.to_string().into()))?;
-        Ok(Database::builder().create_with_backend(backend)?)
+        Ok(Database::builder()
+            .set_cache_size(cache_size)
+            .create_with_backend(backend)?)
     })
 }
 
@@ -141,7 +148,7 @@ impl Store {
         domain: &str,
         max_batch: usize,
     ) -> Result<(Self, WriterHandle), StoreError> {
-        Self::open_with(file_opener(path), domain, max_batch, None)
+        Self::open_with(file_opener(path, 16 << 20), domain, max_batch, None)
     }
 
     /// [`Store::open`] through `opener`, which the writer also uses to reopen the database
