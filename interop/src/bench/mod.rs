@@ -9,12 +9,14 @@
 //! 127.0.0.1.
 //!
 //! Workloads (in the order they run): `keypackages`, `send-1to1`, `federated-send`,
-//! `idle-connections`, `commit`, `fanout`. Each yields one or more [`WorkloadResult`]s, printed
+//! `busy-group`, `idle-connections`, `commit`, `fanout`, `join-large`, `reconnect-storm`,
+//! `cold-start` (the last two restart alpha). Each yields one or more [`WorkloadResult`]s, printed
 //! as a table ([`print_table`]) or as one JSON object per line ([`print_json`]).
 
 pub mod baseline;
 pub mod clients;
 pub mod mls;
+pub mod quinn;
 pub mod server;
 pub mod stats;
 mod workloads;
@@ -30,13 +32,17 @@ use crate::binary::{Profile, locate_roost};
 use crate::harness::Storage;
 
 /// Every workload, in the order [`run`] runs them.
-pub const WORKLOADS: [&str; 6] = [
+pub const WORKLOADS: [&str; 10] = [
     "keypackages",
     "send-1to1",
     "federated-send",
+    "busy-group",
     "idle-connections",
     "commit",
     "fanout",
+    "join-large",
+    "reconnect-storm",
+    "cold-start",
 ];
 
 /// What to run and how hard.
@@ -66,8 +72,17 @@ pub struct BenchConfig {
     pub kp_per_target: usize,
     /// Concurrent claiming clients.
     pub claimers: usize,
-    /// Authenticated clients holding listen streams in `idle-connections`.
+    /// Authenticated clients holding listen streams in `idle-connections` (and reconnecting
+    /// in `reconnect-storm`).
     pub idle: usize,
+    /// Members of `busy-group`, all sending at once.
+    pub busy_members: usize,
+    /// Members of the group `join-large` adds one to.
+    pub join_members: usize,
+    /// Groups in `cold-start`'s database.
+    pub cold_groups: usize,
+    /// Queued messages (queue entries) in `cold-start`'s database, at least.
+    pub cold_queued: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
     /// Directory for the servers' data and logs; `None`: a temporary directory.
@@ -98,6 +113,10 @@ impl Default for BenchConfig {
             kp_per_target: 1_000,
             claimers: 32,
             idle: 10_000,
+            busy_members: 50,
+            join_members: 10_000,
+            cold_groups: 10_000,
+            cold_queued: 1_000_000,
             progress: true,
             dir: None,
             storage: Storage::Redb,
@@ -120,6 +139,10 @@ impl BenchConfig {
             kp_per_target: 20,
             claimers: 4,
             idle: 20,
+            busy_members: 4,
+            join_members: 10,
+            cold_groups: 20,
+            cold_queued: 200,
             progress: false,
             ..Self::default()
         }

@@ -122,6 +122,22 @@ impl BenchServers {
         Ok(self.harness.server(index)?.domain.clone())
     }
 
+    /// The data directory of server `index` (node 0).
+    pub fn data_dir(&self, index: usize) -> anyhow::Result<std::path::PathBuf> {
+        Ok(self.harness.server(index)?.data_dir.clone())
+    }
+
+    /// Stops server `index` (node 0) gracefully.
+    pub async fn stop(&mut self, index: usize) -> anyhow::Result<()> {
+        self.harness.stop_node(index, 0).await?;
+        Ok(())
+    }
+
+    /// Starts server `index` (node 0) again without waiting for it to answer.
+    pub fn launch(&mut self, index: usize) -> anyhow::Result<()> {
+        self.harness.launch_node(index, 0)
+    }
+
     /// Stops every server.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.harness.shutdown().await
