@@ -146,7 +146,8 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads (repeatable): keypackages, send-1to1, federated-send,
-    /// busy-group, idle-connections, commit, fanout, join-large, reconnect-storm, cold-start.
+    /// busy-group, idle-connections, commit, fanout, join-large, reconnect-storm, cold-start;
+    /// and, only when named, instructions (the homeserver under valgrind's callgrind).
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// Concurrent pairs of send-1to1 and federated-send.
@@ -193,6 +194,12 @@ struct BenchArgs {
     /// Queued messages (queue entries) in cold-start's database, at least.
     #[arg(long, default_value_t = 1_000_000)]
     cold_queued: usize,
+    /// Messages (and echo requests) counted by the instructions workload.
+    #[arg(long, default_value_t = 2_000)]
+    callgrind_messages: usize,
+    /// Pairs (and echo connections) of the instructions workload.
+    #[arg(long, default_value_t = 10)]
+    callgrind_pairs: usize,
     /// Directory for the servers' data and logs (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -226,6 +233,8 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
         join_members: args.join_members,
         cold_groups: args.cold_groups,
         cold_queued: args.cold_queued,
+        callgrind_messages: args.callgrind_messages,
+        callgrind_pairs: args.callgrind_pairs,
         progress: !args.no_progress,
         dir: args.dir,
     };

@@ -56,6 +56,8 @@ impl BenchServers {
     ) -> anyhow::Result<Self> {
         let mut config = HarnessConfig::new(roost, dir, count);
         config.log_filter = Some("warn".into());
+        // Under valgrind (the instructions workload) a start takes much longer.
+        config.start_timeout = std::time::Duration::from_secs(180);
         config.storage = storage;
         config.nodes = nodes;
         let mut harness = Harness::start(config).await?;

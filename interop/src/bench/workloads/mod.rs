@@ -10,6 +10,7 @@ mod busy;
 mod commit;
 mod fanout;
 mod idle;
+mod instructions;
 mod join;
 mod keypackages;
 mod restart;
@@ -30,7 +31,7 @@ use super::clients::{self, BenchClient};
 use super::mls;
 use super::server::BenchServers;
 use super::stats::{self, ExecutorProbe, Latencies};
-use super::{BenchConfig, WorkloadResult};
+use super::{BenchConfig, OPTIONAL_WORKLOADS, WorkloadResult};
 use crate::harness::Storage;
 use send::Route;
 
@@ -210,6 +211,14 @@ pub(crate) async fn run_all(
         tag(&mut rows, Storage::Redb, 1);
         redb_send = rows.first().map(|r| r.ops_per_sec);
         results.extend(rows);
+    }
+    if config.named("instructions") {
+        results.extend(instructions::run(config, roost, dir, progress).await?);
+    }
+    if config.workloads.iter().all(|w| OPTIONAL_WORKLOADS.contains(&w.as_str()))
+        && !config.workloads.is_empty()
+    {
+        return Ok(results);
     }
     set_phase(progress, "starting homeservers", 1);
     let mut servers = BenchServers::start(roost, dir, 2, config.storage, config.nodes).await?;
