@@ -68,7 +68,10 @@ impl GroupOwner {
         Ok(Self::new_group(client.clone(), uuid)?.1)
     }
 
-    fn new_group(client: BenchClient, uuid: [u8; 16]) -> anyhow::Result<(Self, CreateGroupRequest)> {
+    fn new_group(
+        client: BenchClient,
+        uuid: [u8; 16],
+    ) -> anyhow::Result<(Self, CreateGroupRequest)> {
         let gid = GroupId::new(uuid, client.id.domain().clone());
         let provider = OpenMlsRustCrypto::default();
         let config = MlsGroupCreateConfig::builder()
@@ -288,15 +291,15 @@ pub fn join_group(
     welcome: &[u8],
     tree: Option<&[u8]>,
 ) -> anyhow::Result<MlsGroup> {
-    let MlsMessageBodyIn::Welcome(welcome) = MlsMessageIn::tls_deserialize_exact(welcome)?.extract()
+    let MlsMessageBodyIn::Welcome(welcome) =
+        MlsMessageIn::tls_deserialize_exact(welcome)?.extract()
     else {
         bail!("not a Welcome");
     };
-    let tree = tree
-        .map(RatchetTreeIn::tls_deserialize_exact)
-        .transpose()?;
-    let staged = StagedWelcome::new_from_welcome(provider, &join_config(tree.is_none()), welcome, tree)
-        .map_err(|e| anyhow::anyhow!("cannot process the Welcome: {e}"))?;
+    let tree = tree.map(RatchetTreeIn::tls_deserialize_exact).transpose()?;
+    let staged =
+        StagedWelcome::new_from_welcome(provider, &join_config(tree.is_none()), welcome, tree)
+            .map_err(|e| anyhow::anyhow!("cannot process the Welcome: {e}"))?;
     staged
         .into_group(provider)
         .map_err(|e| anyhow::anyhow!("cannot join from the Welcome: {e}"))

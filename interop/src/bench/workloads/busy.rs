@@ -258,9 +258,7 @@ async fn shared_group(members: &[BenchClient]) -> anyhow::Result<Vec<GroupOwner>
     let joined = tokio::task::spawn_blocking(move || {
         built
             .into_iter()
-            .map(|(client, provider, _)| {
-                GroupOwner::join(client, provider, &welcome, Some(&tree))
-            })
+            .map(|(client, provider, _)| GroupOwner::join(client, provider, &welcome, Some(&tree)))
             .collect::<anyhow::Result<Vec<_>>>()
     })
     .await??;

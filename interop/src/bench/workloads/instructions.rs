@@ -180,7 +180,11 @@ pub(super) async fn run(
     let (roost_total, latencies, elapsed, request_len, response_len) = measured?;
     stopped?;
 
-    set_phase(progress, "instructions: quinn echo under callgrind", messages);
+    set_phase(
+        progress,
+        "instructions: quinn echo under callgrind",
+        messages,
+    );
     let exe = crate::binary::locate_interop()?;
     let echo = QuinnProcess::spawn(
         &exe,

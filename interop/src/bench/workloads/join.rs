@@ -20,11 +20,11 @@ use roost_protocol::messages::queue::{ListenEvent, QueuePayload};
 use serde_json::json;
 
 use super::{Pool, set_phase, uuid};
+use crate::bench::WorkloadResult;
 use crate::bench::clients::{self, BenchClient};
 use crate::bench::mls::{GroupOwner, copy_provider, join_group};
 use crate::bench::server::BenchServers;
 use crate::bench::stats::{self, Latencies};
-use crate::bench::WorkloadResult;
 
 /// Target: commit round trip ≤ this × PublicGroup.
 const COMMIT_RATIO: f64 = 1.5;

@@ -215,7 +215,10 @@ pub(crate) async fn run_all(
     if config.named("instructions") {
         results.extend(instructions::run(config, roost, dir, progress).await?);
     }
-    if config.workloads.iter().all(|w| OPTIONAL_WORKLOADS.contains(&w.as_str()))
+    if config
+        .workloads
+        .iter()
+        .all(|w| OPTIONAL_WORKLOADS.contains(&w.as_str()))
         && !config.workloads.is_empty()
     {
         return Ok(results);
@@ -466,8 +469,9 @@ async fn run_on(
         if let (Some(group), Some(client)) = (big.as_mut(), owner_conns.pop()) {
             group.client = client;
         }
-        let mut rows =
-            vec![restart::cold_start(config, servers, &mut pool, &owner, big.take(), progress).await?];
+        let mut rows = vec![
+            restart::cold_start(config, servers, &mut pool, &owner, big.take(), progress).await?,
+        ];
         tokio::time::sleep(Duration::from_millis(300)).await;
         attach_probe(servers, Some(ExecutorProbe::default()), &mut rows).await;
         results.extend(rows);

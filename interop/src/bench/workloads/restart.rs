@@ -174,7 +174,11 @@ pub(super) async fn storm(
 }
 
 /// Creates `count` groups of one member (`owner`), each with its own MLS group.
-async fn create_groups(owner: &BenchClient, count: usize, progress: &ProgressBar) -> anyhow::Result<()> {
+async fn create_groups(
+    owner: &BenchClient,
+    count: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<()> {
     set_phase(progress, "cold-start: groups", count);
     let conn = owner.conn()?.clone();
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(FILL_CONCURRENCY));
