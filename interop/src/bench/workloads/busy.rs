@@ -17,12 +17,12 @@ use anyhow::{Context as _, bail};
 use indicatif::ProgressBar;
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use roost_client::transport::ListenStream;
-use roost_protocol::messages::queue::{ListenEvent, QueueAckRequest, QueueFetchRequest};
+use roost_protocol::messages::queue::{ListenEvent, QueuePayload};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{is_private_message, set_phase, uuid};
+use super::{is_private_message, listen_at_head, set_phase, uuid};
 use crate::bench::clients::{self, BenchClient};
 use crate::bench::mls::GroupOwner;
 use crate::bench::server::BenchServers;
@@ -60,20 +60,7 @@ async fn open_streams(members: &[BenchClient]) -> anyhow::Result<Vec<ListenStrea
     let mut opening = JoinSet::new();
     for (i, member) in members.iter().enumerate() {
         let conn = member.conn()?.clone();
-        opening.spawn(async move {
-            let head = conn
-                .call(QueueFetchRequest {
-                    after_seq: 0,
-                    max_messages: 0,
-                    max_bytes: 1,
-                })
-                .await?
-                .head_seq;
-            if head > 0 {
-                conn.call(QueueAckRequest { up_to_seq: head }).await?;
-            }
-            Ok::<_, anyhow::Error>((i, conn.listen(head).await?))
-        });
+        opening.spawn(async move { Ok::<_, anyhow::Error>((i, listen_at_head(&conn).await?)) });
     }
     let mut streams: Vec<Option<ListenStream>> = (0..members.len()).map(|_| None).collect();
     while let Some(done) = opening.join_next().await {
@@ -106,7 +93,7 @@ async fn receive(
                 match event {
                     ListenEvent::Message(message) => {
                         if is_private_message(&message.payload).is_some()
-                            && let roost_protocol::messages::queue::QueuePayload::GroupMessage(m) = &message.payload
+                            && let QueuePayload::GroupMessage(m) = &message.payload
                         {
                             got.push(fingerprint(m.message.as_slice()));
                         }

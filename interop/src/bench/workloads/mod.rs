@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
-use roost_client::transport::{ConnectConfig, ListenStream};
+use roost_client::transport::{ConnectConfig, Connection, ListenStream};
 use roost_protocol::messages::queue::{
     ListenEvent, QueueAckRequest, QueueFetchRequest, QueuePayload,
 };
@@ -92,6 +92,22 @@ async fn listen_task(index: usize, mut stream: ListenStream, tx: mpsc::Unbounded
     }
 }
 
+/// Acknowledges everything a client's queue holds and opens a listen stream at its head.
+pub(crate) async fn listen_at_head(conn: &Connection) -> anyhow::Result<ListenStream> {
+    let head = conn
+        .call(QueueFetchRequest {
+            after_seq: 0,
+            max_messages: 0,
+            max_bytes: 1,
+        })
+        .await?
+        .head_seq;
+    if head > 0 {
+        conn.call(QueueAckRequest { up_to_seq: head }).await?;
+    }
+    Ok(conn.listen(head).await?)
+}
+
 /// Opens a listen stream for each client, after acknowledging what its queue holds (a
 /// listener that started at the beginning would first be pushed the whole backlog, e.g. the
 /// large commits that built a group), and spawns a task reading it.
@@ -112,19 +128,7 @@ pub(crate) async fn listen_with(
         let limit = limit.clone();
         opening.spawn(async move {
             let _permit = limit.acquire_owned().await?;
-            let head = conn
-                .call(QueueFetchRequest {
-                    after_seq: 0,
-                    max_messages: 0,
-                    max_bytes: 1,
-                })
-                .await?
-                .head_seq;
-            if head > 0 {
-                conn.call(QueueAckRequest { up_to_seq: head }).await?;
-            }
-            let stream = conn.listen(head).await?;
-            Ok::<_, anyhow::Error>((index, stream))
+            Ok::<_, anyhow::Error>((index, listen_at_head(&conn).await?))
         });
     }
     let mut tasks = Vec::with_capacity(clients.len());
