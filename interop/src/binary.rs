@@ -78,6 +78,23 @@ pub fn workspace_dir() -> PathBuf {
 /// Builds the `roost` binary with `profile` (waiting for cargo's lock if another build holds
 /// it) and returns its path.
 pub fn build_roost(profile: &Profile) -> anyhow::Result<PathBuf> {
+    build_binary("roost-server", "roost", profile)
+}
+
+/// This program, `roost-interop` (the bench runs its hidden `bench-quinn-server` in a process of
+/// its own): the running executable if it is that binary, else built with cargo in the
+/// running executable's profile (tests link the library, not the binary).
+pub fn locate_interop() -> anyhow::Result<PathBuf> {
+    if let Ok(exe) = std::env::current_exe()
+        && exe.file_stem().is_some_and(|stem| stem == "roost-interop")
+    {
+        return Ok(exe);
+    }
+    build_binary("roost-interop", "roost-interop", &Profile::of_current_exe())
+}
+
+/// Builds binary `bin` of workspace package `package` with `profile` and returns its path.
+fn build_binary(package: &str, bin: &str, profile: &Profile) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(&cargo);
     command
@@ -85,9 +102,9 @@ pub fn build_roost(profile: &Profile) -> anyhow::Result<PathBuf> {
         .args([
             "build",
             "-p",
-            "roost-server",
+            package,
             "--bin",
-            "roost",
+            bin,
             "--message-format=json",
         ])
         .args(profile.cargo_args())
@@ -99,7 +116,9 @@ pub fn build_roost(profile: &Profile) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cannot run {}", Path::new(&cargo).display()))?;
     let stdout = child.stdout.take().context("no cargo stdout")?;
     let mut stderr = child.stderr.take().context("no cargo stderr")?;
-    let reader = std::thread::spawn(move || executable_from_messages(BufReader::new(stdout)));
+    let name = bin.to_owned();
+    let reader =
+        std::thread::spawn(move || executable_from_messages(BufReader::new(stdout), &name));
     let errors = std::thread::spawn(move || {
         let mut text = String::new();
         let _ = stderr.read_to_string(&mut text);
@@ -113,7 +132,7 @@ pub fn build_roost(profile: &Profile) -> anyhow::Result<PathBuf> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("building roost took longer than {BUILD_TIMEOUT:?}");
+            bail!("building {bin} took longer than {BUILD_TIMEOUT:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -122,16 +141,16 @@ pub fn build_roost(profile: &Profile) -> anyhow::Result<PathBuf> {
         .map_err(|_| anyhow::anyhow!("cargo output reader failed"))?;
     let errors = errors.join().unwrap_or_default();
     if !status.success() {
-        bail!("cargo build -p roost-server --bin roost failed ({status}):\n{errors}");
+        bail!("cargo build -p {package} --bin {bin} failed ({status}):\n{errors}");
     }
     match executable {
         Some(path) if path.is_file() => Ok(path),
-        _ => bail!("cargo did not report the roost executable:\n{errors}"),
+        _ => bail!("cargo did not report the {bin} executable:\n{errors}"),
     }
 }
 
-/// The `executable` of the `roost` artifact in cargo's JSON messages.
-fn executable_from_messages(reader: impl std::io::BufRead) -> Option<PathBuf> {
+/// The `executable` of the binary artifact `bin` in cargo's JSON messages.
+fn executable_from_messages(reader: impl std::io::BufRead, bin: &str) -> Option<PathBuf> {
     let mut found = None;
     // One line per message; a build of one binary prints a few hundred.
     for line in reader.lines().take(100_000) {
@@ -139,12 +158,12 @@ fn executable_from_messages(reader: impl std::io::BufRead) -> Option<PathBuf> {
         let Ok(message) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        let is_roost = message["reason"] == "compiler-artifact"
-            && message["target"]["name"] == "roost"
+        let is_it = message["reason"] == "compiler-artifact"
+            && message["target"]["name"] == bin
             && message["target"]["kind"]
                 .as_array()
                 .is_some_and(|kinds| kinds.iter().any(|k| k == "bin"));
-        if let (true, Some(path)) = (is_roost, message["executable"].as_str()) {
+        if let (true, Some(path)) = (is_it, message["executable"].as_str()) {
             found = Some(PathBuf::from(path));
         }
     }
@@ -173,10 +192,11 @@ mod tests {
             "{\"reason\":\"build-finished\",\"success\":true}\n",
         );
         assert_eq!(
-            executable_from_messages(messages.as_bytes()),
+            executable_from_messages(messages.as_bytes(), "roost"),
             Some(PathBuf::from("/t/debug/roost"))
         );
-        assert_eq!(executable_from_messages(&b"{}\n"[..]), None);
+        assert_eq!(executable_from_messages(&b"{}\n"[..], "roost"), None);
+        assert_eq!(executable_from_messages(messages.as_bytes(), "other"), None);
     }
 
     #[test]

@@ -700,6 +700,12 @@ impl Harness {
         self.restart_node(index, 0).await
     }
 
+    /// Starts node `node` of server `index` again without waiting for it to answer (the
+    /// caller measures when it does).
+    pub fn launch_node(&mut self, index: usize, node: usize) -> anyhow::Result<()> {
+        self.spawn_node(index, node)
+    }
+
     /// Starts node `node` of server `index` again.
     pub async fn restart_node(&mut self, index: usize, node: usize) -> anyhow::Result<()> {
         self.spawn_node(index, node)?;

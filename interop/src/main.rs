@@ -68,6 +68,18 @@ enum Command {
     /// in order, nothing phantom, every server reopened, every member can still send. Exits
     /// non-zero when a check fails. See docs/RELIABILITY.md.
     Chaos(ChaosArgs),
+    /// A bare quinn server for the bench's same-run baselines (idle connections, echo
+    /// instructions): writes its certificate to --cert-out, prints its address, answers every
+    /// request stream with a --response-len frame and exits when stdin closes.
+    #[command(hide = true)]
+    BenchQuinnServer {
+        /// Bytes of each response frame's body.
+        #[arg(long, default_value_t = 50)]
+        response_len: usize,
+        /// Where to write the server's certificate (DER).
+        #[arg(long)]
+        cert_out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -134,7 +146,8 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads (repeatable): keypackages, send-1to1, federated-send,
-    /// idle-connections, commit, fanout.
+    /// busy-group, idle-connections, commit, fanout, join-large, reconnect-storm, cold-start;
+    /// and, only when named, instructions (the homeserver under valgrind's callgrind).
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// Concurrent pairs of send-1to1 and federated-send.
@@ -166,9 +179,27 @@ struct BenchArgs {
     /// Concurrent claiming clients.
     #[arg(long, default_value_t = 32)]
     claimers: usize,
-    /// Idle listening connections.
+    /// Idle listening connections (also the clients of reconnect-storm).
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
+    /// Members of busy-group, all sending into one group at once.
+    #[arg(long, default_value_t = 50)]
+    busy_members: usize,
+    /// Members of the group join-large adds one to.
+    #[arg(long, default_value_t = 10_000)]
+    join_members: usize,
+    /// Groups in cold-start's database.
+    #[arg(long, default_value_t = 10_000)]
+    cold_groups: usize,
+    /// Queued messages (queue entries) in cold-start's database, at least.
+    #[arg(long, default_value_t = 1_000_000)]
+    cold_queued: usize,
+    /// Messages (and echo requests) counted by the instructions workload.
+    #[arg(long, default_value_t = 2_000)]
+    callgrind_messages: usize,
+    /// Pairs (and echo connections) of the instructions workload.
+    #[arg(long, default_value_t = 10)]
+    callgrind_pairs: usize,
     /// Directory for the servers' data and logs (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -198,6 +229,12 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
         kp_per_target: args.kp_per_target,
         claimers: args.claimers,
         idle: args.idle,
+        busy_members: args.busy_members,
+        join_members: args.join_members,
+        cold_groups: args.cold_groups,
+        cold_queued: args.cold_queued,
+        callgrind_messages: args.callgrind_messages,
+        callgrind_pairs: args.callgrind_pairs,
         progress: !args.no_progress,
         dir: args.dir,
     };
@@ -233,6 +270,14 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Bench(args) = cli.command {
         return bench(cli.roost, args);
+    }
+    if let Command::BenchQuinnServer {
+        response_len,
+        cert_out,
+    } = &cli.command
+    {
+        roost_interop::bench::quinn::serve(*response_len, cert_out)?;
+        return Ok(ExitCode::SUCCESS);
     }
     if let Command::Run { list: true, .. } = cli.command {
         for scenario in scenarios::SCENARIOS {
@@ -282,7 +327,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 roost_interop::demo::run(&roost, &mut std::io::stdout()).await?;
                 Ok(ExitCode::SUCCESS)
             }
-            Command::Bench(_) => Ok(ExitCode::SUCCESS),
+            Command::Bench(_) | Command::BenchQuinnServer { .. } => Ok(ExitCode::SUCCESS),
             Command::Chaos(args) => chaos(roost, args).await,
         }
     })

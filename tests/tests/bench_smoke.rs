@@ -38,6 +38,41 @@ fn every_workload_runs_and_reports() {
     assert_eq!(claims.details["duplicates"], 0, "{claims:?}");
     assert_eq!(claims.details["refused"], 0, "{claims:?}");
 
+    // The new workloads' own checks.
+    let find = |workload: &str| results.iter().find(|r| r.workload == workload).unwrap();
+    let busy = find("busy-group");
+    assert_eq!(busy.details["recipients_out_of_order"], 0, "{busy:?}");
+    assert!(busy.details["messages"].as_u64().unwrap() > 0, "{busy:?}");
+    let idle = results
+        .iter()
+        .find(|r| r.workload == "idle-connections" && r.params.get("load").is_none())
+        .unwrap();
+    assert!(
+        idle.details["quinn_rss_per_connection_bytes"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{idle:?}"
+    );
+    let storm = find("reconnect-storm");
+    assert_eq!(storm.params["clients"], 20, "{storm:?}");
+    let cold = find("cold-start");
+    assert!(
+        cold.params["queued_messages"].as_u64().unwrap() >= 200,
+        "{cold:?}"
+    );
+    let joins: Vec<_> = results
+        .iter()
+        .filter(|r| r.workload == "join-large")
+        .collect();
+    assert_eq!(joins.len(), 2, "{joins:?}");
+    assert!(
+        joins
+            .iter()
+            .all(|r| r.details["welcome_bytes"].as_u64().unwrap() > 0),
+        "{joins:?}"
+    );
+
     // send-1to1 was measured again with the idle listeners held.
     let among_idle = results
         .iter()
@@ -73,6 +108,32 @@ fn every_workload_runs_and_reports() {
         }
         assert!(object["params"].is_object() && object["met"].is_boolean());
     }
+}
+
+/// Instructions per operation under valgrind's callgrind: a few send-1to1 messages counted in
+/// the homeserver, a few echo requests in the bare quinn server. Needs valgrind (the Debian
+/// package; .ci/run installs it).
+#[test]
+fn instructions_are_counted_under_callgrind() {
+    let config = BenchConfig {
+        roost: Some(common::roost()),
+        workloads: vec!["instructions".into()],
+        callgrind_messages: 4,
+        callgrind_pairs: 1,
+        ..BenchConfig::smoke()
+    };
+    let results = bench::run(config).unwrap();
+    assert_eq!(results.len(), 1, "{results:?}");
+    let row = &results[0];
+    assert_eq!(row.workload, "instructions");
+    let per_message = row.details["instructions_per_message"].as_f64().unwrap();
+    let per_echo = row.details["echo_instructions_per_request"]
+        .as_f64()
+        .unwrap();
+    // A message (validated, stored durably, pushed, acked) costs the homeserver more than an
+    // echo costs bare quinn; equal or less would mean the wrong process was counted.
+    assert!(per_echo > 0.0 && per_message > per_echo, "{row:?}");
+    assert_eq!(row.baseline_value, per_echo);
 }
 
 /// The scale-out bench: two nodes per domain on PostgreSQL (a cluster the harness starts),

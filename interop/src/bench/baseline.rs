@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use super::stats::{Latencies, rate};
 
 /// The echo server's name (SNI; the client pins its certificate).
-const ECHO_NAME: &str = "echo.test";
+pub(crate) const ECHO_NAME: &str = "echo.test";
 /// Largest request the echo server reads.
 const ECHO_MAX_REQUEST: usize = 1 << 20;
 
@@ -35,46 +35,13 @@ pub struct EchoServer {
 impl EchoServer {
     /// Starts the server; every request is answered with a `response_len`-byte frame body.
     pub fn start(response_len: usize) -> anyhow::Result<Self> {
-        let certified = rcgen::generate_simple_self_signed(vec![ECHO_NAME.to_owned()])?;
-        let cert = certified.cert.der().clone();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-            certified.signing_key.serialize_der(),
-        ));
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_single_cert(vec![cert.clone()], key)?;
-        tls.alpn_protocols = vec![roost_protocol::ALPN_CLIENT.to_vec()];
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        let mut transport = quinn::TransportConfig::default();
-        transport
-            .max_concurrent_bidi_streams(quinn::VarInt::from_u32(128))
-            .receive_window(quinn::VarInt::from_u32(16 << 20));
-        server_config.transport_config(Arc::new(transport));
-
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        // The same socket buffers as the homeserver's.
-        let socket = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        let _ = socket.set_recv_buffer_size(4 << 20);
-        let _ = socket.set_send_buffer_size(4 << 20);
-        socket.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())?;
-        let endpoint = {
+        let (endpoint, cert) = {
             let _guard = runtime.enter();
-            quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                Some(server_config),
-                socket.into(),
-                Arc::new(quinn::TokioRuntime),
-            )?
+            bare_endpoint()?
         };
         let addr = endpoint.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -124,7 +91,55 @@ impl Drop for EchoServer {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
+/// A bare quinn server endpoint on 127.0.0.1 (port 0) with a fresh self-signed certificate
+/// for [`ECHO_NAME`], configured like a roost homeserver with its default limits (TLS 1.3 with
+/// ring, ALPN `roost/1`, no 0-RTT, idle timeout 30 s, 128 bidirectional streams, no
+/// unidirectional ones, 1 MiB stream and 16 MiB connection receive windows, 4 MiB socket
+/// buffers): what quinn alone costs per connection. Call within a tokio runtime.
+pub fn bare_endpoint() -> anyhow::Result<(quinn::Endpoint, CertificateDer<'static>)> {
+    let certified = rcgen::generate_simple_self_signed(vec![ECHO_NAME.to_owned()])?;
+    let cert = certified.cert.der().clone();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        certified.signing_key.serialize_der(),
+    ));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.clone()], key)?;
+    tls.alpn_protocols = vec![roost_protocol::ALPN_CLIENT.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
+    let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(30))?))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(128))
+        .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+        .stream_receive_window(quinn::VarInt::from_u32(1 << 20))
+        .receive_window(quinn::VarInt::from_u32(16 << 20));
+    server_config.transport_config(Arc::new(transport));
+    // The same socket buffers as the homeserver's.
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let _ = socket.set_recv_buffer_size(4 << 20);
+    let _ = socket.set_send_buffer_size(4 << 20);
+    socket.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server_config),
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    Ok((endpoint, cert))
+}
+
+/// Accepts connections and holds each until its peer closes it (or it idles out), answering
+/// every request stream with a `response_len`-byte frame.
+pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
     while let Some(incoming) = endpoint.accept().await {
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };

@@ -180,8 +180,18 @@ pub async fn connect_all(
     clients: &mut [BenchClient],
     progress: &ProgressBar,
 ) -> anyhow::Result<Latencies> {
+    connect_all_with(connect, clients, progress, SETUP_CONCURRENCY).await
+}
+
+/// [`connect_all`] with `concurrency` connections being set up at a time.
+pub async fn connect_all_with(
+    connect: &ConnectConfig,
+    clients: &mut [BenchClient],
+    progress: &ProgressBar,
+    concurrency: usize,
+) -> anyhow::Result<Latencies> {
     let endpoints = endpoints(connect, clients.len())?;
-    let limit = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+    let limit = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
     for (i, client) in clients.iter().enumerate() {
         let endpoint = endpoints[i % endpoints.len()].clone();

@@ -8,8 +8,8 @@ use anyhow::{Context as _, bail};
 use openmls::messages::group_info::VerifiableGroupInfo;
 use openmls::prelude::{
     KeyPackage, LeafNodeIndex, MIXED_PLAINTEXT_WIRE_FORMAT_POLICY, MlsGroup, MlsGroupCreateConfig,
-    MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider as _, ProcessedMessageContent,
-    ProposalStore, PublicGroup, RatchetTreeIn,
+    MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn, MlsMessageOut, OpenMlsProvider as _,
+    ProcessedMessageContent, ProposalStore, PublicGroup, RatchetTreeIn, StagedWelcome,
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use roost_protocol::GroupId;
@@ -48,6 +48,30 @@ pub struct GroupOwner {
 impl GroupOwner {
     /// Creates a group `uuid@<creator's domain>` with only the creator, on the DS.
     pub async fn create(client: BenchClient, uuid: [u8; 16]) -> anyhow::Result<Self> {
+        let (owner, request) = Self::new_group(client, uuid)?;
+        let gid = owner.gid.clone();
+        owner
+            .client
+            .conn()?
+            .call(request)
+            .await
+            .with_context(|| format!("creating {gid}"))?;
+        Ok(owner)
+    }
+
+    /// The CreateGroup request of a new group `uuid@<creator's domain>` (its MLS state is
+    /// dropped: for filling a database with groups).
+    pub fn create_request(
+        client: &BenchClient,
+        uuid: [u8; 16],
+    ) -> anyhow::Result<CreateGroupRequest> {
+        Ok(Self::new_group(client.clone(), uuid)?.1)
+    }
+
+    fn new_group(
+        client: BenchClient,
+        uuid: [u8; 16],
+    ) -> anyhow::Result<(Self, CreateGroupRequest)> {
         let gid = GroupId::new(uuid, client.id.domain().clone());
         let provider = OpenMlsRustCrypto::default();
         let config = MlsGroupCreateConfig::builder()
@@ -66,21 +90,62 @@ impl GroupOwner {
             .export_group_info(provider.crypto(), &*client.key, false)
             .map_err(|e| anyhow::anyhow!("cannot export the GroupInfo: {e}"))?;
         let tree = group.export_ratchet_tree().tls_serialize_detached()?;
-        client
-            .conn()?
-            .call(CreateGroupRequest {
-                group: gid.clone(),
-                group_info: bytes(&group_info)?.into(),
-                ratchet_tree: tree.into(),
-            })
-            .await
-            .with_context(|| format!("creating {gid}"))?;
+        let request = CreateGroupRequest {
+            group: gid.clone(),
+            group_info: bytes(&group_info)?.into(),
+            ratchet_tree: tree.into(),
+        };
+        Ok((
+            Self {
+                client,
+                gid,
+                provider,
+                group,
+            },
+            request,
+        ))
+    }
+
+    /// Joins the group of `welcome` (an encoded Welcome) as `client`, whose KeyPackage's private
+    /// keys are in `provider`; `tree` is the encoded ratchet tree when the Welcome does not
+    /// carry it. The joined member can then make messages like the creator.
+    pub fn join(
+        client: BenchClient,
+        provider: OpenMlsRustCrypto,
+        welcome: &[u8],
+        tree: Option<&[u8]>,
+    ) -> anyhow::Result<Self> {
+        let group = join_group(&provider, welcome, tree)?;
+        let gid = GroupId::from_mls_bytes(group.group_id().as_slice())
+            .map_err(|e| anyhow::anyhow!("not a roost group id: {e:?}"))?;
         Ok(Self {
             client,
             gid,
             provider,
             group,
         })
+    }
+
+    /// The encoded GroupInfo of the current epoch, without the ratchet tree (the DS serves it).
+    pub fn group_info(&self) -> anyhow::Result<Vec<u8>> {
+        let info = self
+            .group
+            .export_group_info(self.provider.crypto(), &*self.client.key, false)
+            .map_err(|e| anyhow::anyhow!("cannot export the GroupInfo: {e}"))?;
+        bytes(&info)
+    }
+
+    /// The encoded ratchet tree of the current epoch.
+    pub fn ratchet_tree(&self) -> anyhow::Result<Vec<u8>> {
+        Ok(self.group.export_ratchet_tree().tls_serialize_detached()?)
+    }
+
+    /// Whether Welcomes of later commits carry the ratchet tree (as the SDK's do).
+    pub fn set_tree_in_welcome(&mut self, on: bool) -> anyhow::Result<()> {
+        let config = join_config(on);
+        self.group
+            .set_configuration(self.provider.storage(), &config)
+            .map_err(|e| anyhow::anyhow!("cannot change the group's configuration: {e}"))
     }
 
     /// Members in the group (the creator included).
@@ -209,6 +274,53 @@ impl GroupOwner {
         .map_err(|e| anyhow::anyhow!("PublicGroup::from_external: {e}"))?;
         Ok(RawPublicGroup { provider, group })
     }
+}
+
+/// The join configuration of benchmark members: handshake messages in plaintext (the DS
+/// validates them), with or without the ratchet tree in Welcomes.
+fn join_config(tree_in_welcome: bool) -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(MIXED_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(tree_in_welcome)
+        .build()
+}
+
+/// Decodes a Welcome and joins its group with the KeyPackage keys in `provider` (consumed).
+pub fn join_group(
+    provider: &OpenMlsRustCrypto,
+    welcome: &[u8],
+    tree: Option<&[u8]>,
+) -> anyhow::Result<MlsGroup> {
+    let MlsMessageBodyIn::Welcome(welcome) =
+        MlsMessageIn::tls_deserialize_exact(welcome)?.extract()
+    else {
+        bail!("not a Welcome");
+    };
+    let tree = tree.map(RatchetTreeIn::tls_deserialize_exact).transpose()?;
+    let staged =
+        StagedWelcome::new_from_welcome(provider, &join_config(tree.is_none()), welcome, tree)
+            .map_err(|e| anyhow::anyhow!("cannot process the Welcome: {e}"))?;
+    staged
+        .into_group(provider)
+        .map_err(|e| anyhow::anyhow!("cannot join from the Welcome: {e}"))
+}
+
+/// A copy of a provider's keys and state (to process the same Welcome twice: once timed
+/// against the server, once alone as the baseline).
+pub fn copy_provider(provider: &OpenMlsRustCrypto) -> anyhow::Result<OpenMlsRustCrypto> {
+    let copy = OpenMlsRustCrypto::default();
+    let values = provider
+        .storage()
+        .values
+        .read()
+        .map_err(|_| anyhow::anyhow!("poisoned MLS storage"))?
+        .clone();
+    *copy
+        .storage()
+        .values
+        .write()
+        .map_err(|_| anyhow::anyhow!("poisoned MLS storage"))? = values;
+    Ok(copy)
 }
 
 /// openmls's `PublicGroup` alone: what the DS's MLS work costs without the server.

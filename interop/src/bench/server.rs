@@ -56,6 +56,8 @@ impl BenchServers {
     ) -> anyhow::Result<Self> {
         let mut config = HarnessConfig::new(roost, dir, count);
         config.log_filter = Some("warn".into());
+        // Under valgrind (the instructions workload) a start takes much longer.
+        config.start_timeout = std::time::Duration::from_secs(180);
         config.storage = storage;
         config.nodes = nodes;
         let mut harness = Harness::start(config).await?;
@@ -120,6 +122,22 @@ impl BenchServers {
     /// The domain of server `index`.
     pub fn domain(&self, index: usize) -> anyhow::Result<String> {
         Ok(self.harness.server(index)?.domain.clone())
+    }
+
+    /// The data directory of server `index` (node 0).
+    pub fn data_dir(&self, index: usize) -> anyhow::Result<std::path::PathBuf> {
+        Ok(self.harness.server(index)?.data_dir.clone())
+    }
+
+    /// Stops server `index` (node 0) gracefully.
+    pub async fn stop(&mut self, index: usize) -> anyhow::Result<()> {
+        self.harness.stop_node(index, 0).await?;
+        Ok(())
+    }
+
+    /// Starts server `index` (node 0) again without waiting for it to answer.
+    pub fn launch(&mut self, index: usize) -> anyhow::Result<()> {
+        self.harness.launch_node(index, 0)
     }
 
     /// Stops every server.

@@ -6,10 +6,14 @@
 //! groups. Every pooled client's listen stream is read by its own task, which reports each
 //! application message (a PrivateMessage) it receives with the time it arrived.
 
+mod busy;
 mod commit;
 mod fanout;
 mod idle;
+mod instructions;
+mod join;
 mod keypackages;
+mod restart;
 mod send;
 
 use std::path::Path;
@@ -17,16 +21,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
-use roost_client::transport::{ConnectConfig, ListenStream};
+use roost_client::transport::{ConnectConfig, Connection, ListenStream};
 use roost_protocol::messages::queue::{
     ListenEvent, QueueAckRequest, QueueFetchRequest, QueuePayload,
 };
 use tokio::sync::mpsc;
 
 use super::clients::{self, BenchClient};
+use super::mls;
 use super::server::BenchServers;
 use super::stats::{self, ExecutorProbe, Latencies};
-use super::{BenchConfig, WorkloadResult};
+use super::{BenchConfig, OPTIONAL_WORKLOADS, WorkloadResult};
 use crate::harness::Storage;
 use send::Route;
 
@@ -87,31 +92,43 @@ async fn listen_task(index: usize, mut stream: ListenStream, tx: mpsc::Unbounded
     }
 }
 
+/// Acknowledges everything a client's queue holds and opens a listen stream at its head.
+pub(crate) async fn listen_at_head(conn: &Connection) -> anyhow::Result<ListenStream> {
+    let head = conn
+        .call(QueueFetchRequest {
+            after_seq: 0,
+            max_messages: 0,
+            max_bytes: 1,
+        })
+        .await?
+        .head_seq;
+    if head > 0 {
+        conn.call(QueueAckRequest { up_to_seq: head }).await?;
+    }
+    Ok(conn.listen(head).await?)
+}
+
 /// Opens a listen stream for each client, after acknowledging what its queue holds (a
 /// listener that started at the beginning would first be pushed the whole backlog, e.g. the
 /// large commits that built a group), and spawns a task reading it.
 pub(crate) async fn listen(clients: &[BenchClient]) -> anyhow::Result<Listening> {
+    listen_with(clients, 64).await
+}
+
+/// [`listen`] with `concurrency` streams being opened at a time.
+pub(crate) async fn listen_with(
+    clients: &[BenchClient],
+    concurrency: usize,
+) -> anyhow::Result<Listening> {
     let (tx, arrivals) = mpsc::unbounded_channel();
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut opening = tokio::task::JoinSet::new();
     for (index, client) in clients.iter().enumerate() {
         let conn = client.conn()?.clone();
         let limit = limit.clone();
         opening.spawn(async move {
             let _permit = limit.acquire_owned().await?;
-            let head = conn
-                .call(QueueFetchRequest {
-                    after_seq: 0,
-                    max_messages: 0,
-                    max_bytes: 1,
-                })
-                .await?
-                .head_seq;
-            if head > 0 {
-                conn.call(QueueAckRequest { up_to_seq: head }).await?;
-            }
-            let stream = conn.listen(head).await?;
-            Ok::<_, anyhow::Error>((index, stream))
+            Ok::<_, anyhow::Error>((index, listen_at_head(&conn).await?))
         });
     }
     let mut tasks = Vec::with_capacity(clients.len());
@@ -199,9 +216,20 @@ pub(crate) async fn run_all(
         redb_send = rows.first().map(|r| r.ops_per_sec);
         results.extend(rows);
     }
+    if config.named("instructions") {
+        results.extend(instructions::run(config, roost, dir, progress).await?);
+    }
+    if config
+        .workloads
+        .iter()
+        .all(|w| OPTIONAL_WORKLOADS.contains(&w.as_str()))
+        && !config.workloads.is_empty()
+    {
+        return Ok(results);
+    }
     set_phase(progress, "starting homeservers", 1);
-    let servers = BenchServers::start(roost, dir, 2, config.storage, config.nodes).await?;
-    let result = run_on(config, &servers, dir, redb_send, progress)
+    let mut servers = BenchServers::start(roost, dir, 2, config.storage, config.nodes).await?;
+    let result = run_on(config, &mut servers, dir, redb_send, progress)
         .await
         .map(|mut rows| {
             tag(&mut rows, config.storage, config.nodes);
@@ -253,7 +281,7 @@ async fn attach_probe(
 
 async fn run_on(
     config: &BenchConfig,
-    servers: &BenchServers,
+    servers: &mut BenchServers,
     dir: &Path,
     redb_send: Option<f64>,
     progress: &ProgressBar,
@@ -312,9 +340,21 @@ async fn run_on(
         attach_probe(servers, before, &mut rows).await;
         results.extend(rows);
     }
+    if config.selected("busy-group") {
+        stats::reset_peak(servers.pid(0));
+        let before = probe(servers).await;
+        let mut rows = vec![busy::run(config, servers, progress).await?];
+        attach_probe(servers, before, &mut rows).await;
+        results.extend(rows);
+    }
     let mut pool_size = 0;
-    if config.selected("idle-connections") {
-        pool_size = pool_size.max(config.idle);
+    for name in ["idle-connections", "reconnect-storm", "cold-start"] {
+        if config.selected(name) {
+            pool_size = pool_size.max(config.idle);
+        }
+    }
+    if config.selected("join-large") {
+        pool_size = pool_size.max(config.join_members.saturating_sub(1));
     }
     if config.selected("commit") {
         pool_size = pool_size.max(config.commit_sizes.iter().copied().max().unwrap_or(0));
@@ -325,11 +365,23 @@ async fn run_on(
     if pool_size == 0 {
         return Ok(results);
     }
+    let mut quinn = None;
+    if config.selected("idle-connections") {
+        quinn = Some(
+            idle::quinn_idle(
+                &dir.join("quinn-idle"),
+                config.idle,
+                restart::STORM_CONCURRENCY,
+                progress,
+            )
+            .await?,
+        );
+    }
     stats::reset_peak(servers.pid(0));
     let before = probe(servers).await;
     let mut pool = Pool::create(servers, &alpha, pool_size, progress).await?;
-    if config.selected("idle-connections") {
-        let mut rows = vec![idle::result(config, servers, &pool)];
+    if let Some(quinn) = &quinn {
+        let mut rows = vec![idle::result(config, servers, &pool, quinn)];
         attach_probe(servers, before, &mut rows).await;
         if let Some(kept) = kept.take() {
             let idle = pool.clients.len();
@@ -346,9 +398,11 @@ async fn run_on(
     set_phase(progress, "owners: register", 1);
     let owners = clients::ready_clients(&alpha, &domain, "o", 1, progress).await?;
     let owner = owners.into_iter().next();
-    let Some(owner) = owner else {
+    let Some(mut owner) = owner else {
         anyhow::bail!("no group owner");
     };
+    // The largest fan-out group, reused by join-large and cold-start.
+    let mut big: Option<mls::GroupOwner> = None;
     if config.selected("commit") {
         for (i, &size) in config.commit_sizes.iter().enumerate() {
             stats::reset_peak(servers.pid(0));
@@ -368,7 +422,7 @@ async fn run_on(
         for (i, &size) in config.members.iter().enumerate() {
             stats::reset_peak(servers.pid(0));
             let before = probe(servers).await;
-            let row = fanout::run(
+            let (row, group) = fanout::run(
                 config,
                 servers,
                 &pool,
@@ -382,8 +436,51 @@ async fn run_on(
             let mut rows = vec![row];
             attach_probe(servers, before, &mut rows).await;
             results.extend(rows);
+            if big.as_ref().is_none_or(|b| b.size() <= group.size()) {
+                big = Some(group);
+            }
         }
     }
+    if config.selected("join-large") {
+        let join_size = config.join_members.clamp(2, pool.clients.len() + 1);
+        let mut group = match big.take() {
+            Some(group) if group.size() == join_size => group,
+            _ => join::build_group(owner.clone(), &pool, join_size, progress).await?,
+        };
+        stats::reset_peak(servers.pid(0));
+        let before = probe(servers).await;
+        let mut rows = join::run(servers, &mut group, progress).await?;
+        attach_probe(servers, before, &mut rows).await;
+        results.extend(rows);
+        big = Some(group);
+    }
+    if config.selected("reconnect-storm") {
+        let mut rows =
+            vec![restart::storm(config, servers, &mut pool, quinn.take(), dir, progress).await?];
+        // A new process: its counters start at zero.
+        attach_probe(servers, Some(ExecutorProbe::default()), &mut rows).await;
+        results.extend(rows);
+    }
+    if config.selected("cold-start") {
+        // The owner's connections did not survive a restart.
+        let mut owner_conns = vec![owner];
+        if let Some(group) = big.take() {
+            owner_conns.push(group.client.clone());
+            big = Some(group);
+        }
+        clients::connect_all(&alpha, &mut owner_conns, progress).await?;
+        owner = owner_conns.remove(0);
+        if let (Some(group), Some(client)) = (big.as_mut(), owner_conns.pop()) {
+            group.client = client;
+        }
+        let mut rows = vec![
+            restart::cold_start(config, servers, &mut pool, &owner, big.take(), progress).await?,
+        ];
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        attach_probe(servers, Some(ExecutorProbe::default()), &mut rows).await;
+        results.extend(rows);
+    }
     clients::close_all(&pool.clients);
+    clients::close_all(std::slice::from_ref(&owner));
     Ok(results)
 }

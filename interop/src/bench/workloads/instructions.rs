@@ -1,0 +1,271 @@
+//! `instructions`: user-space instructions the homeserver executes per operation, counted by
+//! `valgrind --tool=callgrind` — figures that do not move with the machine's noise.
+//!
+//! The homeserver runs under callgrind with instrumentation off (`--instr-atstart=no`, so
+//! start-up and the pairs' setup run at near-native speed) through a wrapper script given to
+//! the harness as the `roost` binary. After the setup the bench switches instrumentation on and
+//! zeroes the counters (`callgrind_control --instr=on`, `-z`), sends N messages through P
+//! `send-1to1` pairs (each: SendMessage, pushed on the receiver's listen stream, acked on that
+//! stream), dumps the counters (`callgrind_control -d`) and divides the dump's total by N. The
+//! baseline is the same for the bare quinn server process (`bench-quinn-server`) answering N
+//! echo requests of the same sizes over P connections. Client work, the kernel and the
+//! other threads of the machine are not counted.
+//!
+//! The target is the CPU form of `send-1to1`'s ≥ 0.40 × echo: at most 2.5 × the echo's
+//! instructions per message.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use indicatif::ProgressBar;
+use roost_client::transport::Endpoint;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use super::send::{self, Route};
+use super::set_phase;
+use crate::bench::quinn::QuinnProcess;
+use crate::bench::server::BenchServers;
+use crate::bench::stats;
+use crate::bench::{BenchConfig, WorkloadResult};
+use crate::harness::Storage;
+
+/// Target: instructions per message ≤ this × per echo request.
+const TARGET_RATIO: f64 = 2.5;
+/// Longest a `callgrind_control` command may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// valgrind's command line before the program, writing its dumps to `out` (`%p`: the pid).
+fn callgrind_args(out: &Path) -> Vec<String> {
+    vec![
+        "valgrind".into(),
+        "--tool=callgrind".into(),
+        "--instr-atstart=no".into(),
+        format!("--callgrind-out-file={}", out.display()),
+    ]
+}
+
+/// Fails with a clear message when valgrind is not installed.
+fn check_valgrind() -> anyhow::Result<()> {
+    for program in ["valgrind", "callgrind_control"] {
+        let found = Command::new(program)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            bail!("{program} not found: install the Debian package valgrind");
+        }
+    }
+    Ok(())
+}
+
+/// Runs `callgrind_control ARG PID` (on a blocking thread; killed after a while).
+async fn control(arg: &str, pid: u32) -> anyhow::Result<()> {
+    let arg = arg.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("callgrind_control")
+            .arg(&arg)
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot run callgrind_control")?;
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                bail!("callgrind_control {arg} {pid} failed ({status})");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("callgrind_control {arg} {pid} took over {CONTROL_TIMEOUT:?}")
+    })
+    .await?
+}
+
+/// The `totals:` (or `summary:`) figure of the newest dump `<prefix>.<pid>.callgrind.N` of
+/// `pid` in `dir`.
+fn dumped_total(dir: &Path, prefix: &str, pid: u32) -> anyhow::Result<u64> {
+    let stem = format!("{prefix}.{pid}.callgrind.");
+    let mut dumps: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix(&stem)?.parse::<u64>().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    dumps.sort();
+    let (_, path) = dumps
+        .pop()
+        .with_context(|| format!("no callgrind dump {stem}N in {}", dir.display()))?;
+    let text = std::fs::read_to_string(&path)?;
+    parse_total(&text).with_context(|| format!("no totals in {}", path.display()))
+}
+
+/// The instruction count of a callgrind dump (`totals:` or else `summary:`, first event).
+fn parse_total(text: &str) -> Option<u64> {
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(key))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    field("totals:").or_else(|| field("summary:"))
+}
+
+/// Instructions counted in process `pid` while `work` runs.
+async fn count<T>(
+    dir: &Path,
+    prefix: &str,
+    pid: u32,
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(u64, T)> {
+    control("--instr=on", pid).await?;
+    control("-z", pid).await?;
+    let out = work.await?;
+    control("-d", pid).await?;
+    Ok((dumped_total(dir, prefix, pid)?, out))
+}
+
+pub(super) async fn run(
+    config: &BenchConfig,
+    roost: &Path,
+    dir: &Path,
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<WorkloadResult>> {
+    check_valgrind()?;
+    let dir = std::path::absolute(dir.join("instructions"))?;
+    std::fs::create_dir_all(&dir)?;
+    let pairs_n = config.callgrind_pairs.max(1);
+    let per_pair = config.callgrind_messages.div_ceil(pairs_n).max(1);
+    let messages = per_pair * pairs_n;
+
+    set_phase(progress, "instructions: roost under callgrind", 1);
+    let wrapper = dir.join("roost-callgrind.sh");
+    let mut script = String::from("#!/bin/sh\nexec");
+    for arg in callgrind_args(&dir.join("roost.%p.callgrind")) {
+        script.push_str(&format!(" '{arg}'"));
+    }
+    script.push_str(&format!(" '{}' \"$@\"\n", roost.display()));
+    std::fs::write(&wrapper, script)?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let servers = BenchServers::start(&wrapper, &dir.join("servers"), 1, Storage::Redb, 1).await?;
+    let measured = async {
+        let pid = servers.pid(0).context("no homeserver pid")?;
+        let pairs = send::setup(&servers, Route::LOCAL, pairs_n, 10, progress).await?;
+        let (request_len, response_len) = send::frame_sizes(&pairs)?;
+        set_phase(progress, "instructions: send-1to1", messages);
+        let start = Instant::now();
+        let (total, (pairs, latencies)) =
+            count(&dir, "roost", pid, send::counted(pairs, per_pair)).await?;
+        let elapsed = start.elapsed();
+        send::close(&pairs);
+        Ok::<_, anyhow::Error>((total, latencies, elapsed, request_len, response_len))
+    }
+    .await;
+    let stopped = servers.shutdown().await;
+    let (roost_total, latencies, elapsed, request_len, response_len) = measured?;
+    stopped?;
+
+    set_phase(
+        progress,
+        "instructions: quinn echo under callgrind",
+        messages,
+    );
+    let exe = crate::binary::locate_interop()?;
+    let echo = QuinnProcess::spawn(
+        &exe,
+        &callgrind_args(&dir.join("quinn.%p.callgrind")),
+        &dir,
+        response_len,
+    )?;
+    let pid = echo.pid().context("no quinn pid")?;
+    let connect = echo.connect_config();
+    let endpoint = Endpoint::for_servers(&connect.server_addrs)?;
+    let mut conns = Vec::with_capacity(pairs_n);
+    for _ in 0..pairs_n {
+        conns.push(endpoint.connect(&connect).await?);
+    }
+    let request = vec![7u8; request_len];
+    let requests = async {
+        let mut tasks = JoinSet::new();
+        for conn in conns.clone() {
+            let request = request.clone();
+            tasks.spawn(async move {
+                for _ in 0..per_pair {
+                    conn.request_raw(&request).await?;
+                }
+                Ok::<_, anyhow::Error>(())
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
+        Ok(())
+    };
+    let (echo_total, ()) = count(&dir, "quinn", pid, requests).await?;
+    for conn in &conns {
+        conn.close();
+    }
+    endpoint.close();
+    echo.stop()?;
+
+    let per_message = roost_total as f64 / messages as f64;
+    let per_echo = echo_total as f64 / messages as f64;
+    let ratio = if per_echo > 0.0 {
+        per_message / per_echo
+    } else {
+        0.0
+    };
+    let params = json!({ "op": "send-1to1", "messages": messages, "pairs": pairs_n });
+    Ok(vec![WorkloadResult {
+        workload: "instructions".into(),
+        params,
+        ops_per_sec: stats::rate(latencies.len(), elapsed),
+        p50_us: latencies.median(),
+        p99_us: latencies.quantile(0.99),
+        p999_us: latencies.quantile(0.999),
+        server_peak_rss_bytes: 0,
+        baseline: "quinn echo instructions/request".into(),
+        baseline_value: per_echo,
+        ratio,
+        target: format!("≤ {TARGET_RATIO} × echo instructions per message"),
+        met: roost_total > 0 && ratio <= TARGET_RATIO,
+        details: json!({
+            "instructions_per_message": per_message,
+            "instructions_total": roost_total,
+            "echo_instructions_per_request": per_echo,
+            "echo_instructions_total": echo_total,
+            "echo_requests": messages,
+            "request_bytes": request_len,
+            "response_bytes": response_len,
+            "ops": "messages per second under callgrind (slowed; not a speed figure); the figure is instructions_per_message",
+        }),
+    }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totals_are_read_from_a_dump() {
+        let dump = "version: 1\ncmd: roost\nevents: Ir\nfn=main\n3 10\nsummary: 120\ntotals: 130\n";
+        assert_eq!(parse_total(dump), Some(130));
+        assert_eq!(parse_total("events: Ir\nsummary: 7\n"), Some(7));
+        assert_eq!(parse_total("events: Ir\n"), None);
+    }
+}
