@@ -142,7 +142,7 @@ async fn chat_line(
         _ => line,
     };
     match session.client.send_text(group, text).await {
-        Ok(()) => Ok(true),
+        Ok(_) => Ok(true),
         Err(err @ ClientError::UnknownGroup(_)) => Err(session.fail(&err)),
         Err(err) => {
             // Keep the chat open: the next line may go through (e.g. after a reconnect).

@@ -16,11 +16,10 @@
 
 use std::collections::BTreeSet;
 
-use roost_protocol::content::Content;
 use roost_protocol::messages::auth::DiscoverUserRequest;
 use roost_protocol::messages::delivery::{
     CommitRequest, CreateGroupRequest, ExternalJoinRequest, FetchGroupInfoRequest,
-    LeaveGroupRequest, SendMessageRequest,
+    LeaveGroupRequest,
 };
 use roost_protocol::messages::keypackage::{
     ClaimClientKeyPackageRequest, ClaimUserKeyPackagesRequest, ClaimedKeyPackage,
@@ -146,60 +145,6 @@ impl Client {
         };
         inner.follow_up(outcome).await;
         Ok(removed)
-    }
-
-    /// Sends a text message to the group: [`Client::send_content`] with [`Content::Text`].
-    pub async fn send_text(&self, group: &GroupId, text: &str) -> Result<(), ClientError> {
-        self.send(group, &Content::text(text).encode()).await
-    }
-
-    /// Sends `content`, encoded as a `MessageContent` (PROTOCOL.md §4.5), to every other member
-    /// of the group. Receivers read it with [`Event::content`](crate::Event::content).
-    pub async fn send_content(
-        &self,
-        group: &GroupId,
-        content: &Content,
-    ) -> Result<(), ClientError> {
-        self.send(group, &content.encode()).await
-    }
-
-    /// Encrypts `bytes` for the group, as they are, and sends it to every other member.
-    ///
-    /// The plaintext of a roost application message is a `MessageContent` (PROTOCOL.md §4.5):
-    /// use [`Client::send_text`] or [`Client::send_content`], which encode it. This method is
-    /// for apps that encode content themselves; receivers report other bytes as unreadable.
-    pub async fn send(&self, group: &GroupId, bytes: &[u8]) -> Result<(), ClientError> {
-        let inner = &self.inner;
-        let mut outcome = Outcome::default();
-        {
-            let mls = inner.state.lock().await;
-            inner.settle_all_pending().await?;
-            for attempt in 0..2 {
-                inner.check_member(&mls, group)?;
-                if inner.store.group(group)?.is_some_and(|r| r.leaving == 1) {
-                    return Err(ClientError::LeftGroup(group.clone()));
-                }
-                let message =
-                    inner.mls_op(&mls, |mls| mls.encrypt(&inner.identity, group, bytes))?;
-                // The ratchet generation is used up durably before anything leaves.
-                inner.commit(&mls, Changes::default())?;
-                let request = SendMessageRequest {
-                    group: group.clone(),
-                    message: message.into(),
-                };
-                match inner.conn.call(request).await {
-                    Ok(_) => break,
-                    Err(err)
-                        if attempt == 0 && server_code(&err) == Some(ErrorCode::STALE_EPOCH) =>
-                    {
-                        inner.sync_into(&mls, &mut outcome).await?;
-                    }
-                    Err(err) => return Err(err.into()),
-                }
-            }
-        }
-        inner.follow_up(outcome).await;
-        Ok(())
     }
 
     /// Asks to leave the group: sends a proposal removing this client, which the next commit
@@ -377,6 +322,9 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<Vec<ClientId>, ClientError> {
         self.settle_all_pending().await?;
+        // Messages queued before this commit go out before it, at the epoch they were
+        // encrypted for.
+        self.deliver_group_locked(mls, group, outcome).await?;
         let attempts = self.config.max_commit_attempts.max(1);
         for _ in 0..attempts {
             self.check_member(mls, group)?;
@@ -580,6 +528,17 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<(), ClientError> {
         let mls = self.state.lock().await;
+        self.rejoin_locked(&mls, group, outcome).await
+    }
+
+    /// [`Inner::rejoin`] with the state lock held. Reports [`Event::Rejoined`] with the new
+    /// state.
+    pub(crate) async fn rejoin_locked(
+        &self,
+        mls: &Mls,
+        group: &GroupId,
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
         let attempts = self.config.max_commit_attempts.max(1);
         for _ in 0..attempts {
             let info = self
@@ -588,7 +547,7 @@ impl Inner {
                     group: group.clone(),
                 })
                 .await?;
-            let (out, members) = self.mls_op(&mls, |mls| {
+            let (out, members) = self.mls_op(mls, |mls| {
                 mls.external_join(
                     &self.identity,
                     group,
@@ -612,7 +571,7 @@ impl Inner {
                             client: rejection.client.clone(),
                             reason: format!("rejoin refused: {}", rejection.reason),
                         });
-                        self.commit(&mls, changes)?;
+                        self.commit(mls, changes)?;
                         return Err(rejection.into());
                     }
                     Err(err) => {
@@ -631,7 +590,10 @@ impl Inner {
                     changes
                         .groups
                         .push((group.clone(), Some(GroupRecord::joined(joined.epoch))));
-                    return self.commit(&mls, changes);
+                    changes.event(Event::Rejoined {
+                        group: group.clone(),
+                    });
+                    return self.commit(mls, changes);
                 }
                 Err(err) if server_code(&err) == Some(ErrorCode::STALE_EPOCH) => {
                     mls.store().discard();
