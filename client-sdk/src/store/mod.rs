@@ -142,6 +142,84 @@ pub(crate) struct PendingCommit {
     /// The new epoch's group context (to recognise the commit in the DS's GroupInfo).
     pub(crate) context: Opaque,
     writes: Vec<PendingWrite>,
+    /// [`PendingKind`] as a byte.
+    kind: u8,
+    /// The members the commit adds and removes (for the event when it is settled later).
+    pub(crate) added: Vec<ClientId>,
+    pub(crate) removed: Vec<ClientId>,
+}
+
+/// What a pending commit was sent as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PendingKind {
+    /// A Commit of a member.
+    Commit,
+    /// An ExternalJoin (a rejoin by external commit).
+    ExternalJoin,
+}
+
+/// The first layout of [`PendingCommit`] (before external joins and the member lists).
+#[derive(TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct PendingCommitV1 {
+    commit: Opaque,
+    welcome: Option<Opaque>,
+    group_info: Opaque,
+    context: Opaque,
+    writes: Vec<PendingWrite>,
+}
+
+impl PendingCommit {
+    /// A commit about to be sent; the writes of merging it are added by
+    /// [`Store::stash_pending`].
+    pub(crate) fn new(
+        kind: PendingKind,
+        commit: Opaque,
+        welcome: Option<Opaque>,
+        group_info: Opaque,
+        context: Opaque,
+    ) -> Self {
+        Self {
+            commit,
+            welcome,
+            group_info,
+            context,
+            writes: Vec::new(),
+            kind: match kind {
+                PendingKind::Commit => 0,
+                PendingKind::ExternalJoin => 1,
+            },
+            added: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> PendingKind {
+        if self.kind == 1 {
+            PendingKind::ExternalJoin
+        } else {
+            PendingKind::Commit
+        }
+    }
+
+    /// Reads a record, also in its first layout.
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match decode::<Self>(bytes, "pending commit") {
+            Ok(record) => Ok(record),
+            Err(err) => match PendingCommitV1::tls_deserialize_exact_bytes(bytes) {
+                Ok(old) => Ok(Self {
+                    commit: old.commit,
+                    welcome: old.welcome,
+                    group_info: old.group_info,
+                    context: old.context,
+                    writes: old.writes,
+                    kind: 0,
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                }),
+                Err(_) => Err(err),
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for PendingCommit {
@@ -458,26 +536,16 @@ impl Store {
     pub(crate) fn stash_pending(
         &self,
         group: &GroupId,
-        commit: Opaque,
-        welcome: Option<Opaque>,
-        group_info: Opaque,
-        context: Opaque,
+        mut record: PendingCommit,
     ) -> Result<PendingCommit, StoreError> {
         let overlay = std::mem::take(&mut *self.overlay());
-        let writes = overlay
+        record.writes = overlay
             .into_iter()
             .map(|(key, value)| PendingWrite {
                 key: key.into(),
                 value: value.map(Into::into),
             })
             .collect();
-        let record = PendingCommit {
-            commit,
-            welcome,
-            group_info,
-            context,
-            writes,
-        };
         self.commit(Changes {
             pending: vec![(group.clone(), Some(record.clone()))],
             ..Changes::default()
@@ -524,7 +592,7 @@ impl Store {
             let (key, value) = entry?;
             let group = GroupId::from_mls_bytes(key.value())
                 .map_err(|_| StoreError::Corrupt("pending commit's group id".into()))?;
-            out.push((group, decode(value.value(), "pending commit")?));
+            out.push((group, PendingCommit::decode(value.value())?));
         }
         Ok(out)
     }
