@@ -23,7 +23,7 @@ use crate::event::{Event, StoredOutgoingState};
 use crate::mls::Mls;
 use crate::outgoing::{MessageId, OutgoingMessage, OutgoingState, SendFailure};
 use crate::store::{Changes, OutgoingChange, OutgoingRecord};
-use crate::transport::{RequestError, TransportError};
+use crate::transport::{Connection, RequestError, TransportError};
 
 /// What delivering one message came to.
 enum Delivered {
@@ -186,20 +186,36 @@ impl Inner {
     }
 
     /// Delivers queued messages, in order, until none is left to send.
+    ///
+    /// The connection is made before the state lock is taken: while the homeserver is
+    /// unreachable, connection attempts (which take seconds) never hold up `send_*` or the
+    /// processing of incoming messages.
     pub(crate) async fn deliver_queued(&self) -> Result<(), ClientError> {
+        let mut reconnected = false;
         loop {
+            if self.store.next_queued()?.is_none() {
+                return Ok(());
+            }
+            let connection = self.conn.connection().await?;
             let mut outcome = Outcome::default();
             let delivered = {
                 let mls = self.state.lock().await;
                 let Some((position, record)) = self.store.next_queued()? else {
                     return Ok(());
                 };
-                self.deliver_locked(&mls, position, record, &mut outcome)
+                self.deliver_locked(&mls, &connection, position, record, &mut outcome)
                     .await
             };
             self.follow_up(outcome).await;
             match delivered? {
                 Delivered::Done => {}
+                // The connection failed under the message (its answer may be lost): connect
+                // again, outside the lock, and send the same bytes once more.
+                Delivered::Later(ClientError::Request(RequestError::Transport(_)))
+                    if !reconnected =>
+                {
+                    reconnected = true;
+                }
                 Delivered::Later(err) => return Err(err),
             }
         }
@@ -220,9 +236,11 @@ impl Inner {
             .filter(|(_, r)| r.group == *group && matches!(r.state, StoredOutgoingState::Queued))
             .collect();
         for (position, record) in queued {
-            if let Delivered::Later(err) =
-                self.deliver_locked(mls, position, record, outcome).await?
-            {
+            let connection = self.conn.connection().await?;
+            let delivered = self
+                .deliver_locked(mls, &connection, position, record, outcome)
+                .await?;
+            if let Delivered::Later(err) = delivered {
                 return Err(err);
             }
         }
@@ -234,6 +252,7 @@ impl Inner {
     async fn deliver_locked(
         &self,
         mls: &Mls,
+        connection: &Connection,
         position: u64,
         mut record: OutgoingRecord,
         outcome: &mut Outcome,
@@ -254,7 +273,7 @@ impl Inner {
                 group: group.clone(),
                 message: record.message.clone(),
             };
-            let mut answer = self.conn.call(request).await;
+            let mut answer = connection.call(request).await;
             if answer.is_ok()
                 && self
                     .lose_answers

@@ -80,7 +80,11 @@ impl Hub {
 
     fn config(&self) -> ClientConfig {
         let trust = TrustConfig::PinnedCertificates(vec![self.certificate.clone()]);
-        let mut config = ClientConfig::new(ConnectConfig::new(self.addr, DOMAIN, trust));
+        let mut connect = ConnectConfig::new(self.addr, DOMAIN, trust);
+        // The server is down on purpose here: notice it quickly (loopback answers in
+        // microseconds when it is up).
+        connect.connect_timeout = Duration::from_secs(2);
+        let mut config = ClientConfig::new(connect);
         config.key_package_target = 3;
         config.key_package_low_water = 2;
         config.outbox_retry = Duration::from_millis(100);
