@@ -585,6 +585,22 @@ impl Inner {
         self.rejoin_locked(&mls, group, outcome).await
     }
 
+    /// Rejoins `group` unless this client's state of it has reached `epoch` meanwhile (the
+    /// epoch of a message that showed it had fallen behind).
+    pub(crate) async fn rejoin_if_behind(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
+        let mls = self.state.lock().await;
+        if self.check_member(&mls, group).is_ok() && mls.epoch(group)? >= epoch {
+            tracing::debug!(%group, epoch, "caught up meanwhile: no rejoin");
+            return Ok(());
+        }
+        self.rejoin_locked(&mls, group, outcome).await
+    }
+
     /// [`Inner::rejoin`] with the state lock held. Reports [`Event::Rejoined`] with the new
     /// state.
     pub(crate) async fn rejoin_locked(

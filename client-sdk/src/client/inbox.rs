@@ -8,7 +8,7 @@
 //! refused credential) is consumed with an event saying so; one that cannot be processed
 //! *now* (network or disk failure while checking it) stops processing without consuming it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -37,7 +37,9 @@ pub(crate) struct Outcome {
     /// the lowest leaf index commits their removal.
     pub(crate) leaves: BTreeMap<GroupId, Vec<u32>>,
     /// Groups this client fell behind in: rejoin by external commit.
-    pub(crate) rejoin: BTreeSet<GroupId>,
+    /// (with the epoch of the message that showed it: no rejoin if the group got there by
+    /// other means meanwhile, e.g. a rejoin the outgoing queue made).
+    pub(crate) rejoin: BTreeMap<GroupId, u64>,
     /// A Welcome consumed one of our KeyPackages.
     pub(crate) replenish: bool,
 }
@@ -338,7 +340,8 @@ impl Inner {
                 // What we missed is gone from our queue: rejoin (one Event::Rejoined once it
                 // worked, a GroupError if it cannot be done).
                 tracing::info!(%group, ours, theirs, "fell behind the group: rejoining");
-                outcome.rejoin.insert(group.clone());
+                let seen = outcome.rejoin.entry(group.clone()).or_default();
+                *seen = (*seen).max(theirs);
                 return self.consume_with(mls, seq, None, Vec::new());
             }
             Err(MlsError::Storage(err)) => return Err(MlsError::Storage(err).into()),
@@ -470,8 +473,8 @@ impl Inner {
                     tracing::warn!(%err, %group, "cannot commit a pending leave");
                 }
             }
-            for group in std::mem::take(&mut pending.rejoin) {
-                if let Err(err) = self.rejoin(&group, &mut next).await {
+            for (group, epoch) in std::mem::take(&mut pending.rejoin) {
+                if let Err(err) = self.rejoin_if_behind(&group, epoch, &mut next).await {
                     tracing::warn!(%err, %group, "cannot rejoin");
                     let transient = matches!(&err, ClientError::Request(e) if e.is_transient());
                     if !transient {

@@ -97,8 +97,12 @@ impl Hub {
     }
 
     async fn register(&self, name: &str) -> Client {
+        self.register_with(name, self.config()).await
+    }
+
+    async fn register_with(&self, name: &str, config: ClientConfig) -> Client {
         Client::register(
-            self.config(),
+            config,
             self.path(name),
             user(name),
             "phone".parse().unwrap(),
@@ -195,13 +199,15 @@ async fn a_copy_the_hub_delivers_twice_is_shown_once_without_an_error() {
     // Receipts kept for one second only: a retry after that is judged afresh and fanned out
     // again, so bob's queue holds the same ciphertext twice.
     let hub = Hub::start(|c| c.limits.receipt_window_secs = 1).await;
-    let alice = hub.register("alice").await;
+    let mut config = hub.config();
+    config.outbox_retry = Duration::from_millis(2500);
+    let alice = hub.register_with("alice", config).await;
     let bob = hub.register("bob").await;
     let group = group_of(&alice, &[&bob]).await;
 
-    // Two lost answers: the immediate resend's too, so the next try comes after
-    // `outbox_retry`; wait past the window before it can succeed.
-    alice.simulate_lost_answers(2);
+    // Three lost answers: the first, the immediate resend's and the one after reconnecting,
+    // so the next try comes after `outbox_retry`, past the receipt window.
+    alice.simulate_lost_answers(3);
     let id = alice.send(&group, b"twice on the wire").await.unwrap();
     assert_eq!(
         messages(&bob, 1).await,
@@ -278,10 +284,11 @@ async fn a_server_stopped_after_accepting_and_before_answering_delivers_once() {
     let group = group_of(&alice, &[&bob]).await;
 
     // The hub accepts (durably: bob gets it), every answer is lost, then the hub goes down.
-    alice.simulate_lost_answers(2);
+    alice.simulate_lost_answers(u32::MAX);
     let id = alice.send(&group, b"accepted, unanswered").await.unwrap();
     assert_eq!(messages(&bob, 1).await[0].1, "accepted, unanswered");
     hub.stop().await;
+    alice.simulate_lost_answers(0);
     assert_eq!(alice.outbox().await.unwrap()[0].id, id, "still queued");
     hub.restart().await;
 
