@@ -205,15 +205,20 @@ async fn a_copy_the_hub_delivers_twice_is_shown_once_without_an_error() {
     let bob = hub.register("bob").await;
     let group = group_of(&alice, &[&bob]).await;
 
-    // Three lost answers: the first, the immediate resend's and the one after reconnecting,
-    // so the next try comes after `outbox_retry`, past the receipt window.
-    alice.simulate_lost_answers(3);
+    // Four lost answers: the first try and its immediate resend, twice (before and after
+    // reconnecting), so the next try comes after `outbox_retry`, past the receipt window.
+    alice.simulate_lost_answers(4);
+    let started = Instant::now();
     let id = alice.send(&group, b"twice on the wire").await.unwrap();
     assert_eq!(
         messages(&bob, 1).await,
         vec![(client_id("alice", "phone"), "twice on the wire".to_owned())]
     );
     wait_sent(&alice, &[id]).await;
+    assert!(
+        started.elapsed() > Duration::from_secs(1),
+        "sent within the receipt window: no second copy was made"
+    );
     nothing_more(&bob, &alice, &group).await;
 }
 
