@@ -12,6 +12,11 @@
 //!   (application messages, a [`Content`] each: PROTOCOL.md §4.5), [`Client::leave_group`],
 //!   [`Client::rejoin_group`] (external commit after lost state), [`Client::groups`],
 //!   [`Client::members`].
+//! - Sending is queued: `send_*` returns a [`MessageId`] once the encrypted message is durably
+//!   in the profile's outgoing queue, also while the homeserver is unreachable; a background
+//!   task delivers it (in order per group, across restarts, exactly once) and
+//!   [`Event::Outgoing`] reports it sent or failed. [`Client::outbox`] lists what waits,
+//!   [`Client::flush`] waits for delivery.
 //! - Events: [`Client::next_event`] (or the stream [`Client::events`]) yields each [`Event`] (messages, joins, membership
 //!   changes, refused credentials, group errors) at least once, across restarts.
 //! - A background listener processes the client's queue as messages arrive (or call
@@ -73,6 +78,7 @@ mod event;
 #[doc(hidden)]
 pub mod fuzzing;
 mod mls;
+mod outgoing;
 mod store;
 pub mod transport;
 
@@ -80,6 +86,7 @@ pub use client::{Client, UserKey};
 pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::Event;
+pub use outgoing::{MessageId, MessageIdError, OutgoingMessage, OutgoingState, SendFailure};
 pub use roost_protocol::content::{Content, ContentError, ContentType};
 pub use store::StoreError;
 

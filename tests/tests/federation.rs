@@ -48,6 +48,11 @@ fn hub_restart() {
 }
 
 #[test]
+fn outgoing_queue() {
+    scenario("outgoing-queue");
+}
+
+#[test]
 fn wrong_certificate() {
     scenario("wrong-certificate");
 }

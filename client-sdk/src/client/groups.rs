@@ -16,11 +16,10 @@
 
 use std::collections::BTreeSet;
 
-use roost_protocol::content::Content;
 use roost_protocol::messages::auth::DiscoverUserRequest;
 use roost_protocol::messages::delivery::{
     CommitRequest, CreateGroupRequest, ExternalJoinRequest, FetchGroupInfoRequest,
-    LeaveGroupRequest, SendMessageRequest,
+    LeaveGroupRequest,
 };
 use roost_protocol::messages::keypackage::{
     ClaimClientKeyPackageRequest, ClaimUserKeyPackagesRequest, ClaimedKeyPackage,
@@ -32,7 +31,7 @@ use super::{Client, Inner};
 use crate::error::ClientError;
 use crate::event::Event;
 use crate::mls::{Mls, ValidKeyPackage};
-use crate::store::{Changes, GroupRecord, PendingCommit};
+use crate::store::{Changes, GroupRecord, PendingCommit, PendingKind};
 use crate::transport::RequestError;
 
 /// How a pending commit was settled.
@@ -146,60 +145,6 @@ impl Client {
         };
         inner.follow_up(outcome).await;
         Ok(removed)
-    }
-
-    /// Sends a text message to the group: [`Client::send_content`] with [`Content::Text`].
-    pub async fn send_text(&self, group: &GroupId, text: &str) -> Result<(), ClientError> {
-        self.send(group, &Content::text(text).encode()).await
-    }
-
-    /// Sends `content`, encoded as a `MessageContent` (PROTOCOL.md §4.5), to every other member
-    /// of the group. Receivers read it with [`Event::content`](crate::Event::content).
-    pub async fn send_content(
-        &self,
-        group: &GroupId,
-        content: &Content,
-    ) -> Result<(), ClientError> {
-        self.send(group, &content.encode()).await
-    }
-
-    /// Encrypts `bytes` for the group, as they are, and sends it to every other member.
-    ///
-    /// The plaintext of a roost application message is a `MessageContent` (PROTOCOL.md §4.5):
-    /// use [`Client::send_text`] or [`Client::send_content`], which encode it. This method is
-    /// for apps that encode content themselves; receivers report other bytes as unreadable.
-    pub async fn send(&self, group: &GroupId, bytes: &[u8]) -> Result<(), ClientError> {
-        let inner = &self.inner;
-        let mut outcome = Outcome::default();
-        {
-            let mls = inner.state.lock().await;
-            inner.settle_all_pending(&mls).await?;
-            for attempt in 0..2 {
-                inner.check_member(&mls, group)?;
-                if inner.store.group(group)?.is_some_and(|r| r.leaving == 1) {
-                    return Err(ClientError::LeftGroup(group.clone()));
-                }
-                let message =
-                    inner.mls_op(&mls, |mls| mls.encrypt(&inner.identity, group, bytes))?;
-                // The ratchet generation is used up durably before anything leaves.
-                inner.commit(&mls, Changes::default())?;
-                let request = SendMessageRequest {
-                    group: group.clone(),
-                    message: message.into(),
-                };
-                match inner.conn.call(request).await {
-                    Ok(_) => break,
-                    Err(err)
-                        if attempt == 0 && server_code(&err) == Some(ErrorCode::STALE_EPOCH) =>
-                    {
-                        inner.sync_into(&mls, &mut outcome).await?;
-                    }
-                    Err(err) => return Err(err.into()),
-                }
-            }
-        }
-        inner.follow_up(outcome).await;
-        Ok(())
     }
 
     /// Asks to leave the group: sends a proposal removing this client, which the next commit
@@ -377,8 +322,11 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<Vec<ClientId>, ClientError> {
         self.settle_all_pending(mls).await?;
-        // Process what is queued first: the messages the hub accepts before our commit are
-        // read after we merge it, so they must stay within the past epochs we keep
+        // Messages queued before this commit go out before it, at the epoch they were
+        // encrypted for.
+        self.deliver_group_locked(mls, group, outcome).await?;
+        // Then process what is queued for us: the messages the hub accepts before our commit
+        // are read after we merge it, so they must stay within the past epochs we keep
         // (MAX_PAST_EPOCHS in mls/mod.rs).
         self.sync_into(mls, outcome).await?;
         let attempts = self.config.max_commit_attempts.max(1);
@@ -422,14 +370,20 @@ impl Inner {
             }
             let out = self.mls_op(mls, |mls| mls.commit(&self.identity, group, adds, removes))?;
             // Durable before it leaves: from here on a crash leaves it pending, not lost.
-            let pending = self.store.stash_pending(
-                group,
+            let mut record = PendingCommit::new(
+                PendingKind::Commit,
                 out.commit.into(),
                 out.welcome.map(Into::into),
                 out.group_info.into(),
                 out.context.into(),
-            )?;
-            match self.settle_pending(mls, group, pending).await? {
+            );
+            match intent {
+                Intent::Add(_) => record.added.clone_from(&affected),
+                Intent::Remove(_) => record.removed.clone_from(&affected),
+                Intent::Pending => {}
+            }
+            let pending = self.store.stash_pending(group, record)?;
+            match self.settle_pending(mls, group, pending, false).await? {
                 Settled::Merged => return Ok(affected),
                 Settled::Refused => {}
             }
@@ -451,26 +405,24 @@ impl Inner {
         mls: &Mls,
         group: &GroupId,
         pending: PendingCommit,
+        announce: bool,
     ) -> Result<Settled, ClientError> {
-        // A record made from an epoch the group has left since (we rejoined, or processed a
+        let kind = pending.kind();
+        // A commit made from an epoch the group has left since (we rejoined, or processed a
         // commit that won) can never be merged: merging it would put the group back.
-        let (new_epoch, _) = crate::mls::group_info_context(pending.group_info.as_slice())?;
-        let current = match mls.epoch(group) {
-            Ok(epoch) => Some(epoch),
-            Err(crate::mls::MlsError::NoGroup) => None,
-            Err(err) => return Err(err.into()),
-        };
-        if current != Some(new_epoch.saturating_sub(1)) {
-            tracing::info!(%group, ?current, new_epoch, "dropped a pending commit of an epoch we left");
-            self.store.drop_pending(group)?;
-            return Ok(Settled::Refused);
+        if kind == PendingKind::Commit {
+            let (new_epoch, _) = crate::mls::group_info_context(pending.group_info.as_slice())?;
+            let current = match mls.epoch(group) {
+                Ok(epoch) => Some(epoch),
+                Err(crate::mls::MlsError::NoGroup) => None,
+                Err(err) => return Err(err.into()),
+            };
+            if current != Some(new_epoch.saturating_sub(1)) {
+                tracing::info!(%group, ?current, new_epoch, "dropped a pending commit of an epoch we left");
+                self.store.drop_pending(group)?;
+                return Ok(Settled::Refused);
+            }
         }
-        let request = CommitRequest {
-            group: group.clone(),
-            commit: pending.commit.clone(),
-            welcome: pending.welcome.clone(),
-            group_info: pending.group_info.clone(),
-        };
         if self
             .crash_before_send
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -479,10 +431,10 @@ impl Inner {
                 "simulated crash before the commit was sent".into(),
             ));
         }
-        let mut answer = self.conn.call(request.clone()).await;
+        let mut answer = self.send_pending(group, &pending).await;
         if let Err(RequestError::Transport(err)) = &answer {
             tracing::debug!(%group, %err, "commit outcome unknown: sending it again");
-            answer = self.conn.call(request).await;
+            answer = self.send_pending(group, &pending).await;
         }
         if answer.is_ok()
             && self
@@ -494,7 +446,7 @@ impl Inner {
             ));
         }
         let applied = match answer {
-            Ok(_) => true,
+            Ok(epoch) => Some(epoch),
             Err(err)
                 if matches!(
                     server_code(&err),
@@ -525,14 +477,59 @@ impl Inner {
                 return Err(err.into());
             }
         };
-        if applied {
-            self.store
-                .apply_pending(group, pending, Changes::default())?;
-            self.events_ready.notify_waiters();
-            Ok(Settled::Merged)
-        } else {
+        let Some(epoch) = applied else {
             self.store.drop_pending(group)?;
-            Ok(Settled::Refused)
+            return Ok(Settled::Refused);
+        };
+        let mut changes = Changes::default();
+        match kind {
+            PendingKind::ExternalJoin => {
+                changes
+                    .groups
+                    .push((group.clone(), Some(GroupRecord::joined(epoch))));
+                changes.event(Event::Rejoined {
+                    group: group.clone(),
+                });
+            }
+            PendingKind::Commit if announce => changes.event(Event::CommitSettled {
+                group: group.clone(),
+                added: pending.added.clone(),
+                removed: pending.removed.clone(),
+            }),
+            PendingKind::Commit => {}
+        }
+        self.store.apply_pending(group, pending, changes)?;
+        self.events_ready.notify_waiters();
+        Ok(Settled::Merged)
+    }
+
+    /// Sends a pending commit as what it is (Commit or ExternalJoin); returns the epoch the
+    /// DS answered with.
+    async fn send_pending(
+        &self,
+        group: &GroupId,
+        pending: &PendingCommit,
+    ) -> Result<u64, RequestError> {
+        match pending.kind() {
+            PendingKind::Commit => self
+                .conn
+                .call(CommitRequest {
+                    group: group.clone(),
+                    commit: pending.commit.clone(),
+                    welcome: pending.welcome.clone(),
+                    group_info: pending.group_info.clone(),
+                })
+                .await
+                .map(|answer| answer.epoch),
+            PendingKind::ExternalJoin => self
+                .conn
+                .call(ExternalJoinRequest {
+                    group: group.clone(),
+                    commit: pending.commit.clone(),
+                    group_info: pending.group_info.clone(),
+                })
+                .await
+                .map(|answer| answer.epoch),
         }
     }
 
@@ -543,7 +540,9 @@ impl Inner {
     /// and the operation goes on.
     pub(crate) async fn settle_all_pending(&self, mls: &Mls) -> Result<(), ClientError> {
         for (group, pending) in self.store.pending_commits()? {
-            match self.settle_pending(mls, &group, pending).await {
+            // Settled here, not by the call that made it (which failed): the app learns it
+            // from an event.
+            match self.settle_pending(mls, &group, pending, true).await {
                 Ok(Settled::Merged) => {
                     tracing::info!(%group, "merged our commit that the DS had accepted");
                 }
@@ -559,15 +558,20 @@ impl Inner {
 
     /// Whether the DS's current state is the one our commit leads to (`context`: the new
     /// epoch's group context, which covers the commit through the transcript hash).
-    async fn was_applied(&self, group: &GroupId, context: &[u8]) -> Result<bool, ClientError> {
+    /// Returns that epoch if so.
+    async fn was_applied(
+        &self,
+        group: &GroupId,
+        context: &[u8],
+    ) -> Result<Option<u64>, ClientError> {
         let info = self
             .conn
             .call(FetchGroupInfoRequest {
                 group: group.clone(),
             })
             .await?;
-        let (_, current) = crate::mls::group_info_context(info.group_info.as_slice())?;
-        Ok(current == context)
+        let (epoch, current) = crate::mls::group_info_context(info.group_info.as_slice())?;
+        Ok((current == context).then_some(epoch))
     }
 
     /// Commits pending leave proposals if this client is the remaining member with the
@@ -604,6 +608,33 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<(), ClientError> {
         let mls = self.state.lock().await;
+        self.rejoin_locked(&mls, group, outcome).await
+    }
+
+    /// Rejoins `group` unless this client's state of it has reached `epoch` meanwhile (the
+    /// epoch of a message that showed it had fallen behind).
+    pub(crate) async fn rejoin_if_behind(
+        &self,
+        group: &GroupId,
+        epoch: u64,
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
+        let mls = self.state.lock().await;
+        if self.check_member(&mls, group).is_ok() && mls.epoch(group)? >= epoch {
+            tracing::debug!(%group, epoch, "caught up meanwhile: no rejoin");
+            return Ok(());
+        }
+        self.rejoin_locked(&mls, group, outcome).await
+    }
+
+    /// [`Inner::rejoin`] with the state lock held. Reports [`Event::Rejoined`] with the new
+    /// state.
+    pub(crate) async fn rejoin_locked(
+        &self,
+        mls: &Mls,
+        group: &GroupId,
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
         let attempts = self.config.max_commit_attempts.max(1);
         for _ in 0..attempts {
             let info = self
@@ -612,7 +643,7 @@ impl Inner {
                     group: group.clone(),
                 })
                 .await?;
-            let (out, members) = self.mls_op(&mls, |mls| {
+            let (out, members) = self.mls_op(mls, |mls| {
                 mls.external_join(
                     &self.identity,
                     group,
@@ -636,7 +667,7 @@ impl Inner {
                             client: rejection.client.clone(),
                             reason: format!("rejoin refused: {}", rejection.reason),
                         });
-                        self.commit(&mls, changes)?;
+                        self.commit(mls, changes)?;
                         return Err(rejection.into());
                     }
                     Err(err) => {
@@ -645,25 +676,22 @@ impl Inner {
                     }
                 }
             }
-            let request = ExternalJoinRequest {
-                group: group.clone(),
-                commit: out.commit.into(),
-                group_info: out.group_info.into(),
-            };
-            match self.conn.call(request).await {
-                Ok(joined) => {
-                    changes
-                        .groups
-                        .push((group.clone(), Some(GroupRecord::joined(joined.epoch))));
-                    return self.commit(&mls, changes);
-                }
-                Err(err) if server_code(&err) == Some(ErrorCode::STALE_EPOCH) => {
-                    mls.store().discard();
-                }
-                Err(err) => {
-                    mls.store().discard();
-                    return Err(err.into());
-                }
+            // Durable before it leaves, like a Commit: an answer lost or an app killed before
+            // it came leaves it pending, and the same bytes are sent again later.
+            let record = PendingCommit::new(
+                PendingKind::ExternalJoin,
+                out.commit.into(),
+                None,
+                out.group_info.into(),
+                out.context.into(),
+            );
+            let pending = self.store.stash_pending(group, record)?;
+            if !changes.verified.is_empty() {
+                self.commit(mls, changes)?;
+            }
+            match self.settle_pending(&mls, group, pending, false).await? {
+                Settled::Merged => return Ok(()),
+                Settled::Refused => {}
             }
         }
         let _ = outcome;

@@ -8,7 +8,7 @@
 //! refused credential) is consumed with an event saying so; one that cannot be processed
 //! *now* (network or disk failure while checking it) stops processing without consuming it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -37,7 +37,9 @@ pub(crate) struct Outcome {
     /// the lowest leaf index commits their removal.
     pub(crate) leaves: BTreeMap<GroupId, Vec<u32>>,
     /// Groups this client fell behind in: rejoin by external commit.
-    pub(crate) rejoin: BTreeSet<GroupId>,
+    /// (with the epoch of the message that showed it: no rejoin if the group got there by
+    /// other means meanwhile, e.g. a rejoin the outgoing queue made).
+    pub(crate) rejoin: BTreeMap<GroupId, u64>,
     /// A Welcome consumed one of our KeyPackages.
     pub(crate) replenish: bool,
 }
@@ -328,12 +330,19 @@ impl Inner {
         let incoming = match mls.process(&group, message.message.as_slice()) {
             Ok(incoming) => incoming,
             Err(MlsError::Stale { .. }) => return self.consume_with(mls, seq, None, Vec::new()),
+            Err(MlsError::Replayed) => {
+                // Delivered twice (a retry the hub could not recognise, a redelivery): the
+                // first copy was shown already.
+                tracing::debug!(%group, seq, "dropped a copy of a message processed before");
+                return self.consume_with(mls, seq, None, Vec::new());
+            }
             Err(MlsError::Behind { ours, theirs }) => {
-                outcome.rejoin.insert(group.clone());
-                let event = error(format!(
-                    "missed messages (at epoch {ours}, got epoch {theirs}); rejoining"
-                ));
-                return self.consume_with(mls, seq, Some(event), Vec::new());
+                // What we missed is gone from our queue: rejoin (one Event::Rejoined once it
+                // worked, a GroupError if it cannot be done).
+                tracing::info!(%group, ours, theirs, "fell behind the group: rejoining");
+                let seen = outcome.rejoin.entry(group.clone()).or_default();
+                *seen = (*seen).max(theirs);
+                return self.consume_with(mls, seq, None, Vec::new());
             }
             Err(MlsError::Storage(err)) => return Err(MlsError::Storage(err).into()),
             Err(err) => {
@@ -392,7 +401,7 @@ impl Inner {
                     .filter_map(|l| l.client.clone())
                     .collect();
                 // A member rejoining by external commit replaces its own old leaf.
-                let rejoined = removed_all.contains(&by);
+                let rejoined = external && removed_all.contains(&by);
                 let removed: Vec<_> = removed_all.into_iter().filter(|c| *c != by).collect();
                 if external && !rejoined {
                     added.push(by.clone());
@@ -406,6 +415,12 @@ impl Inner {
                     changes.groups.push((group.clone(), None));
                     changes.event(Event::RemovedFromGroup { group, by });
                 } else {
+                    if rejoined {
+                        changes.event(Event::MemberRejoined {
+                            group: group.clone(),
+                            member: by.clone(),
+                        });
+                    }
                     if !added.is_empty() {
                         changes.event(Event::MembersAdded {
                             group: group.clone(),
@@ -458,9 +473,21 @@ impl Inner {
                     tracing::warn!(%err, %group, "cannot commit a pending leave");
                 }
             }
-            for group in std::mem::take(&mut pending.rejoin) {
-                if let Err(err) = self.rejoin(&group, &mut next).await {
+            for (group, epoch) in std::mem::take(&mut pending.rejoin) {
+                if let Err(err) = self.rejoin_if_behind(&group, epoch, &mut next).await {
                     tracing::warn!(%err, %group, "cannot rejoin");
+                    let transient = matches!(&err, ClientError::Request(e) if e.is_transient());
+                    if !transient {
+                        let mut changes = Changes::default();
+                        changes.event(Event::GroupError {
+                            group: group.clone(),
+                            reason: format!("fell behind the group and cannot rejoin: {err}"),
+                        });
+                        let mls = self.state.lock().await;
+                        if let Err(err) = self.commit(&mls, changes) {
+                            tracing::warn!(%err, "cannot record an event");
+                        }
+                    }
                 }
             }
             if pending.replenish

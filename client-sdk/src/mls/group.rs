@@ -282,13 +282,25 @@ impl Mls {
         if theirs < ours && matches!(message, ProtocolMessage::PublicMessage(_)) {
             return Err(MlsError::Stale { ours, theirs });
         }
-        let processed =
-            mls_group
-                .process_message(self, message)
-                .map_err(|e| MlsError::Refused {
+        let processed = mls_group.process_message(self, message).map_err(|e| {
+            // The ratchet secret of this message's generation is used up (deleted after the
+            // first decryption, or too far in the past): a copy of a message processed
+            // before (a retransmission, a redelivery, a restored backup of the sender). Not
+            // when the message's whole epoch is gone (older than the past epochs we keep):
+            // that one was never read, and is reported.
+            let debug = format!("{e:?}");
+            let epoch_kept = ours - theirs <= super::MAX_PAST_EPOCHS as u64;
+            if debug.contains("SecretReuseError")
+                || (debug.contains("TooDistantInThePast") && epoch_kept)
+            {
+                MlsError::Replayed
+            } else {
+                MlsError::Refused {
                     context: "processing",
                     reason: format!("{e:?} (a message of epoch {theirs}, ours is {ours})"),
-                })?;
+                }
+            }
+        })?;
         let sender_leaf = match processed.sender() {
             Sender::Member(index) => Some(*index),
             _ => None,

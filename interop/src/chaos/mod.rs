@@ -387,18 +387,37 @@ async fn send_numbered(
         seq
     };
     let text = ledger::message_text(index, seq);
-    let outcome =
-        match tokio::time::timeout(OPERATION_LIMIT, client.send(group, text.as_bytes())).await {
-            Ok(Ok(())) => SendOutcome::Acknowledged,
-            Ok(Err(err)) => {
-                let (outcome, code) = classify(&err);
-                if outcome == SendOutcome::Refused {
-                    *lock(refused_codes).entry(code).or_insert(0) += 1;
-                }
-                outcome
+    // Queued, then delivered: acknowledged once the hub accepted it (nothing left to send and
+    // the message not failed). One still queued when this gives up goes out later, once.
+    let send_and_flush = async {
+        let id = client.send(group, text.as_bytes()).await?;
+        client.flush().await?;
+        let failed = client.outbox().await?.into_iter().find(|m| m.id == id);
+        Ok::<_, ClientError>(failed.map(|m| (id, m.state)))
+    };
+    let outcome = match tokio::time::timeout(OPERATION_LIMIT, send_and_flush).await {
+        Ok(Ok(None)) => SendOutcome::Acknowledged,
+        Ok(Ok(Some((id, state)))) => {
+            let code = match state {
+                roost_client::OutgoingState::Failed(roost_client::SendFailure::Refused {
+                    code,
+                    ..
+                }) => format!("{code:?}"),
+                other => format!("client: {other:?}"),
+            };
+            *lock(refused_codes).entry(code).or_insert(0) += 1;
+            let _ = client.dismiss(id).await;
+            SendOutcome::Refused
+        }
+        Ok(Err(err)) => {
+            let (outcome, code) = classify(&err);
+            if outcome == SendOutcome::Refused {
+                *lock(refused_codes).entry(code).or_insert(0) += 1;
             }
-            Err(_) => SendOutcome::Unknown,
-        };
+            outcome
+        }
+        Err(_) => SendOutcome::Unknown,
+    };
     lock(ledger)[index].insert(seq, outcome);
     (outcome, seq)
 }

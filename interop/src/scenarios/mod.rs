@@ -145,6 +145,13 @@ pub const SCENARIOS: &[Scenario] = &[
         outage::hub_restart,
     ),
     scenario(
+        "outgoing-queue",
+        "a member sends while its own server is down and the hub restarts; its queue goes out \
+         in order, once, and a lost answer is not a duplicate",
+        90,
+        outage::outgoing_queue,
+    ),
+    scenario(
         "wrong-certificate",
         "a server presenting a certificate for another domain is refused both ways",
         60,

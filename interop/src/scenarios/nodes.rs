@@ -199,9 +199,14 @@ pub(super) fn node_killed(ctx: Ctx) -> ScenarioFuture {
                 h.kill_node(ALPHA, 1).context("killing alpha's node 1")?;
             }
             let text = format!("bob {n}");
-            // A send that is not acknowledged may or may not have been stored. It is never
-            // re-sent here, so it may arrive at most once (`each_once` below).
-            if bob.client().send(&group, text.as_bytes()).await.is_ok() {
+            // Acknowledged: queued and accepted by the hub (the queue delivered). One that is
+            // not stays in bob's outgoing queue and goes out later, at most once
+            // (`each_once` below).
+            let sent = async {
+                bob.client().send(&group, text.as_bytes()).await?;
+                bob.client().flush().await
+            };
+            if sent.await.is_ok() {
                 acknowledged.push(text);
             }
         }
