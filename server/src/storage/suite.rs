@@ -340,6 +340,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         loaded,
         state,
         receipt: None,
+        lazy: false,
     };
     store.create_group(state(0)).await.unwrap();
     assert!(matches!(
@@ -392,6 +393,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
                     loaded: 0,
                     state: None,
                     receipt: None,
+                    lazy: false,
                 },
                 vec![fan(1)],
                 10
@@ -523,6 +525,204 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
     assert_eq!(store.pending_domains().await.unwrap(), expected);
 }
 
+/// The group, members and payloads of the lazy fan-out tests.
+mod lazy {
+    use super::*;
+
+    pub(super) const KEY: [u8; 2] = [4, 2];
+
+    pub(super) fn message(group_byte: u8) -> QueuePayload {
+        QueuePayload::GroupMessage(GroupMessage {
+            group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                .parse()
+                .unwrap(),
+            message: vec![group_byte].into(),
+        })
+    }
+
+    pub(super) fn fan(local: &[u64], payload: QueuePayload) -> FanOut {
+        FanOut {
+            local: local.to_vec(),
+            remote: Default::default(),
+            payload,
+            timestamp_ms: crate::unix_millis(),
+        }
+    }
+
+    /// A commit (version `loaded` → `loaded + 1`) to `members` and a Welcome to `joiner`,
+    /// fanned out lazily.
+    pub(super) fn commit(loaded: u64) -> GroupWrite {
+        GroupWrite {
+            key: KEY.to_vec(),
+            loaded,
+            state: Some(GroupState {
+                key: KEY.to_vec(),
+                epoch: loaded + 1,
+                version: loaded + 1,
+                snapshot: vec![loaded as u8 + 1; 4],
+            }),
+            receipt: None,
+            lazy: true,
+        }
+    }
+
+    /// A message fan-out (the state unchanged), written at once.
+    pub(super) fn message_write(loaded: u64) -> GroupWrite {
+        GroupWrite {
+            key: KEY.to_vec(),
+            loaded,
+            state: None,
+            receipt: None,
+            lazy: false,
+        }
+    }
+
+    pub(super) async fn payloads<S: QueueStore>(store: &S, num: u64) -> Vec<(u64, QueuePayload)> {
+        let (messages, _) = store.read_queue(num, 0, 100, 1 << 20, 0).await.unwrap();
+        messages.into_iter().map(|m| (m.seq, m.payload)).collect()
+    }
+}
+
+/// Without a crash: a lazy commit is answered with every recipient counted and its entries
+/// are queued before anything written after its answer (a message the committer sends next).
+pub(crate) async fn lazy_fan_out<S: AuthStore + QueueStore + GroupStore>(store: &S) {
+    let mut members = Vec::new();
+    for name in ["la", "lb", "lc"] {
+        members.push(
+            store
+                .add_client(credential(&format!("{name}@example.org/d")))
+                .await
+                .unwrap(),
+        );
+    }
+    let joiner = store
+        .add_client(credential("ld@example.org/d"))
+        .await
+        .unwrap();
+    store
+        .create_group(GroupState {
+            key: lazy::KEY.to_vec(),
+            epoch: 0,
+            version: 0,
+            snapshot: vec![0; 4],
+        })
+        .await
+        .unwrap();
+    let result = store
+        .apply(
+            lazy::commit(0),
+            vec![
+                lazy::fan(&members, lazy::message(1)),
+                lazy::fan(&[joiner], lazy::message(2)),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.reached, vec![3, 1]);
+    let sent = store
+        .apply(
+            lazy::message_write(1),
+            vec![lazy::fan(&members, lazy::message(3))],
+            10,
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = sent.queues.iter().map(|(_, f)| f.seq).collect();
+    assert_eq!(seqs, vec![2, 2, 2], "the commit took seq 1 in every queue");
+    for &num in &members {
+        assert_eq!(
+            lazy::payloads(store, num).await,
+            vec![(1, lazy::message(1)), (2, lazy::message(3))]
+        );
+    }
+    assert_eq!(
+        lazy::payloads(store, joiner).await,
+        vec![(1, lazy::message(2))]
+    );
+}
+
+/// Before the crash: a lazy commit is acknowledged with nothing queued yet (the store holds
+/// its pending record: the caller made sure it is not turned into entries). Returns the
+/// members' and the joiner's queues.
+pub(crate) async fn lazy_fan_out_before_crash<S: AuthStore + QueueStore + GroupStore>(
+    store: &S,
+) -> (Vec<u64>, u64) {
+    let mut members = Vec::new();
+    for name in ["ca", "cb", "cc"] {
+        members.push(
+            store
+                .add_client(credential(&format!("{name}@example.org/d")))
+                .await
+                .unwrap(),
+        );
+    }
+    let joiner = store
+        .add_client(credential("cd@example.org/d"))
+        .await
+        .unwrap();
+    store
+        .create_group(GroupState {
+            key: lazy::KEY.to_vec(),
+            epoch: 0,
+            version: 0,
+            snapshot: vec![0; 4],
+        })
+        .await
+        .unwrap();
+    let result = store
+        .apply(
+            lazy::commit(0),
+            vec![
+                lazy::fan(&members, lazy::message(1)),
+                lazy::fan(&[joiner], lazy::message(2)),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.reached, vec![3, 1]);
+    assert!(result.queues.is_empty(), "nothing queued before the answer");
+    // The state is durable; the queues are still empty.
+    assert_eq!(
+        store.group_version(lazy::KEY.to_vec()).await.unwrap(),
+        Some(1)
+    );
+    for &num in members.iter().chain([&joiner]) {
+        assert_eq!(store.read_queue(num, 0, 10, 1 << 20, 0).await.unwrap().1, 0);
+    }
+    (members, joiner)
+}
+
+/// After the crash, on the reopened store: the commit is queued exactly once, before the
+/// first message written after the restart, in every recipient's queue.
+pub(crate) async fn lazy_fan_out_after_crash<S: QueueStore + GroupStore>(
+    store: &S,
+    (members, joiner): (Vec<u64>, u64),
+) {
+    let sent = store
+        .apply(
+            lazy::message_write(1),
+            vec![lazy::fan(&members, lazy::message(3))],
+            10,
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = sent.queues.iter().map(|(_, f)| f.seq).collect();
+    assert_eq!(seqs, vec![2, 2, 2], "the replayed commit took seq 1");
+    for &num in &members {
+        assert_eq!(
+            lazy::payloads(store, num).await,
+            vec![(1, lazy::message(1)), (2, lazy::message(3))],
+            "queue {num}"
+        );
+    }
+    assert_eq!(
+        lazy::payloads(store, joiner).await,
+        vec![(1, lazy::message(2))]
+    );
+}
+
 /// Receipts of accepted requests: written with the effect, found within their window, refusing
 /// a second write of the same request (even two at once), replaced once out of the window,
 /// never written by a refused write, pruned by age and count.
@@ -556,6 +756,7 @@ pub(crate) async fn receipts<
         loaded,
         state,
         receipt: Some(receipt),
+        lazy: false,
     };
     let fan = |n: u8| FanOut {
         local: vec![num],
@@ -780,6 +981,7 @@ where
         loaded: 0,
         state: Some(next),
         receipt: None,
+        lazy: false,
     };
     store
         .apply(write, vec![to_beta(1), to_beta(2)], 10)
@@ -895,6 +1097,29 @@ mod redb_backend {
     async fn admin() {
         let (_dir, store) = open();
         super::admin(&store).await;
+    }
+
+    #[tokio::test]
+    async fn lazy_fan_out() {
+        let (_dir, store) = open();
+        super::lazy_fan_out(&store).await;
+    }
+
+    /// The process dies after the transaction that accepted a commit and before the batch
+    /// that queues it: what is on disk then is that transaction (redb keeps nothing else),
+    /// which is what closing the store with the pending record held leaves.
+    #[tokio::test]
+    async fn a_lazy_fan_out_cut_off_by_a_crash_is_queued_once_and_first_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let (store, writer) = Store::open(&path, "example.org", 64).unwrap();
+        store.hold_pending(true);
+        let backend = Backend::Redb(store);
+        let queues = super::lazy_fan_out_before_crash(&backend).await;
+        drop(backend);
+        writer.join();
+        let (store, _writer) = Store::open(&path, "example.org", 64).unwrap();
+        super::lazy_fan_out_after_crash(&Backend::Redb(store), queues).await;
     }
 }
 

@@ -304,6 +304,7 @@ mod tests {
                             loaded: 0,
                             state: None,
                             receipt: None,
+                            lazy: false,
                         };
                         let fan = fan_out(&local, message(tag, sender * 5 + n));
                         let result = store.apply(write, vec![fan], 100).await.unwrap();
@@ -368,6 +369,7 @@ mod tests {
                         loaded,
                         state: Some(state(loaded + 1, tag)),
                         receipt: None,
+                        lazy: false,
                     };
                     store
                         .apply(write, vec![fan_out(&[num], message(tag, round))], 100)

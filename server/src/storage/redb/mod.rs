@@ -21,6 +21,7 @@ pub(crate) mod tables;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -98,6 +99,17 @@ const REOPEN_FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest wait between two attempts to reopen the database.
 const REOPEN_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// What the engine calls back into the server.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    /// Called after every reopen after a storage failure (the queue listeners read the store
+    /// again).
+    pub(crate) on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Called with the queue entries a batch wrote from pending (lazy) fan-outs, after the
+    /// batch committed (the listeners of those queues are woken).
+    pub(crate) on_fresh: Option<Box<dyn Fn(Vec<(u64, crate::queue::Fresh)>) + Send + Sync>>,
+}
+
 /// What the handles and the writer share.
 struct Shared {
     /// The open database; `None` while the writer reopens it after a storage failure (every
@@ -105,8 +117,14 @@ struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     opener: Opener,
     domain: String,
-    /// Called after every reopen (the queue listeners read the store again).
-    on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+    hooks: Hooks,
+    /// Set when a job wrote a pending fan-out: the writer's next batch, which starts at once
+    /// even if no job waits, queues it first.
+    pending: AtomicBool,
+    /// Tests only: leave pending fan-outs alone (as if the process died right after the
+    /// transaction that wrote them).
+    #[cfg(test)]
+    hold_pending: AtomicBool,
 }
 
 impl Shared {
@@ -119,6 +137,23 @@ impl Shared {
 
     fn set(&self, db: Option<Arc<Database>>) {
         *self.db.write().unwrap_or_else(PoisonError::into_inner) = db;
+    }
+
+    /// Whether the next batch must queue pending fan-outs first (clears the mark).
+    fn take_pending(&self) -> bool {
+        #[cfg(test)]
+        if self.hold_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        self.pending.swap(false, Ordering::AcqRel)
+    }
+
+    fn has_pending(&self) -> bool {
+        #[cfg(test)]
+        if self.hold_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        self.pending.load(Ordering::Acquire)
     }
 }
 
@@ -141,24 +176,42 @@ impl Store {
         domain: &str,
         max_batch: usize,
     ) -> Result<(Self, WriterHandle), StoreError> {
-        Self::open_with(file_opener(path), domain, max_batch, None)
+        Self::open_with(file_opener(path), domain, max_batch, Hooks::default())
+    }
+
+    /// Tests only: while `hold` is set, pending fan-outs stay pending (the state a crash right
+    /// after their transaction leaves); clearing it lets the next batch queue them.
+    #[cfg(test)]
+    pub(crate) fn hold_pending(&self, hold: bool) {
+        self.shared.hold_pending.store(hold, Ordering::Release);
+        if !hold {
+            self.shared.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Marks that the current batch wrote a pending fan-out (called from inside a job).
+    pub(crate) fn mark_pending(&self) {
+        self.shared.pending.store(true, Ordering::Release);
     }
 
     /// [`Store::open`] through `opener`, which the writer also uses to reopen the database
     /// after a storage failure.
-    /// `on_reopen` runs after every such reopen.
+    /// `hooks` are called after reopens and lazy fan-outs.
     pub(crate) fn open_with(
         opener: Opener,
         domain: &str,
         max_batch: usize,
-        on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+        hooks: Hooks,
     ) -> Result<(Self, WriterHandle), StoreError> {
         let db = open_checked(&opener, domain)?;
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             opener,
             domain: domain.to_owned(),
-            on_reopen,
+            hooks,
+            pending: AtomicBool::new(false),
+            #[cfg(test)]
+            hold_pending: AtomicBool::new(false),
         });
         // A bounded queue: when the disk falls behind, writers wait instead of piling up.
         let (writer, jobs) = mpsc::sync_channel::<Job>(max_batch * 4);
@@ -292,6 +345,17 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX)?;
         txn.open_table(RECEIPTS)?;
         txn.open_table(RECEIPT_TIMES)?;
+        txn.open_table(FANOUT_PENDING)?;
+    }
+    // Fan-outs a crash (or a storage failure) left pending are queued before any job runs,
+    // so nothing later overtakes them in a recipient's queue. Nobody listens yet at a start;
+    // after a reopen every listener reads its queue again.
+    let queued = groups::queue_pending(&txn)?;
+    if !queued.is_empty() {
+        tracing::info!(
+            entries = queued.len(),
+            "queued fan-outs left pending by an earlier run"
+        );
     }
     txn.commit()?;
     Ok(db)
@@ -311,9 +375,28 @@ impl WriterHandle {
 }
 
 fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
-    // Blocks until the first job; ends when every Store handle is gone.
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
+    // Blocks until the first job (unless a pending fan-out waits: then the batch starts at
+    // once); ends when every Store handle is gone.
+    loop {
+        let mut batch = Vec::new();
+        if shared.has_pending() {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::TryRecvError::Empty) => {}
+                // Shutting down: queue what is pending, then close.
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if let Some(db) = shared.current() {
+                        run_batch(shared, &db, batch);
+                    }
+                    break;
+                }
+            }
+        } else {
+            match jobs.recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         while batch.len() < max_batch {
             match jobs.try_recv() {
                 Ok(job) => batch.push(job),
@@ -325,7 +408,7 @@ fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
             // before it takes jobs again. Dropping the batch answers Unavailable.
             break;
         };
-        match run_batch(&db, batch) {
+        match run_batch(shared, &db, batch) {
             Batch::Done => {}
             Batch::StorageFailed(unsure) => {
                 drop(db);
@@ -385,7 +468,7 @@ fn count_failure() {
     metrics::counter!("roost_storage_failures_total", "engine" => "redb").increment(1);
 }
 
-fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
+fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
     let txn = match db.begin_write() {
         Ok(txn) => txn,
         Err(err) => {
@@ -411,8 +494,19 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
             };
         }
     };
-    let mut completions = Vec::with_capacity(batch.len());
+    // Pending fan-outs first: their entries come before anything this batch queues.
+    let mut fresh = Vec::new();
     let mut failure = None;
+    if shared.take_pending() {
+        match groups::queue_pending(&txn) {
+            Ok(queued) => fresh = queued,
+            Err(err) => {
+                shared.pending.store(true, Ordering::Release);
+                failure = Some(err);
+            }
+        }
+    }
+    let mut completions = Vec::with_capacity(batch.len());
     for job in batch {
         if failure.is_some() {
             // Dropping the job drops its reply sender: the caller gets Unavailable.
@@ -427,6 +521,10 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
     if let Some(err) = failure {
         tracing::error!(%err, "write batch aborted");
         let _ = txn.abort();
+        if !fresh.is_empty() {
+            // Rolled back with the batch: still pending.
+            shared.pending.store(true, Ordering::Release);
+        }
         let io = matches!(err, StoreError::Io(_));
         for completion in completions {
             completion(Err(err.clone()));
@@ -442,6 +540,11 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
             for completion in completions {
                 completion(Ok(()));
             }
+            if !fresh.is_empty()
+                && let Some(on_fresh) = &shared.hooks.on_fresh
+            {
+                on_fresh(fresh);
+            }
             Batch::Done
         }
         Err(StoreError::Io(err)) => {
@@ -453,6 +556,9 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
         }
         Err(err) => {
             tracing::error!(%err, "write batch failed");
+            if !fresh.is_empty() {
+                shared.pending.store(true, Ordering::Release);
+            }
             for completion in completions {
                 completion(Err(err.clone()));
             }
@@ -492,7 +598,7 @@ fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Job>, mut unsure: Option<Unsure
                 }
                 shared.set(Some(Arc::new(db)));
                 tracing::info!("database reopened after a storage failure");
-                if let Some(on_reopen) = &shared.on_reopen {
+                if let Some(on_reopen) = &shared.hooks.on_reopen {
                     // A batch whose callers were told it failed may be in the file after all.
                     on_reopen();
                 }

@@ -29,7 +29,13 @@ impl From<StoreError> for TestError {
 }
 
 fn open(path: &Path, faults: &Faults) -> (Store, super::WriterHandle) {
-    Store::open_with(faulty_opener(path, faults.clone()), "example.org", 16, None).unwrap()
+    Store::open_with(
+        faulty_opener(path, faults.clone()),
+        "example.org",
+        16,
+        Default::default(),
+    )
+    .unwrap()
 }
 
 /// One operation that writes two keys, `a{i}` and `b{i}`: both or neither may be stored.
