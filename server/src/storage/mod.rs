@@ -279,17 +279,32 @@ pub(crate) mod fan_out {
     impl Pending {
         /// The pending part of `fan` under message id `id`.
         pub(crate) fn of(fan: &FanOut, id: MessageId, max_depth: u64) -> Result<Self, StoreError> {
-            let local: Vec<u8> = sorted_local(fan)
-                .iter()
-                .flat_map(|num| num.to_be_bytes())
-                .collect();
-            Ok(Self {
+            let payload = encoded_payload(fan)?.into();
+            Ok(Self::new(
                 id,
-                timestamp_ms: fan.timestamp_ms,
+                fan.timestamp_ms,
+                max_depth,
+                &sorted_local(fan),
+                payload,
+            ))
+        }
+
+        /// A pending fan-out of `payload` (encoded) to `local` (ascending).
+        pub(crate) fn new(
+            id: MessageId,
+            timestamp_ms: u64,
+            max_depth: u64,
+            local: &[u64],
+            payload: Opaque,
+        ) -> Self {
+            let local: Vec<u8> = local.iter().flat_map(|num| num.to_be_bytes()).collect();
+            Self {
+                id,
+                timestamp_ms,
                 max_depth,
                 local: local.into(),
-                payload: encoded_payload(fan)?.into(),
-            })
+                payload,
+            }
         }
 
         /// The local recipients, ascending.

@@ -695,11 +695,22 @@ pub(crate) async fn lazy_fan_out_before_crash<S: AuthStore + QueueStore + GroupS
 }
 
 /// After the crash, on the reopened store: the commit is queued exactly once, before the
-/// first message written after the restart, in every recipient's queue.
+/// first message written after the restart, in every recipient's queue. With `at_open`, the
+/// store queued it when it opened, before any write.
 pub(crate) async fn lazy_fan_out_after_crash<S: QueueStore + GroupStore>(
     store: &S,
     (members, joiner): (Vec<u64>, u64),
+    at_open: bool,
 ) {
+    if at_open {
+        for &num in &members {
+            assert_eq!(
+                lazy::payloads(store, num).await,
+                vec![(1, lazy::message(1))],
+                "queued at open: queue {num}"
+            );
+        }
+    }
     let sent = store
         .apply(
             lazy::message_write(1),
@@ -1119,7 +1130,7 @@ mod redb_backend {
         drop(backend);
         writer.join();
         let (store, _writer) = Store::open(&path, "example.org", 64).unwrap();
-        super::lazy_fan_out_after_crash(&Backend::Redb(store), queues).await;
+        super::lazy_fan_out_after_crash(&Backend::Redb(store), queues, true).await;
     }
 }
 
@@ -1177,5 +1188,44 @@ pub(crate) mod postgres_backend {
             drop(store);
             closer.join();
         }
+        let url = cluster.create_database("lazy").unwrap();
+        let (store, closer) = open(&url).await;
+        super::lazy_fan_out(&store).await;
+        drop(store);
+        closer.join();
+    }
+
+    /// A node dies after the transaction that accepted a commit and before it queued the
+    /// commit's pending fan-out (held back here, which is what the database holds then): the
+    /// next node to start queues it before it serves, exactly once and ahead of what follows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lazy_fan_out_cut_off_by_a_dead_node_is_queued_once_by_the_next() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("crash").unwrap();
+        let (dying, closer) = connect(&url, Duration::from_secs(10)).await;
+        dying.hold_pending(true);
+        let queues = super::lazy_fan_out_before_crash(&Backend::Postgres(dying)).await;
+        closer.join();
+        let (next, closer) = open(&url).await;
+        super::lazy_fan_out_after_crash(&next, queues, true).await;
+        drop(next);
+        closer.join();
+    }
+
+    /// Node A accepted a commit and has not queued its fan-out yet; a message of the group
+    /// written on node B meanwhile queues A's pending fan-out first: the commit comes before
+    /// the message in every queue, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_on_another_node_is_queued_after_a_pending_commit() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("nodes").unwrap();
+        let (a, closer_a) = connect(&url, Duration::from_secs(10)).await;
+        let (b, closer_b) = open(&url).await;
+        a.hold_pending(true);
+        let queues = super::lazy_fan_out_before_crash(&Backend::Postgres(a.clone())).await;
+        super::lazy_fan_out_after_crash(&b, queues, false).await;
+        drop((a, b));
+        closer_a.join();
+        closer_b.join();
     }
 }
