@@ -197,11 +197,10 @@ pub(crate) async fn open(
             let on_reopen: Box<dyn Fn() + Send + Sync> = Box::new(move || queues.wake_all());
             // Entries of lazy fan-outs wake their listeners from a task, not the writer thread.
             let (queues, runtime) = (sink.queues.clone(), tokio::runtime::Handle::current());
-            let on_fresh: Box<dyn Fn(Vec<(u64, crate::queue::Fresh)>) + Send + Sync> =
-                Box::new(move |fresh| {
-                    let queues = queues.clone();
-                    runtime.spawn(async move { queues.notify_fresh(&fresh) });
-                });
+            let on_fresh: redb::OnFresh = Box::new(move |fresh| {
+                let queues = queues.clone();
+                runtime.spawn(async move { queues.notify_fresh(&fresh) });
+            });
             let hooks = redb::Hooks {
                 on_reopen: Some(on_reopen),
                 on_fresh: Some(on_fresh),

@@ -301,6 +301,9 @@ pub(super) async fn queue_pending(
     store: &PgStore,
     key: Option<&[u8]>,
 ) -> Result<usize, StoreError> {
+    if store.holds_pending() {
+        return Ok(0);
+    }
     let mut client = store.client().await?;
     let txn = client.transaction().await?;
     let rows = match key {

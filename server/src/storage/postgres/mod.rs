@@ -302,10 +302,6 @@ impl PgStore {
     /// wrote them is answered meanwhile). A failure leaves them pending: the group's next
     /// write, or the next node to start, queues them first.
     pub(super) fn queue_pending_later(&self, key: Vec<u8>) {
-        #[cfg(test)]
-        if self.hold_pending.load(std::sync::atomic::Ordering::Acquire) {
-            return;
-        }
         let store = self.clone();
         tokio::spawn(async move {
             if let Err(err) = groups::queue_pending(&store, Some(&key)).await {
@@ -314,11 +310,20 @@ impl PgStore {
         });
     }
 
-    /// Tests only: while `hold` is set, lazy fan-outs stay pending.
+    /// Tests only: while `hold` is set, this node leaves lazy fan-outs pending.
     #[cfg(test)]
     pub(crate) fn hold_pending(&self, hold: bool) {
         self.hold_pending
             .store(hold, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether this node leaves lazy fan-outs pending (tests only; always false otherwise).
+    pub(super) fn holds_pending(&self) -> bool {
+        #[cfg(test)]
+        if self.hold_pending.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
+        false
     }
 
     /// The configured timeout (leases and waits are derived from it).

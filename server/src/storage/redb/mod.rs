@@ -21,7 +21,7 @@ pub(crate) mod tables;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -99,6 +99,9 @@ const REOPEN_FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest wait between two attempts to reopen the database.
 const REOPEN_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Called with the queue entries (client number, entry) a batch wrote.
+pub(crate) type OnFresh = Box<dyn Fn(Vec<(u64, crate::queue::Fresh)>) + Send + Sync>;
+
 /// What the engine calls back into the server.
 #[derive(Default)]
 pub(crate) struct Hooks {
@@ -107,7 +110,7 @@ pub(crate) struct Hooks {
     pub(crate) on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
     /// Called with the queue entries a batch wrote from pending (lazy) fan-outs, after the
     /// batch committed (the listeners of those queues are woken).
-    pub(crate) on_fresh: Option<Box<dyn Fn(Vec<(u64, crate::queue::Fresh)>) + Send + Sync>>,
+    pub(crate) on_fresh: Option<OnFresh>,
 }
 
 /// What the handles and the writer share.
@@ -118,9 +121,16 @@ struct Shared {
     opener: Opener,
     domain: String,
     hooks: Hooks,
+    /// Set by a job of the running batch that wrote a pending fan-out.
+    batch_wrote_pending: AtomicBool,
     /// Set when a job wrote a pending fan-out: the writer's next batch, which starts at once
     /// even if no job waits, queues it first.
     pending: AtomicBool,
+    /// The number of the last committed batch that wrote a pending fan-out, and of the last
+    /// committed batch that queued every pending one: while the first is the larger, a read
+    /// of a queue may miss an acknowledged commit and waits for the next batch first.
+    pending_written: AtomicU64,
+    pending_queued: AtomicU64,
     /// Tests only: leave pending fan-outs alone (as if the process died right after the
     /// transaction that wrote them).
     #[cfg(test)]
@@ -192,6 +202,20 @@ impl Store {
     /// Marks that the current batch wrote a pending fan-out (called from inside a job).
     pub(crate) fn mark_pending(&self) {
         self.shared.pending.store(true, Ordering::Release);
+        self.shared
+            .batch_wrote_pending
+            .store(true, Ordering::Release);
+    }
+
+    /// Waits, if a committed fan-out may still be pending, until the writer's next batch
+    /// (which queues it) committed: a read after this sees every entry of every commit
+    /// acknowledged before it was called.
+    pub(crate) async fn pending_queued(&self) -> Result<(), StoreError> {
+        let written = self.shared.pending_written.load(Ordering::SeqCst);
+        if self.shared.pending_queued.load(Ordering::SeqCst) >= written {
+            return Ok(());
+        }
+        self.write(|_| Ok(Ok::<(), StoreError>(()))).await
     }
 
     /// [`Store::open`] through `opener`, which the writer also uses to reopen the database
@@ -209,7 +233,10 @@ impl Store {
             opener,
             domain: domain.to_owned(),
             hooks,
+            batch_wrote_pending: AtomicBool::new(false),
             pending: AtomicBool::new(false),
+            pending_written: AtomicU64::new(0),
+            pending_queued: AtomicU64::new(0),
             #[cfg(test)]
             hold_pending: AtomicBool::new(false),
         });
@@ -497,9 +524,14 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
     // Pending fan-outs first: their entries come before anything this batch queues.
     let mut fresh = Vec::new();
     let mut failure = None;
+    let mut queued_pending = false;
+    shared.batch_wrote_pending.store(false, Ordering::Release);
     if shared.take_pending() {
         match groups::queue_pending(&txn) {
-            Ok(queued) => fresh = queued,
+            Ok(queued) => {
+                fresh = queued;
+                queued_pending = true;
+            }
             Err(err) => {
                 shared.pending.store(true, Ordering::Release);
                 failure = Some(err);
@@ -537,6 +569,17 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
     }
     match txn.commit().map_err(StoreError::from) {
         Ok(()) => {
+            // Before any answer: whoever hears of a commit must find its fan-out pending.
+            if shared.batch_wrote_pending.swap(false, Ordering::AcqRel) {
+                shared.pending_written.store(number, Ordering::SeqCst);
+            }
+            if queued_pending {
+                // Every record committed before this batch is queued now (records this batch
+                // wrote itself, after the queueing, are newer: `pending_written` says so).
+                shared
+                    .pending_queued
+                    .fetch_max(number.saturating_sub(1), Ordering::SeqCst);
+            }
             for completion in completions {
                 completion(Ok(()));
             }
@@ -596,6 +639,9 @@ fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Job>, mut unsure: Option<Unsure
                         completion(outcome.clone());
                     }
                 }
+                // The reopen queued every pending fan-out.
+                let written = shared.pending_written.load(Ordering::SeqCst);
+                shared.pending_queued.fetch_max(written, Ordering::SeqCst);
                 shared.set(Some(Arc::new(db)));
                 tracing::info!("database reopened after a storage failure");
                 if let Some(on_reopen) = &shared.hooks.on_reopen {
