@@ -75,6 +75,13 @@ pub(crate) struct GroupWrite {
     /// The request's receipt, written in the same transaction (see [`receipt`]); a fresh
     /// receipt already stored for its key refuses the write (GROUP_MOVED, writing nothing).
     pub(crate) receipt: Option<Receipt>,
+    /// Whether the local queue entries of the fan-outs may be written after the answer: the
+    /// transaction then holds a durable pending record of them instead, and the engine turns
+    /// it into queue entries in its next write, before anything else is queued for those
+    /// recipients (replayed from the record after a crash). Outbox entries are always written
+    /// in the transaction. Commits use it: a commit to N members then waits for one small
+    /// write instead of N queue entries (docs/ARCHITECTURE.md, "Lazy fan-out").
+    pub(crate) lazy: bool,
 }
 
 /// One payload for a set of recipients, split by where their queues are.
@@ -671,6 +678,7 @@ async fn commit_attempt(
         loaded: version,
         state: Some(GroupState::of(&group, version + 1)?),
         receipt: Some(submission.receipt(Answer::Value(group.epoch()))),
+        lazy: true,
     };
     let now_ms = state.clock.unix_millis();
     let mut fan_outs = vec![commit_to.with(
@@ -859,6 +867,7 @@ async fn send_once(
         loaded: *version,
         state: None,
         receipt: Some(submission.receipt(Answer::Reached)),
+        lazy: false,
     };
     let result = match state
         .store
@@ -944,6 +953,7 @@ async fn leave_once(
         loaded: version,
         state: Some(GroupState::of(&group, version + 1)?),
         receipt: Some(submission.receipt(Answer::Value(0))),
+        lazy: false,
     };
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),

@@ -203,12 +203,18 @@ pub(crate) async fn open(
             // After a reopen every listener reads its queue from the store again.
             let queues = sink.queues.clone();
             let on_reopen: Box<dyn Fn() + Send + Sync> = Box::new(move || queues.wake_all());
-            let (store, writer) = redb::Store::open_with(
-                opener,
-                settings.domain.as_str(),
-                max_batch,
-                Some(on_reopen),
-            )?;
+            // Entries of lazy fan-outs wake their listeners from a task, not the writer thread.
+            let (queues, runtime) = (sink.queues.clone(), tokio::runtime::Handle::current());
+            let on_fresh: redb::OnFresh = Box::new(move |fresh| {
+                let queues = queues.clone();
+                runtime.spawn(async move { queues.notify_fresh(&fresh) });
+            });
+            let hooks = redb::Hooks {
+                on_reopen: Some(on_reopen),
+                on_fresh: Some(on_fresh),
+            };
+            let (store, writer) =
+                redb::Store::open_with(opener, settings.domain.as_str(), max_batch, hooks)?;
             Ok((Backend::Redb(store), Closer::Redb(writer)))
         }
         crate::config::StorageSettings::Postgres {
@@ -234,8 +240,9 @@ pub(crate) mod fan_out {
     use std::borrow::Cow;
 
     use bytes::Bytes;
-    use roost_protocol::MessageId;
-    use tls_codec::Serialize as _;
+    use roost_protocol::{MessageId, Opaque};
+    use tls_codec::{DeserializeBytes as _, Serialize as _};
+    use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
 
     use super::StoreError;
     use crate::delivery::{FanOut, FanOutResult};
@@ -259,6 +266,95 @@ pub(crate) mod fan_out {
             .payload
             .tls_serialize_detached()
             .map_err(|_| StoreError::Corrupt("payload encoding"))
+    }
+
+    /// Local recipients and the payload of one fan-out whose queue entries are written after
+    /// the answer ([`crate::delivery::GroupWrite::lazy`]): stored durably in the operation's
+    /// transaction, turned into queue entries by a later one, which deletes it. The message id
+    /// is chosen when the record is written, so a replay after a crash queues the same message.
+    #[derive(Debug, Clone, PartialEq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+    pub(crate) struct Pending {
+        pub(crate) id: MessageId,
+        pub(crate) timestamp_ms: u64,
+        pub(crate) max_depth: u64,
+        /// Ascending client numbers, 8 bytes big-endian each.
+        local: Opaque,
+        /// The TLS-encoded `QueuePayload`.
+        pub(crate) payload: Opaque,
+    }
+
+    impl Pending {
+        /// The pending part of `fan` under message id `id`.
+        pub(crate) fn of(fan: &FanOut, id: MessageId, max_depth: u64) -> Result<Self, StoreError> {
+            let payload = encoded_payload(fan)?.into();
+            Ok(Self::new(
+                id,
+                fan.timestamp_ms,
+                max_depth,
+                &sorted_local(fan),
+                payload,
+            ))
+        }
+
+        /// A pending fan-out of `payload` (encoded) to `local` (ascending).
+        pub(crate) fn new(
+            id: MessageId,
+            timestamp_ms: u64,
+            max_depth: u64,
+            local: &[u64],
+            payload: Opaque,
+        ) -> Self {
+            let local: Vec<u8> = local.iter().flat_map(|num| num.to_be_bytes()).collect();
+            Self {
+                id,
+                timestamp_ms,
+                max_depth,
+                local: local.into(),
+                payload,
+            }
+        }
+
+        /// The local recipients, ascending.
+        pub(crate) fn local(&self) -> Vec<u64> {
+            self.local
+                .as_slice()
+                .chunks_exact(8)
+                .filter_map(|chunk| chunk.try_into().ok().map(u64::from_be_bytes))
+                .collect()
+        }
+
+        /// One operation's pending fan-outs as one record (they are queued together, in order).
+        pub(crate) fn encode(list: &[Pending]) -> Result<Vec<u8>, StoreError> {
+            PendingList(list.to_vec())
+                .tls_serialize_detached()
+                .map_err(|_| StoreError::Corrupt("pending fan-out encoding"))
+        }
+
+        /// The fan-outs of a record made by [`Pending::encode`].
+        pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<Pending>, StoreError> {
+            match PendingList::tls_deserialize_bytes(bytes) {
+                Ok((list, [])) => Ok(list.0),
+                _ => Err(StoreError::Corrupt("pending fan-out")),
+            }
+        }
+    }
+
+    #[derive(TlsSize, TlsSerialize, TlsDeserializeBytes)]
+    struct PendingList(Vec<Pending>);
+
+    /// What `apply` answers for fan-outs written lazily: every named recipient counts as
+    /// reached (whether a queue is full or gone is found out when the entries are written).
+    pub(crate) fn planned(fan_outs: &[FanOut]) -> FanOutResult {
+        let mut result = FanOutResult::default();
+        for fan in fan_outs {
+            let mut reached = u32::try_from(fan.local.len()).unwrap_or(u32::MAX);
+            for (domain, clients) in &fan.remote {
+                reached = reached.saturating_add(u32::try_from(clients.len()).unwrap_or(u32::MAX));
+                result.domains.push(domain.clone());
+            }
+            result.reached.push(reached);
+        }
+        result
     }
 
     /// Adds the queue outcomes of one fan-out (`nums[i]` got `outcomes[i]`) to `result`;

@@ -340,6 +340,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         loaded,
         state,
         receipt: None,
+        lazy: false,
     };
     store.create_group(state(0)).await.unwrap();
     assert!(matches!(
@@ -392,6 +393,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
                     loaded: 0,
                     state: None,
                     receipt: None,
+                    lazy: false,
                 },
                 vec![fan(1)],
                 10
@@ -523,6 +525,215 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
     assert_eq!(store.pending_domains().await.unwrap(), expected);
 }
 
+/// The group, members and payloads of the lazy fan-out tests.
+mod lazy {
+    use super::*;
+
+    pub(super) const KEY: [u8; 2] = [4, 2];
+
+    pub(super) fn message(group_byte: u8) -> QueuePayload {
+        QueuePayload::GroupMessage(GroupMessage {
+            group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                .parse()
+                .unwrap(),
+            message: vec![group_byte].into(),
+        })
+    }
+
+    pub(super) fn fan(local: &[u64], payload: QueuePayload) -> FanOut {
+        FanOut {
+            local: local.to_vec(),
+            remote: Default::default(),
+            payload,
+            timestamp_ms: crate::unix_millis(),
+        }
+    }
+
+    /// A commit (version `loaded` → `loaded + 1`) to `members` and a Welcome to `joiner`,
+    /// fanned out lazily.
+    pub(super) fn commit(loaded: u64) -> GroupWrite {
+        GroupWrite {
+            key: KEY.to_vec(),
+            loaded,
+            state: Some(GroupState {
+                key: KEY.to_vec(),
+                epoch: loaded + 1,
+                version: loaded + 1,
+                snapshot: vec![loaded as u8 + 1; 4],
+            }),
+            receipt: None,
+            lazy: true,
+        }
+    }
+
+    /// A message fan-out (the state unchanged), written at once.
+    pub(super) fn message_write(loaded: u64) -> GroupWrite {
+        GroupWrite {
+            key: KEY.to_vec(),
+            loaded,
+            state: None,
+            receipt: None,
+            lazy: false,
+        }
+    }
+
+    pub(super) async fn payloads<S: QueueStore>(store: &S, num: u64) -> Vec<(u64, QueuePayload)> {
+        let (messages, _) = store.read_queue(num, 0, 100, 1 << 20, 0).await.unwrap();
+        messages.into_iter().map(|m| (m.seq, m.payload)).collect()
+    }
+}
+
+/// Without a crash: a lazy commit is answered with every recipient counted and its entries
+/// are queued before anything written after its answer (a message the committer sends next).
+pub(crate) async fn lazy_fan_out<S: AuthStore + QueueStore + GroupStore>(store: &S) {
+    let mut members = Vec::new();
+    for name in ["la", "lb", "lc"] {
+        members.push(
+            store
+                .add_client(credential(&format!("{name}@example.org/d")))
+                .await
+                .unwrap(),
+        );
+    }
+    let joiner = store
+        .add_client(credential("ld@example.org/d"))
+        .await
+        .unwrap();
+    store
+        .create_group(GroupState {
+            key: lazy::KEY.to_vec(),
+            epoch: 0,
+            version: 0,
+            snapshot: vec![0; 4],
+        })
+        .await
+        .unwrap();
+    let result = store
+        .apply(
+            lazy::commit(0),
+            vec![
+                lazy::fan(&members, lazy::message(1)),
+                lazy::fan(&[joiner], lazy::message(2)),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.reached, vec![3, 1]);
+    let sent = store
+        .apply(
+            lazy::message_write(1),
+            vec![lazy::fan(&members, lazy::message(3))],
+            10,
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = sent.queues.iter().map(|(_, f)| f.seq).collect();
+    assert_eq!(seqs, vec![2, 2, 2], "the commit took seq 1 in every queue");
+    for &num in &members {
+        assert_eq!(
+            lazy::payloads(store, num).await,
+            vec![(1, lazy::message(1)), (2, lazy::message(3))]
+        );
+    }
+    assert_eq!(
+        lazy::payloads(store, joiner).await,
+        vec![(1, lazy::message(2))]
+    );
+}
+
+/// Before the crash: a lazy commit is acknowledged with nothing queued yet (the store holds
+/// its pending record: the caller made sure it is not turned into entries). Returns the
+/// members' and the joiner's queues.
+pub(crate) async fn lazy_fan_out_before_crash<S: AuthStore + QueueStore + GroupStore>(
+    store: &S,
+) -> (Vec<u64>, u64) {
+    let mut members = Vec::new();
+    for name in ["ca", "cb", "cc"] {
+        members.push(
+            store
+                .add_client(credential(&format!("{name}@example.org/d")))
+                .await
+                .unwrap(),
+        );
+    }
+    let joiner = store
+        .add_client(credential("cd@example.org/d"))
+        .await
+        .unwrap();
+    store
+        .create_group(GroupState {
+            key: lazy::KEY.to_vec(),
+            epoch: 0,
+            version: 0,
+            snapshot: vec![0; 4],
+        })
+        .await
+        .unwrap();
+    let result = store
+        .apply(
+            lazy::commit(0),
+            vec![
+                lazy::fan(&members, lazy::message(1)),
+                lazy::fan(&[joiner], lazy::message(2)),
+            ],
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(result.reached, vec![3, 1]);
+    assert!(result.queues.is_empty(), "nothing queued before the answer");
+    // The state is durable; the queues are still empty.
+    assert_eq!(
+        store.group_version(lazy::KEY.to_vec()).await.unwrap(),
+        Some(1)
+    );
+    for &num in members.iter().chain([&joiner]) {
+        assert_eq!(store.read_queue(num, 0, 10, 1 << 20, 0).await.unwrap().1, 0);
+    }
+    (members, joiner)
+}
+
+/// After the crash, on the reopened store: the commit is queued exactly once, before the
+/// first message written after the restart, in every recipient's queue. With `at_open`, the
+/// store queued it when it opened, before any write.
+pub(crate) async fn lazy_fan_out_after_crash<S: QueueStore + GroupStore>(
+    store: &S,
+    (members, joiner): (Vec<u64>, u64),
+    at_open: bool,
+) {
+    if at_open {
+        for &num in &members {
+            assert_eq!(
+                lazy::payloads(store, num).await,
+                vec![(1, lazy::message(1))],
+                "queued at open: queue {num}"
+            );
+        }
+    }
+    let sent = store
+        .apply(
+            lazy::message_write(1),
+            vec![lazy::fan(&members, lazy::message(3))],
+            10,
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = sent.queues.iter().map(|(_, f)| f.seq).collect();
+    assert_eq!(seqs, vec![2, 2, 2], "the replayed commit took seq 1");
+    for &num in &members {
+        assert_eq!(
+            lazy::payloads(store, num).await,
+            vec![(1, lazy::message(1)), (2, lazy::message(3))],
+            "queue {num}"
+        );
+    }
+    assert_eq!(
+        lazy::payloads(store, joiner).await,
+        vec![(1, lazy::message(2))]
+    );
+}
+
 /// Receipts of accepted requests: written with the effect, found within their window, refusing
 /// a second write of the same request (even two at once), replaced once out of the window,
 /// never written by a refused write, pruned by age and count.
@@ -556,6 +767,7 @@ pub(crate) async fn receipts<
         loaded,
         state,
         receipt: Some(receipt),
+        lazy: false,
     };
     let fan = |n: u8| FanOut {
         local: vec![num],
@@ -780,6 +992,7 @@ where
         loaded: 0,
         state: Some(next),
         receipt: None,
+        lazy: false,
     };
     store
         .apply(write, vec![to_beta(1), to_beta(2)], 10)
@@ -896,6 +1109,29 @@ mod redb_backend {
         let (_dir, store) = open();
         super::admin(&store).await;
     }
+
+    #[tokio::test]
+    async fn lazy_fan_out() {
+        let (_dir, store) = open();
+        super::lazy_fan_out(&store).await;
+    }
+
+    /// The process dies after the transaction that accepted a commit and before the batch
+    /// that queues it: what is on disk then is that transaction (redb keeps nothing else),
+    /// which is what closing the store with the pending record held leaves.
+    #[tokio::test]
+    async fn a_lazy_fan_out_cut_off_by_a_crash_is_queued_once_and_first_after_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let (store, writer) = Store::open(&path, "example.org", 64).unwrap();
+        store.hold_pending(true);
+        let backend = Backend::Redb(store);
+        let queues = super::lazy_fan_out_before_crash(&backend).await;
+        drop(backend);
+        writer.join();
+        let (store, _writer) = Store::open(&path, "example.org", 64).unwrap();
+        super::lazy_fan_out_after_crash(&Backend::Redb(store), queues, true).await;
+    }
 }
 
 /// The same suite on PostgreSQL: one cluster, a database per part.
@@ -952,5 +1188,44 @@ pub(crate) mod postgres_backend {
             drop(store);
             closer.join();
         }
+        let url = cluster.create_database("lazy").unwrap();
+        let (store, closer) = open(&url).await;
+        super::lazy_fan_out(&store).await;
+        drop(store);
+        closer.join();
+    }
+
+    /// A node dies after the transaction that accepted a commit and before it queued the
+    /// commit's pending fan-out (held back here, which is what the database holds then): the
+    /// next node to start queues it before it serves, exactly once and ahead of what follows.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lazy_fan_out_cut_off_by_a_dead_node_is_queued_once_by_the_next() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("crash").unwrap();
+        let (dying, closer) = connect(&url, Duration::from_secs(10)).await;
+        dying.hold_pending(true);
+        let queues = super::lazy_fan_out_before_crash(&Backend::Postgres(dying)).await;
+        closer.join();
+        let (next, closer) = open(&url).await;
+        super::lazy_fan_out_after_crash(&next, queues, true).await;
+        drop(next);
+        closer.join();
+    }
+
+    /// Node A accepted a commit and has not queued its fan-out yet; a message of the group
+    /// written on node B meanwhile queues A's pending fan-out first: the commit comes before
+    /// the message in every queue, once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_message_on_another_node_is_queued_after_a_pending_commit() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("nodes").unwrap();
+        let (a, closer_a) = connect(&url, Duration::from_secs(10)).await;
+        let (b, closer_b) = open(&url).await;
+        a.hold_pending(true);
+        let queues = super::lazy_fan_out_before_crash(&Backend::Postgres(a.clone())).await;
+        super::lazy_fan_out_after_crash(&b, queues, false).await;
+        drop((a, b));
+        closer_a.join();
+        closer_b.join();
     }
 }

@@ -61,6 +61,9 @@ pub(super) enum Job {
 enum Outcome {
     FanOut(Result<FanOutResult, ServiceError>),
     Ack(Result<(), ServiceError>),
+    /// Nothing written: the job's group has pending fan-outs (a commit's, see `groups`),
+    /// which are queued first; the job goes into the next batch.
+    Deferred,
 }
 
 /// Where a node's fan-outs wait.
@@ -78,14 +81,19 @@ pub(super) fn start(
 }
 
 async fn work(store: PgStore, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
+    // Jobs deferred by the last batch: they go first into the next.
+    let mut carried: Vec<Job> = Vec::new();
     loop {
         // Take every job waiting now (one worker at a time takes).
         let batch = {
             let mut jobs = jobs.lock().await;
-            let Some(first) = jobs.recv().await else {
-                return;
-            };
-            let mut batch = vec![first];
+            let mut batch = std::mem::take(&mut carried);
+            if batch.is_empty() {
+                let Some(first) = jobs.recv().await else {
+                    return;
+                };
+                batch.push(first);
+            }
             while batch.len() < MAX_JOBS {
                 match jobs.try_recv() {
                     Ok(job) => batch.push(job),
@@ -96,8 +104,17 @@ async fn work(store: PgStore, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
         };
         match write(&store, &batch).await {
             Ok(outcomes) => {
+                let mut waiting: Vec<Vec<u8>> = Vec::new();
                 for (job, outcome) in batch.into_iter().zip(outcomes) {
                     match (job, outcome) {
+                        (job @ Job::FanOut { .. }, Outcome::Deferred) => {
+                            if let Job::FanOut { group, .. } = &job
+                                && !waiting.contains(&group.key)
+                            {
+                                waiting.push(group.key.clone());
+                            }
+                            carried.push(job);
+                        }
                         (Job::FanOut { reply, .. }, Outcome::FanOut(outcome)) => {
                             let _ = reply.send(Ok(outcome));
                         }
@@ -107,6 +124,21 @@ async fn work(store: PgStore, jobs: Arc<Mutex<mpsc::UnboundedReceiver<Job>>>) {
                         // `write` answers each job in kind; a mismatch drops the reply
                         // sender, so its caller sees UNAVAILABLE rather than a wrong answer.
                         _ => {}
+                    }
+                }
+                for key in waiting {
+                    if let Err(err) = super::groups::queue_pending(&store, Some(&key)).await {
+                        // The carried jobs of that group would wait for it again: fail them.
+                        tracing::warn!(%err, "cannot queue a group's pending fan-outs");
+                        let (failed, kept) = std::mem::take(&mut carried).into_iter().partition(
+                            |job| matches!(job, Job::FanOut { group, .. } if group.key == key),
+                        );
+                        carried = kept;
+                        for job in failed {
+                            if let Job::FanOut { reply, .. } = job {
+                                let _ = reply.send(Err(err.clone()));
+                            }
+                        }
                     }
                 }
             }
@@ -196,7 +228,7 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
     let mut client = store.client().await?;
     let txn = client.transaction().await?;
     // Sent together (pipelined), run in this order.
-    let (_, groups, _, acked) = tokio::try_join!(
+    let (_, groups, waiting, _, acked) = tokio::try_join!(
         biased;
         async {
             if keys.is_empty() {
@@ -213,6 +245,19 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
             query(
                 &txn,
                 "SELECT key, version FROM groups WHERE key = ANY($1) ORDER BY key FOR SHARE",
+                [(&keys, Type::BYTEA_ARRAY)],
+            )
+            .await
+        },
+        async {
+            // After the group rows are locked: a commit that wrote a pending record held its
+            // group's row, so every record of these groups committed before is seen.
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            query(
+                &txn,
+                "SELECT DISTINCT group_key FROM fanout_pending WHERE group_key = ANY($1)",
                 [(&keys, Type::BYTEA_ARRAY)],
             )
             .await
@@ -248,6 +293,10 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
     for row in &groups {
         versions.insert(col(row, 0)?, col(row, 1)?);
     }
+    let mut deferred: HashSet<Vec<u8>> = HashSet::with_capacity(waiting.len());
+    for row in &waiting {
+        deferred.insert(col(row, 0)?);
+    }
     let mut gone = std::collections::HashSet::new();
     for row in &acked {
         gone.insert(col::<i64>(row, 0)?);
@@ -258,7 +307,9 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
         prepared.push(match job {
             Job::FanOut {
                 group, fan_outs, ..
-            } if i64::try_from(group.loaded).ok() == versions.get(&group.key).copied() => {
+            } if i64::try_from(group.loaded).ok() == versions.get(&group.key).copied()
+                && !deferred.contains(&group.key) =>
+            {
                 Some(fan_outs.iter().map(prepare).collect::<Result<_, _>>()?)
             }
             _ => None,
@@ -348,6 +399,7 @@ async fn write(store: &PgStore, jobs: &[Job]) -> Result<Vec<Outcome>, StoreError
                 }
                 Outcome::FanOut(Ok(result))
             }
+            (Job::FanOut { group, .. }, None) if deferred.contains(&group.key) => Outcome::Deferred,
             (Job::FanOut { .. }, None) => Outcome::FanOut(Err(ServiceError::GroupMoved)),
             (Job::Ack { client_num, .. }, _) => Outcome::Ack(if gone.contains(client_num) {
                 Err(ServiceError::ClientNotFound)

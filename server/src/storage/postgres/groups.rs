@@ -94,6 +94,9 @@ async fn create_group(
     })
 }
 
+/// How often a write finds its group's pending fan-outs queued by someone else in between.
+const PENDING_ROUNDS: usize = 4;
+
 async fn apply(
     store: &PgStore,
     group: GroupWrite,
@@ -104,6 +107,35 @@ async fn apply(
         // Messages: written with others of this node in one transaction (see `batch`).
         return store.fan_out_batched(group, fan_outs, max_depth).await;
     }
+    for _ in 0..PENDING_ROUNDS {
+        match apply_state(store, &group, &fan_outs, max_depth).await? {
+            Written::Done(result) => return Ok(result),
+            // Queued after this group's pending fan-outs: queue those first, then again.
+            Written::PendingFirst => {
+                queue_pending(store, Some(&group.key)).await?;
+            }
+        }
+    }
+    Err(StoreError::Unavailable)
+}
+
+/// What one attempt of a state write came to.
+enum Written {
+    Done(Result<FanOutResult, ServiceError>),
+    /// Nothing written: the group has pending fan-outs, which must be queued first.
+    PendingFirst,
+}
+
+/// Writes a group's new state with its fan-outs: queue entries at once, or (lazy) one pending
+/// record, queued by a task of this node after the commit.
+async fn apply_state(
+    store: &PgStore,
+    group: &GroupWrite,
+    fan_outs: &[FanOut],
+    max_depth: u64,
+) -> Result<Written, StoreError> {
+    let refused =
+        |result: Result<Result<FanOutResult, ServiceError>, StoreError>| result.map(Written::Done);
     let prepared: Vec<Prepared<'_>> = fan_outs.iter().map(prepare).collect::<Result<_, _>>()?;
     let mut client = store.client().await?;
     let txn = client.transaction().await?;
@@ -118,22 +150,38 @@ async fn apply(
         .map(|row| to_u64(col(&row, 0)?))
         .transpose()?;
     if stored != Some(group.loaded) {
-        return refuse(txn, ServiceError::GroupMoved).await;
+        return refused(refuse(txn, ServiceError::GroupMoved).await);
+    }
+    // Read after the group row is locked: a commit that wrote a record held the lock, so
+    // every record of the group committed before this is seen.
+    if !group.lazy
+        && txn
+            .query_typed_opt(
+                "SELECT 1 FROM fanout_pending WHERE group_key = $1 LIMIT 1",
+                &[(&group.key, Type::BYTEA)],
+            )
+            .await?
+            .is_some()
+    {
+        txn.rollback().await?;
+        return Ok(Written::PendingFirst);
     }
     if let Some(receipt) = &group.receipt
         && super::receipts::claim(&txn, &[receipt]).await?.is_empty()
     {
         // Applied already: the operation runs again and finds the receipt.
-        return refuse(txn, ServiceError::GroupMoved).await;
+        return refused(refuse(txn, ServiceError::GroupMoved).await);
     }
     let new_state = match &group.state {
         Some(state) => {
             if state.version != group.loaded + 1 || state.key != group.key {
-                return refuse(
-                    txn,
-                    ServiceError::Internal("group write out of step".into()),
-                )
-                .await;
+                return refused(
+                    refuse(
+                        txn,
+                        ServiceError::Internal("group write out of step".into()),
+                    )
+                    .await,
+                );
             }
             Some((state, to_i64(state.epoch)?, to_i64(state.version)?))
         }
@@ -185,16 +233,152 @@ async fn apply(
             }
             Ok(())
         },
-        enqueue_in_txn(&txn, max_depth, &batches, false),
+        async {
+            if group.lazy {
+                write_pending(&txn, &group.key, &prepared, max_depth).await?;
+                Ok((Vec::new(), Vec::new()))
+            } else {
+                enqueue_in_txn(&txn, max_depth, &batches, false).await
+            }
+        },
     )?;
-    let result = results(&fan_outs, &prepared, outcomes);
+    let result = if group.lazy {
+        fan_out::planned(fan_outs)
+    } else {
+        results(fan_outs, &prepared, outcomes)
+    };
     if let Some(receipt) = &group.receipt {
         let answer = receipt_answer(receipt, &result);
         super::receipts::set_answers(&txn, &[(receipt, answer)]).await?;
     }
     txn.commit().await?;
     store.announce(woken);
-    Ok(Ok(result))
+    if group.lazy && prepared.iter().any(|p| !p.local.is_empty()) {
+        store.queue_pending_later(group.key.clone());
+    }
+    Ok(Written::Done(Ok(result)))
+}
+
+/// Writes the local part of lazy fan-outs as one pending record of the group.
+async fn write_pending(
+    txn: &deadpool_postgres::Transaction<'_>,
+    key: &[u8],
+    prepared: &[Prepared<'_>],
+    max_depth: u64,
+) -> Result<(), StoreError> {
+    let pending: Vec<fan_out::Pending> = prepared
+        .iter()
+        .filter(|p| !p.local.is_empty())
+        .map(|p| {
+            fan_out::Pending::new(
+                p.id,
+                p.timestamp_ms,
+                max_depth,
+                &p.local,
+                p.payload.clone().into(),
+            )
+        })
+        .collect();
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let record = fan_out::Pending::encode(&pending)?;
+    exec(
+        txn,
+        "INSERT INTO fanout_pending (group_key, record) VALUES ($1, $2)",
+        [(&key, Type::BYTEA), (&record, Type::BYTEA)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Turns the pending fan-outs of group `key` (of every group with `None`) into queue entries,
+/// oldest first, in one transaction that deletes their records, and wakes the listeners.
+/// Records another node is queueing are waited for and then found gone, so each is queued
+/// once; a record that does not decode is dropped (logged and counted). Returns the entries
+/// written.
+pub(super) async fn queue_pending(
+    store: &PgStore,
+    key: Option<&[u8]>,
+) -> Result<usize, StoreError> {
+    if store.holds_pending() {
+        return Ok(0);
+    }
+    let mut client = store.client().await?;
+    let txn = client.transaction().await?;
+    let rows = match key {
+        Some(key) => {
+            txn.query_typed(
+                "SELECT id, record FROM fanout_pending WHERE group_key = $1 ORDER BY id
+                 FOR UPDATE",
+                &[(&key, Type::BYTEA)],
+            )
+            .await?
+        }
+        None => {
+            txn.query_typed(
+                "SELECT id, record FROM fanout_pending ORDER BY id FOR UPDATE",
+                &[],
+            )
+            .await?
+        }
+    };
+    if rows.is_empty() {
+        txn.rollback().await?;
+        return Ok(0);
+    }
+    let mut ids: Vec<i64> = Vec::with_capacity(rows.len());
+    let mut pending = Vec::new();
+    for row in &rows {
+        let id: i64 = col(row, 0)?;
+        ids.push(id);
+        let record: Vec<u8> = col(row, 1)?;
+        match fan_out::Pending::decode(&record) {
+            Ok(list) => pending.extend(list),
+            Err(err) => {
+                metrics::counter!("roost_pending_fanouts_dropped_total").increment(1);
+                tracing::error!(id, %err, "pending fan-out does not decode: dropped");
+            }
+        }
+    }
+    let locals: Vec<Vec<u64>> = pending.iter().map(fan_out::Pending::local).collect();
+    let batches: Vec<Batch<'_>> = pending
+        .iter()
+        .zip(&locals)
+        .map(|(p, local)| Batch {
+            recipients: local,
+            id: p.id,
+            timestamp_ms: p.timestamp_ms,
+            payload: p.payload.as_slice(),
+        })
+        .collect();
+    // Every record of one node carries the node's configured depth; the smallest holds.
+    let max_depth = pending
+        .iter()
+        .map(|p| p.max_depth)
+        .min()
+        .unwrap_or(u64::MAX);
+    let (outcomes, woken) = enqueue_in_txn(&txn, max_depth, &batches, false).await?;
+    exec(
+        &txn,
+        "DELETE FROM fanout_pending WHERE id = ANY($1)",
+        [(&ids, Type::INT8_ARRAY)],
+    )
+    .await?;
+    txn.commit().await?;
+    store.announce(woken);
+    let mut result = FanOutResult::default();
+    for ((p, local), outcomes) in pending.iter().zip(&locals).zip(outcomes) {
+        let payload = Bytes::copy_from_slice(p.payload.as_slice());
+        fan_out::tally(
+            &mut result,
+            local,
+            outcomes,
+            (p.id, p.timestamp_ms, &payload),
+        );
+    }
+    store.wake_local(&result.queues);
+    Ok(result.queues.len())
 }
 
 /// The answer a receipt records for a written fan-out.
@@ -304,6 +488,7 @@ mod tests {
                             loaded: 0,
                             state: None,
                             receipt: None,
+                            lazy: false,
                         };
                         let fan = fan_out(&local, message(tag, sender * 5 + n));
                         let result = store.apply(write, vec![fan], 100).await.unwrap();
@@ -350,6 +535,81 @@ mod tests {
         closer_b.join();
     }
 
+    /// Rounds of a lazy commit on one node followed at once by messages from both nodes:
+    /// the committing node's task and the other node's writes race to queue the commit's
+    /// pending fan-out. Every queue holds each commit once, before the messages of its epoch
+    /// and after those of the one before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lazy_commits_and_messages_on_two_nodes_keep_order_and_are_queued_once() {
+        let (_cluster, url) = database();
+        let (a, closer_a, _) = node(&url).await;
+        let (b, closer_b, _) = node(&url).await;
+        let mut nums = Vec::new();
+        for i in 0..20 {
+            nums.push(add_queue(&a, &format!("m{i}")).await.1);
+        }
+        a.create_group(state(0, 0)).await.unwrap();
+        const ROUNDS: u8 = 8;
+        for round in 0..ROUNDS {
+            let committer = if round % 2 == 0 { &a } else { &b };
+            let loaded = u64::from(round);
+            let commit = GroupWrite {
+                key: KEY.to_vec(),
+                loaded,
+                state: Some(state(loaded + 1, round)),
+                receipt: None,
+                lazy: true,
+            };
+            let result = committer
+                .apply(commit, vec![fan_out(&nums, message(0, round))], 100)
+                .await
+                .unwrap();
+            assert_eq!(result.reached, [20]);
+            let mut senders = Vec::new();
+            for (store, tag) in [(&a, 1u8), (&b, 2u8)] {
+                let (store, nums) = (store.clone(), nums.clone());
+                senders.push(tokio::spawn(async move {
+                    let write = GroupWrite {
+                        key: KEY.to_vec(),
+                        loaded: loaded + 1,
+                        state: None,
+                        receipt: None,
+                        lazy: false,
+                    };
+                    let fan = fan_out(&nums, message(tag, round));
+                    store.apply(write, vec![fan], 100).await.unwrap();
+                }));
+            }
+            for sender in senders {
+                sender.await.unwrap();
+            }
+        }
+        for &num in &nums {
+            let (messages, head) = a.read_queue(num, 0, 100, usize::MAX, 0).await.unwrap();
+            assert_eq!(head, u64::from(ROUNDS) * 3, "queue {num}: every entry once");
+            let tags: Vec<(u8, u8)> = messages
+                .iter()
+                .map(|m| match &m.payload {
+                    QueuePayload::GroupMessage(g) => {
+                        (g.message.as_slice()[0], g.message.as_slice()[1])
+                    }
+                    other => panic!("unexpected {other:?}"),
+                })
+                .collect();
+            for (round, three) in tags.chunks(3).enumerate() {
+                let round = round as u8;
+                assert_eq!(three[0], (0, round), "queue {num}: the commit first");
+                let mut rest = [three[1], three[2]];
+                rest.sort();
+                assert_eq!(rest, [(1, round), (2, round)], "queue {num}");
+            }
+        }
+        assert_eq!(count(&a, "SELECT count(*) FROM fanout_pending").await, 0);
+        drop((a, b));
+        closer_a.join();
+        closer_b.join();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn of_two_nodes_writing_one_version_one_wins_and_the_other_writes_nothing() {
         let (_cluster, url) = database();
@@ -368,6 +628,7 @@ mod tests {
                         loaded,
                         state: Some(state(loaded + 1, tag)),
                         receipt: None,
+                        lazy: false,
                     };
                     store
                         .apply(write, vec![fan_out(&[num], message(tag, round))], 100)

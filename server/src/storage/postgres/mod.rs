@@ -49,6 +49,7 @@ use crate::bus::BusSink;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_receipts.sql")),
+    (5, include_str!("migrations/0005_fanout_pending.sql")),
 ];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
@@ -75,6 +76,12 @@ pub(crate) struct PgStore {
     announcer: tokio::sync::mpsc::UnboundedSender<Vec<(u64, u64)>>,
     /// Message fan-outs waiting for this node's fan-out workers (see `batch`).
     fan_outs: batch::Jobs,
+    /// This node's listeners, woken by the entries of lazy fan-outs it queues.
+    queues: crate::queue::Notifier,
+    /// Tests only: leave lazy fan-outs pending (as if the node died right after the
+    /// transaction that wrote them).
+    #[cfg(test)]
+    hold_pending: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Closes the pool and stops the listener and the announcer at shutdown.
@@ -226,11 +233,18 @@ impl PgStore {
             timeout: options.timeout,
             announcer,
             fan_outs,
+            queues: sink.queues.clone(),
+            #[cfg(test)]
+            hold_pending: Arc::default(),
         };
         store.migrate().await?;
         store
             .check_identity(options.domain, options.as_public_key)
             .await?;
+        // Fan-outs a node that died left pending are queued before this one serves. (Nodes
+        // that run meanwhile queue a group's pending fan-outs before writing anything else
+        // for it: see `groups`.)
+        groups::queue_pending(&store, None).await?;
         let (ready, listening) = tokio::sync::oneshot::channel();
         let listener = tokio::spawn(listen::run(config.clone(), store.node.clone(), sink, ready));
         let announcer = tokio::spawn(announce::run(config, store.node.clone(), announcements));
@@ -276,6 +290,40 @@ impl PgStore {
             // Only fails once the announcer is gone (shutting down).
             let _ = self.announcer.send(heads);
         }
+    }
+
+    /// Wakes this node's listeners of new queue entries (the other nodes hear of them through
+    /// [`PgStore::announce`]).
+    pub(super) fn wake_local(&self, fresh: &[(u64, crate::queue::Fresh)]) {
+        self.queues.notify_fresh(fresh);
+    }
+
+    /// Queues the pending fan-outs of group `key` from a task of its own (the commit that
+    /// wrote them is answered meanwhile). A failure leaves them pending: the group's next
+    /// write, or the next node to start, queues them first.
+    pub(super) fn queue_pending_later(&self, key: Vec<u8>) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = groups::queue_pending(&store, Some(&key)).await {
+                tracing::warn!(%err, "pending fan-out not queued yet: the group's next write will");
+            }
+        });
+    }
+
+    /// Tests only: while `hold` is set, this node leaves lazy fan-outs pending.
+    #[cfg(test)]
+    pub(crate) fn hold_pending(&self, hold: bool) {
+        self.hold_pending
+            .store(hold, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether this node leaves lazy fan-outs pending (tests only; always false otherwise).
+    pub(super) fn holds_pending(&self) -> bool {
+        #[cfg(test)]
+        if self.hold_pending.load(std::sync::atomic::Ordering::Acquire) {
+            return true;
+        }
+        false
     }
 
     /// The configured timeout (leases and waits are derived from it).
@@ -426,7 +474,7 @@ mod tests {
             refused.err(),
             Some(StoreError::Schema {
                 found: 99,
-                expected: 2
+                expected: 5
             })
         ));
     }

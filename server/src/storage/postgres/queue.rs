@@ -474,6 +474,23 @@ async fn read_messages(
     max_bytes: usize,
     cutoff_ms: u64,
 ) -> Result<(Vec<QueueMessage>, u64), StoreError> {
+    let page = (client_num, after_seq, max_messages, max_bytes, cutoff_ms);
+    let (messages, head, pending) = read_page(store, page).await?;
+    if !pending {
+        return Ok((messages, head));
+    }
+    // A commit acknowledged before this read may have its fan-out pending (see `groups`):
+    // queue every pending fan-out, then read again, so the read sees it.
+    super::groups::queue_pending(store, None).await?;
+    let (messages, head, _) = read_page(store, page).await?;
+    Ok((messages, head))
+}
+
+/// One page of a queue, its head, and whether any fan-out is pending (in the same snapshot).
+async fn read_page(
+    store: &PgStore,
+    (client_num, after_seq, max_messages, max_bytes, cutoff_ms): (u64, u64, usize, usize, u64),
+) -> Result<(Vec<QueueMessage>, u64, bool), StoreError> {
     let client = store.client().await?;
     let (num, after, cutoff) = (
         to_i64(client_num)?,
@@ -484,7 +501,9 @@ async fn read_messages(
     let rows = client
         .query_typed(
             "WITH h AS (
-                 SELECT COALESCE(MAX(head), 0) AS head FROM queue_heads WHERE client_num = $1
+                 SELECT COALESCE(MAX(head), 0) AS head,
+                        EXISTS (SELECT 1 FROM fanout_pending) AS pending
+                 FROM queue_heads WHERE client_num = $1
              ), page AS (
                  SELECT e.seq, e.message_id, e.timestamp_ms, p.body,
                         ROW_NUMBER() OVER w AS n,
@@ -495,7 +514,7 @@ async fn read_messages(
                  ORDER BY e.seq
                  LIMIT $4
              )
-             SELECT h.head, page.seq, page.message_id, page.timestamp_ms, page.body
+             SELECT h.head, page.seq, page.message_id, page.timestamp_ms, page.body, h.pending
              FROM h LEFT JOIN page ON page.n = 1 OR page.running <= $5
              ORDER BY page.seq",
             &[
@@ -508,9 +527,11 @@ async fn read_messages(
         )
         .await?;
     let mut head = 0;
+    let mut pending = false;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         head = to_u64(col(row, 0)?)?;
+        pending = col(row, 5)?;
         let Some(seq) = col::<Option<i64>>(row, 1)? else {
             continue; // an empty page
         };
@@ -532,7 +553,7 @@ async fn read_messages(
             payload,
         });
     }
-    Ok((out, head))
+    Ok((out, head, pending))
 }
 
 /// QueueAck, written with the other acks and fan-outs waiting on this node (`batch`, and

@@ -105,6 +105,7 @@ fn copy_snapshot(from: &ReadTransaction, dest: &Path) -> Result<u64, StoreError>
         TOKEN_USES,
         RECEIPTS,
         RECEIPT_TIMES,
+        FANOUT_PENDING,
     );
     for table in from.list_tables()? {
         if !copied.contains(table.name()) {

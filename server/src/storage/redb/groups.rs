@@ -8,8 +8,8 @@ use roost_protocol::MessageId;
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use super::queue::enqueue_in_txn;
-use super::tables::{GROUP_VERSIONS, GROUPS};
-use super::{Store, StoreError};
+use super::tables::{FANOUT_PENDING, GROUP_VERSIONS, GROUPS};
+use super::{Store, StoreError, next_counter};
 use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::storage::fan_out;
@@ -59,6 +59,82 @@ fn write_fan_out(
     let shared = bytes::Bytes::from(bytes);
     reached += fan_out::tally(result, &nums, outcomes, (id, timestamp_ms, &shared));
     Ok(reached)
+}
+
+/// Writes the outbox entries of `fan_outs` and one pending record of their local recipients
+/// (see [`GroupWrite::lazy`]) inside `txn`. Returns the recipients named and whether a record
+/// was written.
+fn write_lazy(
+    txn: &redb::WriteTransaction,
+    max_depth: u64,
+    fan_outs: &[FanOut],
+) -> Result<(FanOutResult, bool), StoreError> {
+    let mut pending = Vec::with_capacity(fan_outs.len());
+    for fan in fan_outs {
+        let id = MessageId(rand::random());
+        for (domain, clients) in &fan.remote {
+            super::outbox::add_in_txn(txn, domain, clients, id, fan.timestamp_ms, &fan.payload)?;
+        }
+        if !fan.local.is_empty() {
+            pending.push(fan_out::Pending::of(fan, id, max_depth)?);
+        }
+    }
+    let written = !pending.is_empty();
+    if written {
+        let record = fan_out::Pending::encode(&pending)?;
+        let key = next_counter(txn, "next_fanout_pending")?;
+        txn.open_table(FANOUT_PENDING)?
+            .insert(key, record.as_slice())?;
+    }
+    Ok((fan_out::planned(fan_outs), written))
+}
+
+/// Turns every pending fan-out into queue entries, oldest first, and deletes the records;
+/// returns the new entries (for waking listeners). A record that does not decode is dropped
+/// (logged and counted): it could never be queued, and keeping it would stop every batch.
+pub(super) fn queue_pending(
+    txn: &redb::WriteTransaction,
+) -> Result<Vec<(u64, crate::queue::Fresh)>, StoreError> {
+    let records: Vec<(u64, Vec<u8>)> = {
+        let mut table = txn.open_table(FANOUT_PENDING)?;
+        let mut records = Vec::new();
+        while let Some((key, value)) = table.pop_first()? {
+            records.push((key.value(), value.value().to_vec()));
+        }
+        records
+    };
+    let mut result = FanOutResult::default();
+    for (key, record) in records {
+        let list = match fan_out::Pending::decode(&record) {
+            Ok(list) => list,
+            Err(err) => {
+                metrics::counter!("roost_pending_fanouts_dropped_total").increment(1);
+                tracing::error!(key, %err, "pending fan-out does not decode: dropped");
+                continue;
+            }
+        };
+        for pending in list {
+            let nums = pending.local();
+            let payload = pending.payload.as_slice();
+            let outcomes = enqueue_in_txn(
+                txn,
+                pending.max_depth,
+                &nums,
+                pending.id,
+                pending.timestamp_ms,
+                payload,
+                false,
+            )?;
+            let shared = bytes::Bytes::copy_from_slice(payload);
+            fan_out::tally(
+                &mut result,
+                &nums,
+                outcomes,
+                (pending.id, pending.timestamp_ms, &shared),
+            );
+        }
+    }
+    Ok(result.queues)
 }
 
 /// The stored version of a group (0 for groups stored before versions were kept), if the
@@ -128,6 +204,7 @@ impl GroupStore for Store {
         fan_outs: Vec<FanOut>,
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError> {
+        let store = self.clone();
         self.write(move |txn| {
             let stored = {
                 let groups = txn.open_table(GROUPS)?;
@@ -150,6 +227,16 @@ impl GroupStore for Store {
                     )));
                 }
                 store_group(txn, state)?;
+            }
+            if group.lazy {
+                let (result, written) = write_lazy(txn, max_depth, &fan_outs)?;
+                if written {
+                    store.mark_pending();
+                }
+                if let Some(receipt) = &group.receipt {
+                    super::receipts::insert(txn, receipt, &result)?;
+                }
+                return Ok(Ok(result));
             }
             let mut result = FanOutResult::default();
             for fan in &fan_outs {
@@ -204,6 +291,7 @@ mod tests {
                 snapshot: vec![4],
             }),
             receipt: None,
+            lazy: false,
         };
         store.apply(write, Vec::new(), 10).await.unwrap();
         assert_eq!(store.group_version(vec![9, 9]).await.unwrap(), Some(1));

@@ -21,6 +21,7 @@ pub(crate) mod tables;
 
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -105,6 +106,20 @@ const REOPEN_FIRST_BACKOFF: Duration = Duration::from_millis(20);
 /// Longest wait between two attempts to reopen the database.
 const REOPEN_MAX_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Called with the queue entries (client number, entry) a batch wrote.
+pub(crate) type OnFresh = Box<dyn Fn(Vec<(u64, crate::queue::Fresh)>) + Send + Sync>;
+
+/// What the engine calls back into the server.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    /// Called after every reopen after a storage failure (the queue listeners read the store
+    /// again).
+    pub(crate) on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+    /// Called with the queue entries a batch wrote from pending (lazy) fan-outs, after the
+    /// batch committed (the listeners of those queues are woken).
+    pub(crate) on_fresh: Option<OnFresh>,
+}
+
 /// What the handles and the writer share.
 struct Shared {
     /// The open database; `None` while the writer reopens it after a storage failure (every
@@ -112,8 +127,21 @@ struct Shared {
     db: RwLock<Option<Arc<Database>>>,
     opener: Opener,
     domain: String,
-    /// Called after every reopen (the queue listeners read the store again).
-    on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+    hooks: Hooks,
+    /// Set by a job of the running batch that wrote a pending fan-out.
+    batch_wrote_pending: AtomicBool,
+    /// Set when a job wrote a pending fan-out: the writer's next batch, which starts at once
+    /// even if no job waits, queues it first.
+    pending: AtomicBool,
+    /// The number of the last committed batch that wrote a pending fan-out, and of the last
+    /// committed batch that queued every pending one: while the first is the larger, a read
+    /// of a queue may miss an acknowledged commit and waits for the next batch first.
+    pending_written: AtomicU64,
+    pending_queued: AtomicU64,
+    /// Tests only: leave pending fan-outs alone (as if the process died right after the
+    /// transaction that wrote them).
+    #[cfg(test)]
+    hold_pending: AtomicBool,
 }
 
 impl Shared {
@@ -126,6 +154,23 @@ impl Shared {
 
     fn set(&self, db: Option<Arc<Database>>) {
         *self.db.write().unwrap_or_else(PoisonError::into_inner) = db;
+    }
+
+    /// Whether the next batch must queue pending fan-outs first (clears the mark).
+    fn take_pending(&self) -> bool {
+        #[cfg(test)]
+        if self.hold_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        self.pending.swap(false, Ordering::AcqRel)
+    }
+
+    fn has_pending(&self) -> bool {
+        #[cfg(test)]
+        if self.hold_pending.load(Ordering::Acquire) {
+            return false;
+        }
+        self.pending.load(Ordering::Acquire)
     }
 }
 
@@ -148,24 +193,59 @@ impl Store {
         domain: &str,
         max_batch: usize,
     ) -> Result<(Self, WriterHandle), StoreError> {
-        Self::open_with(file_opener(path, 16 << 20), domain, max_batch, None)
+        Self::open_with(file_opener(path, 16 << 20), domain, max_batch, Hooks::default())
+    }
+
+    /// Tests only: while `hold` is set, pending fan-outs stay pending (the state a crash right
+    /// after their transaction leaves); clearing it lets the next batch queue them.
+    #[cfg(test)]
+    pub(crate) fn hold_pending(&self, hold: bool) {
+        self.shared.hold_pending.store(hold, Ordering::Release);
+        if !hold {
+            self.shared.pending.store(true, Ordering::Release);
+        }
+    }
+
+    /// Marks that the current batch wrote a pending fan-out (called from inside a job).
+    pub(crate) fn mark_pending(&self) {
+        self.shared.pending.store(true, Ordering::Release);
+        self.shared
+            .batch_wrote_pending
+            .store(true, Ordering::Release);
+    }
+
+    /// Waits, if a committed fan-out may still be pending, until the writer's next batch
+    /// (which queues it) committed: a read after this sees every entry of every commit
+    /// acknowledged before it was called.
+    pub(crate) async fn pending_queued(&self) -> Result<(), StoreError> {
+        let written = self.shared.pending_written.load(Ordering::SeqCst);
+        if self.shared.pending_queued.load(Ordering::SeqCst) >= written {
+            return Ok(());
+        }
+        self.write(|_| Ok(Ok::<(), StoreError>(()))).await
     }
 
     /// [`Store::open`] through `opener`, which the writer also uses to reopen the database
     /// after a storage failure.
-    /// `on_reopen` runs after every such reopen.
+    /// `hooks` are called after reopens and lazy fan-outs.
     pub(crate) fn open_with(
         opener: Opener,
         domain: &str,
         max_batch: usize,
-        on_reopen: Option<Box<dyn Fn() + Send + Sync>>,
+        hooks: Hooks,
     ) -> Result<(Self, WriterHandle), StoreError> {
         let db = open_checked(&opener, domain)?;
         let shared = Arc::new(Shared {
             db: RwLock::new(Some(Arc::new(db))),
             opener,
             domain: domain.to_owned(),
-            on_reopen,
+            hooks,
+            batch_wrote_pending: AtomicBool::new(false),
+            pending: AtomicBool::new(false),
+            pending_written: AtomicU64::new(0),
+            pending_queued: AtomicU64::new(0),
+            #[cfg(test)]
+            hold_pending: AtomicBool::new(false),
         });
         // A bounded queue: when the disk falls behind, writers wait instead of piling up.
         let (writer, jobs) = mpsc::sync_channel::<Job>(max_batch * 4);
@@ -299,6 +379,17 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX)?;
         txn.open_table(RECEIPTS)?;
         txn.open_table(RECEIPT_TIMES)?;
+        txn.open_table(FANOUT_PENDING)?;
+    }
+    // Fan-outs a crash (or a storage failure) left pending are queued before any job runs,
+    // so nothing later overtakes them in a recipient's queue. Nobody listens yet at a start;
+    // after a reopen every listener reads its queue again.
+    let queued = groups::queue_pending(&txn)?;
+    if !queued.is_empty() {
+        tracing::info!(
+            entries = queued.len(),
+            "queued fan-outs left pending by an earlier run"
+        );
     }
     txn.commit()?;
     Ok(db)
@@ -318,9 +409,28 @@ impl WriterHandle {
 }
 
 fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
-    // Blocks until the first job; ends when every Store handle is gone.
-    while let Ok(first) = jobs.recv() {
-        let mut batch = vec![first];
+    // Blocks until the first job (unless a pending fan-out waits: then the batch starts at
+    // once); ends when every Store handle is gone.
+    loop {
+        let mut batch = Vec::new();
+        if shared.has_pending() {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::TryRecvError::Empty) => {}
+                // Shutting down: queue what is pending, then close.
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if let Some(db) = shared.current() {
+                        run_batch(shared, &db, batch);
+                    }
+                    break;
+                }
+            }
+        } else {
+            match jobs.recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         while batch.len() < max_batch {
             match jobs.try_recv() {
                 Ok(job) => batch.push(job),
@@ -332,7 +442,7 @@ fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
             // before it takes jobs again. Dropping the batch answers Unavailable.
             break;
         };
-        match run_batch(&db, batch) {
+        match run_batch(shared, &db, batch) {
             Batch::Done => {}
             Batch::StorageFailed(unsure) => {
                 drop(db);
@@ -392,7 +502,7 @@ fn count_failure() {
     metrics::counter!("roost_storage_failures_total", "engine" => "redb").increment(1);
 }
 
-fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
+fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
     let txn = match db.begin_write() {
         Ok(txn) => txn,
         Err(err) => {
@@ -418,8 +528,24 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
             };
         }
     };
-    let mut completions = Vec::with_capacity(batch.len());
+    // Pending fan-outs first: their entries come before anything this batch queues.
+    let mut fresh = Vec::new();
     let mut failure = None;
+    let mut queued_pending = false;
+    shared.batch_wrote_pending.store(false, Ordering::Release);
+    if shared.take_pending() {
+        match groups::queue_pending(&txn) {
+            Ok(queued) => {
+                fresh = queued;
+                queued_pending = true;
+            }
+            Err(err) => {
+                shared.pending.store(true, Ordering::Release);
+                failure = Some(err);
+            }
+        }
+    }
+    let mut completions = Vec::with_capacity(batch.len());
     for job in batch {
         if failure.is_some() {
             // Dropping the job drops its reply sender: the caller gets Unavailable.
@@ -434,6 +560,10 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
     if let Some(err) = failure {
         tracing::error!(%err, "write batch aborted");
         let _ = txn.abort();
+        if !fresh.is_empty() {
+            // Rolled back with the batch: still pending.
+            shared.pending.store(true, Ordering::Release);
+        }
         let io = matches!(err, StoreError::Io(_));
         for completion in completions {
             completion(Err(err.clone()));
@@ -446,8 +576,24 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
     }
     match txn.commit().map_err(StoreError::from) {
         Ok(()) => {
+            // Before any answer: whoever hears of a commit must find its fan-out pending.
+            if shared.batch_wrote_pending.swap(false, Ordering::AcqRel) {
+                shared.pending_written.store(number, Ordering::SeqCst);
+            }
+            if queued_pending {
+                // Every record committed before this batch is queued now (records this batch
+                // wrote itself, after the queueing, are newer: `pending_written` says so).
+                shared
+                    .pending_queued
+                    .fetch_max(number.saturating_sub(1), Ordering::SeqCst);
+            }
             for completion in completions {
                 completion(Ok(()));
+            }
+            if !fresh.is_empty()
+                && let Some(on_fresh) = &shared.hooks.on_fresh
+            {
+                on_fresh(fresh);
             }
             Batch::Done
         }
@@ -460,6 +606,9 @@ fn run_batch(db: &Database, batch: Vec<Job>) -> Batch {
         }
         Err(err) => {
             tracing::error!(%err, "write batch failed");
+            if !fresh.is_empty() {
+                shared.pending.store(true, Ordering::Release);
+            }
             for completion in completions {
                 completion(Err(err.clone()));
             }
@@ -497,9 +646,12 @@ fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Job>, mut unsure: Option<Unsure
                         completion(outcome.clone());
                     }
                 }
+                // The reopen queued every pending fan-out.
+                let written = shared.pending_written.load(Ordering::SeqCst);
+                shared.pending_queued.fetch_max(written, Ordering::SeqCst);
                 shared.set(Some(Arc::new(db)));
                 tracing::info!("database reopened after a storage failure");
-                if let Some(on_reopen) = &shared.on_reopen {
+                if let Some(on_reopen) = &shared.hooks.on_reopen {
                     // A batch whose callers were told it failed may be in the file after all.
                     on_reopen();
                 }

@@ -254,6 +254,9 @@ impl QueueStore for Store {
         max_bytes: usize,
         cutoff_ms: u64,
     ) -> Result<(Vec<QueueMessage>, u64), ServiceError> {
+        // A commit acknowledged before this read is in the queue (its fan-out may still be
+        // pending: see `groups`).
+        self.pending_queued().await?;
         // Off the executor: a page can be up to the fetch byte limit and cold pages hit the disk.
         Store::read(self, move |txn| {
             read_messages(

@@ -33,7 +33,7 @@ fn open(path: &Path, faults: &Faults) -> (Store, super::WriterHandle) {
         faulty_opener(path, faults.clone(), 16 << 20),
         "example.org",
         16,
-        None,
+        Default::default(),
     )
     .unwrap()
 }

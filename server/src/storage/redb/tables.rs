@@ -78,5 +78,12 @@ pub(crate) const RECEIPTS: TableDefinition<'_, [u8; 32], (u64, u64)> =
 pub(crate) const RECEIPT_TIMES: TableDefinition<'_, (u64, [u8; 32]), ()> =
     TableDefinition::new("receipt_times");
 
+/// Fan-outs accepted but not yet queued, by sequential id: TLS-encoded pending fan-outs of
+/// one operation (`storage::fan_out::Pending`). Written in the operation's transaction,
+/// turned into queue entries and deleted at the start of the writer's next batch (and when
+/// the database opens, before any job), so they are queued before anything later.
+pub(crate) const FANOUT_PENDING: TableDefinition<'_, u64, &[u8]> =
+    TableDefinition::new("fanout_pending");
+
 /// Registration tokens already used, by SHA-256 (hex): times used.
 pub(crate) const TOKEN_USES: TableDefinition<'_, &str, u64> = TableDefinition::new("token_uses");
