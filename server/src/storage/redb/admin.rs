@@ -105,6 +105,9 @@ fn copy_snapshot(from: &ReadTransaction, dest: &Path) -> Result<u64, StoreError>
         TOKEN_USES,
         RECEIPTS,
         RECEIPT_TIMES,
+        PUSH_REGISTRATIONS,
+        PUSH_JOBS,
+        PUSH_DUE,
     );
     for table in from.list_tables()? {
         if !copied.contains(table.name()) {

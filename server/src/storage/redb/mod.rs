@@ -13,6 +13,7 @@ pub(crate) mod fault;
 mod groups;
 mod keypackage;
 mod outbox;
+mod push;
 mod queue;
 mod receipts;
 #[cfg(test)]
@@ -292,6 +293,9 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX)?;
         txn.open_table(RECEIPTS)?;
         txn.open_table(RECEIPT_TIMES)?;
+        txn.open_table(PUSH_REGISTRATIONS)?;
+        txn.open_table(PUSH_JOBS)?;
+        txn.open_table(PUSH_DUE)?;
     }
     txn.commit()?;
     Ok(db)
