@@ -125,7 +125,7 @@ impl HttpClient {
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| transport(&e))?;
         let io = TokioIo::new(tls);
-        let response = if h2 {
+        if h2 {
             let (mut sender, conn) =
                 hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                     .await
@@ -144,8 +144,7 @@ impl HttpClient {
             let answer = read(response).await;
             driver.abort();
             answer
-        };
-        response
+        }
     }
 }
 

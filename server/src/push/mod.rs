@@ -27,9 +27,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use roost_protocol::frame::decode_body;
 use roost_protocol::messages::push::*;
-use tls_codec::Serialize as _;
+use tls_codec::{DeserializeBytes as _, Serialize as _};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
@@ -501,7 +500,9 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
         .seal
         .open(&Push::context(client_num), &sealed)
         .map_err(|e| e.to_string())
-        .and_then(|plain| decode_body::<PushEndpoint>(&plain).map_err(|e| e.to_string()));
+        .and_then(|plain| {
+            PushEndpoint::tls_deserialize_exact_bytes(&plain).map_err(|e| e.to_string())
+        });
     let endpoint = match endpoint {
         Ok(endpoint) => endpoint,
         Err(err) => {
