@@ -76,6 +76,7 @@ mod mls;
 mod store;
 pub mod transport;
 
+pub use client::push::{PushInfo, PushTarget};
 pub use client::{Client, UserKey};
 pub use config::ClientConfig;
 pub use error::ClientError;

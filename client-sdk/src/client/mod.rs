@@ -10,6 +10,7 @@ mod devices;
 mod groups;
 mod inbox;
 mod keypackages;
+pub(crate) mod push;
 
 use std::path::Path;
 use std::sync::Arc;

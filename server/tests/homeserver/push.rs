@@ -432,3 +432,66 @@ async fn apns_and_fcm_requests_have_their_shape_and_credentials() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_registers_and_unregisters_push() {
+    use roost_client::transport::{ConnectConfig, TrustConfig};
+    use roost_client::{Client, ClientConfig, PushTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let server = start(push_config(&dir.path().join("data"), &receiver)).await;
+    let trust = TrustConfig::PinnedCertificates(vec![server.certificate().clone()]);
+    let config = || {
+        ClientConfig::new(ConnectConfig::new(
+            server.local_addr(),
+            DOMAIN,
+            trust.clone(),
+        ))
+    };
+    let profile = dir.path().join("judy.roost");
+    let client = Client::register(
+        config(),
+        &profile,
+        "judy@example.org".parse().unwrap(),
+        "phone".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let info = client.push_info().await.unwrap();
+    assert_eq!((info.apns, info.fcm), (false, false));
+    let subscriber = Subscriber::new();
+    // What a browser's PushSubscription.toJSON() gives the app.
+    let json = format!(
+        r#"{{"endpoint":"{}","expirationTime":null,"keys":{{"p256dh":"{}","auth":"{}"}}}}"#,
+        receiver.url("/push/judy"),
+        b64(&subscriber.public()),
+        b64(&subscriber.auth)
+    );
+    client
+        .register_push(PushTarget::from_web_push_json(&json).unwrap())
+        .await
+        .unwrap();
+    let err = client
+        .register_push(PushTarget::Fcm {
+            token: "abc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.server_code(), Some(ErrorCode::PUSH_PROVIDER_DISABLED));
+    // The app is suspended: its listener is gone, a message wakes it.
+    client.close().await;
+    let phone = "judy@example.org/phone".parse().unwrap();
+    server.enqueue(&phone, id(8, 1), payload(1)).await.unwrap();
+    let got = receiver.wait_for(1, 10).await;
+    check_web_push(&got[0], &subscriber, &info.vapid_public_key, &receiver);
+
+    // Unregistered: no more wake-ups.
+    let client = Client::open(config(), &profile).await.unwrap();
+    assert!(client.unregister_push().await.unwrap());
+    assert!(!client.unregister_push().await.unwrap());
+    client.close().await;
+    server.enqueue(&phone, id(8, 2), payload(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(receiver.received().len(), 1);
+    server.shutdown().await;
+}
