@@ -495,3 +495,49 @@ async fn the_sdk_registers_and_unregisters_push() {
     assert_eq!(receiver.received().len(), 1);
     server.shutdown().await;
 }
+
+/// Two nodes of one domain on PostgreSQL: a message committed on one node wakes a client
+/// that registered through the other, exactly once per interval, whichever node sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_nodes_a_message_on_either_wakes_the_client_once() {
+    use roost_server::config::StorageBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
+    let url = cluster.create_database("roost").unwrap();
+    let identity = dir.path().join("identity");
+    let node = |n: usize| {
+        let mut config = push_config(&dir.path().join(format!("node{n}")), &receiver);
+        config.identity_dir = Some(identity.clone());
+        config.storage.backend = StorageBackend::Postgres;
+        config.storage.url = Some(url.clone());
+        config.storage.pool_size = 4;
+        config.storage.timeout_ms = 3_000;
+        config
+    };
+    let a = start(node(0)).await;
+    let b = start(node(1)).await;
+    let (_kim, phone, conn) = new_client(&a, "kim").await;
+    let key = vapid_key(&conn).await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/kim"))
+        .await
+        .unwrap();
+    drop(conn);
+    // Messages land through both nodes; both nodes' workers poll the one outbox.
+    for n in 1..=3 {
+        let node = if n % 2 == 0 { &a } else { &b };
+        node.enqueue(&phone.id, id(9, n), payload(n)).await.unwrap();
+    }
+    let got = receiver.wait_for(1, 10).await;
+    // The same VAPID key on both nodes (shared identity directory).
+    check_web_push(&got[0], &subscriber, &key, &receiver);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "woken more than once within the interval"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
