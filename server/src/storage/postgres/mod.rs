@@ -428,7 +428,7 @@ mod tests {
             refused.err(),
             Some(StoreError::Schema {
                 found: 99,
-                expected: 2
+                expected: 3
             })
         ));
     }
