@@ -63,7 +63,8 @@ pub(crate) trait PushStore {
     /// Deletes a client's registration and pending wake-up; whether there was one.
     async fn delete_push(&self, client_num: u64) -> Result<bool, ServiceError>;
     /// For each of these clients that has a registration and no pending wake-up, schedules
-    /// one at max(`due_ms`, its last wake-up + `coalesce_ms`); returns how many.
+    /// one at max(`due_ms`, its last wake-up + `coalesce_ms`); returns how many. A pending
+    /// one is marked, so that finishing it while claimed schedules the next.
     async fn schedule_push(
         &self,
         client_nums: Vec<u64>,
@@ -78,9 +79,15 @@ pub(crate) trait PushStore {
         lease_until_ms: u64,
         limit: u32,
     ) -> Result<Vec<PushJob>, ServiceError>;
-    /// The wake-up is done: deletes the job; `sent_ms` (if it was sent) starts the
-    /// coalescing interval.
-    async fn finish_push(&self, client_num: u64, sent_ms: Option<u64>) -> Result<(), ServiceError>;
+    /// The wake-up is done: deletes the job, unless messages arrived while it was claimed
+    /// (`schedule_push` marked it): then it is due again at `again_ms`. `sent_ms` (if it was
+    /// sent) starts the coalescing interval.
+    async fn finish_push(
+        &self,
+        client_num: u64,
+        sent_ms: Option<u64>,
+        again_ms: u64,
+    ) -> Result<(), ServiceError>;
     /// Puts a failed wake-up back, due at `due_ms` (if the client still has a registration).
     async fn retry_push(
         &self,
@@ -489,11 +496,13 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
     let config = &state.settings.push;
     let client_num = job.client_num;
     let Some(sealed) = job.sealed else {
-        return state.store.finish_push(client_num, None).await;
+        return state.store.finish_push(client_num, None, 0).await;
     };
+    let now = state.clock.unix_millis();
+    let soon = now.saturating_add(config.delay_ms);
     if state.queues.is_listened(client_num) || !has_queued(state, client_num).await? {
         metrics::counter!("roost_push_total", "outcome" => "not_needed").increment(1);
-        return state.store.finish_push(client_num, None).await;
+        return state.store.finish_push(client_num, None, soon).await;
     }
     let endpoint = state
         .push
@@ -527,9 +536,14 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
     match outcome {
         Outcome::Sent => {
             tracing::debug!(client_num, "push wake-up sent");
+            let sent = state.clock.unix_millis();
             state
                 .store
-                .finish_push(client_num, Some(state.clock.unix_millis()))
+                .finish_push(
+                    client_num,
+                    Some(sent),
+                    sent.saturating_add(config.coalesce_ms),
+                )
                 .await
         }
         Outcome::Gone(reason) => {
@@ -538,13 +552,13 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
         }
         Outcome::Failed(reason) => {
             tracing::warn!(client_num, %reason, "push wake-up refused; dropped");
-            state.store.finish_push(client_num, None).await
+            state.store.finish_push(client_num, None, soon).await
         }
         Outcome::Retry(reason) => {
             let attempts = job.attempts.saturating_add(1);
             if attempts >= config.max_attempts {
                 tracing::warn!(client_num, %reason, attempts, "push wake-up given up");
-                return state.store.finish_push(client_num, None).await;
+                return state.store.finish_push(client_num, None, soon).await;
             }
             let delay = config
                 .retry_initial_ms

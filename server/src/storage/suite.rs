@@ -762,7 +762,7 @@ pub(crate) async fn push<S: AuthStore + PushStore + AdminStore>(store: &S) {
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].attempts, 1);
     // Sent at 7,000: the next one is due no earlier than 67,000.
-    store.finish_push(phone, Some(7_000)).await.unwrap();
+    store.finish_push(phone, Some(7_000), 67_000).await.unwrap();
     assert_eq!(store.next_push_due().await.unwrap(), None);
     assert_eq!(
         store
@@ -774,7 +774,7 @@ pub(crate) async fn push<S: AuthStore + PushStore + AdminStore>(store: &S) {
     assert_eq!(store.next_push_due().await.unwrap(), Some(67_000));
     // Not sent (not needed): no interval starts.
     store.claim_push(67_000, 70_000, 10).await.unwrap();
-    store.finish_push(phone, None).await.unwrap();
+    store.finish_push(phone, None, 68_000).await.unwrap();
     assert_eq!(
         store
             .schedule_push(vec![phone], 90_000, 60_000)
@@ -783,6 +783,30 @@ pub(crate) async fn push<S: AuthStore + PushStore + AdminStore>(store: &S) {
         1
     );
     assert_eq!(store.next_push_due().await.unwrap(), Some(90_000));
+    // A message while the wake-up is claimed (being sent): finishing it schedules the next.
+    store.claim_push(90_000, 95_000, 10).await.unwrap();
+    assert_eq!(
+        store
+            .schedule_push(vec![phone], 91_000, 60_000)
+            .await
+            .unwrap(),
+        0
+    );
+    store
+        .finish_push(phone, Some(92_000), 152_000)
+        .await
+        .unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), Some(152_000));
+    store.claim_push(152_000, 155_000, 10).await.unwrap();
+    store
+        .finish_push(phone, Some(153_000), 213_000)
+        .await
+        .unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+    store
+        .schedule_push(vec![phone], 200_000, 60_000)
+        .await
+        .unwrap();
 
     // Unregistering takes the pending wake-up along; a retry does not bring it back.
     assert!(store.delete_push(phone).await.unwrap());

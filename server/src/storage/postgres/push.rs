@@ -64,15 +64,16 @@ impl PushStore for PgStore {
             .map(to_i64)
             .collect::<Result<_, _>>()?;
         let (due, coalesce) = (to_i64(due_ms)?, to_i64(coalesce_ms)?);
-        let scheduled = client
-            .execute_typed(
+        let rows = client
+            .query_typed(
                 "INSERT INTO push_jobs (client_num, due_ms, attempts)
                  SELECT client_num,
                         CASE WHEN last_sent_ms = 0 THEN $2
                              ELSE GREATEST($2, last_sent_ms + $3) END,
                         0
                  FROM push_registrations WHERE client_num = ANY($1)
-                 ON CONFLICT (client_num) DO NOTHING",
+                 ON CONFLICT (client_num) DO UPDATE SET again = TRUE
+                 RETURNING (xmax = 0)",
                 &[
                     (&nums, Type::INT8_ARRAY),
                     (&due, Type::INT8),
@@ -81,6 +82,13 @@ impl PushStore for PgStore {
             )
             .await
             .map_err(StoreError::from)?;
+        // xmax = 0: the row was inserted, not updated.
+        let mut scheduled = 0;
+        for row in &rows {
+            if col::<bool>(row, 0)? {
+                scheduled += 1;
+            }
+        }
         Ok(scheduled)
     }
 
@@ -98,7 +106,7 @@ impl PushStore for PgStore {
                      SELECT client_num FROM push_jobs WHERE due_ms <= $1
                      ORDER BY due_ms LIMIT $3 FOR UPDATE SKIP LOCKED
                  ), claimed AS (
-                     UPDATE push_jobs j SET due_ms = $2 FROM due
+                     UPDATE push_jobs j SET due_ms = $2, again = FALSE FROM due
                      WHERE j.client_num = due.client_num
                      RETURNING j.client_num, j.attempts
                  )
@@ -124,13 +132,24 @@ impl PushStore for PgStore {
             .map_err(ServiceError::from)
     }
 
-    async fn finish_push(&self, client_num: u64, sent_ms: Option<u64>) -> Result<(), ServiceError> {
+    async fn finish_push(
+        &self,
+        client_num: u64,
+        sent_ms: Option<u64>,
+        again_ms: u64,
+    ) -> Result<(), ServiceError> {
         let mut client = self.client().await?;
-        let num = to_i64(client_num)?;
+        let (num, again) = (to_i64(client_num)?, to_i64(again_ms)?);
         let txn = client.transaction().await.map_err(StoreError::from)?;
         txn.execute_typed(
-            "DELETE FROM push_jobs WHERE client_num = $1",
+            "DELETE FROM push_jobs WHERE client_num = $1 AND NOT again",
             &[(&num, Type::INT8)],
+        )
+        .await
+        .map_err(StoreError::from)?;
+        txn.execute_typed(
+            "UPDATE push_jobs SET due_ms = $2, attempts = 0, again = FALSE WHERE client_num = $1",
+            &[(&num, Type::INT8), (&again, Type::INT8)],
         )
         .await
         .map_err(StoreError::from)?;

@@ -27,7 +27,7 @@ fn unschedule(txn: &WriteTransaction, client_num: u64) -> Result<(), StoreError>
         .open_table(PUSH_JOBS)?
         .remove(client_num)?
         .map(|v| v.value());
-    if let Some((due, _)) = old {
+    if let Some((due, _, _)) = old {
         txn.open_table(PUSH_DUE)?.remove((due, client_num))?;
     }
     Ok(())
@@ -38,10 +38,11 @@ fn set_job(
     client_num: u64,
     due_ms: u64,
     attempts: u32,
+    again: bool,
 ) -> Result<(), StoreError> {
     unschedule(txn, client_num)?;
     txn.open_table(PUSH_JOBS)?
-        .insert(client_num, (due_ms, attempts))?;
+        .insert(client_num, (due_ms, attempts, again))?;
     txn.open_table(PUSH_DUE)?.insert((due_ms, client_num), ())?;
     Ok(())
 }
@@ -79,7 +80,13 @@ impl PushStore for Store {
                     Some(v) => v.value().0,
                     None => continue,
                 };
-                if txn.open_table(PUSH_JOBS)?.get(client_num)?.is_some() {
+                let pending = txn
+                    .open_table(PUSH_JOBS)?
+                    .get(client_num)?
+                    .map(|v| v.value());
+                if let Some((due, attempts, _)) = pending {
+                    txn.open_table(PUSH_JOBS)?
+                        .insert(client_num, (due, attempts, true))?;
                     continue;
                 }
                 let due = if last_sent == 0 {
@@ -87,7 +94,7 @@ impl PushStore for Store {
                 } else {
                     due_ms.max(last_sent.saturating_add(coalesce_ms))
                 };
-                set_job(txn, client_num, due, 0)?;
+                set_job(txn, client_num, due, 0, false)?;
                 scheduled += 1;
             }
             Ok(Ok::<_, ServiceError>(scheduled))
@@ -116,7 +123,7 @@ impl PushStore for Store {
                     .open_table(PUSH_JOBS)?
                     .get(client_num)?
                     .map_or(0, |v| v.value().1);
-                set_job(txn, client_num, lease_until_ms, attempts)?;
+                set_job(txn, client_num, lease_until_ms, attempts, false)?;
                 let sealed = txn
                     .open_table(PUSH_REGISTRATIONS)?
                     .get(client_num)?
@@ -132,9 +139,22 @@ impl PushStore for Store {
         .await
     }
 
-    async fn finish_push(&self, client_num: u64, sent_ms: Option<u64>) -> Result<(), ServiceError> {
+    async fn finish_push(
+        &self,
+        client_num: u64,
+        sent_ms: Option<u64>,
+        again_ms: u64,
+    ) -> Result<(), ServiceError> {
         self.write(move |txn| {
-            unschedule(txn, client_num)?;
+            let again = txn
+                .open_table(PUSH_JOBS)?
+                .get(client_num)?
+                .is_some_and(|v| v.value().2);
+            if again {
+                set_job(txn, client_num, again_ms, 0, false)?;
+            } else {
+                unschedule(txn, client_num)?;
+            }
             if let Some(sent) = sent_ms {
                 let mut table = txn.open_table(PUSH_REGISTRATIONS)?;
                 let sealed = table.get(client_num)?.map(|v| v.value().1.to_vec());
@@ -159,7 +179,11 @@ impl PushStore for Store {
                 .get(client_num)?
                 .is_some()
             {
-                set_job(txn, client_num, due_ms, attempts)?;
+                let again = txn
+                    .open_table(PUSH_JOBS)?
+                    .get(client_num)?
+                    .is_some_and(|v| v.value().2);
+                set_job(txn, client_num, due_ms, attempts, again)?;
             } else {
                 unschedule(txn, client_num)?;
             }

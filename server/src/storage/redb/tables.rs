@@ -86,8 +86,9 @@ pub(crate) const TOKEN_USES: TableDefinition<'_, &str, u64> = TableDefinition::n
 pub(crate) const PUSH_REGISTRATIONS: TableDefinition<'_, u64, (u64, &[u8])> =
     TableDefinition::new("push_registrations");
 
-/// The push outbox: pending wake-ups by client number: (due ms, failed attempts).
-pub(crate) const PUSH_JOBS: TableDefinition<'_, u64, (u64, u32)> =
+/// The push outbox: pending wake-ups by client number: (due ms, failed attempts, messages
+/// arrived while it was claimed).
+pub(crate) const PUSH_JOBS: TableDefinition<'_, u64, (u64, u32, bool)> =
     TableDefinition::new("push_jobs");
 
 /// The same wake-ups by (due ms, client number), for taking the due ones in order.

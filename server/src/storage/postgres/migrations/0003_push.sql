@@ -11,7 +11,9 @@ CREATE TABLE push_registrations (
 CREATE TABLE push_jobs (
     client_num BIGINT PRIMARY KEY,
     due_ms     BIGINT NOT NULL,
-    attempts   INTEGER NOT NULL
+    attempts   INTEGER NOT NULL,
+    -- messages arrived while the wake-up was claimed: finishing it schedules the next
+    again      BOOLEAN NOT NULL DEFAULT FALSE
 );
 
 CREATE INDEX push_jobs_by_due ON push_jobs (due_ms);
