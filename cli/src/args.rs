@@ -79,6 +79,12 @@ pub(crate) enum Command {
         /// The group: its id or its local name.
         group: String,
     },
+    /// Where the homeserver sends wake-ups while this device is not listening (push
+    /// notifications of an app; the terminal client only registers them).
+    Push {
+        #[command(subcommand)]
+        command: PushCommand,
+    },
     /// Print a completion script for SHELL (bash, zsh, fish, elvish, powershell) to stdout.
     Completions {
         /// The shell.
@@ -188,4 +194,30 @@ pub(crate) enum GroupCommand {
         /// The new name.
         name: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PushCommand {
+    /// Register this device's push endpoint (replacing an earlier one): exactly one of
+    /// --web-push, --apns, --fcm.
+    Register {
+        /// A Web Push subscription as JSON (`PushSubscription.toJSON()`: endpoint and keys),
+        /// from this file (`-` reads standard input).
+        #[arg(long, value_name = "FILE", group = "target")]
+        web_push: Option<PathBuf>,
+        /// An APNs device token, in hex (needs --topic).
+        #[arg(long, value_name = "HEX", group = "target", requires = "topic")]
+        apns: Option<String>,
+        /// The app's bundle id, for --apns.
+        #[arg(long, value_name = "BUNDLE_ID")]
+        topic: Option<String>,
+        /// An FCM registration token.
+        #[arg(long, value_name = "TOKEN", group = "target")]
+        fcm: Option<String>,
+    },
+    /// Delete this device's push endpoint.
+    Unregister,
+    /// Show which push services the homeserver sends to, and its VAPID key (base64url) for
+    /// making Web Push subscriptions.
+    Info,
 }

@@ -57,6 +57,7 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             command: DeviceCommand::Remove { device },
         } => remove_device(ctx, &device).await,
         Command::Whoami => whoami(ctx),
+        Command::Push { command } => crate::push::run(ctx, command).await,
         Command::Group { command } => group(ctx, command).await,
         Command::Send { group, text } => {
             let session = Session::open(ctx, false, Check::Tolerant).await?;

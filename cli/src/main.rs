@@ -11,6 +11,7 @@ mod errors;
 mod events;
 mod output;
 mod profile;
+mod push;
 mod session;
 
 use std::io::IsTerminal as _;

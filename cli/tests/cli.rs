@@ -785,3 +785,43 @@ fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
     // Exactly once.
     assert_eq!(h.ok("bob", &["recv"]), "");
 }
+
+#[test]
+fn push_endpoints_are_registered_checked_and_deleted() {
+    let h = Harness::start();
+    h.register("alice");
+    let info = h.ok("alice", &["push", "info"]);
+    assert!(info.starts_with("web push: VAPID key B"), "{info}");
+    assert!(info.contains("apns: off\nfcm: off"), "{info}");
+    let json = json_lines(&h.ok("alice", &["--json", "push", "info"]));
+    assert_eq!(json[0]["vapid_public_key"].as_str().unwrap().len(), 87);
+
+    // The default configuration refuses loopback endpoints (SSRF protection).
+    let subscription = h.dir.path().join("subscription.json");
+    std::fs::write(
+        &subscription,
+        r#"{"endpoint":"https://127.0.0.1:9/push/1","keys":{"p256dh":"BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB","auth":"AAAAAAAAAAAAAAAAAAAAAA"}}"#,
+    )
+    .unwrap();
+    let err = h.fails(
+        "alice",
+        &[
+            "push",
+            "register",
+            "--web-push",
+            subscription.to_str().unwrap(),
+        ],
+    );
+    assert!(err.contains("forbidden range"), "{err}");
+    let err = h.fails("alice", &["push", "register", "--fcm", "token"]);
+    assert!(err.contains("push provider"), "{err}");
+    let err = h.fails(
+        "alice",
+        &["push", "register", "--apns", "zz", "--topic", "a.b"],
+    );
+    assert!(err.contains("hex"), "{err}");
+    assert_eq!(
+        h.ok("alice", &["push", "unregister"]),
+        "no push endpoint was registered\n"
+    );
+}

@@ -82,6 +82,7 @@ mod outgoing;
 mod store;
 pub mod transport;
 
+pub use client::push::{PushInfo, PushTarget};
 pub use client::{Client, UserKey};
 pub use config::ClientConfig;
 pub use error::ClientError;

@@ -125,6 +125,13 @@ error_codes! {
     PEER_UNREACHABLE = 500,
     /// The peer's certificate does not match the domain it speaks for.
     DOMAIN_MISMATCH = 501,
+
+    // Push notifications (620-639).
+    /// The push endpoint is malformed, not `https`, or resolves to an address range the server
+    /// refuses to connect to. Nothing was stored.
+    PUSH_ENDPOINT_REJECTED = 620,
+    /// The server does not send to this push provider.
+    PUSH_PROVIDER_DISABLED = 621,
 }
 
 impl fmt::Debug for ErrorCode {

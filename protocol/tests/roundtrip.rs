@@ -10,6 +10,7 @@ use roost_protocol::messages::auth::*;
 use roost_protocol::messages::delivery::*;
 use roost_protocol::messages::federation::*;
 use roost_protocol::messages::keypackage::*;
+use roost_protocol::messages::push::*;
 use roost_protocol::messages::queue::*;
 use roost_protocol::messages::{ClientRequest, Response};
 use roost_protocol::opaque::Opaque;
@@ -245,6 +246,25 @@ fn client_request() -> impl Strategy<Value = ClientRequest> {
                 group_info,
             })
         }),
+        prop_oneof![
+            (opaque(), opaque(), opaque()).prop_map(|(endpoint, p256dh, auth)| {
+                PushEndpoint::WebPush(WebPushSubscription {
+                    endpoint,
+                    p256dh,
+                    auth,
+                })
+            }),
+            (opaque(), opaque()).prop_map(|(device_token, topic)| {
+                PushEndpoint::Apns(ApnsToken {
+                    device_token,
+                    topic,
+                })
+            }),
+            opaque().prop_map(|token| PushEndpoint::Fcm(FcmToken { token })),
+        ]
+        .prop_map(|endpoint| R::RegisterPush(RegisterPushRequest { endpoint })),
+        Just(R::UnregisterPush(UnregisterPushRequest {})),
+        Just(R::PushInfo(PushInfoRequest {})),
     ]
 }
 
@@ -291,6 +311,15 @@ fn response() -> impl Strategy<Value = Response> {
             })
         }),
         any::<u64>().prop_map(|epoch| R::ExternalJoin(CommitResponse { epoch })),
+        Just(R::RegisterPush(RegisterPushResponse {})),
+        any::<u8>().prop_map(|removed| R::UnregisterPush(UnregisterPushResponse { removed })),
+        (opaque(), any::<u8>(), any::<u8>()).prop_map(|(vapid_public_key, apns, fcm)| {
+            R::PushInfo(PushInfoResponse {
+                vapid_public_key,
+                apns,
+                fcm,
+            })
+        }),
         (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(
             |(accepted, unknown_recipients, queue_full)| R::Deliver(DeliverResponse {
                 accepted,

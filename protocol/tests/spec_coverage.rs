@@ -13,7 +13,7 @@ use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use roost_protocol::opaque::Opaque;
 
 /// Variant names of the enums that have no `ALL` list (ListenEvent, ListenControl, FederationRequest,
-/// Response's two extra variants, QueuePayload, ErrorDetail).
+/// Response's two extra variants, QueuePayload, PushEndpoint, ErrorDetail).
 const OTHER_VARIANTS: &[&str] = &[
     // ListenEvent
     "Message",
@@ -29,6 +29,10 @@ const OTHER_VARIANTS: &[&str] = &[
     // QueuePayload
     "GroupMessage",
     "Welcome",
+    // PushEndpoint
+    "WebPush",
+    "Apns",
+    "Fcm",
     // ErrorDetail
     "StaleEpoch",
     "RateLimited",

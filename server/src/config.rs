@@ -58,6 +58,8 @@ pub struct Config {
     pub limits: Limits,
     /// Server-to-server federation.
     pub federation: FederationConfig,
+    /// Push notifications (wake-ups for clients without a listen stream).
+    pub push: PushConfig,
     /// How log lines on stderr are written: `text` (default) or `json` (one object per line).
     pub log_format: LogFormat,
 }
@@ -210,6 +212,111 @@ impl Default for FederationConfig {
     }
 }
 
+/// `[push]`: wake-ups sent through Web Push, APNs and FCM to clients without a listen stream.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Accept Web Push (RFC 8030) subscriptions, UnifiedPush included.
+    pub web_push: bool,
+    /// The VAPID `sub` claim (RFC 8292): a `mailto:` or `https:` contact for push services
+    /// (default: `mailto:postmaster@` and the domain).
+    pub vapid_subject: Option<String>,
+    /// At most one wake-up per client per this interval; messages in between share it.
+    pub coalesce_ms: u64,
+    /// How long after a message lands a wake-up waits; if the client has fetched or
+    /// acknowledged everything by then (it was online), none is sent.
+    pub delay_ms: u64,
+    /// First retry delay of a failed wake-up; doubles up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    /// Longest retry delay.
+    pub retry_max_ms: u64,
+    /// Attempts of one wake-up before it is given up (the registration stays).
+    pub max_attempts: u32,
+    /// Time limit of one request to a push service (connect, TLS, answer).
+    pub request_timeout_ms: u64,
+    /// Wake-ups sent at once by one node.
+    pub max_in_flight: u32,
+    /// How often each node looks for wake-ups that are due (scheduled by another node, or
+    /// waiting for a retry).
+    pub poll_ms: u64,
+    /// How long a push service keeps an undelivered wake-up (Web Push `TTL`, APNs
+    /// expiration, FCM `ttl`).
+    pub ttl_secs: u32,
+    /// Address ranges (CIDR) push endpoints must not resolve to; checked when a client
+    /// registers and before every connection (SSRF protection).
+    pub forbidden_ranges: Vec<String>,
+    /// PEM bundle of the CAs push services' certificates must chain to, instead of the
+    /// built-in Mozilla roots.
+    pub ca_file: Option<PathBuf>,
+    /// APNs: the `.p8` signing key (PKCS#8 PEM) from the Apple developer account; APNs is off
+    /// without it.
+    pub apns_key_file: Option<PathBuf>,
+    /// APNs: the key's id (`kid`).
+    pub apns_key_id: Option<String>,
+    /// APNs: the team id (`iss`).
+    pub apns_team_id: Option<String>,
+    /// APNs: base URL (the sandbox is `https://api.sandbox.push.apple.com`).
+    pub apns_url: String,
+    /// FCM: the Firebase project id; FCM is off without it.
+    pub fcm_project_id: Option<String>,
+    /// FCM: a file holding a current OAuth 2 access token for the project's service account
+    /// (scope `https://www.googleapis.com/auth/firebase.messaging`), read before every send;
+    /// the operator keeps it fresh (see docs/SECURITY.md).
+    pub fcm_access_token_file: Option<PathBuf>,
+    /// FCM: base URL of the HTTP v1 API.
+    pub fcm_url: String,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            web_push: true,
+            vapid_subject: None,
+            coalesce_ms: 60_000,
+            delay_ms: 2_000,
+            retry_initial_ms: 1_000,
+            retry_max_ms: 600_000,
+            max_attempts: 12,
+            request_timeout_ms: 10_000,
+            max_in_flight: 32,
+            poll_ms: 1_000,
+            ttl_secs: 86_400,
+            forbidden_ranges: [
+                "0.0.0.0/8",
+                "10.0.0.0/8",
+                "100.64.0.0/10",
+                "127.0.0.0/8",
+                "169.254.0.0/16",
+                "172.16.0.0/12",
+                "192.0.0.0/24",
+                "192.0.2.0/24",
+                "192.168.0.0/16",
+                "198.18.0.0/15",
+                "198.51.100.0/24",
+                "203.0.113.0/24",
+                "224.0.0.0/3",
+                "::/128",
+                "::1/128",
+                "64:ff9b::/96",
+                "2001:db8::/32",
+                "fc00::/7",
+                "fe80::/10",
+                "ff00::/8",
+            ]
+            .map(String::from)
+            .to_vec(),
+            ca_file: None,
+            apns_key_file: None,
+            apns_key_id: None,
+            apns_team_id: None,
+            apns_url: "https://api.push.apple.com".into(),
+            fcm_project_id: None,
+            fcm_access_token_file: None,
+            fcm_url: "https://fcm.googleapis.com".into(),
+        }
+    }
+}
+
 /// One known peer.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -238,6 +345,7 @@ impl Default for Config {
             metrics_listen: None,
             limits: Limits::default(),
             federation: FederationConfig::default(),
+            push: PushConfig::default(),
             log_format: LogFormat::Text,
         }
     }
@@ -484,6 +592,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Federation.
     pub federation: FederationConfig,
+    /// Push notifications.
+    pub push: PushConfig,
     /// The clock the services decide by: the system clock unless a test sets a
     /// [`ManualClock`](crate::clock::ManualClock)'s (not configurable from a file).
     pub clock: crate::clock::Clock,
@@ -564,6 +674,7 @@ impl Config {
                 )));
             }
         }
+        crate::push::check_config(&self.push).map_err(ConfigError::Invalid)?;
         Ok(Settings {
             domain,
             listen: self.listen,
@@ -576,6 +687,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             limits: self.limits,
             federation: self.federation,
+            push: self.push,
             clock: crate::clock::Clock::system(),
         })
     }

@@ -47,7 +47,7 @@ const fn opt(
 }
 
 /// The tables, in the order README.md and `roost config default` show them.
-pub const SECTIONS: &[&str] = &["", "storage", "limits", "federation"];
+pub const SECTIONS: &[&str] = &["", "storage", "limits", "federation", "push"];
 
 /// Every field of [`Config`].
 pub const FIELDS: &[Field] = &[
@@ -345,6 +345,85 @@ pub const FIELDS: &[Field] = &[
         &["certified_keys_cached", "certified_keys_ttl_ms"],
         "certified keys of other domains' clients kept in memory, and for how long (a revocation there is seen here at most this late; 0 entries: ask every time)",
     ),
+    f(
+        "push",
+        &["web_push"],
+        "accept Web Push subscriptions (RFC 8030; UnifiedPush distributors included); the VAPID key is made on first start in the identity directory",
+    ),
+    opt(
+        "push",
+        &["vapid_subject"],
+        "the VAPID `sub` claim push services may use to contact the operator (`mailto:` or `https:`)",
+        "`mailto:postmaster@` + domain",
+        "\"mailto:ops@example.org\"",
+    ),
+    f(
+        "push",
+        &["coalesce_ms"],
+        "at most one wake-up per client per this interval; messages in between share it",
+    ),
+    f(
+        "push",
+        &["delay_ms"],
+        "how long after a message lands its wake-up waits; a client that has fetched or acknowledged everything by then is not woken",
+    ),
+    f(
+        "push",
+        &["retry_initial_ms", "retry_max_ms", "max_attempts"],
+        "retries of a wake-up a push service did not take (network error, 429, 5xx): first delay, doubling up to the maximum, then given up (the registration stays)",
+    ),
+    f(
+        "push",
+        &["request_timeout_ms"],
+        "time limit of one request to a push service: resolving, connecting, TLS and the answer",
+    ),
+    f(
+        "push",
+        &["max_in_flight"],
+        "wake-ups one node sends at once",
+    ),
+    f(
+        "push",
+        &["poll_ms"],
+        "how often each node looks for due wake-ups it was not told about (retries, or scheduled by another node)",
+    ),
+    f(
+        "push",
+        &["ttl_secs"],
+        "how long a push service keeps an undelivered wake-up (Web Push `TTL`, APNs expiration, FCM `ttl`)",
+    ),
+    f(
+        "push",
+        &["forbidden_ranges"],
+        "address ranges (CIDR) a push endpoint must not resolve to, checked at registration and before every connection (SSRF protection); the default covers loopback, private, shared, link-local, multicast and reserved ranges",
+    ),
+    opt(
+        "push",
+        &["ca_file"],
+        "PEM bundle of the CAs push services' certificates must chain to, instead of the built-in Mozilla roots",
+        "built-in roots",
+        "\"/etc/roost/push-ca.pem\"",
+    ),
+    opt(
+        "push",
+        &["apns_key_file", "apns_key_id", "apns_team_id"],
+        "APNs: the `.p8` token signing key from the Apple developer account, its key id and the team id; APNs is off without them",
+        "none (APNs off)",
+        "\"/etc/roost/AuthKey_ABC123.p8\"",
+    ),
+    f(
+        "push",
+        &["apns_url"],
+        "APNs base URL (`https://api.sandbox.push.apple.com` for development builds)",
+    ),
+    opt(
+        "push",
+        &["fcm_project_id", "fcm_access_token_file"],
+        "FCM: the Firebase project id, and a file holding a current OAuth 2 access token of a service account with the `firebase.messaging` scope, read before every send (kept fresh by the operator, see docs/SECURITY.md); FCM is off without them",
+        "none (FCM off)",
+        "\"my-project\"",
+    ),
+    f("push", &["fcm_url"], "FCM HTTP v1 API base URL"),
 ];
 
 /// The default configuration as a TOML table.

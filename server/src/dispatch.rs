@@ -9,7 +9,7 @@ use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 
 use crate::auth::Authenticated;
 use crate::error::ServiceError;
-use crate::{State, auth, delivery, federation, keypackage, queue};
+use crate::{State, auth, delivery, federation, keypackage, push, queue};
 
 /// Per-connection state.
 pub(crate) struct ConnectionContext {
@@ -196,6 +196,15 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
             async { delivery::external_join(state, &me?.client, req).await }.await,
             Response::ExternalJoin,
         ),
+        R::RegisterPush(req) => reply(
+            async { push::register(state, &me?, req).await }.await,
+            Response::RegisterPush,
+        ),
+        R::UnregisterPush(_) => reply(
+            async { push::unregister(state, &me?).await }.await,
+            Response::UnregisterPush,
+        ),
+        R::PushInfo(_) => reply(me.map(|_| push::info(state)), Response::PushInfo),
     };
     Outcome::Reply(response)
 }

@@ -131,6 +131,14 @@ pub enum ServiceError {
     /// Pending proposals not committed.
     #[error("the commit does not include every pending proposal")]
     MissingProposals,
+
+    // Push notifications.
+    /// The push endpoint is malformed, not https, or in a forbidden address range.
+    #[error("push endpoint rejected: {0}")]
+    PushEndpointRejected(String),
+    /// The server does not send to this provider.
+    #[error("this server does not send to that push provider")]
+    PushProviderDisabled,
 }
 
 impl ServiceError {
@@ -200,6 +208,8 @@ impl ServiceError {
             InvalidMessage(_) => ErrorCode::INVALID_MESSAGE,
             GroupTooLarge => ErrorCode::GROUP_TOO_LARGE,
             MissingProposals => ErrorCode::MISSING_PROPOSALS,
+            PushEndpointRejected(_) => ErrorCode::PUSH_ENDPOINT_REJECTED,
+            PushProviderDisabled => ErrorCode::PUSH_PROVIDER_DISABLED,
         };
         WireError::new(code, self.to_string())
     }

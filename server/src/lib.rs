@@ -22,6 +22,7 @@ pub mod fuzzing;
 mod keypackage;
 mod metrics;
 mod mls;
+mod push;
 mod queue;
 mod storage;
 mod transport;
@@ -87,6 +88,9 @@ pub enum ServerError {
     /// TLS configuration.
     #[error("tls: {0}")]
     Tls(String),
+    /// Push keys or provider settings.
+    #[error("push: {0}")]
+    Push(String),
     /// Binding the socket.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -115,6 +119,8 @@ pub(crate) struct State {
     pub(crate) federation: federation::Federation,
     pub(crate) groups: delivery::GroupCache,
     pub(crate) shutdown: CancellationToken,
+    /// Push registrations' key, providers, and wake-ups waiting to be scheduled.
+    pub(crate) push: push::Push,
     /// Clients removed while this process runs (here or, through the bus, on another node).
     revoked: bus::Revoked,
 }
@@ -195,6 +201,7 @@ impl Server {
         )
         .await?;
         let federation = federation::Federation::new(&settings, &tls)?;
+        let push = push::Push::new(&settings).map_err(ServerError::Push)?;
         let limits = &settings.limits;
         let clock = settings.clock.clone();
         let state = Arc::new(State {
@@ -219,6 +226,7 @@ impl Server {
             groups: delivery::GroupCache::new(limits.max_cached_groups as usize),
             queues,
             shutdown: CancellationToken::new(),
+            push,
             revoked,
             as_key,
             store,
@@ -238,6 +246,7 @@ impl Server {
         ));
         tracker.spawn(sweeper(state.clone()));
         federation::outbox::start(state.clone(), &tracker);
+        push::start(state.clone(), &tracker);
         match admin::serve(state.clone(), &tracker).await {
             Ok(path) => tracing::info!(socket = %path.display(), "admin socket listening"),
             Err(err) => {

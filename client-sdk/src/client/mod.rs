@@ -11,6 +11,7 @@ mod groups;
 mod inbox;
 mod keypackages;
 mod outbox;
+pub(crate) mod push;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod delivery;
 pub mod federation;
 pub mod keypackage;
+pub mod push;
 pub mod queue;
 
 use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
@@ -13,6 +14,7 @@ use auth::*;
 use delivery::*;
 use federation::*;
 use keypackage::*;
+use push::*;
 use queue::*;
 
 /// Defines the request enum, the response enum, and the mapping between their kinds, from one
@@ -131,6 +133,13 @@ operations! {
     FetchGroupInfo = 64: FetchGroupInfoRequest => FetchGroupInfoResponse,
     /// Join by external commit.
     ExternalJoin = 65: ExternalJoinRequest => CommitResponse,
+    // Push notifications.
+    /// Register the caller's push endpoint.
+    RegisterPush = 90: RegisterPushRequest => RegisterPushResponse,
+    /// Delete the caller's push endpoint.
+    UnregisterPush = 91: UnregisterPushRequest => UnregisterPushResponse,
+    /// The server's push providers and VAPID key.
+    PushInfo = 92: PushInfoRequest => PushInfoResponse,
 }
 
 /// Ties a request type to its response type, for typed calls.

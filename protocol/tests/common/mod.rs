@@ -14,6 +14,7 @@ use roost_protocol::messages::auth::*;
 use roost_protocol::messages::delivery::*;
 use roost_protocol::messages::federation::*;
 use roost_protocol::messages::keypackage::*;
+use roost_protocol::messages::push::*;
 use roost_protocol::messages::queue::*;
 use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use roost_protocol::opaque::Opaque;
@@ -254,6 +255,38 @@ pub(crate) fn client_requests() -> Vec<(&'static str, ClientRequest)> {
                 group_info: bytes(0xf0, 9),
             }),
         ),
+        (
+            "RegisterPush/web_push",
+            R::RegisterPush(RegisterPushRequest {
+                endpoint: PushEndpoint::WebPush(WebPushSubscription {
+                    endpoint: Opaque::from(&b"https://push.example.net/s/1"[..]),
+                    p256dh: bytes(0x04, 65),
+                    auth: bytes(0x15, 16),
+                }),
+            }),
+        ),
+        (
+            "RegisterPush/apns",
+            R::RegisterPush(RegisterPushRequest {
+                endpoint: PushEndpoint::Apns(ApnsToken {
+                    device_token: bytes(0x20, 32),
+                    topic: Opaque::from(&b"org.example.app"[..]),
+                }),
+            }),
+        ),
+        (
+            "RegisterPush/fcm",
+            R::RegisterPush(RegisterPushRequest {
+                endpoint: PushEndpoint::Fcm(FcmToken {
+                    token: Opaque::from(&b"fcm-token-1"[..]),
+                }),
+            }),
+        ),
+        (
+            "UnregisterPush",
+            R::UnregisterPush(UnregisterPushRequest {}),
+        ),
+        ("PushInfo", R::PushInfo(PushInfoRequest {})),
     ]
 }
 
@@ -281,6 +314,9 @@ pub(crate) fn response_name(response: &Response) -> &'static str {
         Response::LeaveGroup(_) => "LeaveGroup",
         Response::FetchGroupInfo(_) => "FetchGroupInfo",
         Response::ExternalJoin(_) => "ExternalJoin",
+        Response::RegisterPush(_) => "RegisterPush",
+        Response::UnregisterPush(_) => "UnregisterPush",
+        Response::PushInfo(_) => "PushInfo",
         Response::Deliver(_) => "Deliver",
     }
 }
@@ -436,6 +472,19 @@ pub(crate) fn responses() -> Vec<(&'static str, Response)> {
         (
             "ExternalJoin",
             R::ExternalJoin(CommitResponse { epoch: 19 }),
+        ),
+        ("RegisterPush", R::RegisterPush(RegisterPushResponse {})),
+        (
+            "UnregisterPush",
+            R::UnregisterPush(UnregisterPushResponse { removed: 1 }),
+        ),
+        (
+            "PushInfo",
+            R::PushInfo(PushInfoResponse {
+                vapid_public_key: bytes(0x04, 65),
+                apns: 1,
+                fcm: 0,
+            }),
         ),
         (
             "Deliver",

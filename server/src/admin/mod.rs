@@ -265,12 +265,14 @@ pub(crate) async fn execute(ctx: &Ctx, request: Request) -> Result<Reply, AdminE
 
 /// Identity files copied next to the database, so that the backup directory is a data
 /// directory a server can start on.
-const IDENTITY_FILES: [&str; 5] = [
+const IDENTITY_FILES: [&str; 7] = [
     crate::identity::AS_KEY_FILE,
     crate::identity::RESET_KEY_FILE,
     crate::identity::CERT_FILE,
     crate::identity::CERT_KEY_FILE,
     tokens::TOKENS_FILE,
+    crate::push::PUSH_KEY_FILE,
+    crate::push::VAPID_KEY_FILE,
 ];
 
 async fn backup(ctx: &Ctx, dir: &Path) -> Result<Reply, AdminError> {

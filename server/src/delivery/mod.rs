@@ -108,6 +108,7 @@ pub(crate) struct FanOutResult {
 
 impl FanOutResult {
     fn wake(self, state: &State) -> Vec<u32> {
+        state.push.woken(self.queues.iter().map(|(num, _)| *num));
         if self.queues.len() > SPAWNED_WAKE_ABOVE {
             let (notifier, queues) = (state.queues.clone(), self.queues);
             tokio::spawn(async move { notifier.notify_fresh(&queues) });

@@ -137,6 +137,13 @@ impl Notifier {
             .subscribe()
     }
 
+    /// Whether a listen stream of this client is open on this node.
+    pub(crate) fn is_listened(&self, client_num: u64) -> bool {
+        self.lock()
+            .get(&client_num)
+            .is_some_and(|l| l.sender.receiver_count() > 0)
+    }
+
     /// Tells listeners of these queues about their new heads.
     pub(crate) fn notify(&self, heads: &[(u64, u64)]) {
         let mut queues = self.lock();
@@ -278,6 +285,7 @@ pub(crate) async fn enqueue(
     match outcome {
         Enqueued::Queued(seq) => {
             state.queues.notify(&[(client_num, seq)]);
+            state.push.woken([client_num]);
             Ok(seq)
         }
         Enqueued::Duplicate(seq) => Ok(seq),
@@ -360,6 +368,7 @@ pub(crate) async fn deliver_remote(
             .deliver(chunk, max_depth, state.clock.unix_millis())
             .await?;
         state.queues.notify_fresh(&woken);
+        state.push.woken(woken.iter().map(|(num, _)| *num));
         total.accepted += response.accepted;
         total.unknown_recipients += response.unknown_recipients;
         total.queue_full += response.queue_full;

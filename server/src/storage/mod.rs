@@ -1,7 +1,8 @@
 //! Storage engines behind the services' store traits ([`crate::auth::AuthStore`],
 //! [`crate::keypackage::KeyPackageStore`], [`crate::queue::QueueStore`],
 //! [`crate::delivery::GroupStore`], [`crate::delivery::receipt::ReceiptStore`],
-//! [`crate::federation::outbox::OutboxStore`], [`crate::admin::store::AdminStore`]).
+//! [`crate::federation::outbox::OutboxStore`], [`crate::push::PushStore`],
+//! [`crate::admin::store::AdminStore`]).
 //!
 //! One module per engine: [`redb`] (embedded, the default: one process per domain) and
 //! [`postgres`] (several nodes of one domain over one database). [`Backend`] is the engine the
@@ -33,6 +34,7 @@ use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
 use crate::keypackage::KeyPackageStore;
+use crate::push::{PushJob, PushStore};
 use crate::queue::{Enqueued, Fresh, QueueStore};
 use roost_protocol::messages::keypackage::ClaimedKeyPackage;
 use roost_protocol::messages::queue::QueueMessage;
@@ -172,6 +174,16 @@ dispatch!(OutboxStore {
     async fn pending_domains(&self) -> Result<Vec<Domain>, ServiceError>;
     async fn outbox_batch(&self, domain: &Domain, max: usize, max_bytes: usize) -> Result<Vec<(u64, Delivery)>, ServiceError>;
     async fn outbox_remove(&self, domain: &Domain, seqs: Vec<u64>) -> Result<(), ServiceError>;
+});
+
+dispatch!(PushStore {
+    async fn put_push(&self, client_num: u64, sealed: Vec<u8>) -> Result<(), ServiceError>;
+    async fn delete_push(&self, client_num: u64) -> Result<bool, ServiceError>;
+    async fn schedule_push(&self, client_nums: Vec<u64>, due_ms: u64, coalesce_ms: u64) -> Result<u64, ServiceError>;
+    async fn claim_push(&self, now_ms: u64, lease_until_ms: u64, limit: u32) -> Result<Vec<PushJob>, ServiceError>;
+    async fn finish_push(&self, client_num: u64, sent_ms: Option<u64>, again_ms: u64) -> Result<(), ServiceError>;
+    async fn retry_push(&self, client_num: u64, due_ms: u64, attempts: u32) -> Result<(), ServiceError>;
+    async fn next_push_due(&self) -> Result<Option<u64>, ServiceError>;
 });
 
 dispatch!(AdminStore {

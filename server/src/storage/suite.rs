@@ -16,6 +16,7 @@ use crate::delivery::{FanOut, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
 use crate::keypackage::KeyPackageStore;
+use crate::push::{PushJob, PushStore};
 use crate::queue::{Enqueued, QueueStore};
 
 pub(crate) fn credential(client: &str) -> ClientCredential {
@@ -913,6 +914,140 @@ pub(crate) async fn receipts<
     assert_eq!(store.count(num, 0).await.unwrap().0, 4);
 }
 
+/// Push registrations and the push outbox: one pending wake-up per client, coalescing after
+/// the last one sent, claims leased, retries, and everything gone with the client.
+pub(crate) async fn push<S: AuthStore + PushStore + AdminStore>(store: &S) {
+    let name = "alice".parse().unwrap();
+    store.create_user(&name, vec![1; 32], None).await.unwrap();
+    let phone = store
+        .add_client(credential("alice@example.org/phone"))
+        .await
+        .unwrap();
+    let laptop = store
+        .add_client(credential("alice@example.org/laptop"))
+        .await
+        .unwrap();
+    // Only active clients register.
+    assert!(matches!(
+        store.put_push(phone + laptop + 100, vec![1]).await,
+        Err(ServiceError::ClientNotFound)
+    ));
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+    // No registration: nothing scheduled.
+    assert_eq!(
+        store
+            .schedule_push(vec![phone], 1_000, 60_000)
+            .await
+            .unwrap(),
+        0
+    );
+    store.put_push(phone, vec![1, 2, 3]).await.unwrap();
+    store.put_push(phone, vec![4, 5]).await.unwrap(); // replaces
+    assert_eq!(
+        store
+            .schedule_push(vec![phone, laptop], 1_000, 60_000)
+            .await
+            .unwrap(),
+        1
+    );
+    // A pending wake-up absorbs later messages.
+    assert_eq!(
+        store
+            .schedule_push(vec![phone], 1_500, 60_000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.next_push_due().await.unwrap(), Some(1_000));
+    assert!(store.claim_push(999, 5_000, 10).await.unwrap().is_empty());
+    let job = PushJob {
+        client_num: phone,
+        attempts: 0,
+        sealed: Some(vec![4, 5]),
+    };
+    assert_eq!(store.claim_push(1_000, 5_000, 10).await.unwrap(), vec![job]);
+    // Leased: not claimed again until the lease ends.
+    assert!(store.claim_push(4_999, 9_000, 10).await.unwrap().is_empty());
+    store.retry_push(phone, 6_000, 1).await.unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), Some(6_000));
+    let claimed = store.claim_push(6_000, 9_000, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].attempts, 1);
+    // Sent at 7,000: the next one is due no earlier than 67,000.
+    store.finish_push(phone, Some(7_000), 67_000).await.unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+    assert_eq!(
+        store
+            .schedule_push(vec![phone], 8_000, 60_000)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.next_push_due().await.unwrap(), Some(67_000));
+    // Not sent (not needed): no interval starts.
+    store.claim_push(67_000, 70_000, 10).await.unwrap();
+    store.finish_push(phone, None, 68_000).await.unwrap();
+    assert_eq!(
+        store
+            .schedule_push(vec![phone], 90_000, 60_000)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.next_push_due().await.unwrap(), Some(90_000));
+    // A message while the wake-up is claimed (being sent): finishing it schedules the next.
+    store.claim_push(90_000, 95_000, 10).await.unwrap();
+    assert_eq!(
+        store
+            .schedule_push(vec![phone], 91_000, 60_000)
+            .await
+            .unwrap(),
+        0
+    );
+    store
+        .finish_push(phone, Some(92_000), 152_000)
+        .await
+        .unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), Some(152_000));
+    store.claim_push(152_000, 155_000, 10).await.unwrap();
+    store
+        .finish_push(phone, Some(153_000), 213_000)
+        .await
+        .unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+    store
+        .schedule_push(vec![phone], 200_000, 60_000)
+        .await
+        .unwrap();
+
+    // Unregistering takes the pending wake-up along; a retry does not bring it back.
+    assert!(store.delete_push(phone).await.unwrap());
+    assert!(!store.delete_push(phone).await.unwrap());
+    store.retry_push(phone, 100_000, 2).await.unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+
+    // Removing a client (or deactivating its user) deletes its registration and wake-up.
+    store.put_push(phone, vec![6]).await.unwrap();
+    store.put_push(laptop, vec![7]).await.unwrap();
+    store
+        .schedule_push(vec![phone, laptop], 1, 0)
+        .await
+        .unwrap();
+    store
+        .remove_client(&"alice@example.org/laptop".parse().unwrap())
+        .await
+        .unwrap();
+    assert!(!store.delete_push(laptop).await.unwrap());
+    let claimed = store.claim_push(1, 2, 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|j| j.client_num).collect::<Vec<_>>(),
+        [phone]
+    );
+    store.deactivate_user(&name).await.unwrap();
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+    assert!(!store.delete_push(phone).await.unwrap());
+}
+
 /// Administration: listing, deactivation (clients, queues and KeyPackages gone in one
 /// transaction, the name kept taken), token uses and the counts of `roost admin stats`.
 pub(crate) async fn admin<S>(store: &S)
@@ -1132,6 +1267,12 @@ mod redb_backend {
         let (store, _writer) = Store::open(&path, "example.org", 64).unwrap();
         super::lazy_fan_out_after_crash(&Backend::Redb(store), queues, true).await;
     }
+
+    #[tokio::test]
+    async fn push() {
+        let (_dir, store) = open();
+        super::push(&store).await;
+    }
 }
 
 /// The same suite on PostgreSQL: one cluster, a database per part.
@@ -1174,6 +1315,7 @@ pub(crate) mod postgres_backend {
             "groups_and_outbox",
             "receipts",
             "admin",
+            "push",
         ] {
             let url = cluster.create_database(part).unwrap();
             let (store, closer) = open(&url).await;
@@ -1183,6 +1325,7 @@ pub(crate) mod postgres_backend {
                 "queues" => super::queues(&store).await,
                 "receipts" => super::receipts(&store).await,
                 "admin" => super::admin(&store).await,
+                "push" => super::push(&store).await,
                 _ => super::groups_and_outbox(&store).await,
             }
             drop(store);

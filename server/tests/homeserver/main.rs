@@ -19,6 +19,8 @@ mod mls_member_external;
 mod multinode;
 mod operations;
 mod pki;
+mod push;
+mod push_receiver;
 mod queue;
 mod restart;
 mod store_faults;

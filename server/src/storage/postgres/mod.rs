@@ -32,6 +32,7 @@ mod groups;
 mod keypackage;
 mod listen;
 mod outbox;
+mod push;
 mod queue;
 mod receipts;
 
@@ -49,6 +50,7 @@ use crate::bus::BusSink;
 const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_receipts.sql")),
+    (3, include_str!("migrations/0003_push.sql")),
     (5, include_str!("migrations/0005_fanout_pending.sql")),
 ];
 

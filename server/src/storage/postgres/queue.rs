@@ -410,6 +410,16 @@ pub(crate) async fn delete_queue(txn: &Transaction<'_>, client_num: u64) -> Resu
             "DELETE FROM queue_dedup WHERE client_num = $1",
             [(&num, Type::INT8)],
         ),
+        exec(
+            txn,
+            "DELETE FROM push_registrations WHERE client_num = $1",
+            [(&num, Type::INT8)],
+        ),
+        exec(
+            txn,
+            "DELETE FROM push_jobs WHERE client_num = $1",
+            [(&num, Type::INT8)],
+        ),
     )?;
     Ok(())
 }

@@ -106,6 +106,9 @@ fn copy_snapshot(from: &ReadTransaction, dest: &Path) -> Result<u64, StoreError>
         RECEIPTS,
         RECEIPT_TIMES,
         FANOUT_PENDING,
+        PUSH_REGISTRATIONS,
+        PUSH_JOBS,
+        PUSH_DUE,
     );
     for table in from.list_tables()? {
         if !copied.contains(table.name()) {

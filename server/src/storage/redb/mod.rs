@@ -13,6 +13,7 @@ pub(crate) mod fault;
 mod groups;
 mod keypackage;
 mod outbox;
+mod push;
 mod queue;
 mod receipts;
 #[cfg(test)]
@@ -193,7 +194,12 @@ impl Store {
         domain: &str,
         max_batch: usize,
     ) -> Result<(Self, WriterHandle), StoreError> {
-        Self::open_with(file_opener(path, 16 << 20), domain, max_batch, Hooks::default())
+        Self::open_with(
+            file_opener(path, 16 << 20),
+            domain,
+            max_batch,
+            Hooks::default(),
+        )
     }
 
     /// Tests only: while `hold` is set, pending fan-outs stay pending (the state a crash right
@@ -380,6 +386,9 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(RECEIPTS)?;
         txn.open_table(RECEIPT_TIMES)?;
         txn.open_table(FANOUT_PENDING)?;
+        txn.open_table(PUSH_REGISTRATIONS)?;
+        txn.open_table(PUSH_JOBS)?;
+        txn.open_table(PUSH_DUE)?;
     }
     // Fan-outs a crash (or a storage failure) left pending are queued before any job runs,
     // so nothing later overtakes them in a recipient's queue. Nobody listens yet at a start;

@@ -144,6 +144,8 @@ pub(crate) fn delete_queue(txn: &WriteTransaction, client_num: u64) -> Result<()
     for id in keys {
         dedups.remove((client_num, id))?;
     }
+    drop(dedups);
+    super::push::delete(txn, client_num)?;
     Ok(())
 }
 

@@ -87,3 +87,16 @@ pub(crate) const FANOUT_PENDING: TableDefinition<'_, u64, &[u8]> =
 
 /// Registration tokens already used, by SHA-256 (hex): times used.
 pub(crate) const TOKEN_USES: TableDefinition<'_, &str, u64> = TableDefinition::new("token_uses");
+
+/// Push registrations by client number: (last wake-up sent, ms; the registration sealed
+/// with the push key).
+pub(crate) const PUSH_REGISTRATIONS: TableDefinition<'_, u64, (u64, &[u8])> =
+    TableDefinition::new("push_registrations");
+
+/// The push outbox: pending wake-ups by client number: (due ms, failed attempts, messages
+/// arrived while it was claimed).
+pub(crate) const PUSH_JOBS: TableDefinition<'_, u64, (u64, u32, bool)> =
+    TableDefinition::new("push_jobs");
+
+/// The same wake-ups by (due ms, client number), for taking the due ones in order.
+pub(crate) const PUSH_DUE: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("push_due");

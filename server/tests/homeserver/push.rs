@@ -1,0 +1,543 @@
+//! Push notifications end to end: a real homeserver over QUIC, and a local HTTPS push service
+//! (`push_receiver`) trusted through a test CA in the configuration. Every address is on
+//! 127.0.0.0/8; the configuration forbids 127.0.0.2/32 so that the SSRF refusal is tested on
+//! loopback too.
+
+use std::time::Duration;
+
+use roost_client::transport::Connection;
+use roost_protocol::messages::push::*;
+use roost_protocol::messages::queue::{GroupMessage, ListenEvent, QueuePayload};
+use roost_protocol::{ErrorCode, GroupId, MessageId, Opaque};
+use roost_server::config::Config;
+
+use crate::common::*;
+use crate::push_receiver::*;
+
+fn payload(n: u8) -> QueuePayload {
+    let group: GroupId = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+        .parse()
+        .unwrap();
+    QueuePayload::GroupMessage(GroupMessage {
+        group,
+        message: vec![n; 10].into(),
+    })
+}
+
+fn id(tag: u8, n: u8) -> MessageId {
+    let mut id = [n; 16];
+    id[0] = tag;
+    MessageId(id)
+}
+
+fn code(err: roost_client::transport::RequestError) -> ErrorCode {
+    err.wire_error().expect("a wire error").code
+}
+
+/// A configuration that trusts the receiver's CA and forbids 127.0.0.2 (instead of all of
+/// loopback, as the defaults do).
+fn push_config(dir: &std::path::Path, receiver: &Receiver) -> Config {
+    let mut config = config(dir);
+    config.push.ca_file = Some(receiver.ca_file.clone());
+    config.push.forbidden_ranges = vec!["127.0.0.2/32".into(), "10.0.0.0/8".into()];
+    config.push.delay_ms = 100;
+    config.push.coalesce_ms = 3_000;
+    config.push.poll_ms = 50;
+    config.push.retry_initial_ms = 200;
+    config.push.retry_max_ms = 1_000;
+    config.push.request_timeout_ms = 5_000;
+    config
+}
+
+fn web_push(receiver: &Receiver, subscriber: &Subscriber, path: &str) -> RegisterPushRequest {
+    RegisterPushRequest {
+        endpoint: PushEndpoint::WebPush(WebPushSubscription {
+            endpoint: Opaque::from(receiver.url(path).into_bytes()),
+            p256dh: subscriber.public().into(),
+            auth: Opaque::from(&subscriber.auth[..]),
+        }),
+    }
+}
+
+/// Checks one Web Push request as a push service and the user agent would: the VAPID token
+/// (signed by the server's advertised key, for this origin), the headers, and the payload,
+/// which decrypts with the subscription's keys to the bare wake-up marker.
+fn check_web_push(got: &Received, subscriber: &Subscriber, vapid_key: &[u8], receiver: &Receiver) {
+    assert_eq!(got.header("content-encoding"), "aes128gcm");
+    assert!(got.header("ttl").parse::<u32>().unwrap() > 0);
+    let auth = got.header("authorization");
+    let rest = auth
+        .strip_prefix("vapid t=")
+        .expect("a VAPID authorization");
+    let (jwt, k) = rest.split_once(", k=").expect("t and k");
+    assert_eq!(k, b64(vapid_key), "k is the key PushInfo advertises");
+    let (header, claims) = verify_jwt(jwt, vapid_key);
+    assert_eq!(header["alg"], "ES256");
+    assert_eq!(claims["aud"], format!("https://{}", receiver.addr));
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!(
+        exp > now_secs() && exp <= now_secs() + 24 * 3600,
+        "exp {exp}"
+    );
+    assert_eq!(claims["sub"], "mailto:postmaster@example.org");
+    // No content, no sender: the plaintext is the fixed marker only.
+    assert_eq!(subscriber.decrypt(&got.body), b"wake");
+}
+
+async fn vapid_key(conn: &Connection) -> Vec<u8> {
+    let info = conn.call(PushInfoRequest {}).await.unwrap();
+    assert_eq!((info.apns, info.fcm), (0, 0));
+    assert_eq!(info.vapid_public_key.len(), 65);
+    info.vapid_public_key.as_slice().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_listener_gets_one_web_push_wake_up_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let server = start(push_config(dir.path(), &receiver)).await;
+    let (_bob, phone, conn) = new_client(&server, "bob").await;
+    let key = vapid_key(&conn).await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/bob-phone"))
+        .await
+        .unwrap();
+    drop(conn);
+
+    // A burst of messages: one wake-up.
+    for n in 1..=5 {
+        server
+            .enqueue(&phone.id, id(1, n), payload(n))
+            .await
+            .unwrap();
+    }
+    let got = receiver.wait_for(1, 10).await;
+    assert_eq!(got[0].path, "/push/bob-phone");
+    check_web_push(&got[0], &subscriber, &key, &receiver);
+    let first = got[0].at;
+
+    // More messages within the interval wait for its end: nothing before, exactly one after.
+    server
+        .enqueue(&phone.id, id(1, 6), payload(6))
+        .await
+        .unwrap();
+    server
+        .enqueue(&phone.id, id(1, 7), payload(7))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "a second wake-up within the interval"
+    );
+    let got = receiver.wait_for(2, 10).await;
+    assert!(
+        got[1].at.duration_since(first) >= Duration::from_millis(2_900),
+        "second wake-up {:?} after the first",
+        got[1].at.duration_since(first)
+    );
+    check_web_push(&got[1], &subscriber, &key, &receiver);
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(receiver.received().len(), 2);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_listens_or_has_fetched_everything_gets_no_wake_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let server = start(push_config(dir.path(), &receiver)).await;
+    let (_carol, phone, conn) = new_client(&server, "carol").await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/carol"))
+        .await
+        .unwrap();
+
+    // Listening: messages arrive on the stream, no wake-up.
+    let mut stream = conn.listen(0).await.unwrap();
+    for n in 1..=3 {
+        server
+            .enqueue(&phone.id, id(2, n), payload(n))
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(10), stream.next()).await {
+            Ok(Some(Ok(ListenEvent::Message(m)))) => assert_eq!(m.seq, u64::from(n)),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(
+        receiver.received().is_empty(),
+        "a listening client was woken"
+    );
+
+    // Not listening any more but everything acknowledged before the delay: no wake-up.
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let server_config_delay = Duration::from_millis(100);
+    let seq = server
+        .enqueue(&phone.id, id(2, 9), payload(9))
+        .await
+        .unwrap();
+    conn.call(roost_protocol::messages::queue::QueueAckRequest { up_to_seq: seq })
+        .await
+        .unwrap();
+    tokio::time::sleep(server_config_delay * 10).await;
+    assert!(
+        receiver.received().is_empty(),
+        "woken for acknowledged messages"
+    );
+
+    // Once it is away, the next message wakes it.
+    server
+        .enqueue(&phone.id, id(2, 10), payload(10))
+        .await
+        .unwrap();
+    receiver.wait_for(1, 10).await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_subscription_is_dropped_on_410() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    receiver.answer(410);
+    let server = start(push_config(dir.path(), &receiver)).await;
+    let (_dave, phone, conn) = new_client(&server, "dave").await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/dave"))
+        .await
+        .unwrap();
+    server
+        .enqueue(&phone.id, id(3, 1), payload(1))
+        .await
+        .unwrap();
+    receiver.wait_for(1, 10).await;
+    // The registration is gone: later messages wake nobody (with it, the next wake-up would
+    // be due 100 ms after the message: the first one was not sent, so no interval runs), and
+    // unregistering finds nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    receiver.answer(201);
+    server
+        .enqueue(&phone.id, id(3, 2), payload(2))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        conn.call(UnregisterPushRequest {}).await.unwrap().removed,
+        0
+    );
+    assert_eq!(receiver.received().len(), 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_that_failed_before_a_restart_is_sent_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    receiver.answer(503);
+    let data = dir.path().join("data");
+    let server = start(push_config(&data, &receiver)).await;
+    let (_erin, phone, conn) = new_client(&server, "erin").await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/erin"))
+        .await
+        .unwrap();
+    let key = vapid_key(&conn).await;
+    drop(conn);
+    server
+        .enqueue(&phone.id, id(4, 1), payload(1))
+        .await
+        .unwrap();
+    // The push service is down: the wake-up is retried, not lost.
+    receiver.wait_for(2, 10).await;
+    server.shutdown().await;
+
+    let tried = receiver.received().len();
+    receiver.answer(201);
+    let server = start(push_config(&data, &receiver)).await;
+    let got = receiver.wait_for(tried + 1, 10).await;
+    let last = got.last().unwrap();
+    assert_eq!(last.path, "/push/erin");
+    // The same keys after the restart (kept with the identity files).
+    check_web_push(last, &subscriber, &key, &receiver);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        receiver.received().len(),
+        tried + 1,
+        "sent once it succeeded"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_endpoints_are_refused_before_any_connection_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let server = start(push_config(dir.path(), &receiver)).await;
+    let (_frank, phone, conn) = new_client(&server, "frank").await;
+    let subscriber = Subscriber::new();
+    // A listener on the forbidden address: it must never see a connection.
+    let trap = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let trap_port = trap.local_addr().unwrap().port();
+    let with_url = |url: String| RegisterPushRequest {
+        endpoint: PushEndpoint::WebPush(WebPushSubscription {
+            endpoint: url.into_bytes().into(),
+            p256dh: subscriber.public().into(),
+            auth: Opaque::from(&subscriber.auth[..]),
+        }),
+    };
+    let rejected = [
+        with_url(format!("https://127.0.0.2:{trap_port}/push")),
+        with_url(format!("http://{}/push", receiver.addr)),
+        with_url(format!("https://10.1.2.3:{trap_port}/push")),
+        with_url("https://user@127.0.0.1/push".into()),
+        with_url("not a url".into()),
+        RegisterPushRequest {
+            endpoint: PushEndpoint::WebPush(WebPushSubscription {
+                endpoint: receiver.url("/push").into_bytes().into(),
+                p256dh: Opaque::from(&[4u8; 10][..]),
+                auth: Opaque::from(&subscriber.auth[..]),
+            }),
+        },
+        RegisterPushRequest {
+            endpoint: PushEndpoint::WebPush(WebPushSubscription {
+                endpoint: Opaque::from(&[0xff, 0xfe][..]),
+                p256dh: subscriber.public().into(),
+                auth: Opaque::from(&subscriber.auth[..]),
+            }),
+        },
+    ];
+    for request in rejected {
+        let err = conn.call(request).await.unwrap_err();
+        assert_eq!(code(err), ErrorCode::PUSH_ENDPOINT_REJECTED);
+    }
+    // Providers this server does not send to.
+    let err = conn
+        .call(RegisterPushRequest {
+            endpoint: PushEndpoint::Apns(ApnsToken {
+                device_token: Opaque::from(&[1u8; 32][..]),
+                topic: Opaque::from(&b"org.example.app"[..]),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), ErrorCode::PUSH_PROVIDER_DISABLED);
+    // Unauthenticated.
+    let anon = connect(&server).await;
+    let err = anon
+        .call(web_push(&receiver, &subscriber, "/push"))
+        .await
+        .unwrap_err();
+    assert_eq!(code(err), ErrorCode::UNAUTHENTICATED);
+
+    // Nothing was stored: a message wakes nobody; the connection still works.
+    assert_eq!(
+        conn.call(UnregisterPushRequest {}).await.unwrap().removed,
+        0
+    );
+    server
+        .enqueue(&phone.id, id(5, 1), payload(1))
+        .await
+        .unwrap();
+    let accepted = tokio::time::timeout(Duration::from_millis(1_000), trap.accept()).await;
+    assert!(
+        accepted.is_err(),
+        "a connection reached the forbidden address"
+    );
+    assert!(receiver.received().is_empty());
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_and_fcm_requests_have_their_shape_and_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let apns_key = rcgen::KeyPair::generate().unwrap();
+    let key_file = dir.path().join("AuthKey_ABC123.p8");
+    std::fs::write(&key_file, apns_key.serialize_pem()).unwrap();
+    let token_file = dir.path().join("fcm-token");
+    std::fs::write(&token_file, "ya29.test-access-token\n").unwrap();
+    let mut config = push_config(dir.path(), &receiver);
+    config.push.apns_key_file = Some(key_file);
+    config.push.apns_key_id = Some("ABC123".into());
+    config.push.apns_team_id = Some("TEAM456".into());
+    config.push.apns_url = receiver.url("");
+    config.push.fcm_project_id = Some("roost-test".into());
+    config.push.fcm_access_token_file = Some(token_file);
+    config.push.fcm_url = receiver.url("/fcm");
+    let server = start(config).await;
+
+    let (_g, ios, ios_conn) = new_client(&server, "grace").await;
+    let info = ios_conn.call(PushInfoRequest {}).await.unwrap();
+    assert_eq!((info.apns, info.fcm), (1, 1));
+    let device_token = [0xabu8, 0xcd, 0x01, 0x02];
+    ios_conn
+        .call(RegisterPushRequest {
+            endpoint: PushEndpoint::Apns(ApnsToken {
+                device_token: Opaque::from(&device_token[..]),
+                topic: Opaque::from(&b"org.example.roost"[..]),
+            }),
+        })
+        .await
+        .unwrap();
+    let (_h, android, android_conn) = new_client(&server, "heidi").await;
+    android_conn
+        .call(RegisterPushRequest {
+            endpoint: PushEndpoint::Fcm(FcmToken {
+                token: Opaque::from(&b"fcm:registration-token-1"[..]),
+            }),
+        })
+        .await
+        .unwrap();
+
+    server.enqueue(&ios.id, id(6, 1), payload(1)).await.unwrap();
+    let got = receiver.wait_for(1, 10).await;
+    let apns = &got[0];
+    assert_eq!(apns.version, hyper::Version::HTTP_2, "APNs speaks HTTP/2");
+    assert_eq!(apns.path, "/3/device/abcd0102");
+    assert_eq!(apns.header("apns-topic"), "org.example.roost");
+    assert_eq!(apns.header("apns-push-type"), "background");
+    assert_eq!(apns.header("apns-priority"), "5");
+    let bearer = apns
+        .header("authorization")
+        .strip_prefix("bearer ")
+        .unwrap();
+    let (header, claims) = verify_jwt(bearer, apns_key.public_key_raw());
+    assert_eq!(
+        (header["alg"].as_str(), header["kid"].as_str()),
+        (Some("ES256"), Some("ABC123"))
+    );
+    assert_eq!(claims["iss"], "TEAM456");
+    assert!(claims["iat"].as_u64().unwrap().abs_diff(now_secs()) < 120);
+    let body: serde_json::Value = serde_json::from_slice(&apns.body).unwrap();
+    assert_eq!(body, serde_json::json!({"aps": {"content-available": 1}}));
+
+    server
+        .enqueue(&android.id, id(6, 2), payload(2))
+        .await
+        .unwrap();
+    let got = receiver.wait_for(2, 10).await;
+    let fcm = &got[1];
+    assert_eq!(fcm.path, "/fcm/v1/projects/roost-test/messages:send");
+    assert_eq!(fcm.header("authorization"), "Bearer ya29.test-access-token");
+    let body: serde_json::Value = serde_json::from_slice(&fcm.body).unwrap();
+    assert_eq!(body["message"]["token"], "fcm:registration-token-1");
+    assert_eq!(body["message"]["android"]["priority"], "HIGH");
+    // Nothing but the marker: no content, no sender.
+    assert_eq!(
+        body["message"]["data"],
+        serde_json::json!({"roost": "wake"})
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_registers_and_unregisters_push() {
+    use roost_client::transport::{ConnectConfig, TrustConfig};
+    use roost_client::{Client, ClientConfig, PushTarget};
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let server = start(push_config(&dir.path().join("data"), &receiver)).await;
+    let trust = TrustConfig::PinnedCertificates(vec![server.certificate().clone()]);
+    let config = || {
+        ClientConfig::new(ConnectConfig::new(
+            server.local_addr(),
+            DOMAIN,
+            trust.clone(),
+        ))
+    };
+    let profile = dir.path().join("judy.roost");
+    let client = Client::register(
+        config(),
+        &profile,
+        "judy@example.org".parse().unwrap(),
+        "phone".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let info = client.push_info().await.unwrap();
+    assert_eq!((info.apns, info.fcm), (false, false));
+    let subscriber = Subscriber::new();
+    // What a browser's PushSubscription.toJSON() gives the app.
+    let json = format!(
+        r#"{{"endpoint":"{}","expirationTime":null,"keys":{{"p256dh":"{}","auth":"{}"}}}}"#,
+        receiver.url("/push/judy"),
+        b64(&subscriber.public()),
+        b64(&subscriber.auth)
+    );
+    client
+        .register_push(PushTarget::from_web_push_json(&json).unwrap())
+        .await
+        .unwrap();
+    let err = client
+        .register_push(PushTarget::Fcm {
+            token: "abc".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.server_code(), Some(ErrorCode::PUSH_PROVIDER_DISABLED));
+    // The app is suspended: its listener is gone, a message wakes it.
+    client.close().await;
+    let phone = "judy@example.org/phone".parse().unwrap();
+    server.enqueue(&phone, id(8, 1), payload(1)).await.unwrap();
+    let got = receiver.wait_for(1, 10).await;
+    check_web_push(&got[0], &subscriber, &info.vapid_public_key, &receiver);
+
+    // Unregistered: no more wake-ups.
+    let client = Client::open(config(), &profile).await.unwrap();
+    assert!(client.unregister_push().await.unwrap());
+    assert!(!client.unregister_push().await.unwrap());
+    client.close().await;
+    server.enqueue(&phone, id(8, 2), payload(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(receiver.received().len(), 1);
+    server.shutdown().await;
+}
+
+/// Two nodes of one domain on PostgreSQL: a message committed on one node wakes a client
+/// that registered through the other, exactly once per interval, whichever node sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_nodes_a_message_on_either_wakes_the_client_once() {
+    use roost_server::config::StorageBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
+    let url = cluster.create_database("roost").unwrap();
+    let identity = dir.path().join("identity");
+    let node = |n: usize| {
+        let mut config = push_config(&dir.path().join(format!("node{n}")), &receiver);
+        config.identity_dir = Some(identity.clone());
+        config.storage.backend = StorageBackend::Postgres;
+        config.storage.url = Some(url.clone());
+        config.storage.pool_size = 4;
+        config.storage.timeout_ms = 3_000;
+        config
+    };
+    let a = start(node(0)).await;
+    let b = start(node(1)).await;
+    let (_kim, phone, conn) = new_client(&a, "kim").await;
+    let key = vapid_key(&conn).await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/kim"))
+        .await
+        .unwrap();
+    drop(conn);
+    // Messages land through both nodes; both nodes' workers poll the one outbox.
+    for n in 1..=3 {
+        let node = if n % 2 == 0 { &a } else { &b };
+        node.enqueue(&phone.id, id(9, n), payload(n)).await.unwrap();
+    }
+    let got = receiver.wait_for(1, 10).await;
+    // The same VAPID key on both nodes (shared identity directory).
+    check_web_push(&got[0], &subscriber, &key, &receiver);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "woken more than once within the interval"
+    );
+    a.shutdown().await;
+    b.shutdown().await;
+}
