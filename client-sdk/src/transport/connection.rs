@@ -93,6 +93,9 @@ impl Connection {
                     count = deliver.deliveries.len()
                 )
             }
+            FederationRequest::BlobDownload(_) => {
+                tracing::debug_span!("federation", kind = "BlobDownload")
+            }
         };
         async {
             let frame = encode_frame(request)?;
