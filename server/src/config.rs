@@ -289,7 +289,10 @@ impl BlobConfig {
             ("upload_burst", self.upload_burst.into()),
             ("upload_rate_per_minute", self.upload_rate_per_minute.into()),
             ("download_burst", self.download_burst.into()),
-            ("download_rate_per_minute", self.download_rate_per_minute.into()),
+            (
+                "download_rate_per_minute",
+                self.download_rate_per_minute.into(),
+            ),
             ("expiry_secs", self.expiry_secs),
             ("stall_timeout_ms", self.stall_timeout_ms),
         ];

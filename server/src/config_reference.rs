@@ -58,7 +58,11 @@ pub const FIELDS: &[Field] = &[
         "`blobs` in `data_dir`",
         "\"/srv/roost/blobs\"",
     ),
-    f("blobs", &["max_blob_size"], "largest blob accepted, bytes (BLOB_TOO_LARGE beyond)"),
+    f(
+        "blobs",
+        &["max_blob_size"],
+        "largest blob accepted, bytes (BLOB_TOO_LARGE beyond)",
+    ),
     f(
         "blobs",
         &["quota_per_user"],
@@ -74,7 +78,11 @@ pub const FIELDS: &[Field] = &[
         &["download_rate_per_minute", "download_burst"],
         "blob downloads per minute per client (per peer for proxied downloads), and their burst",
     ),
-    f("blobs", &["expiry_secs"], "a blob is deleted this long after its upload"),
+    f(
+        "blobs",
+        &["expiry_secs"],
+        "a blob is deleted this long after its upload",
+    ),
     f(
         "blobs",
         &["stall_timeout_ms"],

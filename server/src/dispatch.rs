@@ -246,7 +246,9 @@ pub(crate) async fn blob_download<W: tokio::io::AsyncWrite + Unpin>(
             record(RequestKind::BlobDownload, "UNAUTHENTICATED", started);
             let frame = roost_protocol::frame::encode_frame(&error_response(err));
             return match frame {
-                Ok(frame) => tokio::io::AsyncWriteExt::write_all(out, &frame).await.is_ok(),
+                Ok(frame) => tokio::io::AsyncWriteExt::write_all(out, &frame)
+                    .await
+                    .is_ok(),
                 Err(_) => false,
             };
         }

@@ -79,8 +79,7 @@ impl FileStore {
         for entry in std::fs::read_dir(dir).map_err(store_err)? {
             let entry = entry.map_err(store_err)?;
             let name = entry.file_name();
-            let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX))
-            else {
+            let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) else {
                 continue;
             };
             let data = dir.join(hex_address);

@@ -219,12 +219,14 @@ pub(crate) async fn download<W: AsyncWrite + Unpin>(
         return match who {
             Downloader::Client(_) => proxy(state, request, out).await,
             // One hop only: a peer asks for blobs this server stores.
-            Downloader::Peer(_) => {
-                write_error(out, ServiceError::BlobNotFound).await
-            }
+            Downloader::Peer(_) => write_error(out, ServiceError::BlobNotFound).await,
         };
     }
-    let opened = match state.blobs.open(&request.blob.address, request.offset).await {
+    let opened = match state
+        .blobs
+        .open(&request.blob.address, request.offset)
+        .await
+    {
         Ok(opened) => opened,
         Err(err) => return write_error(out, err).await,
     };
@@ -336,7 +338,10 @@ async fn proxy<W: AsyncWrite + Unpin>(
     write_response(out, &head).await && copy_exact(&mut recv, out, length).await
 }
 
-async fn read_head<R: AsyncRead + Unpin>(recv: &mut R, state: &State) -> Result<Response, WireError> {
+async fn read_head<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    state: &State,
+) -> Result<Response, WireError> {
     let timeout = state.settings.limits.request_read_timeout();
     let read = async {
         let mut header = [0u8; FRAME_HEADER_LEN];

@@ -76,11 +76,19 @@ pub(crate) async fn blob_download<W: tokio::io::AsyncWrite + Unpin>(
     if let Err(err) = admit(state, peer) {
         let frame = roost_protocol::frame::encode_frame(&error(err));
         return match frame {
-            Ok(frame) => tokio::io::AsyncWriteExt::write_all(out, &frame).await.is_ok(),
+            Ok(frame) => tokio::io::AsyncWriteExt::write_all(out, &frame)
+                .await
+                .is_ok(),
             Err(_) => false,
         };
     }
-    crate::blob::download(state, crate::blob::Downloader::Peer(&peer.key), request, out).await
+    crate::blob::download(
+        state,
+        crate::blob::Downloader::Peer(&peer.key),
+        request,
+        out,
+    )
+    .await
 }
 
 /// Handles one federation request.
