@@ -854,7 +854,9 @@ async fn a_blob_of_another_domain_is_downloaded_through_the_clients_own_homeserv
     // Bob talks only to beta, which fetches from alpha and streams it through.
     let back = download(&bob, &stored.blob, 0, None).await.unwrap();
     assert_eq!(sha256(&back), stored.blob.address);
-    let tail = download(&bob, &stored.blob, 3 * 1024 * 1024, None).await.unwrap();
+    let tail = download(&bob, &stored.blob, 3 * 1024 * 1024, None)
+        .await
+        .unwrap();
     assert!(tail == bytes[3 * 1024 * 1024..]);
     // Alpha's answers come through as they are: a wrong token, a range past the end.
     let mut guessed = stored.blob.clone();
@@ -864,7 +866,11 @@ async fn a_blob_of_another_domain_is_downloaded_through_the_clients_own_homeserv
         ErrorCode::BLOB_NOT_FOUND
     );
     assert_eq!(
-        code(download(&bob, &stored.blob, bytes.len() as u64 + 1, None).await.unwrap_err()),
+        code(
+            download(&bob, &stored.blob, bytes.len() as u64 + 1, None)
+                .await
+                .unwrap_err()
+        ),
         ErrorCode::BLOB_RANGE_NOT_SATISFIABLE
     );
 
