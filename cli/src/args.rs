@@ -52,12 +52,16 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// Send a text message to a group.
+    /// Send a text message, or a file (--file), to a group.
     Send {
         /// The group: its id or its local name.
         group: String,
         /// The message.
-        text: String,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Send this file instead, encrypted (a progress bar on a terminal for large files).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
     },
     /// Print received messages as GROUP<TAB>SENDER<TAB>TEXT, one per line; join groups you
     /// are invited to. Other events go to stderr (to stdout with --json).
@@ -68,6 +72,9 @@ pub(crate) enum Command {
         /// Keep printing messages as they arrive, until Ctrl-C.
         #[arg(long)]
         follow: bool,
+        /// Save received files into this directory and print each saved path.
+        #[arg(long, value_name = "DIR")]
+        download_dir: Option<PathBuf>,
     },
     /// Chat interactively in a group: lines you type are sent, messages appear as they arrive.
     Chat {
