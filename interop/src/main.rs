@@ -133,7 +133,7 @@ struct BenchArgs {
     /// One JSON object per line per result on stdout instead of the table.
     #[arg(long)]
     json: bool,
-    /// Run only these workloads (repeatable): keypackages, send-1to1, federated-send,
+    /// Run only these workloads (repeatable): keypackages, send-1to1, federated-send, blob,
     /// idle-connections, commit, fanout.
     #[arg(long = "workload")]
     workloads: Vec<String>,
@@ -169,6 +169,12 @@ struct BenchArgs {
     /// Idle listening connections.
     #[arg(long, default_value_t = 10_000)]
     idle: usize,
+    /// Size of the large blobs of `blob`, MiB.
+    #[arg(long, default_value_t = 64)]
+    blob_mib: usize,
+    /// Concurrent large uploads of `blob`.
+    #[arg(long, default_value_t = 16)]
+    blob_concurrent: usize,
     /// Directory for the servers' data and logs (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -198,6 +204,8 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
         kp_per_target: args.kp_per_target,
         claimers: args.claimers,
         idle: args.idle,
+        blob_large: args.blob_mib.max(1) << 20,
+        blob_concurrent: args.blob_concurrent,
         progress: !args.no_progress,
         dir: args.dir,
     };

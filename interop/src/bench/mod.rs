@@ -9,7 +9,7 @@
 //! 127.0.0.1.
 //!
 //! Workloads (in the order they run): `keypackages`, `send-1to1`, `federated-send`,
-//! `idle-connections`, `commit`, `fanout`. Each yields one or more [`WorkloadResult`]s, printed
+//! `blob`, `idle-connections`, `commit`, `fanout`. Each yields one or more [`WorkloadResult`]s, printed
 //! as a table ([`print_table`]) or as one JSON object per line ([`print_json`]).
 
 pub mod baseline;
@@ -30,10 +30,11 @@ use crate::binary::{Profile, locate_roost};
 use crate::harness::Storage;
 
 /// Every workload, in the order [`run`] runs them.
-pub const WORKLOADS: [&str; 6] = [
+pub const WORKLOADS: [&str; 7] = [
     "keypackages",
     "send-1to1",
     "federated-send",
+    "blob",
     "idle-connections",
     "commit",
     "fanout",
@@ -68,6 +69,10 @@ pub struct BenchConfig {
     pub claimers: usize,
     /// Authenticated clients holding listen streams in `idle-connections`.
     pub idle: usize,
+    /// Size of the large blobs of `blob` (bytes), and how many clients upload one at once.
+    pub blob_large: usize,
+    /// Concurrent large uploads of `blob`.
+    pub blob_concurrent: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
     /// Directory for the servers' data and logs; `None`: a temporary directory.
@@ -98,6 +103,8 @@ impl Default for BenchConfig {
             kp_per_target: 1_000,
             claimers: 32,
             idle: 10_000,
+            blob_large: 64 << 20,
+            blob_concurrent: 16,
             progress: true,
             dir: None,
             storage: Storage::Redb,
@@ -120,6 +127,8 @@ impl BenchConfig {
             kp_per_target: 20,
             claimers: 4,
             idle: 20,
+            blob_large: 2 << 20,
+            blob_concurrent: 2,
             progress: false,
             ..Self::default()
         }

@@ -6,6 +6,7 @@
 //! groups. Every pooled client's listen stream is read by its own task, which reports each
 //! application message (a PrivateMessage) it receives with the time it arrived.
 
+mod blob;
 mod commit;
 mod fanout;
 mod idle;
@@ -311,6 +312,10 @@ async fn run_on(
         }
         attach_probe(servers, before, &mut rows).await;
         results.extend(rows);
+    }
+    if config.selected("blob") {
+        stats::reset_peak(servers.pid(0));
+        results.extend(blob::run(config, servers, progress).await?);
     }
     let mut pool_size = 0;
     if config.selected("idle-connections") {
