@@ -315,7 +315,10 @@ async fn run_on(
     }
     if config.selected("blob") {
         stats::reset_peak(servers.pid(0));
-        results.extend(blob::run(config, servers, progress).await?);
+        let before = probe(servers).await;
+        let mut rows = blob::run(config, servers, progress).await?;
+        attach_probe(servers, before, &mut rows).await;
+        results.extend(rows);
     }
     let mut pool_size = 0;
     if config.selected("idle-connections") {
