@@ -348,7 +348,8 @@ fn message_content_vectors() {
                 "Attachment",
                 roost_protocol::content::Attachment {
                     blob: common::blob_ref(),
-                    encryption: roost_protocol::content::AttachmentEncryption::AES256GCM_CHUNKED_64K,
+                    encryption:
+                        roost_protocol::content::AttachmentEncryption::AES256GCM_CHUNKED_64K,
                     key: [0x11; 32],
                     nonce_prefix: [0x22; 7],
                     size: 70_000,

@@ -265,9 +265,7 @@ pub(crate) fn client_requests() -> Vec<(&'static str, ClientRequest)> {
         ),
         (
             "BlobUpload",
-            R::BlobUpload(BlobUploadRequest {
-                size: 0x0102_0304,
-            }),
+            R::BlobUpload(BlobUploadRequest { size: 0x0102_0304 }),
         ),
         (
             "BlobDownload",

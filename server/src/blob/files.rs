@@ -277,3 +277,56 @@ impl BlobStore for FileStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(owner: &str, size: u64) -> BlobMeta {
+        BlobMeta {
+            owner: owner.parse().unwrap(),
+            token: [9; BLOB_TOKEN_LEN],
+            size,
+            created_secs: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn what_a_killed_process_leaves_is_removed_at_start_and_usage_is_recounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut upload = store.begin().await.unwrap();
+        store.write(&mut upload, b"hello").await.unwrap();
+        let address = [1u8; BLOB_ADDRESS_LEN];
+        store
+            .commit(upload, address, meta("alice@example.org", 5))
+            .await
+            .unwrap();
+        // A temporary file (killed mid-upload) and a metadata file without data (killed
+        // between the two renames).
+        std::fs::write(dir.path().join(TMP).join("partial"), b"half").unwrap();
+        let orphan = store.meta_path(&[2u8; BLOB_ADDRESS_LEN]);
+        std::fs::copy(store.meta_path(&address), &orphan).unwrap();
+        drop(store);
+
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
+        assert!(!orphan.exists());
+        let alice = "alice@example.org".parse().unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 5);
+        assert!(store.open(&[2u8; 32], 0).await.unwrap().is_none());
+        let (found, _) = store.open(&address, 0).await.unwrap().unwrap();
+        assert_eq!(found, meta("alice@example.org", 5));
+
+        // An upload dropped before its commit leaves nothing.
+        let mut dropped = store.begin().await.unwrap();
+        store.write(&mut dropped, b"never").await.unwrap();
+        drop(dropped);
+        assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
+
+        // Expiry removes both files and gives the quota back.
+        assert_eq!(store.expire(101).await.unwrap(), 1);
+        assert_eq!(store.usage(&alice).await.unwrap(), 0);
+        assert!(store.open(&address, 0).await.unwrap().is_none());
+    }
+}

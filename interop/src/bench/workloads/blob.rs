@@ -39,11 +39,7 @@ pub(super) async fn run(
     let concurrent = config.blob_concurrent.max(1);
     set_phase(progress, "blob: register", concurrent + 1);
     let clients = clients::ready_clients(&alpha, &domain, "blob", concurrent, progress).await?;
-    let conn = clients
-        .first()
-        .context("no blob client")?
-        .conn()?
-        .clone();
+    let conn = clients.first().context("no blob client")?.conn()?.clone();
     let raw = RawBulk::start()?;
     let raw_conn = Endpoint::for_server(raw.addr)?
         .connect(&raw.connect_config())
@@ -51,7 +47,11 @@ pub(super) async fn run(
     let chunk = vec![0x5au8; WRITE];
     let mut rows = Vec::new();
     for (size, rounds) in [(MIB, 32), (config.blob_large, 3)] {
-        set_phase(progress, &format!("blob: {} MiB transfers", size / MIB), rounds * 4);
+        set_phase(
+            progress,
+            &format!("blob: {} MiB transfers", size / MIB),
+            rounds * 4,
+        );
         // Alternating runs of roost and raw, so both see the same machine noise.
         let mut up = (Latencies::new(), Duration::ZERO);
         let mut down = (Latencies::new(), Duration::ZERO);
