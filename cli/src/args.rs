@@ -52,14 +52,19 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// Send a text message to a group. The message is queued in the profile first: if the
-    /// server is unreachable, it says so and exits 0, and the next command that reaches the
-    /// server (or `recv --follow` once it is back) sends it.
+    /// Send a text message, or a file (--file), to a group. A text message is queued in the
+    /// profile first: if the server is unreachable, it says so and exits 0, and the next
+    /// command that reaches the server (or `recv --follow` once it is back) sends it. A file
+    /// is uploaded first, so it needs the server.
     Send {
         /// The group: its id or its local name.
         group: String,
         /// The message.
-        text: String,
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Send this file instead, encrypted (a progress bar on a terminal for large files).
+        #[arg(long, value_name = "PATH")]
+        file: Option<PathBuf>,
     },
     /// List the messages waiting to be sent (and those that failed) as
     /// ID<TAB>GROUP<TAB>STATE<TAB>QUEUED (seconds since the Unix epoch).
@@ -73,6 +78,9 @@ pub(crate) enum Command {
         /// Keep printing messages as they arrive, until Ctrl-C.
         #[arg(long)]
         follow: bool,
+        /// Save received files into this directory and print each saved path.
+        #[arg(long, value_name = "DIR")]
+        download_dir: Option<PathBuf>,
     },
     /// Chat interactively in a group: lines you type are sent, messages appear as they arrive.
     Chat {

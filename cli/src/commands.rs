@@ -59,9 +59,18 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
         Command::Whoami => whoami(ctx),
         Command::Push { command } => crate::push::run(ctx, command).await,
         Command::Group { command } => group(ctx, command).await,
-        Command::Send { group, text } => {
-            let session = Session::open(ctx, false, Check::Tolerant).await?;
-            let result = send(ctx, &session, &group, &text).await;
+        Command::Send { group, text, file } => {
+            let check = if file.is_some() {
+                Check::Required
+            } else {
+                Check::Tolerant
+            };
+            let session = Session::open(ctx, false, check).await?;
+            let result = match (file, text) {
+                (Some(file), _) => send_file(ctx, &session, &group, &file).await,
+                (None, Some(text)) => send(ctx, &session, &group, &text).await,
+                (None, None) => Err(anyhow::anyhow!("pass a message or --file PATH")),
+            };
             session.close().await;
             result
         }
@@ -71,7 +80,11 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             session.close().await;
             result
         }
-        Command::Recv { wait, follow } => events::recv(ctx, wait, follow).await,
+        Command::Recv {
+            wait,
+            follow,
+            download_dir,
+        } => events::recv(ctx, wait, follow, download_dir).await,
         Command::Chat { group } => events::chat(ctx, &group).await,
         // Handled in main before a profile is opened.
         Command::Completions { .. } | Command::Man => Ok(()),
@@ -625,6 +638,58 @@ async fn outbox(ctx: &Context, session: &Session) -> anyhow::Result<()> {
             }),
         )?;
     }
+    Ok(())
+}
+
+/// Files at least this large get a progress bar (on a terminal).
+const PROGRESS_FROM: u64 = 1024 * 1024;
+
+/// A progress bar on stderr for a transfer of `total` bytes (hidden when stderr is not a
+/// terminal or the transfer is small).
+pub(crate) fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    if total < PROGRESS_FROM {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}
+
+async fn send_file(
+    ctx: &Context,
+    session: &Session,
+    group: &str,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    session.sync().await?;
+    let id = session.member_group(group)?;
+    let source = roost_client::FileSource::path(path)
+        .await
+        .map_err(|err| anyhow::anyhow!("cannot read {}: {err}", path.display()))?;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let sent = session
+        .client
+        .send_file(&id, source, |done, total| {
+            bar.get_or_insert_with(|| progress_bar(total))
+                .set_position(done);
+        })
+        .await
+        .map_err(|err| session.fail(&err));
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let sent = sent?;
+    ctx.out.json(json!({
+        "group": id.to_string(),
+        "sent": true,
+        "file": sent.name(),
+        "size": sent.size,
+        "media_type": sent.media_type(),
+    }))?;
     Ok(())
 }
 

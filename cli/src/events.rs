@@ -5,6 +5,7 @@
 //! The SDK keeps every event until the app asks for the next one, so an event is printed at
 //! least once: one printed just before a crash may be printed again by the next `recv`.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -24,9 +25,17 @@ const GRACE: Duration = Duration::from_millis(300);
 
 /// `recv`: prints what is waiting; with `wait`, waits up to that many seconds for a first
 /// message; with `follow`, prints until Ctrl-C.
-pub(crate) async fn recv(ctx: &Context, wait: Option<u64>, follow: bool) -> anyhow::Result<()> {
+pub(crate) async fn recv(
+    ctx: &Context,
+    wait: Option<u64>,
+    follow: bool,
+    download_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let session = Session::open(ctx, wait.is_some() || follow, Check::Required).await?;
-    let result = recv_in(ctx.out, &session, wait, follow).await;
+    if let Some(dir) = &download_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let result = recv_in(ctx.out, &session, wait, follow, download_dir.as_deref()).await;
     session.close().await;
     result
 }
@@ -36,6 +45,7 @@ async fn recv_in(
     session: &Session,
     wait: Option<u64>,
     follow: bool,
+    download_dir: Option<&Path>,
 ) -> anyhow::Result<()> {
     session.sync().await?;
     let mut deadline = (!follow).then(|| Instant::now() + Duration::from_secs(wait.unwrap_or(0)));
@@ -63,9 +73,79 @@ async fn recv_in(
             _ = &mut ctrl_c => break,
         };
         show(out, &session.names, &event, None)?;
+        if let (Some(dir), Some(Ok(Content::Attachment(attachment)))) =
+            (download_dir, event.content())
+        {
+            save(out, session, &event, &attachment, dir).await?;
+        }
         if let (Event::Message { .. }, Some(until)) = (&event, deadline) {
             deadline = Some(until.min(Instant::now() + GRACE));
         }
+    }
+    Ok(())
+}
+
+/// A path in `dir` for `name` that does not exist yet: `name`, else `name (1)`, ...
+fn free_path(dir: &Path, name: &str) -> PathBuf {
+    let (stem, extension) = match name.rsplit_once('.') {
+        Some((stem, ext)) if !stem.is_empty() => (stem, format!(".{ext}")),
+        _ => (name, String::new()),
+    };
+    let mut path = dir.join(name);
+    let mut n = 1;
+    while path.exists() || part_path(&path).exists() {
+        path = dir.join(format!("{stem} ({n}){extension}"));
+        n += 1;
+    }
+    path
+}
+
+fn part_path(path: &Path) -> PathBuf {
+    let mut part = path.as_os_str().to_owned();
+    part.push(".part");
+    PathBuf::from(part)
+}
+
+/// Downloads an attachment into `dir` and prints the saved path (`saved PATH`, or a `saved`
+/// event with `--json`). A failed download is a note; `recv` goes on.
+async fn save(
+    out: Output,
+    session: &Session,
+    event: &Event,
+    attachment: &roost_client::Attachment,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let path = free_path(dir, &attachment.safe_file_name());
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let result = session
+        .client
+        .download(
+            attachment,
+            roost_client::DownloadTarget::Path(path.clone()),
+            |done, total| {
+                bar.get_or_insert_with(|| crate::commands::progress_bar(total))
+                    .set_position(done);
+            },
+        )
+        .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(size) => out.print(
+            format!("saved {}", path.display()),
+            json!({
+                "event": "saved",
+                "group": event.group().to_string(),
+                "path": path.display().to_string(),
+                "size": size,
+            }),
+        )?,
+        Err(err) => out.note(format!(
+            "error: {} not saved: {}",
+            one_line(attachment.name()),
+            session.fail(&err)
+        )),
     }
     Ok(())
 }
@@ -173,6 +253,20 @@ pub(crate) fn show(
             // bytes that are no MessageContent, are shown as such and the conversation goes on.
             let (text, field, value) = match Content::decode(bytes) {
                 Ok(Content::Text(text)) => (one_line(&text), "text", Value::from(text)),
+                Ok(Content::Attachment(file)) => (
+                    format!(
+                        "[file {} ({} bytes, {})]",
+                        one_line(file.name()),
+                        file.size,
+                        one_line(file.media_type())
+                    ),
+                    "file",
+                    json!({
+                        "name": file.name(),
+                        "size": file.size,
+                        "media_type": file.media_type(),
+                    }),
+                ),
                 Ok(Content::Unknown { content_type, .. }) => (
                     format!("[unsupported message: content type {}]", content_type.0),
                     "content_type",

@@ -825,3 +825,86 @@ fn push_endpoints_are_registered_checked_and_deleted() {
         "no push endpoint was registered\n"
     );
 }
+
+#[test]
+fn a_file_sent_with_send_file_is_saved_byte_identical_by_recv_download_dir() {
+    let h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+    h.ok("alice", &["group", "create", "--name", "team"]);
+    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
+    let dir = tempfile::tempdir().unwrap();
+    // 2.5 MiB of bytes that do not repeat.
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let bytes: Vec<u8> = (0..(5 << 19))
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let photo = dir.path().join("photo.jpg");
+    std::fs::write(&photo, &bytes).unwrap();
+    let sent = json_lines(&h.ok(
+        "alice",
+        &["--json", "send", "team", "--file", photo.to_str().unwrap()],
+    ));
+    assert_eq!(sent[0]["file"], "photo.jpg");
+    assert_eq!(sent[0]["size"], bytes.len());
+    assert_eq!(sent[0]["media_type"], "image/jpeg");
+
+    let downloads = dir.path().join("downloads");
+    let out = h.ok(
+        "bob",
+        &["recv", "--download-dir", downloads.to_str().unwrap()],
+    );
+    let saved = downloads.join("photo.jpg");
+    let group = h.ok("alice", &["group", "list"]);
+    let group = group.split('\t').next().unwrap();
+    assert_eq!(
+        out,
+        format!(
+            "{group}\talice@localhost/cli\t[file photo.jpg ({} bytes, image/jpeg)]\nsaved {}\n",
+            bytes.len(),
+            saved.display()
+        )
+    );
+    assert!(std::fs::read(&saved).unwrap() == bytes);
+
+    // The same name again is saved next to it, not over it.
+    h.ok(
+        "alice",
+        &["send", "team", "--file", photo.to_str().unwrap()],
+    );
+    let out = h.ok(
+        "bob",
+        &[
+            "--json",
+            "recv",
+            "--download-dir",
+            downloads.to_str().unwrap(),
+        ],
+    );
+    let events = json_lines(&out);
+    assert_eq!(events[0]["file"]["name"], "photo.jpg");
+    assert_eq!(events[1]["event"], "saved");
+    let second = downloads.join("photo (1).jpg");
+    assert_eq!(events[1]["path"], second.display().to_string());
+    assert!(std::fs::read(&second).unwrap() == bytes);
+
+    // Without --download-dir the file is announced, not saved.
+    h.ok(
+        "alice",
+        &["send", "team", "--file", photo.to_str().unwrap()],
+    );
+    let out = h.ok("bob", &["recv"]);
+    assert!(
+        out.ends_with(&format!(
+            "[file photo.jpg ({} bytes, image/jpeg)]\n",
+            bytes.len()
+        )),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_dir(&downloads).unwrap().count(), 2);
+}

@@ -57,6 +57,13 @@ pub enum ClientError {
     /// it sends nothing more there, and the group goes when a member commits the removal.
     #[error("this client left the group {0}")]
     LeftGroup(GroupId),
+    /// Reading a file to send or writing a downloaded one failed.
+    #[error("file: {0}")]
+    Io(String),
+    /// A downloaded attachment is not what the message said: its hash, size or a chunk's
+    /// authentication does not match. Nothing of it should be used.
+    #[error("attachment rejected: {0}")]
+    AttachmentCorrupt(String),
     /// A commit kept losing against concurrent commits.
     #[error("the commit lost against concurrent commits {0} times")]
     TooManyAttempts(u32),

@@ -83,12 +83,17 @@ mod store;
 pub mod transport;
 
 pub use client::push::{PushInfo, PushTarget};
-pub use client::{Client, UserKey};
+pub use client::{Client, DownloadTarget, FileSource, UserKey};
+/// Attachment encryption details (PROTOCOL.md §4.5.2).
+pub mod attachment {
+    pub use crate::client::{CHUNK_LEN, ciphertext_len, guess_media_type};
+    pub use roost_protocol::content::{Attachment, AttachmentEncryption};
+}
 pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::Event;
 pub use outgoing::{MessageId, MessageIdError, OutgoingMessage, OutgoingState, SendFailure};
-pub use roost_protocol::content::{Content, ContentError, ContentType};
+pub use roost_protocol::content::{Attachment, Content, ContentError, ContentType};
 pub use store::StoreError;
 
 /// The identifiers apps handle (users, devices, clients, groups, domains), so an app needs no

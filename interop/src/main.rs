@@ -146,8 +146,9 @@ struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// Run only these workloads (repeatable): keypackages, send-1to1, federated-send,
-    /// busy-group, idle-connections, commit, fanout, join-large, reconnect-storm, cold-start;
-    /// and, only when named, instructions (the homeserver under valgrind's callgrind).
+    /// busy-group, blob, idle-connections, commit, fanout, join-large, reconnect-storm,
+    /// cold-start; and, only when named, instructions (the homeserver under valgrind's
+    /// callgrind).
     #[arg(long = "workload")]
     workloads: Vec<String>,
     /// Concurrent pairs of send-1to1 and federated-send.
@@ -200,6 +201,12 @@ struct BenchArgs {
     /// Pairs (and echo connections) of the instructions workload.
     #[arg(long, default_value_t = 10)]
     callgrind_pairs: usize,
+    /// Size of the large blobs of `blob`, MiB.
+    #[arg(long, default_value_t = 64)]
+    blob_mib: usize,
+    /// Concurrent large uploads of `blob`.
+    #[arg(long, default_value_t = 16)]
+    blob_concurrent: usize,
     /// Directory for the servers' data and logs (default: a temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -235,6 +242,8 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
         cold_queued: args.cold_queued,
         callgrind_messages: args.callgrind_messages,
         callgrind_pairs: args.callgrind_pairs,
+        blob_large: args.blob_mib.max(1) << 20,
+        blob_concurrent: args.blob_concurrent,
         progress: !args.no_progress,
         dir: args.dir,
     };

@@ -126,6 +126,18 @@ error_codes! {
     /// The peer's certificate does not match the domain it speaks for.
     DOMAIN_MISMATCH = 501,
 
+    // Blob service (600-619).
+    /// No blob with this address and read token (unknown, expired, or a wrong token: the two
+    /// are not told apart).
+    BLOB_NOT_FOUND = 600,
+    /// The declared size exceeds the server's per-blob maximum.
+    BLOB_TOO_LARGE = 601,
+    /// The upload would take the user's stored blobs over their quota.
+    BLOB_QUOTA_EXCEEDED = 602,
+    /// The uploaded bytes are more or fewer than the declared size; nothing was stored.
+    BLOB_SIZE_MISMATCH = 603,
+    /// The requested range starts past the end of the blob.
+    BLOB_RANGE_NOT_SATISFIABLE = 604,
     // Push notifications (620-639).
     /// The push endpoint is malformed, not `https`, or resolves to an address range the server
     /// refuses to connect to. Nothing was stored.

@@ -260,7 +260,7 @@ fn unknown_top_level_discriminants() {
     check_all_discriminants("response.txt", &responses);
     check_all_discriminants("listen_event.txt", &[1, 2]);
     check_all_discriminants("listen_control.txt", &[1]);
-    check_all_discriminants("federation_request.txt", &[1, 2]);
+    check_all_discriminants("federation_request.txt", &[1, 2, 1010]);
 }
 
 /// Replaces the `u16` at `offset` of `body` (checking it held `expected`) and decodes.

@@ -24,6 +24,7 @@ const OTHER_VARIANTS: &[&str] = &[
     // FederationRequest
     "Forward",
     "Deliver",
+    "BlobDownload",
     // Response
     "Error",
     // QueuePayload

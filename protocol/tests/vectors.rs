@@ -344,6 +344,19 @@ fn message_content_vectors() {
                     body: roost_protocol::Opaque::from(&[1u8, 2, 3][..]),
                 },
             ),
+            plain_case(
+                "Attachment",
+                roost_protocol::content::Attachment {
+                    blob: common::blob_ref(),
+                    encryption:
+                        roost_protocol::content::AttachmentEncryption::AES256GCM_CHUNKED_64K,
+                    key: [0x11; 32],
+                    nonce_prefix: [0x22; 7],
+                    size: 70_000,
+                    media_type: roost_protocol::Opaque::from(&b"image/jpeg"[..]),
+                    name: roost_protocol::Opaque::from(&b"a.jpg"[..]),
+                },
+            ),
         ],
     );
 }
@@ -428,6 +441,7 @@ fn federation_request_name(request: &FederationRequest) -> &'static str {
     match request {
         FederationRequest::Forward(_) => "Forward",
         FederationRequest::Deliver(_) => "Deliver",
+        FederationRequest::BlobDownload(_) => "BlobDownload",
     }
 }
 
@@ -458,7 +472,10 @@ fn every_event_control_federation_and_payload_variant_has_a_vector() {
         .iter()
         .map(|(_, request)| federation_request_name(request))
         .collect();
-    assert_eq!(federation, BTreeSet::from(["Forward", "Deliver"]));
+    assert_eq!(
+        federation,
+        BTreeSet::from(["Forward", "Deliver", "BlobDownload"])
+    );
 
     let payloads: BTreeSet<&str> = common::load_vectors("queue_payload.txt")
         .values()

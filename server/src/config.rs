@@ -58,6 +58,8 @@ pub struct Config {
     pub limits: Limits,
     /// Server-to-server federation.
     pub federation: FederationConfig,
+    /// The blob service (attachments).
+    pub blobs: BlobConfig,
     /// Push notifications (wake-ups for clients without a listen stream).
     pub push: PushConfig,
     /// How log lines on stderr are written: `text` (default) or `json` (one object per line).
@@ -345,9 +347,80 @@ impl Default for Config {
             metrics_listen: None,
             limits: Limits::default(),
             federation: FederationConfig::default(),
+            blobs: BlobConfig::default(),
             push: PushConfig::default(),
             log_format: LogFormat::Text,
         }
+    }
+}
+
+/// `[blobs]`: where encrypted attachments are stored and how much each user may store.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BlobConfig {
+    /// Directory of the blob files (default: `blobs` in `data_dir`). Every node of a domain
+    /// on PostgreSQL must use the same directory (a shared file system).
+    pub dir: Option<PathBuf>,
+    /// Largest blob accepted, in bytes.
+    pub max_blob_size: u64,
+    /// Bytes of unexpired blobs a user may store.
+    pub quota_per_user: u64,
+    /// Uploads per minute per user.
+    pub upload_rate_per_minute: u32,
+    /// Burst of uploads per user.
+    pub upload_burst: u32,
+    /// Downloads per minute per client (and per federation peer for proxy downloads).
+    pub download_rate_per_minute: u32,
+    /// Burst of downloads per client.
+    pub download_burst: u32,
+    /// Blobs are deleted this long after their upload.
+    pub expiry_secs: u64,
+    /// An upload whose bytes stop arriving for this long is cut off and discarded.
+    pub stall_timeout_ms: u64,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            max_blob_size: 256 * 1024 * 1024,
+            quota_per_user: 2 * 1024 * 1024 * 1024,
+            upload_rate_per_minute: 60,
+            upload_burst: 60,
+            download_rate_per_minute: 600,
+            download_burst: 600,
+            expiry_secs: 30 * 24 * 3600,
+            stall_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl BlobConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        let nonzero: [(&str, u64); 6] = [
+            ("upload_burst", self.upload_burst.into()),
+            ("upload_rate_per_minute", self.upload_rate_per_minute.into()),
+            ("download_burst", self.download_burst.into()),
+            (
+                "download_rate_per_minute",
+                self.download_rate_per_minute.into(),
+            ),
+            ("expiry_secs", self.expiry_secs),
+            ("stall_timeout_ms", self.stall_timeout_ms),
+        ];
+        for (name, value) in nonzero {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "blobs.{name} must be at least 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// `stall_timeout_ms` as a duration.
+    pub fn stall_timeout(&self) -> Duration {
+        Duration::from_millis(self.stall_timeout_ms)
     }
 }
 
@@ -592,6 +665,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Federation.
     pub federation: FederationConfig,
+    /// The blob service (`dir` absent: `blobs` in `data_dir`).
+    pub blobs: BlobConfig,
     /// Push notifications.
     pub push: PushConfig,
     /// The clock the services decide by: the system clock unless a test sets a
@@ -629,6 +704,7 @@ impl Config {
             }
         };
         self.limits.check()?;
+        self.blobs.check()?;
         let redb_cache_size = self
             .storage
             .cache_size_mib
@@ -687,6 +763,7 @@ impl Config {
             metrics_listen: self.metrics_listen,
             limits: self.limits,
             federation: self.federation,
+            blobs: self.blobs,
             push: self.push,
             clock: crate::clock::Clock::system(),
         })

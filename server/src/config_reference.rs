@@ -47,10 +47,47 @@ const fn opt(
 }
 
 /// The tables, in the order README.md and `roost config default` show them.
-pub const SECTIONS: &[&str] = &["", "storage", "limits", "federation", "push"];
+pub const SECTIONS: &[&str] = &["", "storage", "limits", "federation", "blobs", "push"];
 
 /// Every field of [`Config`].
 pub const FIELDS: &[Field] = &[
+    opt(
+        "blobs",
+        &["dir"],
+        "directory of the blob files (temporary files under `tmp/`, removed at start); nodes of one domain on PostgreSQL share it",
+        "`blobs` in `data_dir`",
+        "\"/srv/roost/blobs\"",
+    ),
+    f(
+        "blobs",
+        &["max_blob_size"],
+        "largest blob accepted, bytes (BLOB_TOO_LARGE beyond)",
+    ),
+    f(
+        "blobs",
+        &["quota_per_user"],
+        "bytes of unexpired blobs one user may store (BLOB_QUOTA_EXCEEDED beyond)",
+    ),
+    f(
+        "blobs",
+        &["upload_rate_per_minute", "upload_burst"],
+        "blob uploads per minute per user, and their burst",
+    ),
+    f(
+        "blobs",
+        &["download_rate_per_minute", "download_burst"],
+        "blob downloads per minute per client (per peer for proxied downloads), and their burst",
+    ),
+    f(
+        "blobs",
+        &["expiry_secs"],
+        "a blob is deleted this long after its upload",
+    ),
+    f(
+        "blobs",
+        &["stall_timeout_ms"],
+        "an upload whose bytes stop arriving for this long is cut off and discarded",
+    ),
     f(
         "",
         &["domain"],

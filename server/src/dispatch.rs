@@ -9,7 +9,7 @@ use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 
 use crate::auth::Authenticated;
 use crate::error::ServiceError;
-use crate::{State, auth, delivery, federation, keypackage, push, queue};
+use crate::{State, auth, blob, delivery, federation, keypackage, push, queue};
 
 /// Per-connection state.
 pub(crate) struct ConnectionContext {
@@ -196,6 +196,10 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
             async { delivery::external_join(state, &me?.client, req).await }.await,
             Response::ExternalJoin,
         ),
+        // The transport serves these on their streams before dispatch.
+        R::BlobUpload(_) | R::BlobDownload(_) => error_response(ServiceError::WrongStream(
+            "blob transfers are served on their own stream",
+        )),
         R::RegisterPush(req) => reply(
             async { push::register(state, &me?, req).await }.await,
             Response::RegisterPush,
@@ -207,6 +211,64 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
         R::PushInfo(_) => reply(me.map(|_| push::info(state)), Response::PushInfo),
     };
     Outcome::Reply(response)
+}
+
+/// Serves a blob upload: the bytes follow the request on `body` (absent if the stream ended
+/// with the frame).
+pub(crate) async fn blob_upload(
+    state: &State,
+    ctx: &ConnectionContext,
+    request: roost_protocol::messages::blob::BlobUploadRequest,
+    body: Option<quinn::RecvStream>,
+) -> Response {
+    let started = Instant::now();
+    let result = async {
+        let me = ctx.me(state)?;
+        match body {
+            Some(mut body) => blob::upload(state, &me, request, &mut body).await,
+            None if request.size == 0 => {
+                blob::upload(state, &me, request, &mut tokio::io::empty()).await
+            }
+            None => Err(ServiceError::BlobSizeMismatch),
+        }
+    };
+    let response = reply(result.await, Response::BlobUpload);
+    let code = match &response {
+        Response::Error(err) => err.code.name().unwrap_or("UNKNOWN"),
+        _ => "OK",
+    };
+    record(RequestKind::BlobUpload, code, started);
+    response
+}
+
+/// Serves a blob download on `out`; false if the stream must be reset (cut mid-way).
+pub(crate) async fn blob_download<W: tokio::io::AsyncWrite + Unpin>(
+    state: &State,
+    ctx: &ConnectionContext,
+    request: roost_protocol::messages::blob::BlobDownloadRequest,
+    out: &mut W,
+) -> bool {
+    let started = Instant::now();
+    let me = match ctx.me(state) {
+        Ok(me) => me,
+        Err(err) => {
+            record(RequestKind::BlobDownload, "UNAUTHENTICATED", started);
+            let frame = roost_protocol::frame::encode_frame(&error_response(err));
+            return match frame {
+                Ok(frame) => tokio::io::AsyncWriteExt::write_all(out, &frame)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            };
+        }
+    };
+    let complete = blob::download(state, blob::Downloader::Client(&me), request, out).await;
+    record(
+        RequestKind::BlobDownload,
+        if complete { "OK" } else { "CUT" },
+        started,
+    );
+    complete
 }
 
 /// Sends a request about another domain to that domain's homeserver, on behalf of the

@@ -132,6 +132,23 @@ pub enum ServiceError {
     #[error("the commit does not include every pending proposal")]
     MissingProposals,
 
+    // General, for streamed requests.
+    #[error("the request's bytes stopped arriving")]
+    RequestTimeout,
+    #[error("the stream was cut")]
+    StreamCut,
+
+    // Blob service.
+    #[error("no such blob")]
+    BlobNotFound,
+    #[error("blob larger than the server's maximum")]
+    BlobTooLarge,
+    #[error("blob quota exceeded")]
+    BlobQuotaExceeded,
+    #[error("the uploaded bytes do not match the declared size")]
+    BlobSizeMismatch,
+    #[error("range starts past the end of the blob ({0} bytes)")]
+    BlobRangeNotSatisfiable(u64),
     // Push notifications.
     /// The push endpoint is malformed, not https, or in a forbidden address range.
     #[error("push endpoint rejected: {0}")]
@@ -208,6 +225,13 @@ impl ServiceError {
             InvalidMessage(_) => ErrorCode::INVALID_MESSAGE,
             GroupTooLarge => ErrorCode::GROUP_TOO_LARGE,
             MissingProposals => ErrorCode::MISSING_PROPOSALS,
+            RequestTimeout => ErrorCode::REQUEST_TIMEOUT,
+            StreamCut => ErrorCode::MALFORMED,
+            BlobNotFound => ErrorCode::BLOB_NOT_FOUND,
+            BlobTooLarge => ErrorCode::BLOB_TOO_LARGE,
+            BlobQuotaExceeded => ErrorCode::BLOB_QUOTA_EXCEEDED,
+            BlobSizeMismatch => ErrorCode::BLOB_SIZE_MISMATCH,
+            BlobRangeNotSatisfiable(_) => ErrorCode::BLOB_RANGE_NOT_SATISFIABLE,
             PushEndpointRejected(_) => ErrorCode::PUSH_ENDPOINT_REJECTED,
             PushProviderDisabled => ErrorCode::PUSH_PROVIDER_DISABLED,
         };

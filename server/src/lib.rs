@@ -12,6 +12,7 @@ pub mod identity;
 pub mod ratelimit;
 
 mod auth;
+mod blob;
 mod bus;
 mod delivery;
 mod dispatch;
@@ -116,6 +117,13 @@ pub(crate) struct State {
     /// shares one bucket.
     pub(crate) claim_limiter: RateLimiter<(UserId, ClientId)>,
     pub(crate) send_limiter: RateLimiter<ClientId>,
+    /// The blob store and the uploads in progress.
+    pub(crate) blobs: blob::files::FileStore,
+    pub(crate) blob_reservations: blob::Reservations,
+    /// Blob uploads per user.
+    pub(crate) blob_upload_limiter: RateLimiter<UserId>,
+    /// Blob downloads per client (by its id) or per peer (by its certificate hash).
+    pub(crate) blob_download_limiter: RateLimiter<Vec<u8>>,
     pub(crate) federation: federation::Federation,
     pub(crate) groups: delivery::GroupCache,
     pub(crate) shutdown: CancellationToken,
@@ -201,8 +209,15 @@ impl Server {
         )
         .await?;
         let federation = federation::Federation::new(&settings, &tls)?;
+        let blob_dir = settings
+            .blobs
+            .dir
+            .clone()
+            .unwrap_or_else(|| settings.data_dir.join("blobs"));
+        let blobs = blob::files::FileStore::open(&blob_dir)?;
         let push = push::Push::new(&settings).map_err(ServerError::Push)?;
         let limits = &settings.limits;
+        let blob_limits = &settings.blobs;
         let clock = settings.clock.clone();
         let state = Arc::new(State {
             federation,
@@ -223,6 +238,18 @@ impl Server {
             .with_clock(clock.clone()),
             send_limiter: RateLimiter::new(f64::from(limits.send_rate_per_sec), limits.send_burst)
                 .with_clock(clock.clone()),
+            blobs,
+            blob_reservations: blob::Reservations::default(),
+            blob_upload_limiter: RateLimiter::new(
+                f64::from(blob_limits.upload_rate_per_minute) / 60.0,
+                blob_limits.upload_burst,
+            )
+            .with_clock(clock.clone()),
+            blob_download_limiter: RateLimiter::new(
+                f64::from(blob_limits.download_rate_per_minute) / 60.0,
+                blob_limits.download_burst,
+            )
+            .with_clock(clock.clone()),
             groups: delivery::GroupCache::new(limits.max_cached_groups as usize),
             queues,
             shutdown: CancellationToken::new(),
@@ -356,7 +383,7 @@ pub async fn run(
     Ok(())
 }
 
-/// Drops expired queue messages, KeyPackages and request receipts once a minute.
+/// Drops expired queue messages, KeyPackages, blobs and request receipts once a minute.
 async fn sweeper(state: Arc<State>) {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
     loop {
@@ -377,6 +404,11 @@ async fn sweeper(state: Arc<State>) {
             Ok((0, 0)) => {}
             Ok((messages, key_packages)) => tracing::info!(messages, key_packages, "expired"),
             Err(err) => tracing::warn!(%err, "expiry sweep failed"),
+        }
+        match blob::expire(&state).await {
+            Ok(0) => {}
+            Ok(blobs) => tracing::info!(blobs, "blobs expired"),
+            Err(err) => tracing::warn!(%err, "blob expiry failed"),
         }
         match delivery::receipt::prune(&state).await {
             Ok(0) => {}

@@ -240,8 +240,12 @@ fn body_presize_cap(limits: &crate::config::Limits) -> usize {
 /// Whether a complete request body is a QueueListen request: the one request after which the
 /// client may keep writing (ListenControl frames), so its stream is not read to the end.
 fn is_listen_request(body: &[u8]) -> bool {
+    is_request_of(body, RequestKind::QueueListen)
+}
+
+fn is_request_of(body: &[u8], of: RequestKind) -> bool {
     let version = PROTOCOL_VERSION.to_be_bytes();
-    let kind = (RequestKind::QueueListen as u16).to_be_bytes();
+    let kind = (of as u16).to_be_bytes();
     body.get(..2) == Some(&version[..]) && body.get(2..4) == Some(&kind[..])
 }
 
@@ -290,7 +294,8 @@ async fn read_request(
         // point into, beyond quinn's own accounting.
         body.extend_from_slice(&chunk);
     }
-    if is_listen_request(&body) {
+    // A blob upload's bytes follow its frame on the same stream.
+    if is_listen_request(&body) || is_request_of(&body, RequestKind::BlobUpload) {
         return Ok((body, Some(recv)));
     }
     match recv.read_chunk(1, true).await {
@@ -350,6 +355,28 @@ async fn serve_stream(
     drop(body);
     let kind = request.kind();
     let span = tracing::debug_span!("request", kind = kind.name());
+    let request = match request {
+        ClientRequest::BlobUpload(req) => {
+            let response = crate::dispatch::blob_upload(&state, &ctx, req, listen_recv)
+                .instrument(span)
+                .await;
+            write_frame(&mut send, &response).await;
+            finish(&mut send);
+            return;
+        }
+        ClientRequest::BlobDownload(req) => {
+            let complete = crate::dispatch::blob_download(&state, &ctx, req, &mut send)
+                .instrument(span)
+                .await;
+            if complete {
+                finish(&mut send);
+            } else {
+                let _ = send.reset(VarInt::from_u32(0));
+            }
+            return;
+        }
+        request => request,
+    };
     match dispatch(&state, &ctx, request)
         .instrument(span.clone())
         .await
@@ -643,11 +670,21 @@ async fn serve_peer_stream(
     let Some((body, _)) = receive(&state, &mut send, recv).await else {
         return;
     };
-    let response =
-        match decode_body::<roost_protocol::messages::federation::FederationRequest>(&body) {
-            Ok(request) => crate::federation::inbound::handle(&state, &peer, request).await,
-            Err(err) => Response::Error(err.to_wire()),
-        };
+    use roost_protocol::messages::federation::FederationRequest;
+    let response = match decode_body::<FederationRequest>(&body) {
+        Ok(FederationRequest::BlobDownload(req)) => {
+            let complete =
+                crate::federation::inbound::blob_download(&state, &peer, req, &mut send).await;
+            if complete {
+                finish(&mut send);
+            } else {
+                let _ = send.reset(VarInt::from_u32(0));
+            }
+            return;
+        }
+        Ok(request) => crate::federation::inbound::handle(&state, &peer, request).await,
+        Err(err) => Response::Error(err.to_wire()),
+    };
     write_frame(&mut send, &response).await;
     finish(&mut send);
 }

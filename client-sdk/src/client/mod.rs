@@ -7,6 +7,7 @@
 //! `inbox` (queue processing and the background listener), `keypackages` (replenishment).
 
 mod devices;
+mod files;
 mod groups;
 mod inbox;
 mod keypackages;
@@ -17,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+pub use files::{CHUNK_LEN, DownloadTarget, FileSource, ciphertext_len, guess_media_type};
 use roost_protocol::messages::auth::{
     AddClientRequest, AddClientTbs, ClientCredential, LABEL_ADD_CLIENT, LABEL_REGISTER_USER,
     RegisterUserRequest, RegisterUserTbs, signing_input,

@@ -52,6 +52,14 @@ impl Connection {
         }
     }
 
+    pub(crate) fn max_frame_len(&self) -> u32 {
+        self.max_frame_len
+    }
+
+    pub(crate) fn request_timeout(&self) -> Duration {
+        self.request_timeout
+    }
+
     /// Sends a request and returns the server's response, which may be
     /// [`Response::Error`]. See [`Connection::call`] for the typed form.
     pub async fn request(&self, request: &ClientRequest) -> Result<Response, TransportError> {
@@ -92,6 +100,9 @@ impl Connection {
                     kind = "Deliver",
                     count = deliver.deliveries.len()
                 )
+            }
+            FederationRequest::BlobDownload(_) => {
+                tracing::debug_span!("federation", kind = "BlobDownload")
             }
         };
         async {

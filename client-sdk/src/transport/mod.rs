@@ -56,6 +56,7 @@
 //!
 //! [`ListenEvent`]: roost_protocol::messages::queue::ListenEvent
 
+mod blob;
 mod connection;
 mod error;
 mod listen;
@@ -69,6 +70,7 @@ use std::time::Duration;
 use roost_protocol::frame::DEFAULT_MAX_FRAME_LEN;
 use tracing::Instrument;
 
+pub use blob::{BlobDownload, BlobUpload};
 pub use connection::Connection;
 pub use error::{RequestError, TransportError};
 pub use listen::ListenStream;

@@ -8,6 +8,7 @@ mod common;
 mod content;
 mod crash;
 mod failover;
+mod files;
 mod forged;
 mod groups;
 mod minimal;

@@ -9,7 +9,7 @@
 //! 127.0.0.1.
 //!
 //! Workloads (in the order they run): `keypackages`, `send-1to1`, `federated-send`,
-//! `busy-group`, `idle-connections`, `commit`, `fanout`, `join-large`, `reconnect-storm`,
+//! `busy-group`, `blob`, `idle-connections`, `commit`, `fanout`, `join-large`, `reconnect-storm`,
 //! `cold-start` (the last two restart alpha). Each yields one or more [`WorkloadResult`]s, printed
 //! as a table ([`print_table`]) or as one JSON object per line ([`print_json`]).
 
@@ -32,11 +32,12 @@ use crate::binary::{Profile, locate_roost};
 use crate::harness::Storage;
 
 /// Every workload, in the order [`run`] runs them.
-pub const WORKLOADS: [&str; 10] = [
+pub const WORKLOADS: [&str; 11] = [
     "keypackages",
     "send-1to1",
     "federated-send",
     "busy-group",
+    "blob",
     "idle-connections",
     "commit",
     "fanout",
@@ -90,6 +91,10 @@ pub struct BenchConfig {
     pub callgrind_messages: usize,
     /// Pairs (and echo connections) of `instructions`.
     pub callgrind_pairs: usize,
+    /// Size of the large blobs of `blob` (bytes), and how many clients upload one at once.
+    pub blob_large: usize,
+    /// Concurrent large uploads of `blob`.
+    pub blob_concurrent: usize,
     /// Show a progress bar on stderr.
     pub progress: bool,
     /// Directory for the servers' data and logs; `None`: a temporary directory.
@@ -126,6 +131,8 @@ impl Default for BenchConfig {
             cold_queued: 1_000_000,
             callgrind_messages: 2_000,
             callgrind_pairs: 10,
+            blob_large: 64 << 20,
+            blob_concurrent: 16,
             progress: true,
             dir: None,
             storage: Storage::Redb,
@@ -154,6 +161,8 @@ impl BenchConfig {
             cold_queued: 200,
             callgrind_messages: 20,
             callgrind_pairs: 2,
+            blob_large: 2 << 20,
+            blob_concurrent: 2,
             progress: false,
             ..Self::default()
         }

@@ -5,6 +5,7 @@ use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use crate::ids::{ClientId, MessageId};
 use crate::messages::ClientRequest;
+use crate::messages::blob::BlobDownloadRequest;
 use crate::messages::queue::QueuePayload;
 
 /// A frame a homeserver sends to a peer on a request stream.
@@ -17,6 +18,10 @@ pub enum FederationRequest {
     /// Messages for queues of the receiving server, from a group hub.
     #[tls_codec(discriminant = 2)]
     Deliver(DeliverRequest),
+    /// Download (a range of) a blob this server stores, for a client of the peer (proxy
+    /// download). Answered like a client's `BlobDownload`: a response frame, then raw bytes.
+    #[tls_codec(discriminant = 1010)]
+    BlobDownload(BlobDownloadRequest),
 }
 
 /// A client request forwarded on behalf of `sender`.

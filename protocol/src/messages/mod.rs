@@ -1,6 +1,7 @@
 //! Every request and response, one enum each, with the discriminants of docs/PROTOCOL.md.
 
 pub mod auth;
+pub mod blob;
 pub mod delivery;
 pub mod federation;
 pub mod keypackage;
@@ -11,6 +12,7 @@ use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use crate::error::WireError;
 use auth::*;
+use blob::*;
 use delivery::*;
 use federation::*;
 use keypackage::*;
@@ -133,6 +135,11 @@ operations! {
     FetchGroupInfo = 64: FetchGroupInfoRequest => FetchGroupInfoResponse,
     /// Join by external commit.
     ExternalJoin = 65: ExternalJoinRequest => CommitResponse,
+    // Blob service.
+    /// Upload a blob (raw bytes follow the frame).
+    BlobUpload = 80: BlobUploadRequest => BlobUploadResponse,
+    /// Download (a range of) a blob (raw bytes follow the response frame).
+    BlobDownload = 81: BlobDownloadRequest => BlobDownloadResponse,
     // Push notifications.
     /// Register the caller's push endpoint.
     RegisterPush = 90: RegisterPushRequest => RegisterPushResponse,

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use roost_protocol::error::{ErrorCode, ErrorDetail, WireError};
 use roost_protocol::ids::{ClientId, Domain, GroupId, MessageId, UserId};
 use roost_protocol::messages::auth::*;
+use roost_protocol::messages::blob::*;
 use roost_protocol::messages::delivery::*;
 use roost_protocol::messages::federation::*;
 use roost_protocol::messages::keypackage::*;
@@ -98,6 +99,14 @@ pub(crate) fn welcome() -> QueuePayload {
 }
 
 /// One or more named values per request kind.
+pub(crate) fn blob_ref() -> BlobRef {
+    BlobRef {
+        domain: domain("example.org"),
+        address: [0x5a; 32],
+        token: [0x7b; 32],
+    }
+}
+
 pub(crate) fn client_requests() -> Vec<(&'static str, ClientRequest)> {
     use ClientRequest as R;
     vec![
@@ -256,6 +265,26 @@ pub(crate) fn client_requests() -> Vec<(&'static str, ClientRequest)> {
             }),
         ),
         (
+            "BlobUpload",
+            R::BlobUpload(BlobUploadRequest { size: 0x0102_0304 }),
+        ),
+        (
+            "BlobDownload",
+            R::BlobDownload(BlobDownloadRequest {
+                blob: blob_ref(),
+                offset: 1 << 20,
+                length: Some(4096),
+            }),
+        ),
+        (
+            "BlobDownload/to_end",
+            R::BlobDownload(BlobDownloadRequest {
+                blob: blob_ref(),
+                offset: 0,
+                length: None,
+            }),
+        ),
+        (
             "RegisterPush/web_push",
             R::RegisterPush(RegisterPushRequest {
                 endpoint: PushEndpoint::WebPush(WebPushSubscription {
@@ -318,6 +347,8 @@ pub(crate) fn response_name(response: &Response) -> &'static str {
         Response::UnregisterPush(_) => "UnregisterPush",
         Response::PushInfo(_) => "PushInfo",
         Response::Deliver(_) => "Deliver",
+        Response::BlobUpload(_) => "BlobUpload",
+        Response::BlobDownload(_) => "BlobDownload",
     }
 }
 
@@ -487,6 +518,22 @@ pub(crate) fn responses() -> Vec<(&'static str, Response)> {
             }),
         ),
         (
+            "BlobUpload",
+            R::BlobUpload(BlobUploadResponse {
+                blob: blob_ref(),
+                size: 0x0102_0304,
+                expires_at: 1_700_000_000,
+            }),
+        ),
+        (
+            "BlobDownload",
+            R::BlobDownload(BlobDownloadResponse {
+                size: 3 << 20,
+                offset: 1 << 20,
+                length: 4096,
+            }),
+        ),
+        (
             "Deliver",
             R::Deliver(DeliverResponse {
                 accepted: 2,
@@ -604,6 +651,14 @@ pub(crate) fn federation_requests() -> Vec<(&'static str, FederationRequest)> {
             "Deliver/empty",
             FederationRequest::Deliver(DeliverRequest {
                 deliveries: Vec::new(),
+            }),
+        ),
+        (
+            "BlobDownload",
+            FederationRequest::BlobDownload(BlobDownloadRequest {
+                blob: blob_ref(),
+                offset: 0,
+                length: None,
             }),
         ),
     ]

@@ -52,19 +52,53 @@ fn reply<T>(result: Result<T, ServiceError>, wrap: impl FnOnce(T) -> Response) -
     result.map_or_else(error, wrap)
 }
 
+fn admit(state: &State, peer: &PeerContext) -> Result<(), ServiceError> {
+    if !state.federation.admits_peer(&peer.chain, peer.ca_verified) {
+        return Err(ServiceError::Forbidden(
+            "this homeserver does not federate with the peer",
+        ));
+    }
+    state
+        .federation
+        .inbound_limiter
+        .check(peer.key.clone())
+        .map_err(ServiceError::RateLimited)
+}
+
+/// Serves a peer's proxy download of a blob this server stores, on `out`; false if the
+/// stream must be reset.
+pub(crate) async fn blob_download<W: tokio::io::AsyncWrite + Unpin>(
+    state: &State,
+    peer: &PeerContext,
+    request: roost_protocol::messages::blob::BlobDownloadRequest,
+    out: &mut W,
+) -> bool {
+    if let Err(err) = admit(state, peer) {
+        let frame = roost_protocol::frame::encode_frame(&error(err));
+        return match frame {
+            Ok(frame) => tokio::io::AsyncWriteExt::write_all(out, &frame)
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+    }
+    crate::blob::download(
+        state,
+        crate::blob::Downloader::Peer(&peer.key),
+        request,
+        out,
+    )
+    .await
+}
+
 /// Handles one federation request.
 pub(crate) async fn handle(
     state: &State,
     peer: &PeerContext,
     request: FederationRequest,
 ) -> Response {
-    if !state.federation.admits_peer(&peer.chain, peer.ca_verified) {
-        return error(ServiceError::Forbidden(
-            "this homeserver does not federate with the peer",
-        ));
-    }
-    if let Err(wait) = state.federation.inbound_limiter.check(peer.key.clone()) {
-        return error(ServiceError::RateLimited(wait));
+    if let Err(err) = admit(state, peer) {
+        return error(err);
     }
     match request {
         FederationRequest::Forward(forward) => handle_forward(state, peer, forward).await,
@@ -72,6 +106,10 @@ pub(crate) async fn handle(
             handle_deliver(state, peer, deliver).await,
             Response::Deliver,
         ),
+        // The transport serves blob downloads on their stream.
+        FederationRequest::BlobDownload(_) => error(ServiceError::WrongStream(
+            "blob downloads are served on their own stream",
+        )),
     }
 }
 

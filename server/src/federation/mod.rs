@@ -315,6 +315,22 @@ impl Federation {
         .await
     }
 
+    /// Opens a stream to `domain`'s homeserver for a streamed request (a proxy download).
+    pub(crate) async fn open_stream(
+        &self,
+        domain: &Domain,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), ServiceError> {
+        if !self.allowed(domain) {
+            return Err(ServiceError::UnknownDomain(domain.to_string()));
+        }
+        let conn = self.connection(domain).await?;
+        conn.open_raw_stream().await.map_err(|err| {
+            tracing::debug!(%domain, %err, "cannot open a stream to the peer");
+            conn.close();
+            ServiceError::PeerUnreachable(domain.to_string())
+        })
+    }
+
     /// Sends a batch of deliveries to `domain`.
     pub(crate) async fn deliver(
         &self,

@@ -888,3 +888,56 @@ async fn the_outbox_backlog_for_a_peer_that_is_down_is_exported() {
     alpha.shutdown().await;
     drop(dir);
 }
+
+#[tokio::test]
+async fn a_blob_of_another_domain_is_downloaded_through_the_clients_own_homeserver() {
+    use crate::blob::{code, download, pseudo_random, sha256, upload};
+    let pair = pair().await;
+    let (_alice, _alice_client, alice) = new_client_in(&pair.alpha, "alice", ALPHA).await;
+    let (_bob, _bob_client, bob) = new_client_in(pair.beta(), "bob", BETA).await;
+    let bytes = pseudo_random(3 * 1024 * 1024 + 5, 11);
+    let stored = upload(&alice, &bytes).await.unwrap();
+    assert_eq!(stored.blob.domain.as_str(), ALPHA);
+
+    // Bob talks only to beta, which fetches from alpha and streams it through.
+    let back = download(&bob, &stored.blob, 0, None).await.unwrap();
+    assert_eq!(sha256(&back), stored.blob.address);
+    let tail = download(&bob, &stored.blob, 3 * 1024 * 1024, None)
+        .await
+        .unwrap();
+    assert!(tail == bytes[3 * 1024 * 1024..]);
+    // Alpha's answers come through as they are: a wrong token, a range past the end.
+    let mut guessed = stored.blob.clone();
+    guessed.token[0] ^= 1;
+    assert_eq!(
+        code(download(&bob, &guessed, 0, None).await.unwrap_err()),
+        ErrorCode::BLOB_NOT_FOUND
+    );
+    assert_eq!(
+        code(
+            download(&bob, &stored.blob, bytes.len() as u64 + 1, None)
+                .await
+                .unwrap_err()
+        ),
+        ErrorCode::BLOB_RANGE_NOT_SATISFIABLE
+    );
+
+    // A peer may only ask for blobs the server stores itself (one hop, no relaying).
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = pair.pki.issue(dir.path(), "beta2", &[BETA]);
+    let peer = peer_connection(&pair.alpha, &pair.pki, &cert, &key).await;
+    let mut elsewhere = stored.blob.clone();
+    elsewhere.domain = "gamma.test".parse().unwrap();
+    let frame = roost_protocol::frame::encode_frame(&FederationRequest::BlobDownload(
+        roost_protocol::messages::blob::BlobDownloadRequest {
+            blob: elsewhere,
+            offset: 0,
+            length: None,
+        },
+    ))
+    .unwrap();
+    let answer = peer.request_raw(&frame).await.unwrap();
+    let answer = roost_protocol::frame::decode_body::<Response>(&answer).unwrap();
+    assert_eq!(refused(answer), ErrorCode::BLOB_NOT_FOUND);
+    pair.shutdown().await;
+}

@@ -7,6 +7,7 @@ mod admin;
 mod auth;
 mod bad_input;
 mod binary;
+mod blob;
 mod common;
 mod delivery;
 mod federation;

@@ -6,6 +6,7 @@
 //! groups. Every pooled client's listen stream is read by its own task, which reports each
 //! application message (a PrivateMessage) it receives with the time it arrived.
 
+mod blob;
 mod busy;
 mod commit;
 mod fanout;
@@ -344,6 +345,13 @@ async fn run_on(
         stats::reset_peak(servers.pid(0));
         let before = probe(servers).await;
         let mut rows = vec![busy::run(config, servers, progress).await?];
+        attach_probe(servers, before, &mut rows).await;
+        results.extend(rows);
+    }
+    if config.selected("blob") {
+        stats::reset_peak(servers.pid(0));
+        let before = probe(servers).await;
+        let mut rows = blob::run(config, servers, progress).await?;
         attach_probe(servers, before, &mut rows).await;
         results.extend(rows);
     }

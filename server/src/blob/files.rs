@@ -1,0 +1,332 @@
+//! The blob store on a file system: one file per blob, named by the hex of its address, and a
+//! small metadata file next to it (`<address>.meta`: owner, read token, size, creation time).
+//!
+//! An upload is written to `tmp/<random>`, fsynced, then the metadata file is written the same
+//! way and renamed into place, then the data file is renamed into place and the directory
+//! fsynced. A blob is visible only when both files exist, so a partial upload never is; a
+//! process killed at any point leaves files in `tmp/` (removed at start) or a metadata file
+//! without its data (removed at start).
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use roost_protocol::UserId;
+use roost_protocol::messages::blob::{BLOB_ADDRESS_LEN, BLOB_TOKEN_LEN};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use super::{BlobMeta, BlobStore};
+use crate::error::ServiceError;
+use crate::storage::StoreError;
+
+const TMP: &str = "tmp";
+const META_SUFFIX: &str = ".meta";
+
+/// Blobs in a directory.
+#[derive(Clone)]
+pub(crate) struct FileStore {
+    dir: PathBuf,
+    /// Bytes of stored blobs per owner, loaded at start and kept up to date. Commits and
+    /// deletions change files and this map under the same lock.
+    usage: Arc<Mutex<HashMap<UserId, u64>>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MetaFile {
+    owner: String,
+    token: String,
+    size: u64,
+    created_secs: u64,
+}
+
+fn io_error(err: io::Error) -> ServiceError {
+    ServiceError::Store(StoreError::Io(err.to_string().into()))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| ServiceError::Store(StoreError::Unavailable))?
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl FileStore {
+    /// Opens (creating) the directory, removes what a killed process left behind and counts
+    /// each owner's stored bytes.
+    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
+        let store_err = |err: io::Error| StoreError::Io(format!("{}: {err}", dir.display()).into());
+        let tmp = dir.join(TMP);
+        std::fs::create_dir_all(&tmp).map_err(store_err)?;
+        for entry in std::fs::read_dir(&tmp).map_err(store_err)? {
+            let entry = entry.map_err(store_err)?;
+            std::fs::remove_file(entry.path()).map_err(store_err)?;
+        }
+        let mut usage: HashMap<UserId, u64> = HashMap::new();
+        for entry in std::fs::read_dir(dir).map_err(store_err)? {
+            let entry = entry.map_err(store_err)?;
+            let name = entry.file_name();
+            let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) else {
+                continue;
+            };
+            let data = dir.join(hex_address);
+            match read_meta(&entry.path()) {
+                Some(meta) if data.exists() => {
+                    *usage.entry(meta.owner).or_default() += meta.size;
+                }
+                _ => {
+                    // Killed between the two renames (or unreadable): never visible.
+                    std::fs::remove_file(entry.path()).map_err(store_err)?;
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            usage: Arc::new(Mutex::new(usage)),
+        })
+    }
+
+    fn data_path(&self, address: &[u8; BLOB_ADDRESS_LEN]) -> PathBuf {
+        self.dir.join(hex::encode(address))
+    }
+
+    fn meta_path(&self, address: &[u8; BLOB_ADDRESS_LEN]) -> PathBuf {
+        self.dir
+            .join(format!("{}{META_SUFFIX}", hex::encode(address)))
+    }
+}
+
+fn read_meta(path: &Path) -> Option<BlobMeta> {
+    let bytes = std::fs::read(path).ok()?;
+    let file: MetaFile = serde_json::from_slice(&bytes).ok()?;
+    let mut token = [0u8; BLOB_TOKEN_LEN];
+    hex::decode_to_slice(&file.token, &mut token).ok()?;
+    Some(BlobMeta {
+        owner: file.owner.parse().ok()?,
+        token,
+        size: file.size,
+        created_secs: file.created_secs,
+    })
+}
+
+/// An upload being written to `tmp/`. Dropped without [`BlobStore::commit`], its file is
+/// removed.
+pub(crate) struct FileUpload {
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+}
+
+impl Drop for FileUpload {
+    fn drop(&mut self) {
+        // Best effort; whatever stays is removed at the next start.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl BlobStore for FileStore {
+    type Upload = FileUpload;
+    type Reader = tokio::fs::File;
+
+    async fn begin(&self) -> Result<FileUpload, ServiceError> {
+        let name = hex::encode(rand::random::<[u8; 16]>());
+        let path = self.dir.join(TMP).join(name);
+        let file = tokio::fs::File::create(&path).await.map_err(io_error)?;
+        Ok(FileUpload {
+            path,
+            file: Some(file),
+        })
+    }
+
+    async fn write(&self, upload: &mut FileUpload, bytes: &[u8]) -> Result<(), ServiceError> {
+        match upload.file.as_mut() {
+            Some(file) => file.write_all(bytes).await.map_err(io_error),
+            None => Err(ServiceError::Internal("write after close".into())),
+        }
+    }
+
+    async fn commit(
+        &self,
+        mut upload: FileUpload,
+        address: [u8; BLOB_ADDRESS_LEN],
+        meta: BlobMeta,
+    ) -> Result<BlobMeta, ServiceError> {
+        let Some(mut file) = upload.file.take() else {
+            return Err(ServiceError::Internal("commit after close".into()));
+        };
+        file.flush().await.map_err(io_error)?;
+        file.sync_all().await.map_err(io_error)?;
+        drop(file);
+        let store = self.clone();
+        let tmp = upload.path.clone();
+        let committed = blocking(move || {
+            let data = store.data_path(&address);
+            let meta_path = store.meta_path(&address);
+            let mut usage = lock(&store.usage);
+            if data.exists()
+                && let Some(existing) = read_meta(&meta_path)
+            {
+                // The same bytes are stored already: whoever holds them may read them.
+                return Ok(existing);
+            }
+            let record = MetaFile {
+                owner: meta.owner.to_string(),
+                token: hex::encode(meta.token),
+                size: meta.size,
+                created_secs: meta.created_secs,
+            };
+            let bytes = serde_json::to_vec(&record)
+                .map_err(|e| ServiceError::Internal(format!("blob metadata: {e}")))?;
+            let meta_tmp = store.dir.join(TMP).join(format!(
+                "{}{META_SUFFIX}",
+                hex::encode(rand::random::<[u8; 16]>())
+            ));
+            let written = (|| {
+                let mut f = std::fs::File::create(&meta_tmp)?;
+                io::Write::write_all(&mut f, &bytes)?;
+                f.sync_all()?;
+                std::fs::rename(&meta_tmp, &meta_path)?;
+                std::fs::rename(&tmp, &data)?;
+                fsync_dir(&store.dir)
+            })();
+            if let Err(err) = written {
+                let _ = std::fs::remove_file(&meta_tmp);
+                if !data.exists() {
+                    let _ = std::fs::remove_file(&meta_path);
+                }
+                return Err(io_error(err));
+            }
+            *usage.entry(meta.owner.clone()).or_default() += meta.size;
+            Ok(meta)
+        })
+        .await?;
+        Ok(committed)
+    }
+
+    async fn open(
+        &self,
+        address: &[u8; BLOB_ADDRESS_LEN],
+        offset: u64,
+    ) -> Result<Option<(BlobMeta, tokio::fs::File)>, ServiceError> {
+        let Some(meta) = read_meta(&self.meta_path(address)) else {
+            return Ok(None);
+        };
+        let mut file = match tokio::fs::File::open(self.data_path(address)).await {
+            Ok(file) => file,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(io_error(err)),
+        };
+        if offset > 0 && offset <= meta.size {
+            use tokio::io::AsyncSeekExt;
+            file.seek(io::SeekFrom::Start(offset))
+                .await
+                .map_err(io_error)?;
+        }
+        Ok(Some((meta, file)))
+    }
+
+    async fn usage(&self, owner: &UserId) -> Result<u64, ServiceError> {
+        Ok(lock(&self.usage).get(owner).copied().unwrap_or(0))
+    }
+
+    async fn expire(&self, created_before_secs: u64) -> Result<u64, ServiceError> {
+        let store = self.clone();
+        blocking(move || {
+            let mut removed = 0;
+            for entry in std::fs::read_dir(&store.dir).map_err(io_error)? {
+                let entry = entry.map_err(io_error)?;
+                let name = entry.file_name();
+                let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX))
+                else {
+                    continue;
+                };
+                let Some(meta) = read_meta(&entry.path()) else {
+                    continue;
+                };
+                if meta.created_secs >= created_before_secs {
+                    continue;
+                }
+                let mut usage = lock(&store.usage);
+                // Data first: without it the blob is invisible, and a leftover metadata
+                // file is removed at the next start.
+                match std::fs::remove_file(store.dir.join(hex_address)) {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(io_error(err)),
+                }
+                std::fs::remove_file(entry.path()).map_err(io_error)?;
+                if let Some(used) = usage.get_mut(&meta.owner) {
+                    *used = used.saturating_sub(meta.size);
+                }
+                removed += 1;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(owner: &str, size: u64) -> BlobMeta {
+        BlobMeta {
+            owner: owner.parse().unwrap(),
+            token: [9; BLOB_TOKEN_LEN],
+            size,
+            created_secs: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn what_a_killed_process_leaves_is_removed_at_start_and_usage_is_recounted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let mut upload = store.begin().await.unwrap();
+        store.write(&mut upload, b"hello").await.unwrap();
+        let address = [1u8; BLOB_ADDRESS_LEN];
+        store
+            .commit(upload, address, meta("alice@example.org", 5))
+            .await
+            .unwrap();
+        // A temporary file (killed mid-upload) and a metadata file without data (killed
+        // between the two renames).
+        std::fs::write(dir.path().join(TMP).join("partial"), b"half").unwrap();
+        let orphan = store.meta_path(&[2u8; BLOB_ADDRESS_LEN]);
+        std::fs::copy(store.meta_path(&address), &orphan).unwrap();
+        drop(store);
+
+        let store = FileStore::open(dir.path()).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
+        assert!(!orphan.exists());
+        let alice = "alice@example.org".parse().unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 5);
+        assert!(store.open(&[2u8; 32], 0).await.unwrap().is_none());
+        let (found, _) = store.open(&address, 0).await.unwrap().unwrap();
+        assert_eq!(found, meta("alice@example.org", 5));
+
+        // An upload dropped before its commit leaves nothing.
+        let mut dropped = store.begin().await.unwrap();
+        store.write(&mut dropped, b"never").await.unwrap();
+        drop(dropped);
+        assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
+
+        // Expiry removes both files and gives the quota back.
+        assert_eq!(store.expire(101).await.unwrap(), 1);
+        assert_eq!(store.usage(&alice).await.unwrap(), 0);
+        assert!(store.open(&address, 0).await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,367 @@
+//! The blob service: encrypted attachments uploaded on one stream each, stored behind
+//! [`BlobStore`], addressed by the SHA-256 of their bytes and read with a capability (address
+//! plus a read token the server issues at upload). Upload and download stream: a blob is never
+//! held in memory. A blob of another domain is fetched by the client's homeserver from the
+//! owning one (proxy download) and streamed through.
+//!
+//! This module sees the streams as tokio readers and writers; the transport hands them over.
+
+pub(crate) mod files;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
+use roost_protocol::messages::Response;
+use roost_protocol::messages::blob::{
+    BLOB_ADDRESS_LEN, BLOB_TOKEN_LEN, BlobDownloadRequest, BlobDownloadResponse, BlobRef,
+    BlobUploadRequest, BlobUploadResponse,
+};
+use roost_protocol::messages::federation::FederationRequest;
+use roost_protocol::{UserId, WireError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::State;
+use crate::auth::Authenticated;
+use crate::error::ServiceError;
+
+/// Bytes read from or written to a stream at once.
+const IO_CHUNK: usize = 256 * 1024;
+/// Largest response head a peer may send before the bytes of a proxied download.
+const MAX_HEAD_LEN: u32 = 4096;
+
+/// What the store keeps about a blob besides its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BlobMeta {
+    /// The uploader (whose quota it counts against).
+    pub(crate) owner: UserId,
+    /// The read token issued at upload.
+    pub(crate) token: [u8; BLOB_TOKEN_LEN],
+    /// Size in bytes.
+    pub(crate) size: u64,
+    /// Upload time (Unix seconds).
+    pub(crate) created_secs: u64,
+}
+
+/// Where blobs are kept. The embedded default is [`files::FileStore`]; an object store would
+/// be another implementation. Nothing of an upload is visible before [`BlobStore::commit`]
+/// returned, and then it is durable.
+pub(crate) trait BlobStore {
+    /// An upload in progress; dropping it discards what was written.
+    type Upload: Send;
+    /// Reads a stored blob from the offset given to [`BlobStore::open`].
+    type Reader: AsyncRead + Unpin + Send;
+    /// Starts an upload.
+    async fn begin(&self) -> Result<Self::Upload, ServiceError>;
+    /// Appends bytes.
+    async fn write(&self, upload: &mut Self::Upload, bytes: &[u8]) -> Result<(), ServiceError>;
+    /// Makes the upload durable and visible under `address`. If a blob with that address is
+    /// stored already, the upload is discarded and the stored blob's metadata returned.
+    async fn commit(
+        &self,
+        upload: Self::Upload,
+        address: [u8; BLOB_ADDRESS_LEN],
+        meta: BlobMeta,
+    ) -> Result<BlobMeta, ServiceError>;
+    /// The blob's metadata and a reader positioned at `offset` (when `offset <= size`).
+    async fn open(
+        &self,
+        address: &[u8; BLOB_ADDRESS_LEN],
+        offset: u64,
+    ) -> Result<Option<(BlobMeta, Self::Reader)>, ServiceError>;
+    /// Bytes of blobs stored for `owner`.
+    async fn usage(&self, owner: &UserId) -> Result<u64, ServiceError>;
+    /// Deletes blobs uploaded before `created_before_secs`; returns how many.
+    async fn expire(&self, created_before_secs: u64) -> Result<u64, ServiceError>;
+}
+
+/// Bytes of uploads in progress per user, so that concurrent uploads cannot together pass
+/// the quota.
+#[derive(Default)]
+pub(crate) struct Reservations(Mutex<HashMap<UserId, u64>>);
+
+struct Reserved<'a> {
+    reservations: &'a Reservations,
+    user: UserId,
+    size: u64,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        let mut map = match self.reservations.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(held) = map.get_mut(&self.user) {
+            *held = held.saturating_sub(self.size);
+            if *held == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Reservations {
+    fn reserve(&self, user: &UserId, stored: u64, size: u64, quota: u64) -> Option<Reserved<'_>> {
+        let mut map = match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let held = map.entry(user.clone()).or_default();
+        if stored.saturating_add(*held).saturating_add(size) > quota {
+            return None;
+        }
+        *held += size;
+        Some(Reserved {
+            reservations: self,
+            user: user.clone(),
+            size,
+        })
+    }
+}
+
+fn tokens_equal(a: &[u8; BLOB_TOKEN_LEN], b: &[u8; BLOB_TOKEN_LEN]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads the bytes of an upload that follow its request frame, stores them and answers with
+/// the blob's reference once it is durable. On any failure nothing is stored.
+pub(crate) async fn upload<R: AsyncRead + Unpin>(
+    state: &State,
+    me: &Authenticated,
+    request: BlobUploadRequest,
+    body: &mut R,
+) -> Result<BlobUploadResponse, ServiceError> {
+    let config = &state.settings.blobs;
+    let user = &me.client.user;
+    state
+        .blob_upload_limiter
+        .check(user.clone())
+        .map_err(ServiceError::RateLimited)?;
+    if request.size > config.max_blob_size {
+        return Err(ServiceError::BlobTooLarge);
+    }
+    let stored = state.blobs.usage(user).await?;
+    let _reserved = state
+        .blob_reservations
+        .reserve(user, stored, request.size, config.quota_per_user)
+        .ok_or(ServiceError::BlobQuotaExceeded)?;
+    let mut upload = state.blobs.begin().await?;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; IO_CHUNK];
+    let mut received: u64 = 0;
+    loop {
+        let read = tokio::time::timeout(config.stall_timeout(), body.read(&mut buf))
+            .await
+            .map_err(|_| ServiceError::RequestTimeout)?
+            .map_err(|_| ServiceError::StreamCut)?;
+        if read == 0 {
+            break;
+        }
+        let bytes = buf.get(..read).unwrap_or_default();
+        received = received.saturating_add(read as u64);
+        if received > request.size {
+            return Err(ServiceError::BlobSizeMismatch);
+        }
+        hash.update(bytes);
+        state.blobs.write(&mut upload, bytes).await?;
+    }
+    if received != request.size {
+        return Err(ServiceError::BlobSizeMismatch);
+    }
+    let mut address = [0u8; BLOB_ADDRESS_LEN];
+    address.copy_from_slice(hash.finish().as_ref());
+    let meta = BlobMeta {
+        owner: user.clone(),
+        token: rand::random(),
+        size: request.size,
+        created_secs: state.clock.unix_secs(),
+    };
+    let meta = state.blobs.commit(upload, address, meta).await?;
+    metrics::counter!("roost_blob_uploaded_bytes_total").increment(meta.size);
+    Ok(BlobUploadResponse {
+        blob: BlobRef {
+            domain: state.settings.domain.clone(),
+            address,
+            token: meta.token,
+        },
+        size: meta.size,
+        expires_at: meta.created_secs.saturating_add(config.expiry_secs),
+    })
+}
+
+/// Who asks for a download: a client of this server, or a peer homeserver for one of its
+/// clients.
+pub(crate) enum Downloader<'a> {
+    Client(&'a Authenticated),
+    Peer(&'a [u8]),
+}
+
+/// Answers a download: the response head, then the bytes; or an error frame. A blob of
+/// another domain is fetched through its homeserver. Returns whether every byte was written
+/// (false: the stream must be reset, the client resumes with a range).
+pub(crate) async fn download<W: AsyncWrite + Unpin>(
+    state: &State,
+    who: Downloader<'_>,
+    request: BlobDownloadRequest,
+    out: &mut W,
+) -> bool {
+    let limited = match &who {
+        Downloader::Client(me) => state
+            .blob_download_limiter
+            .check(me.client.to_string().into_bytes()),
+        Downloader::Peer(key) => state.blob_download_limiter.check(key.to_vec()),
+    };
+    if let Err(wait) = limited {
+        return write_error(out, ServiceError::RateLimited(wait)).await;
+    }
+    if request.blob.domain != state.settings.domain {
+        return match who {
+            Downloader::Client(_) => proxy(state, request, out).await,
+            // One hop only: a peer asks for blobs this server stores.
+            Downloader::Peer(_) => write_error(out, ServiceError::BlobNotFound).await,
+        };
+    }
+    let opened = match state
+        .blobs
+        .open(&request.blob.address, request.offset)
+        .await
+    {
+        Ok(opened) => opened,
+        Err(err) => return write_error(out, err).await,
+    };
+    let expiry = state.settings.blobs.expiry_secs;
+    let now = state.clock.unix_secs();
+    let Some((meta, mut reader)) = opened.filter(|(meta, _)| {
+        tokens_equal(&meta.token, &request.blob.token)
+            && meta.created_secs.saturating_add(expiry) > now
+    }) else {
+        return write_error(out, ServiceError::BlobNotFound).await;
+    };
+    if request.offset > meta.size {
+        return write_error(out, ServiceError::BlobRangeNotSatisfiable(meta.size)).await;
+    }
+    let remaining = meta.size - request.offset;
+    let length = request.length.map_or(remaining, |l| l.min(remaining));
+    let head = Response::BlobDownload(BlobDownloadResponse {
+        size: meta.size,
+        offset: request.offset,
+        length,
+    });
+    if !write_response(out, &head).await {
+        return false;
+    }
+    let copied = copy_exact(&mut reader, out, length).await;
+    if copied {
+        metrics::counter!("roost_blob_downloaded_bytes_total").increment(length);
+    }
+    copied
+}
+
+/// Copies exactly `length` bytes; false if either side failed or the reader ended early.
+async fn copy_exact<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    reader: &mut R,
+    out: &mut W,
+    length: u64,
+) -> bool {
+    let mut buf = vec![0u8; IO_CHUNK];
+    let mut left = length;
+    while left > 0 {
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let Some(slot) = buf.get_mut(..want) else {
+            return false;
+        };
+        let read = match reader.read(slot).await {
+            Ok(0) | Err(_) => return false,
+            Ok(read) => read,
+        };
+        let Some(bytes) = buf.get(..read) else {
+            return false;
+        };
+        if out.write_all(bytes).await.is_err() {
+            return false;
+        }
+        left -= read as u64;
+    }
+    true
+}
+
+async fn write_response<W: AsyncWrite + Unpin>(out: &mut W, response: &Response) -> bool {
+    match encode_frame(response) {
+        Ok(frame) => out.write_all(&frame).await.is_ok(),
+        Err(err) => {
+            tracing::error!(%err, "blob response cannot be encoded");
+            false
+        }
+    }
+}
+
+async fn write_error<W: AsyncWrite + Unpin>(out: &mut W, err: ServiceError) -> bool {
+    match &err {
+        ServiceError::Store(_) | ServiceError::Internal(_) => {
+            tracing::error!(%err, "blob download failed")
+        }
+        _ => tracing::debug!(%err, "blob download refused"),
+    }
+    write_response(out, &Response::Error(err.to_wire())).await
+}
+
+/// Fetches the blob from its homeserver and streams the answer through, head and bytes.
+async fn proxy<W: AsyncWrite + Unpin>(
+    state: &State,
+    request: BlobDownloadRequest,
+    out: &mut W,
+) -> bool {
+    let domain = request.blob.domain.clone();
+    let frame = match encode_frame(&FederationRequest::BlobDownload(request)) {
+        Ok(frame) => frame,
+        Err(err) => return write_response(out, &Response::Error(err.to_wire())).await,
+    };
+    let (mut send, mut recv) = match state.federation.open_stream(&domain).await {
+        Ok(streams) => streams,
+        Err(err) => return write_error(out, err).await,
+    };
+    let unreachable = || ServiceError::PeerUnreachable(domain.to_string());
+    if send.write_all(&frame).await.is_err() || send.finish().is_err() {
+        return write_error(out, unreachable()).await;
+    }
+    let head = match read_head(&mut recv, state).await {
+        Ok(head) => head,
+        Err(err) => return write_response(out, &Response::Error(err)).await,
+    };
+    let length = match &head {
+        Response::BlobDownload(head) => head.length,
+        Response::Error(_) => 0,
+        _ => return write_error(out, unreachable()).await,
+    };
+    metrics::counter!("roost_blob_proxied_total").increment(1);
+    write_response(out, &head).await && copy_exact(&mut recv, out, length).await
+}
+
+async fn read_head<R: AsyncRead + Unpin>(
+    recv: &mut R,
+    state: &State,
+) -> Result<Response, WireError> {
+    let timeout = state.settings.limits.request_read_timeout();
+    let read = async {
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        recv.read_exact(&mut header).await.ok()?;
+        let len = frame_len(header, MAX_HEAD_LEN).ok()?;
+        let mut body = vec![0u8; len];
+        recv.read_exact(&mut body).await.ok()?;
+        decode_body::<Response>(&body).ok()
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Some(head)) => Ok(head),
+        _ => Err(ServiceError::PeerUnreachable("the blob's homeserver".into()).to_wire()),
+    }
+}
+
+/// Deletes expired blobs (the sweeper calls this).
+pub(crate) async fn expire(state: &State) -> Result<u64, ServiceError> {
+    let cutoff = state
+        .clock
+        .unix_secs()
+        .saturating_sub(state.settings.blobs.expiry_secs);
+    state.blobs.expire(cutoff).await
+}
