@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::ServerConfig;
 use crate::error::{RoostError, parse};
 use crate::event::Event;
-use crate::run;
+use crate::{run, run_cancellable};
 
 /// How long [`RoostClient::close`] waits for calls in flight before closing without them.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
@@ -323,7 +323,7 @@ impl RoostClient {
         }
         let client = self.client()?;
         let mut closed = self.closed.subscribe();
-        run(async move {
+        run_cancellable(async move {
             tokio::select! {
                 event = client.next_event() => Ok(event?.into()),
                 _ = closed.wait_for(|closed| *closed) => Err(RoostError::Closed),

@@ -36,6 +36,13 @@ pub struct ServerConfig {
     /// Registration token, for homeservers that gate registration.
     #[uniffi(default = None)]
     pub registration_token: Option<String>,
+    /// Limit of one connection handshake in milliseconds (default 10 000).
+    #[uniffi(default = None)]
+    pub connect_timeout_ms: Option<u32>,
+    /// Rounds of connection attempts (each trying every address) before a call fails with a
+    /// network error (default 3).
+    #[uniffi(default = None)]
+    pub connect_attempts: Option<u32>,
 }
 
 impl ServerConfig {
@@ -66,6 +73,17 @@ impl ServerConfig {
         let mut config =
             ClientConfig::new(ConnectConfig::with_addrs(addrs, self.domain.clone(), trust));
         config.registration_token = self.registration_token.clone();
+        if let Some(millis) = self.connect_timeout_ms {
+            config.connect.connect_timeout = std::time::Duration::from_millis(millis.into());
+        }
+        if let Some(attempts) = self.connect_attempts {
+            if attempts == 0 {
+                return Err(RoostError::InvalidArgument {
+                    message: "connect_attempts must be at least 1".into(),
+                });
+            }
+            config.connect_attempts = attempts;
+        }
         Ok(config)
     }
 }

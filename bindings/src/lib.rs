@@ -62,7 +62,30 @@ where
     T: Send + 'static,
     F: Future<Output = Result<T, RoostError>> + Send + 'static,
 {
-    match runtime()?.spawn(work).await {
+    outcome(runtime()?.spawn(work).await)
+}
+
+/// Like [`run`], but if the foreign side stops waiting, `work` is stopped too: for waits that
+/// must not finish unseen (an event taken by an abandoned `next_event` would be lost).
+async fn run_cancellable<T, F>(work: F) -> Result<T, RoostError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, RoostError>> + Send + 'static,
+{
+    struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+    impl<T> Drop for AbortOnDrop<T> {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let mut task = AbortOnDrop(runtime()?.spawn(work));
+    outcome((&mut task.0).await)
+}
+
+fn outcome<T>(
+    joined: Result<Result<T, RoostError>, tokio::task::JoinError>,
+) -> Result<T, RoostError> {
+    match joined {
         Ok(result) => result,
         Err(err) if err.is_panic() => {
             tracing::error!("an SDK call panicked");
