@@ -52,13 +52,18 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// Send a text message to a group.
+    /// Send a text message to a group. The message is queued in the profile first: if the
+    /// server is unreachable, it says so and exits 0, and the next command that reaches the
+    /// server (or `recv --follow` once it is back) sends it.
     Send {
         /// The group: its id or its local name.
         group: String,
         /// The message.
         text: String,
     },
+    /// List the messages waiting to be sent (and those that failed) as
+    /// ID<TAB>GROUP<TAB>STATE<TAB>QUEUED (seconds since the Unix epoch).
+    Outbox,
     /// Print received messages as GROUP<TAB>SENDER<TAB>TEXT, one per line; join groups you
     /// are invited to. Other events go to stderr (to stdout with --json).
     Recv {

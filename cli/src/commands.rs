@@ -6,7 +6,7 @@ use std::io::{Read as _, Write as _};
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow, bail};
-use roost_client::{Client, ClientError, UserKey};
+use roost_client::{Client, ClientError, OutgoingState, UserKey};
 use roost_protocol::{ClientId, DeviceName, ErrorCode, GroupId, UserId};
 use serde_json::json;
 
@@ -14,7 +14,7 @@ use crate::args::{Command, DeviceCommand, GroupCommand, ServerArgs};
 use crate::errors;
 use crate::events;
 use crate::profile::{self, Settings, TrustKind};
-use crate::session::{self, Context, Session};
+use crate::session::{self, Check, Context, Session};
 
 /// The first line of a user key file, before the key in hex.
 const USER_KEY_PREFIX: &str = "roost-user-key-v1 ";
@@ -59,8 +59,14 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
         Command::Whoami => whoami(ctx),
         Command::Group { command } => group(ctx, command).await,
         Command::Send { group, text } => {
-            let session = Session::open(ctx, false, true).await?;
+            let session = Session::open(ctx, false, Check::Tolerant).await?;
             let result = send(ctx, &session, &group, &text).await;
+            session.close().await;
+            result
+        }
+        Command::Outbox => {
+            let session = Session::open(ctx, false, Check::Tolerant).await?;
+            let result = outbox(ctx, &session).await;
             session.close().await;
             result
         }
@@ -261,7 +267,7 @@ fn read_user_key(ctx: &Context, path: &Path) -> anyhow::Result<UserKey> {
 
 /// Writes the user key to a new file (mode 0600) or to standard output.
 async fn export_user_key(ctx: &Context, path: &Path) -> anyhow::Result<()> {
-    let session = Session::open(ctx, false, false).await?;
+    let session = Session::open(ctx, false, Check::Skip).await?;
     let key = session.client.user_key();
     session.close().await;
     let key = key.ok_or_else(|| {
@@ -302,7 +308,7 @@ async fn export_user_key(ctx: &Context, path: &Path) -> anyhow::Result<()> {
 
 /// `device list`: DEVICE<TAB>CLIENT, this device marked.
 async fn list_devices(ctx: &Context) -> anyhow::Result<()> {
-    let session = Session::open(ctx, false, false).await?;
+    let session = Session::open(ctx, false, Check::Skip).await?;
     let me = session.client.client_id().clone();
     let devices = session.client.devices().await;
     let servers = session.settings.servers_text();
@@ -326,7 +332,7 @@ async fn list_devices(ctx: &Context) -> anyhow::Result<()> {
 
 /// `device remove DEVICE`.
 async fn remove_device(ctx: &Context, device: &DeviceName) -> anyhow::Result<()> {
-    let session = Session::open(ctx, false, false).await?;
+    let session = Session::open(ctx, false, Check::Skip).await?;
     if session.client.client_id().device == *device {
         session.close().await;
         bail!("{device} is this device: remove it from another device of the user");
@@ -367,7 +373,7 @@ async fn group(ctx: &Context, command: GroupCommand) -> anyhow::Result<()> {
     if let GroupCommand::Create { name: Some(name) } = &command {
         profile::check_name(name)?;
     }
-    let mut session = Session::open(ctx, false, true).await?;
+    let mut session = Session::open(ctx, false, Check::Required).await?;
     let result = group_in(ctx, &mut session, command).await;
     session.close().await;
     result
@@ -532,15 +538,92 @@ async fn group_in(
 }
 
 async fn send(ctx: &Context, session: &Session, group: &str, text: &str) -> anyhow::Result<()> {
-    session.sync().await?;
+    if session.online {
+        session.sync().await?;
+    }
     let id = session.member_group(group)?;
-    session
+    let message = session
         .client
         .send_text(&id, text)
         .await
         .map_err(|err| session.fail(&err))?;
-    ctx.out
-        .json(json!({"group": id.to_string(), "sent": true}))?;
+    // Durably queued: from here on it goes out with this command or a later one.
+    let flushed = if session.online {
+        session.client.flush().await
+    } else {
+        Ok(())
+    };
+    let state = session
+        .client
+        .outbox()
+        .await
+        .map_err(|err| session.fail(&err))?
+        .into_iter()
+        .find(|m| m.id == message)
+        .map(|m| m.state);
+    match state {
+        None => {
+            ctx.out.json(json!({
+                "group": id.to_string(), "id": message.to_string(), "sent": true,
+            }))?;
+        }
+        Some(OutgoingState::Failed(failure)) => {
+            bail!("message {message} cannot be sent: {failure}");
+        }
+        Some(_) => {
+            let why = match flushed {
+                Err(err) => session.fail(&err).to_string(),
+                Ok(()) if !session.online => {
+                    format!("server unreachable: {}", session.settings.servers_text())
+                }
+                Ok(()) => "not accepted yet".to_owned(),
+            };
+            ctx.out.note(format!(
+                "queued message {message} ({why}); the next roost-cli command that reaches the \
+                 server sends it (`roost-cli outbox` lists what waits)"
+            ));
+            ctx.out.json(json!({
+                "group": id.to_string(), "id": message.to_string(), "sent": false, "queued": true,
+            }))?;
+        }
+    }
+    Ok(())
+}
+
+/// `outbox`: what waits to be sent, and what failed. Plain: `ID<TAB>GROUP<TAB>STATE<TAB>QUEUED`
+/// (QUEUED in seconds since the Unix epoch); JSON: one object per message.
+async fn outbox(ctx: &Context, session: &Session) -> anyhow::Result<()> {
+    let messages = session
+        .client
+        .outbox()
+        .await
+        .map_err(|err| session.fail(&err))?;
+    for message in messages {
+        let (state, failure) = match &message.state {
+            OutgoingState::Failed(failure) => ("failed", Some(failure.to_string())),
+            _ => ("queued", None),
+        };
+        let queued_at = message
+            .queued_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let label = session.names.label(&message.group);
+        let line = match &failure {
+            Some(failure) => format!("{}\t{label}\tfailed: {failure}\t{queued_at}", message.id),
+            None => format!("{}\t{label}\t{state}\t{queued_at}", message.id),
+        };
+        ctx.out.print(
+            line,
+            json!({
+                "id": message.id.to_string(),
+                "group": message.group.to_string(),
+                "name": session.names.name_of(&message.group),
+                "state": state,
+                "failure": failure,
+                "queued_at": queued_at,
+            }),
+        )?;
+    }
     Ok(())
 }
 

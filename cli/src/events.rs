@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use roost_client::{ClientError, Content, Event};
+use roost_client::{ClientError, Content, Event, OutgoingState};
 use roost_protocol::{ClientId, GroupId};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::output::{Output, one_line};
 use crate::profile::Names;
-use crate::session::{Context, Session};
+use crate::session::{Check, Context, Session};
 
 /// After the first message of `recv --wait`, how long to keep collecting messages that
 /// arrive right behind it.
@@ -25,7 +25,7 @@ const GRACE: Duration = Duration::from_millis(300);
 /// `recv`: prints what is waiting; with `wait`, waits up to that many seconds for a first
 /// message; with `follow`, prints until Ctrl-C.
 pub(crate) async fn recv(ctx: &Context, wait: Option<u64>, follow: bool) -> anyhow::Result<()> {
-    let session = Session::open(ctx, wait.is_some() || follow, true).await?;
+    let session = Session::open(ctx, wait.is_some() || follow, Check::Required).await?;
     let result = recv_in(ctx.out, &session, wait, follow).await;
     session.close().await;
     result
@@ -72,7 +72,7 @@ async fn recv_in(
 
 /// `chat`: lines typed are sent to the group; events are shown as they arrive.
 pub(crate) async fn chat(ctx: &Context, group: &str) -> anyhow::Result<()> {
-    let session = Session::open(ctx, true, true).await?;
+    let session = Session::open(ctx, true, Check::Required).await?;
     let result = chat_in(ctx.out, &session, group).await;
     session.close().await;
     result
@@ -142,7 +142,7 @@ async fn chat_line(
         _ => line,
     };
     match session.client.send_text(group, text).await {
-        Ok(()) => Ok(true),
+        Ok(_) => Ok(true),
         Err(err @ ClientError::UnknownGroup(_)) => Err(session.fail(&err)),
         Err(err) => {
             // Keep the chat open: the next line may go through (e.g. after a reconnect).
@@ -235,6 +235,37 @@ pub(crate) fn show(
             "group_error",
             format!("{label}: {reason}"),
             json!({"reason": reason}),
+        ),
+        Event::Outgoing { id, state, .. } => match state {
+            OutgoingState::Failed(failure) => (
+                "outgoing",
+                format!("{label}: message {id} cannot be sent: {failure}"),
+                json!({"id": id.to_string(), "state": "failed", "failure": failure.to_string()}),
+            ),
+            _ => (
+                "outgoing",
+                format!("{label}: message {id} sent"),
+                json!({"id": id.to_string(), "state": "sent"}),
+            ),
+        },
+        Event::Rejoined { .. } => (
+            "rejoined",
+            format!("{label}: this device had fallen behind and rejoined the group"),
+            json!({}),
+        ),
+        Event::MemberRejoined { member, .. } => (
+            "member_rejoined",
+            format!("{label}: {member} had fallen behind and rejoined"),
+            json!({"member": member.to_string()}),
+        ),
+        Event::CommitSettled { added, removed, .. } => (
+            "commit_settled",
+            format!(
+                "{label}: your earlier change went through (added: {}; removed: {})",
+                list(added),
+                list(removed)
+            ),
+            json!({"added": strings(added), "removed": strings(removed)}),
         ),
         other => (
             "other",

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use roost_client::transport::{ConnectConfig, Endpoint, TrustConfig};
+use roost_client::transport::{ConnectConfig, Endpoint, TransportError, TrustConfig};
 use roost_client::{Client, ClientConfig, ClientError};
 use roost_protocol::GroupId;
 
@@ -77,21 +77,23 @@ pub(crate) fn client_config(
 /// `config.server_addrs` (the others keep their order after it), so the client does not try
 /// the ones that did not answer first again.
 pub(crate) async fn probe(config: &mut ConnectConfig, server: &str) -> anyhow::Result<()> {
-    let endpoint = Endpoint::for_servers(&config.server_addrs)
-        .map_err(|err| anyhow!(errors::describe_transport(&err, server)))?;
+    probe_transport(config)
+        .await
+        .map_err(|err| anyhow!(errors::describe_transport(&err, server)))
+}
+
+/// [`probe`], with the transport's error.
+async fn probe_transport(config: &mut ConnectConfig) -> Result<(), TransportError> {
+    let endpoint = Endpoint::for_servers(&config.server_addrs)?;
     let result = endpoint.connect(config).await;
     endpoint.close();
-    match result {
-        Ok(connection) => {
-            connection.close();
-            let answered = connection.server_addr();
-            if let Some(index) = config.server_addrs.iter().position(|a| *a == answered) {
-                config.server_addrs.rotate_left(index);
-            }
-            Ok(())
-        }
-        Err(err) => bail!(errors::describe_transport(&err, server)),
+    let connection = result?;
+    connection.close();
+    let answered = connection.server_addr();
+    if let Some(index) = config.server_addrs.iter().position(|a| *a == answered) {
+        config.server_addrs.rotate_left(index);
     }
+    Ok(())
 }
 
 /// An opened profile: settings, local names and the SDK client.
@@ -99,12 +101,31 @@ pub(crate) struct Session {
     pub(crate) client: Client,
     pub(crate) settings: Settings,
     pub(crate) names: Names,
+    /// Whether the server answered a probe when the session opened.
+    pub(crate) online: bool,
 }
+
+/// Whether [`Session::open`] checks that the server answers first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// No probe (commands that are local, or report the server's errors themselves).
+    Skip,
+    /// Fail if it does not (every command that needs the server).
+    Required,
+    /// Go on without it if it is merely unreachable (`send` queues, `outbox` lists); a
+    /// refused certificate still fails.
+    Tolerant,
+}
+
+/// The connect timeout once a command knows the server is down: one more attempt only
+/// costs this.
+const OFFLINE_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
 
 impl Session {
     /// Opens the profile of `ctx`. `listen` keeps a listen stream open (for waiting on
-    /// messages); `check` probes the server first (every command but local ones).
-    pub(crate) async fn open(ctx: &Context, listen: bool, check: bool) -> anyhow::Result<Self> {
+    /// messages); `check` says whether the server must answer a probe first. When it answers,
+    /// the outgoing queue is delivered first.
+    pub(crate) async fn open(ctx: &Context, listen: bool, check: Check) -> anyhow::Result<Self> {
         let settings = ctx.profile.settings()?;
         let names = ctx.profile.names()?;
         let trust = ctx.profile.trust(&settings)?;
@@ -120,16 +141,38 @@ impl Session {
             ctx.out.note(format!("warning: {err}"));
         }
         let mut config = client_config(addrs, &settings.domain, trust, ctx.timeout, listen);
-        if check {
-            probe(&mut config.connect, &servers).await?;
+        let mut online = check != Check::Skip;
+        match check {
+            Check::Skip => {}
+            Check::Required => probe(&mut config.connect, &servers).await?,
+            Check::Tolerant => {
+                if let Err(err) = probe_transport(&mut config.connect).await {
+                    if !err.is_transient() {
+                        bail!(errors::describe_transport(&err, &servers));
+                    }
+                    // The server is down: work from the profile alone (e.g. queue a message).
+                    // The SDK's own attempts give up at once instead of waiting again.
+                    online = false;
+                    config.connect_attempts = 1;
+                    config.connect.connect_timeout = OFFLINE_CONNECT_TIMEOUT;
+                }
+            }
         }
         let client = Client::open(config, ctx.profile.database())
             .await
             .map_err(|err| anyhow!(errors::describe(&err, &servers)))?;
+        // Messages an earlier command queued while the server was down go out now.
+        if online && let Err(err) = client.flush().await {
+            ctx.out.note(format!(
+                "warning: queued messages not sent yet: {}",
+                errors::coded_client_error(&err, &servers)
+            ));
+        }
         Ok(Self {
             client,
             settings,
             names,
+            online,
         })
     }
 

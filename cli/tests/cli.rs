@@ -124,9 +124,13 @@ impl Drop for Harness {
 }
 
 fn start_server(runtime: &tokio::runtime::Runtime, data_dir: &Path) -> Server {
+    start_server_at(runtime, data_dir, "127.0.0.1:0")
+}
+
+fn start_server_at(runtime: &tokio::runtime::Runtime, data_dir: &Path, listen: &str) -> Server {
     let config = Config {
         domain: "localhost".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen: listen.parse().unwrap(),
         data_dir: data_dir.to_owned(),
         ..Config::default()
     };
@@ -175,14 +179,26 @@ fn two_users_talk_both_ways() {
     // bob names the group locally and answers, with a tab and a newline in the text.
     h.ok("bob", &["group", "name", group, "with-alice"]);
     let sent = json_lines(&h.ok("bob", &["--json", "send", "with-alice", "hi\talice\n:)"]));
+    let [sent] = sent.as_slice() else {
+        panic!("{sent:?}")
+    };
     assert_eq!(
-        sent,
-        vec![serde_json::json!({"group": group, "sent": true})]
+        (&sent["group"], &sent["sent"]),
+        (&group.into(), &true.into())
+    );
+    let id = sent["id"].as_str().unwrap();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
     );
 
     let out = h.ok("alice", &["--json", "recv"]);
     let events = json_lines(&out);
-    assert_eq!(events.len(), 1, "{out}");
+    // alice's own "hello bob" was reported sent when the hub took it.
+    assert_eq!(events.len(), 2, "{out}");
+    assert_eq!(events[0]["event"], "outgoing");
+    assert_eq!(events[0]["state"], "sent");
+    let events = &events[1..];
     assert_eq!(events[0]["event"], "message");
     assert_eq!(events[0]["group"], group);
     assert_eq!(events[0]["name"], "team");
@@ -708,4 +724,64 @@ fn errors_say_what_to_do_and_json_errors_carry_a_stable_code() {
          operator for a new one"
     );
     h.runtime.block_on(server.shutdown());
+}
+
+#[test]
+fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
+    let mut h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+    let group = h.ok("alice", &["group", "create", "--name", "team"]);
+    let group = group.trim().to_owned();
+    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
+    h.ok("bob", &["recv"]);
+
+    // The homeserver goes away; sending still works: queued, exit 0.
+    let addr = h.addr();
+    let server = h.server.take().unwrap();
+    h.runtime.block_on(server.shutdown());
+    let out = h.run(
+        "alice",
+        &["--timeout", "1", "send", "team", "written offline"],
+    );
+    let notes = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{notes}");
+    assert!(notes.contains("queued message "), "{notes}");
+    assert!(notes.contains("server unreachable"), "{notes}");
+    let out = h.run(
+        "alice",
+        &["--timeout", "1", "--json", "send", "team", "second"],
+    );
+    assert!(out.status.success());
+    let queued = json_lines(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(queued[0]["queued"], true, "{queued:?}");
+    assert_eq!(queued[0]["sent"], false, "{queued:?}");
+
+    // Both wait, in order, listed by `outbox` (which needs no server).
+    let listed = h.ok("alice", &["--timeout", "1", "outbox"]);
+    let lines: Vec<Vec<&str>> = listed.lines().map(|l| l.split('\t').collect()).collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines.iter().all(|l| l[1] == "team" && l[2] == "queued"),
+        "{listed}"
+    );
+    let listed = json_lines(&h.ok("alice", &["--timeout", "1", "--json", "outbox"]));
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[1]["id"], queued[0]["id"]);
+    assert_eq!(listed[1]["group"], group.as_str());
+    assert_eq!(listed[1]["state"], "queued");
+
+    // The server comes back on its address; alice's next command delivers the queue.
+    let data_dir = h.dir.path().join("server");
+    h.server = Some(start_server_at(&h.runtime, &data_dir, &addr));
+    h.ok("alice", &["group", "list"]);
+    assert_eq!(h.ok("alice", &["outbox"]), "");
+    assert_eq!(
+        h.ok("bob", &["recv"]),
+        format!(
+            "{group}\talice@localhost/cli\twritten offline\n{group}\talice@localhost/cli\tsecond\n"
+        )
+    );
+    // Exactly once.
+    assert_eq!(h.ok("bob", &["recv"]), "");
 }

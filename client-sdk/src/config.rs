@@ -28,6 +28,9 @@ pub struct ClientConfig {
     pub listen: bool,
     /// Delay between attempts to reopen a lost listen stream (default 1 s).
     pub listen_retry: Duration,
+    /// While the homeserver cannot be reached, how often the background task tries to deliver
+    /// the outgoing queue again (default 2 s). Queuing a message or a flush tries at once.
+    pub outbox_retry: Duration,
     /// Registration token, for homeservers that gate registration.
     pub registration_token: Option<String>,
     /// Tolerated clock difference with the AS when checking credential validity (default
@@ -49,6 +52,7 @@ impl ClientConfig {
             connect_attempts: 3,
             listen: true,
             listen_retry: Duration::from_secs(1),
+            outbox_retry: Duration::from_secs(2),
             registration_token: None,
             clock_skew: Duration::from_secs(300),
             clock: crate::clock::Clock::system(),

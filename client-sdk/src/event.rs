@@ -6,8 +6,10 @@
 //! each one at least once (see [`Client::next_event`](crate::Client::next_event)).
 
 use roost_protocol::content::{Content, ContentError};
-use roost_protocol::{ClientId, GroupId};
+use roost_protocol::{ClientId, ErrorCode, GroupId};
 use tls_codec::{TlsDeserializeBytes, TlsSerialize, TlsSize};
+
+use crate::outgoing::{MessageId, OutgoingState, SendFailure};
 
 /// Something that happened in one of the client's groups.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +79,44 @@ pub enum Event {
         /// What went wrong.
         reason: String,
     },
+    /// A message of this client's outgoing queue changed state: it was sent (durably accepted
+    /// by the hub) or can never be sent.
+    Outgoing {
+        /// The group it is for.
+        group: GroupId,
+        /// The id `send_*` returned.
+        id: MessageId,
+        /// [`OutgoingState::Sent`] or [`OutgoingState::Failed`].
+        state: OutgoingState,
+    },
+    /// This client's state of the group could not be used any more (it missed commits that
+    /// are gone from its queue, its profile was restored from an old copy, it was offline
+    /// longer than the queue keeps messages), so the SDK rejoined the group by external
+    /// commit on its own. Messages sent to the group while this client was behind are not
+    /// readable by it.
+    Rejoined {
+        /// The group.
+        group: GroupId,
+    },
+    /// Another member rejoined the group by external commit (its device had fallen behind):
+    /// it cannot read what was sent while it was behind.
+    MemberRejoined {
+        /// The group.
+        group: GroupId,
+        /// The member that rejoined.
+        member: ClientId,
+    },
+    /// A commit of this client that was left pending (the app stopped, or the homeserver
+    /// was unreachable, before its outcome was known) was accepted by the hub and is now
+    /// applied: these members were added and removed by it.
+    CommitSettled {
+        /// The group.
+        group: GroupId,
+        /// Members the commit added.
+        added: Vec<ClientId>,
+        /// Members the commit removed.
+        removed: Vec<ClientId>,
+    },
 }
 
 impl Event {
@@ -100,7 +140,11 @@ impl Event {
             | Event::MembersRemoved { group, .. }
             | Event::RemovedFromGroup { group, .. }
             | Event::CredentialRejected { group, .. }
-            | Event::GroupError { group, .. } => group,
+            | Event::GroupError { group, .. }
+            | Event::Outgoing { group, .. }
+            | Event::Rejoined { group }
+            | Event::MemberRejoined { group, .. }
+            | Event::CommitSettled { group, .. } => group,
         }
     }
 }
@@ -139,6 +183,96 @@ pub(crate) enum StoredEvent {
     },
     #[tls_codec(discriminant = 7)]
     GroupError { group: GroupId, reason: Vec<u8> },
+    #[tls_codec(discriminant = 8)]
+    Outgoing {
+        group: GroupId,
+        id: u64,
+        state: StoredOutgoingState,
+    },
+    #[tls_codec(discriminant = 9)]
+    Rejoined { group: GroupId },
+    #[tls_codec(discriminant = 10)]
+    MemberRejoined { group: GroupId, member: ClientId },
+    #[tls_codec(discriminant = 11)]
+    CommitSettled {
+        group: GroupId,
+        added: Vec<ClientId>,
+        removed: Vec<ClientId>,
+    },
+}
+
+/// The on-disk form of an [`OutgoingState`] (also used in the outgoing queue's records).
+#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+#[repr(u16)]
+pub(crate) enum StoredOutgoingState {
+    #[tls_codec(discriminant = 1)]
+    Queued,
+    #[tls_codec(discriminant = 2)]
+    Sent,
+    #[tls_codec(discriminant = 3)]
+    Failed(StoredFailure),
+}
+
+/// The on-disk form of a [`SendFailure`].
+#[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+#[repr(u16)]
+pub(crate) enum StoredFailure {
+    #[tls_codec(discriminant = 1)]
+    RemovedFromGroup,
+    #[tls_codec(discriminant = 2)]
+    NoSuchGroup,
+    #[tls_codec(discriminant = 3)]
+    Refused { code: ErrorCode, reason: Vec<u8> },
+    #[tls_codec(discriminant = 4)]
+    TooManyAttempts,
+}
+
+impl From<&SendFailure> for StoredFailure {
+    fn from(failure: &SendFailure) -> Self {
+        match failure {
+            SendFailure::RemovedFromGroup => StoredFailure::RemovedFromGroup,
+            SendFailure::NoSuchGroup => StoredFailure::NoSuchGroup,
+            SendFailure::Refused { code, reason } => StoredFailure::Refused {
+                code: *code,
+                reason: reason.clone().into_bytes(),
+            },
+            SendFailure::TooManyAttempts => StoredFailure::TooManyAttempts,
+        }
+    }
+}
+
+impl From<StoredFailure> for SendFailure {
+    fn from(failure: StoredFailure) -> Self {
+        match failure {
+            StoredFailure::RemovedFromGroup => SendFailure::RemovedFromGroup,
+            StoredFailure::NoSuchGroup => SendFailure::NoSuchGroup,
+            StoredFailure::Refused { code, reason } => SendFailure::Refused {
+                code,
+                reason: String::from_utf8_lossy(&reason).into_owned(),
+            },
+            StoredFailure::TooManyAttempts => SendFailure::TooManyAttempts,
+        }
+    }
+}
+
+impl From<&OutgoingState> for StoredOutgoingState {
+    fn from(state: &OutgoingState) -> Self {
+        match state {
+            OutgoingState::Queued => StoredOutgoingState::Queued,
+            OutgoingState::Sent => StoredOutgoingState::Sent,
+            OutgoingState::Failed(failure) => StoredOutgoingState::Failed(failure.into()),
+        }
+    }
+}
+
+impl From<StoredOutgoingState> for OutgoingState {
+    fn from(state: StoredOutgoingState) -> Self {
+        match state {
+            StoredOutgoingState::Queued => OutgoingState::Queued,
+            StoredOutgoingState::Sent => OutgoingState::Sent,
+            StoredOutgoingState::Failed(failure) => OutgoingState::Failed(failure.into()),
+        }
+    }
 }
 
 impl From<&Event> for StoredEvent {
@@ -173,6 +307,24 @@ impl From<&Event> for StoredEvent {
             Event::GroupError { group, reason } => StoredEvent::GroupError {
                 group,
                 reason: reason.into_bytes(),
+            },
+            Event::Outgoing { group, id, state } => StoredEvent::Outgoing {
+                group,
+                id: id.as_u64(),
+                state: (&state).into(),
+            },
+            Event::Rejoined { group } => StoredEvent::Rejoined { group },
+            Event::MemberRejoined { group, member } => {
+                StoredEvent::MemberRejoined { group, member }
+            }
+            Event::CommitSettled {
+                group,
+                added,
+                removed,
+            } => StoredEvent::CommitSettled {
+                group,
+                added,
+                removed,
             },
         }
     }
@@ -212,6 +364,24 @@ impl From<StoredEvent> for Event {
                 group,
                 reason: text(reason),
             },
+            StoredEvent::Outgoing { group, id, state } => Event::Outgoing {
+                group,
+                id: MessageId::from_u64(id),
+                state: state.into(),
+            },
+            StoredEvent::Rejoined { group } => Event::Rejoined { group },
+            StoredEvent::MemberRejoined { group, member } => {
+                Event::MemberRejoined { group, member }
+            }
+            StoredEvent::CommitSettled {
+                group,
+                added,
+                removed,
+            } => Event::CommitSettled {
+                group,
+                added,
+                removed,
+            },
         }
     }
 }
@@ -242,6 +412,31 @@ mod tests {
                 group: group.clone(),
                 client: None,
                 reason: "key mismatch".into(),
+            },
+            Event::Outgoing {
+                group: group.clone(),
+                id: MessageId::from_u64(7),
+                state: OutgoingState::Sent,
+            },
+            Event::Outgoing {
+                group: group.clone(),
+                id: MessageId::from_u64(u64::MAX),
+                state: OutgoingState::Failed(SendFailure::Refused {
+                    code: ErrorCode::NOT_MEMBER,
+                    reason: "not a member".into(),
+                }),
+            },
+            Event::Rejoined {
+                group: group.clone(),
+            },
+            Event::MemberRejoined {
+                group: group.clone(),
+                member: alice.clone(),
+            },
+            Event::CommitSettled {
+                group: group.clone(),
+                added: vec![alice.clone()],
+                removed: Vec::new(),
             },
         ];
         for event in events {

@@ -73,6 +73,7 @@ mod event;
 #[doc(hidden)]
 pub mod fuzzing;
 mod mls;
+mod outgoing;
 mod store;
 pub mod transport;
 
@@ -80,6 +81,7 @@ pub use client::{Client, UserKey};
 pub use config::ClientConfig;
 pub use error::ClientError;
 pub use event::Event;
+pub use outgoing::{MessageId, MessageIdError, OutgoingMessage, OutgoingState, SendFailure};
 pub use roost_protocol::content::{Content, ContentError, ContentType};
 pub use store::StoreError;
 

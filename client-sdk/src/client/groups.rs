@@ -16,11 +16,10 @@
 
 use std::collections::BTreeSet;
 
-use roost_protocol::content::Content;
 use roost_protocol::messages::auth::DiscoverUserRequest;
 use roost_protocol::messages::delivery::{
     CommitRequest, CreateGroupRequest, ExternalJoinRequest, FetchGroupInfoRequest,
-    LeaveGroupRequest, SendMessageRequest,
+    LeaveGroupRequest,
 };
 use roost_protocol::messages::keypackage::{
     ClaimClientKeyPackageRequest, ClaimUserKeyPackagesRequest, ClaimedKeyPackage,
@@ -32,7 +31,7 @@ use super::{Client, Inner};
 use crate::error::ClientError;
 use crate::event::Event;
 use crate::mls::{Mls, ValidKeyPackage};
-use crate::store::{Changes, GroupRecord, PendingCommit};
+use crate::store::{Changes, GroupRecord, PendingCommit, PendingKind};
 use crate::transport::RequestError;
 
 /// How a pending commit was settled.
@@ -146,60 +145,6 @@ impl Client {
         };
         inner.follow_up(outcome).await;
         Ok(removed)
-    }
-
-    /// Sends a text message to the group: [`Client::send_content`] with [`Content::Text`].
-    pub async fn send_text(&self, group: &GroupId, text: &str) -> Result<(), ClientError> {
-        self.send(group, &Content::text(text).encode()).await
-    }
-
-    /// Sends `content`, encoded as a `MessageContent` (PROTOCOL.md §4.5), to every other member
-    /// of the group. Receivers read it with [`Event::content`](crate::Event::content).
-    pub async fn send_content(
-        &self,
-        group: &GroupId,
-        content: &Content,
-    ) -> Result<(), ClientError> {
-        self.send(group, &content.encode()).await
-    }
-
-    /// Encrypts `bytes` for the group, as they are, and sends it to every other member.
-    ///
-    /// The plaintext of a roost application message is a `MessageContent` (PROTOCOL.md §4.5):
-    /// use [`Client::send_text`] or [`Client::send_content`], which encode it. This method is
-    /// for apps that encode content themselves; receivers report other bytes as unreadable.
-    pub async fn send(&self, group: &GroupId, bytes: &[u8]) -> Result<(), ClientError> {
-        let inner = &self.inner;
-        let mut outcome = Outcome::default();
-        {
-            let mls = inner.state.lock().await;
-            inner.settle_all_pending().await?;
-            for attempt in 0..2 {
-                inner.check_member(&mls, group)?;
-                if inner.store.group(group)?.is_some_and(|r| r.leaving == 1) {
-                    return Err(ClientError::LeftGroup(group.clone()));
-                }
-                let message =
-                    inner.mls_op(&mls, |mls| mls.encrypt(&inner.identity, group, bytes))?;
-                // The ratchet generation is used up durably before anything leaves.
-                inner.commit(&mls, Changes::default())?;
-                let request = SendMessageRequest {
-                    group: group.clone(),
-                    message: message.into(),
-                };
-                match inner.conn.call(request).await {
-                    Ok(_) => break,
-                    Err(err)
-                        if attempt == 0 && server_code(&err) == Some(ErrorCode::STALE_EPOCH) =>
-                    {
-                        inner.sync_into(&mls, &mut outcome).await?;
-                    }
-                    Err(err) => return Err(err.into()),
-                }
-            }
-        }
-        inner.follow_up(outcome).await;
-        Ok(())
     }
 
     /// Asks to leave the group: sends a proposal removing this client, which the next commit
@@ -377,6 +322,9 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<Vec<ClientId>, ClientError> {
         self.settle_all_pending().await?;
+        // Messages queued before this commit go out before it, at the epoch they were
+        // encrypted for.
+        self.deliver_group_locked(mls, group, outcome).await?;
         let attempts = self.config.max_commit_attempts.max(1);
         for _ in 0..attempts {
             self.check_member(mls, group)?;
@@ -418,14 +366,20 @@ impl Inner {
             }
             let out = self.mls_op(mls, |mls| mls.commit(&self.identity, group, adds, removes))?;
             // Durable before it leaves: from here on a crash leaves it pending, not lost.
-            let pending = self.store.stash_pending(
-                group,
+            let mut record = PendingCommit::new(
+                PendingKind::Commit,
                 out.commit.into(),
                 out.welcome.map(Into::into),
                 out.group_info.into(),
                 out.context.into(),
-            )?;
-            match self.settle_pending(group, pending).await? {
+            );
+            match intent {
+                Intent::Add(_) => record.added.clone_from(&affected),
+                Intent::Remove(_) => record.removed.clone_from(&affected),
+                Intent::Pending => {}
+            }
+            let pending = self.store.stash_pending(group, record)?;
+            match self.settle_pending(group, pending, false).await? {
                 Settled::Merged => return Ok(affected),
                 Settled::Refused => {}
             }
@@ -446,17 +400,13 @@ impl Inner {
         &self,
         group: &GroupId,
         pending: PendingCommit,
+        announce: bool,
     ) -> Result<Settled, ClientError> {
-        let request = CommitRequest {
-            group: group.clone(),
-            commit: pending.commit.clone(),
-            welcome: pending.welcome.clone(),
-            group_info: pending.group_info.clone(),
-        };
-        let mut answer = self.conn.call(request.clone()).await;
+        let kind = pending.kind();
+        let mut answer = self.send_pending(group, &pending).await;
         if let Err(RequestError::Transport(err)) = &answer {
             tracing::debug!(%group, %err, "commit outcome unknown: sending it again");
-            answer = self.conn.call(request).await;
+            answer = self.send_pending(group, &pending).await;
         }
         if answer.is_ok()
             && self
@@ -468,7 +418,7 @@ impl Inner {
             ));
         }
         let applied = match answer {
-            Ok(_) => true,
+            Ok(epoch) => Some(epoch),
             Err(err)
                 if matches!(
                     server_code(&err),
@@ -501,14 +451,59 @@ impl Inner {
                 return Err(err.into());
             }
         };
-        if applied {
-            self.store
-                .apply_pending(group, pending, Changes::default())?;
-            self.events_ready.notify_waiters();
-            Ok(Settled::Merged)
-        } else {
+        let Some(epoch) = applied else {
             self.store.drop_pending(group)?;
-            Ok(Settled::Refused)
+            return Ok(Settled::Refused);
+        };
+        let mut changes = Changes::default();
+        match kind {
+            PendingKind::ExternalJoin => {
+                changes
+                    .groups
+                    .push((group.clone(), Some(GroupRecord::joined(epoch))));
+                changes.event(Event::Rejoined {
+                    group: group.clone(),
+                });
+            }
+            PendingKind::Commit if announce => changes.event(Event::CommitSettled {
+                group: group.clone(),
+                added: pending.added.clone(),
+                removed: pending.removed.clone(),
+            }),
+            PendingKind::Commit => {}
+        }
+        self.store.apply_pending(group, pending, changes)?;
+        self.events_ready.notify_waiters();
+        Ok(Settled::Merged)
+    }
+
+    /// Sends a pending commit as what it is (Commit or ExternalJoin); returns the epoch the
+    /// DS answered with.
+    async fn send_pending(
+        &self,
+        group: &GroupId,
+        pending: &PendingCommit,
+    ) -> Result<u64, RequestError> {
+        match pending.kind() {
+            PendingKind::Commit => self
+                .conn
+                .call(CommitRequest {
+                    group: group.clone(),
+                    commit: pending.commit.clone(),
+                    welcome: pending.welcome.clone(),
+                    group_info: pending.group_info.clone(),
+                })
+                .await
+                .map(|answer| answer.epoch),
+            PendingKind::ExternalJoin => self
+                .conn
+                .call(ExternalJoinRequest {
+                    group: group.clone(),
+                    commit: pending.commit.clone(),
+                    group_info: pending.group_info.clone(),
+                })
+                .await
+                .map(|answer| answer.epoch),
         }
     }
 
@@ -517,7 +512,9 @@ impl Inner {
     /// operation: the group cannot go on before it is known.
     pub(crate) async fn settle_all_pending(&self) -> Result<(), ClientError> {
         for (group, pending) in self.store.pending_commits()? {
-            match self.settle_pending(&group, pending).await {
+            // Settled here, not by the call that made it (which failed): the app learns it
+            // from an event.
+            match self.settle_pending(&group, pending, true).await {
                 Ok(Settled::Merged) => {
                     tracing::info!(%group, "merged our commit that the DS had accepted");
                 }
@@ -535,15 +532,20 @@ impl Inner {
 
     /// Whether the DS's current state is the one our commit leads to (`context`: the new
     /// epoch's group context, which covers the commit through the transcript hash).
-    async fn was_applied(&self, group: &GroupId, context: &[u8]) -> Result<bool, ClientError> {
+    /// Returns that epoch if so.
+    async fn was_applied(
+        &self,
+        group: &GroupId,
+        context: &[u8],
+    ) -> Result<Option<u64>, ClientError> {
         let info = self
             .conn
             .call(FetchGroupInfoRequest {
                 group: group.clone(),
             })
             .await?;
-        let (_, current) = crate::mls::group_info_context(info.group_info.as_slice())?;
-        Ok(current == context)
+        let (epoch, current) = crate::mls::group_info_context(info.group_info.as_slice())?;
+        Ok((current == context).then_some(epoch))
     }
 
     /// Commits pending leave proposals if this client is the remaining member with the
@@ -580,6 +582,17 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<(), ClientError> {
         let mls = self.state.lock().await;
+        self.rejoin_locked(&mls, group, outcome).await
+    }
+
+    /// [`Inner::rejoin`] with the state lock held. Reports [`Event::Rejoined`] with the new
+    /// state.
+    pub(crate) async fn rejoin_locked(
+        &self,
+        mls: &Mls,
+        group: &GroupId,
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
         let attempts = self.config.max_commit_attempts.max(1);
         for _ in 0..attempts {
             let info = self
@@ -588,7 +601,7 @@ impl Inner {
                     group: group.clone(),
                 })
                 .await?;
-            let (out, members) = self.mls_op(&mls, |mls| {
+            let (out, members) = self.mls_op(mls, |mls| {
                 mls.external_join(
                     &self.identity,
                     group,
@@ -612,7 +625,7 @@ impl Inner {
                             client: rejection.client.clone(),
                             reason: format!("rejoin refused: {}", rejection.reason),
                         });
-                        self.commit(&mls, changes)?;
+                        self.commit(mls, changes)?;
                         return Err(rejection.into());
                     }
                     Err(err) => {
@@ -621,25 +634,22 @@ impl Inner {
                     }
                 }
             }
-            let request = ExternalJoinRequest {
-                group: group.clone(),
-                commit: out.commit.into(),
-                group_info: out.group_info.into(),
-            };
-            match self.conn.call(request).await {
-                Ok(joined) => {
-                    changes
-                        .groups
-                        .push((group.clone(), Some(GroupRecord::joined(joined.epoch))));
-                    return self.commit(&mls, changes);
-                }
-                Err(err) if server_code(&err) == Some(ErrorCode::STALE_EPOCH) => {
-                    mls.store().discard();
-                }
-                Err(err) => {
-                    mls.store().discard();
-                    return Err(err.into());
-                }
+            // Durable before it leaves, like a Commit: an answer lost or an app killed before
+            // it came leaves it pending, and the same bytes are sent again later.
+            let record = PendingCommit::new(
+                PendingKind::ExternalJoin,
+                out.commit.into(),
+                None,
+                out.group_info.into(),
+                out.context.into(),
+            );
+            let pending = self.store.stash_pending(group, record)?;
+            if !changes.verified.is_empty() {
+                self.commit(mls, changes)?;
+            }
+            match self.settle_pending(group, pending, false).await? {
+                Settled::Merged => return Ok(()),
+                Settled::Refused => {}
             }
         }
         let _ = outcome;

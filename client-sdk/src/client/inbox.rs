@@ -328,12 +328,18 @@ impl Inner {
         let incoming = match mls.process(&group, message.message.as_slice()) {
             Ok(incoming) => incoming,
             Err(MlsError::Stale { .. }) => return self.consume_with(mls, seq, None, Vec::new()),
+            Err(MlsError::Replayed) => {
+                // Delivered twice (a retry the hub could not recognise, a redelivery): the
+                // first copy was shown already.
+                tracing::debug!(%group, seq, "dropped a copy of a message processed before");
+                return self.consume_with(mls, seq, None, Vec::new());
+            }
             Err(MlsError::Behind { ours, theirs }) => {
+                // What we missed is gone from our queue: rejoin (one Event::Rejoined once it
+                // worked, a GroupError if it cannot be done).
+                tracing::info!(%group, ours, theirs, "fell behind the group: rejoining");
                 outcome.rejoin.insert(group.clone());
-                let event = error(format!(
-                    "missed messages (at epoch {ours}, got epoch {theirs}); rejoining"
-                ));
-                return self.consume_with(mls, seq, Some(event), Vec::new());
+                return self.consume_with(mls, seq, None, Vec::new());
             }
             Err(MlsError::Storage(err)) => return Err(MlsError::Storage(err).into()),
             Err(err) => {
@@ -392,7 +398,7 @@ impl Inner {
                     .filter_map(|l| l.client.clone())
                     .collect();
                 // A member rejoining by external commit replaces its own old leaf.
-                let rejoined = removed_all.contains(&by);
+                let rejoined = external && removed_all.contains(&by);
                 let removed: Vec<_> = removed_all.into_iter().filter(|c| *c != by).collect();
                 if external && !rejoined {
                     added.push(by.clone());
@@ -406,6 +412,12 @@ impl Inner {
                     changes.groups.push((group.clone(), None));
                     changes.event(Event::RemovedFromGroup { group, by });
                 } else {
+                    if rejoined {
+                        changes.event(Event::MemberRejoined {
+                            group: group.clone(),
+                            member: by.clone(),
+                        });
+                    }
                     if !added.is_empty() {
                         changes.event(Event::MembersAdded {
                             group: group.clone(),
@@ -461,6 +473,18 @@ impl Inner {
             for group in std::mem::take(&mut pending.rejoin) {
                 if let Err(err) = self.rejoin(&group, &mut next).await {
                     tracing::warn!(%err, %group, "cannot rejoin");
+                    let transient = matches!(&err, ClientError::Request(e) if e.is_transient());
+                    if !transient {
+                        let mut changes = Changes::default();
+                        changes.event(Event::GroupError {
+                            group: group.clone(),
+                            reason: format!("fell behind the group and cannot rejoin: {err}"),
+                        });
+                        let mls = self.state.lock().await;
+                        if let Err(err) = self.commit(&mls, changes) {
+                            tracing::warn!(%err, "cannot record an event");
+                        }
+                    }
                 }
             }
             if pending.replenish

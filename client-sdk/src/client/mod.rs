@@ -10,6 +10,7 @@ mod devices;
 mod groups;
 mod inbox;
 mod keypackages;
+mod outbox;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -77,12 +78,14 @@ impl UserKey {
 pub struct Client {
     inner: Arc<Inner>,
     listener: Option<JoinHandle<()>>,
+    /// The task delivering the outgoing queue.
+    sender: Option<JoinHandle<()>>,
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if let Some(listener) = &self.listener {
-            listener.abort();
+        for task in [&self.listener, &self.sender].into_iter().flatten() {
+            task.abort();
         }
     }
 }
@@ -109,6 +112,11 @@ pub(crate) struct Inner {
     /// Test hook: stop right after the DS accepted a commit, before merging it (as if the app
     /// were killed there); see [`Client::simulate_crash_after_commit`].
     crash_after_commit: std::sync::atomic::AtomicBool,
+    /// Wakes the task that delivers the outgoing queue.
+    outbox_ready: Arc<Notify>,
+    /// Test hook: answers of the outgoing queue's requests to throw away; see
+    /// [`Client::simulate_lost_answers`].
+    lose_answers: std::sync::atomic::AtomicU32,
 }
 
 impl Client {
@@ -266,13 +274,20 @@ impl Client {
             acked: AtomicU64::new(0),
             key_package_lock: Mutex::new(()),
             crash_after_commit: std::sync::atomic::AtomicBool::new(false),
+            outbox_ready: Arc::new(Notify::new()),
+            lose_answers: std::sync::atomic::AtomicU32::new(0),
             config,
         });
         let listener = inner
             .config
             .listen
             .then(|| tokio::spawn(inbox::listen_loop(Arc::downgrade(&inner))));
-        Ok(Client { inner, listener })
+        let sender = Some(tokio::spawn(outbox::outbox_loop(Arc::downgrade(&inner))));
+        Ok(Client {
+            inner,
+            listener,
+            sender,
+        })
     }
 
     /// This device's ClientId.
@@ -394,9 +409,12 @@ impl Client {
 
     /// Stops the background listener, closes the connection and releases the profile.
     pub async fn close(mut self) {
-        if let Some(listener) = self.listener.take() {
-            listener.abort();
-            let _ = listener.await;
+        for task in [self.listener.take(), self.sender.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+            let _ = task.await;
         }
         self.inner.conn.close().await;
         self.inner.endpoint.close();

@@ -282,9 +282,17 @@ impl Mls {
         if theirs < ours && matches!(message, ProtocolMessage::PublicMessage(_)) {
             return Err(MlsError::Stale { ours, theirs });
         }
-        let processed = mls_group
-            .process_message(self, message)
-            .map_err(|e| MlsError::refused("processing", e))?;
+        let processed = mls_group.process_message(self, message).map_err(|e| {
+            // The ratchet secret of this message's generation is used up (deleted after the
+            // first decryption, or too far in the past): a copy of a message processed
+            // before (a retransmission, a redelivery, a restored backup of the sender).
+            let debug = format!("{e:?}");
+            if debug.contains("SecretReuseError") || debug.contains("TooDistantInThePast") {
+                MlsError::Replayed
+            } else {
+                MlsError::refused("processing", e)
+            }
+        })?;
         let sender_leaf = match processed.sender() {
             Sender::Member(index) => Some(*index),
             _ => None,

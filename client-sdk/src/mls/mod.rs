@@ -53,6 +53,10 @@ pub(crate) enum MlsError {
     /// The message is for an earlier epoch than the ones we keep.
     #[error("message of old epoch {theirs} (group at epoch {ours})")]
     Stale { ours: u64, theirs: u64 },
+    /// An application message whose ratchet generation was used up already: a copy of one
+    /// this client processed before.
+    #[error("a copy of a message processed before")]
+    Replayed,
     /// The profile database failed.
     #[error(transparent)]
     Storage(#[from] MlsStorageError),

@@ -11,6 +11,7 @@
 //! | `events` | event id → event not yet taken by the app |
 //! | `verified` | encoded ClientId ‖ signature key → `not_after` of the AS credential that vouched for it |
 //! | `pending` | MLS group id → [`PendingCommit`]: a commit sent (or about to be) whose outcome is not known yet |
+//! | `outbox` | queue position → [`OutgoingRecord`]: an application message not yet accepted by the hub, or failed and not yet dismissed |
 //!
 //! Writes happen only in [`Store::commit`]: the openmls overlay and a [`Changes`] set go into
 //! one durable write transaction.
@@ -26,7 +27,7 @@ use roost_protocol::messages::auth::ClientCredential;
 use roost_protocol::{ClientId, GroupId, Opaque};
 use tls_codec::{DeserializeBytes, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
-use crate::event::{Event, StoredEvent};
+use crate::event::{Event, StoredEvent, StoredOutgoingState};
 
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 const MLS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("mls");
@@ -34,12 +35,14 @@ const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("groups")
 const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
 const VERIFIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("verified");
 const PENDING: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("pending");
+const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox");
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &str = "schema";
 const KEY_PROFILE: &str = "profile";
 const KEY_LAST_SEQ: &str = "last_seq";
 const KEY_NEXT_EVENT: &str = "next_event";
+const KEY_NEXT_OUTGOING: &str = "next_outgoing";
 
 /// A failure of the profile database.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +142,84 @@ pub(crate) struct PendingCommit {
     /// The new epoch's group context (to recognise the commit in the DS's GroupInfo).
     pub(crate) context: Opaque,
     writes: Vec<PendingWrite>,
+    /// [`PendingKind`] as a byte.
+    kind: u8,
+    /// The members the commit adds and removes (for the event when it is settled later).
+    pub(crate) added: Vec<ClientId>,
+    pub(crate) removed: Vec<ClientId>,
+}
+
+/// What a pending commit was sent as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PendingKind {
+    /// A Commit of a member.
+    Commit,
+    /// An ExternalJoin (a rejoin by external commit).
+    ExternalJoin,
+}
+
+/// The first layout of [`PendingCommit`] (before external joins and the member lists).
+#[derive(TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct PendingCommitV1 {
+    commit: Opaque,
+    welcome: Option<Opaque>,
+    group_info: Opaque,
+    context: Opaque,
+    writes: Vec<PendingWrite>,
+}
+
+impl PendingCommit {
+    /// A commit about to be sent; the writes of merging it are added by
+    /// [`Store::stash_pending`].
+    pub(crate) fn new(
+        kind: PendingKind,
+        commit: Opaque,
+        welcome: Option<Opaque>,
+        group_info: Opaque,
+        context: Opaque,
+    ) -> Self {
+        Self {
+            commit,
+            welcome,
+            group_info,
+            context,
+            writes: Vec::new(),
+            kind: match kind {
+                PendingKind::Commit => 0,
+                PendingKind::ExternalJoin => 1,
+            },
+            added: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    pub(crate) fn kind(&self) -> PendingKind {
+        if self.kind == 1 {
+            PendingKind::ExternalJoin
+        } else {
+            PendingKind::Commit
+        }
+    }
+
+    /// Reads a record, also in its first layout.
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match decode::<Self>(bytes, "pending commit") {
+            Ok(record) => Ok(record),
+            Err(err) => match PendingCommitV1::tls_deserialize_exact_bytes(bytes) {
+                Ok(old) => Ok(Self {
+                    commit: old.commit,
+                    welcome: old.welcome,
+                    group_info: old.group_info,
+                    context: old.context,
+                    writes: old.writes,
+                    kind: 0,
+                    added: Vec::new(),
+                    removed: Vec::new(),
+                }),
+                Err(_) => Err(err),
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for PendingCommit {
@@ -161,6 +242,43 @@ impl std::fmt::Debug for PendingWrite {
     }
 }
 
+/// A message of the outgoing queue: the ciphertext as it is sent (the same bytes on every
+/// retry) and the plaintext (to encrypt it again if the hub refuses it for its epoch, which
+/// means it was never delivered).
+#[derive(Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+pub(crate) struct OutgoingRecord {
+    pub(crate) id: u64,
+    pub(crate) group: GroupId,
+    /// Milliseconds since the Unix epoch when it was queued.
+    pub(crate) queued_at_ms: u64,
+    pub(crate) message: Opaque,
+    pub(crate) plaintext: Opaque,
+    /// `Queued` or `Failed` (sent messages are deleted).
+    pub(crate) state: StoredOutgoingState,
+}
+
+impl std::fmt::Debug for OutgoingRecord {
+    // Not derived: never print message bodies.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutgoingRecord")
+            .field("id", &self.id)
+            .field("group", &self.group)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A change to the outgoing queue.
+#[derive(Debug)]
+pub(crate) enum OutgoingChange {
+    /// Append at the end of the queue.
+    Push(OutgoingRecord),
+    /// Replace the record at this position.
+    Put(u64, OutgoingRecord),
+    /// Delete the record at this position.
+    Remove(u64),
+}
+
 /// The SDK's side of one state change, written with the openmls overlay.
 #[derive(Debug, Default)]
 pub(crate) struct Changes {
@@ -171,6 +289,7 @@ pub(crate) struct Changes {
     pub(crate) delete_events_up_to: Option<u64>,
     pub(crate) verified: Vec<(ClientId, Vec<u8>, u64)>,
     pub(crate) pending: Vec<(GroupId, Option<PendingCommit>)>,
+    pub(crate) outgoing: Vec<OutgoingChange>,
 }
 
 impl Changes {
@@ -267,6 +386,7 @@ impl Store {
             txn.open_table(EVENTS)?;
             txn.open_table(VERIFIED)?;
             txn.open_table(PENDING)?;
+            txn.open_table(OUTBOX)?;
         }
         txn.commit()?;
         Ok(Self {
@@ -359,9 +479,55 @@ impl Store {
                     None => pending.remove(key.as_slice())?,
                 };
             }
+            let mut outbox = txn.open_table(OUTBOX)?;
+            for change in &changes.outgoing {
+                match change {
+                    OutgoingChange::Push(record) => {
+                        let next = meta
+                            .get(KEY_NEXT_OUTGOING)?
+                            .map(|v| u64_value(v.value()))
+                            .transpose()?
+                            .unwrap_or(1);
+                        outbox.insert(next, encode(record)?.as_slice())?;
+                        meta.insert(KEY_NEXT_OUTGOING, (next + 1).to_be_bytes().as_slice())?;
+                    }
+                    OutgoingChange::Put(position, record) => {
+                        outbox.insert(*position, encode(record)?.as_slice())?;
+                    }
+                    OutgoingChange::Remove(position) => {
+                        outbox.remove(*position)?;
+                    }
+                }
+            }
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// The outgoing queue in order: (position, record).
+    pub(crate) fn outbox(&self) -> Result<Vec<(u64, OutgoingRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        let mut out = Vec::new();
+        for entry in table.iter()? {
+            let (position, value) = entry?;
+            out.push((position.value(), decode(value.value(), "outgoing message")?));
+        }
+        Ok(out)
+    }
+
+    /// The first message of the outgoing queue still to be sent.
+    pub(crate) fn next_queued(&self) -> Result<Option<(u64, OutgoingRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OUTBOX)?;
+        for entry in table.iter()? {
+            let (position, value) = entry?;
+            let record: OutgoingRecord = decode(value.value(), "outgoing message")?;
+            if matches!(record.state, StoredOutgoingState::Queued) {
+                return Ok(Some((position.value(), record)));
+            }
+        }
+        Ok(None)
     }
 
     /// Durably sets the overlay (the writes of merging our commit for `group`) aside as that
@@ -370,26 +536,16 @@ impl Store {
     pub(crate) fn stash_pending(
         &self,
         group: &GroupId,
-        commit: Opaque,
-        welcome: Option<Opaque>,
-        group_info: Opaque,
-        context: Opaque,
+        mut record: PendingCommit,
     ) -> Result<PendingCommit, StoreError> {
         let overlay = std::mem::take(&mut *self.overlay());
-        let writes = overlay
+        record.writes = overlay
             .into_iter()
             .map(|(key, value)| PendingWrite {
                 key: key.into(),
                 value: value.map(Into::into),
             })
             .collect();
-        let record = PendingCommit {
-            commit,
-            welcome,
-            group_info,
-            context,
-            writes,
-        };
         self.commit(Changes {
             pending: vec![(group.clone(), Some(record.clone()))],
             ..Changes::default()
@@ -436,7 +592,7 @@ impl Store {
             let (key, value) = entry?;
             let group = GroupId::from_mls_bytes(key.value())
                 .map_err(|_| StoreError::Corrupt("pending commit's group id".into()))?;
-            out.push((group, decode(value.value(), "pending commit")?));
+            out.push((group, PendingCommit::decode(value.value())?));
         }
         Ok(out)
     }

@@ -34,6 +34,7 @@ async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_rest
         .await
         .unwrap();
     let mut got = Vec::new();
+    let mut settled = Vec::new();
     while got.len() < 2 {
         let event = tokio::time::timeout(EVENT_TIMEOUT, alice.next_event())
             .await
@@ -42,6 +43,8 @@ async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_rest
         match event {
             Event::Message { sender, bytes, .. } => got.push((sender, bytes)),
             Event::GroupError { reason, .. } => panic!("alice's group failed: {reason}"),
+            Event::Rejoined { .. } => panic!("alice rejoined instead of merging her commit"),
+            event @ Event::CommitSettled { .. } => settled.push(event),
             _ => {}
         }
     }
@@ -52,6 +55,15 @@ async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_rest
             (client_id("carol", "phone"), b"two".to_vec())
         ]
     );
+    // The app learns that the invitation it saw fail went through after all.
+    assert_eq!(
+        settled,
+        [Event::CommitSettled {
+            group: group.clone(),
+            added: vec![client_id("carol", "phone")],
+            removed: Vec::new(),
+        }]
+    );
     // She is in the same epoch as the others, with carol.
     alice.send(&group, b"three").await.unwrap();
     for other in [&bob, &carol] {
@@ -61,4 +73,64 @@ async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_rest
         })
         .await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoiner_killed_before_storing_its_accepted_external_join_keeps_it_on_restart() {
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    wait_joined(&bob).await;
+
+    // Bob's app dies after the DS accepted his external commit, before he stored it.
+    bob.simulate_crash_after_commit();
+    assert!(bob.rejoin_group(&group).await.is_err());
+    bob.close().await;
+    let bob = Client::open(t.client_config(), t.profile_path("bob-phone"))
+        .await
+        .unwrap();
+
+    // On restart he keeps the join the DS accepted (no second external commit): alice sees
+    // one rejoin, bob one, and they talk in the new epoch.
+    alice.send(&group, b"still with us?").await.unwrap();
+    let mut rejoins = 0;
+    loop {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, bob.next_event())
+            .await
+            .expect("bob got alice's message in time")
+            .unwrap();
+        match event {
+            Event::Rejoined { .. } => rejoins += 1,
+            Event::Message { bytes, .. } => {
+                assert_eq!(bytes, b"still with us?");
+                break;
+            }
+            Event::GroupError { reason, .. } => panic!("bob's group failed: {reason}"),
+            _ => {}
+        }
+    }
+    assert_eq!(rejoins, 1);
+    bob.send(&group, b"yes").await.unwrap();
+    let mut member_rejoins = 0;
+    loop {
+        match tokio::time::timeout(EVENT_TIMEOUT, alice.next_event())
+            .await
+            .expect("alice got bob's answer in time")
+            .unwrap()
+        {
+            Event::MemberRejoined { member, .. } => {
+                assert_eq!(member, client_id("bob", "phone"));
+                member_rejoins += 1;
+            }
+            Event::Message { bytes, .. } => {
+                assert_eq!(bytes, b"yes");
+                break;
+            }
+            Event::GroupError { reason, .. } => panic!("alice's group failed: {reason}"),
+            _ => {}
+        }
+    }
+    assert_eq!(member_rejoins, 1);
 }

@@ -12,4 +12,5 @@ mod forged;
 mod groups;
 mod minimal;
 mod outage;
+mod outbox;
 mod profile;

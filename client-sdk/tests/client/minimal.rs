@@ -70,6 +70,7 @@ async fn a_minimal_key_package_is_accepted_and_its_owner_joins_from_the_welcome_
         vec![bob.clone()]
     );
     alice.send_text(&group, "hello bob").await.unwrap();
+    alice.flush().await.unwrap();
 
     let queued = conn
         .call(QueueFetchRequest {

@@ -386,18 +386,22 @@ async fn send_numbered(
         seq
     };
     let text = ledger::message_text(index, seq);
-    let outcome =
-        match tokio::time::timeout(OPERATION_LIMIT, client.send(group, text.as_bytes())).await {
-            Ok(Ok(())) => SendOutcome::Acknowledged,
-            Ok(Err(err)) => {
-                let (outcome, code) = classify(&err);
-                if outcome == SendOutcome::Refused {
-                    *lock(refused_codes).entry(code).or_insert(0) += 1;
-                }
-                outcome
+    // Queued, then delivered: acknowledged once the hub accepted it (the queue is empty).
+    let send_and_flush = async {
+        client.send(group, text.as_bytes()).await?;
+        client.flush().await
+    };
+    let outcome = match tokio::time::timeout(OPERATION_LIMIT, send_and_flush).await {
+        Ok(Ok(())) => SendOutcome::Acknowledged,
+        Ok(Err(err)) => {
+            let (outcome, code) = classify(&err);
+            if outcome == SendOutcome::Refused {
+                *lock(refused_codes).entry(code).or_insert(0) += 1;
             }
-            Err(_) => SendOutcome::Unknown,
-        };
+            outcome
+        }
+        Err(_) => SendOutcome::Unknown,
+    };
     lock(ledger)[index].insert(seq, outcome);
     (outcome, seq)
 }
