@@ -9,13 +9,13 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use roost_client::{Client, DeviceName, GroupId, UserId, UserKey};
+use roost_client::{Client, DeviceName, GroupId, MessageId, UserId, UserKey};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ServerConfig;
 use crate::error::{RoostError, parse};
-use crate::event::Event;
+use crate::event::{Event, OutgoingMessage};
 use crate::{run, run_cancellable};
 
 /// How long [`RoostClient::close`] waits for calls in flight before closing without them.
@@ -165,6 +165,28 @@ impl RoostClient {
     }
 }
 
+/// What a send carries.
+enum Payload {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+impl RoostClient {
+    /// Queues `payload` for `group`; returns the message id.
+    async fn send_payload(&self, group: String, payload: Payload) -> Result<String, RoostError> {
+        let client = self.client()?;
+        run(async move {
+            let group: GroupId = parse("group", &group)?;
+            let id = match payload {
+                Payload::Text(text) => client.send_text(&group, &text).await?,
+                Payload::Bytes(bytes) => client.send(&group, &bytes).await?,
+            };
+            Ok(id.to_string())
+        })
+        .await
+    }
+}
+
 fn poisoned() -> RoostError {
     RoostError::Internal {
         message: "a lock was poisoned by an earlier failure".into(),
@@ -261,19 +283,44 @@ impl RoostClient {
         run(async move { Ok(strings(&client.members(&parse("group", &group)?).await?)) }).await
     }
 
-    /// Sends a text message to the group. Returns once the homeserver accepted it.
-    // Issue #14 changes this to return the message's id once it is queued (`MessageId` as a
-    // string); issue #17 adds `send_file` next to it.
-    pub async fn send_text(&self, group: String, text: String) -> Result<(), RoostError> {
+    /// Sends a text message to the group. Returns the message's id as soon as it is durably
+    /// in the profile's outgoing queue (state `Queued`); a background task delivers it, across
+    /// reconnects and restarts, and an `Outgoing` event reports `Sent` or `Failed`. Fails at
+    /// once only for what is known locally (not a member, left the group, profile storage).
+    // Issue #17 adds `send_file` next to it.
+    pub async fn send_text(&self, group: String, text: String) -> Result<String, RoostError> {
+        self.send_payload(group, Payload::Text(text)).await
+    }
+
+    /// The outgoing queue: messages still queued, and failed ones not yet dismissed.
+    pub async fn outbox(&self) -> Result<Vec<OutgoingMessage>, RoostError> {
         let client = self.client()?;
-        run(async move { Ok(client.send_text(&parse("group", &group)?, &text).await?) }).await
+        run(async move { Ok(client.outbox().await?.into_iter().map(Into::into).collect()) }).await
+    }
+
+    /// Waits until the outgoing queue is empty (every message sent or failed); fails with a
+    /// network error if the homeserver is unreachable.
+    pub async fn flush(&self) -> Result<(), RoostError> {
+        let client = self.client()?;
+        run(async move { Ok(client.flush().await?) }).await
+    }
+
+    /// Removes a failed message from the outgoing queue; `false` if there is no failed
+    /// message with this id.
+    pub async fn dismiss(&self, id: String) -> Result<bool, RoostError> {
+        let client = self.client()?;
+        run(async move {
+            let id: MessageId = parse("message id", &id)?;
+            Ok(client.dismiss(id).await?)
+        })
+        .await
     }
 
     /// Sends `bytes` as they are, for apps that encode content themselves (the receiver sees
     /// them as `MessageContent::Unreadable` unless they are a valid content encoding).
-    pub async fn send_bytes(&self, group: String, bytes: Vec<u8>) -> Result<(), RoostError> {
-        let client = self.client()?;
-        run(async move { Ok(client.send(&parse("group", &group)?, &bytes).await?) }).await
+    /// Returns the message's id, like [`RoostClient::send_text`].
+    pub async fn send_bytes(&self, group: String, bytes: Vec<u8>) -> Result<String, RoostError> {
+        self.send_payload(group, Payload::Bytes(bytes)).await
     }
 
     /// This user's current devices (this one included), in device-name order.

@@ -32,7 +32,7 @@ pub use client::{
 };
 pub use config::{ServerConfig, Trust};
 pub use error::RoostError;
-pub use event::{Event, MessageContent};
+pub use event::{Event, MessageContent, OutgoingMessage, OutgoingState, SendFailure};
 
 uniffi::setup_scaffolding!("roost");
 

@@ -37,6 +37,12 @@ class Server:
     """A running homeserver for the domain `localhost`."""
 
     def __init__(self, data: pathlib.Path):
+        self.data = data
+        self.start()
+
+    def start(self) -> None:
+        """Starts (or restarts, on the same data directory) the server, on a new free port."""
+        data = self.data
         self.process = subprocess.Popen(
             [
                 str(roost_binary()),

@@ -15,9 +15,16 @@ async def next_event(client: roost.RoostClient) -> roost.Event:
     return await asyncio.wait_for(client.next_event(), EVENT_TIMEOUT)
 
 
+async def next_other_event(client: roost.RoostClient) -> roost.Event:
+    """The next event that is not about this client's own sent messages (`Outgoing`)."""
+    while (event := await next_event(client)).is_outgoing():
+        assert event.state == roost.OutgoingState.SENT(), event
+    return event
+
+
 async def text_from(client: roost.RoostClient) -> tuple[str, str, str]:
-    """The next event, which must be a text message: (group, sender, text)."""
-    event = await next_event(client)
+    """The next event besides `Outgoing` ones, which must be a text message."""
+    event = await next_other_event(client)
     assert event.is_message(), event
     assert event.content.is_text(), event.content
     return event.group, event.sender, event.content.text
@@ -51,12 +58,12 @@ def test_two_clients_talk_in_a_group_until_one_is_removed(server, profiles):
 
         # Bytes that are no content encoding reach the other side as unreadable, not an error.
         await bob.send_bytes(group, b"\x00\x01raw")
-        unreadable = await next_event(alice)
+        unreadable = await next_other_event(alice)
         assert unreadable.is_message() and unreadable.content.is_unreadable(), unreadable
         assert unreadable.content.bytes == b"\x00\x01raw"
 
         assert await alice.remove(group, ["bob@localhost"]) == ["bob@localhost/laptop"]
-        removed = await next_event(bob)
+        removed = await next_other_event(bob)
         assert removed == roost.Event.REMOVED_FROM_GROUP(group=group, by="alice@localhost/phone")
         assert await bob.groups() == []
         assert await alice.members(group) == ["alice@localhost/phone"]
@@ -190,6 +197,70 @@ def test_a_listener_gets_every_event_in_order_even_after_failing(server, profile
         bob.clear_event_listener()
         await alice.send_text(group, "to next_event again")
         assert (await text_from(bob))[2] == "to next_event again"
+        await alice.close()
+        await bob.close()
+
+    run(scenario())
+
+
+def is_message_id(text: str) -> bool:
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
+
+
+def test_a_message_sent_while_the_server_is_down_is_delivered_after_it_returns(server, profiles):
+    async def scenario():
+        alice = await roost.register(
+            server.config(), str(profiles / "alice"), "alice@localhost", "phone"
+        )
+        bob = await roost.register(server.config(), str(profiles / "bob"), "bob@localhost", "laptop")
+        group = await alice.create_group()
+        await alice.invite(group, ["bob@localhost"])
+        assert (await next_event(bob)).is_joined()
+
+        # Online: the id comes back at once, then an event says it was sent.
+        sent = await alice.send_text(group, "online")
+        assert is_message_id(sent), sent
+        await alice.flush()
+        assert await next_event(alice) == roost.Event.OUTGOING(
+            group=group, id=sent, state=roost.OutgoingState.SENT()
+        )
+        assert await alice.outbox() == []
+        assert (await text_from(bob))[2] == "online"
+        await alice.close()
+        await bob.close()
+
+        # Offline: queued in the profile, listed by outbox(), flush() reports the network.
+        server.stop()
+        offline = roost.ServerConfig(
+            domain="localhost",
+            addresses=[server.address],
+            trust=server.config().trust,
+            connect_timeout_ms=300,
+            connect_attempts=1,
+        )
+        alice = await roost.open_profile(offline, str(profiles / "alice"))
+        queued = await alice.send_text(group, "while the server was down")
+        assert is_message_id(queued) and queued != sent
+        [waiting] = await alice.outbox()
+        assert (waiting.id, waiting.group, waiting.state) == (queued, group, roost.OutgoingState.QUEUED())
+        assert waiting.queued_at_ms > 0
+        with pytest.raises(roost.RoostError.Network):
+            await alice.flush()
+        await alice.close()
+
+        # Back (on a new port): the restarted app delivers it, and bob reads it.
+        server.start()
+        alice = await roost.open_profile(server.config(), str(profiles / "alice"))
+        await alice.flush()
+        assert await alice.outbox() == []
+        events = [await next_event(alice), await next_event(alice)]
+        assert roost.Event.OUTGOING(group=group, id=queued, state=roost.OutgoingState.SENT()) in events
+        bob = await roost.open_profile(server.config(), str(profiles / "bob"))
+        assert (await text_from(bob))[2] == "online"  # at least once: the one it was handling
+        assert await text_from(bob) == (group, "alice@localhost/phone", "while the server was down")
+        assert await alice.dismiss(queued) is False  # only failed messages can be dismissed
+        with pytest.raises(roost.RoostError.InvalidArgument):
+            await alice.dismiss("not-an-id")
         await alice.close()
         await bob.close()
 
