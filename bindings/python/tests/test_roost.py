@@ -265,3 +265,29 @@ def test_a_message_sent_while_the_server_is_down_is_delivered_after_it_returns(s
         await bob.close()
 
     run(scenario())
+
+
+def test_an_abandoned_wait_loses_no_event_and_close_wakes_a_waiting_one(server, profiles):
+    async def scenario():
+        config = server.config()
+        alice = await roost.register(config, str(profiles / "alice"), "alice@localhost", "phone")
+        bob = await roost.register(config, str(profiles / "bob"), "bob@localhost", "laptop")
+        group = await alice.create_group()
+        await alice.invite(group, ["bob@localhost"])
+        assert (await next_event(bob)).is_joined()
+
+        # A timed-out wait is cancelled on the SDK side too: the next message is not taken by
+        # it and is there for the next call.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(bob.next_event(), 0.2)
+        await alice.send_text(group, "after the timeout")
+        assert (await text_from(bob))[2] == "after the timeout"
+
+        waiting = asyncio.ensure_future(bob.next_event())
+        await asyncio.sleep(0.2)
+        await bob.close()
+        with pytest.raises(roost.RoostError.Closed):
+            await asyncio.wait_for(waiting, EVENT_TIMEOUT)
+        await alice.close()
+
+    run(scenario())
