@@ -1,0 +1,83 @@
+//! The Kotlin and Swift sources come out of the built library with the documented command
+//! (bindings/generate.sh runs the same `uniffi-bindgen generate`), and the SDK's async calls
+//! are async there: `suspend` functions in Kotlin, `async throws` in Swift.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The cdylib cargo built next to the bindgen binary (the lib target produces every crate
+/// type at once).
+fn library(bindgen: &Path) -> PathBuf {
+    let profile_dir = bindgen.parent().expect("the bin has a directory");
+    let name = if cfg!(target_os = "macos") {
+        "libroost_ffi.dylib"
+    } else {
+        "libroost_ffi.so"
+    };
+    profile_dir.join(name)
+}
+
+fn generate(language: &str, out: &Path) {
+    let bindgen = Path::new(env!("CARGO_BIN_EXE_uniffi-bindgen"));
+    let output = Command::new(bindgen)
+        // The crate's uniffi.toml (module and package names) is found through the library.
+        .args(["generate", "--no-format", "--language", language])
+        .arg("--library")
+        .arg(library(bindgen))
+        .arg("--out-dir")
+        .arg(out)
+        .output()
+        .expect("uniffi-bindgen runs");
+    assert!(
+        output.status.success(),
+        "uniffi-bindgen {language}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn out_dir(language: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "roost-ffi-generate-{language}-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[test]
+fn kotlin_sources_have_suspend_functions_in_the_configured_package() {
+    let dir = out_dir("kotlin");
+    generate("kotlin", &dir);
+    let source = std::fs::read_to_string(dir.join("roost/roost.kt")).expect("roost.kt");
+    assert!(source.contains("package roost"));
+    assert!(
+        source.contains("suspend fun `register`("),
+        "register is not suspend"
+    );
+    assert!(
+        source.contains("suspend fun `sendText`("),
+        "sendText is not suspend"
+    );
+    assert!(
+        source.contains("suspend fun `nextEvent`("),
+        "nextEvent is not suspend"
+    );
+    assert!(source.contains("interface EventListener"));
+    assert!(source.contains("\"roost_ffi\""), "loads another library");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn swift_sources_have_async_functions_and_the_ffi_module() {
+    let dir = out_dir("swift");
+    generate("swift", &dir);
+    let source = std::fs::read_to_string(dir.join("Roost.swift")).expect("Roost.swift");
+    assert!(source.contains("import RoostFFI"));
+    assert!(source.contains("func sendText(group: String, text: String)async throws"));
+    assert!(source.contains("func register(server: ServerConfig"));
+    let header = std::fs::read_to_string(dir.join("RoostFFI.h")).expect("RoostFFI.h");
+    assert!(header.contains("uniffi_roost_ffi_fn_func_register"));
+    let modulemap = std::fs::read_to_string(dir.join("RoostFFI.modulemap")).expect("modulemap");
+    assert!(modulemap.contains("module RoostFFI"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
