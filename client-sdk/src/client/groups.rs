@@ -689,7 +689,7 @@ impl Inner {
             if !changes.verified.is_empty() {
                 self.commit(mls, changes)?;
             }
-            match self.settle_pending(&mls, group, pending, false).await? {
+            match self.settle_pending(mls, group, pending, false).await? {
                 Settled::Merged => return Ok(()),
                 Settled::Refused => {}
             }
