@@ -32,7 +32,7 @@ pub enum Event {
         /// The new members.
         members: Vec<String>,
     },
-    /// Members were removed (or left).
+    /// Members were removed by another member (members who left: `MembersLeft`).
     MembersRemoved {
         /// The group.
         group: String,
@@ -41,9 +41,25 @@ pub enum Event {
         /// The removed members.
         members: Vec<String>,
     },
-    /// This client was removed from the group, or its leave was committed. The group is gone
-    /// from this client.
+    /// This client was removed from the group by another member. The group is gone from this
+    /// client.
     RemovedFromGroup {
+        /// The group.
+        group: String,
+        /// The committer.
+        by: String,
+    },
+    /// Members left the group (each asked to); `by` committed it.
+    MembersLeft {
+        /// The group.
+        group: String,
+        /// The committer.
+        by: String,
+        /// The members who left.
+        members: Vec<String>,
+    },
+    /// This client's leave was committed by `by`. The group is gone from this client.
+    LeftGroup {
         /// The group.
         group: String,
         /// The committer.
@@ -291,6 +307,15 @@ impl From<roost_client::Event> for Event {
                 members: ids(&members),
             },
             E::RemovedFromGroup { group, by } => Event::RemovedFromGroup {
+                group: group.to_string(),
+                by: by.to_string(),
+            },
+            E::MembersLeft { group, by, members } => Event::MembersLeft {
+                group: group.to_string(),
+                by: by.to_string(),
+                members: ids(&members),
+            },
+            E::LeftGroup { group, by } => Event::LeftGroup {
                 group: group.to_string(),
                 by: by.to_string(),
             },

@@ -682,7 +682,27 @@ async fn send_file(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let sent = sent?;
+    let (message, sent) = sent?;
+    // The announcing message is queued like a text; a file is sent online, so deliver it now.
+    session
+        .client
+        .flush()
+        .await
+        .map_err(|err| session.fail(&err))?;
+    let failed = session
+        .client
+        .outbox()
+        .await
+        .map_err(|err| session.fail(&err))?
+        .into_iter()
+        .find(|m| m.id == message)
+        .and_then(|m| match m.state {
+            OutgoingState::Failed(failure) => Some(failure),
+            _ => None,
+        });
+    if let Some(failure) = failed {
+        bail!("message {message} announcing the file cannot be sent: {failure}");
+    }
     ctx.out.json(json!({
         "group": id.to_string(),
         "sent": true,

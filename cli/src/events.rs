@@ -176,7 +176,7 @@ async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Re
             event = session.client.next_event() => {
                 let event = event.map_err(|err| session.fail(&err))?;
                 show(out, &session.names, &event, Some(&group))?;
-                if matches!(&event, Event::RemovedFromGroup { group: g, .. } if *g == group) {
+                if matches!(&event, Event::RemovedFromGroup { group: g, .. } | Event::LeftGroup { group: g, .. } if *g == group) {
                     break;
                 }
             }
@@ -313,6 +313,16 @@ pub(crate) fn show(
         Event::RemovedFromGroup { by, .. } => (
             "removed",
             format!("{label}: you are no longer a member (removed by {by})"),
+            json!({"by": by.to_string()}),
+        ),
+        Event::MembersLeft { by, members, .. } => (
+            "members_left",
+            format!("{label}: {} left", list(members)),
+            json!({"by": by.to_string(), "members": strings(members)}),
+        ),
+        Event::LeftGroup { by, .. } => (
+            "left",
+            format!("{label}: you left the group"),
             json!({"by": by.to_string()}),
         ),
         Event::CredentialRejected { client, reason, .. } => {

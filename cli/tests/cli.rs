@@ -685,6 +685,16 @@ fn errors_say_what_to_do_and_json_errors_carry_a_stable_code() {
              commits your removal)"
         )
     );
+    // Once alice's client commits the leave, both are told it was a leave, not a removal.
+    let alice_saw = h.run("alice", &["recv"]);
+    assert!(alice_saw.status.success());
+    let alice_saw = String::from_utf8_lossy(&alice_saw.stderr).into_owned();
+    assert!(alice_saw.contains("bob@localhost/cli left"), "{alice_saw}");
+    let bob_saw = h.run("bob", &["recv"]);
+    assert!(bob_saw.status.success());
+    let bob_saw = String::from_utf8_lossy(&bob_saw.stderr).into_owned();
+    assert!(bob_saw.contains("you left the group"), "{bob_saw}");
+    assert!(!bob_saw.contains("removed"), "{bob_saw}");
 
     // A server that requires registration tokens: no token, and a wrong one, are told apart.
     let config = Config {

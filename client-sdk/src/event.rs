@@ -41,7 +41,8 @@ pub enum Event {
         /// The new members.
         members: Vec<ClientId>,
     },
-    /// Members were removed from a group (or left it).
+    /// Members were removed from a group by another member. (Members who asked to leave are
+    /// [`Event::MembersLeft`].)
     MembersRemoved {
         /// The group.
         group: GroupId,
@@ -50,8 +51,8 @@ pub enum Event {
         /// The removed members.
         members: Vec<ClientId>,
     },
-    /// This client was removed from a group (or its leave was committed). The group's state
-    /// is deleted.
+    /// This client was removed from a group by another member. The group's state is deleted.
+    /// (A leave this client asked for is [`Event::LeftGroup`].)
     RemovedFromGroup {
         /// The group.
         group: GroupId,
@@ -106,6 +107,24 @@ pub enum Event {
         /// The member that rejoined.
         member: ClientId,
     },
+    /// Members left a group: each asked to (`Client::leave_group`), and `by` committed it (this
+    /// client too, when it committed their leave itself).
+    MembersLeft {
+        /// The group.
+        group: GroupId,
+        /// The member whose commit applied the leaves.
+        by: ClientId,
+        /// The members who left.
+        members: Vec<ClientId>,
+    },
+    /// This client's leave ([`Client::leave_group`](crate::Client::leave_group)) was committed
+    /// by `by`. The group's state is deleted.
+    LeftGroup {
+        /// The group.
+        group: GroupId,
+        /// The member whose commit applied it.
+        by: ClientId,
+    },
     /// A commit of this client that was left pending (the app stopped, or the homeserver
     /// was unreachable, before its outcome was known) was accepted by the hub and is now
     /// applied: these members were added and removed by it.
@@ -144,7 +163,9 @@ impl Event {
             | Event::Outgoing { group, .. }
             | Event::Rejoined { group }
             | Event::MemberRejoined { group, .. }
-            | Event::CommitSettled { group, .. } => group,
+            | Event::CommitSettled { group, .. }
+            | Event::MembersLeft { group, .. }
+            | Event::LeftGroup { group, .. } => group,
         }
     }
 }
@@ -199,6 +220,14 @@ pub(crate) enum StoredEvent {
         added: Vec<ClientId>,
         removed: Vec<ClientId>,
     },
+    #[tls_codec(discriminant = 12)]
+    MembersLeft {
+        group: GroupId,
+        by: ClientId,
+        members: Vec<ClientId>,
+    },
+    #[tls_codec(discriminant = 13)]
+    LeftGroup { group: GroupId, by: ClientId },
 }
 
 /// The on-disk form of an [`OutgoingState`] (also used in the outgoing queue's records).
@@ -326,6 +355,10 @@ impl From<&Event> for StoredEvent {
                 added,
                 removed,
             },
+            Event::MembersLeft { group, by, members } => {
+                StoredEvent::MembersLeft { group, by, members }
+            }
+            Event::LeftGroup { group, by } => StoredEvent::LeftGroup { group, by },
         }
     }
 }
@@ -382,6 +415,10 @@ impl From<StoredEvent> for Event {
                 added,
                 removed,
             },
+            StoredEvent::MembersLeft { group, by, members } => {
+                Event::MembersLeft { group, by, members }
+            }
+            StoredEvent::LeftGroup { group, by } => Event::LeftGroup { group, by },
         }
     }
 }
@@ -437,6 +474,15 @@ mod tests {
                 group: group.clone(),
                 added: vec![alice.clone()],
                 removed: Vec::new(),
+            },
+            Event::MembersLeft {
+                group: group.clone(),
+                by: alice.clone(),
+                members: vec![alice.clone()],
+            },
+            Event::LeftGroup {
+                group: group.clone(),
+                by: alice.clone(),
             },
         ];
         for event in events {

@@ -12,6 +12,7 @@ use roost_protocol::{GroupId, Opaque};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Client;
+use crate::MessageId;
 use crate::error::ClientError;
 
 /// Plaintext bytes per chunk.
@@ -137,18 +138,23 @@ pub enum DownloadTarget<'a> {
 
 impl Client {
     /// Encrypts the file, uploads it as a blob to this client's homeserver and sends an
-    /// [`Attachment`] message to the group (through [`Client::send_content`]). Returns the
-    /// attachment sent. `progress` gets the bytes uploaded so far and the total.
+    /// [`Attachment`] message to the group (through [`Client::send_content`]). Returns the id
+    /// of that message in the outgoing queue (its state comes as [`Event::Outgoing`]; see
+    /// [`Client::flush`]) and the attachment. `progress` gets the bytes uploaded so far and
+    /// the total.
+    ///
+    /// [`Event::Outgoing`]: crate::Event::Outgoing
     pub async fn send_file(
         &self,
         group: &GroupId,
         source: FileSource,
         progress: impl FnMut(u64, u64),
-    ) -> Result<Attachment, ClientError> {
+    ) -> Result<(MessageId, Attachment), ClientError> {
         let attachment = self.upload_file(source, progress).await?;
-        self.send_content(group, &Content::Attachment(attachment.clone()))
+        let id = self
+            .send_content(group, &Content::Attachment(attachment.clone()))
             .await?;
-        Ok(attachment)
+        Ok((id, attachment))
     }
 
     /// The first half of [`Client::send_file`]: encrypts and uploads, and returns the

@@ -363,7 +363,7 @@ impl Inner {
                         affected,
                     )
                 }
-                Intent::Pending => (Vec::new(), Vec::new(), Vec::new()),
+                Intent::Pending => (Vec::new(), Vec::new(), mls.pending_removed(group)?),
             };
             if adds.is_empty() && removes.is_empty() && !mls.has_pending_proposals(group)? {
                 return Ok(Vec::new());
@@ -596,9 +596,20 @@ impl Inner {
         if first != Some(own) {
             return Ok(());
         }
-        self.commit_locked(&mls, group, &Intent::Pending, outcome)
-            .await
-            .map(|_| ())
+        let left = self
+            .commit_locked(&mls, group, &Intent::Pending, outcome)
+            .await?;
+        // Our own commits give no event of the group's other changes; this one's are leaves.
+        if !left.is_empty() {
+            let mut changes = Changes::default();
+            changes.event(Event::MembersLeft {
+                group: group.clone(),
+                by: self.identity.client.clone(),
+                members: left,
+            });
+            self.commit(&mls, changes)?;
+        }
+        Ok(())
     }
 
     /// Joins `group` by external commit (see [`Client::rejoin_group`]).

@@ -402,7 +402,16 @@ impl Inner {
                     .collect();
                 // A member rejoining by external commit replaces its own old leaf.
                 let rejoined = external && removed_all.contains(&by);
-                let removed: Vec<_> = removed_all.into_iter().filter(|c| *c != by).collect();
+                let left: Vec<_> = commit
+                    .left
+                    .iter()
+                    .filter_map(|l| l.client.clone())
+                    .collect();
+                let removed: Vec<_> = removed_all
+                    .into_iter()
+                    .filter(|c| *c != by && !left.contains(c))
+                    .collect();
+                let we_left = left.contains(&self.identity.client);
                 if external && !rejoined {
                     added.push(by.clone());
                 }
@@ -413,7 +422,11 @@ impl Inner {
                 if self_removed {
                     mls.delete_group(&group)?;
                     changes.groups.push((group.clone(), None));
-                    changes.event(Event::RemovedFromGroup { group, by });
+                    if we_left {
+                        changes.event(Event::LeftGroup { group, by });
+                    } else {
+                        changes.event(Event::RemovedFromGroup { group, by });
+                    }
                 } else {
                     if rejoined {
                         changes.event(Event::MemberRejoined {
@@ -426,6 +439,13 @@ impl Inner {
                             group: group.clone(),
                             by: by.clone(),
                             members: added,
+                        });
+                    }
+                    if !left.is_empty() {
+                        changes.event(Event::MembersLeft {
+                            group: group.clone(),
+                            by: by.clone(),
+                            members: left,
                         });
                     }
                     if !removed.is_empty() {

@@ -31,6 +31,8 @@ pub(crate) struct IncomingCommit {
     pub(crate) committer: Leaf,
     pub(crate) added: Vec<Leaf>,
     pub(crate) removed: Vec<Leaf>,
+    /// The removed leaves that asked for it themselves (their own Remove proposal: a leave).
+    pub(crate) left: Vec<Leaf>,
     /// Leaves whose credential the commit introduces (adds, updates, the committer's path).
     pub(crate) to_verify: Vec<Leaf>,
     pub(crate) self_removed: bool,
@@ -140,6 +142,21 @@ impl Mls {
     /// Whether proposals of the current epoch wait to be committed.
     pub(crate) fn has_pending_proposals(&self, group: &GroupId) -> Result<bool, MlsError> {
         Ok(self.load(group)?.pending_proposals().next().is_some())
+    }
+
+    /// The members the group's pending Remove proposals remove.
+    pub(crate) fn pending_removed(
+        &self,
+        group: &GroupId,
+    ) -> Result<Vec<roost_protocol::ClientId>, MlsError> {
+        let mls_group = self.load(group)?;
+        Ok(mls_group
+            .pending_proposals()
+            .filter_map(|queued| match queued.proposal() {
+                Proposal::Remove(remove) => member_leaf(&mls_group, remove.removed()).client,
+                _ => None,
+            })
+            .collect())
     }
 
     /// The group's members, in leaf order.
@@ -353,6 +370,14 @@ impl Mls {
                     .remove_proposals()
                     .map(|remove| member_leaf(&mls_group, remove.remove_proposal().removed()))
                     .collect::<Vec<_>>();
+                let left = staged
+                    .remove_proposals()
+                    .filter(|remove| {
+                        matches!(remove.sender(), Sender::Member(index)
+                            if *index == remove.remove_proposal().removed())
+                    })
+                    .map(|remove| member_leaf(&mls_group, remove.remove_proposal().removed()))
+                    .collect::<Vec<_>>();
                 let mut to_verify = added.clone();
                 to_verify.extend(
                     staged
@@ -371,6 +396,7 @@ impl Mls {
                     committer,
                     added,
                     removed,
+                    left,
                     to_verify,
                     self_removed,
                 })))

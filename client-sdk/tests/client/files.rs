@@ -52,7 +52,7 @@ async fn a_sent_file_arrives_as_an_attachment_and_downloads_byte_identical() {
         let path = dir.path().join(format!("photo-{i}.jpg"));
         std::fs::write(&path, &bytes).unwrap();
         let mut last = (0, 0);
-        let sent = alice
+        let (_, sent) = alice
             .send_file(
                 &group,
                 FileSource::path(&path).await.unwrap(),
@@ -82,7 +82,7 @@ async fn a_sent_file_arrives_as_an_attachment_and_downloads_byte_identical() {
 
     // From a reader, into a writer.
     let bytes = pseudo_random(200_000, 99);
-    let sent = alice
+    let (_, sent) = alice
         .send_file(
             &group,
             FileSource::reader(

@@ -86,17 +86,39 @@ async fn three_users_one_with_two_devices() {
         Err(roost_client::ClientError::UnknownGroup(_))
     ));
 
-    // Bob leaves: alice's phone (lowest leaf) commits his removal.
+    // Bob leaves: alice's phone (lowest leaf) commits his removal. Everyone is told it was a
+    // leave: bob that he left, the laptop and alice's phone (the committer) that he left.
     bob.leave_group(&group).await.unwrap();
-    wait_for(&bob, "removed after leaving", |e| {
-        matches!(e, Event::RemovedFromGroup { .. })
+    let left = wait_for(&bob, "his leave committed", |e| {
+        matches!(e, Event::LeftGroup { .. } | Event::RemovedFromGroup { .. })
     })
     .await;
+    assert_eq!(
+        left,
+        Event::LeftGroup {
+            group: group.clone(),
+            by: client_id("alice", "phone")
+        }
+    );
     assert!(bob.groups().unwrap().is_empty());
-    wait_for(&laptop, "bob removed", |e| {
-        matches!(e, Event::MembersRemoved { members, .. } if members == &vec![client_id("bob", "phone")])
-    })
-    .await;
+    for member in [&laptop, &alice] {
+        let bob_phone = client_id("bob", "phone");
+        let told = wait_for(member, "bob left", |e| match e {
+            Event::MembersLeft { members, .. } | Event::MembersRemoved { members, .. } => {
+                members.contains(&bob_phone)
+            }
+            _ => false,
+        })
+        .await;
+        assert_eq!(
+            told,
+            Event::MembersLeft {
+                group: group.clone(),
+                by: client_id("alice", "phone"),
+                members: vec![client_id("bob", "phone")]
+            }
+        );
+    }
     let remaining = sorted(vec![
         client_id("alice", "phone"),
         client_id("alice", "laptop"),

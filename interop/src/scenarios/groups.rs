@@ -180,8 +180,8 @@ pub(super) fn three_servers(ctx: Ctx) -> ScenarioFuture {
             .leave_group(&group)
             .await
             .context("dave leaving")?;
-        dave.wait_event("removal after leaving", |e| {
-            matches!(e, Event::RemovedFromGroup { .. })
+        dave.wait_event("his leave committed", |e| {
+            matches!(e, Event::LeftGroup { .. })
         })
         .await?;
         let remaining = [&alice, &laptop, &bob, &tablet];
@@ -241,17 +241,19 @@ pub(super) fn creator_leaves(ctx: Ctx) -> ScenarioFuture {
             .await
             .context("alice leaving")?;
         alice
-            .wait_event("removal after leaving", |e| {
-                matches!(e, Event::RemovedFromGroup { .. })
+            .wait_event("her leave committed", |e| {
+                matches!(e, Event::LeftGroup { .. })
             })
             .await?;
-        // Bob, the remaining member with the lowest leaf, commits alice's leave (own commits
-        // produce no event); carol learns it from his commit.
-        carol
-            .wait_event("alice removed", |e| {
-                matches!(e, Event::MembersRemoved { members, .. } if members == &vec![alice.id().clone()])
-            })
-            .await?;
+        // Bob, the remaining member with the lowest leaf, commits alice's leave; both he and
+        // carol are told she left (not that someone removed her).
+        for member in [&bob, &carol] {
+            member
+                .wait_event("alice left", |e| {
+                    matches!(e, Event::MembersLeft { members, .. } if members == &vec![alice.id().clone()])
+                })
+                .await?;
+        }
         for member in [&bob, &carol] {
             member.wait_members(&group, &[bob.id(), carol.id()]).await?;
         }
