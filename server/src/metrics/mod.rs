@@ -214,6 +214,31 @@ pub(crate) const CATALOGUE: &[Metric] = &[
         Kind::Histogram,
         "Lateness of the executor probe.",
     ),
+    m(
+        "roost_blob_uploaded_bytes_total",
+        Kind::Counter,
+        "Bytes of blobs stored (uploads that completed and were answered).",
+    ),
+    m(
+        "roost_blob_downloaded_bytes_total",
+        Kind::Counter,
+        "Bytes of blobs served, to clients and to peers.",
+    ),
+    m(
+        "roost_blob_proxied_total",
+        Kind::Counter,
+        "Blob downloads fetched from another domain's homeserver for a client of ours.",
+    ),
+    m(
+        "roost_pending_fanouts_dropped_total",
+        Kind::Counter,
+        "Pending commit fan-outs dropped because their record did not decode (stays 0).",
+    ),
+    l(
+        "roost_push_total",
+        Kind::Counter,
+        "Push wake-ups, by outcome: sent, retry, gone (registration dropped), failed, not_needed.",
+    ),
 ];
 
 /// Histogram buckets of the metrics rendered as Prometheus histograms (aggregatable across
