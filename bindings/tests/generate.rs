@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The cdylib cargo built next to the bindgen binary (the lib target produces every crate
-/// type at once).
+/// The cdylib next to the bindgen binary. `cargo test` builds the library only as the rlib
+/// the tests link, so on a fresh checkout the cdylib is built here first (same profile).
 fn library(bindgen: &Path) -> PathBuf {
     let profile_dir = bindgen.parent().expect("the bin has a directory");
     let name = if cfg!(target_os = "macos") {
@@ -14,7 +14,17 @@ fn library(bindgen: &Path) -> PathBuf {
     } else {
         "libroost_ffi.so"
     };
-    profile_dir.join(name)
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "roost-ffi", "--lib"]);
+        if profile_dir.file_name().is_some_and(|d| d == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the roost-ffi cdylib failed");
+    }
+    path
 }
 
 fn generate(language: &str, out: &Path) {
