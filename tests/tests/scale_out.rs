@@ -39,6 +39,7 @@ on_two_nodes! {
     node_commit_races => "node-commit-races",
     node_killed => "node-killed",
     outbox_node_killed => "outbox-node-killed",
+    outgoing_queue => "outgoing-queue",
 }
 
 /// Every scenario runs on two nodes too.
