@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The cdylib next to the bindgen binary. `cargo test` builds the library only as the rlib
-/// the tests link, so on a fresh checkout the cdylib is built here first (same profile).
+/// the tests link, so the cdylib is built here (same profile): on a fresh checkout it is
+/// missing, and after a change it would be stale (an incremental no-op when it is current).
 fn library(bindgen: &Path) -> PathBuf {
     let profile_dir = bindgen.parent().expect("the bin has a directory");
     let name = if cfg!(target_os = "macos") {
@@ -14,17 +15,32 @@ fn library(bindgen: &Path) -> PathBuf {
     } else {
         "libroost_ffi.so"
     };
-    let path = profile_dir.join(name);
-    if !path.exists() {
-        let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "roost-ffi", "--lib"]);
-        if profile_dir.file_name().is_some_and(|d| d == "release") {
-            build.arg("--release");
+    let mut build = Command::new(env!("CARGO"));
+    build.args(["build", "-p", "roost-ffi", "--lib"]);
+    // Without the variables cargo sets for this test (package name, manifest dir, ...): build
+    // scripts that watch them (ring's) would see a change and rerun, here and again in the
+    // next ordinary build.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_for_tests = [
+            "CARGO_MANIFEST_",
+            "CARGO_PKG_",
+            "CARGO_CRATE_",
+            "CARGO_BIN_",
+        ]
+        .iter()
+        .any(|prefix| key.starts_with(prefix))
+            || ["CARGO_TARGET_TMPDIR", "CARGO_PRIMARY_PACKAGE", "OUT_DIR"].contains(&&*key);
+        if set_for_tests {
+            build.env_remove(&*key);
         }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building the roost-ffi cdylib failed");
     }
-    path
+    if profile_dir.file_name().is_some_and(|d| d == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "building the roost-ffi cdylib failed");
+    profile_dir.join(name)
 }
 
 fn generate(language: &str, out: &Path) {
