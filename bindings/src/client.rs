@@ -147,7 +147,7 @@ impl RoostClient {
     }
 
     /// The SDK client, for one call.
-    fn client(&self) -> Result<Arc<Client>, RoostError> {
+    pub(crate) fn client(&self) -> Result<Arc<Client>, RoostError> {
         self.client
             .lock()
             .map_err(|_| poisoned())?
@@ -287,7 +287,6 @@ impl RoostClient {
     /// in the profile's outgoing queue (state `Queued`); a background task delivers it, across
     /// reconnects and restarts, and an `Outgoing` event reports `Sent` or `Failed`. Fails at
     /// once only for what is known locally (not a member, left the group, profile storage).
-    // Issue #17 adds `send_file` next to it.
     pub async fn send_text(&self, group: String, text: String) -> Result<String, RoostError> {
         self.send_payload(group, Payload::Text(text)).await
     }

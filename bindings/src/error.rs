@@ -104,6 +104,19 @@ pub enum RoostError {
         /// What went wrong.
         message: String,
     },
+    /// A file to send could not be read, or a downloaded one could not be written.
+    #[error("file: {message}")]
+    File {
+        /// Which file and why.
+        message: String,
+    },
+    /// A downloaded attachment is not what its message described (its hash, size or a
+    /// chunk's authentication does not match): nothing of it was kept.
+    #[error("attachment rejected: {message}")]
+    AttachmentCorrupt {
+        /// What did not match.
+        message: String,
+    },
     /// The client was closed ([`RoostClient::close`](crate::RoostClient::close)).
     #[error("the client is closed")]
     Closed,
@@ -151,6 +164,8 @@ impl From<ClientError> for RoostError {
                 group: group.to_string(),
             },
             ClientError::TooManyAttempts(attempts) => RoostError::TooManyAttempts { attempts },
+            ClientError::Io(message) => RoostError::File { message },
+            ClientError::AttachmentCorrupt(message) => RoostError::AttachmentCorrupt { message },
             _ => RoostError::Internal { message },
         }
     }

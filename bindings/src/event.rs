@@ -3,6 +3,8 @@
 
 use roost_client::Content;
 
+use crate::files::Attachment;
+
 /// Something that happened in one of the client's groups. Events are delivered at least once
 /// and in order (docs/CLIENT.md, Events).
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Enum)]
@@ -131,6 +133,11 @@ pub enum MessageContent {
     Text {
         /// The text.
         text: String,
+    },
+    /// A file: download it with `download`.
+    Attachment {
+        /// The file's description and what `download` needs.
+        attachment: Attachment,
     },
     /// A content type this version does not know (e.g. from a newer app).
     Unsupported {
@@ -272,6 +279,9 @@ impl From<roost_client::Event> for Event {
                 sender: sender.to_string(),
                 content: match content {
                     Some(Ok(Content::Text(text))) => MessageContent::Text { text },
+                    Some(Ok(Content::Attachment(attachment))) => MessageContent::Attachment {
+                        attachment: attachment.into(),
+                    },
                     Some(Ok(Content::Unknown { content_type, body })) => {
                         MessageContent::Unsupported {
                             content_type: content_type.0,

@@ -15,7 +15,8 @@
 //!   answered with one.
 //!
 //! Modules: `client` (the [`RoostClient`] object and the enrollment functions), `config`
-//! (how to reach and trust the homeserver), `event` (events and message content), `error`.
+//! (how to reach and trust the homeserver), `event` (events and message content), `files`
+//! (sending and downloading files), `push` (push registration), `error`.
 //! docs/BINDINGS.md has the build commands and an example per language.
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,8 @@ mod client;
 mod config;
 mod error;
 mod event;
+mod files;
+mod push;
 
 use std::future::Future;
 use std::sync::OnceLock;
@@ -33,6 +36,8 @@ pub use client::{
 pub use config::{ServerConfig, Trust};
 pub use error::RoostError;
 pub use event::{Event, MessageContent, OutgoingMessage, OutgoingState, SendFailure};
+pub use files::{Attachment, ProgressListener, SentFile};
+pub use push::{PushInfo, PushTarget, web_push_target};
 
 uniffi::setup_scaffolding!("roost");
 

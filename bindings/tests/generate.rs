@@ -89,6 +89,13 @@ fn kotlin_sources_have_suspend_functions_in_the_configured_package() {
         "nextEvent is not suspend"
     );
     assert!(source.contains("interface EventListener"));
+    for call in ["sendFile", "download", "registerPush", "pushInfo"] {
+        assert!(
+            source.contains(&format!("suspend fun `{call}`(")),
+            "{call} is not suspend"
+        );
+    }
+    assert!(source.contains("interface ProgressListener"));
     assert!(source.contains("\"roost_ffi\""), "loads another library");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -101,6 +108,12 @@ fn swift_sources_have_async_functions_and_the_ffi_module() {
     assert!(source.contains("import RoostFFI"));
     assert!(source.contains("func sendText(group: String, text: String)async throws"));
     assert!(source.contains("func register(server: ServerConfig"));
+    assert!(source.contains(
+        "func sendFile(group: String, path: String, progress: ProgressListener? = nil)async throws"
+    ));
+    assert!(source.contains("func download(attachment: Attachment, destination: String"));
+    assert!(source.contains("func registerPush(target: PushTarget)async throws"));
+    assert!(source.contains("public protocol ProgressListener"));
     let header = std::fs::read_to_string(dir.join("RoostFFI.h")).expect("RoostFFI.h");
     assert!(header.contains("uniffi_roost_ffi_fn_func_register"));
     let modulemap = std::fs::read_to_string(dir.join("RoostFFI.modulemap")).expect("modulemap");

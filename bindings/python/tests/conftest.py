@@ -34,10 +34,16 @@ def roost_binary() -> pathlib.Path:
 
 
 class Server:
-    """A running homeserver for the domain `localhost`."""
+    """A running homeserver for the domain `localhost`; `config`: the text of a configuration
+    file (TOML) to start it with, else the defaults."""
 
-    def __init__(self, data: pathlib.Path):
+    def __init__(self, data: pathlib.Path, config: "str | None" = None):
         self.data = data
+        self.config_file = None
+        if config is not None:
+            data.mkdir(parents=True, exist_ok=True)
+            self.config_file = data.parent / (data.name + ".toml")
+            self.config_file.write_text(config)
         self.start()
 
     def start(self) -> None:
@@ -51,6 +57,7 @@ class Server:
                 "--listen", "127.0.0.1:0",
                 "--domain", "localhost",
                 "--log-format", "json",
+                *(["--config", str(self.config_file)] if self.config_file else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -112,6 +119,37 @@ def profiles(tmp_path) -> pathlib.Path:
     path = tmp_path / "profiles"
     path.mkdir()
     return path
+
+
+EVENT_TIMEOUT = 20.0
+
+
+async def next_event(client: roost.RoostClient) -> roost.Event:
+    return await asyncio.wait_for(client.next_event(), EVENT_TIMEOUT)
+
+
+async def next_other_event(client: roost.RoostClient) -> roost.Event:
+    """The next event that is not about this client's own sent messages (`Outgoing`)."""
+    while (event := await next_event(client)).is_outgoing():
+        assert event.state == roost.OutgoingState.SENT(), event
+    return event
+
+
+async def alice_and_bob_in_a_group(
+    config: roost.ServerConfig, profiles: pathlib.Path
+) -> "tuple[roost.RoostClient, roost.RoostClient, str]":
+    """Registers alice (device `phone`) and bob (`laptop`); alice creates a group and invites
+    bob, who has taken his `Joined` event."""
+    alice = await roost.register(config, str(profiles / "alice"), "alice@localhost", "phone")
+    bob = await roost.register(config, str(profiles / "bob"), "bob@localhost", "laptop")
+    group = await alice.create_group()
+    await alice.invite(group, ["bob@localhost"])
+    assert (await next_event(bob)).is_joined()
+    return alice, bob, group
+
+
+def is_message_id(text: str) -> bool:
+    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
 
 
 def run(coroutine):

@@ -6,20 +6,14 @@ import queue
 import pytest
 
 import roost
-from conftest import run
-
-EVENT_TIMEOUT = 20.0
-
-
-async def next_event(client: roost.RoostClient) -> roost.Event:
-    return await asyncio.wait_for(client.next_event(), EVENT_TIMEOUT)
-
-
-async def next_other_event(client: roost.RoostClient) -> roost.Event:
-    """The next event that is not about this client's own sent messages (`Outgoing`)."""
-    while (event := await next_event(client)).is_outgoing():
-        assert event.state == roost.OutgoingState.SENT(), event
-    return event
+from conftest import (
+    EVENT_TIMEOUT,
+    alice_and_bob_in_a_group,
+    is_message_id,
+    next_event,
+    next_other_event,
+    run,
+)
 
 
 async def text_from(client: roost.RoostClient) -> tuple[str, str, str]:
@@ -127,11 +121,7 @@ def test_errors_are_typed(server, profiles):
 def test_a_closed_profile_opens_again_with_its_groups_and_undelivered_events(server, profiles):
     async def scenario():
         config = server.config()
-        alice = await roost.register(config, str(profiles / "alice"), "alice@localhost", "phone")
-        bob = await roost.register(config, str(profiles / "bob"), "bob@localhost", "laptop")
-        group = await alice.create_group()
-        await alice.invite(group, ["bob@localhost"])
-        assert (await next_event(bob)).is_joined()
+        alice, bob, group = await alice_and_bob_in_a_group(config, profiles)
         await bob.close()
 
         await alice.send_text(group, "while you were away")
@@ -203,19 +193,9 @@ def test_a_listener_gets_every_event_in_order_even_after_failing(server, profile
     run(scenario())
 
 
-def is_message_id(text: str) -> bool:
-    return len(text) == 16 and all(c in "0123456789abcdef" for c in text)
-
-
 def test_a_message_sent_while_the_server_is_down_is_delivered_after_it_returns(server, profiles):
     async def scenario():
-        alice = await roost.register(
-            server.config(), str(profiles / "alice"), "alice@localhost", "phone"
-        )
-        bob = await roost.register(server.config(), str(profiles / "bob"), "bob@localhost", "laptop")
-        group = await alice.create_group()
-        await alice.invite(group, ["bob@localhost"])
-        assert (await next_event(bob)).is_joined()
+        alice, bob, group = await alice_and_bob_in_a_group(server.config(), profiles)
 
         # Online: the id comes back at once, then an event says it was sent.
         sent = await alice.send_text(group, "online")
@@ -269,12 +249,7 @@ def test_a_message_sent_while_the_server_is_down_is_delivered_after_it_returns(s
 
 def test_an_abandoned_wait_loses_no_event_and_close_wakes_a_waiting_one(server, profiles):
     async def scenario():
-        config = server.config()
-        alice = await roost.register(config, str(profiles / "alice"), "alice@localhost", "phone")
-        bob = await roost.register(config, str(profiles / "bob"), "bob@localhost", "laptop")
-        group = await alice.create_group()
-        await alice.invite(group, ["bob@localhost"])
-        assert (await next_event(bob)).is_joined()
+        alice, bob, group = await alice_and_bob_in_a_group(server.config(), profiles)
 
         # A timed-out wait is cancelled on the SDK side too: the next message is not taken by
         # it and is there for the next call.
