@@ -162,6 +162,7 @@ impl BlobStore for FileStore {
         mut upload: FileUpload,
         address: [u8; BLOB_ADDRESS_LEN],
         meta: BlobMeta,
+        quota: u64,
     ) -> Result<BlobMeta, ServiceError> {
         let Some(mut file) = upload.file.take() else {
             return Err(ServiceError::Internal("commit after close".into()));
@@ -180,6 +181,10 @@ impl BlobStore for FileStore {
             {
                 // The same bytes are stored already: whoever holds them may read them.
                 return Ok(existing);
+            }
+            let used = usage.get(&meta.owner).copied().unwrap_or(0);
+            if used.saturating_add(meta.size) > quota {
+                return Err(ServiceError::BlobQuotaExceeded);
             }
             let record = MetaFile {
                 owner: meta.owner.to_string(),
@@ -299,7 +304,7 @@ mod tests {
         store.write(&mut upload, b"hello").await.unwrap();
         let address = [1u8; BLOB_ADDRESS_LEN];
         store
-            .commit(upload, address, meta("alice@example.org", 5))
+            .commit(upload, address, meta("alice@example.org", 5), 5)
             .await
             .unwrap();
         // A temporary file (killed mid-upload) and a metadata file without data (killed
