@@ -29,12 +29,7 @@ impl Blobs {
     pub(crate) fn open(settings: &crate::config::Settings) -> Result<Self, StoreError> {
         match &settings.storage {
             crate::config::StorageSettings::Redb => {
-                let dir = settings
-                    .blobs
-                    .dir
-                    .clone()
-                    .unwrap_or_else(|| settings.data_dir.join("blobs"));
-                Ok(Self::Files(FileStore::open(&dir)?))
+                Ok(Self::Files(FileStore::open(&file_dir(settings))?))
             }
             crate::config::StorageSettings::Postgres {
                 url,
@@ -43,6 +38,24 @@ impl Blobs {
             } => Ok(Self::Postgres(PgBlobStore::new(url, *pool_size, *timeout)?)),
         }
     }
+
+    /// The directory of the blob files a backup copies (`None`: the blobs are in the
+    /// database, and its own backup holds them).
+    pub(crate) fn backup_dir(settings: &crate::config::Settings) -> Option<std::path::PathBuf> {
+        match &settings.storage {
+            crate::config::StorageSettings::Redb => Some(file_dir(settings)),
+            crate::config::StorageSettings::Postgres { .. } => None,
+        }
+    }
+}
+
+/// `blobs.dir`, or `blobs` in the data directory.
+fn file_dir(settings: &crate::config::Settings) -> std::path::PathBuf {
+    settings
+        .blobs
+        .dir
+        .clone()
+        .unwrap_or_else(|| settings.data_dir.join(super::files::DEFAULT_DIR))
 }
 
 /// An upload in progress of either store.

@@ -461,3 +461,42 @@ fn a_server_killed_mid_upload_leaves_no_visible_blob_and_no_temporary_file() {
         server.shutdown().await;
     });
 }
+
+/// `roost admin backup` copies the blob files too: a server started on the backup serves the
+/// blobs uploaded before it, byte for byte, under their references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_holds_the_blobs_and_a_server_started_on_it_serves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(config(&data)).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    let blobs: Vec<Vec<u8>> = vec![pseudo_random(3 * MIB + 1, 31), Vec::new(), vec![7]];
+    let mut stored = Vec::new();
+    for bytes in &blobs {
+        stored.push(upload(&conn, bytes).await.unwrap().blob);
+    }
+    let backup = dir.path().join("backup");
+    let out = crate::admin::admin_json(&data, &["backup", backup.to_str().unwrap()]).await;
+    let files: Vec<&str> = out["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(files.contains(&"blobs/"), "{files:?}");
+    server.shutdown().await;
+    assert_eq!(visible_blobs(&backup), visible_blobs(&data));
+    assert_eq!(temp_files(&backup), 0);
+
+    // The original is gone; the backup is the data directory now.
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = start(config(&backup)).await;
+    let conn = connect(&server).await;
+    login(&conn, &phone).await;
+    for (bytes, blob) in blobs.iter().zip(&stored) {
+        let back = download(&conn, blob, 0, None).await.unwrap();
+        assert_eq!(sha256(&back), blob.address);
+        assert!(back == *bytes);
+    }
+    server.shutdown().await;
+}
