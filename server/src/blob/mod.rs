@@ -9,6 +9,8 @@
 mod engine;
 pub(crate) mod files;
 pub(crate) mod postgres;
+#[cfg(test)]
+mod suite;
 
 pub(crate) use engine::Blobs;
 
