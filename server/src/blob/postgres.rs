@@ -293,21 +293,20 @@ impl BlobStore for PgBlobStore {
             .ok()
             .filter(|c| *c > 0)
             .ok_or(ServiceError::Store(StoreError::Corrupt("blobs")))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
-        if offset < meta.size {
-            let chunks = Chunks {
-                pool: self.pool.clone(),
-                data_id,
-                chunk_size,
-                offset,
-                size: meta.size,
-            };
-            tokio::spawn(chunks.send(tx));
-        }
+        // Nothing is read before the caller reads: a refused download (a wrong token, a range
+        // past the end) costs no chunk.
+        let chunks = (offset < meta.size).then(|| Chunks {
+            pool: self.pool.clone(),
+            data_id,
+            chunk_size,
+            offset,
+            size: meta.size,
+        });
         Ok(Some((
             meta,
             PgReader {
-                rx,
+                chunks,
+                rx: None,
                 current: Vec::new(),
                 pos: 0,
             },
@@ -426,9 +425,13 @@ impl Chunks {
     }
 }
 
-/// The bytes of a stored blob, from the offset it was opened at.
+/// The bytes of a stored blob, from the offset it was opened at. The chunks are read by a
+/// task started at the first read.
 pub(crate) struct PgReader {
-    rx: tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// The chunks to read, until the first read starts their task.
+    chunks: Option<Chunks>,
+    /// The task's chunks (`None` before the first read, and for an empty range).
+    rx: Option<tokio::sync::mpsc::Receiver<io::Result<Vec<u8>>>>,
     current: Vec<u8>,
     pos: usize,
 }
@@ -440,8 +443,17 @@ impl AsyncRead for PgReader {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(chunks) = this.chunks.take() {
+            let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+            tokio::spawn(chunks.send(tx));
+            this.rx = Some(rx);
+        }
         while this.pos >= this.current.len() {
-            match this.rx.poll_recv(cx) {
+            let Some(rx) = this.rx.as_mut() else {
+                // An empty range.
+                return Poll::Ready(Ok(()));
+            };
+            match rx.poll_recv(cx) {
                 Poll::Pending => return Poll::Pending,
                 // Every chunk was read: end of the blob.
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
