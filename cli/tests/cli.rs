@@ -10,6 +10,7 @@ use std::process::{Command, Output, Stdio};
 use roost_server::Server;
 use roost_server::config::Config;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 const BIN: &str = env!("CARGO_BIN_EXE_roost-cli");
 
@@ -845,15 +846,7 @@ fn a_file_sent_with_send_file_is_saved_byte_identical_by_recv_download_dir() {
     h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
     let dir = tempfile::tempdir().unwrap();
     // 2.5 MiB of bytes that do not repeat.
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let bytes: Vec<u8> = (0..(5 << 19))
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let bytes = pseudo_random(5 << 19);
     let photo = dir.path().join("photo.jpg");
     std::fs::write(&photo, &bytes).unwrap();
     let sent = json_lines(&h.ok(
@@ -917,4 +910,191 @@ fn a_file_sent_with_send_file_is_saved_byte_identical_by_recv_download_dir() {
         "{out}"
     );
     assert_eq!(std::fs::read_dir(&downloads).unwrap().count(), 2);
+}
+
+/// `len` bytes that do not repeat (xorshift).
+fn pseudo_random(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+/// Two homeservers, `alpha.test` and `beta.test`, federating over QUIC on 127.0.0.1 with
+/// certificates from one CA, which the CLI profiles trust too.
+struct Federation {
+    runtime: tokio::runtime::Runtime,
+    servers: Vec<Server>,
+    ca_file: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Federation {
+    const DOMAINS: [&str; 2] = ["alpha.test", "beta.test"];
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        let ca = roost_interop::pki::Ca::generate("cli", &ca_file).unwrap();
+        let ports: Vec<std::net::SocketAddr> = Self::DOMAINS
+            .iter()
+            .map(|_| {
+                std::net::UdpSocket::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+            })
+            .collect();
+        let mut servers = Vec::new();
+        for (i, domain) in Self::DOMAINS.iter().enumerate() {
+            let data_dir = dir.path().join(domain);
+            std::fs::create_dir_all(&data_dir).unwrap();
+            let issued = ca
+                .issue(
+                    &[domain.to_string()],
+                    &data_dir.join("cert.pem"),
+                    &data_dir.join("key.pem"),
+                )
+                .unwrap();
+            let mut config = Config {
+                domain: domain.to_string(),
+                listen: ports[i],
+                data_dir,
+                tls_cert: Some(issued.cert_file),
+                tls_key: Some(issued.key_file),
+                ..Config::default()
+            };
+            config.federation.enabled = true;
+            config.federation.ca_file = Some(ca_file.clone());
+            config.federation.retry_initial_ms = 50;
+            config.federation.retry_max_ms = 200;
+            let peer = 1 - i;
+            config.federation.peers.insert(
+                Self::DOMAINS[peer].to_string(),
+                roost_server::config::PeerConfig {
+                    address: Some(ports[peer].to_string()),
+                    addresses: Vec::new(),
+                    certificate: None,
+                },
+            );
+            let server = runtime
+                .block_on(Server::start(config.validate().unwrap()))
+                .unwrap();
+            servers.push(server);
+        }
+        Self {
+            runtime,
+            servers,
+            ca_file,
+            dir,
+        }
+    }
+
+    /// Runs `roost-cli --profile DIR/<profile> args...` and expects success; returns stdout.
+    fn ok(&self, profile: &str, args: &[&str]) -> String {
+        let out = Command::new(BIN)
+            .arg("--profile")
+            .arg(self.dir.path().join(profile))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("ROOST_PROFILE")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "roost-cli {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Registers `name` on the homeserver of `DOMAINS[server]`; returns the user id.
+    fn register(&self, name: &str, server: usize) -> String {
+        let user = format!("{name}@{}", Self::DOMAINS[server]);
+        self.ok(
+            name,
+            &[
+                "register",
+                &user,
+                "--server",
+                &self.servers[server].local_addr().to_string(),
+                "--ca",
+                self.ca_file.to_str().unwrap(),
+            ],
+        );
+        user
+    }
+}
+
+impl Drop for Federation {
+    fn drop(&mut self) {
+        for server in self.servers.drain(..) {
+            self.runtime.block_on(server.shutdown());
+        }
+    }
+}
+
+#[test]
+fn a_file_sent_on_one_homeserver_is_saved_byte_identical_by_a_member_on_another() {
+    let f = Federation::start();
+    f.register("alice", 0);
+    let bob = f.register("bob", 1);
+    f.ok("alice", &["group", "create", "--name", "team"]);
+    f.ok("alice", &["group", "invite", "team", &bob]);
+    let files = tempfile::tempdir().unwrap();
+    // 3 MiB and a few bytes: several chunks of every stream, and a short last one.
+    let bytes = pseudo_random((3 << 20) + 7);
+    let photo = files.path().join("photo.jpg");
+    std::fs::write(&photo, &bytes).unwrap();
+    f.ok(
+        "alice",
+        &["send", "team", "--file", photo.to_str().unwrap()],
+    );
+
+    // Bob's client talks only to beta, which fetches the blob from alpha. Federation is
+    // asynchronous: wait until the message has reached bob's queue.
+    let downloads = files.path().join("downloads");
+    let saved = downloads.join("photo.jpg");
+    let mut out = String::new();
+    for _ in 0..10 {
+        out += &f.ok(
+            "bob",
+            &[
+                "recv",
+                "--wait",
+                "5",
+                "--download-dir",
+                downloads.to_str().unwrap(),
+            ],
+        );
+        if out.contains("saved ") {
+            break;
+        }
+    }
+    assert!(
+        out.ends_with(&format!(
+            "\talice@alpha.test/cli\t[file photo.jpg ({} bytes, image/jpeg)]\nsaved {}\n",
+            bytes.len(),
+            saved.display()
+        )),
+        "{out}"
+    );
+    let saved = std::fs::read(&saved).unwrap();
+    assert_eq!(saved.len(), bytes.len());
+    assert_eq!(
+        hex::encode(Sha256::digest(&saved)),
+        hex::encode(Sha256::digest(&bytes)),
+        "the saved file differs from the sent one"
+    );
 }

@@ -358,8 +358,8 @@ impl Default for Config {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BlobConfig {
-    /// Directory of the blob files (default: `blobs` in `data_dir`). Every node of a domain
-    /// on PostgreSQL must use the same directory (a shared file system).
+    /// Directory of the blob files (default: `blobs` in `data_dir`). Only with the redb
+    /// engine: with PostgreSQL, blobs are stored in the database (setting it is an error).
     pub dir: Option<PathBuf>,
     /// Largest blob accepted, in bytes.
     pub max_blob_size: u64,
@@ -665,7 +665,7 @@ pub struct Settings {
     pub limits: Limits,
     /// Federation.
     pub federation: FederationConfig,
-    /// The blob service (`dir` absent: `blobs` in `data_dir`).
+    /// The blob service (`dir` absent: `blobs` in `data_dir`; with PostgreSQL always absent).
     pub blobs: BlobConfig,
     /// Push notifications.
     pub push: PushConfig,
@@ -728,6 +728,11 @@ impl Config {
                 if self.storage.pool_size == 0 || self.storage.timeout_ms == 0 {
                     return Err(ConfigError::Invalid(
                         "storage.pool_size and storage.timeout_ms must be at least 1".into(),
+                    ));
+                }
+                if self.blobs.dir.is_some() {
+                    return Err(ConfigError::Invalid(
+                        "blobs.dir is for storage.backend = \"redb\": with \"postgres\" blobs are stored in the database".into(),
                     ));
                 }
                 StorageSettings::Postgres {
@@ -825,6 +830,13 @@ mod tests {
             config.validate().unwrap().storage,
             StorageSettings::Postgres { pool_size: 16, .. }
         ));
+        // Blobs live in the database with PostgreSQL: a blob directory is a mistake.
+        let config = Config::from_toml(
+            "[storage]\nbackend = \"postgres\"\nurl = \"postgresql://roost@127.0.0.1/roost\"\n[blobs]\ndir = \"/srv/blobs\"\n",
+        )
+        .unwrap();
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("blobs.dir"), "{refused}");
         assert!(Config::from_toml("[storage]\nbackend = \"mysql\"\n").is_err());
         let config = Config::from_toml("[storage]\ncache_size_mib = 8\n").unwrap();
         assert_eq!(config.validate().unwrap().redb_cache_size, 8 << 20);

@@ -54,7 +54,7 @@ pub const FIELDS: &[Field] = &[
     opt(
         "blobs",
         &["dir"],
-        "directory of the blob files (temporary files under `tmp/`, removed at start); nodes of one domain on PostgreSQL share it",
+        "directory of the blob files (temporary files under `tmp/`, removed at start); redb only: with PostgreSQL blobs are stored in the database and setting it is an error",
         "`blobs` in `data_dir`",
         "\"/srv/roost/blobs\"",
     ),

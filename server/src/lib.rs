@@ -118,7 +118,7 @@ pub(crate) struct State {
     pub(crate) claim_limiter: RateLimiter<(UserId, ClientId)>,
     pub(crate) send_limiter: RateLimiter<ClientId>,
     /// The blob store and the uploads in progress.
-    pub(crate) blobs: blob::files::FileStore,
+    pub(crate) blobs: blob::Blobs,
     pub(crate) blob_reservations: blob::Reservations,
     /// Blob uploads per user.
     pub(crate) blob_upload_limiter: RateLimiter<UserId>,
@@ -209,12 +209,7 @@ impl Server {
         )
         .await?;
         let federation = federation::Federation::new(&settings, &tls)?;
-        let blob_dir = settings
-            .blobs
-            .dir
-            .clone()
-            .unwrap_or_else(|| settings.data_dir.join("blobs"));
-        let blobs = blob::files::FileStore::open(&blob_dir)?;
+        let blobs = blob::Blobs::open(&settings)?;
         let push = push::Push::new(&settings).map_err(ServerError::Push)?;
         let limits = &settings.limits;
         let blob_limits = &settings.blobs;

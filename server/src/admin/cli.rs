@@ -221,6 +221,7 @@ async fn send(settings: &Settings, request: Request) -> anyhow::Result<Reply> {
         store,
         domain: settings.domain.clone(),
         identity_dir: settings.identity_dir.clone(),
+        blob_dir: crate::blob::Blobs::backup_dir(settings),
         live: None,
     };
     let result = execute(&ctx, request).await;

@@ -130,6 +130,9 @@ pub(crate) struct Ctx {
     pub(crate) store: Backend,
     pub(crate) domain: Domain,
     pub(crate) identity_dir: PathBuf,
+    /// The blob files' directory, copied into backups (`None` with PostgreSQL, whose dump
+    /// holds the blobs).
+    pub(crate) blob_dir: Option<PathBuf>,
     /// The running server, whose connections and listeners of removed clients must be cut
     /// off; `None` when `roost admin` opened the store itself (with PostgreSQL the other
     /// nodes hear removals through the bus either way).
@@ -326,6 +329,19 @@ async fn backup(ctx: &Ctx, dir: &Path) -> Result<Reply, AdminError> {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
             Err(err) => return Err(AdminError::Io(format!("{}: {err}", from.display()))),
         }
+    }
+    if let Some(blob_dir) = ctx.blob_dir.clone() {
+        let dest = dir.join(crate::blob::files::DEFAULT_DIR);
+        let copied = tokio::task::spawn_blocking(move || {
+            crate::blob::files::copy_all(&blob_dir, &dest)
+                .map_err(|err| AdminError::Io(format!("blobs {}: {err}", blob_dir.display())))
+        })
+        .await
+        .map_err(|err| AdminError::Io(format!("blob copy: {err}")))??;
+        if copied.0 > 0 {
+            files.push(format!("{}/", crate::blob::files::DEFAULT_DIR));
+        }
+        tracing::info!(blobs = copied.0, bytes = copied.1, "blobs copied");
     }
     tracing::info!(dir = %dir.display(), bytes, "backup written");
     Ok(Reply::Backup {

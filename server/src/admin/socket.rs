@@ -116,6 +116,7 @@ async fn handle(state: Arc<State>, stream: tokio::net::UnixStream) -> std::io::R
                         store: state.store.clone(),
                         domain: state.settings.domain.clone(),
                         identity_dir: state.settings.identity_dir.clone(),
+                        blob_dir: crate::blob::Blobs::backup_dir(&state.settings),
                         live: Some(state.clone()),
                     };
                     match execute(&ctx, request).await {

@@ -22,6 +22,8 @@ use crate::error::ServiceError;
 use crate::storage::StoreError;
 
 const TMP: &str = "tmp";
+/// The store's directory in the data directory when `blobs.dir` is not set (and in a backup).
+pub(crate) const DEFAULT_DIR: &str = "blobs";
 const META_SUFFIX: &str = ".meta";
 
 /// Blobs in a directory.
@@ -162,6 +164,7 @@ impl BlobStore for FileStore {
         mut upload: FileUpload,
         address: [u8; BLOB_ADDRESS_LEN],
         meta: BlobMeta,
+        quota: u64,
     ) -> Result<BlobMeta, ServiceError> {
         let Some(mut file) = upload.file.take() else {
             return Err(ServiceError::Internal("commit after close".into()));
@@ -180,6 +183,10 @@ impl BlobStore for FileStore {
             {
                 // The same bytes are stored already: whoever holds them may read them.
                 return Ok(existing);
+            }
+            let used = usage.get(&meta.owner).copied().unwrap_or(0);
+            if used.saturating_add(meta.size) > quota {
+                return Err(ServiceError::BlobQuotaExceeded);
             }
             let record = MetaFile {
                 owner: meta.owner.to_string(),
@@ -278,6 +285,51 @@ impl BlobStore for FileStore {
     }
 }
 
+/// Copies every visible blob of the store in `src` into `dest` (created if missing) with the
+/// store's own visibility rule: the metadata file into place first, the data through `tmp/`,
+/// fsynced, then renamed; a copy cut short leaves what [`FileStore::open`] removes. A blob
+/// that expires meanwhile is skipped. Blobs are never changed once visible, so each copy is
+/// exact. Returns how many blobs and bytes were copied. Blocking.
+pub(crate) fn copy_all(src: &Path, dest: &Path) -> io::Result<(u64, u64)> {
+    let (mut blobs, mut bytes) = (0, 0);
+    let tmp = dest.join(TMP);
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) else {
+            continue;
+        };
+        let Ok(meta) = std::fs::read(entry.path()) else {
+            continue;
+        };
+        if blobs == 0 {
+            std::fs::create_dir_all(&tmp)?;
+        }
+        let meta_copy = dest.join(&name);
+        let mut file = std::fs::File::create(&meta_copy)?;
+        io::Write::write_all(&mut file, &meta)?;
+        file.sync_all()?;
+        let staged = tmp.join(hex_address);
+        match std::fs::copy(src.join(hex_address), &staged) {
+            Ok(copied) => bytes += copied,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                // Expired while we copied: not in the backup.
+                std::fs::remove_file(&meta_copy)?;
+                continue;
+            }
+            Err(err) => return Err(err),
+        }
+        std::fs::File::open(&staged)?.sync_all()?;
+        std::fs::rename(&staged, dest.join(hex_address))?;
+        blobs += 1;
+    }
+    if blobs > 0 {
+        std::fs::remove_dir(&tmp)?;
+        fsync_dir(dest)?;
+    }
+    Ok((blobs, bytes))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,7 +351,7 @@ mod tests {
         store.write(&mut upload, b"hello").await.unwrap();
         let address = [1u8; BLOB_ADDRESS_LEN];
         store
-            .commit(upload, address, meta("alice@example.org", 5))
+            .commit(upload, address, meta("alice@example.org", 5), 5)
             .await
             .unwrap();
         // A temporary file (killed mid-upload) and a metadata file without data (killed

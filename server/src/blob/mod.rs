@@ -6,7 +6,13 @@
 //!
 //! This module sees the streams as tokio readers and writers; the transport hands them over.
 
+mod engine;
 pub(crate) mod files;
+pub(crate) mod postgres;
+#[cfg(test)]
+mod suite;
+
+pub(crate) use engine::Blobs;
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -43,9 +49,10 @@ pub(crate) struct BlobMeta {
     pub(crate) created_secs: u64,
 }
 
-/// Where blobs are kept. The embedded default is [`files::FileStore`]; an object store would
-/// be another implementation. Nothing of an upload is visible before [`BlobStore::commit`]
-/// returned, and then it is durable.
+/// Where blobs are kept: [`files::FileStore`] with the embedded engine, [`postgres::PgBlobStore`]
+/// with PostgreSQL (every node of a domain sees the same blobs and quota); an object store
+/// would be another implementation. Nothing of an upload is visible before
+/// [`BlobStore::commit`] returned, and then it is durable.
 pub(crate) trait BlobStore {
     /// An upload in progress; dropping it discards what was written.
     type Upload: Send;
@@ -56,12 +63,16 @@ pub(crate) trait BlobStore {
     /// Appends bytes.
     async fn write(&self, upload: &mut Self::Upload, bytes: &[u8]) -> Result<(), ServiceError>;
     /// Makes the upload durable and visible under `address`. If a blob with that address is
-    /// stored already, the upload is discarded and the stored blob's metadata returned.
+    /// stored already, the upload is discarded and the stored blob's metadata returned. If the
+    /// owner's stored bytes would pass `quota`, nothing is stored
+    /// ([`ServiceError::BlobQuotaExceeded`]): this check is the authority, across every
+    /// upload of the owner (on every node).
     async fn commit(
         &self,
         upload: Self::Upload,
         address: [u8; BLOB_ADDRESS_LEN],
         meta: BlobMeta,
+        quota: u64,
     ) -> Result<BlobMeta, ServiceError>;
     /// The blob's metadata and a reader positioned at `offset` (when `offset <= size`).
     async fn open(
@@ -75,8 +86,9 @@ pub(crate) trait BlobStore {
     async fn expire(&self, created_before_secs: u64) -> Result<u64, ServiceError>;
 }
 
-/// Bytes of uploads in progress per user, so that concurrent uploads cannot together pass
-/// the quota.
+/// Bytes of uploads in progress per user on this node, so that concurrent uploads are refused
+/// before their bytes are sent when together they would pass the quota. (Uploads on other
+/// nodes are not seen here; [`BlobStore::commit`] enforces the quota for all of them.)
 #[derive(Default)]
 pub(crate) struct Reservations(Mutex<HashMap<UserId, u64>>);
 
@@ -177,7 +189,10 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
         size: request.size,
         created_secs: state.clock.unix_secs(),
     };
-    let meta = state.blobs.commit(upload, address, meta).await?;
+    let meta = state
+        .blobs
+        .commit(upload, address, meta, config.quota_per_user)
+        .await?;
     metrics::counter!("roost_blob_uploaded_bytes_total").increment(meta.size);
     Ok(BlobUploadResponse {
         blob: BlobRef {

@@ -47,7 +47,7 @@ async fn admin_ok(data: &Path, args: &[&str]) -> String {
     out.stdout
 }
 
-async fn admin_json(data: &Path, args: &[&str]) -> serde_json::Value {
+pub(crate) async fn admin_json(data: &Path, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
     serde_json::from_str(&admin_ok(data, &all).await).unwrap()

@@ -359,20 +359,12 @@ async fn blobs_expire_after_the_configured_time() {
     server.shutdown().await;
 }
 
-#[test]
-fn a_server_killed_mid_upload_leaves_no_visible_blob_and_no_temporary_file() {
+/// Starts the `roost` binary with `args` (after `serve`) and waits until it listens.
+pub fn spawn_roost(args: &[&std::ffi::OsStr]) -> std::process::Child {
     use std::io::BufRead as _;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roost"))
         .arg("serve")
-        .arg("--data")
-        .arg(&data)
-        .args(["--listen", &port.to_string(), "--domain", DOMAIN])
+        .args(args)
         .env_remove("RUST_LOG")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -385,40 +377,80 @@ fn a_server_killed_mid_upload_leaves_no_visible_blob_and_no_temporary_file() {
         line.clear();
         assert!(stderr.read_line(&mut line).unwrap() > 0, "roost exited");
     }
+    // Its log goes on until it exits: keep reading it.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    child
+}
+
+/// Registers alice on the server at `port` (certificate in `cert`), logs her client in and
+/// starts uploading 32 MiB of which 8 are sent.
+pub async fn upload_in_progress(
+    port: std::net::SocketAddr,
+    cert: &Path,
+) -> (TestClient, roost_client::transport::BlobUpload) {
+    use roost_client::transport::{ConnectConfig, Endpoint, TrustConfig};
+    let certs = roost_client::transport::load_certificates_pem(cert).unwrap();
+    let endpoint = Endpoint::for_server(port).unwrap();
+    let config = ConnectConfig::new(port, DOMAIN, TrustConfig::PinnedCertificates(certs));
+    let conn = endpoint.connect(&config).await.unwrap();
+    let user = register(&conn, "alice").await;
+    let client = add_client(&conn, &user, "phone").await;
+    login(&conn, &client).await;
+    let mut upload = conn.start_blob_upload(32 * MIB as u64).await.unwrap();
+    upload.write(&pseudo_random(8 * MIB, 3)).await.unwrap();
+    (client, upload)
+}
+
+/// Kills `child` as soon as `in_progress` says its upload reached storage, then drops the
+/// upload.
+pub async fn kill_when(
+    child: &mut std::process::Child,
+    upload: roost_client::transport::BlobUpload,
+    in_progress: impl Fn() -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !in_progress() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no upload in progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    upload.abort();
+}
+
+#[test]
+fn a_server_killed_mid_upload_leaves_no_visible_blob_and_no_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let port_arg = port.to_string();
+    let mut child = spawn_roost(&[
+        "--data".as_ref(),
+        data.as_os_str(),
+        "--listen".as_ref(),
+        port_arg.as_ref(),
+        "--domain".as_ref(),
+        DOMAIN.as_ref(),
+    ]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        use roost_client::transport::{ConnectConfig, Endpoint, TrustConfig};
-        let certs = roost_client::transport::load_certificates_pem(
-            data.join(roost_server::identity::CERT_FILE),
-        )
-        .unwrap();
-        let endpoint = Endpoint::for_server(port).unwrap();
-        let config = ConnectConfig::new(port, DOMAIN, TrustConfig::PinnedCertificates(certs));
-        let conn = endpoint.connect(&config).await.unwrap();
-        let user = register(&conn, "alice").await;
-        let client = add_client(&conn, &user, "phone").await;
-        login(&conn, &client).await;
-        let mut upload = conn.start_blob_upload(32 * MIB as u64).await.unwrap();
-        upload.write(&pseudo_random(8 * MIB, 3)).await.unwrap();
-        // The bytes reached the server's temporary file.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let written: u64 = std::fs::read_dir(data.join("blobs").join("tmp"))
+        let (_client, upload) =
+            upload_in_progress(port, &data.join(roost_server::identity::CERT_FILE)).await;
+        // Killed once the bytes reached the server's temporary file.
+        kill_when(&mut child, upload, || {
+            std::fs::read_dir(data.join("blobs").join("tmp"))
                 .unwrap()
                 .map(|e| e.unwrap().metadata().unwrap().len())
-                .sum();
-            if written > 0 {
-                break;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no upload in progress"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        child.kill().unwrap();
-        child.wait().unwrap();
-        upload.abort();
+                .sum::<u64>()
+                > 0
+        })
+        .await;
     });
     assert!(visible_blobs(&data).is_empty());
     // At the next start, what the killed process left is removed.
@@ -428,4 +460,43 @@ fn a_server_killed_mid_upload_leaves_no_visible_blob_and_no_temporary_file() {
         assert_eq!(temp_files(&data), 0);
         server.shutdown().await;
     });
+}
+
+/// `roost admin backup` copies the blob files too: a server started on the backup serves the
+/// blobs uploaded before it, byte for byte, under their references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_holds_the_blobs_and_a_server_started_on_it_serves_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let server = start(config(&data)).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    let blobs: Vec<Vec<u8>> = vec![pseudo_random(3 * MIB + 1, 31), Vec::new(), vec![7]];
+    let mut stored = Vec::new();
+    for bytes in &blobs {
+        stored.push(upload(&conn, bytes).await.unwrap().blob);
+    }
+    let backup = dir.path().join("backup");
+    let out = crate::admin::admin_json(&data, &["backup", backup.to_str().unwrap()]).await;
+    let files: Vec<&str> = out["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    assert!(files.contains(&"blobs/"), "{files:?}");
+    server.shutdown().await;
+    assert_eq!(visible_blobs(&backup), visible_blobs(&data));
+    assert_eq!(temp_files(&backup), 0);
+
+    // The original is gone; the backup is the data directory now.
+    std::fs::remove_dir_all(&data).unwrap();
+    let server = start(config(&backup)).await;
+    let conn = connect(&server).await;
+    login(&conn, &phone).await;
+    for (bytes, blob) in blobs.iter().zip(&stored) {
+        let back = download(&conn, blob, 0, None).await.unwrap();
+        assert_eq!(sha256(&back), blob.address);
+        assert!(back == *bytes);
+    }
+    server.shutdown().await;
 }

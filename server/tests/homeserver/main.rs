@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod binary;
 mod blob;
+mod blob_postgres;
 mod common;
 mod delivery;
 mod federation;

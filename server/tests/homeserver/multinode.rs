@@ -14,15 +14,15 @@ use crate::common::*;
 use crate::mls_member::Member;
 
 /// A PostgreSQL cluster, one database, a shared identity directory and two nodes on it.
-struct Domain {
-    cluster: roost_interop::postgres::Cluster,
-    url: String,
-    identity: tempfile::TempDir,
+pub(crate) struct Domain {
+    pub(crate) cluster: roost_interop::postgres::Cluster,
+    pub(crate) url: String,
+    pub(crate) identity: tempfile::TempDir,
     data: Vec<tempfile::TempDir>,
 }
 
 impl Domain {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
         let url = cluster.create_database("roost").unwrap();
         Domain {
@@ -33,7 +33,7 @@ impl Domain {
         }
     }
 
-    fn node_config(&mut self) -> Config {
+    pub(crate) fn node_config(&mut self) -> Config {
         let data = tempfile::tempdir().unwrap();
         let mut config = config(data.path());
         self.data.push(data);
@@ -46,7 +46,7 @@ impl Domain {
     }
 
     /// Starts a node (the first one creates the identity files).
-    async fn node(&mut self) -> Server {
+    pub(crate) async fn node(&mut self) -> Server {
         let config = self.node_config();
         start(config).await
     }

@@ -51,6 +51,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("migrations/0001_init.sql")),
     (2, include_str!("migrations/0002_receipts.sql")),
     (3, include_str!("migrations/0003_push.sql")),
+    (4, include_str!("migrations/0004_blobs.sql")),
     (5, include_str!("migrations/0005_fanout_pending.sql")),
 ];
 
@@ -354,10 +355,13 @@ impl PgStore {
              )",
         )
         .await?;
-        let row = txn
-            .query_one("SELECT COALESCE(MAX(version), 0) FROM roost_schema", &[])
-            .await?;
-        let found: i64 = row.get(0);
+        let applied: Vec<i64> = txn
+            .query("SELECT version FROM roost_schema", &[])
+            .await?
+            .iter()
+            .map(|row| column(row, 0, "roost_schema"))
+            .collect::<Result<_, _>>()?;
+        let found = applied.iter().copied().max().unwrap_or(0);
         let known = MIGRATIONS.last().map_or(0, |(v, _)| *v);
         if found > known {
             return Err(StoreError::Schema {
@@ -365,7 +369,9 @@ impl PgStore {
                 expected: to_u64(known)?,
             });
         }
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        // Every migration not applied yet, in order: one numbered below the newest applied
+        // (4, added after 5 was released) is applied too.
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| !applied.contains(v)) {
             txn.batch_execute(sql).await?;
             txn.execute(
                 "INSERT INTO roost_schema (version, applied_ms) VALUES ($1, $2)",
@@ -466,6 +472,28 @@ mod tests {
         for closer in closers {
             closer.join();
         }
+
+        // A database of a roost that had 5 but not 4 (added later with a lower number) gets 4.
+        cluster
+            .psql(
+                "migrate",
+                "DELETE FROM roost_schema WHERE version = 4; \
+                 DROP TABLE blobs, blob_chunks, blob_usage; DROP SEQUENCE blob_data_seq",
+            )
+            .unwrap();
+        let (_, closer) = PgStore::connect(options(&url), sink()).await.unwrap();
+        closer.join();
+        let versions = cluster
+            .psql(
+                "migrate",
+                "SELECT version FROM roost_schema ORDER BY version",
+            )
+            .unwrap();
+        assert_eq!(versions.trim(), known.join("\n"));
+        let tables = cluster
+            .psql("migrate", "SELECT count(*) FROM blobs")
+            .unwrap();
+        assert_eq!(tables.trim(), "0");
 
         // A database migrated by a newer roost is refused.
         cluster

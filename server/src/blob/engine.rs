@@ -1,0 +1,157 @@
+//! [`Blobs`]: the blob store of the configured storage engine, so the blob service never
+//! learns which one runs.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use roost_protocol::UserId;
+use roost_protocol::messages::blob::BLOB_ADDRESS_LEN;
+use tokio::io::{AsyncRead, ReadBuf};
+
+use super::files::{FileStore, FileUpload};
+use super::postgres::{PgBlobStore, PgReader, PgUpload};
+use super::{BlobMeta, BlobStore};
+use crate::error::ServiceError;
+use crate::storage::StoreError;
+
+/// The blob store chosen with `[storage] backend`.
+#[derive(Clone)]
+pub(crate) enum Blobs {
+    /// Files in `blobs.dir` (the embedded engine).
+    Files(FileStore),
+    /// Chunks in the domain's PostgreSQL database.
+    Postgres(PgBlobStore),
+}
+
+impl Blobs {
+    /// Opens the store that goes with the configured storage engine.
+    pub(crate) fn open(settings: &crate::config::Settings) -> Result<Self, StoreError> {
+        match &settings.storage {
+            crate::config::StorageSettings::Redb => {
+                Ok(Self::Files(FileStore::open(&file_dir(settings))?))
+            }
+            crate::config::StorageSettings::Postgres {
+                url,
+                pool_size,
+                timeout,
+            } => Ok(Self::Postgres(PgBlobStore::new(url, *pool_size, *timeout)?)),
+        }
+    }
+
+    /// The directory of the blob files a backup copies (`None`: the blobs are in the
+    /// database, and its own backup holds them).
+    pub(crate) fn backup_dir(settings: &crate::config::Settings) -> Option<std::path::PathBuf> {
+        match &settings.storage {
+            crate::config::StorageSettings::Redb => Some(file_dir(settings)),
+            crate::config::StorageSettings::Postgres { .. } => None,
+        }
+    }
+}
+
+/// `blobs.dir`, or `blobs` in the data directory.
+fn file_dir(settings: &crate::config::Settings) -> std::path::PathBuf {
+    settings
+        .blobs
+        .dir
+        .clone()
+        .unwrap_or_else(|| settings.data_dir.join(super::files::DEFAULT_DIR))
+}
+
+/// An upload in progress of either store.
+pub(crate) enum Upload {
+    Files(FileUpload),
+    Postgres(PgUpload),
+}
+
+/// A stored blob's bytes from either store.
+pub(crate) enum Reader {
+    Files(tokio::fs::File),
+    Postgres(PgReader),
+}
+
+impl AsyncRead for Reader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Reader::Files(file) => Pin::new(file).poll_read(cx, buf),
+            Reader::Postgres(reader) => Pin::new(reader).poll_read(cx, buf),
+        }
+    }
+}
+
+fn mixed() -> ServiceError {
+    ServiceError::Internal("an upload of one blob store given to another".into())
+}
+
+impl BlobStore for Blobs {
+    type Upload = Upload;
+    type Reader = Reader;
+
+    async fn begin(&self) -> Result<Upload, ServiceError> {
+        match self {
+            Blobs::Files(store) => store.begin().await.map(Upload::Files),
+            Blobs::Postgres(store) => store.begin().await.map(Upload::Postgres),
+        }
+    }
+
+    async fn write(&self, upload: &mut Upload, bytes: &[u8]) -> Result<(), ServiceError> {
+        match (self, upload) {
+            (Blobs::Files(store), Upload::Files(upload)) => store.write(upload, bytes).await,
+            (Blobs::Postgres(store), Upload::Postgres(upload)) => store.write(upload, bytes).await,
+            _ => Err(mixed()),
+        }
+    }
+
+    async fn commit(
+        &self,
+        upload: Upload,
+        address: [u8; BLOB_ADDRESS_LEN],
+        meta: BlobMeta,
+        quota: u64,
+    ) -> Result<BlobMeta, ServiceError> {
+        match (self, upload) {
+            (Blobs::Files(store), Upload::Files(upload)) => {
+                store.commit(upload, address, meta, quota).await
+            }
+            (Blobs::Postgres(store), Upload::Postgres(upload)) => {
+                store.commit(upload, address, meta, quota).await
+            }
+            _ => Err(mixed()),
+        }
+    }
+
+    async fn open(
+        &self,
+        address: &[u8; BLOB_ADDRESS_LEN],
+        offset: u64,
+    ) -> Result<Option<(BlobMeta, Reader)>, ServiceError> {
+        Ok(match self {
+            Blobs::Files(store) => store
+                .open(address, offset)
+                .await?
+                .map(|(meta, file)| (meta, Reader::Files(file))),
+            Blobs::Postgres(store) => store
+                .open(address, offset)
+                .await?
+                .map(|(meta, reader)| (meta, Reader::Postgres(reader))),
+        })
+    }
+
+    async fn usage(&self, owner: &UserId) -> Result<u64, ServiceError> {
+        match self {
+            Blobs::Files(store) => store.usage(owner).await,
+            Blobs::Postgres(store) => store.usage(owner).await,
+        }
+    }
+
+    async fn expire(&self, created_before_secs: u64) -> Result<u64, ServiceError> {
+        match self {
+            Blobs::Files(store) => store.expire(created_before_secs).await,
+            Blobs::Postgres(store) => store.expire(created_before_secs).await,
+        }
+    }
+}
