@@ -131,6 +131,34 @@ pub(crate) struct FileUpload {
     file: Option<tokio::fs::File>,
 }
 
+impl FileStore {
+    /// Writes a blob's metadata file in place atomically: a file in `tmp/`, fsynced, renamed
+    /// over `path`. The caller fsyncs the directory. Blocking.
+    fn write_meta(&self, path: &Path, meta: &BlobMeta) -> io::Result<()> {
+        let record = MetaFile {
+            owner: meta.owner.to_string(),
+            token: hex::encode(meta.token),
+            size: meta.size,
+            created_secs: meta.created_secs,
+        };
+        let bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
+        let tmp = self.dir.join(TMP).join(format!(
+            "{}{META_SUFFIX}",
+            hex::encode(rand::random::<[u8; 16]>())
+        ));
+        let written = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            io::Write::write_all(&mut f, &bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
+    }
+}
+
 impl Drop for FileUpload {
     fn drop(&mut self) {
         // Best effort; whatever stays is removed at the next start.
@@ -181,35 +209,32 @@ impl BlobStore for FileStore {
             if data.exists()
                 && let Some(existing) = read_meta(&meta_path)
             {
-                // The same bytes are stored already: whoever holds them may read them.
-                return Ok(existing);
+                // The same bytes are stored already: whoever holds them may read them. The
+                // upload renews the blob's life (the uploader is told it lives `expiry_secs`
+                // from now); the first uploader keeps owning its quota.
+                if existing.created_secs >= meta.created_secs {
+                    return Ok(existing);
+                }
+                let renewed = BlobMeta {
+                    created_secs: meta.created_secs,
+                    ..existing
+                };
+                store
+                    .write_meta(&meta_path, &renewed)
+                    .and_then(|()| fsync_dir(&store.dir))
+                    .map_err(io_error)?;
+                return Ok(renewed);
             }
             let used = usage.get(&meta.owner).copied().unwrap_or(0);
             if used.saturating_add(meta.size) > quota {
                 return Err(ServiceError::BlobQuotaExceeded);
             }
-            let record = MetaFile {
-                owner: meta.owner.to_string(),
-                token: hex::encode(meta.token),
-                size: meta.size,
-                created_secs: meta.created_secs,
-            };
-            let bytes = serde_json::to_vec(&record)
-                .map_err(|e| ServiceError::Internal(format!("blob metadata: {e}")))?;
-            let meta_tmp = store.dir.join(TMP).join(format!(
-                "{}{META_SUFFIX}",
-                hex::encode(rand::random::<[u8; 16]>())
-            ));
             let written = (|| {
-                let mut f = std::fs::File::create(&meta_tmp)?;
-                io::Write::write_all(&mut f, &bytes)?;
-                f.sync_all()?;
-                std::fs::rename(&meta_tmp, &meta_path)?;
+                store.write_meta(&meta_path, &meta)?;
                 std::fs::rename(&tmp, &data)?;
                 fsync_dir(&store.dir)
             })();
             if let Err(err) = written {
-                let _ = std::fs::remove_file(&meta_tmp);
                 if !data.exists() {
                     let _ = std::fs::remove_file(&meta_path);
                 }
@@ -266,6 +291,11 @@ impl BlobStore for FileStore {
                     continue;
                 }
                 let mut usage = lock(&store.usage);
+                // A re-upload may have renewed it since it was read (under this lock).
+                match read_meta(&entry.path()) {
+                    Some(meta) if meta.created_secs < created_before_secs => {}
+                    _ => continue,
+                }
                 // Data first: without it the blob is invisible, and a leftover metadata
                 // file is removed at the next start.
                 match std::fs::remove_file(store.dir.join(hex_address)) {

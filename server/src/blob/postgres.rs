@@ -217,10 +217,17 @@ impl BlobStore for PgBlobStore {
         let client = upload.client()?;
         let owner = meta.owner.to_string();
         let size = to_i64(meta.size)?;
-        let inserted = client
-            .execute(
+        // Inserted, or the same bytes are stored already: whoever holds them may read them,
+        // and the upload renews the blob's life (the uploader is told it lives `expiry_secs`
+        // from now; the first uploader keeps owning its quota). One statement, so a sweep
+        // deleting the old row meanwhile cannot make this upload lose its blob.
+        let row = client
+            .query_one(
                 "INSERT INTO blobs (address, data_id, chunk_size, owner, token, size, created_secs)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (address) DO NOTHING",
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (address) DO UPDATE
+                     SET created_secs = GREATEST(blobs.created_secs, EXCLUDED.created_secs)
+                 RETURNING data_id, owner, token, size, created_secs",
                 &[
                     &address.as_slice(),
                     &upload.data_id,
@@ -233,18 +240,17 @@ impl BlobStore for PgBlobStore {
             )
             .await
             .map_err(db)?;
-        if inserted == 0 {
-            // The same bytes are stored already: whoever holds them may read them. This
-            // upload's chunks go with the rolled-back transaction.
-            let row = client
-                .query_one(
-                    "SELECT owner, token, size, created_secs FROM blobs WHERE address = $1",
-                    &[&address.as_slice()],
+        if column::<i64>(&row, 0)? != upload.data_id {
+            // This upload's chunks are not needed: remove them with the renewal's commit.
+            let existing = meta_from(&row, 1)?;
+            client
+                .execute(
+                    "DELETE FROM blob_chunks WHERE data_id = $1",
+                    &[&upload.data_id],
                 )
                 .await
                 .map_err(db)?;
-            let existing = meta_from(&row, 0)?;
-            client.batch_execute("ROLLBACK").await.map_err(db)?;
+            client.batch_execute("COMMIT").await.map_err(db)?;
             upload.client = None;
             return Ok(existing);
         }

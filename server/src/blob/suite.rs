@@ -100,7 +100,8 @@ pub(super) async fn run<S: BlobStore>(store: &S) {
     assert_eq!(found, first);
     assert_eq!(store.usage(&alice).await.unwrap(), big.len() as u64);
 
-    // The same address again: the stored blob's metadata, counted once.
+    // The same address again: the stored blob's metadata, counted once, its life renewed
+    // from the new upload's time (an older upload time never shortens it).
     let again = store_blob(
         store,
         1,
@@ -110,8 +111,29 @@ pub(super) async fn run<S: BlobStore>(store: &S) {
     )
     .await
     .unwrap();
-    assert_eq!(again, first);
+    let renewed = BlobMeta {
+        created_secs: 200,
+        ..first.clone()
+    };
+    assert_eq!(again, renewed);
     assert_eq!(store.usage(&bob).await.unwrap(), 0);
+    let older = store_blob(
+        store,
+        1,
+        &big,
+        meta("bob@example.org", big.len(), 9, 150),
+        QUOTA,
+    )
+    .await
+    .unwrap();
+    assert_eq!(older, renewed);
+    let (found, _) = store
+        .open(&[1; BLOB_ADDRESS_LEN], 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found, renewed);
+    assert!(read_from(store, 1, 0).await.unwrap() == big);
 
     // Past the quota at commit: refused, nothing stored, nothing counted.
     let more = bytes(QUOTA as usize - big.len() + 1, 2);
@@ -138,8 +160,9 @@ pub(super) async fn run<S: BlobStore>(store: &S) {
         .unwrap();
     assert_eq!(store.usage(&bob).await.unwrap(), 10);
 
-    // Expiry: what was uploaded before the cutoff goes, with its quota.
-    assert_eq!(store.expire(200).await.unwrap(), 1);
+    // Expiry: what was uploaded (or renewed) before the cutoff goes, with its quota.
+    assert_eq!(store.expire(200).await.unwrap(), 0, "renewed at 200");
+    assert_eq!(store.expire(201).await.unwrap(), 1);
     assert_eq!(read_from(store, 1, 0).await, None);
     assert_eq!(store.usage(&alice).await.unwrap(), 0);
     assert!(read_from(store, 4, 0).await.unwrap() == small);
