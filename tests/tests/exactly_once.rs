@@ -86,5 +86,8 @@ fn a_message_whose_answer_was_lost_is_answered_from_its_receipt_after_sigkill() 
                 ..
             }
         ));
+        alice.close().await;
+        bob.close().await;
+        h.shutdown().await.unwrap();
     });
 }
