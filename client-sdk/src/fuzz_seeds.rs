@@ -184,3 +184,44 @@ fn sdk_incoming_fuzz_seeds_are_processed() {
         }
     }
 }
+
+/// The SDK's replay detection reads openmls's typed errors: a second copy of a message whose
+/// ratchet secret is used up is `Replayed` (dropped silently by the inbox), while a message
+/// that fails decryption for another reason (a damaged ciphertext) is still refused.
+#[test]
+fn a_replayed_message_is_recognised_and_a_damaged_one_is_refused() {
+    use crate::mls::MlsError;
+
+    let temp = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(&temp.path().join("bob.redb")).unwrap());
+    let mls = Mls::new(store.clone());
+    let (key, _) = generate_key().unwrap();
+    let identity = Identity::new("bob@example.org/phone".parse().unwrap(), &key).unwrap();
+    let (key_packages, _) = mls.new_key_packages(&identity, 1, false).unwrap();
+    store.commit(Changes::default()).unwrap();
+    let alice = Sender::new("alice@example.org/laptop");
+    let group_id = GroupId::new([9; 16], "example.org".parse().unwrap());
+    let (mut group, welcome) = alice.group_with(&group_id, &key_packages[0]);
+    let join = mls.process_welcome(&welcome).unwrap();
+    mls.finish_join(join).unwrap();
+    store.commit(Changes::default()).unwrap();
+
+    let (provider, signer) = (&alice.provider, &alice.signer);
+    let hello = bytes(&group.create_message(provider, signer, b"hello").unwrap());
+    mls.process(&group_id, &hello).unwrap();
+    store.commit(Changes::default()).unwrap();
+    assert!(matches!(
+        mls.process(&group_id, &hello),
+        Err(MlsError::Replayed)
+    ));
+    store.discard();
+
+    let mut damaged = bytes(&group.create_message(provider, signer, b"again").unwrap());
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x01;
+    match mls.process(&group_id, &damaged) {
+        Err(MlsError::Refused { context, .. }) => assert_eq!(context, "processing"),
+        Err(other) => panic!("a damaged message gave {other:?}"),
+        Ok(_) => panic!("a damaged message was accepted"),
+    }
+}

@@ -119,6 +119,10 @@ error_codes! {
     GROUP_INFO_HAS_RATCHET_TREE = 411,
     /// A GroupInfo sent to the DS lacks the `external_pub` extension (members could not rejoin).
     GROUP_INFO_WITHOUT_EXTERNAL_PUB = 412,
+    /// A SendCounted whose counter is not above the highest the hub accepted from this sender
+    /// in this group: the sender's state is older than what it sent before (a restored copy).
+    /// Detail: `SendCounterUsed`.
+    SEND_COUNTER_USED = 413,
 
     // Federation (500-599).
     /// The homeserver of that domain could not be reached. Safe to retry.
@@ -193,6 +197,13 @@ pub enum ErrorDetail {
         min: u16,
         /// Highest supported version.
         max: u16,
+    },
+    /// The highest send counter the hub accepted from this sender in this group. Sent only in
+    /// answer to SendCounted (a client that sends it knows this variant).
+    #[tls_codec(discriminant = 5)]
+    SendCounterUsed {
+        /// Use a counter above it.
+        highest_counter: u64,
     },
 }
 

@@ -87,6 +87,7 @@ fn error_detail() -> impl Strategy<Value = ErrorDetail> {
         any::<u32>().prop_map(|max_frame_len| ErrorDetail::FrameTooLarge { max_frame_len }),
         (any::<u16>(), any::<u16>())
             .prop_map(|(min, max)| ErrorDetail::UnsupportedVersion { min, max }),
+        any::<u64>().prop_map(|highest_counter| ErrorDetail::SendCounterUsed { highest_counter }),
     ]
 }
 
@@ -239,6 +240,13 @@ fn client_request() -> impl Strategy<Value = ClientRequest> {
         (group_id(), opaque())
             .prop_map(|(group, proposal)| R::LeaveGroup(LeaveGroupRequest { group, proposal })),
         group_id().prop_map(|group| R::FetchGroupInfo(FetchGroupInfoRequest { group })),
+        (group_id(), any::<u64>(), opaque()).prop_map(|(group, counter, message)| {
+            R::SendCounted(SendCountedRequest {
+                group,
+                counter,
+                message,
+            })
+        }),
         (group_id(), opaque(), opaque()).prop_map(|(group, commit, group_info)| {
             R::ExternalJoin(ExternalJoinRequest {
                 group,
@@ -311,6 +319,7 @@ fn response() -> impl Strategy<Value = Response> {
             })
         }),
         any::<u64>().prop_map(|epoch| R::ExternalJoin(CommitResponse { epoch })),
+        any::<u32>().prop_map(|recipients| R::SendCounted(SendMessageResponse { recipients })),
         Just(R::RegisterPush(RegisterPushResponse {})),
         any::<u8>().prop_map(|removed| R::UnregisterPush(UnregisterPushResponse { removed })),
         (opaque(), any::<u8>(), any::<u8>()).prop_map(|(vapid_public_key, apns, fcm)| {

@@ -39,6 +39,7 @@ const OTHER_VARIANTS: &[&str] = &[
     "RateLimited",
     "FrameTooLarge",
     "UnsupportedVersion",
+    "SendCounterUsed",
 ];
 
 fn spec() -> String {

@@ -184,6 +184,10 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
             async { delivery::send_message(state, &me?.client, req).await }.await,
             Response::SendMessage,
         ),
+        R::SendCounted(req) => reply(
+            async { delivery::send_counted(state, &me?.client, req).await }.await,
+            Response::SendCounted,
+        ),
         R::LeaveGroup(req) => reply(
             async { delivery::leave(state, &me?.client, req).await }.await,
             Response::LeaveGroup,

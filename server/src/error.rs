@@ -107,6 +107,10 @@ pub enum ServiceError {
     /// The group has not reached that epoch.
     #[error("future epoch: the group is at epoch {0}")]
     FutureEpoch(u64),
+    /// A SendCounted's counter is not above the highest accepted from the sender in the
+    /// group (the value).
+    #[error("send counter used: the highest accepted is {0}")]
+    SendCounterUsed(u64),
     /// The commit failed validation.
     #[error("invalid commit: {0}")]
     InvalidCommit(String),
@@ -217,6 +221,15 @@ impl ServiceError {
                 );
             }
             FutureEpoch(_) => ErrorCode::FUTURE_EPOCH,
+            SendCounterUsed(highest) => {
+                return WireError::with_detail(
+                    ErrorCode::SEND_COUNTER_USED,
+                    self.to_string(),
+                    ErrorDetail::SendCounterUsed {
+                        highest_counter: *highest,
+                    },
+                );
+            }
             InvalidCommit(_) => ErrorCode::INVALID_COMMIT,
             InvalidGroupInfo(_) => ErrorCode::INVALID_GROUP_INFO,
             GroupInfoHasRatchetTree => ErrorCode::GROUP_INFO_HAS_RATCHET_TREE,

@@ -52,6 +52,11 @@ pub(crate) enum Intent {
     Remove(BTreeSet<ClientId>),
     /// Commit the pending proposals.
     Pending,
+    /// A self-update (a commit with a path and whatever proposals are pending): the group's
+    /// next epoch has fresh secrets, which is how a client whose state was restored from an
+    /// old copy stops reusing ratchet generations (outbox.rs). Messages queued for the group
+    /// are not delivered before it: they are encrypted again after it.
+    Update,
 }
 
 fn server_code(err: &RequestError) -> Option<ErrorCode> {
@@ -324,7 +329,9 @@ impl Inner {
         self.settle_all_pending(mls).await?;
         // Messages queued before this commit go out before it, at the epoch they were
         // encrypted for.
-        self.deliver_group_locked(mls, group, outcome).await?;
+        if !matches!(intent, Intent::Update) {
+            Box::pin(self.deliver_group_locked(mls, group, outcome)).await?;
+        }
         // Then process what is queued for us: the messages the hub accepts before our commit
         // are read after we merge it, so they must stay within the past epochs we keep
         // (MAX_PAST_EPOCHS in mls/mod.rs).
@@ -363,12 +370,21 @@ impl Inner {
                         affected,
                     )
                 }
-                Intent::Pending => (Vec::new(), Vec::new(), mls.pending_removed(group)?),
+                Intent::Pending | Intent::Update => {
+                    (Vec::new(), Vec::new(), mls.pending_removed(group)?)
+                }
             };
-            if adds.is_empty() && removes.is_empty() && !mls.has_pending_proposals(group)? {
+            let update = matches!(intent, Intent::Update);
+            if !update
+                && adds.is_empty()
+                && removes.is_empty()
+                && !mls.has_pending_proposals(group)?
+            {
                 return Ok(Vec::new());
             }
-            let out = self.mls_op(mls, |mls| mls.commit(&self.identity, group, adds, removes))?;
+            let out = self.mls_op(mls, |mls| {
+                mls.commit(&self.identity, group, adds, removes, update)
+            })?;
             // Durable before it leaves: from here on a crash leaves it pending, not lost.
             let mut record = PendingCommit::new(
                 PendingKind::Commit,
@@ -380,7 +396,7 @@ impl Inner {
             match intent {
                 Intent::Add(_) => record.added.clone_from(&affected),
                 Intent::Remove(_) => record.removed.clone_from(&affected),
-                Intent::Pending => {}
+                Intent::Pending | Intent::Update => {}
             }
             let pending = self.store.stash_pending(group, record)?;
             match self.settle_pending(mls, group, pending, false).await? {

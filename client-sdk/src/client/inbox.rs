@@ -239,6 +239,15 @@ impl Inner {
         welcome: GroupMessage,
         outcome: &mut Outcome,
     ) -> Result<(), ClientError> {
+        // A Welcome to a group this client is in: a copy of the one it joined with (delivered
+        // twice: a redelivery, or a repeat the hub fanned out again after its receipt window).
+        // Its KeyPackage is used up, and joining again would put the group back to the
+        // Welcome's epoch: consumed without an event. (A removal drops the group first, so a
+        // Welcome that adds this client back is processed.)
+        if self.check_member(mls, &welcome.group).is_ok() {
+            tracing::debug!(group = %welcome.group, "a Welcome to a group we are in: dropped");
+            return self.consume_with(mls, seq, None, Vec::new());
+        }
         let join = match mls.process_welcome(welcome.message.as_slice()) {
             Ok(join) if join.group == welcome.group => join,
             Ok(_) => {

@@ -385,7 +385,10 @@ impl Client {
     }
 
     /// Fetches and processes every queued message now (the background listener does this
-    /// continuously when [`ClientConfig::listen`] is set).
+    /// continuously when [`ClientConfig::listen`] is set), then delivers the outgoing queue,
+    /// as the background sender does. Fails if the queue cannot be fetched; a message that
+    /// cannot be delivered now stays queued without failing the call (the background sender
+    /// keeps trying; [`Client::flush`] reports why it waits).
     pub async fn sync(&self) -> Result<(), ClientError> {
         let outcome = {
             let mls = self.inner.state.lock().await;
@@ -393,6 +396,9 @@ impl Client {
         };
         self.inner.ack().await;
         self.inner.follow_up(outcome).await;
+        if let Err(err) = self.inner.deliver_queued().await {
+            tracing::debug!(%err, "outgoing queue waits");
+        }
         Ok(())
     }
 

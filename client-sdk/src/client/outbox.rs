@@ -7,15 +7,26 @@
 //! receipt (PROTOCOL.md §7.4) and enqueued nowhere, so a lost answer never duplicates it.
 //! Only a refusal for its epoch (STALE_EPOCH: the hub did not take it) makes the SDK catch up
 //! and encrypt the plaintext again at the current epoch, in the message's place in the queue.
+//!
+//! Every queued message carries a send counter (the profile's next, given in the transaction
+//! that queues it) and goes out as SendCounted. SEND_COUNTER_USED means the profile's state is
+//! older than what it already sent — it was restored from an old copy, so its ratchet
+//! generations are used up too, and the receivers would drop what it encrypts now as a
+//! replay. The SDK then resynchronises the group (a self-update commit gives it an epoch with
+//! fresh secrets; a rejoin if its epoch is gone), encrypts every message it has queued for the
+//! group again with counters above the hub's, and sends them in their places.
 
 use std::sync::Weak;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use roost_protocol::content::Content;
-use roost_protocol::messages::delivery::SendMessageRequest;
+use roost_protocol::messages::delivery::{
+    FetchGroupInfoRequest, SendCountedRequest, SendMessageRequest, SendMessageResponse,
+};
 use roost_protocol::{ErrorCode, ErrorDetail, GroupId};
 
+use super::groups::Intent;
 use super::inbox::Outcome;
 use super::{Client, Inner};
 use crate::error::ClientError;
@@ -79,6 +90,8 @@ impl Client {
                 message: message.into(),
                 plaintext: bytes.into(),
                 state: StoredOutgoingState::Queued,
+                // Given by the store in the transaction that queues it.
+                counter: 0,
             };
             inner.commit(
                 &mls,
@@ -260,6 +273,7 @@ impl Inner {
         let group = record.group.clone();
         let mut resent = false;
         let mut refused_for_epoch = 0;
+        let mut refused_for_counter = 0;
         loop {
             if self.check_member(mls, &group).is_err() {
                 return self.settle_outgoing(
@@ -269,11 +283,7 @@ impl Inner {
                     Some(SendFailure::RemovedFromGroup),
                 );
             }
-            let request = SendMessageRequest {
-                group: group.clone(),
-                message: record.message.clone(),
-            };
-            let mut answer = connection.call(request).await;
+            let mut answer = send_request(connection, &record).await;
             if answer.is_ok()
                 && self
                     .lose_answers
@@ -343,6 +353,29 @@ impl Inner {
                     )?;
                     resent = false;
                 }
+                Some(ErrorCode::SEND_COUNTER_USED) => {
+                    // Not taken: this profile's state is older than what it already sent.
+                    refused_for_counter += 1;
+                    if refused_for_counter > self.config.max_commit_attempts.max(1) {
+                        return self.settle_outgoing(
+                            mls,
+                            position,
+                            record,
+                            Some(SendFailure::TooManyAttempts),
+                        );
+                    }
+                    let highest = match err.wire_error().map(|e| &e.detail) {
+                        Some(ErrorDetail::SendCounterUsed { highest_counter }) => *highest_counter,
+                        _ => 0,
+                    };
+                    tracing::warn!(%group, highest, "send counter used: this profile was restored from an old copy; resynchronising the group");
+                    self.resync_locked(mls, &group, outcome).await?;
+                    if self.check_member(mls, &group).is_err() {
+                        continue;
+                    }
+                    record = self.encrypt_queue_again(mls, &group, position, highest)?;
+                    resent = false;
+                }
                 Some(ErrorCode::NOT_MEMBER) => {
                     // Removed by a commit we may not have processed yet.
                     self.sync_into(mls, outcome).await?;
@@ -364,6 +397,66 @@ impl Inner {
                 Some(_) => return self.settle_outgoing(mls, position, record, Some(refused(&err))),
             }
         }
+    }
+
+    /// Gives `group` an epoch whose secrets this profile never used (after SEND_COUNTER_USED):
+    /// catches up on what is queued for us; rejoins if the hub is still ahead (what we missed
+    /// is gone), else commits a self-update.
+    async fn resync_locked(
+        &self,
+        mls: &Mls,
+        group: &GroupId,
+        outcome: &mut Outcome,
+    ) -> Result<(), ClientError> {
+        self.sync_into(mls, outcome).await?;
+        if self.check_member(mls, group).is_err() {
+            return Ok(());
+        }
+        let hub = self
+            .conn
+            .call(FetchGroupInfoRequest {
+                group: group.clone(),
+            })
+            .await?;
+        if mls.epoch(group)? < hub.epoch {
+            tracing::info!(%group, "behind the hub with nothing left to process: rejoining");
+            return self.rejoin_locked(mls, group, outcome).await;
+        }
+        Box::pin(self.commit_locked(mls, group, &Intent::Update, outcome)).await?;
+        Ok(())
+    }
+
+    /// Encrypts every message queued for `group` again, at the group's current epoch, with
+    /// fresh send counters above `highest` (and above every counter this profile gave), in
+    /// one transaction. Returns the record at `position` as it is now.
+    fn encrypt_queue_again(
+        &self,
+        mls: &Mls,
+        group: &GroupId,
+        position: u64,
+        highest: u64,
+    ) -> Result<OutgoingRecord, ClientError> {
+        let mut next = self.store.next_counter()?.max(highest.saturating_add(1));
+        let mut changes = Changes::default();
+        let mut current = None;
+        for (at, mut record) in self.store.outbox()? {
+            if record.group != *group || !matches!(record.state, StoredOutgoingState::Queued) {
+                continue;
+            }
+            let message = self.mls_op(mls, |mls| {
+                mls.encrypt(&self.identity, group, record.plaintext.as_slice())
+            })?;
+            record.message = message.into();
+            record.counter = next;
+            next = next.saturating_add(1);
+            if at == position {
+                current = Some(record.clone());
+            }
+            changes.outgoing.push(OutgoingChange::Put(at, record));
+        }
+        changes.next_counter = Some(next);
+        self.commit(mls, changes)?;
+        current.ok_or_else(|| ClientError::InvalidOperation("queued message vanished".into()))
     }
 
     /// Records a message's outcome: sent (`None`: deleted from the queue) or failed (kept,
@@ -395,6 +488,39 @@ impl Inner {
         self.commit(mls, changes)?;
         Ok(Delivered::Done)
     }
+}
+
+/// Sends a queued message: as SendCounted with its counter, or as SendMessage if it has none
+/// (queued before counters were kept) or the hub does not know SendCounted (MALFORMED: a
+/// server from before it; PROTOCOL.md §11).
+async fn send_request(
+    connection: &Connection,
+    record: &OutgoingRecord,
+) -> Result<SendMessageResponse, RequestError> {
+    if record.counter != 0 {
+        let counted = connection
+            .call(SendCountedRequest {
+                group: record.group.clone(),
+                counter: record.counter,
+                message: record.message.clone(),
+            })
+            .await;
+        if server_code_is(&counted, ErrorCode::MALFORMED) {
+            tracing::debug!(group = %record.group, "the hub does not know SendCounted: sending uncounted");
+        } else {
+            return counted;
+        }
+    }
+    connection
+        .call(SendMessageRequest {
+            group: record.group.clone(),
+            message: record.message.clone(),
+        })
+        .await
+}
+
+fn server_code_is<T>(answer: &Result<T, RequestError>, code: ErrorCode) -> bool {
+    matches!(answer, Err(err) if server_code(err) == Some(code))
 }
 
 fn refused(err: &RequestError) -> SendFailure {

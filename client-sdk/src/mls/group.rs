@@ -2,6 +2,8 @@
 //! join by external commit. Every state change lands in the store's overlay; the caller
 //! commits or discards it.
 
+use openmls::framing::errors::{MessageDecryptionError, SecretTreeError};
+use openmls::group::{ProcessMessageError, ValidationError};
 use openmls::prelude::{
     GroupId as MlsGroupId, LeafNodeIndex, LeafNodeParameters, MlsGroup, MlsMessageBodyIn,
     MlsMessageIn, MlsMessageOut, ProcessedMessageContent, Proposal, ProtocolMessage, RatchetTreeIn,
@@ -203,8 +205,9 @@ impl Mls {
     }
 
     /// Builds a commit adding `adds` and removing the leaves `removes`, together with every
-    /// pending proposal, and applies it to the group in the overlay (to be committed if the
-    /// DS accepts it, discarded otherwise). The GroupInfo for the DS is the new epoch's,
+    /// pending proposal (with `force_update`, always with a path: a self-update), and applies
+    /// it to the group in the overlay (to be committed if the DS accepts it, discarded
+    /// otherwise). The GroupInfo for the DS is the new epoch's,
     /// without the ratchet tree (the DS serves the tree); the Welcome carries the tree.
     pub(crate) fn commit(
         &self,
@@ -212,10 +215,12 @@ impl Mls {
         group: &GroupId,
         adds: Vec<ValidKeyPackage>,
         removes: Vec<u32>,
+        force_update: bool,
     ) -> Result<CommitOut, MlsError> {
         let mut mls_group = self.load(group)?;
         let bundle = mls_group
             .commit_builder()
+            .force_self_update(force_update)
             .propose_adds(adds.into_iter().map(|kp| kp.key_package))
             .propose_removals(removes.into_iter().map(LeafNodeIndex::new))
             .load_psks(self.storage())
@@ -305,10 +310,15 @@ impl Mls {
             // before (a retransmission, a redelivery, a restored backup of the sender). Not
             // when the message's whole epoch is gone (older than the past epochs we keep):
             // that one was never read, and is reported.
-            let debug = format!("{e:?}");
             let epoch_kept = ours - theirs <= super::MAX_PAST_EPOCHS as u64;
-            if debug.contains("SecretReuseError")
-                || (debug.contains("TooDistantInThePast") && epoch_kept)
+            let used_up = match &e {
+                ProcessMessageError::ValidationError(ValidationError::UnableToDecrypt(
+                    MessageDecryptionError::SecretTreeError(err),
+                )) => Some(err),
+                _ => None,
+            };
+            if matches!(used_up, Some(SecretTreeError::SecretReuseError))
+                || (matches!(used_up, Some(SecretTreeError::TooDistantInThePast)) && epoch_kept)
             {
                 MlsError::Replayed
             } else {

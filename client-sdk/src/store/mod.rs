@@ -5,7 +5,7 @@
 //!
 //! | table | key → value |
 //! |---|---|
-//! | `meta` | name → bytes: schema version, the [`Profile`], the last processed queue seq, the next event id |
+//! | `meta` | name → bytes: schema version, the [`Profile`], the last processed queue seq, the next event id, the next outgoing queue position, the next send counter |
 //! | `mls` | openmls storage key → value (see [`provider`]) |
 //! | `groups` | MLS group id → [`GroupRecord`] |
 //! | `events` | event id → event not yet taken by the app |
@@ -43,6 +43,7 @@ const KEY_PROFILE: &str = "profile";
 const KEY_LAST_SEQ: &str = "last_seq";
 const KEY_NEXT_EVENT: &str = "next_event";
 const KEY_NEXT_OUTGOING: &str = "next_outgoing";
+const KEY_NEXT_COUNTER: &str = "next_send_counter";
 
 /// A failure of the profile database.
 #[derive(Debug, thiserror::Error)]
@@ -255,6 +256,43 @@ pub(crate) struct OutgoingRecord {
     pub(crate) plaintext: Opaque,
     /// `Queued` or `Failed` (sent messages are deleted).
     pub(crate) state: StoredOutgoingState,
+    /// Its send counter (PROTOCOL.md §7.4, "Send counters"): given by [`Store::commit`] when
+    /// the record is pushed (the profile's next one: every message this profile queues, in
+    /// any group, gets a higher one than the last). 0 in records queued before counters were
+    /// kept: those are sent uncounted.
+    pub(crate) counter: u64,
+}
+
+/// The first layout of [`OutgoingRecord`] (before send counters).
+#[derive(TlsSize, TlsSerialize, TlsDeserializeBytes)]
+struct OutgoingRecordV1 {
+    id: u64,
+    group: GroupId,
+    queued_at_ms: u64,
+    message: Opaque,
+    plaintext: Opaque,
+    state: StoredOutgoingState,
+}
+
+impl OutgoingRecord {
+    /// Reads a record, also in its first layout.
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        match decode::<Self>(bytes, "outgoing message") {
+            Ok(record) => Ok(record),
+            Err(err) => match OutgoingRecordV1::tls_deserialize_exact_bytes(bytes) {
+                Ok(old) => Ok(Self {
+                    id: old.id,
+                    group: old.group,
+                    queued_at_ms: old.queued_at_ms,
+                    message: old.message,
+                    plaintext: old.plaintext,
+                    state: old.state,
+                    counter: 0,
+                }),
+                Err(_) => Err(err),
+            },
+        }
+    }
 }
 
 impl std::fmt::Debug for OutgoingRecord {
@@ -290,6 +328,8 @@ pub(crate) struct Changes {
     pub(crate) verified: Vec<(ClientId, Vec<u8>, u64)>,
     pub(crate) pending: Vec<(GroupId, Option<PendingCommit>)>,
     pub(crate) outgoing: Vec<OutgoingChange>,
+    /// The next send counter to give (applied before `outgoing`'s pushes take theirs).
+    pub(crate) next_counter: Option<u64>,
 }
 
 impl Changes {
@@ -480,6 +520,9 @@ impl Store {
                 };
             }
             let mut outbox = txn.open_table(OUTBOX)?;
+            if let Some(next) = changes.next_counter {
+                meta.insert(KEY_NEXT_COUNTER, next.to_be_bytes().as_slice())?;
+            }
             for change in &changes.outgoing {
                 match change {
                     OutgoingChange::Push(record) => {
@@ -488,8 +531,18 @@ impl Store {
                             .map(|v| u64_value(v.value()))
                             .transpose()?
                             .unwrap_or(1);
-                        outbox.insert(next, encode(record)?.as_slice())?;
+                        let counter = meta
+                            .get(KEY_NEXT_COUNTER)?
+                            .map(|v| u64_value(v.value()))
+                            .transpose()?
+                            .unwrap_or(1);
+                        let record = OutgoingRecord {
+                            counter,
+                            ..record.clone()
+                        };
+                        outbox.insert(next, encode(&record)?.as_slice())?;
                         meta.insert(KEY_NEXT_OUTGOING, (next + 1).to_be_bytes().as_slice())?;
+                        meta.insert(KEY_NEXT_COUNTER, (counter + 1).to_be_bytes().as_slice())?;
                     }
                     OutgoingChange::Put(position, record) => {
                         outbox.insert(*position, encode(record)?.as_slice())?;
@@ -511,9 +564,20 @@ impl Store {
         let mut out = Vec::new();
         for entry in table.iter()? {
             let (position, value) = entry?;
-            out.push((position.value(), decode(value.value(), "outgoing message")?));
+            out.push((position.value(), OutgoingRecord::decode(value.value())?));
         }
         Ok(out)
+    }
+
+    /// The send counter the next queued message gets.
+    pub(crate) fn next_counter(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta
+            .get(KEY_NEXT_COUNTER)?
+            .map(|v| u64_value(v.value()))
+            .transpose()?
+            .unwrap_or(1))
     }
 
     /// The first message of the outgoing queue still to be sent.
@@ -522,7 +586,7 @@ impl Store {
         let table = txn.open_table(OUTBOX)?;
         for entry in table.iter()? {
             let (position, value) = entry?;
-            let record: OutgoingRecord = decode(value.value(), "outgoing message")?;
+            let record = OutgoingRecord::decode(value.value())?;
             if matches!(record.state, StoredOutgoingState::Queued) {
                 return Ok(Some((position.value(), record)));
             }

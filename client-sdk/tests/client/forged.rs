@@ -3,7 +3,8 @@
 //! honest key is accepted, unless the AS credential has expired by the receiver's clock.
 //!
 //! The Welcomes are made with raw openmls by "mallory" (a real, registered client) and put
-//! into carol's queue directly with `Server::enqueue`, as the DS would.
+//! into carol's queue directly with `Server::enqueue`, as the DS would. The same way, a
+//! Welcome delivered twice is joined once and its copy dropped without an event.
 
 use openmls::prelude::{
     BasicCredential, Ciphersuite, CredentialWithKey, GroupId as MlsGroupId, KeyPackageIn, MlsGroup,
@@ -56,6 +57,18 @@ fn welcome(
     welcome.tls_serialize_detached().unwrap()
 }
 
+/// One of carol's KeyPackages, claimed over `conn`.
+async fn claim_carol(conn: &roost_client::transport::Connection) -> Vec<u8> {
+    conn.call(ClaimClientKeyPackageRequest {
+        client: client_id("carol", "phone"),
+    })
+    .await
+    .unwrap()
+    .key_package
+    .key_package
+    .into_vec()
+}
+
 fn group_id(n: u8) -> GroupId {
     GroupId::new([n; 16], DOMAIN.parse().unwrap())
 }
@@ -65,15 +78,7 @@ async fn a_leaf_key_that_does_not_match_the_as_credential_is_refused() {
     let t = start_server().await;
     let carol = t.register("carol").await;
     let (conn, mallory, mallory_key) = raw_client(&t, "mallory").await;
-    let claim = || async {
-        conn.call(ClaimClientKeyPackageRequest {
-            client: client_id("carol", "phone"),
-        })
-        .await
-        .unwrap()
-        .key_package
-        .key_package
-    };
+    let claim = || claim_carol(&conn);
 
     // Forged: mallory's leaf carries a key the AS never certified for mallory/phone.
     let forged_key = SignatureKeyPair::new(SignatureScheme::ED25519).unwrap();
@@ -191,4 +196,57 @@ async fn a_member_whose_as_credential_has_expired_is_refused() {
         other => panic!("a member with an expired credential was accepted: {other:?}"),
     }
     assert!(carol.groups().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_welcome_delivered_twice_is_joined_once_without_a_group_error() {
+    let t = start_server().await;
+    let carol = t.register("carol").await;
+    let (conn, mallory, mallory_key) = raw_client(&t, "mallory").await;
+    let claim = || claim_carol(&conn);
+    let (first, second) = (group_id(3), group_id(4));
+    let twice = welcome(&mallory, &mallory_key, &first, claim().await.as_slice());
+    let then = welcome(&mallory, &mallory_key, &second, claim().await.as_slice());
+    // The same Welcome twice (as a redelivery would queue it: another queue entry, the same
+    // bytes), then a Welcome to another group.
+    for (n, group, bytes) in [
+        (3, &first, &twice),
+        (4, &first, &twice),
+        (5, &second, &then),
+    ] {
+        t.server
+            .enqueue(
+                carol.client_id(),
+                MessageId([n; 16]),
+                QueuePayload::Welcome(GroupMessage {
+                    group: group.clone(),
+                    message: bytes.clone().into(),
+                }),
+            )
+            .await
+            .unwrap();
+    }
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let event = wait_for(&carol, "join", |e| {
+            matches!(
+                e,
+                Event::Joined { .. } | Event::GroupError { .. } | Event::CredentialRejected { .. }
+            )
+        })
+        .await;
+        events.push(event);
+    }
+    assert_eq!(
+        events,
+        [first.clone(), second.clone()].map(|group| Event::Joined {
+            group,
+            inviter: mallory.clone()
+        })
+    );
+    let mut groups = carol.groups().unwrap();
+    groups.sort();
+    let mut expected = vec![first, second];
+    expected.sort();
+    assert_eq!(groups, expected);
 }

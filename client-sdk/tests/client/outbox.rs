@@ -252,6 +252,33 @@ async fn messages_queued_while_the_server_is_down_go_out_in_order_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_sends_the_outgoing_queue_too() {
+    let mut hub = Hub::start(|_| {}).await;
+    // The background sender retries only once an hour here: what goes out is sync's doing.
+    let mut config = hub.config();
+    config.outbox_retry = Duration::from_secs(3600);
+    let alice = hub.register_with("alice", config).await;
+    let bob = hub.register("bob").await;
+    let group = group_of(&alice, &[&bob]).await;
+
+    hub.stop().await;
+    let id = alice.send(&group, b"queued").await.unwrap();
+    assert!(alice.flush().await.is_err(), "flush with the server down");
+    // Past the background sender's own attempt (connect timeout 2 s): it now waits an hour.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    hub.restart().await;
+    assert_eq!(alice.outbox().await.unwrap().len(), 1);
+    alice.sync().await.unwrap();
+    assert!(
+        alice.outbox().await.unwrap().is_empty(),
+        "sync sent nothing"
+    );
+    wait_sent(&alice, &[id]).await;
+    assert_eq!(messages(&bob, 1).await[0].1, "queued");
+    nothing_more(&bob, &alice, &group).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_restarted_with_messages_queued_sends_them_in_order_once() {
     let mut hub = Hub::start(|_| {}).await;
     let alice = hub.register("alice").await;
@@ -439,6 +466,68 @@ async fn a_member_restored_from_an_old_profile_copy_rejoins_by_itself() {
         }
     }
     assert_eq!((rejoins, sent), (1, true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_restored_in_the_same_epoch_does_not_reuse_a_generation_and_its_message_arrives_once()
+ {
+    let hub = Hub::start(|_| {}).await;
+    let alice = hub.register("alice").await;
+    let bob = hub.register("bob").await;
+    let group = group_of(&alice, &[&bob]).await;
+    alice.send(&group, b"hello bob").await.unwrap();
+    assert_eq!(messages(&bob, 1).await[0].1, "hello bob");
+
+    // A copy of bob's profile, taken while his app is closed.
+    bob.close().await;
+    let backup = hub.dir.path().join("bob-backup.redb");
+    std::fs::copy(hub.path("bob"), &backup).unwrap();
+    let bob = hub.open("bob").await;
+
+    // bob sends two more messages in the same epoch: they use up the ratchet generations
+    // (and send counters) the copy still holds as unused.
+    let sent = [
+        bob.send(&group, b"one").await.unwrap(),
+        bob.send(&group, b"two").await.unwrap(),
+    ];
+    wait_sent(&bob, &sent).await;
+    bob.close().await;
+
+    // The copy is restored; the group is still in that epoch, which the hub accepts.
+    std::fs::copy(&backup, hub.path("bob")).unwrap();
+    let bob = hub.open("bob").await;
+    let id = bob.send(&group, b"three").await.unwrap();
+
+    // The hub refuses the reused counter; bob's SDK gives the group a fresh epoch and sends
+    // the message again, encrypted anew: alice reads it, once, after the first two.
+    let bob_id = client_id("bob", "phone");
+    assert_eq!(
+        messages(&alice, 3).await,
+        ["one", "two", "three"].map(|t| (bob_id.clone(), t.to_owned()))
+    );
+    let mut outcomes = Vec::new();
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while outcomes.is_empty() {
+        match tokio::time::timeout_at(deadline, bob.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Event::Outgoing {
+                id: sent_id, state, ..
+            } => outcomes.push((sent_id, state)),
+            Event::GroupError { reason, .. } => panic!("group error: {reason}"),
+            _ => {}
+        }
+    }
+    assert_eq!(outcomes, [(id, OutgoingState::Sent)]);
+    assert!(bob.outbox().await.unwrap().is_empty());
+
+    // The conversation goes on both ways, with no copy in between.
+    alice.send(&group, b"got all three").await.unwrap();
+    assert_eq!(messages(&bob, 1).await[0].1, "got all three");
+    nothing_more(&alice, &bob, &group).await;
+    nothing_more(&bob, &alice, &group).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,7 +54,22 @@ pub struct SendMessageRequest {
     pub message: Opaque,
 }
 
-/// Result of [`SendMessageRequest`].
+/// [`SendMessageRequest`] with the sender's send counter for the group (PROTOCOL.md §7.4,
+/// "Send counters"): the hub refuses a counter not above the highest it accepted from this
+/// sender in this group (SEND_COUNTER_USED), so a message encrypted from an old copy of the
+/// sender's state never reaches receivers that would drop it as a reused generation.
+#[derive(Debug, Clone, PartialEq, Eq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
+pub struct SendCountedRequest {
+    /// The group.
+    pub group: GroupId,
+    /// Strictly increasing per (sender, group) across everything the sender sends; 0 is never
+    /// used.
+    pub counter: u64,
+    /// `MLSMessage` with a PrivateMessage of content type application.
+    pub message: Opaque,
+}
+
+/// Result of [`SendMessageRequest`] and [`SendCountedRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, TlsSize, TlsSerialize, TlsDeserializeBytes)]
 pub struct SendMessageResponse {
     /// Number of recipient clients the message was queued for.

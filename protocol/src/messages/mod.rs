@@ -135,6 +135,8 @@ operations! {
     FetchGroupInfo = 64: FetchGroupInfoRequest => FetchGroupInfoResponse,
     /// Join by external commit.
     ExternalJoin = 65: ExternalJoinRequest => CommitResponse,
+    /// Send an application message with the sender's send counter.
+    SendCounted = 66: SendCountedRequest => SendMessageResponse,
     // Blob service.
     /// Upload a blob (raw bytes follow the frame).
     BlobUpload = 80: BlobUploadRequest => BlobUploadResponse,

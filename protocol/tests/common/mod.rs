@@ -265,6 +265,14 @@ pub(crate) fn client_requests() -> Vec<(&'static str, ClientRequest)> {
             }),
         ),
         (
+            "SendCounted",
+            R::SendCounted(SendCountedRequest {
+                group: remote_group(),
+                counter: 0x0102_0304_0506,
+                message: bytes(0xc1, 17),
+            }),
+        ),
+        (
             "BlobUpload",
             R::BlobUpload(BlobUploadRequest { size: 0x0102_0304 }),
         ),
@@ -343,6 +351,7 @@ pub(crate) fn response_name(response: &Response) -> &'static str {
         Response::LeaveGroup(_) => "LeaveGroup",
         Response::FetchGroupInfo(_) => "FetchGroupInfo",
         Response::ExternalJoin(_) => "ExternalJoin",
+        Response::SendCounted(_) => "SendCounted",
         Response::RegisterPush(_) => "RegisterPush",
         Response::UnregisterPush(_) => "UnregisterPush",
         Response::PushInfo(_) => "PushInfo",
@@ -360,6 +369,7 @@ pub(crate) fn detail_name(detail: &ErrorDetail) -> &'static str {
         ErrorDetail::RateLimited { .. } => "RateLimited",
         ErrorDetail::FrameTooLarge { .. } => "FrameTooLarge",
         ErrorDetail::UnsupportedVersion { .. } => "UnsupportedVersion",
+        ErrorDetail::SendCounterUsed { .. } => "SendCounterUsed",
     }
 }
 
@@ -375,6 +385,9 @@ pub(crate) fn error_details() -> Vec<ErrorDetail> {
             max_frame_len: 8 * 1024 * 1024,
         },
         ErrorDetail::UnsupportedVersion { min: 1, max: 1 },
+        ErrorDetail::SendCounterUsed {
+            highest_counter: 41,
+        },
     ]
 }
 
@@ -504,6 +517,10 @@ pub(crate) fn responses() -> Vec<(&'static str, Response)> {
             "ExternalJoin",
             R::ExternalJoin(CommitResponse { epoch: 19 }),
         ),
+        (
+            "SendCounted",
+            R::SendCounted(SendMessageResponse { recipients: 4 }),
+        ),
         ("RegisterPush", R::RegisterPush(RegisterPushResponse {})),
         (
             "UnregisterPush",
@@ -558,6 +575,7 @@ pub(crate) fn responses() -> Vec<(&'static str, Response)> {
             ErrorDetail::RateLimited { .. } => ErrorCode::RATE_LIMITED,
             ErrorDetail::FrameTooLarge { .. } => ErrorCode::FRAME_TOO_LARGE,
             ErrorDetail::UnsupportedVersion { .. } => ErrorCode::UNSUPPORTED_VERSION,
+            ErrorDetail::SendCounterUsed { .. } => ErrorCode::SEND_COUNTER_USED,
         };
         let reason = format!("{} example", detail_name(&detail));
         out.push((name, R::Error(WireError::with_detail(code, reason, detail))));

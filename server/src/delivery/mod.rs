@@ -37,7 +37,7 @@ use crate::mls::{DsGroup, Member, MlsError};
 use crate::storage::Backend;
 
 pub(crate) use cache::GroupCache;
-use receipt::{Answer, Kind, Receipt, Submission};
+use receipt::{Answer, Kind, Receipt, ReceiptStore as _, SendCounter, Submission};
 use roster::{Recipients, Roster};
 
 /// A hosted group's durable state: its MLS group id (the key), epoch (for inspection), the
@@ -791,15 +791,40 @@ pub(crate) async fn send_message(
     req: SendMessageRequest,
 ) -> Result<SendMessageResponse, ServiceError> {
     check_send_rate(state, me)?;
-    on_current_state(|| send_once(state, me, &req)).await
+    on_current_state(|| send_once(state, me, &req, None)).await
+}
+
+/// SendCounted: SendMessage with the sender's send counter (PROTOCOL.md §7.4, "Send
+/// counters").
+pub(crate) async fn send_counted(
+    state: &State,
+    me: &ClientId,
+    req: SendCountedRequest,
+) -> Result<SendMessageResponse, ServiceError> {
+    check_send_rate(state, me)?;
+    let SendCountedRequest {
+        group,
+        counter,
+        message,
+    } = req;
+    // Every engine stores counters as signed 64-bit integers.
+    if i64::try_from(counter).is_err() {
+        return Err(ServiceError::InvalidMessage(
+            "send counter above 2^63 - 1".into(),
+        ));
+    }
+    let req = SendMessageRequest { group, message };
+    on_current_state(|| send_once(state, me, &req, Some(counter))).await
 }
 
 async fn send_once(
     state: &State,
     me: &ClientId,
     req: &SendMessageRequest,
+    counter: Option<u64>,
 ) -> Result<SendMessageResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
+    // A counted message has the same digest as the same bytes sent uncounted: one message.
     let submission = Submission::new(
         state,
         Kind::SendMessage,
@@ -850,6 +875,27 @@ async fn send_once(
     else {
         return Err(ServiceError::Internal("group state missing".into()));
     };
+    let counter = match counter {
+        Some(counter) => {
+            let member = receipt::member_key(me, &req.group);
+            let row = state.store.send_counter(member).await?;
+            if let Some(row) = row
+                && row.key == submission.key()
+            {
+                // The sender's last accepted message, repeated after its receipt expired.
+                metrics::counter!("roost_repeated_requests_total").increment(1);
+                return Ok(SendMessageResponse {
+                    recipients: u32::try_from(row.answer).unwrap_or(u32::MAX),
+                });
+            }
+            let highest = row.map_or(0, |row| row.counter);
+            if counter <= highest {
+                return Err(ServiceError::SendCounterUsed(highest));
+            }
+            Some(Box::new(SendCounter { member, counter }))
+        }
+        None => None,
+    };
     // A message of an older epoch goes only to the members of that epoch: one who joined
     // later cannot read it (and would learn who talked when).
     let to = if epoch < group.epoch() {
@@ -867,7 +913,10 @@ async fn send_once(
         key: group.group_id(),
         loaded: *version,
         state: None,
-        receipt: Some(submission.receipt(Answer::Reached)),
+        receipt: Some(Receipt {
+            counter,
+            ..submission.receipt(Answer::Reached)
+        }),
         lazy: false,
     };
     let result = match state

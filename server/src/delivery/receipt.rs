@@ -10,6 +10,13 @@
 //! answer; nothing is enqueued. A refused request leaves no receipt: its repeat is judged
 //! afresh. A request forwarded by a member's home server carries the same bytes and sender, so
 //! the hub derives the same digest however many homeservers a retry passed through.
+//!
+//! A SendCounted also carries the sender's send counter. Its receipt carries a
+//! [`SendCounter`]: the engine stores, per (group, sender), the highest counter accepted with
+//! the digest and answer of the message that carried it, in the same transaction, and refuses
+//! the write (GROUP_MOVED, writing nothing: the operation runs again and the DS answers
+//! SEND_COUNTER_USED) when the stored counter is not below the new one. The row is never
+//! pruned: the sender's last accepted message is recognised however late it is repeated.
 
 use roost_protocol::{ClientId, GroupId};
 use tls_codec::Serialize as _;
@@ -38,6 +45,23 @@ pub(crate) enum Answer {
     Reached,
 }
 
+/// A counted send's place in its sender's sequence (SendCounted), written with its receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SendCounter {
+    /// The (group, sender) pair: see [`member_key`].
+    pub(crate) member: [u8; 32],
+    pub(crate) counter: u64,
+}
+
+/// What the store holds for one (group, sender): its highest accepted counter, and the digest
+/// and answer of the message that carried it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CounterRow {
+    pub(crate) counter: u64,
+    pub(crate) key: [u8; 32],
+    pub(crate) answer: u64,
+}
+
 /// A receipt to write with a DS operation's effect.
 #[derive(Debug, Clone)]
 pub(crate) struct Receipt {
@@ -50,6 +74,10 @@ pub(crate) struct Receipt {
     /// replaced. One accepted at or after it means the request was applied already: the write
     /// is refused (GROUP_MOVED, writing nothing) and the operation runs again, finding it.
     pub(crate) fresh_after_ms: u64,
+    /// A SendCounted's counter: stored with the receipt; a stored counter not below it
+    /// refuses the write like a fresh receipt does. Boxed: only counted sends have one, and
+    /// a DS write travels by value through the engines' write queues.
+    pub(crate) counter: Option<Box<SendCounter>>,
 }
 
 /// What the DS needs from storage for receipts (implemented by every engine in `storage`).
@@ -61,8 +89,25 @@ pub(crate) trait ReceiptStore {
         fresh_after_ms: u64,
     ) -> Result<Option<u64>, ServiceError>;
     /// Deletes receipts accepted before `before_ms`, then the oldest ones while more than
-    /// `max_kept` remain. Returns how many were deleted.
+    /// `max_kept` remain (send counters are kept). Returns how many were deleted.
     async fn prune_receipts(&self, before_ms: u64, max_kept: u64) -> Result<u64, ServiceError>;
+    /// The highest send counter accepted for `member` (see [`member_key`]), if any.
+    async fn send_counter(&self, member: [u8; 32]) -> Result<Option<CounterRow>, ServiceError>;
+}
+
+/// The key of a (group, sender) pair's send counter: SHA-256 over a label of its own, the
+/// sender's and the group's TLS encodings, each length-prefixed (uint64, big-endian).
+pub(crate) fn member_key(sender: &ClientId, group: &GroupId) -> [u8; 32] {
+    let group = group.tls_serialize_detached().unwrap_or_default();
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"roost send counter v1");
+    for part in [sender.tls_serialize_detached().unwrap_or_default(), group] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(&part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// The digest identifying a DS request: see [`digest`], with parts the group's TLS encoding
@@ -149,7 +194,13 @@ impl Submission {
             answer,
             accepted_ms: self.now_ms,
             fresh_after_ms: self.fresh_after_ms,
+            counter: None,
         }
+    }
+
+    /// The request's digest.
+    pub(crate) fn key(&self) -> [u8; 32] {
+        self.key
     }
 }
 

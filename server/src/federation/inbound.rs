@@ -182,6 +182,14 @@ async fn handle_forward(state: &State, peer: &PeerContext, forward: ForwardReque
             .await,
             Response::SendMessage,
         ),
+        R::SendCounted(req) => reply(
+            async {
+                local(&req.group.domain)?;
+                delivery::send_counted(state, &needs(&sender)?, req).await
+            }
+            .await,
+            Response::SendCounted,
+        ),
         R::LeaveGroup(req) => reply(
             async {
                 local(&req.group.domain)?;

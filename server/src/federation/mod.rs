@@ -353,6 +353,7 @@ pub(crate) fn remote_target<'a>(ours: &Domain, request: &'a ClientRequest) -> Op
         R::ClaimClientKeyPackage(r) => r.client.domain(),
         R::Commit(r) => &r.group.domain,
         R::SendMessage(r) => &r.group.domain,
+        R::SendCounted(r) => &r.group.domain,
         R::LeaveGroup(r) => &r.group.domain,
         R::FetchGroupInfo(r) => &r.group.domain,
         R::ExternalJoin(r) => &r.group.domain,

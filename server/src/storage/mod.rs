@@ -168,6 +168,7 @@ dispatch!(GroupStore {
 dispatch!(ReceiptStore {
     async fn receipt(&self, key: [u8; 32], fresh_after_ms: u64) -> Result<Option<u64>, ServiceError>;
     async fn prune_receipts(&self, before_ms: u64, max_kept: u64) -> Result<u64, ServiceError>;
+    async fn send_counter(&self, member: [u8; 32]) -> Result<Option<crate::delivery::receipt::CounterRow>, ServiceError>;
 });
 
 dispatch!(OutboxStore {

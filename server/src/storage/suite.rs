@@ -11,7 +11,7 @@ use tls_codec::Serialize as _;
 
 use crate::admin::store::{AdminStore, StoreStats};
 use crate::auth::AuthStore;
-use crate::delivery::receipt::{Answer, Receipt, ReceiptStore};
+use crate::delivery::receipt::{Answer, CounterRow, Receipt, ReceiptStore, SendCounter};
 use crate::delivery::{FanOut, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
@@ -735,42 +735,24 @@ pub(crate) async fn lazy_fan_out_after_crash<S: QueueStore + GroupStore>(
     );
 }
 
-/// Receipts of accepted requests: written with the effect, found within their window, refusing
-/// a second write of the same request (even two at once), replaced once out of the window,
-/// never written by a refused write, pruned by age and count.
-pub(crate) async fn receipts<
-    S: AuthStore + QueueStore + GroupStore + ReceiptStore + KeyPackageStore,
->(
-    store: &S,
-) {
-    let num = store
-        .add_client(credential("r@example.org/phone"))
-        .await
-        .unwrap();
-    let key = vec![4, 5, 6];
+/// A new client and a new group (key `key`, epoch 0, version 0); returns the client's number.
+async fn client_and_group<S: AuthStore + GroupStore>(store: &S, client: &str, key: &[u8]) -> u64 {
+    let num = store.add_client(credential(client)).await.unwrap();
     store
         .create_group(GroupState {
-            key: key.clone(),
+            key: key.to_vec(),
             epoch: 0,
             version: 0,
             snapshot: vec![0; 4],
         })
         .await
         .unwrap();
-    let receipt = |tag: u8, answer: Answer, accepted_ms: u64, fresh_after_ms: u64| Receipt {
-        key: [tag; 32],
-        answer,
-        accepted_ms,
-        fresh_after_ms,
-    };
-    let write = |loaded: u64, state: Option<GroupState>, receipt: Receipt| GroupWrite {
-        key: key.clone(),
-        loaded,
-        state,
-        receipt: Some(receipt),
-        lazy: false,
-    };
-    let fan = |n: u8| FanOut {
+    num
+}
+
+/// A one-byte group message `n` for the local client `num`.
+fn message_to(num: u64, n: u8) -> FanOut {
+    FanOut {
         local: vec![num],
         remote: Default::default(),
         timestamp_ms: crate::unix_millis(),
@@ -780,15 +762,45 @@ pub(crate) async fn receipts<
                 .unwrap(),
             message: vec![n].into(),
         }),
+    }
+}
+
+/// How many messages the queue of client `num` holds.
+async fn held_by<S: QueueStore>(store: &S, num: u64) -> usize {
+    store
+        .read_queue(num, 0, 100, 1 << 20, 0)
+        .await
+        .unwrap()
+        .0
+        .len()
+}
+
+/// Receipts of accepted requests: written with the effect, found within their window, refusing
+/// a second write of the same request (even two at once), replaced once out of the window,
+/// never written by a refused write, pruned by age and count.
+pub(crate) async fn receipts<
+    S: AuthStore + QueueStore + GroupStore + ReceiptStore + KeyPackageStore,
+>(
+    store: &S,
+) {
+    let num = client_and_group(store, "r@example.org/phone", &[4, 5, 6]).await;
+    let key = vec![4, 5, 6];
+    let receipt = |tag: u8, answer: Answer, accepted_ms: u64, fresh_after_ms: u64| Receipt {
+        key: [tag; 32],
+        answer,
+        accepted_ms,
+        fresh_after_ms,
+        counter: None,
     };
-    let held = || async {
-        store
-            .read_queue(num, 0, 100, 1 << 20, 0)
-            .await
-            .unwrap()
-            .0
-            .len()
+    let write = |loaded: u64, state: Option<GroupState>, receipt: Receipt| GroupWrite {
+        key: key.clone(),
+        loaded,
+        state,
+        receipt: Some(receipt),
+        lazy: false,
     };
+    let fan = |n: u8| message_to(num, n);
+    let held = || held_by(store, num);
     // A message: its receipt answers how many it reached.
     let result = store
         .apply(
@@ -887,6 +899,7 @@ pub(crate) async fn receipts<
         answer: Answer::Value(0),
         accepted_ms: 6_000,
         fresh_after_ms,
+        counter: None,
     };
     let kps = || vec![(4_000_000_000, vec![1]), (4_000_000_000, vec![2])];
     assert_eq!(
@@ -912,6 +925,78 @@ pub(crate) async fn receipts<
         4
     );
     assert_eq!(store.count(num, 0).await.unwrap().0, 4);
+}
+
+/// Send counters: a counted message is written only with a counter above its sender's
+/// stored one (in the same transaction as its receipt, which records its digest and answer);
+/// senders are counted apart; pruning receipts keeps the counters.
+pub(crate) async fn send_counters<S: AuthStore + QueueStore + GroupStore + ReceiptStore>(
+    store: &S,
+) {
+    let num = client_and_group(store, "s@example.org/phone", &[7, 8, 9]).await;
+    let key = vec![7, 8, 9];
+    let (alice, bob) = ([0xa1; 32], [0xb0; 32]);
+    let send = |tag: u8, member: [u8; 32], counter: u64| {
+        let write = GroupWrite {
+            key: key.clone(),
+            loaded: 0,
+            state: None,
+            receipt: Some(Receipt {
+                key: [tag; 32],
+                answer: Answer::Reached,
+                accepted_ms: 1_000,
+                fresh_after_ms: 500,
+                counter: Some(Box::new(SendCounter { member, counter })),
+            }),
+            lazy: false,
+        };
+        store.apply(write, vec![message_to(num, tag)], 10)
+    };
+    let held = || held_by(store, num);
+    assert_eq!(store.send_counter(alice).await.unwrap(), None);
+    assert_eq!(send(1, alice, 5).await.unwrap().reached, [1]);
+    let row = |counter, tag| CounterRow {
+        counter,
+        key: [tag; 32],
+        answer: 1,
+    };
+    assert_eq!(store.send_counter(alice).await.unwrap(), Some(row(5, 1)));
+    // Another message with the same or a lower counter (an old copy of the sender's state)
+    // writes nothing, not even its receipt.
+    for (tag, counter) in [(2, 5), (3, 4), (4, 0)] {
+        assert!(matches!(
+            send(tag, alice, counter).await,
+            Err(ServiceError::GroupMoved)
+        ));
+        assert_eq!(store.receipt([tag; 32], 0).await.unwrap(), None);
+    }
+    assert_eq!(held().await, 1);
+    assert_eq!(store.send_counter(alice).await.unwrap(), Some(row(5, 1)));
+    // Another sender counts on its own; a higher counter moves the sender's on.
+    send(5, bob, 1).await.unwrap();
+    send(6, alice, 9).await.unwrap();
+    assert_eq!(store.send_counter(alice).await.unwrap(), Some(row(9, 6)));
+    assert_eq!(store.send_counter(bob).await.unwrap(), Some(row(1, 5)));
+    assert_eq!(held().await, 3);
+    // Two messages with one counter at once: one is written.
+    let (a, b) = tokio::join!(send(7, alice, 10), send(8, alice, 10));
+    assert_eq!(
+        u8::from(a.is_ok()) + u8::from(b.is_ok()),
+        1,
+        "exactly one written"
+    );
+    assert_eq!(held().await, 4);
+    // Receipts go; counters stay.
+    store.prune_receipts(10_000, 0).await.unwrap();
+    assert_eq!(store.receipt([6; 32], 0).await.unwrap(), None);
+    assert_eq!(
+        store.send_counter(alice).await.unwrap().unwrap().counter,
+        10
+    );
+    assert!(matches!(
+        send(9, alice, 10).await,
+        Err(ServiceError::GroupMoved)
+    ));
 }
 
 /// Push registrations and the push outbox: one pending wake-up per client, coalescing after
@@ -1240,6 +1325,12 @@ mod redb_backend {
     }
 
     #[tokio::test]
+    async fn send_counters() {
+        let (_dir, store) = open();
+        super::send_counters(&store).await;
+    }
+
+    #[tokio::test]
     async fn admin() {
         let (_dir, store) = open();
         super::admin(&store).await;
@@ -1314,6 +1405,7 @@ pub(crate) mod postgres_backend {
             "queues",
             "groups_and_outbox",
             "receipts",
+            "send_counters",
             "admin",
             "push",
         ] {
@@ -1324,6 +1416,7 @@ pub(crate) mod postgres_backend {
                 "key_packages" => super::key_packages(&store).await,
                 "queues" => super::queues(&store).await,
                 "receipts" => super::receipts(&store).await,
+                "send_counters" => super::send_counters(&store).await,
                 "admin" => super::admin(&store).await,
                 "push" => super::push(&store).await,
                 _ => super::groups_and_outbox(&store).await,

@@ -1,7 +1,8 @@
 //! Idempotent submission: a repeat of an accepted SendMessage or Commit (the same bytes, e.g.
 //! a retry after a lost answer) gets the original answer and is delivered once; a repeat of a
 //! refused one is judged afresh; a repeat out of `receipt_window_secs` is judged as new; a
-//! restart of the server forgets nothing.
+//! restart of the server forgets nothing. SendCounted refuses a used send counter and
+//! recognises the sender's last accepted message at any time.
 
 use roost_protocol::ErrorCode;
 use roost_protocol::messages::delivery::CommitRequest;
@@ -190,5 +191,70 @@ async fn a_repeated_key_package_upload_adds_nothing() {
         last_resort: None,
     };
     assert_eq!(conn.call(more).await.unwrap().remaining, 3);
+    server.shutdown().await;
+}
+
+/// Sends `message` as SendCounted with `counter`.
+async fn counted(
+    member: &Member,
+    counter: u64,
+    message: &[u8],
+) -> Result<
+    roost_protocol::messages::delivery::SendMessageResponse,
+    roost_client::transport::RequestError,
+> {
+    member
+        .conn
+        .call(roost_protocol::messages::delivery::SendCountedRequest {
+            group: member.gid(),
+            counter,
+            message: message.to_vec().into(),
+        })
+        .await
+}
+
+/// SendCounted: a counter not above the sender's highest accepted one is refused with
+/// SEND_COUNTER_USED (carrying that highest) and enqueues nothing; the repeat of the message
+/// that carried the highest is answered as it was even after the receipt window; another
+/// sender counts on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_counters_refuse_a_used_counter_and_recognise_the_last_message_at_any_time() {
+    use roost_protocol::ErrorDetail;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.limits.receipt_window_secs = 1;
+    let clock = ManualClock::new();
+    let server = start_with_clock(cfg, &clock).await;
+    let (mut alice, mut bob) = pair(&server).await;
+    let first = alice.encrypt(b"first");
+    assert_eq!(counted(&alice, 5, &first).await.unwrap().recipients, 1);
+    // Another message with a used counter (a restored copy of alice's state).
+    for counter in [5, 4, 0] {
+        let other = alice.encrypt(b"other");
+        let err = counted(&alice, counter, &other).await.unwrap_err();
+        let wire = err.wire_error().unwrap();
+        assert_eq!(wire.code, ErrorCode::SEND_COUNTER_USED);
+        assert_eq!(
+            wire.detail,
+            ErrorDetail::SendCounterUsed { highest_counter: 5 }
+        );
+    }
+    assert_eq!(queued(&bob).await, 1, "only the first message");
+    // Past the receipt window, the repeat of the last accepted message is still recognised.
+    clock.advance(std::time::Duration::from_millis(1_500));
+    assert_eq!(counted(&alice, 5, &first).await.unwrap().recipients, 1);
+    assert_eq!(queued(&bob).await, 1, "not enqueued again");
+    // bob counts on his own; alice goes on above her highest.
+    let from_bob = bob.encrypt(b"from bob");
+    counted(&bob, 1, &from_bob).await.unwrap();
+    let second = alice.encrypt(b"second");
+    counted(&alice, 6, &second).await.unwrap();
+    assert_eq!(queued(&bob).await, 2);
+    assert_eq!(
+        bob.sync().await.messages,
+        [b"first".to_vec(), b"second".to_vec()]
+    );
+    assert_eq!(alice.sync().await.messages, [b"from bob".to_vec()]);
     server.shutdown().await;
 }

@@ -53,6 +53,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("migrations/0003_push.sql")),
     (4, include_str!("migrations/0004_blobs.sql")),
     (5, include_str!("migrations/0005_fanout_pending.sql")),
+    (6, include_str!("migrations/0006_send_counters.sql")),
 ];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
@@ -504,7 +505,7 @@ mod tests {
             refused.err(),
             Some(StoreError::Schema {
                 found: 99,
-                expected: 5
+                expected: 6
             })
         ));
     }

@@ -105,6 +105,7 @@ fn copy_snapshot(from: &ReadTransaction, dest: &Path) -> Result<u64, StoreError>
         TOKEN_USES,
         RECEIPTS,
         RECEIPT_TIMES,
+        SEND_COUNTERS,
         FANOUT_PENDING,
         PUSH_REGISTRATIONS,
         PUSH_JOBS,

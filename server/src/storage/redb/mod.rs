@@ -385,6 +385,7 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(OUTBOX)?;
         txn.open_table(RECEIPTS)?;
         txn.open_table(RECEIPT_TIMES)?;
+        txn.open_table(SEND_COUNTERS)?;
         txn.open_table(FANOUT_PENDING)?;
         txn.open_table(PUSH_REGISTRATIONS)?;
         txn.open_table(PUSH_JOBS)?;

@@ -1,23 +1,34 @@
 //! redb implementation of the receipts of accepted DS requests (see `delivery::receipt`):
 //! written inside the transaction of the request's effect, looked up by digest, pruned by age
-//! and count through a second table ordered by acceptance time.
+//! and count through a second table ordered by acceptance time. A counted send's counter is
+//! checked and stored with its receipt, in `SEND_COUNTERS`.
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
-use super::tables::{RECEIPT_TIMES, RECEIPTS};
+use super::tables::{RECEIPT_TIMES, RECEIPTS, SEND_COUNTERS};
 use super::{Store, StoreError};
 use crate::delivery::FanOutResult;
-use crate::delivery::receipt::{Answer, Receipt, ReceiptStore};
+use crate::delivery::receipt::{Answer, CounterRow, Receipt, ReceiptStore};
 use crate::error::ServiceError;
 
-/// Whether a receipt for `receipt.key` accepted within its window is stored.
+/// Whether the write of `receipt`'s request must be refused as applied already: a receipt for
+/// `receipt.key` accepted within its window is stored, or (a counted send) the stored counter
+/// of its sender in its group is not below its counter.
 pub(super) fn is_fresh(
     txn: &redb::WriteTransaction,
     receipt: &Receipt,
 ) -> Result<bool, StoreError> {
     let table = txn.open_table(RECEIPTS)?;
     let found = table.get(receipt.key)?.map(|v| v.value());
-    Ok(found.is_some_and(|(accepted, _)| accepted >= receipt.fresh_after_ms))
+    if found.is_some_and(|(accepted, _)| accepted >= receipt.fresh_after_ms) {
+        return Ok(true);
+    }
+    let Some(counter) = &receipt.counter else {
+        return Ok(false);
+    };
+    let counters = txn.open_table(SEND_COUNTERS)?;
+    let stored = counters.get(counter.member)?.map(|v| v.value().0);
+    Ok(stored.is_some_and(|highest| highest >= counter.counter))
 }
 
 /// The answer of the stored receipt for `receipt.key`, if it was accepted within the window.
@@ -52,6 +63,10 @@ pub(super) fn insert(
         times.remove((old_ms, receipt.key))?;
     }
     times.insert((receipt.accepted_ms, receipt.key), ())?;
+    if let Some(counter) = &receipt.counter {
+        txn.open_table(SEND_COUNTERS)?
+            .insert(counter.member, (counter.counter, receipt.key, answer))?;
+    }
     Ok(())
 }
 
@@ -71,6 +86,22 @@ impl ReceiptStore for Store {
             Ok(found
                 .filter(|(accepted, _)| *accepted >= fresh_after_ms)
                 .map(|(_, answer)| answer))
+        })
+        .await
+        .map_err(|err: StoreError| ServiceError::from(err))
+    }
+
+    async fn send_counter(&self, member: [u8; 32]) -> Result<Option<CounterRow>, ServiceError> {
+        self.read(move |txn| {
+            let table = txn.open_table(SEND_COUNTERS)?;
+            Ok(table.get(member)?.map(|v| {
+                let (counter, key, answer) = v.value();
+                CounterRow {
+                    counter,
+                    key,
+                    answer,
+                }
+            }))
         })
         .await
         .map_err(|err: StoreError| ServiceError::from(err))

@@ -78,6 +78,11 @@ pub(crate) const RECEIPTS: TableDefinition<'_, [u8; 32], (u64, u64)> =
 pub(crate) const RECEIPT_TIMES: TableDefinition<'_, (u64, [u8; 32]), ()> =
     TableDefinition::new("receipt_times");
 
+/// Send counters (see `delivery::receipt`) by (group, sender) key: (highest accepted counter,
+/// digest of the message that carried it, its answer). Never pruned.
+pub(crate) const SEND_COUNTERS: TableDefinition<'_, [u8; 32], (u64, [u8; 32], u64)> =
+    TableDefinition::new("send_counters");
+
 /// Fan-outs accepted but not yet queued, by sequential id: TLS-encoded pending fan-outs of
 /// one operation (`storage::fan_out::Pending`). Written in the operation's transaction,
 /// turned into queue entries and deleted at the start of the writer's next batch (and when
