@@ -143,7 +143,7 @@ fn instructions_are_counted_under_callgrind() {
 fn postgres_with_two_nodes_reports_its_baselines() {
     let config = BenchConfig {
         roost: Some(common::roost()),
-        workloads: vec!["send-1to1".into(), "fanout".into()],
+        workloads: vec!["send-1to1".into(), "fanout".into(), "busy-group".into()],
         storage: Storage::Postgres,
         nodes: 2,
         ..BenchConfig::smoke()
@@ -181,6 +181,15 @@ fn postgres_with_two_nodes_reports_its_baselines() {
         .find(|r| r.params["spread"] == 2 && r.params.get("compared").is_some())
         .expect("send-1to1 spread over two nodes, compared with one node");
     assert_eq!(spread.baseline_value, one_node.ops_per_sec);
+    // One group's members spread over both nodes, all sending at once: every recipient
+    // has the group's messages in the same order.
+    let busy = results
+        .iter()
+        .find(|r| r.workload == "busy-group")
+        .expect("busy-group");
+    assert_eq!(busy.params["nodes"], 2, "{busy:?}");
+    assert_eq!(busy.details["recipients_out_of_order"], 0, "{busy:?}");
+    assert!(busy.details["messages"].as_u64().unwrap() > 0, "{busy:?}");
     let fanout: Vec<_> = results.iter().filter(|r| r.workload == "fanout").collect();
     assert!(!fanout.is_empty());
     assert!(

@@ -6,6 +6,9 @@
 //! parallel. A commit is validated and applied in memory, then the new state and every
 //! recipient's copy are written in one durable transaction; only then is it acknowledged. If
 //! that write fails, the cached state is dropped, so the group reloads the last durable state.
+//! A message is validated and handed to the store under the lock, which is released before
+//! the message is durable (its sender is answered after): the group's next messages share the
+//! store's write batch, in the order the lock gave them ([`GroupStore::submit`]).
 //!
 //! Several nodes of one domain may host the same group (one database). The stored state
 //! carries a version, bumped by every write of the state; every write a DS operation makes
@@ -142,6 +145,39 @@ pub(crate) trait GroupStore {
         fan_outs: Vec<FanOut>,
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError>;
+    /// [`GroupStore::apply`] in two steps, for a write that leaves the group's state alone
+    /// (`group.state` is `None`; a message): when this resolves, the write has its place in
+    /// the engine's order of writes — every write submitted after it is applied after it, so
+    /// in every queue they share its entries come first — and the returned [`Applying`]
+    /// resolves once it is durable (or refused, writing nothing). The DS submits under the
+    /// group's lock and waits after releasing it: one group's messages then share the
+    /// engine's write batches instead of going one durable batch at a time, in the order the
+    /// lock gave them. An engine may also apply a write whole before this resolves.
+    async fn submit(
+        &self,
+        group: GroupWrite,
+        fan_outs: Vec<FanOut>,
+        max_depth: u64,
+    ) -> Result<Applying, ServiceError>;
+}
+
+/// A DS write that has its place in the engine's order (see [`GroupStore::submit`]).
+pub(crate) struct Applying(
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<FanOutResult, ServiceError>> + Send>>,
+);
+
+impl Applying {
+    /// A write whose outcome `durable` resolves to once it is durable (or refused).
+    pub(crate) fn new(
+        durable: impl std::future::Future<Output = Result<FanOutResult, ServiceError>> + Send + 'static,
+    ) -> Self {
+        Self(Box::pin(durable))
+    }
+
+    /// Waits until the write is durable; its outcome.
+    pub(crate) async fn durable(self) -> Result<FanOutResult, ServiceError> {
+        self.0.await
+    }
 }
 
 impl From<MlsError> for ServiceError {
@@ -919,9 +955,14 @@ async fn send_once(
         }),
         lazy: false,
     };
-    let result = match state
+    let loaded = *version;
+    // The message takes its place in the store's order under the lock (the group's order),
+    // and the lock goes before its durable write: the group's next message is submitted
+    // meanwhile and shares the store's batch (docs/ARCHITECTURE.md, "One group's messages
+    // share the write batches").
+    let applying = match state
         .store
-        .apply(
+        .submit(
             write,
             vec![to.with(payload, state.clock.unix_millis())],
             max_depth,
@@ -935,11 +976,28 @@ async fn send_once(
         other => other?,
     };
     drop(slot);
+    let result = match applying.durable().await {
+        Err(ServiceError::GroupMoved) => {
+            forget_moved(state, &req.group, loaded).await;
+            return Err(ServiceError::GroupMoved);
+        }
+        other => other?,
+    };
     let reached = result.wake(state).first().copied().unwrap_or(0);
     metrics::histogram!("roost_fanout_recipients").record(f64::from(reached));
     Ok(SendMessageResponse {
         recipients: reached,
     })
+}
+
+/// Drops the cached state of `group` if it is still the one loaded at version `loaded` (a
+/// write against it was refused because the group moved on; a state loaded since stays).
+async fn forget_moved(state: &State, group: &GroupId, loaded: u64) {
+    let entry = state.groups.entry(group);
+    let mut slot = entry.lock().await;
+    if slot.as_ref().is_some_and(|hosted| hosted.version == loaded) {
+        *slot = None;
+    }
 }
 
 /// LeaveGroup: stores the self-remove proposal and fans it out.

@@ -20,6 +20,8 @@ pub(crate) mod redb;
 
 #[cfg(test)]
 mod suite;
+#[cfg(test)]
+mod sweep_cost;
 
 use std::sync::Arc;
 
@@ -30,7 +32,7 @@ use roost_protocol::{ClientId, Domain, MessageId, UserId, UserName};
 use crate::admin::store::{AdminStore, BackupOutcome, StoreStats, UserSummary};
 use crate::auth::{AuthStore, ClientRecord};
 use crate::delivery::receipt::ReceiptStore;
-use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
+use crate::delivery::{Applying, FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::federation::outbox::OutboxStore;
 use crate::keypackage::KeyPackageStore;
@@ -163,6 +165,7 @@ dispatch!(GroupStore {
     async fn group_version(&self, key: Vec<u8>) -> Result<Option<u64>, ServiceError>;
     async fn create_group(&self, state: GroupState) -> Result<(), ServiceError>;
     async fn apply(&self, group: GroupWrite, fan_outs: Vec<FanOut>, max_depth: u64) -> Result<FanOutResult, ServiceError>;
+    async fn submit(&self, group: GroupWrite, fan_outs: Vec<FanOut>, max_depth: u64) -> Result<Applying, ServiceError>;
 });
 
 dispatch!(ReceiptStore {

@@ -29,7 +29,7 @@ pub(crate) fn credential(client: &str) -> ClientCredential {
     }
 }
 
-fn payload(n: u8) -> Vec<u8> {
+pub(crate) fn payload(n: u8) -> Vec<u8> {
     let group = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
         .parse()
         .unwrap();
@@ -321,6 +321,320 @@ pub(crate) async fn queues<S: AuthStore + QueueStore>(store: &S) {
         store.ack(num, 10).await,
         Err(ServiceError::ClientNotFound)
     ));
+}
+
+/// Creates a group `key` at epoch and version 0.
+pub(crate) async fn new_group<S: GroupStore>(store: &S, key: &[u8]) {
+    store
+        .create_group(GroupState {
+            key: key.to_vec(),
+            epoch: 0,
+            version: 0,
+            snapshot: vec![1],
+        })
+        .await
+        .unwrap();
+}
+
+/// Adds `count` clients named `{prefix}{i}@example.org/phone` and creates group `[5, 5]`;
+/// returns the clients' numbers, ascending.
+pub(crate) async fn group_of<S: AuthStore + GroupStore>(
+    store: &S,
+    prefix: &str,
+    count: usize,
+) -> Vec<u64> {
+    let mut nums = Vec::new();
+    for i in 0..count {
+        let name = format!("{prefix}{i}@example.org/phone");
+        nums.push(store.add_client(credential(&name)).await.unwrap());
+    }
+    nums.sort_unstable();
+    new_group(store, &[5, 5]).await;
+    nums
+}
+
+/// The expiry sweep removes exactly what is older than the cutoff — queued messages (enqueued
+/// one by one, delivered by a peer or fanned out by the DS; partly acked or not), dedup
+/// records (also those whose messages were all acked) and KeyPackages, ordinary and last
+/// resort — in several transactions when much expires at once, and leaves everything newer:
+/// messages readable, queue depths right, dedup records still refusing repeats, KeyPackages
+/// claimable.
+pub(crate) async fn expiry<S: AuthStore + QueueStore + GroupStore + KeyPackageStore>(store: &S) {
+    let mut clients = Vec::new();
+    let mut nums = Vec::new();
+    for name in ["e0", "e1", "e2"] {
+        let full = format!("{name}@example.org/phone");
+        nums.push(store.add_client(credential(&full)).await.unwrap());
+        clients.push(full.parse::<ClientId>().unwrap());
+    }
+    let nums: &[u64] = &nums;
+    let (old, new, cutoff) = (100, 10_000, 5_000);
+    let group = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+        .parse::<roost_protocol::GroupId>()
+        .unwrap();
+    let message = |n: u8| {
+        QueuePayload::GroupMessage(GroupMessage {
+            group: group.clone(),
+            message: vec![n].into(),
+        })
+    };
+    let delivery = |to: &[usize], n: u8| Delivery {
+        recipients: to.iter().map(|&i| clients[i].clone()).collect(),
+        id: MessageId([n; 16]),
+        timestamp_ms: 0,
+        payload: message(n),
+    };
+    new_group(store, &[7, 7]).await;
+    let fan_out = |n: u8, timestamp_ms: u64| async move {
+        let write = GroupWrite {
+            key: vec![7, 7],
+            loaded: 0,
+            state: None,
+            receipt: None,
+            lazy: false,
+        };
+        let mut local = nums.to_vec();
+        local.sort_unstable();
+        let fan = FanOut {
+            local,
+            remote: Default::default(),
+            payload: message(n),
+            timestamp_ms,
+        };
+        store.apply(write, vec![fan], 100).await.unwrap();
+    };
+    let seqs = |i: usize| {
+        let num = nums[i];
+        async move {
+            let (messages, _) = store.read_queue(num, 0, 10_000, 1 << 24, 0).await.unwrap();
+            messages.iter().map(|m| m.seq).collect::<Vec<_>>()
+        }
+    };
+    // Old messages (queue seqs in the comments: e0, e1, e2).
+    let one = |i: usize, n: u8, at: u64, depth: u64| {
+        let client = clients[i].clone();
+        async move {
+            store
+                .enqueue(&client, MessageId([n; 16]), at, payload(n), depth)
+                .await
+                .unwrap()
+                .1
+        }
+    };
+    assert_eq!(one(0, 1, old, 100).await, Enqueued::Queued(1));
+    store
+        .deliver(vec![delivery(&[0, 1, 2], 3)], 100, old)
+        .await
+        .unwrap(); // 2, 1, 1
+    store
+        .deliver(vec![delivery(&[2], 5)], 100, old)
+        .await
+        .unwrap(); // -, -, 2
+    fan_out(6, old).await; // 3, 2, 3
+    // New ones.
+    assert_eq!(one(0, 2, new, 100).await, Enqueued::Queued(4));
+    store
+        .deliver(vec![delivery(&[0, 1, 2], 4)], 100, new)
+        .await
+        .unwrap(); // 5, 3, 4
+    fan_out(7, new).await; // 6, 4, 5
+    // e1 acks all its old ones; e2 the delivered ones (id 5's payload is then released, its
+    // dedup record stays).
+    store.ack(nums[1], 2).await.unwrap();
+    store.ack(nums[2], 2).await.unwrap();
+
+    // Left old: e0's 1, 2, 3 and e2's 3.
+    assert_eq!(store.expire(cutoff).await.unwrap(), 4);
+    assert_eq!(seqs(0).await, vec![4, 5, 6]);
+    assert_eq!(seqs(1).await, vec![3, 4]);
+    assert_eq!(seqs(2).await, vec![4, 5]);
+    assert_eq!(store.expire(cutoff).await.unwrap(), 0);
+    // Old dedup records are gone (the same ids queue again), new ones still refuse repeats.
+    assert_eq!(one(0, 1, new + 1, 100).await, Enqueued::Queued(7));
+    assert_eq!(one(0, 2, new + 1, 100).await, Enqueued::Duplicate(4));
+    let (response, _) = store
+        .deliver(vec![delivery(&[2], 5), delivery(&[1], 4)], 100, new + 1)
+        .await
+        .unwrap();
+    assert_eq!(response.accepted, 1);
+    assert_eq!(seqs(2).await, vec![4, 5, 6]);
+    // Depths count what is left: e1 holds 2 (3, 4), e2 holds 3 (4, 5, 6).
+    assert_eq!(one(1, 20, new + 2, 3).await, Enqueued::Queued(5));
+    assert_eq!(one(1, 21, new + 2, 3).await, Enqueued::Full);
+    assert_eq!(one(2, 20, new + 2, 3).await, Enqueued::Full);
+
+    // Much expiring at once goes in several transactions, all of it.
+    let many: Vec<Delivery> = (0..2_500u32)
+        .map(|n| Delivery {
+            recipients: vec![clients[0].clone(), clients[1].clone()],
+            id: MessageId({
+                let mut id = [0xee; 16];
+                id[..4].copy_from_slice(&n.to_be_bytes());
+                id
+            }),
+            timestamp_ms: 0,
+            payload: message(9),
+        })
+        .collect();
+    let (response, _) = store.deliver(many, 10_000, 20_000).await.unwrap();
+    assert_eq!(response.accepted, 5_000);
+    let held: usize = [
+        seqs(0).await.len(),
+        seqs(1).await.len(),
+        seqs(2).await.len(),
+    ]
+    .iter()
+    .sum();
+    assert_eq!(held, 4 + 2_500 + 3 + 2_500 + 3);
+    assert_eq!(store.expire(30_000).await.unwrap(), held as u64);
+    for i in 0..3 {
+        assert!(seqs(i).await.is_empty(), "queue {i} emptied");
+    }
+    // Every dedup record went with them.
+    assert_eq!(one(0, 2, 30_001, 100).await, Enqueued::Queued(2_508));
+
+    // KeyPackages: e0 holds a mix and replaces its last-resort one; e1 holds 2,500 that
+    // expire at once and one that does not.
+    let kp = |b: u8| vec![b; 8];
+    store
+        .add(
+            nums[0],
+            vec![(50, kp(1)), (200, kp(2)), (50, kp(3)), (300, kp(4))],
+            Some((50, kp(9))),
+            10,
+            None,
+        )
+        .await
+        .unwrap();
+    store
+        .add(nums[0], Vec::new(), Some((400, kp(10))), 10, None)
+        .await
+        .unwrap();
+    let mut lots: Vec<(u64, Vec<u8>)> = (0..2_500).map(|_| (60, kp(5))).collect();
+    lots.push((500, kp(6)));
+    store
+        .add(nums[1], lots, Some((60, kp(11))), 10_000, None)
+        .await
+        .unwrap();
+    let claimed = store.claim_one(&clients[0], 10).await.unwrap();
+    assert_eq!(claimed.key_package.as_slice(), kp(1).as_slice());
+    // Expired at 100: e0's third, e1's 2,500 (and e1's last-resort one).
+    assert_eq!(store.purge_expired(100).await.unwrap(), 2_501);
+    assert_eq!(store.purge_expired(100).await.unwrap(), 0);
+    assert_eq!(store.count(nums[0], 100).await.unwrap(), (2, true));
+    assert_eq!(store.count(nums[1], 0).await.unwrap(), (1, false));
+    let taken = |i: usize| {
+        let client = clients[i].clone();
+        async move {
+            store
+                .claim_one(&client, 100)
+                .await
+                .map(|c| (c.key_package.as_slice().to_vec(), c.kind))
+        }
+    };
+    assert_eq!(taken(0).await.unwrap(), (kp(2), KeyPackageKind::Ordinary));
+    assert_eq!(taken(0).await.unwrap(), (kp(4), KeyPackageKind::Ordinary));
+    assert_eq!(
+        taken(0).await.unwrap(),
+        (kp(10), KeyPackageKind::LastResort)
+    );
+    assert_eq!(taken(1).await.unwrap(), (kp(6), KeyPackageKind::Ordinary));
+    assert!(matches!(taken(1).await, Err(ServiceError::NoKeyPackage)));
+    // The replacing last-resort one expires in its turn.
+    assert_eq!(store.purge_expired(400).await.unwrap(), 0);
+    assert!(matches!(taken(0).await, Err(ServiceError::NoKeyPackage)));
+}
+
+/// Sends one group's messages as the DS does: `senders` tasks at once, each taking the
+/// group's lock, submitting its message, releasing the lock and waiting until the message is
+/// durable. A message's tag is (`node`, sender, number). Returns, per message in the order
+/// the lock gave them, (its tag, whether it was answered as durable).
+pub(crate) async fn send_into_one_group(
+    store: &crate::storage::Backend,
+    recipients: &[u64],
+    node: u8,
+    senders: u8,
+    each: u8,
+) -> Vec<([u8; 3], bool)> {
+    use std::sync::Arc;
+    let order: Arc<tokio::sync::Mutex<Vec<[u8; 3]>>> = Default::default();
+    type Answered = std::sync::Mutex<Vec<([u8; 3], bool)>>;
+    let answered: Arc<Answered> = Default::default();
+    let mut tasks = tokio::task::JoinSet::new();
+    for sender in 0..senders {
+        let (store, order, answered) = (store.clone(), order.clone(), answered.clone());
+        let recipients = recipients.to_vec();
+        tasks.spawn(async move {
+            for n in 0..each {
+                let tag = [node, sender, n];
+                let write = GroupWrite {
+                    key: vec![5, 5],
+                    loaded: 0,
+                    state: None,
+                    receipt: None,
+                    lazy: false,
+                };
+                let fan = FanOut {
+                    local: recipients.clone(),
+                    remote: Default::default(),
+                    payload: QueuePayload::GroupMessage(GroupMessage {
+                        group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                            .parse()
+                            .unwrap(),
+                        message: tag.to_vec().into(),
+                    }),
+                    timestamp_ms: crate::unix_millis(),
+                };
+                let mut lock = order.lock().await;
+                let applying = store.submit(write, vec![fan], 100_000).await;
+                lock.push(tag);
+                drop(lock);
+                let durable = match applying {
+                    Ok(applying) => applying.durable().await.is_ok(),
+                    Err(_) => false,
+                };
+                answered.lock().unwrap().push((tag, durable));
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    let answered = answered.lock().unwrap().clone();
+    let order = order.lock().await.clone();
+    order
+        .into_iter()
+        .map(|tag| {
+            let ok = answered.iter().any(|(t, ok)| *t == tag && *ok);
+            (tag, ok)
+        })
+        .collect()
+}
+
+/// The tags of the group messages in a queue, in queue order.
+pub(crate) async fn tags_in<S: QueueStore>(store: &S, num: u64) -> Vec<[u8; 3]> {
+    let (messages, _) = store.read_queue(num, 0, 100_000, 1 << 26, 0).await.unwrap();
+    messages
+        .iter()
+        .filter_map(|m| match &m.payload {
+            QueuePayload::GroupMessage(g) => g.message.as_slice().try_into().ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One group's messages sent by many at once, each sender waiting for durability only after
+/// the group's lock is released (so they share the engine's batches): every recipient has
+/// every message, in the order the lock gave them.
+pub(crate) async fn one_group_in_order(store: &crate::storage::Backend) {
+    let recipients = group_of(store, "o", 4).await;
+    let sent = send_into_one_group(store, &recipients, 0, 16, 20).await;
+    assert!(sent.iter().all(|(_, ok)| *ok), "every message answered");
+    let order: Vec<[u8; 3]> = sent.into_iter().map(|(tag, _)| tag).collect();
+    assert_eq!(order.len(), 16 * 20);
+    for &num in &recipients {
+        assert_eq!(tags_in(store, num).await, order, "queue {num}");
+    }
 }
 
 pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + OutboxStore>(
@@ -1364,6 +1678,18 @@ mod redb_backend {
         let (_dir, store) = open();
         super::push(&store).await;
     }
+
+    #[tokio::test]
+    async fn expiry() {
+        let (_dir, store) = open();
+        super::expiry(&store).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_group_in_order() {
+        let (_dir, store) = open();
+        super::one_group_in_order(&store).await;
+    }
 }
 
 /// The same suite on PostgreSQL: one cluster, a database per part.
@@ -1408,6 +1734,8 @@ pub(crate) mod postgres_backend {
             "send_counters",
             "admin",
             "push",
+            "expiry",
+            "one_group_in_order",
         ] {
             let url = cluster.create_database(part).unwrap();
             let (store, closer) = open(&url).await;
@@ -1419,6 +1747,8 @@ pub(crate) mod postgres_backend {
                 "send_counters" => super::send_counters(&store).await,
                 "admin" => super::admin(&store).await,
                 "push" => super::push(&store).await,
+                "expiry" => super::expiry(&store).await,
+                "one_group_in_order" => super::one_group_in_order(&store).await,
                 _ => super::groups_and_outbox(&store).await,
             }
             drop(store);
@@ -1446,6 +1776,36 @@ pub(crate) mod postgres_backend {
         super::lazy_fan_out_after_crash(&next, queues, true).await;
         drop(next);
         closer.join();
+    }
+
+    /// One group's messages sent at once through two nodes of one database (each node with
+    /// its own lock, as two DS processes have): every recipient has them in the same order,
+    /// and each node's messages in the order its lock gave them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_group_through_two_nodes_in_one_order() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("order").unwrap();
+        let (a, closer_a) = open(&url).await;
+        let (b, closer_b) = open(&url).await;
+        let recipients = super::group_of(&a, "n", 4).await;
+        let (on_a, on_b) = tokio::join!(
+            super::send_into_one_group(&a, &recipients, 0, 8, 15),
+            super::send_into_one_group(&b, &recipients, 1, 8, 15)
+        );
+        assert!(on_a.iter().chain(&on_b).all(|(_, ok)| *ok));
+        let first = super::tags_in(&a, recipients[0]).await;
+        assert_eq!(first.len(), 2 * 8 * 15);
+        for &num in &recipients[1..] {
+            assert_eq!(super::tags_in(&b, num).await, first, "queue {num}");
+        }
+        for (node, sent) in [(0, on_a), (1, on_b)] {
+            let queued: Vec<[u8; 3]> = first.iter().filter(|t| t[0] == node).copied().collect();
+            let locked: Vec<[u8; 3]> = sent.into_iter().map(|(t, _)| t).collect();
+            assert_eq!(queued, locked, "node {node}'s order");
+        }
+        drop((a, b));
+        closer_a.join();
+        closer_b.join();
     }
 
     /// Node A accepted a commit and has not queued its fan-out yet; a message of the group

@@ -276,10 +276,34 @@ pub(super) async fn run(
     progress: &ProgressBar,
 ) -> anyhow::Result<WorkloadResult> {
     let count = config.busy_members.max(2);
-    let alpha = servers.connect_config(0)?;
     let domain = servers.domain(0)?;
     set_phase(progress, "busy-group: clients", 2 * count);
-    let members = clients::ready_clients(&alpha, &domain, "bg", count, progress).await?;
+    // With several nodes the members are spread over them (member i on node i mod nodes):
+    // the group's order must then hold across nodes too.
+    let nodes = servers.nodes(0).clamp(1, count);
+    let mut members = Vec::with_capacity(count);
+    for node in 0..nodes {
+        let here = count / nodes + usize::from(node < count % nodes);
+        let connect = servers.node_connect_config(0, node)?;
+        let prefix = if nodes == 1 {
+            "bg".to_owned()
+        } else {
+            format!("bg{node}n")
+        };
+        members.push(clients::ready_clients(&connect, &domain, &prefix, here, progress).await?);
+    }
+    // Interleaved, so consecutive members (and the two whose order is the reference) sit on
+    // different nodes.
+    let members: Vec<BenchClient> = {
+        let mut by_node: Vec<_> = members.into_iter().map(Vec::into_iter).collect();
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            for node in &mut by_node {
+                out.extend(node.next());
+            }
+        }
+        out
+    };
 
     set_phase(progress, "busy-group: a group each (baseline)", 1);
     let owners = group_each(&members).await?;
@@ -303,7 +327,7 @@ pub(super) async fn run(
     };
     Ok(WorkloadResult {
         workload: "busy-group".into(),
-        params: json!({ "members": count }),
+        params: json!({ "members": count, "nodes": nodes }),
         ops_per_sec: busy.rate,
         p50_us: busy.latencies.median(),
         p99_us: busy.latencies.quantile(0.99),

@@ -166,6 +166,18 @@ impl PgStore {
         fan_outs: Vec<FanOut>,
         max_depth: u64,
     ) -> Reply {
+        let answer = self.fan_out_submit(group, fan_outs, max_depth)?;
+        answer.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Hands a fan-out to the worker; the receiver gets its outcome after its batch
+    /// committed. Jobs are taken in the order they were handed over.
+    pub(super) fn fan_out_submit(
+        &self,
+        group: GroupWrite,
+        fan_outs: Vec<FanOut>,
+        max_depth: u64,
+    ) -> Result<oneshot::Receiver<Reply>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job = Job::FanOut {
             group,
@@ -176,7 +188,7 @@ impl PgStore {
         if self.fan_outs.send(job).is_err() {
             return Err(StoreError::Unavailable);
         }
-        answer.await.map_err(|_| StoreError::Unavailable)?
+        Ok(answer)
     }
 
     /// Acknowledges a queue up to a seq, with the other jobs waiting.

@@ -16,7 +16,7 @@ use tokio_postgres::types::Type;
 use super::queue::{Batch, col, enqueue_in_txn, exec, refuse};
 use super::{PgStore, to_i64, to_u64};
 use crate::delivery::receipt::{Answer, Receipt};
-use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
+use crate::delivery::{Applying, FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::queue::Enqueued;
 use crate::storage::{StoreError, fan_out};
@@ -430,6 +430,29 @@ impl GroupStore for PgStore {
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError> {
         apply(self, group, fan_outs, max_depth).await?
+    }
+
+    async fn submit(
+        &self,
+        group: GroupWrite,
+        fan_outs: Vec<FanOut>,
+        max_depth: u64,
+    ) -> Result<Applying, ServiceError> {
+        if group.state.is_some() || group.lazy {
+            let result = apply(self, group, fan_outs, max_depth).await?;
+            return Ok(Applying::new(async move { result }));
+        }
+        // This node's batch worker takes jobs in the order they were handed over, one batch
+        // transaction after the other; another node's batch touching the same queues locks
+        // the same head rows and commits wholly before or after this one.
+        let answer = self.fan_out_submit(group, fan_outs, max_depth)?;
+        Ok(Applying::new(async move {
+            match answer.await {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(err)) => Err(ServiceError::from(err)),
+                Err(_) => Err(ServiceError::from(StoreError::Unavailable)),
+            }
+        }))
     }
 }
 

@@ -214,19 +214,44 @@ impl PgStore {
         ))
     }
 
+    /// Deletes expired KeyPackages through their indexes by expiry, at most
+    /// [`PURGE_BATCH`] rows of each table per statement (each its own transaction): the work
+    /// is what expired, not what is stored.
     async fn purge_expired_txn(&self, now: u64) -> Result<u64, StoreError> {
         let now = secs(now);
-        let mut client = self.client().await?;
-        let txn = client.transaction().await?;
-        let purged = txn
-            .execute("DELETE FROM key_packages WHERE not_after <= $1", &[&now])
-            .await?;
-        txn.execute("DELETE FROM last_resort WHERE not_after <= $1", &[&now])
-            .await?;
-        txn.commit().await?;
-        Ok(purged)
+        let client = self.client().await?;
+        let mut purged = 0;
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM key_packages WHERE (client_num, seq) IN
+                         (SELECT client_num, seq FROM key_packages WHERE not_after <= $1
+                          LIMIT $2)",
+                    &[&now, &PURGE_BATCH],
+                )
+                .await?;
+            purged += n;
+            if n < PURGE_BATCH as u64 {
+                break;
+            }
+        }
+        loop {
+            let n = client
+                .execute(
+                    "DELETE FROM last_resort WHERE client_num IN
+                         (SELECT client_num FROM last_resort WHERE not_after <= $1 LIMIT $2)",
+                    &[&now, &PURGE_BATCH],
+                )
+                .await?;
+            if n < PURGE_BATCH as u64 {
+                return Ok(purged);
+            }
+        }
     }
 }
+
+/// Most expired KeyPackages one purge statement deletes.
+const PURGE_BATCH: i64 = 2_000;
 
 impl KeyPackageStore for PgStore {
     async fn add(

@@ -54,6 +54,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("migrations/0004_blobs.sql")),
     (5, include_str!("migrations/0005_fanout_pending.sql")),
     (6, include_str!("migrations/0006_send_counters.sql")),
+    (8, include_str!("migrations/0008_expiry_batches.sql")),
 ];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
@@ -505,7 +506,7 @@ mod tests {
             refused.err(),
             Some(StoreError::Schema {
                 found: 99,
-                expected: 6
+                expected: 8
             })
         ));
     }

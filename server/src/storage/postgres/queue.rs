@@ -676,43 +676,87 @@ async fn deliver(
     Ok((response, woken))
 }
 
-/// Drops every message older than `cutoff_ms` (reads skip them already) and dedup records
-/// as old. One transaction: the head rows of the queues concerned are locked first, in
-/// ascending order, as every writer does.
+/// Most expired queue entries (and, separately, dedup records) one sweep transaction takes:
+/// a large backlog expires over several transactions, none holding many head rows.
+const EXPIRE_BATCH: i64 = 2_000;
+
+/// Drops messages older than `cutoff_ms` (reads skip them already) and dedup records as old,
+/// in transactions of at most [`EXPIRE_BATCH`] each, every row found through the indexes by
+/// time: the work is what expired, not what is stored. In each transaction the head rows of
+/// the queues concerned are locked first, in ascending order, as every writer does.
 async fn expire(store: &PgStore, cutoff_ms: u64) -> Result<u64, StoreError> {
     let cutoff = i64::try_from(cutoff_ms).unwrap_or(i64::MAX);
+    let mut total = 0;
+    loop {
+        let (expired, more) = expire_batch(store, cutoff).await?;
+        total += expired;
+        if !more {
+            break;
+        }
+    }
+    loop {
+        let client = store.client().await?;
+        let dropped = client
+            .execute_typed(
+                "DELETE FROM queue_dedup WHERE (client_num, message_id) IN
+                     (SELECT client_num, message_id FROM queue_dedup WHERE timestamp_ms < $1
+                      LIMIT $2)",
+                &[(&cutoff, Type::INT8), (&EXPIRE_BATCH, Type::INT8)],
+            )
+            .await?;
+        if dropped < EXPIRE_BATCH as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// One transaction of [`expire`]'s entries: (entries dropped, whether the batch was full).
+async fn expire_batch(store: &PgStore, cutoff: i64) -> Result<(u64, bool), StoreError> {
     let mut client = store.client().await?;
     let txn = client.transaction().await?;
-    let locked = query(
+    let doomed = query(
         &txn,
-        "SELECT client_num FROM queue_heads
-         WHERE client_num IN (SELECT client_num FROM queue_entries WHERE timestamp_ms < $1)
-         ORDER BY client_num FOR UPDATE",
-        [(&cutoff, Type::INT8)],
+        "SELECT client_num, seq FROM queue_entries WHERE timestamp_ms < $1
+         ORDER BY timestamp_ms LIMIT $2",
+        [(&cutoff, Type::INT8), (&EXPIRE_BATCH, Type::INT8)],
     )
     .await?;
-    let nums: Vec<i64> = locked
-        .iter()
-        .map(|row| col(row, 0))
-        .collect::<Result<_, _>>()?;
+    if doomed.is_empty() {
+        txn.rollback().await?;
+        return Ok((0, false));
+    }
+    let full = doomed.len() as i64 >= EXPIRE_BATCH;
+    let (mut nums, mut seqs) = (Vec::with_capacity(doomed.len()), Vec::new());
+    for row in &doomed {
+        nums.push(col::<i64>(row, 0)?);
+        seqs.push(col::<i64>(row, 1)?);
+    }
+    let mut heads = nums.clone();
+    heads.sort_unstable();
+    heads.dedup();
+    query(
+        &txn,
+        "SELECT client_num FROM queue_heads WHERE client_num = ANY($1)
+         ORDER BY client_num FOR UPDATE",
+        [(&heads, Type::INT8_ARRAY)],
+    )
+    .await?;
+    // Read again under the head locks: an ack may have deleted some meanwhile.
     let deleted = query(
         &txn,
-        "DELETE FROM queue_entries WHERE timestamp_ms < $1 AND client_num = ANY($2)
-         RETURNING client_num, payload_id",
-        [(&cutoff, Type::INT8), (&nums, Type::INT8_ARRAY)],
+        "DELETE FROM queue_entries AS e USING unnest($1::bigint[], $2::bigint[]) AS t(c, s)
+         WHERE e.client_num = t.c AND e.seq = t.s AND e.timestamp_ms < $3
+         RETURNING e.client_num, e.payload_id",
+        [
+            (&nums, Type::INT8_ARRAY),
+            (&seqs, Type::INT8_ARRAY),
+            (&cutoff, Type::INT8),
+        ],
     )
     .await?;
-    tokio::try_join!(
-        biased;
-        release(&txn, &deleted, true),
-        exec(
-            &txn,
-            "DELETE FROM queue_dedup WHERE timestamp_ms < $1",
-            [(&cutoff, Type::INT8)],
-        ),
-    )?;
+    release(&txn, &deleted, true).await?;
     txn.commit().await?;
-    Ok(deleted.len() as u64)
+    Ok((deleted.len() as u64, full))
 }
 
 impl QueueStore for PgStore {

@@ -10,7 +10,7 @@ use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerial
 use super::queue::enqueue_in_txn;
 use super::tables::{FANOUT_PENDING, GROUP_VERSIONS, GROUPS};
 use super::{Store, StoreError, next_counter};
-use crate::delivery::{FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
+use crate::delivery::{Applying, FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::storage::fan_out;
 
@@ -205,51 +205,76 @@ impl GroupStore for Store {
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError> {
         let store = self.clone();
-        self.write(move |txn| {
-            let stored = {
-                let groups = txn.open_table(GROUPS)?;
-                let versions = txn.open_table(GROUP_VERSIONS)?;
-                version_of(&groups, &versions, &group.key)?
-            };
-            if stored != Some(group.loaded) {
-                return Ok(Err(ServiceError::GroupMoved));
-            }
-            if let Some(receipt) = &group.receipt
-                && super::receipts::is_fresh(txn, receipt)?
-            {
-                // Applied already: the operation runs again and finds the receipt.
-                return Ok(Err(ServiceError::GroupMoved));
-            }
-            if let Some(state) = group.state {
-                if state.version != group.loaded + 1 || state.key != group.key {
-                    return Ok(Err(ServiceError::Internal(
-                        "group write out of step".into(),
-                    )));
-                }
-                store_group(txn, state)?;
-            }
-            if group.lazy {
-                let (result, written) = write_lazy(txn, max_depth, &fan_outs)?;
-                if written {
-                    store.mark_pending();
-                }
-                if let Some(receipt) = &group.receipt {
-                    super::receipts::insert(txn, receipt, &result)?;
-                }
-                return Ok(Ok(result));
-            }
-            let mut result = FanOutResult::default();
-            for fan in &fan_outs {
-                let reached = write_fan_out(txn, max_depth, fan, &mut result)?;
-                result.reached.push(reached);
-            }
-            if let Some(receipt) = &group.receipt {
-                super::receipts::insert(txn, receipt, &result)?;
-            }
-            Ok(Ok(result))
-        })
-        .await
+        self.write(move |txn| apply_in(&store, txn, group, &fan_outs, max_depth))
+            .await
     }
+
+    async fn submit(
+        &self,
+        group: GroupWrite,
+        fan_outs: Vec<FanOut>,
+        max_depth: u64,
+    ) -> Result<Applying, ServiceError> {
+        let store = self.clone();
+        let done = self
+            .submit_write(move |txn| apply_in(&store, txn, group, &fan_outs, max_depth))
+            .await?;
+        Ok(Applying::new(async move {
+            done.await
+                .map_err(|_| ServiceError::from(StoreError::Unavailable))?
+        }))
+    }
+}
+
+/// [`GroupStore::apply`] inside `txn`.
+fn apply_in(
+    store: &Store,
+    txn: &redb::WriteTransaction,
+    group: GroupWrite,
+    fan_outs: &[FanOut],
+    max_depth: u64,
+) -> Result<Result<FanOutResult, ServiceError>, StoreError> {
+    let stored = {
+        let groups = txn.open_table(GROUPS)?;
+        let versions = txn.open_table(GROUP_VERSIONS)?;
+        version_of(&groups, &versions, &group.key)?
+    };
+    if stored != Some(group.loaded) {
+        return Ok(Err(ServiceError::GroupMoved));
+    }
+    if let Some(receipt) = &group.receipt
+        && super::receipts::is_fresh(txn, receipt)?
+    {
+        // Applied already: the operation runs again and finds the receipt.
+        return Ok(Err(ServiceError::GroupMoved));
+    }
+    if let Some(state) = group.state {
+        if state.version != group.loaded + 1 || state.key != group.key {
+            return Ok(Err(ServiceError::Internal(
+                "group write out of step".into(),
+            )));
+        }
+        store_group(txn, state)?;
+    }
+    if group.lazy {
+        let (result, written) = write_lazy(txn, max_depth, fan_outs)?;
+        if written {
+            store.mark_pending();
+        }
+        if let Some(receipt) = &group.receipt {
+            super::receipts::insert(txn, receipt, &result)?;
+        }
+        return Ok(Ok(result));
+    }
+    let mut result = FanOutResult::default();
+    for fan in fan_outs {
+        let reached = write_fan_out(txn, max_depth, fan, &mut result)?;
+        result.reached.push(reached);
+    }
+    if let Some(receipt) = &group.receipt {
+        super::receipts::insert(txn, receipt, &result)?;
+    }
+    Ok(Ok(result))
 }
 
 #[cfg(test)]

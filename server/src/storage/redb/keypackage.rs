@@ -6,7 +6,7 @@ use roost_protocol::messages::keypackage::{ClaimedKeyPackage, KeyPackageKind};
 use roost_protocol::{ClientId, UserId};
 
 use super::auth::active_client_in;
-use super::tables::{CLIENTS, KEY_PACKAGE_COUNTS, KEY_PACKAGES, LAST_RESORT};
+use super::tables::{CLIENTS, KEY_PACKAGE_COUNTS, KEY_PACKAGE_EXPIRY, KEY_PACKAGES, LAST_RESORT};
 use super::{Store, StoreError};
 use crate::auth::ClientRecord;
 use crate::delivery::receipt::{Answer, Receipt};
@@ -21,24 +21,23 @@ fn take_one(
     now: u64,
 ) -> Result<Option<(Vec<u8>, KeyPackageKind)>, StoreError> {
     let mut kps = txn.open_table(KEY_PACKAGES)?;
-    let mut expired = Vec::new();
+    let mut gone = Vec::new();
     let mut found = None;
     for entry in kps.range((client_num, 0)..=(client_num, u64::MAX))? {
         let (key, value) = entry?;
         let (not_after, bytes) = value.value();
+        gone.push((not_after, key.value().1));
         if not_after <= now {
-            expired.push(key.value().1);
             continue;
         }
-        found = Some((key.value().1, bytes.to_vec()));
+        found = Some(bytes.to_vec());
         break;
     }
-    let taken = u64::from(found.is_some()) + expired.len() as u64;
-    for seq in expired {
+    let taken = gone.len() as u64;
+    let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY)?;
+    for &(not_after, seq) in &gone {
         kps.remove((client_num, seq))?;
-    }
-    if let Some((seq, _)) = &found {
-        kps.remove((client_num, *seq))?;
+        expiry.remove((not_after, client_num, seq))?;
     }
     if taken > 0 {
         let mut counts = txn.open_table(KEY_PACKAGE_COUNTS)?;
@@ -47,7 +46,7 @@ fn take_one(
             counts.insert(client_num, (next, held.saturating_sub(taken)))?;
         }
     }
-    if let Some((_, bytes)) = found {
+    if let Some(bytes) = found {
         return Ok(Some((bytes, KeyPackageKind::Ordinary)));
     }
     let last = txn.open_table(LAST_RESORT)?;
@@ -93,15 +92,23 @@ impl Store {
                 ))));
             }
             let mut kps = txn.open_table(KEY_PACKAGES)?;
+            let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY)?;
             for (not_after, bytes) in &ordinary {
                 kps.insert((client_num, next), (*not_after, bytes.as_slice()))?;
+                expiry.insert((*not_after, client_num, next), ())?;
                 next += 1;
                 held += 1;
             }
             counts.insert(client_num, (next, held))?;
             if let Some((not_after, bytes)) = &last_resort {
-                txn.open_table(LAST_RESORT)?
-                    .insert(client_num, (*not_after, bytes.as_slice()))?;
+                let replaced = txn
+                    .open_table(LAST_RESORT)?
+                    .insert(client_num, (*not_after, bytes.as_slice()))?
+                    .map(|old| old.value().0);
+                if let Some(old) = replaced {
+                    expiry.remove((old, client_num, LAST_RESORT_SEQ))?;
+                }
+                expiry.insert((*not_after, client_num, LAST_RESORT_SEQ), ())?;
             }
             if let Some(receipt) = &receipt {
                 let answered = Receipt {
@@ -186,31 +193,75 @@ impl KeyPackageStore for Store {
     }
 
     async fn purge_expired(&self, now: u64) -> Result<u64, ServiceError> {
-        self.write(move |txn| Ok(Ok(purge_expired(txn, now)?)))
-            .await
+        let mut total = 0;
+        loop {
+            let (purged, more) = self
+                .write(move |txn| Ok(Ok::<_, ServiceError>(purge_batch(txn, now)?)))
+                .await?;
+            total += purged;
+            if !more {
+                return Ok(total);
+            }
+        }
     }
 }
+
+/// The upload seq a last-resort KeyPackage has in `KEY_PACKAGE_EXPIRY` (ordinary ones start
+/// at 1).
+const LAST_RESORT_SEQ: u64 = 0;
 
 /// Deletes every KeyPackage of a client (client removed).
 pub(crate) fn delete_all(txn: &WriteTransaction, client_num: u64) -> Result<(), StoreError> {
     let mut kps = txn.open_table(KEY_PACKAGES)?;
-    kps.retain_in((client_num, 0)..=(client_num, u64::MAX), |_, _| false)?;
+    let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY)?;
+    let held: Vec<(u64, u64)> = kps
+        .range((client_num, 0)..=(client_num, u64::MAX))?
+        .map(|e| e.map(|(k, v)| (v.value().0, k.value().1)))
+        .collect::<Result<_, _>>()?;
+    for (not_after, seq) in held {
+        kps.remove((client_num, seq))?;
+        expiry.remove((not_after, client_num, seq))?;
+    }
     txn.open_table(KEY_PACKAGE_COUNTS)?.remove(client_num)?;
-    txn.open_table(LAST_RESORT)?.remove(client_num)?;
+    let last = txn
+        .open_table(LAST_RESORT)?
+        .remove(client_num)?
+        .map(|v| v.value().0);
+    if let Some(not_after) = last {
+        expiry.remove((not_after, client_num, LAST_RESORT_SEQ))?;
+    }
     Ok(())
 }
 
-/// Deletes expired KeyPackages of every client. Returns how many.
-fn purge_expired(txn: &WriteTransaction, now: u64) -> Result<u64, StoreError> {
+/// Most expired KeyPackages one purge transaction deletes (a large number expiring at once is
+/// deleted over several transactions, so other writers are not held up).
+const PURGE_BATCH: usize = 2_000;
+
+/// Deletes KeyPackages (ordinary and last-resort) expired at `now`, at most one batch, taken
+/// from the front of `KEY_PACKAGE_EXPIRY`: only what expired is read. Returns (ordinary ones
+/// deleted, whether more expired ones are left).
+fn purge_batch(txn: &WriteTransaction, now: u64) -> Result<(u64, bool), StoreError> {
+    let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY)?;
+    let doomed: Vec<(u64, u64, u64)> = expiry
+        .range((0, 0, 0)..=(now, u64::MAX, u64::MAX))?
+        .take(PURGE_BATCH + 1)
+        .map(|e| e.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()?;
+    let more = doomed.len() > PURGE_BATCH;
     let mut kps = txn.open_table(KEY_PACKAGES)?;
-    let mut per_client: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    kps.retain(|(client_num, _), (not_after, _)| {
-        let keep = not_after > now;
-        if !keep {
+    let mut last = txn.open_table(LAST_RESORT)?;
+    let mut per_client: std::collections::BTreeMap<u64, u64> = Default::default();
+    for &(not_after, client_num, seq) in doomed.iter().take(PURGE_BATCH) {
+        expiry.remove((not_after, client_num, seq))?;
+        if seq == LAST_RESORT_SEQ {
+            let current = last.get(client_num)?.map(|v| v.value().0);
+            if current == Some(not_after) {
+                last.remove(client_num)?;
+            }
+        } else if kps.remove((client_num, seq))?.is_some() {
             *per_client.entry(client_num).or_default() += 1;
         }
-        keep
-    })?;
+    }
     let mut counts = txn.open_table(KEY_PACKAGE_COUNTS)?;
     let mut total = 0;
     for (client_num, gone) in per_client {
@@ -220,7 +271,21 @@ fn purge_expired(txn: &WriteTransaction, now: u64) -> Result<u64, StoreError> {
             counts.insert(client_num, (next, held.saturating_sub(gone)))?;
         }
     }
-    txn.open_table(LAST_RESORT)?
-        .retain(|_, (not_after, _)| not_after > now)?;
-    Ok(total)
+    Ok((total, more))
+}
+
+/// Builds `KEY_PACKAGE_EXPIRY` for a database of schema version 3, which had no such index.
+/// Runs once, in the upgrading transaction.
+pub(super) fn upgrade_from_v3(txn: &WriteTransaction) -> Result<(), StoreError> {
+    let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY)?;
+    for entry in txn.open_table(KEY_PACKAGES)?.iter()? {
+        let (key, value) = entry?;
+        let (client_num, seq) = key.value();
+        expiry.insert((value.value().0, client_num, seq), ())?;
+    }
+    for entry in txn.open_table(LAST_RESORT)?.iter()? {
+        let (key, value) = entry?;
+        expiry.insert((value.value().0, key.value(), LAST_RESORT_SEQ), ())?;
+    }
+    Ok(())
 }

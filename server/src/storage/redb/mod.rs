@@ -271,6 +271,23 @@ impl Store {
         E: From<StoreError> + Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<Result<R, E>, StoreError> + Send + 'static,
     {
+        let done = self.submit_write(op).await?;
+        done.await.map_err(|_| E::from(StoreError::Unavailable))?
+    }
+
+    /// [`Store::write`] in two steps: resolves once `op` is handed to the writer (which runs
+    /// jobs in the order they were handed over: a job handed over later runs after it, in
+    /// the same batch or a later one); the receiver then gets its outcome once the batch
+    /// committed durably.
+    pub(crate) async fn submit_write<R, E, F>(
+        &self,
+        op: F,
+    ) -> Result<oneshot::Receiver<Result<R, E>>, E>
+    where
+        R: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<Result<R, E>, StoreError> + Send + 'static,
+    {
         if self.shared.current().is_none() {
             // Reopening after a storage failure: refuse at once rather than queue.
             return Err(E::from(StoreError::Unavailable));
@@ -303,7 +320,7 @@ impl Store {
                 return Err(E::from(StoreError::Unavailable));
             }
         }
-        rx.await.map_err(|_| E::from(StoreError::Unavailable))?
+        Ok(rx)
     }
 
     /// Whether the database is open and a read of META succeeds. A read that meets a failed
@@ -348,16 +365,25 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
     let db = opener()?;
     let txn = db.begin_write()?;
     {
-        let mut meta = txn.open_table(META)?;
-        let found = meta.get("schema_version")?.map(|v| v.value());
+        let found = txn
+            .open_table(META)?
+            .get("schema_version")?
+            .map(|v| v.value());
+        let record = || -> Result<(), StoreError> {
+            txn.open_table(META)?
+                .insert("schema_version", SCHEMA_VERSION)?;
+            Ok(())
+        };
         match found {
-            None => {
-                meta.insert("schema_version", SCHEMA_VERSION)?;
-            }
-            Some(2) => {
-                outbox::upgrade_from_v2(&txn)?;
-                meta.insert("schema_version", SCHEMA_VERSION)?;
-                tracing::info!("database upgraded from schema version 2");
+            None => record()?,
+            Some(found @ (2 | 3)) => {
+                if found == 2 {
+                    outbox::upgrade_from_v2(&txn)?;
+                }
+                queue::upgrade_from_v3(&txn)?;
+                keypackage::upgrade_from_v3(&txn)?;
+                record()?;
+                tracing::info!(from = found, "database upgraded");
             }
             Some(found) if found != SCHEMA_VERSION => {
                 return Err(StoreError::Schema {
@@ -374,10 +400,12 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(QUEUE_HEADS)?;
         txn.open_table(QUEUE_ENTRIES)?;
         txn.open_table(QUEUE_DEDUP)?;
+        txn.open_table(QUEUE_EXPIRY)?;
         txn.open_table(PAYLOADS)?;
         txn.open_table(PAYLOAD_REFS)?;
         txn.open_table(KEY_PACKAGES)?;
         txn.open_table(KEY_PACKAGE_COUNTS)?;
+        txn.open_table(KEY_PACKAGE_EXPIRY)?;
         txn.open_table(LAST_RESORT)?;
         txn.open_table(TOKEN_USES)?;
         txn.open_table(GROUPS)?;
@@ -838,5 +866,76 @@ mod tests {
         let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
         drop(store);
         writer.join();
+    }
+
+    /// A database of schema version 3 (no expiry indexes) is upgraded when opened: its
+    /// queued messages, dedup records (also those of acked messages) and KeyPackages expire
+    /// as they would have, exactly.
+    #[tokio::test]
+    async fn a_version_3_database_gets_its_expiry_indexes() {
+        use crate::auth::AuthStore;
+        use crate::keypackage::KeyPackageStore;
+        use crate::queue::{Enqueued, QueueStore};
+        use crate::storage::suite::{credential, payload};
+        use roost_protocol::MessageId;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
+        let client: roost_protocol::ClientId = "u@example.org/phone".parse().unwrap();
+        let num = store
+            .add_client(credential("u@example.org/phone"))
+            .await
+            .unwrap();
+        for (n, at) in [(1u8, 100), (2, 100), (3, 10_000)] {
+            let got = store
+                .enqueue(&client, MessageId([n; 16]), at, payload(n), 10)
+                .await
+                .unwrap();
+            assert_eq!(got.1, Enqueued::Queued(u64::from(n)));
+        }
+        // The first is acked: only its dedup record is left of it.
+        store.ack(num, 1).await.unwrap();
+        store
+            .add(
+                num,
+                vec![(50, vec![1]), (500, vec![2])],
+                Some((60, vec![3])),
+                10,
+                None,
+            )
+            .await
+            .unwrap();
+        // As version 3 left it: no index rows.
+        store
+            .write(|txn| {
+                txn.open_table(QUEUE_EXPIRY)?.retain(|_, _| false)?;
+                txn.open_table(KEY_PACKAGE_EXPIRY)?.retain(|_, _| false)?;
+                txn.open_table(META)?.insert("schema_version", 3)?;
+                Ok(Ok::<_, StoreError>(()))
+            })
+            .await
+            .unwrap();
+        drop(store);
+        writer.join();
+
+        let (store, _writer) = Store::open(&path, "example.org", 8).unwrap();
+        assert_eq!(store.expire(5_000).await.unwrap(), 1);
+        let (left, _) = store.read_queue(num, 0, 10, 1 << 20, 0).await.unwrap();
+        assert_eq!(left.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3]);
+        // Both old dedup records went (the acked message's too); the new one holds.
+        for (n, expected) in [
+            (1u8, Enqueued::Queued(4)),
+            (2, Enqueued::Queued(5)),
+            (3, Enqueued::Duplicate(3)),
+        ] {
+            let got = store
+                .enqueue(&client, MessageId([n; 16]), 10_001, payload(n), 10)
+                .await
+                .unwrap();
+            assert_eq!(got.1, expected, "message {n}");
+        }
+        assert_eq!(store.purge_expired(100).await.unwrap(), 1);
+        assert_eq!(store.count(num, 100).await.unwrap(), (1, false));
     }
 }

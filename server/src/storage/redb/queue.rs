@@ -8,7 +8,9 @@ use roost_protocol::{ClientId, MessageId};
 use tls_codec::{DeserializeBytes, Serialize as _};
 
 use super::auth::active_client_in;
-use super::tables::{PAYLOAD_REFS, PAYLOADS, QUEUE_DEDUP, QUEUE_ENTRIES, QUEUE_HEADS};
+use super::tables::{
+    PAYLOAD_REFS, PAYLOADS, QUEUE_DEDUP, QUEUE_ENTRIES, QUEUE_EXPIRY, QUEUE_HEADS,
+};
 use super::{Store, StoreError, next_counter};
 use crate::error::ServiceError;
 use crate::queue::{Enqueued, Fresh, QueueStore};
@@ -33,6 +35,8 @@ pub(crate) fn enqueue_in_txn(
     let mut payload_id = None;
     let mut refs = 0u64;
     let mut deepest = None;
+    // The (client, seq) pairs of the expiry row (see `QUEUE_EXPIRY`).
+    let mut queued = Vec::new();
     for &client_num in recipients {
         let prior = if dedup {
             dedups.get((client_num, id.0))?.map(|v| v.value().0)
@@ -68,11 +72,15 @@ pub(crate) fn enqueue_in_txn(
             dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
         }
         refs += 1;
+        queued.extend_from_slice(&client_num.to_be_bytes());
+        queued.extend_from_slice(&seq.to_be_bytes());
         outcomes.push(Enqueued::Queued(seq));
     }
     if let Some(pid) = payload_id {
         txn.open_table(PAYLOADS)?.insert(pid, payload)?;
         txn.open_table(PAYLOAD_REFS)?.insert(pid, refs)?;
+        txn.open_table(QUEUE_EXPIRY)?
+            .insert((timestamp_ms, pid), (id.0, dedup, queued.as_slice()))?;
     }
     if let Some(depth) = deepest {
         metrics::histogram!("roost_queue_depth").record(depth as f64);
@@ -80,7 +88,12 @@ pub(crate) fn enqueue_in_txn(
     Ok(outcomes)
 }
 
-fn release_payload(txn: &WriteTransaction, payload_id: u64) -> Result<(), StoreError> {
+/// Drops one reference to a payload, queued at `timestamp_ms`; the last one deletes it.
+fn release_payload(
+    txn: &WriteTransaction,
+    payload_id: u64,
+    timestamp_ms: u64,
+) -> Result<(), StoreError> {
     let mut refs = txn.open_table(PAYLOAD_REFS)?;
     let left = refs
         .get(payload_id)?
@@ -90,6 +103,20 @@ fn release_payload(txn: &WriteTransaction, payload_id: u64) -> Result<(), StoreE
     if left == 0 {
         refs.remove(payload_id)?;
         txn.open_table(PAYLOADS)?.remove(payload_id)?;
+        // Nothing left to expire, unless dedup records hang on the row: they stay until the
+        // sweep drops them with it.
+        let key = (timestamp_ms, payload_id);
+        let mut expiry = txn.open_table(QUEUE_EXPIRY)?;
+        let kept = match expiry.remove(key)? {
+            Some(row) => {
+                let (id, dedup, queued) = row.value();
+                dedup.then(|| (id, queued.to_vec()))
+            }
+            None => None,
+        };
+        if let Some((id, queued)) = kept {
+            expiry.insert(key, (id, true, queued.as_slice()))?;
+        }
     } else {
         refs.insert(payload_id, left)?;
     }
@@ -112,14 +139,14 @@ fn delete_front(
         if older_than_ms.is_some_and(|cutoff| timestamp_ms >= cutoff) {
             break;
         }
-        doomed.push((key.value().1, payload_id));
+        doomed.push((key.value().1, payload_id, timestamp_ms));
     }
-    for &(seq, _) in &doomed {
+    for &(seq, _, _) in &doomed {
         entries.remove((client_num, seq))?;
     }
     drop(entries);
-    for &(_, payload_id) in &doomed {
-        release_payload(txn, payload_id)?;
+    for &(_, payload_id, timestamp_ms) in &doomed {
+        release_payload(txn, payload_id, timestamp_ms)?;
     }
     let deleted = doomed.len() as u64;
     if deleted > 0 {
@@ -149,22 +176,144 @@ pub(crate) fn delete_queue(txn: &WriteTransaction, client_num: u64) -> Result<()
     Ok(())
 }
 
-/// Drops messages older than `cutoff_ms` from every queue, and dedup records as old.
-fn expire(txn: &WriteTransaction, cutoff_ms: u64) -> Result<u64, StoreError> {
-    let queues: Vec<u64> = {
-        let heads = txn.open_table(QUEUE_HEADS)?;
-        heads
-            .iter()?
-            .map(|e| e.map(|(k, _)| k.value()))
-            .collect::<Result<_, _>>()?
-    };
-    let mut expired = 0;
-    for client_num in queues {
-        expired += delete_front(txn, client_num, u64::MAX, Some(cutoff_ms))?;
+/// Most expiry rows (enqueued payloads) one sweep transaction handles: a large backlog expires
+/// over several transactions, so other writers are never held up for long.
+const EXPIRE_BATCH_ROWS: usize = 1_000;
+/// Most queue entries one sweep transaction looks at (a row of a large fan-out names many).
+const EXPIRE_BATCH_ENTRIES: usize = 20_000;
+
+/// The (client number, seq) pairs of an expiry row.
+fn queued_pairs(raw: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    raw.chunks_exact(16).map(|pair| {
+        let (client, seq) = pair.split_at(8);
+        let word = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+        (word(client), word(seq))
+    })
+}
+
+/// Drops the messages (and dedup records) enqueued before `cutoff_ms`, from the front of
+/// `QUEUE_EXPIRY`, at most one batch of it. Returns (entries dropped, whether rows older than
+/// the cutoff are left for another batch). Looks only at the rows that expire: what the
+/// database holds besides costs nothing.
+fn expire_batch(txn: &WriteTransaction, cutoff_ms: u64) -> Result<(u64, bool), StoreError> {
+    type Row = (u64, [u8; 16], bool, Vec<u8>);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut more = false;
+    {
+        let mut expiry = txn.open_table(QUEUE_EXPIRY)?;
+        let mut entries_seen = 0;
+        let mut doomed = Vec::new();
+        for row in expiry.range((0, 0)..(cutoff_ms, 0))? {
+            if rows.len() >= EXPIRE_BATCH_ROWS || entries_seen >= EXPIRE_BATCH_ENTRIES {
+                more = true;
+                break;
+            }
+            let (key, row) = row?;
+            let (id, dedup, queued) = row.value();
+            entries_seen += queued.len() / 16;
+            doomed.push(key.value());
+            rows.push((key.value().1, id, dedup, queued.to_vec()));
+        }
+        for key in doomed {
+            expiry.remove(key)?;
+        }
     }
+    let mut entries = txn.open_table(QUEUE_ENTRIES)?;
     let mut dedups = txn.open_table(QUEUE_DEDUP)?;
-    dedups.retain(|_, (_, timestamp_ms)| timestamp_ms >= cutoff_ms)?;
-    Ok(expired)
+    let mut emptied: std::collections::BTreeMap<u64, u64> = Default::default();
+    let mut released: Vec<(u64, u64)> = Vec::new();
+    let mut expired = 0;
+    for (pid, id, dedup, queued) in &rows {
+        let mut gone = 0;
+        for (client_num, seq) in queued_pairs(queued) {
+            if entries.remove((client_num, seq))?.is_some() {
+                gone += 1;
+                *emptied.entry(client_num).or_default() += 1;
+            }
+            if *dedup {
+                let stale = dedups
+                    .get((client_num, *id))?
+                    .is_some_and(|v| v.value().1 < cutoff_ms);
+                if stale {
+                    dedups.remove((client_num, *id))?;
+                }
+            }
+        }
+        if gone > 0 {
+            released.push((*pid, gone));
+            expired += gone;
+        }
+    }
+    drop((entries, dedups));
+    {
+        let mut heads = txn.open_table(QUEUE_HEADS)?;
+        for (client_num, gone) in emptied {
+            let current = heads.get(client_num)?.map(|v| v.value());
+            if let Some((head, count)) = current {
+                heads.insert(client_num, (head, count.saturating_sub(gone)))?;
+            }
+        }
+    }
+    let mut refs = txn.open_table(PAYLOAD_REFS)?;
+    let mut payloads = txn.open_table(PAYLOADS)?;
+    for (pid, gone) in released {
+        let left = refs
+            .get(pid)?
+            .map(|v| v.value())
+            .unwrap_or(gone)
+            .saturating_sub(gone);
+        if left == 0 {
+            refs.remove(pid)?;
+            payloads.remove(pid)?;
+        } else {
+            refs.insert(pid, left)?;
+        }
+    }
+    Ok((expired, more))
+}
+
+/// Builds `QUEUE_EXPIRY` for a database of schema version 3, which had no such index: one row
+/// per payload its queues hold, and one per message id whose dedup records outlived their
+/// entries. Runs once, in the upgrading transaction.
+pub(super) fn upgrade_from_v3(txn: &WriteTransaction) -> Result<(), StoreError> {
+    use std::collections::{BTreeMap, HashSet};
+    type Built = BTreeMap<u64, (u64, [u8; 16], Vec<u8>)>;
+    let mut rows: Built = BTreeMap::new();
+    let mut live: HashSet<(u64, u64)> = HashSet::new();
+    for entry in txn.open_table(QUEUE_ENTRIES)?.iter()? {
+        let (key, value) = entry?;
+        let (client_num, seq) = key.value();
+        let (pid, timestamp_ms, id) = value.value();
+        let row = rows.entry(pid).or_insert((timestamp_ms, id, Vec::new()));
+        row.0 = row.0.min(timestamp_ms);
+        row.2.extend_from_slice(&client_num.to_be_bytes());
+        row.2.extend_from_slice(&seq.to_be_bytes());
+        live.insert((client_num, seq));
+    }
+    let mut orphans: BTreeMap<[u8; 16], (u64, Vec<u8>)> = BTreeMap::new();
+    for entry in txn.open_table(QUEUE_DEDUP)?.iter()? {
+        let (key, value) = entry?;
+        let (client_num, id) = key.value();
+        let (seq, timestamp_ms) = value.value();
+        if live.contains(&(client_num, seq)) {
+            continue;
+        }
+        let row = orphans.entry(id).or_insert((timestamp_ms, Vec::new()));
+        row.0 = row.0.min(timestamp_ms);
+        row.1.extend_from_slice(&client_num.to_be_bytes());
+        row.1.extend_from_slice(&seq.to_be_bytes());
+    }
+    let mut expiry = txn.open_table(QUEUE_EXPIRY)?;
+    // Every migrated row may name dedup records: they are kept until they expire.
+    for (pid, (timestamp_ms, id, queued)) in rows {
+        expiry.insert((timestamp_ms, pid), (id, true, queued.as_slice()))?;
+    }
+    for (id, (timestamp_ms, queued)) in orphans {
+        // A fresh id that no payload will ever take: nothing is queued under it.
+        let key = next_counter(txn, "next_payload_id")?;
+        expiry.insert((timestamp_ms, key), (id, true, queued.as_slice()))?;
+    }
+    Ok(())
 }
 
 /// Reads messages of a queue after `after_seq`, skipping expired ones.
@@ -348,6 +497,15 @@ impl QueueStore for Store {
     }
 
     async fn expire(&self, cutoff_ms: u64) -> Result<u64, ServiceError> {
-        self.write(move |txn| Ok(Ok(expire(txn, cutoff_ms)?))).await
+        let mut total = 0;
+        loop {
+            let (expired, more) = self
+                .write(move |txn| Ok(Ok::<_, ServiceError>(expire_batch(txn, cutoff_ms)?)))
+                .await?;
+            total += expired;
+            if !more {
+                return Ok(total);
+            }
+        }
     }
 }

@@ -229,3 +229,51 @@ async fn a_disk_whose_fsync_keeps_failing_is_unavailable_until_it_heals() {
     writer.join();
     check_file(&path, &acked, &refused);
 }
+
+/// One group's messages sent as the DS sends them (each submitted under the group's lock,
+/// its durability awaited after the lock is released, so they share batches) while an fsync
+/// fails: a message answered as durable is in every queue, one refused is in none, and every
+/// queue holds the same messages in the order the lock gave them — also after the file is
+/// opened again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_groups_messages_are_answered_only_once_durable() {
+    use crate::storage::Backend;
+    use crate::storage::suite::{group_of, send_into_one_group, tags_in};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let faults = Faults::new();
+    let (store, writer) = open(&path, &faults);
+    let backend = Backend::Redb(store.clone());
+    let recipients = group_of(&backend, "f", 3).await;
+    // Before the fault, while the disk is full, after it is freed.
+    let before = send_into_one_group(&backend, &recipients, 0, 8, 5).await;
+    faults.fail_writes_after(3);
+    let during = send_into_one_group(&backend, &recipients, 1, 8, 5).await;
+    assert!(faults.injected() > 0, "the disk filled up");
+    faults.clear();
+    wait_writable(&store).await;
+    let after = send_into_one_group(&backend, &recipients, 2, 8, 5).await;
+    assert!(before.iter().chain(&after).all(|(_, ok)| *ok));
+    assert!(during.iter().any(|(_, ok)| !*ok), "{during:?}");
+    let answered: Vec<[u8; 3]> = [before, during, after]
+        .concat()
+        .into_iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(t, _)| t)
+        .collect();
+    for &num in &recipients {
+        assert_eq!(tags_in(&backend, num).await, answered, "queue {num}");
+    }
+    drop((backend, store));
+    writer.join();
+    let (store, _writer) = open(&path, &Faults::new());
+    let backend = Backend::Redb(store);
+    for &num in &recipients {
+        assert_eq!(
+            tags_in(&backend, num).await,
+            answered,
+            "queue {num} reopened"
+        );
+    }
+}

@@ -7,9 +7,10 @@
 use redb::TableDefinition;
 
 /// Bumped whenever a table's layout changes; checked when the database opens. Version 2
-/// databases are upgraded in place (their outbox entries named one recipient each); older ones
-/// are refused.
-pub(crate) const SCHEMA_VERSION: u64 = 3;
+/// databases are upgraded in place (their outbox entries named one recipient each), and so are
+/// version 3 ones (their expiry indexes, [`QUEUE_EXPIRY`] and [`KEY_PACKAGE_EXPIRY`], are
+/// built once from what they hold); older ones are refused.
+pub(crate) const SCHEMA_VERSION: u64 = 4;
 
 /// Counters and settings: "schema_version", "next_client_num", "next_payload_id".
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
@@ -43,6 +44,18 @@ pub(crate) const PAYLOADS: TableDefinition<'_, u64, &[u8]> = TableDefinition::ne
 /// Number of queue entries referencing a payload.
 pub(crate) const PAYLOAD_REFS: TableDefinition<'_, u64, u64> = TableDefinition::new("payload_refs");
 
+/// What the expiry sweep reads instead of every queue: one row per enqueued payload, by
+/// (timestamp ms, payload id): (message id, whether dedup records were written, the (client
+/// number, seq) pairs it was queued as, 16 bytes each, big-endian). Written with the entries;
+/// deleted with the payload once every entry is gone, unless it names dedup records (kept
+/// until they expire). The sweep takes the rows older than the age limit from the front, so
+/// its work is what expires, never what is stored.
+pub(crate) const QUEUE_EXPIRY: TableDefinition<'_, (u64, u64), ExpiryRow<'_>> =
+    TableDefinition::new("queue_expiry");
+
+/// A row of [`QUEUE_EXPIRY`].
+pub(crate) type ExpiryRow<'a> = ([u8; 16], bool, &'a [u8]);
+
 /// Ordinary KeyPackages by (client number, upload seq): (not_after, KeyPackage bytes).
 pub(crate) const KEY_PACKAGES: TableDefinition<'_, (u64, u64), (u64, &[u8])> =
     TableDefinition::new("key_packages");
@@ -50,6 +63,11 @@ pub(crate) const KEY_PACKAGES: TableDefinition<'_, (u64, u64), (u64, &[u8])> =
 /// Per-client KeyPackage counters: (next upload seq, ordinary KeyPackages held).
 pub(crate) const KEY_PACKAGE_COUNTS: TableDefinition<'_, u64, (u64, u64)> =
     TableDefinition::new("key_package_counts");
+
+/// Every KeyPackage by expiry: (not_after, client number, upload seq; 0 for the last-resort
+/// one). Written and deleted with the KeyPackage, so the sweep reads only what expired.
+pub(crate) const KEY_PACKAGE_EXPIRY: TableDefinition<'_, (u64, u64, u64), ()> =
+    TableDefinition::new("key_package_expiry");
 
 /// Last-resort KeyPackage by client number: (not_after, KeyPackage bytes).
 pub(crate) const LAST_RESORT: TableDefinition<'_, u64, (u64, &[u8])> =
