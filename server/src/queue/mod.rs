@@ -45,6 +45,14 @@ pub(crate) trait QueueStore {
     /// Deletes messages with seq <= min(up_to_seq, head) of a client's queue; CLIENT_NOT_FOUND
     /// if the queue is gone (client removed).
     async fn ack(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
+    /// The same deletion for an `up_to_seq` the queue's head has reached (so that applying it
+    /// later deletes exactly what applying it now would), which may be applied (and made
+    /// durable) after this returns: reads
+    /// on this node skip the acknowledged messages from the moment it returns, but a crash
+    /// before the engine wrote it delivers them again (clients skip them by seq;
+    /// docs/ARCHITECTURE.md, "Lazy acknowledgements"). An ack of a removed client is dropped
+    /// or refused with CLIENT_NOT_FOUND.
+    async fn ack_lazily(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
     /// Enqueues a peer's deliveries idempotently; returns the counts and the new entries by
     /// client number.
     async fn deliver(
@@ -325,6 +333,26 @@ pub(crate) async fn ack(
     state.store.ack(me.client_num, req.up_to_seq).await?;
     state.queues.acked(me.client_num, req.up_to_seq);
     Ok(QueueAckResponse {})
+}
+
+/// An Ack frame on a listen stream. `reached` is a seq the queue's head is known to have
+/// reached (the listener read or pushed it). An ack up to it is applied lazily: nothing is
+/// answered, so nothing waits for it to be durable (see [`QueueStore::ack_lazily`]). An ack
+/// beyond it (above the head, or of messages this listener has not seen) is applied at once,
+/// so that it deletes up to the head as it is now, never what is queued after it.
+pub(crate) async fn ack_listened(
+    state: &State,
+    me: &Authenticated,
+    up_to_seq: u64,
+    reached: u64,
+) -> Result<(), ServiceError> {
+    if up_to_seq <= reached {
+        state.store.ack_lazily(me.client_num, up_to_seq).await?;
+    } else {
+        state.store.ack(me.client_num, up_to_seq).await?;
+    }
+    state.queues.acked(me.client_num, up_to_seq);
+    Ok(())
 }
 
 /// A page of a listener's backlog, and the queue's head seq.

@@ -10,12 +10,17 @@ use crate::delivery::FanOutResult;
 use crate::delivery::receipt::{Answer, Receipt, ReceiptStore};
 use crate::error::ServiceError;
 
+/// The receipts table of a write transaction, opened once for the freshness check and the
+/// insert of one operation.
+pub(super) type Receipts<'t> = redb::Table<'t, [u8; 32], (u64, u64)>;
+
+/// Opens [`Receipts`].
+pub(super) fn open(txn: &redb::WriteTransaction) -> Result<Receipts<'_>, StoreError> {
+    Ok(txn.open_table(RECEIPTS)?)
+}
+
 /// Whether a receipt for `receipt.key` accepted within its window is stored.
-pub(super) fn is_fresh(
-    txn: &redb::WriteTransaction,
-    receipt: &Receipt,
-) -> Result<bool, StoreError> {
-    let table = txn.open_table(RECEIPTS)?;
+pub(super) fn is_fresh(table: &Receipts<'_>, receipt: &Receipt) -> Result<bool, StoreError> {
     let found = table.get(receipt.key)?.map(|v| v.value());
     Ok(found.is_some_and(|(accepted, _)| accepted >= receipt.fresh_after_ms))
 }
@@ -39,11 +44,20 @@ pub(super) fn insert(
     receipt: &Receipt,
     result: &FanOutResult,
 ) -> Result<(), StoreError> {
+    insert_in(txn, &mut open(txn)?, receipt, result)
+}
+
+/// [`insert`] into an open [`Receipts`] table.
+pub(super) fn insert_in(
+    txn: &redb::WriteTransaction,
+    table: &mut Receipts<'_>,
+    receipt: &Receipt,
+    result: &FanOutResult,
+) -> Result<(), StoreError> {
     let answer = match receipt.answer {
         Answer::Value(value) => value,
         Answer::Reached => u64::from(result.reached.first().copied().unwrap_or(0)),
     };
-    let mut table = txn.open_table(RECEIPTS)?;
     let mut times = txn.open_table(RECEIPT_TIMES)?;
     let old = table
         .insert(receipt.key, (receipt.accepted_ms, answer))?
