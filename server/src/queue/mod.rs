@@ -109,6 +109,10 @@ struct Listened {
     sender: watch::Sender<QueueSignal>,
     /// The newest durable entries, contiguous in seq, none acknowledged.
     recent: std::collections::VecDeque<Fresh>,
+    /// The window is empty because acks took every entry of a window that reached the head:
+    /// a listener at the head has nothing to read. Anything that empties it otherwise (a gap,
+    /// a wake-up of every listener after a reopen) clears this.
+    drained: bool,
 }
 
 /// Wakes listeners when their queue grows, and keeps the newest entries of listened queues so
@@ -140,6 +144,7 @@ impl Notifier {
                 })
                 .0,
                 recent: Default::default(),
+                drained: false,
             })
             .sender
             .subscribe()
@@ -197,7 +202,10 @@ impl Notifier {
             // A head the window already covers (e.g. another node's wake-up for an entry this
             // node pushed) keeps it; a head beyond it is a gap.
             None if listened.recent.back().is_some_and(|last| last.seq >= head) => {}
-            _ => listened.recent.clear(),
+            _ => {
+                listened.recent.clear();
+                listened.drained = false;
+            }
         }
         listened.sender.send_modify(|s| s.head = s.head.max(head));
     }
@@ -207,11 +215,18 @@ impl Notifier {
     pub(crate) fn recent_after(&self, client_num: u64, after_seq: u64) -> Option<Vec<Fresh>> {
         let queues = self.lock();
         let listened = queues.get(&client_num)?;
+        let head = listened.sender.borrow().head;
         let recent = &listened.recent;
-        let (first, last) = (recent.front()?, recent.back()?);
+        let (Some(first), Some(last)) = (recent.front(), recent.back()) else {
+            // Every entry up to the head acknowledged: a listener at the head has nothing to
+            // read; one behind it, or any listener of a window emptied otherwise, reads the
+            // store. (Reading the store after every ack cost a blocking-pool read per message:
+            // docs/BENCHMARKS.md.)
+            return (listened.drained && after_seq >= head).then(Vec::new);
+        };
         // Notifications of one batch can arrive out of order: a later entry that emptied the
         // window and an earlier one that refilled it leave the head beyond the window.
-        if first.seq > after_seq.saturating_add(1) || last.seq < listened.sender.borrow().head {
+        if first.seq > after_seq.saturating_add(1) || last.seq < head {
             return None;
         }
         Some(
@@ -226,7 +241,12 @@ impl Notifier {
     /// Forgets acknowledged entries (they must not be pushed any more).
     pub(crate) fn acked(&self, client_num: u64, up_to_seq: u64) {
         if let Some(listened) = self.lock().get_mut(&client_num) {
+            let head = listened.sender.borrow().head;
+            let reached = listened.recent.back().is_some_and(|last| last.seq >= head);
             listened.recent.retain(|f| f.seq > up_to_seq);
+            if reached && listened.recent.is_empty() {
+                listened.drained = true;
+            }
         }
     }
 
@@ -238,6 +258,7 @@ impl Notifier {
         let mut queues = self.lock();
         for listened in queues.values_mut() {
             listened.recent.clear();
+            listened.drained = false;
             listened.sender.send_modify(|_| {});
         }
     }
@@ -476,6 +497,22 @@ mod tests {
         notifier.acked(1, 11);
         assert_eq!(seqs(notifier.recent_after(1, 11)), Some(vec![12]));
         assert_eq!(seqs(notifier.recent_after(1, 9)), None);
+        // A window the acks emptied still says that a listener at the head has nothing new
+        // (no store read), and that one behind it must read the store.
+        notifier.acked(1, 12);
+        assert_eq!(seqs(notifier.recent_after(1, 12)), Some(vec![]));
+        assert_eq!(seqs(notifier.recent_after(1, 11)), None);
+        // A head notified without its entry is beyond an empty window: read the store.
+        notifier.notify(&[(1, 13)]);
+        assert_eq!(seqs(notifier.recent_after(1, 12)), None);
+        notifier.notify_fresh(&[(1, fresh(14))]);
+        assert_eq!(seqs(notifier.recent_after(1, 13)), Some(vec![14]));
+        // After every listener is sent back to the store (a reopen may have landed entries
+        // nobody was told about), an emptied window no longer answers for it.
+        notifier.acked(1, 14);
+        assert_eq!(seqs(notifier.recent_after(1, 14)), Some(vec![]));
+        notifier.wake_all();
+        assert_eq!(seqs(notifier.recent_after(1, 14)), None);
         // Bounded.
         for seq in 13..13 + 2 * RECENT as u64 {
             notifier.notify_fresh(&[(1, fresh(seq))]);

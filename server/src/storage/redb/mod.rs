@@ -102,6 +102,9 @@ struct Acks {
     wanted: HashMap<u64, u64>,
     /// Some entry is newer than the last batch that applied acks.
     fresh: bool,
+    /// The writer waits for a job with no acknowledgement due: the next ack must wake it
+    /// (otherwise the writer finds the acks when it next looks, and no wake-up is sent).
+    writer_idle: bool,
 }
 
 /// Opens the database file (again). The default opens it as a plain file; tests put a
@@ -204,6 +207,27 @@ impl Shared {
 
     fn acks(&self) -> std::sync::MutexGuard<'_, Acks> {
         self.acks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by the writer before it blocks for a job: false if acknowledgements wait (it
+    /// must not block), else it is marked idle so that the next ack wakes it.
+    fn park_for_jobs(&self) -> bool {
+        #[cfg(test)]
+        let held = self.hold_acks.load(Ordering::Acquire);
+        #[cfg(not(test))]
+        let held = false;
+        // One lock: an ack taken between a check and the mark would wake nobody.
+        let mut acks = self.acks();
+        if acks.fresh && !held {
+            return false;
+        }
+        acks.writer_idle = true;
+        true
+    }
+
+    /// Called by the writer when it got a job.
+    fn unpark(&self) {
+        self.acks().writer_idle = false;
     }
 
     /// Whether acknowledgements wait for a batch.
@@ -429,7 +453,9 @@ impl Store {
             let mut acks = self.shared.acks();
             let wanted = acks.wanted.entry(client_num).or_insert(0);
             *wanted = (*wanted).max(up_to_seq);
-            !std::mem::replace(&mut acks.fresh, true)
+            acks.fresh = true;
+            // A busy writer looks for acks before it blocks again: wake only an idle one, once.
+            std::mem::replace(&mut acks.writer_idle, false)
         };
         if wake {
             // A full queue means the writer is busy: its next batch applies the ack anyway.
@@ -565,11 +591,16 @@ fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Msg>, max_batch: usize) {
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
-        } else {
-            match jobs.recv() {
+        } else if shared.park_for_jobs() {
+            let msg = jobs.recv();
+            shared.unpark();
+            match msg {
                 Ok(msg) => Some(msg),
                 Err(_) => break,
             }
+        } else {
+            // An ack came after the check at the top of the loop.
+            continue;
         };
         match first {
             Some(Msg::Job(job)) => batch.push(job),
