@@ -15,8 +15,7 @@ use roost_protocol::frame::{
 };
 use roost_protocol::messages::auth::{EXPORTER_LABEL, EXPORTER_LEN};
 use roost_protocol::messages::queue::{
-    ListenControl, ListenEvent, MAX_LISTEN_CONTROL_LEN, QueueAckRequest, QueueListenResponse,
-    listen_message_head,
+    ListenControl, ListenEvent, MAX_LISTEN_CONTROL_LEN, QueueListenResponse, listen_message_head,
 };
 use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 use roost_protocol::{ErrorCode, WireError};
@@ -357,7 +356,7 @@ async fn serve_stream(
     let span = tracing::debug_span!("request", kind = kind.name());
     let request = match request {
         ClientRequest::BlobUpload(req) => {
-            let response = crate::dispatch::blob_upload(&state, &ctx, req, listen_recv)
+            let response = Box::pin(crate::dispatch::blob_upload(&state, &ctx, req, listen_recv))
                 .instrument(span)
                 .await;
             write_frame(&mut send, &response).await;
@@ -365,7 +364,7 @@ async fn serve_stream(
             return;
         }
         ClientRequest::BlobDownload(req) => {
-            let complete = crate::dispatch::blob_download(&state, &ctx, req, &mut send)
+            let complete = Box::pin(crate::dispatch::blob_download(&state, &ctx, req, &mut send))
                 .instrument(span)
                 .await;
             if complete {
@@ -377,7 +376,10 @@ async fn serve_stream(
         }
         request => request,
     };
-    match dispatch(&state, &ctx, request)
+    // The handlers' futures live on the heap: this task's own future stays small, so spawning
+    // it (one per stream) does not copy the largest handler's state several times over
+    // (those copies were a fifth of the server's instructions per message: docs/BENCHMARKS.md).
+    match Box::pin(dispatch(&state, &ctx, request))
         .instrument(span.clone())
         .await
     {
@@ -388,7 +390,7 @@ async fn serve_stream(
         Outcome::Listen { me, after_seq } => {
             crate::dispatch::record(kind, "OK", started);
             let control = Control::new(listen_recv);
-            listen(&state, send, control, me, after_seq)
+            Box::pin(listen(&state, send, control, me, after_seq))
                 .instrument(span)
                 .await;
         }
@@ -519,18 +521,19 @@ impl Control {
 
 /// Applies what a read of the client's side asks for. `Err(Some(error))` ends the listen with
 /// `ListenEvent::Closed(error)`, `Err(None)` ends it silently.
+/// `reached`: the highest seq the listener knows the queue's head reached.
 async fn apply_control(
     state: &State,
     me: &Authenticated,
     read: ControlRead,
+    reached: u64,
 ) -> Result<(), Option<WireError>> {
     match read {
         ControlRead::Idle => Ok(()),
         ControlRead::Ack(up_to_seq) => {
             metrics::counter!("roost_listen_acks_total").increment(1);
-            crate::queue::ack(state, me, QueueAckRequest { up_to_seq })
+            crate::queue::ack_listened(state, me, up_to_seq, reached)
                 .await
-                .map(drop)
                 .map_err(|err| Some(err.to_wire()))
         }
         ControlRead::Malformed(err) => {
@@ -574,9 +577,13 @@ async fn listen(
     let stopped = send.stopped();
     tokio::pin!(stopped);
     let mut last = after_seq;
+    // The highest seq the queue's head is known to have reached: what the store said, and
+    // every entry pushed (acks up to it may be applied lazily).
+    let mut reached = head_seq;
     let close = 'pushing: loop {
         for entry in pending.drain(..) {
             last = entry.seq;
+            reached = reached.max(last);
             match push(&mut send, &entry).await {
                 Ok(true) => {}
                 Ok(false) => break 'pushing None,
@@ -584,7 +591,8 @@ async fn listen(
             }
         }
         // Acks that came in while pushing (a backlog can keep the loop below busy).
-        if let Err(close) = apply_control(state, &me, control.read_ready().await).await {
+        let read = control.read_ready().await;
+        if let Err(close) = apply_control(state, &me, read, reached).await {
             break close;
         }
         // Caught-up listeners take new entries from memory; anything else comes from the store.
@@ -592,7 +600,10 @@ async fn listen(
             Some(page) => Ok(page),
             None => crate::queue::listen_page(state, me.client_num, last)
                 .await
-                .map(|(page, _)| page),
+                .map(|(page, head)| {
+                    reached = reached.max(head);
+                    page
+                }),
         };
         match page {
             Ok(page) if !page.is_empty() => {
@@ -613,7 +624,7 @@ async fn listen(
             }
             _ = &mut stopped => break None,
             read = control.read() => {
-                if let Err(close) = apply_control(state, &me, read).await {
+                if let Err(close) = apply_control(state, &me, read, reached).await {
                     break close;
                 }
             }
@@ -682,7 +693,8 @@ async fn serve_peer_stream(
             }
             return;
         }
-        Ok(request) => crate::federation::inbound::handle(&state, &peer, request).await,
+        // On the heap, as in `serve_stream`.
+        Ok(request) => Box::pin(crate::federation::inbound::handle(&state, &peer, request)).await,
         Err(err) => Response::Error(err.to_wire()),
     };
     write_frame(&mut send, &response).await;

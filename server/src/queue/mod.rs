@@ -45,6 +45,14 @@ pub(crate) trait QueueStore {
     /// Deletes messages with seq <= min(up_to_seq, head) of a client's queue; CLIENT_NOT_FOUND
     /// if the queue is gone (client removed).
     async fn ack(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
+    /// The same deletion for an `up_to_seq` the queue's head has reached (so that applying it
+    /// later deletes exactly what applying it now would), which may be applied (and made
+    /// durable) after this returns: reads
+    /// on this node skip the acknowledged messages from the moment it returns, but a crash
+    /// before the engine wrote it delivers them again (clients skip them by seq;
+    /// docs/ARCHITECTURE.md, "Lazy acknowledgements"). An ack of a removed client is dropped
+    /// or refused with CLIENT_NOT_FOUND.
+    async fn ack_lazily(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
     /// Enqueues a peer's deliveries idempotently; returns the counts and the new entries by
     /// client number.
     async fn deliver(
@@ -101,6 +109,10 @@ struct Listened {
     sender: watch::Sender<QueueSignal>,
     /// The newest durable entries, contiguous in seq, none acknowledged.
     recent: std::collections::VecDeque<Fresh>,
+    /// The window is empty because acks took every entry of a window that reached the head:
+    /// a listener at the head has nothing to read. Anything that empties it otherwise (a gap,
+    /// a wake-up of every listener after a reopen) clears this.
+    drained: bool,
 }
 
 /// Wakes listeners when their queue grows, and keeps the newest entries of listened queues so
@@ -132,6 +144,7 @@ impl Notifier {
                 })
                 .0,
                 recent: Default::default(),
+                drained: false,
             })
             .sender
             .subscribe()
@@ -189,7 +202,10 @@ impl Notifier {
             // A head the window already covers (e.g. another node's wake-up for an entry this
             // node pushed) keeps it; a head beyond it is a gap.
             None if listened.recent.back().is_some_and(|last| last.seq >= head) => {}
-            _ => listened.recent.clear(),
+            _ => {
+                listened.recent.clear();
+                listened.drained = false;
+            }
         }
         listened.sender.send_modify(|s| s.head = s.head.max(head));
     }
@@ -199,11 +215,18 @@ impl Notifier {
     pub(crate) fn recent_after(&self, client_num: u64, after_seq: u64) -> Option<Vec<Fresh>> {
         let queues = self.lock();
         let listened = queues.get(&client_num)?;
+        let head = listened.sender.borrow().head;
         let recent = &listened.recent;
-        let (first, last) = (recent.front()?, recent.back()?);
+        let (Some(first), Some(last)) = (recent.front(), recent.back()) else {
+            // Every entry up to the head acknowledged: a listener at the head has nothing to
+            // read; one behind it, or any listener of a window emptied otherwise, reads the
+            // store. (Reading the store after every ack cost a blocking-pool read per message:
+            // docs/BENCHMARKS.md.)
+            return (listened.drained && after_seq >= head).then(Vec::new);
+        };
         // Notifications of one batch can arrive out of order: a later entry that emptied the
         // window and an earlier one that refilled it leave the head beyond the window.
-        if first.seq > after_seq.saturating_add(1) || last.seq < listened.sender.borrow().head {
+        if first.seq > after_seq.saturating_add(1) || last.seq < head {
             return None;
         }
         Some(
@@ -218,7 +241,12 @@ impl Notifier {
     /// Forgets acknowledged entries (they must not be pushed any more).
     pub(crate) fn acked(&self, client_num: u64, up_to_seq: u64) {
         if let Some(listened) = self.lock().get_mut(&client_num) {
+            let head = listened.sender.borrow().head;
+            let reached = listened.recent.back().is_some_and(|last| last.seq >= head);
             listened.recent.retain(|f| f.seq > up_to_seq);
+            if reached && listened.recent.is_empty() {
+                listened.drained = true;
+            }
         }
     }
 
@@ -230,6 +258,7 @@ impl Notifier {
         let mut queues = self.lock();
         for listened in queues.values_mut() {
             listened.recent.clear();
+            listened.drained = false;
             listened.sender.send_modify(|_| {});
         }
     }
@@ -325,6 +354,26 @@ pub(crate) async fn ack(
     state.store.ack(me.client_num, req.up_to_seq).await?;
     state.queues.acked(me.client_num, req.up_to_seq);
     Ok(QueueAckResponse {})
+}
+
+/// An Ack frame on a listen stream. `reached` is a seq the queue's head is known to have
+/// reached (the listener read or pushed it). An ack up to it is applied lazily: nothing is
+/// answered, so nothing waits for it to be durable (see [`QueueStore::ack_lazily`]). An ack
+/// beyond it (above the head, or of messages this listener has not seen) is applied at once,
+/// so that it deletes up to the head as it is now, never what is queued after it.
+pub(crate) async fn ack_listened(
+    state: &State,
+    me: &Authenticated,
+    up_to_seq: u64,
+    reached: u64,
+) -> Result<(), ServiceError> {
+    if up_to_seq <= reached {
+        state.store.ack_lazily(me.client_num, up_to_seq).await?;
+    } else {
+        state.store.ack(me.client_num, up_to_seq).await?;
+    }
+    state.queues.acked(me.client_num, up_to_seq);
+    Ok(())
 }
 
 /// A page of a listener's backlog, and the queue's head seq.
@@ -448,6 +497,22 @@ mod tests {
         notifier.acked(1, 11);
         assert_eq!(seqs(notifier.recent_after(1, 11)), Some(vec![12]));
         assert_eq!(seqs(notifier.recent_after(1, 9)), None);
+        // A window the acks emptied still says that a listener at the head has nothing new
+        // (no store read), and that one behind it must read the store.
+        notifier.acked(1, 12);
+        assert_eq!(seqs(notifier.recent_after(1, 12)), Some(vec![]));
+        assert_eq!(seqs(notifier.recent_after(1, 11)), None);
+        // A head notified without its entry is beyond an empty window: read the store.
+        notifier.notify(&[(1, 13)]);
+        assert_eq!(seqs(notifier.recent_after(1, 12)), None);
+        notifier.notify_fresh(&[(1, fresh(14))]);
+        assert_eq!(seqs(notifier.recent_after(1, 13)), Some(vec![14]));
+        // After every listener is sent back to the store (a reopen may have landed entries
+        // nobody was told about), an emptied window no longer answers for it.
+        notifier.acked(1, 14);
+        assert_eq!(seqs(notifier.recent_after(1, 14)), Some(vec![]));
+        notifier.wake_all();
+        assert_eq!(seqs(notifier.recent_after(1, 14)), None);
         // Bounded.
         for seq in 13..13 + 2 * RECENT as u64 {
             notifier.notify_fresh(&[(1, fresh(seq))]);

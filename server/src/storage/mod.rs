@@ -156,6 +156,7 @@ dispatch!(QueueStore {
     async fn enqueue(&self, recipient: &ClientId, id: MessageId, timestamp_ms: u64, payload: Vec<u8>, max_depth: u64) -> Result<(u64, Enqueued), ServiceError>;
     async fn read_queue(&self, client_num: u64, after_seq: u64, max_messages: usize, max_bytes: usize, cutoff_ms: u64) -> Result<(Vec<QueueMessage>, u64), ServiceError>;
     async fn ack(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
+    async fn ack_lazily(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError>;
     async fn deliver(&self, deliveries: Vec<Delivery>, max_depth: u64, now_ms: u64) -> Result<(DeliverResponse, Vec<(u64, Fresh)>), ServiceError>;
     async fn expire(&self, cutoff_ms: u64) -> Result<u64, ServiceError>;
 });

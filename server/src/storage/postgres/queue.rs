@@ -794,6 +794,12 @@ impl QueueStore for PgStore {
         ack(self, client_num, up_to_seq).await?
     }
 
+    async fn ack_lazily(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError> {
+        // The batched ack (`ack_batched`) already rides in the fan-out batches and does not
+        // wait for the disk.
+        ack(self, client_num, up_to_seq).await?
+    }
+
     async fn deliver(
         &self,
         deliveries: Vec<Delivery>,

@@ -234,20 +234,33 @@ fn apply_in(
     fan_outs: &[FanOut],
     max_depth: u64,
 ) -> Result<Result<FanOutResult, ServiceError>, StoreError> {
-    let stored = {
-        let groups = txn.open_table(GROUPS)?;
-        let versions = txn.open_table(GROUP_VERSIONS)?;
-        version_of(&groups, &versions, &group.key)?
+    // GROUPS is opened only for a group stored before versions were kept (see `version_of`):
+    // every table opened costs a check of its definition.
+    let version = txn
+        .open_table(GROUP_VERSIONS)?
+        .get(group.key.as_slice())?
+        .map(|v| v.value());
+    let stored = match version {
+        Some(version) => Some(version),
+        None => txn
+            .open_table(GROUPS)?
+            .get(group.key.as_slice())?
+            .map(|_| 0),
     };
     if stored != Some(group.loaded) {
         return Ok(Err(ServiceError::GroupMoved));
     }
-    if let Some(receipt) = &group.receipt
-        && super::receipts::is_fresh(txn, receipt)?
-    {
-        // Applied already: the operation runs again and finds the receipt.
-        return Ok(Err(ServiceError::GroupMoved));
-    }
+    let mut receipts = match &group.receipt {
+        Some(receipt) => {
+            let table = super::receipts::open(txn)?;
+            if super::receipts::is_fresh(txn, &table, receipt)? {
+                // Applied already: the operation runs again and finds the receipt.
+                return Ok(Err(ServiceError::GroupMoved));
+            }
+            Some((table, receipt))
+        }
+        None => None,
+    };
     if let Some(state) = group.state {
         if state.version != group.loaded + 1 || state.key != group.key {
             return Ok(Err(ServiceError::Internal(
@@ -261,8 +274,8 @@ fn apply_in(
         if written {
             store.mark_pending();
         }
-        if let Some(receipt) = &group.receipt {
-            super::receipts::insert(txn, receipt, &result)?;
+        if let Some((table, receipt)) = &mut receipts {
+            super::receipts::insert_in(txn, table, receipt, &result)?;
         }
         return Ok(Ok(result));
     }
@@ -271,8 +284,8 @@ fn apply_in(
         let reached = write_fan_out(txn, max_depth, fan, &mut result)?;
         result.reached.push(reached);
     }
-    if let Some(receipt) = &group.receipt {
-        super::receipts::insert(txn, receipt, &result)?;
+    if let Some((table, receipt)) = &mut receipts {
+        super::receipts::insert_in(txn, table, receipt, &result)?;
     }
     Ok(Ok(result))
 }

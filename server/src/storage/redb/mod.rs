@@ -6,6 +6,12 @@
 //! failure and aborts the whole batch (every operation in it fails, nothing is written); the
 //! inner error is the operation's own refusal, and an operation that refuses must not have
 //! written anything. The caller's future resolves only after the batch committed durably.
+//!
+//! Acknowledgements of listened queues are the exception: [`Store::ack_later`] records them
+//! in memory and the writer applies them at the start of its next batch, which normally is the
+//! batch of the next fan-out (or, when no write comes, a batch of their own after
+//! [`ACK_DELAY`]). Nothing waits for them; docs/ARCHITECTURE.md ("Lazy acknowledgements") says
+//! why that is safe.
 
 pub(crate) mod admin;
 mod auth;
@@ -20,11 +26,12 @@ mod receipts;
 mod recovery_tests;
 pub(crate) mod tables;
 
+use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use super::StoreError;
@@ -73,6 +80,32 @@ fn classify(err: redb::Error) -> StoreError {
 
 type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 type Job = Box<dyn FnOnce(&WriteTransaction) -> Result<Completion, StoreError> + Send>;
+
+/// What the handles send the writer thread.
+enum Msg {
+    /// A write operation.
+    Job(Job),
+    /// Acknowledgements wait ([`Store::ack_later`]): write them with the next batch, or in a
+    /// batch of their own after [`ACK_DELAY`].
+    Acks,
+}
+
+/// Longest a lazily taken acknowledgement waits for a batch to ride in before the writer runs
+/// one for it alone. Under load a batch comes sooner; an idle server applies acks this late.
+pub(crate) const ACK_DELAY: Duration = Duration::from_millis(50);
+
+/// Acknowledgements taken but not yet known to be committed.
+#[derive(Default)]
+struct Acks {
+    /// Highest acknowledged seq by client number. An entry stays until a batch that applied
+    /// it committed, so reads skip what it acknowledges meanwhile.
+    wanted: HashMap<u64, u64>,
+    /// Some entry is newer than the last batch that applied acks.
+    fresh: bool,
+    /// The writer waits for a job with no acknowledgement due: the next ack must wake it
+    /// (otherwise the writer finds the acks when it next looks, and no wake-up is sent).
+    writer_idle: bool,
+}
 
 /// Opens the database file (again). The default opens it as a plain file; tests put a
 /// fault-injecting backend under it ([`fault::FaultyBackend`]).
@@ -139,10 +172,16 @@ struct Shared {
     /// of a queue may miss an acknowledged commit and waits for the next batch first.
     pending_written: AtomicU64,
     pending_queued: AtomicU64,
+    /// Acknowledgements the next batch applies.
+    acks: Mutex<Acks>,
     /// Tests only: leave pending fan-outs alone (as if the process died right after the
     /// transaction that wrote them).
     #[cfg(test)]
     hold_pending: AtomicBool,
+    /// Tests only: leave lazily taken acknowledgements unwritten (as if the process died
+    /// before a batch applied them).
+    #[cfg(test)]
+    hold_acks: AtomicBool,
 }
 
 impl Shared {
@@ -166,6 +205,77 @@ impl Shared {
         self.pending.swap(false, Ordering::AcqRel)
     }
 
+    fn acks(&self) -> std::sync::MutexGuard<'_, Acks> {
+        self.acks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called by the writer before it blocks for a job: false if acknowledgements wait (it
+    /// must not block), else it is marked idle so that the next ack wakes it.
+    fn park_for_jobs(&self) -> bool {
+        #[cfg(test)]
+        let held = self.hold_acks.load(Ordering::Acquire);
+        #[cfg(not(test))]
+        let held = false;
+        // One lock: an ack taken between a check and the mark would wake nobody.
+        let mut acks = self.acks();
+        if acks.fresh && !held {
+            return false;
+        }
+        acks.writer_idle = true;
+        true
+    }
+
+    /// Called by the writer when it got a job.
+    fn unpark(&self) {
+        self.acks().writer_idle = false;
+    }
+
+    /// Whether acknowledgements wait for a batch.
+    fn acks_waiting(&self) -> bool {
+        #[cfg(test)]
+        if self.hold_acks.load(Ordering::Acquire) {
+            return false;
+        }
+        self.acks().fresh
+    }
+
+    /// The acknowledgements a batch applies now (every one not known to be committed).
+    fn take_acks(&self) -> Vec<(u64, u64)> {
+        #[cfg(test)]
+        if self.hold_acks.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        let mut acks = self.acks();
+        if !acks.fresh {
+            return Vec::new();
+        }
+        acks.fresh = false;
+        let mut taken: Vec<(u64, u64)> = acks.wanted.iter().map(|(&c, &s)| (c, s)).collect();
+        // Ascending client numbers walk the queue tables in key order.
+        taken.sort_unstable();
+        taken
+    }
+
+    /// After the batch that applied `taken` committed: forgets the entries no later ack moved.
+    fn acks_committed(&self, taken: &[(u64, u64)]) {
+        if taken.is_empty() {
+            return;
+        }
+        let mut acks = self.acks();
+        for (client_num, seq) in taken {
+            if acks.wanted.get(client_num) == Some(seq) {
+                acks.wanted.remove(client_num);
+            }
+        }
+    }
+
+    /// After the batch that applied `taken` failed: the next batch applies them again.
+    fn acks_failed(&self, taken: &[(u64, u64)]) {
+        if !taken.is_empty() {
+            self.acks().fresh = true;
+        }
+    }
+
     fn has_pending(&self) -> bool {
         #[cfg(test)]
         if self.hold_pending.load(Ordering::Acquire) {
@@ -179,7 +289,7 @@ impl Shared {
 #[derive(Clone)]
 pub(crate) struct Store {
     shared: Arc<Shared>,
-    writer: mpsc::SyncSender<Job>,
+    writer: mpsc::SyncSender<Msg>,
 }
 
 impl Store {
@@ -210,6 +320,13 @@ impl Store {
         if !hold {
             self.shared.pending.store(true, Ordering::Release);
         }
+    }
+
+    /// Tests only: while `hold` is set, acknowledgements taken lazily are never written (the
+    /// state a crash before the batch that would have applied them leaves).
+    #[cfg(test)]
+    pub(crate) fn hold_acks(&self, hold: bool) {
+        self.shared.hold_acks.store(hold, Ordering::Release);
     }
 
     /// Marks that the current batch wrote a pending fan-out (called from inside a job).
@@ -250,11 +367,14 @@ impl Store {
             pending: AtomicBool::new(false),
             pending_written: AtomicU64::new(0),
             pending_queued: AtomicU64::new(0),
+            acks: Mutex::default(),
             #[cfg(test)]
             hold_pending: AtomicBool::new(false),
+            #[cfg(test)]
+            hold_acks: AtomicBool::new(false),
         });
         // A bounded queue: when the disk falls behind, writers wait instead of piling up.
-        let (writer, jobs) = mpsc::sync_channel::<Job>(max_batch * 4);
+        let (writer, jobs) = mpsc::sync_channel::<Msg>(max_batch * 4);
         let writer_shared = shared.clone();
         let thread = std::thread::Builder::new()
             .name("roost-store-writer".into())
@@ -306,7 +426,7 @@ impl Store {
         // Normally the queue has room and the job is handed over right here: a blocking-pool
         // thread per write costs thread switches that dominated the server's profile under
         // load (docs/BENCHMARKS.md).
-        match self.writer.try_send(job) {
+        match self.writer.try_send(Msg::Job(job)) {
             Ok(()) => {}
             Err(mpsc::TrySendError::Full(job)) => {
                 let writer = self.writer.clone();
@@ -335,9 +455,40 @@ impl Store {
         if let Err(StoreError::Io(_)) = &read {
             // An empty write: its commit fails on the latched error and starts the reopen.
             let job: Job = Box::new(|_| Ok(Box::new(|_| {})));
-            let _ = self.writer.try_send(job);
+            let _ = self.writer.try_send(Msg::Job(job));
         }
         read
+    }
+
+    /// Records that a client processed its queue up to `up_to_seq`, to be deleted by the
+    /// writer's next batch (at the latest [`ACK_DELAY`] from now). Returns at once: nothing
+    /// waits for an acknowledgement to be durable (a lost one only delivers again what the
+    /// client skips by seq). Reads skip what it acknowledges from now on. An ack of a removed
+    /// client is dropped when applied.
+    pub(crate) fn ack_later(&self, client_num: u64, up_to_seq: u64) {
+        let wake = {
+            let mut acks = self.shared.acks();
+            let wanted = acks.wanted.entry(client_num).or_insert(0);
+            *wanted = (*wanted).max(up_to_seq);
+            acks.fresh = true;
+            // A busy writer looks for acks before it blocks again: wake only an idle one, once.
+            std::mem::replace(&mut acks.writer_idle, false)
+        };
+        if wake {
+            // A full queue means the writer is busy: its next batch applies the ack anyway.
+            let _ = self.writer.try_send(Msg::Acks);
+        }
+    }
+
+    /// The highest seq of `client_num`'s queue acknowledged lazily and not yet known to be
+    /// deleted (0 if none).
+    pub(crate) fn acked_through(&self, client_num: u64) -> u64 {
+        self.shared
+            .acks()
+            .wanted
+            .get(&client_num)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Runs `op` in a read transaction on a blocking thread.
@@ -446,32 +597,50 @@ impl WriterHandle {
     }
 }
 
-fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
+fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Msg>, max_batch: usize) {
     // Blocks until the first job (unless a pending fan-out waits: then the batch starts at
-    // once); ends when every Store handle is gone.
+    // once; or acknowledgements wait: then at most until they are due); ends when every Store
+    // handle is gone, after a last batch for whatever is pending or waiting.
+    let mut acks_due: Option<Instant> = None;
     loop {
+        if acks_due.is_none() && shared.acks_waiting() {
+            acks_due = Some(Instant::now() + ACK_DELAY);
+        }
         let mut batch = Vec::new();
-        if shared.has_pending() {
+        let first = if shared.has_pending() {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(mpsc::TryRecvError::Empty) => {}
-                // Shutting down: queue what is pending, then close.
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    if let Some(db) = shared.current() {
-                        run_batch(shared, &db, batch);
-                    }
-                    break;
-                }
+                Ok(msg) => Some(msg),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => break,
             }
-        } else {
-            match jobs.recv() {
-                Ok(job) => batch.push(job),
+        } else if let Some(due) = acks_due {
+            match jobs.recv_timeout(due.saturating_duration_since(Instant::now())) {
+                Ok(msg) => Some(msg),
+                // Due: a batch for the acknowledgements alone.
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        } else if shared.park_for_jobs() {
+            let msg = jobs.recv();
+            shared.unpark();
+            match msg {
+                Ok(msg) => Some(msg),
                 Err(_) => break,
             }
+        } else {
+            // An ack came after the check at the top of the loop.
+            continue;
+        };
+        match first {
+            Some(Msg::Job(job)) => batch.push(job),
+            // Counted at the top of the loop.
+            Some(Msg::Acks) => continue,
+            None => {}
         }
         while batch.len() < max_batch {
             match jobs.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Msg::Job(job)) => batch.push(job),
+                Ok(Msg::Acks) => {}
                 Err(_) => break,
             }
         }
@@ -480,6 +649,7 @@ fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
             // before it takes jobs again. Dropping the batch answers Unavailable.
             break;
         };
+        acks_due = None;
         match run_batch(shared, &db, batch) {
             Batch::Done => {}
             Batch::StorageFailed(unsure) => {
@@ -489,6 +659,12 @@ fn write_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>, max_batch: usize) {
                 }
             }
         }
+    }
+    // Shutting down: queue what is pending and apply the acknowledgements, then close.
+    if (shared.has_pending() || shared.acks_waiting())
+        && let Some(db) = shared.current()
+    {
+        run_batch(shared, &db, Vec::new());
     }
     // Readers hold their own clones only for the duration of a read; wait them out so the
     // file is closed when join() returns.
@@ -583,6 +759,15 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
             }
         }
     }
+    // Then the acknowledgements taken since the last batch: before the jobs, so an enqueue
+    // in this batch counts the queue's depth without what was acknowledged.
+    let acks = shared.take_acks();
+    if failure.is_none()
+        && !acks.is_empty()
+        && let Err(err) = queue::apply_acks(&txn, &acks)
+    {
+        failure = Some(err);
+    }
     let mut completions = Vec::with_capacity(batch.len());
     for job in batch {
         if failure.is_some() {
@@ -598,6 +783,7 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
     if let Some(err) = failure {
         tracing::error!(%err, "write batch aborted");
         let _ = txn.abort();
+        shared.acks_failed(&acks);
         if !fresh.is_empty() {
             // Rolled back with the batch: still pending.
             shared.pending.store(true, Ordering::Release);
@@ -625,6 +811,7 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
                     .pending_queued
                     .fetch_max(number.saturating_sub(1), Ordering::SeqCst);
             }
+            shared.acks_committed(&acks);
             for completion in completions {
                 completion(Ok(()));
             }
@@ -637,6 +824,8 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
         }
         Err(StoreError::Io(err)) => {
             tracing::error!(%err, "write batch failed in the storage; reopening the database");
+            // Whether they landed or not, applying them again is harmless.
+            shared.acks_failed(&acks);
             Batch::StorageFailed(Some(Unsure {
                 number,
                 completions,
@@ -644,6 +833,7 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
         }
         Err(err) => {
             tracing::error!(%err, "write batch failed");
+            shared.acks_failed(&acks);
             if !fresh.is_empty() {
                 shared.pending.store(true, Ordering::Release);
             }
@@ -659,7 +849,7 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
 /// meanwhile, with a growing wait between attempts. Answers the callers of an unsure batch:
 /// success if the reopened database holds it, [`StoreError::Unavailable`] if it does not or
 /// the first attempt failed. Returns false when every handle is gone (shutting down).
-fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Job>, mut unsure: Option<Unsure>) -> bool {
+fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Msg>, mut unsure: Option<Unsure>) -> bool {
     count_failure();
     close(shared);
     let mut backoff = REOPEN_FIRST_BACKOFF;
@@ -713,8 +903,8 @@ fn reopen(shared: &Shared, jobs: &mpsc::Receiver<Job>, mut unsure: Option<Unsure
                 break;
             }
             match jobs.recv_timeout(left) {
-                // Refused: its caller sees Unavailable.
-                Ok(job) => drop(job),
+                // Refused: its caller sees Unavailable. Acknowledgements stay for later.
+                Ok(msg) => drop(msg),
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return false,
             }
@@ -842,6 +1032,133 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(value, None);
+    }
+
+    /// A client with messages 1..=n in its queue; returns the store's client number.
+    async fn queue_of(store: &Store, client: &str, n: u8) -> u64 {
+        use crate::auth::AuthStore as _;
+        use crate::queue::QueueStore as _;
+        let num = store
+            .add_client(crate::storage::suite::credential(client))
+            .await
+            .unwrap();
+        for i in 1..=n {
+            use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
+            use tls_codec::Serialize as _;
+            let payload = QueuePayload::GroupMessage(GroupMessage {
+                group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                    .parse()
+                    .unwrap(),
+                message: vec![i].into(),
+            })
+            .tls_serialize_detached()
+            .unwrap();
+            store
+                .enqueue(
+                    &client.parse().unwrap(),
+                    roost_protocol::MessageId([i; 16]),
+                    u64::from(i),
+                    payload,
+                    100,
+                )
+                .await
+                .unwrap();
+        }
+        num
+    }
+
+    /// What the file holds for a queue: its entries' seqs and the head's count, read past
+    /// the store's skipping of lazily acknowledged messages.
+    async fn stored(store: &Store, num: u64) -> (Vec<u64>, u64) {
+        store
+            .read(move |txn| {
+                let entries = txn.open_table(QUEUE_ENTRIES)?;
+                let seqs = entries
+                    .range((num, 0)..=(num, u64::MAX))?
+                    .map(|e| e.map(|(k, _)| k.value().1))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let count = txn
+                    .open_table(QUEUE_HEADS)?
+                    .get(num)?
+                    .map_or(0, |v| v.value().1);
+                Ok::<_, StoreError>((seqs, count))
+            })
+            .await
+            .unwrap()
+    }
+
+    async fn fetched(store: &Store, num: u64) -> Vec<u64> {
+        use crate::queue::QueueStore as _;
+        let (messages, _) = store.read_queue(num, 0, 100, 1 << 20, 0).await.unwrap();
+        messages.iter().map(|m| m.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn a_lazy_ack_hides_its_messages_at_once_and_rides_in_the_next_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 64).unwrap();
+        let num = queue_of(&store, "a@example.org/d", 4).await;
+        let other = queue_of(&store, "b@example.org/d", 1).await;
+        store.ack_later(num, 2);
+        // Nothing waited for it: reads skip the acknowledged messages from now on.
+        assert_eq!(fetched(&store, num).await, vec![3, 4]);
+        // The next write's batch (another client's enqueue, answered once durable) deleted
+        // them, well before the ack would have had a batch of its own.
+        use crate::queue::QueueStore as _;
+        store
+            .enqueue(
+                &"b@example.org/d".parse().unwrap(),
+                roost_protocol::MessageId([9; 16]),
+                9,
+                vec![9],
+                100,
+            )
+            .await
+            .unwrap();
+        assert_eq!(stored(&store, num).await, (vec![3, 4], 2));
+        assert_eq!(store.acked_through(num), 0, "forgotten once committed");
+        assert_eq!(stored(&store, other).await, (vec![1, 2], 2));
+    }
+
+    #[tokio::test]
+    async fn a_lazy_ack_alone_is_written_after_the_delay_and_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let (store, writer) = Store::open(&path, "example.org", 64).unwrap();
+        let num = queue_of(&store, "a@example.org/d", 3).await;
+        // No other write comes: the writer runs a batch for the ack by itself.
+        store.ack_later(num, 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stored(&store, num).await.0 != vec![2, 3] {
+            assert!(Instant::now() < deadline, "the ack was never written");
+            tokio::time::sleep(ACK_DELAY / 5).await;
+        }
+        // An ack still waiting when the server stops is written before the file closes.
+        store.ack_later(num, 2);
+        drop(store);
+        writer.join();
+        let (store, _writer) = Store::open(&path, "example.org", 64).unwrap();
+        assert_eq!(stored(&store, num).await, (vec![3], 1));
+    }
+
+    /// A crash before any batch applied an ack loses the ack and nothing else: the messages
+    /// are there again, with their seqs, for the client to skip.
+    #[tokio::test]
+    async fn a_lazy_ack_lost_in_a_crash_only_delivers_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let (store, writer) = Store::open(&path, "example.org", 64).unwrap();
+        let num = queue_of(&store, "a@example.org/d", 3).await;
+        store.hold_acks(true);
+        store.ack_later(num, 2);
+        assert_eq!(fetched(&store, num).await, vec![3]);
+        drop(store);
+        writer.join();
+        let (store, _writer) = Store::open(&path, "example.org", 64).unwrap();
+        assert_eq!(fetched(&store, num).await, vec![1, 2, 3]);
+        // Acknowledged again, they go.
+        store.ack_later(num, 2);
+        assert_eq!(fetched(&store, num).await, vec![3]);
     }
 
     #[test]

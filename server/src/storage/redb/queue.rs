@@ -30,7 +30,12 @@ pub(crate) fn enqueue_in_txn(
 ) -> Result<Vec<Enqueued>, StoreError> {
     let mut heads = txn.open_table(QUEUE_HEADS)?;
     let mut entries = txn.open_table(QUEUE_ENTRIES)?;
-    let mut dedups = txn.open_table(QUEUE_DEDUP)?;
+    // Opening a table costs a check of its definition: only when it is used.
+    let mut dedups = if dedup {
+        Some(txn.open_table(QUEUE_DEDUP)?)
+    } else {
+        None
+    };
     let mut outcomes = Vec::with_capacity(recipients.len());
     let mut payload_id = None;
     let mut refs = 0u64;
@@ -38,10 +43,9 @@ pub(crate) fn enqueue_in_txn(
     // The (client, seq) pairs of the expiry row (see `QUEUE_EXPIRY`).
     let mut queued = Vec::new();
     for &client_num in recipients {
-        let prior = if dedup {
-            dedups.get((client_num, id.0))?.map(|v| v.value().0)
-        } else {
-            None
+        let prior = match &dedups {
+            Some(dedups) => dedups.get((client_num, id.0))?.map(|v| v.value().0),
+            None => None,
         };
         if let Some(seq) = prior {
             outcomes.push(Enqueued::Duplicate(seq));
@@ -68,7 +72,7 @@ pub(crate) fn enqueue_in_txn(
         entries.insert((client_num, seq), (pid, timestamp_ms, id.0))?;
         heads.insert(client_num, (seq, count + 1))?;
         deepest = deepest.max(Some(count + 1));
-        if dedup {
+        if let Some(dedups) = &mut dedups {
             dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
         }
         refs += 1;
@@ -88,39 +92,97 @@ pub(crate) fn enqueue_in_txn(
     Ok(outcomes)
 }
 
-/// Drops one reference to a payload, queued at `timestamp_ms`; the last one deletes it.
-fn release_payload(
-    txn: &WriteTransaction,
-    payload_id: u64,
-    timestamp_ms: u64,
-) -> Result<(), StoreError> {
-    let mut refs = txn.open_table(PAYLOAD_REFS)?;
-    let left = refs
-        .get(payload_id)?
-        .map(|v| v.value())
-        .unwrap_or(1)
-        .saturating_sub(1);
-    if left == 0 {
-        refs.remove(payload_id)?;
-        txn.open_table(PAYLOADS)?.remove(payload_id)?;
-        // Nothing left to expire, unless dedup records hang on the row: they stay until the
-        // sweep drops them with it.
-        let key = (timestamp_ms, payload_id);
-        let mut expiry = txn.open_table(QUEUE_EXPIRY)?;
-        let kept = match expiry.remove(key)? {
-            Some(row) => {
-                let (id, dedup, queued) = row.value();
-                dedup.then(|| (id, queued.to_vec()))
-            }
-            None => None,
-        };
-        if let Some((id, queued)) = kept {
-            expiry.insert(key, (id, true, queued.as_slice()))?;
-        }
-    } else {
-        refs.insert(payload_id, left)?;
+/// The tables an acknowledgement writes, opened once for every queue it deletes from (a redb
+/// table open checks the table's definition, which costs more than a small delete).
+struct FrontTables<'t> {
+    heads: redb::Table<'t, u64, (u64, u64)>,
+    entries: redb::Table<'t, (u64, u64), (u64, u64, [u8; 16])>,
+    payloads: redb::Table<'t, u64, &'static [u8]>,
+    refs: redb::Table<'t, u64, u64>,
+    expiry: redb::Table<'t, (u64, u64), super::tables::ExpiryRow<'static>>,
+}
+
+impl<'t> FrontTables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            heads: txn.open_table(QUEUE_HEADS)?,
+            entries: txn.open_table(QUEUE_ENTRIES)?,
+            payloads: txn.open_table(PAYLOADS)?,
+            refs: txn.open_table(PAYLOAD_REFS)?,
+            expiry: txn.open_table(QUEUE_EXPIRY)?,
+        })
     }
-    Ok(())
+
+    /// Drops one reference to a payload, queued at `timestamp_ms`; the last one deletes it.
+    fn release_payload(&mut self, payload_id: u64, timestamp_ms: u64) -> Result<(), StoreError> {
+        let left = self
+            .refs
+            .get(payload_id)?
+            .map(|v| v.value())
+            .unwrap_or(1)
+            .saturating_sub(1);
+        if left == 0 {
+            self.refs.remove(payload_id)?;
+            self.payloads.remove(payload_id)?;
+            // Nothing left to expire, unless dedup records hang on the row: they stay until
+            // the sweep drops them with it.
+            let key = (timestamp_ms, payload_id);
+            let kept = match self.expiry.remove(key)? {
+                Some(row) => {
+                    let (id, dedup, queued) = row.value();
+                    dedup.then(|| (id, queued.to_vec()))
+                }
+                None => None,
+            };
+            if let Some((id, queued)) = kept {
+                self.expiry.insert(key, (id, true, queued.as_slice()))?;
+            }
+        } else {
+            self.refs.insert(payload_id, left)?;
+        }
+        Ok(())
+    }
+
+    /// See [`delete_front`].
+    fn delete_front(
+        &mut self,
+        client_num: u64,
+        up_to: u64,
+        older_than_ms: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let mut doomed = Vec::new();
+        for entry in self.entries.range((client_num, 0)..=(client_num, up_to))? {
+            let (key, value) = entry?;
+            let (payload_id, timestamp_ms, _) = value.value();
+            if older_than_ms.is_some_and(|cutoff| timestamp_ms >= cutoff) {
+                break;
+            }
+            doomed.push((key.value().1, payload_id, timestamp_ms));
+        }
+        for &(seq, payload_id, timestamp_ms) in &doomed {
+            self.entries.remove((client_num, seq))?;
+            self.release_payload(payload_id, timestamp_ms)?;
+        }
+        let deleted = doomed.len() as u64;
+        if deleted > 0 {
+            let current = self.heads.get(client_num)?.map(|v| v.value());
+            if let Some((head, count)) = current {
+                self.heads
+                    .insert(client_num, (head, count.saturating_sub(deleted)))?;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes a client's queue up to min(`up_to_seq`, head); false if the queue is gone.
+    fn ack(&mut self, client_num: u64, up_to_seq: u64) -> Result<bool, StoreError> {
+        let head = self.heads.get(client_num)?.map(|v| v.value().0);
+        let Some(head) = head else {
+            return Ok(false);
+        };
+        self.delete_front(client_num, up_to_seq.min(head), None)?;
+        Ok(true)
+    }
 }
 
 /// Deletes entries of a queue with seq in `..=up_to` (and, with `older_than_ms`, stops at the
@@ -131,32 +193,17 @@ fn delete_front(
     up_to: u64,
     older_than_ms: Option<u64>,
 ) -> Result<u64, StoreError> {
-    let mut entries = txn.open_table(QUEUE_ENTRIES)?;
-    let mut doomed = Vec::new();
-    for entry in entries.range((client_num, 0)..=(client_num, up_to))? {
-        let (key, value) = entry?;
-        let (payload_id, timestamp_ms, _) = value.value();
-        if older_than_ms.is_some_and(|cutoff| timestamp_ms >= cutoff) {
-            break;
-        }
-        doomed.push((key.value().1, payload_id, timestamp_ms));
+    FrontTables::open(txn)?.delete_front(client_num, up_to, older_than_ms)
+}
+
+/// Applies acknowledgements taken lazily ([`Store::ack_later`]): (client number, up to seq),
+/// each as a QueueAck would; queues that are gone (client removed) are skipped.
+pub(super) fn apply_acks(txn: &WriteTransaction, acks: &[(u64, u64)]) -> Result<(), StoreError> {
+    let mut tables = FrontTables::open(txn)?;
+    for &(client_num, up_to_seq) in acks {
+        tables.ack(client_num, up_to_seq)?;
     }
-    for &(seq, _, _) in &doomed {
-        entries.remove((client_num, seq))?;
-    }
-    drop(entries);
-    for &(_, payload_id, timestamp_ms) in &doomed {
-        release_payload(txn, payload_id, timestamp_ms)?;
-    }
-    let deleted = doomed.len() as u64;
-    if deleted > 0 {
-        let mut heads = txn.open_table(QUEUE_HEADS)?;
-        let current = heads.get(client_num)?.map(|v| v.value());
-        if let Some((head, count)) = current {
-            heads.insert(client_num, (head, count.saturating_sub(deleted)))?;
-        }
-    }
-    Ok(deleted)
+    Ok(())
 }
 
 /// Deletes a whole queue (client removed).
@@ -408,6 +455,8 @@ impl QueueStore for Store {
         // A commit acknowledged before this read is in the queue (its fan-out may still be
         // pending: see `groups`).
         self.pending_queued().await?;
+        // What was acknowledged is not served again, even before the writer deleted it.
+        let after_seq = after_seq.max(self.acked_through(client_num));
         // Off the executor: a page can be up to the fetch byte limit and cold pages hit the disk.
         Store::read(self, move |txn| {
             read_messages(
@@ -427,17 +476,18 @@ impl QueueStore for Store {
         // The queue's head row is the check: it exists exactly while the client is active
         // (created with the client, deleted when it is removed), so no client record is read.
         self.write(move |txn| {
-            let head = txn
-                .open_table(QUEUE_HEADS)?
-                .get(client_num)?
-                .map(|v| v.value().0);
-            let Some(head) = head else {
-                return Ok(Err(ServiceError::ClientNotFound));
-            };
-            delete_front(txn, client_num, up_to_seq.min(head), None)?;
-            Ok(Ok(()))
+            if FrontTables::open(txn)?.ack(client_num, up_to_seq)? {
+                Ok(Ok(()))
+            } else {
+                Ok(Err(ServiceError::ClientNotFound))
+            }
         })
         .await
+    }
+
+    async fn ack_lazily(&self, client_num: u64, up_to_seq: u64) -> Result<(), ServiceError> {
+        Store::ack_later(self, client_num, up_to_seq);
+        Ok(())
     }
 
     async fn deliver(

@@ -11,14 +11,23 @@ use crate::delivery::FanOutResult;
 use crate::delivery::receipt::{Answer, CounterRow, Receipt, ReceiptStore};
 use crate::error::ServiceError;
 
+/// The receipts table of a write transaction, opened once for the freshness check and the
+/// insert of one operation.
+pub(super) type Receipts<'t> = redb::Table<'t, [u8; 32], (u64, u64)>;
+
+/// Opens [`Receipts`].
+pub(super) fn open(txn: &redb::WriteTransaction) -> Result<Receipts<'_>, StoreError> {
+    Ok(txn.open_table(RECEIPTS)?)
+}
+
 /// Whether the write of `receipt`'s request must be refused as applied already: a receipt for
 /// `receipt.key` accepted within its window is stored, or (a counted send) the stored counter
 /// of its sender in its group is not below its counter.
 pub(super) fn is_fresh(
     txn: &redb::WriteTransaction,
+    table: &Receipts<'_>,
     receipt: &Receipt,
 ) -> Result<bool, StoreError> {
-    let table = txn.open_table(RECEIPTS)?;
     let found = table.get(receipt.key)?.map(|v| v.value());
     if found.is_some_and(|(accepted, _)| accepted >= receipt.fresh_after_ms) {
         return Ok(true);
@@ -50,11 +59,20 @@ pub(super) fn insert(
     receipt: &Receipt,
     result: &FanOutResult,
 ) -> Result<(), StoreError> {
+    insert_in(txn, &mut open(txn)?, receipt, result)
+}
+
+/// [`insert`] into an open [`Receipts`] table.
+pub(super) fn insert_in(
+    txn: &redb::WriteTransaction,
+    table: &mut Receipts<'_>,
+    receipt: &Receipt,
+    result: &FanOutResult,
+) -> Result<(), StoreError> {
     let answer = match receipt.answer {
         Answer::Value(value) => value,
         Answer::Reached => u64::from(result.reached.first().copied().unwrap_or(0)),
     };
-    let mut table = txn.open_table(RECEIPTS)?;
     let mut times = txn.open_table(RECEIPT_TIMES)?;
     let old = table
         .insert(receipt.key, (receipt.accepted_ms, answer))?
