@@ -271,6 +271,67 @@ async fn a_wake_up_that_failed_before_a_restart_is_sent_after_it() {
     server.shutdown().await;
 }
 
+/// The node stops right after a message was committed to the queue and before the wake-up
+/// reached the push outbox (the fault point drops that in-memory hand-over; the graceful stop
+/// that follows cannot bring it back). The next start finds it: exactly one wake-up, and the
+/// coalescing interval holds across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_lost_by_a_stop_after_the_enqueue_is_sent_after_restart_once_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let data = dir.path().join("data");
+    let server = start(push_config(&data, &receiver)).await;
+    let (_ivan, phone, conn) = new_client(&server, "ivan").await;
+    let key = vapid_key(&conn).await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/ivan"))
+        .await
+        .unwrap();
+    drop(conn);
+    roost_server::testing::lose_push_handovers(&server);
+    for n in 1..=3 {
+        server
+            .enqueue(&phone.id, id(10, n), payload(n))
+            .await
+            .unwrap();
+    }
+    // The fault point works: this node never sends it (its periodic sweep, at the default
+    // minute, does not run within the test).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(receiver.received().is_empty(), "the hand-over was not lost");
+    server.shutdown().await;
+
+    let mut config = push_config(&data, &receiver);
+    config.push.recover_ms = 300;
+    let server = start(config).await;
+    let got = receiver.wait_for(1, 10).await;
+    assert_eq!(got[0].path, "/push/ivan");
+    check_web_push(&got[0], &subscriber, &key, &receiver);
+    let first = got[0].at;
+    // The three messages are still queued (never fetched): the sweeps that follow, every
+    // 300 ms, do not wake the client again for them.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "woken twice for the same messages"
+    );
+    // A new message within the interval: one more wake-up, at the end of the interval.
+    server
+        .enqueue(&phone.id, id(10, 4), payload(4))
+        .await
+        .unwrap();
+    let got = receiver.wait_for(2, 10).await;
+    assert!(
+        got[1].at.duration_since(first) >= Duration::from_millis(2_900),
+        "second wake-up {:?} after the first",
+        got[1].at.duration_since(first)
+    );
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(receiver.received().len(), 2);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_endpoints_are_refused_before_any_connection_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -539,5 +600,51 @@ async fn with_two_nodes_a_message_on_either_wakes_the_client_once() {
         "woken more than once within the interval"
     );
     a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two nodes on PostgreSQL: node A commits messages for a client and stops before handing
+/// the wake-up to the push outbox. Node B, still running, finds the lost wake-up in its next
+/// sweep and sends it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_nodes_a_wake_up_lost_by_one_is_sent_by_the_other() {
+    use roost_server::config::StorageBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
+    let url = cluster.create_database("roost").unwrap();
+    let identity = dir.path().join("identity");
+    let node = |n: usize| {
+        let mut config = push_config(&dir.path().join(format!("node{n}")), &receiver);
+        config.identity_dir = Some(identity.clone());
+        config.storage.backend = StorageBackend::Postgres;
+        config.storage.url = Some(url.clone());
+        config.storage.pool_size = 4;
+        config.storage.timeout_ms = 3_000;
+        config
+    };
+    let a = start(node(0)).await;
+    let mut config_b = node(1);
+    config_b.push.recover_ms = 500;
+    let b = start(config_b).await;
+    let (_lena, phone, conn) = new_client(&a, "lena").await;
+    let key = vapid_key(&conn).await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/lena"))
+        .await
+        .unwrap();
+    drop(conn);
+    roost_server::testing::lose_push_handovers(&a);
+    let sent = std::time::Instant::now();
+    for n in 1..=2 {
+        a.enqueue(&phone.id, id(11, n), payload(n)).await.unwrap();
+    }
+    a.shutdown().await;
+    let got = receiver.wait_for(1, 10).await;
+    check_web_push(&got[0], &subscriber, &key, &receiver);
+    // B sweeps messages at least recover_ms old.
+    assert!(got[0].at.duration_since(sent) >= Duration::from_millis(500));
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(receiver.received().len(), 1, "woken twice");
     b.shutdown().await;
 }

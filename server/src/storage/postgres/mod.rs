@@ -52,6 +52,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, include_str!("migrations/0002_receipts.sql")),
     (3, include_str!("migrations/0003_push.sql")),
     (5, include_str!("migrations/0005_fanout_pending.sql")),
+    (7, include_str!("migrations/0007_push_noted.sql")),
 ];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
@@ -476,7 +477,7 @@ mod tests {
             refused.err(),
             Some(StoreError::Schema {
                 found: 99,
-                expected: 5
+                expected: 7
             })
         ));
     }

@@ -6,7 +6,9 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use super::tables::{PUSH_DUE, PUSH_JOBS, PUSH_REGISTRATIONS, QUEUE_HEADS};
+use super::tables::{
+    PUSH_DUE, PUSH_JOBS, PUSH_NOTED, PUSH_REGISTRATIONS, QUEUE_ENTRIES, QUEUE_HEADS,
+};
 use super::{Store, StoreError};
 use crate::error::ServiceError;
 use crate::push::{PushJob, PushStore};
@@ -19,6 +21,7 @@ pub(super) fn delete(txn: &WriteTransaction, client_num: u64) -> Result<bool, St
         .remove(client_num)?
         .is_some();
     unschedule(txn, client_num)?;
+    txn.open_table(PUSH_NOTED)?.remove(client_num)?;
     Ok(existed)
 }
 
@@ -45,6 +48,28 @@ fn set_job(
         .insert(client_num, (due_ms, attempts, again))?;
     txn.open_table(PUSH_DUE)?.insert((due_ms, client_num), ())?;
     Ok(())
+}
+
+/// Whether the client's queue holds an entry enqueued after `after_ms` and at or before
+/// `until_ms`. Entries are in enqueue order: reads from the newest back to the first one at or
+/// before `until_ms`.
+fn entry_between(
+    txn: &WriteTransaction,
+    client_num: u64,
+    after_ms: u64,
+    until_ms: u64,
+) -> Result<bool, StoreError> {
+    let entries = txn.open_table(QUEUE_ENTRIES)?;
+    for entry in entries
+        .range((client_num, 0)..=(client_num, u64::MAX))?
+        .rev()
+    {
+        let (_, timestamp, _) = entry?.1.value();
+        if timestamp <= until_ms {
+            return Ok(timestamp > after_ms);
+        }
+    }
+    Ok(false)
 }
 
 impl PushStore for Store {
@@ -84,6 +109,7 @@ impl PushStore for Store {
                     .open_table(PUSH_JOBS)?
                     .get(client_num)?
                     .map(|v| v.value());
+                txn.open_table(PUSH_NOTED)?.insert(client_num, due_ms)?;
                 if let Some((due, attempts, _)) = pending {
                     txn.open_table(PUSH_JOBS)?
                         .insert(client_num, (due, attempts, true))?;
@@ -94,6 +120,44 @@ impl PushStore for Store {
                 } else {
                     due_ms.max(last_sent.saturating_add(coalesce_ms))
                 };
+                set_job(txn, client_num, due, 0, false)?;
+                scheduled += 1;
+            }
+            Ok(Ok::<_, ServiceError>(scheduled))
+        })
+        .await
+    }
+
+    async fn recover_push(
+        &self,
+        cutoff_ms: u64,
+        due_ms: u64,
+        coalesce_ms: u64,
+    ) -> Result<u64, ServiceError> {
+        self.write(move |txn| {
+            let registered: Vec<(u64, u64)> = txn
+                .open_table(PUSH_REGISTRATIONS)?
+                .iter()?
+                .map(|e| e.map(|(k, v)| (k.value(), v.value().0)))
+                .collect::<Result<_, _>>()?;
+            let mut scheduled = 0;
+            for (client_num, last_sent) in registered {
+                if txn.open_table(PUSH_JOBS)?.get(client_num)?.is_some() {
+                    continue;
+                }
+                let noted = txn
+                    .open_table(PUSH_NOTED)?
+                    .get(client_num)?
+                    .map_or(last_sent, |v| v.value());
+                if !entry_between(txn, client_num, noted, cutoff_ms)? {
+                    continue;
+                }
+                let due = if last_sent == 0 {
+                    due_ms
+                } else {
+                    due_ms.max(last_sent.saturating_add(coalesce_ms))
+                };
+                txn.open_table(PUSH_NOTED)?.insert(client_num, due_ms)?;
                 set_job(txn, client_num, due, 0, false)?;
                 scheduled += 1;
             }
