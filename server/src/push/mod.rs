@@ -236,6 +236,7 @@ impl Push {
                     team_id: team_id.clone(),
                     base: HttpsUrl::parse(&config.apns_url)?,
                     token: Mutex::new(None),
+                    pool: http::H2Pool::default(),
                 })
             }
             _ => None,
@@ -605,7 +606,7 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
         Outcome::Sent => "sent",
         Outcome::Gone(_) => "gone",
         Outcome::Failed(_) => "failed",
-        Outcome::Retry(_) => "retry",
+        Outcome::Retry(..) => "retry",
     };
     metrics::counter!("roost_push_total", "outcome" => label).increment(1);
     match outcome {
@@ -629,16 +630,20 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
             tracing::warn!(client_num, %reason, "push wake-up refused; dropped");
             state.store.finish_push(client_num, None, soon).await
         }
-        Outcome::Retry(reason) => {
+        Outcome::Retry(reason, retry_after) => {
             let attempts = job.attempts.saturating_add(1);
             if attempts >= config.max_attempts {
                 tracing::warn!(client_num, %reason, attempts, "push wake-up given up");
                 return state.store.finish_push(client_num, None, soon).await;
             }
-            let delay = config
-                .retry_initial_ms
-                .saturating_mul(1u64 << attempts.saturating_sub(1).min(32))
-                .min(config.retry_max_ms);
+            // The service's Retry-After (bounded), else capped exponential backoff.
+            let delay = match retry_after {
+                Some(secs) => secs.saturating_mul(1000).min(config.retry_after_max_ms),
+                None => config
+                    .retry_initial_ms
+                    .saturating_mul(1u64 << attempts.saturating_sub(1).min(32))
+                    .min(config.retry_max_ms),
+            };
             tracing::debug!(client_num, %reason, attempts, delay, "push wake-up retried");
             state
                 .store
