@@ -30,7 +30,7 @@ pub(crate) enum HttpError {
 }
 
 /// A response: status, `Retry-After` (if any) and (bounded) body.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Answer {
     pub(crate) status: u16,
     pub(crate) retry_after: Option<String>,

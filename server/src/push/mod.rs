@@ -26,6 +26,8 @@
 
 pub(crate) mod crypto;
 pub(crate) mod endpoint;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;
 mod http;
 mod send;
 
@@ -309,12 +311,39 @@ fn rejected(reason: impl Into<String>) -> ServiceError {
     ServiceError::PushEndpointRejected(reason.into())
 }
 
+/// Which providers a server sends to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Enabled {
+    pub(crate) web_push: bool,
+    pub(crate) apns: bool,
+    pub(crate) fcm: bool,
+}
+
 /// Checks a registration from a client: shape, provider enabled, and for Web Push the URL and
 /// its addresses (resolved now; refused if any is forbidden).
 async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), ServiceError> {
+    let enabled = Enabled {
+        web_push: push.senders.vapid.is_some(),
+        apns: push.senders.apns.is_some(),
+        fcm: push.senders.fcm.is_some(),
+    };
+    if let Some(url) = check_shape(endpoint, enabled)? {
+        endpoint::resolve_allowed(&url, push.senders.http.forbidden())
+            .await
+            .map_err(rejected)?;
+    }
+    Ok(())
+}
+
+/// The checks of a registration that need no network: its shape and provider. Returns the
+/// URL of a Web Push endpoint, whose addresses are checked next.
+pub(crate) fn check_shape(
+    endpoint: &PushEndpoint,
+    enabled: Enabled,
+) -> Result<Option<HttpsUrl>, ServiceError> {
     match endpoint {
         PushEndpoint::WebPush(sub) => {
-            if push.senders.vapid.is_none() {
+            if !enabled.web_push {
                 return Err(ServiceError::PushProviderDisabled);
             }
             if sub.p256dh.len() != P256_PUBLIC_LEN || sub.p256dh.as_slice().first() != Some(&4) {
@@ -325,13 +354,10 @@ async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), Serv
             }
             let url = std::str::from_utf8(sub.endpoint.as_slice())
                 .map_err(|_| rejected("endpoint is not UTF-8"))?;
-            let url = HttpsUrl::parse(url).map_err(rejected)?;
-            endpoint::resolve_allowed(&url, push.senders.http.forbidden())
-                .await
-                .map_err(rejected)?;
+            return HttpsUrl::parse(url).map(Some).map_err(rejected);
         }
         PushEndpoint::Apns(token) => {
-            if push.senders.apns.is_none() {
+            if !enabled.apns {
                 return Err(ServiceError::PushProviderDisabled);
             }
             if token.device_token.is_empty() || token.device_token.len() > 100 {
@@ -349,7 +375,7 @@ async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), Serv
             }
         }
         PushEndpoint::Fcm(token) => {
-            if push.senders.fcm.is_none() {
+            if !enabled.fcm {
                 return Err(ServiceError::PushProviderDisabled);
             }
             let token = std::str::from_utf8(token.token.as_slice())
@@ -364,7 +390,7 @@ async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), Serv
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// RegisterPush.

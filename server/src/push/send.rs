@@ -256,6 +256,13 @@ fn judge(
     }
 }
 
+/// Each provider's judgement of an answer: Web Push, APNs, FCM.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn verdicts(answer: &Answer) -> [Outcome; 3] {
+    [web_push_verdict, apns_verdict, fcm_verdict]
+        .map(|verdict| judge(Ok(answer.clone()), verdict, 0))
+}
+
 /// A `Retry-After` value (RFC 9110 §10.2.3) as seconds from `now_secs`: delay-seconds, or an
 /// HTTP date (a date already past is 0). None if it is neither.
 pub(crate) fn retry_after_secs(value: &str, now_secs: u64) -> Option<u64> {
