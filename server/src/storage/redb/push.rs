@@ -54,12 +54,11 @@ fn set_job(
 /// `until_ms`. Entries are in enqueue order: reads from the newest back to the first one at or
 /// before `until_ms`.
 fn entry_between(
-    txn: &WriteTransaction,
+    entries: &impl ReadableTable<(u64, u64), (u64, u64, [u8; 16])>,
     client_num: u64,
     after_ms: u64,
     until_ms: u64,
 ) -> Result<bool, StoreError> {
-    let entries = txn.open_table(QUEUE_ENTRIES)?;
     for entry in entries
         .range((client_num, 0)..=(client_num, u64::MAX))?
         .rev()
@@ -134,24 +133,65 @@ impl PushStore for Store {
         due_ms: u64,
         coalesce_ms: u64,
     ) -> Result<u64, ServiceError> {
+        // The pass over every registration reads (the writer is not held); the few clients
+        // it finds are checked again and scheduled in one write.
+        let candidates = self
+            .read(move |txn| {
+                let noted = match txn.open_table(PUSH_NOTED) {
+                    Ok(table) => Some(table),
+                    Err(redb::TableError::TableDoesNotExist(_)) => None,
+                    Err(err) => return Err(StoreError::from(err)),
+                };
+                let jobs = txn.open_table(PUSH_JOBS)?;
+                let entries = txn.open_table(QUEUE_ENTRIES)?;
+                let mut found = Vec::new();
+                for registration in txn.open_table(PUSH_REGISTRATIONS)?.iter()? {
+                    let (num, value) = registration?;
+                    let (client_num, last_sent) = (num.value(), value.value().0);
+                    let covered = match &noted {
+                        Some(table) => table.get(client_num)?.map(|v| v.value()),
+                        None => None,
+                    };
+                    if jobs.get(client_num)?.is_none()
+                        && entry_between(
+                            &entries,
+                            client_num,
+                            covered.unwrap_or(last_sent),
+                            cutoff_ms,
+                        )?
+                    {
+                        found.push(client_num);
+                    }
+                }
+                Ok(found)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if candidates.is_empty() {
+            return Ok(0);
+        }
         self.write(move |txn| {
-            let registered: Vec<(u64, u64)> = txn
-                .open_table(PUSH_REGISTRATIONS)?
-                .iter()?
-                .map(|e| e.map(|(k, v)| (k.value(), v.value().0)))
-                .collect::<Result<_, _>>()?;
             let mut scheduled = 0;
-            for (client_num, last_sent) in registered {
+            for client_num in candidates {
+                let Some(last_sent) = txn
+                    .open_table(PUSH_REGISTRATIONS)?
+                    .get(client_num)?
+                    .map(|v| v.value().0)
+                else {
+                    continue;
+                };
                 if txn.open_table(PUSH_JOBS)?.get(client_num)?.is_some() {
                     continue;
                 }
-                let noted = txn
+                let covered = txn
                     .open_table(PUSH_NOTED)?
                     .get(client_num)?
                     .map_or(last_sent, |v| v.value());
-                if !entry_between(txn, client_num, noted, cutoff_ms)? {
+                let entries = txn.open_table(QUEUE_ENTRIES)?;
+                if !entry_between(&entries, client_num, covered, cutoff_ms)? {
                     continue;
                 }
+                drop(entries);
                 let due = if last_sent == 0 {
                     due_ms
                 } else {
