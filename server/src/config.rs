@@ -241,6 +241,13 @@ pub struct PushConfig {
     /// How often each node looks for wake-ups that are due (scheduled by another node, or
     /// waiting for a retry).
     pub poll_ms: u64,
+    /// How often (and at start) each node schedules the wake-ups a node lost by stopping
+    /// between a queue commit and the push outbox; it looks at messages at least this old
+    /// (at start: every message).
+    pub recover_ms: u64,
+    /// Longest wait a push service may ask for with `Retry-After` (429, 503); a longer one
+    /// is cut to this.
+    pub retry_after_max_ms: u64,
     /// How long a push service keeps an undelivered wake-up (Web Push `TTL`, APNs
     /// expiration, FCM `ttl`).
     pub ttl_secs: u32,
@@ -282,6 +289,8 @@ impl Default for PushConfig {
             request_timeout_ms: 10_000,
             max_in_flight: 32,
             poll_ms: 1_000,
+            recover_ms: 60_000,
+            retry_after_max_ms: 3_600_000,
             ttl_secs: 86_400,
             forbidden_ranges: [
                 "0.0.0.0/8",

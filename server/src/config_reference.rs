@@ -426,6 +426,16 @@ pub const FIELDS: &[Field] = &[
     ),
     f(
         "push",
+        &["recover_ms"],
+        "how often (and at start) each node schedules wake-ups lost by a node that stopped between a queue commit and the push outbox; it looks at messages at least this old (at start, at every message)",
+    ),
+    f(
+        "push",
+        &["retry_after_max_ms"],
+        "longest wait a push service may ask for with `Retry-After` (429 or 503, in seconds or as an HTTP date) before the wake-up is tried again; longer ones are cut to this",
+    ),
+    f(
+        "push",
         &["ttl_secs"],
         "how long a push service keeps an undelivered wake-up (Web Push `TTL`, APNs expiration, FCM `ttl`)",
     ),

@@ -394,3 +394,11 @@ impl DsHarness {
         }
     }
 }
+
+/// Push: one case of the parsers of what a client registers (endpoint URL, RegisterPush's
+/// endpoint, sealing at rest) and what a push service answers (`Retry-After`, status and
+/// body), and of the `forbidden_ranges` setting; format in `server/src/push/fuzz.rs`.
+/// `Ok(true)`: accepted; `Err`: an invariant broke (a finding).
+pub fn push(input: &[u8]) -> Result<bool, String> {
+    crate::push::fuzz::run(input)
+}

@@ -46,6 +46,13 @@ pub mod testing {
     ) -> Result<Server, ServerError> {
         Server::start_inner(settings, Some(faults)).await
     }
+
+    /// From now on the server drops every hand-over of a queued message to the push outbox,
+    /// as if it stopped right after the queue commit: the wake-up is lost until a node's
+    /// recovery sweep finds it.
+    pub fn lose_push_handovers(server: &Server) {
+        server.state.push.lose_handovers();
+    }
 }
 
 use std::net::{IpAddr, SocketAddr};

@@ -239,6 +239,16 @@ pub(crate) const CATALOGUE: &[Metric] = &[
         Kind::Counter,
         "Push wake-ups, by outcome: sent, retry, gone (registration dropped), failed, not_needed.",
     ),
+    m(
+        "roost_push_connections_total",
+        Kind::Counter,
+        "HTTP/2 connections opened to APNs (one is kept and reused; more mean it failed or was closed).",
+    ),
+    m(
+        "roost_push_recovered_total",
+        Kind::Counter,
+        "Push wake-ups scheduled by the recovery sweep: lost by a node that stopped between a queue commit and the push outbox.",
+    ),
 ];
 
 /// Histogram buckets of the metrics rendered as Prometheus histograms (aggregatable across

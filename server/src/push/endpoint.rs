@@ -56,10 +56,15 @@ impl HttpsUrl {
                 .map_err(|_| "bad IPv6 literal")?;
             (host, after.strip_prefix(':'))
         } else {
-            match authority.rsplit_once(':') {
+            let (host, port) = match authority.rsplit_once(':') {
                 Some((host, port)) => (host, Some(port)),
                 None => (authority, None),
+            };
+            // An IPv6 address only in brackets: "https://::1:8443" is ambiguous.
+            if host.contains(':') {
+                return Err("bad host (IPv6 literals go in brackets)".into());
             }
+            (host, port)
         };
         let port = match port {
             Some(port) => port.parse::<u16>().map_err(|_| "bad port")?,
@@ -189,6 +194,27 @@ pub(crate) async fn resolve_allowed(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_address_outside_brackets_is_refused() {
+        // Found by the `push` fuzz target: the host was taken up to the last colon, so this
+        // parsed to a host its own origin could not name again.
+        for url in [
+            "https://1:lb8::1e:8443/p/(0",
+            "https://::1:8443/",
+            "https://::1/",
+            "https://a:b:443/",
+        ] {
+            assert!(HttpsUrl::parse(url).is_err(), "{url}");
+        }
+        let url = HttpsUrl::parse("https://[::1]:8443/p").unwrap();
+        assert_eq!(url.host, "::1");
+        assert_eq!(url.origin(), "https://[::1]:8443");
+        assert_eq!(
+            HttpsUrl::parse(&format!("{}/p", url.origin())).unwrap(),
+            url
+        );
+    }
 
     #[test]
     fn urls_are_https_only_and_parsed_strictly() {

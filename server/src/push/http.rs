@@ -1,5 +1,6 @@
-//! The HTTPS client of the push senders (hyper 1 over tokio-rustls): one connection per
-//! request, HTTP/2 when the service offers it by ALPN (APNs requires it), HTTP/1.1 otherwise.
+//! The HTTPS client of the push senders (hyper 1 over tokio-rustls): HTTP/2 when the service
+//! offers it by ALPN (APNs requires it), HTTP/1.1 otherwise; one connection per request, or
+//! for APNs one pooled HTTP/2 connection reused across wake-ups ([`H2Pool`]).
 //! It resolves the host itself, refuses forbidden addresses (see `endpoint`) and connects
 //! only to an address it checked.
 
@@ -28,10 +29,11 @@ pub(crate) enum HttpError {
     Transport(String),
 }
 
-/// A response: status and (bounded) body.
-#[derive(Debug)]
+/// A response: status, `Retry-After` (if any) and (bounded) body.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Answer {
     pub(crate) status: u16,
+    pub(crate) retry_after: Option<String>,
     pub(crate) body: Bytes,
 }
 
@@ -67,7 +69,8 @@ impl HttpClient {
         &self.forbidden
     }
 
-    /// POSTs `body` to `url` with `headers`; the whole exchange is bounded by the timeout.
+    /// POSTs `body` to `url` with `headers` on a connection of its own; the whole exchange
+    /// is bounded by the timeout.
     pub(crate) async fn post(
         &self,
         url: &HttpsUrl,
@@ -80,12 +83,80 @@ impl HttpClient {
         }
     }
 
-    async fn post_inner(
+    /// POSTs on `pool`'s HTTP/2 connection to `url`'s endpoint (made now if there is none
+    /// or it is closed). A request that fails on a reused connection (closed by the service
+    /// meanwhile) is sent once more on a new one. Bounded by the timeout as a whole.
+    pub(crate) async fn post_pooled(
         &self,
+        pool: &H2Pool,
         url: &HttpsUrl,
         headers: &[(&str, String)],
         body: Vec<u8>,
     ) -> Result<Answer, HttpError> {
+        let body = Bytes::from(body);
+        let exchange = async {
+            let (sender, reused) = self.pooled_sender(pool, url).await?;
+            let answer = send(sender, request(url, headers, body.clone(), true)?).await;
+            match answer {
+                Err(err) if reused => {
+                    tracing::debug!(%err, "pooled push connection failed; reconnecting");
+                    pool.forget().await;
+                    let (sender, _) = self.pooled_sender(pool, url).await?;
+                    send(sender, request(url, headers, body, true)?).await
+                }
+                Err(err) => {
+                    pool.forget().await;
+                    Err(err)
+                }
+                answer => answer,
+            }
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(HttpError::Transport("timed out".into())),
+        }
+    }
+
+    /// The pool's connection if it is open (true: reused), else a new one, kept in the pool.
+    async fn pooled_sender(
+        &self,
+        pool: &H2Pool,
+        url: &HttpsUrl,
+    ) -> Result<(H2Sender, bool), HttpError> {
+        let mut slot = pool.0.lock().await;
+        if let Some(sender) = slot.as_ref()
+            && !sender.is_closed()
+        {
+            return Ok((sender.clone(), true));
+        }
+        *slot = None;
+        let (tls, h2) = self.connect(url).await?;
+        if !h2 {
+            return Err(HttpError::Transport(
+                "the push service does not speak HTTP/2".into(),
+            ));
+        }
+        let (sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .map_err(|e| HttpError::Transport(e.to_string()))?;
+        // Runs until the connection closes or the pool drops its sender.
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%err, "pooled push connection ended");
+            }
+        });
+        metrics::counter!("roost_push_connections_total").increment(1);
+        *slot = Some(sender.clone());
+        Ok((sender, false))
+    }
+
+    /// Resolves (refusing forbidden addresses), connects to the first address that answers,
+    /// and makes TLS; whether HTTP/2 was agreed.
+    async fn connect(
+        &self,
+        url: &HttpsUrl,
+    ) -> Result<(tokio_rustls::client::TlsStream<tokio::net::TcpStream>, bool), HttpError> {
         let transport = |e: &dyn std::fmt::Display| HttpError::Transport(e.to_string());
         let addrs = resolve_allowed(url, &self.forbidden)
             .await
@@ -113,26 +184,25 @@ impl HttpClient {
             .await
             .map_err(|e| transport(&e))?;
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let mut builder = Request::post(format!("https://{}{}", url.authority(), url.path));
-        if !h2 {
-            builder = builder.header("host", url.authority());
-        }
-        for (name, value) in headers {
-            builder = builder.header(*name, value.as_str());
-        }
-        let request = builder
-            .header("content-length", body.len().to_string())
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| transport(&e))?;
+        Ok((tls, h2))
+    }
+
+    async fn post_inner(
+        &self,
+        url: &HttpsUrl,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> Result<Answer, HttpError> {
+        let transport = |e: &dyn std::fmt::Display| HttpError::Transport(e.to_string());
+        let (tls, h2) = self.connect(url).await?;
+        let request = request(url, headers, Bytes::from(body), h2)?;
         let io = TokioIo::new(tls);
         if h2 {
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .map_err(|e| transport(&e))?;
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| transport(&e))?;
             let driver = tokio::spawn(conn);
-            let response = sender.send_request(request).await;
-            let answer = read(response).await;
+            let answer = send(sender, request).await;
             driver.abort();
             answer
         } else {
@@ -148,17 +218,67 @@ impl HttpClient {
     }
 }
 
+type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
+
+/// One HTTP/2 connection to one endpoint, shared by every request to it (APNs asks providers
+/// to keep their connections open rather than connect per notification).
+#[derive(Default)]
+pub(crate) struct H2Pool(tokio::sync::Mutex<Option<H2Sender>>);
+
+impl H2Pool {
+    async fn forget(&self) {
+        *self.0.lock().await = None;
+    }
+}
+
+fn request(
+    url: &HttpsUrl,
+    headers: &[(&str, String)],
+    body: Bytes,
+    h2: bool,
+) -> Result<Request<Full<Bytes>>, HttpError> {
+    let mut builder = Request::post(format!("https://{}{}", url.authority(), url.path));
+    if !h2 {
+        builder = builder.header("host", url.authority());
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, value.as_str());
+    }
+    builder
+        .header("content-length", body.len().to_string())
+        .body(Full::new(body))
+        .map_err(|e| HttpError::Transport(e.to_string()))
+}
+
+async fn send(mut sender: H2Sender, request: Request<Full<Bytes>>) -> Result<Answer, HttpError> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| HttpError::Transport(e.to_string()))?;
+    read(sender.send_request(request).await).await
+}
+
 async fn read(
     response: Result<hyper::Response<hyper::body::Incoming>, hyper::Error>,
 ) -> Result<Answer, HttpError> {
     let response = response.map_err(|e| HttpError::Transport(e.to_string()))?;
     let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(hyper::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64)
+        .map(str::to_owned);
     let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY)
         .collect()
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    Ok(Answer { status, body })
+    Ok(Answer {
+        status,
+        retry_after,
+        body,
+    })
 }
 
 /// The trust roots: the PEM bundle `ca_file`, else the built-in Mozilla roots.

@@ -12,18 +12,27 @@
 //! 3. every node's worker claims due jobs (a lease: another node does not take them
 //!    meanwhile), skips clients that have nothing queued any more (they were online: a
 //!    listener on another node got and acknowledged the messages) or listen here, and sends;
-//!    transient failures are retried with backoff, permanent ones (404/410, APNs
-//!    `Unregistered`, FCM `UNREGISTERED`) delete the registration.
+//!    transient failures are retried with backoff (or after the service's `Retry-After`),
+//!    permanent ones (404/410, APNs `Unregistered`, FCM `UNREGISTERED`) delete the
+//!    registration;
+//! 4. step 1 is in memory: a node that stops between the queue commit and step 2 loses the
+//!    wake-up (never the message). Every node therefore sweeps at start and every
+//!    `recover_ms` ([`PushStore::recover_push`]): a client with a registration, no pending
+//!    wake-up and a queue entry newer than what its last scheduled wake-up covered gets one.
+//!    The sweep costs one pass over the registrations; the message path pays nothing.
 //!
 //! Registrations are sealed at rest with the server's push key (`push-token.key`, kept with
 //! the identity files) and bound to their client number; they are deleted with the client.
 
 pub(crate) mod crypto;
 pub(crate) mod endpoint;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;
 mod http;
 mod send;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -64,10 +73,23 @@ pub(crate) trait PushStore {
     async fn delete_push(&self, client_num: u64) -> Result<bool, ServiceError>;
     /// For each of these clients that has a registration and no pending wake-up, schedules
     /// one at max(`due_ms`, its last wake-up + `coalesce_ms`); returns how many. A pending
-    /// one is marked, so that finishing it while claimed schedules the next.
+    /// one is marked, so that finishing it while claimed schedules the next. Either way the
+    /// client's queue entries up to `due_ms` count as covered (a job runs no earlier than
+    /// its due time and looks at the queue then), for [`PushStore::recover_push`].
     async fn schedule_push(
         &self,
         client_nums: Vec<u64>,
+        due_ms: u64,
+        coalesce_ms: u64,
+    ) -> Result<u64, ServiceError>;
+    /// Schedules the wake-ups a node lost by stopping between a queue commit and
+    /// `schedule_push` (the hand-over is in memory): for every client with a registration,
+    /// no pending wake-up and a queue entry enqueued at or before `cutoff_ms` but after the
+    /// entries covered by its last scheduled wake-up, one wake-up as `schedule_push` would
+    /// schedule it; returns how many.
+    async fn recover_push(
+        &self,
+        cutoff_ms: u64,
         due_ms: u64,
         coalesce_ms: u64,
     ) -> Result<u64, ServiceError>;
@@ -107,6 +129,9 @@ pub(crate) struct Push {
     woken: Mutex<HashSet<u64>>,
     woken_notify: Notify,
     work_notify: Notify,
+    /// Test fault point: hand-overs are dropped, as when the node stops right after the
+    /// queue commit (see [`crate::testing`]).
+    lose_handovers: AtomicBool,
 }
 
 impl std::fmt::Debug for Push {
@@ -121,8 +146,15 @@ pub(crate) fn check_config(push: &PushConfig) -> Result<(), String> {
         .map_err(|e| format!("push.forbidden_ranges: {e}"))?;
     HttpsUrl::parse(&push.apns_url).map_err(|e| format!("push.apns_url: {e}"))?;
     HttpsUrl::parse(&push.fcm_url).map_err(|e| format!("push.fcm_url: {e}"))?;
-    if push.request_timeout_ms == 0 || push.max_in_flight == 0 || push.poll_ms == 0 {
-        return Err("push.request_timeout_ms, max_in_flight and poll_ms must be at least 1".into());
+    if push.request_timeout_ms == 0
+        || push.max_in_flight == 0
+        || push.poll_ms == 0
+        || push.recover_ms == 0
+    {
+        return Err(
+            "push.request_timeout_ms, max_in_flight, poll_ms and recover_ms must be at least 1"
+                .into(),
+        );
     }
     let apns = [
         push.apns_key_file.is_some(),
@@ -206,6 +238,7 @@ impl Push {
                     team_id: team_id.clone(),
                     base: HttpsUrl::parse(&config.apns_url)?,
                     token: Mutex::new(None),
+                    pool: http::H2Pool::default(),
                 })
             }
             _ => None,
@@ -236,11 +269,15 @@ impl Push {
             woken: Mutex::new(HashSet::new()),
             woken_notify: Notify::new(),
             work_notify: Notify::new(),
+            lose_handovers: AtomicBool::new(false),
         })
     }
 
     /// New queue entries were committed on this node for these clients.
     pub(crate) fn woken(&self, client_nums: impl IntoIterator<Item = u64>) {
+        if self.lose_handovers.load(Ordering::Relaxed) {
+            return;
+        }
         let mut set = match self.woken.lock() {
             Ok(set) => set,
             Err(poisoned) => poisoned.into_inner(),
@@ -250,6 +287,11 @@ impl Push {
         if set.len() != before {
             self.woken_notify.notify_one();
         }
+    }
+
+    /// From now on, drops every hand-over to the push outbox (a test fault point).
+    pub(crate) fn lose_handovers(&self) {
+        self.lose_handovers.store(true, Ordering::Relaxed);
     }
 
     fn take_woken(&self) -> Vec<u64> {
@@ -269,12 +311,39 @@ fn rejected(reason: impl Into<String>) -> ServiceError {
     ServiceError::PushEndpointRejected(reason.into())
 }
 
+/// Which providers a server sends to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Enabled {
+    pub(crate) web_push: bool,
+    pub(crate) apns: bool,
+    pub(crate) fcm: bool,
+}
+
 /// Checks a registration from a client: shape, provider enabled, and for Web Push the URL and
 /// its addresses (resolved now; refused if any is forbidden).
 async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), ServiceError> {
+    let enabled = Enabled {
+        web_push: push.senders.vapid.is_some(),
+        apns: push.senders.apns.is_some(),
+        fcm: push.senders.fcm.is_some(),
+    };
+    if let Some(url) = check_shape(endpoint, enabled)? {
+        endpoint::resolve_allowed(&url, push.senders.http.forbidden())
+            .await
+            .map_err(rejected)?;
+    }
+    Ok(())
+}
+
+/// The checks of a registration that need no network: its shape and provider. Returns the
+/// URL of a Web Push endpoint, whose addresses are checked next.
+pub(crate) fn check_shape(
+    endpoint: &PushEndpoint,
+    enabled: Enabled,
+) -> Result<Option<HttpsUrl>, ServiceError> {
     match endpoint {
         PushEndpoint::WebPush(sub) => {
-            if push.senders.vapid.is_none() {
+            if !enabled.web_push {
                 return Err(ServiceError::PushProviderDisabled);
             }
             if sub.p256dh.len() != P256_PUBLIC_LEN || sub.p256dh.as_slice().first() != Some(&4) {
@@ -285,13 +354,10 @@ async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), Serv
             }
             let url = std::str::from_utf8(sub.endpoint.as_slice())
                 .map_err(|_| rejected("endpoint is not UTF-8"))?;
-            let url = HttpsUrl::parse(url).map_err(rejected)?;
-            endpoint::resolve_allowed(&url, push.senders.http.forbidden())
-                .await
-                .map_err(rejected)?;
+            return HttpsUrl::parse(url).map(Some).map_err(rejected);
         }
         PushEndpoint::Apns(token) => {
-            if push.senders.apns.is_none() {
+            if !enabled.apns {
                 return Err(ServiceError::PushProviderDisabled);
             }
             if token.device_token.is_empty() || token.device_token.len() > 100 {
@@ -309,7 +375,7 @@ async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), Serv
             }
         }
         PushEndpoint::Fcm(token) => {
-            if push.senders.fcm.is_none() {
+            if !enabled.fcm {
                 return Err(ServiceError::PushProviderDisabled);
             }
             let token = std::str::from_utf8(token.token.as_slice())
@@ -324,7 +390,7 @@ async fn check_endpoint(push: &Push, endpoint: &PushEndpoint) -> Result<(), Serv
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 /// RegisterPush.
@@ -374,10 +440,46 @@ pub(crate) fn info(state: &State) -> PushInfoResponse {
     }
 }
 
-/// Starts the scheduler and the worker of this node.
+/// Starts the scheduler, the worker and the recovery sweep of this node.
 pub(crate) fn start(state: Arc<State>, tracker: &TaskTracker) {
     tracker.spawn(scheduler(state.clone()));
+    tracker.spawn(recoverer(state.clone()));
     tracker.spawn(worker(state));
+}
+
+/// Schedules lost wake-ups (step 4 of the module documentation): at start every queue entry
+/// counts (nothing of this process is in flight), later only those at least `recover_ms`
+/// old, so that a hand-over still in flight on some node is not taken for a lost one.
+async fn recoverer(state: Arc<State>) {
+    let config = &state.settings.push;
+    let mut first = true;
+    loop {
+        let now = state.clock.unix_millis();
+        let cutoff = if first {
+            now
+        } else {
+            now.saturating_sub(config.recover_ms)
+        };
+        let due = now.saturating_add(config.delay_ms);
+        match state
+            .store
+            .recover_push(cutoff, due, config.coalesce_ms)
+            .await
+        {
+            Ok(0) => first = false,
+            Ok(scheduled) => {
+                first = false;
+                tracing::info!(scheduled, "lost push wake-ups scheduled again");
+                metrics::counter!("roost_push_recovered_total").increment(scheduled);
+                state.push.work_notify.notify_one();
+            }
+            Err(err) => tracing::warn!(%err, "looking for lost push wake-ups failed"),
+        }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(config.recover_ms)) => {}
+        }
+    }
 }
 
 async fn scheduler(state: Arc<State>) {
@@ -530,7 +632,7 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
         Outcome::Sent => "sent",
         Outcome::Gone(_) => "gone",
         Outcome::Failed(_) => "failed",
-        Outcome::Retry(_) => "retry",
+        Outcome::Retry(..) => "retry",
     };
     metrics::counter!("roost_push_total", "outcome" => label).increment(1);
     match outcome {
@@ -554,16 +656,20 @@ async fn run_job(state: &State, job: PushJob) -> Result<(), ServiceError> {
             tracing::warn!(client_num, %reason, "push wake-up refused; dropped");
             state.store.finish_push(client_num, None, soon).await
         }
-        Outcome::Retry(reason) => {
+        Outcome::Retry(reason, retry_after) => {
             let attempts = job.attempts.saturating_add(1);
             if attempts >= config.max_attempts {
                 tracing::warn!(client_num, %reason, attempts, "push wake-up given up");
                 return state.store.finish_push(client_num, None, soon).await;
             }
-            let delay = config
-                .retry_initial_ms
-                .saturating_mul(1u64 << attempts.saturating_sub(1).min(32))
-                .min(config.retry_max_ms);
+            // The service's Retry-After (bounded), else capped exponential backoff.
+            let delay = match retry_after {
+                Some(secs) => secs.saturating_mul(1000).min(config.retry_after_max_ms),
+                None => config
+                    .retry_initial_ms
+                    .saturating_mul(1u64 << attempts.saturating_sub(1).min(32))
+                    .min(config.retry_max_ms),
+            };
             tracing::debug!(client_num, %reason, attempts, delay, "push wake-up retried");
             state
                 .store

@@ -16,7 +16,7 @@ use roost_protocol::messages::push::PushEndpoint;
 
 use super::crypto::{Es256Key, b64url, web_push_encrypt};
 use super::endpoint::HttpsUrl;
-use super::http::{Answer, HttpClient, HttpError};
+use super::http::{Answer, H2Pool, HttpClient, HttpError};
 
 /// The Web Push plaintext and the FCM data of a wake-up.
 pub(crate) const WAKE_MARKER: &str = "wake";
@@ -31,8 +31,15 @@ pub(crate) enum Outcome {
     /// This wake-up cannot be sent (bad request, forbidden address, provider off); drop it,
     /// keep the registration.
     Failed(String),
-    /// Try again later (transport error, 429, 5xx).
-    Retry(String),
+    /// Try again later (transport error, 429, 5xx); after the seconds the service asked for
+    /// with `Retry-After`, if it did (429, 503).
+    Retry(String, Option<u64>),
+}
+
+impl Outcome {
+    fn retry(reason: impl Into<String>) -> Self {
+        Outcome::Retry(reason.into(), None)
+    }
 }
 
 /// APNs provider settings.
@@ -44,6 +51,8 @@ pub(crate) struct Apns {
     /// (issued at, token), reused for 30 minutes (Apple refuses tokens older than an hour
     /// and renewals more often than every 20 minutes).
     pub(crate) token: Mutex<Option<(u64, String)>>,
+    /// The HTTP/2 connection to `base`, reused across wake-ups.
+    pub(crate) pool: H2Pool,
 }
 
 /// FCM provider settings.
@@ -97,7 +106,7 @@ impl Senders {
                 );
                 let jwt = match jwt {
                     Ok(jwt) => jwt,
-                    Err(err) => return Outcome::Retry(err.to_string()),
+                    Err(err) => return Outcome::retry(err.to_string()),
                 };
                 let headers = [
                     (
@@ -109,7 +118,11 @@ impl Senders {
                     ("ttl", self.ttl_secs.to_string()),
                     ("urgency", "high".to_owned()),
                 ];
-                judge(self.http.post(&url, &headers, body).await, web_push_verdict)
+                judge(
+                    self.http.post(&url, &headers, body).await,
+                    web_push_verdict,
+                    now_secs,
+                )
             }
             PushEndpoint::Apns(token) => {
                 let Some(apns) = &self.apns else {
@@ -120,7 +133,7 @@ impl Senders {
                 };
                 let bearer = match apns_token(apns, now_secs) {
                     Ok(bearer) => bearer,
-                    Err(err) => return Outcome::Retry(err),
+                    Err(err) => return Outcome::retry(err),
                 };
                 let mut url = apns.base.clone();
                 url.path = format!(
@@ -140,8 +153,14 @@ impl Senders {
                     ("content-type", "application/json".to_owned()),
                 ];
                 let body = br#"{"aps":{"content-available":1}}"#.to_vec();
-                let outcome = judge(self.http.post(&url, &headers, body).await, apns_verdict);
-                if matches!(&outcome, Outcome::Retry(r) if r.contains("ProviderToken")) {
+                let outcome = judge(
+                    self.http
+                        .post_pooled(&apns.pool, &url, &headers, body)
+                        .await,
+                    apns_verdict,
+                    now_secs,
+                );
+                if matches!(&outcome, Outcome::Retry(r, _) if r.contains("ProviderToken")) {
                     // Make a new provider token for the next attempt.
                     *lock(&apns.token) = None;
                 }
@@ -159,7 +178,7 @@ impl Senders {
                     tokio::task::spawn_blocking(move || std::fs::read_to_string(file)).await;
                 let access = match access {
                     Ok(Ok(access)) if !access.trim().is_empty() => access.trim().to_owned(),
-                    _ => return Outcome::Retry("no FCM access token".into()),
+                    _ => return Outcome::retry("no FCM access token"),
                 };
                 let mut url = fcm.base.clone();
                 url.path = format!(
@@ -183,6 +202,7 @@ impl Senders {
                         .post(&url, &headers, body.to_string().into_bytes())
                         .await,
                     fcm_verdict,
+                    now_secs,
                 )
             }
         }
@@ -214,13 +234,46 @@ fn apns_token(apns: &Apns, now_secs: u64) -> Result<String, String> {
     Ok(token)
 }
 
-fn judge(answer: Result<Answer, HttpError>, verdict: fn(&Answer) -> Outcome) -> Outcome {
+fn judge(
+    answer: Result<Answer, HttpError>,
+    verdict: fn(&Answer) -> Outcome,
+    now_secs: u64,
+) -> Outcome {
     match answer {
         Ok(answer) if (200..300).contains(&answer.status) => Outcome::Sent,
-        Ok(answer) => verdict(&answer),
+        Ok(answer) => match verdict(&answer) {
+            Outcome::Retry(reason, _) if matches!(answer.status, 429 | 503) => {
+                let after = answer
+                    .retry_after
+                    .as_deref()
+                    .and_then(|value| retry_after_secs(value, now_secs));
+                Outcome::Retry(reason, after)
+            }
+            outcome => outcome,
+        },
         Err(HttpError::Refused(reason)) => Outcome::Failed(reason),
-        Err(HttpError::Transport(reason)) => Outcome::Retry(reason),
+        Err(HttpError::Transport(reason)) => Outcome::retry(reason),
     }
+}
+
+/// Each provider's judgement of an answer: Web Push, APNs, FCM.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn verdicts(answer: &Answer) -> [Outcome; 3] {
+    [web_push_verdict, apns_verdict, fcm_verdict]
+        .map(|verdict| judge(Ok(answer.clone()), verdict, 0))
+}
+
+/// A `Retry-After` value (RFC 9110 §10.2.3) as seconds from `now_secs`: delay-seconds, or an
+/// HTTP date (a date already past is 0). None if it is neither.
+pub(crate) fn retry_after_secs(value: &str, now_secs: u64) -> Option<u64> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // More digits than u64 holds: as long as it gets (the caller bounds it anyway).
+        return Some(value.parse().unwrap_or(u64::MAX));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    let at = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    Some(at.saturating_sub(now_secs))
 }
 
 fn transient(status: u16) -> bool {
@@ -236,7 +289,7 @@ fn described(answer: &Answer) -> String {
 fn web_push_verdict(answer: &Answer) -> Outcome {
     match answer.status {
         404 | 410 => Outcome::Gone(described(answer)),
-        s if transient(s) => Outcome::Retry(described(answer)),
+        s if transient(s) => Outcome::retry(described(answer)),
         _ => Outcome::Failed(described(answer)),
     }
 }
@@ -248,8 +301,8 @@ fn apns_verdict(answer: &Answer) -> Outcome {
         400 if body.contains("BadDeviceToken") || body.contains("DeviceTokenNotForTopic") => {
             Outcome::Gone(described(answer))
         }
-        403 if body.contains("ProviderToken") => Outcome::Retry(described(answer)),
-        s if transient(s) => Outcome::Retry(described(answer)),
+        403 if body.contains("ProviderToken") => Outcome::retry(described(answer)),
+        s if transient(s) => Outcome::retry(described(answer)),
         _ => Outcome::Failed(described(answer)),
     }
 }
@@ -259,8 +312,8 @@ fn fcm_verdict(answer: &Answer) -> Outcome {
     match answer.status {
         404 => Outcome::Gone(described(answer)),
         _ if body.contains("UNREGISTERED") => Outcome::Gone(described(answer)),
-        401 => Outcome::Retry(described(answer)),
-        s if transient(s) => Outcome::Retry(described(answer)),
+        401 => Outcome::retry(described(answer)),
+        s if transient(s) => Outcome::retry(described(answer)),
         _ => Outcome::Failed(described(answer)),
     }
 }
@@ -273,7 +326,56 @@ mod tests {
         Answer {
             status,
             body: bytes::Bytes::copy_from_slice(body.as_bytes()),
+            ..Answer::default()
         }
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date_on_429_and_503_only() {
+        // 1994-11-06 08:49:37 UTC
+        let then = 784_111_777;
+        assert_eq!(retry_after_secs("120", then), Some(120));
+        assert_eq!(retry_after_secs(" 0 ", then), Some(0));
+        assert_eq!(
+            retry_after_secs("99999999999999999999999", then),
+            Some(u64::MAX)
+        );
+        assert_eq!(
+            retry_after_secs("Sun, 06 Nov 1994 08:50:07 GMT", then),
+            Some(30)
+        );
+        // The obsolete forms RFC 9110 asks recipients to accept.
+        assert_eq!(
+            retry_after_secs("Sunday, 06-Nov-94 08:50:07 GMT", then),
+            Some(30)
+        );
+        assert_eq!(retry_after_secs("Sun Nov  6 08:50:07 1994", then), Some(30));
+        assert_eq!(
+            retry_after_secs("Sun, 06 Nov 1994 08:00:00 GMT", then),
+            Some(0)
+        );
+        for bad in ["", "-5", "1.5", "soon", "Sun, 06 Nov 1994 25:00:00 GMT"] {
+            assert_eq!(retry_after_secs(bad, then), None, "{bad:?}");
+        }
+        let with = |status| Answer {
+            status,
+            retry_after: Some("30".into()),
+            ..Answer::default()
+        };
+        for status in [429, 503] {
+            assert!(matches!(
+                judge(Ok(with(status)), web_push_verdict, then),
+                Outcome::Retry(_, Some(30))
+            ));
+        }
+        assert!(matches!(
+            judge(Ok(with(500)), web_push_verdict, then),
+            Outcome::Retry(_, None)
+        ));
+        assert!(matches!(
+            judge(Ok(with(429)), apns_verdict, then),
+            Outcome::Retry(_, Some(30))
+        ));
     }
 
     #[test]
@@ -288,11 +390,11 @@ mod tests {
         ));
         assert!(matches!(
             web_push_verdict(&answer(429, "")),
-            Outcome::Retry(_)
+            Outcome::Retry(..)
         ));
         assert!(matches!(
             web_push_verdict(&answer(503, "")),
-            Outcome::Retry(_)
+            Outcome::Retry(..)
         ));
         assert!(matches!(
             web_push_verdict(&answer(413, "")),
@@ -308,7 +410,7 @@ mod tests {
         let expired = r#"{"reason":"ExpiredProviderToken"}"#;
         assert!(matches!(
             apns_verdict(&answer(403, expired)),
-            Outcome::Retry(_)
+            Outcome::Retry(..)
         ));
         let payload = r#"{"reason":"PayloadEmpty"}"#;
         assert!(matches!(
@@ -321,7 +423,7 @@ mod tests {
             fcm_verdict(&answer(404, fcm_gone)),
             Outcome::Gone(_)
         ));
-        assert!(matches!(fcm_verdict(&answer(401, "")), Outcome::Retry(_)));
+        assert!(matches!(fcm_verdict(&answer(401, "")), Outcome::Retry(..)));
         assert!(matches!(
             fcm_verdict(&answer(400, "INVALID_ARGUMENT")),
             Outcome::Failed(_)

@@ -185,6 +185,7 @@ dispatch!(PushStore {
     async fn put_push(&self, client_num: u64, sealed: Vec<u8>) -> Result<(), ServiceError>;
     async fn delete_push(&self, client_num: u64) -> Result<bool, ServiceError>;
     async fn schedule_push(&self, client_nums: Vec<u64>, due_ms: u64, coalesce_ms: u64) -> Result<u64, ServiceError>;
+    async fn recover_push(&self, cutoff_ms: u64, due_ms: u64, coalesce_ms: u64) -> Result<u64, ServiceError>;
     async fn claim_push(&self, now_ms: u64, lease_until_ms: u64, limit: u32) -> Result<Vec<PushJob>, ServiceError>;
     async fn finish_push(&self, client_num: u64, sent_ms: Option<u64>, again_ms: u64) -> Result<(), ServiceError>;
     async fn retry_push(&self, client_num: u64, due_ms: u64, attempts: u32) -> Result<(), ServiceError>;

@@ -1447,6 +1447,95 @@ pub(crate) async fn push<S: AuthStore + PushStore + AdminStore>(store: &S) {
     assert!(!store.delete_push(phone).await.unwrap());
 }
 
+/// Wake-ups lost between a queue commit and the push outbox (the node stopped): the recovery
+/// sweep schedules one for a registered client whose queue holds an entry that no scheduled
+/// wake-up covered, respecting the coalescing interval, and only once.
+pub(crate) async fn push_recovery<S: AuthStore + QueueStore + PushStore>(store: &S) {
+    let phone_id: ClientId = "rita@example.org/phone".parse().unwrap();
+    let laptop_id: ClientId = "rita@example.org/laptop".parse().unwrap();
+    let phone = store
+        .add_client(credential("rita@example.org/phone"))
+        .await
+        .unwrap();
+    store
+        .add_client(credential("rita@example.org/laptop"))
+        .await
+        .unwrap();
+    store.put_push(phone, vec![1]).await.unwrap();
+    let enqueue = |client: &ClientId, n: u8, at: u64| {
+        let client = client.clone();
+        async move {
+            let (_, got) = store
+                .enqueue(&client, MessageId([n; 16]), at, payload(n), 100)
+                .await
+                .unwrap();
+            assert!(matches!(got, Enqueued::Queued(_)));
+        }
+    };
+    // Nothing queued: nothing to recover.
+    assert_eq!(store.recover_push(10_000, 1, 60_000).await.unwrap(), 0);
+    // Queued at 1,000 for both; the laptop has no registration. Hand-overs lost.
+    enqueue(&phone_id, 1, 1_000).await;
+    enqueue(&laptop_id, 2, 1_000).await;
+    // Entries newer than the cutoff are left to their hand-over (it may be in flight).
+    assert_eq!(store.recover_push(999, 1_100, 60_000).await.unwrap(), 0);
+    assert_eq!(store.next_push_due().await.unwrap(), None);
+    assert_eq!(store.recover_push(2_000, 2_100, 60_000).await.unwrap(), 1);
+    assert_eq!(store.next_push_due().await.unwrap(), Some(2_100));
+    // Pending: not twice.
+    assert_eq!(store.recover_push(2_000, 2_200, 60_000).await.unwrap(), 0);
+    let claimed = store.claim_push(2_100, 5_000, 10).await.unwrap();
+    assert_eq!(
+        claimed.iter().map(|j| j.client_num).collect::<Vec<_>>(),
+        [phone]
+    );
+    store.finish_push(phone, Some(2_300), 62_300).await.unwrap();
+    // Sent: the entry (still queued, never fetched) wakes nobody again.
+    assert_eq!(store.recover_push(50_000, 50_100, 60_000).await.unwrap(), 0);
+
+    // A hand-over that arrived covers its entries, whatever became of its wake-up.
+    enqueue(&phone_id, 3, 60_000).await;
+    assert_eq!(
+        store
+            .schedule_push(vec![phone], 60_100, 60_000)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.next_push_due().await.unwrap(), Some(62_300));
+    store.claim_push(62_300, 65_000, 10).await.unwrap();
+    store.finish_push(phone, None, 62_400).await.unwrap(); // not needed
+    assert_eq!(store.recover_push(70_000, 70_100, 60_000).await.unwrap(), 0);
+
+    // Lost again: scheduled no earlier than an interval after the last one sent.
+    enqueue(&phone_id, 4, 80_000).await;
+    assert_eq!(store.recover_push(90_000, 90_100, 60_000).await.unwrap(), 1);
+    assert_eq!(store.next_push_due().await.unwrap(), Some(90_100));
+    store.claim_push(90_100, 95_000, 10).await.unwrap();
+    store
+        .finish_push(phone, Some(90_200), 150_200)
+        .await
+        .unwrap();
+    enqueue(&phone_id, 5, 100_000).await;
+    assert_eq!(
+        store.recover_push(110_000, 110_100, 60_000).await.unwrap(),
+        1
+    );
+    assert_eq!(store.next_push_due().await.unwrap(), Some(150_200));
+
+    // Unregistered: the marker goes too; a new registration is judged afresh.
+    assert!(store.delete_push(phone).await.unwrap());
+    assert_eq!(
+        store.recover_push(200_000, 200_100, 60_000).await.unwrap(),
+        0
+    );
+    store.put_push(phone, vec![2]).await.unwrap();
+    assert_eq!(
+        store.recover_push(200_000, 200_100, 60_000).await.unwrap(),
+        1
+    );
+}
+
 /// Administration: listing, deactivation (clients, queues and KeyPackages gone in one
 /// transaction, the name kept taken), token uses and the counts of `roost admin stats`.
 pub(crate) async fn admin<S>(store: &S)
@@ -1690,6 +1779,12 @@ mod redb_backend {
         let (_dir, store) = open();
         super::one_group_in_order(&store).await;
     }
+
+    #[tokio::test]
+    async fn push_recovery() {
+        let (_dir, store) = open();
+        super::push_recovery(&store).await;
+    }
 }
 
 /// The same suite on PostgreSQL: one cluster, a database per part.
@@ -1736,6 +1831,7 @@ pub(crate) mod postgres_backend {
             "push",
             "expiry",
             "one_group_in_order",
+            "push_recovery",
         ] {
             let url = cluster.create_database(part).unwrap();
             let (store, closer) = open(&url).await;
@@ -1749,6 +1845,7 @@ pub(crate) mod postgres_backend {
                 "push" => super::push(&store).await,
                 "expiry" => super::expiry(&store).await,
                 "one_group_in_order" => super::one_group_in_order(&store).await,
+                "push_recovery" => super::push_recovery(&store).await,
                 _ => super::groups_and_outbox(&store).await,
             }
             drop(store);

@@ -271,6 +271,125 @@ async fn a_wake_up_that_failed_before_a_restart_is_sent_after_it() {
     server.shutdown().await;
 }
 
+/// The node stops right after a message was committed to the queue and before the wake-up
+/// reached the push outbox (the fault point drops that in-memory hand-over; the graceful stop
+/// that follows cannot bring it back). The next start finds it: exactly one wake-up, and the
+/// coalescing interval holds across the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_lost_by_a_stop_after_the_enqueue_is_sent_after_restart_once_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let data = dir.path().join("data");
+    let server = start(push_config(&data, &receiver)).await;
+    let (_ivan, phone, conn) = new_client(&server, "ivan").await;
+    let key = vapid_key(&conn).await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/ivan"))
+        .await
+        .unwrap();
+    drop(conn);
+    roost_server::testing::lose_push_handovers(&server);
+    for n in 1..=3 {
+        server
+            .enqueue(&phone.id, id(10, n), payload(n))
+            .await
+            .unwrap();
+    }
+    // The fault point works: this node never sends it (its periodic sweep, at the default
+    // minute, does not run within the test).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert!(receiver.received().is_empty(), "the hand-over was not lost");
+    server.shutdown().await;
+
+    let mut config = push_config(&data, &receiver);
+    config.push.recover_ms = 300;
+    let server = start(config).await;
+    let got = receiver.wait_for(1, 10).await;
+    assert_eq!(got[0].path, "/push/ivan");
+    check_web_push(&got[0], &subscriber, &key, &receiver);
+    let first = got[0].at;
+    // The three messages are still queued (never fetched): the sweeps that follow, every
+    // 300 ms, do not wake the client again for them.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "woken twice for the same messages"
+    );
+    // A new message within the interval: one more wake-up, at the end of the interval.
+    server
+        .enqueue(&phone.id, id(10, 4), payload(4))
+        .await
+        .unwrap();
+    let got = receiver.wait_for(2, 10).await;
+    assert!(
+        got[1].at.duration_since(first) >= Duration::from_millis(2_900),
+        "second wake-up {:?} after the first",
+        got[1].at.duration_since(first)
+    );
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    assert_eq!(receiver.received().len(), 2);
+    server.shutdown().await;
+}
+
+/// A push service that answers 429 or 503 with `Retry-After` is tried again after that long
+/// (delay-seconds or an HTTP date), not after the configured backoff (200 ms here), and no
+/// later than `retry_after_max_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_from_the_push_service_is_honoured_within_the_maximum() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let mut config = push_config(dir.path(), &receiver);
+    config.push.retry_after_max_ms = 1_500;
+    let server = start(config).await;
+    let date = |secs: u64| {
+        httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(secs))
+    };
+    // (status, Retry-After (None: a date 2 s ahead), earliest, latest second attempt after
+    // the first, ms)
+    let cases = [
+        (429, Some("1"), 950, 1_400),
+        (503, None, 950, 2_400),
+        (503, Some("3600"), 1_450, 2_500),
+    ];
+    for (n, (status, value, earliest, latest)) in cases.into_iter().enumerate() {
+        let before = receiver.received().len();
+        let name = format!("mia{n}");
+        let (_user, phone, conn) = new_client(&server, &name).await;
+        let subscriber = Subscriber::new();
+        let path = format!("/push/{name}");
+        conn.call(web_push(&receiver, &subscriber, &path))
+            .await
+            .unwrap();
+        drop(conn);
+        let value = value.map_or_else(|| date(2), str::to_owned);
+        receiver.answer(status);
+        receiver.retry_after(Some(&value));
+        server
+            .enqueue(&phone.id, id(12, n as u8), payload(1))
+            .await
+            .unwrap();
+        receiver.wait_for(before + 1, 10).await;
+        receiver.answer(201);
+        receiver.retry_after(None);
+        let got = receiver.wait_for(before + 2, 10).await;
+        let (first, second) = (&got[before], &got[before + 1]);
+        assert_eq!(
+            (first.path.as_str(), second.path.as_str()),
+            (&*path, &*path)
+        );
+        let waited = second.at.duration_since(first.at);
+        assert!(
+            waited >= Duration::from_millis(earliest) && waited <= Duration::from_millis(latest),
+            "{status} with Retry-After {value}: tried again after {waited:?}"
+        );
+        // Sent: no third attempt.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(receiver.received().len(), before + 2);
+    }
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_endpoints_are_refused_before_any_connection_and_store_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -350,20 +469,99 @@ async fn bad_endpoints_are_refused_before_any_connection_and_store_nothing() {
     server.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apns_and_fcm_requests_have_their_shape_and_credentials() {
-    let dir = tempfile::tempdir().unwrap();
-    let receiver = Receiver::start(dir.path()).await;
+/// A configuration with APNs sending to the receiver; the provider token's signing key.
+fn apns_config(dir: &std::path::Path, receiver: &Receiver) -> (Config, rcgen::KeyPair) {
     let apns_key = rcgen::KeyPair::generate().unwrap();
-    let key_file = dir.path().join("AuthKey_ABC123.p8");
+    let key_file = dir.join("AuthKey_ABC123.p8");
     std::fs::write(&key_file, apns_key.serialize_pem()).unwrap();
-    let token_file = dir.path().join("fcm-token");
-    std::fs::write(&token_file, "ya29.test-access-token\n").unwrap();
-    let mut config = push_config(dir.path(), &receiver);
+    let mut config = push_config(dir, receiver);
     config.push.apns_key_file = Some(key_file);
     config.push.apns_key_id = Some("ABC123".into());
     config.push.apns_team_id = Some("TEAM456".into());
     config.push.apns_url = receiver.url("");
+    (config, apns_key)
+}
+
+async fn register_apns(conn: &Connection, device_token: &[u8]) {
+    conn.call(RegisterPushRequest {
+        endpoint: PushEndpoint::Apns(ApnsToken {
+            device_token: Opaque::from(device_token),
+            topic: Opaque::from(&b"org.example.roost"[..]),
+        }),
+    })
+    .await
+    .unwrap();
+}
+
+/// APNs wake-ups to several devices go over one HTTP/2 connection, kept open between them;
+/// when APNs closes it, the next wake-up opens a new one and is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_wake_ups_share_one_connection_that_is_replaced_when_it_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let (config, _key) = apns_config(dir.path(), &receiver);
+    let server = start(config).await;
+    let mut phones = Vec::new();
+    for n in 0..5u8 {
+        let (_user, phone, conn) = new_client(&server, &format!("nina{n}")).await;
+        register_apns(&conn, &[0xa0 + n, 1, 2, 3]).await;
+        phones.push(phone);
+    }
+    // Four devices, one after the other and two at once.
+    for (n, phone) in phones.iter().take(2).enumerate() {
+        server
+            .enqueue(&phone.id, id(13, n as u8), payload(1))
+            .await
+            .unwrap();
+        receiver.wait_for(n + 1, 10).await;
+    }
+    for (n, phone) in phones.iter().enumerate().take(4).skip(2) {
+        server
+            .enqueue(&phone.id, id(13, n as u8), payload(1))
+            .await
+            .unwrap();
+    }
+    let got = receiver.wait_for(4, 10).await;
+    assert!(got.iter().all(|r| r.version == hyper::Version::HTTP_2));
+    let mut paths: Vec<&str> = got.iter().map(|r| r.path.as_str()).collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/3/device/a0010203",
+            "/3/device/a1010203",
+            "/3/device/a2010203",
+            "/3/device/a3010203"
+        ]
+    );
+    assert_eq!(
+        receiver.connections(),
+        1,
+        "one connection for every wake-up"
+    );
+
+    // APNs closes the connection: the next wake-up reconnects.
+    receiver.drop_connections();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server
+        .enqueue(&phones[4].id, id(13, 4), payload(1))
+        .await
+        .unwrap();
+    let got = receiver.wait_for(5, 10).await;
+    assert_eq!(got[4].path, "/3/device/a4010203");
+    assert_eq!(receiver.connections(), 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 5);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apns_and_fcm_requests_have_their_shape_and_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let (mut config, apns_key) = apns_config(dir.path(), &receiver);
+    let token_file = dir.path().join("fcm-token");
+    std::fs::write(&token_file, "ya29.test-access-token\n").unwrap();
     config.push.fcm_project_id = Some("roost-test".into());
     config.push.fcm_access_token_file = Some(token_file);
     config.push.fcm_url = receiver.url("/fcm");
@@ -372,16 +570,7 @@ async fn apns_and_fcm_requests_have_their_shape_and_credentials() {
     let (_g, ios, ios_conn) = new_client(&server, "grace").await;
     let info = ios_conn.call(PushInfoRequest {}).await.unwrap();
     assert_eq!((info.apns, info.fcm), (1, 1));
-    let device_token = [0xabu8, 0xcd, 0x01, 0x02];
-    ios_conn
-        .call(RegisterPushRequest {
-            endpoint: PushEndpoint::Apns(ApnsToken {
-                device_token: Opaque::from(&device_token[..]),
-                topic: Opaque::from(&b"org.example.roost"[..]),
-            }),
-        })
-        .await
-        .unwrap();
+    register_apns(&ios_conn, &[0xab, 0xcd, 0x01, 0x02]).await;
     let (_h, android, android_conn) = new_client(&server, "heidi").await;
     android_conn
         .call(RegisterPushRequest {
@@ -539,5 +728,51 @@ async fn with_two_nodes_a_message_on_either_wakes_the_client_once() {
         "woken more than once within the interval"
     );
     a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Two nodes on PostgreSQL: node A commits messages for a client and stops before handing
+/// the wake-up to the push outbox. Node B, still running, finds the lost wake-up in its next
+/// sweep and sends it, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_nodes_a_wake_up_lost_by_one_is_sent_by_the_other() {
+    use roost_server::config::StorageBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
+    let url = cluster.create_database("roost").unwrap();
+    let identity = dir.path().join("identity");
+    let node = |n: usize| {
+        let mut config = push_config(&dir.path().join(format!("node{n}")), &receiver);
+        config.identity_dir = Some(identity.clone());
+        config.storage.backend = StorageBackend::Postgres;
+        config.storage.url = Some(url.clone());
+        config.storage.pool_size = 4;
+        config.storage.timeout_ms = 3_000;
+        config
+    };
+    let a = start(node(0)).await;
+    let mut config_b = node(1);
+    config_b.push.recover_ms = 500;
+    let b = start(config_b).await;
+    let (_lena, phone, conn) = new_client(&a, "lena").await;
+    let key = vapid_key(&conn).await;
+    let subscriber = Subscriber::new();
+    conn.call(web_push(&receiver, &subscriber, "/push/lena"))
+        .await
+        .unwrap();
+    drop(conn);
+    roost_server::testing::lose_push_handovers(&a);
+    let sent = std::time::Instant::now();
+    for n in 1..=2 {
+        a.enqueue(&phone.id, id(11, n), payload(n)).await.unwrap();
+    }
+    a.shutdown().await;
+    let got = receiver.wait_for(1, 10).await;
+    check_web_push(&got[0], &subscriber, &key, &receiver);
+    // B sweeps messages at least recover_ms old.
+    assert!(got[0].at.duration_since(sent) >= Duration::from_millis(500));
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(receiver.received().len(), 1, "woken twice");
     b.shutdown().await;
 }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,6 +44,11 @@ pub struct Receiver {
     pub ca_file: PathBuf,
     requests: Arc<Mutex<Vec<Received>>>,
     status: Arc<AtomicU16>,
+    retry_after: Arc<Mutex<Option<String>>>,
+    /// TLS connections accepted so far.
+    connections: Arc<AtomicUsize>,
+    /// The connections being served (aborted by `drop_connections`).
+    served: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,20 +80,36 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let status = Arc::new(AtomicU16::new(201));
-        let (rq, st) = (requests.clone(), status.clone());
+        let retry_after = Arc::new(Mutex::new(None::<String>));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(Mutex::new(Vec::new()));
+        let (rq, st, ra, count, sv) = (
+            requests.clone(),
+            status.clone(),
+            retry_after.clone(),
+            connections.clone(),
+            served.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let (acceptor, rq, st) = (acceptor.clone(), rq.clone(), st.clone());
-                tokio::spawn(async move {
+                let (acceptor, rq, st, ra, count) = (
+                    acceptor.clone(),
+                    rq.clone(),
+                    st.clone(),
+                    ra.clone(),
+                    count.clone(),
+                );
+                let handle = tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
+                    count.fetch_add(1, Ordering::SeqCst);
                     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                     let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (rq, st) = (rq.clone(), st.clone());
+                        let (rq, st, ra) = (rq.clone(), st.clone(), ra.clone());
                         async move {
                             let version = req.version();
                             let path = req
@@ -98,6 +119,16 @@ impl Receiver {
                                 .unwrap_or_default();
                             let headers = req.headers().clone();
                             let body = req.into_body().collect().await?.to_bytes().to_vec();
+                            // The answer is chosen before the request is visible to the test.
+                            let mut response =
+                                hyper::Response::new(Full::new(Bytes::from_static(b"{}")));
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(st.load(Ordering::SeqCst)).unwrap();
+                            if let Some(value) = ra.lock().unwrap().clone() {
+                                response
+                                    .headers_mut()
+                                    .insert("retry-after", value.parse().unwrap());
+                            }
                             rq.lock().unwrap().push(Received {
                                 version,
                                 path,
@@ -105,10 +136,6 @@ impl Receiver {
                                 body,
                                 at: Instant::now(),
                             });
-                            let mut response =
-                                hyper::Response::new(Full::new(Bytes::from_static(b"{}")));
-                            *response.status_mut() =
-                                hyper::StatusCode::from_u16(st.load(Ordering::SeqCst)).unwrap();
                             Ok::<_, hyper::Error>(response)
                         }
                     });
@@ -123,6 +150,7 @@ impl Receiver {
                             .await;
                     }
                 });
+                sv.lock().unwrap().push(handle);
             }
         });
         Receiver {
@@ -130,7 +158,27 @@ impl Receiver {
             ca_file: pki.ca_file.clone(),
             requests,
             status,
+            retry_after,
+            connections,
+            served,
             task,
+        }
+    }
+
+    /// The `Retry-After` value of the next answers (None: no such header).
+    pub fn retry_after(&self, value: Option<&str>) {
+        *self.retry_after.lock().unwrap() = value.map(str::to_owned);
+    }
+
+    /// TLS connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Cuts every open connection (as a push service restarting, or a network failure).
+    pub fn drop_connections(&self) {
+        for handle in self.served.lock().unwrap().drain(..) {
+            handle.abort();
         }
     }
 

@@ -54,6 +54,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("migrations/0004_blobs.sql")),
     (5, include_str!("migrations/0005_fanout_pending.sql")),
     (6, include_str!("migrations/0006_send_counters.sql")),
+    (7, include_str!("migrations/0007_push_noted.sql")),
     (8, include_str!("migrations/0008_expiry_batches.sql")),
 ];
 

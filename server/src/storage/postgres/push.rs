@@ -64,14 +64,21 @@ impl PushStore for PgStore {
             .map(to_i64)
             .collect::<Result<_, _>>()?;
         let (due, coalesce) = (to_i64(due_ms)?, to_i64(coalesce_ms)?);
+        // The registrations are updated (noted) first: their row locks order this against
+        // a concurrent recovery sweep.
         let rows = client
             .query_typed(
-                "INSERT INTO push_jobs (client_num, due_ms, attempts)
+                "WITH noted AS (
+                     UPDATE push_registrations SET noted_ms = GREATEST(noted_ms, $2)
+                     WHERE client_num = ANY($1)
+                     RETURNING client_num, last_sent_ms
+                 )
+                 INSERT INTO push_jobs (client_num, due_ms, attempts)
                  SELECT client_num,
                         CASE WHEN last_sent_ms = 0 THEN $2
                              ELSE GREATEST($2, last_sent_ms + $3) END,
                         0
-                 FROM push_registrations WHERE client_num = ANY($1)
+                 FROM noted
                  ON CONFLICT (client_num) DO UPDATE SET again = TRUE
                  RETURNING (xmax = 0)",
                 &[
@@ -89,6 +96,48 @@ impl PushStore for PgStore {
                 scheduled += 1;
             }
         }
+        Ok(scheduled)
+    }
+
+    async fn recover_push(
+        &self,
+        cutoff_ms: u64,
+        due_ms: u64,
+        coalesce_ms: u64,
+    ) -> Result<u64, ServiceError> {
+        let client = self.client().await?;
+        let (cutoff, due, coalesce) = (to_i64(cutoff_ms)?, to_i64(due_ms)?, to_i64(coalesce_ms)?);
+        // The newest entry at or before the cutoff, per registered client without a pending
+        // wake-up: a backward walk of the queue's primary key, usually one row. Registrations
+        // locked (SKIP LOCKED: another node's sweep or a schedule has them) are left to it.
+        let scheduled = client
+            .execute_typed(
+                "WITH lost AS (
+                     SELECT r.client_num, r.last_sent_ms FROM push_registrations r
+                     WHERE NOT EXISTS (SELECT 1 FROM push_jobs j WHERE j.client_num = r.client_num)
+                       AND (SELECT e.timestamp_ms FROM queue_entries e
+                            WHERE e.client_num = r.client_num AND e.timestamp_ms <= $1
+                            ORDER BY e.seq DESC LIMIT 1) > r.noted_ms
+                     FOR UPDATE OF r SKIP LOCKED
+                 ), noted AS (
+                     UPDATE push_registrations r SET noted_ms = GREATEST(r.noted_ms, $2)
+                     FROM lost WHERE r.client_num = lost.client_num
+                 )
+                 INSERT INTO push_jobs (client_num, due_ms, attempts)
+                 SELECT client_num,
+                        CASE WHEN last_sent_ms = 0 THEN $2
+                             ELSE GREATEST($2, last_sent_ms + $3) END,
+                        0
+                 FROM lost
+                 ON CONFLICT (client_num) DO NOTHING",
+                &[
+                    (&cutoff, Type::INT8),
+                    (&due, Type::INT8),
+                    (&coalesce, Type::INT8),
+                ],
+            )
+            .await
+            .map_err(StoreError::from)?;
         Ok(scheduled)
     }
 

@@ -6,7 +6,9 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use super::tables::{PUSH_DUE, PUSH_JOBS, PUSH_REGISTRATIONS, QUEUE_HEADS};
+use super::tables::{
+    PUSH_DUE, PUSH_JOBS, PUSH_NOTED, PUSH_REGISTRATIONS, QUEUE_ENTRIES, QUEUE_HEADS,
+};
 use super::{Store, StoreError};
 use crate::error::ServiceError;
 use crate::push::{PushJob, PushStore};
@@ -19,6 +21,7 @@ pub(super) fn delete(txn: &WriteTransaction, client_num: u64) -> Result<bool, St
         .remove(client_num)?
         .is_some();
     unschedule(txn, client_num)?;
+    txn.open_table(PUSH_NOTED)?.remove(client_num)?;
     Ok(existed)
 }
 
@@ -45,6 +48,27 @@ fn set_job(
         .insert(client_num, (due_ms, attempts, again))?;
     txn.open_table(PUSH_DUE)?.insert((due_ms, client_num), ())?;
     Ok(())
+}
+
+/// Whether the client's queue holds an entry enqueued after `after_ms` and at or before
+/// `until_ms`. Entries are in enqueue order: reads from the newest back to the first one at or
+/// before `until_ms`.
+fn entry_between(
+    entries: &impl ReadableTable<(u64, u64), (u64, u64, [u8; 16])>,
+    client_num: u64,
+    after_ms: u64,
+    until_ms: u64,
+) -> Result<bool, StoreError> {
+    for entry in entries
+        .range((client_num, 0)..=(client_num, u64::MAX))?
+        .rev()
+    {
+        let (_, timestamp, _) = entry?.1.value();
+        if timestamp <= until_ms {
+            return Ok(timestamp > after_ms);
+        }
+    }
+    Ok(false)
 }
 
 impl PushStore for Store {
@@ -84,6 +108,7 @@ impl PushStore for Store {
                     .open_table(PUSH_JOBS)?
                     .get(client_num)?
                     .map(|v| v.value());
+                txn.open_table(PUSH_NOTED)?.insert(client_num, due_ms)?;
                 if let Some((due, attempts, _)) = pending {
                     txn.open_table(PUSH_JOBS)?
                         .insert(client_num, (due, attempts, true))?;
@@ -94,6 +119,85 @@ impl PushStore for Store {
                 } else {
                     due_ms.max(last_sent.saturating_add(coalesce_ms))
                 };
+                set_job(txn, client_num, due, 0, false)?;
+                scheduled += 1;
+            }
+            Ok(Ok::<_, ServiceError>(scheduled))
+        })
+        .await
+    }
+
+    async fn recover_push(
+        &self,
+        cutoff_ms: u64,
+        due_ms: u64,
+        coalesce_ms: u64,
+    ) -> Result<u64, ServiceError> {
+        // The pass over every registration reads (the writer is not held); the few clients
+        // it finds are checked again and scheduled in one write.
+        let candidates = self
+            .read(move |txn| {
+                let noted = match txn.open_table(PUSH_NOTED) {
+                    Ok(table) => Some(table),
+                    Err(redb::TableError::TableDoesNotExist(_)) => None,
+                    Err(err) => return Err(StoreError::from(err)),
+                };
+                let jobs = txn.open_table(PUSH_JOBS)?;
+                let entries = txn.open_table(QUEUE_ENTRIES)?;
+                let mut found = Vec::new();
+                for registration in txn.open_table(PUSH_REGISTRATIONS)?.iter()? {
+                    let (num, value) = registration?;
+                    let (client_num, last_sent) = (num.value(), value.value().0);
+                    let covered = match &noted {
+                        Some(table) => table.get(client_num)?.map(|v| v.value()),
+                        None => None,
+                    };
+                    if jobs.get(client_num)?.is_none()
+                        && entry_between(
+                            &entries,
+                            client_num,
+                            covered.unwrap_or(last_sent),
+                            cutoff_ms,
+                        )?
+                    {
+                        found.push(client_num);
+                    }
+                }
+                Ok(found)
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        if candidates.is_empty() {
+            return Ok(0);
+        }
+        self.write(move |txn| {
+            let mut scheduled = 0;
+            for client_num in candidates {
+                let Some(last_sent) = txn
+                    .open_table(PUSH_REGISTRATIONS)?
+                    .get(client_num)?
+                    .map(|v| v.value().0)
+                else {
+                    continue;
+                };
+                if txn.open_table(PUSH_JOBS)?.get(client_num)?.is_some() {
+                    continue;
+                }
+                let covered = txn
+                    .open_table(PUSH_NOTED)?
+                    .get(client_num)?
+                    .map_or(last_sent, |v| v.value());
+                let entries = txn.open_table(QUEUE_ENTRIES)?;
+                if !entry_between(&entries, client_num, covered, cutoff_ms)? {
+                    continue;
+                }
+                drop(entries);
+                let due = if last_sent == 0 {
+                    due_ms
+                } else {
+                    due_ms.max(last_sent.saturating_add(coalesce_ms))
+                };
+                txn.open_table(PUSH_NOTED)?.insert(client_num, due_ms)?;
                 set_job(txn, client_num, due, 0, false)?;
                 scheduled += 1;
             }

@@ -123,3 +123,8 @@ pub(crate) const PUSH_JOBS: TableDefinition<'_, u64, (u64, u32, bool)> =
 
 /// The same wake-ups by (due ms, client number), for taking the due ones in order.
 pub(crate) const PUSH_DUE: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("push_due");
+
+/// When a wake-up was last scheduled for a client, by client number (ms; its due time): queue
+/// entries enqueued up to then are covered by it. Queue entries after it with no wake-up
+/// pending are wake-ups a stopped node lost (see `push`, the recovery sweep).
+pub(crate) const PUSH_NOTED: TableDefinition<'_, u64, u64> = TableDefinition::new("push_noted");
