@@ -112,6 +112,7 @@ fn copy_snapshot(from: &ReadTransaction, dest: &Path) -> Result<u64, StoreError>
         PUSH_REGISTRATIONS,
         PUSH_JOBS,
         PUSH_DUE,
+        PUSH_NOTED,
     );
     for table in from.list_tables()? {
         if !copied.contains(table.name()) {

@@ -569,6 +569,7 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(PUSH_REGISTRATIONS)?;
         txn.open_table(PUSH_JOBS)?;
         txn.open_table(PUSH_DUE)?;
+        txn.open_table(PUSH_NOTED)?;
     }
     // Fan-outs a crash (or a storage failure) left pending are queued before any job runs,
     // so nothing later overtakes them in a recipient's queue. Nobody listens yet at a start;
