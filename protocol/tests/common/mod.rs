@@ -565,6 +565,7 @@ pub(crate) fn responses() -> Vec<(&'static str, Response)> {
         "Error/RateLimited",
         "Error/FrameTooLarge",
         "Error/UnsupportedVersion",
+        "Error/SendCounterUsed",
     ]
     .into_iter()
     .zip(error_details())
