@@ -363,12 +363,30 @@ impl Inner {
             ..Changes::default()
         };
         match incoming {
-            Incoming::Application { sender, bytes } => match sender.client {
-                Some(sender) => changes.event(Event::Message {
-                    group,
-                    sender,
-                    bytes,
-                }),
+            Incoming::Application {
+                sender,
+                message_id,
+                bytes,
+            } => match sender.client {
+                Some(sender) => {
+                    let key = message_id.map(|id| crate::store::seen_key(&group, &sender, id));
+                    match key {
+                        Some(key) if self.store.seen(&key)? => {
+                            // The same message encrypted again (a sender restored from an
+                            // old profile copy resending what its newer copy sent): shown
+                            // once already.
+                            tracing::debug!(%group, %sender, seq, "dropped a message whose id was received before");
+                        }
+                        key => {
+                            changes.seen.extend(key);
+                            changes.event(Event::Message {
+                                group,
+                                sender,
+                                bytes,
+                            });
+                        }
+                    }
+                }
                 None => changes.event(error("a message from a leaf without ClientId".into())),
             },
             Incoming::Proposal {

@@ -82,7 +82,9 @@ impl Client {
             if inner.store.group(group)?.is_some_and(|r| r.leaving == 1) {
                 return Err(ClientError::LeftGroup(group.clone()));
             }
-            let message = inner.mls_op(&mls, |mls| mls.encrypt(&inner.identity, group, bytes))?;
+            let message = inner.mls_op(&mls, |mls| {
+                mls.encrypt(&inner.identity, group, id.as_u64(), bytes)
+            })?;
             let record = OutgoingRecord {
                 id: id.as_u64(),
                 group: group.clone(),
@@ -341,7 +343,12 @@ impl Inner {
                         self.rejoin_locked(mls, &group, outcome).await?;
                     }
                     let message = self.mls_op(mls, |mls| {
-                        mls.encrypt(&self.identity, &group, record.plaintext.as_slice())
+                        mls.encrypt(
+                            &self.identity,
+                            &group,
+                            record.id,
+                            record.plaintext.as_slice(),
+                        )
                     })?;
                     record.message = message.into();
                     self.commit(
@@ -444,7 +451,12 @@ impl Inner {
                 continue;
             }
             let message = self.mls_op(mls, |mls| {
-                mls.encrypt(&self.identity, group, record.plaintext.as_slice())
+                mls.encrypt(
+                    &self.identity,
+                    group,
+                    record.id,
+                    record.plaintext.as_slice(),
+                )
             })?;
             record.message = message.into();
             record.counter = next;

@@ -55,6 +55,9 @@ impl std::fmt::Debug for IncomingCommit {
 pub(crate) enum Incoming {
     Application {
         sender: Leaf,
+        /// The sender's id of the message, from its authenticated data (absent: an older
+        /// sender, or one that does not set it).
+        message_id: Option<u64>,
         bytes: Vec<u8>,
     },
     /// A proposal, now stored as pending. `self_remove` if the sender proposes to remove
@@ -254,14 +257,18 @@ impl Mls {
         })
     }
 
-    /// Encrypts an application message.
+    /// Encrypts an application message whose sender-chosen id is `message_id`: carried as
+    /// the message's authenticated data (PROTOCOL.md §4.5, "Message ids"), so receivers can
+    /// drop a copy that was encrypted again (a restored profile's resend).
     pub(crate) fn encrypt(
         &self,
         identity: &Identity,
         group: &GroupId,
+        message_id: u64,
         bytes: &[u8],
     ) -> Result<Vec<u8>, MlsError> {
         let mut mls_group = self.load(group)?;
+        mls_group.set_aad(message_id.to_be_bytes().to_vec());
         let message = mls_group
             .create_message(self, &identity.key, bytes)
             .map_err(|e| MlsError::refused("encrypt", e))?;
@@ -344,9 +351,14 @@ impl Mls {
             leaf
         };
         let sender = credential_leaf(sender_leaf);
+        // Authenticated data of any other length is not a message id: no deduplication.
+        let message_id = <[u8; 8]>::try_from(processed.aad())
+            .ok()
+            .map(u64::from_be_bytes);
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(message) => Ok(Incoming::Application {
                 sender,
+                message_id,
                 bytes: message.into_bytes(),
             }),
             ProcessedMessageContent::ProposalMessage(proposal) => {

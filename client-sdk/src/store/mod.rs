@@ -22,7 +22,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+};
 use roost_protocol::messages::auth::ClientCredential;
 use roost_protocol::{ClientId, GroupId, Opaque};
 use tls_codec::{DeserializeBytes, TlsDeserializeBytes, TlsSerialize, TlsSize};
@@ -36,6 +38,28 @@ const EVENTS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("events");
 const VERIFIED: TableDefinition<'_, &[u8], u64> = TableDefinition::new("verified");
 const PENDING: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("pending");
 const OUTBOX: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("outbox");
+/// Ids of application messages received (PROTOCOL.md §4.5, "Message ids"): key (see
+/// [`seen_key`]) → its number in `SEEN_ORDER`.
+const SEEN: TableDefinition<'_, &[u8], u64> = TableDefinition::new("seen");
+/// The same keys in the order they were received, so the oldest go first.
+const SEEN_ORDER: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("seen_order");
+
+/// How many received message ids a profile remembers (all groups together, about 80 bytes
+/// each): a copy of one of them is dropped. Docs: CLIENT.md "Duplicates".
+pub(crate) const MAX_SEEN_IDS: u64 = 65_536;
+
+/// The key of a received message id: its group, its sender and the id, length-prefixed.
+pub(crate) fn seen_key(group: &GroupId, sender: &roost_protocol::ClientId, id: u64) -> Vec<u8> {
+    let group = group.to_mls_bytes();
+    let sender = sender.to_string();
+    let mut key = Vec::with_capacity(group.len() + sender.len() + 12);
+    key.extend_from_slice(&(group.len() as u16).to_be_bytes());
+    key.extend_from_slice(&group);
+    key.extend_from_slice(&(sender.len() as u16).to_be_bytes());
+    key.extend_from_slice(sender.as_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
+    key
+}
 
 const SCHEMA_VERSION: u64 = 1;
 const KEY_SCHEMA: &str = "schema";
@@ -44,6 +68,7 @@ const KEY_LAST_SEQ: &str = "last_seq";
 const KEY_NEXT_EVENT: &str = "next_event";
 const KEY_NEXT_OUTGOING: &str = "next_outgoing";
 const KEY_NEXT_COUNTER: &str = "next_send_counter";
+const KEY_NEXT_SEEN: &str = "next_seen";
 
 /// A failure of the profile database.
 #[derive(Debug, thiserror::Error)]
@@ -330,6 +355,8 @@ pub(crate) struct Changes {
     pub(crate) outgoing: Vec<OutgoingChange>,
     /// The next send counter to give (applied before `outgoing`'s pushes take theirs).
     pub(crate) next_counter: Option<u64>,
+    /// Received message ids to remember ([`seen_key`]).
+    pub(crate) seen: Vec<Vec<u8>>,
 }
 
 impl Changes {
@@ -427,6 +454,8 @@ impl Store {
             txn.open_table(VERIFIED)?;
             txn.open_table(PENDING)?;
             txn.open_table(OUTBOX)?;
+            txn.open_table(SEEN)?;
+            txn.open_table(SEEN_ORDER)?;
         }
         txn.commit()?;
         Ok(Self {
@@ -552,9 +581,39 @@ impl Store {
                     }
                 }
             }
+            if !changes.seen.is_empty() {
+                let mut seen = txn.open_table(SEEN)?;
+                let mut order = txn.open_table(SEEN_ORDER)?;
+                let mut next = meta
+                    .get(KEY_NEXT_SEEN)?
+                    .map(|v| u64_value(v.value()))
+                    .transpose()?
+                    .unwrap_or(0);
+                for key in &changes.seen {
+                    if let Some(old) = seen.insert(key.as_slice(), next)? {
+                        order.remove(old.value())?;
+                    }
+                    order.insert(next, key.as_slice())?;
+                    next += 1;
+                }
+                meta.insert(KEY_NEXT_SEEN, next.to_be_bytes().as_slice())?;
+                // The oldest beyond the bound go.
+                while seen.len()? > MAX_SEEN_IDS {
+                    let Some((_, key)) = order.pop_first()? else {
+                        break;
+                    };
+                    seen.remove(key.value())?;
+                }
+            }
         }
         txn.commit()?;
         Ok(())
+    }
+
+    /// Whether a message id was received before ([`seen_key`]).
+    pub(crate) fn seen(&self, key: &[u8]) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(SEEN)?.get(key)?.is_some())
     }
 
     /// The outgoing queue in order: (position, record).

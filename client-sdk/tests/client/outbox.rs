@@ -531,6 +531,49 @@ async fn a_profile_restored_in_the_same_epoch_does_not_reuse_a_generation_and_it
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_restored_copy_sends_again_after_the_receipt_window_are_shown_once() {
+    // A one-second receipt window stands for the 24 h default.
+    let mut hub = Hub::start(|c| c.limits.receipt_window_secs = 1).await;
+    let alice = hub.register("alice").await;
+    let bob = hub.register("bob").await;
+    let group = group_of(&alice, &[&bob]).await;
+
+    // bob queues two messages while the hub is down; a copy of his profile is taken with
+    // them still queued.
+    hub.stop().await;
+    let ids = [
+        bob.send(&group, b"one").await.unwrap(),
+        bob.send(&group, b"two").await.unwrap(),
+    ];
+    bob.close().await;
+    let backup = hub.dir.path().join("bob-backup.redb");
+    std::fs::copy(hub.path("bob"), &backup).unwrap();
+    hub.restart().await;
+    let bob = hub.open("bob").await;
+    wait_sent(&bob, &ids).await;
+    let bob_id = client_id("bob", "phone");
+    assert_eq!(
+        messages(&alice, 2).await,
+        ["one", "two"].map(|t| (bob_id.clone(), t.to_owned()))
+    );
+    bob.close().await;
+
+    // Restored after the hub forgot its receipts: the copy's first message is refused
+    // (its counter is used), so the SDK encrypts both again and sends them; they reach alice
+    // a second time as new ciphertexts.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    std::fs::copy(&backup, hub.path("bob")).unwrap();
+    let bob = hub.open("bob").await;
+    wait_sent(&bob, &ids).await;
+    assert!(bob.outbox().await.unwrap().is_empty());
+
+    // alice's SDK knows their ids: nothing is shown twice, and the conversation goes on.
+    nothing_more(&alice, &bob, &group).await;
+    alice.send(&group, b"still here").await.unwrap();
+    assert_eq!(messages(&bob, 1).await[0].1, "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_offline_longer_than_the_queue_keeps_messages_rejoins_by_itself() {
     let hub = Hub::start(|c| c.limits.max_message_age_secs = 1).await;
     let alice = hub.register("alice").await;
