@@ -328,6 +328,7 @@ async fn proxy<W: AsyncWrite + Unpin>(
     out: &mut W,
 ) -> bool {
     let domain = request.blob.domain.clone();
+    let (offset, wanted) = (request.offset, request.length);
     let frame = match encode_frame(&FederationRequest::BlobDownload(request)) {
         Ok(frame) => frame,
         Err(err) => return write_response(out, &Response::Error(err.to_wire())).await,
@@ -345,12 +346,23 @@ async fn proxy<W: AsyncWrite + Unpin>(
         Err(err) => return write_response(out, &Response::Error(err)).await,
     };
     let length = match &head {
-        Response::BlobDownload(head) => head.length,
+        Response::BlobDownload(head) if answers(head, offset, wanted) => head.length,
         Response::Error(_) => 0,
+        // Another kind of answer, or a head for a range other than the one asked for (a
+        // peer that lies about what follows): the client gets an error, not its bytes.
         _ => return write_error(out, unreachable()).await,
     };
     metrics::counter!("roost_blob_proxied_total").increment(1);
     write_response(out, &head).await && copy_exact(&mut recv, out, length).await
+}
+
+/// Whether a peer's download head answers a request for `wanted` bytes (all that remain when
+/// `None`) from `offset`: the same offset, inside the blob it names, no more than asked for.
+fn answers(head: &BlobDownloadResponse, offset: u64, wanted: Option<u64>) -> bool {
+    head.offset == offset
+        && head.offset <= head.size
+        && head.length <= head.size - head.offset
+        && wanted.is_none_or(|wanted| head.length <= wanted)
 }
 
 async fn read_head<R: AsyncRead + Unpin>(
@@ -379,4 +391,34 @@ pub(crate) async fn expire(state: &State) -> Result<u64, ServiceError> {
         .unix_secs()
         .saturating_sub(state.settings.blobs.expiry_secs);
     state.blobs.expire(cutoff).await
+}
+
+#[cfg(test)]
+mod head_tests {
+    use super::*;
+
+    fn head(size: u64, offset: u64, length: u64) -> BlobDownloadResponse {
+        BlobDownloadResponse {
+            size,
+            offset,
+            length,
+        }
+    }
+
+    #[test]
+    fn a_proxied_head_must_answer_the_range_asked_for() {
+        // Honest answers: the whole blob, a tail, a bounded range, an empty range at the end.
+        assert!(answers(&head(100, 0, 100), 0, None));
+        assert!(answers(&head(100, 40, 60), 40, None));
+        assert!(answers(&head(100, 40, 10), 40, Some(10)));
+        assert!(answers(&head(100, 100, 0), 100, None));
+        assert!(answers(&head(0, 0, 0), 0, Some(5)));
+        // Lies: another offset, past the end of the blob it names, more than asked for, an
+        // offset beyond the size (no underflow).
+        assert!(!answers(&head(100, 0, 100), 40, None));
+        assert!(!answers(&head(100, 40, 61), 40, None));
+        assert!(!answers(&head(100, 40, 11), 40, Some(10)));
+        assert!(!answers(&head(100, 200, 0), 200, None));
+        assert!(!answers(&head(10, 0, u64::MAX), 0, None));
+    }
 }
