@@ -685,25 +685,28 @@ async fn the_sdk_registers_and_unregisters_push() {
     server.shutdown().await;
 }
 
+/// The configuration of node `n` of a domain on PostgreSQL at `url`: its own data directory
+/// under `dir`, the identity (and so the VAPID key) shared by every node.
+fn postgres_node(dir: &std::path::Path, receiver: &Receiver, url: &str, n: usize) -> Config {
+    use roost_server::config::StorageBackend;
+    let mut config = push_config(&dir.join(format!("node{n}")), receiver);
+    config.identity_dir = Some(dir.join("identity"));
+    config.storage.backend = StorageBackend::Postgres;
+    config.storage.url = Some(url.to_owned());
+    config.storage.pool_size = 4;
+    config.storage.timeout_ms = 3_000;
+    config
+}
+
 /// Two nodes of one domain on PostgreSQL: a message committed on one node wakes a client
 /// that registered through the other, exactly once per interval, whichever node sends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_nodes_a_message_on_either_wakes_the_client_once() {
-    use roost_server::config::StorageBackend;
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(dir.path()).await;
     let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
     let url = cluster.create_database("roost").unwrap();
-    let identity = dir.path().join("identity");
-    let node = |n: usize| {
-        let mut config = push_config(&dir.path().join(format!("node{n}")), &receiver);
-        config.identity_dir = Some(identity.clone());
-        config.storage.backend = StorageBackend::Postgres;
-        config.storage.url = Some(url.clone());
-        config.storage.pool_size = 4;
-        config.storage.timeout_ms = 3_000;
-        config
-    };
+    let node = |n: usize| postgres_node(dir.path(), &receiver, &url, n);
     let a = start(node(0)).await;
     let b = start(node(1)).await;
     let (_kim, phone, conn) = new_client(&a, "kim").await;
@@ -736,21 +739,11 @@ async fn with_two_nodes_a_message_on_either_wakes_the_client_once() {
 /// sweep and sends it, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_nodes_a_wake_up_lost_by_one_is_sent_by_the_other() {
-    use roost_server::config::StorageBackend;
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(dir.path()).await;
     let cluster = roost_interop::postgres::Cluster::start().expect("a PostgreSQL cluster");
     let url = cluster.create_database("roost").unwrap();
-    let identity = dir.path().join("identity");
-    let node = |n: usize| {
-        let mut config = push_config(&dir.path().join(format!("node{n}")), &receiver);
-        config.identity_dir = Some(identity.clone());
-        config.storage.backend = StorageBackend::Postgres;
-        config.storage.url = Some(url.clone());
-        config.storage.pool_size = 4;
-        config.storage.timeout_ms = 3_000;
-        config
-    };
+    let node = |n: usize| postgres_node(dir.path(), &receiver, &url, n);
     let a = start(node(0)).await;
     let mut config_b = node(1);
     config_b.push.recover_ms = 500;
