@@ -21,7 +21,7 @@ const ALPHA: &str = "alpha.test";
 const BETA: &str = "beta.test";
 
 /// A UDP port that was free a moment ago.
-fn free_port() -> SocketAddr {
+pub fn free_port() -> SocketAddr {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -37,7 +37,7 @@ struct Pair {
     beta: Option<Server>,
 }
 
-fn server_config(
+pub fn server_config(
     root: &std::path::Path,
     pki: &Pki,
     domain: &str,

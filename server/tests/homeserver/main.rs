@@ -9,6 +9,7 @@ mod bad_input;
 mod binary;
 mod blob;
 mod blob_postgres;
+mod blob_proxy;
 mod common;
 mod delivery;
 mod federation;
