@@ -5,6 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use roost_protocol::UserId;
 use roost_protocol::messages::blob::BLOB_ADDRESS_LEN;
 use tokio::io::{AsyncRead, ReadBuf};
@@ -98,7 +99,7 @@ impl BlobStore for Blobs {
         }
     }
 
-    async fn write(&self, upload: &mut Upload, bytes: &[u8]) -> Result<(), ServiceError> {
+    async fn write(&self, upload: &mut Upload, bytes: Bytes) -> Result<(), ServiceError> {
         match (self, upload) {
             (Blobs::Files(store), Upload::Files(upload)) => store.write(upload, bytes).await,
             (Blobs::Postgres(store), Upload::Postgres(upload)) => store.write(upload, bytes).await,

@@ -1,21 +1,25 @@
 //! The blob store on a file system: one file per blob, named by the hex of its address, and a
 //! small metadata file next to it (`<address>.meta`: owner, read token, size, creation time).
 //!
-//! An upload is written to `tmp/<random>`, fsynced, then the metadata file is written the same
-//! way and renamed into place, then the data file is renamed into place and the directory
-//! fsynced. A blob is visible only when both files exist, so a partial upload never is; a
-//! process killed at any point leaves files in `tmp/` (removed at start) or a metadata file
-//! without its data (removed at start).
+//! An upload is written to `tmp/<random>` on the blocking pool, one chunk behind the stream,
+//! and its writeback to the disk is started while it is received (an `fdatasync` of what is
+//! written so far whenever [`WRITEBACK_STEP`] bytes are waiting and none is running), so the
+//! flush at commit only has the tail left. At commit the tail is fsynced while the metadata
+//! file is written to `tmp/` and fsynced beside it; then the metadata file is renamed into
+//! place, then the data file, and the directory is fsynced. A blob is visible only when both
+//! files exist, so a partial upload never is; a process killed at any point leaves files in
+//! `tmp/` (removed at start) or a metadata file without its data (removed at start).
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use roost_protocol::UserId;
 use roost_protocol::messages::blob::{BLOB_ADDRESS_LEN, BLOB_TOKEN_LEN};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
 
 use super::{BlobMeta, BlobStore};
 use crate::error::ServiceError;
@@ -25,6 +29,9 @@ const TMP: &str = "tmp";
 /// The store's directory in the data directory when `blobs.dir` is not set (and in a backup).
 pub(crate) const DEFAULT_DIR: &str = "blobs";
 const META_SUFFIX: &str = ".meta";
+/// Bytes of an upload written but not yet flushed after which a flush of them is started
+/// (while the upload goes on), so that the flush at commit is short.
+const WRITEBACK_STEP: u64 = 256 * 1024;
 
 /// Blobs in a directory.
 #[derive(Clone)]
@@ -57,9 +64,27 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
 ) -> Result<T, ServiceError> {
-    tokio::task::spawn_blocking(f)
-        .await
+    joined(tokio::task::spawn_blocking(f)).await
+}
+
+/// The result of a job on the blocking pool (one that panicked or was cancelled: the store
+/// is unavailable).
+async fn joined<T>(job: JoinHandle<Result<T, ServiceError>>) -> Result<T, ServiceError> {
+    job.await
         .map_err(|_| ServiceError::Store(StoreError::Unavailable))?
+}
+
+/// Writes `bytes` to a new file at `path` and fsyncs it; removes it on failure. Blocking.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let written = (|| {
+        let mut f = std::fs::File::create(path)?;
+        io::Write::write_all(&mut f, bytes)?;
+        f.sync_all()
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
 }
 
 fn fsync_dir(dir: &Path) -> io::Result<()> {
@@ -124,45 +149,113 @@ fn read_meta(path: &Path) -> Option<BlobMeta> {
     })
 }
 
-/// An upload being written to `tmp/`. Dropped without [`BlobStore::commit`], its file is
-/// removed.
+/// An upload being written to `tmp/`. Dropped without [`BlobStore::commit`], its files are
+/// removed (a write still running on the blocking pool ends in the removed file).
 pub(crate) struct FileUpload {
     path: PathBuf,
-    file: Option<tokio::fs::File>,
+    /// The metadata file staged in `tmp/` at commit.
+    meta_path: Option<PathBuf>,
+    writer: Option<Writer>,
+}
+
+/// The data file of an upload and the work on it running on the blocking pool: at most one
+/// write (so at most one chunk is held besides the one being received) and one flush.
+struct Writer {
+    file: Arc<std::fs::File>,
+    write: Option<JoinHandle<Result<(), ServiceError>>>,
+    flush: Option<JoinHandle<Result<(), ServiceError>>>,
+    /// Bytes written since the last flush started.
+    unflushed: u64,
+}
+
+impl Writer {
+    /// Waits for the write in flight, and collects a flush that has ended.
+    async fn settle(&mut self) -> Result<(), ServiceError> {
+        if let Some(write) = self.write.take() {
+            joined(write).await?;
+        }
+        if self.flush.as_ref().is_some_and(JoinHandle::is_finished)
+            && let Some(flush) = self.flush.take()
+        {
+            joined(flush).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, bytes: Bytes) -> Result<(), ServiceError> {
+        self.settle().await?;
+        if self.unflushed >= WRITEBACK_STEP && self.flush.is_none() {
+            // Sends what is written so far to the disk while the next chunks arrive.
+            let file = Arc::clone(&self.file);
+            self.flush = Some(tokio::task::spawn_blocking(move || {
+                file.sync_data().map_err(io_error)
+            }));
+            self.unflushed = 0;
+        }
+        self.unflushed += bytes.len() as u64;
+        let file = Arc::clone(&self.file);
+        self.write = Some(tokio::task::spawn_blocking(move || {
+            io::Write::write_all(&mut &*file, &bytes).map_err(io_error)
+        }));
+        Ok(())
+    }
+
+    /// Waits for every write and makes the whole file durable. The last flush starts without
+    /// waiting for one still running (it waits for that one's pages itself); the running one's
+    /// result still counts, since a write-back error is reported to one flush only.
+    async fn finish(mut self) -> Result<(), ServiceError> {
+        if let Some(write) = self.write.take() {
+            joined(write).await?;
+        }
+        let file = Arc::clone(&self.file);
+        let last = blocking(move || file.sync_data().map_err(io_error));
+        let running = async {
+            match self.flush.take() {
+                Some(flush) => joined(flush).await,
+                None => Ok(()),
+            }
+        };
+        let (last, running) = tokio::join!(last, running);
+        last.and(running)
+    }
 }
 
 impl FileStore {
+    fn staging_path(&self, suffix: &str) -> PathBuf {
+        let name = hex::encode(rand::random::<[u8; 16]>());
+        self.dir.join(TMP).join(format!("{name}{suffix}"))
+    }
+
     /// Writes a blob's metadata file in place atomically: a file in `tmp/`, fsynced, renamed
     /// over `path`. The caller fsyncs the directory. Blocking.
     fn write_meta(&self, path: &Path, meta: &BlobMeta) -> io::Result<()> {
-        let record = MetaFile {
-            owner: meta.owner.to_string(),
-            token: hex::encode(meta.token),
-            size: meta.size,
-            created_secs: meta.created_secs,
-        };
-        let bytes = serde_json::to_vec(&record).map_err(io::Error::other)?;
-        let tmp = self.dir.join(TMP).join(format!(
-            "{}{META_SUFFIX}",
-            hex::encode(rand::random::<[u8; 16]>())
-        ));
-        let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            io::Write::write_all(&mut f, &bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if written.is_err() {
+        let tmp = self.staging_path(META_SUFFIX);
+        write_synced(&tmp, &meta_bytes(meta)?)?;
+        let renamed = std::fs::rename(&tmp, path);
+        if renamed.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        written
+        renamed
     }
+}
+
+fn meta_bytes(meta: &BlobMeta) -> io::Result<Vec<u8>> {
+    let record = MetaFile {
+        owner: meta.owner.to_string(),
+        token: hex::encode(meta.token),
+        size: meta.size,
+        created_secs: meta.created_secs,
+    };
+    serde_json::to_vec(&record).map_err(io::Error::other)
 }
 
 impl Drop for FileUpload {
     fn drop(&mut self) {
         // Best effort; whatever stays is removed at the next start.
         let _ = std::fs::remove_file(&self.path);
+        if let Some(meta_path) = &self.meta_path {
+            let _ = std::fs::remove_file(meta_path);
+        }
     }
 }
 
@@ -171,18 +264,26 @@ impl BlobStore for FileStore {
     type Reader = tokio::fs::File;
 
     async fn begin(&self) -> Result<FileUpload, ServiceError> {
-        let name = hex::encode(rand::random::<[u8; 16]>());
-        let path = self.dir.join(TMP).join(name);
-        let file = tokio::fs::File::create(&path).await.map_err(io_error)?;
+        let path = self.staging_path("");
+        let file = {
+            let path = path.clone();
+            blocking(move || std::fs::File::create(path).map_err(io_error)).await?
+        };
         Ok(FileUpload {
             path,
-            file: Some(file),
+            meta_path: None,
+            writer: Some(Writer {
+                file: Arc::new(file),
+                write: None,
+                flush: None,
+                unflushed: 0,
+            }),
         })
     }
 
-    async fn write(&self, upload: &mut FileUpload, bytes: &[u8]) -> Result<(), ServiceError> {
-        match upload.file.as_mut() {
-            Some(file) => file.write_all(bytes).await.map_err(io_error),
+    async fn write(&self, upload: &mut FileUpload, bytes: Bytes) -> Result<(), ServiceError> {
+        match upload.writer.as_mut() {
+            Some(writer) => writer.write(bytes).await,
             None => Err(ServiceError::Internal("write after close".into())),
         }
     }
@@ -194,12 +295,23 @@ impl BlobStore for FileStore {
         meta: BlobMeta,
         quota: u64,
     ) -> Result<BlobMeta, ServiceError> {
-        let Some(mut file) = upload.file.take() else {
+        let Some(writer) = upload.writer.take() else {
             return Err(ServiceError::Internal("commit after close".into()));
         };
-        file.flush().await.map_err(io_error)?;
-        file.sync_all().await.map_err(io_error)?;
-        drop(file);
+        // The metadata file is staged and fsynced while the data's tail is flushed.
+        let staged_meta = self.staging_path(META_SUFFIX);
+        upload.meta_path = Some(staged_meta.clone());
+        let stage = {
+            let (path, meta) = (staged_meta.clone(), meta.clone());
+            blocking(move || {
+                meta_bytes(&meta)
+                    .and_then(|bytes| write_synced(&path, &bytes))
+                    .map_err(io_error)
+            })
+        };
+        let (flushed, staged) = tokio::join!(writer.finish(), stage);
+        flushed?;
+        staged?;
         let store = self.clone();
         let tmp = upload.path.clone();
         let committed = blocking(move || {
@@ -230,7 +342,7 @@ impl BlobStore for FileStore {
                 return Err(ServiceError::BlobQuotaExceeded);
             }
             let written = (|| {
-                store.write_meta(&meta_path, &meta)?;
+                std::fs::rename(&staged_meta, &meta_path)?;
                 std::fs::rename(&tmp, &data)?;
                 fsync_dir(&store.dir)
             })();
@@ -378,7 +490,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
         let mut upload = store.begin().await.unwrap();
-        store.write(&mut upload, b"hello").await.unwrap();
+        store
+            .write(&mut upload, Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
         let address = [1u8; BLOB_ADDRESS_LEN];
         store
             .commit(upload, address, meta("alice@example.org", 5), 5)
@@ -387,6 +502,12 @@ mod tests {
         // A temporary file (killed mid-upload) and a metadata file without data (killed
         // between the two renames).
         std::fs::write(dir.path().join(TMP).join("partial"), b"half").unwrap();
+        // A metadata file staged by a commit killed before its renames.
+        std::fs::copy(
+            store.meta_path(&address),
+            dir.path().join(TMP).join(format!("staged{META_SUFFIX}")),
+        )
+        .unwrap();
         let orphan = store.meta_path(&[2u8; BLOB_ADDRESS_LEN]);
         std::fs::copy(store.meta_path(&address), &orphan).unwrap();
         drop(store);
@@ -402,7 +523,10 @@ mod tests {
 
         // An upload dropped before its commit leaves nothing.
         let mut dropped = store.begin().await.unwrap();
-        store.write(&mut dropped, b"never").await.unwrap();
+        store
+            .write(&mut dropped, Bytes::from_static(b"never"))
+            .await
+            .unwrap();
         drop(dropped);
         assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
 
@@ -410,5 +534,74 @@ mod tests {
         assert_eq!(store.expire(101).await.unwrap(), 1);
         assert_eq!(store.usage(&alice).await.unwrap(), 0);
         assert!(store.open(&address, 0).await.unwrap().is_none());
+    }
+
+    fn staged(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join(TMP)).unwrap().count()
+    }
+
+    async fn upload(store: &FileStore, data: &[u8]) -> FileUpload {
+        let mut upload = store.begin().await.unwrap();
+        // Uneven pieces, so flushes start while writes are still running.
+        for piece in data.chunks(200_003) {
+            store
+                .write(&mut upload, Bytes::copy_from_slice(piece))
+                .await
+                .unwrap();
+        }
+        upload
+    }
+
+    #[tokio::test]
+    async fn a_large_upload_is_stored_exactly_and_every_commit_leaves_nothing_staged() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        // Many times the writeback step: flushes run while the upload goes on.
+        let data: Vec<u8> = (0..5 * 1024 * 1024 + 7)
+            .map(|i: usize| (i % 251) as u8 ^ (i >> 16) as u8)
+            .collect();
+        let size = data.len() as u64;
+        let address = [3u8; BLOB_ADDRESS_LEN];
+
+        // Refused for the quota: nothing visible, nothing counted, nothing left in tmp/.
+        let refused = upload(&store, &data).await;
+        let err = store
+            .commit(refused, address, meta("alice@example.org", size), size - 1)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ServiceError::BlobQuotaExceeded), "{err}");
+        assert!(store.open(&address, 0).await.unwrap().is_none());
+        assert_eq!(store.usage(&alice).await.unwrap(), 0);
+        assert_eq!(staged(dir.path()), 0);
+
+        // Stored: every byte, from the start and from an offset.
+        let stored = upload(&store, &data).await;
+        store
+            .commit(stored, address, meta("alice@example.org", size), size)
+            .await
+            .unwrap();
+        assert_eq!(staged(dir.path()), 0);
+        assert_eq!(std::fs::read(store.data_path(&address)).unwrap(), data);
+        let (found, mut reader) = store.open(&address, 1_000_000).await.unwrap().unwrap();
+        assert_eq!(found, meta("alice@example.org", size));
+        let mut tail = Vec::new();
+        reader.read_to_end(&mut tail).await.unwrap();
+        assert_eq!(tail, data[1_000_000..]);
+        assert_eq!(store.usage(&alice).await.unwrap(), size);
+
+        // The same bytes again (by bob): the stored blob answers, its owner and quota
+        // unchanged, and the second upload's files are gone.
+        let again = upload(&store, &data).await;
+        let answered = store
+            .commit(again, address, meta("bob@example.org", size), size)
+            .await
+            .unwrap();
+        assert_eq!(answered, meta("alice@example.org", size));
+        assert_eq!(staged(dir.path()), 0);
+        let bob: UserId = "bob@example.org".parse().unwrap();
+        assert_eq!(store.usage(&bob).await.unwrap(), 0);
+        assert_eq!(std::fs::read(store.data_path(&address)).unwrap(), data);
     }
 }

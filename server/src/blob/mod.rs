@@ -17,6 +17,7 @@ pub(crate) use engine::Blobs;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use bytes::{Bytes, BytesMut};
 use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use roost_protocol::messages::Response;
 use roost_protocol::messages::blob::{
@@ -33,6 +34,8 @@ use crate::error::ServiceError;
 
 /// Bytes read from or written to a stream at once.
 const IO_CHUNK: usize = 256 * 1024;
+/// Chunks of an upload smaller than this are hashed at once rather than on the blocking pool.
+const INLINE_HASH: usize = 16 * 1024;
 /// Largest response head a peer may send before the bytes of a proxied download.
 const MAX_HEAD_LEN: u32 = 4096;
 
@@ -60,8 +63,9 @@ pub(crate) trait BlobStore {
     type Reader: AsyncRead + Unpin + Send;
     /// Starts an upload.
     async fn begin(&self) -> Result<Self::Upload, ServiceError>;
-    /// Appends bytes.
-    async fn write(&self, upload: &mut Self::Upload, bytes: &[u8]) -> Result<(), ServiceError>;
+    /// Appends bytes. The store may still be writing them when this returns (an error then
+    /// comes from a later call); [`BlobStore::commit`] waits for every write.
+    async fn write(&self, upload: &mut Self::Upload, bytes: Bytes) -> Result<(), ServiceError>;
     /// Makes the upload durable and visible under `address`. If a blob with that address is
     /// stored already, the upload is discarded and the stored blob's metadata returned. If the
     /// owner's stored bytes would pass `quota`, nothing is stored
@@ -159,30 +163,37 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
         .reserve(user, stored, request.size, config.quota_per_user)
         .ok_or(ServiceError::BlobQuotaExceeded)?;
     let mut upload = state.blobs.begin().await?;
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut buf = vec![0u8; IO_CHUNK];
+    let mut hash = Sha256::new();
     let mut received: u64 = 0;
-    loop {
-        let read = tokio::time::timeout(config.stall_timeout(), body.read(&mut buf))
-            .await
-            .map_err(|_| ServiceError::RequestTimeout)?
-            .map_err(|_| ServiceError::StreamCut)?;
-        if read == 0 {
-            break;
+    let mut ended = false;
+    while !ended {
+        // A chunk of our own (the stream's buffers are released as it is copied), handed to
+        // the hash and to the store, which work on it while the next one is received.
+        let mut chunk = BytesMut::with_capacity(IO_CHUNK);
+        while chunk.len() < IO_CHUNK {
+            let read = tokio::time::timeout(config.stall_timeout(), body.read_buf(&mut chunk))
+                .await
+                .map_err(|_| ServiceError::RequestTimeout)?
+                .map_err(|_| ServiceError::StreamCut)?;
+            if read == 0 {
+                ended = true;
+                break;
+            }
+            received = received.saturating_add(read as u64);
+            if received > request.size {
+                return Err(ServiceError::BlobSizeMismatch);
+            }
         }
-        let bytes = buf.get(..read).unwrap_or_default();
-        received = received.saturating_add(read as u64);
-        if received > request.size {
-            return Err(ServiceError::BlobSizeMismatch);
+        if !chunk.is_empty() {
+            let chunk = chunk.freeze();
+            hash.update(chunk.clone()).await?;
+            state.blobs.write(&mut upload, chunk).await?;
         }
-        hash.update(bytes);
-        state.blobs.write(&mut upload, bytes).await?;
     }
     if received != request.size {
         return Err(ServiceError::BlobSizeMismatch);
     }
-    let mut address = [0u8; BLOB_ADDRESS_LEN];
-    address.copy_from_slice(hash.finish().as_ref());
+    let address = hash.finish().await?;
     let meta = BlobMeta {
         owner: user.clone(),
         token: rand::random(),
@@ -203,6 +214,52 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
         size: meta.size,
         expires_at: meta.created_secs.saturating_add(config.expiry_secs),
     })
+}
+
+/// The SHA-256 of an upload, computed on the blocking pool one chunk behind the stream.
+struct Sha256 {
+    idle: Option<ring::digest::Context>,
+    running: Option<tokio::task::JoinHandle<ring::digest::Context>>,
+}
+
+impl Sha256 {
+    fn new() -> Self {
+        Self {
+            idle: Some(ring::digest::Context::new(&ring::digest::SHA256)),
+            running: None,
+        }
+    }
+
+    async fn context(&mut self) -> Result<ring::digest::Context, ServiceError> {
+        match (self.running.take(), self.idle.take()) {
+            (Some(running), _) => running
+                .await
+                .map_err(|_| ServiceError::Internal("the upload's hash failed".into())),
+            (None, Some(idle)) => Ok(idle),
+            (None, None) => Err(ServiceError::Internal("the upload's hash is gone".into())),
+        }
+    }
+
+    async fn update(&mut self, bytes: Bytes) -> Result<(), ServiceError> {
+        let mut context = self.context().await?;
+        if bytes.len() < INLINE_HASH {
+            context.update(&bytes);
+            self.idle = Some(context);
+        } else {
+            self.running = Some(tokio::task::spawn_blocking(move || {
+                context.update(&bytes);
+                context
+            }));
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<[u8; BLOB_ADDRESS_LEN], ServiceError> {
+        let digest = self.context().await?.finish();
+        let mut address = [0u8; BLOB_ADDRESS_LEN];
+        address.copy_from_slice(digest.as_ref());
+        Ok(address)
+    }
 }
 
 /// Who asks for a download: a client of this server, or a peer homeserver for one of its

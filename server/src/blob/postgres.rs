@@ -22,6 +22,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use roost_protocol::UserId;
 use roost_protocol::messages::blob::{BLOB_ADDRESS_LEN, BLOB_TOKEN_LEN};
@@ -191,7 +192,8 @@ impl BlobStore for PgBlobStore {
         Ok(upload)
     }
 
-    async fn write(&self, upload: &mut PgUpload, mut bytes: &[u8]) -> Result<(), ServiceError> {
+    async fn write(&self, upload: &mut PgUpload, bytes: Bytes) -> Result<(), ServiceError> {
+        let mut bytes = &bytes[..];
         while !bytes.is_empty() {
             let room = CHUNK - upload.pending.len();
             let (now, later) = bytes.split_at(room.min(bytes.len()));

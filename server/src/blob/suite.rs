@@ -1,6 +1,7 @@
 //! One suite for every [`BlobStore`]: the file store and the PostgreSQL store give the same
 //! answers (visibility only at commit, offsets, deduplication, the quota at commit, expiry).
 
+use bytes::Bytes;
 use roost_protocol::UserId;
 use roost_protocol::messages::blob::{BLOB_ADDRESS_LEN, BLOB_TOKEN_LEN};
 use tokio::io::AsyncReadExt;
@@ -26,7 +27,10 @@ fn meta(owner: &str, size: usize, token: u8, created_secs: u64) -> BlobMeta {
 /// Writes `data` in uneven pieces (crossing any chunking the store does).
 async fn write_all<S: BlobStore>(store: &S, upload: &mut S::Upload, data: &[u8]) {
     for piece in data.chunks(100_003) {
-        store.write(upload, piece).await.unwrap();
+        store
+            .write(upload, Bytes::copy_from_slice(piece))
+            .await
+            .unwrap();
     }
 }
 
