@@ -164,6 +164,9 @@ pub struct FederationConfig {
     pub deny_domains: Vec<String>,
     /// Concurrent requests towards one peer.
     pub max_in_flight_per_peer: u32,
+    /// Concurrent bidirectional streams (requests) a peer homeserver may open on its
+    /// connection to us; client connections have `limits.max_concurrent_streams`.
+    pub max_concurrent_streams: u32,
     /// Deliveries sent to a peer in one batch.
     pub outbox_batch: u32,
     /// Bytes of encoded deliveries sent to a peer in one batch (a single larger delivery goes
@@ -200,6 +203,7 @@ impl Default for FederationConfig {
             allow_domains: Vec::new(),
             deny_domains: Vec::new(),
             max_in_flight_per_peer: 64,
+            max_concurrent_streams: 128,
             outbox_batch: 256,
             outbox_batch_bytes: 4 << 20,
             retry_initial_ms: 250,
@@ -443,7 +447,8 @@ pub struct Limits {
     pub request_read_timeout_ms: u64,
     /// QUIC idle timeout.
     pub idle_timeout_ms: u64,
-    /// Concurrent bidirectional streams a peer may open per connection.
+    /// Concurrent bidirectional streams a client may open per connection (every connection
+    /// holds the stream slots it grants: docs/BENCHMARKS.md, "Memory per idle listener").
     pub max_concurrent_streams: u32,
     /// Per-stream receive window, bytes.
     pub stream_receive_window: u32,
@@ -522,7 +527,7 @@ impl Default for Limits {
             max_frame_len: roost_protocol::frame::DEFAULT_MAX_FRAME_LEN,
             request_read_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
-            max_concurrent_streams: 128,
+            max_concurrent_streams: 32,
             stream_receive_window: 1024 * 1024,
             connection_receive_window: 16 * 1024 * 1024,
             max_connections: 20_000,

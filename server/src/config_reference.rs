@@ -178,7 +178,7 @@ pub const FIELDS: &[Field] = &[
     f(
         "limits",
         &["max_concurrent_streams"],
-        "concurrent requests (bidirectional streams) per connection",
+        "concurrent requests (bidirectional streams) per client connection; more wait for a free stream. quinn keeps a slot per stream it grants, so each connection costs memory in proportion (32: about 2.7 KB, 128: about 10.8 KB)",
     ),
     f(
         "limits",
@@ -346,6 +346,11 @@ pub const FIELDS: &[Field] = &[
         "federation",
         &["max_in_flight_per_peer"],
         "concurrent requests towards one peer",
+    ),
+    f(
+        "federation",
+        &["max_concurrent_streams"],
+        "concurrent requests (bidirectional streams) one peer homeserver may have open on its connection to us (its requests carry many clients' operations)",
     ),
     f(
         "federation",

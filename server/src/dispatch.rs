@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use roost_protocol::messages::auth::EXPORTER_LEN;
 use roost_protocol::messages::{ClientRequest, RequestKind, Response};
 
 use crate::auth::Authenticated;
@@ -15,12 +16,12 @@ use crate::{State, auth, blob, delivery, federation, keypackage, push, queue};
 pub(crate) struct ConnectionContext {
     pub(crate) remote: SocketAddr,
     /// The connection's TLS exporter value for connection authentication.
-    pub(crate) exporter: Vec<u8>,
+    pub(crate) exporter: [u8; EXPORTER_LEN],
     authenticated: Mutex<Option<Authenticated>>,
 }
 
 impl ConnectionContext {
-    pub(crate) fn new(remote: SocketAddr, exporter: Vec<u8>) -> Self {
+    pub(crate) fn new(remote: SocketAddr, exporter: [u8; EXPORTER_LEN]) -> Self {
         Self {
             remote,
             exporter,

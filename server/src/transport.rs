@@ -65,6 +65,8 @@ pub(crate) fn bind(state: &State, tls: TlsIdentity) -> Result<quinn::Endpoint, S
             quinn::IdleTimeout::try_from(limits.idle_timeout())
                 .map_err(|e| ServerError::Tls(e.to_string()))?,
         ))
+        // Client connections; a peer's is raised to `federation.max_concurrent_streams` once
+        // its ALPN is known (`serve_connection`).
         .max_concurrent_bidi_streams(VarInt::from_u32(limits.max_concurrent_streams))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(limits.stream_receive_window))
@@ -159,9 +161,15 @@ pub(crate) async fn accept_loop(
         handshaking.fetch_add(1, Ordering::Relaxed);
         let (handshaking, connected) = (handshaking.clone(), connected.clone());
         let streams = tracker.clone();
+        // Boxed, and the box dropped once the handshake starts: a captured `Incoming` (about
+        // 400 bytes) would stay in the task's state for the connection's whole life.
+        let incoming = Box::new(incoming);
         tracker.spawn(async move {
             let remote = incoming.remote_address();
-            let connecting = incoming.accept();
+            let connecting = {
+                let incoming = incoming;
+                (*incoming).accept()
+            };
             let result = match connecting {
                 Ok(connecting) => connecting.await,
                 Err(err) => Err(err),
@@ -199,10 +207,15 @@ async fn serve_connection(
         .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|data| data.protocol);
     if alpn.as_deref() == Some(roost_protocol::ALPN_FEDERATION) {
-        serve_peer(conn, state, tracker).await;
+        // A peer's connection carries many clients' requests: it gets more streams than the
+        // transport's default, which is sized for one client.
+        let streams = state.settings.federation.max_concurrent_streams.max(1);
+        conn.set_max_concurrent_bi_streams(VarInt::from_u32(streams));
+        // On the heap: a client connection's task need not be sized for a peer's.
+        Box::pin(serve_peer(conn, state, tracker)).await;
         return;
     }
-    let mut exporter = vec![0u8; EXPORTER_LEN];
+    let mut exporter = [0u8; EXPORTER_LEN];
     if conn
         .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
         .is_err()
@@ -224,16 +237,28 @@ async fn serve_connection(
             },
         };
         let (state, ctx) = (state.clone(), ctx.clone());
-        tracker.spawn(serve_stream(state, ctx, send, recv).in_current_span());
+        let listens = tracker.clone();
+        tracker.spawn(serve_stream(state, ctx, send, recv, listens).in_current_span());
     }
 }
 
 /// How large a request body buffer is made before its bytes arrive: at most a stream's share
 /// of the connection receive window (and its own window), so that headers claiming the maximum
 /// on every concurrent stream reserve no more than the peer may actually have in flight.
-fn body_presize_cap(limits: &crate::config::Limits) -> usize {
-    let share = limits.connection_receive_window / limits.max_concurrent_streams.max(1);
+/// `streams`: the most concurrent streams a connection may have (a peer's, if larger).
+fn body_presize_cap(limits: &crate::config::Limits, streams: u32) -> usize {
+    let share = limits.connection_receive_window / streams.max(1);
     share.min(limits.stream_receive_window) as usize
+}
+
+/// The most concurrent streams any connection may have: a client's or a peer's.
+fn max_streams(state: &State) -> u32 {
+    let settings = &state.settings;
+    let (client, peer) = (
+        settings.limits.max_concurrent_streams,
+        settings.federation.max_concurrent_streams,
+    );
+    client.max(peer)
 }
 
 /// Whether a complete request body is a QueueListen request: the one request after which the
@@ -313,7 +338,11 @@ async fn receive(state: &State, send: &mut SendStream, recv: RecvStream) -> Opti
     let limits = &state.settings.limits;
     let err = match tokio::time::timeout(
         limits.request_read_timeout(),
-        read_request(recv, limits.max_frame_len, body_presize_cap(limits)),
+        read_request(
+            recv,
+            limits.max_frame_len,
+            body_presize_cap(limits, max_streams(state)),
+        ),
     )
     .await
     {
@@ -337,6 +366,7 @@ async fn serve_stream(
     ctx: Arc<ConnectionContext>,
     mut send: SendStream,
     recv: RecvStream,
+    tracker: TaskTracker,
 ) {
     let started = Instant::now();
     let Some((body, listen_recv)) = receive(&state, &mut send, recv).await else {
@@ -390,9 +420,11 @@ async fn serve_stream(
         Outcome::Listen { me, after_seq } => {
             crate::dispatch::record(kind, "OK", started);
             let control = Control::new(listen_recv);
-            Box::pin(listen(&state, send, control, me, after_seq))
-                .instrument(span)
-                .await;
+            // A task of its own, sized to what a listen holds: this request's task is sized
+            // for the largest request's state, and every idle listener would keep that.
+            tracker.spawn(
+                async move { listen(&state, send, control, me, after_seq).await }.instrument(span),
+            );
         }
     }
 }
@@ -532,7 +564,8 @@ async fn apply_control(
         ControlRead::Idle => Ok(()),
         ControlRead::Ack(up_to_seq) => {
             metrics::counter!("roost_listen_acks_total").increment(1);
-            crate::queue::ack_listened(state, me, up_to_seq, reached)
+            // On the heap while it runs, like the listen's store reads.
+            Box::pin(crate::queue::ack_listened(state, me, up_to_seq, reached))
                 .await
                 .map_err(|err| Some(err.to_wire()))
         }
@@ -556,8 +589,10 @@ async fn listen(
 ) {
     let mut signal = state.queues.subscribe(me.client_num);
     signal.borrow_and_update();
+    // The store's futures (a PostgreSQL query's state is kilobytes) live on the heap while
+    // they run: the listen future itself is what every idle listener holds all the time.
     let (mut pending, head_seq) =
-        match crate::queue::listen_page(state, me.client_num, after_seq).await {
+        match Box::pin(crate::queue::listen_page(state, me.client_num, after_seq)).await {
             Ok(page) => page,
             Err(err) => {
                 write_frame(&mut send, &Response::Error(err.to_wire())).await;
@@ -598,7 +633,7 @@ async fn listen(
         // Caught-up listeners take new entries from memory; anything else comes from the store.
         let page = match state.queues.recent_after(me.client_num, last) {
             Some(page) => Ok(page),
-            None => crate::queue::listen_page(state, me.client_num, last)
+            None => Box::pin(crate::queue::listen_page(state, me.client_num, last))
                 .await
                 .map(|(page, head)| {
                     reached = reached.max(head);
@@ -707,9 +742,18 @@ mod tests {
 
     #[test]
     fn presized_request_buffers_stay_within_the_receive_windows() {
-        let limits = crate::config::Limits::default();
-        let cap = body_presize_cap(&limits);
+        let config = crate::config::Config::default();
+        let limits = &config.limits;
+        // A peer's connection may have more streams than a client's.
+        let streams = limits
+            .max_concurrent_streams
+            .max(config.federation.max_concurrent_streams);
+        let cap = body_presize_cap(limits, streams);
         // Lying headers on every concurrent stream reserve at most the connection window.
+        assert!(
+            cap * config.federation.max_concurrent_streams as usize
+                <= limits.connection_receive_window as usize
+        );
         assert!(
             cap * limits.max_concurrent_streams as usize
                 <= limits.connection_receive_window as usize
@@ -718,9 +762,8 @@ mod tests {
         assert!(cap >= 83 * 1024, "{cap}");
         let mut small = limits.clone();
         small.stream_receive_window = 16 * 1024;
-        assert_eq!(body_presize_cap(&small), 16 * 1024);
-        small.max_concurrent_streams = 0;
+        assert_eq!(body_presize_cap(&small, 128), 16 * 1024);
         small.connection_receive_window = 8 * 1024;
-        assert_eq!(body_presize_cap(&small), 8 * 1024);
+        assert_eq!(body_presize_cap(&small, 0), 8 * 1024);
     }
 }

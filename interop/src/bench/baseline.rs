@@ -93,9 +93,10 @@ impl Drop for EchoServer {
 
 /// A bare quinn server endpoint on 127.0.0.1 (port 0) with a fresh self-signed certificate
 /// for [`ECHO_NAME`], configured like a roost homeserver with its default limits (TLS 1.3 with
-/// ring, ALPN `roost/1`, no 0-RTT, idle timeout 30 s, 128 bidirectional streams, no
-/// unidirectional ones, 1 MiB stream and 16 MiB connection receive windows, 4 MiB socket
-/// buffers): what quinn alone costs per connection. Call within a tokio runtime.
+/// ring, ALPN `roost/1`, no 0-RTT, idle timeout 30 s, 32 bidirectional streams (a client
+/// connection's `max_concurrent_streams`), no unidirectional ones, 1 MiB stream and 16 MiB
+/// connection receive windows, 4 MiB socket buffers): what quinn alone costs per connection.
+/// Call within a tokio runtime.
 pub fn bare_endpoint() -> anyhow::Result<(quinn::Endpoint, CertificateDer<'static>)> {
     let certified = rcgen::generate_simple_self_signed(vec![ECHO_NAME.to_owned()])?;
     let cert = certified.cert.der().clone();
@@ -114,7 +115,7 @@ pub fn bare_endpoint() -> anyhow::Result<(quinn::Endpoint, CertificateDer<'stati
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_idle_timeout(Some(quinn::IdleTimeout::try_from(Duration::from_secs(30))?))
-        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(128))
+        .max_concurrent_bidi_streams(quinn::VarInt::from_u32(32))
         .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
         .stream_receive_window(quinn::VarInt::from_u32(1 << 20))
         .receive_window(quinn::VarInt::from_u32(16 << 20));

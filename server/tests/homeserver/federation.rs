@@ -941,3 +941,62 @@ async fn a_blob_of_another_domain_is_downloaded_through_the_clients_own_homeserv
     assert_eq!(refused(answer), ErrorCode::BLOB_NOT_FOUND);
     pair.shutdown().await;
 }
+
+/// A client connection may have `limits.max_concurrent_streams` requests open at once (32 by
+/// default: quinn keeps a slot for every stream it grants); a peer homeserver's connection,
+/// which carries many clients' requests, gets `federation.max_concurrent_streams` (128).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_may_have_more_requests_open_than_a_client() {
+    let pair = pair().await;
+    let client_limit = pair.alpha_cfg.limits.max_concurrent_streams as usize;
+    let peer_limit = pair.alpha_cfg.federation.max_concurrent_streams as usize;
+    assert!(peer_limit > client_limit);
+
+    // A client: every granted stream opens, the next one waits for one of them to end.
+    let client = connect(&pair.alpha).await;
+    let mut open = Vec::new();
+    for _ in 0..client_limit {
+        let (mut send, recv) = client.open_raw_stream().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        open.push((send, recv));
+    }
+    let next = tokio::time::timeout(Duration::from_millis(500), client.open_raw_stream()).await;
+    assert!(
+        next.is_err(),
+        "a client opened more than {client_limit} streams"
+    );
+    // Once some end (the client resets them; the server answers with an error), more open.
+    // quinn grants new streams in batches, once more than an eighth of the limit is free.
+    for _ in 0..client_limit / 8 + 1 {
+        let (mut send, _recv) = open.pop().unwrap();
+        send.reset(0u32.into()).unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(10), client.open_raw_stream())
+        .await
+        .expect("streams freed by the client are granted again")
+        .unwrap();
+
+    // The peer: its streams beyond the client limit are granted (after one round trip).
+    let (beta_cert, beta_key) = (
+        pair.beta_cfg.tls_cert.clone().unwrap(),
+        pair.beta_cfg.tls_key.clone().unwrap(),
+    );
+    let beta = peer_connection(&pair.alpha, &pair.pki, &beta_cert, &beta_key).await;
+    let mut peer_open = Vec::new();
+    for n in 0..peer_limit {
+        let (mut send, recv) =
+            tokio::time::timeout(Duration::from_secs(10), beta.open_raw_stream())
+                .await
+                .unwrap_or_else(|_| panic!("the peer's stream {n} was not granted"))
+                .unwrap();
+        send.write_all(&[0]).await.unwrap();
+        peer_open.push((send, recv));
+    }
+    let next = tokio::time::timeout(Duration::from_millis(500), beta.open_raw_stream()).await;
+    assert!(
+        next.is_err(),
+        "a peer opened more than {peer_limit} streams"
+    );
+    drop((open, peer_open));
+    pair.shutdown().await;
+}
