@@ -1,8 +1,9 @@
 //! The recipients of a hosted group's current epoch, resolved once per epoch instead of once
 //! per message: each member's ClientId decoded from its credential and, for members of this
 //! domain, the client number that keys their queue. Built when a group is created or loaded
-//! and rebuilt by every accepted commit (the only thing that changes membership), reusing the
-//! resolutions of members that stay.
+//! and advanced by every accepted commit (the only thing that changes membership) by what the
+//! commit removed and added: members that stay keep their resolution, and a commit to a group
+//! of N members costs the size of its change, not N.
 //!
 //! A client removed after the roster was built keeps its number here; its queue is gone, so
 //! the store skips it. Client numbers are never reused, so the number cannot reach anyone else.
@@ -365,8 +366,11 @@ mod tests {
         assert_eq!(added.remote.get(&beta), Some(&vec![rita]));
     }
 
+    /// Remote members by domain, with their leaves.
+    type Remote = Vec<(Domain, Vec<(u32, ClientId)>)>;
+
     /// What a roster resolves, comparable.
-    fn view(roster: &Roster) -> (u64, Vec<u64>, Vec<(Domain, Vec<(u32, ClientId)>)>, usize) {
+    fn view(roster: &Roster) -> (u64, Vec<u64>, Remote, usize) {
         let remote = roster
             .remote
             .iter()
@@ -417,7 +421,7 @@ mod tests {
             .advance(5, (&removed, &added), &domain, |clients: Vec<ClientId>| {
                 asked.extend(clients.iter().map(ToString::to_string));
                 let mut lookup = nums(&table);
-                clients.iter().map(|c| lookup(c)).collect()
+                clients.iter().map(&mut lookup).collect()
             })
             .unwrap();
         // Only the new local member was looked up: carol's resolution came back with her.
