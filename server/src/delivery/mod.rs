@@ -36,7 +36,7 @@ use tls_codec::{DeserializeBytes, Serialize as _};
 use crate::State;
 use crate::auth::AuthStore;
 use crate::error::ServiceError;
-use crate::mls::{DsGroup, Member, MlsError};
+use crate::mls::{CommitOutcome, DsGroup, Member, MlsError};
 use crate::storage::Backend;
 
 pub(crate) use cache::GroupCache;
@@ -664,14 +664,7 @@ async fn commit_attempt(
                 // Joins older than every epoch whose messages are still accepted no longer
                 // restrict any fan-out.
                 group.forget_joins_up_to(outcome.new_epoch.saturating_sub(past_epochs));
-                let resolved = resolve_commit(
-                    &store,
-                    &domain,
-                    &identity,
-                    roster,
-                    outcome.new_epoch,
-                    (&outcome.members_before, &outcome.members_after),
-                );
+                let resolved = resolve_commit(&store, &domain, &identity, roster, &group, &outcome);
                 Ok((outcome, resolved))
             }
         };
@@ -753,25 +746,43 @@ async fn commit_attempt(
     Ok(Attempt::Done(CommitResponse { epoch }))
 }
 
-/// For an accepted commit: its recipients (the old epoch's members but the committer) and the
-/// new epoch's roster, which reuses the old one's resolutions. Runs on a blocking thread.
+/// For an accepted commit (already merged into `group`): its recipients (the old epoch's
+/// members but the committer) and the new epoch's roster, the old one advanced by the commit's
+/// changes. Runs on a blocking thread.
 fn resolve_commit(
     store: &Backend,
     domain: &Domain,
     committer: &[u8],
     old: Roster,
-    new_epoch: u64,
-    (before, after): (&[Member], &[Member]),
+    group: &DsGroup,
+    outcome: &CommitOutcome,
 ) -> Result<(Recipients, Roster), ServiceError> {
+    let new_epoch = outcome.new_epoch;
     let old_epoch = new_epoch.saturating_sub(1);
     let old = if old.epoch() == old_epoch {
         old
     } else {
-        // The cached roster always follows the group; should it not, start afresh.
-        resolve(store, domain, old_epoch, before, None)?
+        // The cached roster always follows the group; should it not, start afresh from the
+        // old epoch's members: those of the new one the commit did not add, and those it
+        // removed.
+        let added: std::collections::HashSet<u32> =
+            outcome.added.iter().map(|m| m.leaf_index).collect();
+        let mut before: Vec<Member> = group
+            .members()
+            .into_iter()
+            .filter(|m| !added.contains(&m.leaf_index))
+            .chain(outcome.removed.iter().cloned())
+            .collect();
+        before.sort_by_key(|m| m.leaf_index);
+        resolve(store, domain, old_epoch, &before, None)?
     };
     let commit_to = old.all_but(committer);
-    let roster = resolve(store, domain, new_epoch, after, Some(old))?;
+    let roster = old.advance(
+        new_epoch,
+        (&outcome.removed, &outcome.added),
+        domain,
+        |clients| tokio::runtime::Handle::current().block_on(store.client_nums(clients)),
+    )?;
     Ok((commit_to, roster))
 }
 

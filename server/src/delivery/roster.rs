@@ -1,8 +1,9 @@
 //! The recipients of a hosted group's current epoch, resolved once per epoch instead of once
 //! per message: each member's ClientId decoded from its credential and, for members of this
 //! domain, the client number that keys their queue. Built when a group is created or loaded
-//! and rebuilt by every accepted commit (the only thing that changes membership), reusing the
-//! resolutions of members that stay.
+//! and advanced by every accepted commit (the only thing that changes membership) by what the
+//! commit removed and added: members that stay keep their resolution, and a commit to a group
+//! of N members costs the size of its change, not N.
 //!
 //! A client removed after the roster was built keeps its number here; its queue is gone, so
 //! the store skips it. Client numbers are never reused, so the number cannot reach anyone else.
@@ -42,8 +43,8 @@ pub(crate) struct Roster {
     members: HashMap<Vec<u8>, Target>,
     /// Resolved local members' client numbers, ascending (B-tree order of their queues).
     local: Vec<u64>,
-    /// Members of other domains, by domain, in leaf order.
-    remote: BTreeMap<Domain, Vec<ClientId>>,
+    /// Members of other domains, by domain, in leaf order (with their leaf index).
+    remote: BTreeMap<Domain, Vec<(u32, ClientId)>>,
 }
 
 impl Roster {
@@ -86,13 +87,93 @@ impl Roster {
                     .remote
                     .entry(client.domain().clone())
                     .or_default()
-                    .push(client.clone()),
+                    .push((member.leaf_index, client.clone())),
                 Target::Local(None) | Target::Nobody => {}
             }
             roster.members.insert(identity, target);
         }
         roster.local.sort_unstable();
         Ok(roster)
+    }
+
+    /// The roster of `epoch`, reached from this one by a commit that removed `removed` and
+    /// added `added` (members in leaf order): the same as [`Roster::build`] over the new
+    /// epoch's members, at a cost that grows with the change rather than the group. Members
+    /// that stay keep their resolution, and so does a removed identity that comes back (a
+    /// rejoin); the other added members of `domain` are looked up with `lookup`, which is
+    /// given all of them at once.
+    pub(crate) fn advance<E>(
+        mut self,
+        epoch: u64,
+        (removed, added): (&[Member], &[Member]),
+        domain: &Domain,
+        lookup: impl FnOnce(Vec<ClientId>) -> Result<Vec<Option<u64>>, E>,
+    ) -> Result<Roster, E> {
+        let mut gone: HashMap<Vec<u8>, Target> = HashMap::with_capacity(removed.len());
+        for member in removed {
+            let Some((identity, target)) = self.members.remove_entry(member.identity.as_slice())
+            else {
+                continue;
+            };
+            match &target {
+                Target::Local(Some(num)) => {
+                    if let Ok(at) = self.local.binary_search(num) {
+                        self.local.remove(at);
+                    }
+                }
+                Target::Remote(client) => {
+                    if let Some(clients) = self.remote.get_mut(client.domain()) {
+                        clients.retain(|(_, c)| c != client);
+                        if clients.is_empty() {
+                            self.remote.remove(client.domain());
+                        }
+                    }
+                }
+                Target::Local(None) | Target::Nobody => {}
+            }
+            gone.insert(identity, target);
+        }
+        let mut decoded = Vec::with_capacity(added.len());
+        let mut unknown = Vec::new();
+        for member in added {
+            let target = match gone.remove(member.identity.as_slice()) {
+                Some(target) => Some(target),
+                None => match ClientId::tls_deserialize_bytes(&member.identity) {
+                    Ok((client, [])) if client.domain() == domain => {
+                        unknown.push(client);
+                        None
+                    }
+                    Ok((client, [])) => Some(Target::Remote(client)),
+                    _ => Some(Target::Nobody),
+                },
+            };
+            decoded.push(target);
+        }
+        let mut nums = if unknown.is_empty() {
+            Vec::new()
+        } else {
+            lookup(unknown)?
+        }
+        .into_iter();
+        for (member, target) in added.iter().zip(decoded) {
+            let target = target.unwrap_or_else(|| Target::Local(nums.next().flatten()));
+            match &target {
+                Target::Local(Some(num)) => {
+                    if let Err(at) = self.local.binary_search(num) {
+                        self.local.insert(at, *num);
+                    }
+                }
+                Target::Remote(client) => {
+                    let clients = self.remote.entry(client.domain().clone()).or_default();
+                    let at = clients.partition_point(|(leaf, _)| *leaf < member.leaf_index);
+                    clients.insert(at, (member.leaf_index, client.clone()));
+                }
+                Target::Local(None) | Target::Nobody => {}
+            }
+            self.members.insert(member.identity.clone(), target);
+        }
+        self.epoch = epoch;
+        Ok(self)
     }
 
     /// The members of `domain` among `members` that `previous` does not know: the clients
@@ -131,15 +212,24 @@ impl Roster {
             }
             _ => self.local.clone(),
         };
-        let mut remote = self.remote.clone();
-        if let Some(Target::Remote(me)) = skipped
-            && let Some(clients) = remote.get_mut(me.domain())
-        {
-            clients.retain(|c| c != me);
-            if clients.is_empty() {
-                remote.remove(me.domain());
-            }
-        }
+        let me = match skipped {
+            Some(Target::Remote(me)) => Some(me),
+            _ => None,
+        };
+        let remote = self
+            .remote
+            .iter()
+            .map(|(domain, clients)| {
+                let clients: Vec<ClientId> = clients
+                    .iter()
+                    .filter(|(_, c)| Some(c) != me)
+                    .map(|(_, c)| c.clone())
+                    .collect();
+                (domain, clients)
+            })
+            .filter(|(_, clients)| !clients.is_empty())
+            .map(|(domain, clients)| (domain.clone(), clients))
+            .collect();
         Recipients { local, remote }
     }
 
@@ -274,6 +364,73 @@ mod tests {
         let added = roster.subset(&members[..2]);
         assert_eq!(added.local, vec![9]);
         assert_eq!(added.remote.get(&beta), Some(&vec![rita]));
+    }
+
+    /// Remote members by domain, with their leaves.
+    type Remote = Vec<(Domain, Vec<(u32, ClientId)>)>;
+
+    /// What a roster resolves, comparable.
+    fn view(roster: &Roster) -> (u64, Vec<u64>, Remote, usize) {
+        let remote = roster
+            .remote
+            .iter()
+            .map(|(d, c)| (d.clone(), c.clone()))
+            .collect();
+        (
+            roster.epoch,
+            roster.local.clone(),
+            remote,
+            roster.members.len(),
+        )
+    }
+
+    #[test]
+    fn advancing_by_a_commit_resolves_as_building_the_new_epoch_afresh() {
+        let domain: Domain = "example.org".parse().unwrap();
+        let table = [
+            ("alice@example.org/phone", 5),
+            ("bob@example.org/phone", 2),
+            ("carol@example.org/phone", 9),
+            ("dave@example.org/phone", 3),
+        ];
+        let before = vec![
+            member(0, "alice@example.org/phone"),
+            member(1, "bob@example.org/phone"),
+            member(2, "rita@beta.test/phone"),
+            member(3, "carol@example.org/phone"),
+            member(5, "rob@beta.test/laptop"),
+        ];
+        let old = Roster::build(4, &before, &domain, None, nums(&table)).unwrap();
+        // Bob and rob leave; dave takes bob's leaf, sam (remote) a blank one between rita and
+        // carol, and carol rejoins on a new leaf.
+        let removed = vec![before[1].clone(), before[3].clone(), before[4].clone()];
+        let added = vec![
+            member(1, "dave@example.org/phone"),
+            member(3, "sam@beta.test/phone"),
+            member(6, "carol@example.org/phone"),
+        ];
+        let after = vec![
+            before[0].clone(),
+            added[0].clone(),
+            before[2].clone(),
+            added[1].clone(),
+            added[2].clone(),
+        ];
+        let mut asked = Vec::new();
+        let advanced = old
+            .advance(5, (&removed, &added), &domain, |clients: Vec<ClientId>| {
+                asked.extend(clients.iter().map(ToString::to_string));
+                let mut lookup = nums(&table);
+                clients.iter().map(&mut lookup).collect()
+            })
+            .unwrap();
+        // Only the new local member was looked up: carol's resolution came back with her.
+        assert_eq!(asked, vec!["dave@example.org/phone".to_string()]);
+        let fresh = Roster::build(5, &after, &domain, None, nums(&table)).unwrap();
+        assert_eq!(view(&advanced), view(&fresh));
+        assert_eq!(advanced.all_but(b""), fresh.all_but(b""));
+        assert_eq!(advanced.all_but(b"").local, vec![3, 5, 9]);
+        assert!(!advanced.contains(&before[1].identity));
     }
 
     #[test]

@@ -113,11 +113,9 @@ pub(crate) struct Member {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CommitOutcome {
     pub(crate) new_epoch: u64,
-    /// Everyone in the old epoch (the fan-out recipients of the commit).
-    pub(crate) members_before: Vec<Member>,
-    pub(crate) members_after: Vec<Member>,
-    /// New members (they get the Welcome). For an external commit, the joiner.
+    /// New members (they get the Welcome), in leaf order. For an external commit, the joiner.
     pub(crate) added: Vec<Member>,
+    /// Members the commit removed (as they were in the old epoch), in leaf order.
     pub(crate) removed: Vec<Member>,
     /// The committer in the new epoch; for an external commit the joiner. Always set.
     pub(crate) committer: Option<Member>,
@@ -684,7 +682,10 @@ impl DsGroup {
         }
     }
 
-    /// The DS's own checks on a staged commit, then the merge.
+    /// The DS's own checks on a staged commit, then the merge. Linear in the group size and
+    /// without a copy per member: the checks read the tree's leaves in place, and only the
+    /// members the commit adds or removes are copied out (a commit to a 10,000-member group
+    /// must not cost more than openmls's own processing of it).
     fn apply(
         &mut self,
         plan: CommitPlan<'_>,
@@ -702,7 +703,6 @@ impl DsGroup {
             tag,
             max_members,
         } = plan;
-        let before = self.members();
         let undecided = std::cell::Cell::new(false);
         let accept_credential = |identity: &[u8], key: &[u8]| match accept_credential(identity, key)
         {
@@ -712,19 +712,30 @@ impl DsGroup {
                 true
             }
         };
-        let removed: HashSet<u32> = staged
+        let mut removed_leaves: Vec<u32> = staged
             .remove_proposals()
             .map(|r| r.remove_proposal().removed().u32())
             .collect();
-        let mut identities: HashSet<Vec<u8>> = before
-            .iter()
-            .filter(|m| !removed.contains(&m.leaf_index))
-            .map(|m| m.identity.clone())
-            .collect();
-        let mut size = before
-            .iter()
-            .filter(|m| !removed.contains(&m.leaf_index))
-            .count();
+        removed_leaves.sort_unstable();
+        removed_leaves.dedup();
+        let is_removed = |leaf: u32| removed_leaves.binary_search(&leaf).is_ok();
+        // One pass over the current leaves: the identities that stay, how many members stay,
+        // and which leaves are taken (to tell the added members after the merge).
+        let mut identities: HashSet<&[u8]> = HashSet::new();
+        let mut occupied: Vec<bool> = Vec::new();
+        let mut size = 0;
+        for (index, leaf) in self.public.treesync().full_leaves() {
+            let index = index.u32();
+            let slot = index as usize;
+            if occupied.len() <= slot {
+                occupied.resize(slot + 1, false);
+            }
+            occupied[slot] = true;
+            if !is_removed(index) {
+                identities.insert(leaf.credential().serialized_content());
+                size += 1;
+            }
+        }
 
         // The committer's (new) leaf keeps the committer's identity.
         if let Some(leaf) = staged.update_path_leaf_node() {
@@ -746,17 +757,15 @@ impl DsGroup {
             let Sender::Member(index) = update.sender() else {
                 return Err(MlsError::InvalidCommit("update from a non-member".into()));
             };
-            let old = before
-                .iter()
-                .find(|m| m.leaf_index == index.u32())
-                .ok_or(MlsError::NotMember)?;
+            let old = self.public.leaf(*index).ok_or(MlsError::NotMember)?;
+            let old_identity = old.credential().serialized_content();
             let leaf = update.update_proposal().leaf_node();
-            if basic_identity(leaf.credential())? != old.identity.as_slice() {
+            if basic_identity(leaf.credential())? != old_identity {
                 return Err(MlsError::InvalidCommit(
                     "an update changes an identity".into(),
                 ));
             }
-            if !accept_credential(&old.identity, leaf.signature_key().as_slice()) {
+            if !accept_credential(old_identity, leaf.signature_key().as_slice()) {
                 return Err(MlsError::InvalidCommit(
                     "an updated credential is not accepted".into(),
                 ));
@@ -764,11 +773,13 @@ impl DsGroup {
         }
 
         let mut added_refs = Vec::new();
-        for add in staged.add_proposals() {
+        // Collected first: the identities borrowed from them stay in `identities`.
+        let adds: Vec<_> = staged.add_proposals().collect();
+        for add in &adds {
             let key_package = add.add_proposal().key_package();
             let leaf = key_package.leaf_node();
             let identity = basic_identity(leaf.credential())?;
-            if !identities.insert(identity.to_vec()) {
+            if !identities.insert(identity) {
                 return Err(MlsError::InvalidCommit(
                     "the commit adds an identity that is already a member".into(),
                 ));
@@ -787,15 +798,17 @@ impl DsGroup {
 
         if external {
             // RFC 9420 §12.4.3.2: a Remove in an external commit must remove the joiner's old leaf.
-            if before
-                .iter()
-                .any(|m| removed.contains(&m.leaf_index) && m.identity != committer_identity)
-            {
+            let foreign = removed_leaves.iter().any(|&leaf| {
+                self.public
+                    .leaf(LeafNodeIndex::new(leaf))
+                    .is_some_and(|l| l.credential().serialized_content() != committer_identity)
+            });
+            if foreign {
                 return Err(MlsError::InvalidCommit(
                     "an external commit may only remove the joiner's old leaf".into(),
                 ));
             }
-            if !identities.insert(committer_identity.to_vec()) {
+            if !identities.insert(committer_identity) {
                 return Err(MlsError::InvalidCommit(
                     "the joiner is already a member: the external commit must remove its old leaf"
                         .into(),
@@ -806,6 +819,8 @@ impl DsGroup {
         if size > max_members {
             return Err(MlsError::GroupTooLarge);
         }
+        drop(identities);
+        drop(adds);
 
         if !external {
             check_welcome(welcome, added_refs)?;
@@ -836,12 +851,17 @@ impl DsGroup {
                     .queued_proposals()
                     .any(|q| q.proposal_reference_ref().as_slice() == p.reference)
             })
-            .filter_map(|p| before.iter().find(|m| m.leaf_index == p.leaf).cloned())
+            .filter_map(|p| self.member_at(LeafNodeIndex::new(p.leaf)))
             .collect();
 
         if undecided.get() {
             return Err(MlsError::CredentialsUnverified);
         }
+        // The removed members as they were, in leaf order.
+        let removed: Vec<Member> = removed_leaves
+            .iter()
+            .filter_map(|&leaf| self.member_at(LeafNodeIndex::new(leaf)))
+            .collect();
         // Everything that can fail has been checked: merge. merge_commit merges first and then
         // writes to the storage, whose writes never fail (a value that does not serialize only
         // makes the next snapshot fail).
@@ -851,15 +871,23 @@ impl DsGroup {
         self.group_info = group_info_bytes.to_vec();
         self.pending.clear();
 
-        let after = self.members();
-        let kept = |m: &Member| {
-            !removed.contains(&m.leaf_index) && before.iter().any(|b| b.leaf_index == m.leaf_index)
-        };
-        let added: Vec<Member> = after.iter().filter(|m| !kept(m)).cloned().collect();
-        let removed: Vec<Member> = before
-            .iter()
-            .filter(|m| removed.contains(&m.leaf_index))
-            .cloned()
+        // Added: every leaf that was blank or removed before the commit, in leaf order.
+        let added: Vec<Member> = self
+            .public
+            .treesync()
+            .full_leaves()
+            .filter(|(index, _)| {
+                let index = index.u32();
+                !occupied.get(index as usize).copied().unwrap_or(false)
+                    || removed_leaves.binary_search(&index).is_ok()
+            })
+            .map(|(index, leaf)| {
+                member(
+                    index,
+                    leaf.credential(),
+                    leaf.signature_key().as_slice().to_vec(),
+                )
+            })
             .collect();
         let new_epoch = self.epoch();
         // A member's join is that of its current leaf: one removed (and maybe back with a new
@@ -873,14 +901,9 @@ impl DsGroup {
             .retain(|(identity, _)| !restarted.contains(identity.as_slice()));
         self.joins
             .extend(added.iter().map(|m| (m.identity.clone(), new_epoch)));
-        let committer = after
-            .iter()
-            .find(|m| m.leaf_index == committer.u32())
-            .cloned();
+        let committer = self.member_at(committer);
         Ok(CommitOutcome {
             new_epoch,
-            members_before: before,
-            members_after: after,
             added,
             removed,
             committer,

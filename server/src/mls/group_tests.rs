@@ -90,6 +90,7 @@ fn add_one_then_twenty_members() {
     let (mut alice, mut ds) = alice_and_ds();
     let mut bob = Client::new("bob");
     let bundle = alice.commit(vec![bob.key_package()], &[]);
+    assert_eq!(identities(&ds.members()), vec![b"alice".to_vec()]);
     let outcome = ds
         .process_commit(
             b"alice",
@@ -101,9 +102,8 @@ fn add_one_then_twenty_members() {
         .unwrap();
     alice.merge();
     assert_eq!(outcome.new_epoch, 1);
-    assert_eq!(identities(&outcome.members_before), vec![b"alice".to_vec()]);
     assert_eq!(
-        identities(&outcome.members_after),
+        identities(&ds.members()),
         vec![b"alice".to_vec(), b"bob".to_vec()]
     );
     assert_eq!(identities(&outcome.added), vec![b"bob".to_vec()]);
@@ -142,9 +142,17 @@ fn add_one_then_twenty_members() {
     bob.merge();
     alice.receive(&bundle.commit);
     assert_eq!(outcome.new_epoch, 2);
-    assert_eq!(outcome.members_before.len(), 2);
-    assert_eq!(outcome.members_after.len(), 22);
+    assert_eq!(ds.members().len(), 22);
     assert_eq!(outcome.added.len(), 20);
+    // The added members are the new leaves, in leaf order.
+    assert_eq!(
+        outcome
+            .added
+            .iter()
+            .map(|m| m.leaf_index)
+            .collect::<Vec<_>>(),
+        (2..22).collect::<Vec<u32>>()
+    );
     assert_eq!(outcome.committer.unwrap().identity, b"bob");
     let tree = ds.export_ratchet_tree();
     assert_eq!(tree, alice.tree());
@@ -418,6 +426,7 @@ fn remove_a_member() {
     let mut bob = Client::new("bob");
     let mut carol = Client::new("carol");
     add(&mut ds, &mut alice, &mut [], &mut [&mut bob, &mut carol]);
+    assert_eq!(ds.members().len(), 3);
     let bundle = alice.commit(vec![], &[1]);
     let outcome = ds
         .process_commit(b"alice", &bundle.commit, None, &bundle.group_info, MAX)
@@ -425,9 +434,8 @@ fn remove_a_member() {
     alice.merge();
     carol.receive(&bundle.commit);
     assert_eq!(identities(&outcome.removed), vec![b"bob".to_vec()]);
-    assert_eq!(identities(&outcome.members_before).len(), 3);
     assert_eq!(
-        identities(&outcome.members_after),
+        identities(&ds.members()),
         vec![b"alice".to_vec(), b"carol".to_vec()]
     );
     assert!(outcome.added.is_empty());
@@ -541,7 +549,7 @@ fn external_commits_join_and_rejoin() {
         .unwrap();
     assert_eq!(identities(&outcome.removed), vec![b"bob".to_vec()]);
     assert_eq!(identities(&outcome.added), vec![b"bob".to_vec()]);
-    assert_eq!(outcome.members_after.len(), 3);
+    assert_eq!(ds.members().len(), 3);
     alice.receive(&bundle.commit);
     dave.receive(&bundle.commit);
     assert_eq!(alice.epoch(), ds.epoch());

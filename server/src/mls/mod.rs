@@ -7,7 +7,7 @@ mod group;
 mod keypackage;
 mod snapshot;
 
-pub(crate) use group::{DsGroup, Member, MlsError};
+pub(crate) use group::{CommitOutcome, DsGroup, Member, MlsError};
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use keypackage::key_package_lifetime;
 pub(crate) use keypackage::{CIPHERSUITE, KeyPackagePolicy, validate_key_package};

@@ -51,15 +51,21 @@ pub(crate) fn enqueue_in_txn(
             outcomes.push(Enqueued::Duplicate(seq));
             continue;
         }
-        let Some((head, count)) = heads.get(client_num)?.map(|v| v.value()) else {
+        // The head is read and rewritten in place (one descent of QUEUE_HEADS, no rebuild of
+        // its leaf): a commit's fan-out does this for every member.
+        let Some(mut head_row) = heads.get_mut(client_num)? else {
             // No such queue (client removed meanwhile): callers resolved recipients earlier.
             outcomes.push(Enqueued::Gone);
             continue;
         };
+        let (head, count) = head_row.value();
         if count >= max_depth {
             outcomes.push(Enqueued::Full);
             continue;
         }
+        let seq = head + 1;
+        head_row.insert((seq, count + 1))?;
+        drop(head_row);
         let pid = match payload_id {
             Some(pid) => pid,
             None => {
@@ -68,9 +74,7 @@ pub(crate) fn enqueue_in_txn(
                 pid
             }
         };
-        let seq = head + 1;
         entries.insert((client_num, seq), (pid, timestamp_ms, id.0))?;
-        heads.insert(client_num, (seq, count + 1))?;
         deepest = deepest.max(Some(count + 1));
         if let Some(dedups) = &mut dedups {
             dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
