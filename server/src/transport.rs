@@ -609,13 +609,23 @@ async fn listen(
         return;
     }
     metrics::gauge!("roost_listeners").increment(1.0);
+    // Pinned once: a cancellation future made anew on every wake-up would register with the
+    // token (shared by every listener) and leave it again each time.
     let stopped = send.stopped();
     tokio::pin!(stopped);
+    let shutdown = state.shutdown.cancelled();
+    tokio::pin!(shutdown);
     let mut last = after_seq;
     // The highest seq the queue's head is known to have reached: what the store said, and
     // every entry pushed (acks up to it may be applied lazily).
     let mut reached = head_seq;
+    // Whether the queue may hold entries after `last` without a wake-up saying so: after a
+    // page of the store (a backlog is read a page at a time). A page from memory reaches the
+    // head as the window knew it, and any later entry changes `signal`, so the listener
+    // waits for that instead of looking again.
+    let mut from_store = true;
     let close = 'pushing: loop {
+        let pushed = !pending.is_empty();
         for entry in pending.drain(..) {
             last = entry.seq;
             reached = reached.max(last);
@@ -625,44 +635,49 @@ async fn listen(
                 Err(err) => break 'pushing Some(err),
             }
         }
-        // Acks that came in while pushing (a backlog can keep the loop below busy).
-        let read = control.read_ready().await;
-        if let Err(close) = apply_control(state, &me, read, reached).await {
-            break close;
+        if pushed && from_store {
+            // A backlog keeps this loop busy: apply the acks that came in meanwhile, then
+            // read on.
+            let read = control.read_ready().await;
+            if let Err(close) = apply_control(state, &me, read, reached).await {
+                break close;
+            }
+        } else {
+            tokio::select! {
+                changed = signal.changed() => {
+                    if changed.is_err() || signal.borrow_and_update().closed {
+                        break Some(WireError::new(ErrorCode::CLIENT_NOT_FOUND, "client removed"));
+                    }
+                }
+                _ = &mut shutdown => {
+                    break Some(WireError::new(ErrorCode::UNAVAILABLE, "server shutting down"));
+                }
+                _ = &mut stopped => break None,
+                read = control.read() => {
+                    if let Err(close) = apply_control(state, &me, read, reached).await {
+                        break close;
+                    }
+                    continue;
+                }
+            }
         }
         // Caught-up listeners take new entries from memory; anything else comes from the store.
         let page = match state.queues.recent_after(me.client_num, last) {
-            Some(page) => Ok(page),
+            Some(page) => {
+                from_store = false;
+                Ok(page)
+            }
             None => Box::pin(crate::queue::listen_page(state, me.client_num, last))
                 .await
                 .map(|(page, head)| {
+                    from_store = true;
                     reached = reached.max(head);
                     page
                 }),
         };
         match page {
-            Ok(page) if !page.is_empty() => {
-                pending = page;
-                continue;
-            }
-            Ok(_) => {}
+            Ok(page) => pending = page,
             Err(err) => break Some(err.to_wire()),
-        }
-        tokio::select! {
-            changed = signal.changed() => {
-                if changed.is_err() || signal.borrow_and_update().closed {
-                    break Some(WireError::new(ErrorCode::CLIENT_NOT_FOUND, "client removed"));
-                }
-            }
-            _ = state.shutdown.cancelled() => {
-                break Some(WireError::new(ErrorCode::UNAVAILABLE, "server shutting down"));
-            }
-            _ = &mut stopped => break None,
-            read = control.read() => {
-                if let Err(close) = apply_control(state, &me, read, reached).await {
-                    break close;
-                }
-            }
         }
     };
     if let Some(err) = close {

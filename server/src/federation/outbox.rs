@@ -19,7 +19,9 @@ use std::time::Duration;
 use roost_protocol::Domain;
 use roost_protocol::messages::Response;
 use roost_protocol::messages::federation::{DeliverRequest, Delivery};
+use tls_codec::Size as _;
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 
 use crate::State;
 use crate::error::ServiceError;
@@ -127,13 +129,15 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
     let initial = Duration::from_millis(config.retry_initial_ms.max(1));
     let max_delay = Duration::from_millis(config.retry_max_ms.max(config.retry_initial_ms).max(1));
     let mut delay = initial;
+    let mut removing = Removing::default();
     loop {
-        let batch = match state
+        removing.reap();
+        let read = match state
             .store
             .outbox_batch(
                 &domain,
-                config.outbox_batch.max(1) as usize,
-                config.outbox_batch_bytes as usize,
+                (config.outbox_batch.max(1) as usize).saturating_add(removing.seqs.len()),
+                (config.outbox_batch_bytes as usize).saturating_add(removing.bytes),
             )
             .await
         {
@@ -143,6 +147,16 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
                 Vec::new()
             }
         };
+        let was_empty = read.is_empty();
+        let batch: Vec<_> = read
+            .into_iter()
+            .filter(|(seq, _)| !removing.seqs.contains_key(seq))
+            .collect();
+        if batch.is_empty() && !was_empty {
+            // Only entries delivered already, whose removal is not committed yet: wait for it.
+            removing.wait_one().await;
+            continue;
+        }
         if batch.is_empty() {
             // Nothing to send, or another node sends it: wait for new entries or a rescan.
             tokio::select! {
@@ -179,6 +193,7 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
                 continue;
             }
         }
+        let sizes: Vec<usize> = batch.iter().map(|(_, d)| d.tls_serialized_len()).collect();
         let (seqs, deliveries): (Vec<u64>, Vec<Delivery>) = batch.into_iter().unzip();
         let count: usize = deliveries.iter().map(|d| d.recipients.len()).sum();
         let outcome = state
@@ -208,9 +223,10 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
             }
         };
         if done {
-            if let Err(err) = state.store.outbox_remove(&domain, seqs).await {
-                tracing::error!(%domain, %err, "cannot remove delivered entries");
-            }
+            // The next batch goes out while the removal commits: the peer stored these
+            // durably and deduplicates by message id, so a removal lost in a crash only sends
+            // them again. Until it committed, the reads of this worker skip them.
+            removing.start(&state, &domain, seqs, &sizes);
             delay = initial;
         } else {
             tokio::select! {
@@ -222,10 +238,117 @@ async fn worker(state: Arc<State>, domain: Domain, notify: Arc<Notify>) {
     }
 }
 
+/// Delivered entries of one destination whose removal from the store has not committed yet.
+#[derive(Default)]
+struct Removing {
+    /// Their seqs and encoded sizes.
+    seqs: HashMap<u64, usize>,
+    /// The sum of those sizes.
+    bytes: usize,
+    tasks: JoinSet<(Vec<u64>, Result<(), ServiceError>)>,
+}
+
+impl Removing {
+    /// Removes delivered entries in a task of their own.
+    fn start(&mut self, state: &Arc<State>, domain: &Domain, seqs: Vec<u64>, sizes: &[usize]) {
+        let (state, domain, taken) = (state.clone(), domain.clone(), seqs.clone());
+        self.run(seqs, sizes, async move {
+            state.store.outbox_remove(&domain, taken).await
+        });
+    }
+
+    /// Skips `seqs` until `removal` finished.
+    fn run(
+        &mut self,
+        seqs: Vec<u64>,
+        sizes: &[usize],
+        removal: impl Future<Output = Result<(), ServiceError>> + Send + 'static,
+    ) {
+        for (seq, size) in seqs.iter().zip(sizes) {
+            self.seqs.insert(*seq, *size);
+            self.bytes = self.bytes.saturating_add(*size);
+        }
+        self.tasks.spawn(async move { (seqs, removal.await) });
+    }
+
+    /// Forgets the entries of every finished removal.
+    fn reap(&mut self) {
+        while let Some(done) = self.tasks.try_join_next() {
+            self.finished(done);
+        }
+    }
+
+    /// Waits for one removal to finish (if any runs) and forgets its entries.
+    async fn wait_one(&mut self) {
+        match self.tasks.join_next().await {
+            Some(done) => self.finished(done),
+            None => {
+                self.seqs.clear();
+                self.bytes = 0;
+            }
+        }
+    }
+
+    fn finished(
+        &mut self,
+        done: Result<(Vec<u64>, Result<(), ServiceError>), tokio::task::JoinError>,
+    ) {
+        let seqs = match done {
+            Ok((seqs, Ok(()))) => seqs,
+            // Left in the store: the entries are read and sent again (the peer deduplicates).
+            Ok((seqs, Err(err))) => {
+                tracing::error!(%err, "cannot remove delivered entries");
+                seqs
+            }
+            Err(_) => {
+                // Not known which: send them all again rather than skip any.
+                self.seqs.clear();
+                self.bytes = 0;
+                return;
+            }
+        };
+        for seq in seqs {
+            if let Some(size) = self.seqs.remove(&seq) {
+                self.bytes = self.bytes.saturating_sub(size);
+            }
+        }
+    }
+}
+
 fn is_transient(code: roost_protocol::ErrorCode) -> bool {
     use roost_protocol::ErrorCode as C;
     matches!(
         code,
         C::INTERNAL | C::UNAVAILABLE | C::RATE_LIMITED | C::REQUEST_TIMEOUT
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn delivered_entries_are_skipped_until_their_removal_finished() {
+        let mut removing = Removing::default();
+        let (done, finish) = tokio::sync::oneshot::channel::<()>();
+        removing.run(vec![1, 2], &[10, 20], async move {
+            let _ = finish.await;
+            Ok(())
+        });
+        removing.reap();
+        assert_eq!(removing.seqs.len(), 2);
+        assert_eq!(removing.bytes, 30);
+        let _ = done.send(());
+        removing.wait_one().await;
+        assert!(removing.seqs.is_empty());
+        assert_eq!(removing.bytes, 0);
+
+        // A removal that failed leaves the entries in the store: they are read (and sent)
+        // again rather than skipped for ever.
+        removing.run(vec![3], &[5], async { Err(ServiceError::Unavailable) });
+        removing.run(vec![4], &[6], std::future::pending());
+        removing.wait_one().await;
+        assert_eq!(removing.seqs.keys().copied().collect::<Vec<_>>(), vec![4]);
+        assert_eq!(removing.bytes, 6);
+    }
 }

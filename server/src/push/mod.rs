@@ -489,12 +489,7 @@ async fn scheduler(state: Arc<State>) {
             _ = state.shutdown.cancelled() => return,
             _ = state.push.woken_notify.notified() => {}
         }
-        let nums: Vec<u64> = state
-            .push
-            .take_woken()
-            .into_iter()
-            .filter(|num| !state.queues.is_listened(*num))
-            .collect();
+        let nums = state.queues.unlistened(state.push.take_woken());
         if nums.is_empty() {
             continue;
         }

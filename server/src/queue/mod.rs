@@ -152,7 +152,21 @@ impl Notifier {
 
     /// Whether a listen stream of this client is open on this node.
     pub(crate) fn is_listened(&self, client_num: u64) -> bool {
-        self.lock()
+        Self::listened(&self.lock(), client_num)
+    }
+
+    /// Those of `client_nums` with no listen stream open on this node, under one lock (a
+    /// fan-out to 10,000 listeners asks about every one of them while they are being pushed).
+    pub(crate) fn unlistened(&self, client_nums: Vec<u64>) -> Vec<u64> {
+        let queues = self.lock();
+        client_nums
+            .into_iter()
+            .filter(|num| !Self::listened(&queues, *num))
+            .collect()
+    }
+
+    fn listened(queues: &HashMap<u64, Listened>, client_num: u64) -> bool {
+        queues
             .get(&client_num)
             .is_some_and(|l| l.sender.receiver_count() > 0)
     }
@@ -538,6 +552,17 @@ mod tests {
         // Once the window reaches the head again, it serves.
         notifier.notify_fresh(&[(1, fresh(7))]);
         assert_eq!(seqs(notifier.recent_after(1, 5)), Some(vec![6, 7]));
+    }
+
+    #[test]
+    fn only_clients_without_an_open_listen_stream_are_unlistened() {
+        let notifier = Notifier::default();
+        let listening = notifier.subscribe(2);
+        drop(notifier.subscribe(3));
+        assert_eq!(notifier.unlistened(vec![1, 2, 3]), vec![1, 3]);
+        assert!(notifier.is_listened(2));
+        drop(listening);
+        assert_eq!(notifier.unlistened(vec![1, 2, 3]), vec![1, 2, 3]);
     }
 
     #[test]

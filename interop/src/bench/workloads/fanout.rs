@@ -5,7 +5,6 @@
 //! raw engine: one durable transaction inserting N−1 queue-entry-shaped rows, one per client
 //! (redb, or PostgreSQL when the servers run on it).
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -59,7 +58,8 @@ pub(super) async fn run(
     let kps = clients::key_packages(&pool.clients[..receivers]).await?;
     owner.add_members(kps, SETUP_CHUNK).await?;
     set_phase(progress, &format!("fanout N={size}: listen"), 1);
-    let mut listening = listen(&pool.clients[..receivers]).await?;
+    let listening = listen(&pool.clients[..receivers]).await?;
+    listening.arrivals.watch(group_uuid)?;
 
     set_phase(
         progress,
@@ -70,28 +70,19 @@ pub(super) async fn run(
     let mut pushed = Latencies::new();
     let mut text = b"fanout".to_vec();
     text.resize(config.fanout_message_bytes.max(text.len()), 0);
-    for _ in 0..config.fanout_rounds {
+    for round in 1..=config.fanout_rounds as u64 {
         let request = owner.message(&text)?;
+        listening.arrivals.start_round(round);
         let sent = Instant::now();
         owner.client.conn()?.call(request).await?;
         durable.record(sent.elapsed());
-        let mut got = HashSet::with_capacity(receivers);
-        let mut last = sent;
         let deadline = tokio::time::Instant::now() + PUSH_TIMEOUT;
-        while got.len() < receivers {
-            match tokio::time::timeout_at(deadline, listening.arrivals.recv()).await {
-                Ok(Some((member, uuid, at))) => {
-                    if uuid == group_uuid && member < receivers && got.insert(member) {
-                        last = last.max(at);
-                    }
-                }
-                Ok(None) => bail!("the listeners are gone"),
-                Err(_) => bail!(
-                    "only {} of {receivers} listeners got the message within {PUSH_TIMEOUT:?}",
-                    got.len()
-                ),
+        let last = match listening.arrivals.all_arrived(deadline).await {
+            Ok(last) => last.max(sent),
+            Err(got) => {
+                bail!("only {got} of {receivers} listeners got the message within {PUSH_TIMEOUT:?}")
             }
-        }
+        };
         pushed.record(last.duration_since(sent));
         progress.inc(1);
     }

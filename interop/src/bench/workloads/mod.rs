@@ -18,7 +18,8 @@ mod restart;
 mod send;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
@@ -26,7 +27,6 @@ use roost_client::transport::{ConnectConfig, Connection, ListenStream};
 use roost_protocol::messages::queue::{
     ListenEvent, QueueAckRequest, QueueFetchRequest, QueuePayload,
 };
-use tokio::sync::mpsc;
 
 use super::clients::{self, BenchClient};
 use super::mls;
@@ -36,9 +36,102 @@ use super::{BenchConfig, OPTIONAL_WORKLOADS, WorkloadResult};
 use crate::harness::Storage;
 use send::Route;
 
-/// An application message a pooled client received: (its index in the pool, the group's
-/// uuid, when it arrived).
-pub(crate) type Arrival = (usize, [u8; 16], Instant);
+/// What the listen tasks of some pooled clients received: per client, how many application
+/// messages (PrivateMessages) of the watched group and when the last one arrived. Each task
+/// writes only its own slots, and the waiter is woken once per round, when the last client
+/// got its message: 10,000 listeners cost the bench one atomic update each, not a channel
+/// message and a wake-up of a collecting task each.
+pub(crate) struct Arrivals {
+    base: Instant,
+    /// The group whose application messages count.
+    group: std::sync::OnceLock<[u8; 16]>,
+    counts: Vec<AtomicU64>,
+    /// Nanoseconds after `base` of each client's last counted arrival.
+    last_at: Vec<AtomicU64>,
+    /// The round waited for: clients reaching this count are counted in `reached`.
+    round: AtomicU64,
+    reached: AtomicUsize,
+    all_reached: tokio::sync::Notify,
+}
+
+impl Arrivals {
+    fn new(clients: usize) -> Self {
+        Self {
+            base: Instant::now(),
+            group: std::sync::OnceLock::new(),
+            counts: (0..clients).map(|_| AtomicU64::new(0)).collect(),
+            last_at: (0..clients).map(|_| AtomicU64::new(0)).collect(),
+            round: AtomicU64::new(u64::MAX),
+            reached: AtomicUsize::new(0),
+            all_reached: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Counts application messages of `group` from now on (once per listening).
+    pub(crate) fn watch(&self, group: [u8; 16]) -> anyhow::Result<()> {
+        self.group
+            .set(group)
+            .map_err(|_| anyhow::anyhow!("already watching a group"))
+    }
+
+    /// Client `index` got an application message of `group`.
+    fn arrived(&self, index: usize, group: [u8; 16]) {
+        if self.group.get() != Some(&group) {
+            return;
+        }
+        let (Some(count), Some(at)) = (self.counts.get(index), self.last_at.get(index)) else {
+            return;
+        };
+        at.store(self.base.elapsed().as_nanos() as u64, Ordering::Release);
+        let count = count.fetch_add(1, Ordering::AcqRel) + 1;
+        if count == self.round.load(Ordering::Acquire)
+            && self.reached.fetch_add(1, Ordering::AcqRel) + 1 == self.counts.len()
+        {
+            self.all_reached.notify_one();
+        }
+    }
+
+    /// Starts round `round` (1, 2, ...): waits for every client's `round`-th message. Call it
+    /// before sending that round's message.
+    pub(crate) fn start_round(&self, round: u64) {
+        self.reached.store(0, Ordering::Release);
+        self.round.store(round, Ordering::Release);
+        // Clients that got there before the round was set (not expected: the message is sent
+        // after this) are counted too.
+        let early = self
+            .counts
+            .iter()
+            .filter(|c| c.load(Ordering::Acquire) >= round)
+            .count();
+        if early > 0 && self.reached.fetch_add(early, Ordering::AcqRel) + early >= self.counts.len()
+        {
+            self.all_reached.notify_one();
+        }
+    }
+
+    /// Waits until every client got its message of the current round, at most until
+    /// `deadline`; returns when the last of them arrived, or how many did.
+    pub(crate) async fn all_arrived(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Instant, usize> {
+        while self.reached.load(Ordering::Acquire) < self.counts.len() {
+            if tokio::time::timeout_at(deadline, self.all_reached.notified())
+                .await
+                .is_err()
+            {
+                return Err(self.reached.load(Ordering::Acquire));
+            }
+        }
+        let last = self
+            .last_at
+            .iter()
+            .map(|at| at.load(Ordering::Acquire))
+            .max()
+            .unwrap_or(0);
+        Ok(self.base + Duration::from_nanos(last))
+    }
+}
 
 /// Clients on alpha.
 pub(crate) struct Pool {
@@ -57,7 +150,7 @@ pub(crate) struct Pool {
 
 /// Listen streams of some pooled clients, each read by its own task.
 pub(crate) struct Listening {
-    pub(crate) arrivals: mpsc::UnboundedReceiver<Arrival>,
+    pub(crate) arrivals: Arc<Arrivals>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -82,13 +175,12 @@ fn is_private_message(payload: &QueuePayload) -> Option<[u8; 16]> {
 }
 
 /// Reads one listen stream until it ends, reporting application messages.
-async fn listen_task(index: usize, mut stream: ListenStream, tx: mpsc::UnboundedSender<Arrival>) {
+async fn listen_task(index: usize, mut stream: ListenStream, arrivals: Arc<Arrivals>) {
     while let Some(Ok(event)) = stream.next().await {
         if let ListenEvent::Message(message) = event
             && let Some(uuid) = is_private_message(&message.payload)
-            && tx.send((index, uuid, Instant::now())).is_err()
         {
-            return;
+            arrivals.arrived(index, uuid);
         }
     }
 }
@@ -121,7 +213,7 @@ pub(crate) async fn listen_with(
     clients: &[BenchClient],
     concurrency: usize,
 ) -> anyhow::Result<Listening> {
-    let (tx, arrivals) = mpsc::unbounded_channel();
+    let arrivals = Arc::new(Arrivals::new(clients.len()));
     let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
     let mut opening = tokio::task::JoinSet::new();
     for (index, client) in clients.iter().enumerate() {
@@ -135,7 +227,7 @@ pub(crate) async fn listen_with(
     let mut tasks = Vec::with_capacity(clients.len());
     while let Some(done) = opening.join_next().await {
         let (index, stream) = done??;
-        tasks.push(tokio::spawn(listen_task(index, stream, tx.clone())));
+        tasks.push(tokio::spawn(listen_task(index, stream, arrivals.clone())));
     }
     Ok(Listening { arrivals, tasks })
 }
@@ -491,4 +583,33 @@ async fn run_on(
     clients::close_all(&pool.clients);
     clients::close_all(std::slice::from_ref(&owner));
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_round_ends_when_every_listener_got_its_message() {
+        let arrivals = Arrivals::new(3);
+        arrivals.watch([7; 16]).unwrap();
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(50);
+        arrivals.start_round(1);
+        arrivals.arrived(0, [7; 16]);
+        // Another group's message, or a second message of the same client, is not the third
+        // client's.
+        arrivals.arrived(2, [8; 16]);
+        arrivals.arrived(0, [7; 16]);
+        arrivals.arrived(1, [7; 16]);
+        assert_eq!(arrivals.all_arrived(soon()).await, Err(2));
+        arrivals.arrived(2, [7; 16]);
+        let last = arrivals.all_arrived(soon()).await.unwrap();
+        assert!(last <= Instant::now());
+        // Client 0 got two messages in round 1: it already has its second.
+        arrivals.start_round(2);
+        arrivals.arrived(1, [7; 16]);
+        assert_eq!(arrivals.all_arrived(soon()).await, Err(2));
+        arrivals.arrived(2, [7; 16]);
+        assert!(arrivals.all_arrived(soon()).await.is_ok());
+    }
 }
