@@ -110,8 +110,9 @@ fn every_workload_runs_and_reports() {
     }
 }
 
-/// Instructions per operation under valgrind's callgrind: a few send-1to1 messages counted in
-/// the homeserver, a few echo requests in the bare quinn server. Needs valgrind (the Debian
+/// Instructions per operation under valgrind's callgrind: a few send-1to1 messages and a few
+/// KeyPackage claims counted in the homeserver, as many echo requests of each one's sizes in
+/// the bare quinn server. Needs valgrind (the Debian
 /// package; .ci/run installs it).
 #[test]
 fn instructions_are_counted_under_callgrind() {
@@ -123,17 +124,25 @@ fn instructions_are_counted_under_callgrind() {
         ..BenchConfig::smoke()
     };
     let results = bench::run(config).unwrap();
-    assert_eq!(results.len(), 1, "{results:?}");
-    let row = &results[0];
-    assert_eq!(row.workload, "instructions");
-    let per_message = row.details["instructions_per_message"].as_f64().unwrap();
-    let per_echo = row.details["echo_instructions_per_request"]
-        .as_f64()
-        .unwrap();
-    // A message (validated, stored durably, pushed, acked) costs the homeserver more than an
-    // echo costs bare quinn; equal or less would mean the wrong process was counted.
-    assert!(per_echo > 0.0 && per_message > per_echo, "{row:?}");
-    assert_eq!(row.baseline_value, per_echo);
+    assert_eq!(results.len(), 2, "{results:?}");
+    for (row, op, unit) in [
+        (&results[0], "send-1to1", "message"),
+        (&results[1], "claim", "claim"),
+    ] {
+        assert_eq!(row.workload, "instructions");
+        assert_eq!(row.params["op"], op, "{row:?}");
+        let per_op = row.details[format!("instructions_per_{unit}").as_str()]
+            .as_f64()
+            .unwrap();
+        let per_echo = row.details["echo_instructions_per_request"]
+            .as_f64()
+            .unwrap();
+        // A message (validated, stored durably, pushed, acked) or a claim (a durable delete)
+        // costs the homeserver more than an echo costs bare quinn; equal or less would mean
+        // the wrong process was counted.
+        assert!(per_echo > 0.0 && per_op > per_echo, "{row:?}");
+        assert_eq!(row.baseline_value, per_echo);
+    }
 }
 
 /// The scale-out bench: two nodes per domain on PostgreSQL (a cluster the harness starts),

@@ -1,5 +1,5 @@
 //! KeyPackage service: upload (validated), claim per client or per user (each ordinary
-//! KeyPackage handed out at most once: a claim is a delete inside a write transaction), a
+//! KeyPackage handed out at most once: a claim takes it inside a write transaction), a
 //! last-resort KeyPackage per client that is served when none is left and never consumed,
 //! counts, and expiry.
 

@@ -141,6 +141,21 @@ pub(crate) async fn auth<S: AuthStore>(store: &S) {
     ));
 }
 
+/// The KeyPackages `n` claims of `client` get, in order.
+async fn claims<S: KeyPackageStore>(
+    store: &S,
+    client: &ClientId,
+    now: u64,
+    n: usize,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let claimed = store.claim_one(client, now).await.unwrap();
+        out.push(claimed.key_package.into_vec());
+    }
+    out
+}
+
 pub(crate) async fn key_packages<S: AuthStore + KeyPackageStore>(store: &S) {
     let client: ClientId = "kp@example.org/phone".parse().unwrap();
     let num = store
@@ -199,6 +214,53 @@ pub(crate) async fn key_packages<S: AuthStore + KeyPackageStore>(store: &S) {
         .unwrap();
     assert_eq!(store.purge_expired(now + 1).await.unwrap(), 1);
     assert_eq!(store.count(num, now).await.unwrap(), (0, true));
+
+    // Many claims of one client with uploads in between: every KeyPackage handed out once, in
+    // upload order, and what is held (the upload limit) counts only what is left.
+    let many: ClientId = "kpmany@example.org/phone".parse().unwrap();
+    let many_num = store
+        .add_client(credential("kpmany@example.org/phone"))
+        .await
+        .unwrap();
+    let mut uploaded = 0u32;
+    let mut upload = |n: u32| {
+        let kps: Vec<(u64, Vec<u8>)> = (uploaded + 1..=uploaded + n)
+            .map(|i| (now + 10, i.to_be_bytes().to_vec()))
+            .collect();
+        uploaded += n;
+        kps
+    };
+    let mut handed = Vec::new();
+    for round in 0..4u64 {
+        let held = store.add(many_num, upload(20), None, 30, None).await;
+        assert_eq!(held.unwrap(), 20 + 3 * round);
+        handed.extend(claims(store, &many, now, 17).await);
+    }
+    // 12 held: 20 more would be 32, over the limit of 30; 18 fit.
+    assert!(matches!(
+        store
+            .add(many_num, vec![(now + 10, vec![0]); 20], None, 30, None)
+            .await,
+        Err(ServiceError::LimitExceeded(_))
+    ));
+    assert_eq!(
+        store
+            .add(many_num, upload(18), None, 30, None)
+            .await
+            .unwrap(),
+        30
+    );
+    assert_eq!(store.count(many_num, now).await.unwrap(), (30, false));
+    handed.extend(claims(store, &many, now, 30).await);
+    let expected: Vec<Vec<u8>> = (1..=uploaded).map(|i| i.to_be_bytes().to_vec()).collect();
+    assert_eq!(handed, expected);
+    assert!(matches!(
+        store.claim_one(&many, now).await,
+        Err(ServiceError::NoKeyPackage)
+    ));
+    assert_eq!(store.count(many_num, now).await.unwrap(), (0, false));
+    // Nothing held expires: the handed-out ones are not counted again.
+    assert_eq!(store.purge_expired(now + 10).await.unwrap(), 0);
 }
 
 pub(crate) async fn queues<S: AuthStore + QueueStore>(store: &S) {

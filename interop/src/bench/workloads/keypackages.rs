@@ -11,10 +11,13 @@ use std::time::{Duration, Instant};
 
 use indicatif::ProgressBar;
 use roost_client::transport::ConnectConfig;
+use roost_protocol::ClientId;
 use roost_protocol::frame::encode_frame;
 use roost_protocol::messages::Operation as _;
+use roost_protocol::messages::Response;
 use roost_protocol::messages::keypackage::{
-    ClaimClientKeyPackageRequest, KeyPackageKind, UploadKeyPackagesRequest,
+    ClaimClientKeyPackageRequest, ClaimClientKeyPackageResponse, ClaimedKeyPackage, KeyPackageKind,
+    UploadKeyPackagesRequest,
 };
 use serde_json::json;
 use tls_codec::Serialize as _;
@@ -67,44 +70,75 @@ async fn stock(client: BenchClient, count: usize) -> anyhow::Result<()> {
 struct Claimed {
     latencies: Latencies,
     key_packages: Vec<Vec<u8>>,
+    sample: Option<ClaimedKeyPackage>,
     refused: usize,
     last_resort: usize,
 }
 
-pub(super) async fn run(
-    config: &BenchConfig,
-    servers: &BenchServers,
-    connect: &ConnectConfig,
+/// What every claimer saw together.
+pub(super) struct Outcome {
+    pub(super) latencies: Latencies,
+    /// Distinct KeyPackages handed out.
+    pub(super) seen: HashSet<Vec<u8>>,
+    pub(super) claims: usize,
+    pub(super) duplicates: usize,
+    pub(super) refused: usize,
+    pub(super) last_resort: usize,
+    /// One claimed KeyPackage as answered (for the response's size).
+    sample: Option<ClaimedKeyPackage>,
+}
+
+impl Outcome {
+    /// Every one of `total` claims answered with an ordinary KeyPackage, none handed out twice.
+    pub(super) fn unique(&self, total: usize) -> bool {
+        self.duplicates == 0 && self.refused == 0 && self.last_resort == 0 && self.claims == total
+    }
+
+    /// The frame sizes of a claim of `target` (request with its length prefix, response
+    /// without: what the echo servers take).
+    pub(super) fn frame_sizes(&self, target: &ClientId) -> anyhow::Result<(usize, usize)> {
+        let request = ClaimClientKeyPackageRequest {
+            client: target.clone(),
+        };
+        let request_len = encode_frame(&request.into_request())?.len();
+        let Some(key_package) = self.sample.clone() else {
+            anyhow::bail!("no KeyPackage was claimed");
+        };
+        let response =
+            Response::ClaimClientKeyPackage(ClaimClientKeyPackageResponse { key_package });
+        Ok((request_len, encode_frame(&response)?.len() - 4))
+    }
+}
+
+/// Stocks each of `targets` with `per_target` KeyPackages, all uploading at once.
+pub(super) async fn stock_all(
+    targets: &[BenchClient],
+    per_target: usize,
     progress: &ProgressBar,
-) -> anyhow::Result<WorkloadResult> {
-    let domain = servers.domain(0)?;
-    let per_target = config.kp_per_target.min(1_000);
-    let total = config.kp_targets * per_target;
-    set_phase(
-        progress,
-        "keypackages: clients",
-        2 * (config.kp_targets + config.claimers),
-    );
-    let targets =
-        clients::ready_clients(connect, &domain, "kt", config.kp_targets, progress).await?;
-    let claimers =
-        clients::ready_clients(connect, &domain, "kc", config.claimers, progress).await?;
-    set_phase(progress, "keypackages: upload", config.kp_targets);
+) -> anyhow::Result<()> {
     let mut uploads = JoinSet::new();
-    for target in &targets {
+    for target in targets {
         uploads.spawn(stock(target.clone(), per_target));
     }
     while let Some(done) = uploads.join_next().await {
         done??;
         progress.inc(1);
     }
+    Ok(())
+}
 
-    set_phase(progress, "keypackages: claim", total);
-    let ids: Arc<Vec<_>> = Arc::new(targets.iter().map(|t| t.id.clone()).collect());
+/// `total` ClaimClientKeyPackage requests round-robin over `ids`, every claimer sending one at
+/// a time, all claimers at once; every claimed KeyPackage is kept and checked for duplicates.
+pub(super) async fn claim_all(
+    claimers: &[BenchClient],
+    ids: &[ClientId],
+    total: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Outcome> {
+    let ids: Arc<Vec<ClientId>> = Arc::new(ids.to_vec());
     let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
     let mut tasks = JoinSet::new();
-    for claimer in &claimers {
+    for claimer in claimers {
         let conn = claimer.conn()?.clone();
         let (ids, next, progress) = (ids.clone(), next.clone(), progress.clone());
         tasks.spawn(async move {
@@ -126,6 +160,9 @@ pub(super) async fn run(
                         claimed
                             .key_packages
                             .push(response.key_package.key_package.as_slice().to_vec());
+                        if claimed.sample.is_none() {
+                            claimed.sample = Some(response.key_package);
+                        }
                     }
                     Err(_) => claimed.refused += 1,
                 }
@@ -134,49 +171,77 @@ pub(super) async fn run(
             claimed
         });
     }
-    let mut latencies = Latencies::new();
-    let mut seen = HashSet::with_capacity(total);
-    let (mut duplicates, mut refused, mut last_resort, mut claims) = (0, 0, 0, 0);
+    let mut outcome = Outcome {
+        latencies: Latencies::new(),
+        seen: HashSet::with_capacity(total),
+        claims: 0,
+        duplicates: 0,
+        refused: 0,
+        last_resort: 0,
+        sample: None,
+    };
     while let Some(done) = tasks.join_next().await {
         let claimed = done?;
-        latencies.merge(claimed.latencies);
-        refused += claimed.refused;
-        last_resort += claimed.last_resort;
+        outcome.latencies.merge(claimed.latencies);
+        outcome.refused += claimed.refused;
+        outcome.last_resort += claimed.last_resort;
+        outcome.sample = outcome.sample.or(claimed.sample);
         for kp in claimed.key_packages {
-            claims += 1;
-            if !seen.insert(kp) {
-                duplicates += 1;
+            outcome.claims += 1;
+            if !outcome.seen.insert(kp) {
+                outcome.duplicates += 1;
             }
         }
     }
-    let ops = stats::rate(claims, start.elapsed());
+    Ok(outcome)
+}
+
+pub(super) async fn run(
+    config: &BenchConfig,
+    servers: &BenchServers,
+    connect: &ConnectConfig,
+    progress: &ProgressBar,
+) -> anyhow::Result<WorkloadResult> {
+    let domain = servers.domain(0)?;
+    let per_target = config.kp_per_target.min(1_000);
+    let total = config.kp_targets * per_target;
+    set_phase(
+        progress,
+        "keypackages: clients",
+        2 * (config.kp_targets + config.claimers),
+    );
+    let targets =
+        clients::ready_clients(connect, &domain, "kt", config.kp_targets, progress).await?;
+    let claimers =
+        clients::ready_clients(connect, &domain, "kc", config.claimers, progress).await?;
+    set_phase(progress, "keypackages: upload", config.kp_targets);
+    stock_all(&targets, per_target, progress).await?;
+
+    set_phase(progress, "keypackages: claim", total);
+    let ids: Vec<ClientId> = targets.iter().map(|t| t.id.clone()).collect();
+    let start = Instant::now();
+    let outcome = claim_all(&claimers, &ids, total, progress).await?;
+    let ops = stats::rate(outcome.claims, start.elapsed());
     let peak = stats::rss_of(servers.pid(0)).peak;
     clients::close_all(&targets);
     clients::close_all(&claimers);
 
     set_phase(progress, "keypackages: quinn baseline", 1);
-    let request_len = encode_frame(
-        &ClaimClientKeyPackageRequest {
-            client: ids[0].clone(),
-        }
-        .into_request(),
-    )?
-    .len();
-    let response_len = seen.iter().next().map_or(300, |kp| kp.len() + 100);
+    let (request_len, response_len) = outcome.frame_sizes(&ids[0])?;
     let echo = EchoServer::start(response_len)?;
     let duration = config.duration.min(Duration::from_secs(3));
     let (echo_ops, _) = echo_rate(&echo, config.claimers, request_len, duration).await?;
     echo.stop();
 
-    let unique = duplicates == 0 && refused == 0 && last_resort == 0 && claims == total;
+    let unique = outcome.unique(total);
     let ratio = if echo_ops > 0.0 { ops / echo_ops } else { 0.0 };
     Ok(WorkloadResult {
         workload: "keypackages".into(),
         params: json!({ "targets": config.kp_targets, "per_target": per_target, "claimers": config.claimers }),
         ops_per_sec: ops,
-        p50_us: latencies.median(),
-        p99_us: latencies.quantile(0.99),
-        p999_us: latencies.quantile(0.999),
+        p50_us: outcome.latencies.median(),
+        p99_us: outcome.latencies.quantile(0.99),
+        p999_us: outcome.latencies.quantile(0.999),
         server_peak_rss_bytes: peak,
         baseline: format!("quinn echo req/s, {} conns", config.claimers),
         baseline_value: echo_ops,
@@ -184,11 +249,11 @@ pub(super) async fn run(
         target: format!("≥ {TARGET_RATIO:.2} × quinn echo, none twice"),
         met: unique && ratio >= TARGET_RATIO,
         details: json!({
-            "claims": claims,
-            "unique": seen.len(),
-            "duplicates": duplicates,
-            "refused": refused,
-            "last_resort": last_resort,
+            "claims": outcome.claims,
+            "unique": outcome.seen.len(),
+            "duplicates": outcome.duplicates,
+            "refused": outcome.refused,
+            "last_resort": outcome.last_resort,
         }),
     })
 }

@@ -67,7 +67,10 @@ fn active(stored: StoredClient) -> Option<ClientRecord> {
 }
 
 /// Looks up an active local client in an open table (for other stores' transactions).
-fn active_client<T>(clients: &T, client: &ClientId) -> Result<Option<ClientRecord>, StoreError>
+pub(super) fn active_client<T>(
+    clients: &T,
+    client: &ClientId,
+) -> Result<Option<ClientRecord>, StoreError>
 where
     T: ReadableTable<&'static str, &'static [u8]>,
 {

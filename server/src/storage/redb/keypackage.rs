@@ -5,25 +5,27 @@ use redb::{ReadableTable, WriteTransaction};
 use roost_protocol::messages::keypackage::{ClaimedKeyPackage, KeyPackageKind};
 use roost_protocol::{ClientId, UserId};
 
-use super::auth::active_client_in;
-use super::tables::{CLIENTS, KEY_PACKAGE_COUNTS, KEY_PACKAGE_EXPIRY, KEY_PACKAGES, LAST_RESORT};
-use super::{Store, StoreError};
+use super::auth::active_client;
+use super::tables::{KEY_PACKAGE_COUNTS, KEY_PACKAGE_EXPIRY, KEY_PACKAGES, LAST_RESORT};
+use super::{KeyPackageTables, Store, StoreError};
 use crate::auth::ClientRecord;
 use crate::delivery::receipt::{Answer, Receipt};
 use crate::error::ServiceError;
 use crate::keypackage::KeyPackageStore;
 
-/// Takes one KeyPackage of a client inside `txn`: the oldest unexpired ordinary one (deleted),
-/// else the unexpired last-resort one (kept).
+/// Takes one KeyPackage of a client in the batch's KeyPackage tables: the oldest unexpired
+/// ordinary one (deleted), else the unexpired last-resort one (kept).
 fn take_one(
-    txn: &WriteTransaction,
+    tables: &mut KeyPackageTables<'_>,
     client_num: u64,
     now: u64,
 ) -> Result<Option<(Vec<u8>, KeyPackageKind)>, StoreError> {
-    let mut kps = txn.open_table(KEY_PACKAGES)?;
     let mut gone = Vec::new();
     let mut found = None;
-    for entry in kps.range((client_num, 0)..=(client_num, u64::MAX))? {
+    for entry in tables
+        .key_packages
+        .range((client_num, 0)..=(client_num, u64::MAX))?
+    {
         let (key, value) = entry?;
         let (not_after, bytes) = value.value();
         gone.push((not_after, key.value().1));
@@ -34,23 +36,22 @@ fn take_one(
         break;
     }
     let taken = gone.len() as u64;
-    let mut expiry = txn.open_table(KEY_PACKAGE_EXPIRY)?;
     for &(not_after, seq) in &gone {
-        kps.remove((client_num, seq))?;
-        expiry.remove((not_after, client_num, seq))?;
+        tables.key_packages.remove((client_num, seq))?;
+        tables.expiry.remove((not_after, client_num, seq))?;
     }
     if taken > 0 {
-        let mut counts = txn.open_table(KEY_PACKAGE_COUNTS)?;
-        let current = counts.get(client_num)?.map(|v| v.value());
+        let current = tables.counts.get(client_num)?.map(|v| v.value());
         if let Some((next, held)) = current {
-            counts.insert(client_num, (next, held.saturating_sub(taken)))?;
+            tables
+                .counts
+                .insert(client_num, (next, held.saturating_sub(taken)))?;
         }
     }
     if let Some(bytes) = found {
         return Ok(Some((bytes, KeyPackageKind::Ordinary)));
     }
-    let last = txn.open_table(LAST_RESORT)?;
-    let Some(guard) = last.get(client_num)? else {
+    let Some(guard) = tables.last_resort.get(client_num)? else {
         return Ok(None);
     };
     let (not_after, bytes) = guard.value();
@@ -142,11 +143,13 @@ impl KeyPackageStore for Store {
         now: u64,
     ) -> Result<ClaimedKeyPackage, ServiceError> {
         let target = target.clone();
-        self.write(move |txn| {
-            let Some(record) = active_client_in(txn, &target)? else {
+        // Claims of a batch share its open KeyPackage tables.
+        self.write_held(move |held| {
+            let tables = held.key_packages()?;
+            let Some(record) = active_client(&tables.clients, &target)? else {
                 return Ok(Err(ServiceError::ClientNotFound));
             };
-            let taken = take_one(txn, record.client_num, now)?;
+            let taken = take_one(tables, record.client_num, now)?;
             Ok(claimed(record, taken).ok_or(ServiceError::NoKeyPackage))
         })
         .await
@@ -158,15 +161,13 @@ impl KeyPackageStore for Store {
         now: u64,
     ) -> Result<Vec<ClaimedKeyPackage>, ServiceError> {
         let user = user.clone();
-        self.write(move |txn| {
+        self.write_held(move |held| {
+            let tables = held.key_packages()?;
             // Resolved inside the transaction: a client may have been removed meanwhile.
-            let records = {
-                let clients = txn.open_table(CLIENTS)?;
-                super::auth::active_clients_of(&clients, &user)?
-            };
+            let records = super::auth::active_clients_of(&tables.clients, &user)?;
             let mut out = Vec::with_capacity(records.len());
             for record in records {
-                let taken = take_one(txn, record.client_num, now)?;
+                let taken = take_one(tables, record.client_num, now)?;
                 out.extend(claimed(record, taken));
             }
             Ok(Ok(out))
