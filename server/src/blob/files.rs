@@ -1,14 +1,16 @@
 //! The blob store on a file system: one file per blob, named by the hex of its address, and a
 //! small metadata file next to it (`<address>.meta`: owner, read token, size, creation time).
 //!
-//! An upload is written to `tmp/<random>` on the blocking pool, one chunk behind the stream,
-//! and its writeback to the disk is started while it is received (an `fdatasync` of what is
-//! written so far whenever [`WRITEBACK_STEP`] bytes are waiting and none is running), so the
-//! flush at commit only has the tail left. At commit the tail is fsynced while the metadata
-//! file is written to `tmp/` and fsynced beside it; then the metadata file is renamed into
-//! place, then the data file, and the directory is fsynced. A blob is visible only when both
-//! files exist, so a partial upload never is; a process killed at any point leaves files in
-//! `tmp/` (removed at start) or a metadata file without its data (removed at start).
+//! An upload is written to `tmp/<random>` on the blocking pool, one chunk behind the stream
+//! (the file is created while the first chunk arrives), and the writeback of each chunk to
+//! the disk is started as soon as it is written (on Linux without waiting and without a
+//! journal commit; elsewhere an `fdatasync` of what is written so far whenever
+//! [`WRITEBACK_STEP`] bytes are waiting and none is running), so the flush at commit only has
+//! the tail left. At commit the tail is fsynced while the metadata file is written to `tmp/`
+//! and fsynced beside it; then the metadata file is renamed into place, then the data file,
+//! and the directory is fsynced. A blob is visible only when both files exist, so a partial
+//! upload never is; a process killed at any point leaves files in `tmp/` (removed at start)
+//! or a metadata file without its data (removed at start).
 
 use std::collections::HashMap;
 use std::io;
@@ -29,8 +31,9 @@ const TMP: &str = "tmp";
 /// The store's directory in the data directory when `blobs.dir` is not set (and in a backup).
 pub(crate) const DEFAULT_DIR: &str = "blobs";
 const META_SUFFIX: &str = ".meta";
-/// Bytes of an upload written but not yet flushed after which a flush of them is started
-/// (while the upload goes on), so that the flush at commit is short.
+/// Where writeback cannot be started without waiting ([`ASYNC_WRITEBACK`]): bytes of an upload
+/// written but not yet flushed after which a flush of them is started (while the upload goes
+/// on), so that the flush at commit is short.
 const WRITEBACK_STEP: u64 = 256 * 1024;
 
 /// Blobs in a directory.
@@ -158,17 +161,69 @@ pub(crate) struct FileUpload {
     writer: Option<Writer>,
 }
 
-/// The data file of an upload and the work on it running on the blocking pool: at most one
-/// write (so at most one chunk is held besides the one being received) and one flush.
+/// The data file of an upload and the work on it running on the blocking pool: its creation
+/// (started by `begin`, awaited by the first write), at most one write (so at most one chunk
+/// is held besides the one being received) and, where writeback cannot be started without
+/// waiting, one flush.
 struct Writer {
-    file: Arc<std::fs::File>,
+    file: Option<Arc<std::fs::File>>,
+    creating: Option<JoinHandle<Result<std::fs::File, ServiceError>>>,
     write: Option<JoinHandle<Result<(), ServiceError>>>,
     flush: Option<JoinHandle<Result<(), ServiceError>>>,
-    /// Bytes written since the last flush started.
+    /// Bytes handed to writes so far: the next write's offset.
+    written: u64,
+    /// Bytes written since the last flush started (without [`ASYNC_WRITEBACK`]).
     unflushed: u64,
 }
 
+/// Whether [`start_writeback`] sends written bytes to the disk without waiting for them.
+const ASYNC_WRITEBACK: bool = cfg!(target_os = "linux");
+
+/// Starts writing `len` bytes of `file` from `offset` back to the disk and returns without
+/// waiting (Linux: `posix_fadvise(DONTNEED)` starts the writeback of dirty pages; pages
+/// still being written stay cached, so a download right after the upload reads memory). No
+/// journal commit: the flush at commit only waits for what has not reached the disk yet.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
+    use rustix::fs::{Advice, fadvise};
+    fadvise(
+        file,
+        offset,
+        std::num::NonZeroU64::new(len),
+        Advice::DontNeed,
+    )
+    .map_err(io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) -> io::Result<()> {
+    Ok(())
+}
+
 impl Writer {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            file: None,
+            creating: Some(tokio::task::spawn_blocking(move || {
+                std::fs::File::create(path).map_err(io_error)
+            })),
+            write: None,
+            flush: None,
+            written: 0,
+            unflushed: 0,
+        }
+    }
+
+    /// The data file, once created.
+    async fn file(&mut self) -> Result<Arc<std::fs::File>, ServiceError> {
+        if let Some(creating) = self.creating.take() {
+            self.file = Some(Arc::new(joined(creating).await?));
+        }
+        self.file
+            .clone()
+            .ok_or_else(|| ServiceError::Internal("the upload's file is gone".into()))
+    }
+
     /// Waits for the write in flight, and collects a flush that has ended.
     async fn settle(&mut self) -> Result<(), ServiceError> {
         if let Some(write) = self.write.take() {
@@ -183,19 +238,23 @@ impl Writer {
     }
 
     async fn write(&mut self, bytes: Bytes) -> Result<(), ServiceError> {
+        let file = self.file().await?;
         self.settle().await?;
-        if self.unflushed >= WRITEBACK_STEP && self.flush.is_none() {
+        if !ASYNC_WRITEBACK && self.unflushed >= WRITEBACK_STEP && self.flush.is_none() {
             // Sends what is written so far to the disk while the next chunks arrive.
-            let file = Arc::clone(&self.file);
+            let file = Arc::clone(&file);
             self.flush = Some(tokio::task::spawn_blocking(move || {
                 file.sync_data().map_err(io_error)
             }));
             self.unflushed = 0;
         }
-        self.unflushed += bytes.len() as u64;
-        let file = Arc::clone(&self.file);
+        let (offset, len) = (self.written, bytes.len() as u64);
+        self.written += len;
+        self.unflushed += len;
         self.write = Some(tokio::task::spawn_blocking(move || {
-            io::Write::write_all(&mut &*file, &bytes).map_err(io_error)
+            io::Write::write_all(&mut &*file, &bytes)
+                .and_then(|()| start_writeback(&file, offset, len))
+                .map_err(io_error)
         }));
         Ok(())
     }
@@ -204,10 +263,10 @@ impl Writer {
     /// waiting for one still running (it waits for that one's pages itself); the running one's
     /// result still counts, since a write-back error is reported to one flush only.
     async fn finish(mut self) -> Result<(), ServiceError> {
+        let file = self.file().await?;
         if let Some(write) = self.write.take() {
             joined(write).await?;
         }
-        let file = Arc::clone(&self.file);
         let last = blocking(move || file.sync_data().map_err(io_error));
         let running = async {
             match self.flush.take() {
@@ -252,7 +311,18 @@ fn meta_bytes(meta: &BlobMeta) -> io::Result<Vec<u8>> {
 impl Drop for FileUpload {
     fn drop(&mut self) {
         // Best effort; whatever stays is removed at the next start.
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(creating) = self.writer.as_mut().and_then(|w| w.creating.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            // Still being created: removed once it exists.
+            let path = self.path.clone();
+            runtime.spawn(async move {
+                let _ = creating.await;
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
+            });
+        } else {
+            let _ = std::fs::remove_file(&self.path);
+        }
         if let Some(meta_path) = &self.meta_path {
             let _ = std::fs::remove_file(meta_path);
         }
@@ -264,20 +334,12 @@ impl BlobStore for FileStore {
     type Reader = tokio::fs::File;
 
     async fn begin(&self) -> Result<FileUpload, ServiceError> {
+        // The file is created on the blocking pool while the first bytes arrive.
         let path = self.staging_path("");
-        let file = {
-            let path = path.clone();
-            blocking(move || std::fs::File::create(path).map_err(io_error)).await?
-        };
         Ok(FileUpload {
+            writer: Some(Writer::new(path.clone())),
             path,
             meta_path: None,
-            writer: Some(Writer {
-                file: Arc::new(file),
-                write: None,
-                flush: None,
-                unflushed: 0,
-            }),
         })
     }
 
@@ -550,6 +612,26 @@ mod tests {
                 .unwrap();
         }
         upload
+    }
+
+    #[tokio::test]
+    async fn uploads_dropped_while_their_files_are_created_leave_nothing_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        // Dropped at once (a stream cut right after its request): the files are still being
+        // created on the blocking pool, and are removed once they exist.
+        for _ in 0..32 {
+            drop(store.begin().await.unwrap());
+        }
+        let mut empty = false;
+        for _ in 0..500 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            empty = staged(dir.path()) == 0;
+            if empty {
+                break;
+            }
+        }
+        assert!(empty, "{} files left in tmp/", staged(dir.path()));
     }
 
     #[tokio::test]

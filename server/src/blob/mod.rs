@@ -34,6 +34,9 @@ use crate::error::ServiceError;
 
 /// Bytes read from or written to a stream at once.
 const IO_CHUNK: usize = 256 * 1024;
+/// Bytes of an upload handed to the hash and the store at a time: what is left to hash and
+/// flush after the last byte arrived.
+const UPLOAD_CHUNK: usize = 128 * 1024;
 /// Chunks of an upload smaller than this are hashed at once rather than on the blocking pool.
 const INLINE_HASH: usize = 16 * 1024;
 /// Largest response head a peer may send before the bytes of a proxied download.
@@ -169,8 +172,8 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
     while !ended {
         // A chunk of our own (the stream's buffers are released as it is copied), handed to
         // the hash and to the store, which work on it while the next one is received.
-        let mut chunk = BytesMut::with_capacity(IO_CHUNK);
-        while chunk.len() < IO_CHUNK {
+        let mut chunk = BytesMut::with_capacity(UPLOAD_CHUNK);
+        while chunk.len() < UPLOAD_CHUNK {
             let read = tokio::time::timeout(config.stall_timeout(), body.read_buf(&mut chunk))
                 .await
                 .map_err(|_| ServiceError::RequestTimeout)?

@@ -44,7 +44,10 @@ pub(super) async fn run(
     let raw_conn = Endpoint::for_server(raw.addr)?
         .connect(&raw.connect_config())
         .await?;
-    let chunk = vec![0x5au8; WRITE];
+    let mut chunk = vec![0x5au8; WRITE];
+    // Every upload's bytes are distinct, as an app's (freshly encrypted) files are: identical
+    // bytes would be stored once and the upload answered from the stored copy.
+    let mut uploads = 0u64;
     let mut rows = Vec::new();
     for (size, rounds) in [(MIB, 32), (config.blob_large, 3)] {
         set_phase(
@@ -59,6 +62,8 @@ pub(super) async fn run(
         let mut raw_down = Duration::ZERO;
         let mut stored = None;
         for _ in 0..rounds {
+            uploads += 1;
+            chunk[..8].copy_from_slice(&uploads.to_be_bytes());
             let started = Instant::now();
             let mut upload = conn.start_blob_upload(size as u64).await?;
             let mut left = size;
@@ -171,7 +176,7 @@ async fn concurrent_uploads(
     let growth = peak.saturating_sub(before);
     let in_flight = (size * clients.len()) as u64;
     // Each upload holds at most its stream window (1 MiB by default) in quinn plus the
-    // blob service's 256 KiB read buffer; allow 4 MiB per upload for allocator slack.
+    // blob service's read buffers; allow 4 MiB per upload for allocator slack.
     let bound = (clients.len() * 4 * MIB) as u64;
     Ok(WorkloadResult {
         workload: "blob".into(),
