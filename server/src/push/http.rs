@@ -1,6 +1,8 @@
 //! The HTTPS client of the push senders (hyper 1 over tokio-rustls): HTTP/2 when the service
-//! offers it by ALPN (APNs requires it), HTTP/1.1 otherwise; one connection per request, or
-//! for APNs one pooled HTTP/2 connection reused across wake-ups ([`H2Pool`]).
+//! offers it by ALPN (APNs requires it), HTTP/1.1 otherwise. An HTTP/2 connection is kept and
+//! reused across wake-ups ([`H2Pool`]: one per APNs and FCM endpoint, one per Web Push
+//! origin up to [`MAX_POOLED_ORIGINS`]); HTTP/1.1 and origins past that limit get one
+//! connection per request.
 //! It resolves the host itself, refuses forbidden addresses (see `endpoint`) and connects
 //! only to an address it checked.
 
@@ -17,6 +19,9 @@ use super::endpoint::{Cidr, HttpsUrl, resolve_allowed};
 
 /// Largest response body read (error reasons are small JSON documents).
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
+/// Web Push origins whose HTTP/2 connection is kept open (subscriptions name few push
+/// services in practice; past this, wake-ups to a new origin connect per request).
+pub(crate) const MAX_POOLED_ORIGINS: usize = 64;
 
 /// Why a request did not get an answer.
 #[derive(Debug, thiserror::Error)]
@@ -95,14 +100,26 @@ impl HttpClient {
     ) -> Result<Answer, HttpError> {
         let body = Bytes::from(body);
         let exchange = async {
-            let (sender, reused) = self.pooled_sender(pool, url).await?;
+            let (sender, reused) = match self.pooled_sender(pool, url).await? {
+                Pooled::H2(sender, reused) => (sender, reused),
+                // The service speaks HTTP/1.1 only: this one request on the new connection.
+                Pooled::Http1(tls) => {
+                    return http1_exchange(*tls, request(url, headers, body, false)?).await;
+                }
+            };
             let answer = send(sender, request(url, headers, body.clone(), true)?).await;
             match answer {
                 Err(err) if reused => {
                     tracing::debug!(%err, "pooled push connection failed; reconnecting");
                     pool.forget().await;
-                    let (sender, _) = self.pooled_sender(pool, url).await?;
-                    send(sender, request(url, headers, body, true)?).await
+                    match self.pooled_sender(pool, url).await? {
+                        Pooled::H2(sender, _) => {
+                            send(sender, request(url, headers, body, true)?).await
+                        }
+                        Pooled::Http1(tls) => {
+                            http1_exchange(*tls, request(url, headers, body, false)?).await
+                        }
+                    }
                 }
                 Err(err) => {
                     pool.forget().await;
@@ -117,24 +134,19 @@ impl HttpClient {
         }
     }
 
-    /// The pool's connection if it is open (true: reused), else a new one, kept in the pool.
-    async fn pooled_sender(
-        &self,
-        pool: &H2Pool,
-        url: &HttpsUrl,
-    ) -> Result<(H2Sender, bool), HttpError> {
+    /// The pool's connection if it is open (true: reused), else a new one, kept in the pool
+    /// if it speaks HTTP/2.
+    async fn pooled_sender(&self, pool: &H2Pool, url: &HttpsUrl) -> Result<Pooled, HttpError> {
         let mut slot = pool.0.lock().await;
         if let Some(sender) = slot.as_ref()
             && !sender.is_closed()
         {
-            return Ok((sender.clone(), true));
+            return Ok(Pooled::H2(sender.clone(), true));
         }
         *slot = None;
         let (tls, h2) = self.connect(url).await?;
         if !h2 {
-            return Err(HttpError::Transport(
-                "the push service does not speak HTTP/2".into(),
-            ));
+            return Ok(Pooled::Http1(Box::new(tls)));
         }
         let (sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
@@ -148,7 +160,7 @@ impl HttpClient {
         });
         metrics::counter!("roost_push_connections_total").increment(1);
         *slot = Some(sender.clone());
-        Ok((sender, false))
+        Ok(Pooled::H2(sender, false))
     }
 
     /// Resolves (refusing forbidden addresses), connects to the first address that answers,
@@ -206,16 +218,34 @@ impl HttpClient {
             driver.abort();
             answer
         } else {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| transport(&e))?;
-            let driver = tokio::spawn(conn);
-            let response = sender.send_request(request).await;
-            let answer = read(response).await;
-            driver.abort();
-            answer
+            http1_exchange(io.into_inner(), request).await
         }
     }
+}
+
+type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// What [`HttpClient::pooled_sender`] found or made.
+enum Pooled {
+    /// An HTTP/2 connection in the pool (true: it was open already).
+    H2(H2Sender, bool),
+    /// A new connection to a service without HTTP/2, for one request.
+    Http1(Box<TlsStream>),
+}
+
+/// One HTTP/1.1 request on `tls`, which is closed afterwards.
+async fn http1_exchange(
+    tls: TlsStream,
+    request: Request<Full<Bytes>>,
+) -> Result<Answer, HttpError> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| HttpError::Transport(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let response = sender.send_request(request).await;
+    let answer = read(response).await;
+    driver.abort();
+    answer
 }
 
 type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
@@ -228,6 +258,42 @@ pub(crate) struct H2Pool(tokio::sync::Mutex<Option<H2Sender>>);
 impl H2Pool {
     async fn forget(&self) {
         *self.0.lock().await = None;
+    }
+
+    /// Whether it holds no open connection (false while it is in use).
+    fn is_idle_and_closed(&self) -> bool {
+        self.0
+            .try_lock()
+            .is_ok_and(|slot| slot.as_ref().is_none_or(H2Sender::is_closed))
+    }
+}
+
+/// One [`H2Pool`] per origin (Web Push: every subscription names its push service), at most
+/// [`MAX_POOLED_ORIGINS`].
+#[derive(Default)]
+pub(crate) struct OriginPools(std::sync::Mutex<std::collections::HashMap<String, Arc<H2Pool>>>);
+
+impl OriginPools {
+    /// The pool of `url`'s origin; None when the limit is reached by origins with open
+    /// connections (the request then connects on its own).
+    pub(crate) fn get(&self, url: &HttpsUrl) -> Option<Arc<H2Pool>> {
+        let mut pools = match self.0.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let origin = url.authority();
+        if let Some(pool) = pools.get(&origin) {
+            return Some(Arc::clone(pool));
+        }
+        if pools.len() >= MAX_POOLED_ORIGINS {
+            pools.retain(|_, pool| !pool.is_idle_and_closed());
+            if pools.len() >= MAX_POOLED_ORIGINS {
+                return None;
+            }
+        }
+        let pool = Arc::new(H2Pool::default());
+        pools.insert(origin, Arc::clone(&pool));
+        Some(pool)
     }
 }
 
@@ -306,4 +372,29 @@ pub(crate) fn roots(ca_file: Option<&std::path::Path>) -> Result<rustls::RootCer
         None => store.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
     Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn url(host: &str) -> HttpsUrl {
+        HttpsUrl::parse(&format!("https://{host}/push/1")).unwrap()
+    }
+
+    #[test]
+    fn each_origin_has_one_pool_and_unused_ones_make_room() {
+        let pools = OriginPools::default();
+        let a = pools.get(&url("a.example")).unwrap();
+        assert!(Arc::ptr_eq(&a, &pools.get(&url("a.example")).unwrap()));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &pools.get(&url("a.example:8443")).unwrap()
+        ));
+        for n in 0..2 * MAX_POOLED_ORIGINS {
+            // None of them has an open connection: a new origin takes an unused one's place.
+            assert!(pools.get(&url(&format!("h{n}.example"))).is_some());
+        }
+        assert!(pools.0.lock().unwrap().len() <= MAX_POOLED_ORIGINS);
+    }
 }

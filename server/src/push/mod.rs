@@ -248,6 +248,7 @@ impl Push {
                 project_id: project_id.clone(),
                 access_token_file: file.clone(),
                 base: HttpsUrl::parse(&config.fcm_url)?,
+                pool: http::H2Pool::default(),
             }),
             _ => None,
         };
@@ -262,6 +263,7 @@ impl Push {
             senders: Senders {
                 http,
                 vapid,
+                web_push_pools: http::OriginPools::default(),
                 apns,
                 fcm,
                 ttl_secs: config.ttl_secs,

@@ -16,7 +16,7 @@ use roost_protocol::messages::push::PushEndpoint;
 
 use super::crypto::{Es256Key, b64url, web_push_encrypt};
 use super::endpoint::HttpsUrl;
-use super::http::{Answer, H2Pool, HttpClient, HttpError};
+use super::http::{Answer, H2Pool, HttpClient, HttpError, OriginPools};
 
 /// The Web Push plaintext and the FCM data of a wake-up.
 pub(crate) const WAKE_MARKER: &str = "wake";
@@ -60,12 +60,16 @@ pub(crate) struct Fcm {
     pub(crate) project_id: String,
     pub(crate) access_token_file: PathBuf,
     pub(crate) base: HttpsUrl,
+    /// The HTTP/2 connection to `base`, reused across wake-ups.
+    pub(crate) pool: H2Pool,
 }
 
 /// Everything needed to send.
 pub(crate) struct Senders {
     pub(crate) http: HttpClient,
     pub(crate) vapid: Option<(Es256Key, String)>,
+    /// Web Push connections, per push service.
+    pub(crate) web_push_pools: OriginPools,
     pub(crate) apns: Option<Apns>,
     pub(crate) fcm: Option<Fcm>,
     pub(crate) ttl_secs: u32,
@@ -118,11 +122,11 @@ impl Senders {
                     ("ttl", self.ttl_secs.to_string()),
                     ("urgency", "high".to_owned()),
                 ];
-                judge(
-                    self.http.post(&url, &headers, body).await,
-                    web_push_verdict,
-                    now_secs,
-                )
+                let answer = match self.web_push_pools.get(&url) {
+                    Some(pool) => self.http.post_pooled(&pool, &url, &headers, body).await,
+                    None => self.http.post(&url, &headers, body).await,
+                };
+                judge(answer, web_push_verdict, now_secs)
             }
             PushEndpoint::Apns(token) => {
                 let Some(apns) = &self.apns else {
@@ -199,7 +203,7 @@ impl Senders {
                 ];
                 judge(
                     self.http
-                        .post(&url, &headers, body.to_string().into_bytes())
+                        .post_pooled(&fcm.pool, &url, &headers, body.to_string().into_bytes())
                         .await,
                     fcm_verdict,
                     now_secs,

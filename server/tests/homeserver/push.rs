@@ -482,6 +482,15 @@ fn apns_config(dir: &std::path::Path, receiver: &Receiver) -> (Config, rcgen::Ke
     (config, apns_key)
 }
 
+/// Turns FCM on, sending to the receiver under `/fcm`.
+fn with_fcm(config: &mut Config, dir: &std::path::Path, receiver: &Receiver) {
+    let token_file = dir.join("fcm-token");
+    std::fs::write(&token_file, "ya29.test-access-token\n").unwrap();
+    config.push.fcm_project_id = Some("roost-test".into());
+    config.push.fcm_access_token_file = Some(token_file);
+    config.push.fcm_url = receiver.url("/fcm");
+}
+
 async fn register_apns(conn: &Connection, device_token: &[u8]) {
     conn.call(RegisterPushRequest {
         endpoint: PushEndpoint::Apns(ApnsToken {
@@ -555,16 +564,94 @@ async fn apns_wake_ups_share_one_connection_that_is_replaced_when_it_fails() {
     server.shutdown().await;
 }
 
+/// FCM and Web Push wake-ups reuse one HTTP/2 connection per push service (FCM's endpoint,
+/// each Web Push origin), one after the other and at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fcm_and_web_push_wake_ups_reuse_one_connection_per_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start(dir.path()).await;
+    let mut config = push_config(dir.path(), &receiver);
+    with_fcm(&mut config, dir.path(), &receiver);
+    let server = start(config).await;
+    let mut devices = Vec::new();
+    for n in 0..6u8 {
+        let (_user, device, conn) = new_client(&server, &format!("ivan{n}")).await;
+        let endpoint = if n % 2 == 0 {
+            PushEndpoint::Fcm(FcmToken {
+                token: Opaque::from(format!("fcm:token-{n}").into_bytes()),
+            })
+        } else {
+            web_push(&receiver, &Subscriber::new(), &format!("/push/{n}")).endpoint
+        };
+        conn.call(RegisterPushRequest { endpoint }).await.unwrap();
+        devices.push(device);
+    }
+    // Two of each, one after the other; then one of each at once.
+    for (n, device) in devices.iter().take(4).enumerate() {
+        server
+            .enqueue(&device.id, id(14, n as u8), payload(1))
+            .await
+            .unwrap();
+        receiver.wait_for(n + 1, 10).await;
+    }
+    for (n, device) in devices.iter().enumerate().skip(4) {
+        server
+            .enqueue(&device.id, id(14, n as u8), payload(1))
+            .await
+            .unwrap();
+    }
+    let got = receiver.wait_for(6, 10).await;
+    assert!(got.iter().all(|r| r.version == hyper::Version::HTTP_2));
+    let fcm = got.iter().filter(|r| r.path.starts_with("/fcm/")).count();
+    let web_push = got.iter().filter(|r| r.path.starts_with("/push/")).count();
+    assert_eq!((fcm, web_push), (3, 3));
+    assert_eq!(
+        receiver.connections(),
+        2,
+        "one connection for FCM, one for the Web Push origin"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 6);
+    server.shutdown().await;
+}
+
+/// A push service that offers no HTTP/2 still gets every wake-up, over HTTP/1.1 on a
+/// connection per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_service_without_http2_gets_its_wake_ups_over_http1() {
+    let dir = tempfile::tempdir().unwrap();
+    let receiver = Receiver::start_http1_only(dir.path()).await;
+    let server = start(push_config(dir.path(), &receiver)).await;
+    let mut devices = Vec::new();
+    for n in 0..2u8 {
+        let (_user, device, conn) = new_client(&server, &format!("judy{n}")).await;
+        let key = vapid_key(&conn).await;
+        let subscriber = Subscriber::new();
+        conn.call(web_push(&receiver, &subscriber, &format!("/push/{n}")))
+            .await
+            .unwrap();
+        devices.push((device, subscriber, key));
+    }
+    for (n, (device, subscriber, key)) in devices.iter().enumerate() {
+        server
+            .enqueue(&device.id, id(15, n as u8), payload(1))
+            .await
+            .unwrap();
+        let got = receiver.wait_for(n + 1, 10).await;
+        assert_eq!(got[n].version, hyper::Version::HTTP_11);
+        assert_eq!(got[n].path, format!("/push/{n}"));
+        check_web_push(&got[n], subscriber, key, &receiver);
+    }
+    assert_eq!(receiver.connections(), 2);
+    server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apns_and_fcm_requests_have_their_shape_and_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let receiver = Receiver::start(dir.path()).await;
     let (mut config, apns_key) = apns_config(dir.path(), &receiver);
-    let token_file = dir.path().join("fcm-token");
-    std::fs::write(&token_file, "ya29.test-access-token\n").unwrap();
-    config.push.fcm_project_id = Some("roost-test".into());
-    config.push.fcm_access_token_file = Some(token_file);
-    config.push.fcm_url = receiver.url("/fcm");
+    with_fcm(&mut config, dir.path(), &receiver);
     let server = start(config).await;
 
     let (_g, ios, ios_conn) = new_client(&server, "grace").await;

@@ -60,6 +60,15 @@ impl Drop for Receiver {
 
 impl Receiver {
     pub async fn start(dir: &Path) -> Receiver {
+        Self::offering(dir, &[b"h2", b"http/1.1"]).await
+    }
+
+    /// A push service that speaks HTTP/1.1 only (no HTTP/2 offered by ALPN).
+    pub async fn start_http1_only(dir: &Path) -> Receiver {
+        Self::offering(dir, &[b"http/1.1"]).await
+    }
+
+    async fn offering(dir: &Path, alpn: &[&[u8]]) -> Receiver {
         let pki = Pki::new(dir, "push");
         let (cert, key) = pki.issue(dir, "receiver", &["127.0.0.1"]);
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
@@ -74,7 +83,7 @@ impl Receiver {
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .unwrap();
-        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
