@@ -26,6 +26,9 @@ struct Switches {
     syncs_left: Option<u64>,
     /// The sync fault switches itself off after failing once.
     sync_once: bool,
+    /// Armed by [`Faults::fail_syncs_from_next_commit`]: the next write of the file header
+    /// switches every later sync to failing.
+    syncs_fail_after_header: bool,
     /// Faults injected so far.
     injected: u64,
 }
@@ -54,6 +57,23 @@ impl Faults {
         switches.sync_once = false;
     }
 
+    /// From the next commit on, every `sync_data` fails (the data written stays in the file),
+    /// until [`Faults::clear`]: syncs succeed until redb next writes the file header (offset 0,
+    /// which it writes to publish a commit, and when it repairs or closes the file), and the
+    /// sync that would make that header durable fails, with every later one.
+    ///
+    /// Unlike `fail_syncs_after(0)`, this makes the failing fsync a commit's own: redb also
+    /// syncs inside a transaction, when the transaction grows the file (the new length must be
+    /// durable before a header names it), before the commit has written anything, and a
+    /// failure there leaves nothing of the transaction in the file. Whether a given
+    /// transaction grows the file depends on how full the file is.
+    pub fn fail_syncs_from_next_commit(&self) {
+        let mut switches = self.switches();
+        switches.syncs_left = None;
+        switches.sync_once = false;
+        switches.syncs_fail_after_header = true;
+    }
+
     /// The next `sync_data` fails once (a transient fault); later ones succeed.
     pub fn fail_next_sync(&self) {
         let mut switches = self.switches();
@@ -66,6 +86,7 @@ impl Faults {
         let mut switches = self.switches();
         switches.writes_left = None;
         switches.syncs_left = None;
+        switches.syncs_fail_after_header = false;
     }
 
     /// How many operations failed on purpose so far.
@@ -86,6 +107,17 @@ impl Faults {
                 false
             }
             None => false,
+        }
+    }
+
+    /// Called before a write at `offset`: a write of the header arms the failing syncs of
+    /// [`Faults::fail_syncs_from_next_commit`].
+    fn note_write(&self, offset: u64) {
+        let mut switches = self.switches();
+        if offset == 0 && switches.syncs_fail_after_header {
+            switches.syncs_fail_after_header = false;
+            switches.syncs_left = Some(0);
+            switches.sync_once = false;
         }
     }
 
@@ -161,6 +193,7 @@ impl StorageBackend for FaultyBackend {
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
+        self.faults.note_write(offset);
         if self.faults.write_fails() {
             // A full disk may take part of a write before it refuses the rest.
             let half = data.len() / 2;

@@ -104,7 +104,7 @@ pub(crate) struct KeyPackageTables<'txn> {
     pub(crate) clients: redb::Table<'txn, &'static str, &'static [u8]>,
     pub(crate) key_packages: redb::Table<'txn, (u64, u64), (u64, &'static [u8])>,
     pub(crate) expiry: redb::Table<'txn, (u64, u64, u64), ()>,
-    pub(crate) counts: redb::Table<'txn, u64, (u64, u64)>,
+    pub(crate) counts: redb::Table<'txn, u64, (u64, u64, u64)>,
     pub(crate) last_resort: redb::Table<'txn, u64, (u64, &'static [u8])>,
 }
 
@@ -612,12 +612,15 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         };
         match found {
             None => record()?,
-            Some(found @ (2 | 3)) => {
+            Some(found @ (2..=4)) => {
                 if found == 2 {
                     outbox::upgrade_from_v2(&txn)?;
                 }
-                queue::upgrade_from_v3(&txn)?;
-                keypackage::upgrade_from_v3(&txn)?;
+                if found <= 3 {
+                    queue::upgrade_from_v3(&txn)?;
+                    keypackage::upgrade_from_v3(&txn)?;
+                }
+                keypackage::upgrade_from_v4(&txn)?;
                 record()?;
                 tracing::info!(from = found, "database upgraded");
             }
@@ -1274,25 +1277,52 @@ mod tests {
         writer.join();
     }
 
+    /// A new store at `path` with one client, u@example.org/phone: (store, writer, the client,
+    /// its number).
+    async fn with_one_client(path: &Path) -> (Store, WriterHandle, roost_protocol::ClientId, u64) {
+        use crate::auth::AuthStore;
+        let (store, writer) = Store::open(path, "example.org", 8).unwrap();
+        let client: roost_protocol::ClientId = "u@example.org/phone".parse().unwrap();
+        let num = store
+            .add_client(crate::storage::suite::credential("u@example.org/phone"))
+            .await
+            .unwrap();
+        (store, writer, client, num)
+    }
+
+    /// Rewrites the store's tables with `downgrade` and records schema `version`, as that
+    /// version would have left them, then closes the store.
+    async fn leave_as_version(
+        store: Store,
+        writer: WriterHandle,
+        version: u64,
+        downgrade: fn(&WriteTransaction) -> Result<(), StoreError>,
+    ) {
+        store
+            .write(move |txn| {
+                downgrade(txn)?;
+                txn.open_table(META)?.insert("schema_version", version)?;
+                Ok(Ok::<_, StoreError>(()))
+            })
+            .await
+            .unwrap();
+        drop(store);
+        writer.join();
+    }
+
     /// A database of schema version 3 (no expiry indexes) is upgraded when opened: its
     /// queued messages, dedup records (also those of acked messages) and KeyPackages expire
     /// as they would have, exactly.
     #[tokio::test]
     async fn a_version_3_database_gets_its_expiry_indexes() {
-        use crate::auth::AuthStore;
         use crate::keypackage::KeyPackageStore;
         use crate::queue::{Enqueued, QueueStore};
-        use crate::storage::suite::{credential, payload};
+        use crate::storage::suite::payload;
         use roost_protocol::MessageId;
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
-        let client: roost_protocol::ClientId = "u@example.org/phone".parse().unwrap();
-        let num = store
-            .add_client(credential("u@example.org/phone"))
-            .await
-            .unwrap();
+        let (store, writer, client, num) = with_one_client(&path).await;
         for (n, at) in [(1u8, 100), (2, 100), (3, 10_000)] {
             let got = store
                 .enqueue(&client, MessageId([n; 16]), at, payload(n), 10)
@@ -1313,17 +1343,12 @@ mod tests {
             .await
             .unwrap();
         // As version 3 left it: no index rows.
-        store
-            .write(|txn| {
-                txn.open_table(QUEUE_EXPIRY)?.retain(|_, _| false)?;
-                txn.open_table(KEY_PACKAGE_EXPIRY)?.retain(|_, _| false)?;
-                txn.open_table(META)?.insert("schema_version", 3)?;
-                Ok(Ok::<_, StoreError>(()))
-            })
-            .await
-            .unwrap();
-        drop(store);
-        writer.join();
+        leave_as_version(store, writer, 3, |txn| {
+            txn.open_table(QUEUE_EXPIRY)?.retain(|_, _| false)?;
+            txn.open_table(KEY_PACKAGE_EXPIRY)?.retain(|_, _| false)?;
+            keypackage::as_version_4(txn)
+        })
+        .await;
 
         let (store, _writer) = Store::open(&path, "example.org", 8).unwrap();
         assert_eq!(store.expire(5_000).await.unwrap(), 1);
@@ -1343,5 +1368,49 @@ mod tests {
         }
         assert_eq!(store.purge_expired(100).await.unwrap(), 1);
         assert_eq!(store.count(num, 100).await.unwrap(), (1, false));
+    }
+
+    /// A database of schema version 4 (no claim cursors: a claim deleted the KeyPackage) is
+    /// upgraded when opened: what was handed out stays handed out, what was held is handed
+    /// out in upload order, once, and the upload limit counts what is held.
+    #[tokio::test]
+    async fn a_version_4_database_gets_claim_cursors() {
+        use crate::keypackage::KeyPackageStore;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let (store, writer, client, num) = with_one_client(&path).await;
+        let kps: Vec<(u64, Vec<u8>)> = (1..=20u8).map(|i| (1_000, vec![i])).collect();
+        store
+            .add(num, kps, Some((1_000, vec![99])), 25, None)
+            .await
+            .unwrap();
+        for i in 1..=5u8 {
+            let claimed = store.claim_one(&client, 10).await.unwrap();
+            assert_eq!(claimed.key_package.as_slice(), [i]);
+        }
+        // As version 4 left the same claims.
+        leave_as_version(store, writer, 4, keypackage::as_version_4).await;
+
+        let (store, _writer) = Store::open(&path, "example.org", 8).unwrap();
+        assert_eq!(store.count(num, 10).await.unwrap(), (15, true));
+        // 15 held: 11 more would pass the limit of 25, 10 fit.
+        let more = |n: u8| (0..n).map(|i| (1_000, vec![100 + i])).collect::<Vec<_>>();
+        assert!(store.add(num, more(11), None, 25, None).await.is_err());
+        assert_eq!(store.add(num, more(10), None, 25, None).await.unwrap(), 25);
+        let mut handed = Vec::new();
+        for _ in 0..25 {
+            let claimed = store.claim_one(&client, 10).await.unwrap();
+            assert_eq!(
+                claimed.kind,
+                roost_protocol::messages::keypackage::KeyPackageKind::Ordinary
+            );
+            handed.push(claimed.key_package.into_vec());
+        }
+        let expected: Vec<Vec<u8>> = (6..=20u8).chain(100..110).map(|i| vec![i]).collect();
+        assert_eq!(handed, expected);
+        let last = store.claim_one(&client, 10).await.unwrap();
+        assert_eq!(last.key_package.as_slice(), [99]);
+        assert_eq!(store.count(num, 10).await.unwrap(), (0, true));
     }
 }

@@ -277,3 +277,89 @@ async fn one_groups_messages_are_answered_only_once_durable() {
         );
     }
 }
+
+/// A table of large values, for batches that must grow the file.
+const BLOBS: redb::TableDefinition<'_, u64, &[u8]> = redb::TableDefinition::new("test_blobs");
+
+/// Stores `len` bytes under `i`: a batch whose transaction grows the file (the file has far
+/// less room left than `len`).
+async fn write_blob(store: &Store, i: u64, len: usize) -> Result<(), TestError> {
+    store
+        .write(move |txn| {
+            let value = vec![i as u8; len];
+            txn.open_table(BLOBS)?.insert(i, value.as_slice())?;
+            Ok(Ok(()))
+        })
+        .await
+}
+
+/// The value stored under `i`, read through the store.
+async fn blob_in(store: &Store, i: u64) -> Option<Vec<u8>> {
+    store
+        .read(move |txn| {
+            let table = match txn.open_table(BLOBS) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(err) => return Err(StoreError::from(err)),
+            };
+            Ok(table.get(i)?.map(|v| v.value().to_vec()))
+        })
+        .await
+        .unwrap()
+}
+
+/// The file's length in bytes.
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().len()
+}
+
+const BLOB_LEN: usize = 1 << 20;
+
+/// What a batch that grows the file leaves when its fsyncs fail as `arm` sets them up: its
+/// caller's answer, and the value it stored as the reopened store holds it. Every pair
+/// acknowledged before it is still stored.
+async fn grow_the_file_while(
+    arm: impl FnOnce(&Faults),
+) -> (Result<(), TestError>, Option<Vec<u8>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let faults = Faults::new();
+    let (store, writer) = open(&path, &faults);
+    let (acked, _) = write_pairs(&store, 0..10).await;
+    assert_eq!(acked.len(), 10);
+    let before = file_len(&path);
+    arm(&faults);
+    let answer = write_blob(&store, 7, BLOB_LEN).await;
+    assert!(
+        file_len(&path) > before + BLOB_LEN as u64,
+        "the batch did not grow the file"
+    );
+    faults.clear();
+    wait_writable(&store).await;
+    let stored = blob_in(&store, 7).await;
+    drop(store);
+    writer.join();
+    check_file(&path, &acked, &[]);
+    (answer, stored)
+}
+
+/// A batch whose commit's own fsync fails is in the file (as in the page cache) after the
+/// reopen, also when its transaction grew the file: its caller is told UNAVAILABLE (the first
+/// reopen fails as well), and the reopened store holds the batch whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_fsync_failed_is_in_the_file_also_when_it_grew_the_file() {
+    let (answer, stored) = grow_the_file_while(Faults::fail_syncs_from_next_commit).await;
+    assert_eq!(answer, Err(TestError::Unavailable));
+    assert_eq!(stored, Some(vec![7; BLOB_LEN]));
+}
+
+/// What `fail_syncs_after(0)` does to the same batch: redb syncs the grown file inside the
+/// transaction, before the commit writes anything, so that fsync's failure leaves nothing of
+/// the batch in the file. Its caller is told UNAVAILABLE and the reopened store does not hold
+/// it (which is why a test that needs the batch in the file fails the commit's own fsync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_grows_the_file_while_every_fsync_fails_is_not_stored() {
+    let (answer, stored) = grow_the_file_while(|faults| faults.fail_syncs_after(0)).await;
+    assert_eq!(answer, Err(TestError::Unavailable));
+    assert_eq!(stored, None);
+}

@@ -9,8 +9,9 @@ use redb::TableDefinition;
 /// Bumped whenever a table's layout changes; checked when the database opens. Version 2
 /// databases are upgraded in place (their outbox entries named one recipient each), and so are
 /// version 3 ones (their expiry indexes, [`QUEUE_EXPIRY`] and [`KEY_PACKAGE_EXPIRY`], are
-/// built once from what they hold); older ones are refused.
-pub(crate) const SCHEMA_VERSION: u64 = 4;
+/// built once from what they hold), and so are version 4 ones ([`KEY_PACKAGE_COUNTS`] gains the
+/// claim cursor); older ones are refused.
+pub(crate) const SCHEMA_VERSION: u64 = 5;
 
 /// Counters and settings: "schema_version", "next_client_num", "next_payload_id".
 pub(crate) const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
@@ -56,16 +57,22 @@ pub(crate) const QUEUE_EXPIRY: TableDefinition<'_, (u64, u64), ExpiryRow<'_>> =
 /// A row of [`QUEUE_EXPIRY`].
 pub(crate) type ExpiryRow<'a> = ([u8; 16], bool, &'a [u8]);
 
-/// Ordinary KeyPackages by (client number, upload seq): (not_after, KeyPackage bytes).
+/// Ordinary KeyPackages by (client number, upload seq): (not_after, KeyPackage bytes). Rows
+/// below their client's cursor ([`KEY_PACKAGE_COUNTS`]) were handed out (or expired) and wait
+/// to be deleted.
 pub(crate) const KEY_PACKAGES: TableDefinition<'_, (u64, u64), (u64, &[u8])> =
     TableDefinition::new("key_packages");
 
-/// Per-client KeyPackage counters: (next upload seq, ordinary KeyPackages held).
-pub(crate) const KEY_PACKAGE_COUNTS: TableDefinition<'_, u64, (u64, u64)> =
+/// Per-client KeyPackage counters: (next upload seq, ordinary KeyPackages held and not yet
+/// handed out, cursor). The cursor is the lowest upload seq that may still be handed out: a
+/// claim moves it past the KeyPackage it takes, and the rows below it are deleted later, a
+/// few at a time (`storage::redb::keypackage`, `prune`), so a claim writes one row instead of
+/// deleting two. Readers of `KEY_PACKAGES` start at the cursor.
+pub(crate) const KEY_PACKAGE_COUNTS: TableDefinition<'_, u64, (u64, u64, u64)> =
     TableDefinition::new("key_package_counts");
 
 /// Every KeyPackage by expiry: (not_after, client number, upload seq; 0 for the last-resort
-/// one). Written and deleted with the KeyPackage, so the sweep reads only what expired.
+/// one). Written and deleted with the KeyPackage's row, so the sweep reads only what expired.
 pub(crate) const KEY_PACKAGE_EXPIRY: TableDefinition<'_, (u64, u64, u64), ()> =
     TableDefinition::new("key_package_expiry");
 
