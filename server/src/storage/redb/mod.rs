@@ -612,12 +612,15 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         };
         match found {
             None => record()?,
-            Some(found @ (2 | 3)) => {
+            Some(found @ (2..=4)) => {
                 if found == 2 {
                     outbox::upgrade_from_v2(&txn)?;
                 }
-                queue::upgrade_from_v3(&txn)?;
-                keypackage::upgrade_from_v3(&txn)?;
+                if found <= 3 {
+                    queue::upgrade_from_v3(&txn)?;
+                    keypackage::upgrade_from_v3(&txn)?;
+                }
+                // Version 4 lacked GROUP_DELTAS, created below: its groups have no deltas.
                 record()?;
                 tracing::info!(from = found, "database upgraded");
             }
@@ -646,6 +649,7 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(TOKEN_USES)?;
         txn.open_table(GROUPS)?;
         txn.open_table(GROUP_VERSIONS)?;
+        txn.open_table(GROUP_DELTAS)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(RECEIPTS)?;
         txn.open_table(RECEIPT_TIMES)?;
