@@ -99,7 +99,9 @@ fn a_group_stored_as_deltas_goes_on_after_sigkill() {
     common::runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let (mut h, profiles) = start(&roost, dir.path()).await;
-        let config = h.client_config(0).unwrap();
+        let mut config = h.client_config(0).unwrap();
+        config.outbox_retry = Duration::from_millis(200);
+        config.listen_retry = Duration::from_millis(200);
         let mut members = Vec::new();
         for name in ["alice", "bob", "carol", "dave", "erin", "frank"] {
             let user = format!("{name}@alpha.test");
@@ -160,6 +162,10 @@ fn a_group_stored_as_deltas_goes_on_after_sigkill() {
         })
         .await;
         frank.wait_joined(Some(&group)).await.unwrap();
+        // erin sends once her state has the commit that added frank (a message of the epoch
+        // before goes to that epoch's members).
+        let now = [alice.id(), bob.id(), erin.id(), frank.id()];
+        erin.wait_members(&group, &now).await.unwrap();
         erin.client().send(&group, b"after").await.unwrap();
         for member in [alice, bob, frank] {
             member.wait_messages(&group, 1).await.unwrap();
