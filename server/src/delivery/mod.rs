@@ -1,7 +1,8 @@
 //! Delivery Service: the hub of the groups whose GroupId carries this server's domain.
 //!
 //! Each group's MLS public state lives in a [`DsGroup`] (openmls `PublicGroup`), cached in
-//! memory and persisted in `GROUPS` as (epoch, [`DsGroup::snapshot`]).
+//! memory and persisted as (epoch, [`DsGroup::snapshot`]): a base and deltas on it (see
+//! [`crate::storage::group_delta`]).
 //! Operations on one group are serialised by a per-group async lock; other groups proceed in
 //! parallel. A commit is validated and applied in memory, then the new state and every
 //! recipient's copy are written in one durable transaction; only then is it acknowledged. If
@@ -38,6 +39,7 @@ use crate::auth::AuthStore;
 use crate::error::ServiceError;
 use crate::mls::{CommitOutcome, DsGroup, Member, MlsError};
 use crate::storage::Backend;
+use crate::storage::group_delta::{self, Chain};
 
 pub(crate) use cache::GroupCache;
 use receipt::{Answer, Kind, Receipt, ReceiptStore as _, SendCounter, Submission};
@@ -47,22 +49,78 @@ use roster::{Recipients, Roster};
 /// version of the stored state (bumped by every write of it; see the module docs) and MLS
 /// state, which [`DsGroup::from_snapshot`] reloads whatever the clock says about its leaves'
 /// lifetimes.
+///
+/// The state is stored as a base and a chain of deltas ([`crate::storage::group_delta`]): a
+/// write either replaces the base (and drops the chain) or adds a delta on the state of the
+/// previous version.
 pub(crate) struct GroupState {
     pub(crate) key: Vec<u8>,
     pub(crate) epoch: u64,
     pub(crate) version: u64,
+    /// Loaded: the full snapshot. Written: the new base if `chain` is empty, else the delta
+    /// that turns the state of `version - 1` into this one.
     pub(crate) snapshot: Vec<u8>,
+    /// The deltas stored on the base, as loaded or after this write.
+    pub(crate) chain: Chain,
 }
 
 impl GroupState {
-    fn of(group: &DsGroup, version: u64) -> Result<Self, MlsError> {
-        Ok(Self {
+    /// The state of `group` at `version`, in full (a new group).
+    fn of(group: &DsGroup, version: u64) -> Result<(Self, Persisted), MlsError> {
+        let snapshot = group.snapshot()?;
+        let persisted = Persisted {
+            snapshot: snapshot.clone(),
+            chain: Chain::default(),
+        };
+        let state = Self {
             key: group.group_id(),
             epoch: group.epoch(),
             version,
-            snapshot: group.snapshot()?,
-        })
+            snapshot,
+            chain: Chain::default(),
+        };
+        Ok((state, persisted))
     }
+
+    /// The state of `group` at `version`, stored as a delta on `previous` (the stored state of
+    /// `version - 1`) while the chain allows, else in full; and what is then stored.
+    fn after(
+        group: &DsGroup,
+        version: u64,
+        previous: &Persisted,
+    ) -> Result<(Self, Persisted), MlsError> {
+        let snapshot = group.snapshot()?;
+        let (stored, chain) = group_delta::next(&previous.snapshot, &snapshot, previous.chain);
+        let state = Self {
+            key: group.group_id(),
+            epoch: group.epoch(),
+            version,
+            snapshot: stored.into_bytes(),
+            chain,
+        };
+        Ok((state, Persisted { snapshot, chain }))
+    }
+}
+
+/// Counts a durable write of a group's state (its form and size, taken before the write).
+fn count_state_write((delta, bytes): (bool, usize)) {
+    let form = if delta { "delta" } else { "full" };
+    metrics::counter!("roost_group_state_writes_total", "form" => form).increment(1);
+    metrics::counter!("roost_group_state_bytes_total", "form" => form).increment(bytes as u64);
+}
+
+impl GroupState {
+    /// What [`count_state_write`] counts of this state.
+    fn written(&self) -> (bool, usize) {
+        (self.chain.deltas > 0, self.snapshot.len())
+    }
+}
+
+/// What the store holds of a cached group's state: its snapshot (what the next write's delta
+/// is taken against) and the deltas on its base.
+pub(crate) struct Persisted {
+    snapshot: Vec<u8>,
+    chain: Chain,
 }
 
 /// The group part of a DS write: refused with [`ServiceError::GroupMoved`] (writing nothing)
@@ -391,6 +449,7 @@ pub(crate) struct Hosted {
     group: DsGroup,
     roster: Roster,
     version: u64,
+    persisted: Persisted,
 }
 
 /// Resolves `members` of `epoch` to recipients (see [`Roster::build`]), asking the store (in
@@ -444,6 +503,10 @@ async fn load(state: &State, group: &GroupId) -> Result<Hosted, ServiceError> {
             group,
             roster,
             version,
+            persisted: Persisted {
+                snapshot: record.snapshot,
+                chain: record.chain,
+            },
         })
     })
     .await?
@@ -526,17 +589,22 @@ pub(crate) async fn create(
             }
         }
         let roster = resolve(&store, &domain, group.epoch(), &group.members(), None)?;
-        Ok(Hosted {
-            group,
-            roster,
-            version: 0,
-        })
+        let (stored, persisted) = GroupState::of(&group, 0)?;
+        Ok((
+            Hosted {
+                group,
+                roster,
+                version: 0,
+                persisted,
+            },
+            stored,
+        ))
     })
     .await??;
-    state
-        .store
-        .create_group(GroupState::of(&hosted.group, hosted.version)?)
-        .await?;
+    let (hosted, stored) = hosted;
+    let written = stored.written();
+    state.store.create_group(stored).await?;
+    count_state_write(written);
     let epoch = hosted.group.epoch();
     *slot = Some(hosted);
     tracing::info!(group = %req.group, "group created");
@@ -624,6 +692,7 @@ async fn commit_attempt(
         mut group,
         roster,
         version,
+        persisted,
     }) = slot.take()
     else {
         return Err(ServiceError::Internal("group state missing".into()));
@@ -679,6 +748,7 @@ async fn commit_attempt(
                 group,
                 roster,
                 version,
+                persisted,
             });
             return Ok(Attempt::Ask(undecided.take()));
         }
@@ -690,6 +760,7 @@ async fn commit_attempt(
                     group,
                     roster,
                     version,
+                    persisted,
                 });
             }
             return Err(err);
@@ -703,10 +774,12 @@ async fn commit_attempt(
         .check_domains(allowed(state))
         .and_then(|()| roster.check_domains(allowed(state)))
         .map_err(unknown_domain)?;
+    let (stored, persisted) = GroupState::after(&group, version + 1, &persisted)?;
+    let written = stored.written();
     let write = GroupWrite {
         key: group.group_id(),
         loaded: version,
-        state: Some(GroupState::of(&group, version + 1)?),
+        state: Some(stored),
         receipt: Some(submission.receipt(Answer::Value(group.epoch()))),
         lazy: true,
     };
@@ -729,11 +802,13 @@ async fn commit_attempt(
     }
     let max_depth = state.settings.limits.max_queue_depth;
     let result = state.store.apply(write, fan_outs, max_depth).await?;
+    count_state_write(written);
     let epoch = group.epoch();
     *slot = Some(Hosted {
         group,
         roster,
         version: version + 1,
+        persisted,
     });
     drop(slot);
     let reached = result.wake(state);
@@ -888,6 +963,7 @@ async fn send_once(
         group,
         roster,
         version,
+        ..
     }) = slot.as_ref()
     else {
         return Err(ServiceError::Internal("group state missing".into()));
@@ -918,6 +994,7 @@ async fn send_once(
         group,
         roster,
         version,
+        ..
     }) = slot.as_ref()
     else {
         return Err(ServiceError::Internal("group state missing".into()));
@@ -1041,6 +1118,7 @@ async fn leave_once(
         mut group,
         roster,
         version,
+        persisted,
     }) = slot.take()
     else {
         return Err(ServiceError::Internal("group state missing".into()));
@@ -1060,6 +1138,7 @@ async fn leave_once(
                 group,
                 roster,
                 version,
+                persisted,
             });
         }
         return Err(err);
@@ -1067,10 +1146,12 @@ async fn leave_once(
     // A proposal does not change the membership: the epoch's roster still holds.
     let to = roster.all_but(&identity);
     to.check_domains(allowed(state)).map_err(unknown_domain)?;
+    let (stored, persisted) = GroupState::after(&group, version + 1, &persisted)?;
+    let written = stored.written();
     let write = GroupWrite {
         key: group.group_id(),
         loaded: version,
-        state: Some(GroupState::of(&group, version + 1)?),
+        state: Some(stored),
         receipt: Some(submission.receipt(Answer::Value(0))),
         lazy: false,
     };
@@ -1087,10 +1168,12 @@ async fn leave_once(
             max_depth,
         )
         .await?;
+    count_state_write(written);
     *slot = Some(Hosted {
         group,
         roster,
         version: version + 1,
+        persisted,
     });
     drop(slot);
     result.wake(state);

@@ -98,6 +98,16 @@ pub(crate) const CATALOGUE: &[Metric] = &[
         Kind::Counter,
         "Acknowledgements received on listen streams.",
     ),
+    l(
+        "roost_group_state_bytes_total",
+        Kind::Counter,
+        "Bytes of hosted groups' states written durably, by form: full (a new base) or delta.",
+    ),
+    l(
+        "roost_group_state_writes_total",
+        Kind::Counter,
+        "Writes of hosted groups' states, by form: full (a new base) or delta.",
+    ),
     m(
         "roost_fanout_recipients",
         Kind::Histogram,

@@ -334,3 +334,113 @@ fn recent_joins_survive_a_snapshot_and_are_forgotten_once_old() {
     restored.forget_joins_up_to(1);
     assert!(round_trip(&restored).joined_after(0).is_empty());
 }
+
+/// A group stored the way the DS stores it (a delta per commit on a base, see
+/// `storage::group_delta`) in a real store: after every restart the loaded group is the live
+/// one, down to the bytes of its full snapshot, and goes on accepting commits; most commits
+/// stored only a fraction of the snapshot.
+#[test]
+fn a_group_stored_as_base_and_deltas_loads_as_the_full_snapshot() {
+    use crate::delivery::{GroupState, GroupStore, GroupWrite};
+    use crate::storage::group_delta::{self, Chain, Stored};
+    use crate::storage::redb::Store;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let open = || Store::open(&path, "example.org", 8).unwrap();
+    let (mut store, mut writer) = open();
+
+    let (mut alice, mut ds) = alice_and_ds();
+    let members: Vec<Client> = (0..30).map(|n| Client::new(&format!("m{n}"))).collect();
+    let joined = alice.commit(members.iter().map(Client::key_package).collect(), &[]);
+    accept(&mut ds, &mut alice, &joined);
+    let key = ds.group_id();
+    let mut stored = ds.snapshot().unwrap();
+    runtime
+        .block_on(store.create_group(GroupState {
+            key: key.clone(),
+            epoch: ds.epoch(),
+            version: 0,
+            snapshot: stored.clone(),
+            chain: Chain::default(),
+        }))
+        .unwrap();
+    let (mut version, mut chain) = (0u64, Chain::default());
+    // Bytes written for the state, and what writing every snapshot in full would have been.
+    let (mut written, mut full_bytes, mut deltas) = (0usize, 0usize, 0);
+    let last = members.last().unwrap();
+    for step in 0..60 {
+        // Alice updates her path, removes the last member, adds it back, in turn.
+        let bundle = match step % 3 {
+            0 => alice.commit(vec![], &[]),
+            1 => {
+                let leaf = ds
+                    .member_by_identity(&last.identity)
+                    .map(|m| m.leaf_index)
+                    .unwrap();
+                alice.commit(vec![], &[leaf])
+            }
+            _ => alice.commit(vec![last.key_package()], &[]),
+        };
+        accept(&mut ds, &mut alice, &bundle);
+        let snapshot = ds.snapshot().unwrap();
+        let (form, after) = group_delta::next(&stored, &snapshot, chain);
+        full_bytes += snapshot.len();
+        if matches!(form, Stored::Delta(_)) {
+            deltas += 1;
+        }
+        let write = GroupWrite {
+            key: key.clone(),
+            loaded: version,
+            state: Some(GroupState {
+                key: key.clone(),
+                epoch: ds.epoch(),
+                version: version + 1,
+                snapshot: form.into_bytes(),
+                chain: after,
+            }),
+            receipt: None,
+            lazy: false,
+        };
+        written += write.state.as_ref().map_or(0, |s| s.snapshot.len());
+        runtime
+            .block_on(store.apply(write, Vec::new(), 10))
+            .unwrap();
+        (stored, chain, version) = (snapshot, after, version + 1);
+        if step % 7 == 6 {
+            // A restart: the store is closed and opened again, the group loaded from it.
+            drop(store);
+            writer.join();
+            (store, writer) = open();
+            let loaded = runtime
+                .block_on(store.load_group(key.clone()))
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (loaded.version, loaded.epoch, loaded.chain),
+                (version, ds.epoch(), chain)
+            );
+            assert!(
+                loaded.snapshot == stored,
+                "step {step}: not the full snapshot"
+            );
+            let restored = DsGroup::from_snapshot(&loaded.snapshot).unwrap();
+            assert_eq!(restored.members(), ds.members());
+            assert_eq!(restored.export_ratchet_tree(), ds.export_ratchet_tree());
+            assert_eq!(restored.group_info(), ds.group_info());
+            ds = restored;
+        }
+    }
+    // Even in this small group (≈ 6 KB snapshots, a delta ≈ 15 % of one) most writes are
+    // deltas, and deltas with the bases written meanwhile are well under the full snapshots.
+    assert!(deltas > 40, "{deltas} of 60 writes were deltas");
+    assert!(
+        written * 2 < full_bytes,
+        "wrote {written} B, in full {full_bytes} B"
+    );
+    drop(store);
+    writer.join();
+}

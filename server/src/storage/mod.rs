@@ -14,6 +14,7 @@
 //! with all its queue and outbox entries is one transaction; a fanned-out payload is stored
 //! once.
 
+pub(crate) mod group_delta;
 pub(crate) mod postgres;
 pub(crate) use self::redb::admin::stored_domain as redb_stored_domain;
 pub(crate) mod redb;

@@ -393,6 +393,7 @@ pub(crate) async fn new_group<S: GroupStore>(store: &S, key: &[u8]) {
             epoch: 0,
             version: 0,
             snapshot: vec![1],
+            chain: Default::default(),
         })
         .await
         .unwrap();
@@ -699,6 +700,123 @@ pub(crate) async fn one_group_in_order(store: &crate::storage::Backend) {
     }
 }
 
+/// Deterministic pseudo-random bytes (xorshift), a stand-in for a group snapshot.
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A new group's state: `snapshot` as its base, at epoch and version 0.
+pub(crate) fn base_state(key: &[u8], snapshot: &[u8]) -> GroupState {
+    GroupState {
+        key: key.to_vec(),
+        epoch: 0,
+        version: 0,
+        snapshot: snapshot.to_vec(),
+        chain: Default::default(),
+    }
+}
+
+/// The write of a group's state of `loaded + 1` at `epoch`, stored as `form` (`chain` after
+/// it), with no fan-out.
+pub(crate) fn state_write(
+    key: &[u8],
+    loaded: u64,
+    epoch: u64,
+    (form, chain): (
+        crate::storage::group_delta::Stored,
+        crate::storage::group_delta::Chain,
+    ),
+) -> GroupWrite {
+    GroupWrite {
+        key: key.to_vec(),
+        loaded,
+        state: Some(GroupState {
+            key: key.to_vec(),
+            epoch,
+            version: loaded + 1,
+            snapshot: form.into_bytes(),
+            chain,
+        }),
+        receipt: None,
+        lazy: false,
+    }
+}
+
+/// The snapshot after write `step` of [`group_deltas`]: a few bytes changed here and there,
+/// sometimes bytes inserted (everything after them shifts), as a commit changes a tree.
+pub(crate) fn next_snapshot(previous: &[u8], step: u64) -> Vec<u8> {
+    let mut new = previous.to_vec();
+    for n in 0..3 {
+        let at = ((step * 7_919 + n * 3_331) as usize) % (new.len() - 40);
+        new[at..at + 32].copy_from_slice(&noise(step * 3 + n, 32));
+    }
+    if step.is_multiple_of(5) {
+        let at = (step as usize * 104_729) % new.len();
+        new.splice(at..at, noise(step, 17));
+    }
+    new
+}
+
+/// A group's state written as the DS writes it, a delta or a new base as
+/// [`group_delta::next`] decides, each write checked against the stored version: every load
+/// gives exactly the snapshot last written, its epoch, version and chain; a write against an
+/// old version writes nothing.
+pub(crate) async fn group_deltas<S: GroupStore>(store: &S) {
+    use crate::storage::group_delta::{self, Chain, Stored};
+    let key = vec![4, 5, 6];
+    let mut snapshot = noise(1, 20_000);
+    store
+        .create_group(base_state(&key, &snapshot))
+        .await
+        .unwrap();
+    let mut chain = Chain::default();
+    let (mut deltas, mut bases) = (0, 0);
+    for version in 1..=150u64 {
+        let new = next_snapshot(&snapshot, version);
+        let (stored, after) = group_delta::next(&snapshot, &new, chain);
+        match &stored {
+            Stored::Full(_) => bases += 1,
+            Stored::Delta(_) => deltas += 1,
+        }
+        if version % 10 == 0 {
+            // Written against the version before last: refused, nothing written.
+            let stale = Chain {
+                deltas: chain.deltas + 1,
+                bytes: chain.bytes + 8,
+            };
+            let write = state_write(&key, version - 2, 0, (Stored::Delta(vec![9; 8]), stale));
+            let refused = store.apply(write, Vec::new(), 10).await;
+            assert!(
+                matches!(refused, Err(ServiceError::GroupMoved)),
+                "{version}"
+            );
+        }
+        let write = state_write(&key, version - 1, version * 2, (stored, after));
+        store.apply(write, Vec::new(), 10).await.unwrap();
+        (snapshot, chain) = (new, after);
+        let loaded = store.load_group(key.clone()).await.unwrap().unwrap();
+        assert_eq!(
+            (loaded.epoch, loaded.version, loaded.chain),
+            (version * 2, version, chain),
+            "version {version}"
+        );
+        assert!(
+            loaded.snapshot == snapshot,
+            "version {version}: snapshot differs"
+        );
+    }
+    // Mostly deltas, and new bases now and then.
+    assert!(deltas > 100 && bases >= 2, "{deltas} deltas, {bases} bases");
+}
+
 pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + OutboxStore>(
     store: &S,
 ) {
@@ -711,6 +829,7 @@ pub(crate) async fn groups_and_outbox<S: AuthStore + QueueStore + GroupStore + O
         epoch,
         version: epoch,
         snapshot: vec![epoch as u8; 10],
+        chain: Default::default(),
     };
     let write = |loaded: u64, state: Option<GroupState>| GroupWrite {
         key: vec![1, 2, 3],
@@ -937,6 +1056,7 @@ mod lazy {
                 epoch: loaded + 1,
                 version: loaded + 1,
                 snapshot: vec![loaded as u8 + 1; 4],
+                chain: Default::default(),
             }),
             receipt: None,
             lazy: true,
@@ -982,6 +1102,7 @@ pub(crate) async fn lazy_fan_out<S: AuthStore + QueueStore + GroupStore>(store: 
             epoch: 0,
             version: 0,
             snapshot: vec![0; 4],
+            chain: Default::default(),
         })
         .await
         .unwrap();
@@ -1044,6 +1165,7 @@ pub(crate) async fn lazy_fan_out_before_crash<S: AuthStore + QueueStore + GroupS
             epoch: 0,
             version: 0,
             snapshot: vec![0; 4],
+            chain: Default::default(),
         })
         .await
         .unwrap();
@@ -1120,6 +1242,7 @@ async fn client_and_group<S: AuthStore + GroupStore>(store: &S, client: &str, ke
             epoch: 0,
             version: 0,
             snapshot: vec![0; 4],
+            chain: Default::default(),
         })
         .await
         .unwrap();
@@ -1226,6 +1349,7 @@ pub(crate) async fn receipts<
         epoch: 1,
         version: 1,
         snapshot: vec![1; 4],
+        chain: Default::default(),
     };
     assert!(matches!(
         store
@@ -1649,6 +1773,7 @@ where
             epoch: 0,
             version: 0,
             snapshot: vec![1],
+            chain: Default::default(),
         })
         .await
         .unwrap();
@@ -1671,6 +1796,7 @@ where
         epoch: 1,
         version: 1,
         snapshot: vec![2],
+        chain: Default::default(),
     };
     let write = GroupWrite {
         key: vec![4, 2],
@@ -1807,6 +1933,12 @@ mod redb_backend {
         super::lazy_fan_out(&store).await;
     }
 
+    #[tokio::test]
+    async fn group_deltas() {
+        let (_dir, store) = open();
+        super::group_deltas(&store).await;
+    }
+
     /// The process dies after the transaction that accepted a commit and before the batch
     /// that queues it: what is on disk then is that transaction (redb keeps nothing else),
     /// which is what closing the store with the pending record held leaves.
@@ -1894,6 +2026,7 @@ pub(crate) mod postgres_backend {
             "expiry",
             "one_group_in_order",
             "push_recovery",
+            "group_deltas",
         ] {
             let url = cluster.create_database(part).unwrap();
             let (store, closer) = open(&url).await;
@@ -1908,6 +2041,7 @@ pub(crate) mod postgres_backend {
                 "expiry" => super::expiry(&store).await,
                 "one_group_in_order" => super::one_group_in_order(&store).await,
                 "push_recovery" => super::push_recovery(&store).await,
+                "group_deltas" => super::group_deltas(&store).await,
                 _ => super::groups_and_outbox(&store).await,
             }
             drop(store);

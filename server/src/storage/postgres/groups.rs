@@ -19,7 +19,7 @@ use crate::delivery::receipt::{Answer, Receipt};
 use crate::delivery::{Applying, FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::queue::Enqueued;
-use crate::storage::{StoreError, fan_out};
+use crate::storage::{StoreError, fan_out, group_delta};
 
 /// A fan-out ready to write: its message id and time, its local recipients in ascending
 /// order, its payload encoded once.
@@ -41,19 +41,35 @@ pub(super) fn prepare(fan: &FanOut) -> Result<Prepared<'_>, StoreError> {
 
 async fn load_group(store: &PgStore, key: Vec<u8>) -> Result<Option<GroupState>, StoreError> {
     let client = store.client().await?;
+    // One statement, so the base and its deltas are of one moment.
     let Some(row) = client
         .query_typed_opt(
-            "SELECT epoch, version, snapshot FROM groups WHERE key = $1",
+            "SELECT epoch, version, snapshot,
+                    ARRAY(SELECT version FROM group_deltas WHERE group_key = $1 ORDER BY version),
+                    ARRAY(SELECT delta FROM group_deltas WHERE group_key = $1 ORDER BY version)
+             FROM groups WHERE key = $1",
             &[(&key, Type::BYTEA)],
         )
         .await?
     else {
         return Ok(None);
     };
+    let version = to_u64(col(&row, 1)?)?;
+    let versions: Vec<i64> = col(&row, 3)?;
+    let deltas: Vec<Vec<u8>> = col(&row, 4)?;
+    let versions = versions
+        .into_iter()
+        .map(to_u64)
+        .collect::<Result<Vec<_>, _>>()?;
+    if versions.len() != deltas.len() || !group_delta::leads_to(versions, version) {
+        return Err(StoreError::Corrupt("group deltas"));
+    }
+    let (snapshot, chain) = group_delta::assemble(col(&row, 2)?, deltas.iter().map(Vec::as_slice))?;
     Ok(Some(GroupState {
         epoch: to_u64(col(&row, 0)?)?,
-        version: to_u64(col(&row, 1)?)?,
-        snapshot: col(&row, 2)?,
+        version,
+        snapshot,
+        chain,
         key,
     }))
 }
@@ -73,6 +89,11 @@ async fn create_group(
     store: &PgStore,
     state: GroupState,
 ) -> Result<Result<(), ServiceError>, StoreError> {
+    if state.chain.deltas > 0 {
+        return Ok(Err(ServiceError::Internal(
+            "a new group must be stored in full".into(),
+        )));
+    }
     let client = store.client().await?;
     let (epoch, version) = (to_i64(state.epoch)?, to_i64(state.version)?);
     let inserted = client
@@ -204,18 +225,7 @@ async fn apply_state(
             let Some((state, epoch, version)) = &new_state else {
                 return Ok(());
             };
-            exec(
-                &txn,
-                "UPDATE groups SET epoch = $2, version = $3, snapshot = $4 WHERE key = $1",
-                [
-                    (&state.key, Type::BYTEA),
-                    (epoch, Type::INT8),
-                    (version, Type::INT8),
-                    (&state.snapshot, Type::BYTEA),
-                ],
-            )
-            .await
-            .map(|_| ())
+            write_state(&txn, state, *epoch, *version).await
         },
         async {
             for (fan_out, prepared) in fan_outs.iter().zip(&prepared) {
@@ -257,6 +267,54 @@ async fn apply_state(
         store.queue_pending_later(group.key.clone());
     }
     Ok(Written::Done(Ok(result)))
+}
+
+/// Writes a group's new state (the group row is locked): a new base, which drops the
+/// group's deltas, or one more delta (see [`GroupState::chain`]).
+async fn write_state(
+    txn: &deadpool_postgres::Transaction<'_>,
+    state: &GroupState,
+    epoch: i64,
+    version: i64,
+) -> Result<(), StoreError> {
+    let key = || -> super::queue::Param<'_> { (&state.key, Type::BYTEA) };
+    if state.chain.deltas > 0 {
+        exec(
+            txn,
+            "UPDATE groups SET epoch = $2, version = $3 WHERE key = $1",
+            [key(), (&epoch, Type::INT8), (&version, Type::INT8)],
+        )
+        .await?;
+        exec(
+            txn,
+            "INSERT INTO group_deltas (group_key, version, delta) VALUES ($1, $2, $3)",
+            [
+                key(),
+                (&version, Type::INT8),
+                (&state.snapshot, Type::BYTEA),
+            ],
+        )
+        .await?;
+        return Ok(());
+    }
+    exec(
+        txn,
+        "UPDATE groups SET epoch = $2, version = $3, snapshot = $4 WHERE key = $1",
+        [
+            key(),
+            (&epoch, Type::INT8),
+            (&version, Type::INT8),
+            (&state.snapshot, Type::BYTEA),
+        ],
+    )
+    .await?;
+    exec(
+        txn,
+        "DELETE FROM group_deltas WHERE group_key = $1",
+        [key()],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Writes the local part of lazy fan-outs as one pending record of the group.
@@ -472,6 +530,7 @@ mod tests {
             epoch: version,
             version,
             snapshot: vec![tag; 10],
+            chain: group_delta::Chain::default(),
         }
     }
 

@@ -56,6 +56,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("migrations/0006_send_counters.sql")),
     (7, include_str!("migrations/0007_push_noted.sql")),
     (8, include_str!("migrations/0008_expiry_batches.sql")),
+    (9, include_str!("migrations/0009_group_deltas.sql")),
 ];
 
 /// Key of the advisory lock that serialises migrations ("roost" in ASCII).
@@ -507,7 +508,7 @@ mod tests {
             refused.err(),
             Some(StoreError::Schema {
                 found: 99,
-                expected: 8
+                expected: 9
             })
         ));
     }

@@ -103,6 +103,7 @@ fn copy_snapshot(from: &ReadTransaction, dest: &Path) -> Result<u64, StoreError>
         LAST_RESORT,
         GROUPS,
         GROUP_VERSIONS,
+        GROUP_DELTAS,
         OUTBOX,
         TOKEN_USES,
         RECEIPTS,

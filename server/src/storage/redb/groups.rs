@@ -8,11 +8,11 @@ use roost_protocol::MessageId;
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
 use super::queue::enqueue_in_txn;
-use super::tables::{FANOUT_PENDING, GROUP_VERSIONS, GROUPS};
+use super::tables::{FANOUT_PENDING, GROUP_DELTAS, GROUP_VERSIONS, GROUPS};
 use super::{Store, StoreError, next_counter};
 use crate::delivery::{Applying, FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
-use crate::storage::fan_out;
+use crate::storage::{fan_out, group_delta};
 
 /// A hosted group as stored.
 #[derive(Debug, Clone, TlsSize, TlsSerialize, TlsDeserializeBytes)]
@@ -21,10 +21,21 @@ struct StoredGroup {
     snapshot: roost_protocol::Opaque,
 }
 
-/// Stores `state` (taken: its snapshot becomes the record's bytes without a copy).
+/// Stores `state` (taken: its bytes become the record's without a copy): a new base, which
+/// drops the group's deltas, or one more delta (see [`GroupState::chain`]).
 fn store_group(txn: &redb::WriteTransaction, state: GroupState) -> Result<(), StoreError> {
     txn.open_table(GROUP_VERSIONS)?
         .insert(state.key.as_slice(), state.version)?;
+    let key = state.key.as_slice();
+    let mut deltas = txn.open_table(GROUP_DELTAS)?;
+    if state.chain.deltas > 0 {
+        deltas.insert(
+            (key, state.version),
+            (state.epoch, state.snapshot.as_slice()),
+        )?;
+        return Ok(());
+    }
+    deltas.retain_in((key, 0)..=(key, u64::MAX), |_, _| false)?;
     let record = StoredGroup {
         epoch: state.epoch,
         snapshot: state.snapshot.into(),
@@ -35,6 +46,40 @@ fn store_group(txn: &redb::WriteTransaction, state: GroupState) -> Result<(), St
     txn.open_table(GROUPS)?
         .insert(state.key.as_slice(), bytes.as_slice())?;
     Ok(())
+}
+
+/// A group's state from its base record and its deltas (which must lead, one version at a
+/// time, to `version`).
+fn assemble<T>(deltas: &T, key: &[u8], base: &[u8], version: u64) -> Result<GroupState, StoreError>
+where
+    T: ReadableTable<(&'static [u8], u64), (u64, &'static [u8])>,
+{
+    let Ok((record, [])) = StoredGroup::tls_deserialize_bytes(base) else {
+        return Err(StoreError::Corrupt("groups"));
+    };
+    let mut epoch = record.epoch;
+    let mut chain = Vec::new();
+    for row in deltas.range((key, 0)..=(key, u64::MAX))? {
+        let (k, v) = row?;
+        let (delta_epoch, delta) = v.value();
+        chain.push((k.value().1, delta.to_vec()));
+        epoch = delta_epoch;
+    }
+    let versions = chain.iter().map(|(v, _)| *v);
+    if !group_delta::leads_to(versions, version) {
+        return Err(StoreError::Corrupt("group deltas"));
+    }
+    let (snapshot, chain) = group_delta::assemble(
+        record.snapshot.into_vec(),
+        chain.iter().map(|(_, d)| d.as_slice()),
+    )?;
+    Ok(GroupState {
+        key: key.to_vec(),
+        epoch,
+        version,
+        snapshot,
+        chain,
+    })
 }
 
 /// Writes one fan-out inside `txn`; returns the recipients reached.
@@ -163,15 +208,8 @@ impl GroupStore for Store {
                 .get(key.as_slice())?
                 .map(|v| v.value())
                 .unwrap_or(0);
-            match StoredGroup::tls_deserialize_bytes(raw.value()) {
-                Ok((record, [])) => Ok(Some(GroupState {
-                    key: key.clone(),
-                    epoch: record.epoch,
-                    version,
-                    snapshot: record.snapshot.into_vec(),
-                })),
-                _ => Err(StoreError::Corrupt("groups")),
-            }
+            let deltas = txn.open_table(GROUP_DELTAS)?;
+            assemble(&deltas, &key, raw.value(), version).map(Some)
         })
         .await
         .map_err(ServiceError::from)
@@ -188,6 +226,11 @@ impl GroupStore for Store {
     }
 
     async fn create_group(&self, state: GroupState) -> Result<(), ServiceError> {
+        if state.chain.deltas > 0 {
+            return Err(ServiceError::Internal(
+                "a new group must be stored in full".into(),
+            ));
+        }
         self.write(move |txn| {
             if txn.open_table(GROUPS)?.get(state.key.as_slice())?.is_some() {
                 return Ok(Err(ServiceError::GroupExists));
@@ -327,11 +370,97 @@ mod tests {
                 epoch: 5,
                 version: 1,
                 snapshot: vec![4],
+                chain: group_delta::Chain::default(),
             }),
             receipt: None,
             lazy: false,
         };
         store.apply(write, Vec::new(), 10).await.unwrap();
         assert_eq!(store.group_version(vec![9, 9]).await.unwrap(), Some(1));
+    }
+
+    /// A version 4 database (no deltas table: every group is its full snapshot) is upgraded
+    /// when opened: its group loads as it was stored and takes deltas from then on.
+    #[tokio::test]
+    async fn a_version_4_database_keeps_its_groups_and_takes_deltas() {
+        use crate::storage::group_delta::{self, Chain};
+        use crate::storage::suite::{next_snapshot, noise};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
+        let key = vec![3u8, 1, 4];
+        let base = noise(9, 30_000);
+        let state = |version, snapshot: &[u8], chain| GroupState {
+            key: key.clone(),
+            epoch: version + 10,
+            version,
+            snapshot: snapshot.to_vec(),
+            chain,
+        };
+        store
+            .create_group(state(0, &base, Chain::default()))
+            .await
+            .unwrap();
+        let write = |loaded: u64, state| GroupWrite {
+            key: key.clone(),
+            loaded,
+            state: Some(state),
+            receipt: None,
+            lazy: false,
+        };
+        let second = next_snapshot(&base, 1);
+        store
+            .apply(
+                write(0, state(1, &second, Chain::default())),
+                Vec::new(),
+                10,
+            )
+            .await
+            .unwrap();
+        // As version 4 left it: no deltas table.
+        store
+            .write(|txn| {
+                txn.delete_table(GROUP_DELTAS)?;
+                txn.open_table(super::super::tables::META)?
+                    .insert("schema_version", 4)?;
+                Ok(Ok::<_, StoreError>(()))
+            })
+            .await
+            .unwrap();
+        drop(store);
+        writer.join();
+
+        let (store, writer) = Store::open(&path, "example.org", 8).unwrap();
+        let schema = store
+            .read(|txn| {
+                let meta = txn.open_table(super::super::tables::META)?;
+                Ok::<_, StoreError>(meta.get("schema_version")?.map(|v| v.value()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(schema, Some(super::super::tables::SCHEMA_VERSION));
+        let loaded = store.load_group(key.clone()).await.unwrap().unwrap();
+        assert_eq!((loaded.version, loaded.epoch), (1, 11));
+        assert_eq!(loaded.chain, Chain::default());
+        assert!(loaded.snapshot == second);
+        // The next write is a delta on it, and the group loads as that state.
+        let third = next_snapshot(&second, 2);
+        let (stored, chain) = group_delta::next(&second, &third, loaded.chain);
+        assert_eq!(chain.deltas, 1);
+        store
+            .apply(
+                write(1, state(2, &stored.into_bytes(), chain)),
+                Vec::new(),
+                10,
+            )
+            .await
+            .unwrap();
+        drop(store);
+        writer.join();
+        let (store, _writer) = Store::open(&path, "example.org", 8).unwrap();
+        let loaded = store.load_group(key.clone()).await.unwrap().unwrap();
+        assert_eq!((loaded.version, loaded.epoch, loaded.chain), (2, 12, chain));
+        assert!(loaded.snapshot == third);
     }
 }

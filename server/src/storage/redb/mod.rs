@@ -621,6 +621,7 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
                     keypackage::upgrade_from_v3(&txn)?;
                 }
                 keypackage::upgrade_from_v4(&txn)?;
+                // Version 4 lacked GROUP_DELTAS, created below: its groups have no deltas.
                 record()?;
                 tracing::info!(from = found, "database upgraded");
             }
@@ -649,6 +650,7 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
         txn.open_table(TOKEN_USES)?;
         txn.open_table(GROUPS)?;
         txn.open_table(GROUP_VERSIONS)?;
+        txn.open_table(GROUP_DELTAS)?;
         txn.open_table(OUTBOX)?;
         txn.open_table(RECEIPTS)?;
         txn.open_table(RECEIPT_TIMES)?;

@@ -363,3 +363,98 @@ async fn a_batch_that_grows_the_file_while_every_fsync_fails_is_not_stored() {
     assert_eq!(answer, Err(TestError::Unavailable));
     assert_eq!(stored, None);
 }
+
+/// A group's state written as the DS writes it (deltas on a base, a new base now and then)
+/// while the disk fails at different points of a write: every acknowledged state loads
+/// exactly; a refused write leaves the state before it or, whole, the refused one (the DS
+/// drops its cached state and goes on from what it loads); nothing in between. After the
+/// file is opened again the group is the last state stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_deltas_and_bases_cut_off_by_failing_writes_leave_a_loadable_state() {
+    use crate::delivery::{GroupState, GroupStore};
+    use crate::error::ServiceError;
+    use crate::storage::group_delta::{self, Chain};
+    use crate::storage::suite::{base_state, next_snapshot, noise, state_write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    let faults = Faults::new();
+    let (store, writer) = open(&path, &faults);
+    let key = vec![8u8, 8];
+    let mut snapshot = noise(3, 40_000);
+    store
+        .create_group(base_state(&key, &snapshot))
+        .await
+        .unwrap();
+    let (mut version, mut chain, mut step) = (0u64, Chain::default(), 0u64);
+    let (mut acked, mut refused) = (0, 0);
+    // Loads the group, waiting (bounded) while the store reopens its file.
+    async fn load(store: &Store, key: &[u8]) -> GroupState {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(state)) = store.load_group(key.to_vec()).await {
+                return state;
+            }
+            assert!(Instant::now() < deadline, "the group does not load");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for fail_after in [0u64, 1, 2, 4, 7] {
+        // A refused write's state: stored whole or not at all, known once the disk is back.
+        let mut unsure = None;
+        for phase in 0..3 {
+            match phase {
+                1 => faults.fail_writes_after(fail_after),
+                2 => {
+                    faults.clear();
+                    wait_writable(&store).await;
+                    // As the DS does after a failed write: go on from what loads.
+                    let loaded = load(&store, &key).await;
+                    if let Some((new, after)) = unsure.take()
+                        && loaded.version == version + 1
+                    {
+                        (snapshot, chain, version) = (new, after, version + 1);
+                    }
+                    assert_eq!(loaded.version, version);
+                    assert!(loaded.snapshot == snapshot, "step {step}: after the fault");
+                    assert_eq!(loaded.chain, chain);
+                }
+                _ => {}
+            }
+            for _ in 0..10 {
+                step += 1;
+                let new = next_snapshot(&snapshot, step);
+                let (form, after) = group_delta::next(&snapshot, &new, chain);
+                let write = state_write(&key, version, step, (form, after));
+                match store.apply(write, Vec::new(), 10).await {
+                    Ok(_) => {
+                        acked += 1;
+                        (snapshot, chain, version) = (new, after, version + 1);
+                        if phase != 1 {
+                            let loaded = load(&store, &key).await;
+                            assert_eq!((loaded.version, loaded.epoch), (version, step));
+                            assert!(loaded.snapshot == snapshot, "step {step}: acknowledged");
+                            assert_eq!(loaded.chain, chain);
+                        }
+                    }
+                    Err(ServiceError::Store(_)) if phase == 1 => {
+                        refused += 1;
+                        unsure = Some((new, after));
+                        break;
+                    }
+                    Err(other) => panic!("step {step}: {other:?}"),
+                }
+            }
+        }
+    }
+    assert!(
+        refused > 0 && acked > 50,
+        "{acked} acknowledged, {refused} refused"
+    );
+    drop(store);
+    writer.join();
+    let (store, _writer) = open(&path, &Faults::new());
+    let loaded = store.load_group(key.clone()).await.unwrap().unwrap();
+    assert_eq!((loaded.version, loaded.chain), (version, chain));
+    assert!(loaded.snapshot == snapshot, "reopened");
+}

@@ -10,7 +10,7 @@ use redb::TableDefinition;
 /// databases are upgraded in place (their outbox entries named one recipient each), and so are
 /// version 3 ones (their expiry indexes, [`QUEUE_EXPIRY`] and [`KEY_PACKAGE_EXPIRY`], are
 /// built once from what they hold), and so are version 4 ones ([`KEY_PACKAGE_COUNTS`] gains the
-/// claim cursor); older ones are refused.
+/// claim cursor; no [`GROUP_DELTAS`]: every group is its base alone); older ones are refused.
 pub(crate) const SCHEMA_VERSION: u64 = 5;
 
 /// Counters and settings: "schema_version", "next_client_num", "next_payload_id".
@@ -88,6 +88,15 @@ pub(crate) const GROUPS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::ne
 /// with every write of the state. Absent for groups stored before versions were kept: 0.
 pub(crate) const GROUP_VERSIONS: TableDefinition<'_, &[u8], u64> =
     TableDefinition::new("group_versions");
+
+/// Deltas on a hosted group's base in [`GROUPS`] (see `storage::group_delta`), by (MLS group
+/// id, version of the state they lead to): (epoch of that state, delta on the state of the
+/// version before). Deleted when the group's base is written again.
+pub(crate) const GROUP_DELTAS: TableDefinition<'_, DeltaKey<'_>, (u64, &[u8])> =
+    TableDefinition::new("group_deltas");
+
+/// A key of [`GROUP_DELTAS`]: (MLS group id, version).
+pub(crate) type DeltaKey<'a> = (&'a [u8], u64);
 
 /// Federation outbox by (destination domain, outbox seq): TLS-encoded `Delivery` (one message
 /// for up to 1,024 recipients of that domain). Written in the transaction that accepts the
