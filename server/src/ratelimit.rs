@@ -92,7 +92,35 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
 
     /// Takes one token for `key`.
     pub fn check(&self, key: K) -> Result<(), Duration> {
-        self.check_all(&[key])
+        let now = self.clock.instant();
+        match self.take_known(&key, now) {
+            Some(outcome) => outcome,
+            None => self.check_all_at(&[key], now),
+        }
+    }
+
+    /// [`RateLimiter::check`] of a key that has a bucket already (the usual case): one lookup,
+    /// no copy of the key, and nothing to prune or bound, as the map does not grow. `None` for
+    /// a key without a bucket.
+    fn take_known(&self, key: &K, now: Instant) -> Option<Result<(), Duration>> {
+        let mut buckets = match self.buckets.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let bucket = buckets.map.get_mut(key)?;
+        let tokens = refill(bucket, now, self.per_second, self.burst);
+        if tokens < 1.0 {
+            return Some(Err(self.wait_for(tokens)));
+        }
+        bucket.tokens = tokens - 1.0;
+        bucket.updated = now;
+        Some(Ok(()))
+    }
+
+    /// How long until a bucket holding `tokens` (fewer than one) has one.
+    fn wait_for(&self, tokens: f64) -> Duration {
+        let missing = (1.0 - tokens) / self.per_second.max(f64::MIN_POSITIVE);
+        Duration::from_secs_f64(missing.min(86_400.0))
     }
 
     fn check_all_at(&self, keys: &[K], now: Instant) -> Result<(), Duration> {
@@ -127,8 +155,7 @@ impl<K: Hash + Eq + Clone> RateLimiter<K> {
             });
             let tokens = refill(&bucket, now, self.per_second, self.burst);
             if tokens < 1.0 {
-                let missing = (1.0 - tokens) / self.per_second.max(f64::MIN_POSITIVE);
-                wait = wait.max(Duration::from_secs_f64(missing.min(86_400.0)));
+                wait = wait.max(self.wait_for(tokens));
             }
         }
         if wait > Duration::ZERO {
@@ -214,6 +241,26 @@ mod tests {
         limiter
             .check_all_at(&["a"], start + Duration::from_secs(1))
             .unwrap();
+    }
+
+    /// One key's checks (a bucket that exists after the first): the burst, then a refusal
+    /// saying how long until the next token, then the refill, as `check_all` counts them.
+    #[test]
+    fn a_known_key_spends_its_burst_then_refills() {
+        let clock = crate::clock::ManualClock::new();
+        let limiter = RateLimiter::new(2.0, 3).with_clock(clock.clock());
+        for _ in 0..3 {
+            limiter.check("a").unwrap();
+        }
+        let wait = limiter.check("a").unwrap_err();
+        assert!(wait > Duration::from_millis(450) && wait <= Duration::from_millis(500));
+        // A refusal takes nothing: half a second later the one token is there, once.
+        clock.advance(Duration::from_millis(500));
+        limiter.check("a").unwrap();
+        assert!(limiter.check("a").is_err());
+        // The same bucket seen through check_all.
+        assert!(limiter.check_all(&["a"]).is_err());
+        limiter.check("b").unwrap();
     }
 
     #[test]

@@ -7,9 +7,10 @@ use redb::ReadableTable;
 use roost_protocol::MessageId;
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSerialize, TlsSize};
 
-use super::queue::enqueue_in_txn;
-use super::tables::{FANOUT_PENDING, GROUP_DELTAS, GROUP_VERSIONS, GROUPS};
-use super::{Store, StoreError, next_counter};
+use super::delivery_tables::DeliveryTables;
+use super::queue::enqueue;
+use super::tables::{GROUP_DELTAS, GROUP_VERSIONS, GROUPS};
+use super::{Held, Store, StoreError};
 use crate::delivery::{Applying, FanOut, FanOutResult, GroupState, GroupStore, GroupWrite};
 use crate::error::ServiceError;
 use crate::storage::{fan_out, group_delta};
@@ -23,11 +24,12 @@ struct StoredGroup {
 
 /// Stores `state` (taken: its bytes become the record's without a copy): a new base, which
 /// drops the group's deltas, or one more delta (see [`GroupState::chain`]).
-fn store_group(txn: &redb::WriteTransaction, state: GroupState) -> Result<(), StoreError> {
-    txn.open_table(GROUP_VERSIONS)?
+fn store_group(t: &mut DeliveryTables<'_>, state: GroupState) -> Result<(), StoreError> {
+    t.versions
+        .open(t.txn)?
         .insert(state.key.as_slice(), state.version)?;
     let key = state.key.as_slice();
-    let mut deltas = txn.open_table(GROUP_DELTAS)?;
+    let deltas = t.deltas.open(t.txn)?;
     if state.chain.deltas > 0 {
         deltas.insert(
             (key, state.version),
@@ -43,7 +45,8 @@ fn store_group(txn: &redb::WriteTransaction, state: GroupState) -> Result<(), St
     let bytes = record
         .tls_serialize_detached()
         .map_err(|_| StoreError::Corrupt("group encoding"))?;
-    txn.open_table(GROUPS)?
+    t.groups
+        .open(t.txn)?
         .insert(state.key.as_slice(), bytes.as_slice())?;
     Ok(())
 }
@@ -84,7 +87,7 @@ where
 
 /// Writes one fan-out inside `txn`; returns the recipients reached.
 fn write_fan_out(
-    txn: &redb::WriteTransaction,
+    t: &mut DeliveryTables<'_>,
     max_depth: u64,
     fan: &FanOut,
     result: &mut FanOutResult,
@@ -93,14 +96,14 @@ fn write_fan_out(
     let timestamp_ms = fan.timestamp_ms;
     let mut reached = 0;
     for (domain, clients) in &fan.remote {
-        super::outbox::add_in_txn(txn, domain, clients, id, timestamp_ms, &fan.payload)?;
+        super::outbox::add_in(t, domain, clients, id, timestamp_ms, &fan.payload)?;
         reached += clients.len() as u32;
         result.domains.push(domain.clone());
     }
     // Ascending client numbers walk QUEUE_HEADS and QUEUE_ENTRIES in key order.
     let nums = fan_out::sorted_local(fan);
     let bytes = fan_out::encoded_payload(fan)?;
-    let outcomes = enqueue_in_txn(txn, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
+    let outcomes = enqueue(t, max_depth, &nums, id, timestamp_ms, &bytes, false)?;
     let shared = bytes::Bytes::from(bytes);
     reached += fan_out::tally(result, &nums, outcomes, (id, timestamp_ms, &shared));
     Ok(reached)
@@ -110,7 +113,7 @@ fn write_fan_out(
 /// (see [`GroupWrite::lazy`]) inside `txn`. Returns the recipients named and whether a record
 /// was written.
 fn write_lazy(
-    txn: &redb::WriteTransaction,
+    t: &mut DeliveryTables<'_>,
     max_depth: u64,
     fan_outs: &[FanOut],
 ) -> Result<(FanOutResult, bool), StoreError> {
@@ -118,7 +121,7 @@ fn write_lazy(
     for fan in fan_outs {
         let id = MessageId(rand::random());
         for (domain, clients) in &fan.remote {
-            super::outbox::add_in_txn(txn, domain, clients, id, fan.timestamp_ms, &fan.payload)?;
+            super::outbox::add_in(t, domain, clients, id, fan.timestamp_ms, &fan.payload)?;
         }
         if !fan.local.is_empty() {
             pending.push(fan_out::Pending::of(fan, id, max_depth)?);
@@ -127,9 +130,8 @@ fn write_lazy(
     let written = !pending.is_empty();
     if written {
         let record = fan_out::Pending::encode(&pending)?;
-        let key = next_counter(txn, "next_fanout_pending")?;
-        txn.open_table(FANOUT_PENDING)?
-            .insert(key, record.as_slice())?;
+        let key = t.next_counter("next_fanout_pending")?;
+        t.pending.open(t.txn)?.insert(key, record.as_slice())?;
     }
     Ok((fan_out::planned(fan_outs), written))
 }
@@ -138,10 +140,10 @@ fn write_lazy(
 /// returns the new entries (for waking listeners). A record that does not decode is dropped
 /// (logged and counted): it could never be queued, and keeping it would stop every batch.
 pub(super) fn queue_pending(
-    txn: &redb::WriteTransaction,
+    t: &mut DeliveryTables<'_>,
 ) -> Result<Vec<(u64, crate::queue::Fresh)>, StoreError> {
     let records: Vec<(u64, Vec<u8>)> = {
-        let mut table = txn.open_table(FANOUT_PENDING)?;
+        let table = t.pending.open(t.txn)?;
         let mut records = Vec::new();
         while let Some((key, value)) = table.pop_first()? {
             records.push((key.value(), value.value().to_vec()));
@@ -161,8 +163,8 @@ pub(super) fn queue_pending(
         for pending in list {
             let nums = pending.local();
             let payload = pending.payload.as_slice();
-            let outcomes = enqueue_in_txn(
-                txn,
+            let outcomes = enqueue(
+                t,
                 pending.max_depth,
                 &nums,
                 pending.id,
@@ -231,11 +233,12 @@ impl GroupStore for Store {
                 "a new group must be stored in full".into(),
             ));
         }
-        self.write(move |txn| {
-            if txn.open_table(GROUPS)?.get(state.key.as_slice())?.is_some() {
+        self.write_held(move |held| {
+            let t = held.delivery()?;
+            if t.groups.open(t.txn)?.get(state.key.as_slice())?.is_some() {
                 return Ok(Err(ServiceError::GroupExists));
             }
-            store_group(txn, state)?;
+            store_group(t, state)?;
             Ok(Ok(()))
         })
         .await
@@ -248,7 +251,7 @@ impl GroupStore for Store {
         max_depth: u64,
     ) -> Result<FanOutResult, ServiceError> {
         let store = self.clone();
-        self.write(move |txn| apply_in(&store, txn, group, &fan_outs, max_depth))
+        self.write_held(move |held| apply_in(&store, held, group, &fan_outs, max_depth))
             .await
     }
 
@@ -260,7 +263,7 @@ impl GroupStore for Store {
     ) -> Result<Applying, ServiceError> {
         let store = self.clone();
         let done = self
-            .submit_write(move |txn| apply_in(&store, txn, group, &fan_outs, max_depth))
+            .submit_job(move |held| apply_in(&store, held, group, &fan_outs, max_depth))
             .await?;
         Ok(Applying::new(async move {
             done.await
@@ -269,66 +272,58 @@ impl GroupStore for Store {
     }
 }
 
-/// [`GroupStore::apply`] inside `txn`.
+/// [`GroupStore::apply`] on the batch's delivery tables.
 fn apply_in(
     store: &Store,
-    txn: &redb::WriteTransaction,
+    held: &mut Held<'_>,
     group: GroupWrite,
     fan_outs: &[FanOut],
     max_depth: u64,
 ) -> Result<Result<FanOutResult, ServiceError>, StoreError> {
-    // GROUPS is opened only for a group stored before versions were kept (see `version_of`):
-    // every table opened costs a check of its definition.
-    let version = txn
-        .open_table(GROUP_VERSIONS)?
+    let t = held.delivery()?;
+    // GROUPS is read only for a group stored before versions were kept (see `version_of`).
+    let version = t
+        .versions
+        .open(t.txn)?
         .get(group.key.as_slice())?
         .map(|v| v.value());
     let stored = match version {
         Some(version) => Some(version),
-        None => txn
-            .open_table(GROUPS)?
-            .get(group.key.as_slice())?
-            .map(|_| 0),
+        None => t.groups.open(t.txn)?.get(group.key.as_slice())?.map(|_| 0),
     };
     if stored != Some(group.loaded) {
         return Ok(Err(ServiceError::GroupMoved));
     }
-    let mut receipts = match &group.receipt {
-        Some(receipt) => {
-            let table = super::receipts::open(txn)?;
-            if super::receipts::is_fresh(txn, &table, receipt)? {
-                // Applied already: the operation runs again and finds the receipt.
-                return Ok(Err(ServiceError::GroupMoved));
-            }
-            Some((table, receipt))
-        }
-        None => None,
-    };
+    if let Some(receipt) = &group.receipt
+        && super::receipts::is_fresh(t, receipt)?
+    {
+        // Applied already: the operation runs again and finds the receipt.
+        return Ok(Err(ServiceError::GroupMoved));
+    }
     if let Some(state) = group.state {
         if state.version != group.loaded + 1 || state.key != group.key {
             return Ok(Err(ServiceError::Internal(
                 "group write out of step".into(),
             )));
         }
-        store_group(txn, state)?;
+        store_group(t, state)?;
     }
-    if group.lazy {
-        let (result, written) = write_lazy(txn, max_depth, fan_outs)?;
+    let result = if group.lazy {
+        let (result, written) = write_lazy(t, max_depth, fan_outs)?;
         if written {
             store.mark_pending();
         }
-        if let Some((table, receipt)) = &mut receipts {
-            super::receipts::insert_in(txn, table, receipt, &result)?;
+        result
+    } else {
+        let mut result = FanOutResult::default();
+        for fan in fan_outs {
+            let reached = write_fan_out(t, max_depth, fan, &mut result)?;
+            result.reached.push(reached);
         }
-        return Ok(Ok(result));
-    }
-    let mut result = FanOutResult::default();
-    for fan in fan_outs {
-        let reached = write_fan_out(txn, max_depth, fan, &mut result)?;
-        result.reached.push(reached);
-    }
-    if let Some((table, receipt)) = &mut receipts {
-        super::receipts::insert_in(txn, table, receipt, &result)?;
+        result
+    };
+    if let Some(receipt) = &group.receipt {
+        super::receipts::insert_in(t, receipt, &result)?;
     }
     Ok(Ok(result))
 }
@@ -418,9 +413,10 @@ mod tests {
             )
             .await
             .unwrap();
-        // As version 4 left it: no deltas table.
+        // As version 4 left it: no deltas table, KeyPackage counters without claim cursors.
         store
             .write(|txn| {
+                super::super::keypackage::as_version_4(txn)?;
                 txn.delete_table(GROUP_DELTAS)?;
                 txn.open_table(super::super::tables::META)?
                     .insert("schema_version", 4)?;

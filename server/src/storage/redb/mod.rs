@@ -15,6 +15,7 @@
 
 pub(crate) mod admin;
 mod auth;
+mod delivery_tables;
 pub(crate) mod fault;
 mod groups;
 mod keypackage;
@@ -38,6 +39,7 @@ use super::StoreError;
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
+use delivery_tables::DeliveryTables;
 use tables::*;
 
 macro_rules! from_redb {
@@ -85,7 +87,8 @@ type Job = Box<dyn FnOnce(&mut Held<'_>) -> Result<Completion, StoreError> + Sen
 ///
 /// Opening a redb table costs a lookup in the table tree and a check of its definition
 /// (≈ 6 k instructions); a batch of N claims that each opened their four tables paid that 4 N
-/// times. A job of [`Store::write_held`] asks for a set of tables ([`Held::key_packages`]);
+/// times. A job of [`Store::write_held`] asks for a set of tables ([`Held::key_packages`],
+/// [`Held::delivery`]);
 /// the set stays open for the following jobs of the batch and is closed before a job that
 /// opens tables itself ([`Held::txn`]), before another set opens, and before the commit.
 pub(crate) struct Held<'txn> {
@@ -97,6 +100,7 @@ pub(crate) struct Held<'txn> {
 enum Open<'txn> {
     Nothing,
     KeyPackages(Box<KeyPackageTables<'txn>>),
+    Delivery(Box<DeliveryTables<'txn>>),
 }
 
 /// The tables a KeyPackage claim or upload writes.
@@ -138,7 +142,20 @@ impl<'txn> Held<'txn> {
         }
         match &mut self.open {
             Open::KeyPackages(tables) => Ok(tables),
-            Open::Nothing => Err(StoreError::Unavailable),
+            _ => Err(StoreError::Unavailable),
+        }
+    }
+
+    /// The delivery tables (fan-outs, acknowledgements): the set an earlier job of the batch
+    /// left open, or a new one (whose tables open as they are used).
+    pub(crate) fn delivery(&mut self) -> Result<&mut DeliveryTables<'txn>, StoreError> {
+        if !matches!(self.open, Open::Delivery(_)) {
+            self.open = Open::Nothing;
+            self.open = Open::Delivery(Box::new(DeliveryTables::new(self.txn)));
+        }
+        match &mut self.open {
+            Open::Delivery(tables) => Ok(tables),
+            _ => Err(StoreError::Unavailable),
         }
     }
 }
@@ -487,7 +504,10 @@ impl Store {
     }
 
     /// [`Store::submit_write`] of an operation on [`Held`] tables.
-    async fn submit_job<R, E, F>(&self, op: F) -> Result<oneshot::Receiver<Result<R, E>>, E>
+    pub(crate) async fn submit_job<R, E, F>(
+        &self,
+        op: F,
+    ) -> Result<oneshot::Receiver<Result<R, E>>, E>
     where
         R: Send + 'static,
         E: From<StoreError> + Send + 'static,
@@ -664,7 +684,7 @@ fn open_checked(opener: &Opener, domain: &str) -> Result<Database, StoreError> {
     // Fan-outs a crash (or a storage failure) left pending are queued before any job runs,
     // so nothing later overtakes them in a recipient's queue. Nobody listens yet at a start;
     // after a reopen every listener reads its queue again.
-    let queued = groups::queue_pending(&txn)?;
+    let queued = groups::queue_pending(&mut DeliveryTables::new(&txn))?;
     if !queued.is_empty() {
         tracing::info!(
             entries = queued.len(),
@@ -820,12 +840,19 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
             };
         }
     };
+    // The batch's own writes go through the delivery tables, which its delivery jobs (the
+    // usual ones) then find open.
+    let mut held = Held::new(&txn);
     // Every batch bumps a counter, so that after a failed commit a reopened database tells
     // whether the batch reached the file.
-    let number = match next_counter(&txn, "write_batch") {
+    let number = match held
+        .delivery()
+        .and_then(|tables| tables.next_counter("write_batch"))
+    {
         Ok(number) => number,
         Err(err) => {
             tracing::error!(%err, "write batch aborted");
+            drop(held);
             let _ = txn.abort();
             return match err {
                 StoreError::Io(_) => Batch::StorageFailed(None),
@@ -839,7 +866,7 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
     let mut queued_pending = false;
     shared.batch_wrote_pending.store(false, Ordering::Release);
     if shared.take_pending() {
-        match groups::queue_pending(&txn) {
+        match held.delivery().and_then(groups::queue_pending) {
             Ok(queued) => {
                 fresh = queued;
                 queued_pending = true;
@@ -855,12 +882,13 @@ fn run_batch(shared: &Shared, db: &Database, batch: Vec<Job>) -> Batch {
     let acks = shared.take_acks();
     if failure.is_none()
         && !acks.is_empty()
-        && let Err(err) = queue::apply_acks(&txn, &acks)
+        && let Err(err) = held
+            .delivery()
+            .and_then(|tables| queue::apply_acks(tables, &acks))
     {
         failure = Some(err);
     }
     let mut completions = Vec::with_capacity(batch.len());
-    let mut held = Held::new(&txn);
     for job in batch {
         if failure.is_some() {
             // Dropping the job drops its reply sender: the caller gets Unavailable.
@@ -1255,6 +1283,163 @@ mod tests {
         assert_eq!(fetched(&store, num).await, vec![3]);
     }
 
+    /// The group [`send_to`] sends to (key 7), stored at version 0.
+    async fn hosted_group(store: &Store) {
+        use crate::delivery::GroupStore as _;
+        store
+            .create_group(crate::delivery::GroupState {
+                key: vec![7],
+                epoch: 1,
+                version: 0,
+                snapshot: vec![1],
+                chain: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// A send to `recipients` in the group of [`hosted_group`], with a receipt for `key`.
+    fn send_to(
+        recipients: &[u64],
+        key: u8,
+    ) -> (crate::delivery::GroupWrite, Vec<crate::delivery::FanOut>) {
+        use crate::delivery::receipt::{Answer, Receipt};
+        use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
+        let payload = QueuePayload::GroupMessage(GroupMessage {
+            group: "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+                .parse()
+                .unwrap(),
+            message: vec![key].into(),
+        });
+        let write = crate::delivery::GroupWrite {
+            key: vec![7],
+            loaded: 0,
+            state: None,
+            receipt: Some(Receipt {
+                key: [key; 32],
+                answer: Answer::Reached,
+                accepted_ms: 1_000,
+                fresh_after_ms: 0,
+                counter: None,
+            }),
+            lazy: false,
+        };
+        let fan = crate::delivery::FanOut {
+            local: recipients.to_vec(),
+            remote: Default::default(),
+            payload,
+            timestamp_ms: 1_000,
+        };
+        (write, vec![fan])
+    }
+
+    /// Sends queued in one batch share its open tables with the batch's acknowledgements and
+    /// with jobs that open tables themselves between them: every job sees what the jobs
+    /// before it wrote, a refused one writes nothing, and each queue keeps the order of the
+    /// sends.
+    #[tokio::test]
+    async fn the_sends_of_one_batch_share_its_tables_in_order() {
+        use crate::delivery::GroupStore as _;
+        use crate::delivery::receipt::ReceiptStore as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 64).unwrap();
+        let a = queue_of(&store, "a@example.org/d", 2).await;
+        let b = queue_of(&store, "b@example.org/d", 0).await;
+        hosted_group(&store).await;
+        // The writer waits inside a job while the rest queue up behind it: they make one batch,
+        // which starts with the acknowledgement taken meanwhile.
+        let (release, wait) = std::sync::mpsc::channel::<()>();
+        let blocker = store
+            .submit_write(move |_| {
+                let _ = wait.recv();
+                Ok(Ok::<_, StoreError>(()))
+            })
+            .await
+            .unwrap();
+        store.ack_later(a, 1);
+        let (write, fans) = send_to(&[a], 1);
+        let first = store.submit(write, fans, 100).await.unwrap();
+        // A job of its own tables between two sends.
+        let head_of_a = store
+            .submit_write(move |txn| {
+                let head = txn.open_table(QUEUE_HEADS)?.get(a)?.map(|v| v.value());
+                Ok(Ok::<_, StoreError>(head))
+            })
+            .await
+            .unwrap();
+        let (write, fans) = send_to(&[a], 1);
+        let repeated = store.submit(write, fans, 100).await.unwrap();
+        let (write, fans) = send_to(&[a, b], 2);
+        let second = store.submit(write, fans, 100).await.unwrap();
+        release.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        assert_eq!(first.durable().await.unwrap().reached, vec![1]);
+        // The ack deleted message 1; the first send appended message 3.
+        assert_eq!(head_of_a.await.unwrap().unwrap(), Some((3, 2)));
+        assert!(matches!(
+            repeated.durable().await,
+            Err(crate::error::ServiceError::GroupMoved)
+        ));
+        assert_eq!(second.durable().await.unwrap().reached, vec![2]);
+        assert_eq!(stored(&store, a).await, (vec![2, 3, 4], 3));
+        assert_eq!(stored(&store, b).await, (vec![1], 1));
+        assert_eq!(fetched(&store, a).await, vec![2, 3, 4]);
+        assert_eq!(store.receipt([1; 32], 0).await.unwrap(), Some(1));
+        assert_eq!(store.receipt([2; 32], 0).await.unwrap(), Some(2));
+    }
+
+    /// The payloads and reference rows the file holds: (payload ids, (payload id, refs) rows).
+    async fn payloads(store: &Store) -> (Vec<u64>, Vec<(u64, u64)>) {
+        store
+            .read(|txn| {
+                let ids = txn
+                    .open_table(PAYLOADS)?
+                    .iter()?
+                    .map(|e| e.map(|(k, _)| k.value()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let refs = txn
+                    .open_table(PAYLOAD_REFS)?
+                    .iter()?
+                    .map(|e| e.map(|(k, v)| (k.value(), v.value())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, StoreError>((ids, refs))
+            })
+            .await
+            .unwrap()
+    }
+
+    /// A payload queued for one recipient has no reference row (none to write with the send,
+    /// none to delete with the ack); one queued for several counts them, and the payload goes
+    /// with the last acknowledgement, whichever way it was stored.
+    #[tokio::test]
+    async fn a_payload_counts_its_references_only_when_shared() {
+        use crate::delivery::GroupStore as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 64).unwrap();
+        let a = queue_of(&store, "a@example.org/d", 0).await;
+        let b = queue_of(&store, "b@example.org/d", 0).await;
+        hosted_group(&store).await;
+        let (write, fans) = send_to(&[a], 1);
+        store.apply(write, fans, 100).await.unwrap();
+        let (write, fans) = send_to(&[a, b], 2);
+        store.apply(write, fans, 100).await.unwrap();
+        let (ids, refs) = payloads(&store).await;
+        assert_eq!(ids.len(), 2);
+        assert_eq!(refs, vec![(ids[1], 2)]);
+        // Message 1 of a (the 1:1 one) is acknowledged: its payload goes.
+        store.ack_later(a, 1);
+        store.write(|_| Ok(Ok::<_, StoreError>(()))).await.unwrap();
+        assert_eq!(payloads(&store).await, (vec![ids[1]], vec![(ids[1], 2)]));
+        store.ack_later(a, 2);
+        store.write(|_| Ok(Ok::<_, StoreError>(()))).await.unwrap();
+        assert_eq!(payloads(&store).await, (vec![ids[1]], vec![(ids[1], 1)]));
+        store.ack_later(b, 1);
+        store.write(|_| Ok(Ok::<_, StoreError>(()))).await.unwrap();
+        assert_eq!(payloads(&store).await, (vec![], vec![]));
+        assert_eq!(stored(&store, a).await, (vec![], 0));
+        assert_eq!(stored(&store, b).await, (vec![], 0));
+    }
+
     #[test]
     fn a_database_without_a_domain_records_it_then_refuses_another() {
         let dir = tempfile::tempdir().unwrap();
@@ -1392,7 +1577,12 @@ mod tests {
             assert_eq!(claimed.key_package.as_slice(), [i]);
         }
         // As version 4 left the same claims.
-        leave_as_version(store, writer, 4, keypackage::as_version_4).await;
+        leave_as_version(store, writer, 4, |txn| {
+            keypackage::as_version_4(txn)?;
+            txn.delete_table(GROUP_DELTAS)?;
+            Ok(())
+        })
+        .await;
 
         let (store, _writer) = Store::open(&path, "example.org", 8).unwrap();
         assert_eq!(store.count(num, 10).await.unwrap(), (15, true));

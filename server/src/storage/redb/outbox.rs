@@ -6,22 +6,22 @@ use roost_protocol::messages::queue::QueuePayload;
 use roost_protocol::{ClientId, Domain, MessageId};
 use tls_codec::{DeserializeBytes, Serialize as _, TlsDeserializeBytes, TlsSize};
 
+use super::delivery_tables::DeliveryTables;
 use super::tables::OUTBOX;
-use super::{Store, StoreError, next_counter};
+use super::{Store, StoreError};
 use crate::error::ServiceError;
 use crate::federation::outbox::{MAX_RECIPIENTS_PER_DELIVERY, OutboxStore};
 
-/// Adds one message for `recipients` (all of `domain`) inside `txn`: one entry per
+/// Adds one message for `recipients` (all of `domain`) through `t`: one entry per
 /// [`MAX_RECIPIENTS_PER_DELIVERY`] recipients, each holding the payload once.
-pub(crate) fn add_in_txn(
-    txn: &WriteTransaction,
+pub(crate) fn add_in(
+    t: &mut DeliveryTables<'_>,
     domain: &Domain,
     recipients: &[ClientId],
     id: MessageId,
     timestamp_ms: u64,
     payload: &QueuePayload,
 ) -> Result<(), StoreError> {
-    let mut outbox = txn.open_table(OUTBOX)?;
     for chunk in recipients.chunks(MAX_RECIPIENTS_PER_DELIVERY) {
         let delivery = Delivery {
             recipients: chunk.to_vec(),
@@ -32,8 +32,10 @@ pub(crate) fn add_in_txn(
         let bytes = delivery
             .tls_serialize_detached()
             .map_err(|_| StoreError::Corrupt("delivery encoding"))?;
-        let seq = next_counter(txn, "next_outbox_seq")?;
-        outbox.insert((domain.as_str(), seq), bytes.as_slice())?;
+        let seq = t.next_counter("next_outbox_seq")?;
+        t.outbox
+            .open(t.txn)?
+            .insert((domain.as_str(), seq), bytes.as_slice())?;
     }
     Ok(())
 }

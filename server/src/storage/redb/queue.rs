@@ -8,6 +8,7 @@ use roost_protocol::{ClientId, MessageId};
 use tls_codec::{DeserializeBytes, Serialize as _};
 
 use super::auth::active_client_in;
+use super::delivery_tables::DeliveryTables;
 use super::tables::{
     PAYLOAD_REFS, PAYLOADS, QUEUE_DEDUP, QUEUE_ENTRIES, QUEUE_EXPIRY, QUEUE_HEADS,
 };
@@ -15,12 +16,12 @@ use super::{Store, StoreError, next_counter};
 use crate::error::ServiceError;
 use crate::queue::{Enqueued, Fresh, QueueStore};
 
-/// Enqueues one payload for several local recipients inside `txn`, storing the payload once.
+/// Enqueues one payload for several local recipients through `t`, storing the payload once.
 /// With `dedup`, a message id already queued for a recipient is not queued again. A client
 /// number without a queue (client removed) is [`Enqueued::Gone`]. Records the deepest queue
 /// it appended to in `roost_queue_depth` (once per call, not per recipient).
-pub(crate) fn enqueue_in_txn(
-    txn: &WriteTransaction,
+pub(crate) fn enqueue(
+    t: &mut DeliveryTables<'_>,
     max_depth: u64,
     recipients: &[u64],
     id: MessageId,
@@ -28,14 +29,11 @@ pub(crate) fn enqueue_in_txn(
     payload: &[u8],
     dedup: bool,
 ) -> Result<Vec<Enqueued>, StoreError> {
-    let mut heads = txn.open_table(QUEUE_HEADS)?;
-    let mut entries = txn.open_table(QUEUE_ENTRIES)?;
-    // Opening a table costs a check of its definition: only when it is used.
-    let mut dedups = if dedup {
-        Some(txn.open_table(QUEUE_DEDUP)?)
-    } else {
-        None
-    };
+    let txn = t.txn;
+    // Opening a table costs a check of its definition: the dedup records only when used.
+    if dedup {
+        t.dedups.open(txn)?;
+    }
     let mut outcomes = Vec::with_capacity(recipients.len());
     let mut payload_id = None;
     let mut refs = 0u64;
@@ -43,9 +41,13 @@ pub(crate) fn enqueue_in_txn(
     // The (client, seq) pairs of the expiry row (see `QUEUE_EXPIRY`).
     let mut queued = Vec::new();
     for &client_num in recipients {
-        let prior = match &dedups {
-            Some(dedups) => dedups.get((client_num, id.0))?.map(|v| v.value().0),
-            None => None,
+        let prior = if dedup {
+            t.dedups
+                .open(txn)?
+                .get((client_num, id.0))?
+                .map(|v| v.value().0)
+        } else {
+            None
         };
         if let Some(seq) = prior {
             outcomes.push(Enqueued::Duplicate(seq));
@@ -53,6 +55,7 @@ pub(crate) fn enqueue_in_txn(
         }
         // The head is read and rewritten in place (one descent of QUEUE_HEADS, no rebuild of
         // its leaf): a commit's fan-out does this for every member.
+        let heads = t.heads.open(txn)?;
         let Some(mut head_row) = heads.get_mut(client_num)? else {
             // No such queue (client removed meanwhile): callers resolved recipients earlier.
             outcomes.push(Enqueued::Gone);
@@ -69,15 +72,19 @@ pub(crate) fn enqueue_in_txn(
         let pid = match payload_id {
             Some(pid) => pid,
             None => {
-                let pid = next_counter(txn, "next_payload_id")?;
+                let pid = t.next_counter("next_payload_id")?;
                 payload_id = Some(pid);
                 pid
             }
         };
-        entries.insert((client_num, seq), (pid, timestamp_ms, id.0))?;
+        t.entries
+            .open(txn)?
+            .insert((client_num, seq), (pid, timestamp_ms, id.0))?;
         deepest = deepest.max(Some(count + 1));
-        if let Some(dedups) = &mut dedups {
-            dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
+        if dedup {
+            t.dedups
+                .open(txn)?
+                .insert((client_num, id.0), (seq, timestamp_ms))?;
         }
         refs += 1;
         queued.extend_from_slice(&client_num.to_be_bytes());
@@ -85,9 +92,14 @@ pub(crate) fn enqueue_in_txn(
         outcomes.push(Enqueued::Queued(seq));
     }
     if let Some(pid) = payload_id {
-        txn.open_table(PAYLOADS)?.insert(pid, payload)?;
-        txn.open_table(PAYLOAD_REFS)?.insert(pid, refs)?;
-        txn.open_table(QUEUE_EXPIRY)?
+        t.payloads.open(txn)?.insert(pid, payload)?;
+        // No row stands for one reference (see `PAYLOAD_REFS`): a 1:1 message writes none,
+        // and its acknowledgement deletes none.
+        if refs > 1 {
+            t.refs.open(txn)?.insert(pid, refs)?;
+        }
+        t.expiry
+            .open(txn)?
             .insert((timestamp_ms, pid), (id.0, dedup, queued.as_slice()))?;
     }
     if let Some(depth) = deepest {
@@ -96,116 +108,109 @@ pub(crate) fn enqueue_in_txn(
     Ok(outcomes)
 }
 
-/// The tables an acknowledgement writes, opened once for every queue it deletes from (a redb
-/// table open checks the table's definition, which costs more than a small delete).
-struct FrontTables<'t> {
-    heads: redb::Table<'t, u64, (u64, u64)>,
-    entries: redb::Table<'t, (u64, u64), (u64, u64, [u8; 16])>,
-    payloads: redb::Table<'t, u64, &'static [u8]>,
-    refs: redb::Table<'t, u64, u64>,
-    expiry: redb::Table<'t, (u64, u64), super::tables::ExpiryRow<'static>>,
-}
-
-impl<'t> FrontTables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Self {
-            heads: txn.open_table(QUEUE_HEADS)?,
-            entries: txn.open_table(QUEUE_ENTRIES)?,
-            payloads: txn.open_table(PAYLOADS)?,
-            refs: txn.open_table(PAYLOAD_REFS)?,
-            expiry: txn.open_table(QUEUE_EXPIRY)?,
-        })
-    }
-
-    /// Drops one reference to a payload, queued at `timestamp_ms`; the last one deletes it.
-    fn release_payload(&mut self, payload_id: u64, timestamp_ms: u64) -> Result<(), StoreError> {
-        let left = self
-            .refs
-            .get(payload_id)?
-            .map(|v| v.value())
-            .unwrap_or(1)
-            .saturating_sub(1);
-        if left == 0 {
-            self.refs.remove(payload_id)?;
-            self.payloads.remove(payload_id)?;
-            // Nothing left to expire, unless dedup records hang on the row: they stay until
-            // the sweep drops them with it.
-            let key = (timestamp_ms, payload_id);
-            let kept = match self.expiry.remove(key)? {
-                Some(row) => {
-                    let (id, dedup, queued) = row.value();
-                    dedup.then(|| (id, queued.to_vec()))
-                }
-                None => None,
-            };
-            if let Some((id, queued)) = kept {
-                self.expiry.insert(key, (id, true, queued.as_slice()))?;
+/// Drops one reference to a payload, queued at `timestamp_ms`; the last one deletes it.
+fn release_payload(
+    t: &mut DeliveryTables<'_>,
+    payload_id: u64,
+    timestamp_ms: u64,
+) -> Result<(), StoreError> {
+    let txn = t.txn;
+    let refs = t.refs.open(txn)?;
+    // No row: one reference.
+    let held = refs.get(payload_id)?.map(|v| v.value());
+    let left = held.unwrap_or(1).saturating_sub(1);
+    if left == 0 {
+        if held.is_some() {
+            refs.remove(payload_id)?;
+        }
+        t.payloads.open(txn)?.remove(payload_id)?;
+        // Nothing left to expire, unless dedup records hang on the row: they stay until
+        // the sweep drops them with it.
+        let expiry = t.expiry.open(txn)?;
+        let key = (timestamp_ms, payload_id);
+        let kept = match expiry.remove(key)? {
+            Some(row) => {
+                let (id, dedup, queued) = row.value();
+                dedup.then(|| (id, queued.to_vec()))
             }
-        } else {
-            self.refs.insert(payload_id, left)?;
-        }
-        Ok(())
-    }
-
-    /// See [`delete_front`].
-    fn delete_front(
-        &mut self,
-        client_num: u64,
-        up_to: u64,
-        older_than_ms: Option<u64>,
-    ) -> Result<u64, StoreError> {
-        let mut doomed = Vec::new();
-        for entry in self.entries.range((client_num, 0)..=(client_num, up_to))? {
-            let (key, value) = entry?;
-            let (payload_id, timestamp_ms, _) = value.value();
-            if older_than_ms.is_some_and(|cutoff| timestamp_ms >= cutoff) {
-                break;
-            }
-            doomed.push((key.value().1, payload_id, timestamp_ms));
-        }
-        for &(seq, payload_id, timestamp_ms) in &doomed {
-            self.entries.remove((client_num, seq))?;
-            self.release_payload(payload_id, timestamp_ms)?;
-        }
-        let deleted = doomed.len() as u64;
-        if deleted > 0 {
-            let current = self.heads.get(client_num)?.map(|v| v.value());
-            if let Some((head, count)) = current {
-                self.heads
-                    .insert(client_num, (head, count.saturating_sub(deleted)))?;
-            }
-        }
-        Ok(deleted)
-    }
-
-    /// Deletes a client's queue up to min(`up_to_seq`, head); false if the queue is gone.
-    fn ack(&mut self, client_num: u64, up_to_seq: u64) -> Result<bool, StoreError> {
-        let head = self.heads.get(client_num)?.map(|v| v.value().0);
-        let Some(head) = head else {
-            return Ok(false);
+            None => None,
         };
-        self.delete_front(client_num, up_to_seq.min(head), None)?;
-        Ok(true)
+        if let Some((id, queued)) = kept {
+            expiry.insert(key, (id, true, queued.as_slice()))?;
+        }
+    } else {
+        refs.insert(payload_id, left)?;
     }
+    Ok(())
 }
 
 /// Deletes entries of a queue with seq in `..=up_to` (and, with `older_than_ms`, stops at the
 /// first entry at least that new). Returns how many were deleted.
+fn delete_front_in(
+    t: &mut DeliveryTables<'_>,
+    client_num: u64,
+    up_to: u64,
+    older_than_ms: Option<u64>,
+) -> Result<u64, StoreError> {
+    let txn = t.txn;
+    let entries = t.entries.open(txn)?;
+    let mut doomed = Vec::new();
+    for entry in entries.range((client_num, 0)..=(client_num, up_to))? {
+        let (key, value) = entry?;
+        let (payload_id, timestamp_ms, _) = value.value();
+        if older_than_ms.is_some_and(|cutoff| timestamp_ms >= cutoff) {
+            break;
+        }
+        doomed.push((key.value().1, payload_id, timestamp_ms));
+    }
+    for &(seq, payload_id, timestamp_ms) in &doomed {
+        t.entries.open(txn)?.remove((client_num, seq))?;
+        release_payload(t, payload_id, timestamp_ms)?;
+    }
+    let deleted = doomed.len() as u64;
+    if deleted > 0 {
+        let heads = t.heads.open(txn)?;
+        let current = heads.get(client_num)?.map(|v| v.value());
+        if let Some((head, count)) = current {
+            heads.insert(client_num, (head, count.saturating_sub(deleted)))?;
+        }
+    }
+    Ok(deleted)
+}
+
+/// Deletes a client's queue up to min(`up_to_seq`, head); false if the queue is gone.
+fn ack(t: &mut DeliveryTables<'_>, client_num: u64, up_to_seq: u64) -> Result<bool, StoreError> {
+    let head = t.heads.open(t.txn)?.get(client_num)?.map(|v| v.value().0);
+    let Some(head) = head else {
+        return Ok(false);
+    };
+    delete_front_in(t, client_num, up_to_seq.min(head), None)?;
+    Ok(true)
+}
+
+/// [`delete_front_in`] with tables of its own.
 fn delete_front(
     txn: &WriteTransaction,
     client_num: u64,
     up_to: u64,
     older_than_ms: Option<u64>,
 ) -> Result<u64, StoreError> {
-    FrontTables::open(txn)?.delete_front(client_num, up_to, older_than_ms)
+    delete_front_in(
+        &mut DeliveryTables::new(txn),
+        client_num,
+        up_to,
+        older_than_ms,
+    )
 }
 
 /// Applies acknowledgements taken lazily ([`Store::ack_later`]): (client number, up to seq),
 /// each as a QueueAck would; queues that are gone (client removed) are skipped.
-pub(super) fn apply_acks(txn: &WriteTransaction, acks: &[(u64, u64)]) -> Result<(), StoreError> {
-    let mut tables = FrontTables::open(txn)?;
+pub(super) fn apply_acks(
+    t: &mut DeliveryTables<'_>,
+    acks: &[(u64, u64)],
+) -> Result<(), StoreError> {
     for &(client_num, up_to_seq) in acks {
-        tables.ack(client_num, up_to_seq)?;
+        ack(t, client_num, up_to_seq)?;
     }
     Ok(())
 }
@@ -308,6 +313,7 @@ fn expire_batch(txn: &WriteTransaction, cutoff_ms: u64) -> Result<(u64, bool), S
     let mut refs = txn.open_table(PAYLOAD_REFS)?;
     let mut payloads = txn.open_table(PAYLOADS)?;
     for (pid, gone) in released {
+        // No row: one reference, and at least one entry of it is gone.
         let left = refs
             .get(pid)?
             .map(|v| v.value())
@@ -431,8 +437,8 @@ impl QueueStore for Store {
             let Some(record) = active_client_in(txn, &recipient)? else {
                 return Ok(Err(ServiceError::ClientNotFound));
             };
-            let outcome = enqueue_in_txn(
-                txn,
+            let outcome = enqueue(
+                &mut DeliveryTables::new(txn),
                 max_depth,
                 &[record.client_num],
                 id,
@@ -480,7 +486,7 @@ impl QueueStore for Store {
         // The queue's head row is the check: it exists exactly while the client is active
         // (created with the client, deleted when it is removed), so no client record is read.
         self.write(move |txn| {
-            if FrontTables::open(txn)?.ack(client_num, up_to_seq)? {
+            if ack(&mut DeliveryTables::new(txn), client_num, up_to_seq)? {
                 Ok(Ok(()))
             } else {
                 Ok(Err(ServiceError::ClientNotFound))
@@ -523,8 +529,16 @@ impl QueueStore for Store {
                     .payload
                     .tls_serialize_detached()
                     .map_err(|_| StoreError::Corrupt("payload encoding"))?;
-                let outcomes =
-                    enqueue_in_txn(txn, max_depth, &nums, delivery.id, now_ms, &bytes, true)?;
+                let mut tables = DeliveryTables::new(txn);
+                let outcomes = enqueue(
+                    &mut tables,
+                    max_depth,
+                    &nums,
+                    delivery.id,
+                    now_ms,
+                    &bytes,
+                    true,
+                )?;
                 let shared = bytes::Bytes::from(bytes);
                 for (num, outcome) in nums.iter().zip(outcomes) {
                     match outcome {

@@ -5,38 +5,29 @@
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
+use super::delivery_tables::DeliveryTables;
 use super::tables::{RECEIPT_TIMES, RECEIPTS, SEND_COUNTERS};
 use super::{Store, StoreError};
 use crate::delivery::FanOutResult;
 use crate::delivery::receipt::{Answer, CounterRow, Receipt, ReceiptStore};
 use crate::error::ServiceError;
 
-/// The receipts table of a write transaction, opened once for the freshness check and the
-/// insert of one operation.
-pub(super) type Receipts<'t> = redb::Table<'t, [u8; 32], (u64, u64)>;
-
-/// Opens [`Receipts`].
-pub(super) fn open(txn: &redb::WriteTransaction) -> Result<Receipts<'_>, StoreError> {
-    Ok(txn.open_table(RECEIPTS)?)
-}
-
 /// Whether the write of `receipt`'s request must be refused as applied already: a receipt for
 /// `receipt.key` accepted within its window is stored, or (a counted send) the stored counter
 /// of its sender in its group is not below its counter.
-pub(super) fn is_fresh(
-    txn: &redb::WriteTransaction,
-    table: &Receipts<'_>,
-    receipt: &Receipt,
-) -> Result<bool, StoreError> {
-    let found = table.get(receipt.key)?.map(|v| v.value());
+pub(super) fn is_fresh(t: &mut DeliveryTables<'_>, receipt: &Receipt) -> Result<bool, StoreError> {
+    let found = t.receipts.open(t.txn)?.get(receipt.key)?.map(|v| v.value());
     if found.is_some_and(|(accepted, _)| accepted >= receipt.fresh_after_ms) {
         return Ok(true);
     }
     let Some(counter) = &receipt.counter else {
         return Ok(false);
     };
-    let counters = txn.open_table(SEND_COUNTERS)?;
-    let stored = counters.get(counter.member)?.map(|v| v.value().0);
+    let stored = t
+        .counters
+        .open(t.txn)?
+        .get(counter.member)?
+        .map(|v| v.value().0);
     Ok(stored.is_some_and(|highest| highest >= counter.counter))
 }
 
@@ -59,13 +50,12 @@ pub(super) fn insert(
     receipt: &Receipt,
     result: &FanOutResult,
 ) -> Result<(), StoreError> {
-    insert_in(txn, &mut open(txn)?, receipt, result)
+    insert_in(&mut DeliveryTables::new(txn), receipt, result)
 }
 
-/// [`insert`] into an open [`Receipts`] table.
+/// [`insert`] through a set of open tables.
 pub(super) fn insert_in(
-    txn: &redb::WriteTransaction,
-    table: &mut Receipts<'_>,
+    t: &mut DeliveryTables<'_>,
     receipt: &Receipt,
     result: &FanOutResult,
 ) -> Result<(), StoreError> {
@@ -73,16 +63,19 @@ pub(super) fn insert_in(
         Answer::Value(value) => value,
         Answer::Reached => u64::from(result.reached.first().copied().unwrap_or(0)),
     };
-    let mut times = txn.open_table(RECEIPT_TIMES)?;
-    let old = table
+    let old = t
+        .receipts
+        .open(t.txn)?
         .insert(receipt.key, (receipt.accepted_ms, answer))?
         .map(|v| v.value());
+    let times = t.receipt_times.open(t.txn)?;
     if let Some((old_ms, _)) = old {
         times.remove((old_ms, receipt.key))?;
     }
     times.insert((receipt.accepted_ms, receipt.key), ())?;
     if let Some(counter) = &receipt.counter {
-        txn.open_table(SEND_COUNTERS)?
+        t.counters
+            .open(t.txn)?
             .insert(counter.member, (counter.counter, receipt.key, answer))?;
     }
     Ok(())

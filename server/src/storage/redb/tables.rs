@@ -42,7 +42,8 @@ pub(crate) const QUEUE_DEDUP: TableDefinition<'_, (u64, [u8; 16]), (u64, u64)> =
 /// Payloads by id: TLS-encoded `QueuePayload`.
 pub(crate) const PAYLOADS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("payloads");
 
-/// Number of queue entries referencing a payload.
+/// Number of queue entries referencing a payload, when more than one: a payload without a row
+/// has one (a 1:1 message writes no row, so its acknowledgement deletes none).
 pub(crate) const PAYLOAD_REFS: TableDefinition<'_, u64, u64> = TableDefinition::new("payload_refs");
 
 /// What the expiry sweep reads instead of every queue: one row per enqueued payload, by
