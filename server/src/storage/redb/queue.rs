@@ -7,11 +7,12 @@ use roost_protocol::messages::queue::{QueueMessage, QueuePayload};
 use roost_protocol::{ClientId, MessageId};
 use tls_codec::{DeserializeBytes, Serialize as _};
 
-use super::auth::active_client_in;
+use super::auth::{active_client, active_client_in};
+use super::tables::{CLIENTS, META};
 use super::tables::{
     PAYLOAD_REFS, PAYLOADS, QUEUE_DEDUP, QUEUE_ENTRIES, QUEUE_EXPIRY, QUEUE_HEADS,
 };
-use super::{Store, StoreError, next_counter};
+use super::{Store, StoreError, counter_in, next_counter};
 use crate::error::ServiceError;
 use crate::queue::{Enqueued, Fresh, QueueStore};
 
@@ -28,72 +29,118 @@ pub(crate) fn enqueue_in_txn(
     payload: &[u8],
     dedup: bool,
 ) -> Result<Vec<Enqueued>, StoreError> {
-    let mut heads = txn.open_table(QUEUE_HEADS)?;
-    let mut entries = txn.open_table(QUEUE_ENTRIES)?;
-    // Opening a table costs a check of its definition: only when it is used.
-    let mut dedups = if dedup {
-        Some(txn.open_table(QUEUE_DEDUP)?)
-    } else {
-        None
-    };
-    let mut outcomes = Vec::with_capacity(recipients.len());
-    let mut payload_id = None;
-    let mut refs = 0u64;
-    let mut deepest = None;
-    // The (client, seq) pairs of the expiry row (see `QUEUE_EXPIRY`).
-    let mut queued = Vec::new();
-    for &client_num in recipients {
-        let prior = match &dedups {
-            Some(dedups) => dedups.get((client_num, id.0))?.map(|v| v.value().0),
-            None => None,
-        };
-        if let Some(seq) = prior {
-            outcomes.push(Enqueued::Duplicate(seq));
-            continue;
-        }
-        // The head is read and rewritten in place (one descent of QUEUE_HEADS, no rebuild of
-        // its leaf): a commit's fan-out does this for every member.
-        let Some(mut head_row) = heads.get_mut(client_num)? else {
-            // No such queue (client removed meanwhile): callers resolved recipients earlier.
-            outcomes.push(Enqueued::Gone);
-            continue;
-        };
-        let (head, count) = head_row.value();
-        if count >= max_depth {
-            outcomes.push(Enqueued::Full);
-            continue;
-        }
-        let seq = head + 1;
-        head_row.insert((seq, count + 1))?;
-        drop(head_row);
-        let pid = match payload_id {
-            Some(pid) => pid,
-            None => {
-                let pid = next_counter(txn, "next_payload_id")?;
-                payload_id = Some(pid);
-                pid
+    if recipients.is_empty() {
+        // A fan-out with no local recipient opens no queue table.
+        return Ok(Vec::new());
+    }
+    EnqueueTables::open(txn, dedup)?.enqueue(max_depth, recipients, id, timestamp_ms, payload)
+}
+
+/// The dedup records: (client number, message id) → (seq, enqueue time).
+type DedupTable<'t> = redb::Table<'t, (u64, [u8; 16]), (u64, u64)>;
+
+/// The tables an enqueue writes, opened once for every payload it enqueues (a redb table open
+/// checks the table's definition, ≈ 6 k instructions: a peer's Deliver of N messages opened
+/// seven tables per message before).
+pub(crate) struct EnqueueTables<'t> {
+    heads: redb::Table<'t, u64, (u64, u64)>,
+    entries: redb::Table<'t, (u64, u64), (u64, u64, [u8; 16])>,
+    /// Open only for enqueues that deduplicate (opening it costs a check of its definition).
+    dedups: Option<DedupTable<'t>>,
+    meta: redb::Table<'t, &'static str, u64>,
+    payloads: redb::Table<'t, u64, &'static [u8]>,
+    refs: redb::Table<'t, u64, u64>,
+    expiry: redb::Table<'t, (u64, u64), super::tables::ExpiryRow<'static>>,
+}
+
+impl<'t> EnqueueTables<'t> {
+    /// Opens the tables (the dedup records only with `dedup`).
+    pub(crate) fn open(txn: &'t WriteTransaction, dedup: bool) -> Result<Self, StoreError> {
+        Ok(Self {
+            heads: txn.open_table(QUEUE_HEADS)?,
+            entries: txn.open_table(QUEUE_ENTRIES)?,
+            dedups: if dedup {
+                Some(txn.open_table(QUEUE_DEDUP)?)
+            } else {
+                None
+            },
+            meta: txn.open_table(META)?,
+            payloads: txn.open_table(PAYLOADS)?,
+            refs: txn.open_table(PAYLOAD_REFS)?,
+            expiry: txn.open_table(QUEUE_EXPIRY)?,
+        })
+    }
+
+    /// [`enqueue_in_txn`] with these tables.
+    pub(crate) fn enqueue(
+        &mut self,
+        max_depth: u64,
+        recipients: &[u64],
+        id: MessageId,
+        timestamp_ms: u64,
+        payload: &[u8],
+    ) -> Result<Vec<Enqueued>, StoreError> {
+        let dedup = self.dedups.is_some();
+        let mut outcomes = Vec::with_capacity(recipients.len());
+        let mut payload_id = None;
+        let mut refs = 0u64;
+        let mut deepest = None;
+        // The (client, seq) pairs of the expiry row (see `QUEUE_EXPIRY`).
+        let mut queued = Vec::new();
+        for &client_num in recipients {
+            let prior = match &self.dedups {
+                Some(dedups) => dedups.get((client_num, id.0))?.map(|v| v.value().0),
+                None => None,
+            };
+            if let Some(seq) = prior {
+                outcomes.push(Enqueued::Duplicate(seq));
+                continue;
             }
-        };
-        entries.insert((client_num, seq), (pid, timestamp_ms, id.0))?;
-        deepest = deepest.max(Some(count + 1));
-        if let Some(dedups) = &mut dedups {
-            dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
+            // The head is read and rewritten in place (one descent of QUEUE_HEADS, no rebuild
+            // of its leaf): a commit's fan-out does this for every member.
+            let Some(mut head_row) = self.heads.get_mut(client_num)? else {
+                // No such queue (client removed meanwhile): callers resolved recipients earlier.
+                outcomes.push(Enqueued::Gone);
+                continue;
+            };
+            let (head, count) = head_row.value();
+            if count >= max_depth {
+                outcomes.push(Enqueued::Full);
+                continue;
+            }
+            let seq = head + 1;
+            head_row.insert((seq, count + 1))?;
+            drop(head_row);
+            let pid = match payload_id {
+                Some(pid) => pid,
+                None => {
+                    let pid = counter_in(&mut self.meta, "next_payload_id")?;
+                    payload_id = Some(pid);
+                    pid
+                }
+            };
+            self.entries
+                .insert((client_num, seq), (pid, timestamp_ms, id.0))?;
+            deepest = deepest.max(Some(count + 1));
+            if let Some(dedups) = &mut self.dedups {
+                dedups.insert((client_num, id.0), (seq, timestamp_ms))?;
+            }
+            refs += 1;
+            queued.extend_from_slice(&client_num.to_be_bytes());
+            queued.extend_from_slice(&seq.to_be_bytes());
+            outcomes.push(Enqueued::Queued(seq));
         }
-        refs += 1;
-        queued.extend_from_slice(&client_num.to_be_bytes());
-        queued.extend_from_slice(&seq.to_be_bytes());
-        outcomes.push(Enqueued::Queued(seq));
+        if let Some(pid) = payload_id {
+            self.payloads.insert(pid, payload)?;
+            self.refs.insert(pid, refs)?;
+            self.expiry
+                .insert((timestamp_ms, pid), (id.0, dedup, queued.as_slice()))?;
+        }
+        if let Some(depth) = deepest {
+            metrics::histogram!("roost_queue_depth").record(depth as f64);
+        }
+        Ok(outcomes)
     }
-    if let Some(pid) = payload_id {
-        txn.open_table(PAYLOADS)?.insert(pid, payload)?;
-        txn.open_table(PAYLOAD_REFS)?.insert(pid, refs)?;
-        txn.open_table(QUEUE_EXPIRY)?
-            .insert((timestamp_ms, pid), (id.0, dedup, queued.as_slice()))?;
-    }
-    if let Some(depth) = deepest {
-        metrics::histogram!("roost_queue_depth").record(depth as f64);
-    }
-    Ok(outcomes)
 }
 
 /// The tables an acknowledgement writes, opened once for every queue it deletes from (a redb
@@ -507,10 +554,13 @@ impl QueueStore for Store {
                 queue_full: 0,
             };
             let mut woken = Vec::new();
+            // Every table opened once for the whole request, not once per delivery.
+            let clients = txn.open_table(CLIENTS)?;
+            let mut tables = EnqueueTables::open(txn, true)?;
             for delivery in deliveries {
                 let mut nums = Vec::with_capacity(delivery.recipients.len());
                 for recipient in &delivery.recipients {
-                    match active_client_in(txn, recipient)? {
+                    match active_client(&clients, recipient)? {
                         Some(record) => nums.push(record.client_num),
                         None => response.unknown_recipients += 1,
                     }
@@ -523,8 +573,7 @@ impl QueueStore for Store {
                     .payload
                     .tls_serialize_detached()
                     .map_err(|_| StoreError::Corrupt("payload encoding"))?;
-                let outcomes =
-                    enqueue_in_txn(txn, max_depth, &nums, delivery.id, now_ms, &bytes, true)?;
+                let outcomes = tables.enqueue(max_depth, &nums, delivery.id, now_ms, &bytes)?;
                 let shared = bytes::Bytes::from(bytes);
                 for (num, outcome) in nums.iter().zip(outcomes) {
                     match outcome {
