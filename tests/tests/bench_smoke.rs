@@ -124,7 +124,7 @@ fn instructions_are_counted_under_callgrind() {
         ..BenchConfig::smoke()
     };
     let results = bench::run(config).unwrap();
-    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results.len(), 3, "{results:?}");
     for (row, op, unit) in [
         (&results[0], "send-1to1", "message"),
         (&results[1], "claim", "claim"),
@@ -143,6 +143,22 @@ fn instructions_are_counted_under_callgrind() {
         assert!(per_echo > 0.0 && per_op > per_echo, "{row:?}");
         assert_eq!(row.baseline_value, per_echo);
     }
+    // A federated message costs both servers something: alpha (DS, outbox, Deliver request)
+    // and beta (inbound Deliver, queue, push).
+    let federated = &results[2];
+    assert_eq!(federated.params["op"], "federated-send", "{federated:?}");
+    for server in ["alpha", "beta"] {
+        let per_message = federated.details[format!("{server}_instructions_per_message").as_str()]
+            .as_f64()
+            .unwrap();
+        assert!(per_message > 0.0, "{federated:?}");
+    }
+    assert_eq!(
+        federated.baseline_value,
+        results[0].details["instructions_per_message"]
+            .as_f64()
+            .unwrap()
+    );
 }
 
 /// The scale-out bench: two nodes per domain on PostgreSQL (a cluster the harness starts),

@@ -11,6 +11,11 @@
 //! echo requests of the same sizes over P connections. Client work, the kernel and the
 //! other threads of the machine are not counted.
 //!
+//! Row `op=federated-send`: the same N messages through P pairs whose senders are on alpha and
+//! receivers on beta, both homeservers under callgrind (instrumentation on in both while the
+//! messages go), beside send-1to1's instructions per message: what a message costs when it
+//! crosses the federation (alpha's DS and outbox, beta's inbound request, queue and push).
+//!
 //! The target is the CPU form of `send-1to1`'s ≥ 0.40 × echo: at most 2.5 × the echo's
 //! instructions per message.
 
@@ -130,11 +135,28 @@ async fn count<T>(
     pid: u32,
     work: impl std::future::Future<Output = anyhow::Result<T>>,
 ) -> anyhow::Result<(u64, T)> {
-    control("--instr=on", pid).await?;
-    control("-z", pid).await?;
+    let (totals, out) = count_each(dir, prefix, &[pid], work).await?;
+    Ok((totals[0], out))
+}
+
+/// Instructions counted in each process of `pids` while `work` runs (in `pids`' order).
+async fn count_each<T>(
+    dir: &Path,
+    prefix: &str,
+    pids: &[u32],
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(Vec<u64>, T)> {
+    for &pid in pids {
+        control("--instr=on", pid).await?;
+        control("-z", pid).await?;
+    }
     let out = work.await?;
-    control("-d", pid).await?;
-    Ok((dumped_total(dir, prefix, pid)?, out))
+    let mut totals = Vec::with_capacity(pids.len());
+    for &pid in pids {
+        control("-d", pid).await?;
+        totals.push(dumped_total(dir, prefix, pid)?);
+    }
+    Ok((totals, out))
 }
 
 pub(super) async fn run(
@@ -162,9 +184,12 @@ pub(super) async fn run(
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
     }
-    let servers = BenchServers::start(&wrapper, &dir.join("servers"), 1, Storage::Redb, 1).await?;
+    // Two homeservers: alpha counts send-1to1 and the claims (beta idles meanwhile); then
+    // both count federated-send.
+    let servers = BenchServers::start(&wrapper, &dir.join("servers"), 2, Storage::Redb, 1).await?;
     let measured = async {
         let pid = servers.pid(0).context("no homeserver pid")?;
+        let beta_pid = servers.pid(1).context("no homeserver pid")?;
         let pairs = send::setup(&servers, Route::LOCAL, pairs_n, 10, progress).await?;
         let (request_len, response_len) = send::frame_sizes(&pairs)?;
         set_phase(progress, "instructions: send-1to1", messages);
@@ -182,11 +207,14 @@ pub(super) async fn run(
         // The claims' setup (clients, KeyPackage uploads) runs uninstrumented again.
         control("--instr=off", pid).await?;
         let claim = claims(&servers, &dir, pid, pairs_n, per_pair, progress).await?;
-        Ok::<_, anyhow::Error>((send, claim))
+        control("--instr=off", pid).await?;
+        let federated =
+            federated(&servers, &dir, [pid, beta_pid], pairs_n, per_pair, progress).await?;
+        Ok::<_, anyhow::Error>((send, claim, federated))
     }
     .await;
     let stopped = servers.shutdown().await;
-    let (send, claim) = measured?;
+    let (send, claim, federated) = measured?;
     stopped?;
 
     let rows = [("send-1to1", "message", send), ("claim", "claim", claim)];
@@ -207,7 +235,126 @@ pub(super) async fn run(
         .await?;
         results.push(row(op, unit, &counted, echo_total, messages, pairs_n));
     }
+    let send_per_message = results[0].details["instructions_per_message"]
+        .as_f64()
+        .unwrap_or(0.0);
+    results.push(federated_row(
+        &federated,
+        send_per_message,
+        messages,
+        pairs_n,
+    ));
     Ok(results)
+}
+
+/// What both homeservers did for federated-send under callgrind.
+struct Federated {
+    /// Instructions counted in alpha (the senders' server) and in beta (the receivers').
+    alpha: u64,
+    beta: u64,
+    latencies: stats::Latencies,
+    elapsed: Duration,
+}
+
+/// Sets up `n` federated-send pairs (senders on alpha, receivers on beta, both servers under
+/// callgrind with instrumentation off), then counts the instructions of both processes
+/// (`pids`: alpha's, beta's) while `per_pair` messages go through each pair.
+async fn federated(
+    servers: &BenchServers,
+    dir: &Path,
+    pids: [u32; 2],
+    n: usize,
+    per_pair: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<Federated> {
+    let pairs = send::setup(servers, Route::FEDERATED, n, 11, progress).await?;
+    set_phase(progress, "instructions: federated-send", n * per_pair);
+    let start = Instant::now();
+    let (totals, (pairs, latencies)) =
+        count_each(dir, "roost", &pids, send::counted(pairs, per_pair)).await?;
+    let elapsed = start.elapsed();
+    send::close(&pairs);
+    Ok(Federated {
+        alpha: totals[0],
+        beta: totals[1],
+        latencies,
+        elapsed,
+    })
+}
+
+/// Target of the federated row: alpha's and beta's instructions per message together at most
+/// this × send-1to1's (the CPU form of federated-send ≥ 0.85 × send-1to1 on one machine).
+const FEDERATED_TARGET_RATIO: f64 = 1.0 / 0.85;
+
+/// The row `op=federated-send`: instructions per message of alpha and beta together, beside
+/// send-1to1's per message in the same run.
+fn federated_row(
+    counted: &Federated,
+    send_per_message: f64,
+    messages: usize,
+    pairs_n: usize,
+) -> WorkloadResult {
+    let per = |total: u64| total as f64 / messages as f64;
+    let per_message = per(counted.alpha + counted.beta);
+    let ratio = ratio_of(per_message, send_per_message);
+    WorkloadResult {
+        baseline: "send-1to1 instructions/message (same run)".into(),
+        baseline_value: send_per_message,
+        ratio,
+        target: format!(
+            "≤ {FEDERATED_TARGET_RATIO:.2} × send-1to1 instructions per message (alpha + beta)"
+        ),
+        met: counted.alpha > 0 && counted.beta > 0 && ratio <= FEDERATED_TARGET_RATIO,
+        details: json!({
+            "instructions_per_message": per_message,
+            "alpha_instructions_per_message": per(counted.alpha),
+            "beta_instructions_per_message": per(counted.beta),
+            "alpha_instructions_total": counted.alpha,
+            "beta_instructions_total": counted.beta,
+            "ops": "messages per second under callgrind (slowed; not a speed figure); the figure is instructions_per_message",
+        }),
+        ..timed_row(
+            "federated-send",
+            messages,
+            pairs_n,
+            &counted.latencies,
+            counted.elapsed,
+        )
+    }
+}
+
+/// `figure / baseline`, 0 without a baseline.
+fn ratio_of(figure: f64, baseline: f64) -> f64 {
+    if baseline > 0.0 {
+        figure / baseline
+    } else {
+        0.0
+    }
+}
+
+/// A row of `op` with its rate and latencies (under callgrind); no baseline yet.
+fn timed_row(
+    op: &str,
+    operations: usize,
+    pairs_n: usize,
+    latencies: &stats::Latencies,
+    elapsed: Duration,
+) -> WorkloadResult {
+    WorkloadResult {
+        workload: "instructions".into(),
+        params: json!({ "op": op, "operations": operations, "pairs": pairs_n }),
+        ops_per_sec: stats::rate(latencies.len(), elapsed),
+        p50_us: latencies.median(),
+        p99_us: latencies.quantile(0.99),
+        p999_us: latencies.quantile(0.999),
+        server_peak_rss_bytes: 0,
+        baseline: String::new(),
+        baseline_value: 0.0,
+        ratio: 0.0,
+        target: String::new(),
+        met: false,
+        details: json!({}),
+    }
 }
 
 /// What the homeserver did for one kind of operation under callgrind.
@@ -336,20 +483,8 @@ fn row(
 ) -> WorkloadResult {
     let per_op = counted.total as f64 / operations as f64;
     let per_echo = echo_total as f64 / operations as f64;
-    let ratio = if per_echo > 0.0 {
-        per_op / per_echo
-    } else {
-        0.0
-    };
-    let latencies = &counted.latencies;
+    let ratio = ratio_of(per_op, per_echo);
     WorkloadResult {
-        workload: "instructions".into(),
-        params: json!({ "op": op, "operations": operations, "pairs": pairs_n }),
-        ops_per_sec: stats::rate(latencies.len(), counted.elapsed),
-        p50_us: latencies.median(),
-        p99_us: latencies.quantile(0.99),
-        p999_us: latencies.quantile(0.999),
-        server_peak_rss_bytes: 0,
         baseline: "quinn echo instructions/request".into(),
         baseline_value: per_echo,
         ratio,
@@ -365,6 +500,7 @@ fn row(
             "response_bytes": counted.response_len,
             "ops": format!("{unit}s per second under callgrind (slowed; not a speed figure); the figure is instructions_per_{unit}"),
         }),
+        ..timed_row(op, operations, pairs_n, &counted.latencies, counted.elapsed)
     }
 }
 

@@ -46,7 +46,7 @@ pub(crate) struct DeliveryTables<'t> {
     pub(crate) expiry: Slot<'t, (u64, u64), ExpiryRow<'static>>,
     pub(crate) groups: Slot<'t, &'static [u8], &'static [u8]>,
     pub(crate) versions: Slot<'t, &'static [u8], u64>,
-    pub(crate) deltas: Slot<'t, (&'static [u8], u64), (u64, &'static [u8])>,
+    pub(crate) deltas: Slot<'t, DeltaKey<'static>, (u64, &'static [u8])>,
     pub(crate) receipts: Slot<'t, [u8; 32], (u64, u64)>,
     pub(crate) receipt_times: Slot<'t, (u64, [u8; 32]), ()>,
     pub(crate) counters: Slot<'t, [u8; 32], (u64, [u8; 32], u64)>,

@@ -1065,7 +1065,14 @@ fn check_domain(txn: &WriteTransaction, domain: &str) -> Result<(), StoreError> 
 
 /// Reads a counter from META, returns it, and stores it incremented.
 pub(crate) fn next_counter(txn: &WriteTransaction, name: &str) -> Result<u64, StoreError> {
-    let mut meta = txn.open_table(META)?;
+    counter_in(&mut txn.open_table(META)?, name)
+}
+
+/// [`next_counter`] in an open [`META`] table.
+pub(crate) fn counter_in(
+    meta: &mut redb::Table<'_, &'static str, u64>,
+    name: &str,
+) -> Result<u64, StoreError> {
     let value = meta.get(name)?.map(|v| v.value()).unwrap_or(1);
     meta.insert(name, value + 1)?;
     Ok(value)

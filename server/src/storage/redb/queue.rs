@@ -7,8 +7,9 @@ use roost_protocol::messages::queue::{QueueMessage, QueuePayload};
 use roost_protocol::{ClientId, MessageId};
 use tls_codec::{DeserializeBytes, Serialize as _};
 
-use super::auth::active_client_in;
+use super::auth::{active_client, active_client_in};
 use super::delivery_tables::DeliveryTables;
+use super::tables::CLIENTS;
 use super::tables::{
     PAYLOAD_REFS, PAYLOADS, QUEUE_DEDUP, QUEUE_ENTRIES, QUEUE_EXPIRY, QUEUE_HEADS,
 };
@@ -513,10 +514,13 @@ impl QueueStore for Store {
                 queue_full: 0,
             };
             let mut woken = Vec::new();
+            // Every table opened once for the whole request, not once per delivery.
+            let clients = txn.open_table(CLIENTS)?;
+            let mut tables = DeliveryTables::new(txn);
             for delivery in deliveries {
                 let mut nums = Vec::with_capacity(delivery.recipients.len());
                 for recipient in &delivery.recipients {
-                    match active_client_in(txn, recipient)? {
+                    match active_client(&clients, recipient)? {
                         Some(record) => nums.push(record.client_num),
                         None => response.unknown_recipients += 1,
                     }
@@ -529,7 +533,6 @@ impl QueueStore for Store {
                     .payload
                     .tls_serialize_detached()
                     .map_err(|_| StoreError::Corrupt("payload encoding"))?;
-                let mut tables = DeliveryTables::new(txn);
                 let outcomes = enqueue(
                     &mut tables,
                     max_depth,
