@@ -92,10 +92,10 @@ impl BlobStore for Blobs {
     type Upload = Upload;
     type Reader = Reader;
 
-    async fn begin(&self) -> Result<Upload, ServiceError> {
+    async fn begin(&self, meta: BlobMeta) -> Result<Upload, ServiceError> {
         match self {
-            Blobs::Files(store) => store.begin().await.map(Upload::Files),
-            Blobs::Postgres(store) => store.begin().await.map(Upload::Postgres),
+            Blobs::Files(store) => store.begin(meta).await.map(Upload::Files),
+            Blobs::Postgres(store) => store.begin(meta).await.map(Upload::Postgres),
         }
     }
 
@@ -111,15 +111,14 @@ impl BlobStore for Blobs {
         &self,
         upload: Upload,
         address: [u8; BLOB_ADDRESS_LEN],
-        meta: BlobMeta,
         quota: u64,
     ) -> Result<BlobMeta, ServiceError> {
         match (self, upload) {
             (Blobs::Files(store), Upload::Files(upload)) => {
-                store.commit(upload, address, meta, quota).await
+                store.commit(upload, address, quota).await
             }
             (Blobs::Postgres(store), Upload::Postgres(upload)) => {
-                store.commit(upload, address, meta, quota).await
+                store.commit(upload, address, quota).await
             }
             _ => Err(mixed()),
         }

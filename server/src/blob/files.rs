@@ -6,9 +6,9 @@
 //! the disk is started as soon as it is written (on Linux without waiting and without a
 //! journal commit; elsewhere an `fdatasync` of what is written so far whenever
 //! [`WRITEBACK_STEP`] bytes are waiting and none is running), so the flush at commit only has
-//! the tail left. At commit the tail is fsynced while the metadata file is written to `tmp/`
-//! and fsynced beside it; then the metadata file is renamed into place, then the data file,
-//! and the directory is fsynced. A blob is visible only when both files exist, so a partial
+//! the tail left. The metadata file is written to `tmp/` and fsynced when the upload begins
+//! (everything in it is known then). At commit one job on the blocking pool fsyncs the data's
+//! tail, renames the metadata file into place, then the data file, and fsyncs the directory. A blob is visible only when both files exist, so a partial
 //! upload never is; a process killed at any point leaves files in `tmp/` (removed at start)
 //! or a metadata file without its data (removed at start).
 
@@ -156,8 +156,12 @@ fn read_meta(path: &Path) -> Option<BlobMeta> {
 /// removed (a write still running on the blocking pool ends in the removed file).
 pub(crate) struct FileUpload {
     path: PathBuf,
-    /// The metadata file staged in `tmp/` at commit.
-    meta_path: Option<PathBuf>,
+    /// What the blob is committed with.
+    meta: BlobMeta,
+    /// Its metadata file, staged in `tmp/` from `begin` on.
+    meta_path: PathBuf,
+    /// Writing and fsyncing the staged metadata file (on the blocking pool).
+    staging: Option<JoinHandle<Result<(), ServiceError>>>,
     writer: Option<Writer>,
 }
 
@@ -259,23 +263,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Waits for every write and makes the whole file durable. The last flush starts without
-    /// waiting for one still running (it waits for that one's pages itself); the running one's
-    /// result still counts, since a write-back error is reported to one flush only.
-    async fn finish(mut self) -> Result<(), ServiceError> {
+    /// Waits for every write (and a flush still running: a write-back error is reported to
+    /// one flush only); the file, for the flush at commit.
+    async fn drain(&mut self) -> Result<Arc<std::fs::File>, ServiceError> {
         let file = self.file().await?;
         if let Some(write) = self.write.take() {
             joined(write).await?;
         }
-        let last = blocking(move || file.sync_data().map_err(io_error));
-        let running = async {
-            match self.flush.take() {
-                Some(flush) => joined(flush).await,
-                None => Ok(()),
-            }
-        };
-        let (last, running) = tokio::join!(last, running);
-        last.and(running)
+        if let Some(flush) = self.flush.take() {
+            joined(flush).await?;
+        }
+        Ok(file)
     }
 }
 
@@ -311,20 +309,28 @@ fn meta_bytes(meta: &BlobMeta) -> io::Result<Vec<u8>> {
 impl Drop for FileUpload {
     fn drop(&mut self) {
         // Best effort; whatever stays is removed at the next start.
-        if let Some(creating) = self.writer.as_mut().and_then(|w| w.creating.take())
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            // Still being created: removed once it exists.
-            let path = self.path.clone();
-            runtime.spawn(async move {
-                let _ = creating.await;
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(path)).await;
-            });
-        } else {
-            let _ = std::fs::remove_file(&self.path);
-        }
-        if let Some(meta_path) = &self.meta_path {
-            let _ = std::fs::remove_file(meta_path);
+        let creating = self.writer.as_mut().and_then(|w| w.creating.take());
+        let staging = self.staging.take();
+        let paths = [self.path.clone(), self.meta_path.clone()];
+        let remove = move || {
+            for path in paths {
+                let _ = std::fs::remove_file(path);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            // Files still being created are removed once they exist.
+            Ok(runtime) if creating.is_some() || staging.is_some() => {
+                runtime.spawn(async move {
+                    if let Some(creating) = creating {
+                        let _ = creating.await;
+                    }
+                    if let Some(staging) = staging {
+                        let _ = staging.await;
+                    }
+                    let _ = tokio::task::spawn_blocking(remove).await;
+                });
+            }
+            _ => remove(),
         }
     }
 }
@@ -333,13 +339,25 @@ impl BlobStore for FileStore {
     type Upload = FileUpload;
     type Reader = tokio::fs::File;
 
-    async fn begin(&self) -> Result<FileUpload, ServiceError> {
-        // The file is created on the blocking pool while the first bytes arrive.
+    async fn begin(&self, meta: BlobMeta) -> Result<FileUpload, ServiceError> {
+        // The data file is created, and the metadata file written and fsynced, on the
+        // blocking pool while the first bytes arrive.
         let path = self.staging_path("");
+        let meta_path = self.staging_path(META_SUFFIX);
+        let staging = {
+            let (path, meta) = (meta_path.clone(), meta.clone());
+            tokio::task::spawn_blocking(move || {
+                meta_bytes(&meta)
+                    .and_then(|bytes| write_synced(&path, &bytes))
+                    .map_err(io_error)
+            })
+        };
         Ok(FileUpload {
             writer: Some(Writer::new(path.clone())),
             path,
-            meta_path: None,
+            meta,
+            meta_path,
+            staging: Some(staging),
         })
     }
 
@@ -354,29 +372,23 @@ impl BlobStore for FileStore {
         &self,
         mut upload: FileUpload,
         address: [u8; BLOB_ADDRESS_LEN],
-        meta: BlobMeta,
         quota: u64,
     ) -> Result<BlobMeta, ServiceError> {
-        let Some(writer) = upload.writer.take() else {
+        let Some(mut writer) = upload.writer.take() else {
             return Err(ServiceError::Internal("commit after close".into()));
         };
-        // The metadata file is staged and fsynced while the data's tail is flushed.
-        let staged_meta = self.staging_path(META_SUFFIX);
-        upload.meta_path = Some(staged_meta.clone());
-        let stage = {
-            let (path, meta) = (staged_meta.clone(), meta.clone());
-            blocking(move || {
-                meta_bytes(&meta)
-                    .and_then(|bytes| write_synced(&path, &bytes))
-                    .map_err(io_error)
-            })
-        };
-        let (flushed, staged) = tokio::join!(writer.finish(), stage);
-        flushed?;
-        staged?;
+        let file = writer.drain().await?;
+        if let Some(staging) = upload.staging.take() {
+            joined(staging).await?;
+        }
+        let staged_meta = upload.meta_path.clone();
+        let meta = upload.meta.clone();
         let store = self.clone();
         let tmp = upload.path.clone();
         let committed = blocking(move || {
+            // The tail (what the started writebacks have not written yet) reaches the disk;
+            // then, in the same job, the names.
+            file.sync_data().map_err(io_error)?;
             let data = store.data_path(&address);
             let meta_path = store.meta_path(&address);
             let mut usage = lock(&store.usage);
@@ -551,16 +563,13 @@ mod tests {
     async fn what_a_killed_process_leaves_is_removed_at_start_and_usage_is_recounted() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
-        let mut upload = store.begin().await.unwrap();
+        let mut upload = store.begin(meta("alice@example.org", 5)).await.unwrap();
         store
             .write(&mut upload, Bytes::from_static(b"hello"))
             .await
             .unwrap();
         let address = [1u8; BLOB_ADDRESS_LEN];
-        store
-            .commit(upload, address, meta("alice@example.org", 5), 5)
-            .await
-            .unwrap();
+        store.commit(upload, address, 5).await.unwrap();
         // A temporary file (killed mid-upload) and a metadata file without data (killed
         // between the two renames).
         std::fs::write(dir.path().join(TMP).join("partial"), b"half").unwrap();
@@ -584,13 +593,13 @@ mod tests {
         assert_eq!(found, meta("alice@example.org", 5));
 
         // An upload dropped before its commit leaves nothing.
-        let mut dropped = store.begin().await.unwrap();
+        let mut dropped = store.begin(meta("alice@example.org", 5)).await.unwrap();
         store
             .write(&mut dropped, Bytes::from_static(b"never"))
             .await
             .unwrap();
         drop(dropped);
-        assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
+        assert!(nothing_staged_soon(dir.path()).await);
 
         // Expiry removes both files and gives the quota back.
         assert_eq!(store.expire(101).await.unwrap(), 1);
@@ -602,8 +611,20 @@ mod tests {
         std::fs::read_dir(dir.join(TMP)).unwrap().count()
     }
 
-    async fn upload(store: &FileStore, data: &[u8]) -> FileUpload {
-        let mut upload = store.begin().await.unwrap();
+    /// Whether `tmp/` is empty within 5 s (a dropped upload's files are removed on the
+    /// blocking pool, once the jobs making them ended).
+    async fn nothing_staged_soon(dir: &Path) -> bool {
+        for _ in 0..500 {
+            if staged(dir) == 0 {
+                return true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        staged(dir) == 0
+    }
+
+    async fn upload(store: &FileStore, data: &[u8], meta: BlobMeta) -> FileUpload {
+        let mut upload = store.begin(meta).await.unwrap();
         // Uneven pieces, so flushes start while writes are still running.
         for piece in data.chunks(200_003) {
             store
@@ -621,17 +642,13 @@ mod tests {
         // Dropped at once (a stream cut right after its request): the files are still being
         // created on the blocking pool, and are removed once they exist.
         for _ in 0..32 {
-            drop(store.begin().await.unwrap());
+            drop(store.begin(meta("alice@example.org", 5)).await.unwrap());
         }
-        let mut empty = false;
-        for _ in 0..500 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            empty = staged(dir.path()) == 0;
-            if empty {
-                break;
-            }
-        }
-        assert!(empty, "{} files left in tmp/", staged(dir.path()));
+        assert!(
+            nothing_staged_soon(dir.path()).await,
+            "{} files left in tmp/",
+            staged(dir.path())
+        );
     }
 
     #[tokio::test]
@@ -648,22 +665,16 @@ mod tests {
         let address = [3u8; BLOB_ADDRESS_LEN];
 
         // Refused for the quota: nothing visible, nothing counted, nothing left in tmp/.
-        let refused = upload(&store, &data).await;
-        let err = store
-            .commit(refused, address, meta("alice@example.org", size), size - 1)
-            .await
-            .unwrap_err();
+        let refused = upload(&store, &data, meta("alice@example.org", size)).await;
+        let err = store.commit(refused, address, size - 1).await.unwrap_err();
         assert!(matches!(err, ServiceError::BlobQuotaExceeded), "{err}");
         assert!(store.open(&address, 0).await.unwrap().is_none());
         assert_eq!(store.usage(&alice).await.unwrap(), 0);
         assert_eq!(staged(dir.path()), 0);
 
         // Stored: every byte, from the start and from an offset.
-        let stored = upload(&store, &data).await;
-        store
-            .commit(stored, address, meta("alice@example.org", size), size)
-            .await
-            .unwrap();
+        let stored = upload(&store, &data, meta("alice@example.org", size)).await;
+        store.commit(stored, address, size).await.unwrap();
         assert_eq!(staged(dir.path()), 0);
         assert_eq!(std::fs::read(store.data_path(&address)).unwrap(), data);
         let (found, mut reader) = store.open(&address, 1_000_000).await.unwrap().unwrap();
@@ -675,11 +686,8 @@ mod tests {
 
         // The same bytes again (by bob): the stored blob answers, its owner and quota
         // unchanged, and the second upload's files are gone.
-        let again = upload(&store, &data).await;
-        let answered = store
-            .commit(again, address, meta("bob@example.org", size), size)
-            .await
-            .unwrap();
+        let again = upload(&store, &data, meta("bob@example.org", size)).await;
+        let answered = store.commit(again, address, size).await.unwrap();
         assert_eq!(answered, meta("alice@example.org", size));
         assert_eq!(staged(dir.path()), 0);
         let bob: UserId = "bob@example.org".parse().unwrap();

@@ -64,13 +64,15 @@ pub(crate) trait BlobStore {
     type Upload: Send;
     /// Reads a stored blob from the offset given to [`BlobStore::open`].
     type Reader: AsyncRead + Unpin + Send;
-    /// Starts an upload.
-    async fn begin(&self) -> Result<Self::Upload, ServiceError>;
+    /// Starts an upload of the blob `meta` describes (the store may write its metadata while
+    /// the bytes arrive; nothing is visible before the commit).
+    async fn begin(&self, meta: BlobMeta) -> Result<Self::Upload, ServiceError>;
     /// Appends bytes. The store may still be writing them when this returns (an error then
     /// comes from a later call); [`BlobStore::commit`] waits for every write.
     async fn write(&self, upload: &mut Self::Upload, bytes: Bytes) -> Result<(), ServiceError>;
-    /// Makes the upload durable and visible under `address`. If a blob with that address is
-    /// stored already, the upload is discarded and the stored blob's metadata returned. If the
+    /// Makes the upload durable and visible under `address`, with the metadata given to
+    /// [`BlobStore::begin`]. If a blob with that address is stored already, the upload is
+    /// discarded and the stored blob's metadata returned. If the
     /// owner's stored bytes would pass `quota`, nothing is stored
     /// ([`ServiceError::BlobQuotaExceeded`]): this check is the authority, across every
     /// upload of the owner (on every node).
@@ -78,7 +80,6 @@ pub(crate) trait BlobStore {
         &self,
         upload: Self::Upload,
         address: [u8; BLOB_ADDRESS_LEN],
-        meta: BlobMeta,
         quota: u64,
     ) -> Result<BlobMeta, ServiceError>;
     /// The blob's metadata and a reader positioned at `offset` (when `offset <= size`).
@@ -165,7 +166,13 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
         .blob_reservations
         .reserve(user, stored, request.size, config.quota_per_user)
         .ok_or(ServiceError::BlobQuotaExceeded)?;
-    let mut upload = state.blobs.begin().await?;
+    let meta = BlobMeta {
+        owner: user.clone(),
+        token: rand::random(),
+        size: request.size,
+        created_secs: state.clock.unix_secs(),
+    };
+    let mut upload = state.blobs.begin(meta).await?;
     let mut hash = Sha256::new();
     let mut received: u64 = 0;
     let mut ended = false;
@@ -197,15 +204,9 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
         return Err(ServiceError::BlobSizeMismatch);
     }
     let address = hash.finish().await?;
-    let meta = BlobMeta {
-        owner: user.clone(),
-        token: rand::random(),
-        size: request.size,
-        created_secs: state.clock.unix_secs(),
-    };
     let meta = state
         .blobs
-        .commit(upload, address, meta, config.quota_per_user)
+        .commit(upload, address, config.quota_per_user)
         .await?;
     metrics::counter!("roost_blob_uploaded_bytes_total").increment(meta.size);
     Ok(BlobUploadResponse {

@@ -134,6 +134,8 @@ pub(crate) struct PgUpload {
     next_seq: i64,
     /// Bytes of the chunk being filled.
     pending: Vec<u8>,
+    /// What the blob is committed with.
+    meta: BlobMeta,
 }
 
 impl Drop for PgUpload {
@@ -172,13 +174,14 @@ impl BlobStore for PgBlobStore {
     type Upload = PgUpload;
     type Reader = PgReader;
 
-    async fn begin(&self) -> Result<PgUpload, ServiceError> {
+    async fn begin(&self, meta: BlobMeta) -> Result<PgUpload, ServiceError> {
         let client = self.client().await?;
         let mut upload = PgUpload {
             client: None,
             data_id: 0,
             next_seq: 0,
             pending: Vec::with_capacity(CHUNK),
+            meta,
         };
         client.batch_execute("BEGIN").await.map_err(db)?;
         // From here on a failure drops the connection (rolling back).
@@ -210,12 +213,12 @@ impl BlobStore for PgBlobStore {
         &self,
         mut upload: PgUpload,
         address: [u8; BLOB_ADDRESS_LEN],
-        meta: BlobMeta,
         quota: u64,
     ) -> Result<BlobMeta, ServiceError> {
         if !upload.pending.is_empty() {
             upload.flush().await?;
         }
+        let meta = upload.meta.clone();
         let client = upload.client()?;
         let owner = meta.owner.to_string();
         let size = to_i64(meta.size)?;

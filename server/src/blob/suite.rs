@@ -41,10 +41,10 @@ async fn store_blob<S: BlobStore>(
     meta: BlobMeta,
     quota: u64,
 ) -> Result<BlobMeta, ServiceError> {
-    let mut upload = store.begin().await.unwrap();
+    let mut upload = store.begin(meta).await.unwrap();
     write_all(store, &mut upload, data).await;
     store
-        .commit(upload, [address; BLOB_ADDRESS_LEN], meta, quota)
+        .commit(upload, [address; BLOB_ADDRESS_LEN], quota)
         .await
 }
 
@@ -70,7 +70,10 @@ pub(super) async fn run<S: BlobStore>(store: &S) {
 
     // Nothing of an upload is visible before its commit, nor after it was dropped.
     let big = bytes(1_234_567, 1);
-    let mut upload = store.begin().await.unwrap();
+    let mut upload = store
+        .begin(meta("alice@example.org", big.len(), 1, 100))
+        .await
+        .unwrap();
     write_all(store, &mut upload, &big).await;
     assert_eq!(read_from(store, 1, 0).await, None);
     drop(upload);
