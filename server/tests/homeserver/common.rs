@@ -37,6 +37,18 @@ pub async fn start(config: Config) -> Server {
     Server::start(config.validate().unwrap()).await.unwrap()
 }
 
+/// Starts a server again on the address it had (as an operator's restart does), or on a new
+/// port when something else took that one meanwhile: the tests' other servers bind port 0 all
+/// the time, and clients connect to [`Server::local_addr`] either way.
+pub async fn restart_on(mut config: Config, address: std::net::SocketAddr) -> Server {
+    config.listen = match std::net::UdpSocket::bind(address) {
+        Ok(_free) => address,
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => "127.0.0.1:0".parse().unwrap(),
+        Err(err) => panic!("restart on {address}: {err}"),
+    };
+    start(config).await
+}
+
 /// A plain HTTP GET (for `/health` and `/metrics`); the whole response, head and body.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

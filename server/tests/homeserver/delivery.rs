@@ -392,9 +392,7 @@ async fn a_restart_in_the_middle_of_a_conversation_loses_nothing() {
     alice.send(b"before restart").await.unwrap();
     server.shutdown().await;
 
-    let mut cfg = config(dir.path());
-    cfg.listen = address;
-    let server = start(cfg).await;
+    let server = restart_on(config(dir.path()), address).await;
     for member in [&mut alice, &mut bob] {
         member.conn = connect(&server).await;
         login(&member.conn, &member.client).await;
@@ -689,9 +687,7 @@ async fn a_message_of_an_older_epoch_reaches_only_members_of_that_epoch_even_aft
 
     // The recent joins are part of the durable group state: a restart keeps them.
     server.shutdown().await;
-    let mut cfg = config(dir.path());
-    cfg.listen = address;
-    let server = start(cfg).await;
+    let server = restart_on(config(dir.path()), address).await;
     for member in [&mut alice, &mut bob, &mut dave] {
         member.conn = connect(&server).await;
         login(&member.conn, &member.client).await;

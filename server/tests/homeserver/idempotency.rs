@@ -140,9 +140,7 @@ async fn a_repeat_after_a_server_restart_is_still_recognised() {
     let address = server.local_addr();
     // The answer is lost with the server.
     server.shutdown().await;
-    let mut cfg = config(dir.path());
-    cfg.listen = address;
-    let server = start(cfg).await;
+    let server = restart_on(config(dir.path()), address).await;
     for member in [&mut alice, &mut bob] {
         member.conn = connect(&server).await;
         login(&member.conn, &member.client).await;

@@ -57,9 +57,7 @@ async fn a_restart_keeps_users_clients_queues_key_packages_and_identity() {
     let address = server.local_addr();
     server.shutdown().await;
 
-    let mut cfg = config(dir.path());
-    cfg.listen = address;
-    let server = start(cfg).await;
+    let server = restart_on(config(dir.path()), address).await;
     assert_eq!(
         server.certificate(),
         &certificate,
