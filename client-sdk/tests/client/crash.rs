@@ -25,7 +25,10 @@ async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_rest
         matches!(e, Event::MembersAdded { members, .. } if members == &vec![client_id("carol", "phone")])
     })
     .await;
+    // `send` returns once the message is in bob's outgoing queue; bob's reaches the hub
+    // before carol's is sent, so alice gets them in this order.
     bob.send(&group, b"one").await.unwrap();
+    bob.flush().await.unwrap();
     carol.send(&group, b"two").await.unwrap();
 
     // Alice's app starts again: she learns her commit was accepted, merges it, and gets what
