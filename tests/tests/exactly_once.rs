@@ -18,10 +18,7 @@ fn a_message_whose_answer_was_lost_is_answered_from_its_receipt_after_sigkill() 
     let roost = common::roost();
     common::runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let (mut h, profiles) = start(&roost, dir.path()).await;
-        let mut config = h.client_config(0).unwrap();
-        config.outbox_retry = Duration::from_millis(200);
-        config.listen_retry = Duration::from_millis(200);
+        let (mut h, profiles, config) = start(&roost, dir.path()).await;
         let alice = Member::register(config.clone(), &profiles, "alice@alpha.test", "phone")
             .await
             .unwrap();
@@ -98,10 +95,7 @@ fn a_group_stored_as_deltas_goes_on_after_sigkill() {
     let roost = common::roost();
     common::runtime().block_on(async {
         let dir = tempfile::tempdir().unwrap();
-        let (mut h, profiles) = start(&roost, dir.path()).await;
-        let mut config = h.client_config(0).unwrap();
-        config.outbox_retry = Duration::from_millis(200);
-        config.listen_retry = Duration::from_millis(200);
+        let (mut h, profiles, config) = start(&roost, dir.path()).await;
         let mut members = Vec::new();
         for name in ["alice", "bob", "carol", "dave", "erin", "frank"] {
             let user = format!("{name}@alpha.test");
@@ -201,12 +195,19 @@ where
     panic!("no answer after the restart")
 }
 
-/// One homeserver in `dir`, and the folder for the clients' profiles.
-async fn start(roost: &std::path::Path, dir: &std::path::Path) -> (Harness, std::path::PathBuf) {
+/// One homeserver in `dir`, the folder for the clients' profiles, and a client configuration
+/// that retries sending and listening soon after the server comes back.
+async fn start(
+    roost: &std::path::Path,
+    dir: &std::path::Path,
+) -> (Harness, std::path::PathBuf, roost_client::ClientConfig) {
     let h = Harness::start(HarnessConfig::new(roost, dir, 1))
         .await
         .unwrap();
     let profiles = dir.join("profiles");
     std::fs::create_dir_all(&profiles).unwrap();
-    (h, profiles)
+    let mut config = h.client_config(0).unwrap();
+    config.outbox_retry = Duration::from_millis(200);
+    config.listen_retry = Duration::from_millis(200);
+    (h, profiles, config)
 }

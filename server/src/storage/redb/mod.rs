@@ -1290,6 +1290,16 @@ mod tests {
         assert_eq!(fetched(&store, num).await, vec![3]);
     }
 
+    /// A store in `dir` with two queues, a (holding `queued` messages) and b (empty), and the
+    /// group of [`hosted_group`].
+    async fn two_queues_and_a_group(dir: &Path, queued: u8) -> (Store, WriterHandle, u64, u64) {
+        let (store, writer) = Store::open(&dir.join("db.redb"), "example.org", 64).unwrap();
+        let a = queue_of(&store, "a@example.org/d", queued).await;
+        let b = queue_of(&store, "b@example.org/d", 0).await;
+        hosted_group(&store).await;
+        (store, writer, a, b)
+    }
+
     /// The group [`send_to`] sends to (key 7), stored at version 0.
     async fn hosted_group(store: &Store) {
         use crate::delivery::GroupStore as _;
@@ -1349,10 +1359,7 @@ mod tests {
         use crate::delivery::GroupStore as _;
         use crate::delivery::receipt::ReceiptStore as _;
         let dir = tempfile::tempdir().unwrap();
-        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 64).unwrap();
-        let a = queue_of(&store, "a@example.org/d", 2).await;
-        let b = queue_of(&store, "b@example.org/d", 0).await;
-        hosted_group(&store).await;
+        let (store, _writer, a, b) = two_queues_and_a_group(dir.path(), 2).await;
         // The writer waits inside a job while the rest queue up behind it: they make one batch,
         // which starts with the acknowledgement taken meanwhile.
         let (release, wait) = std::sync::mpsc::channel::<()>();
@@ -1422,10 +1429,7 @@ mod tests {
     async fn a_payload_counts_its_references_only_when_shared() {
         use crate::delivery::GroupStore as _;
         let dir = tempfile::tempdir().unwrap();
-        let (store, _writer) = Store::open(&dir.path().join("db.redb"), "example.org", 64).unwrap();
-        let a = queue_of(&store, "a@example.org/d", 0).await;
-        let b = queue_of(&store, "b@example.org/d", 0).await;
-        hosted_group(&store).await;
+        let (store, _writer, a, b) = two_queues_and_a_group(dir.path(), 0).await;
         let (write, fans) = send_to(&[a], 1);
         store.apply(write, fans, 100).await.unwrap();
         let (write, fans) = send_to(&[a, b], 2);
