@@ -231,9 +231,7 @@ pub(crate) async fn blob_upload(
         let me = ctx.me(state)?;
         match body {
             Some(mut body) => blob::upload(state, &me, request, &mut body).await,
-            None if request.size == 0 => {
-                blob::upload(state, &me, request, &mut tokio::io::empty()).await
-            }
+            None if request.size == 0 => blob::upload(state, &me, request, &mut blob::NoBody).await,
             None => Err(ServiceError::BlobSizeMismatch),
         }
     };

@@ -212,11 +212,11 @@ impl Server {
             &dir.join(DATABASE_FILE),
             &as_key.public_key(),
             sink,
-            redb_faults,
+            redb_faults.clone(),
         )
         .await?;
         let federation = federation::Federation::new(&settings, &tls)?;
-        let blobs = blob::Blobs::open(&settings)?;
+        let blobs = blob::Blobs::open(&settings, redb_faults)?;
         let push = push::Push::new(&settings).map_err(ServerError::Push)?;
         let limits = &settings.limits;
         let blob_limits = &settings.blobs;

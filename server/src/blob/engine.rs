@@ -15,6 +15,7 @@ use super::postgres::{PgBlobStore, PgReader, PgUpload};
 use super::{BlobMeta, BlobStore};
 use crate::error::ServiceError;
 use crate::storage::StoreError;
+use crate::storage::redb::fault::Faults;
 
 /// The blob store chosen with `[storage] backend`.
 #[derive(Clone)]
@@ -26,12 +27,16 @@ pub(crate) enum Blobs {
 }
 
 impl Blobs {
-    /// Opens the store that goes with the configured storage engine.
-    pub(crate) fn open(settings: &crate::config::Settings) -> Result<Self, StoreError> {
+    /// Opens the store that goes with the configured storage engine (the file store's writes
+    /// fail when `faults` says so: tests only).
+    pub(crate) fn open(
+        settings: &crate::config::Settings,
+        faults: Option<Faults>,
+    ) -> Result<Self, StoreError> {
         match &settings.storage {
-            crate::config::StorageSettings::Redb => {
-                Ok(Self::Files(FileStore::open(&file_dir(settings))?))
-            }
+            crate::config::StorageSettings::Redb => Ok(Self::Files(
+                FileStore::open(&file_dir(settings))?.with_faults(faults),
+            )),
             crate::config::StorageSettings::Postgres {
                 url,
                 pool_size,
@@ -99,11 +104,19 @@ impl BlobStore for Blobs {
         }
     }
 
-    async fn write(&self, upload: &mut Upload, bytes: Bytes) -> Result<(), ServiceError> {
+    async fn write(&self, upload: &mut Upload, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
         match (self, upload) {
-            (Blobs::Files(store), Upload::Files(upload)) => store.write(upload, bytes).await,
-            (Blobs::Postgres(store), Upload::Postgres(upload)) => store.write(upload, bytes).await,
+            (Blobs::Files(store), Upload::Files(upload)) => store.write(upload, pieces).await,
+            (Blobs::Postgres(store), Upload::Postgres(upload)) => store.write(upload, pieces).await,
             _ => Err(mixed()),
+        }
+    }
+
+    fn close(&self, upload: &mut Upload) {
+        match (self, upload) {
+            (Blobs::Files(store), Upload::Files(upload)) => store.close(upload),
+            (Blobs::Postgres(store), Upload::Postgres(upload)) => store.close(upload),
+            _ => {}
         }
     }
 

@@ -1,16 +1,17 @@
 //! The blob store on a file system: one file per blob, named by the hex of its address, and a
 //! small metadata file next to it (`<address>.meta`: owner, read token, size, creation time).
 //!
-//! An upload is written to `tmp/<random>` on the blocking pool, one chunk behind the stream
-//! (the file is created while the first chunk arrives), and the writeback of each chunk to
-//! the disk is started as soon as it is written (on Linux without waiting and without a
-//! journal commit; elsewhere an `fdatasync` of what is written so far whenever
-//! [`WRITEBACK_STEP`] bytes are waiting and none is running), so the flush at commit only has
-//! the tail left. The metadata file is written to `tmp/` and fsynced when the upload begins
-//! (everything in it is known then). At commit one job on the blocking pool fsyncs the data's
-//! tail, renames the metadata file into place, then the data file, and fsyncs the directory. A blob is visible only when both files exist, so a partial
-//! upload never is; a process killed at any point leaves files in `tmp/` (removed at start)
-//! or a metadata file without its data (removed at start).
+//! An upload is written to `tmp/<random>` by one job on the blocking pool that creates the
+//! file and writes the chunks queued for it as they arrive (one `writev` each), starting the
+//! writeback of each chunk to the disk as soon as it is written (on Linux without waiting and
+//! without a journal commit; elsewhere an `fdatasync` after every [`WRITEBACK_STEP`] bytes),
+//! so the flush when the upload is closed only has the tail left. The metadata file is
+//! written to `tmp/` and fsynced when the upload begins (everything in it is known then). At
+//! commit, once the writer flushed the tail, one job on the blocking pool renames the
+//! metadata file into place, then the data file, and fsyncs the directory. A blob is visible
+//! only when both files exist, so a partial upload never is; a process killed at any point
+//! leaves files in `tmp/` (removed at start) or a metadata file without its data (removed at
+//! start).
 
 use std::collections::HashMap;
 use std::io;
@@ -21,19 +22,21 @@ use bytes::Bytes;
 use roost_protocol::UserId;
 use roost_protocol::messages::blob::{BLOB_ADDRESS_LEN, BLOB_TOKEN_LEN};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{BlobMeta, BlobStore};
+use super::{BlobMeta, BlobStore, QUEUED_CHUNKS};
 use crate::error::ServiceError;
 use crate::storage::StoreError;
+use crate::storage::redb::fault::Faults;
 
 const TMP: &str = "tmp";
 /// The store's directory in the data directory when `blobs.dir` is not set (and in a backup).
 pub(crate) const DEFAULT_DIR: &str = "blobs";
 const META_SUFFIX: &str = ".meta";
 /// Where writeback cannot be started without waiting ([`ASYNC_WRITEBACK`]): bytes of an upload
-/// written but not yet flushed after which a flush of them is started (while the upload goes
-/// on), so that the flush at commit is short.
+/// written but not yet flushed after which the writer flushes them (while later chunks
+/// queue), so that the flush at the end is short.
 const WRITEBACK_STEP: u64 = 256 * 1024;
 
 /// Blobs in a directory.
@@ -43,6 +46,8 @@ pub(crate) struct FileStore {
     /// Bytes of stored blobs per owner, loaded at start and kept up to date. Commits and
     /// deletions change files and this map under the same lock.
     usage: Arc<Mutex<HashMap<UserId, u64>>>,
+    /// Injected write failures (tests only).
+    faults: Option<Faults>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -126,7 +131,14 @@ impl FileStore {
         Ok(Self {
             dir: dir.to_owned(),
             usage: Arc::new(Mutex::new(usage)),
+            faults: None,
         })
+    }
+
+    /// The same store, its writes failing when `faults` says so (tests of a full disk).
+    pub(crate) fn with_faults(mut self, faults: Option<Faults>) -> Self {
+        self.faults = faults;
+        self
     }
 
     fn data_path(&self, address: &[u8; BLOB_ADDRESS_LEN]) -> PathBuf {
@@ -165,19 +177,22 @@ pub(crate) struct FileUpload {
     writer: Option<Writer>,
 }
 
-/// The data file of an upload and the work on it running on the blocking pool: its creation
-/// (started by `begin`, awaited by the first write), at most one write (so at most one chunk
-/// is held besides the one being received) and, where writeback cannot be started without
-/// waiting, one flush.
+/// The job on the blocking pool that creates an upload's data file and writes the chunks
+/// handed to it, in order, as they arrive (at most [`QUEUED_CHUNKS`] wait), starting each
+/// one's writeback as it is written. It ends with the file once every chunk is written and
+/// the queue closed (after flushing the file's tail to the disk if the upload was
+/// [closed](Writer::close) rather than dropped), or at the first error.
 struct Writer {
-    file: Option<Arc<std::fs::File>>,
-    creating: Option<JoinHandle<Result<std::fs::File, ServiceError>>>,
-    write: Option<JoinHandle<Result<(), ServiceError>>>,
-    flush: Option<JoinHandle<Result<(), ServiceError>>>,
-    /// Bytes handed to writes so far: the next write's offset.
-    written: u64,
-    /// Bytes written since the last flush started (without [`ASYNC_WRITEBACK`]).
-    unflushed: u64,
+    chunks: Option<mpsc::Sender<Vec<Bytes>>>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+    job: Option<JoinHandle<Result<Written, ServiceError>>>,
+}
+
+/// An upload's data file once its writer ended.
+struct Written {
+    file: std::fs::File,
+    /// Whether every byte is on the disk.
+    synced: bool,
 }
 
 /// Whether [`start_writeback`] sends written bytes to the disk without waiting for them.
@@ -204,76 +219,99 @@ fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) -> io::Result
     Ok(())
 }
 
+/// Writes every piece, in order, with as few system calls as the kernel allows. Blocking.
+fn write_all_vectored(file: &std::fs::File, pieces: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = pieces
+        .iter()
+        .filter(|piece| !piece.is_empty())
+        .map(|piece| io::IoSlice::new(piece))
+        .collect();
+    let mut left = &mut slices[..];
+    while !left.is_empty() {
+        match io::Write::write_vectored(&mut &*file, left) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
 impl Writer {
-    fn new(path: PathBuf) -> Self {
+    fn new(path: PathBuf, faults: Option<Faults>) -> Self {
+        let (chunks, mut queued) = mpsc::channel::<Vec<Bytes>>(QUEUED_CHUNKS);
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let close = Arc::clone(&closed);
+        let job = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::create(path).map_err(io_error)?;
+            let mut written = 0u64;
+            let mut unflushed = 0u64;
+            while let Some(pieces) = queued.blocking_recv() {
+                let len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+                if faults.as_ref().is_some_and(|f| f.blob_write_fails(len)) {
+                    return Err(io_error(io::Error::new(
+                        io::ErrorKind::StorageFull,
+                        "no space left on device (injected)",
+                    )));
+                }
+                write_all_vectored(&file, &pieces).map_err(io_error)?;
+                if ASYNC_WRITEBACK {
+                    start_writeback(&file, written, len).map_err(io_error)?;
+                } else if unflushed + len >= WRITEBACK_STEP {
+                    // Sends what is written so far to the disk while the next chunks queue.
+                    file.sync_data().map_err(io_error)?;
+                    unflushed = 0;
+                } else {
+                    unflushed += len;
+                }
+                written += len;
+            }
+            // Closed (not dropped): the tail (what the started writebacks have not written
+            // yet) reaches the disk now, while the hash finishes.
+            let synced = close.load(std::sync::atomic::Ordering::Acquire);
+            if synced {
+                file.sync_data().map_err(io_error)?;
+            }
+            Ok(Written { file, synced })
+        });
         Self {
-            file: None,
-            creating: Some(tokio::task::spawn_blocking(move || {
-                std::fs::File::create(path).map_err(io_error)
-            })),
-            write: None,
-            flush: None,
-            written: 0,
-            unflushed: 0,
+            chunks: Some(chunks),
+            closed,
+            job: Some(job),
         }
     }
 
-    /// The data file, once created.
-    async fn file(&mut self) -> Result<Arc<std::fs::File>, ServiceError> {
-        if let Some(creating) = self.creating.take() {
-            self.file = Some(Arc::new(joined(creating).await?));
-        }
-        self.file
-            .clone()
-            .ok_or_else(|| ServiceError::Internal("the upload's file is gone".into()))
+    /// No more chunks: the job flushes the file once it wrote those queued.
+    fn close(&mut self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.chunks = None;
     }
 
-    /// Waits for the write in flight, and collects a flush that has ended.
-    async fn settle(&mut self) -> Result<(), ServiceError> {
-        if let Some(write) = self.write.take() {
-            joined(write).await?;
+    /// The job's end: the file, or what failed.
+    async fn end(&mut self) -> Result<Written, ServiceError> {
+        self.chunks = None;
+        match self.job.take() {
+            Some(job) => joined(job).await,
+            None => Err(ServiceError::Internal("the upload's file is gone".into())),
         }
-        if self.flush.as_ref().is_some_and(JoinHandle::is_finished)
-            && let Some(flush) = self.flush.take()
-        {
-            joined(flush).await?;
-        }
-        Ok(())
     }
 
-    async fn write(&mut self, bytes: Bytes) -> Result<(), ServiceError> {
-        let file = self.file().await?;
-        self.settle().await?;
-        if !ASYNC_WRITEBACK && self.unflushed >= WRITEBACK_STEP && self.flush.is_none() {
-            // Sends what is written so far to the disk while the next chunks arrive.
-            let file = Arc::clone(&file);
-            self.flush = Some(tokio::task::spawn_blocking(move || {
-                file.sync_data().map_err(io_error)
-            }));
-            self.unflushed = 0;
+    async fn write(&mut self, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
+        let Some(chunks) = &self.chunks else {
+            return Err(ServiceError::Internal("write after close".into()));
+        };
+        if chunks.send(pieces).await.is_ok() {
+            return Ok(());
         }
-        let (offset, len) = (self.written, bytes.len() as u64);
-        self.written += len;
-        self.unflushed += len;
-        self.write = Some(tokio::task::spawn_blocking(move || {
-            io::Write::write_all(&mut &*file, &bytes)
-                .and_then(|()| start_writeback(&file, offset, len))
-                .map_err(io_error)
-        }));
-        Ok(())
-    }
-
-    /// Waits for every write (and a flush still running: a write-back error is reported to
-    /// one flush only); the file, for the flush at commit.
-    async fn drain(&mut self) -> Result<Arc<std::fs::File>, ServiceError> {
-        let file = self.file().await?;
-        if let Some(write) = self.write.take() {
-            joined(write).await?;
+        // The job ended early: its error.
+        match self.end().await {
+            Ok(_) => Err(ServiceError::Internal(
+                "the upload's writer ended early".into(),
+            )),
+            Err(err) => Err(err),
         }
-        if let Some(flush) = self.flush.take() {
-            joined(flush).await?;
-        }
-        Ok(file)
     }
 }
 
@@ -309,7 +347,10 @@ fn meta_bytes(meta: &BlobMeta) -> io::Result<Vec<u8>> {
 impl Drop for FileUpload {
     fn drop(&mut self) {
         // Best effort; whatever stays is removed at the next start.
-        let creating = self.writer.as_mut().and_then(|w| w.creating.take());
+        let writing = self.writer.as_mut().and_then(|writer| {
+            writer.chunks = None;
+            writer.job.take()
+        });
         let staging = self.staging.take();
         let paths = [self.path.clone(), self.meta_path.clone()];
         let remove = move || {
@@ -318,11 +359,11 @@ impl Drop for FileUpload {
             }
         };
         match tokio::runtime::Handle::try_current() {
-            // Files still being created are removed once they exist.
-            Ok(runtime) if creating.is_some() || staging.is_some() => {
+            // Files still being written are removed once their jobs ended.
+            Ok(runtime) if writing.is_some() || staging.is_some() => {
                 runtime.spawn(async move {
-                    if let Some(creating) = creating {
-                        let _ = creating.await;
+                    if let Some(writing) = writing {
+                        let _ = writing.await;
                     }
                     if let Some(staging) = staging {
                         let _ = staging.await;
@@ -353,7 +394,7 @@ impl BlobStore for FileStore {
             })
         };
         Ok(FileUpload {
-            writer: Some(Writer::new(path.clone())),
+            writer: Some(Writer::new(path.clone(), self.faults.clone())),
             path,
             meta,
             meta_path,
@@ -361,10 +402,16 @@ impl BlobStore for FileStore {
         })
     }
 
-    async fn write(&self, upload: &mut FileUpload, bytes: Bytes) -> Result<(), ServiceError> {
+    async fn write(&self, upload: &mut FileUpload, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
         match upload.writer.as_mut() {
-            Some(writer) => writer.write(bytes).await,
+            Some(writer) => writer.write(pieces).await,
             None => Err(ServiceError::Internal("write after close".into())),
+        }
+    }
+
+    fn close(&self, upload: &mut FileUpload) {
+        if let Some(writer) = upload.writer.as_mut() {
+            writer.close();
         }
     }
 
@@ -377,7 +424,7 @@ impl BlobStore for FileStore {
         let Some(mut writer) = upload.writer.take() else {
             return Err(ServiceError::Internal("commit after close".into()));
         };
-        let file = writer.drain().await?;
+        let written = writer.end().await?;
         if let Some(staging) = upload.staging.take() {
             joined(staging).await?;
         }
@@ -386,9 +433,11 @@ impl BlobStore for FileStore {
         let store = self.clone();
         let tmp = upload.path.clone();
         let committed = blocking(move || {
-            // The tail (what the started writebacks have not written yet) reaches the disk;
-            // then, in the same job, the names.
-            file.sync_data().map_err(io_error)?;
+            // The bytes are on the disk (flushed by the writer if the upload was closed);
+            // then the names.
+            if !written.synced {
+                written.file.sync_data().map_err(io_error)?;
+            }
             let data = store.data_path(&address);
             let meta_path = store.meta_path(&address);
             let mut usage = lock(&store.usage);
@@ -565,7 +614,10 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         let mut upload = store.begin(meta("alice@example.org", 5)).await.unwrap();
         store
-            .write(&mut upload, Bytes::from_static(b"hello"))
+            .write(
+                &mut upload,
+                vec![Bytes::from_static(b"hel"), Bytes::from_static(b"lo")],
+            )
             .await
             .unwrap();
         let address = [1u8; BLOB_ADDRESS_LEN];
@@ -595,7 +647,7 @@ mod tests {
         // An upload dropped before its commit leaves nothing.
         let mut dropped = store.begin(meta("alice@example.org", 5)).await.unwrap();
         store
-            .write(&mut dropped, Bytes::from_static(b"never"))
+            .write(&mut dropped, vec![Bytes::from_static(b"never")])
             .await
             .unwrap();
         drop(dropped);
@@ -628,7 +680,7 @@ mod tests {
         // Uneven pieces, so flushes start while writes are still running.
         for piece in data.chunks(200_003) {
             store
-                .write(&mut upload, Bytes::copy_from_slice(piece))
+                .write(&mut upload, vec![Bytes::copy_from_slice(piece)])
                 .await
                 .unwrap();
         }

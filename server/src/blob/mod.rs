@@ -4,7 +4,8 @@
 //! held in memory. A blob of another domain is fetched by the client's homeserver from the
 //! owning one (proxy download) and streamed through.
 //!
-//! This module sees the streams as tokio readers and writers; the transport hands them over.
+//! This module reads an upload through [`UploadBody`] (the stream's own buffers, not copied)
+//! and sees downloads as tokio writers; the transport hands the streams over.
 
 mod engine;
 pub(crate) mod files;
@@ -17,7 +18,7 @@ pub(crate) use engine::Blobs;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use roost_protocol::messages::Response;
 use roost_protocol::messages::blob::{
@@ -34,11 +35,15 @@ use crate::error::ServiceError;
 
 /// Bytes read from or written to a stream at once.
 const IO_CHUNK: usize = 256 * 1024;
-/// Bytes of an upload handed to the hash and the store at a time: what is left to hash and
-/// flush after the last byte arrived.
+/// Bytes of an upload handed to the hash and the store at a time (the pieces the stream
+/// received, gathered).
 const UPLOAD_CHUNK: usize = 128 * 1024;
 /// Chunks of an upload smaller than this are hashed at once rather than on the blocking pool.
 const INLINE_HASH: usize = 16 * 1024;
+/// Chunks of an upload that may wait for the hash, and for the store's writer: the stream is
+/// read on while they do (each upload holds at most this many chunks besides its stream
+/// window and the chunks being hashed and written).
+pub(crate) const QUEUED_CHUNKS: usize = 4;
 /// Largest response head a peer may send before the bytes of a proxied download.
 const MAX_HEAD_LEN: u32 = 4096;
 
@@ -67,15 +72,23 @@ pub(crate) trait BlobStore {
     /// Starts an upload of the blob `meta` describes (the store may write its metadata while
     /// the bytes arrive; nothing is visible before the commit).
     async fn begin(&self, meta: BlobMeta) -> Result<Self::Upload, ServiceError>;
-    /// Appends bytes. The store may still be writing them when this returns (an error then
-    /// comes from a later call); [`BlobStore::commit`] waits for every write.
-    async fn write(&self, upload: &mut Self::Upload, bytes: Bytes) -> Result<(), ServiceError>;
+    /// Appends `pieces`, in order (the pieces of a chunk as the stream delivered them). The
+    /// store may still be writing them when this returns (an error then comes from a later
+    /// call); [`BlobStore::commit`] waits for every write.
+    async fn write(
+        &self,
+        upload: &mut Self::Upload,
+        pieces: Vec<Bytes>,
+    ) -> Result<(), ServiceError>;
     /// Makes the upload durable and visible under `address`, with the metadata given to
     /// [`BlobStore::begin`]. If a blob with that address is stored already, the upload is
     /// discarded and the stored blob's metadata returned. If the
     /// owner's stored bytes would pass `quota`, nothing is stored
     /// ([`ServiceError::BlobQuotaExceeded`]): this check is the authority, across every
     /// upload of the owner (on every node).
+    /// No more bytes follow: the store may start making them durable while the caller
+    /// finishes the address. Writing after this fails.
+    fn close(&self, upload: &mut Self::Upload);
     async fn commit(
         &self,
         upload: Self::Upload,
@@ -144,13 +157,39 @@ fn tokens_equal(a: &[u8; BLOB_TOKEN_LEN], b: &[u8; BLOB_TOKEN_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The bytes of an upload that follow its request frame, as the transport received them.
+pub(crate) trait UploadBody {
+    /// The next piece, at most `max` bytes; `None` at the end of the stream.
+    async fn next_piece(&mut self, max: usize) -> std::io::Result<Option<Bytes>>;
+}
+
+/// The stream's own buffers are handed on (no copy): the pieces of a chunk are held until
+/// the chunk is hashed and written, at most two chunks per upload.
+impl UploadBody for quinn::RecvStream {
+    async fn next_piece(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
+        match self.read_chunk(max, true).await {
+            Ok(chunk) => Ok(chunk.map(|chunk| chunk.bytes)),
+            Err(err) => Err(std::io::Error::other(err)),
+        }
+    }
+}
+
+/// The body of an upload whose stream ended with its request frame.
+pub(crate) struct NoBody;
+
+impl UploadBody for NoBody {
+    async fn next_piece(&mut self, _max: usize) -> std::io::Result<Option<Bytes>> {
+        Ok(None)
+    }
+}
+
 /// Reads the bytes of an upload that follow its request frame, stores them and answers with
 /// the blob's reference once it is durable. On any failure nothing is stored.
-pub(crate) async fn upload<R: AsyncRead + Unpin>(
+pub(crate) async fn upload<B: UploadBody>(
     state: &State,
     me: &Authenticated,
     request: BlobUploadRequest,
-    body: &mut R,
+    body: &mut B,
 ) -> Result<BlobUploadResponse, ServiceError> {
     let config = &state.settings.blobs;
     let user = &me.client.user;
@@ -177,32 +216,37 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
     let mut received: u64 = 0;
     let mut ended = false;
     while !ended {
-        // A chunk of our own (the stream's buffers are released as it is copied), handed to
-        // the hash and to the store, which work on it while the next one is received.
-        let mut chunk = BytesMut::with_capacity(UPLOAD_CHUNK);
-        while chunk.len() < UPLOAD_CHUNK {
-            let read = tokio::time::timeout(config.stall_timeout(), body.read_buf(&mut chunk))
-                .await
-                .map_err(|_| ServiceError::RequestTimeout)?
-                .map_err(|_| ServiceError::StreamCut)?;
-            if read == 0 {
+        // The pieces of the next chunk, as the stream received them, handed to the hash and
+        // to the store, which work on them while the next chunk is received.
+        let mut pieces = Vec::new();
+        let mut len = 0;
+        while len < UPLOAD_CHUNK {
+            let piece =
+                tokio::time::timeout(config.stall_timeout(), body.next_piece(UPLOAD_CHUNK - len))
+                    .await
+                    .map_err(|_| ServiceError::RequestTimeout)?
+                    .map_err(|_| ServiceError::StreamCut)?;
+            let Some(piece) = piece else {
                 ended = true;
                 break;
-            }
-            received = received.saturating_add(read as u64);
+            };
+            len += piece.len();
+            received = received.saturating_add(piece.len() as u64);
             if received > request.size {
                 return Err(ServiceError::BlobSizeMismatch);
             }
+            pieces.push(piece);
         }
-        if !chunk.is_empty() {
-            let chunk = chunk.freeze();
-            hash.update(chunk.clone()).await?;
-            state.blobs.write(&mut upload, chunk).await?;
+        if len > 0 {
+            hash.update(pieces.clone(), len).await?;
+            state.blobs.write(&mut upload, pieces).await?;
         }
     }
     if received != request.size {
         return Err(ServiceError::BlobSizeMismatch);
     }
+    // The store flushes the tail while the hash finishes.
+    state.blobs.close(&mut upload);
     let address = hash.finish().await?;
     let meta = state
         .blobs
@@ -220,48 +264,66 @@ pub(crate) async fn upload<R: AsyncRead + Unpin>(
     })
 }
 
-/// The SHA-256 of an upload, computed on the blocking pool one chunk behind the stream.
+/// The SHA-256 of an upload, computed by one job on the blocking pool that takes the chunks
+/// as they arrive (at most [`QUEUED_CHUNKS`] wait for it), so the stream is read on while they
+/// are hashed. An upload whose bytes are all in one small chunk is hashed at once.
 struct Sha256 {
-    idle: Option<ring::digest::Context>,
-    running: Option<tokio::task::JoinHandle<ring::digest::Context>>,
+    inline: Option<ring::digest::Context>,
+    job: Option<HashJob>,
+}
+
+struct HashJob {
+    chunks: tokio::sync::mpsc::Sender<Vec<Bytes>>,
+    done: tokio::task::JoinHandle<ring::digest::Context>,
 }
 
 impl Sha256 {
     fn new() -> Self {
         Self {
-            idle: Some(ring::digest::Context::new(&ring::digest::SHA256)),
-            running: None,
+            inline: Some(ring::digest::Context::new(&ring::digest::SHA256)),
+            job: None,
         }
     }
 
-    async fn context(&mut self) -> Result<ring::digest::Context, ServiceError> {
-        match (self.running.take(), self.idle.take()) {
-            (Some(running), _) => running
-                .await
-                .map_err(|_| ServiceError::Internal("the upload's hash failed".into())),
-            (None, Some(idle)) => Ok(idle),
-            (None, None) => Err(ServiceError::Internal("the upload's hash is gone".into())),
-        }
-    }
-
-    async fn update(&mut self, bytes: Bytes) -> Result<(), ServiceError> {
-        let mut context = self.context().await?;
-        if bytes.len() < INLINE_HASH {
-            context.update(&bytes);
-            self.idle = Some(context);
-        } else {
-            self.running = Some(tokio::task::spawn_blocking(move || {
-                context.update(&bytes);
+    /// Hashes `pieces` (`len` bytes in all) after the bytes before them.
+    async fn update(&mut self, pieces: Vec<Bytes>, len: usize) -> Result<(), ServiceError> {
+        let gone = || ServiceError::Internal("the upload's hash is gone".into());
+        if self.job.is_none() {
+            let mut context = self.inline.take().ok_or_else(gone)?;
+            if len < INLINE_HASH {
+                for piece in &pieces {
+                    context.update(piece);
+                }
+                self.inline = Some(context);
+                return Ok(());
+            }
+            let (chunks, mut queued) = tokio::sync::mpsc::channel::<Vec<Bytes>>(QUEUED_CHUNKS);
+            let done = tokio::task::spawn_blocking(move || {
+                while let Some(pieces) = queued.blocking_recv() {
+                    for piece in &pieces {
+                        context.update(piece);
+                    }
+                }
                 context
-            }));
+            });
+            self.job = Some(HashJob { chunks, done });
         }
-        Ok(())
+        let job = self.job.as_ref().ok_or_else(gone)?;
+        job.chunks.send(pieces).await.map_err(|_| gone())
     }
 
-    async fn finish(mut self) -> Result<[u8; BLOB_ADDRESS_LEN], ServiceError> {
-        let digest = self.context().await?.finish();
+    async fn finish(self) -> Result<[u8; BLOB_ADDRESS_LEN], ServiceError> {
+        let context = match (self.job, self.inline) {
+            (Some(HashJob { chunks, done }), _) => {
+                drop(chunks);
+                done.await
+                    .map_err(|_| ServiceError::Internal("the upload's hash failed".into()))?
+            }
+            (None, Some(context)) => context,
+            (None, None) => return Err(ServiceError::Internal("the upload's hash is gone".into())),
+        };
         let mut address = [0u8; BLOB_ADDRESS_LEN];
-        address.copy_from_slice(digest.as_ref());
+        address.copy_from_slice(context.finish().as_ref());
         Ok(address)
     }
 }

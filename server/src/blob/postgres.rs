@@ -195,19 +195,24 @@ impl BlobStore for PgBlobStore {
         Ok(upload)
     }
 
-    async fn write(&self, upload: &mut PgUpload, bytes: Bytes) -> Result<(), ServiceError> {
-        let mut bytes = &bytes[..];
-        while !bytes.is_empty() {
-            let room = CHUNK - upload.pending.len();
-            let (now, later) = bytes.split_at(room.min(bytes.len()));
-            upload.pending.extend_from_slice(now);
-            bytes = later;
-            if upload.pending.len() == CHUNK {
-                upload.flush().await?;
+    async fn write(&self, upload: &mut PgUpload, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
+        for piece in pieces {
+            let mut bytes = &piece[..];
+            while !bytes.is_empty() {
+                let room = CHUNK - upload.pending.len();
+                let (now, later) = bytes.split_at(room.min(bytes.len()));
+                upload.pending.extend_from_slice(now);
+                bytes = later;
+                if upload.pending.len() == CHUNK {
+                    upload.flush().await?;
+                }
             }
         }
         Ok(())
     }
+
+    /// The last chunk is written in the commit's transaction.
+    fn close(&self, _upload: &mut PgUpload) {}
 
     async fn commit(
         &self,

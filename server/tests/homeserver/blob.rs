@@ -1,6 +1,6 @@
 //! The blob service over real QUIC: streamed uploads and downloads checked by hash, ranges
 //! that resume a cut download, limits refusing with typed errors and storing nothing, hostile
-//! streams, and a server killed mid-upload.
+//! streams, a disk that fills up mid-upload, and a server killed mid-upload.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,6 +12,8 @@ use roost_protocol::messages::ClientRequest;
 use roost_protocol::messages::blob::{
     BlobDownloadRequest, BlobRef, BlobUploadRequest, BlobUploadResponse,
 };
+
+use roost_server::testing::{Faults, start_with_store_faults};
 
 use crate::common::*;
 
@@ -189,6 +191,54 @@ async fn size_and_quota_limits_refuse_with_typed_errors_and_store_nothing() {
     let (_bob, _bob_client, bob) = new_client(&server, "bob").await;
     upload(&bob, &second).await.unwrap();
     assert_eq!(visible_blobs(dir.path()).len(), 3);
+    assert_eq!(temp_files(dir.path()), 0);
+    server.shutdown().await;
+}
+
+/// Whether `tmp/` of the blob store is empty within 5 s (a failed upload's files are removed
+/// once the jobs writing them ended).
+async fn no_temp_files_soon(data: &Path) -> bool {
+    for _ in 0..500 {
+        if temp_files(data) == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    temp_files(data) == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_mid_upload_is_unavailable_stores_nothing_and_the_upload_succeeds_once_space_is_back()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    // Exactly one 4 MiB blob fits: a failed upload must not keep any of the quota.
+    cfg.blobs.quota_per_user = 4 * MIB as u64;
+    let faults = Faults::new();
+    let server = start_with_store_faults(cfg.validate().unwrap(), faults.clone())
+        .await
+        .unwrap();
+    let (_alice, _client, conn) = new_client(&server, "alice").await;
+    let bytes = pseudo_random(4 * MIB, 7);
+
+    // The disk fills up after the first MiB of the blob's file.
+    faults.fail_blob_writes_after(MIB as u64);
+    let err = upload(&conn, &bytes).await.unwrap_err();
+    assert_eq!(code(err), ErrorCode::UNAVAILABLE);
+    assert!(faults.injected() >= 1, "the fault never fired");
+    assert!(visible_blobs(dir.path()).is_empty());
+    assert!(
+        no_temp_files_soon(dir.path()).await,
+        "the failed upload's files stayed in tmp/"
+    );
+
+    // Space is back: the same connection uploads the same blob, which reads back whole, and
+    // the whole quota was still free for it.
+    faults.clear();
+    let stored = upload(&conn, &bytes).await.unwrap();
+    assert_eq!(stored.blob.address, sha256(&bytes));
+    assert!(download(&conn, &stored.blob, 0, None).await.unwrap() == bytes);
+    assert_eq!(visible_blobs(dir.path()).len(), 1);
     assert_eq!(temp_files(dir.path()), 0);
     server.shutdown().await;
 }

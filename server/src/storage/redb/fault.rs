@@ -1,6 +1,7 @@
 //! A redb storage backend that fails on command, for tests of storage failures: a file
 //! backend whose writes (and file growth) fail as on a full disk, or whose `sync_data` (fsync)
-//! fails as on a broken disk, from a chosen point until the fault is cleared.
+//! fails as on a broken disk, from a chosen point until the fault is cleared. The same
+//! switches make the embedded blob store's file writes fail as on a full disk.
 //!
 //! Not reachable from the configuration: tests put it under a store or a running server
 //! through [`crate::testing`].
@@ -29,6 +30,8 @@ struct Switches {
     /// Armed by [`Faults::fail_syncs_from_next_commit`]: the next write of the file header
     /// switches every later sync to failing.
     syncs_fail_after_header: bool,
+    /// `Some(n)`: n more bytes written to blob files succeed, then every blob write fails.
+    blob_bytes_left: Option<u64>,
     /// Faults injected so far.
     injected: u64,
 }
@@ -81,9 +84,17 @@ impl Faults {
         switches.sync_once = true;
     }
 
+    /// After `n` more bytes written to blob files (the embedded blob store's uploads), every
+    /// write of a blob file fails with "no space left on device", the one crossing the mark
+    /// included.
+    pub fn fail_blob_writes_after(&self, n: u64) {
+        self.switches().blob_bytes_left = Some(n);
+    }
+
     /// Switches every fault off (space freed, disk replaced).
     pub fn clear(&self) {
         let mut switches = self.switches();
+        switches.blob_bytes_left = None;
         switches.writes_left = None;
         switches.syncs_left = None;
         switches.syncs_fail_after_header = false;
@@ -92,6 +103,23 @@ impl Faults {
     /// How many operations failed on purpose so far.
     pub fn injected(&self) -> u64 {
         self.switches().injected
+    }
+
+    /// Whether a blob file write of `len` bytes fails (counting down if armed).
+    pub(crate) fn blob_write_fails(&self, len: u64) -> bool {
+        let mut switches = self.switches();
+        match switches.blob_bytes_left {
+            Some(left) if left < len => {
+                switches.blob_bytes_left = Some(0);
+                switches.injected += 1;
+                true
+            }
+            Some(left) => {
+                switches.blob_bytes_left = Some(left - len);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Whether this write fails (counting it down if armed).
