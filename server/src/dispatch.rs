@@ -107,61 +107,68 @@ pub(crate) fn record(kind: RequestKind, code: &'static str, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
+/// Each handler's future is boxed: this future then holds a pointer instead of the largest
+/// handler's state, so creating it (and boxing it in the transport) copies a few bytes, and
+/// each request copies only its own handler's state once. Unboxed, every request copied the
+/// largest state (≈ 10,000 instructions per request: docs/BENCHMARKS.md).
 async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientRequest) -> Outcome {
     use ClientRequest as R;
     // Requests that act as a client use `me?`; the others ignore it.
     let me = ctx.me(state);
     if let Some(domain) = federation::remote_target(&state.settings.domain, &request).cloned() {
-        return Outcome::Reply(forward(state, me, domain, request).await);
+        return Outcome::Reply(Box::pin(forward(state, me, domain, request)).await);
     }
     let response = match request {
         R::RegisterUser(req) => reply(
-            auth::register(state, ctx.remote.ip(), req).await,
+            Box::pin(auth::register(state, ctx.remote.ip(), req)).await,
             Response::RegisterUser,
         ),
-        R::AddClient(req) => reply(auth::add_client(state, req).await, Response::AddClient),
+        R::AddClient(req) => reply(
+            Box::pin(auth::add_client(state, req)).await,
+            Response::AddClient,
+        ),
         R::RemoveClient(req) => reply(
-            auth::remove_client(state, req).await,
+            Box::pin(auth::remove_client(state, req)).await,
             Response::RemoveClient,
         ),
         R::AsKeys(req) => reply(auth::as_keys(state, req), Response::AsKeys),
         R::Authenticate(req) => {
-            let result = async {
+            let result = Box::pin(async {
                 let (who, response) = auth::authenticate(state, &ctx.exporter, req).await?;
                 ctx.set(who)?;
                 Ok(response)
-            };
+            });
             reply(result.await, Response::Authenticate)
         }
         R::DiscoverUser(req) => {
-            let result = async {
+            let result = Box::pin(async {
                 me?;
                 auth::discover(state, req).await
-            };
+            });
             reply(result.await, Response::DiscoverUser)
         }
         R::UploadKeyPackages(req) => reply(
-            async { keypackage::upload(state, &me?, req).await }.await,
+            Box::pin(async { keypackage::upload(state, &me?, req).await }).await,
             Response::UploadKeyPackages,
         ),
         R::ClaimUserKeyPackages(req) => reply(
-            async { keypackage::claim_user(state, &me?.client, req).await }.await,
+            Box::pin(async { keypackage::claim_user(state, &me?.client, req).await }).await,
             Response::ClaimUserKeyPackages,
         ),
         R::ClaimClientKeyPackage(req) => reply(
-            async { keypackage::claim_client(state, &me?.client, req).await }.await,
+            Box::pin(async { keypackage::claim_client(state, &me?.client, req).await }).await,
             Response::ClaimClientKeyPackage,
         ),
         R::KeyPackageCount(_) => reply(
-            async { keypackage::count(state, &me?).await }.await,
+            Box::pin(async { keypackage::count(state, &me?).await }).await,
             Response::KeyPackageCount,
         ),
         R::QueueFetch(req) => reply(
-            async { queue::fetch(state, &me?, req).await }.await,
+            Box::pin(async { queue::fetch(state, &me?, req).await }).await,
             Response::QueueFetch,
         ),
         R::QueueAck(req) => reply(
-            async { queue::ack(state, &me?, req).await }.await,
+            Box::pin(async { queue::ack(state, &me?, req).await }).await,
             Response::QueueAck,
         ),
         R::QueueListen(req) => match me {
@@ -174,31 +181,31 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
             Err(err) => error_response(err),
         },
         R::CreateGroup(req) => reply(
-            async { delivery::create(state, &me?.client, req).await }.await,
+            Box::pin(async { delivery::create(state, &me?.client, req).await }).await,
             Response::CreateGroup,
         ),
         R::Commit(req) => reply(
-            async { delivery::commit(state, &me?.client, req).await }.await,
+            Box::pin(async { delivery::commit(state, &me?.client, req).await }).await,
             Response::Commit,
         ),
         R::SendMessage(req) => reply(
-            async { delivery::send_message(state, &me?.client, req).await }.await,
+            Box::pin(async { delivery::send_message(state, &me?.client, req).await }).await,
             Response::SendMessage,
         ),
         R::SendCounted(req) => reply(
-            async { delivery::send_counted(state, &me?.client, req).await }.await,
+            Box::pin(async { delivery::send_counted(state, &me?.client, req).await }).await,
             Response::SendCounted,
         ),
         R::LeaveGroup(req) => reply(
-            async { delivery::leave(state, &me?.client, req).await }.await,
+            Box::pin(async { delivery::leave(state, &me?.client, req).await }).await,
             Response::LeaveGroup,
         ),
         R::FetchGroupInfo(req) => reply(
-            async { delivery::fetch_group_info(state, &me?.client, req).await }.await,
+            Box::pin(async { delivery::fetch_group_info(state, &me?.client, req).await }).await,
             Response::FetchGroupInfo,
         ),
         R::ExternalJoin(req) => reply(
-            async { delivery::external_join(state, &me?.client, req).await }.await,
+            Box::pin(async { delivery::external_join(state, &me?.client, req).await }).await,
             Response::ExternalJoin,
         ),
         // The transport serves these on their streams before dispatch.
@@ -206,11 +213,11 @@ async fn dispatch_inner(state: &State, ctx: &ConnectionContext, request: ClientR
             "blob transfers are served on their own stream",
         )),
         R::RegisterPush(req) => reply(
-            async { push::register(state, &me?, req).await }.await,
+            Box::pin(async { push::register(state, &me?, req).await }).await,
             Response::RegisterPush,
         ),
         R::UnregisterPush(_) => reply(
-            async { push::unregister(state, &me?).await }.await,
+            Box::pin(async { push::unregister(state, &me?).await }).await,
             Response::UnregisterPush,
         ),
         R::PushInfo(_) => reply(me.map(|_| push::info(state)), Response::PushInfo),
