@@ -913,7 +913,8 @@ pub(crate) async fn send_message(
     req: SendMessageRequest,
 ) -> Result<SendMessageResponse, ServiceError> {
     check_send_rate(state, me)?;
-    on_current_state(|| send_once(state, me, &req, None)).await
+    let mut first = true;
+    on_current_state(|| send_once(state, me, &req, None, !std::mem::take(&mut first))).await
 }
 
 /// SendCounted: SendMessage with the sender's send counter (PROTOCOL.md §7.4, "Send
@@ -936,14 +937,24 @@ pub(crate) async fn send_counted(
         ));
     }
     let req = SendMessageRequest { group, message };
-    on_current_state(|| send_once(state, me, &req, Some(counter))).await
+    let mut first = true;
+    on_current_state(|| send_once(state, me, &req, Some(counter), !std::mem::take(&mut first)))
+        .await
 }
 
+/// One attempt at a send. The first attempt (`look_up` false) reads no receipt and no send
+/// counter before its write: the write batch refuses a message applied already, or a counter
+/// not above the stored one, as [`ServiceError::GroupMoved`], and the next attempt looks them
+/// up and answers as before (the original answer, or SEND_COUNTER_USED). A new message, the
+/// common case, thus costs no read transaction; a repeated one costs a retry. A message the
+/// group's state refuses is looked up before the refusal is returned, as the lookup came
+/// first before.
 async fn send_once(
     state: &State,
     me: &ClientId,
     req: &SendMessageRequest,
     counter: Option<u64>,
+    look_up: bool,
 ) -> Result<SendMessageResponse, ServiceError> {
     locked_group!(state, &req.group, slot);
     // A counted message has the same digest as the same bytes sent uncounted: one message.
@@ -954,7 +965,7 @@ async fn send_once(
         &req.group,
         req.message.as_slice(),
     );
-    if let Some(recipients) = submission.repeated(state).await? {
+    if look_up && let Some(recipients) = submission.repeated(state).await? {
         return Ok(SendMessageResponse {
             recipients: u32::try_from(recipients).unwrap_or(u32::MAX),
         });
@@ -982,6 +993,11 @@ async fn send_once(
     let epoch = match epoch {
         Ok(epoch) => epoch,
         Err(err) => {
+            if !look_up && let Some(recipients) = submission.repeated(state).await? {
+                return Ok(SendMessageResponse {
+                    recipients: u32::try_from(recipients).unwrap_or(u32::MAX),
+                });
+            }
             let loaded = *version;
             let err = confirm_refusal(state, &req.group, loaded, err).await;
             if matches!(err, ServiceError::GroupMoved) {
@@ -1000,6 +1016,10 @@ async fn send_once(
         return Err(ServiceError::Internal("group state missing".into()));
     };
     let counter = match counter {
+        Some(counter) if !look_up => Some(Box::new(SendCounter {
+            member: receipt::member_key(me, &req.group),
+            counter,
+        })),
         Some(counter) => {
             let member = receipt::member_key(me, &req.group);
             let row = state.store.send_counter(member).await?;

@@ -131,7 +131,7 @@ pub(crate) const CATALOGUE: &[Metric] = &[
     m(
         "roost_group_moved_retries_total",
         Kind::Counter,
-        "DS operations run again because another node moved the group's state on.",
+        "DS operations run again because the group's state moved on under them (another node's write) or their write found them applied already (a repeated send).",
     ),
     m(
         "roost_credential_check_timeouts_total",

@@ -68,6 +68,33 @@ async fn a_repeated_message_gets_the_original_answer_and_arrives_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_message_gets_its_original_answer_after_its_sender_was_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(config(dir.path())).await;
+    let (mut alice, mut bob) = pair(&server).await;
+    let message = bob.encrypt(b"before I go");
+    let first = bob.send_bytes(&message).await.unwrap();
+    assert_eq!(first.recipients, 1);
+    assert_eq!(alice.sync().await.messages, [b"before I go".to_vec()]);
+    let bob_leaf = alice.leaf_of(bob.id());
+    alice.commit_and_merge(vec![], &[bob_leaf]).await;
+    // bob is no longer in the group: his repeat (an answer he lost) still gets the original
+    // answer, a new message of his is refused.
+    let again = bob.send_bytes(&message).await.unwrap();
+    assert_eq!(again.recipients, first.recipients, "the original answer");
+    let new = bob.encrypt(b"after");
+    assert_eq!(
+        code(bob.send_bytes(&new).await.unwrap_err()),
+        ErrorCode::NOT_MEMBER
+    );
+    assert!(
+        alice.sync().await.messages.is_empty(),
+        "the repeat was delivered again"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_commit_is_accepted_with_its_epoch_and_a_refused_one_is_judged_afresh() {
     let dir = tempfile::tempdir().unwrap();
     let server = start(config(dir.path())).await;
