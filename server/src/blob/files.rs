@@ -1,10 +1,11 @@
 //! The blob store on a file system: one file per blob, named by the hex of its address, and a
 //! small metadata file next to it (`<address>.meta`: owner, read token, size, creation time).
 //!
-//! An upload is written to `tmp/<random>` by one job on the blocking pool that creates the
-//! file and writes the chunks queued for it as they arrive (one `writev` each), starting the
-//! writeback of each chunk to the disk as soon as it is written (on Linux without waiting and
-//! without a journal commit; elsewhere an `fdatasync` after every [`WRITEBACK_STEP`] bytes),
+//! An upload is written to `tmp/<random>` by jobs on the blocking pool ([`Serial`]) that
+//! create the file with the first chunk and write the chunks queued for them as they arrive
+//! (one `writev` each), starting the writeback of each chunk to the disk as soon as it is
+//! written (on Linux without waiting and without a journal commit; elsewhere an `fdatasync`
+//! after every [`WRITEBACK_STEP`] bytes),
 //! so the flush when the upload is closed only has the tail left. The metadata file is
 //! written to `tmp/` and fsynced when the upload begins (everything in it is known then). At
 //! commit, once the writer flushed the tail, one job on the blocking pool renames the
@@ -22,10 +23,10 @@ use bytes::Bytes;
 use roost_protocol::UserId;
 use roost_protocol::messages::blob::{BLOB_ADDRESS_LEN, BLOB_TOKEN_LEN};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::{BlobMeta, BlobStore, QUEUED_CHUNKS};
+use super::serial::{Serial, Work};
+use super::{BlobMeta, BlobStore};
 use crate::error::ServiceError;
 use crate::storage::StoreError;
 use crate::storage::redb::fault::Faults;
@@ -174,25 +175,67 @@ pub(crate) struct FileUpload {
     meta_path: PathBuf,
     /// Writing and fsyncing the staged metadata file (on the blocking pool).
     staging: Option<JoinHandle<Result<(), ServiceError>>>,
-    writer: Option<Writer>,
+    writer: Option<Serial<DataFile>>,
 }
 
-/// The job on the blocking pool that creates an upload's data file and writes the chunks
-/// handed to it, in order, as they arrive (at most [`QUEUED_CHUNKS`] wait), starting each
-/// one's writeback as it is written. It ends with the file once every chunk is written and
-/// the queue closed (after flushing the file's tail to the disk if the upload was
-/// [closed](Writer::close) rather than dropped), or at the first error.
-struct Writer {
-    chunks: Option<mpsc::Sender<Vec<Bytes>>>,
-    closed: Arc<std::sync::atomic::AtomicBool>,
-    job: Option<JoinHandle<Result<Written, ServiceError>>>,
+/// An upload's data file, written by [`Serial`] jobs on the blocking pool: created with the
+/// first chunk, each chunk written with one `writev` and its writeback started as it is
+/// written; when the upload is closed, the tail is flushed to the disk (while the hash
+/// finishes).
+struct DataFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    /// Bytes written so far: the next chunk's offset.
+    written: u64,
+    /// Bytes written since the last flush (without [`ASYNC_WRITEBACK`]).
+    unflushed: u64,
+    faults: Option<Faults>,
 }
 
-/// An upload's data file once its writer ended.
-struct Written {
-    file: std::fs::File,
-    /// Whether every byte is on the disk.
-    synced: bool,
+impl DataFile {
+    fn file(&mut self) -> Result<&std::fs::File, ServiceError> {
+        if self.file.is_none() {
+            self.file = Some(std::fs::File::create(&self.path).map_err(io_error)?);
+        }
+        self.file
+            .as_ref()
+            .ok_or_else(|| ServiceError::Internal("the upload's file is gone".into()))
+    }
+}
+
+impl Work for DataFile {
+    fn chunk(&mut self, pieces: &[Bytes]) -> Result<(), ServiceError> {
+        let len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+        if self
+            .faults
+            .as_ref()
+            .is_some_and(|f| f.blob_write_fails(len))
+        {
+            return Err(io_error(io::Error::new(
+                io::ErrorKind::StorageFull,
+                "no space left on device (injected)",
+            )));
+        }
+        let (offset, unflushed) = (self.written, self.unflushed);
+        let file = self.file()?;
+        write_all_vectored(file, pieces).map_err(io_error)?;
+        let mut flushed = false;
+        if ASYNC_WRITEBACK {
+            start_writeback(file, offset, len).map_err(io_error)?;
+        } else if unflushed + len >= WRITEBACK_STEP {
+            // Sends what is written so far to the disk while the next chunks queue.
+            file.sync_data().map_err(io_error)?;
+            flushed = true;
+        }
+        self.written += len;
+        self.unflushed = if flushed { 0 } else { unflushed + len };
+        Ok(())
+    }
+
+    /// The tail (what the started writebacks have not written yet) reaches the disk.
+    fn last(&mut self) -> Result<(), ServiceError> {
+        self.file()?.sync_data().map_err(io_error)
+    }
 }
 
 /// Whether [`start_writeback`] sends written bytes to the disk without waiting for them.
@@ -238,83 +281,6 @@ fn write_all_vectored(file: &std::fs::File, pieces: &[Bytes]) -> io::Result<()> 
     Ok(())
 }
 
-impl Writer {
-    fn new(path: PathBuf, faults: Option<Faults>) -> Self {
-        let (chunks, mut queued) = mpsc::channel::<Vec<Bytes>>(QUEUED_CHUNKS);
-        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let close = Arc::clone(&closed);
-        let job = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::create(path).map_err(io_error)?;
-            let mut written = 0u64;
-            let mut unflushed = 0u64;
-            while let Some(pieces) = queued.blocking_recv() {
-                let len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
-                if faults.as_ref().is_some_and(|f| f.blob_write_fails(len)) {
-                    return Err(io_error(io::Error::new(
-                        io::ErrorKind::StorageFull,
-                        "no space left on device (injected)",
-                    )));
-                }
-                write_all_vectored(&file, &pieces).map_err(io_error)?;
-                if ASYNC_WRITEBACK {
-                    start_writeback(&file, written, len).map_err(io_error)?;
-                } else if unflushed + len >= WRITEBACK_STEP {
-                    // Sends what is written so far to the disk while the next chunks queue.
-                    file.sync_data().map_err(io_error)?;
-                    unflushed = 0;
-                } else {
-                    unflushed += len;
-                }
-                written += len;
-            }
-            // Closed (not dropped): the tail (what the started writebacks have not written
-            // yet) reaches the disk now, while the hash finishes.
-            let synced = close.load(std::sync::atomic::Ordering::Acquire);
-            if synced {
-                file.sync_data().map_err(io_error)?;
-            }
-            Ok(Written { file, synced })
-        });
-        Self {
-            chunks: Some(chunks),
-            closed,
-            job: Some(job),
-        }
-    }
-
-    /// No more chunks: the job flushes the file once it wrote those queued.
-    fn close(&mut self) {
-        self.closed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.chunks = None;
-    }
-
-    /// The job's end: the file, or what failed.
-    async fn end(&mut self) -> Result<Written, ServiceError> {
-        self.chunks = None;
-        match self.job.take() {
-            Some(job) => joined(job).await,
-            None => Err(ServiceError::Internal("the upload's file is gone".into())),
-        }
-    }
-
-    async fn write(&mut self, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
-        let Some(chunks) = &self.chunks else {
-            return Err(ServiceError::Internal("write after close".into()));
-        };
-        if chunks.send(pieces).await.is_ok() {
-            return Ok(());
-        }
-        // The job ended early: its error.
-        match self.end().await {
-            Ok(_) => Err(ServiceError::Internal(
-                "the upload's writer ended early".into(),
-            )),
-            Err(err) => Err(err),
-        }
-    }
-}
-
 impl FileStore {
     fn staging_path(&self, suffix: &str) -> PathBuf {
         let name = hex::encode(rand::random::<[u8; 16]>());
@@ -347,10 +313,7 @@ fn meta_bytes(meta: &BlobMeta) -> io::Result<Vec<u8>> {
 impl Drop for FileUpload {
     fn drop(&mut self) {
         // Best effort; whatever stays is removed at the next start.
-        let writing = self.writer.as_mut().and_then(|writer| {
-            writer.chunks = None;
-            writer.job.take()
-        });
+        let writing = self.writer.as_mut().and_then(Serial::take_job);
         let staging = self.staging.take();
         let paths = [self.path.clone(), self.meta_path.clone()];
         let remove = move || {
@@ -394,7 +357,13 @@ impl BlobStore for FileStore {
             })
         };
         Ok(FileUpload {
-            writer: Some(Writer::new(path.clone(), self.faults.clone())),
+            writer: Some(Serial::new(DataFile {
+                path: path.clone(),
+                file: None,
+                written: 0,
+                unflushed: 0,
+                faults: self.faults.clone(),
+            })),
             path,
             meta,
             meta_path,
@@ -404,7 +373,7 @@ impl BlobStore for FileStore {
 
     async fn write(&self, upload: &mut FileUpload, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
         match upload.writer.as_mut() {
-            Some(writer) => writer.write(pieces).await,
+            Some(writer) => writer.push(pieces).await,
             None => Err(ServiceError::Internal("write after close".into())),
         }
     }
@@ -421,10 +390,12 @@ impl BlobStore for FileStore {
         address: [u8; BLOB_ADDRESS_LEN],
         quota: u64,
     ) -> Result<BlobMeta, ServiceError> {
-        let Some(mut writer) = upload.writer.take() else {
+        let Some(writer) = upload.writer.take() else {
             return Err(ServiceError::Internal("commit after close".into()));
         };
+        // Every chunk written and the file flushed (by `last`).
         let written = writer.end().await?;
+        drop(written);
         if let Some(staging) = upload.staging.take() {
             joined(staging).await?;
         }
@@ -433,11 +404,7 @@ impl BlobStore for FileStore {
         let store = self.clone();
         let tmp = upload.path.clone();
         let committed = blocking(move || {
-            // The bytes are on the disk (flushed by the writer if the upload was closed);
-            // then the names.
-            if !written.synced {
-                written.file.sync_data().map_err(io_error)?;
-            }
+            // The bytes are on the disk; now the names.
             let data = store.data_path(&address);
             let meta_path = store.meta_path(&address);
             let mut usage = lock(&store.usage);

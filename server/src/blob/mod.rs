@@ -10,6 +10,7 @@
 mod engine;
 pub(crate) mod files;
 pub(crate) mod postgres;
+mod serial;
 #[cfg(test)]
 mod suite;
 
@@ -40,9 +41,9 @@ const IO_CHUNK: usize = 256 * 1024;
 const UPLOAD_CHUNK: usize = 128 * 1024;
 /// Chunks of an upload smaller than this are hashed at once rather than on the blocking pool.
 const INLINE_HASH: usize = 16 * 1024;
-/// Chunks of an upload that may wait for the hash, and for the store's writer: the stream is
-/// read on while they do (each upload holds at most this many chunks besides its stream
-/// window and the chunks being hashed and written).
+/// Chunks of an upload that may wait for (or be in) the hash, and the store's writer: the
+/// stream is read on while they do (each upload holds at most this many chunks besides its
+/// stream window and the chunk being gathered).
 pub(crate) const QUEUED_CHUNKS: usize = 4;
 /// Largest response head a peer may send before the bytes of a proxied download.
 const MAX_HEAD_LEN: u32 = 4096;
@@ -264,17 +265,27 @@ pub(crate) async fn upload<B: UploadBody>(
     })
 }
 
-/// The SHA-256 of an upload, computed by one job on the blocking pool that takes the chunks
-/// as they arrive (at most [`QUEUED_CHUNKS`] wait for it), so the stream is read on while they
-/// are hashed. An upload whose bytes are all in one small chunk is hashed at once.
+/// The SHA-256 of an upload, computed on the blocking pool as the chunks arrive
+/// ([`serial::Serial`]: the stream is read on while they are hashed). An upload whose bytes
+/// are all in one small chunk is hashed at once.
 struct Sha256 {
     inline: Option<ring::digest::Context>,
-    job: Option<HashJob>,
+    job: Option<serial::Serial<Hashing>>,
 }
 
-struct HashJob {
-    chunks: tokio::sync::mpsc::Sender<Vec<Bytes>>,
-    done: tokio::task::JoinHandle<ring::digest::Context>,
+struct Hashing(ring::digest::Context);
+
+impl serial::Work for Hashing {
+    fn chunk(&mut self, pieces: &[Bytes]) -> Result<(), ServiceError> {
+        for piece in pieces {
+            self.0.update(piece);
+        }
+        Ok(())
+    }
+
+    fn last(&mut self) -> Result<(), ServiceError> {
+        Ok(())
+    }
 }
 
 impl Sha256 {
@@ -297,28 +308,14 @@ impl Sha256 {
                 self.inline = Some(context);
                 return Ok(());
             }
-            let (chunks, mut queued) = tokio::sync::mpsc::channel::<Vec<Bytes>>(QUEUED_CHUNKS);
-            let done = tokio::task::spawn_blocking(move || {
-                while let Some(pieces) = queued.blocking_recv() {
-                    for piece in &pieces {
-                        context.update(piece);
-                    }
-                }
-                context
-            });
-            self.job = Some(HashJob { chunks, done });
+            self.job = Some(serial::Serial::new(Hashing(context)));
         }
-        let job = self.job.as_ref().ok_or_else(gone)?;
-        job.chunks.send(pieces).await.map_err(|_| gone())
+        self.job.as_mut().ok_or_else(gone)?.push(pieces).await
     }
 
     async fn finish(self) -> Result<[u8; BLOB_ADDRESS_LEN], ServiceError> {
         let context = match (self.job, self.inline) {
-            (Some(HashJob { chunks, done }), _) => {
-                drop(chunks);
-                done.await
-                    .map_err(|_| ServiceError::Internal("the upload's hash failed".into()))?
-            }
+            (Some(job), _) => job.end().await?.0,
             (None, Some(context)) => context,
             (None, None) => return Err(ServiceError::Internal("the upload's hash is gone".into())),
         };
