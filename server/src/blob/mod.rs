@@ -4,8 +4,8 @@
 //! held in memory. A blob of another domain is fetched by the client's homeserver from the
 //! owning one (proxy download) and streamed through.
 //!
-//! This module reads an upload through [`UploadBody`] (the stream's own buffers, not copied)
-//! and sees downloads as tokio writers; the transport hands the streams over.
+//! This module reads an upload through [`UploadBody`] and sees downloads as tokio writers;
+//! the transport hands the streams over.
 
 mod engine;
 pub(crate) mod files;
@@ -19,7 +19,7 @@ pub(crate) use engine::Blobs;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
 use roost_protocol::messages::Response;
 use roost_protocol::messages::blob::{
@@ -164,8 +164,7 @@ pub(crate) trait UploadBody {
     async fn next_piece(&mut self, max: usize) -> std::io::Result<Option<Bytes>>;
 }
 
-/// The stream's own buffers are handed on (no copy): the pieces of a chunk are held until
-/// the chunk is hashed and written, at most two chunks per upload.
+/// The stream's pieces as quinn hands them over; [`upload`] copies them into its chunks.
 impl UploadBody for quinn::RecvStream {
     async fn next_piece(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
         match self.read_chunk(max, true).await {
@@ -217,28 +216,32 @@ pub(crate) async fn upload<B: UploadBody>(
     let mut received: u64 = 0;
     let mut ended = false;
     while !ended {
-        // The pieces of the next chunk, as the stream received them, handed to the hash and
-        // to the store, which work on them while the next chunk is received.
-        let mut pieces = Vec::new();
-        let mut len = 0;
-        while len < UPLOAD_CHUNK {
-            let piece =
-                tokio::time::timeout(config.stall_timeout(), body.next_piece(UPLOAD_CHUNK - len))
-                    .await
-                    .map_err(|_| ServiceError::RequestTimeout)?
-                    .map_err(|_| ServiceError::StreamCut)?;
+        // A chunk of our own, handed to the hash and to the store, which work on it while the
+        // next one is received. The stream's pieces are copied into it: holding them instead
+        // would pin the packet buffers they point into, beyond quinn's accounting (a peer
+        // sending a byte per padded packet would make each held byte pin a whole packet).
+        let mut chunk = BytesMut::with_capacity(UPLOAD_CHUNK);
+        while chunk.len() < UPLOAD_CHUNK {
+            let piece = tokio::time::timeout(
+                config.stall_timeout(),
+                body.next_piece(UPLOAD_CHUNK - chunk.len()),
+            )
+            .await
+            .map_err(|_| ServiceError::RequestTimeout)?
+            .map_err(|_| ServiceError::StreamCut)?;
             let Some(piece) = piece else {
                 ended = true;
                 break;
             };
-            len += piece.len();
             received = received.saturating_add(piece.len() as u64);
             if received > request.size {
                 return Err(ServiceError::BlobSizeMismatch);
             }
-            pieces.push(piece);
+            chunk.extend_from_slice(&piece);
         }
-        if len > 0 {
+        if !chunk.is_empty() {
+            let len = chunk.len();
+            let pieces = vec![chunk.freeze()];
             hash.update(pieces.clone(), len).await?;
             state.blobs.write(&mut upload, pieces).await?;
         }
