@@ -104,10 +104,10 @@ impl BlobStore for Blobs {
         }
     }
 
-    async fn write(&self, upload: &mut Upload, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
+    async fn write(&self, upload: &mut Upload, chunk: Bytes) -> Result<(), ServiceError> {
         match (self, upload) {
-            (Blobs::Files(store), Upload::Files(upload)) => store.write(upload, pieces).await,
-            (Blobs::Postgres(store), Upload::Postgres(upload)) => store.write(upload, pieces).await,
+            (Blobs::Files(store), Upload::Files(upload)) => store.write(upload, chunk).await,
+            (Blobs::Postgres(store), Upload::Postgres(upload)) => store.write(upload, chunk).await,
             _ => Err(mixed()),
         }
     }

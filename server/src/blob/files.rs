@@ -3,7 +3,7 @@
 //!
 //! An upload is written to `tmp/<random>` by jobs on the blocking pool ([`Serial`]) that
 //! create the file with the first chunk and write the chunks queued for them as they arrive
-//! (one `writev` each), starting the writeback of each chunk to the disk as soon as it is
+//! (one `write` each), starting the writeback of each chunk to the disk as soon as it is
 //! written (on Linux without waiting and without a journal commit; elsewhere an `fdatasync`
 //! after every [`WRITEBACK_STEP`] bytes),
 //! so the flush when the upload is closed only has the tail left. The metadata file is
@@ -179,7 +179,7 @@ pub(crate) struct FileUpload {
 }
 
 /// An upload's data file, written by [`Serial`] jobs on the blocking pool: created with the
-/// first chunk, each chunk written with one `writev` and its writeback started as it is
+/// first chunk, each chunk written with one `write` and its writeback started as it is
 /// written; when the upload is closed, the tail is flushed to the disk (while the hash
 /// finishes).
 struct DataFile {
@@ -204,8 +204,8 @@ impl DataFile {
 }
 
 impl Work for DataFile {
-    fn chunk(&mut self, pieces: &[Bytes]) -> Result<(), ServiceError> {
-        let len: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
+    fn chunk(&mut self, chunk: &[u8]) -> Result<(), ServiceError> {
+        let len = chunk.len() as u64;
         if self
             .faults
             .as_ref()
@@ -218,7 +218,7 @@ impl Work for DataFile {
         }
         let (offset, unflushed) = (self.written, self.unflushed);
         let file = self.file()?;
-        write_all_vectored(file, pieces).map_err(io_error)?;
+        io::Write::write_all(&mut &*file, chunk).map_err(io_error)?;
         let mut flushed = false;
         if ASYNC_WRITEBACK {
             start_writeback(file, offset, len).map_err(io_error)?;
@@ -259,25 +259,6 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) -> io::Result<()
 
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_file: &std::fs::File, _offset: u64, _len: u64) -> io::Result<()> {
-    Ok(())
-}
-
-/// Writes every piece, in order, with as few system calls as the kernel allows. Blocking.
-fn write_all_vectored(file: &std::fs::File, pieces: &[Bytes]) -> io::Result<()> {
-    let mut slices: Vec<io::IoSlice<'_>> = pieces
-        .iter()
-        .filter(|piece| !piece.is_empty())
-        .map(|piece| io::IoSlice::new(piece))
-        .collect();
-    let mut left = &mut slices[..];
-    while !left.is_empty() {
-        match io::Write::write_vectored(&mut &*file, left) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => io::IoSlice::advance_slices(&mut left, n),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err),
-        }
-    }
     Ok(())
 }
 
@@ -371,9 +352,9 @@ impl BlobStore for FileStore {
         })
     }
 
-    async fn write(&self, upload: &mut FileUpload, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
+    async fn write(&self, upload: &mut FileUpload, chunk: Bytes) -> Result<(), ServiceError> {
         match upload.writer.as_mut() {
-            Some(writer) => writer.push(pieces).await,
+            Some(writer) => writer.push(chunk).await,
             None => Err(ServiceError::Internal("write after close".into())),
         }
     }
@@ -581,10 +562,7 @@ mod tests {
         let store = FileStore::open(dir.path()).unwrap();
         let mut upload = store.begin(meta("alice@example.org", 5)).await.unwrap();
         store
-            .write(
-                &mut upload,
-                vec![Bytes::from_static(b"hel"), Bytes::from_static(b"lo")],
-            )
+            .write(&mut upload, Bytes::from_static(b"hello"))
             .await
             .unwrap();
         let address = [1u8; BLOB_ADDRESS_LEN];
@@ -614,7 +592,7 @@ mod tests {
         // An upload dropped before its commit leaves nothing.
         let mut dropped = store.begin(meta("alice@example.org", 5)).await.unwrap();
         store
-            .write(&mut dropped, vec![Bytes::from_static(b"never")])
+            .write(&mut dropped, Bytes::from_static(b"never"))
             .await
             .unwrap();
         drop(dropped);
@@ -644,10 +622,10 @@ mod tests {
 
     async fn upload(store: &FileStore, data: &[u8], meta: BlobMeta) -> FileUpload {
         let mut upload = store.begin(meta).await.unwrap();
-        // Uneven pieces, so flushes start while writes are still running.
-        for piece in data.chunks(200_003) {
+        // Uneven chunks, so flushes start while writes are still running.
+        for chunk in data.chunks(200_003) {
             store
-                .write(&mut upload, vec![Bytes::copy_from_slice(piece)])
+                .write(&mut upload, Bytes::copy_from_slice(chunk))
                 .await
                 .unwrap();
         }

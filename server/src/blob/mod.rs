@@ -37,7 +37,7 @@ use crate::error::ServiceError;
 /// Bytes read from or written to a stream at once.
 const IO_CHUNK: usize = 256 * 1024;
 /// Bytes of an upload handed to the hash and the store at a time (the pieces the stream
-/// received, gathered).
+/// received, copied together).
 const UPLOAD_CHUNK: usize = 128 * 1024;
 /// Chunks of an upload smaller than this are hashed at once rather than on the blocking pool.
 const INLINE_HASH: usize = 16 * 1024;
@@ -73,14 +73,9 @@ pub(crate) trait BlobStore {
     /// Starts an upload of the blob `meta` describes (the store may write its metadata while
     /// the bytes arrive; nothing is visible before the commit).
     async fn begin(&self, meta: BlobMeta) -> Result<Self::Upload, ServiceError>;
-    /// Appends `pieces`, in order (the pieces of a chunk as the stream delivered them). The
-    /// store may still be writing them when this returns (an error then comes from a later
-    /// call); [`BlobStore::commit`] waits for every write.
-    async fn write(
-        &self,
-        upload: &mut Self::Upload,
-        pieces: Vec<Bytes>,
-    ) -> Result<(), ServiceError>;
+    /// Appends `chunk`. The store may still be writing it when this returns (an error then
+    /// comes from a later call); [`BlobStore::commit`] waits for every write.
+    async fn write(&self, upload: &mut Self::Upload, chunk: Bytes) -> Result<(), ServiceError>;
     /// Makes the upload durable and visible under `address`, with the metadata given to
     /// [`BlobStore::begin`]. If a blob with that address is stored already, the upload is
     /// discarded and the stored blob's metadata returned. If the
@@ -240,10 +235,9 @@ pub(crate) async fn upload<B: UploadBody>(
             chunk.extend_from_slice(&piece);
         }
         if !chunk.is_empty() {
-            let len = chunk.len();
-            let pieces = vec![chunk.freeze()];
-            hash.update(pieces.clone(), len).await?;
-            state.blobs.write(&mut upload, pieces).await?;
+            let chunk = chunk.freeze();
+            hash.update(chunk.clone()).await?;
+            state.blobs.write(&mut upload, chunk).await?;
         }
     }
     if received != request.size {
@@ -279,10 +273,8 @@ struct Sha256 {
 struct Hashing(ring::digest::Context);
 
 impl serial::Work for Hashing {
-    fn chunk(&mut self, pieces: &[Bytes]) -> Result<(), ServiceError> {
-        for piece in pieces {
-            self.0.update(piece);
-        }
+    fn chunk(&mut self, chunk: &[u8]) -> Result<(), ServiceError> {
+        self.0.update(chunk);
         Ok(())
     }
 
@@ -299,21 +291,19 @@ impl Sha256 {
         }
     }
 
-    /// Hashes `pieces` (`len` bytes in all) after the bytes before them.
-    async fn update(&mut self, pieces: Vec<Bytes>, len: usize) -> Result<(), ServiceError> {
+    /// Hashes `chunk` after the bytes before it.
+    async fn update(&mut self, chunk: Bytes) -> Result<(), ServiceError> {
         let gone = || ServiceError::Internal("the upload's hash is gone".into());
         if self.job.is_none() {
             let mut context = self.inline.take().ok_or_else(gone)?;
-            if len < INLINE_HASH {
-                for piece in &pieces {
-                    context.update(piece);
-                }
+            if chunk.len() < INLINE_HASH {
+                context.update(&chunk);
                 self.inline = Some(context);
                 return Ok(());
             }
             self.job = Some(serial::Serial::new(Hashing(context)));
         }
-        self.job.as_mut().ok_or_else(gone)?.push(pieces).await
+        self.job.as_mut().ok_or_else(gone)?.push(chunk).await
     }
 
     async fn finish(self) -> Result<[u8; BLOB_ADDRESS_LEN], ServiceError> {

@@ -195,17 +195,15 @@ impl BlobStore for PgBlobStore {
         Ok(upload)
     }
 
-    async fn write(&self, upload: &mut PgUpload, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
-        for piece in pieces {
-            let mut bytes = &piece[..];
-            while !bytes.is_empty() {
-                let room = CHUNK - upload.pending.len();
-                let (now, later) = bytes.split_at(room.min(bytes.len()));
-                upload.pending.extend_from_slice(now);
-                bytes = later;
-                if upload.pending.len() == CHUNK {
-                    upload.flush().await?;
-                }
+    async fn write(&self, upload: &mut PgUpload, chunk: Bytes) -> Result<(), ServiceError> {
+        let mut bytes = &chunk[..];
+        while !bytes.is_empty() {
+            let room = CHUNK - upload.pending.len();
+            let (now, later) = bytes.split_at(room.min(bytes.len()));
+            upload.pending.extend_from_slice(now);
+            bytes = later;
+            if upload.pending.len() == CHUNK {
+                upload.flush().await?;
             }
         }
         Ok(())

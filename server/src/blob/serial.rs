@@ -22,14 +22,14 @@ const LINGER: Duration = Duration::from_millis(1);
 
 /// What a [`Serial`] does with its state: each chunk in order, then once at the end.
 pub(crate) trait Work: Send + 'static {
-    /// Handles the pieces of one chunk.
-    fn chunk(&mut self, pieces: &[Bytes]) -> Result<(), ServiceError>;
+    /// Handles one chunk.
+    fn chunk(&mut self, chunk: &[u8]) -> Result<(), ServiceError>;
     /// Runs once after the last chunk, when the work was [closed](Serial::close).
     fn last(&mut self) -> Result<(), ServiceError>;
 }
 
 struct Shared<W> {
-    queue: VecDeque<(Vec<Bytes>, OwnedSemaphorePermit)>,
+    queue: VecDeque<(Bytes, OwnedSemaphorePermit)>,
     /// The state, while no job has it.
     work: Option<W>,
     closed: bool,
@@ -99,7 +99,7 @@ impl<W: Work> Serial<W> {
 
     /// Queues a chunk (waiting while [`QUEUED_CHUNKS`] wait); an error of an earlier chunk is
     /// returned here.
-    pub(crate) async fn push(&mut self, pieces: Vec<Bytes>) -> Result<(), ServiceError> {
+    pub(crate) async fn push(&mut self, chunk: Bytes) -> Result<(), ServiceError> {
         let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
@@ -112,7 +112,7 @@ impl<W: Work> Serial<W> {
         if shared.closed {
             return Err(ServiceError::Internal("write after close".into()));
         }
-        shared.queue.push_back((pieces, permit));
+        shared.queue.push_back((chunk, permit));
         if shared.lingering {
             owned.more.notify_one();
         }
@@ -174,10 +174,10 @@ impl<W: Work> Serial<W> {
 fn run<W: Work>(inner: &Inner<W>, mut work: W) {
     let mut guard = lock(&inner.state);
     loop {
-        if let Some((pieces, permit)) = guard.queue.pop_front() {
+        if let Some((chunk, permit)) = guard.queue.pop_front() {
             drop(guard);
-            let done = work.chunk(&pieces);
-            drop(pieces);
+            let done = work.chunk(&chunk);
+            drop(chunk);
             drop(permit);
             guard = lock(&inner.state);
             if let Err(err) = done {
@@ -231,14 +231,12 @@ mod tests {
     }
 
     impl Work for Record {
-        fn chunk(&mut self, pieces: &[Bytes]) -> Result<(), ServiceError> {
+        fn chunk(&mut self, chunk: &[u8]) -> Result<(), ServiceError> {
             if self.fail_at == Some(self.chunks) {
                 return Err(ServiceError::Internal("disk on fire".into()));
             }
             self.chunks += 1;
-            for piece in pieces {
-                self.seen.extend_from_slice(piece);
-            }
+            self.seen.extend_from_slice(chunk);
             Ok(())
         }
 
@@ -261,7 +259,7 @@ mod tests {
             let mut open = Vec::new();
             for i in 0..16u8 {
                 let mut serial = Serial::new(Record::default());
-                serial.push(vec![Bytes::from(vec![i; 3])]).await.unwrap();
+                serial.push(Bytes::from(vec![i; 3])).await.unwrap();
                 open.push(serial);
             }
             // The pool's two threads are free for other work meanwhile.
@@ -287,14 +285,7 @@ mod tests {
         for i in 0..200u32 {
             let bytes = i.to_be_bytes();
             expected.extend_from_slice(&bytes);
-            // Two pieces per chunk, as the stream delivers them.
-            serial
-                .push(vec![
-                    Bytes::copy_from_slice(&bytes[..1]),
-                    Bytes::copy_from_slice(&bytes[1..]),
-                ])
-                .await
-                .unwrap();
+            serial.push(Bytes::copy_from_slice(&bytes)).await.unwrap();
             if i % 50 == 0 {
                 // Let the queue run dry now and then, so jobs end and start again.
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -315,7 +306,7 @@ mod tests {
         });
         let mut failed = None;
         for i in 0..100u8 {
-            if let Err(err) = serial.push(vec![Bytes::from(vec![i])]).await {
+            if let Err(err) = serial.push(Bytes::from(vec![i])).await {
                 failed = Some(err);
                 break;
             }
