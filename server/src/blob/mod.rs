@@ -17,7 +17,9 @@ mod suite;
 pub(crate) use engine::Blobs;
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use roost_protocol::frame::{FRAME_HEADER_LEN, decode_body, encode_frame, frame_len};
@@ -29,6 +31,7 @@ use roost_protocol::messages::blob::{
 use roost_protocol::messages::federation::FederationRequest;
 use roost_protocol::{UserId, WireError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
 
 use crate::State;
 use crate::auth::Authenticated;
@@ -155,17 +158,17 @@ fn tokens_equal(a: &[u8; BLOB_TOKEN_LEN], b: &[u8; BLOB_TOKEN_LEN]) -> bool {
 
 /// The bytes of an upload that follow its request frame, as the transport received them.
 pub(crate) trait UploadBody {
-    /// The next piece, at most `max` bytes; `None` at the end of the stream.
-    async fn next_piece(&mut self, max: usize) -> std::io::Result<Option<Bytes>>;
+    /// Waits for bytes and appends what has arrived, at most `max` bytes, to `buf`; returns
+    /// how many (0 at the end of the stream).
+    async fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> std::io::Result<usize>;
 }
 
-/// The stream's pieces as quinn hands them over; [`upload`] copies them into its chunks.
+/// Everything quinn holds of the stream is copied at once (one lock of the connection for all
+/// its pieces); nothing of quinn's packet buffers is kept.
 impl UploadBody for quinn::RecvStream {
-    async fn next_piece(&mut self, max: usize) -> std::io::Result<Option<Bytes>> {
-        match self.read_chunk(max, true).await {
-            Ok(chunk) => Ok(chunk.map(|chunk| chunk.bytes)),
-            Err(err) => Err(std::io::Error::other(err)),
-        }
+    async fn read_into(&mut self, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
+        let mut room = bytes::BufMut::limit(&mut *buf, max);
+        self.read_buf(&mut room).await
     }
 }
 
@@ -173,8 +176,44 @@ impl UploadBody for quinn::RecvStream {
 pub(crate) struct NoBody;
 
 impl UploadBody for NoBody {
-    async fn next_piece(&mut self, _max: usize) -> std::io::Result<Option<Bytes>> {
-        Ok(None)
+    async fn read_into(&mut self, _buf: &mut BytesMut, _max: usize) -> std::io::Result<usize> {
+        Ok(0)
+    }
+}
+
+/// Trips when an upload's stream brought no byte for `limit`. One timer for the whole upload,
+/// moved on only when it fires after bytes came: a timeout around every read would insert
+/// into and remove from the runtime's timer wheel once per packet.
+struct StallTimer {
+    limit: Duration,
+    progress: Instant,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl StallTimer {
+    fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            progress: Instant::now(),
+            sleep: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    /// Bytes came.
+    fn progressed(&mut self) {
+        self.progress = Instant::now();
+    }
+
+    /// Resolves once `limit` passed since the last progress.
+    async fn stalled(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            let deadline = self.progress + self.limit;
+            if deadline <= Instant::now() {
+                return;
+            }
+            self.sleep.as_mut().reset(deadline);
+        }
     }
 }
 
@@ -210,29 +249,29 @@ pub(crate) async fn upload<B: UploadBody>(
     let mut hash = Sha256::new();
     let mut received: u64 = 0;
     let mut ended = false;
+    let mut stall = StallTimer::new(config.stall_timeout());
     while !ended {
         // A chunk of our own, handed to the hash and to the store, which work on it while the
-        // next one is received. The stream's pieces are copied into it: holding them instead
-        // would pin the packet buffers they point into, beyond quinn's accounting (a peer
-        // sending a byte per padded packet would make each held byte pin a whole packet).
+        // next one is received. The stream's bytes are copied into it: holding quinn's pieces
+        // instead would pin the packet buffers they point into, beyond quinn's accounting (a
+        // peer sending a byte per padded packet would make each held byte pin a whole packet).
         let mut chunk = BytesMut::with_capacity(UPLOAD_CHUNK);
         while chunk.len() < UPLOAD_CHUNK {
-            let piece = tokio::time::timeout(
-                config.stall_timeout(),
-                body.next_piece(UPLOAD_CHUNK - chunk.len()),
-            )
-            .await
-            .map_err(|_| ServiceError::RequestTimeout)?
-            .map_err(|_| ServiceError::StreamCut)?;
-            let Some(piece) = piece else {
+            let room = UPLOAD_CHUNK - chunk.len();
+            let read = tokio::select! {
+                read = body.read_into(&mut chunk, room) => read,
+                () = stall.stalled() => return Err(ServiceError::RequestTimeout),
+            };
+            let n = read.map_err(|_| ServiceError::StreamCut)?;
+            if n == 0 {
                 ended = true;
                 break;
-            };
-            received = received.saturating_add(piece.len() as u64);
+            }
+            stall.progressed();
+            received = received.saturating_add(n as u64);
             if received > request.size {
                 return Err(ServiceError::BlobSizeMismatch);
             }
-            chunk.extend_from_slice(&piece);
         }
         if !chunk.is_empty() {
             let chunk = chunk.freeze();
@@ -533,5 +572,28 @@ mod head_tests {
         assert!(!answers(&head(100, 40, 11), 40, Some(10)));
         assert!(!answers(&head(100, 200, 0), 200, None));
         assert!(!answers(&head(10, 0, u64::MAX), 0, None));
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stall_timer_trips_only_after_the_limit_without_progress() {
+        let limit = Duration::from_secs(10);
+        let mut stall = StallTimer::new(limit);
+        // Bytes every 6 s for a minute: never a stall, though the first deadline passes.
+        for _ in 0..10 {
+            tokio::select! {
+                () = stall.stalled() => panic!("tripped while bytes came"),
+                () = tokio::time::sleep(Duration::from_secs(6)) => {}
+            }
+            stall.progressed();
+        }
+        // Then nothing: it trips exactly `limit` after the last bytes.
+        let quiet = Instant::now();
+        stall.stalled().await;
+        assert_eq!(quiet.elapsed(), limit);
     }
 }
