@@ -40,14 +40,16 @@ use crate::error::ServiceError;
 /// Bytes read from or written to a stream at once.
 const IO_CHUNK: usize = 256 * 1024;
 /// Bytes of an upload handed to the hash and the store at a time (the pieces the stream
-/// received, copied together).
-const UPLOAD_CHUNK: usize = 128 * 1024;
+/// received, copied together). Each chunk costs each job a thread wake-up: 256 KiB chunks,
+/// two queued, hold the same bytes as 128 KiB chunks four deep with half the hand-offs
+/// (docs/BENCHMARKS.md, "Upload reads and chunk size").
+const UPLOAD_CHUNK: usize = 256 * 1024;
 /// Chunks of an upload smaller than this are hashed at once rather than on the blocking pool.
 const INLINE_HASH: usize = 16 * 1024;
 /// Chunks of an upload that may wait for (or be in) the hash, and the store's writer: the
 /// stream is read on while they do (each upload holds at most this many chunks besides its
 /// stream window and the chunk being gathered).
-pub(crate) const QUEUED_CHUNKS: usize = 4;
+pub(crate) const QUEUED_CHUNKS: usize = 2;
 /// Largest response head a peer may send before the bytes of a proxied download.
 const MAX_HEAD_LEN: u32 = 4096;
 
