@@ -54,6 +54,23 @@ fn every_workload_runs_and_reports() {
             > 0.0,
         "{idle:?}"
     );
+    // The largest fan-out group is measured beside a bare quinn server pushing as many
+    // listeners a frame of the pushed entry's size.
+    let largest = results
+        .iter()
+        .filter(|r| r.workload == "fanout")
+        .max_by_key(|r| r.params["members"].as_u64())
+        .unwrap();
+    assert!(
+        largest.details["push_frame_bytes"].as_u64().unwrap() > 0,
+        "{largest:?}"
+    );
+    assert!(
+        largest.details["bare_quinn_all_pushed_p50_us"]
+            .as_u64()
+            .is_some_and(|us| us > 0),
+        "{largest:?}"
+    );
     let storm = find("reconnect-storm");
     assert_eq!(storm.params["clients"], 20, "{storm:?}");
     let cold = find("cold-start");

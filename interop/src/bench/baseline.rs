@@ -138,21 +138,61 @@ pub fn bare_endpoint() -> anyhow::Result<(quinn::Endpoint, CertificateDer<'stati
     Ok((endpoint, cert))
 }
 
+/// A request that makes its stream a listen stream of the bare server: it stays open, and the
+/// server writes every broadcast frame to it ([`BROADCAST_TAG`]).
+pub(crate) const LISTEN_TAG: &[u8] = b"\xffbench-listen";
+/// A request (followed by a frame length, u32 big-endian) that makes the bare server write a
+/// frame of that length to every listen stream, each from its own task woken through one
+/// watch channel (as the homeserver wakes its listeners), before it answers like an echo.
+pub(crate) const BROADCAST_TAG: &[u8] = b"\xffbench-broadcast";
+
+/// A frame of `len` body bytes as the echo server writes it (length prefix, then zeros).
+fn echo_frame(len: usize) -> bytes::Bytes {
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_be_bytes());
+    frame.resize(4 + len, 0);
+    frame.into()
+}
+
 /// Accepts connections and holds each until its peer closes it (or it idles out), answering
-/// every request stream with a `response_len`-byte frame.
+/// every request stream with a `response_len`-byte frame, except the listen and broadcast
+/// requests of the fan-out baseline ([`LISTEN_TAG`], [`BROADCAST_TAG`]).
 pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
+    let response = echo_frame(response_len);
+    // The frame every listener is pushed next (the same bytes for all, built once).
+    let (pushes, _) = tokio::sync::watch::channel(bytes::Bytes::new());
+    let pushes = Arc::new(pushes);
     while let Some(incoming) = endpoint.accept().await {
+        let (response, pushes) = (response.clone(), pushes.clone());
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let (response, pushes) = (response.clone(), pushes.clone());
                 tokio::spawn(async move {
-                    if recv.read_to_end(ECHO_MAX_REQUEST).await.is_err() {
+                    let Ok(request) = recv.read_to_end(ECHO_MAX_REQUEST).await else {
+                        return;
+                    };
+                    if request == LISTEN_TAG {
+                        let mut pushed = pushes.subscribe();
+                        pushed.borrow_and_update();
+                        // An empty frame: the client knows it is counted from now on.
+                        if send.write_chunk(echo_frame(0)).await.is_err() {
+                            return;
+                        }
+                        while pushed.changed().await.is_ok() {
+                            let frame = pushed.borrow_and_update().clone();
+                            if send.write_chunk(frame).await.is_err() {
+                                return;
+                            }
+                        }
                         return;
                     }
-                    let mut frame = Vec::with_capacity(4 + response_len);
-                    frame.extend_from_slice(&(response_len as u32).to_be_bytes());
-                    frame.resize(4 + response_len, 0);
-                    if send.write_all(&frame).await.is_ok() {
+                    if let Some(len) = request.strip_prefix(BROADCAST_TAG)
+                        && let Ok(len) = <[u8; 4]>::try_from(len)
+                    {
+                        pushes.send_replace(echo_frame(u32::from_be_bytes(len) as usize));
+                    }
+                    if send.write_chunk(response).await.is_ok() {
                         let _ = send.finish();
                     }
                 });

@@ -76,9 +76,13 @@ impl Arrivals {
 
     /// Client `index` got an application message of `group`.
     fn arrived(&self, index: usize, group: [u8; 16]) {
-        if self.group.get() != Some(&group) {
-            return;
+        if self.group.get() == Some(&group) {
+            self.count(index);
         }
+    }
+
+    /// Client `index` got a message that counts.
+    fn count(&self, index: usize) {
         let (Some(count), Some(at)) = (self.counts.get(index), self.last_at.get(index)) else {
             return;
         };
@@ -533,6 +537,22 @@ async fn run_on(
                 progress,
             )
             .await?;
+            let mut row = row;
+            if Some(&size) == config.members.iter().max() {
+                // The floor under the push figure, for the largest group.
+                let listeners = size.clamp(2, pool.clients.len() + 1) - 1;
+                let frame = row.details["push_frame_bytes"].as_u64().unwrap_or(0) as usize;
+                let bare = fanout::bare_quinn_pushes(
+                    &dir.join("quinn-fanout"),
+                    listeners,
+                    frame,
+                    config.fanout_rounds,
+                    progress,
+                )
+                .await?;
+                row.details["bare_quinn_all_pushed_p50_us"] = serde_json::json!(bare.median());
+                row.details["bare_quinn_all_pushed_max_us"] = serde_json::json!(bare.quantile(1.0));
+            }
             let mut rows = vec![row];
             attach_probe(servers, before, &mut rows).await;
             results.extend(rows);
