@@ -115,6 +115,12 @@ struct Listened {
     drained: bool,
 }
 
+/// Listeners woken per hold of the [`Notifier`]'s lock. A fan-out to thousands wakes them a
+/// piece at a time: the listen tasks woken first take the same lock to read their window, and
+/// held for all of them it kept every worker but the waker's waiting (each client's wake-up is
+/// whole under the lock; nothing orders one client's against another's).
+const WAKE_CHUNK: usize = 128;
+
 /// Wakes listeners when their queue grows, and keeps the newest entries of listened queues so
 /// that a listener that is caught up pushes them without reading the store. Anything not in
 /// that window is read from the store, so a missed wake-up or a trimmed window can delay but
@@ -173,17 +179,21 @@ impl Notifier {
 
     /// Tells listeners of these queues about their new heads.
     pub(crate) fn notify(&self, heads: &[(u64, u64)]) {
-        let mut queues = self.lock();
-        for &(client_num, head) in heads {
-            Self::wake(&mut queues, client_num, head, None);
+        for chunk in heads.chunks(WAKE_CHUNK) {
+            let mut queues = self.lock();
+            for &(client_num, head) in chunk {
+                Self::wake(&mut queues, client_num, head, None);
+            }
         }
     }
 
     /// Like [`Notifier::notify`], handing over the committed entries too.
     pub(crate) fn notify_fresh(&self, entries: &[(u64, Fresh)]) {
-        let mut queues = self.lock();
-        for (client_num, fresh) in entries {
-            Self::wake(&mut queues, *client_num, fresh.seq, Some(fresh));
+        for chunk in entries.chunks(WAKE_CHUNK) {
+            let mut queues = self.lock();
+            for (client_num, fresh) in chunk {
+                Self::wake(&mut queues, *client_num, fresh.seq, Some(fresh));
+            }
         }
     }
 
@@ -535,6 +545,32 @@ mod tests {
             notifier.lock().get(&1).map(|l| l.recent.len()),
             Some(RECENT)
         );
+    }
+
+    #[test]
+    fn a_fan_out_to_more_listeners_than_one_lock_hold_wakes_each_with_its_entries() {
+        let notifier = Notifier::default();
+        let clients = 2 * WAKE_CHUNK as u64 + 3;
+        let mut receivers: Vec<_> = (1..=clients).map(|c| notifier.subscribe(c)).collect();
+        // Two entries per client, one client's pair split across a lock hold.
+        let mut entries: Vec<(u64, Fresh)> = (1..=clients).map(|c| (c, fresh(1))).collect();
+        entries.insert(WAKE_CHUNK, (WAKE_CHUNK as u64, fresh(2)));
+        notifier.notify_fresh(&entries);
+        for (i, rx) in receivers.iter_mut().enumerate() {
+            let client = i as u64 + 1;
+            assert!(rx.has_changed().unwrap(), "client {client} not woken");
+            assert_eq!(
+                rx.borrow_and_update().head,
+                if client == WAKE_CHUNK as u64 { 2 } else { 1 }
+            );
+        }
+        assert_eq!(seqs(notifier.recent_after(clients, 0)), Some(vec![1]));
+        assert_eq!(
+            seqs(notifier.recent_after(WAKE_CHUNK as u64, 0)),
+            Some(vec![1, 2])
+        );
+        notifier.notify(&(1..=clients).map(|c| (c, 3)).collect::<Vec<_>>());
+        assert!(receivers.iter_mut().all(|rx| rx.has_changed().unwrap()));
     }
 
     #[test]
