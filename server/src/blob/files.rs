@@ -206,6 +206,9 @@ impl DataFile {
 impl Work for DataFile {
     fn chunk(&mut self, chunk: &[u8]) -> Result<(), ServiceError> {
         let len = chunk.len() as u64;
+        if let Some(delay) = self.faults.as_ref().and_then(Faults::blob_write_delay) {
+            std::thread::sleep(delay);
+        }
         if self
             .faults
             .as_ref()

@@ -201,7 +201,7 @@ impl StallTimer {
         }
     }
 
-    /// Bytes came.
+    /// Bytes came (or the server stops waiting on itself and reads again).
     fn progressed(&mut self) {
         self.progress = Instant::now();
     }
@@ -279,6 +279,8 @@ pub(crate) async fn upload<B: UploadBody>(
             let chunk = chunk.freeze();
             hash.update(chunk.clone()).await?;
             state.blobs.write(&mut upload, chunk).await?;
+            // Time spent waiting for our own hash and writes is not the client's stall.
+            stall.progressed();
         }
     }
     if received != request.size {

@@ -243,6 +243,27 @@ async fn a_disk_full_mid_upload_is_unavailable_stores_nothing_and_the_upload_suc
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_disk_is_not_taken_for_a_stalled_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.blobs.stall_timeout_ms = 300;
+    let faults = Faults::new();
+    let server = start_with_store_faults(cfg.validate().unwrap(), faults.clone())
+        .await
+        .unwrap();
+    let (_alice, _client, conn) = new_client(&server, "alice").await;
+    let bytes = pseudo_random(2 * MIB, 9);
+    // Each chunk takes longer to reach the disk than the stall timeout while the client sends
+    // without a pause: the server waits on itself, not on the client.
+    faults.slow_blob_writes(Duration::from_millis(400));
+    let stored = upload(&conn, &bytes).await.unwrap();
+    assert_eq!(stored.blob.address, sha256(&bytes));
+    faults.clear();
+    assert!(download(&conn, &stored.blob, 0, None).await.unwrap() == bytes);
+    server.shutdown().await;
+}
+
 /// Writes an upload request declaring `declared` bytes, then `bytes`, then finishes.
 async fn raw_upload(conn: &Connection, declared: u64, bytes: &[u8]) -> ErrorCode {
     let (mut send, mut recv) = conn.open_raw_stream().await.unwrap();

@@ -32,6 +32,8 @@ struct Switches {
     syncs_fail_after_header: bool,
     /// `Some(n)`: n more bytes written to blob files succeed, then every blob write fails.
     blob_bytes_left: Option<u64>,
+    /// How long each write of a blob file takes beforehand (a slow disk).
+    blob_write_delay: Option<std::time::Duration>,
     /// Faults injected so far.
     injected: u64,
 }
@@ -91,10 +93,16 @@ impl Faults {
         self.switches().blob_bytes_left = Some(n);
     }
 
+    /// Every later write of a blob file takes `delay` before it starts, as on a slow disk.
+    pub fn slow_blob_writes(&self, delay: std::time::Duration) {
+        self.switches().blob_write_delay = Some(delay);
+    }
+
     /// Switches every fault off (space freed, disk replaced).
     pub fn clear(&self) {
         let mut switches = self.switches();
         switches.blob_bytes_left = None;
+        switches.blob_write_delay = None;
         switches.writes_left = None;
         switches.syncs_left = None;
         switches.syncs_fail_after_header = false;
@@ -106,6 +114,11 @@ impl Faults {
     }
 
     /// Whether a blob file write of `len` bytes fails (counting down if armed).
+    /// How long a blob file write waits first ([`Faults::slow_blob_writes`]).
+    pub(crate) fn blob_write_delay(&self) -> Option<std::time::Duration> {
+        self.switches().blob_write_delay
+    }
+
     pub(crate) fn blob_write_fails(&self, len: u64) -> bool {
         let mut switches = self.switches();
         match switches.blob_bytes_left {
