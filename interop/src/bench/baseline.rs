@@ -158,16 +158,15 @@ fn echo_frame(len: usize) -> bytes::Bytes {
 /// every request stream with a `response_len`-byte frame, except the listen and broadcast
 /// requests of the fan-out baseline ([`LISTEN_TAG`], [`BROADCAST_TAG`]).
 pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
-    let response = echo_frame(response_len);
     // The frame every listener is pushed next (the same bytes for all, built once).
     let (pushes, _) = tokio::sync::watch::channel(bytes::Bytes::new());
     let pushes = Arc::new(pushes);
     while let Some(incoming) = endpoint.accept().await {
-        let (response, pushes) = (response.clone(), pushes.clone());
+        let pushes = pushes.clone();
         tokio::spawn(async move {
             let Ok(conn) = incoming.await else { return };
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                let (response, pushes) = (response.clone(), pushes.clone());
+                let pushes = pushes.clone();
                 tokio::spawn(async move {
                     let Ok(request) = recv.read_to_end(ECHO_MAX_REQUEST).await else {
                         return;
@@ -192,7 +191,9 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
                     {
                         pushes.send_replace(echo_frame(u32::from_be_bytes(len) as usize));
                     }
-                    if send.write_chunk(response).await.is_ok() {
+                    // Built per request, as it always was: the echo baseline's figures stay
+                    // comparable across runs of different sessions.
+                    if send.write_all(&echo_frame(response_len)).await.is_ok() {
                         let _ = send.finish();
                     }
                 });

@@ -552,7 +552,8 @@ mod tests {
         let notifier = Notifier::default();
         let clients = 2 * WAKE_CHUNK as u64 + 3;
         let mut receivers: Vec<_> = (1..=clients).map(|c| notifier.subscribe(c)).collect();
-        // Two entries per client, one client's pair split across a lock hold.
+        // An entry per client, and a second for the client whose first one ends a lock hold
+        // (its pair split across two holds).
         let mut entries: Vec<(u64, Fresh)> = (1..=clients).map(|c| (c, fresh(1))).collect();
         entries.insert(WAKE_CHUNK, (WAKE_CHUNK as u64, fresh(2)));
         notifier.notify_fresh(&entries);
