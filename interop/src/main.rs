@@ -69,8 +69,9 @@ enum Command {
     /// non-zero when a check fails. See docs/RELIABILITY.md.
     Chaos(ChaosArgs),
     /// A bare quinn server for the bench's same-run baselines (idle connections, echo
-    /// instructions): writes its certificate to --cert-out, prints its address, answers every
-    /// request stream with a --response-len frame and exits when stdin closes.
+    /// instructions, fan-out pushes with --fanout): writes its certificate to --cert-out,
+    /// prints its address, answers every request stream with a --response-len frame and exits
+    /// when stdin closes.
     #[command(hide = true)]
     BenchQuinnServer {
         /// Bytes of each response frame's body.
@@ -79,6 +80,9 @@ enum Command {
         /// Where to write the server's certificate (DER).
         #[arg(long)]
         cert_out: PathBuf,
+        /// Serve the fan-out baseline's listen and broadcast requests instead of echoes.
+        #[arg(long)]
+        fanout: bool,
     },
 }
 
@@ -283,9 +287,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::BenchQuinnServer {
         response_len,
         cert_out,
+        fanout,
     } = &cli.command
     {
-        roost_interop::bench::quinn::serve(*response_len, cert_out)?;
+        roost_interop::bench::quinn::serve(*response_len, cert_out, *fanout)?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Run { list: true, .. } = cli.command {

@@ -138,29 +138,52 @@ pub fn bare_endpoint() -> anyhow::Result<(quinn::Endpoint, CertificateDer<'stati
     Ok((endpoint, cert))
 }
 
-/// A request that makes its stream a listen stream of the bare server: it stays open, and the
-/// server writes every broadcast frame to it ([`BROADCAST_TAG`]).
+/// Accepts connections and holds each until its peer closes it (or it idles out), answering
+/// every request stream with a `response_len`-byte frame.
+pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
+    while let Some(incoming) = endpoint.accept().await {
+        tokio::spawn(async move {
+            let Ok(conn) = incoming.await else { return };
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                tokio::spawn(async move {
+                    if recv.read_to_end(ECHO_MAX_REQUEST).await.is_err() {
+                        return;
+                    }
+                    let mut frame = Vec::with_capacity(4 + response_len);
+                    frame.extend_from_slice(&(response_len as u32).to_be_bytes());
+                    frame.resize(4 + response_len, 0);
+                    if send.write_all(&frame).await.is_ok() {
+                        let _ = send.finish();
+                    }
+                });
+            }
+        });
+    }
+}
+
+/// A request that makes its stream a listen stream of the fan-out server
+/// ([`fanout_accept_loop`]): it stays open, and the server writes every broadcast frame to it.
 pub(crate) const LISTEN_TAG: &[u8] = b"\xffbench-listen";
-/// A request (followed by a frame length, u32 big-endian) that makes the bare server write a
-/// frame of that length to every listen stream, each from its own task woken through one
-/// watch channel (as the homeserver wakes its listeners), before it answers like an echo.
+/// A request to the fan-out server, followed by a frame body length (u32 big-endian): write a
+/// frame of that length to every listen stream, each from its own task woken through one watch
+/// channel (as the homeserver wakes its listeners); answered with an empty frame.
 pub(crate) const BROADCAST_TAG: &[u8] = b"\xffbench-broadcast";
 
-/// A frame of `len` body bytes as the echo server writes it (length prefix, then zeros).
-fn echo_frame(len: usize) -> bytes::Bytes {
+/// A frame of `len` zero bytes behind its length prefix.
+fn zero_frame(len: usize) -> bytes::Bytes {
     let mut frame = Vec::with_capacity(4 + len);
     frame.extend_from_slice(&(len as u32).to_be_bytes());
     frame.resize(4 + len, 0);
     frame.into()
 }
 
-/// Accepts connections and holds each until its peer closes it (or it idles out), answering
-/// every request stream with a `response_len`-byte frame, except the listen and broadcast
-/// requests of the fan-out baseline ([`LISTEN_TAG`], [`BROADCAST_TAG`]).
-pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
+/// The bare server of the fan-out baseline: holds connections like [`accept_loop`]; a
+/// [`LISTEN_TAG`] request gets an empty frame (it is counted from then on) and then every
+/// broadcast frame; a [`BROADCAST_TAG`] request pushes one to all of them. (Apart from the echo
+/// server, so that the echo baseline's figures stay what they were.)
+pub async fn fanout_accept_loop(endpoint: quinn::Endpoint) {
     // The frame every listener is pushed next (the same bytes for all, built once).
-    let (pushes, _) = tokio::sync::watch::channel(bytes::Bytes::new());
-    let pushes = Arc::new(pushes);
+    let pushes = Arc::new(tokio::sync::watch::channel(bytes::Bytes::new()).0);
     while let Some(incoming) = endpoint.accept().await {
         let pushes = pushes.clone();
         tokio::spawn(async move {
@@ -174,8 +197,7 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
                     if request == LISTEN_TAG {
                         let mut pushed = pushes.subscribe();
                         pushed.borrow_and_update();
-                        // An empty frame: the client knows it is counted from now on.
-                        if send.write_chunk(echo_frame(0)).await.is_err() {
+                        if send.write_chunk(zero_frame(0)).await.is_err() {
                             return;
                         }
                         while pushed.changed().await.is_ok() {
@@ -189,11 +211,9 @@ pub async fn accept_loop(endpoint: quinn::Endpoint, response_len: usize) {
                     if let Some(len) = request.strip_prefix(BROADCAST_TAG)
                         && let Ok(len) = <[u8; 4]>::try_from(len)
                     {
-                        pushes.send_replace(echo_frame(u32::from_be_bytes(len) as usize));
+                        pushes.send_replace(zero_frame(u32::from_be_bytes(len) as usize));
                     }
-                    // Built per request, as it always was: the echo baseline's figures stay
-                    // comparable across runs of different sessions.
-                    if send.write_all(&echo_frame(response_len)).await.is_ok() {
+                    if send.write_chunk(zero_frame(0)).await.is_ok() {
                         let _ = send.finish();
                     }
                 });

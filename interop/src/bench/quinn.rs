@@ -4,7 +4,8 @@
 //!
 //! The process is this program's hidden `roost-interop bench-quinn-server` subcommand
 //! ([`serve`]): a [`bare_endpoint`] answering every request stream with a fixed-size frame and
-//! holding every connection until its peer closes it. It writes its certificate to a file,
+//! holding every connection until its peer closes it (with `--fanout`, the fan-out baseline's
+//! listen and broadcast requests instead: [`super::baseline::fanout_accept_loop`]). It writes its certificate to a file,
 //! prints its address on stdout and exits when its stdin closes (so it never outlives the
 //! bench).
 
@@ -18,7 +19,7 @@ use anyhow::{Context as _, bail};
 use roost_client::transport::{ConnectConfig, TrustConfig};
 use rustls::pki_types::CertificateDer;
 
-use super::baseline::{ECHO_NAME, accept_loop, bare_endpoint};
+use super::baseline::{ECHO_NAME, accept_loop, bare_endpoint, fanout_accept_loop};
 
 /// How long the child may take to print its address (longer under valgrind).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -27,7 +28,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Runs the bare server until stdin closes: writes the certificate (DER) to `cert_out`, then
 /// prints the address on stdout. The body of `roost-interop bench-quinn-server`.
-pub fn serve(response_len: usize, cert_out: &Path) -> anyhow::Result<()> {
+pub fn serve(response_len: usize, cert_out: &Path, fanout: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -41,9 +42,16 @@ pub fn serve(response_len: usize, cert_out: &Path) -> anyhow::Result<()> {
             let mut sink = Vec::new();
             let _ = std::io::stdin().read_to_end(&mut sink);
         });
+        let serving = async {
+            if fanout {
+                fanout_accept_loop(endpoint.clone()).await;
+            } else {
+                accept_loop(endpoint.clone(), response_len).await;
+            }
+        };
         tokio::select! {
             _ = stdin_closed => {}
-            () = accept_loop(endpoint.clone(), response_len) => {}
+            () = serving => {}
         }
         endpoint.close(quinn::VarInt::from_u32(0), b"done");
         Ok(())
@@ -67,6 +75,21 @@ impl QuinnProcess {
         dir: &Path,
         response_len: usize,
     ) -> anyhow::Result<Self> {
+        Self::spawn_with(exe, wrapper, dir, response_len, false)
+    }
+
+    /// Starts it as the fan-out baseline's server ([`fanout_accept_loop`]).
+    pub fn spawn_fanout(exe: &Path, dir: &Path) -> anyhow::Result<Self> {
+        Self::spawn_with(exe, &[], dir, 0, true)
+    }
+
+    fn spawn_with(
+        exe: &Path,
+        wrapper: &[String],
+        dir: &Path,
+        response_len: usize,
+        fanout: bool,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let cert_file: PathBuf = dir.join(format!("quinn-{}.der", std::process::id()));
         let mut command = match wrapper.split_first() {
@@ -83,6 +106,7 @@ impl QuinnProcess {
             .arg(response_len.to_string())
             .arg("--cert-out")
             .arg(&cert_file)
+            .args(fanout.then_some("--fanout"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());

@@ -187,7 +187,7 @@ pub(super) async fn bare_quinn_pushes(
         listeners,
     );
     let exe = crate::binary::locate_interop()?;
-    let server = QuinnProcess::spawn(&exe, &[], dir, 50)?;
+    let server = QuinnProcess::spawn_fanout(&exe, dir)?;
     let connect = server.connect_config();
     let endpoints = clients::endpoints(&connect, listeners + 1)?;
     let arrivals = Arc::new(Arrivals::new(listeners));
