@@ -5,9 +5,9 @@
 //! The process is this program's hidden `roost-interop bench-quinn-server` subcommand
 //! ([`serve`]): a [`bare_endpoint`] answering every request stream with a fixed-size frame and
 //! holding every connection until its peer closes it (with `--fanout`, the fan-out baseline's
-//! listen and broadcast requests instead: [`super::baseline::fanout_accept_loop`]). It writes its certificate to a file,
-//! prints its address on stdout and exits when its stdin closes (so it never outlives the
-//! bench).
+//! listen and broadcast requests instead: [`super::baseline::fanout_accept_loop`]). It writes
+//! its certificate to a file, prints its address on stdout and exits when its stdin closes (so
+//! it never outlives the bench).
 
 use std::io::{BufRead as _, BufReader, Read as _};
 use std::net::SocketAddr;

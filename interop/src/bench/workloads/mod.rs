@@ -526,7 +526,7 @@ async fn run_on(
         for (i, &size) in config.members.iter().enumerate() {
             stats::reset_peak(servers.pid(0));
             let before = probe(servers).await;
-            let (row, group) = fanout::run(
+            let (mut row, group) = fanout::run(
                 config,
                 servers,
                 &pool,
@@ -537,10 +537,10 @@ async fn run_on(
                 progress,
             )
             .await?;
-            let mut row = row;
             if Some(&size) == config.members.iter().max() {
-                // The floor under the push figure, for the largest group.
-                let listeners = size.clamp(2, pool.clients.len() + 1) - 1;
+                // The floor under the push figure, for the largest group (its size as measured).
+                let members = row.params["members"].as_u64().unwrap_or(2) as usize;
+                let listeners = members.saturating_sub(1).max(1);
                 let frame = row.details["push_frame_bytes"].as_u64().unwrap_or(0) as usize;
                 let bare = fanout::bare_quinn_pushes(
                     &dir.join("quinn-fanout"),
