@@ -54,7 +54,7 @@ pub const FIELDS: &[Field] = &[
     opt(
         "blobs",
         &["dir"],
-        "directory of the blob files (temporary files under `tmp/`, removed at start); redb only: with PostgreSQL blobs are stored in the database and setting it is an error",
+        "directory of the blob files (temporary files under `tmp/`, removed at start; expiry markers under `expiry/`; the usage count in `tmp/usage.json` between a clean shutdown and the next start); redb only: with PostgreSQL blobs are stored in the database and setting it is an error",
         "`blobs` in `data_dir`",
         "\"/srv/roost/blobs\"",
     ),
@@ -81,7 +81,7 @@ pub const FIELDS: &[Field] = &[
     f(
         "blobs",
         &["expiry_secs"],
-        "a blob is deleted this long after its upload",
+        "a blob is no longer served this long after its upload, and deleted soon after (redb: within 1/64 of this, at most an hour)",
     ),
     f(
         "blobs",

@@ -362,6 +362,7 @@ impl Server {
         self.endpoint.close(0u32.into(), b"shutdown");
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         drop(self.endpoint);
+        self.state.blobs.shut().await;
         drop(self.state);
         let closer = self.closer;
         // Anything still holding the store (an abandoned task) would keep the writer alive;

@@ -35,13 +35,29 @@ impl Blobs {
     ) -> Result<Self, StoreError> {
         match &settings.storage {
             crate::config::StorageSettings::Redb => Ok(Self::Files(
-                FileStore::open(&file_dir(settings))?.with_faults(faults),
+                FileStore::open(&file_dir(settings), settings.blobs.expiry_secs)?
+                    .with_faults(faults),
             )),
             crate::config::StorageSettings::Postgres {
                 url,
                 pool_size,
                 timeout,
             } => Ok(Self::Postgres(PgBlobStore::new(url, *pool_size, *timeout)?)),
+        }
+    }
+
+    /// Ends the store's writes at shutdown, after the requests (the file store leaves its
+    /// usage count for the next start; PostgreSQL keeps nothing of its own).
+    pub(crate) async fn shut(&self) {
+        if let Self::Files(store) = self {
+            let store = store.clone();
+            match tokio::task::spawn_blocking(move || store.shut()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "blob usage not saved; the next start counts it")
+                }
+                Err(_) => tracing::warn!("blob usage not saved; the next start counts it"),
+            }
         }
     }
 

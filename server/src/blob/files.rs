@@ -9,10 +9,21 @@
 //! so the flush when the upload is closed only has the tail left. The metadata file is
 //! written to `tmp/` and fsynced when the upload begins (everything in it is known then). At
 //! commit, once the writer flushed the tail, one job on the blocking pool renames the
-//! metadata file into place, then the data file, and fsyncs the directory. A blob is visible
-//! only when both files exist, so a partial upload never is; a process killed at any point
-//! leaves files in `tmp/` (removed at start) or a metadata file without its data (removed at
-//! start).
+//! metadata file into place, then the data file, and fsyncs the directory. A blob is visible only when both files exist, so a partial upload never is; a
+//! process killed at any point leaves files in `tmp/` (removed at start) or a metadata file
+//! without its data (removed by the start scan).
+//!
+//! **Nothing is read per stored blob on the request path or in the minute sweep.** Expiry
+//! goes by buckets of upload time: `expiry/<start>+<width>/<address>` is an empty marker
+//! for a blob committed (or renewed: in the new time's bucket), made by the next sweep (or the
+//! shutdown) off the request path, and the sweep lists only the bucket directories, opening
+//! those that ended before the cutoff; a blob is so deleted up
+//! to one bucket's width after it expired (downloads refuse it from its expiry on; the width
+//! is 1/64 of `blobs.expiry_secs`, at most an hour). The per-owner usage the quota needs is
+//! counted by a scan of the metadata files in a thread of its own at start, which also
+//! removes metadata files without data and makes the markers a crash (or a store of an older
+//! layout) lost: the server serves meanwhile, and only uploads wait for the count. Markers
+//! are therefore never fsynced: every start checks them.
 
 use std::collections::HashMap;
 use std::io;
@@ -32,6 +43,16 @@ use crate::storage::StoreError;
 use crate::storage::redb::fault::Faults;
 
 const TMP: &str = "tmp";
+/// The directory of the expiry buckets.
+const EXPIRY: &str = "expiry";
+/// The widest expiry bucket: how late at most a blob is deleted after it expired.
+const MAX_BUCKET_SECS: u64 = 3600;
+/// How long an upload waits for the start scan's count before it is answered UNAVAILABLE
+/// (with a retry delay).
+const COUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The usage count a clean shutdown leaves for the next start, in `tmp/`: read before `tmp/`
+/// is emptied at start (an older roost, which does not read it, empties `tmp/` too).
+const USAGE_SNAPSHOT: &str = "usage.json";
 /// The store's directory in the data directory when `blobs.dir` is not set (and in a backup).
 pub(crate) const DEFAULT_DIR: &str = "blobs";
 const META_SUFFIX: &str = ".meta";
@@ -44,11 +65,86 @@ const WRITEBACK_STEP: u64 = 256 * 1024;
 #[derive(Clone)]
 pub(crate) struct FileStore {
     dir: PathBuf,
-    /// Bytes of stored blobs per owner, loaded at start and kept up to date. Commits and
-    /// deletions change files and this map under the same lock.
-    usage: Arc<Mutex<HashMap<UserId, u64>>>,
+    usage: Arc<Usage>,
+    /// The width of the expiry buckets new markers go into.
+    bucket_secs: u64,
     /// Injected write failures (tests only).
     faults: Option<Faults>,
+}
+
+/// Bytes of stored blobs per owner: `None` until the start scan counted them, then kept up to
+/// date. Commits and deletions change files and this map under the same lock.
+struct Usage {
+    bytes: Mutex<Option<HashMap<UserId, u64>>>,
+    counted: tokio::sync::watch::Sender<bool>,
+    /// Set when a change of the files failed half-way (the count or the markers may be off
+    /// until the next scan): the shutdown then leaves no snapshot.
+    dirty: std::sync::atomic::AtomicBool,
+    /// Blobs (address, upload time) without their expiry marker yet: committed or renewed
+    /// since the last sweep, or not markable by the start scan (a full disk). Each sweep
+    /// (and the shutdown) marks them, or deletes those expired meanwhile.
+    unmarked: Mutex<Vec<([u8; BLOB_ADDRESS_LEN], u64)>>,
+    /// Held by a sweep for its whole run and by the shutdown, so that the shutdown never
+    /// takes its snapshot while a sweep holds blobs it has not marked yet. Taken before
+    /// `bytes`.
+    sweeping: Mutex<()>,
+}
+
+impl Usage {
+    fn new(saved: Option<HashMap<UserId, u64>>) -> Self {
+        Self {
+            counted: tokio::sync::watch::Sender::new(saved.is_some()),
+            bytes: Mutex::new(saved),
+            dirty: Default::default(),
+            unmarked: Default::default(),
+            sweeping: Mutex::new(()),
+        }
+    }
+
+    fn spoil(&self) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// [`USAGE_SNAPSHOT`]: bytes of stored blobs per owner, and the directories it counted as
+/// they were then. A blob added or removed since (by hand, or by a roost that does not keep
+/// the snapshot) changes a directory's ctime, and the snapshot is not used.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    owners: HashMap<String, u64>,
+    dirs: [DirStamp; 2],
+}
+
+/// A directory's inode and the time its entries last changed.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Clone, Copy, Debug)]
+struct DirStamp {
+    ino: u64,
+    ctime_secs: i64,
+    ctime_nanos: i64,
+}
+
+impl DirStamp {
+    #[cfg(unix)]
+    fn of(dir: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir).ok()?;
+        Some(Self {
+            ino: meta.ino(),
+            ctime_secs: meta.ctime(),
+            ctime_nanos: meta.ctime_nsec(),
+        })
+    }
+
+    /// Without a ctime the snapshot is never trusted: every start counts.
+    #[cfg(not(unix))]
+    fn of(_dir: &Path) -> Option<Self> {
+        None
+    }
+
+    /// The store's directory and its expiry directory.
+    fn both(dir: &Path) -> Option<[Self; 2]> {
+        Some([Self::of(dir)?, Self::of(&dir.join(EXPIRY))?])
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -101,37 +197,50 @@ fn fsync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl FileStore {
-    /// Opens (creating) the directory, removes what a killed process left behind and counts
-    /// each owner's stored bytes.
-    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens (creating) the directory and removes what a killed process left in `tmp/`; a
+    /// thread of its own then counts each owner's stored bytes ([`Usage`]). Blobs expire
+    /// `expiry_secs` after their upload.
+    pub(crate) fn open(dir: &Path, expiry_secs: u64) -> Result<Self, StoreError> {
         let store_err = |err: io::Error| StoreError::Io(format!("{}: {err}", dir.display()).into());
         let tmp = dir.join(TMP);
+        // What a clean shutdown counted, if it did and nothing changed the directories since;
+        // removed with the rest of `tmp/` (fsynced) before anything can change, so that a
+        // crash from here on leads to a scan.
+        let saved = std::fs::read(tmp.join(USAGE_SNAPSHOT))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<Snapshot>(&bytes).ok())
+            .filter(|saved| DirStamp::both(dir) == Some(saved.dirs))
+            .and_then(|saved| {
+                saved
+                    .owners
+                    .into_iter()
+                    .map(|(owner, bytes)| Some((owner.parse().ok()?, bytes)))
+                    .collect::<Option<HashMap<UserId, u64>>>()
+            });
         std::fs::create_dir_all(&tmp).map_err(store_err)?;
+        let mut emptied = false;
         for entry in std::fs::read_dir(&tmp).map_err(store_err)? {
             let entry = entry.map_err(store_err)?;
             std::fs::remove_file(entry.path()).map_err(store_err)?;
+            emptied = true;
         }
-        let mut usage: HashMap<UserId, u64> = HashMap::new();
-        for entry in std::fs::read_dir(dir).map_err(store_err)? {
-            let entry = entry.map_err(store_err)?;
-            let name = entry.file_name();
-            let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) else {
-                continue;
-            };
-            let data = dir.join(hex_address);
-            match read_meta(&entry.path()) {
-                Some(meta) if data.exists() => {
-                    *usage.entry(meta.owner).or_default() += meta.size;
-                }
-                _ => {
-                    // Killed between the two renames (or unreadable): never visible.
-                    std::fs::remove_file(entry.path()).map_err(store_err)?;
-                }
-            }
+        if emptied {
+            fsync_dir(&tmp).map_err(store_err)?;
+        }
+        std::fs::create_dir_all(dir.join(EXPIRY)).map_err(store_err)?;
+        let bucket_secs = (expiry_secs / 64).clamp(1, MAX_BUCKET_SECS);
+        let usage = Arc::new(Usage::new(saved));
+        if !*usage.counted.borrow() {
+            let (weak, scanned) = (Arc::downgrade(&usage), dir.to_owned());
+            std::thread::Builder::new()
+                .name("roost-blob-count".into())
+                .spawn(move || count_usage(&weak, &scanned, bucket_secs))
+                .map_err(store_err)?;
         }
         Ok(Self {
             dir: dir.to_owned(),
-            usage: Arc::new(Mutex::new(usage)),
+            usage,
+            bucket_secs,
             faults: None,
         })
     }
@@ -150,11 +259,212 @@ impl FileStore {
         self.dir
             .join(format!("{}{META_SUFFIX}", hex::encode(address)))
     }
+
+    /// Ends the store's writes and leaves the usage count for the next start, so that it
+    /// need not scan: the waiting expiry markers are made and fsynced, then the count written (a store still
+    /// being counted leaves nothing). Every later commit and deletion fails (UNAVAILABLE).
+    /// Blocking.
+    pub(crate) fn shut(&self) -> io::Result<()> {
+        let _sweeping = lock(&self.usage.sweeping);
+        let mut guard = lock(&self.usage.bytes);
+        let Some(owners) = guard.take() else {
+            return Ok(());
+        };
+        let unmarked = std::mem::take(&mut *lock(&self.usage.unmarked));
+        let marked = unmarked.iter().all(|(address, created_secs)| {
+            mark(
+                &self.dir,
+                self.bucket_secs,
+                &hex::encode(address),
+                *created_secs,
+            )
+            .is_ok()
+        });
+        if !marked || self.usage.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(io::Error::other(
+                "a change of the blob files or an expiry marker failed while the server ran",
+            ));
+        }
+        let expiry = self.dir.join(EXPIRY);
+        for bucket in std::fs::read_dir(&expiry)? {
+            fsync_dir(&bucket?.path())?;
+        }
+        fsync_dir(&expiry)?;
+        let Some(dirs) = DirStamp::both(&self.dir) else {
+            return Ok(());
+        };
+        let snapshot = Snapshot {
+            owners: owners
+                .into_iter()
+                .map(|(owner, bytes)| (owner.to_string(), bytes))
+                .collect(),
+            dirs,
+        };
+        let staged = self.staging_path("");
+        write_synced(
+            &staged,
+            &serde_json::to_vec(&snapshot).map_err(io::Error::other)?,
+        )?;
+        let tmp = self.dir.join(TMP);
+        std::fs::rename(&staged, tmp.join(USAGE_SNAPSHOT))?;
+        fsync_dir(&tmp)
+    }
+
+    /// Waits until the start scan counted every owner's bytes (a store being counted answers
+    /// UNAVAILABLE after [`COUNT_WAIT`]: the client retries after the delay it is given).
+    async fn counted(&self) -> Result<(), ServiceError> {
+        let mut counted = self.usage.counted.subscribe();
+        match tokio::time::timeout(COUNT_WAIT, counted.wait_for(|done| *done)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(ServiceError::Store(StoreError::Unavailable)),
+        }
+    }
 }
 
-fn read_meta(path: &Path) -> Option<BlobMeta> {
-    let bytes = std::fs::read(path).ok()?;
-    let file: MetaFile = serde_json::from_slice(&bytes).ok()?;
+/// The name of the expiry bucket of uploads at `created_secs`.
+fn bucket_name(created_secs: u64, bucket_secs: u64) -> String {
+    let start = created_secs - created_secs % bucket_secs;
+    format!("{start}+{bucket_secs}")
+}
+
+/// When the uploads of the bucket named `name` stop: every blob in it was uploaded before.
+fn bucket_end(name: &str) -> Option<u64> {
+    let (start, width) = name.split_once('+')?;
+    start.parse::<u64>().ok()?.checked_add(width.parse().ok()?)
+}
+
+/// Marks the blob `hex_address` uploaded at `created_secs` in its expiry bucket (an empty
+/// file; not fsynced: the start scan remakes a marker a crash lost). Blocking.
+fn mark(dir: &Path, bucket_secs: u64, hex_address: &str, created_secs: u64) -> io::Result<()> {
+    let bucket = dir
+        .join(EXPIRY)
+        .join(bucket_name(created_secs, bucket_secs));
+    let marker = bucket.join(hex_address);
+    let create = |path: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map(drop)
+    };
+    match create(&marker) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&bucket)?;
+            create(&marker)
+        }
+        done => done,
+    }
+}
+
+/// The start scan, in a thread of its own: counts each owner's bytes, removes metadata files
+/// without data (a process killed between a commit's two renames, or an expiry between its
+/// two removals) and remakes missing expiry markers, then publishes the count. Retries after
+/// an I/O error; ends early when the store was dropped.
+fn count_usage(usage: &std::sync::Weak<Usage>, dir: &Path, bucket_secs: u64) {
+    let mut delay = std::time::Duration::from_millis(100);
+    let started = std::time::Instant::now();
+    loop {
+        match scan(usage, dir, bucket_secs) {
+            Ok(Some((counted, unmarked))) => {
+                let Some(usage) = usage.upgrade() else { return };
+                if !unmarked.is_empty() {
+                    tracing::warn!(
+                        blobs = unmarked.len(),
+                        "stored blobs without an expiry marker (the disk is full?): each sweep looks at them"
+                    );
+                }
+                *lock(&usage.unmarked) = unmarked;
+                let (owners, elapsed) = (counted.len(), started.elapsed());
+                let elapsed_ms = elapsed.as_millis() as u64;
+                // Worth an operator's attention only when uploads waited for it.
+                if elapsed >= std::time::Duration::from_secs(1) {
+                    tracing::info!(owners, elapsed_ms, "stored blobs counted; uploads accepted");
+                } else {
+                    tracing::debug!(owners, elapsed_ms, "stored blobs counted");
+                }
+                *lock(&usage.bytes) = Some(counted);
+                usage.counted.send_replace(true);
+                return;
+            }
+            Ok(None) => return,
+            Err(err) => {
+                tracing::warn!(dir = %dir.display(), %err, "counting the stored blobs failed; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                if usage.strong_count() == 0 {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What the start scan counted: bytes per owner, and the blobs it could not mark.
+type Scanned = (HashMap<UserId, u64>, Vec<([u8; BLOB_ADDRESS_LEN], u64)>);
+
+/// One pass of [`count_usage`]; `None` when the store was dropped meanwhile. Nothing else
+/// changes the files while it runs: commits and the sweep wait for the count. A metadata
+/// file that cannot be read (as opposed to one that is missing or does not decode) fails the
+/// pass, which is retried: a visible blob is never taken for a leftover.
+fn scan(
+    usage: &std::sync::Weak<Usage>,
+    dir: &Path,
+    bucket_secs: u64,
+) -> io::Result<Option<Scanned>> {
+    let mut counted: HashMap<UserId, u64> = HashMap::new();
+    let mut unmarked = Vec::new();
+    for (seen, entry) in std::fs::read_dir(dir)?.enumerate() {
+        if seen % 1024 == 0 && usage.strong_count() == 0 {
+            return Ok(None);
+        }
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) else {
+            continue;
+        };
+        let mut address = [0u8; BLOB_ADDRESS_LEN];
+        let meta = match read_meta(&entry.path())? {
+            Some(meta) if hex::decode_to_slice(hex_address, &mut address).is_ok() => Some(meta),
+            _ => None,
+        };
+        match meta {
+            Some(meta) if dir.join(hex_address).try_exists()? => {
+                let marker = dir
+                    .join(EXPIRY)
+                    .join(bucket_name(meta.created_secs, bucket_secs))
+                    .join(hex_address);
+                // A marker that cannot be looked at is made again, or remembered.
+                if !marker.try_exists().unwrap_or(false)
+                    && mark(dir, bucket_secs, hex_address, meta.created_secs).is_err()
+                {
+                    unmarked.push((address, meta.created_secs));
+                }
+                *counted.entry(meta.owner).or_default() += meta.size;
+            }
+            _ => match std::fs::remove_file(entry.path()) {
+                // Never visible: its data is missing, or it does not decode.
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            },
+        }
+    }
+    Ok(Some((counted, unmarked)))
+}
+
+/// A blob's metadata: `None` if the file is missing or does not decode (never visible).
+fn read_meta(path: &Path) -> io::Result<Option<BlobMeta>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    Ok(decode_meta(&bytes))
+}
+
+fn decode_meta(bytes: &[u8]) -> Option<BlobMeta> {
+    let file: MetaFile = serde_json::from_slice(bytes).ok()?;
     let mut token = [0u8; BLOB_TOKEN_LEN];
     hex::decode_to_slice(&file.token, &mut token).ok()?;
     Some(BlobMeta {
@@ -383,6 +693,7 @@ impl BlobStore for FileStore {
         if let Some(staging) = upload.staging.take() {
             joined(staging).await?;
         }
+        self.counted().await?;
         let staged_meta = upload.meta_path.clone();
         let meta = upload.meta.clone();
         let store = self.clone();
@@ -391,10 +702,15 @@ impl BlobStore for FileStore {
             // The bytes are on the disk; now the names.
             let data = store.data_path(&address);
             let meta_path = store.meta_path(&address);
-            let mut usage = lock(&store.usage);
-            if data.exists()
-                && let Some(existing) = read_meta(&meta_path)
-            {
+            let mut guard = lock(&store.usage.bytes);
+            let usage = guard
+                .as_mut()
+                .ok_or(ServiceError::Store(StoreError::Unavailable))?;
+            let existing = match data.try_exists().map_err(io_error)? {
+                true => read_meta(&meta_path).map_err(io_error)?,
+                false => None,
+            };
+            if let Some(existing) = existing {
                 // The same bytes are stored already: whoever holds them may read them. The
                 // upload renews the blob's life (the uploader is told it lives `expiry_secs`
                 // from now); the first uploader keeps owning its quota.
@@ -408,7 +724,16 @@ impl BlobStore for FileStore {
                 store
                     .write_meta(&meta_path, &renewed)
                     .and_then(|()| fsync_dir(&store.dir))
-                    .map_err(io_error)?;
+                    .map_err(|err| {
+                        // Whether the new time is in place is not known: the next start
+                        // scans, and until then the blob is marked for both times.
+                        store.usage.spoil();
+                        lock(&store.usage.unmarked).push((address, renewed.created_secs));
+                        io_error(err)
+                    })?;
+                // Marked in the new time's bucket by the next sweep; the old bucket's sweep
+                // finds the blob renewed and leaves it.
+                lock(&store.usage.unmarked).push((address, renewed.created_secs));
                 return Ok(renewed);
             }
             let used = usage.get(&meta.owner).copied().unwrap_or(0);
@@ -421,12 +746,21 @@ impl BlobStore for FileStore {
                 fsync_dir(&store.dir)
             })();
             if let Err(err) = written {
-                if !data.exists() {
+                // The count follows what readers see: a blob whose data is in place is
+                // visible (the failed flush notwithstanding) and counts; the next start
+                // scans again rather than trust this run's count.
+                store.usage.spoil();
+                if data.try_exists().unwrap_or(true) {
+                    *usage.entry(meta.owner.clone()).or_default() += meta.size;
+                    lock(&store.usage.unmarked).push((address, meta.created_secs));
+                } else {
                     let _ = std::fs::remove_file(&meta_path);
                 }
                 return Err(io_error(err));
             }
             *usage.entry(meta.owner.clone()).or_default() += meta.size;
+            // Its marker is made by the next sweep, off the request path.
+            lock(&store.usage.unmarked).push((address, meta.created_secs));
             Ok(meta)
         })
         .await?;
@@ -438,7 +772,8 @@ impl BlobStore for FileStore {
         address: &[u8; BLOB_ADDRESS_LEN],
         offset: u64,
     ) -> Result<Option<(BlobMeta, tokio::fs::File)>, ServiceError> {
-        let Some(meta) = read_meta(&self.meta_path(address)) else {
+        let meta_path = self.meta_path(address);
+        let Some(meta) = blocking(move || read_meta(&meta_path).map_err(io_error)).await? else {
             return Ok(None);
         };
         let mut file = match tokio::fs::File::open(self.data_path(address)).await {
@@ -456,48 +791,130 @@ impl BlobStore for FileStore {
     }
 
     async fn usage(&self, owner: &UserId) -> Result<u64, ServiceError> {
-        Ok(lock(&self.usage).get(owner).copied().unwrap_or(0))
+        self.counted().await?;
+        let guard = lock(&self.usage.bytes);
+        let usage = guard
+            .as_ref()
+            .ok_or(ServiceError::Store(StoreError::Unavailable))?;
+        Ok(usage.get(owner).copied().unwrap_or(0))
     }
 
+    /// Deletes the blobs of every expiry bucket that ended by `created_before_secs` (unless
+    /// renewed since); what the sweep reads is the bucket directories' names and the blobs it
+    /// deletes. Before the start scan counted the usage, nothing (the next sweep does it).
     async fn expire(&self, created_before_secs: u64) -> Result<u64, ServiceError> {
+        if !*self.usage.counted.borrow() {
+            return Ok(0);
+        }
         let store = self.clone();
         blocking(move || {
-            let mut removed = 0;
-            for entry in std::fs::read_dir(&store.dir).map_err(io_error)? {
-                let entry = entry.map_err(io_error)?;
-                let name = entry.file_name();
-                let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX))
-                else {
-                    continue;
-                };
-                let Some(meta) = read_meta(&entry.path()) else {
-                    continue;
-                };
-                if meta.created_secs >= created_before_secs {
+            let _sweeping = lock(&store.usage.sweeping);
+            let mut removed = store.mark_waiting(created_before_secs)?;
+            let buckets = store.dir.join(EXPIRY);
+            for bucket in std::fs::read_dir(&buckets).map_err(io_error)? {
+                let bucket = bucket.map_err(io_error)?;
+                let ended = bucket.file_name().to_str().and_then(bucket_end);
+                // Only directories with a bucket's name are ours.
+                let ours = bucket.file_type().is_ok_and(|kind| kind.is_dir());
+                if !ours || ended.is_none_or(|end| end > created_before_secs) {
                     continue;
                 }
-                let mut usage = lock(&store.usage);
-                // A re-upload may have renewed it since it was read (under this lock).
-                match read_meta(&entry.path()) {
-                    Some(meta) if meta.created_secs < created_before_secs => {}
-                    _ => continue,
+                for marker in std::fs::read_dir(bucket.path()).map_err(io_error)? {
+                    let marker = marker.map_err(io_error)?;
+                    let mut address = [0u8; BLOB_ADDRESS_LEN];
+                    let named = marker
+                        .file_name()
+                        .to_str()
+                        .is_some_and(|name| hex::decode_to_slice(name, &mut address).is_ok());
+                    if named && store.remove_expired(&address, created_before_secs)? {
+                        removed += 1;
+                    }
+                    match std::fs::remove_file(marker.path()) {
+                        Ok(()) => {}
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                        // Not ours (a directory put there by hand): left alone.
+                        Err(_) if !named => {}
+                        Err(err) => return Err(io_error(err)),
+                    }
                 }
-                // Data first: without it the blob is invisible, and a leftover metadata
-                // file is removed at the next start.
-                match std::fs::remove_file(store.dir.join(hex_address)) {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                    Err(err) => return Err(io_error(err)),
-                }
-                std::fs::remove_file(entry.path()).map_err(io_error)?;
-                if let Some(used) = usage.get_mut(&meta.owner) {
-                    *used = used.saturating_sub(meta.size);
-                }
-                removed += 1;
+                // Empty now: commits mark only buckets that have not ended.
+                let _ = std::fs::remove_dir(bucket.path());
             }
             Ok(removed)
         })
         .await
+    }
+}
+
+impl FileStore {
+    /// Deletes the blob at `address` if it was uploaded (or last renewed) before
+    /// `created_before_secs`, giving its bytes back to its owner's quota. Blocking.
+    fn remove_expired(
+        &self,
+        address: &[u8; BLOB_ADDRESS_LEN],
+        created_before_secs: u64,
+    ) -> Result<bool, ServiceError> {
+        let mut guard = lock(&self.usage.bytes);
+        let meta_path = self.meta_path(address);
+        // Read under the lock: a renewal rewrites it under the same lock. A read that fails
+        // (rather than finding nothing) fails the sweep, which keeps the marker.
+        let Some(meta) = read_meta(&meta_path).map_err(io_error)? else {
+            return Ok(false);
+        };
+        if meta.created_secs >= created_before_secs {
+            return Ok(false);
+        }
+        let Some(usage) = guard.as_mut() else {
+            return Err(ServiceError::Store(StoreError::Unavailable));
+        };
+        // Data first: without it the blob is invisible, and no longer counts. Only a blob
+        // whose data was there was counted (a metadata file left by a failed commit never
+        // was).
+        let visible = match std::fs::remove_file(self.data_path(address)) {
+            Ok(()) => true,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+            Err(err) => return Err(io_error(err)),
+        };
+        if visible && let Some(used) = usage.get_mut(&meta.owner) {
+            *used = used.saturating_sub(meta.size);
+        }
+        if let Err(err) = std::fs::remove_file(&meta_path) {
+            // A metadata file without data: never visible; the next start's scan removes it.
+            self.usage.spoil();
+            return Err(io_error(err));
+        }
+        Ok(visible)
+    }
+
+    /// The blobs without their marker ([`Usage::unmarked`]): each expired one is deleted,
+    /// each other one marked; what cannot be marked now (a full disk) waits for the next
+    /// sweep. Returns how many were deleted. Blocking.
+    fn mark_waiting(&self, created_before_secs: u64) -> Result<u64, ServiceError> {
+        let waiting = std::mem::take(&mut *lock(&self.usage.unmarked));
+        let (mut removed, mut still) = (0, Vec::new());
+        for (at, &(address, created_secs)) in waiting.iter().enumerate() {
+            if created_secs < created_before_secs {
+                match self.remove_expired(&address, created_before_secs) {
+                    Ok(gone) => removed += u64::from(gone),
+                    Err(err) => {
+                        still.extend_from_slice(&waiting[at..]);
+                        lock(&self.usage.unmarked).extend(still);
+                        return Err(err);
+                    }
+                }
+            } else if mark(
+                &self.dir,
+                self.bucket_secs,
+                &hex::encode(address),
+                created_secs,
+            )
+            .is_err()
+            {
+                still.push((address, created_secs));
+            }
+        }
+        lock(&self.usage.unmarked).extend(still);
+        Ok(removed)
     }
 }
 
@@ -562,7 +979,7 @@ mod tests {
     #[tokio::test]
     async fn what_a_killed_process_leaves_is_removed_at_start_and_usage_is_recounted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
+        let store = FileStore::open(dir.path(), 64).unwrap();
         let mut upload = store.begin(meta("alice@example.org", 5)).await.unwrap();
         store
             .write(&mut upload, Bytes::from_static(b"hello"))
@@ -583,11 +1000,12 @@ mod tests {
         std::fs::copy(store.meta_path(&address), &orphan).unwrap();
         drop(store);
 
-        let store = FileStore::open(dir.path()).unwrap();
+        let store = FileStore::open(dir.path(), 64).unwrap();
         assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
-        assert!(!orphan.exists());
+        // The start scan (usage waits for it) removed the orphan.
         let alice = "alice@example.org".parse().unwrap();
         assert_eq!(store.usage(&alice).await.unwrap(), 5);
+        assert!(!orphan.exists());
         assert!(store.open(&[2u8; 32], 0).await.unwrap().is_none());
         let (found, _) = store.open(&address, 0).await.unwrap().unwrap();
         assert_eq!(found, meta("alice@example.org", 5));
@@ -638,7 +1056,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_dropped_while_their_files_are_created_leave_nothing_staged() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
+        let store = FileStore::open(dir.path(), 64).unwrap();
         // Dropped at once (a stream cut right after its request): the files are still being
         // created on the blocking pool, and are removed once they exist.
         for _ in 0..32 {
@@ -655,7 +1073,7 @@ mod tests {
     async fn a_large_upload_is_stored_exactly_and_every_commit_leaves_nothing_staged() {
         use tokio::io::AsyncReadExt;
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path()).unwrap();
+        let store = FileStore::open(dir.path(), 64).unwrap();
         let alice: UserId = "alice@example.org".parse().unwrap();
         // Many times the writeback step: flushes run while the upload goes on.
         let data: Vec<u8> = (0..5 * 1024 * 1024 + 7)
@@ -693,5 +1111,303 @@ mod tests {
         let bob: UserId = "bob@example.org".parse().unwrap();
         assert_eq!(store.usage(&bob).await.unwrap(), 0);
         assert_eq!(std::fs::read(store.data_path(&address)).unwrap(), data);
+    }
+
+    fn markers(dir: &Path) -> Vec<String> {
+        let mut found = Vec::new();
+        for bucket in std::fs::read_dir(dir.join(EXPIRY)).unwrap() {
+            let bucket = bucket.unwrap();
+            if !bucket.file_type().unwrap().is_dir() {
+                continue;
+            }
+            for marker in std::fs::read_dir(bucket.path()).unwrap() {
+                let name = marker.unwrap().file_name().into_string().unwrap();
+                found.push(format!(
+                    "{}/{}",
+                    bucket.file_name().into_string().unwrap(),
+                    &name[..4]
+                ));
+            }
+        }
+        found.sort();
+        found
+    }
+
+    fn created(owner: &str, size: u64, created_secs: u64) -> BlobMeta {
+        BlobMeta {
+            created_secs,
+            ..meta(owner, size)
+        }
+    }
+
+    #[tokio::test]
+    async fn expiry_deletes_a_bucket_once_it_ended_and_leaves_renewed_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        // Buckets of 60 s.
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        let (a, b, c) = ([0xaa; 32], [0xbb; 32], [0xcc; 32]);
+        let up = upload(&store, b"aaaa", created("alice@example.org", 4, 100)).await;
+        store.commit(up, a, 100).await.unwrap();
+        let up = upload(&store, b"bbbbbb", created("alice@example.org", 6, 110)).await;
+        store.commit(up, b, 100).await.unwrap();
+        let up = upload(&store, b"cc", created("alice@example.org", 2, 130)).await;
+        store.commit(up, c, 100).await.unwrap();
+        // Markers are made by the next sweep, not by the commits.
+        assert!(markers(dir.path()).is_empty());
+        assert_eq!(store.expire(0).await.unwrap(), 0);
+        assert_eq!(
+            markers(dir.path()),
+            ["120+60/cccc", "60+60/aaaa", "60+60/bbbb"]
+        );
+        // b uploaded again at 125: renewed, marked in the later bucket.
+        let up = upload(&store, b"bbbbbb", created("bob@example.org", 6, 125)).await;
+        assert_eq!(store.commit(up, b, 100).await.unwrap().created_secs, 125);
+        assert_eq!(store.usage(&alice).await.unwrap(), 12);
+
+        // The first bucket has not ended at 119: nothing goes, although a expired at 101.
+        assert_eq!(store.expire(119).await.unwrap(), 0);
+        assert!(store.open(&a, 0).await.unwrap().is_some());
+        // At 120 it has: a goes, b stays (renewed), the bucket is gone.
+        assert_eq!(store.expire(120).await.unwrap(), 1);
+        assert!(store.open(&a, 0).await.unwrap().is_none());
+        assert!(store.open(&b, 0).await.unwrap().is_some());
+        assert_eq!(store.usage(&alice).await.unwrap(), 8);
+        assert_eq!(markers(dir.path()), ["120+60/bbbb", "120+60/cccc"]);
+        // The second bucket ends at 180: b (renewed at 125) and c go then, not at 179.
+        assert_eq!(store.expire(179).await.unwrap(), 0);
+        assert_eq!(store.expire(180).await.unwrap(), 2);
+        assert_eq!(store.usage(&alice).await.unwrap(), 0);
+        assert!(markers(dir.path()).is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(EXPIRY)).unwrap().count(),
+            0
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left.len(), 2, "only tmp/ and expiry/ are left: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn markers_a_crash_lost_or_an_older_layout_lacks_are_made_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let (a, b) = ([0xaa; 32], [0xbb; 32]);
+        let up = upload(&store, b"aaaa", created("alice@example.org", 4, 100)).await;
+        store.commit(up, a, 100).await.unwrap();
+        let up = upload(&store, b"bb", created("bob@example.org", 2, 200)).await;
+        store.commit(up, b, 100).await.unwrap();
+        drop(store);
+        // A store of the layout before expiry buckets: no expiry/ at all.
+        std::fs::remove_dir_all(dir.path().join(EXPIRY)).unwrap();
+
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let bob: UserId = "bob@example.org".parse().unwrap();
+        assert_eq!(store.usage(&bob).await.unwrap(), 2);
+        assert_eq!(markers(dir.path()), ["180+60/bbbb", "60+60/aaaa"]);
+        assert_eq!(store.expire(240).await.unwrap(), 2);
+        assert!(store.open(&a, 0).await.unwrap().is_none());
+        assert!(store.open(&b, 0).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_clean_shutdown_leaves_the_count_and_the_next_start_needs_no_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let up = upload(&store, b"aaaa", created("alice@example.org", 4, 100)).await;
+        store.commit(up, [0xaa; 32], 100).await.unwrap();
+        // An upload still running at shutdown: its commit afterwards fails and shows nothing.
+        let late = upload(&store, b"late", created("alice@example.org", 4, 100)).await;
+        store.shut().unwrap();
+        let err = store.commit(late, [0xbb; 32], 100).await.unwrap_err();
+        assert!(
+            matches!(err, ServiceError::Store(StoreError::Unavailable)),
+            "{err}"
+        );
+        assert!(store.open(&[0xbb; 32], 0).await.unwrap().is_none());
+        drop(store);
+        assert!(dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
+
+        // Counted from the start, and the snapshot is gone: a crash from here on scans.
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert!(*store.usage.counted.borrow());
+        assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
+        assert_eq!(store.usage(&alice).await.unwrap(), 4);
+        let up = upload(&store, b"cc", created("alice@example.org", 2, 130)).await;
+        store.commit(up, [0xcc; 32], 100).await.unwrap();
+        drop(store); // killed: no shutdown
+
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 6);
+        assert_eq!(markers(dir.path()), ["120+60/cccc", "60+60/aaaa"]);
+        assert_eq!(store.expire(180).await.unwrap(), 2);
+        assert_eq!(store.usage(&alice).await.unwrap(), 0);
+    }
+
+    /// Rewrites the snapshot a clean shutdown left with `bytes` for alice (its directory
+    /// stamps unchanged).
+    fn forge_snapshot(dir: &Path, bytes: u64) {
+        let path = dir.join(TMP).join(USAGE_SNAPSHOT);
+        let mut snapshot: Snapshot =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        snapshot.owners.insert("alice@example.org".into(), bytes);
+        std::fs::write(&path, serde_json::to_vec(&snapshot).unwrap()).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_is_used_only_while_the_directories_are_as_it_left_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        for (address, created) in [([0xaa; 32], 100), ([0xbb; 32], 130)] {
+            let up = upload(&store, b"four", created_meta(created)).await;
+            store.commit(up, address, 100).await.unwrap();
+        }
+        store.shut().unwrap();
+        drop(store);
+
+        // Unchanged directories: the snapshot's figure is taken as it is (a scan would count 8).
+        forge_snapshot(dir.path(), 1000);
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 1000);
+        drop(store); // killed: no snapshot
+
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 8);
+        store.shut().unwrap();
+        drop(store);
+
+        // A blob removed by hand while the server was stopped: counted again.
+        forge_snapshot(dir.path(), 1000);
+        std::fs::remove_file(dir.path().join(hex::encode([0xaa; 32]))).unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 4);
+        store.shut().unwrap();
+        drop(store);
+
+        // An expiry bucket removed by hand: counted again, and its markers made anew.
+        forge_snapshot(dir.path(), 1000);
+        std::fs::remove_dir_all(dir.path().join(EXPIRY).join("120+60")).unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 4);
+        assert_eq!(markers(dir.path()), ["120+60/bbbb", "60+60/aaaa"]);
+        assert_eq!(store.expire(180).await.unwrap(), 1);
+    }
+
+    fn created_meta(created_secs: u64) -> BlobMeta {
+        created("alice@example.org", 4, created_secs)
+    }
+
+    #[tokio::test]
+    async fn blobs_the_scan_cannot_mark_are_swept_and_marked_by_each_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let (a, b) = ([0xaa; 32], [0xbb; 32]);
+        for (address, created) in [(a, 100), (b, 130)] {
+            let up = upload(&store, b"four", created_meta(created)).await;
+            store.commit(up, address, 100).await.unwrap();
+        }
+        drop(store); // killed
+        // The markers lost, and their buckets cannot be made (files in their place: what a
+        // full disk does to creating a directory).
+        let expiry = dir.path().join(EXPIRY);
+        std::fs::remove_dir_all(&expiry).unwrap();
+        std::fs::create_dir(&expiry).unwrap();
+        for bucket in ["60+60", "120+60"] {
+            std::fs::write(expiry.join(bucket), b"in the way").unwrap();
+        }
+
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 8);
+        assert_eq!(lock(&store.usage.unmarked).len(), 2);
+        // Still unmarked: no snapshot, so that the next start scans again.
+        assert!(store.shut().is_err());
+        assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
+        drop(store);
+
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 8);
+        // a expired: deleted although it has no marker; b cannot be marked yet.
+        assert_eq!(store.expire(120).await.unwrap(), 1);
+        assert!(store.open(&a, 0).await.unwrap().is_none());
+        assert_eq!(*lock(&store.usage.unmarked), [(b, 130)]);
+        // Room again: the next sweep marks b, and its bucket's sweep deletes it.
+        std::fs::remove_file(expiry.join("120+60")).unwrap();
+        assert_eq!(store.expire(121).await.unwrap(), 0);
+        assert!(lock(&store.usage.unmarked).is_empty());
+        assert_eq!(markers(dir.path()), ["120+60/bbbb"]);
+        assert_eq!(store.expire(180).await.unwrap(), 1);
+        assert_eq!(store.usage(&alice).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_shutdown_makes_the_waiting_markers_the_next_start_relies_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let up = upload(&store, b"four", created_meta(100)).await;
+        store.commit(up, [0xaa; 32], 100).await.unwrap();
+        // Committed after the last sweep: no marker yet.
+        assert!(markers(dir.path()).is_empty());
+        store.shut().unwrap();
+        drop(store);
+
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert!(*store.usage.counted.borrow(), "the snapshot was not used");
+        assert_eq!(markers(dir.path()), ["60+60/aaaa"]);
+        assert_eq!(store.expire(120).await.unwrap(), 1);
+        assert!(store.open(&[0xaa; 32], 0).await.unwrap().is_none());
+    }
+
+    /// Whether the start scan of `store` finished within `limit` of real time (the scan runs
+    /// in a thread of its own, whatever the test's clock).
+    fn counted_within(store: &FileStore, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while !*store.usage.counted.borrow() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_scan_cannot_finish_uploads_are_told_to_retry_and_the_sweep_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        let store = FileStore::open(dir.path(), 64).unwrap();
+        // Counted (an empty store) before the paused clock could end the commit's wait.
+        assert!(counted_within(&store, std::time::Duration::from_secs(10)));
+        let up = upload(&store, b"four", created_meta(100)).await;
+        store.commit(up, [0xaa; 32], 100).await.unwrap();
+        drop(store); // killed
+        // A metadata file that cannot be read (a directory in its place: EISDIR), as an I/O
+        // error would: the scan must neither take it for a leftover nor finish without it.
+        let unreadable = dir
+            .path()
+            .join(format!("{}{META_SUFFIX}", hex::encode([0xbb; 32])));
+        std::fs::create_dir(&unreadable).unwrap();
+
+        let store = FileStore::open(dir.path(), 64).unwrap();
+        // The wait for the count ends (paused clock: at once) in UNAVAILABLE, a retry.
+        let err = store.usage(&alice).await.unwrap_err();
+        assert!(
+            matches!(err, ServiceError::Store(StoreError::Unavailable)),
+            "{err}"
+        );
+        // The sweep deletes nothing before the count (blob a expired at 101).
+        assert_eq!(store.expire(1_000).await.unwrap(), 0);
+        assert!(store.open(&[0xaa; 32], 0).await.unwrap().is_some());
+        assert!(unreadable.exists());
+
+        // Readable again: the scan's next try (its own thread, real time) counts.
+        std::fs::remove_dir(&unreadable).unwrap();
+        assert!(counted_within(&store, std::time::Duration::from_secs(10)));
+        assert_eq!(store.usage(&alice).await.unwrap(), 4);
+        assert_eq!(store.expire(1_000).await.unwrap(), 1);
     }
 }

@@ -104,7 +104,9 @@ pub(crate) trait BlobStore {
     ) -> Result<Option<(BlobMeta, Self::Reader)>, ServiceError>;
     /// Bytes of blobs stored for `owner`.
     async fn usage(&self, owner: &UserId) -> Result<u64, ServiceError>;
-    /// Deletes blobs uploaded before `created_before_secs`; returns how many.
+    /// Deletes blobs uploaded before `created_before_secs`; returns how many. A store may
+    /// keep an expired blob a little longer (the file store: until its expiry bucket ended),
+    /// so readers check the upload time themselves.
     async fn expire(&self, created_before_secs: u64) -> Result<u64, ServiceError>;
 }
 

@@ -571,3 +571,30 @@ async fn a_backup_holds_the_blobs_and_a_server_started_on_it_serves_them() {
     }
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_quota_holds_across_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path());
+    cfg.blobs.quota_per_user = 3 * MIB as u64 / 2;
+    let server = start(cfg.clone()).await;
+    let (_alice, phone, conn) = new_client(&server, "alice").await;
+    let first = upload(&conn, &pseudo_random(MIB, 41)).await.unwrap();
+    server.shutdown().await;
+    // The clean shutdown left the count; the start takes it (and removes it).
+    let snapshot = dir.path().join("blobs").join("tmp").join("usage.json");
+    assert!(snapshot.exists());
+
+    let server = start(cfg).await;
+    assert!(!snapshot.exists());
+    let conn = connect(&server).await;
+    login(&conn, &phone).await;
+    assert_eq!(
+        code(upload(&conn, &pseudo_random(MIB, 42)).await.unwrap_err()),
+        ErrorCode::BLOB_QUOTA_EXCEEDED
+    );
+    upload(&conn, &pseudo_random(MIB / 4, 43)).await.unwrap();
+    assert!(download(&conn, &first.blob, 0, None).await.unwrap() == pseudo_random(MIB, 41));
+    assert_eq!(visible_blobs(dir.path()).len(), 2);
+    server.shutdown().await;
+}
