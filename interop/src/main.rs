@@ -199,6 +199,9 @@ struct BenchArgs {
     /// Queued messages (queue entries) in cold-start's database, at least.
     #[arg(long, default_value_t = 1_000_000)]
     cold_queued: usize,
+    /// Blobs of 1 KiB in cold-start's blob store.
+    #[arg(long, default_value_t = 20_000)]
+    cold_blobs: usize,
     /// Messages (and echo requests) counted by the instructions workload.
     #[arg(long, default_value_t = 2_000)]
     callgrind_messages: usize,
@@ -244,6 +247,7 @@ fn bench(roost: Option<PathBuf>, args: BenchArgs) -> anyhow::Result<ExitCode> {
         join_members: args.join_members,
         cold_groups: args.cold_groups,
         cold_queued: args.cold_queued,
+        cold_blobs: args.cold_blobs,
         callgrind_messages: args.callgrind_messages,
         callgrind_pairs: args.callgrind_pairs,
         blob_large: args.blob_mib.max(1) << 20,

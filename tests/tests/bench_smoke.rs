@@ -78,6 +78,8 @@ fn every_workload_runs_and_reports() {
         cold.params["queued_messages"].as_u64().unwrap() >= 200,
         "{cold:?}"
     );
+    // The blobs the restarts start with are in alpha's store.
+    assert_eq!(cold.details["blob_files_added"], 20, "{cold:?}");
     let joins: Vec<_> = results
         .iter()
         .filter(|r| r.workload == "join-large")

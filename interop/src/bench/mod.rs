@@ -87,6 +87,8 @@ pub struct BenchConfig {
     pub cold_groups: usize,
     /// Queued messages (queue entries) in `cold-start`'s database, at least.
     pub cold_queued: usize,
+    /// Blobs of 1 KiB in `cold-start`'s blob store.
+    pub cold_blobs: usize,
     /// Messages counted by `instructions` (and echo requests of its baseline).
     pub callgrind_messages: usize,
     /// Pairs (and echo connections) of `instructions`.
@@ -129,6 +131,7 @@ impl Default for BenchConfig {
             join_members: 10_000,
             cold_groups: 10_000,
             cold_queued: 1_000_000,
+            cold_blobs: 20_000,
             callgrind_messages: 2_000,
             callgrind_pairs: 10,
             blob_large: 64 << 20,
@@ -159,6 +162,7 @@ impl BenchConfig {
             join_members: 10,
             cold_groups: 20,
             cold_queued: 200,
+            cold_blobs: 20,
             callgrind_messages: 20,
             callgrind_pairs: 2,
             blob_large: 2 << 20,

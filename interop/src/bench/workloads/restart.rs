@@ -9,7 +9,8 @@
 //!   `idle-connections` (or here when that did not run).
 //! - `cold-start`: alpha's database filled with 10,000 groups and 1 million queued messages
 //!   (built through the homeserver itself, which is fast: one message to a group of N members
-//!   is N−1 queue entries in one transaction); then the time from process start until an
+//!   is N−1 queue entries in one transaction), and its blob store with 20,000 blobs of 1 KiB
+//!   (uploaded by the pooled clients, two each); then the time from process start until an
 //!   authenticated client's QueueFetch is answered, over three restarts of the same database.
 //!   Baseline: the same on beta, whose database holds next to nothing.
 
@@ -181,17 +182,33 @@ async fn create_groups(
 ) -> anyhow::Result<()> {
     set_phase(progress, "cold-start: groups", count);
     let conn = owner.conn()?.clone();
-    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(FILL_CONCURRENCY));
-    let mut tasks = JoinSet::new();
-    for i in 0..count {
-        let (owner, conn, limit) = (owner.clone(), conn.clone(), limit.clone());
-        tasks.spawn(async move {
-            let _permit = limit.acquire_owned().await?;
+    fill(count, progress, |i| {
+        let (owner, conn) = (owner.clone(), conn.clone());
+        Ok(async move {
             let request: CreateGroupRequest =
                 tokio::task::spawn_blocking(move || GroupOwner::create_request(&owner, uuid(9, i)))
                     .await??;
             conn.call(request).await?;
-            Ok::<_, anyhow::Error>(())
+            Ok(())
+        })
+    })
+    .await
+}
+
+/// Runs `job(0..count)` with [`FILL_CONCURRENCY`] of them at once, counting each done on
+/// `progress`; the first error ends it.
+async fn fill<F, J>(count: usize, progress: &ProgressBar, mut job: J) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    J: FnMut(usize) -> anyhow::Result<F>,
+{
+    let limit = std::sync::Arc::new(tokio::sync::Semaphore::new(FILL_CONCURRENCY));
+    let mut tasks = JoinSet::new();
+    for i in 0..count {
+        let (work, limit) = (job(i)?, limit.clone());
+        tasks.spawn(async move {
+            let _permit = limit.acquire_owned().await?;
+            work.await
         });
         // Bound the tasks waiting for a permit.
         while tasks.len() >= 4 * FILL_CONCURRENCY {
@@ -206,6 +223,44 @@ async fn create_groups(
         progress.inc(1);
     }
     Ok(())
+}
+
+/// Data files (named by their 64-hex-digit address) in the file blob store of the data
+/// directory `data` (0 with PostgreSQL, whose blobs are in the database).
+fn blob_files(data: &std::path::Path) -> usize {
+    std::fs::read_dir(data.join("blobs"))
+        .map(|dir| dir.flatten().filter(|e| e.file_name().len() == 64).count())
+        .unwrap_or(0)
+}
+
+/// Size of each blob `cold-start` stores.
+const COLD_BLOB_BYTES: usize = 1024;
+
+/// Uploads `count` distinct blobs of [`COLD_BLOB_BYTES`] through `clients` in turn
+/// ([`FILL_CONCURRENCY`] at once; a client uploads `count / clients` of them, within the
+/// default upload rate when there are enough clients).
+async fn store_blobs(
+    clients: &[BenchClient],
+    count: usize,
+    progress: &ProgressBar,
+) -> anyhow::Result<()> {
+    if count == 0 {
+        return Ok(());
+    }
+    anyhow::ensure!(!clients.is_empty(), "no pooled clients to upload blobs");
+    set_phase(progress, "cold-start: blobs", count);
+    fill(count, progress, |i| {
+        let conn = clients[i % clients.len()].conn()?.clone();
+        Ok(async move {
+            let mut bytes = vec![0u8; COLD_BLOB_BYTES];
+            bytes[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let mut upload = conn.start_blob_upload(bytes.len() as u64).await?;
+            upload.write(&bytes).await?;
+            upload.finish().await?;
+            Ok(())
+        })
+    })
+    .await
 }
 
 /// Bytes of the files under `dir`.
@@ -254,9 +309,12 @@ pub(super) async fn cold_start(
         big.client.conn()?.call(request).await?;
         progress.inc(1);
     }
+    let blobs_before = blob_files(&servers.data_dir(0)?);
+    store_blobs(&pool.clients, config.cold_blobs, progress).await?;
     let build_time = build.elapsed();
     let queued = messages * recipients;
     let data_bytes = dir_bytes(&servers.data_dir(0)?);
+    let blobs_held = blob_files(&servers.data_dir(0)?);
 
     // A client of beta for the baseline's probe.
     let beta = servers.connect_config(1)?;
@@ -290,6 +348,7 @@ pub(super) async fn cold_start(
             "groups": config.cold_groups,
             "queued_messages": queued,
             "requested_queued": config.cold_queued,
+            "blobs": config.cold_blobs,
         }),
         ops_per_sec: if alpha.median() > 0 {
             1e6 / alpha.median() as f64
@@ -309,6 +368,8 @@ pub(super) async fn cold_start(
             "restarts": COLD_ROUNDS,
             "build_seconds": build_time.as_secs_f64(),
             "data_dir_bytes": data_bytes,
+            "blob_files": blobs_held,
+            "blob_files_added": blobs_held.saturating_sub(blobs_before),
             "messages_sent": messages,
             "group_members": recipients + 1,
             "ops": "starts per second (1 / median start); latency: process start → an authenticated QueueFetch answered",
