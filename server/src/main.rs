@@ -230,7 +230,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(roost_server::run(settings, shutdown_signal()))?;
+            let served = runtime.block_on(roost_server::run(settings, shutdown_signal()));
+            // The server has shut its stores; blocking jobs still running (a blob sweep
+            // deleting a large backlog) are crash-safe to cut off.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+            served?;
         }
         Command::Admin(args) => {
             install_tracing(LogFormat::Text);

@@ -26,6 +26,9 @@ pub(crate) enum Blobs {
     Postgres(PgBlobStore),
 }
 
+/// How long the shutdown waits for the file store to leave its usage count.
+const SHUT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Blobs {
     /// Opens the store that goes with the configured storage engine (the file store's writes
     /// fail when `faults` says so: tests only).
@@ -47,16 +50,21 @@ impl Blobs {
     }
 
     /// Ends the store's writes at shutdown, after the requests (the file store leaves its
-    /// usage count for the next start; PostgreSQL keeps nothing of its own).
+    /// usage count for the next start; PostgreSQL keeps nothing of its own). Waits at most
+    /// [`SHUT_WAIT`] (a sweep deleting a large backlog holds the store): a shutdown that leaves
+    /// no count only makes the next start count.
     pub(crate) async fn shut(&self) {
         if let Self::Files(store) = self {
             let store = store.clone();
-            match tokio::task::spawn_blocking(move || store.shut()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(err)) => {
+            let shut = tokio::task::spawn_blocking(move || store.shut());
+            match tokio::time::timeout(SHUT_WAIT, shut).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(err))) => {
                     tracing::warn!(%err, "blob usage not saved; the next start counts it")
                 }
-                Err(_) => tracing::warn!("blob usage not saved; the next start counts it"),
+                Ok(Err(_)) | Err(_) => {
+                    tracing::warn!("blob usage not saved; the next start counts it")
+                }
             }
         }
     }

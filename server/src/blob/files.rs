@@ -17,17 +17,26 @@
 //! goes by buckets of upload time: `expiry/<start>+<width>/<address>` is an empty marker
 //! for a blob committed (or renewed: in the new time's bucket), made by the next sweep (or the
 //! shutdown) off the request path, and the sweep lists only the bucket directories, opening
-//! those that ended before the cutoff; a blob is so deleted up
-//! to one bucket's width after it expired (downloads refuse it from its expiry on; the width
-//! is 1/64 of `blobs.expiry_secs`, at most an hour). The per-owner usage the quota needs is
-//! counted by a scan of the metadata files in a thread of its own at start, which also
-//! removes metadata files without data and makes the markers a crash (or a store of an older
-//! layout) lost: the server serves meanwhile, and only uploads wait for the count. Markers
-//! are therefore never fsynced: every start checks them.
+//! those that ended before the cutoff; a blob is so deleted up to one bucket's width after it
+//! expired (downloads refuse it from its expiry on; the width is 1/64 of
+//! `blobs.expiry_secs`, at most an hour). A blob the sweep cannot delete (its metadata file
+//! unreadable) keeps its marker for the next sweep and holds up no other.
+//!
+//! The per-owner usage the quota needs is left by a clean shutdown in `tmp/usage.json`, with
+//! the stamps (inode, ctime) of the store's directory, `expiry/` and every bucket, after the
+//! waiting markers were made and fsynced; the next start takes it only while every stamp is
+//! as it was. Otherwise (a crash, a change by hand, a store of an older layout) a thread of
+//! its own scans the metadata files while the server serves: it counts, removes metadata
+//! files without data and makes the markers a crash lost (markers are not fsynced when made:
+//! a start either scans or finds them fsynced by the shutdown). Only uploads, and the sweep,
+//! wait for the count; a metadata file that cannot be read is retried for
+//! [`SCAN_PATIENCE`], then left out of the count (logged as an error; the next start scans
+//! again).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -50,6 +59,13 @@ const MAX_BUCKET_SECS: u64 = 3600;
 /// How long an upload waits for the start scan's count before it is answered UNAVAILABLE
 /// (with a retry delay).
 const COUNT_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the start scan retries a metadata file it cannot read (an I/O error, a
+/// permission) before it counts without it, so that one bad file does not hold up every
+/// upload for good.
+const SCAN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Blobs waiting for their expiry marker ([`Usage::unmarked`]) held at most: beyond (markers
+/// failing for a long time under many uploads) a blob waits for the next start's scan.
+const MAX_UNMARKED: usize = 1 << 20;
 /// The usage count a clean shutdown leaves for the next start, in `tmp/`: read before `tmp/`
 /// is emptied at start (an older roost, which does not read it, empties `tmp/` too).
 const USAGE_SNAPSHOT: &str = "usage.json";
@@ -79,11 +95,14 @@ struct Usage {
     counted: tokio::sync::watch::Sender<bool>,
     /// Set when a change of the files failed half-way (the count or the markers may be off
     /// until the next scan): the shutdown then leaves no snapshot.
-    dirty: std::sync::atomic::AtomicBool,
-    /// Blobs (address, upload time) without their expiry marker yet: committed or renewed
-    /// since the last sweep, or not markable by the start scan (a full disk). Each sweep
-    /// (and the shutdown) marks them, or deletes those expired meanwhile.
-    unmarked: Mutex<Vec<([u8; BLOB_ADDRESS_LEN], u64)>>,
+    dirty: AtomicBool,
+    /// Set by the shutdown: a start scan still running stops and publishes nothing.
+    closed: AtomicBool,
+    /// Blobs without their expiry marker yet, with the upload time they were last committed
+    /// or renewed with: committed or renewed since the last sweep, or not markable by the
+    /// start scan (a full disk). Each sweep (and the shutdown) marks them, or deletes those
+    /// expired meanwhile.
+    unmarked: Mutex<Unmarked>,
     /// Held by a sweep for its whole run and by the shutdown, so that the shutdown never
     /// takes its snapshot while a sweep holds blobs it has not marked yet. Taken before
     /// `bytes`.
@@ -96,23 +115,84 @@ impl Usage {
             counted: tokio::sync::watch::Sender::new(saved.is_some()),
             bytes: Mutex::new(saved),
             dirty: Default::default(),
+            closed: Default::default(),
             unmarked: Default::default(),
             sweeping: Mutex::new(()),
         }
     }
 
     fn spoil(&self) {
-        self.dirty.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    /// Remembers that `address`, committed or renewed at `created_secs`, has no marker for
+    /// that time yet.
+    fn unmark(&self, address: [u8; BLOB_ADDRESS_LEN], created_secs: u64) {
+        let mut unmarked = lock(&self.unmarked);
+        if unmarked.len() >= MAX_UNMARKED && !unmarked.contains_key(&address) {
+            drop(unmarked);
+            if !self.dirty.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "too many blobs wait for an expiry marker: the next start marks the rest"
+                );
+            }
+            return;
+        }
+        let at = unmarked.entry(address).or_insert(created_secs);
+        *at = (*at).max(created_secs);
+    }
+
+    /// Puts back blobs a sweep took and could not mark (nor delete).
+    fn unmark_all(&self, still: Unmarked) {
+        for (address, created_secs) in still {
+            self.unmark(address, created_secs);
+        }
     }
 }
 
+/// Blobs without their expiry marker: address → upload time.
+type Unmarked = HashMap<[u8; BLOB_ADDRESS_LEN], u64>;
+
 /// [`USAGE_SNAPSHOT`]: bytes of stored blobs per owner, and the directories it counted as
 /// they were then. A blob added or removed since (by hand, or by a roost that does not keep
-/// the snapshot) changes a directory's ctime, and the snapshot is not used.
+/// the snapshot) changes a directory's ctime, and the snapshot is not used. (A ctime is as
+/// fine as the file system keeps it; on Linux before 6.13 a clock tick, so a change by hand
+/// within a few milliseconds of the shutdown's last change would go unseen.)
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     owners: HashMap<String, u64>,
-    dirs: [DirStamp; 2],
+    dirs: Stamps,
+}
+
+/// The directories a snapshot depends on, as they were when it was taken: a blob added or
+/// removed changes the store's directory, a marker added or removed its bucket's, a bucket
+/// added or removed `expiry/`'s.
+#[derive(Serialize, Deserialize, PartialEq, Eq, Debug)]
+struct Stamps {
+    store: DirStamp,
+    expiry: DirStamp,
+    /// Every bucket's, by name.
+    buckets: BTreeMap<String, DirStamp>,
+}
+
+impl Stamps {
+    /// `None` when one cannot be read (the snapshot is then not written, or not used).
+    fn of(dir: &Path) -> Option<Self> {
+        let expiry = dir.join(EXPIRY);
+        let mut buckets = BTreeMap::new();
+        for entry in std::fs::read_dir(&expiry).ok()? {
+            let entry = entry.ok()?;
+            if entry.file_type().ok()?.is_dir() {
+                let name = entry.file_name().into_string().ok()?;
+                buckets.insert(name, DirStamp::of(&entry.path())?);
+            }
+        }
+        Some(Self {
+            store: DirStamp::of(dir)?,
+            expiry: DirStamp::of(&expiry)?,
+            buckets,
+        })
+    }
 }
 
 /// A directory's inode and the time its entries last changed.
@@ -139,11 +219,6 @@ impl DirStamp {
     #[cfg(not(unix))]
     fn of(_dir: &Path) -> Option<Self> {
         None
-    }
-
-    /// The store's directory and its expiry directory.
-    fn both(dir: &Path) -> Option<[Self; 2]> {
-        Some([Self::of(dir)?, Self::of(&dir.join(EXPIRY))?])
     }
 }
 
@@ -201,6 +276,15 @@ impl FileStore {
     /// thread of its own then counts each owner's stored bytes ([`Usage`]). Blobs expire
     /// `expiry_secs` after their upload.
     pub(crate) fn open(dir: &Path, expiry_secs: u64) -> Result<Self, StoreError> {
+        Self::open_with(dir, expiry_secs, SCAN_PATIENCE)
+    }
+
+    /// [`FileStore::open`] whose start scan retries unreadable metadata files for `patience`.
+    fn open_with(
+        dir: &Path,
+        expiry_secs: u64,
+        patience: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         let store_err = |err: io::Error| StoreError::Io(format!("{}: {err}", dir.display()).into());
         let tmp = dir.join(TMP);
         // What a clean shutdown counted, if it did and nothing changed the directories since;
@@ -209,7 +293,7 @@ impl FileStore {
         let saved = std::fs::read(tmp.join(USAGE_SNAPSHOT))
             .ok()
             .and_then(|bytes| serde_json::from_slice::<Snapshot>(&bytes).ok())
-            .filter(|saved| DirStamp::both(dir) == Some(saved.dirs))
+            .filter(|saved| Stamps::of(dir).as_ref() == Some(&saved.dirs))
             .and_then(|saved| {
                 saved
                     .owners
@@ -234,7 +318,7 @@ impl FileStore {
             let (weak, scanned) = (Arc::downgrade(&usage), dir.to_owned());
             std::thread::Builder::new()
                 .name("roost-blob-count".into())
-                .spawn(move || count_usage(&weak, &scanned, bucket_secs))
+                .spawn(move || count_usage(&weak, &scanned, bucket_secs, patience))
                 .map_err(store_err)?;
         }
         Ok(Self {
@@ -261,13 +345,17 @@ impl FileStore {
     }
 
     /// Ends the store's writes and leaves the usage count for the next start, so that it
-    /// need not scan: the waiting expiry markers are made and fsynced, then the count written (a store still
-    /// being counted leaves nothing). Every later commit and deletion fails (UNAVAILABLE).
+    /// need not scan: the waiting expiry markers are made, every marker and bucket fsynced,
+    /// then the count written with the directories' stamps. A store still being counted stops
+    /// its scan and leaves nothing, as does one whose count or markers may be off (a change
+    /// of the files failed half-way). Every later commit and deletion fails (UNAVAILABLE).
     /// Blocking.
     pub(crate) fn shut(&self) -> io::Result<()> {
+        self.usage.closed.store(true, Ordering::SeqCst);
         let _sweeping = lock(&self.usage.sweeping);
-        let mut guard = lock(&self.usage.bytes);
-        let Some(owners) = guard.take() else {
+        // Taken under the lock every change of the files holds: none is half-way now, and
+        // none starts after.
+        let Some(owners) = lock(&self.usage.bytes).take() else {
             return Ok(());
         };
         let unmarked = std::mem::take(&mut *lock(&self.usage.unmarked));
@@ -280,7 +368,7 @@ impl FileStore {
             )
             .is_ok()
         });
-        if !marked || self.usage.dirty.load(std::sync::atomic::Ordering::Relaxed) {
+        if !marked || self.usage.dirty.load(Ordering::Relaxed) {
             return Err(io::Error::other(
                 "a change of the blob files or an expiry marker failed while the server ran",
             ));
@@ -290,7 +378,7 @@ impl FileStore {
             fsync_dir(&bucket?.path())?;
         }
         fsync_dir(&expiry)?;
-        let Some(dirs) = DirStamp::both(&self.dir) else {
+        let Some(dirs) = Stamps::of(&self.dir) else {
             return Ok(());
         };
         let snapshot = Snapshot {
@@ -360,22 +448,42 @@ fn mark(dir: &Path, bucket_secs: u64, hex_address: &str, created_secs: u64) -> i
 /// The start scan, in a thread of its own: counts each owner's bytes, removes metadata files
 /// without data (a process killed between a commit's two renames, or an expiry between its
 /// two removals) and remakes missing expiry markers, then publishes the count. Retries after
-/// an I/O error; ends early when the store was dropped.
-fn count_usage(usage: &std::sync::Weak<Usage>, dir: &Path, bucket_secs: u64) {
+/// an I/O error (after `patience`, metadata files that still cannot be read are left out);
+/// ends early when the store was dropped or shut.
+fn count_usage(
+    usage: &std::sync::Weak<Usage>,
+    dir: &Path,
+    bucket_secs: u64,
+    patience: std::time::Duration,
+) {
     let mut delay = std::time::Duration::from_millis(100);
     let started = std::time::Instant::now();
     loop {
-        match scan(usage, dir, bucket_secs) {
-            Ok(Some((counted, unmarked))) => {
+        let lenient = started.elapsed() >= patience;
+        match scan(usage, dir, bucket_secs, lenient) {
+            Ok(Some(scanned)) => {
                 let Some(usage) = usage.upgrade() else { return };
-                if !unmarked.is_empty() {
+                let mut bytes = lock(&usage.bytes);
+                if usage.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Some(first) = scanned.unreadable.first() {
+                    // The next start scans again (no snapshot).
+                    usage.spoil();
+                    tracing::error!(
+                        files = scanned.unreadable.len(),
+                        first = %first.display(),
+                        "blob metadata files that cannot be read: their blobs are not served, not counted toward quotas and not expired until the files can be read and the server is restarted"
+                    );
+                }
+                if !scanned.unmarked.is_empty() {
                     tracing::warn!(
-                        blobs = unmarked.len(),
+                        blobs = scanned.unmarked.len(),
                         "stored blobs without an expiry marker (the disk is full?): each sweep looks at them"
                     );
                 }
-                *lock(&usage.unmarked) = unmarked;
-                let (owners, elapsed) = (counted.len(), started.elapsed());
+                *lock(&usage.unmarked) = scanned.unmarked;
+                let (owners, elapsed) = (scanned.counted.len(), started.elapsed());
                 let elapsed_ms = elapsed.as_millis() as u64;
                 // Worth an operator's attention only when uploads waited for it.
                 if elapsed >= std::time::Duration::from_secs(1) {
@@ -383,7 +491,8 @@ fn count_usage(usage: &std::sync::Weak<Usage>, dir: &Path, bucket_secs: u64) {
                 } else {
                     tracing::debug!(owners, elapsed_ms, "stored blobs counted");
                 }
-                *lock(&usage.bytes) = Some(counted);
+                *bytes = Some(scanned.counted);
+                drop(bytes);
                 usage.counted.send_replace(true);
                 return;
             }
@@ -392,7 +501,7 @@ fn count_usage(usage: &std::sync::Weak<Usage>, dir: &Path, bucket_secs: u64) {
                 tracing::warn!(dir = %dir.display(), %err, "counting the stored blobs failed; retrying");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(std::time::Duration::from_secs(30));
-                if usage.strong_count() == 0 {
+                if stopped(usage) {
                     return;
                 }
             }
@@ -400,22 +509,41 @@ fn count_usage(usage: &std::sync::Weak<Usage>, dir: &Path, bucket_secs: u64) {
     }
 }
 
-/// What the start scan counted: bytes per owner, and the blobs it could not mark.
-type Scanned = (HashMap<UserId, u64>, Vec<([u8; BLOB_ADDRESS_LEN], u64)>);
+/// Whether the store a start scan counts for was dropped or shut.
+fn stopped(usage: &std::sync::Weak<Usage>) -> bool {
+    usage
+        .upgrade()
+        .is_none_or(|usage| usage.closed.load(Ordering::SeqCst))
+}
 
-/// One pass of [`count_usage`]; `None` when the store was dropped meanwhile. Nothing else
-/// changes the files while it runs: commits and the sweep wait for the count. A metadata
+/// What the start scan counted.
+struct Scanned {
+    /// Bytes per owner.
+    counted: HashMap<UserId, u64>,
+    /// Blobs it could not mark.
+    unmarked: Unmarked,
+    /// Metadata files it could not read (or remove), left out (only when lenient).
+    unreadable: Vec<PathBuf>,
+}
+
+/// One pass of [`count_usage`]; `None` when the store was dropped or shut meanwhile. Nothing
+/// else changes the files while it runs: commits and the sweep wait for the count. A metadata
 /// file that cannot be read (as opposed to one that is missing or does not decode) fails the
-/// pass, which is retried: a visible blob is never taken for a leftover.
+/// pass, which is retried: a visible blob is never taken for a leftover. A `lenient` pass
+/// leaves such files as they are and out of the count instead.
 fn scan(
     usage: &std::sync::Weak<Usage>,
     dir: &Path,
     bucket_secs: u64,
+    lenient: bool,
 ) -> io::Result<Option<Scanned>> {
-    let mut counted: HashMap<UserId, u64> = HashMap::new();
-    let mut unmarked = Vec::new();
-    for (seen, entry) in std::fs::read_dir(dir)?.enumerate() {
-        if seen % 1024 == 0 && usage.strong_count() == 0 {
+    let mut scanned = Scanned {
+        counted: HashMap::new(),
+        unmarked: HashMap::new(),
+        unreadable: Vec::new(),
+    };
+    for entry in std::fs::read_dir(dir)? {
+        if stopped(usage) {
             return Ok(None);
         }
         let entry = entry?;
@@ -423,13 +551,21 @@ fn scan(
         let Some(hex_address) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) else {
             continue;
         };
-        let mut address = [0u8; BLOB_ADDRESS_LEN];
-        let meta = match read_meta(&entry.path())? {
-            Some(meta) if hex::decode_to_slice(hex_address, &mut address).is_ok() => Some(meta),
-            _ => None,
-        };
-        match meta {
-            Some(meta) if dir.join(hex_address).try_exists()? => {
+        let looked = (|| -> io::Result<Option<([u8; BLOB_ADDRESS_LEN], BlobMeta)>> {
+            let mut address = [0u8; BLOB_ADDRESS_LEN];
+            let meta = match read_meta(&entry.path())? {
+                Some(meta) if hex::decode_to_slice(hex_address, &mut address).is_ok() => meta,
+                // Never visible: it does not decode, or names no blob.
+                _ => return Ok(None),
+            };
+            if !dir.join(hex_address).try_exists()? {
+                // Never visible: its data is missing.
+                return Ok(None);
+            }
+            Ok(Some((address, meta)))
+        })();
+        match looked {
+            Ok(Some((address, meta))) => {
                 let marker = dir
                     .join(EXPIRY)
                     .join(bucket_name(meta.created_secs, bucket_secs))
@@ -438,19 +574,21 @@ fn scan(
                 if !marker.try_exists().unwrap_or(false)
                     && mark(dir, bucket_secs, hex_address, meta.created_secs).is_err()
                 {
-                    unmarked.push((address, meta.created_secs));
+                    scanned.unmarked.insert(address, meta.created_secs);
                 }
-                *counted.entry(meta.owner).or_default() += meta.size;
+                *scanned.counted.entry(meta.owner).or_default() += meta.size;
             }
-            _ => match std::fs::remove_file(entry.path()) {
-                // Never visible: its data is missing, or it does not decode.
+            Ok(None) => match std::fs::remove_file(entry.path()) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(_) if lenient => scanned.unreadable.push(entry.path()),
                 Err(err) => return Err(err),
             },
+            Err(_) if lenient => scanned.unreadable.push(entry.path()),
+            Err(err) => return Err(err),
         }
     }
-    Ok(Some((counted, unmarked)))
+    Ok(Some(scanned))
 }
 
 /// A blob's metadata: `None` if the file is missing or does not decode (never visible).
@@ -728,12 +866,12 @@ impl BlobStore for FileStore {
                         // Whether the new time is in place is not known: the next start
                         // scans, and until then the blob is marked for both times.
                         store.usage.spoil();
-                        lock(&store.usage.unmarked).push((address, renewed.created_secs));
+                        store.usage.unmark(address, renewed.created_secs);
                         io_error(err)
                     })?;
                 // Marked in the new time's bucket by the next sweep; the old bucket's sweep
                 // finds the blob renewed and leaves it.
-                lock(&store.usage.unmarked).push((address, renewed.created_secs));
+                store.usage.unmark(address, renewed.created_secs);
                 return Ok(renewed);
             }
             let used = usage.get(&meta.owner).copied().unwrap_or(0);
@@ -752,7 +890,7 @@ impl BlobStore for FileStore {
                 store.usage.spoil();
                 if data.try_exists().unwrap_or(true) {
                     *usage.entry(meta.owner.clone()).or_default() += meta.size;
-                    lock(&store.usage.unmarked).push((address, meta.created_secs));
+                    store.usage.unmark(address, meta.created_secs);
                 } else {
                     let _ = std::fs::remove_file(&meta_path);
                 }
@@ -760,7 +898,7 @@ impl BlobStore for FileStore {
             }
             *usage.entry(meta.owner.clone()).or_default() += meta.size;
             // Its marker is made by the next sweep, off the request path.
-            lock(&store.usage.unmarked).push((address, meta.created_secs));
+            store.usage.unmark(address, meta.created_secs);
             Ok(meta)
         })
         .await?;
@@ -801,7 +939,9 @@ impl BlobStore for FileStore {
 
     /// Deletes the blobs of every expiry bucket that ended by `created_before_secs` (unless
     /// renewed since); what the sweep reads is the bucket directories' names and the blobs it
-    /// deletes. Before the start scan counted the usage, nothing (the next sweep does it).
+    /// deletes. Before the start scan counted the usage, nothing (the next sweep does it). A
+    /// blob it cannot delete keeps its marker (or its place among the unmarked) for the next
+    /// sweep, and the sweep goes on with the others.
     async fn expire(&self, created_before_secs: u64) -> Result<u64, ServiceError> {
         if !*self.usage.counted.borrow() {
             return Ok(0);
@@ -809,7 +949,11 @@ impl BlobStore for FileStore {
         let store = self.clone();
         blocking(move || {
             let _sweeping = lock(&store.usage.sweeping);
-            let mut removed = store.mark_waiting(created_before_secs)?;
+            if store.usage.closed.load(Ordering::SeqCst) {
+                return Err(ServiceError::Store(StoreError::Unavailable));
+            }
+            let mut failed = Failed::default();
+            let mut removed = store.mark_waiting(created_before_secs, &mut failed);
             let buckets = store.dir.join(EXPIRY);
             for bucket in std::fs::read_dir(&buckets).map_err(io_error)? {
                 let bucket = bucket.map_err(io_error)?;
@@ -819,30 +963,71 @@ impl BlobStore for FileStore {
                 if !ours || ended.is_none_or(|end| end > created_before_secs) {
                     continue;
                 }
-                for marker in std::fs::read_dir(bucket.path()).map_err(io_error)? {
-                    let marker = marker.map_err(io_error)?;
+                let markers = match std::fs::read_dir(bucket.path()) {
+                    Ok(markers) => markers,
+                    Err(err) => {
+                        failed.note(io_error(err));
+                        continue;
+                    }
+                };
+                for marker in markers {
+                    let marker = match marker {
+                        Ok(marker) => marker,
+                        Err(err) => {
+                            failed.note(io_error(err));
+                            break;
+                        }
+                    };
                     let mut address = [0u8; BLOB_ADDRESS_LEN];
                     let named = marker
                         .file_name()
                         .to_str()
                         .is_some_and(|name| hex::decode_to_slice(name, &mut address).is_ok());
-                    if named && store.remove_expired(&address, created_before_secs)? {
-                        removed += 1;
+                    if named {
+                        match store.remove_expired(&address, created_before_secs) {
+                            Ok(gone) => removed += u64::from(gone),
+                            Err(err) => {
+                                // Its marker stays: the next sweep tries again.
+                                failed.note(err);
+                                continue;
+                            }
+                        }
                     }
                     match std::fs::remove_file(marker.path()) {
                         Ok(()) => {}
                         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                         // Not ours (a directory put there by hand): left alone.
                         Err(_) if !named => {}
-                        Err(err) => return Err(io_error(err)),
+                        Err(err) => failed.note(io_error(err)),
                     }
                 }
-                // Empty now: commits mark only buckets that have not ended.
+                // Removed once empty: commits mark only buckets that have not ended.
                 let _ = std::fs::remove_dir(bucket.path());
+            }
+            if let Some(first) = failed.first {
+                tracing::warn!(
+                    blobs = failed.count,
+                    err = %first,
+                    "expired blobs the sweep could not delete; the next sweep tries again"
+                );
             }
             Ok(removed)
         })
         .await
+    }
+}
+
+/// What a sweep could not do: how many times, and the first error.
+#[derive(Default)]
+struct Failed {
+    count: u64,
+    first: Option<ServiceError>,
+}
+
+impl Failed {
+    fn note(&mut self, err: ServiceError) {
+        self.count += 1;
+        self.first.get_or_insert(err);
     }
 }
 
@@ -857,7 +1042,7 @@ impl FileStore {
         let mut guard = lock(&self.usage.bytes);
         let meta_path = self.meta_path(address);
         // Read under the lock: a renewal rewrites it under the same lock. A read that fails
-        // (rather than finding nothing) fails the sweep, which keeps the marker.
+        // (rather than finding nothing) keeps the blob, and its marker, for the next sweep.
         let Some(meta) = read_meta(&meta_path).map_err(io_error)? else {
             return Ok(false);
         };
@@ -887,19 +1072,18 @@ impl FileStore {
     }
 
     /// The blobs without their marker ([`Usage::unmarked`]): each expired one is deleted,
-    /// each other one marked; what cannot be marked now (a full disk) waits for the next
-    /// sweep. Returns how many were deleted. Blocking.
-    fn mark_waiting(&self, created_before_secs: u64) -> Result<u64, ServiceError> {
+    /// each other one marked; what cannot be deleted or marked now (a full disk) waits for
+    /// the next sweep. Returns how many were deleted. Blocking.
+    fn mark_waiting(&self, created_before_secs: u64, failed: &mut Failed) -> u64 {
         let waiting = std::mem::take(&mut *lock(&self.usage.unmarked));
-        let (mut removed, mut still) = (0, Vec::new());
-        for (at, &(address, created_secs)) in waiting.iter().enumerate() {
+        let (mut removed, mut still) = (0, Unmarked::new());
+        for (address, created_secs) in waiting {
             if created_secs < created_before_secs {
                 match self.remove_expired(&address, created_before_secs) {
                     Ok(gone) => removed += u64::from(gone),
                     Err(err) => {
-                        still.extend_from_slice(&waiting[at..]);
-                        lock(&self.usage.unmarked).extend(still);
-                        return Err(err);
+                        failed.note(err);
+                        still.insert(address, created_secs);
                     }
                 }
             } else if mark(
@@ -910,11 +1094,11 @@ impl FileStore {
             )
             .is_err()
             {
-                still.push((address, created_secs));
+                still.insert(address, created_secs);
             }
         }
-        lock(&self.usage.unmarked).extend(still);
-        Ok(removed)
+        self.usage.unmark_all(still);
+        removed
     }
 }
 
@@ -1160,9 +1344,13 @@ mod tests {
             markers(dir.path()),
             ["120+60/cccc", "60+60/aaaa", "60+60/bbbb"]
         );
-        // b uploaded again at 125: renewed, marked in the later bucket.
-        let up = upload(&store, b"bbbbbb", created("bob@example.org", 6, 125)).await;
-        assert_eq!(store.commit(up, b, 100).await.unwrap().created_secs, 125);
+        // b uploaded again at 124 and 125: renewed, waiting once for a marker in the later
+        // bucket.
+        for at in [124, 125] {
+            let up = upload(&store, b"bbbbbb", created("bob@example.org", 6, at)).await;
+            assert_eq!(store.commit(up, b, 100).await.unwrap().created_secs, at);
+        }
+        assert_eq!(*lock(&store.usage.unmarked), HashMap::from([(b, 125)]));
         assert_eq!(store.usage(&alice).await.unwrap(), 12);
 
         // The first bucket has not ended at 119: nothing goes, although a expired at 101.
@@ -1230,14 +1418,16 @@ mod tests {
         assert!(store.open(&[0xbb; 32], 0).await.unwrap().is_none());
         drop(store);
         assert!(dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
+        // A figure a scan would not find: the start below takes the snapshot's.
+        forge_snapshot(dir.path(), 40);
 
         // Counted from the start, and the snapshot is gone: a crash from here on scans.
         let store = FileStore::open(dir.path(), 64 * 60).unwrap();
-        assert!(*store.usage.counted.borrow());
         assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
-        assert_eq!(store.usage(&alice).await.unwrap(), 4);
+        assert_eq!(store.usage(&alice).await.unwrap(), 40);
         let up = upload(&store, b"cc", created("alice@example.org", 2, 130)).await;
         store.commit(up, [0xcc; 32], 100).await.unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 42);
         drop(store); // killed: no shutdown
 
         let store = FileStore::open(dir.path(), 64 * 60).unwrap();
@@ -1261,11 +1451,7 @@ mod tests {
     async fn the_snapshot_is_used_only_while_the_directories_are_as_it_left_them() {
         let dir = tempfile::tempdir().unwrap();
         let alice: UserId = "alice@example.org".parse().unwrap();
-        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
-        for (address, created) in [([0xaa; 32], 100), ([0xbb; 32], 130)] {
-            let up = upload(&store, b"four", created_meta(created)).await;
-            store.commit(up, address, 100).await.unwrap();
-        }
+        let store = two_blobs(dir.path()).await;
         store.shut().unwrap();
         drop(store);
 
@@ -1294,6 +1480,17 @@ mod tests {
         let store = FileStore::open(dir.path(), 64 * 60).unwrap();
         assert_eq!(store.usage(&alice).await.unwrap(), 4);
         assert_eq!(markers(dir.path()), ["120+60/bbbb", "60+60/aaaa"]);
+        store.shut().unwrap();
+        drop(store);
+
+        // A marker removed by hand (its bucket stays): counted again, and the marker made
+        // anew, so that the blob still expires.
+        forge_snapshot(dir.path(), 1000);
+        let bucket = dir.path().join(EXPIRY).join("120+60");
+        std::fs::remove_file(bucket.join(hex::encode([0xbb; 32]))).unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert_eq!(store.usage(&alice).await.unwrap(), 4);
+        assert_eq!(markers(dir.path()), ["120+60/bbbb", "60+60/aaaa"]);
         assert_eq!(store.expire(180).await.unwrap(), 1);
     }
 
@@ -1301,15 +1498,22 @@ mod tests {
         created("alice@example.org", 4, created_secs)
     }
 
-    #[tokio::test]
-    async fn blobs_the_scan_cannot_mark_are_swept_and_marked_by_each_sweep() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
-        let (a, b) = ([0xaa; 32], [0xbb; 32]);
-        for (address, created) in [(a, 100), (b, 130)] {
+    /// A store (buckets of 60 s) holding alice's blobs 0xaa… uploaded at 100 and 0xbb… at
+    /// 130, four bytes each.
+    async fn two_blobs(dir: &Path) -> FileStore {
+        let store = FileStore::open(dir, 64 * 60).unwrap();
+        for (address, created) in [([0xaa; 32], 100), ([0xbb; 32], 130)] {
             let up = upload(&store, b"four", created_meta(created)).await;
             store.commit(up, address, 100).await.unwrap();
         }
+        store
+    }
+
+    #[tokio::test]
+    async fn blobs_the_scan_cannot_mark_are_swept_and_marked_by_each_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = two_blobs(dir.path()).await;
+        let (a, b) = ([0xaa; 32], [0xbb; 32]);
         drop(store); // killed
         // The markers lost, and their buckets cannot be made (files in their place: what a
         // full disk does to creating a directory).
@@ -1323,7 +1527,10 @@ mod tests {
         let store = FileStore::open(dir.path(), 64 * 60).unwrap();
         let alice: UserId = "alice@example.org".parse().unwrap();
         assert_eq!(store.usage(&alice).await.unwrap(), 8);
-        assert_eq!(lock(&store.usage.unmarked).len(), 2);
+        assert_eq!(
+            *lock(&store.usage.unmarked),
+            HashMap::from([(a, 100), (b, 130)])
+        );
         // Still unmarked: no snapshot, so that the next start scans again.
         assert!(store.shut().is_err());
         assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
@@ -1334,7 +1541,7 @@ mod tests {
         // a expired: deleted although it has no marker; b cannot be marked yet.
         assert_eq!(store.expire(120).await.unwrap(), 1);
         assert!(store.open(&a, 0).await.unwrap().is_none());
-        assert_eq!(*lock(&store.usage.unmarked), [(b, 130)]);
+        assert_eq!(*lock(&store.usage.unmarked), HashMap::from([(b, 130)]));
         // Room again: the next sweep marks b, and its bucket's sweep deletes it.
         std::fs::remove_file(expiry.join("120+60")).unwrap();
         assert_eq!(store.expire(121).await.unwrap(), 0);
@@ -1354,9 +1561,15 @@ mod tests {
         assert!(markers(dir.path()).is_empty());
         store.shut().unwrap();
         drop(store);
+        forge_snapshot(dir.path(), 40);
 
         let store = FileStore::open(dir.path(), 64 * 60).unwrap();
-        assert!(*store.usage.counted.borrow(), "the snapshot was not used");
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        assert_eq!(
+            store.usage(&alice).await.unwrap(),
+            40,
+            "the snapshot was not used"
+        );
         assert_eq!(markers(dir.path()), ["60+60/aaaa"]);
         assert_eq!(store.expire(120).await.unwrap(), 1);
         assert!(store.open(&[0xaa; 32], 0).await.unwrap().is_none());
@@ -1409,5 +1622,111 @@ mod tests {
         assert!(counted_within(&store, std::time::Duration::from_secs(10)));
         assert_eq!(store.usage(&alice).await.unwrap(), 4);
         assert_eq!(store.expire(1_000).await.unwrap(), 1);
+    }
+
+    /// Puts a directory in the place of the metadata file of `address` (reading it fails
+    /// with EISDIR, as an I/O error would); returns its path.
+    fn make_unreadable(dir: &Path, address: [u8; BLOB_ADDRESS_LEN]) -> PathBuf {
+        let path = dir.join(format!("{}{META_SUFFIX}", hex::encode(address)));
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn a_blob_the_sweep_cannot_delete_holds_up_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let blobs = [[0xaa; 32], [0xbb; 32], [0xcc; 32], [0xdd; 32]];
+        for (address, created) in blobs.iter().zip([100, 105, 110, 115]) {
+            let up = upload(&store, b"four", created_meta(created)).await;
+            store.commit(up, *address, 100).await.unwrap();
+            if created == 110 {
+                // a, b and c marked; d waits among the unmarked.
+                assert_eq!(store.expire(0).await.unwrap(), 0);
+            }
+        }
+        // a (marked) and d (unmarked) cannot be read.
+        let bad_a = make_unreadable(dir.path(), blobs[0]);
+        let bad_d = make_unreadable(dir.path(), blobs[3]);
+
+        // b and c are deleted all the same; a keeps its marker, d its place.
+        assert_eq!(store.expire(120).await.unwrap(), 2);
+        assert!(store.open(&blobs[1], 0).await.unwrap().is_none());
+        assert!(store.open(&blobs[2], 0).await.unwrap().is_none());
+        assert_eq!(markers(dir.path()), ["60+60/aaaa"]);
+        assert_eq!(
+            *lock(&store.usage.unmarked),
+            HashMap::from([(blobs[3], 115)])
+        );
+        assert_eq!(store.usage(&alice).await.unwrap(), 8);
+
+        // Readable again: the next sweep deletes both.
+        for (bad, address) in [(bad_a, blobs[0]), (bad_d, blobs[3])] {
+            std::fs::remove_dir(&bad).unwrap();
+            write_synced(&bad, &meta_bytes(&created_meta(100)).unwrap()).unwrap();
+            assert!(store.open(&address, 0).await.unwrap().is_some());
+        }
+        assert_eq!(store.expire(120).await.unwrap(), 2);
+        assert!(markers(dir.path()).is_empty());
+        assert!(lock(&store.usage.unmarked).is_empty());
+        assert_eq!(store.usage(&alice).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_metadata_file_that_stays_unreadable_is_left_out_of_the_count_in_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let alice: UserId = "alice@example.org".parse().unwrap();
+        let store = two_blobs(dir.path()).await;
+        drop(store); // killed
+        let unreadable = make_unreadable(dir.path(), [0xaa; 32]);
+
+        // Retried for the patience (here 300 ms), then counted without it.
+        let store =
+            FileStore::open_with(dir.path(), 64 * 60, std::time::Duration::from_millis(300))
+                .unwrap();
+        assert!(counted_within(&store, std::time::Duration::from_secs(20)));
+        assert_eq!(store.usage(&alice).await.unwrap(), 4);
+        let up = upload(&store, b"cc", created_meta(140)).await;
+        store.commit(up, [0xcc; 32], 100).await.unwrap();
+        // Left as it was, and not served.
+        assert!(unreadable.is_dir());
+        assert!(store.open(&[0xaa; 32], 0).await.is_err());
+        // The count is short of it: no snapshot, the next start scans again.
+        assert!(store.shut().is_err());
+        assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
+    }
+
+    #[tokio::test]
+    async fn the_shutdown_stops_a_scan_that_has_not_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        let up = upload(&store, b"four", created_meta(100)).await;
+        store.commit(up, [0xaa; 32], 100).await.unwrap();
+        drop(store); // killed
+        let unreadable = make_unreadable(dir.path(), [0xaa; 32]);
+
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert!(!counted_within(
+            &store,
+            std::time::Duration::from_millis(50)
+        ));
+        store.shut().unwrap();
+        // Readable again, and a leftover metadata file (no data) a scan would remove: the
+        // scan's next tries (after 0.1, 0.3, 0.7 s) would count, but the store is shut:
+        // nothing is published, nothing removed.
+        std::fs::remove_dir(&unreadable).unwrap();
+        let leftover = dir
+            .path()
+            .join(format!("{}{META_SUFFIX}", hex::encode([0xbb; 32])));
+        write_synced(&leftover, &meta_bytes(&created_meta(100)).unwrap()).unwrap();
+        assert!(!counted_within(
+            &store,
+            std::time::Duration::from_millis(1500)
+        ));
+        assert!(lock(&store.usage.bytes).is_none());
+        assert!(leftover.exists());
+        assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
     }
 }
