@@ -192,6 +192,12 @@ pub struct FederationConfig {
     pub certified_keys_cached: u32,
     /// How long a certified key is trusted without asking its AS again.
     pub certified_keys_ttl_ms: u64,
+    /// How long a handshake with one address of a peer may take before the next address is
+    /// tried (once all failed, the outbox retries).
+    pub connect_timeout_ms: u64,
+    /// How long one request to a peer may wait for its answer before the connection is taken
+    /// for dead (dropped; the next request connects afresh).
+    pub request_timeout_ms: u64,
 }
 
 impl Default for FederationConfig {
@@ -214,7 +220,21 @@ impl Default for FederationConfig {
             credential_timeout_ms: 5_000,
             certified_keys_cached: 10_000,
             certified_keys_ttl_ms: 60_000,
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
         }
+    }
+}
+
+impl FederationConfig {
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.connect_timeout_ms == 0 || self.request_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "federation.connect_timeout_ms and federation.request_timeout_ms must be at least 1"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -719,6 +739,7 @@ impl Config {
         };
         self.limits.check()?;
         self.blobs.check()?;
+        self.federation.check()?;
         let redb_cache_size = self
             .storage
             .cache_size_mib
@@ -829,6 +850,13 @@ mod tests {
             tls_cert: Some("a.pem".into()),
             ..Config::default()
         };
+        assert!(config.validate().is_err());
+        // A peer would never be reached, or every request to one would fail at once.
+        let mut config = Config::default();
+        config.federation.connect_timeout_ms = 0;
+        assert!(config.validate().is_err());
+        let mut config = Config::default();
+        config.federation.request_timeout_ms = 0;
         assert!(config.validate().is_err());
     }
 

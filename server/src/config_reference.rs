@@ -384,6 +384,16 @@ pub const FIELDS: &[Field] = &[
     ),
     f(
         "federation",
+        &["connect_timeout_ms"],
+        "how long a handshake with one address of a peer may take; then the next address is tried, and once all failed the outbox retries with backoff",
+    ),
+    f(
+        "federation",
+        &["request_timeout_ms"],
+        "how long one request to a peer waits for its answer; then the connection is dropped and the next request (an outbox retry) connects afresh",
+    ),
+    f(
+        "federation",
         &["certified_keys_cached", "certified_keys_ttl_ms"],
         "certified keys of other domains' clients kept in memory, and for how long (a revocation there is seen here at most this late; 0 entries: ask every time)",
     ),

@@ -261,11 +261,11 @@ impl Federation {
         let mut config =
             ConnectConfig::federation(first, domain.as_str(), trust, self.identity.clone());
         config.server_addrs = addrs;
-        // A peer address that does not answer within this is treated as unreachable (the next
-        // one is tried; once all failed, the outbox retries); a restarted peer resets our old
-        // connection at once (stable reset key).
-        config.request_timeout = std::time::Duration::from_secs(10);
-        config.connect_timeout = std::time::Duration::from_secs(5);
+        // A peer address that does not answer within the connect timeout is treated as
+        // unreachable (the next one is tried; once all failed, the outbox retries); a
+        // restarted peer resets our old connection at once (stable reset key).
+        config.request_timeout = std::time::Duration::from_millis(self.config.request_timeout_ms);
+        config.connect_timeout = std::time::Duration::from_millis(self.config.connect_timeout_ms);
         let conn = endpoint.connect(&config).await.map_err(|err| {
             tracing::warn!(%domain, %err, "cannot reach peer");
             ServiceError::PeerUnreachable(domain.to_string())

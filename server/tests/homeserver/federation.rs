@@ -7,6 +7,7 @@ use roost_client::transport::{ClientIdentity, ConnectConfig, Endpoint, TrustConf
 use roost_protocol::messages::auth::{AsKeysRequest, DiscoverUserRequest};
 use roost_protocol::messages::delivery::CommitRequest;
 use roost_protocol::messages::federation::*;
+use roost_protocol::messages::keypackage::ClaimUserKeyPackagesRequest;
 use roost_protocol::messages::queue::{GroupMessage, QueuePayload};
 use roost_protocol::messages::{ClientRequest, Response};
 use roost_protocol::{ErrorCode, GroupId, MessageId};
@@ -677,6 +678,9 @@ async fn a_peer_entry_whose_first_address_is_down_delivers_through_the_next() {
             certificate: None,
         },
     );
+    // A second per silent address instead of the default five.
+    alpha_cfg.federation.connect_timeout_ms = 1_000;
+    beta_cfg.federation.connect_timeout_ms = 1_000;
     let alpha = start(alpha_cfg).await;
     let beta = start(beta_cfg).await;
     let mut alice = Member::new_in(&alpha, "alice", ALPHA).await;
@@ -694,6 +698,44 @@ async fn a_peer_entry_whose_first_address_is_down_delivers_through_the_next() {
     bob.send(b"to alpha").await.unwrap();
     assert_eq!(receive(&mut alice, 1).await, vec![b"to alpha".to_vec()]);
     beta.shutdown().await;
+    alpha.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_address_of_a_silent_peer_gets_the_configured_handshake_time_then_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "federation");
+    // Eight nodes of beta, none answering: at the default 5 s each the client's own 30 s
+    // request timeout would end the claim first.
+    let silent: Vec<_> = (0..8).map(|_| silent_node()).collect();
+    let mut cfg = server_config(dir.path(), &pki, ALPHA, free_port(), (BETA, free_port()));
+    cfg.federation.connect_timeout_ms = 250;
+    cfg.federation.peers.insert(
+        BETA.into(),
+        PeerConfig {
+            address: None,
+            addresses: silent.iter().map(|(_, addr)| addr.clone()).collect(),
+            certificate: None,
+        },
+    );
+    let alpha = start(cfg).await;
+    let alice = Member::new_in(&alpha, "alice", ALPHA).await;
+    let bob: roost_protocol::UserId = format!("bob@{BETA}").parse().unwrap();
+    let err = alice
+        .conn
+        .call(ClaimUserKeyPackagesRequest { user: bob })
+        .await
+        .unwrap_err();
+    assert_eq!(err.wire_error().unwrap().code, ErrorCode::PEER_UNREACHABLE);
+    // Every address was tried.
+    for (socket, addr) in &silent {
+        socket.set_nonblocking(true).unwrap();
+        let mut datagram = [0u8; 2048];
+        assert!(
+            socket.recv_from(&mut datagram).is_ok(),
+            "{addr} was not tried"
+        );
+    }
     alpha.shutdown().await;
 }
 
