@@ -231,8 +231,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             let served = runtime.block_on(roost_server::run(settings, shutdown_signal()));
-            // The server has shut its stores; blocking jobs still running (a blob sweep
-            // deleting a large backlog) are crash-safe to cut off.
+            // The server has shut its stores, or given up waiting for them after its grace
+            // periods; blocking jobs still running (a blob sweep deleting a large backlog) end
+            // as a crash would, which every store recovers from.
             runtime.shutdown_timeout(std::time::Duration::from_secs(5));
             served?;
         }

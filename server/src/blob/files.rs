@@ -30,8 +30,8 @@
 //! files without data and makes the markers a crash lost (markers are not fsynced when made:
 //! a start either scans or finds them fsynced by the shutdown). Only uploads, and the sweep,
 //! wait for the count; a metadata file that cannot be read is retried for
-//! [`SCAN_PATIENCE`], then left out of the count (logged as an error; the next start scans
-//! again).
+//! [`SCAN_PATIENCE`], then left out of the count (logged as an error; each sweep tries it
+//! again and counts it once it can be read; the next start scans again).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -66,6 +66,9 @@ const SCAN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// Blobs waiting for their expiry marker ([`Usage::unmarked`]) held at most: beyond (markers
 /// failing for a long time under many uploads) a blob waits for the next start's scan.
 const MAX_UNMARKED: usize = 1 << 20;
+/// Metadata files the start scan could not read held at most for the sweeps to try again
+/// ([`Usage::unreadable`]); beyond, their blobs wait for the next start's scan.
+const MAX_UNREADABLE: usize = 1 << 16;
 /// The usage count a clean shutdown leaves for the next start, in `tmp/`: read before `tmp/`
 /// is emptied at start (an older roost, which does not read it, empties `tmp/` too).
 const USAGE_SNAPSHOT: &str = "usage.json";
@@ -103,6 +106,12 @@ struct Usage {
     /// start scan (a full disk). Each sweep (and the shutdown) marks them, or deletes those
     /// expired meanwhile.
     unmarked: Mutex<Unmarked>,
+    /// Set once [`Usage::unmarked`] overflowed (warned once).
+    overflowed: AtomicBool,
+    /// Names of metadata files the start scan could not read and left out of the count:
+    /// each sweep tries them again, counts those it can read and removes those of blobs
+    /// that were never visible.
+    unreadable: Mutex<Vec<std::ffi::OsString>>,
     /// Held by a sweep for its whole run and by the shutdown, so that the shutdown never
     /// takes its snapshot while a sweep holds blobs it has not marked yet. Taken before
     /// `bytes`.
@@ -117,6 +126,8 @@ impl Usage {
             dirty: Default::default(),
             closed: Default::default(),
             unmarked: Default::default(),
+            overflowed: Default::default(),
+            unreadable: Default::default(),
             sweeping: Mutex::new(()),
         }
     }
@@ -131,7 +142,8 @@ impl Usage {
         let mut unmarked = lock(&self.unmarked);
         if unmarked.len() >= MAX_UNMARKED && !unmarked.contains_key(&address) {
             drop(unmarked);
-            if !self.dirty.swap(true, Ordering::Relaxed) {
+            self.spoil();
+            if !self.overflowed.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     "too many blobs wait for an expiry marker: the next start marks the rest"
                 );
@@ -472,10 +484,13 @@ fn count_usage(
                     usage.spoil();
                     tracing::error!(
                         files = scanned.unreadable.len(),
-                        first = %first.display(),
-                        "blob metadata files that cannot be read: their blobs are not served, not counted toward quotas and not expired until the files can be read and the server is restarted"
+                        first = %dir.join(first).display(),
+                        "blob metadata files that cannot be read: their blobs are not served, counted toward quotas or expired until the files can be read again (each sweep tries them)"
                     );
                 }
+                let mut unreadable = scanned.unreadable;
+                unreadable.truncate(MAX_UNREADABLE);
+                *lock(&usage.unreadable) = unreadable;
                 if !scanned.unmarked.is_empty() {
                     tracing::warn!(
                         blobs = scanned.unmarked.len(),
@@ -523,14 +538,15 @@ struct Scanned {
     counted: HashMap<UserId, u64>,
     /// Blobs it could not mark.
     unmarked: Unmarked,
-    /// Metadata files it could not read (or remove), left out (only when lenient).
-    unreadable: Vec<PathBuf>,
+    /// Names of metadata files it could not read (or remove), left out (only when lenient).
+    unreadable: Vec<std::ffi::OsString>,
 }
 
 impl Scanned {
     fn add(&mut self, part: Scanned) {
         for (owner, bytes) in part.counted {
-            *self.counted.entry(owner).or_default() += bytes;
+            let counted = self.counted.entry(owner).or_default();
+            *counted = counted.saturating_add(bytes);
         }
         self.unmarked.extend(part.unmarked);
         self.unreadable.extend(part.unreadable);
@@ -541,8 +557,9 @@ impl Scanned {
 /// disk, one small read after another; with eight reads in flight 100,000 blobs are counted
 /// 2.8 times as fast on this machine (10.2-10.7 s → 3.6-3.7 s; BENCHMARKS.md).
 const SCAN_THREADS: usize = 8;
-/// Metadata file names handed to a scan thread at a time.
-const SCAN_BATCH: usize = 256;
+/// Metadata file names handed to a scan thread at a time (in tests a few, so that small
+/// stores fill the channel).
+const SCAN_BATCH: usize = if cfg!(test) { 4 } else { 256 };
 
 /// One pass of [`count_usage`]; `None` when the store was dropped or shut meanwhile. Nothing
 /// else changes the files while it runs: commits and the sweep wait for the count. This
@@ -564,11 +581,14 @@ fn scan(
     // (so that the listing never waits on a full channel) and the listing stops.
     let ended = AtomicBool::new(false);
     std::thread::scope(|scope| {
-        let threads: Vec<_> = (0..SCAN_THREADS)
-            .map(|_| {
-                scope.spawn(|| -> io::Result<Option<Scanned>> {
+        let mut outcome: io::Result<Option<()>> = Ok(Some(()));
+        let mut threads = Vec::with_capacity(SCAN_THREADS);
+        for _ in 0..SCAN_THREADS {
+            let spawned = std::thread::Builder::new()
+                .name("roost-blob-count".into())
+                .spawn_scoped(scope, || -> io::Result<Option<Scanned>> {
                     let mut part = Scanned::default();
-                    let mut outcome = Ok(Some(()));
+                    let mut looked = Ok(Some(()));
                     loop {
                         // (The lock is let go before the batch is looked at.)
                         let next = lock(&to_look_at).recv();
@@ -577,22 +597,34 @@ fn scan(
                             if ended.load(Ordering::Relaxed) {
                                 break;
                             }
-                            if stopped(usage) {
-                                outcome = Ok(None);
-                            } else if let Err(err) =
-                                look_at(dir, bucket_secs, lenient, &name, &mut part)
-                            {
-                                outcome = Err(err);
-                            }
-                            if !matches!(outcome, Ok(Some(()))) {
+                            looked = if stopped(usage) {
+                                Ok(None)
+                            } else {
+                                // A panic fails the pass (retried) rather than the count.
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    look_at(dir, bucket_secs, lenient, &name, &mut part)
+                                }))
+                                .unwrap_or_else(|_| {
+                                    Err(io::Error::other("looking at a metadata file panicked"))
+                                })
+                                .map(Some)
+                            };
+                            if !matches!(looked, Ok(Some(()))) {
                                 ended.store(true, Ordering::Relaxed);
                             }
                         }
                     }
-                    outcome.map(|looked| looked.map(|()| part))
-                })
-            })
-            .collect();
+                    looked.map(|looked| looked.map(|()| part))
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(err) => {
+                    outcome = Err(err);
+                    ended.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
         let listed = (|| -> io::Result<()> {
             let mut batch = Vec::with_capacity(SCAN_BATCH);
             for entry in std::fs::read_dir(dir)? {
@@ -612,14 +644,19 @@ fn scan(
             let _ = batches.send(batch);
             Ok(())
         })();
+        if let Err(err) = listed {
+            ended.store(true, Ordering::Relaxed);
+            if outcome.is_ok() {
+                outcome = Err(err);
+            }
+        }
         // The threads end once they took every batch.
         drop(batches);
         let mut scanned = Scanned::default();
-        let mut outcome = listed.map(|()| Some(()));
         for thread in threads {
             let part = thread
                 .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                .unwrap_or_else(|_| Err(io::Error::other("a thread of the scan panicked")));
             match (part, &outcome) {
                 (Ok(Some(part)), Ok(Some(()))) => scanned.add(part),
                 (Err(err), Ok(_)) => outcome = Err(err),
@@ -669,20 +706,21 @@ fn look_at(
             {
                 scanned.unmarked.insert(address, meta.created_secs);
             }
-            *scanned.counted.entry(meta.owner).or_default() += meta.size;
+            let counted = scanned.counted.entry(meta.owner).or_default();
+            *counted = counted.saturating_add(meta.size);
             Ok(())
         }
         Ok(None) => match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(_) if lenient => {
-                scanned.unreadable.push(path);
+                scanned.unreadable.push(name.to_owned());
                 Ok(())
             }
             Err(err) => Err(err),
         },
         Err(_) if lenient => {
-            scanned.unreadable.push(path);
+            scanned.unreadable.push(name.to_owned());
             Ok(())
         }
         Err(err) => Err(err),
@@ -1051,9 +1089,14 @@ impl BlobStore for FileStore {
                 return Err(ServiceError::Store(StoreError::Unavailable));
             }
             let mut failed = Failed::default();
+            store.recount_unreadable(&mut failed);
             let mut removed = store.mark_waiting(created_before_secs, &mut failed);
             let buckets = store.dir.join(EXPIRY);
             for bucket in std::fs::read_dir(&buckets).map_err(io_error)? {
+                // A shutdown waits for the sweep: what is left goes with the next one.
+                if store.usage.closed.load(Ordering::SeqCst) {
+                    break;
+                }
                 let bucket = bucket.map_err(io_error)?;
                 let ended = bucket.file_name().to_str().and_then(bucket_end);
                 // Only directories with a bucket's name are ours.
@@ -1167,6 +1210,50 @@ impl FileStore {
             return Err(io_error(err));
         }
         Ok(visible)
+    }
+
+    /// The metadata files the start scan could not read ([`Usage::unreadable`]), tried again:
+    /// the blob of one now readable is counted and waits for its marker (the marking deletes
+    /// it if it expired meanwhile); one whose blob was never visible (no data, or it does not
+    /// decode) is removed, as the scan would have. Blocking.
+    fn recount_unreadable(&self, failed: &mut Failed) {
+        let waiting = std::mem::take(&mut *lock(&self.usage.unreadable));
+        let mut still = Vec::new();
+        for name in waiting {
+            if let Err(err) = self.recount(&name) {
+                failed.note(err);
+                still.push(name);
+            }
+        }
+        lock(&self.usage.unreadable).extend(still);
+    }
+
+    /// [`FileStore::recount_unreadable`] of one metadata file.
+    fn recount(&self, name: &std::ffi::OsStr) -> Result<(), ServiceError> {
+        let path = self.dir.join(name);
+        let mut guard = lock(&self.usage.bytes);
+        let Some(usage) = guard.as_mut() else {
+            return Err(ServiceError::Store(StoreError::Unavailable));
+        };
+        let mut address = [0u8; BLOB_ADDRESS_LEN];
+        let named = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(META_SUFFIX))
+            .is_some_and(|hex_address| hex::decode_to_slice(hex_address, &mut address).is_ok());
+        let meta = read_meta(&path).map_err(io_error)?.filter(|_| named);
+        match meta {
+            Some(meta) if self.data_path(&address).try_exists().map_err(io_error)? => {
+                let used = usage.entry(meta.owner).or_default();
+                *used = used.saturating_add(meta.size);
+                self.usage.unmark(address, meta.created_secs);
+                Ok(())
+            }
+            _ => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(err) => Err(io_error(err)),
+            },
+        }
     }
 
     /// The blobs without their marker ([`Usage::unmarked`]): each expired one is deleted,
@@ -1791,7 +1878,24 @@ mod tests {
         // Left as it was, and not served.
         assert!(unreadable.is_dir());
         assert!(store.open(&[0xaa; 32], 0).await.is_err());
-        // The count is short of it: no snapshot, the next start scans again.
+        assert_eq!(store.usage(&alice).await.unwrap(), 8);
+        // Still unreadable at the next sweep: kept for the one after.
+        assert_eq!(store.expire(0).await.unwrap(), 0);
+        assert_eq!(store.usage(&alice).await.unwrap(), 8);
+
+        // Readable again: the next sweep counts it and marks it (a leftover without data in
+        // the same state would be removed).
+        std::fs::remove_dir(&unreadable).unwrap();
+        write_synced(&unreadable, &meta_bytes(&created_meta(100)).unwrap()).unwrap();
+        assert_eq!(store.expire(0).await.unwrap(), 0);
+        assert_eq!(store.usage(&alice).await.unwrap(), 12);
+        assert!(store.open(&[0xaa; 32], 0).await.unwrap().is_some());
+        assert_eq!(
+            markers(dir.path()),
+            ["120+60/bbbb", "120+60/cccc", "60+60/aaaa"]
+        );
+        // The count may still be off (the scan left the file out): no snapshot, the next
+        // start scans again.
         assert!(store.shut().is_err());
         assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
     }
@@ -1828,25 +1932,51 @@ mod tests {
         assert!(!dir.path().join(TMP).join(USAGE_SNAPSHOT).exists());
     }
 
-    #[tokio::test]
-    async fn the_scan_counts_every_owner_across_its_threads_and_removes_every_leftover() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join(TMP)).unwrap();
-        // Written as the store lays blobs out (many batches of every thread): blob i of
-        // owner i % 7, i + 1 bytes; then metadata files without data, and undecodable ones.
-        let owner = |i: u64| format!("owner{}@example.org", i % 7);
+    /// The address of blob `i` of [`write_blobs`].
+    fn nth_address(i: u64) -> [u8; BLOB_ADDRESS_LEN] {
+        [i.to_be_bytes(), [1; 8], [2; 8], [3; 8]]
+            .concat()
+            .try_into()
+            .unwrap()
+    }
+
+    /// The owner of blob `i` of [`write_blobs`].
+    fn nth_owner(i: u64) -> String {
+        format!("owner{}@example.org", i % 7)
+    }
+
+    /// Writes `n` blobs into `dir` as the store lays them out (many batches for every scan
+    /// thread): blob `i` of owner `i % 7`, `i + 1` bytes. Returns the bytes per owner.
+    fn write_blobs(dir: &Path, n: u64) -> HashMap<String, u64> {
+        std::fs::create_dir_all(dir.join(TMP)).unwrap();
         let mut expected: HashMap<String, u64> = HashMap::new();
-        for i in 0..3_000u64 {
-            let address = hex::encode([i.to_be_bytes(), [1; 8], [2; 8], [3; 8]].concat());
-            let meta = created(&owner(i), i + 1, 100 + i % 200);
-            std::fs::write(dir.path().join(&address), vec![0; (i + 1) as usize]).unwrap();
+        for i in 0..n {
+            let address = hex::encode(nth_address(i));
+            let meta = created(&nth_owner(i), i + 1, 100 + i % 200);
+            std::fs::write(dir.join(&address), vec![0; (i + 1) as usize]).unwrap();
             std::fs::write(
-                dir.path().join(format!("{address}{META_SUFFIX}")),
+                dir.join(format!("{address}{META_SUFFIX}")),
                 meta_bytes(&meta).unwrap(),
             )
             .unwrap();
-            *expected.entry(owner(i)).or_default() += i + 1;
+            *expected.entry(nth_owner(i)).or_default() += i + 1;
         }
+        expected
+    }
+
+    async fn assert_usage(store: &FileStore, expected: &HashMap<String, u64>) {
+        for (owner, bytes) in expected {
+            let user: UserId = owner.parse().unwrap();
+            assert_eq!(store.usage(&user).await.unwrap(), *bytes, "{owner}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_scan_counts_every_owner_across_its_threads_and_removes_every_leftover() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = write_blobs(dir.path(), 3_000);
+        let owner = nth_owner;
+        // Metadata files without data, and undecodable ones.
         for i in 0..60u64 {
             let address = hex::encode([i.to_be_bytes(), [9; 8], [9; 8], [9; 8]].concat());
             let contents = match i % 2 {
@@ -1858,10 +1988,7 @@ mod tests {
 
         let store = FileStore::open(dir.path(), 64 * 60).unwrap();
         assert!(counted_within(&store, std::time::Duration::from_secs(30)));
-        for (owner, bytes) in &expected {
-            let user: UserId = owner.parse().unwrap();
-            assert_eq!(store.usage(&user).await.unwrap(), *bytes, "{owner}");
-        }
+        assert_usage(&store, &expected).await;
         let metas = std::fs::read_dir(dir.path())
             .unwrap()
             .filter(|e| {
@@ -1870,6 +1997,35 @@ mod tests {
             })
             .count();
         assert_eq!(metas, 3_000);
+        assert_eq!(markers(dir.path()).len(), 3_000);
+    }
+
+    #[tokio::test]
+    async fn a_pass_that_fails_amid_the_batches_is_retried_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = write_blobs(dir.path(), 3_000);
+        // Every hundredth metadata file unreadable: the passes fail while the listing still
+        // has batches to hand out (the threads drain them; nothing of a failed pass counts).
+        let unreadable: Vec<u64> = (0..3_000).step_by(100).collect();
+        for &i in &unreadable {
+            make_unreadable(dir.path(), nth_address(i));
+        }
+        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
+        assert!(!counted_within(
+            &store,
+            std::time::Duration::from_millis(500)
+        ));
+
+        for &i in &unreadable {
+            let path = dir
+                .path()
+                .join(format!("{}{META_SUFFIX}", hex::encode(nth_address(i))));
+            std::fs::remove_dir(&path).unwrap();
+            let meta = created(&nth_owner(i), i + 1, 100 + i % 200);
+            std::fs::write(&path, meta_bytes(&meta).unwrap()).unwrap();
+        }
+        assert!(counted_within(&store, std::time::Duration::from_secs(30)));
+        assert_usage(&store, &expected).await;
         assert_eq!(markers(dir.path()).len(), 3_000);
     }
 }
