@@ -43,6 +43,13 @@ pub enum RoostError {
         /// The path.
         path: String,
     },
+    /// The profile at this path is open in another client, in this process or another (an
+    /// app and its notification extension, say): close that one first.
+    #[error("the profile at {path} is in use by another client")]
+    ProfileInUse {
+        /// The path.
+        path: String,
+    },
     /// There is no profile at this path (register or add a device first).
     #[error("no profile at {path}")]
     NoProfile {
@@ -145,6 +152,9 @@ impl From<ClientError> for RoostError {
             ClientError::Store(_) => RoostError::Storage { message },
             ClientError::Mls(message) => RoostError::Mls { message },
             ClientError::ProfileExists(path) => RoostError::ProfileExists {
+                path: path.display().to_string(),
+            },
+            ClientError::ProfileInUse(path) => RoostError::ProfileInUse {
                 path: path.display().to_string(),
             },
             ClientError::NoProfile(path) => RoostError::NoProfile {

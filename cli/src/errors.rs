@@ -4,7 +4,6 @@
 //! themselves before falling back to [`describe`].
 
 use roost_client::ClientError;
-use roost_client::StoreError;
 use roost_client::transport::{RequestError, TransportError};
 use roost_protocol::{ErrorCode, WireError};
 
@@ -47,9 +46,7 @@ pub(crate) fn code(err: &ClientError) -> String {
             TransportError::Pem { .. } | TransportError::Config(_),
         )) => "bad_certificate".into(),
         ClientError::Request(RequestError::Transport(_)) => "unreachable".into(),
-        ClientError::Store(StoreError::Database(detail)) if detail.contains("already open") => {
-            "profile_in_use".into()
-        }
+        ClientError::ProfileInUse(_) => "profile_in_use".into(),
         ClientError::UnknownGroup(_) => "not_member".into(),
         ClientError::LeftGroup(_) => "left_group".into(),
         ClientError::NoUserKey => "no_user_key".into(),
@@ -68,7 +65,7 @@ pub(crate) fn describe(err: &ClientError, server: &str) -> String {
     match err {
         ClientError::Request(RequestError::Transport(err)) => describe_transport(err, server),
         ClientError::Request(RequestError::Server(err)) => describe_server(err),
-        ClientError::Store(StoreError::Database(detail)) if detail.contains("already open") => {
+        ClientError::ProfileInUse(_) => {
             "the profile is in use by another roost-cli (chat or recv --follow?)".into()
         }
         ClientError::UnknownGroup(group) => format!("not a member of {group}"),
@@ -155,10 +152,9 @@ mod tests {
         );
         let cert = TransportError::UntrustedCertificate("invalid peer certificate".into());
         assert!(describe_transport(&cert, "h:1").starts_with("bad certificate: "));
-        let locked = ClientError::Store(StoreError::Database(
-            "Database already open. Cannot acquire lock.".into(),
-        ));
+        let locked = ClientError::ProfileInUse("p.redb".into());
         assert!(describe(&locked, "h:1").contains("in use"));
+        assert_eq!(code(&locked), "profile_in_use");
         for err in [unknown, timeout, locked] {
             assert!(!describe(&err, "h:1").contains('\n'));
         }

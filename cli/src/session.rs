@@ -160,7 +160,7 @@ impl Session {
         }
         let client = Client::open(config, ctx.profile.database())
             .await
-            .map_err(|err| anyhow!(errors::describe(&err, &servers)))?;
+            .map_err(|err| errors::coded_client_error(&err, &servers))?;
         // Messages an earlier command queued while the server was down go out now.
         if online && let Err(err) = client.flush().await {
             ctx.out.note(format!(

@@ -310,6 +310,35 @@ fn mistakes_get_one_line_errors() {
             .starts_with("error: a profile exists already at ")
     );
 
+    // bob's profile held by a waiting recv: another command is told so, with its code.
+    let mut waiting = h
+        .command("bob", &["recv", "--wait", "30"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let refused = (0..200)
+        .find_map(|_| {
+            let out = h.run("bob", &["--json", "group", "list"]);
+            if out.status.success() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                return None;
+            }
+            Some(String::from_utf8(out.stderr).unwrap())
+        })
+        .expect("the waiting recv never held bob's profile");
+    waiting.kill().unwrap();
+    waiting.wait().unwrap();
+    let refused: Value = serde_json::from_str(refused.trim()).unwrap();
+    assert_eq!(refused["error"]["code"], "profile_in_use", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("in use by another roost-cli"),
+        "{refused}"
+    );
+
     // Another server's certificate is not the pinned one.
     let other = start_server(&h.runtime, &h.dir.path().join("other-server"));
     let other_cert = other.certificate_path().to_str().unwrap().to_owned();

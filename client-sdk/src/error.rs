@@ -24,6 +24,11 @@ pub enum ClientError {
     /// There is already a profile at this path (use [`Client::open`](crate::Client::open)).
     #[error("a profile exists already at {}", .0.display())]
     ProfileExists(PathBuf),
+    /// The profile at this path is open in another [`Client`](crate::Client), in this process
+    /// or another (an app and its notification extension, say): one client at a time; close
+    /// the other first.
+    #[error("the profile at {} is in use by another client", .0.display())]
+    ProfileInUse(PathBuf),
     /// There is no profile at this path (register or add a device first).
     #[error("no profile at {}", .0.display())]
     NoProfile(PathBuf),

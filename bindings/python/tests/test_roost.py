@@ -85,6 +85,9 @@ def test_errors_are_typed(server, profiles):
         with pytest.raises(roost.RoostError.ProfileExists):
             await roost.register(config, str(profiles / "alice"), "carol@localhost", "phone")
         alice = await roost.open_profile(config, str(profiles / "alice"))
+        # One client per profile at a time.
+        with pytest.raises(roost.RoostError.ProfileInUse):
+            await roost.open_profile(config, str(profiles / "alice"))
         with pytest.raises(roost.RoostError.NoProfile):
             await roost.open_profile(config, str(profiles / "nobody"))
         with pytest.raises(roost.RoostError.InvalidArgument) as bad_user:

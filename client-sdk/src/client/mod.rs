@@ -33,7 +33,7 @@ use crate::credential::Verifier;
 use crate::error::ClientError;
 use crate::event::Event;
 use crate::mls::{self, Identity, Mls};
-use crate::store::{Changes, Profile, Store};
+use crate::store::{Changes, Profile, Store, StoreError};
 use crate::transport::{Endpoint, ReconnectingConnection};
 
 /// A user's signing key, which authorises adding devices. Secret: move it between a user's
@@ -125,6 +125,15 @@ pub(crate) struct Inner {
     lose_answers: std::sync::atomic::AtomicU32,
 }
 
+/// Opens the profile database at `path`: [`ClientError::ProfileInUse`] if another client holds
+/// it.
+fn open_store(path: &Path) -> Result<Store, ClientError> {
+    Store::open(path).map_err(|err| match err {
+        StoreError::InUse => ClientError::ProfileInUse(path.to_owned()),
+        err => err.into(),
+    })
+}
+
 impl Client {
     /// Registers `user` on the homeserver with its first device, `device`, and creates the
     /// profile database at `path` (which must not hold one).
@@ -156,7 +165,7 @@ impl Client {
     /// Opens the profile at `path` and continues where it left off.
     pub async fn open(config: ClientConfig, path: impl AsRef<Path>) -> Result<Client, ClientError> {
         let path = path.as_ref();
-        let store = Store::open(path)?;
+        let store = open_store(path)?;
         let profile = store
             .profile()?
             .ok_or_else(|| ClientError::NoProfile(path.to_owned()))?;
@@ -189,7 +198,7 @@ impl Client {
                 server: config.connect.server_name.clone(),
             });
         }
-        let store = Store::open(path)?;
+        let store = open_store(path)?;
         if store.profile()?.is_some() {
             return Err(ClientError::ProfileExists(path.to_owned()));
         }

@@ -74,7 +74,7 @@ const KEY_NEXT_SEEN: &str = "next_seen";
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// redb failed (I/O, corruption, another process holds the file).
+    /// redb failed (I/O, corruption).
     #[error("database: {0}")]
     Database(String),
     /// A stored value does not decode: the file is damaged or of another program.
@@ -86,6 +86,19 @@ pub enum StoreError {
         /// The schema found in the file.
         found: u64,
     },
+    /// Another client holds the database open (in this process or another: one profile, one
+    /// client at a time).
+    #[error("the profile database is open in another client")]
+    InUse,
+}
+
+impl From<redb::DatabaseError> for StoreError {
+    fn from(err: redb::DatabaseError) -> Self {
+        match err {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse,
+            err => StoreError::Database(err.to_string()),
+        }
+    }
 }
 
 macro_rules! db_err {
@@ -98,7 +111,6 @@ macro_rules! db_err {
     )*};
 }
 db_err!(
-    redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,

@@ -68,6 +68,24 @@ async fn a_reopened_profile_continues_the_conversation() {
 async fn profiles_are_not_overwritten_or_invented() {
     let t = start_server().await;
     let alice = t.register("alice").await;
+    // While alice's client holds the profile, a second one gets a typed refusal, and so does
+    // a registration onto it.
+    let twice = Client::open(t.client_config(), t.profile_path("alice-phone")).await;
+    assert!(
+        matches!(&twice, Err(ClientError::ProfileInUse(path)) if *path == t.profile_path("alice-phone")),
+        "{:?}",
+        twice.err()
+    );
+    let onto = Client::register(
+        t.client_config(),
+        t.profile_path("alice-phone"),
+        user("alice3"),
+        "phone".parse().unwrap(),
+    )
+    .await;
+    assert!(matches!(onto, Err(ClientError::ProfileInUse(_))));
+    // The first client is untouched.
+    assert_eq!(alice.key_packages_remaining().await.unwrap(), (3, true));
     alice.close().await;
     let again = Client::register(
         t.client_config(),
