@@ -311,14 +311,21 @@ fn mistakes_get_one_line_errors() {
     );
 
     // bob's profile held by a waiting recv: another command is told so, with its code.
-    let mut waiting = h
-        .command("bob", &["recv", "--wait", "30"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let wait = || {
+        h.command("bob", &["recv", "--wait", "30"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut waiting = wait();
     let refused = (0..200)
         .find_map(|_| {
+            // A recv that lost the race for the profile to the command below ends at once:
+            // started again.
+            if waiting.try_wait().unwrap().is_some() {
+                waiting = wait();
+            }
             let out = h.run("bob", &["--json", "group", "list"]);
             if out.status.success() {
                 std::thread::sleep(std::time::Duration::from_millis(50));

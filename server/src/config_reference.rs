@@ -385,7 +385,7 @@ pub const FIELDS: &[Field] = &[
     f(
         "federation",
         &["connect_timeout_ms"],
-        "how long a handshake with one address of a peer may take; then the next address is tried, and once all failed the outbox retries with backoff",
+        "how long a handshake with one address of a peer may take; then the next address is tried, and once all failed the outbox retries with backoff (a request to a peer whose addresses all stay silent waits this long for each, so keep it well below the clients' request timeout, 30 s in the SDK, divided by the peer's addresses)",
     ),
     f(
         "federation",

@@ -386,11 +386,16 @@ pub(crate) async fn start(
 /// them; PostgreSQL runs `count(*)` on the same tables), so it runs in the background rather
 /// than on every scrape (a scrape never waits for storage), and a slow read spaces the next
 /// ([`stats_wait`]): the figures are at most [`STATS_PERIOD`] old, or 100 times the read's
-/// duration where that is longer.
+/// duration where that is longer (of the shorter of the last two reads; after a failed read,
+/// [`STATS_PERIOD`]).
 async fn refresh_store_gauges(state: Arc<State>) {
     let configured: BTreeSet<String> = state.settings.federation.peers.keys().cloned().collect();
     let mut reported: BTreeSet<String> = BTreeSet::new();
     let mut wait = Duration::ZERO;
+    // The duration of the last successful read: a read is spaced by the shorter of its own
+    // and this one, so that one stalled read (a paused machine) does not leave the gauges
+    // stale for long, while a store whose reads are all slow is still read seldom.
+    let mut last_took: Option<Duration> = None;
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
@@ -399,14 +404,17 @@ async fn refresh_store_gauges(state: Arc<State>) {
         let started = Instant::now();
         let read = state.store.stats().await;
         let took = started.elapsed();
-        wait = stats_wait(took);
         let stats = match read {
             Ok(stats) => stats,
             Err(err) => {
+                // A failed read (a database away) says nothing about the data's size.
                 tracing::warn!(%err, "cannot read the counts for /metrics");
+                wait = STATS_PERIOD;
                 continue;
             }
         };
+        wait = stats_wait(last_took.map_or(took, |last| last.min(took)));
+        last_took = Some(took);
         metrics::gauge!("roost_stats_refresh_seconds").set(took.as_secs_f64());
         metrics::gauge!("roost_users").set(stats.users as f64);
         metrics::gauge!("roost_users_deactivated").set(stats.deactivated_users as f64);
