@@ -1683,6 +1683,14 @@ mod tests {
         created("alice@example.org", 4, created_secs)
     }
 
+    /// A store (buckets of 60 s) holding alice's blob 0xaa… of four bytes, uploaded at 100.
+    async fn one_blob(dir: &Path) -> FileStore {
+        let store = FileStore::open(dir, 64 * 60).unwrap();
+        let up = upload(&store, b"four", created_meta(100)).await;
+        store.commit(up, [0xaa; 32], 100).await.unwrap();
+        store
+    }
+
     /// A store (buckets of 60 s) holding alice's blobs 0xaa… uploaded at 100 and 0xbb… at
     /// 130, four bytes each.
     async fn two_blobs(dir: &Path) -> FileStore {
@@ -1739,9 +1747,7 @@ mod tests {
     #[tokio::test]
     async fn the_shutdown_makes_the_waiting_markers_the_next_start_relies_on() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
-        let up = upload(&store, b"four", created_meta(100)).await;
-        store.commit(up, [0xaa; 32], 100).await.unwrap();
+        let store = one_blob(dir.path()).await;
         // Committed after the last sweep: no marker yet.
         assert!(markers(dir.path()).is_empty());
         store.shut().unwrap();
@@ -1903,9 +1909,7 @@ mod tests {
     #[tokio::test]
     async fn the_shutdown_stops_a_scan_that_has_not_finished() {
         let dir = tempfile::tempdir().unwrap();
-        let store = FileStore::open(dir.path(), 64 * 60).unwrap();
-        let up = upload(&store, b"four", created_meta(100)).await;
-        store.commit(up, [0xaa; 32], 100).await.unwrap();
+        let store = one_blob(dir.path()).await;
         drop(store); // killed
         let unreadable = make_unreadable(dir.path(), [0xaa; 32]);
 
