@@ -283,6 +283,14 @@ impl RoostClient {
         run(async move { Ok(strings(&client.members(&parse("group", &group)?).await?)) }).await
     }
 
+    /// The epoch of `group` as this client knows it: one more with every commit it processed
+    /// or made. A message reaches the members of the epoch it is sent in, so to reach a member
+    /// just seen added, wait until this is at least the epoch of that add.
+    pub async fn epoch(&self, group: String) -> Result<u64, RoostError> {
+        let client = self.client()?;
+        run(async move { Ok(client.epoch(&parse("group", &group)?).await?) }).await
+    }
+
     /// Sends a text message to the group. Returns the message's id as soon as it is durably
     /// in the profile's outgoing queue (state `Queued`); a background task delivers it, across
     /// reconnects and restarts, and an `Outgoing` event reports `Sent` or `Failed`. Fails at

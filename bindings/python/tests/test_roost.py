@@ -40,6 +40,8 @@ def test_two_clients_talk_in_a_group_until_one_is_removed(server, profiles):
         assert joined == roost.Event.JOINED(group=group, inviter="alice@localhost/phone")
         assert await bob.groups() == [group]
         assert sorted(await bob.members(group)) == ["alice@localhost/phone", "bob@localhost/laptop"]
+        # Created at epoch 0; the invite's commit made epoch 1, for both.
+        assert await alice.epoch(group) == 1 and await bob.epoch(group) == 1
 
         # Both ways, and several in a row arrive in the order they were sent.
         await alice.send_text(group, "hello bob")
@@ -61,9 +63,12 @@ def test_two_clients_talk_in_a_group_until_one_is_removed(server, profiles):
         assert removed == roost.Event.REMOVED_FROM_GROUP(group=group, by="alice@localhost/phone")
         assert await bob.groups() == []
         assert await alice.members(group) == ["alice@localhost/phone"]
+        assert await alice.epoch(group) == 2
         with pytest.raises(roost.RoostError.NotAMember) as refused:
             await bob.send_text(group, "still there?")
         assert refused.value.group == group
+        with pytest.raises(roost.RoostError.NotAMember):
+            await bob.epoch(group)
 
         await alice.close()
         await bob.close()

@@ -393,6 +393,17 @@ impl Client {
             .collect())
     }
 
+    /// The epoch of `group` as this client knows it: one more with every commit it processed
+    /// (or made). Two members at the same epoch see the same membership; a message goes to the
+    /// members of the epoch it was sent in (a member added later cannot read it), so an app
+    /// that must reach a member it just saw added waits until its own epoch is at least the
+    /// one of that add.
+    pub async fn epoch(&self, group: &GroupId) -> Result<u64, ClientError> {
+        let mls = self.inner.state.lock().await;
+        self.inner.check_member(&mls, group)?;
+        Ok(mls.epoch(group)?)
+    }
+
     /// Fetches and processes every queued message now (the background listener does this
     /// continuously when [`ClientConfig::listen`] is set), then delivers the outgoing queue,
     /// as the background sender does. Fails if the queue cannot be fetched; a message that

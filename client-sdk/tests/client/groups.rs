@@ -38,6 +38,10 @@ async fn three_users_one_with_two_devices() {
     ]);
     assert_eq!(members(&bob, &group).await, everyone);
     assert_eq!(members(&laptop, &group).await, everyone);
+    // One commit (the invite) since the group was created at epoch 0: everyone at epoch 1.
+    for member in [&alice, &laptop, &bob, &carol] {
+        assert_eq!(member.epoch(&group).await.unwrap(), 1);
+    }
 
     // Every member sends; every other member, both of alice's devices included, receives.
     let clients = [&alice, &laptop, &bob, &carol];
@@ -83,6 +87,14 @@ async fn three_users_one_with_two_devices() {
     );
     assert!(matches!(
         carol.send(&group, b"still here?").await,
+        Err(roost_client::ClientError::UnknownGroup(_))
+    ));
+    // The removal is the second commit: the committer and bob (who processed it) are at
+    // epoch 2; carol has no epoch of the group any more.
+    assert_eq!(alice.epoch(&group).await.unwrap(), 2);
+    assert_eq!(bob.epoch(&group).await.unwrap(), 2);
+    assert!(matches!(
+        carol.epoch(&group).await,
         Err(roost_client::ClientError::UnknownGroup(_))
     ));
 
