@@ -116,6 +116,10 @@ struct ChaosArgs {
     /// No progress lines on stderr.
     #[arg(long)]
     no_progress: bool,
+    /// `RUST_LOG` filter of the homeservers (their logs are kept in the directory's
+    /// `servers/<domain>/roost.log`), e.g. `roost_server=debug`.
+    #[arg(long, default_value = "info")]
+    server_log: String,
     #[command(flatten)]
     topology: TopologyArgs,
 }
@@ -371,6 +375,7 @@ async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     config.down = (Duration::ZERO, Duration::from_millis(args.max_down_ms));
     config.dir = args.dir;
     config.progress = !args.no_progress;
+    config.server_log = args.server_log;
     let report = chaos::run(config).await?;
     let mut stdout = std::io::stdout();
     if args.json {

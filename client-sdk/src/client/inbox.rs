@@ -303,6 +303,7 @@ impl Inner {
                 return self.consume_with(mls, seq, Some(event), Vec::new());
             }
         };
+        tracing::debug!(%group, seq, joined_epoch, "joined from a Welcome");
         changes
             .groups
             .push((group.clone(), Some(GroupRecord::joined(joined_epoch))));
@@ -322,7 +323,10 @@ impl Inner {
         let record = match self.store.group(&group)? {
             Some(record) if mls.has_group(&group)? => record,
             // A group we left or were never in (e.g. a message sent just before we left).
-            _ => return self.consume_with(mls, seq, None, Vec::new()),
+            _ => {
+                tracing::debug!(%group, seq, "dropped a message of a group we are not in");
+                return self.consume_with(mls, seq, None, Vec::new());
+            }
         };
         if let Some(epoch) = crate::mls::private_message_epoch(message.message.as_slice())
             && epoch < record.joined_epoch
@@ -338,7 +342,10 @@ impl Inner {
         };
         let incoming = match mls.process(&group, message.message.as_slice()) {
             Ok(incoming) => incoming,
-            Err(MlsError::Stale { .. }) => return self.consume_with(mls, seq, None, Vec::new()),
+            Err(MlsError::Stale { ours, theirs }) => {
+                tracing::debug!(%group, seq, ours, theirs, "dropped a handshake message of a past epoch");
+                return self.consume_with(mls, seq, None, Vec::new());
+            }
             Err(MlsError::Replayed) => {
                 // Delivered twice (a retry the hub could not recognise, a redelivery): the
                 // first copy was shown already.

@@ -966,6 +966,7 @@ async fn send_once(
         req.message.as_slice(),
     );
     if look_up && let Some(recipients) = submission.repeated(state).await? {
+        tracing::debug!(group = %req.group, sender = %me, recipients, "repeated message answered from its receipt");
         return Ok(SendMessageResponse {
             recipients: u32::try_from(recipients).unwrap_or(u32::MAX),
         });
@@ -1048,6 +1049,15 @@ async fn send_once(
         roster.all_but(&identity)
     };
     to.check_domains(allowed(state)).map_err(unknown_domain)?;
+    tracing::debug!(
+        group = %req.group,
+        sender = %me,
+        epoch,
+        current = group.epoch(),
+        local = to.local.len(),
+        remote = ?to.remote.values().flatten().map(ToString::to_string).collect::<Vec<_>>(),
+        "message to fan out"
+    );
     let payload = QueuePayload::GroupMessage(GroupMessage {
         group: req.group.clone(),
         message: req.message.clone(),
