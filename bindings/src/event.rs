@@ -15,6 +15,11 @@ pub enum Event {
         group: String,
         /// The sending client (`user@domain/device`), authenticated by MLS.
         sender: String,
+        /// The sender's id of the message (what its `send_text` returned, 16 hexadecimal
+        /// digits), unique per sender and group; `None` if the sender's client sets none.
+        /// Events come at least once: the one being handled when the app died comes again,
+        /// so an app that must not show a message twice keeps the ids it showed.
+        id: Option<String>,
         /// The content, decoded.
         content: MessageContent,
     },
@@ -273,10 +278,12 @@ impl From<roost_client::Event> for Event {
             E::Message {
                 group,
                 sender,
+                id,
                 bytes,
             } => Event::Message {
                 group: group.to_string(),
                 sender: sender.to_string(),
+                id: id.map(|id| id.to_string()),
                 content: match content {
                     Some(Ok(Content::Text(text))) => MessageContent::Text { text },
                     Some(Ok(Content::Attachment(attachment))) => MessageContent::Attachment {

@@ -248,7 +248,9 @@ pub(crate) fn show(
         "name": names.name_of(group),
     });
     let (kind, note, extra) = match event {
-        Event::Message { sender, bytes, .. } => {
+        Event::Message {
+            sender, id, bytes, ..
+        } => {
             // PROTOCOL.md §4.5: text is shown; a content type this version does not know, or
             // bytes that are no MessageContent, are shown as such and the conversation goes on.
             let (text, field, value) = match Content::decode(bytes) {
@@ -291,6 +293,9 @@ pub(crate) fn show(
             if let Value::Object(map) = &mut fields {
                 map.insert("event".into(), "message".into());
                 map.insert("sender".into(), sender.to_string().into());
+                if let Some(id) = id {
+                    map.insert("id".into(), id.to_string().into());
+                }
                 map.insert(field.into(), value);
             }
             return out.print(line, fields);

@@ -204,6 +204,8 @@ fn two_users_talk_both_ways() {
     assert_eq!(events[0]["group"], group);
     assert_eq!(events[0]["name"], "team");
     assert_eq!(events[0]["sender"], "bob@localhost/cli");
+    // The id bob's send printed.
+    assert_eq!(events[0]["id"], id);
     assert_eq!(events[0]["text"], "hi\talice\n:)");
 
     // Plain output keeps one message per line.

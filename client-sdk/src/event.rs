@@ -21,6 +21,14 @@ pub enum Event {
         group: GroupId,
         /// The client that sent it (authenticated by MLS).
         sender: ClientId,
+        /// The sender's id of the message: what its `send` returned (its [`Event::Outgoing`]
+        /// names the same id), carried in the MLS message's authenticated data. Unique per
+        /// sender and group: the SDK drops a message whose id it received already (among the
+        /// last 65,536 ids it received). Events are
+        /// delivered at least once (the one being handled when the app died comes again), so
+        /// an app that must not show a message twice keeps the ids it showed. `None` when the
+        /// sender's client sets no id (another implementation, PROTOCOL.md §4.5).
+        id: Option<MessageId>,
         /// The plaintext: the encoding of a `MessageContent` (PROTOCOL.md §4.5) if the sender
         /// follows the protocol. [`Event::content`] decodes it.
         bytes: Vec<u8>,
@@ -228,6 +236,14 @@ pub(crate) enum StoredEvent {
     },
     #[tls_codec(discriminant = 13)]
     LeftGroup { group: GroupId, by: ClientId },
+    /// A message with the sender's id (events stored before ids were kept are `Message`).
+    #[tls_codec(discriminant = 14)]
+    MessageWithId {
+        group: GroupId,
+        sender: ClientId,
+        id: Option<u64>,
+        bytes: Vec<u8>,
+    },
 }
 
 /// The on-disk form of an [`OutgoingState`] (also used in the outgoing queue's records).
@@ -310,10 +326,12 @@ impl From<&Event> for StoredEvent {
             Event::Message {
                 group,
                 sender,
+                id,
                 bytes,
-            } => StoredEvent::Message {
+            } => StoredEvent::MessageWithId {
                 group,
                 sender,
+                id: id.map(MessageId::as_u64),
                 bytes,
             },
             Event::Joined { group, inviter } => StoredEvent::Joined { group, inviter },
@@ -374,6 +392,18 @@ impl From<StoredEvent> for Event {
             } => Event::Message {
                 group,
                 sender,
+                id: None,
+                bytes,
+            },
+            StoredEvent::MessageWithId {
+                group,
+                sender,
+                id,
+                bytes,
+            } => Event::Message {
+                group,
+                sender,
+                id: id.map(MessageId::from_u64),
                 bytes,
             },
             StoredEvent::Joined { group, inviter } => Event::Joined { group, inviter },
@@ -428,17 +458,28 @@ mod tests {
     use super::*;
     use tls_codec::{DeserializeBytes, Serialize};
 
-    #[test]
-    fn events_survive_their_stored_form() {
-        let group: GroupId = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
+    fn group_and_member() -> (GroupId, ClientId) {
+        let group = "2f1c0d3e-8a5b-4c7d-9e0f-112233445566@example.org"
             .parse()
             .unwrap();
-        let alice: ClientId = "alice@example.org/phone".parse().unwrap();
+        (group, "alice@example.org/phone".parse().unwrap())
+    }
+
+    #[test]
+    fn events_survive_their_stored_form() {
+        let (group, alice) = group_and_member();
         let events = [
             Event::Message {
                 group: group.clone(),
                 sender: alice.clone(),
+                id: Some(MessageId::from_u64(0x0123_4567_89ab_cdef)),
                 bytes: b"hi".to_vec(),
+            },
+            Event::Message {
+                group: group.clone(),
+                sender: alice.clone(),
+                id: None,
+                bytes: Vec::new(),
             },
             Event::MembersAdded {
                 group: group.clone(),
@@ -490,5 +531,29 @@ mod tests {
             let back = StoredEvent::tls_deserialize_exact_bytes(&bytes).unwrap();
             assert_eq!(Event::from(back), event);
         }
+    }
+
+    /// A profile written before messages carried their id holds `Message` events (stored
+    /// form 1): they still read, without an id.
+    #[test]
+    fn a_message_event_stored_without_its_id_still_reads() {
+        let (group, alice) = group_and_member();
+        let old = StoredEvent::Message {
+            group: group.clone(),
+            sender: alice.clone(),
+            bytes: b"hi".to_vec(),
+        };
+        let bytes = old.tls_serialize_detached().unwrap();
+        assert_eq!(bytes[..2], [0, 1]);
+        let back = StoredEvent::tls_deserialize_exact_bytes(&bytes).unwrap();
+        assert_eq!(
+            Event::from(back),
+            Event::Message {
+                group,
+                sender: alice,
+                id: None,
+                bytes: b"hi".to_vec(),
+            }
+        );
     }
 }

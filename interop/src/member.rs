@@ -303,6 +303,7 @@ fn messages_in(events: &[Event], group: &GroupId) -> Vec<(ClientId, Vec<u8>)> {
                 group: g,
                 sender,
                 bytes,
+                ..
             } if g == group && !bytes.starts_with(BARRIER_PREFIX) => {
                 Some((sender.clone(), bytes.clone()))
             }

@@ -44,8 +44,11 @@ def test_two_clients_talk_in_a_group_until_one_is_removed(server, profiles):
         assert await alice.epoch(group) == 1 and await bob.epoch(group) == 1
 
         # Both ways, and several in a row arrive in the order they were sent.
-        await alice.send_text(group, "hello bob")
-        assert await text_from(bob) == (group, "alice@localhost/phone", "hello bob")
+        sent = await alice.send_text(group, "hello bob")
+        event = await next_other_event(bob)
+        assert event.is_message() and event.content.text == "hello bob", event
+        # The message carries the id alice's send returned.
+        assert event.id == sent
         await bob.send_text(group, "hi alice ✓")
         assert await text_from(alice) == (group, "bob@localhost/laptop", "hi alice ✓")
         for n in range(5):

@@ -22,6 +22,7 @@ use super::Inner;
 use crate::error::ClientError;
 use crate::event::Event;
 use crate::mls::{Incoming, Mls, MlsError};
+use crate::outgoing::MessageId;
 use crate::store::{Changes, GroupRecord};
 use crate::transport::ListenStream;
 
@@ -389,6 +390,7 @@ impl Inner {
                             changes.event(Event::Message {
                                 group,
                                 sender,
+                                id: message_id.map(MessageId::from_u64),
                                 bytes,
                             });
                         }

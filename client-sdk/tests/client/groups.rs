@@ -274,7 +274,7 @@ async fn a_member_invited_while_others_write_gets_none_of_their_older_messages_a
         (client_id("bob", "phone"), b"epoch 1".to_vec())
     );
     // Dave's next event is alice's next message: neither bob's nor an error about it.
-    alice.send(&group, b"epoch 2").await.unwrap();
+    let id = alice.send(&group, b"epoch 2").await.unwrap();
     let next = tokio::time::timeout(EVENT_TIMEOUT, dave.next_event())
         .await
         .expect("no event for dave")
@@ -284,6 +284,7 @@ async fn a_member_invited_while_others_write_gets_none_of_their_older_messages_a
         Event::Message {
             group: group.clone(),
             sender: client_id("alice", "phone"),
+            id: Some(id),
             bytes: b"epoch 2".to_vec(),
         }
     );
@@ -299,8 +300,10 @@ async fn events_arrive_as_a_stream_with_the_sdks_own_id_types() {
     let bob = t.register("bob").await;
     let group: roost_client::GroupId = alice.create_group().await.unwrap();
     alice.invite(&group, &[bob_id]).await.unwrap();
+    let mut sent = std::collections::HashMap::new();
     for text in ["one", "two", "three"] {
-        alice.send(&group, text.as_bytes()).await.unwrap();
+        let id = alice.send(&group, text.as_bytes()).await.unwrap();
+        sent.insert(text.to_owned(), id);
     }
 
     let mut events = std::pin::pin!(bob.events());
@@ -316,7 +319,12 @@ async fn events_arrive_as_a_stream_with_the_sdks_own_id_types() {
                 assert_eq!(joined, group);
                 seen.push("joined".to_owned());
             }
-            Event::Message { bytes, .. } => seen.push(String::from_utf8(bytes).unwrap()),
+            Event::Message { id, bytes, .. } => {
+                // Each message carries the id its sender's `send` returned.
+                let text = String::from_utf8(bytes).unwrap();
+                assert_eq!(id, sent.get(&text).copied(), "{text}");
+                seen.push(text);
+            }
             _ => {}
         }
     }

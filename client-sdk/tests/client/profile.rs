@@ -35,14 +35,14 @@ async fn a_reopened_profile_continues_the_conversation() {
 
     // The listener and explicit syncs see the same queue entries: each is applied once
     // (a second decryption would fail and show up as a GroupError event).
-    alice.send(&group, b"one").await.unwrap();
+    let one = alice.send(&group, b"one").await.unwrap();
     alice.flush().await.unwrap();
     bob.sync().await.unwrap();
     bob.sync().await.unwrap();
-    alice.send(&group, b"two").await.unwrap();
+    let two = alice.send(&group, b"two").await.unwrap();
     alice.flush().await.unwrap();
     bob.sync().await.unwrap();
-    for expected in [&b"one"[..], b"two"] {
+    for (id, expected) in [(one, &b"one"[..]), (two, b"two")] {
         // Bob's own "I am back" was reported sent (Event::Outgoing): not what this checks.
         let event = loop {
             let event = tokio::time::timeout(EVENT_TIMEOUT, bob.next_event())
@@ -58,10 +58,60 @@ async fn a_reopened_profile_continues_the_conversation() {
             roost_client::Event::Message {
                 group: group.clone(),
                 sender: client_id("alice", "phone"),
+                id: Some(id),
                 bytes: expected.to_vec()
             }
         );
     }
+}
+
+/// Events come at least once: the one an app was handling when it stopped comes again from
+/// the reopened profile, and its message id lets the app see that it showed it already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_being_handled_when_the_app_stopped_comes_again_with_its_message_id() {
+    use roost_client::Event;
+    let t = start_server().await;
+    let alice = t.register("alice").await;
+    let bob = t.register("bob").await;
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    assert_eq!(wait_joined(&bob).await, group);
+    let first = alice.send(&group, b"first").await.unwrap();
+    let second = alice.send(&group, b"second").await.unwrap();
+    let is_message = |e: &Event| matches!(e, Event::Message { .. });
+    let taken = wait_for(&bob, "the first message", is_message).await;
+    assert_eq!(
+        taken,
+        Event::Message {
+            group: group.clone(),
+            sender: client_id("alice", "phone"),
+            id: Some(first),
+            bytes: b"first".to_vec(),
+        }
+    );
+    // The app stops while handling it: it never asks for the next event.
+    bob.close().await;
+    let bob = Client::open(t.client_config(), t.profile_path("bob-phone"))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_for(&bob, "the first message again", is_message).await,
+        taken
+    );
+    // Asking for the next one lets the first go for good.
+    let next = wait_for(&bob, "the second message", is_message).await;
+    assert!(
+        matches!(&next, Event::Message { id, bytes, .. } if *id == Some(second) && bytes == b"second"),
+        "{next:?}"
+    );
+    bob.close().await;
+    let bob = Client::open(t.client_config(), t.profile_path("bob-phone"))
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_for(&bob, "the second message again", is_message).await,
+        next
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,6 +323,7 @@ async fn pump(
                 group: g,
                 sender,
                 bytes,
+                ..
             } => {
                 let receipt = match ledger::parse_message(&bytes) {
                     Some((index, seq)) if ours(&g) && ids.get(&sender) == Some(&index) => {

@@ -424,7 +424,7 @@ pub(crate) async fn received(
                 events
                     .iter()
                     .any(|e| {
-                        matches!(e, Event::Message { group: g, sender: s, bytes }
+                        matches!(e, Event::Message { group: g, sender: s, bytes, .. }
                             if g == group && *s == sender && bytes == text.as_bytes())
                     })
                     .then_some(())
@@ -504,7 +504,7 @@ pub(crate) async fn barrier(
                     events
                         .iter()
                         .any(|e| {
-                            matches!(e, Event::Message { group: g, sender: s, bytes }
+                            matches!(e, Event::Message { group: g, sender: s, bytes, .. }
                             if g == group && s == &sender && bytes == &marker)
                         })
                         .then_some(())
