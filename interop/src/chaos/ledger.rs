@@ -10,7 +10,9 @@
 //! - **duplicated**: a message received more than once (acknowledged or unknown alike);
 //! - **out of order**: a message received after a later message of the same sender;
 //! - **phantom**: a message nobody sent, a refused send that was delivered anyway, a text that
-//!   does not parse, or a message whose MLS sender is not the member it claims to be from;
+//!   does not parse, or a message whose MLS sender is not the member it claims to be from
+//!   (the run adds those that came with another message id than their sender's `send`
+//!   returned);
 //! - **partial**: an unknown send that reached some but not all of the members that had to
 //!   get it (the server either accepted it, then everyone gets it, or it did not).
 

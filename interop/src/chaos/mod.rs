@@ -44,7 +44,7 @@ use anyhow::{Context as _, bail};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use roost_client::transport::RequestError;
-use roost_client::{Client, ClientConfig, ClientError, Event};
+use roost_client::{Client, ClientConfig, ClientError, Event, MessageId};
 use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -253,6 +253,9 @@ impl ChaosReport {
 #[derive(Default)]
 struct InboxState {
     receipts: Vec<Receipt>,
+    /// The message id each numbered message came with (checked at the end against the id
+    /// its sender's `send` returned).
+    ids: Vec<((usize, u64), Option<MessageId>)>,
     /// Whether this member is in the group, by its last Joined / RemovedFromGroup event.
     in_group: bool,
     joins: u64,
@@ -294,6 +297,9 @@ impl Drop for Peer {
 /// Every member's sends (index = member).
 type Ledger = Arc<Mutex<Vec<BTreeMap<u64, SendOutcome>>>>;
 
+/// The id `send` returned for each (member, number).
+type SentIds = Arc<Mutex<HashMap<(usize, u64), MessageId>>>;
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match mutex.lock() {
         Ok(guard) => guard,
@@ -322,11 +328,12 @@ async fn pump(
             Event::Message {
                 group: g,
                 sender,
+                id,
                 bytes,
-                ..
             } => {
                 let receipt = match ledger::parse_message(&bytes) {
                     Some((index, seq)) if ours(&g) && ids.get(&sender) == Some(&index) => {
+                        s.ids.push(((index, seq), id));
                         Receipt::Numbered { sender: index, seq }
                     }
                     _ => Receipt::Garbage(format!(
@@ -379,7 +386,7 @@ async fn send_numbered(
     client: &Client,
     group: &GroupId,
     index: usize,
-    ledger: &Ledger,
+    (ledger, sent): (&Ledger, &SentIds),
     refused_codes: &Mutex<BTreeMap<String, u64>>,
 ) -> (SendOutcome, u64) {
     let seq = {
@@ -395,6 +402,7 @@ async fn send_numbered(
     // the message not failed). One still queued when this gives up goes out later, once.
     let send_and_flush = async {
         let id = client.send(group, text.as_bytes()).await?;
+        lock(sent).insert((index, seq), id);
         client.flush().await?;
         let failed = client.outbox().await?.into_iter().find(|m| m.id == id);
         Ok::<_, ClientError>(failed.map(|m| (id, m.state)))
@@ -430,14 +438,15 @@ async fn sender_loop(
     client: Arc<Client>,
     group: GroupId,
     index: usize,
-    ledger: Ledger,
+    (ledger, sent): (Ledger, SentIds),
     refused_codes: Arc<Mutex<BTreeMap<String, u64>>>,
     stop: Arc<AtomicBool>,
     interval: Duration,
 ) {
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
-        let (outcome, _) = send_numbered(&client, &group, index, &ledger, &refused_codes).await;
+        let (outcome, _) =
+            send_numbered(&client, &group, index, (&ledger, &sent), &refused_codes).await;
         if outcome == SendOutcome::Acknowledged {
             backoff = Duration::from_millis(100);
             tokio::time::sleep(interval).await;
@@ -672,6 +681,7 @@ async fn run_with(
 
     // Traffic.
     let ledger: Ledger = Arc::new(Mutex::new(vec![BTreeMap::new(); total]));
+    let sent: SentIds = Arc::new(Mutex::new(HashMap::new()));
     let refused_codes = Arc::new(Mutex::new(BTreeMap::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let senders: Vec<JoinHandle<()>> = peers[..config.clients]
@@ -683,7 +693,7 @@ async fn run_with(
                     peer.client.clone(),
                     group.clone(),
                     index,
-                    ledger.clone(),
+                    (ledger.clone(), sent.clone()),
                     refused_codes.clone(),
                     stop.clone(),
                     config.send_interval,
@@ -795,7 +805,7 @@ async fn run_with(
         report
             .failures
             .push("a homeserver did not come back after a kill".into());
-        finish(&mut report, &peers, &ledger, &[], &names);
+        finish(&mut report, &peers, (&ledger, &sent), &[], &names);
         return Ok(report);
     }
 
@@ -847,8 +857,14 @@ async fn run_with(
             ));
         }
         for attempt in 0..FINAL_ATTEMPTS {
-            let (outcome, seq) =
-                send_numbered(&peer.client, &group, index, &ledger, &refused_codes).await;
+            let (outcome, seq) = send_numbered(
+                &peer.client,
+                &group,
+                index,
+                (&ledger, &sent),
+                &refused_codes,
+            )
+            .await;
             if outcome == SendOutcome::Acknowledged {
                 final_seq[index] = Some(seq);
                 break;
@@ -887,7 +903,7 @@ async fn run_with(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    finish(&mut report, &peers, &ledger, &must, &names);
+    finish(&mut report, &peers, (&ledger, &sent), &must, &names);
     report.sent_after = (0..total)
         .filter(|&s| {
             final_seq[s].is_some_and(|seq| {
@@ -926,13 +942,36 @@ fn analyze_now(
 fn finish(
     report: &mut ChaosReport,
     peers: &[Peer],
-    ledger: &Ledger,
+    (ledger, sent): (&Ledger, &SentIds),
     must: &[Vec<Option<u64>>],
     names: &[String],
 ) {
     report.deliveries = analyze_now(peers, ledger, must, names);
+    let sent = lock(sent);
+    let outcomes = lock(ledger).clone();
+    let mut wrong_ids = 0u64;
     for peer in peers {
         peer.inbox.with(|s| {
+            // A message whose id is not the one its sender's `send` returned: counted with
+            // the phantoms (the app could not tell it from another message).
+            for ((sender, seq), id) in &s.ids {
+                let expected = sent.get(&(*sender, *seq));
+                // A send given up on (OPERATION_LIMIT) before `send` returned its id.
+                let never_returned = expected.is_none()
+                    && outcomes.get(*sender).and_then(|m| m.get(seq))
+                        == Some(&SendOutcome::Unknown);
+                if id.as_ref() != expected && !never_returned {
+                    report.deliveries.phantom += 1;
+                    wrong_ids += 1;
+                    if wrong_ids <= 10 {
+                        report.failures.push(format!(
+                            "{} received {} #{seq} with id {id:?}, sent as {expected:?}",
+                            peer.name,
+                            names.get(*sender).map_or("?", String::as_str)
+                        ));
+                    }
+                }
+            }
             report.group_errors += s.group_errors.len() as u64;
             for error in &s.group_errors {
                 if report.group_error_samples.len() < 10 {
