@@ -24,10 +24,10 @@ pub enum Event {
         /// The sender's id of the message: what its `send` returned (its [`Event::Outgoing`]
         /// names the same id), carried in the MLS message's authenticated data. Unique per
         /// sender and group: the SDK drops a message whose id it received already (among the
-        /// last 65,536 ids it received). Events are
-        /// delivered at least once (the one being handled when the app died comes again), so
-        /// an app that must not show a message twice keeps the ids it showed. `None` when the
-        /// sender's client sets no id (another implementation, PROTOCOL.md §4.5).
+        /// last 65,536 ids it received). Events are delivered at least once (the one being
+        /// handled when the app died comes again), so an app that must not show a message
+        /// twice keeps the ids it showed. `None` when the sender's client sets no id (another
+        /// implementation, PROTOCOL.md §4.5).
         id: Option<MessageId>,
         /// The plaintext: the encoding of a `MessageContent` (PROTOCOL.md §4.5) if the sender
         /// follows the protocol. [`Event::content`] decodes it.
