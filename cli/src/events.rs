@@ -221,12 +221,40 @@ async fn chat_line(
         }
         _ => line,
     };
+    // With --json, every line sent gets its answer on stdout before the next line is read:
+    // `queued` (in the profile's outgoing queue: it will be sent, once, also if this process
+    // dies now; `outgoing` events follow) or `not_sent`.
+    let fields = |event: &str| {
+        json!({
+            "event": event,
+            "group": group.to_string(),
+            "name": session.names.name_of(group),
+            "text": text,
+        })
+    };
     match session.client.send_text(group, text).await {
-        Ok(_) => Ok(true),
+        Ok(id) => {
+            let mut queued = fields("queued");
+            if let Value::Object(map) = &mut queued {
+                map.insert("id".into(), id.to_string().into());
+            }
+            out.json(queued)?;
+            Ok(true)
+        }
         Err(err @ ClientError::UnknownGroup(_)) => Err(session.fail(&err)),
         Err(err) => {
             // Keep the chat open: the next line may go through (e.g. after a reconnect).
-            out.note(format!("error: not sent: {}", session.fail(&err)));
+            let code = crate::errors::code(&err);
+            let err = session.fail(&err);
+            let mut not_sent = fields("not_sent");
+            if let Value::Object(map) = &mut not_sent {
+                map.insert(
+                    "error".into(),
+                    json!({"code": code, "message": format!("{err:#}")}),
+                );
+            }
+            out.json(not_sent)?;
+            out.note(format!("error: not sent: {err}"));
             Ok(true)
         }
     }

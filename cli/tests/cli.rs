@@ -228,6 +228,78 @@ fn two_users_talk_both_ways() {
 }
 
 #[test]
+fn chat_json_answers_each_line_with_its_message_id() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    let h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+    let group = h.ok("alice", &["group", "create", "--name", "team"]);
+    let group = group.trim();
+    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
+    h.ok("bob", &["recv"]);
+
+    let mut chat = h
+        .command("alice", &["--json", "chat", "team"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // A chat that never answers is ended, so the test fails instead of hanging.
+    let pid = chat.id().to_string();
+    let (ended, watch) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let timeout = std::time::Duration::from_secs(60);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(timeout) {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+    });
+    let mut typed = chat.stdin.take().unwrap();
+    let mut shown = BufReader::new(chat.stdout.take().unwrap());
+    // The answer to each line comes before the next line is read: a script can tell which
+    // line is queued (it goes out, once, even if the chat dies now) under which id.
+    let mut queued = |text: &str| -> String {
+        writeln!(typed, "{text}").unwrap();
+        loop {
+            let mut line = String::new();
+            assert_ne!(shown.read_line(&mut line).unwrap(), 0, "chat ended");
+            let event: Value = serde_json::from_str(&line).unwrap();
+            if event["event"] == "queued" {
+                assert_eq!(
+                    (&event["group"], &event["name"], &event["text"]),
+                    (&group.into(), &"team".into(), &text.into())
+                );
+                return event["id"].as_str().unwrap().to_owned();
+            }
+            // Only the hub's acceptance of an earlier line may come in between.
+            assert_eq!(event["event"], "outgoing", "{line}");
+        }
+    };
+    let first = queued("first from chat");
+    let second = queued("second from chat");
+    assert_ne!(first, second);
+    writeln!(typed, "/quit").unwrap();
+    drop(typed);
+    assert!(chat.wait().unwrap().success());
+    let _ = ended.send(());
+
+    let events = json_lines(&h.ok("bob", &["--json", "recv", "--wait", "10"]));
+    let got: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .map(|e| (e["id"].as_str().unwrap(), e["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (first.as_str(), "first from chat"),
+            (second.as_str(), "second from chat")
+        ]
+    );
+}
+
+#[test]
 fn recv_wait_returns_when_a_message_arrives() {
     let h = Harness::start();
     h.register("alice");
