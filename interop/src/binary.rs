@@ -81,6 +81,11 @@ pub fn build_roost(profile: &Profile) -> anyhow::Result<PathBuf> {
     build_binary("roost-server", "roost", profile)
 }
 
+/// Builds the `roost-cli` binary with `profile` and returns its path.
+pub fn build_cli(profile: &Profile) -> anyhow::Result<PathBuf> {
+    build_binary("roost-cli", "roost-cli", profile)
+}
+
 /// This program, `roost-interop` (the bench runs its hidden `bench-quinn-server` in a process of
 /// its own): the running executable if it is that binary, else built with cargo in the
 /// running executable's profile (tests link the library, not the binary).

@@ -542,7 +542,11 @@ impl Harness {
     }
 
     /// Every node's address of domain `index`, starting with node `first`.
-    fn addresses_from(&self, index: usize, first: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    pub(crate) fn addresses_from(
+        &self,
+        index: usize,
+        first: usize,
+    ) -> anyhow::Result<Vec<SocketAddr>> {
         let mut addrs: Vec<SocketAddr> = self.nodes(index)?.iter().map(|n| n.addr).collect();
         if first >= addrs.len() {
             bail!("no node {first} of server {index}");

@@ -120,6 +120,17 @@ struct ChaosArgs {
     /// `servers/<domain>/roost.log`), e.g. `roost_server=debug`.
     #[arg(long, default_value = "info")]
     server_log: String,
+    /// Members run as `roost-cli --json chat` processes and killed with SIGKILL at random
+    /// (on top of --clients), each restarted on its profile a little later.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=16))]
+    killed_clients: u16,
+    /// The `roost-cli` binary for --killed-clients (default: built like the homeserver).
+    #[arg(long, env = "ROOST_CLI_BIN")]
+    roost_cli: Option<PathBuf>,
+    /// Longest time a killed member's process lives before its kill (ms); each is random
+    /// between a tenth of it and it.
+    #[arg(long, default_value_t = 3_000)]
+    max_client_up_ms: u64,
     #[command(flatten)]
     topology: TopologyArgs,
 }
@@ -376,6 +387,12 @@ async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     config.dir = args.dir;
     config.progress = !args.no_progress;
     config.server_log = args.server_log;
+    config.killed_clients = usize::from(args.killed_clients);
+    config.roost_cli = args.roost_cli;
+    config.client_up = (
+        Duration::from_millis(args.max_client_up_ms / 10),
+        Duration::from_millis(args.max_client_up_ms),
+    );
     let report = chaos::run(config).await?;
     let mut stdout = std::io::stdout();
     if args.json {

@@ -12,7 +12,13 @@ use std::time::Duration;
 use roost_interop::chaos::{self, ChaosConfig, ChaosReport};
 
 fn smoke(domains: usize, cycles: usize, seed: u64) -> ChaosReport {
+    smoke_with(domains, cycles, seed, 0)
+}
+
+fn smoke_with(domains: usize, cycles: usize, seed: u64, killed_clients: usize) -> ChaosReport {
     let mut config = ChaosConfig::new(common::roost());
+    config.killed_clients = killed_clients;
+    config.client_up = (Duration::from_millis(200), Duration::from_millis(1_000));
     config.cycles = cycles;
     config.clients = 3;
     config.domains = domains;
@@ -73,4 +79,30 @@ fn kill_cycles_lose_and_duplicate_nothing() {
     ] {
         assert!(json.get(key).is_some(), "{key} missing in {json}");
     }
+}
+
+/// Members whose `roost-cli chat` processes are SIGKILLed at random (writing their profiles,
+/// sending, printing) and restarted on the same profile, while the homeserver is killed too:
+/// what `chat` answered `queued` is delivered exactly once, and the only event a restarted
+/// process hands out again is the one its killed predecessor was printing.
+#[test]
+fn killed_members_lose_and_duplicate_nothing() {
+    let report = smoke_with(1, 4, 17, 2);
+    let kills = &report.member_kills;
+    assert!(kills.kills >= 2, "{report:?}");
+    assert!(kills.starts > kills.kills, "{report:?}");
+    assert!(
+        kills.acknowledged > 0,
+        "the killed members sent nothing: {report:?}"
+    );
+    assert!(kills.repeated <= kills.kills, "{report:?}");
+    let t = &report.deliveries;
+    assert_eq!(
+        (t.lost, t.duplicated, t.out_of_order, t.phantom, t.partial),
+        (0, 0, 0, 0, 0)
+    );
+    // Three members, the rover and the two killed members each sent once more afterwards.
+    assert_eq!(report.sent_after, 6);
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(json["member_kills"]["kills"].as_u64().is_some(), "{json}");
 }

@@ -27,12 +27,15 @@
 //! The kill schedule (which server, how long up and down) comes from [`ChaosConfig::seed`];
 //! the interleaving with the clients' traffic depends on timing and is not reproducible.
 //!
-//! Clients are only ever disconnected, never killed. Killing one would mean dropping its
-//! [`Client`] (or running it as a separate process) at a random point and reopening its
-//! profile with [`Client::open`]: the ledger lives here, outside the clients, so it would
-//! survive that; the sender's next number would have to be taken from the ledger.
+//! With [`ChaosConfig::killed_clients`], more members run as `roost-cli --json chat`
+//! processes that are SIGKILLed and restarted on their profiles at random ([`killed`]): what
+//! their chat answered `queued` must arrive exactly once like any acknowledged message.
+//! The in-process members are only ever disconnected.
 
+mod killed;
 pub mod ledger;
+
+pub use killed::KillTally;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -44,7 +47,7 @@ use anyhow::{Context as _, bail};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use roost_client::transport::RequestError;
-use roost_client::{Client, ClientConfig, ClientError, Event, MessageId};
+use roost_client::{Client, ClientConfig, ClientError, Content, Event, MessageId};
 use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -94,6 +97,15 @@ pub struct ChaosConfig {
     pub progress: bool,
     /// `RUST_LOG` filter of the homeservers.
     pub server_log: String,
+    /// Members run as `roost-cli --json chat` processes that are killed with SIGKILL at
+    /// random (on top of `clients`; see [`killed`]). 0: none.
+    pub killed_clients: usize,
+    /// The `roost-cli` binary for them (default: built like the homeserver).
+    pub roost_cli: Option<PathBuf>,
+    /// How long each of their processes lives before it is killed (random in between).
+    pub client_up: (Duration, Duration),
+    /// How long a killed member stays dead.
+    pub client_down: (Duration, Duration),
 }
 
 impl ChaosConfig {
@@ -115,6 +127,10 @@ impl ChaosConfig {
             settle_timeout: Duration::from_secs(120),
             progress: true,
             server_log: "info".into(),
+            killed_clients: 0,
+            roost_cli: None,
+            client_up: (Duration::from_millis(300), Duration::from_millis(3_000)),
+            client_down: (Duration::ZERO, Duration::from_millis(300)),
         }
     }
 }
@@ -168,6 +184,10 @@ pub struct ChaosReport {
     pub group_errors: u64,
     /// The first of those, in words.
     pub group_error_samples: Vec<String>,
+    /// Members run as `roost-cli` processes and killed at random.
+    pub killed_clients: usize,
+    /// What their kills did.
+    pub member_kills: KillTally,
     /// Wall time of the whole run, servers' start included (s).
     pub elapsed_secs: f64,
     /// Why the run failed (empty: it passed).
@@ -215,11 +235,26 @@ impl ChaosReport {
             "received {}: lost {}, duplicated {}, out of order {}, phantom {}, partial {}",
             t.received, t.lost, t.duplicated, t.out_of_order, t.phantom, t.partial
         )?;
+        if self.killed_clients > 0 {
+            let k = &self.member_kills;
+            writeln!(
+                out,
+                "killed members {}: {} kills, {} processes started, {} ended on their own, \
+                 {} events handed out again after a kill; their sends {} acknowledged, {} unknown",
+                self.killed_clients,
+                k.kills,
+                k.starts,
+                k.exits,
+                k.repeated,
+                k.acknowledged,
+                k.unknown
+            )?;
+        }
         writeln!(
             out,
             "members able to send afterwards: {}/{}  group errors: {}  time {:.1} s",
             self.sent_after,
-            self.clients + 1,
+            self.clients + 1 + self.killed_clients,
             self.group_errors,
             self.elapsed_secs
         )?;
@@ -331,7 +366,12 @@ async fn pump(
                 id,
                 bytes,
             } => {
-                let receipt = match ledger::parse_message(&bytes) {
+                let text = match Content::decode(&bytes) {
+                    Ok(Content::Text(text)) => Some(text),
+                    _ => None,
+                };
+                let numbered = text.and_then(|text| ledger::parse_message(text.as_bytes()));
+                let receipt = match numbered {
                     Some((index, seq)) if ours(&g) && ids.get(&sender) == Some(&index) => {
                         s.ids.push(((index, seq), id));
                         Receipt::Numbered { sender: index, seq }
@@ -401,7 +441,8 @@ async fn send_numbered(
     // Queued, then delivered: acknowledged once the hub accepted it (nothing left to send and
     // the message not failed). One still queued when this gives up goes out later, once.
     let send_and_flush = async {
-        let id = client.send(group, text.as_bytes()).await?;
+        // As text content, so that roost-cli members show it as text.
+        let id = client.send_text(group, &text).await?;
         lock(sent).insert((index, seq), id);
         client.flush().await?;
         let failed = client.outbox().await?.into_iter().find(|m| m.id == id);
@@ -542,6 +583,13 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     if config.nodes > 1 && config.storage != Storage::Postgres {
         bail!("--nodes {} needs --backend postgres", config.nodes);
     }
+    let cli = match (config.killed_clients, &config.roost_cli) {
+        (0, _) => None,
+        (_, Some(cli)) => Some(cli.clone()),
+        (_, None) => Some(crate::binary::build_cli(
+            &crate::binary::Profile::of_current_exe(),
+        )?),
+    };
     let started = Instant::now();
     let temp = match &config.dir {
         Some(_) => None,
@@ -557,7 +605,7 @@ pub async fn run(config: ChaosConfig) -> anyhow::Result<ChaosReport> {
     harness_config.nodes = config.nodes;
     harness_config.log_filter = Some(config.server_log.clone());
     let mut harness = Harness::start(harness_config).await?;
-    let mut report = run_with(&config, &mut harness, &dir.join("profiles")).await?;
+    let mut report = run_with(&config, &mut harness, &dir.join("profiles"), cli).await?;
     if let Err(err) = harness.shutdown().await {
         report
             .failures
@@ -579,11 +627,14 @@ async fn run_with(
     config: &ChaosConfig,
     harness: &mut Harness,
     profiles: &std::path::Path,
+    cli: Option<PathBuf>,
 ) -> anyhow::Result<ChaosReport> {
     std::fs::create_dir_all(profiles)?;
     let mut rng = StdRng::seed_from_u64(config.seed);
+    // In-process members (the rover last), then the killed ones.
     let total = config.clients + 1;
     let rover_index = config.clients;
+    let everyone = total + config.killed_clients;
     // Register everyone (no faults yet).
     let mut clients = Vec::with_capacity(total);
     let mut names = Vec::with_capacity(total);
@@ -611,11 +662,31 @@ async fn run_with(
         clients.push(Arc::new(client));
         names.push(format!("{name}@{domain_name}"));
     }
+    let mut killables = Vec::with_capacity(config.killed_clients);
+    if let Some(cli) = &cli {
+        for k in 0..config.killed_clients {
+            let (domain, node) = (k % config.domains, (k / config.domains) % config.nodes);
+            let domain_name = harness.server(domain)?.domain.clone();
+            let user: UserId = format!("k{k}@{domain_name}").parse()?;
+            let member = killed::Killable::register(
+                total + k,
+                cli.clone(),
+                profiles,
+                user,
+                &harness.addresses_from(domain, node)?,
+                harness.ca_file(),
+            )
+            .await?;
+            names.push(member.name.clone());
+            killables.push(Arc::new(member));
+        }
+    }
     let ids: Arc<HashMap<ClientId, usize>> = Arc::new(
         clients
             .iter()
             .enumerate()
             .map(|(i, c)| (c.client_id().clone(), i))
+            .chain(killables.iter().map(|k| (k.client.clone(), k.index)))
             .collect(),
     );
     let group_cell = Arc::new(std::sync::OnceLock::new());
@@ -653,6 +724,7 @@ async fn run_with(
     let others: Vec<UserId> = peers[1..]
         .iter()
         .map(|p| p.client.user_id().clone())
+        .chain(killables.iter().map(|k| k.user.clone()))
         .collect();
     creator
         .client
@@ -664,6 +736,20 @@ async fn run_with(
             s.in_group
         })
         .await?;
+    }
+    let ledger: Ledger = Arc::new(Mutex::new(vec![BTreeMap::new(); everyone]));
+    let sent: SentIds = Arc::new(Mutex::new(HashMap::new()));
+    let refused_codes = Arc::new(Mutex::new(BTreeMap::new()));
+    let shared = Arc::new(killed::Shared {
+        group: group.clone(),
+        ids: ids.clone(),
+        ledger: ledger.clone(),
+        sent: sent.clone(),
+        refused_codes: refused_codes.clone(),
+        tally: Arc::new(Mutex::new(KillTally::default())),
+    });
+    for member in &killables {
+        member.join(&shared, Duration::from_secs(60)).await?;
     }
     let setup_started = Instant::now();
     let progress = |what: String| {
@@ -680,10 +766,24 @@ async fn run_with(
     ));
 
     // Traffic.
-    let ledger: Ledger = Arc::new(Mutex::new(vec![BTreeMap::new(); total]));
-    let sent: SentIds = Arc::new(Mutex::new(HashMap::new()));
-    let refused_codes = Arc::new(Mutex::new(BTreeMap::new()));
     let stop = Arc::new(AtomicBool::new(false));
+    let killed_runs: Vec<JoinHandle<anyhow::Result<killed::Session>>> = killables
+        .iter()
+        .map(|member| {
+            let schedule = killed::Schedule {
+                up: config.client_up,
+                down: config.client_down,
+                send_interval: config.send_interval,
+                seed: config.seed ^ (0xc11e_0000 + member.index as u64),
+            };
+            tokio::spawn(killed::run(
+                member.clone(),
+                shared.clone(),
+                stop.clone(),
+                schedule,
+            ))
+        })
+        .collect();
     let senders: Vec<JoinHandle<()>> = peers[..config.clients]
         .iter()
         .enumerate()
@@ -743,6 +843,8 @@ async fn run_with(
         sent_after: 0,
         group_errors: 0,
         group_error_samples: Vec::new(),
+        killed_clients: config.killed_clients,
+        member_kills: KillTally::default(),
         elapsed_secs: 0.0,
         failures: Vec::new(),
         dir: None,
@@ -800,12 +902,37 @@ async fn run_with(
     }
     committer.await.context("the committer task failed")?;
     report.commits = lock(&commits).clone();
-    report.refused_codes = lock(&refused_codes).clone();
+    let mut sessions = Vec::with_capacity(killed_runs.len());
+    for (run, member) in killed_runs.into_iter().zip(&killables) {
+        match run.await {
+            Ok(Ok(session)) => sessions.push(Some(session)),
+            Ok(Err(err)) => {
+                report.failures.push(format!("{}: {err:#}", member.name));
+                sessions.push(None);
+            }
+            Err(err) => {
+                report
+                    .failures
+                    .push(format!("{}: its task failed: {err}", member.name));
+                sessions.push(None);
+            }
+        }
+    }
+    let inboxes: Vec<(String, Arc<Inbox>)> = peers
+        .iter()
+        .map(|p| (p.name.clone(), p.inbox.clone()))
+        .chain(killables.iter().map(|k| (k.name.clone(), k.inbox.clone())))
+        .collect();
     if !report.restart_failures.is_empty() {
         report
             .failures
             .push("a homeserver did not come back after a kill".into());
-        finish(&mut report, &peers, (&ledger, &sent), &[], &names);
+        for session in sessions.into_iter().flatten() {
+            session.quit().await;
+        }
+        report.refused_codes = lock(&refused_codes).clone();
+        report.member_kills = lock(&shared.tally).clone();
+        finish(&mut report, &inboxes, (&ledger, &sent), &[], &names);
         return Ok(report);
     }
 
@@ -840,7 +967,7 @@ async fn run_with(
     // and the add not processed yet) would send at an epoch the rover left: the hub rightly
     // keeps such a message from the rover's new membership.
     let added_at = creator.client.epoch(&group).await.unwrap_or(0);
-    let mut final_seq: Vec<Option<u64>> = vec![None; total];
+    let mut final_seq: Vec<Option<u64>> = vec![None; everyone];
     for (index, peer) in peers.iter().enumerate() {
         if !sees_add(
             &peer.client,
@@ -878,11 +1005,50 @@ async fn run_with(
             ));
         }
     }
+    // A killed member has seen the rover's add once it has m0's last message (sent after the
+    // add, in the add's epoch or later: it comes behind the commit).
+    let creator_last = final_seq[0].map(|seq| Receipt::Numbered { sender: 0, seq });
+    for (member, session) in killables.iter().zip(sessions.iter_mut()) {
+        let Some(session) = session else { continue };
+        if let Some(last) = &creator_last {
+            let seen = tokio::time::timeout(Duration::from_secs(60), async {
+                loop {
+                    let changed = member.inbox.changed.notified();
+                    if member.inbox.with(|s| s.receipts.contains(last)) {
+                        break;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(250), changed).await;
+                }
+            })
+            .await;
+            if seen.is_err() {
+                report.failures.push(format!(
+                    "{} did not get m0's last message after the run",
+                    member.name
+                ));
+            }
+        }
+        for attempt in 0..FINAL_ATTEMPTS {
+            let until = tokio::time::Instant::now() + OPERATION_LIMIT;
+            let (outcome, seq) = killed::send_line(member, &shared, session, until).await;
+            if outcome == Some(SendOutcome::Acknowledged) {
+                final_seq[member.index] = Some(seq);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(10) + 1))).await;
+        }
+        if final_seq[member.index].is_none() {
+            report.failures.push(format!(
+                "{} could not send after the run ({FINAL_ATTEMPTS} attempts)",
+                member.name
+            ));
+        }
+    }
     // Who must have what: the members everything acknowledged (from the rover only its last
     // message); the rover each member's last message (it was away for the rest).
-    let must: Vec<Vec<Option<u64>>> = (0..total)
+    let must: Vec<Vec<Option<u64>>> = (0..everyone)
         .map(|r| {
-            (0..total)
+            (0..everyone)
                 .map(|s| {
                     if r == rover_index || s == rover_index {
                         final_seq[s]
@@ -897,27 +1063,39 @@ async fn run_with(
     // Wait until everything that must arrive has (or the time is up).
     let deadline = Instant::now() + config.settle_timeout;
     loop {
-        let tally = analyze_now(&peers, &ledger, &must, &names);
+        let tally = analyze_now(&inboxes, &ledger, &must, &names);
         if tally.lost == 0 || Instant::now() >= deadline {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    finish(&mut report, &peers, (&ledger, &sent), &must, &names);
-    report.sent_after = (0..total)
+    for session in sessions.into_iter().flatten() {
+        session.quit().await;
+    }
+    report.refused_codes = lock(&refused_codes).clone();
+    report.member_kills = lock(&shared.tally).clone();
+    for outcome in lock(&ledger)[total..].iter().flat_map(BTreeMap::values) {
+        match outcome {
+            SendOutcome::Acknowledged => report.member_kills.acknowledged += 1,
+            SendOutcome::Unknown => report.member_kills.unknown += 1,
+            SendOutcome::Refused => {}
+        }
+    }
+    finish(&mut report, &inboxes, (&ledger, &sent), &must, &names);
+    report.sent_after = (0..everyone)
         .filter(|&s| {
             final_seq[s].is_some_and(|seq| {
-                peers.iter().enumerate().all(|(r, p)| {
+                inboxes.iter().enumerate().all(|(r, (_, inbox))| {
                     r == s
-                        || p.inbox
+                        || inbox
                             .with(|st| st.receipts.contains(&Receipt::Numbered { sender: s, seq }))
                 })
             })
         })
         .count();
-    if report.sent_after < total && report.failures.is_empty() {
+    if report.sent_after < everyone && report.failures.is_empty() {
         report.failures.push(format!(
-            "only {}/{total} members' last messages reached everyone",
+            "only {}/{everyone} members' last messages reached everyone",
             report.sent_after
         ));
     }
@@ -925,14 +1103,14 @@ async fn run_with(
 }
 
 fn analyze_now(
-    peers: &[Peer],
+    inboxes: &[(String, Arc<Inbox>)],
     ledger: &Ledger,
     must: &[Vec<Option<u64>>],
     names: &[String],
 ) -> Tally {
-    let received: Vec<Vec<Receipt>> = peers
+    let received: Vec<Vec<Receipt>> = inboxes
         .iter()
-        .map(|p| p.inbox.with(|s| s.receipts.clone()))
+        .map(|(_, inbox)| inbox.with(|s| s.receipts.clone()))
         .collect();
     let sent = lock(ledger).clone();
     ledger::analyze(&sent, &received, must, names)
@@ -941,17 +1119,17 @@ fn analyze_now(
 /// Fills in the deliveries and the failures they imply.
 fn finish(
     report: &mut ChaosReport,
-    peers: &[Peer],
+    inboxes: &[(String, Arc<Inbox>)],
     (ledger, sent): (&Ledger, &SentIds),
     must: &[Vec<Option<u64>>],
     names: &[String],
 ) {
-    report.deliveries = analyze_now(peers, ledger, must, names);
+    report.deliveries = analyze_now(inboxes, ledger, must, names);
     let sent = lock(sent);
     let outcomes = lock(ledger).clone();
     let mut wrong_ids = 0u64;
-    for peer in peers {
-        peer.inbox.with(|s| {
+    for (name, inbox) in inboxes {
+        inbox.with(|s| {
             // A message whose id is not the one its sender's `send` returned: counted with
             // the phantoms (the app could not tell it from another message).
             for ((sender, seq), id) in &s.ids {
@@ -966,7 +1144,7 @@ fn finish(
                     if wrong_ids <= 10 {
                         report.failures.push(format!(
                             "{} received {} #{seq} with id {id:?}, sent as {expected:?}",
-                            peer.name,
+                            name,
                             names.get(*sender).map_or("?", String::as_str)
                         ));
                     }
@@ -977,13 +1155,13 @@ fn finish(
                 if report.group_error_samples.len() < 10 {
                     report
                         .group_error_samples
-                        .push(format!("{}: {error}", peer.name));
+                        .push(format!("{}: {error}", name));
                 }
             }
             if let Some(err) = &s.stream_error {
                 report
                     .failures
-                    .push(format!("{}: event stream failed: {err}", peer.name));
+                    .push(format!("{}: event stream failed: {err}", name));
             }
         });
     }

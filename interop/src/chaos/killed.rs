@@ -1,0 +1,495 @@
+//! Members that the run kills: each is a `roost-cli --json chat` process with a profile of its
+//! own, fed numbered lines on its standard input and read on its standard output. At random
+//! times the run SIGKILLs the process (wherever it is: writing its profile, sending, printing)
+//! and starts another one on the same profile a little later.
+//!
+//! What counts, as an app would see it:
+//!
+//! - a line answered `queued` is **acknowledged**: the SDK holds it in the profile's outgoing
+//!   queue and promises to deliver it exactly once, also across the kill (the next process
+//!   sends it); an `outgoing` event that says it failed turns it into a refusal;
+//! - a line answered `not_sent` is refused; a line the process was killed before answering is
+//!   **unknown** (it may or may not have been queued);
+//! - events are handed out at least once: the event the process was printing when it was
+//!   killed comes again from the next process. So the first event a restarted process prints
+//!   is dropped when it is the killed one's last (an app does the same by message id); it is
+//!   counted in [`KillTally::repeated`], and any other repeat is a duplicate.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rand::SeedableRng as _;
+use rand::rngs::StdRng;
+use roost_client::MessageId;
+use roost_protocol::{ClientId, GroupId, UserId};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::ledger::{self, Receipt, SendOutcome};
+use super::{Inbox, Ledger, SentIds, lock, random_between};
+
+/// How long a killed member's process may take to answer one line before the line counts as
+/// unknown and the process is killed (it hangs).
+const ANSWER_LIMIT: Duration = Duration::from_secs(60);
+
+/// What the kills of the members did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KillTally {
+    /// SIGKILLs sent to members' processes.
+    pub kills: u64,
+    /// Processes started (the first of each member included).
+    pub starts: u64,
+    /// Processes that ended on their own (e.g. the chat could not reach its server at start).
+    pub exits: u64,
+    /// Events a restarted process handed out again: the one its killed predecessor printed
+    /// last (at least once, as documented; dropped like an app drops it by id).
+    pub repeated: u64,
+    /// Their lines answered `queued` (counted in the run's acknowledged sends too).
+    pub acknowledged: u64,
+    /// Their lines whose process was killed before it answered.
+    pub unknown: u64,
+}
+
+/// One member run as `roost-cli` processes.
+pub(super) struct Killable {
+    pub(super) index: usize,
+    pub(super) name: String,
+    pub(super) client: ClientId,
+    pub(super) user: UserId,
+    pub(super) inbox: Arc<Inbox>,
+    profile: PathBuf,
+    log: PathBuf,
+    cli: PathBuf,
+}
+
+/// What every member's line handler needs.
+pub(super) struct Shared {
+    pub(super) group: GroupId,
+    pub(super) ids: Arc<HashMap<ClientId, usize>>,
+    pub(super) ledger: Ledger,
+    pub(super) sent: SentIds,
+    pub(super) refused_codes: Arc<Mutex<BTreeMap<String, u64>>>,
+    pub(super) tally: Arc<Mutex<KillTally>>,
+}
+
+/// A running `chat` process.
+pub(super) struct Session {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    /// The number of each typed line answered (the reader records the answer itself).
+    answers: mpsc::UnboundedReceiver<u64>,
+    /// Ends with the last event line the process printed.
+    reader: JoinHandle<Option<String>>,
+}
+
+impl Killable {
+    /// Registers `user` with `roost-cli` (device `cli`) on the server at `servers`.
+    pub(super) async fn register(
+        index: usize,
+        cli: PathBuf,
+        profiles: &std::path::Path,
+        user: UserId,
+        servers: &[std::net::SocketAddr],
+        ca: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let local = user.to_string();
+        let short = local.split('@').next().unwrap_or("k").to_owned();
+        let profile = profiles.join(&short);
+        let log = profiles.join(format!("{short}.log"));
+        let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
+        let out = Command::new(&cli)
+            .arg("--profile")
+            .arg(&profile)
+            .args(["--timeout", "2", "register", &local, "--server"])
+            .arg(servers.join(","))
+            .arg("--ca")
+            .arg(ca)
+            .env_remove("ROOST_PROFILE")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .with_context(|| format!("cannot run {}", cli.display()))?;
+        anyhow::ensure!(
+            out.status.success(),
+            "roost-cli register {local}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let client = ClientId::from_str(&format!("{local}/cli"))
+            .map_err(|err| anyhow::anyhow!("client id of {local}: {err}"))?;
+        Ok(Self {
+            index,
+            name: local,
+            client,
+            user,
+            inbox: Arc::new(Inbox::default()),
+            profile,
+            log,
+            cli,
+        })
+    }
+
+    fn command(&self, args: &[&str]) -> anyhow::Result<Command> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let mut command = Command::new(&self.cli);
+        command
+            .arg("--profile")
+            .arg(&self.profile)
+            .args(["--json", "--timeout", "2"])
+            .args(args)
+            .env_remove("ROOST_PROFILE")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true);
+        Ok(command)
+    }
+
+    /// Runs `recv` until this member has joined the group (at the start: nothing is sent yet,
+    /// but what arrives is recorded all the same).
+    pub(super) async fn join(&self, shared: &Shared, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.inbox.with(|s| s.in_group) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not join the group",
+                self.name
+            );
+            let out = self
+                .command(&["recv", "--wait", "5"])?
+                .stdin(Stdio::null())
+                .output()
+                .await?;
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                absorb(self, shared, line);
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a `chat` process; `last` is the last event line of the process before it.
+    fn start(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        last: Option<String>,
+    ) -> anyhow::Result<Session> {
+        let group = shared.group.to_string();
+        let mut child = self
+            .command(&["chat", &group])?
+            .stdin(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting a chat of {}", self.name))?;
+        lock(&shared.tally).starts += 1;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (answers_tx, answers) = mpsc::unbounded_channel();
+        let (member, shared) = (self.clone(), shared.clone());
+        let reader = tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            let mut last = last;
+            let mut first = true;
+            while let Ok(Some(line)) = lines.next_line().await {
+                match absorb_or_answer(&member, &shared, &line, first, last.as_deref()) {
+                    Line::Answer(seq) => {
+                        let _ = answers_tx.send(seq);
+                    }
+                    Line::Event => {
+                        first = false;
+                        last = Some(line);
+                    }
+                    Line::Other => {}
+                }
+            }
+            last
+        });
+        Ok(Session {
+            child,
+            stdin,
+            answers,
+            reader,
+        })
+    }
+}
+
+impl Session {
+    /// Types `text`, line `seq`; whether it was answered before the process ended and before
+    /// `until`. Late answers to earlier lines are skipped.
+    async fn type_line(&mut self, text: &str, seq: u64, until: Instant) -> bool {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return false;
+        };
+        let line = format!("{text}\n");
+        if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+            return false;
+        }
+        let answered = async {
+            while let Some(answered) = self.answers.recv().await {
+                if answered == seq {
+                    return true;
+                }
+            }
+            false
+        };
+        tokio::time::timeout_at(until, answered)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// SIGKILL; returns the last event line the process printed.
+    async fn kill(mut self) -> Option<String> {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        self.reader.await.ok().flatten()
+    }
+
+    /// Ends the chat as a person does (end of input), or kills it if it does not end.
+    pub(super) async fn quit(mut self) {
+        drop(self.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+        let _ = self.reader.await;
+    }
+
+    /// Whether the process ended on its own.
+    fn ended(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+/// How to run a killed member.
+#[derive(Clone, Copy)]
+pub(super) struct Schedule {
+    /// How long each process lives before its kill.
+    pub(super) up: (Duration, Duration),
+    /// How long the member stays dead.
+    pub(super) down: (Duration, Duration),
+    /// Pause after each acknowledged line.
+    pub(super) send_interval: Duration,
+    pub(super) seed: u64,
+}
+
+/// Sends numbered lines through chat processes killed and restarted at random until `stop`;
+/// returns a running process for the end of the run.
+pub(super) async fn run(
+    member: Arc<Killable>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    schedule: Schedule,
+) -> anyhow::Result<Session> {
+    let mut rng = StdRng::seed_from_u64(schedule.seed);
+    let mut last = None;
+    loop {
+        let mut session = member.start(&shared, last.take())?;
+        if stop.load(Ordering::Relaxed) {
+            return Ok(session);
+        }
+        let kill_at = Instant::now() + random_between(&mut rng, schedule.up);
+        let mut backoff = Duration::from_millis(100);
+        let killed = loop {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(session);
+            }
+            if Instant::now() >= kill_at {
+                break true;
+            }
+            if session.ended() {
+                break false;
+            }
+            let (outcome, _) = send_line(&member, &shared, &mut session, kill_at).await;
+            let pause = match outcome {
+                Some(SendOutcome::Acknowledged) => {
+                    backoff = Duration::from_millis(100);
+                    schedule.send_interval
+                }
+                Some(_) => {
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff
+                }
+                // Killed or ended while the line waited for its answer.
+                None => Duration::ZERO,
+            };
+            tokio::time::sleep_until((Instant::now() + pause).min(kill_at)).await;
+        };
+        if killed {
+            lock(&shared.tally).kills += 1;
+        } else {
+            lock(&shared.tally).exits += 1;
+        }
+        last = session.kill().await;
+        tokio::time::sleep(random_between(&mut rng, schedule.down)).await;
+    }
+}
+
+/// Types the member's next numbered line and records its fate; the outcome is None when the
+/// answer did not come before `until` (or the process ended): the line stays unknown.
+pub(super) async fn send_line(
+    member: &Killable,
+    shared: &Shared,
+    session: &mut Session,
+    until: Instant,
+) -> (Option<SendOutcome>, u64) {
+    let seq = {
+        let mut ledger = lock(&shared.ledger);
+        let mine = &mut ledger[member.index];
+        let seq = mine.keys().next_back().map_or(1, |last| last + 1);
+        mine.insert(seq, SendOutcome::Unknown);
+        seq
+    };
+    let until = until.min(Instant::now() + ANSWER_LIMIT);
+    // The reader records the answer (also one that comes after `until`).
+    let text = ledger::message_text(member.index, seq);
+    if session.type_line(&text, seq, until).await {
+        (lock(&shared.ledger)[member.index].get(&seq).copied(), seq)
+    } else {
+        (None, seq)
+    }
+}
+
+/// Records the answer to line `seq` unless the line's fate is known already (a refusal by an
+/// `outgoing` event is not overwritten).
+fn settle(shared: &Shared, member: usize, seq: u64, outcome: SendOutcome) {
+    let mut ledger = lock(&shared.ledger);
+    if let Some(entry) = ledger[member].get_mut(&seq)
+        && *entry == SendOutcome::Unknown
+    {
+        *entry = outcome;
+    }
+}
+
+enum Line {
+    /// The answer to typed line number .0.
+    Answer(u64),
+    /// An event of the SDK (handed out at least once).
+    Event,
+    Other,
+}
+
+fn absorb_or_answer(
+    member: &Killable,
+    shared: &Shared,
+    line: &str,
+    first: bool,
+    last: Option<&str>,
+) -> Line {
+    let Ok(value) = serde_json::from_str::<Value>(line) else {
+        return Line::Other;
+    };
+    match value.get("event").and_then(Value::as_str) {
+        Some(answer @ ("queued" | "not_sent")) => {
+            let seq = value
+                .get("text")
+                .and_then(Value::as_str)
+                .and_then(|text| ledger::parse_message(text.as_bytes()))
+                .filter(|(index, _)| *index == member.index)
+                .map(|(_, seq)| seq);
+            let id = value
+                .get("id")
+                .and_then(Value::as_str)
+                .and_then(|id| MessageId::from_str(id).ok());
+            let Some(seq) = seq else {
+                return Line::Other;
+            };
+            if answer == "queued"
+                && let Some(id) = id
+            {
+                lock(&shared.sent).insert((member.index, seq), id);
+                settle(shared, member.index, seq, SendOutcome::Acknowledged);
+                Line::Answer(seq)
+            } else {
+                let code = value
+                    .pointer("/error/code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("queued without an id");
+                *lock(&shared.refused_codes)
+                    .entry(format!("cli: {code}"))
+                    .or_insert(0) += 1;
+                settle(shared, member.index, seq, SendOutcome::Refused);
+                Line::Answer(seq)
+            }
+        }
+        Some(_) => {
+            if first && last == Some(line) {
+                lock(&shared.tally).repeated += 1;
+            } else {
+                absorb_value(member, shared, &value);
+            }
+            Line::Event
+        }
+        None => Line::Other,
+    }
+}
+
+/// Records an event line printed by `recv --json` or `chat --json`.
+fn absorb(member: &Killable, shared: &Shared, line: &str) {
+    if let Ok(value) = serde_json::from_str::<Value>(line) {
+        absorb_value(member, shared, &value);
+    }
+}
+
+fn absorb_value(member: &Killable, shared: &Shared, value: &Value) {
+    let field = |name: &str| value.get(name).and_then(Value::as_str);
+    let ours = field("group") == Some(shared.group.to_string().as_str());
+    let inbox = &member.inbox;
+    match field("event") {
+        Some("message") => {
+            let sender = field("sender").unwrap_or("?");
+            let id = field("id").and_then(|id| MessageId::from_str(id).ok());
+            let from = ClientId::from_str(sender)
+                .ok()
+                .and_then(|c| shared.ids.get(&c).copied());
+            let numbered = field("text").and_then(|text| ledger::parse_message(text.as_bytes()));
+            inbox.with(|s| {
+                let receipt = match numbered {
+                    Some((index, seq)) if ours && from == Some(index) => {
+                        s.ids.push(((index, seq), id));
+                        Receipt::Numbered { sender: index, seq }
+                    }
+                    _ => Receipt::Garbage(format!("{value} (as printed by roost-cli)")),
+                };
+                s.receipts.push(receipt);
+            });
+        }
+        Some("joined") if ours => inbox.with(|s| {
+            s.in_group = true;
+            s.joins += 1;
+        }),
+        Some("removed") if ours => inbox.with(|s| s.in_group = false),
+        Some("group_error" | "credential_rejected") => {
+            inbox.with(|s| s.group_errors.push(value.to_string()));
+        }
+        Some("outgoing") if field("state") == Some("failed") => {
+            let failed = field("id").and_then(|id| MessageId::from_str(id).ok());
+            let seq = failed.and_then(|failed| {
+                lock(&shared.sent)
+                    .iter()
+                    .find(|((sender, _), id)| *sender == member.index && **id == failed)
+                    .map(|((_, seq), _)| *seq)
+            });
+            if let Some(seq) = seq {
+                lock(&shared.ledger)[member.index].insert(seq, SendOutcome::Refused);
+                *lock(&shared.refused_codes)
+                    .entry("cli: outgoing failed".into())
+                    .or_insert(0) += 1;
+            }
+        }
+        _ => return,
+    }
+    inbox.changed.notify_waiters();
+}
