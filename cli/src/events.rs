@@ -31,7 +31,12 @@ pub(crate) async fn recv(
     follow: bool,
     download_dir: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let session = Session::open(ctx, wait.is_some() || follow, Check::Required).await?;
+    let check = if follow {
+        Check::Waiting
+    } else {
+        Check::Required
+    };
+    let session = Session::open(ctx, wait.is_some() || follow, check).await?;
     if let Some(dir) = &download_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
@@ -47,7 +52,10 @@ async fn recv_in(
     follow: bool,
     download_dir: Option<&Path>,
 ) -> anyhow::Result<()> {
-    session.sync().await?;
+    // Offline (`--follow` only), what is queued comes once the listener is connected.
+    if session.online {
+        session.sync().await?;
+    }
     let mut deadline = (!follow).then(|| Instant::now() + Duration::from_secs(wait.unwrap_or(0)));
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
@@ -152,14 +160,17 @@ async fn save(
 
 /// `chat`: lines typed are sent to the group; events are shown as they arrive.
 pub(crate) async fn chat(ctx: &Context, group: &str) -> anyhow::Result<()> {
-    let session = Session::open(ctx, true, Check::Required).await?;
+    let session = Session::open(ctx, true, Check::Waiting).await?;
     let result = chat_in(ctx.out, &session, group).await;
     session.close().await;
     result
 }
 
 async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Result<()> {
-    session.sync().await?;
+    // Offline, the chat starts from the profile; the SDK connects once the server is back.
+    if session.online {
+        session.sync().await?;
+    }
     let group = session.member_group(group_text)?;
     out.note(format!(
         "chat in {} as {}: type a message and press Enter; /members lists the members, /quit \

@@ -115,6 +115,10 @@ pub(crate) enum Check {
     /// Go on without it if it is merely unreachable (`send` queues, `outbox` lists); a
     /// refused certificate still fails.
     Tolerant,
+    /// Go on without it if it is merely unreachable, and keep trying to reach it as usual
+    /// (`chat`, `recv --follow`: they run until the server is back); a refused certificate
+    /// still fails.
+    Waiting,
 }
 
 /// The connect timeout once a command knows the server is down: one more attempt only
@@ -155,6 +159,19 @@ impl Session {
                     online = false;
                     config.connect_attempts = 1;
                     config.connect.connect_timeout = OFFLINE_CONNECT_TIMEOUT;
+                }
+            }
+            Check::Waiting => {
+                if let Err(err) = probe_transport(&mut config.connect).await {
+                    if !err.is_transient() {
+                        bail!(errors::describe_transport(&err, &servers));
+                    }
+                    ctx.out.note(format!(
+                        "{}; waiting for it (what you send is queued and goes out once it is \
+                         back)",
+                        errors::describe_transport(&err, &servers)
+                    ));
+                    online = false;
                 }
             }
         }

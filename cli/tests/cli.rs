@@ -908,6 +908,83 @@ fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
 }
 
 #[test]
+fn a_chat_started_while_the_server_is_down_queues_and_delivers_once_it_is_back() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+
+    let mut h = Harness::start();
+    h.register("alice");
+    h.register("bob");
+    let group = h.ok("alice", &["group", "create", "--name", "team"]);
+    let group = group.trim().to_owned();
+    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
+    h.ok("bob", &["recv"]);
+
+    let addr = h.addr();
+    let server = h.server.take().unwrap();
+    h.runtime.block_on(server.shutdown());
+    let mut chat = h
+        .command("alice", &["--timeout", "1", "--json", "chat", "team"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = chat.id().to_string();
+    let (ended, watch) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let timeout = std::time::Duration::from_secs(90);
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(timeout) {
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        }
+    });
+    let mut typed = chat.stdin.take().unwrap();
+    let mut shown = BufReader::new(chat.stdout.take().unwrap());
+    let mut next = || -> Value {
+        let mut line = String::new();
+        assert_ne!(shown.read_line(&mut line).unwrap(), 0, "chat ended");
+        serde_json::from_str(&line).unwrap()
+    };
+    // The chat starts from the profile and takes a line while the server is down.
+    writeln!(typed, "typed offline").unwrap();
+    let queued = next();
+    assert_eq!(queued["event"], "queued", "{queued}");
+    let id = queued["id"].as_str().unwrap().to_owned();
+
+    // The server comes back on its address: the running chat sends the line (once) and
+    // shows what bob answers.
+    let data_dir = h.dir.path().join("server");
+    h.server = Some(start_server_at(&h.runtime, &data_dir, &addr));
+    let got = json_lines(&h.ok("bob", &["--json", "recv", "--wait", "30"]));
+    let got: Vec<(&str, &str)> = got
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .map(|e| (e["id"].as_str().unwrap(), e["text"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [(id.as_str(), "typed offline")]);
+    h.ok("bob", &["send", &group, "welcome back"]);
+    let answer = loop {
+        let event = next();
+        if event["event"] == "message" {
+            break event;
+        }
+        assert_eq!(event["event"], "outgoing", "{event}");
+    };
+    assert_eq!(
+        (&answer["sender"], &answer["text"]),
+        (&"bob@localhost/cli".into(), &"welcome back".into())
+    );
+    drop(typed);
+    let out = chat.wait_with_output().unwrap();
+    let _ = ended.send(());
+    assert!(out.status.success());
+    let notes = String::from_utf8_lossy(&out.stderr);
+    assert!(notes.contains("server unreachable"), "{notes}");
+    assert!(notes.contains("waiting for it"), "{notes}");
+    assert_eq!(h.ok("bob", &["recv"]), "");
+    assert_eq!(h.ok("alice", &["outbox"]), "");
+}
+
+#[test]
 fn push_endpoints_are_registered_checked_and_deleted() {
     let h = Harness::start();
     h.register("alice");
