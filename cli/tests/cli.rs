@@ -147,6 +147,71 @@ fn json_lines(stdout: &str) -> Vec<Value> {
         .collect()
 }
 
+/// alice and bob (registered) in alice's group "team", bob joined; the group's id.
+fn alice_and_bob_in_team(h: &Harness) -> String {
+    h.register("alice");
+    h.register("bob");
+    let group = h.ok("alice", &["group", "create", "--name", "team"]);
+    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
+    h.ok("bob", &["recv"]);
+    group.trim().to_owned()
+}
+
+/// A `roost-cli --json chat` process: lines typed on its input, JSON objects read from its
+/// output. One that does not end within 90 s is killed, so a test fails instead of hanging.
+struct Chat {
+    child: std::process::Child,
+    typed: Option<std::process::ChildStdin>,
+    shown: std::io::BufReader<std::process::ChildStdout>,
+    ended: std::sync::mpsc::Sender<()>,
+}
+
+impl Chat {
+    fn start(h: &Harness, profile: &str, args: &[&str]) -> Self {
+        let mut child = h
+            .command(profile, args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = child.id().to_string();
+        let (ended, watch) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let timeout = std::time::Duration::from_secs(90);
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(timeout) {
+                let _ = Command::new("kill").args(["-9", &pid]).status();
+            }
+        });
+        Self {
+            typed: child.stdin.take(),
+            shown: std::io::BufReader::new(child.stdout.take().unwrap()),
+            child,
+            ended,
+        }
+    }
+
+    fn type_line(&mut self, text: &str) {
+        use std::io::Write as _;
+        writeln!(self.typed.as_mut().unwrap(), "{text}").unwrap();
+    }
+
+    fn next(&mut self) -> Value {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        assert_ne!(self.shown.read_line(&mut line).unwrap(), 0, "chat ended");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Ends the input; the chat's exit and what it wrote on stderr.
+    fn quit(mut self) -> Output {
+        drop(self.typed.take());
+        let out = self.child.wait_with_output().unwrap();
+        let _ = self.ended.send(());
+        out
+    }
+}
+
 #[test]
 fn two_users_talk_both_ways() {
     let h = Harness::start();
@@ -229,60 +294,31 @@ fn two_users_talk_both_ways() {
 
 #[test]
 fn chat_json_answers_each_line_with_its_message_id() {
-    use std::io::{BufRead as _, BufReader, Write as _};
-
     let h = Harness::start();
-    h.register("alice");
-    h.register("bob");
-    let group = h.ok("alice", &["group", "create", "--name", "team"]);
-    let group = group.trim();
-    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
-    h.ok("bob", &["recv"]);
-
-    let mut chat = h
-        .command("alice", &["--json", "chat", "team"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    // A chat that never answers is ended, so the test fails instead of hanging.
-    let pid = chat.id().to_string();
-    let (ended, watch) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let timeout = std::time::Duration::from_secs(60);
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(timeout) {
-            let _ = Command::new("kill").args(["-9", &pid]).status();
-        }
-    });
-    let mut typed = chat.stdin.take().unwrap();
-    let mut shown = BufReader::new(chat.stdout.take().unwrap());
+    let group = alice_and_bob_in_team(&h);
+    let mut chat = Chat::start(&h, "alice", &["--json", "chat", "team"]);
     // The answer to each line comes before the next line is read: a script can tell which
     // line is queued (it goes out, once, even if the chat dies now) under which id.
     let mut queued = |text: &str| -> String {
-        writeln!(typed, "{text}").unwrap();
+        chat.type_line(text);
         loop {
-            let mut line = String::new();
-            assert_ne!(shown.read_line(&mut line).unwrap(), 0, "chat ended");
-            let event: Value = serde_json::from_str(&line).unwrap();
+            let event = chat.next();
             if event["event"] == "queued" {
                 assert_eq!(
                     (&event["group"], &event["name"], &event["text"]),
-                    (&group.into(), &"team".into(), &text.into())
+                    (&group.as_str().into(), &"team".into(), &text.into())
                 );
                 return event["id"].as_str().unwrap().to_owned();
             }
             // Only the hub's acceptance of an earlier line may come in between.
-            assert_eq!(event["event"], "outgoing", "{line}");
+            assert_eq!(event["event"], "outgoing", "{event}");
         }
     };
     let first = queued("first from chat");
     let second = queued("second from chat");
     assert_ne!(first, second);
-    writeln!(typed, "/quit").unwrap();
-    drop(typed);
-    assert!(chat.wait().unwrap().success());
-    let _ = ended.send(());
+    chat.type_line("/quit");
+    assert!(chat.quit().status.success());
 
     let events = json_lines(&h.ok("bob", &["--json", "recv", "--wait", "10"]));
     let got: Vec<(&str, &str)> = events
@@ -850,12 +886,7 @@ fn errors_say_what_to_do_and_json_errors_carry_a_stable_code() {
 #[test]
 fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
     let mut h = Harness::start();
-    h.register("alice");
-    h.register("bob");
-    let group = h.ok("alice", &["group", "create", "--name", "team"]);
-    let group = group.trim().to_owned();
-    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
-    h.ok("bob", &["recv"]);
+    let group = alice_and_bob_in_team(&h);
 
     // The homeserver goes away; sending still works: queued, exit 0.
     let addr = h.addr();
@@ -909,44 +940,16 @@ fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
 
 #[test]
 fn a_chat_started_while_the_server_is_down_queues_and_delivers_once_it_is_back() {
-    use std::io::{BufRead as _, BufReader, Write as _};
-
     let mut h = Harness::start();
-    h.register("alice");
-    h.register("bob");
-    let group = h.ok("alice", &["group", "create", "--name", "team"]);
-    let group = group.trim().to_owned();
-    h.ok("alice", &["group", "invite", "team", "bob@localhost"]);
-    h.ok("bob", &["recv"]);
-
+    let group = alice_and_bob_in_team(&h);
     let addr = h.addr();
     let server = h.server.take().unwrap();
     h.runtime.block_on(server.shutdown());
-    let mut chat = h
-        .command("alice", &["--timeout", "1", "--json", "chat", "team"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = chat.id().to_string();
-    let (ended, watch) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let timeout = std::time::Duration::from_secs(90);
-        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = watch.recv_timeout(timeout) {
-            let _ = Command::new("kill").args(["-9", &pid]).status();
-        }
-    });
-    let mut typed = chat.stdin.take().unwrap();
-    let mut shown = BufReader::new(chat.stdout.take().unwrap());
-    let mut next = || -> Value {
-        let mut line = String::new();
-        assert_ne!(shown.read_line(&mut line).unwrap(), 0, "chat ended");
-        serde_json::from_str(&line).unwrap()
-    };
+
     // The chat starts from the profile and takes a line while the server is down.
-    writeln!(typed, "typed offline").unwrap();
-    let queued = next();
+    let mut chat = Chat::start(&h, "alice", &["--timeout", "1", "--json", "chat", "team"]);
+    chat.type_line("typed offline");
+    let queued = chat.next();
     assert_eq!(queued["event"], "queued", "{queued}");
     let id = queued["id"].as_str().unwrap().to_owned();
 
@@ -963,7 +966,7 @@ fn a_chat_started_while_the_server_is_down_queues_and_delivers_once_it_is_back()
     assert_eq!(got, [(id.as_str(), "typed offline")]);
     h.ok("bob", &["send", &group, "welcome back"]);
     let answer = loop {
-        let event = next();
+        let event = chat.next();
         if event["event"] == "message" {
             break event;
         }
@@ -973,9 +976,7 @@ fn a_chat_started_while_the_server_is_down_queues_and_delivers_once_it_is_back()
         (&answer["sender"], &answer["text"]),
         (&"bob@localhost/cli".into(), &"welcome back".into())
     );
-    drop(typed);
-    let out = chat.wait_with_output().unwrap();
-    let _ = ended.send(());
+    let out = chat.quit();
     assert!(out.status.success());
     let notes = String::from_utf8_lossy(&out.stderr);
     assert!(notes.contains("server unreachable"), "{notes}");
