@@ -8,12 +8,13 @@ use std::path::{Path, PathBuf};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use roost_protocol::content::{Attachment, AttachmentEncryption, Content, MAX_ATTACHMENT_TEXT};
 use roost_protocol::messages::blob::BlobDownloadRequest;
-use roost_protocol::{GroupId, Opaque};
+use roost_protocol::{ErrorDetail, GroupId, Opaque};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Client;
 use crate::MessageId;
 use crate::error::ClientError;
+use crate::transport::RequestError;
 
 /// Plaintext bytes per chunk.
 pub const CHUNK_LEN: usize = 64 * 1024;
@@ -21,6 +22,13 @@ pub const CHUNK_LEN: usize = 64 * 1024;
 const TAG_LEN: usize = 16;
 /// How often a cut download is resumed before giving up.
 const RESUMES: u32 = 3;
+/// Attempts of an upload whose source can be read again (a path) when the connection fails
+/// or the server answers that it cannot take it now.
+const UPLOAD_ATTEMPTS: u32 = 3;
+/// Pause before the second attempt (doubled before the third), unless the server names one.
+const UPLOAD_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+/// A longer wait the server asks for (RATE_LIMITED) is left to the app: the error is returned.
+const UPLOAD_RETRY_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The ciphertext size of a file of `size` bytes.
 pub fn ciphertext_len(size: u64) -> u64 {
@@ -54,6 +62,8 @@ pub struct FileSource {
     size: u64,
     name: String,
     media_type: String,
+    /// Where to read it again for another attempt ([`FileSource::path`] only).
+    path: Option<PathBuf>,
 }
 
 impl FileSource {
@@ -72,7 +82,27 @@ impl FileSource {
             size,
             media_type: guess_media_type(&name).to_owned(),
             name,
+            path: Some(path.to_owned()),
         })
+    }
+
+    /// The file opened again from its start for another attempt; it must not have changed
+    /// size.
+    async fn reopen(&mut self) -> Result<(), ClientError> {
+        let Some(path) = &self.path else {
+            return Err(ClientError::InvalidOperation(
+                "this file source cannot be read again".into(),
+            ));
+        };
+        let file = tokio::fs::File::open(path).await.map_err(io_error)?;
+        if file.metadata().await.map_err(io_error)?.len() != self.size {
+            return Err(ClientError::InvalidOperation(format!(
+                "{} changed size during the upload",
+                path.display()
+            )));
+        }
+        self.reader = Box::new(file);
+        Ok(())
     }
 
     /// `size` bytes from `reader`, named `name`, of media type `media_type`.
@@ -87,6 +117,7 @@ impl FileSource {
             size,
             name: name.into(),
             media_type: media_type.into(),
+            path: None,
         }
     }
 }
@@ -159,10 +190,55 @@ impl Client {
 
     /// The first half of [`Client::send_file`]: encrypts and uploads, and returns the
     /// attachment without sending it.
+    ///
+    /// A source from [`FileSource::path`] is uploaded again from its start (up to
+    /// three attempts in all, with a fresh key each time) when the connection fails or the
+    /// server answers that it cannot take the blob now (UNAVAILABLE, INTERNAL, or
+    /// RATE_LIMITED with a wait of at most 10 s): `progress` then starts again from 0. A reader given to [`FileSource::reader`] cannot be
+    /// read again, so the first such failure is returned.
     pub async fn upload_file(
         &self,
         mut source: FileSource,
         mut progress: impl FnMut(u64, u64),
+    ) -> Result<Attachment, ClientError> {
+        let mut attempt = 1;
+        loop {
+            let err = match self.upload_once(&mut source, &mut progress).await {
+                Ok(attachment) => return Ok(attachment),
+                Err(err) => err,
+            };
+            let ClientError::Request(request) = &err else {
+                return Err(err);
+            };
+            if attempt >= UPLOAD_ATTEMPTS || !request.is_transient() || source.path.is_none() {
+                return Err(err);
+            }
+            let pause = match request {
+                RequestError::Server(wire) => match wire.detail {
+                    ErrorDetail::RateLimited { retry_after_ms } => {
+                        std::time::Duration::from_millis(retry_after_ms)
+                    }
+                    _ => UPLOAD_RETRY_PAUSE * attempt,
+                },
+                RequestError::Transport(_) | RequestError::UnexpectedResponse { .. } => {
+                    UPLOAD_RETRY_PAUSE * attempt
+                }
+            };
+            if pause > UPLOAD_RETRY_WAIT_MAX {
+                return Err(err);
+            }
+            tokio::time::sleep(pause).await;
+            source.reopen().await?;
+            tracing::debug!(%err, attempt, "upload failed; uploading the file again");
+            attempt += 1;
+        }
+    }
+
+    /// One attempt of [`Client::upload_file`], with a fresh key.
+    async fn upload_once(
+        &self,
+        source: &mut FileSource,
+        progress: &mut impl FnMut(u64, u64),
     ) -> Result<Attachment, ClientError> {
         let file_key: [u8; 32] = rand::random();
         let nonce_prefix: [u8; 7] = rand::random();

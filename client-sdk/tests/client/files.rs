@@ -6,7 +6,7 @@ use roost_client::{Content, DownloadTarget, Event, FileSource};
 
 use crate::common::*;
 
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
@@ -19,7 +19,7 @@ fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-async fn next_attachment(
+pub(crate) async fn next_attachment(
     client: &roost_client::Client,
     group: &roost_protocol::GroupId,
 ) -> roost_client::Attachment {

@@ -106,31 +106,35 @@ impl Drop for CrashableServer {
     }
 }
 
+/// alice and bob registered on `server` (profiles `alice.redb`, `bob.redb` in `dir`), in a
+/// group of alice's that bob has joined.
+async fn alice_and_bob(
+    server: &CrashableServer,
+    dir: &std::path::Path,
+) -> (Client, Client, roost_protocol::GroupId) {
+    let register = |name: &'static str| {
+        Client::register(
+            server.client_config(),
+            dir.join(format!("{name}.redb")),
+            user(name),
+            "phone".parse().unwrap(),
+        )
+    };
+    let alice = register("alice").await.unwrap();
+    let bob = register("bob").await.unwrap();
+    let group = alice.create_group().await.unwrap();
+    alice.invite(&group, &[user("bob")]).await.unwrap();
+    assert_eq!(wait_joined(&bob).await, group);
+    (alice, bob, group)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_recovers_quickly_after_a_server_crash() {
     let dir = tempfile::tempdir().unwrap();
     let server =
         CrashableServer::start("127.0.0.1:0".parse().unwrap(), dir.path().join("server")).await;
+    let (alice, bob, group) = alice_and_bob(&server, dir.path()).await;
     let alice_path = dir.path().join("alice.redb");
-    let alice = Client::register(
-        server.client_config(),
-        &alice_path,
-        user("alice"),
-        "phone".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let bob = Client::register(
-        server.client_config(),
-        dir.path().join("bob.redb"),
-        user("bob"),
-        "phone".parse().unwrap(),
-    )
-    .await
-    .unwrap();
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    assert_eq!(wait_joined(&bob).await, group);
     alice.send(&group, b"before").await.unwrap();
     assert_eq!(wait_message(&bob, &group).await.1, b"before");
     alice.close().await;
@@ -159,4 +163,83 @@ async fn listener_recovers_quickly_after_a_server_crash() {
     );
     bob.close().await;
     alice.close().await;
+}
+
+/// The homeserver crashes a quarter into an upload from a file and comes back: `send_file`
+/// uploads the file again from its start (progress starts again from 0) and the attachment
+/// arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_by_a_server_crash_is_uploaded_again_from_the_file() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use roost_client::{DownloadTarget, FileSource};
+
+    use crate::files::{next_attachment, pseudo_random};
+
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        CrashableServer::start("127.0.0.1:0".parse().unwrap(), dir.path().join("server")).await;
+    let (alice, bob, group) = alice_and_bob(&server, dir.path()).await;
+
+    let bytes = pseudo_random(8 * 1024 * 1024 + 5, 7);
+    let path = dir.path().join("voice.ogg");
+    std::fs::write(&path, &bytes).unwrap();
+    // The upload stops (in its progress callback) a quarter in until the server has crashed
+    // and come back, so the crash lands mid-upload whatever the machine's speed.
+    let quarter = Arc::new(AtomicBool::new(false));
+    let restarted = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sending = {
+        let (quarter, restarted) = (quarter.clone(), restarted.clone());
+        let (seen, group) = (seen.clone(), group.clone());
+        tokio::spawn(async move {
+            let source = FileSource::path(&path).await.unwrap();
+            let progress = |done: u64, total: u64| {
+                if done >= total / 4 && !quarter.swap(true, Ordering::SeqCst) {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while !restarted.load(Ordering::SeqCst) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                seen.lock().unwrap().push(done);
+            };
+            alice
+                .send_file(&group, source, progress)
+                .await
+                .map(|sent| (sent, alice))
+        })
+    };
+    while !quarter.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (addr, data_dir) = server.crash().await;
+    let server = CrashableServer::start(addr, data_dir).await;
+    restarted.store(true, Ordering::SeqCst);
+
+    let ((_, sent), alice) = tokio::time::timeout(Duration::from_secs(60), sending)
+        .await
+        .expect("the upload ended")
+        .unwrap()
+        .expect("send_file uploaded the file again after the crash");
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        seen.windows(2).any(|pair| pair[1] < pair[0]),
+        "the upload did not start again: {seen:?}"
+    );
+    assert_eq!(
+        seen.last().copied(),
+        Some(roost_client::attachment::ciphertext_len(bytes.len() as u64))
+    );
+
+    let got = next_attachment(&bob, &group).await;
+    assert_eq!(got, sent);
+    let target = dir.path().join("received.ogg");
+    bob.download(&got, DownloadTarget::Path(target.clone()), |_, _| {})
+        .await
+        .unwrap();
+    assert!(std::fs::read(&target).unwrap() == bytes, "the file differs");
+    alice.close().await;
+    bob.close().await;
+    drop(server);
 }
