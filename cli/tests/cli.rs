@@ -124,8 +124,11 @@ impl Drop for Harness {
     }
 }
 
+/// Some tests stop the server and start it again on its address: the port is one that no
+/// client socket can take meanwhile.
 fn start_server(runtime: &tokio::runtime::Runtime, data_dir: &Path) -> Server {
-    start_server_at(runtime, data_dir, "127.0.0.1:0")
+    let addr = roost_server::testing::restartable_addr().unwrap();
+    start_server_at(runtime, data_dir, &addr.to_string())
 }
 
 fn start_server_at(runtime: &tokio::runtime::Runtime, data_dir: &Path, listen: &str) -> Server {

@@ -300,13 +300,24 @@ struct PeerToml {
     addresses: Vec<String>,
 }
 
-/// Distinct UDP ports on 127.0.0.1 that were free a moment ago (all sockets are held until
-/// every port is known, so the ports differ).
+/// Distinct UDP ports on 127.0.0.1 that were free a moment ago, below the system's ephemeral
+/// range: a server killed and started again on its port (chaos, failover) must not find it
+/// taken by a client socket bound to port 0 meanwhile.
 fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let sockets = (0..count)
-        .map(|_| UdpSocket::bind("127.0.0.1:0"))
-        .collect::<Result<Vec<_>, _>>()
-        .context("cannot reserve UDP ports")?;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > 11_000);
+    let bind = |port: u16| UdpSocket::bind((std::net::Ipv4Addr::LOCALHOST, port));
+    let mut sockets = Vec::with_capacity(count);
+    while sockets.len() < count {
+        // An ephemeral port only where there is no room below the range.
+        let socket = low
+            .and_then(|low| (0..200).find_map(|_| bind(rand::random_range(10_000..low)).ok()))
+            .map_or_else(|| bind(0), Ok)
+            .context("cannot reserve UDP ports")?;
+        sockets.push(socket);
+    }
     Ok(sockets
         .iter()
         .map(UdpSocket::local_addr)

@@ -47,6 +47,38 @@ pub mod testing {
         Server::start_inner(settings, Some(faults)).await
     }
 
+    /// A UDP address on 127.0.0.1 for a server that a test stops and starts again on the same
+    /// port. The port lies below the system's range of ephemeral ports, so no socket bound to
+    /// port 0 while the server is down (a client's, in any process) can take it; it was free
+    /// when this returned. Where that range cannot be read (not Linux) or leaves no room below
+    /// it, an ephemeral port.
+    pub fn restartable_addr() -> std::io::Result<std::net::SocketAddr> {
+        Ok(restartable_addrs(1)?.remove(0))
+    }
+
+    /// `count` distinct addresses as [`restartable_addr`] gives them.
+    pub fn restartable_addrs(count: usize) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        use std::net::{Ipv4Addr, UdpSocket};
+        let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok());
+        // Held until every port is chosen, so that they differ.
+        let mut held = Vec::with_capacity(count);
+        while held.len() < count {
+            let below = ephemeral_low.filter(|low| *low > 11_000).and_then(|low| {
+                (0..200).find_map(|_| {
+                    let port = rand::random_range(10_000..low);
+                    UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).ok()
+                })
+            });
+            held.push(match below {
+                Some(socket) => socket,
+                None => UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?,
+            });
+        }
+        held.iter().map(UdpSocket::local_addr).collect()
+    }
+
     /// From now on the server drops every hand-over of a queued message to the push outbox,
     /// as if it stopped right after the queue commit: the wake-up is lost until a node's
     /// recovery sweep finds it.

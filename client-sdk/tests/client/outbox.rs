@@ -51,8 +51,9 @@ async fn start_at(listen: SocketAddr, data_dir: PathBuf, adjust: fn(&mut Config)
 impl Hub {
     async fn start(adjust: fn(&mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        // Restarted on the same port: one no client socket can take meanwhile.
         let server = start_at(
-            "127.0.0.1:0".parse().unwrap(),
+            roost_server::testing::restartable_addr().unwrap(),
             dir.path().join("server"),
             adjust,
         )

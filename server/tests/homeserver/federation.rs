@@ -21,12 +21,10 @@ use crate::pki::Pki;
 const ALPHA: &str = "alpha.test";
 const BETA: &str = "beta.test";
 
-/// A UDP port that was free a moment ago.
+/// A UDP port that was free a moment ago, below the ephemeral range: a peer stopped and
+/// started again on it finds it free.
 pub fn free_port() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    roost_server::testing::restartable_addr().unwrap()
 }
 
 struct Pair {
