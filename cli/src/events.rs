@@ -52,8 +52,10 @@ async fn recv_in(
     follow: bool,
     download_dir: Option<&Path>,
 ) -> anyhow::Result<()> {
-    // Offline (`--follow` only), what is queued comes once the listener is connected.
-    if session.online {
+    if follow {
+        // Offline, what is queued comes once the listener is connected.
+        session.sync_or_wait(out).await?;
+    } else {
         session.sync().await?;
     }
     let mut deadline = (!follow).then(|| Instant::now() + Duration::from_secs(wait.unwrap_or(0)));
@@ -168,9 +170,7 @@ pub(crate) async fn chat(ctx: &Context, group: &str) -> anyhow::Result<()> {
 
 async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Result<()> {
     // Offline, the chat starts from the profile; the SDK connects once the server is back.
-    if session.online {
-        session.sync().await?;
-    }
+    session.sync_or_wait(out).await?;
     let group = session.member_group(group_text)?;
     out.note(format!(
         "chat in {} as {}: type a message and press Enter; /members lists the members, /quit \

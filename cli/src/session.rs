@@ -203,6 +203,23 @@ impl Session {
         self.client.sync().await.map_err(|err| self.fail(&err))
     }
 
+    /// [`Session::sync`] for the commands that wait for the server (`chat`, `recv --follow`):
+    /// offline, or when the server goes away meanwhile, a note says so and the SDK catches up
+    /// once it is back.
+    pub(crate) async fn sync_or_wait(&self, out: Output) -> anyhow::Result<()> {
+        if !self.online {
+            return Ok(());
+        }
+        match self.client.sync().await {
+            Err(ClientError::Request(err)) if err.is_transient() => {
+                let err = ClientError::Request(err);
+                out.note(format!("{}; waiting for it", self.fail(&err)));
+                Ok(())
+            }
+            other => other.map_err(|err| self.fail(&err)),
+        }
+    }
+
     /// The group `text` designates (id or local name).
     pub(crate) fn group(&self, text: &str) -> anyhow::Result<GroupId> {
         self.names.resolve(text)
