@@ -30,6 +30,12 @@ struct CrashableServer {
 }
 
 impl CrashableServer {
+    /// A new server with its data in `dir/server`, on a port it can be restarted on.
+    async fn start_in(dir: &std::path::Path) -> Self {
+        let addr = roost_server::testing::restartable_addr().unwrap();
+        Self::start(addr, dir.join("server")).await
+    }
+
     async fn start(listen: SocketAddr, data_dir: PathBuf) -> Self {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -131,11 +137,7 @@ async fn alice_and_bob(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listener_recovers_quickly_after_a_server_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let server = CrashableServer::start(
-        roost_server::testing::restartable_addr().unwrap(),
-        dir.path().join("server"),
-    )
-    .await;
+    let server = CrashableServer::start_in(dir.path()).await;
     let (alice, bob, group) = alice_and_bob(&server, dir.path()).await;
     let alice_path = dir.path().join("alice.redb");
     alice.send(&group, b"before").await.unwrap();
@@ -181,11 +183,7 @@ async fn an_upload_cut_by_a_server_crash_is_uploaded_again_from_the_file() {
     use crate::files::{next_attachment, pseudo_random};
 
     let dir = tempfile::tempdir().unwrap();
-    let server = CrashableServer::start(
-        roost_server::testing::restartable_addr().unwrap(),
-        dir.path().join("server"),
-    )
-    .await;
+    let server = CrashableServer::start_in(dir.path()).await;
     let (alice, bob, group) = alice_and_bob(&server, dir.path()).await;
 
     let bytes = pseudo_random(8 * 1024 * 1024 + 5, 7);
