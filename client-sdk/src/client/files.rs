@@ -191,11 +191,11 @@ impl Client {
     /// The first half of [`Client::send_file`]: encrypts and uploads, and returns the
     /// attachment without sending it.
     ///
-    /// A source from [`FileSource::path`] is uploaded again from its start (up to
-    /// three attempts in all, with a fresh key each time) when the connection fails or the
-    /// server answers that it cannot take the blob now (UNAVAILABLE, INTERNAL, or
-    /// RATE_LIMITED with a wait of at most 10 s): `progress` then starts again from 0. A reader given to [`FileSource::reader`] cannot be
-    /// read again, so the first such failure is returned.
+    /// A source from [`FileSource::path`] is uploaded again from its start (up to three
+    /// attempts in all, with a fresh key each time) when the connection fails or the server
+    /// answers that it cannot take the blob now (UNAVAILABLE, INTERNAL, or RATE_LIMITED with a
+    /// wait of at most 10 s): `progress` then starts again from 0. A reader given to
+    /// [`FileSource::reader`] cannot be read again, so its first such failure is returned.
     pub async fn upload_file(
         &self,
         mut source: FileSource,
