@@ -23,6 +23,9 @@ use crate::session::{Check, Context, Session};
 /// arrive right behind it.
 const GRACE: Duration = Duration::from_millis(300);
 
+/// How long `chat` waits at its end for the messages still queued to go out.
+const QUIT_FLUSH: Duration = Duration::from_secs(10);
+
 /// `recv`: prints what is waiting; with `wait`, waits up to that many seconds for a first
 /// message; with `follow`, prints until Ctrl-C.
 pub(crate) async fn recv(
@@ -164,6 +167,15 @@ async fn save(
 pub(crate) async fn chat(ctx: &Context, group: &str) -> anyhow::Result<()> {
     let session = Session::open(ctx, true, Check::Waiting).await?;
     let result = chat_in(ctx.out, &session, group).await;
+    // What was typed just before the end goes out now, as `send` would have sent it; what
+    // cannot (the server is away) stays queued for the next command.
+    let flushed = tokio::time::timeout(QUIT_FLUSH, session.client.flush()).await;
+    if !matches!(flushed, Ok(Ok(()))) {
+        ctx.out.note(
+            "warning: messages not sent yet stay queued: the next command that reaches the \
+             server sends them (roost-cli outbox lists them)",
+        );
+    }
     session.close().await;
     result
 }
