@@ -53,6 +53,20 @@ impl Harness {
             .to_owned()
     }
 
+    /// Stops the homeserver; its address, to start it again on.
+    fn stop_server(&mut self) -> String {
+        let addr = self.addr();
+        let server = self.server.take().unwrap();
+        self.runtime.block_on(server.shutdown());
+        addr
+    }
+
+    /// Starts the homeserver again on `addr` with the same data.
+    fn start_server_again(&mut self, addr: &str) {
+        let data_dir = self.dir.path().join("server");
+        self.server = Some(start_server_at(&self.runtime, &data_dir, addr));
+    }
+
     fn profile(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -892,9 +906,7 @@ fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
     let group = alice_and_bob_in_team(&h);
 
     // The homeserver goes away; sending still works: queued, exit 0.
-    let addr = h.addr();
-    let server = h.server.take().unwrap();
-    h.runtime.block_on(server.shutdown());
+    let addr = h.stop_server();
     let out = h.run(
         "alice",
         &["--timeout", "1", "send", "team", "written offline"],
@@ -927,8 +939,7 @@ fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
     assert_eq!(listed[1]["state"], "queued");
 
     // The server comes back on its address; alice's next command delivers the queue.
-    let data_dir = h.dir.path().join("server");
-    h.server = Some(start_server_at(&h.runtime, &data_dir, &addr));
+    h.start_server_again(&addr);
     h.ok("alice", &["group", "list"]);
     assert_eq!(h.ok("alice", &["outbox"]), "");
     assert_eq!(
@@ -945,9 +956,7 @@ fn send_while_the_server_is_down_queues_and_the_next_command_delivers_once() {
 fn a_chat_started_while_the_server_is_down_queues_and_delivers_once_it_is_back() {
     let mut h = Harness::start();
     let group = alice_and_bob_in_team(&h);
-    let addr = h.addr();
-    let server = h.server.take().unwrap();
-    h.runtime.block_on(server.shutdown());
+    let addr = h.stop_server();
 
     // The chat starts from the profile and takes a line while the server is down.
     let mut chat = Chat::start(&h, "alice", &["--timeout", "1", "--json", "chat", "team"]);
@@ -958,8 +967,7 @@ fn a_chat_started_while_the_server_is_down_queues_and_delivers_once_it_is_back()
 
     // The server comes back on its address: the running chat sends the line (once) and
     // shows what bob answers.
-    let data_dir = h.dir.path().join("server");
-    h.server = Some(start_server_at(&h.runtime, &data_dir, &addr));
+    h.start_server_again(&addr);
     let got = json_lines(&h.ok("bob", &["--json", "recv", "--wait", "30"]));
     let got: Vec<(&str, &str)> = got
         .iter()
