@@ -265,6 +265,14 @@ impl RoostClient {
         run(async move { Ok(client.leave_group(&parse("group", &group)?).await?) }).await
     }
 
+    /// Updates this device's keys in the group (a self-update commit): a copy of this
+    /// profile taken before cannot read what is sent after. Call it regularly (e.g. weekly
+    /// per active group) and after a device was restored. Returns the group's new epoch.
+    pub async fn update_keys(&self, group: String) -> Result<u64, RoostError> {
+        let client = self.client()?;
+        run(async move { Ok(client.update_keys(&parse("group", &group)?).await?) }).await
+    }
+
     /// Rejoins a group whose state this client lost or cannot use (after a `GroupError`).
     pub async fn rejoin_group(&self, group: String) -> Result<(), RoostError> {
         let client = self.client()?;

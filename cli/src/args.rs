@@ -183,6 +183,12 @@ pub(crate) enum GroupCommand {
         #[arg(required = true)]
         users: Vec<UserId>,
     },
+    /// Update your keys in the group (a self-update commit: a copy of this profile taken
+    /// before cannot read what is sent after); prints the group's new epoch.
+    Update {
+        /// The group: its id or its local name.
+        group: String,
+    },
     /// Leave the group (another member's client completes it).
     Leave {
         /// The group: its id or its local name.

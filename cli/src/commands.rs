@@ -490,6 +490,18 @@ async fn group_in(
                 .map_err(|err| session.fail(&err))?;
             print_clients(ctx, "removed", &id, &removed)?;
         }
+        GroupCommand::Update { group } => {
+            let id = session.member_group(&group)?;
+            let epoch = session
+                .client
+                .update_keys(&id)
+                .await
+                .map_err(|err| session.fail(&err))?;
+            out.print(
+                format!("updated your keys in {group}: epoch {epoch}"),
+                json!({"group": id.to_string(), "epoch": epoch}),
+            )?;
+        }
         GroupCommand::Leave { group } => {
             let id = session.member_group(&group)?;
             session

@@ -185,7 +185,8 @@ async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Re
     session.sync_or_wait(out).await?;
     let group = session.member_group(group_text)?;
     out.note(format!(
-        "chat in {} as {}: type a message and press Enter; /members lists the members, /quit \
+        "chat in {} as {}: type a message and press Enter; /members lists the members, /update \
+         updates your keys, /quit \
          (or Ctrl-D) ends",
         session.names.label(&group),
         session.client.client_id()
@@ -237,9 +238,16 @@ async fn chat_line(
             out.note(format!("members: {}", list.join(", ")));
             return Ok(true);
         }
+        "/update" => {
+            update_in_chat(out, session, group).await?;
+            return Ok(true);
+        }
         _ if line.starts_with("//") => line.strip_prefix('/').unwrap_or(line),
         _ if line.starts_with('/') => {
-            out.note("commands: /members, /quit (start a message with // to send a leading /)");
+            out.note(
+                "commands: /members, /update (your keys), /quit (start a message with // to \
+                 send a leading /)",
+            );
             return Ok(true);
         }
         _ => line,
@@ -247,40 +255,64 @@ async fn chat_line(
     // With --json, every line sent gets its answer on stdout before the next line is read:
     // `queued` (in the profile's outgoing queue: it will be sent, once, also if this process
     // dies now; `outgoing` events follow) or `not_sent`.
-    let fields = |event: &str| {
-        json!({
-            "event": event,
-            "group": group.to_string(),
-            "name": session.names.name_of(group),
-            "text": text,
-        })
-    };
     match session.client.send_text(group, text).await {
         Ok(id) => {
-            let mut queued = fields("queued");
-            if let Value::Object(map) = &mut queued {
-                map.insert("id".into(), id.to_string().into());
-            }
-            out.json(queued)?;
+            let extra = json!({"text": text, "id": id.to_string()});
+            out.json(chat_answer(session, group, "queued", extra))?;
             Ok(true)
         }
         Err(err @ ClientError::UnknownGroup(_)) => Err(session.fail(&err)),
         Err(err) => {
             // Keep the chat open: the next line may go through (e.g. after a reconnect).
-            let code = crate::errors::code(&err);
-            let err = session.fail(&err);
-            let mut not_sent = fields("not_sent");
-            if let Value::Object(map) = &mut not_sent {
-                map.insert(
-                    "error".into(),
-                    json!({"code": code, "message": format!("{err:#}")}),
-                );
-            }
-            out.json(not_sent)?;
+            let (error, err) = chat_failure(session, &err);
+            let extra = json!({"text": text, "error": error});
+            out.json(chat_answer(session, group, "not_sent", extra))?;
             out.note(format!("error: not sent: {err}"));
             Ok(true)
         }
     }
+}
+
+/// `/update` in a chat: commits a self-update; with `--json` the answer is
+/// `{"event":"keys_updated",…,"epoch"}` or `{"event":"keys_not_updated",…,"error"}` (the chat
+/// goes on either way).
+async fn update_in_chat(out: Output, session: &Session, group: &GroupId) -> anyhow::Result<()> {
+    match session.client.update_keys(group).await {
+        Ok(epoch) => {
+            let extra = json!({"epoch": epoch});
+            out.json(chat_answer(session, group, "keys_updated", extra))?;
+            out.note(format!("updated your keys: epoch {epoch}"));
+        }
+        Err(err @ ClientError::UnknownGroup(_)) => return Err(session.fail(&err)),
+        Err(err) => {
+            let (error, err) = chat_failure(session, &err);
+            let extra = json!({"error": error});
+            out.json(chat_answer(session, group, "keys_not_updated", extra))?;
+            out.note(format!("error: keys not updated: {err}"));
+        }
+    }
+    Ok(())
+}
+
+/// What `chat --json` answers to a typed line: `event`, the group, its local name, and the
+/// fields of `extra`.
+fn chat_answer(session: &Session, group: &GroupId, event: &str, extra: Value) -> Value {
+    let mut answer = json!({
+        "event": event,
+        "group": group.to_string(),
+        "name": session.names.name_of(group),
+    });
+    if let (Value::Object(map), Value::Object(extra)) = (&mut answer, extra) {
+        map.extend(extra);
+    }
+    answer
+}
+
+/// A refusal as an answer's `error` field (`code`, `message`), and as the error reported.
+fn chat_failure(session: &Session, err: &ClientError) -> (Value, anyhow::Error) {
+    let code = crate::errors::code(err);
+    let err = session.fail(err);
+    (json!({"code": code, "message": format!("{err:#}")}), err)
 }
 
 /// Shows one event. Messages go to stdout: `GROUP<TAB>SENDER<TAB>TEXT` (GROUP is the local

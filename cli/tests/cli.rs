@@ -353,6 +353,44 @@ fn chat_json_answers_each_line_with_its_message_id() {
 }
 
 #[test]
+fn keys_are_updated_from_the_command_line_and_in_a_chat_and_the_group_goes_on() {
+    let h = Harness::start();
+    let group = alice_and_bob_in_team(&h);
+    let updated: Value =
+        serde_json::from_str(&h.ok("alice", &["--json", "group", "update", "team"])).unwrap();
+    assert_eq!(updated["group"], group.as_str());
+    assert_eq!(updated["epoch"], 2);
+
+    // In a chat, /update is answered like a line (before the next is read), then a message.
+    let mut chat = Chat::start(&h, "bob", &["--json", "chat", &group]);
+    chat.type_line("/update");
+    let answer = loop {
+        let event = chat.next();
+        if event["event"] != "outgoing" {
+            break event;
+        }
+    };
+    assert_eq!(
+        (&answer["event"], &answer["group"], &answer["epoch"]),
+        (&"keys_updated".into(), &group.as_str().into(), &3.into()),
+        "{answer}"
+    );
+    chat.type_line("after both updates");
+    chat.type_line("/quit");
+    assert!(chat.quit().status.success());
+
+    let events = json_lines(&h.ok("alice", &["--json", "recv", "--wait", "10"]));
+    let texts: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["after both updates"]);
+    h.ok("alice", &["send", "team", "and me"]);
+    assert!(h.ok("bob", &["recv"]).contains("and me"));
+}
+
+#[test]
 fn recv_wait_returns_when_a_message_arrives() {
     let h = Harness::start();
     h.register("alice");

@@ -79,6 +79,26 @@ def test_two_clients_talk_in_a_group_until_one_is_removed(server, profiles):
     run(scenario())
 
 
+def test_keys_updated_by_either_side_move_both_to_a_new_epoch(server, profiles):
+    async def scenario():
+        alice, bob, group = await alice_and_bob_in_a_group(server.config(), profiles)
+        assert await alice.update_keys(group) == 2
+        await alice.send_text(group, "after my update")
+        assert await text_from(bob) == (group, "alice@localhost/phone", "after my update")
+        assert await bob.epoch(group) == 2
+        assert await bob.update_keys(group) == 3
+        await bob.send_text(group, "and mine")
+        assert await text_from(alice) == (group, "bob@localhost/laptop", "and mine")
+        assert await alice.epoch(group) == 3
+        # A group of bob's that alice is not in.
+        with pytest.raises(roost.RoostError.NotAMember):
+            await alice.update_keys(await bob.create_group())
+        await alice.close()
+        await bob.close()
+
+    run(scenario())
+
+
 def test_errors_are_typed(server, profiles):
     async def scenario():
         config = server.config()

@@ -57,6 +57,10 @@ pub(crate) enum Intent {
     /// old copy stops reusing ratchet generations (outbox.rs). Messages queued for the group
     /// are not delivered before it: they are encrypted again after it.
     Update,
+    /// A self-update the app asked for ([`Client::update_keys`]): like [`Intent::Update`],
+    /// but the messages queued for the group go out first, at the epoch they were encrypted
+    /// for, as before any other commit.
+    Rotate,
 }
 
 fn server_code(err: &RequestError) -> Option<ErrorCode> {
@@ -217,6 +221,30 @@ impl Client {
         Ok(())
     }
 
+    /// Commits a self-update in `group` (a commit with a path, and whatever proposals are
+    /// pending): this client's leaf gets a fresh HPKE key and the group's next epoch secrets
+    /// derived from fresh randomness. Whoever copied this device's group state before (a
+    /// stolen backup, a compromised device that has since been cleaned) cannot read what is
+    /// sent after it: MLS's post-compromise security, which only a commit with a path from
+    /// this member gives for this member's keys. Apps call it regularly (e.g. weekly per
+    /// active group) and after a device was restored or suspected compromised. Messages
+    /// queued for the group are delivered before it; the signature key stays (it is the
+    /// device's identity at the AS). Returns the group's new epoch.
+    pub async fn update_keys(&self, group: &GroupId) -> Result<u64, ClientError> {
+        let inner = &self.inner;
+        let mut outcome = Outcome::default();
+        let epoch = {
+            let mls = inner.state.lock().await;
+            inner.check_member(&mls, group)?;
+            inner
+                .commit_locked(&mls, group, &Intent::Rotate, &mut outcome)
+                .await?;
+            mls.epoch(group)?
+        };
+        inner.follow_up(outcome).await;
+        Ok(epoch)
+    }
+
     /// Rejoins a group by external commit, replacing this client's old leaf: for when the
     /// local state is lost or fell behind (the SDK does this by itself when it receives a
     /// message of an epoch it never reached). The client must still be in the DS's tree.
@@ -370,11 +398,11 @@ impl Inner {
                         affected,
                     )
                 }
-                Intent::Pending | Intent::Update => {
+                Intent::Pending | Intent::Update | Intent::Rotate => {
                     (Vec::new(), Vec::new(), mls.pending_removed(group)?)
                 }
             };
-            let update = matches!(intent, Intent::Update);
+            let update = matches!(intent, Intent::Update | Intent::Rotate);
             if !update
                 && adds.is_empty()
                 && removes.is_empty()
@@ -396,7 +424,7 @@ impl Inner {
             match intent {
                 Intent::Add(_) => record.added.clone_from(&affected),
                 Intent::Remove(_) => record.removed.clone_from(&affected),
-                Intent::Pending | Intent::Update => {}
+                Intent::Pending | Intent::Update | Intent::Rotate => {}
             }
             let pending = self.store.stash_pending(group, record)?;
             match self.settle_pending(mls, group, pending, false).await? {

@@ -79,6 +79,17 @@ impl TestServer {
         .unwrap()
     }
 
+    /// Registers alice and bob; alice creates a group and invites bob, who has joined it
+    /// (both at epoch 1).
+    pub async fn alice_and_bob_in_a_group(&self) -> (Client, Client, GroupId) {
+        let alice = self.register("alice").await;
+        let bob = self.register("bob").await;
+        let group = alice.create_group().await.unwrap();
+        alice.invite(&group, &[user("bob")]).await.unwrap();
+        assert_eq!(wait_joined(&bob).await, group);
+        (alice, bob, group)
+    }
+
     /// Adds device `device` to the user of `existing`.
     pub async fn add_device(&self, existing: &Client, device: &str) -> Client {
         let key = existing.user_key().unwrap();

@@ -22,11 +22,7 @@ async fn next_message(client: &roost_client::Client, group: &roost_protocol::Gro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_unknown_content_types_and_raw_bytes_never_break_the_conversation() {
     let t = start_server().await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    wait_joined(&bob).await;
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
 
     alice.send_text(&group, "héllo\nbob").await.unwrap();
     let event = next_message(&bob, &group).await;

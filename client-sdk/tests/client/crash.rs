@@ -78,6 +78,53 @@ async fn a_committer_killed_before_merging_its_accepted_commit_merges_it_on_rest
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_update_accepted_before_the_app_died_is_merged_on_restart() {
+    let t = start_server().await;
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
+
+    // The DS accepts alice's self-update; her app dies before she merged it.
+    alice.simulate_crash_after_commit();
+    assert!(alice.update_keys(&group).await.is_err());
+    alice.close().await;
+    // Bob processes it (epoch 2) and writes in the new epoch.
+    bob.send(&group, b"in epoch 2").await.unwrap();
+    bob.flush().await.unwrap();
+
+    // Alice's next start merges her own update (she has its secrets) and reads bob's message:
+    // no rejoin, no group error.
+    let alice = Client::open(t.client_config(), t.profile_path("alice-phone"))
+        .await
+        .unwrap();
+    let mut settled = false;
+    loop {
+        let event = tokio::time::timeout(EVENT_TIMEOUT, alice.next_event())
+            .await
+            .expect("alice got bob's message in time")
+            .unwrap();
+        match event {
+            Event::Message { sender, bytes, .. } => {
+                assert_eq!(
+                    (sender, bytes),
+                    (client_id("bob", "phone"), b"in epoch 2".to_vec())
+                );
+                break;
+            }
+            Event::GroupError { reason, .. } => panic!("alice's group failed: {reason}"),
+            Event::Rejoined { .. } => panic!("alice rejoined instead of merging her update"),
+            Event::CommitSettled { added, removed, .. } => {
+                assert!(added.is_empty() && removed.is_empty());
+                settled = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(settled, "the app was told its update went through");
+    assert_eq!(alice.epoch(&group).await.unwrap(), 2);
+    alice.send(&group, b"me too").await.unwrap();
+    assert_eq!(wait_message(&bob, &group).await.1, b"me too");
+}
+
 /// The chaos run's finding (docs/RELIABILITY.md): a message the hub accepted for an epoch 2
 /// back, just before the committer's own commit, is read by the committer only after it has
 /// merged that commit: 3 epochs back by then, and it must still decrypt.
@@ -138,11 +185,7 @@ async fn a_committer_reads_a_message_of_an_old_epoch_accepted_just_before_its_co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejoiner_killed_before_storing_its_accepted_external_join_keeps_it_on_restart() {
     let t = start_server().await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    wait_joined(&bob).await;
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
 
     // Bob's app dies after the DS accepted his external commit, before he stored it.
     bob.simulate_crash_after_commit();

@@ -36,11 +36,7 @@ pub(crate) async fn next_attachment(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sent_file_arrives_as_an_attachment_and_downloads_byte_identical() {
     let t = start_server().await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    wait_joined(&bob).await;
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
     let dir = tempfile::tempdir().unwrap();
 
     // Sizes around the chunk boundary, and an empty file.

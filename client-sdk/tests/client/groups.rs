@@ -148,11 +148,7 @@ async fn a_client_that_keeps_up_acknowledges_as_it_goes() {
     // Queues hold at most 3 messages: unless bob's listener acknowledges what it processed,
     // his queue fills and later messages are dropped for him.
     let t = start_server_with(|config| config.limits.max_queue_depth = 3).await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    assert_eq!(wait_joined(&bob).await, group);
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
     for n in 0..12u8 {
         alice.send(&group, &[n]).await.unwrap();
         let (from, bytes) = wait_message(&bob, &group).await;
@@ -228,13 +224,45 @@ async fn concurrent_commits_both_end_up_applied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_update_moves_the_group_to_a_new_epoch_and_everything_sent_around_it_arrives_in_order()
+ {
+    let t = start_server().await;
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
+    assert_eq!(alice.epoch(&group).await.unwrap(), 1);
+
+    // Queued just before the update: it goes out before the update (by the background sender
+    // or by update_keys itself), at the epoch it was encrypted for; bob gets both, in order.
+    alice.send(&group, b"before").await.unwrap();
+    assert_eq!(alice.update_keys(&group).await.unwrap(), 2);
+    alice.send(&group, b"after").await.unwrap();
+    for text in [&b"before"[..], b"after"] {
+        assert_eq!(
+            wait_message(&bob, &group).await,
+            (client_id("alice", "phone"), text.to_vec())
+        );
+    }
+    assert_eq!(bob.epoch(&group).await.unwrap(), 2);
+    // Bob updates too; both still talk, in the same epoch.
+    assert_eq!(bob.update_keys(&group).await.unwrap(), 3);
+    bob.send(&group, b"from epoch 3").await.unwrap();
+    assert_eq!(wait_message(&alice, &group).await.1, b"from epoch 3");
+    assert_eq!(alice.epoch(&group).await.unwrap(), 3);
+    let both = sorted(vec![client_id("alice", "phone"), client_id("bob", "phone")]);
+    assert_eq!(members(&alice, &group).await, both);
+
+    // Not a member: refused, nothing sent.
+    let elsewhere = t.register("carol").await.create_group().await.unwrap();
+    assert!(matches!(
+        alice.update_keys(&elsewhere).await,
+        Err(roost_client::ClientError::UnknownGroup(_))
+    ));
+    assert_eq!(alice.epoch(&group).await.unwrap(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejoin_by_external_commit() {
     let t = start_server().await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    wait_joined(&bob).await;
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
 
     bob.rejoin_group(&group).await.unwrap();
     let both = sorted(vec![client_id("alice", "phone"), client_id("bob", "phone")]);

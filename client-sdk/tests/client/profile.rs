@@ -8,11 +8,7 @@ use crate::common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reopened_profile_continues_the_conversation() {
     let t = start_server().await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    wait_joined(&bob).await;
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
     bob.send(&group, b"before").await.unwrap();
     assert_eq!(wait_message(&alice, &group).await.1, b"before");
 
@@ -71,11 +67,7 @@ async fn a_reopened_profile_continues_the_conversation() {
 async fn the_event_being_handled_when_the_app_stopped_comes_again_with_its_message_id() {
     use roost_client::Event;
     let t = start_server().await;
-    let alice = t.register("alice").await;
-    let bob = t.register("bob").await;
-    let group = alice.create_group().await.unwrap();
-    alice.invite(&group, &[user("bob")]).await.unwrap();
-    assert_eq!(wait_joined(&bob).await, group);
+    let (alice, bob, group) = t.alice_and_bob_in_a_group().await;
     let first = alice.send(&group, b"first").await.unwrap();
     let second = alice.send(&group, b"second").await.unwrap();
     let is_message = |e: &Event| matches!(e, Event::Message { .. });
