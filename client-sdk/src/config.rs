@@ -31,6 +31,16 @@ pub struct ClientConfig {
     /// While the homeserver cannot be reached, how often the background task tries to deliver
     /// the outgoing queue again (default 2 s). Queuing a message or a flush tries at once.
     pub outbox_retry: Duration,
+    /// How long a group hosted on another domain's homeserver may stay behind the hub's
+    /// epoch, with nothing left in this client's queue to process, before the SDK rejoins it
+    /// (default 60 s). The commits that would bring it up to date may still be on their way:
+    /// the hub's homeserver delivers them through its federation outbox, which after an
+    /// outage retries with a delay of up to 30 s by default. A rejoin skips the epochs in
+    /// between, and what was sent in them is lost to this client, so the SDK waits while
+    /// nothing arrives; each commit that arrives restarts the wait. Meanwhile the message that
+    /// showed the gap stays queued. A group hosted on this client's own homeserver is
+    /// rejoined at once: its commits reach this client's queue before the hub answers.
+    pub rejoin_after: Duration,
     /// Registration token, for homeservers that gate registration.
     pub registration_token: Option<String>,
     /// Tolerated clock difference with the AS when checking credential validity (default
@@ -53,6 +63,7 @@ impl ClientConfig {
             listen: true,
             listen_retry: Duration::from_secs(1),
             outbox_retry: Duration::from_secs(2),
+            rejoin_after: Duration::from_secs(60),
             registration_token: None,
             clock_skew: Duration::from_secs(300),
             clock: crate::clock::Clock::system(),

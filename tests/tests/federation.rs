@@ -43,6 +43,11 @@ fn recipient_killed() {
 }
 
 #[test]
+fn commits_in_flight() {
+    scenario("commits-in-flight");
+}
+
+#[test]
 fn hub_restart() {
     scenario("hub-restart");
 }

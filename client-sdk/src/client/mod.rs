@@ -123,6 +123,9 @@ pub(crate) struct Inner {
     /// Test hook: answers of the outgoing queue's requests to throw away; see
     /// [`Client::simulate_lost_answers`].
     lose_answers: std::sync::atomic::AtomicU32,
+    /// Groups of another domain's hub found behind the hub's epoch with nothing left to
+    /// process: the epoch they were at, and since when ([`ClientConfig::rejoin_after`]).
+    behind: std::sync::Mutex<std::collections::HashMap<GroupId, (u64, std::time::Instant)>>,
 }
 
 /// Opens the profile database at `path`: [`ClientError::ProfileInUse`] if another client holds
@@ -292,6 +295,7 @@ impl Client {
             crash_before_send: std::sync::atomic::AtomicBool::new(false),
             outbox_ready: Arc::new(Notify::new()),
             lose_answers: std::sync::atomic::AtomicU32::new(0),
+            behind: Default::default(),
             config,
         });
         let listener = inner

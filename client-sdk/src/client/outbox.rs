@@ -125,8 +125,12 @@ impl Client {
     }
 
     /// Delivers the outgoing queue now and waits until it holds nothing to send (every message
-    /// sent or failed). Fails with the transport error if the homeserver cannot be reached
-    /// (the messages stay queued; the background task keeps trying).
+    /// sent or failed). Fails when a message is still queued and cannot go now: with the
+    /// transport error if the homeserver cannot be reached, or with the answer that makes it
+    /// wait (UNAVAILABLE, RATE_LIMITED, or STALE_EPOCH while a group of another domain waits
+    /// for commits on their way, [`ClientConfig::rejoin_after`](crate::ClientConfig::rejoin_after)).
+    /// Either way the messages stay queued and the background task keeps trying; a message
+    /// that can never be sent is no error here: its state becomes `Failed`.
     pub async fn flush(&self) -> Result<(), ClientError> {
         self.inner.deliver_queued().await
     }
@@ -335,13 +339,21 @@ impl Inner {
                     if self.check_member(mls, &group).is_err() {
                         continue;
                     }
-                    if mls.epoch(&group)? < current {
-                        // Still behind after processing everything queued for us: what we
-                        // missed is gone (an old profile copy, or offline past the queue's
-                        // age limit). Rejoin, then send at the new epoch.
+                    let ours = mls.epoch(&group)?;
+                    if ours < current {
+                        // Still behind after processing everything queued for us: the
+                        // commits are still on their way (from another domain's hub), or
+                        // what we missed is gone (an old profile copy, or offline past the
+                        // queue's age limit). Wait for them a while; then rejoin and send at
+                        // the new epoch.
+                        if !self.gave_up_waiting(&group, ours) {
+                            tracing::debug!(%group, ours, current, "behind the hub: waiting for the commits on their way");
+                            return Ok(Delivered::Later(err.into()));
+                        }
                         tracing::info!(%group, "behind the hub with nothing left to process: rejoining");
                         self.rejoin_locked(mls, &group, outcome).await?;
                     }
+                    self.caught_up(&group);
                     let message = self.mls_op(mls, |mls| {
                         mls.encrypt(
                             &self.identity,
@@ -376,7 +388,9 @@ impl Inner {
                         _ => 0,
                     };
                     tracing::warn!(%group, highest, "send counter used: this profile was restored from an old copy; resynchronising the group");
-                    self.resync_locked(mls, &group, outcome).await?;
+                    if !self.resync_locked(mls, &group, outcome).await? {
+                        return Ok(Delivered::Later(err.into()));
+                    }
                     if self.check_member(mls, &group).is_err() {
                         continue;
                     }
@@ -408,16 +422,17 @@ impl Inner {
 
     /// Gives `group` an epoch whose secrets this profile never used (after SEND_COUNTER_USED):
     /// catches up on what is queued for us; rejoins if the hub is still ahead (what we missed
-    /// is gone), else commits a self-update.
+    /// is gone, once [`Inner::gave_up_waiting`] says so), else commits a self-update. False:
+    /// still waiting for commits on their way (nothing changed).
     async fn resync_locked(
         &self,
         mls: &Mls,
         group: &GroupId,
         outcome: &mut Outcome,
-    ) -> Result<(), ClientError> {
+    ) -> Result<bool, ClientError> {
         self.sync_into(mls, outcome).await?;
         if self.check_member(mls, group).is_err() {
-            return Ok(());
+            return Ok(true);
         }
         let hub = self
             .conn
@@ -425,12 +440,48 @@ impl Inner {
                 group: group.clone(),
             })
             .await?;
-        if mls.epoch(group)? < hub.epoch {
+        let ours = mls.epoch(group)?;
+        if ours < hub.epoch {
+            if !self.gave_up_waiting(group, ours) {
+                return Ok(false);
+            }
             tracing::info!(%group, "behind the hub with nothing left to process: rejoining");
-            return self.rejoin_locked(mls, group, outcome).await;
+            self.rejoin_locked(mls, group, outcome).await?;
+            self.caught_up(group);
+            return Ok(true);
         }
+        self.caught_up(group);
         Box::pin(self.commit_locked(mls, group, &Intent::Update, outcome)).await?;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Whether to stop waiting for the commits that would bring `group` from epoch `ours` up
+    /// to the hub's, and rejoin: at once for a group hosted on this client's homeserver (a
+    /// commit is in our queue before the hub answers anyone), else once the group has stayed
+    /// at `ours` for [`ClientConfig::rejoin_after`](crate::ClientConfig::rejoin_after).
+    fn gave_up_waiting(&self, group: &GroupId, ours: u64) -> bool {
+        if group.domain == *self.identity.client.domain() {
+            return true;
+        }
+        let now = std::time::Instant::now();
+        let mut behind = self.behind.lock().unwrap_or_else(|e| e.into_inner());
+        match behind.get(group) {
+            Some(&(epoch, since)) if epoch == ours => {
+                now.duration_since(since) >= self.config.rejoin_after
+            }
+            _ => {
+                behind.insert(group.clone(), (ours, now));
+                self.config.rejoin_after.is_zero()
+            }
+        }
+    }
+
+    /// `group` is no longer behind the hub.
+    fn caught_up(&self, group: &GroupId) {
+        self.behind
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(group);
     }
 
     /// Encrypts every message queued for `group` again, at the group's current epoch, with

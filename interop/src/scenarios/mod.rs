@@ -139,6 +139,13 @@ pub const SCENARIOS: &[Scenario] = &[
         outage::recipient_killed,
     ),
     scenario(
+        "commits-in-flight",
+        "commits reach a member's server late: its message refused for its epoch waits for \
+         them instead of rejoining, and it misses nothing",
+        90,
+        outage::commits_in_flight,
+    ),
+    scenario(
         "hub-restart",
         "the group's hub restarts mid-conversation; the conversation and commits go on",
         60,

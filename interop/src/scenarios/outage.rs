@@ -123,6 +123,73 @@ pub(super) fn recipient_killed(ctx: Ctx) -> ScenarioFuture {
     })
 }
 
+/// Commits reach a member's server late: bob's server (beta) is down while alice updates her
+/// keys three times (epoch 1 → 4, beyond the two past epochs the hub accepts messages of) and
+/// writes, and the hub's outbox then waits out a 6 s retry delay before it tries beta again.
+/// bob, back meanwhile at epoch 1, sends: the hub refuses it for its epoch, and bob's queue
+/// does not hold the commits yet. bob must wait for them rather than rejoin (a rejoin skips
+/// the epochs whose messages he has not read: alice's would be lost to him), then send at the
+/// new epoch.
+pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
+    Box::pin(async move {
+        let mut config = ctx.harness_config(2);
+        config.retry_initial_ms = 6_000;
+        config.retry_max_ms = 6_000;
+        let mut h = Harness::start(config).await?;
+        let (alice, bob, group) = pair_group(&ctx, &h).await?;
+        h.stop(BETA).await.context("stopping beta")?;
+        for _ in 0..3 {
+            alice
+                .client()
+                .update_keys(&group)
+                .await
+                .context("alice updating her keys")?;
+        }
+        alice
+            .client()
+            .send(&group, b"while beta was down")
+            .await
+            .context("alice sending while beta is down")?;
+        alice.client().flush().await?;
+        // The hub's outbox tries beta, fails, and waits 6 s before the next try.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        h.restart(BETA).await.context("restarting beta")?;
+        bob.client()
+            .send(&group, b"from the old epoch")
+            .await
+            .context("bob queueing his message")?;
+        let expected = ["before", "while beta was down"].map(String::from);
+        exactly(&alice, &bob, &group, &expected).await?;
+        let got = alice
+            .wait_until("bob's message", OUTAGE_WAIT, |events| {
+                let got = crate::member::texts(events, &group);
+                got.iter().any(|t| t == "from the old epoch").then_some(got)
+            })
+            .await?;
+        check(got == ["from the old epoch"], || {
+            format!("alice got {got:?} from bob")
+        })?;
+        let rejoins = bob
+            .events()
+            .iter()
+            .filter(|e| matches!(e, roost_client::Event::Rejoined { .. }))
+            .count();
+        check(rejoins == 0, || {
+            format!("bob rejoined {rejoins} time(s) instead of waiting for the commits")
+        })?;
+        assert_eq_epoch(&alice, &bob, &group).await
+    })
+}
+
+/// alice and bob are at the same epoch of `group`.
+async fn assert_eq_epoch(alice: &Member, bob: &Member, group: &GroupId) -> anyhow::Result<()> {
+    let (a, b) = (
+        alice.client().epoch(group).await?,
+        bob.client().epoch(group).await?,
+    );
+    check(a == b, || format!("alice is at epoch {a}, bob at {b}"))
+}
+
 /// The hub (alpha) is restarted right after accepting a message; the group carries on:
 /// held-back deliveries go out, members on every server send and commit again.
 pub(super) fn hub_restart(ctx: Ctx) -> ScenarioFuture {
