@@ -131,6 +131,10 @@ struct ChaosArgs {
     /// between a tenth of it and it.
     #[arg(long, default_value_t = 3_000)]
     max_client_up_ms: u64,
+    /// The chance (0 to 1) that a killed member types `/update` (a self-update commit of its
+    /// keys) instead of its next message.
+    #[arg(long, default_value_t = 0.1)]
+    killed_client_updates: f64,
     #[command(flatten)]
     topology: TopologyArgs,
 }
@@ -393,6 +397,11 @@ async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
         Duration::from_millis(args.max_client_up_ms / 10),
         Duration::from_millis(args.max_client_up_ms),
     );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.killed_client_updates),
+        "--killed-client-updates is a chance between 0 and 1"
+    );
+    config.client_updates = args.killed_client_updates;
     let report = chaos::run(config).await?;
     let mut stdout = std::io::stdout();
     if args.json {

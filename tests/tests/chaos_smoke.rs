@@ -18,6 +18,8 @@ fn smoke(domains: usize, cycles: usize, seed: u64) -> ChaosReport {
 fn smoke_with(domains: usize, cycles: usize, seed: u64, killed_clients: usize) -> ChaosReport {
     let mut config = ChaosConfig::new(common::roost());
     config.killed_clients = killed_clients;
+    // Their key updates (self-update commits) often enough that a short run has some.
+    config.client_updates = 0.3;
     config.client_up = (Duration::from_millis(200), Duration::from_millis(1_000));
     config.cycles = cycles;
     config.clients = 3;
@@ -83,8 +85,9 @@ fn kill_cycles_lose_and_duplicate_nothing() {
 
 /// Members whose `roost-cli chat` processes are SIGKILLed at random (writing their profiles,
 /// sending, printing) and restarted on the same profile, while the homeserver is killed too:
-/// what `chat` answered `queued` is delivered exactly once, and the only event a restarted
-/// process hands out again is the one its killed predecessor was printing.
+/// what `chat` answered `queued` is delivered exactly once, the only event a restarted
+/// process hands out again is the one its killed predecessor was printing, and their key
+/// updates (`/update`, killed at any point of them too) leave every member in the group.
 #[test]
 fn killed_members_lose_and_duplicate_nothing() {
     let report = smoke_with(1, 4, 17, 2);
@@ -96,6 +99,8 @@ fn killed_members_lose_and_duplicate_nothing() {
         "the killed members sent nothing: {report:?}"
     );
     assert!(kills.repeated <= kills.kills, "{report:?}");
+    assert!(kills.updated > 0, "no key update went through: {report:?}");
+    assert_eq!(report.group_errors, 0, "{report:?}");
     let t = &report.deliveries;
     assert_eq!(
         (t.lost, t.duplicated, t.out_of_order, t.phantom, t.partial),

@@ -14,6 +14,14 @@
 //!   killed comes again from the next process. So the first event a restarted process prints
 //!   is dropped when it is the killed one's last (an app does the same by message id); it is
 //!   counted in [`KillTally::repeated`], and any other repeat is a duplicate.
+//!
+//! Now and then a member types `/update` instead of a message: a self-update commit, made
+//! durable as the profile's pending commit before it leaves, so a kill at any point of it (before
+//! the hub's answer, between the answer and the merge, while printing `keys_updated`) must
+//! leave the member in the group, able to read and send, without a group error: the next
+//! process sends the same commit again and merges it, or learns it lost. The run's usual
+//! checks (every acknowledged message delivered once and in order, no group error, every
+//! member able to send at the end) cover it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -24,8 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rand::SeedableRng as _;
 use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
 use roost_client::MessageId;
 use roost_protocol::{ClientId, GroupId, UserId};
 use serde::Serialize;
@@ -59,6 +67,12 @@ pub struct KillTally {
     pub acknowledged: u64,
     /// Their lines whose process was killed before it answered.
     pub unknown: u64,
+    /// Their `/update` lines answered `keys_updated`.
+    pub updated: u64,
+    /// Their `/update` lines answered `keys_not_updated` (e.g. the server was down).
+    pub updates_refused: u64,
+    /// Their `/update` lines whose process was killed (or ended) before it answered.
+    pub updates_unknown: u64,
 }
 
 /// One member run as `roost-cli` processes.
@@ -87,8 +101,8 @@ pub(super) struct Shared {
 pub(super) struct Session {
     child: Child,
     stdin: Option<ChildStdin>,
-    /// The number of each typed line answered (the reader records the answer itself).
-    answers: mpsc::UnboundedReceiver<u64>,
+    /// Each typed line answered (the reader records the answer itself).
+    answers: mpsc::UnboundedReceiver<Answered>,
     /// Ends with the last event line the process printed.
     reader: JoinHandle<Option<String>>,
 }
@@ -202,8 +216,8 @@ impl Killable {
             let mut first = true;
             while let Ok(Some(line)) = lines.next_line().await {
                 match absorb_or_answer(&member, &shared, &line, first, last.as_deref()) {
-                    Line::Answer(seq) => {
-                        let _ = answers_tx.send(seq);
+                    Line::Answer(answered) => {
+                        let _ = answers_tx.send(answered);
                     }
                     Line::Event => {
                         first = false;
@@ -224,9 +238,9 @@ impl Killable {
 }
 
 impl Session {
-    /// Types `text`, line `seq`; whether it was answered before the process ended and before
-    /// `until`. Late answers to earlier lines are skipped.
-    async fn type_line(&mut self, text: &str, seq: u64, until: Instant) -> bool {
+    /// Types `text`, which is answered by `expected`; whether it was answered before the
+    /// process ended and before `until`. Late answers to earlier lines are skipped.
+    async fn type_line(&mut self, text: &str, expected: Answered, until: Instant) -> bool {
         let Some(stdin) = self.stdin.as_mut() else {
             return false;
         };
@@ -236,7 +250,7 @@ impl Session {
         }
         let answered = async {
             while let Some(answered) = self.answers.recv().await {
-                if answered == seq {
+                if answered == expected {
                     return true;
                 }
             }
@@ -282,6 +296,8 @@ pub(super) struct Schedule {
     pub(super) down: (Duration, Duration),
     /// Pause after each acknowledged line.
     pub(super) send_interval: Duration,
+    /// The chance of typing `/update` instead of the next message line.
+    pub(super) updates: f64,
     pub(super) seed: u64,
 }
 
@@ -312,6 +328,10 @@ pub(super) async fn run(
             if session.ended() {
                 break false;
             }
+            if rng.random_bool(schedule.updates) {
+                update(&shared, &mut session, kill_at).await;
+                continue;
+            }
             let (outcome, _) = send_line(&member, &shared, &mut session, kill_at).await;
             let pause = match outcome {
                 Some(SendOutcome::Acknowledged) => {
@@ -337,6 +357,14 @@ pub(super) async fn run(
     }
 }
 
+/// Types `/update`; the reader counts the answer, this counts a line left unanswered.
+async fn update(shared: &Shared, session: &mut Session, until: Instant) {
+    let until = until.min(Instant::now() + ANSWER_LIMIT);
+    if !session.type_line("/update", Answered::Update, until).await {
+        lock(&shared.tally).updates_unknown += 1;
+    }
+}
+
 /// Types the member's next numbered line and records its fate; the outcome is None when the
 /// answer did not come before `until` (or the process ended): the line stays unknown.
 pub(super) async fn send_line(
@@ -355,7 +383,7 @@ pub(super) async fn send_line(
     let until = until.min(Instant::now() + ANSWER_LIMIT);
     // The reader records the answer (also one that comes after `until`).
     let text = ledger::message_text(member.index, seq);
-    if session.type_line(&text, seq, until).await {
+    if session.type_line(&text, Answered::Line(seq), until).await {
         (lock(&shared.ledger)[member.index].get(&seq).copied(), seq)
     } else {
         (None, seq)
@@ -373,9 +401,18 @@ fn settle(shared: &Shared, member: usize, seq: u64, outcome: SendOutcome) {
     }
 }
 
+/// What a typed line's answer was to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answered {
+    /// Message line number .0.
+    Line(u64),
+    /// An `/update` line.
+    Update,
+}
+
 enum Line {
-    /// The answer to typed line number .0.
-    Answer(u64),
+    /// The answer to a typed line.
+    Answer(Answered),
     /// An event of the SDK (handed out at least once).
     Event,
     Other,
@@ -411,7 +448,7 @@ fn absorb_or_answer(
             {
                 lock(&shared.sent).insert((member.index, seq), id);
                 settle(shared, member.index, seq, SendOutcome::Acknowledged);
-                Line::Answer(seq)
+                Line::Answer(Answered::Line(seq))
             } else {
                 let code = value
                     .pointer("/error/code")
@@ -421,8 +458,26 @@ fn absorb_or_answer(
                     .entry(format!("cli: {code}"))
                     .or_insert(0) += 1;
                 settle(shared, member.index, seq, SendOutcome::Refused);
-                Line::Answer(seq)
+                Line::Answer(Answered::Line(seq))
             }
+        }
+        Some(answer @ ("keys_updated" | "keys_not_updated")) => {
+            if value.get("group").and_then(Value::as_str) != Some(&shared.group.to_string()) {
+                return Line::Other;
+            }
+            if answer == "keys_updated" {
+                lock(&shared.tally).updated += 1;
+            } else {
+                lock(&shared.tally).updates_refused += 1;
+                let code = value
+                    .pointer("/error/code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?");
+                *lock(&shared.refused_codes)
+                    .entry(format!("cli update: {code}"))
+                    .or_insert(0) += 1;
+            }
+            Line::Answer(Answered::Update)
         }
         Some(_) => {
             if first && last == Some(line) {

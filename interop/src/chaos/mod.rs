@@ -47,7 +47,7 @@ use anyhow::{Context as _, bail};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use roost_client::transport::RequestError;
-use roost_client::{Client, ClientConfig, ClientError, Content, Event, MessageId};
+use roost_client::{Client, ClientConfig, ClientError, Content, Event, MessageId, OutgoingState};
 use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -106,6 +106,9 @@ pub struct ChaosConfig {
     pub client_up: (Duration, Duration),
     /// How long a killed member stays dead.
     pub client_down: (Duration, Duration),
+    /// The chance that a killed member types `/update` (a self-update commit) instead of its
+    /// next message line. 0: they commit nothing.
+    pub client_updates: f64,
 }
 
 impl ChaosConfig {
@@ -131,6 +134,7 @@ impl ChaosConfig {
             roost_cli: None,
             client_up: (Duration::from_millis(300), Duration::from_millis(3_000)),
             client_down: (Duration::ZERO, Duration::from_millis(300)),
+            client_updates: 0.1,
         }
     }
 }
@@ -240,14 +244,18 @@ impl ChaosReport {
             writeln!(
                 out,
                 "killed members {}: {} kills, {} processes started, {} ended on their own, \
-                 {} events handed out again after a kill; their sends {} acknowledged, {} unknown",
+                 {} events handed out again after a kill; their sends {} acknowledged, {} unknown; \
+                 their key updates {} done, {} refused, {} unknown",
                 self.killed_clients,
                 k.kills,
                 k.starts,
                 k.exits,
                 k.repeated,
                 k.acknowledged,
-                k.unknown
+                k.unknown,
+                k.updated,
+                k.updates_refused,
+                k.updates_unknown
             )?;
         }
         writeln!(
@@ -444,18 +452,30 @@ async fn send_numbered(
         // As text content, so that roost-cli members show it as text.
         let id = client.send_text(group, &text).await?;
         lock(sent).insert((index, seq), id);
-        client.flush().await?;
-        let failed = client.outbox().await?.into_iter().find(|m| m.id == id);
-        Ok::<_, ClientError>(failed.map(|m| (id, m.state)))
+        let flushed = client.flush().await;
+        let left = client.outbox().await?.into_iter().find(|m| m.id == id);
+        match flushed {
+            // Still queued (the hub unreachable, or the group waiting for commits on their
+            // way): the SDK goes on delivering it, once; whether it went is not known here.
+            Err(_)
+                if left
+                    .as_ref()
+                    .is_some_and(|m| m.state == OutgoingState::Queued) =>
+            {
+                Ok(Some((id, OutgoingState::Queued)))
+            }
+            Err(err) => Err(err),
+            Ok(()) => Ok::<_, ClientError>(left.map(|m| (id, m.state))),
+        }
     };
     let outcome = match tokio::time::timeout(OPERATION_LIMIT, send_and_flush).await {
         Ok(Ok(None)) => SendOutcome::Acknowledged,
+        Ok(Ok(Some((_, OutgoingState::Queued)))) => SendOutcome::Unknown,
         Ok(Ok(Some((id, state)))) => {
             let code = match state {
-                roost_client::OutgoingState::Failed(roost_client::SendFailure::Refused {
-                    code,
-                    ..
-                }) => format!("{code:?}"),
+                OutgoingState::Failed(roost_client::SendFailure::Refused { code, .. }) => {
+                    format!("{code:?}")
+                }
                 other => format!("client: {other:?}"),
             };
             *lock(refused_codes).entry(code).or_insert(0) += 1;
@@ -774,6 +794,7 @@ async fn run_with(
                 up: config.client_up,
                 down: config.client_down,
                 send_interval: config.send_interval,
+                updates: config.client_updates,
                 seed: config.seed ^ (0xc11e_0000 + member.index as u64),
             };
             tokio::spawn(killed::run(
