@@ -354,22 +354,12 @@ impl Inner {
                         self.rejoin_locked(mls, &group, outcome).await?;
                     }
                     self.caught_up(&group);
-                    let message = self.mls_op(mls, |mls| {
-                        mls.encrypt(
-                            &self.identity,
-                            &group,
-                            record.id,
-                            record.plaintext.as_slice(),
-                        )
-                    })?;
-                    record.message = message.into();
-                    self.commit(
-                        mls,
-                        Changes {
-                            outgoing: vec![OutgoingChange::Put(position, record.clone())],
-                            ..Changes::default()
-                        },
-                    )?;
+                    // This message and every one queued behind it for the group, in queue
+                    // order: those behind may have been encrypted at the current epoch while
+                    // this one waited, and this one must not go out with a later generation
+                    // of the epoch than they have (a receiver drops a generation more than a
+                    // few behind the newest it read as a replay).
+                    record = self.encrypt_queue_again(mls, &group, position, None)?;
                     resent = false;
                 }
                 Some(ErrorCode::SEND_COUNTER_USED) => {
@@ -394,7 +384,7 @@ impl Inner {
                     if self.check_member(mls, &group).is_err() {
                         continue;
                     }
-                    record = self.encrypt_queue_again(mls, &group, position, highest)?;
+                    record = self.encrypt_queue_again(mls, &group, position, Some(highest))?;
                     resent = false;
                 }
                 Some(ErrorCode::NOT_MEMBER) => {
@@ -484,17 +474,21 @@ impl Inner {
             .remove(group);
     }
 
-    /// Encrypts every message queued for `group` again, at the group's current epoch, with
-    /// fresh send counters above `highest` (and above every counter this profile gave), in
-    /// one transaction. Returns the record at `position` as it is now.
+    /// Encrypts every message queued for `group` again, in queue order, at the group's current
+    /// epoch, in one transaction; with `highest` (after SEND_COUNTER_USED) with fresh send
+    /// counters above it (and above every counter this profile gave), else each keeps its
+    /// counter. Returns the record at `position` as it is now.
     fn encrypt_queue_again(
         &self,
         mls: &Mls,
         group: &GroupId,
         position: u64,
-        highest: u64,
+        highest: Option<u64>,
     ) -> Result<OutgoingRecord, ClientError> {
-        let mut next = self.store.next_counter()?.max(highest.saturating_add(1));
+        let mut next = match highest {
+            Some(highest) => Some(self.store.next_counter()?.max(highest.saturating_add(1))),
+            None => None,
+        };
         let mut changes = Changes::default();
         let mut current = None;
         for (at, mut record) in self.store.outbox()? {
@@ -510,14 +504,16 @@ impl Inner {
                 )
             })?;
             record.message = message.into();
-            record.counter = next;
-            next = next.saturating_add(1);
+            if let Some(counter) = next.as_mut() {
+                record.counter = *counter;
+                *counter = counter.saturating_add(1);
+            }
             if at == position {
                 current = Some(record.clone());
             }
             changes.outgoing.push(OutgoingChange::Put(at, record));
         }
-        changes.next_counter = Some(next);
+        changes.next_counter = next;
         self.commit(mls, changes)?;
         current.ok_or_else(|| ClientError::InvalidOperation("queued message vanished".into()))
     }

@@ -128,15 +128,33 @@ pub(super) fn recipient_killed(ctx: Ctx) -> ScenarioFuture {
 /// writes, and the hub's outbox then waits out a 6 s retry delay before it tries beta again.
 /// bob, back meanwhile at epoch 1, sends: the hub refuses it for its epoch, and bob's queue
 /// does not hold the commits yet. bob must wait for them rather than rejoin (a rejoin skips
-/// the epochs whose messages he has not read: alice's would be lost to him), then send at the
-/// new epoch.
+/// the epochs whose messages he has not read: alice's would be lost to him). Once they are
+/// in, bob writes eight more while his server is down again (encrypted at epoch 4, queued
+/// behind the first); when it is back, the first is encrypted again — and so are the eight,
+/// so that they leave in order of their generations (a receiver drops a generation more
+/// than five behind the newest it read as a replay).
 pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
     Box::pin(async move {
         let mut config = ctx.harness_config(2);
         config.retry_initial_ms = 6_000;
         config.retry_max_ms = 6_000;
         let mut h = Harness::start(config).await?;
-        let (alice, bob, group) = pair_group(&ctx, &h).await?;
+        let alice = ctx.member(&h, ALPHA, "alice").await?;
+        // bob's outgoing queue is tried again only when he sends or flushes (and the connection
+        // comes back), so the steps below happen in this order.
+        let mut bob_config = h.client_config(BETA)?;
+        bob_config.outbox_retry = Duration::from_secs(600);
+        std::fs::create_dir_all(ctx.profiles())?;
+        let bob = Member::register(bob_config, &ctx.profiles(), "bob@beta.test", "phone").await?;
+        let group = alice.client().create_group().await?;
+        alice
+            .client()
+            .invite(&group, std::slice::from_ref(bob.user()))
+            .await
+            .context("alice inviting bob")?;
+        bob.wait_joined(Some(&group)).await?;
+        deliver(&group, &alice, "before", &[&bob]).await?;
+
         h.stop(BETA).await.context("stopping beta")?;
         for _ in 0..3 {
             alice
@@ -160,14 +178,41 @@ pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
             .context("bob queueing his message")?;
         let expected = ["before", "while beta was down"].map(String::from);
         exactly(&alice, &bob, &group, &expected).await?;
+        check(bob.client().epoch(&group).await? == 4, || {
+            "bob is not at epoch 4".into()
+        })?;
+        let waiting = bob.client().outbox().await?.len();
+        check(waiting == 1, || {
+            format!("bob has {waiting} messages queued, expected 1")
+        })?;
+
+        h.stop(BETA).await.context("stopping beta again")?;
+        let mut sent = vec!["from the old epoch".to_owned()];
+        for n in 0..8 {
+            let text = format!("at epoch 4 #{n}");
+            bob.client().send(&group, text.as_bytes()).await?;
+            sent.push(text);
+        }
+        h.restart(BETA).await.context("restarting beta again")?;
+        let deadline = tokio::time::Instant::now() + OUTAGE_WAIT;
+        while let Err(err) = bob.client().flush().await {
+            check(tokio::time::Instant::now() < deadline, || {
+                format!("bob's queue not delivered: {err}")
+            })?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let got = alice
-            .wait_until("bob's message", OUTAGE_WAIT, |events| {
+            .wait_until("bob's messages", OUTAGE_WAIT, |events| {
                 let got = crate::member::texts(events, &group);
-                got.iter().any(|t| t == "from the old epoch").then_some(got)
+                (got.len() >= sent.len()).then_some(got)
             })
-            .await?;
-        check(got == ["from the old epoch"], || {
-            format!("alice got {got:?} from bob")
+            .await;
+        let got = match got {
+            Ok(got) => got,
+            Err(_) => crate::member::texts(&alice.events(), &group),
+        };
+        check(got == sent, || {
+            format!("alice got {got:?} from bob, sent {sent:?}")
         })?;
         let rejoins = bob
             .events()
