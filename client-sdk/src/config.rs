@@ -39,7 +39,9 @@ pub struct ClientConfig {
     /// between, and what was sent in them is lost to this client, so the SDK waits while
     /// nothing arrives; each commit that arrives restarts the wait. Meanwhile the message that
     /// showed the gap stays queued. A group hosted on this client's own homeserver is
-    /// rejoined at once: its commits reach this client's queue before the hub answers.
+    /// rejoined at once: its commits reach this client's queue before the hub answers. The
+    /// wait is counted from this client's start: one that lives shorter (a command-line run)
+    /// rejoins when a message of an epoch it never reached arrives instead.
     pub rejoin_after: Duration,
     /// Registration token, for homeservers that gate registration.
     pub registration_token: Option<String>,
