@@ -40,6 +40,7 @@ on_two_nodes! {
     node_killed => "node-killed",
     outbox_node_killed => "outbox-node-killed",
     outgoing_queue => "outgoing-queue",
+    commits_in_flight => "commits-in-flight",
 }
 
 /// Every scenario runs on two nodes too.

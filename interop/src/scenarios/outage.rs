@@ -20,8 +20,19 @@ const OUTAGE_WAIT: Duration = Duration::from_secs(60);
 
 /// alice (alpha, hub) and bob (beta) in a group; returns the group.
 async fn pair_group(ctx: &Ctx, h: &Harness) -> anyhow::Result<(Member, Member, GroupId)> {
+    pair_group_with(ctx, h, h.client_config(BETA)?).await
+}
+
+/// [`pair_group`] with bob's client configured by `bob_config`.
+async fn pair_group_with(
+    ctx: &Ctx,
+    h: &Harness,
+    bob_config: roost_client::ClientConfig,
+) -> anyhow::Result<(Member, Member, GroupId)> {
     let alice = ctx.member(h, ALPHA, "alice").await?;
-    let bob = ctx.member(h, BETA, "bob").await?;
+    std::fs::create_dir_all(ctx.profiles())?;
+    let bob_id = format!("bob@{}", h.server(BETA)?.domain);
+    let bob = Member::register(bob_config, &ctx.profiles(), &bob_id, "phone").await?;
     let group = alice.client().create_group().await?;
     alice
         .client()
@@ -139,21 +150,11 @@ pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
         config.retry_initial_ms = 6_000;
         config.retry_max_ms = 6_000;
         let mut h = Harness::start(config).await?;
-        let alice = ctx.member(&h, ALPHA, "alice").await?;
         // bob's outgoing queue is tried again only when he sends or flushes (and the connection
         // comes back), so the steps below happen in this order.
         let mut bob_config = h.client_config(BETA)?;
         bob_config.outbox_retry = Duration::from_secs(600);
-        std::fs::create_dir_all(ctx.profiles())?;
-        let bob = Member::register(bob_config, &ctx.profiles(), "bob@beta.test", "phone").await?;
-        let group = alice.client().create_group().await?;
-        alice
-            .client()
-            .invite(&group, std::slice::from_ref(bob.user()))
-            .await
-            .context("alice inviting bob")?;
-        bob.wait_joined(Some(&group)).await?;
-        deliver(&group, &alice, "before", &[&bob]).await?;
+        let (alice, bob, group) = pair_group_with(&ctx, &h, bob_config).await?;
 
         h.stop(BETA).await.context("stopping beta")?;
         for _ in 0..3 {
@@ -181,10 +182,16 @@ pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
         check(bob.client().epoch(&group).await? == 4, || {
             "bob is not at epoch 4".into()
         })?;
+        // With one node per domain alpha's outbox is held back, so bob's message still waits
+        // for its next try. With several, another node of alpha (or the outbox's rescan) may
+        // have delivered the commits at once and bob's message gone out without waiting:
+        // then only the absence of loss below is checked.
         let waiting = bob.client().outbox().await?.len();
-        check(waiting == 1, || {
-            format!("bob has {waiting} messages queued, expected 1")
-        })?;
+        if ctx.topology().nodes == 1 {
+            check(waiting == 1, || {
+                format!("bob has {waiting} messages queued, expected 1")
+            })?;
+        }
 
         h.stop(BETA).await.context("stopping beta again")?;
         let mut sent = vec!["from the old epoch".to_owned()];
