@@ -186,8 +186,7 @@ async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Re
     let group = session.member_group(group_text)?;
     out.note(format!(
         "chat in {} as {}: type a message and press Enter; /members lists the members, /update \
-         updates your keys, /quit \
-         (or Ctrl-D) ends",
+         updates your keys, /file PATH sends a file, /quit (or Ctrl-D) ends",
         session.names.label(&group),
         session.client.client_id()
     ));
@@ -242,11 +241,16 @@ async fn chat_line(
             update_in_chat(out, session, group).await?;
             return Ok(true);
         }
+        trimmed if trimmed.starts_with("/file ") => {
+            let path = trimmed.strip_prefix("/file ").unwrap_or_default().trim();
+            file_in_chat(out, session, group, Path::new(path)).await?;
+            return Ok(true);
+        }
         _ if line.starts_with("//") => line.strip_prefix('/').unwrap_or(line),
         _ if line.starts_with('/') => {
             out.note(
-                "commands: /members, /update (your keys), /quit (start a message with // to \
-                 send a leading /)",
+                "commands: /members, /update (your keys), /file PATH (send a file), /quit \
+                 (start a message with // to send a leading /)",
             );
             return Ok(true);
         }
@@ -271,6 +275,62 @@ async fn chat_line(
             Ok(true)
         }
     }
+}
+
+/// `/file PATH` in a chat: encrypts and uploads the file, then queues the message announcing
+/// it, like a typed line. With `--json` the answer is `{"event":"queued",…,"file","size","id"}`
+/// (the message is in the outgoing queue; the upload is done) or
+/// `{"event":"not_sent",…,"file","error"}` (nothing was queued; the chat goes on).
+async fn file_in_chat(
+    out: Output,
+    session: &Session,
+    group: &GroupId,
+    path: &Path,
+) -> anyhow::Result<()> {
+    let file = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let sent = match roost_client::FileSource::path(path).await {
+        Ok(source) => {
+            let mut bar: Option<indicatif::ProgressBar> = None;
+            let sent = session
+                .client
+                .send_file(group, source, |done, total| {
+                    bar.get_or_insert_with(|| crate::commands::progress_bar(total))
+                        .set_position(done);
+                })
+                .await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            sent
+        }
+        Err(err) => Err(err),
+    };
+    match sent {
+        Ok((id, attachment)) => {
+            let extra = json!({
+                "file": attachment.name(),
+                "size": attachment.size,
+                "id": id.to_string(),
+            });
+            out.json(chat_answer(session, group, "queued", extra))?;
+            out.note(format!(
+                "sent {} ({} bytes)",
+                one_line(attachment.name()),
+                attachment.size
+            ));
+        }
+        Err(err @ ClientError::UnknownGroup(_)) => return Err(session.fail(&err)),
+        Err(err) => {
+            let (error, err) = chat_failure(session, &err);
+            let extra = json!({"file": file, "error": error});
+            out.json(chat_answer(session, group, "not_sent", extra))?;
+            out.note(format!("error: {} not sent: {err}", one_line(&file)));
+        }
+    }
+    Ok(())
 }
 
 /// `/update` in a chat: commits a self-update; with `--json` the answer is

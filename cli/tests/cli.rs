@@ -391,6 +391,66 @@ fn keys_are_updated_from_the_command_line_and_in_a_chat_and_the_group_goes_on() 
 }
 
 #[test]
+fn a_file_sent_with_slash_file_in_a_chat_is_saved_byte_identical_and_the_chat_goes_on() {
+    let h = Harness::start();
+    let group = alice_and_bob_in_team(&h);
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = pseudo_random(200_000);
+    let notes = dir.path().join("notes.pdf");
+    std::fs::write(&notes, &bytes).unwrap();
+
+    let mut chat = Chat::start(&h, "bob", &["--json", "chat", &group]);
+    chat.type_line(&format!("/file {}", notes.display()));
+    let answer = chat.next();
+    assert_eq!(
+        (&answer["event"], &answer["file"], &answer["size"]),
+        (&"queued".into(), &"notes.pdf".into(), &bytes.len().into()),
+        "{answer}"
+    );
+    assert!(answer["id"].is_string(), "{answer}");
+    // A file that is not there: refused, nothing queued, and the chat goes on.
+    let missing = dir.path().join("missing.txt");
+    chat.type_line(&format!("/file {}", missing.display()));
+    let refused = loop {
+        let event = chat.next();
+        if event["event"] != "outgoing" {
+            break event;
+        }
+    };
+    assert_eq!(
+        (&refused["event"], &refused["file"]),
+        (&"not_sent".into(), &"missing.txt".into()),
+        "{refused}"
+    );
+    chat.type_line("and a line after the files");
+    chat.type_line("/quit");
+    assert!(chat.quit().status.success());
+
+    let downloads = dir.path().join("downloads");
+    let events = json_lines(&h.ok(
+        "alice",
+        &[
+            "--json",
+            "recv",
+            "--wait",
+            "10",
+            "--download-dir",
+            downloads.to_str().unwrap(),
+        ],
+    ));
+    let shown: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "message" || e["event"] == "saved")
+        .collect();
+    assert_eq!(shown.len(), 3, "{events:?}");
+    assert_eq!(shown[0]["file"]["name"], "notes.pdf");
+    assert_eq!(shown[0]["file"]["media_type"], "application/pdf");
+    assert_eq!(shown[1]["event"], "saved");
+    assert_eq!(shown[2]["text"], "and a line after the files");
+    assert!(std::fs::read(downloads.join("notes.pdf")).unwrap() == bytes);
+}
+
+#[test]
 fn recv_wait_returns_when_a_message_arrives() {
     let h = Harness::start();
     h.register("alice");

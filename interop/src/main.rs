@@ -135,6 +135,11 @@ struct ChaosArgs {
     /// keys) instead of its next message.
     #[arg(long, default_value_t = 0.1)]
     killed_client_updates: f64,
+    /// The chance (0 to 1) that a member sends its next message as an attachment (a file of
+    /// up to 200 kB whose bytes follow from its number; in-process members download every
+    /// attachment they receive and compare it byte for byte). 0: text only.
+    #[arg(long, default_value_t = 0.02)]
+    files: f64,
     #[command(flatten)]
     topology: TopologyArgs,
 }
@@ -402,6 +407,11 @@ async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
         "--killed-client-updates is a chance between 0 and 1"
     );
     config.client_updates = args.killed_client_updates;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.files),
+        "--files is a chance between 0 and 1"
+    );
+    config.files = args.files;
     let report = chaos::run(config).await?;
     let mut stdout = std::io::stdout();
     if args.json {

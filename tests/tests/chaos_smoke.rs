@@ -20,6 +20,9 @@ fn smoke_with(domains: usize, cycles: usize, seed: u64, killed_clients: usize) -
     config.killed_clients = killed_clients;
     // Their key updates (self-update commits) often enough that a short run has some.
     config.client_updates = 0.3;
+    // Attachments often enough that a short run has several (uploads and downloads across
+    // the kills; with two domains, downloads through the other homeserver).
+    config.files = 0.1;
     config.client_up = (Duration::from_millis(200), Duration::from_millis(1_000));
     config.cycles = cycles;
     config.clients = 3;
@@ -66,6 +69,11 @@ fn kill_cycles_lose_and_duplicate_nothing() {
     );
     // Three members and the rover each sent once more, and everyone got it.
     assert_eq!(report.sent_after, 4);
+    // Attachments went out, and every one received was downloaded byte-identical (passed()
+    // fails on a corrupt or undownloadable one; this says some were there to check).
+    let f = &report.files;
+    assert!(f.sent > 0 && f.received > 0, "no attachment: {report:?}");
+    assert_eq!(f.downloaded, f.received, "{report:?}");
     // The report is machine-readable with the figures docs/RELIABILITY.md records.
     let json = serde_json::to_value(&report).unwrap();
     for key in [
@@ -87,7 +95,8 @@ fn kill_cycles_lose_and_duplicate_nothing() {
 /// sending, printing) and restarted on the same profile, while the homeserver is killed too:
 /// what `chat` answered `queued` is delivered exactly once, the only event a restarted
 /// process hands out again is the one its killed predecessor was printing, and their key
-/// updates (`/update`, killed at any point of them too) leave every member in the group.
+/// updates (`/update`, killed at any point of them too) leave every member in the group; their
+/// files (`/file`, killed mid-upload too) arrive like their lines.
 #[test]
 fn killed_members_lose_and_duplicate_nothing() {
     let report = smoke_with(1, 4, 17, 2);
@@ -108,6 +117,9 @@ fn killed_members_lose_and_duplicate_nothing() {
     );
     // Three members, the rover and the two killed members each sent once more afterwards.
     assert_eq!(report.sent_after, 6);
+    let f = &report.files;
+    assert!(f.sent > 0 && f.received > 0, "no attachment: {report:?}");
+    assert_eq!(f.downloaded, f.received, "{report:?}");
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["member_kills"]["kills"].as_u64().is_some(), "{json}");
 }

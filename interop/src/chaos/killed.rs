@@ -22,6 +22,11 @@
 //! process sends the same commit again and merges it, or learns it lost. The run's usual
 //! checks (every acknowledged message delivered once and in order, no group error, every
 //! member able to send at the end) cover it.
+//!
+//! With [`Schedule::files`], a member sends some numbered messages as files: the run writes
+//! the file (its name carries the number) and types `/file PATH`; the answer is `queued` or
+//! `not_sent` like a line's, and a kill during the upload leaves the line unknown. These
+//! members do not download what they receive (the in-process members do).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -45,7 +50,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::ledger::{self, Receipt, SendOutcome};
-use super::{Inbox, Ledger, SentIds, lock, random_between};
+use super::{Files, Inbox, Ledger, SentIds, lock, random_between};
 
 /// How long a killed member's process may take to answer one line before the line counts as
 /// unknown and the process is killed (it hangs).
@@ -95,6 +100,9 @@ pub(super) struct Shared {
     pub(super) sent: SentIds,
     pub(super) refused_codes: Arc<Mutex<BTreeMap<String, u64>>>,
     pub(super) tally: Arc<Mutex<KillTally>>,
+    pub(super) files: Files,
+    /// Where the files the members send are written for their `/file` lines.
+    pub(super) file_dir: PathBuf,
 }
 
 /// A running `chat` process.
@@ -298,6 +306,8 @@ pub(super) struct Schedule {
     pub(super) send_interval: Duration,
     /// The chance of typing `/update` instead of the next message line.
     pub(super) updates: f64,
+    /// The chance of sending the next message as a file (`/file`).
+    pub(super) files: f64,
     pub(super) seed: u64,
 }
 
@@ -332,7 +342,8 @@ pub(super) async fn run(
                 update(&shared, &mut session, kill_at).await;
                 continue;
             }
-            let (outcome, _) = send_line(&member, &shared, &mut session, kill_at).await;
+            let file = rng.random_bool(schedule.files);
+            let (outcome, _) = send_line(&member, &shared, &mut session, kill_at, file).await;
             let pause = match outcome {
                 Some(SendOutcome::Acknowledged) => {
                     backoff = Duration::from_millis(100);
@@ -365,13 +376,15 @@ async fn update(shared: &Shared, session: &mut Session, until: Instant) {
     }
 }
 
-/// Types the member's next numbered line and records its fate; the outcome is None when the
-/// answer did not come before `until` (or the process ended): the line stays unknown.
+/// Types the member's next numbered line (`/file PATH` when `file`) and records its fate; the
+/// outcome is None when the answer did not come before `until` (or the process ended): the line
+/// stays unknown.
 pub(super) async fn send_line(
     member: &Killable,
     shared: &Shared,
     session: &mut Session,
     until: Instant,
+    file: bool,
 ) -> (Option<SendOutcome>, u64) {
     let seq = {
         let mut ledger = lock(&shared.ledger);
@@ -382,7 +395,16 @@ pub(super) async fn send_line(
     };
     let until = until.min(Instant::now() + ANSWER_LIMIT);
     // The reader records the answer (also one that comes after `until`).
-    let text = ledger::message_text(member.index, seq);
+    let mut text = ledger::message_text(member.index, seq);
+    if file {
+        let path = shared.file_dir.join(ledger::file_name(member.index, seq));
+        let written = tokio::fs::create_dir_all(&shared.file_dir)
+            .await
+            .and(tokio::fs::write(&path, ledger::file_bytes(member.index, seq)).await);
+        if written.is_ok() {
+            text = format!("/file {}", path.display());
+        }
+    }
     if session.type_line(&text, Answered::Line(seq), until).await {
         (lock(&shared.ledger)[member.index].get(&seq).copied(), seq)
     } else {
@@ -430,12 +452,16 @@ fn absorb_or_answer(
     };
     match value.get("event").and_then(Value::as_str) {
         Some(answer @ ("queued" | "not_sent")) => {
-            let seq = value
-                .get("text")
-                .and_then(Value::as_str)
-                .and_then(|text| ledger::parse_message(text.as_bytes()))
-                .filter(|(index, _)| *index == member.index)
-                .map(|(_, seq)| seq);
+            let file = value.get("file").and_then(Value::as_str);
+            let seq = match file {
+                Some(name) => ledger::parse_file_name(name),
+                None => value
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .and_then(|text| ledger::parse_message(text.as_bytes())),
+            }
+            .filter(|(index, _)| *index == member.index)
+            .map(|(_, seq)| seq);
             let id = value
                 .get("id")
                 .and_then(Value::as_str)
@@ -443,6 +469,14 @@ fn absorb_or_answer(
             let Some(seq) = seq else {
                 return Line::Other;
             };
+            if file.is_some() {
+                let mut files = lock(&shared.files);
+                if answer == "queued" {
+                    files.sent += 1;
+                } else {
+                    files.upload_failures += 1;
+                }
+            }
             if answer == "queued"
                 && let Some(id) = id
             {
@@ -509,7 +543,10 @@ fn absorb_value(member: &Killable, shared: &Shared, value: &Value) {
             let from = ClientId::from_str(sender)
                 .ok()
                 .and_then(|c| shared.ids.get(&c).copied());
-            let numbered = field("text").and_then(|text| ledger::parse_message(text.as_bytes()));
+            let numbered = match value.pointer("/file/name").and_then(Value::as_str) {
+                Some(name) => ledger::parse_file_name(name),
+                None => field("text").and_then(|text| ledger::parse_message(text.as_bytes())),
+            };
             inbox.with(|s| {
                 let receipt = match numbered {
                     Some((index, seq)) if ours && from == Some(index) => {

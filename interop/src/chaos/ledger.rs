@@ -63,6 +63,37 @@ pub fn parse_message(bytes: &[u8]) -> Option<(usize, u64)> {
     parts.next().is_none().then_some((sender, seq))
 }
 
+/// The file name of message `seq` of member `sender` when it is sent as an attachment.
+pub fn file_name(sender: usize, seq: u64) -> String {
+    format!("chaos-{sender}-{seq}.bin")
+}
+
+/// Parses a [`file_name`].
+pub fn parse_file_name(name: &str) -> Option<(usize, u64)> {
+    let rest = name.strip_prefix("chaos-")?.strip_suffix(".bin")?;
+    let (sender, seq) = rest.split_once('-')?;
+    Some((sender.parse().ok()?, seq.parse().ok()?))
+}
+
+/// Largest attachment a chaos member sends (three and a bit of the SDK's 64 KiB chunks).
+pub const MAX_FILE_LEN: usize = 200_000;
+
+/// The content of attachment `seq` of member `sender`: its length (0 for one in eight, else up
+/// to [`MAX_FILE_LEN`]) and bytes both follow from the pair, so a receiver can check what it
+/// downloaded without being told.
+pub fn file_bytes(sender: usize, seq: u64) -> Vec<u8> {
+    use rand::{Rng as _, SeedableRng as _};
+    let mut rng = rand::rngs::StdRng::seed_from_u64((sender as u64) << 40 ^ seq);
+    let len = if rng.random_ratio(1, 8) {
+        0
+    } else {
+        rng.random_range(1..=MAX_FILE_LEN)
+    };
+    let mut bytes = vec![0; len];
+    rng.fill(&mut bytes[..]);
+    bytes
+}
+
 /// The figures of a run's deliveries (see the module documentation).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Tally {
@@ -279,6 +310,26 @@ mod tests {
     /// m0 and m1 send, everyone must get everything.
     fn all_must(n: usize) -> Vec<Vec<Option<u64>>> {
         vec![vec![Some(1); n]; n]
+    }
+
+    #[test]
+    fn file_names_round_trip_and_contents_follow_from_them() {
+        assert_eq!(parse_file_name(&file_name(3, 77)), Some((3, 77)));
+        for bad in [
+            "chaos-3-77",
+            "chaos-3.bin",
+            "x-3-77.bin",
+            "chaos-a-1.bin",
+            "chaos-1-2-3.bin",
+        ] {
+            assert_eq!(parse_file_name(bad), None, "{bad}");
+        }
+        assert_eq!(file_bytes(1, 2), file_bytes(1, 2));
+        assert_ne!(file_bytes(1, 2), file_bytes(2, 1));
+        let lens: Vec<usize> = (1..200).map(|seq| file_bytes(0, seq).len()).collect();
+        assert!(lens.contains(&0), "{lens:?}");
+        assert!(lens.iter().any(|&len| len > 3 * 65_536), "{lens:?}");
+        assert!(lens.iter().all(|&len| len <= MAX_FILE_LEN));
     }
 
     #[test]

@@ -31,6 +31,14 @@
 //! processes that are SIGKILLed and restarted on their profiles at random ([`killed`]): what
 //! their chat answered `queued` must arrive exactly once like any acknowledged message.
 //! The in-process members are only ever disconnected.
+//!
+//! With [`ChaosConfig::files`], a member sends some of its numbered messages as attachments
+//! ([`Client::send_file`]; `/file` in a killed member's chat): the file's name carries the
+//! number and its bytes follow from it ([`ledger::file_bytes`]). The message counts like a text
+//! one; in addition every in-process member downloads every attachment it receives (the
+//! members of the other domain through their own homeserver's proxy download), retrying while
+//! servers are down, and compares the bytes. An upload that fails sends nothing (the number
+//! counts as refused). The run fails if an attachment is never downloaded or differs.
 
 mod killed;
 pub mod ledger;
@@ -47,10 +55,13 @@ use anyhow::{Context as _, bail};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 use roost_client::transport::RequestError;
-use roost_client::{Client, ClientConfig, ClientError, Content, Event, MessageId, OutgoingState};
+use roost_client::{
+    Attachment, Client, ClientConfig, ClientError, Content, DownloadTarget, Event, FileSource,
+    MessageId, OutgoingState,
+};
 use roost_protocol::{ClientId, ErrorCode, GroupId, UserId};
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tracing::Instrument as _;
 
@@ -109,6 +120,8 @@ pub struct ChaosConfig {
     /// The chance that a killed member types `/update` (a self-update commit) instead of its
     /// next message line. 0: they commit nothing.
     pub client_updates: f64,
+    /// The chance that a member sends its next message as an attachment. 0: text only.
+    pub files: f64,
 }
 
 impl ChaosConfig {
@@ -135,6 +148,7 @@ impl ChaosConfig {
             client_up: (Duration::from_millis(300), Duration::from_millis(3_000)),
             client_down: (Duration::ZERO, Duration::from_millis(300)),
             client_updates: 0.1,
+            files: 0.02,
         }
     }
 }
@@ -149,6 +163,38 @@ pub struct CommitTally {
     /// The first failures, in words.
     pub failure_samples: Vec<String>,
 }
+
+/// Attachments sent and downloaded.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FileTally {
+    /// Attachment messages queued after their upload (in-process members' and killed ones').
+    pub sent: u64,
+    /// Attachments whose upload (or queueing) failed, so that their message was not sent
+    /// (counted as refused sends).
+    pub upload_failures: u64,
+    /// Attachment messages the in-process members received (each is downloaded).
+    pub received: u64,
+    /// Of those, downloaded and byte-identical to what was sent.
+    pub downloaded: u64,
+    /// Download attempts that failed and were tried again (a server down, a rate limit).
+    pub download_retries: u64,
+    /// Downloaded whole, but the bytes differ from what was sent.
+    pub corrupt: u64,
+    /// Never downloaded by the end of the run.
+    pub not_downloaded: u64,
+    /// The first problems, in words.
+    pub samples: Vec<String>,
+}
+
+impl FileTally {
+    fn sample(&mut self, text: impl FnOnce() -> String) {
+        if self.samples.len() < 10 {
+            self.samples.push(text());
+        }
+    }
+}
+
+type Files = Arc<Mutex<FileTally>>;
 
 /// What a chaos run found.
 #[derive(Debug, Clone, Serialize)]
@@ -192,6 +238,8 @@ pub struct ChaosReport {
     pub killed_clients: usize,
     /// What their kills did.
     pub member_kills: KillTally,
+    /// Attachments.
+    pub files: FileTally,
     /// Wall time of the whole run, servers' start included (s).
     pub elapsed_secs: f64,
     /// Why the run failed (empty: it passed).
@@ -257,6 +305,24 @@ impl ChaosReport {
                 k.updates_refused,
                 k.updates_unknown
             )?;
+        }
+        let f = &self.files;
+        if f.sent + f.upload_failures > 0 {
+            writeln!(
+                out,
+                "files: {} sent, {} uploads failed; received {}: {} downloaded identical ({} \
+                 attempts retried), {} corrupt, {} never downloaded",
+                f.sent,
+                f.upload_failures,
+                f.received,
+                f.downloaded,
+                f.download_retries,
+                f.corrupt,
+                f.not_downloaded
+            )?;
+            for sample in &f.samples {
+                writeln!(out, "  file: {sample}")?;
+            }
         }
         writeln!(
             out,
@@ -327,12 +393,88 @@ struct Peer {
     client: Arc<Client>,
     inbox: Arc<Inbox>,
     pump: Option<JoinHandle<()>>,
+    /// Downloads the attachments the pump hands it.
+    downloader: Option<JoinHandle<()>>,
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        if let Some(pump) = self.pump.take() {
-            pump.abort();
+        for task in [self.pump.take(), self.downloader.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// An attachment to download: message `seq` of member `sender`.
+struct Download {
+    sender: usize,
+    seq: u64,
+    attachment: Attachment,
+}
+
+/// Downloads every attachment `jobs` brings until it arrives intact (or `stop`), and counts.
+async fn downloader(
+    client: Arc<Client>,
+    name: String,
+    mut jobs: mpsc::UnboundedReceiver<Download>,
+    files: Files,
+    stop: Arc<AtomicBool>,
+) {
+    while let Some(job) = jobs.recv().await {
+        let expected = ledger::file_bytes(job.sender, job.seq);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut bytes = Vec::new();
+            let fetch = client.download(
+                &job.attachment,
+                DownloadTarget::Writer(&mut bytes),
+                |_, _| {},
+            );
+            let result = tokio::time::timeout(OPERATION_LIMIT, fetch).await;
+            let done = {
+                let mut files = lock(&files);
+                match result {
+                    Ok(Ok(_)) if bytes == expected => {
+                        files.downloaded += 1;
+                        true
+                    }
+                    Ok(Ok(size)) => {
+                        files.corrupt += 1;
+                        files.sample(|| {
+                            format!(
+                                "{name}: {} differs from what was sent ({size} bytes, {} \
+                                 expected)",
+                                job.attachment.name(),
+                                expected.len()
+                            )
+                        });
+                        true
+                    }
+                    Ok(Err(_)) | Err(_) if stop.load(Ordering::Relaxed) => {
+                        files.not_downloaded += 1;
+                        let why = match result {
+                            Ok(Err(err)) => err.to_string(),
+                            _ => "timed out".into(),
+                        };
+                        files.sample(|| {
+                            format!("{name}: {} never downloaded: {why}", job.attachment.name())
+                        });
+                        true
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        files.download_retries += 1;
+                        false
+                    }
+                }
+            };
+            if done {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 }
@@ -356,6 +498,7 @@ async fn pump(
     inbox: Arc<Inbox>,
     group: Arc<std::sync::OnceLock<GroupId>>,
     ids: Arc<HashMap<ClientId, usize>>,
+    (downloads, files): (mpsc::UnboundedSender<Download>, Files),
 ) {
     loop {
         let event = match client.next_event().await {
@@ -374,14 +517,25 @@ async fn pump(
                 id,
                 bytes,
             } => {
-                let text = match Content::decode(&bytes) {
-                    Ok(Content::Text(text)) => Some(text),
-                    _ => None,
+                let (numbered, attachment) = match Content::decode(&bytes) {
+                    Ok(Content::Text(text)) => (ledger::parse_message(text.as_bytes()), None),
+                    Ok(Content::Attachment(attachment)) => {
+                        (ledger::parse_file_name(attachment.name()), Some(attachment))
+                    }
+                    _ => (None, None),
                 };
-                let numbered = text.and_then(|text| ledger::parse_message(text.as_bytes()));
                 let receipt = match numbered {
                     Some((index, seq)) if ours(&g) && ids.get(&sender) == Some(&index) => {
                         s.ids.push(((index, seq), id));
+                        if let Some(attachment) = attachment {
+                            lock(&files).received += 1;
+                            let job = Download {
+                                sender: index,
+                                seq,
+                                attachment,
+                            };
+                            let _ = downloads.send(job);
+                        }
                         Receipt::Numbered { sender: index, seq }
                     }
                     _ => Receipt::Garbage(format!(
@@ -429,13 +583,15 @@ fn classify(err: &ClientError) -> (SendOutcome, String) {
     }
 }
 
-/// Sends message `seq` of member `index` and records how it ended.
+/// Sends message `seq` of member `index` (as an attachment when `file` is given) and records
+/// how it ended.
 async fn send_numbered(
     client: &Client,
     group: &GroupId,
     index: usize,
     (ledger, sent): (&Ledger, &SentIds),
     refused_codes: &Mutex<BTreeMap<String, u64>>,
+    file: Option<&Files>,
 ) -> (SendOutcome, u64) {
     let seq = {
         let mut ledger = lock(ledger);
@@ -446,11 +602,34 @@ async fn send_numbered(
         seq
     };
     let text = ledger::message_text(index, seq);
+    let attachment = match file {
+        None => None,
+        Some(files) => match upload(client, index, seq).await {
+            Ok(attachment) => Some(attachment),
+            Err(code) => {
+                lock(files).upload_failures += 1;
+                *lock(refused_codes).entry(code).or_insert(0) += 1;
+                lock(ledger)[index].insert(seq, SendOutcome::Refused);
+                return (SendOutcome::Refused, seq);
+            }
+        },
+    };
     // Queued, then delivered: acknowledged once the hub accepted it (nothing left to send and
     // the message not failed). One still queued when this gives up goes out later, once.
     let send_and_flush = async {
         // As text content, so that roost-cli members show it as text.
-        let id = client.send_text(group, &text).await?;
+        let id = match &attachment {
+            Some(attachment) => {
+                let id = client
+                    .send_content(group, &Content::Attachment(attachment.clone()))
+                    .await?;
+                if let Some(files) = file {
+                    lock(files).sent += 1;
+                }
+                id
+            }
+            None => client.send_text(group, &text).await?,
+        };
         lock(sent).insert((index, seq), id);
         let flushed = client.flush().await;
         let left = client.outbox().await?.into_iter().find(|m| m.id == id);
@@ -495,6 +674,29 @@ async fn send_numbered(
     (outcome, seq)
 }
 
+/// Encrypts and uploads attachment `seq` of member `index`; on failure, the refusal's code.
+async fn upload(client: &Client, index: usize, seq: u64) -> Result<Attachment, String> {
+    let bytes = ledger::file_bytes(index, seq);
+    let size = bytes.len() as u64;
+    let source = FileSource::reader(
+        std::io::Cursor::new(bytes),
+        size,
+        ledger::file_name(index, seq),
+        "application/octet-stream",
+    );
+    let upload = client.upload_file(source, |_, _| {});
+    match tokio::time::timeout(OPERATION_LIMIT, upload).await {
+        Ok(Ok(attachment)) => Ok(attachment),
+        Ok(Err(ClientError::Request(RequestError::Server(wire)))) => {
+            Err(format!("upload: {:?}", wire.code))
+        }
+        Ok(Err(ClientError::Request(_))) => Err("upload: connection".into()),
+        Ok(Err(err)) => Err(format!("upload: client: {err}")),
+        Err(_) => Err("upload: timed out".into()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn sender_loop(
     client: Arc<Client>,
     group: GroupId,
@@ -503,11 +705,21 @@ async fn sender_loop(
     refused_codes: Arc<Mutex<BTreeMap<String, u64>>>,
     stop: Arc<AtomicBool>,
     interval: Duration,
+    (files, chance, seed): (Files, f64, u64),
 ) {
+    let mut rng = StdRng::seed_from_u64(seed);
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
-        let (outcome, _) =
-            send_numbered(&client, &group, index, (&ledger, &sent), &refused_codes).await;
+        let file = rng.random_bool(chance).then_some(&files);
+        let (outcome, _) = send_numbered(
+            &client,
+            &group,
+            index,
+            (&ledger, &sent),
+            &refused_codes,
+            file,
+        )
+        .await;
         if outcome == SendOutcome::Acknowledged {
             backoff = Duration::from_millis(100);
             tokio::time::sleep(interval).await;
@@ -710,17 +922,31 @@ async fn run_with(
             .collect(),
     );
     let group_cell = Arc::new(std::sync::OnceLock::new());
+    let files: Files = Arc::default();
+    let downloads_stop = Arc::new(AtomicBool::new(false));
     let peers: Vec<Peer> = clients
         .iter()
         .zip(&names)
         .map(|(client, name)| {
             let inbox = Arc::new(Inbox::default());
+            let (jobs, queue) = mpsc::unbounded_channel();
             let pump = tokio::spawn(
                 pump(
                     client.clone(),
                     inbox.clone(),
                     group_cell.clone(),
                     ids.clone(),
+                    (jobs, files.clone()),
+                )
+                .instrument(tracing::info_span!("member", name = %name)),
+            );
+            let downloader = tokio::spawn(
+                downloader(
+                    client.clone(),
+                    name.clone(),
+                    queue,
+                    files.clone(),
+                    downloads_stop.clone(),
                 )
                 .instrument(tracing::info_span!("member", name = %name)),
             );
@@ -729,6 +955,7 @@ async fn run_with(
                 client: client.clone(),
                 inbox,
                 pump: Some(pump),
+                downloader: Some(downloader),
             }
         })
         .collect();
@@ -767,6 +994,8 @@ async fn run_with(
         sent: sent.clone(),
         refused_codes: refused_codes.clone(),
         tally: Arc::new(Mutex::new(KillTally::default())),
+        files: files.clone(),
+        file_dir: profiles.join("files"),
     });
     for member in &killables {
         member.join(&shared, Duration::from_secs(60)).await?;
@@ -795,6 +1024,7 @@ async fn run_with(
                 down: config.client_down,
                 send_interval: config.send_interval,
                 updates: config.client_updates,
+                files: config.files,
                 seed: config.seed ^ (0xc11e_0000 + member.index as u64),
             };
             tokio::spawn(killed::run(
@@ -818,6 +1048,11 @@ async fn run_with(
                     refused_codes.clone(),
                     stop.clone(),
                     config.send_interval,
+                    (
+                        files.clone(),
+                        config.files,
+                        config.seed ^ (0xf11e_0000 + index as u64),
+                    ),
                 )
                 .instrument(tracing::info_span!("member", name = %peer.name)),
             )
@@ -866,6 +1101,7 @@ async fn run_with(
         group_error_samples: Vec::new(),
         killed_clients: config.killed_clients,
         member_kills: KillTally::default(),
+        files: FileTally::default(),
         elapsed_secs: 0.0,
         failures: Vec::new(),
         dir: None,
@@ -953,6 +1189,7 @@ async fn run_with(
         }
         report.refused_codes = lock(&refused_codes).clone();
         report.member_kills = lock(&shared.tally).clone();
+        report.files = lock(&files).clone();
         finish(&mut report, &inboxes, (&ledger, &sent), &[], &names);
         return Ok(report);
     }
@@ -1011,6 +1248,7 @@ async fn run_with(
                 index,
                 (&ledger, &sent),
                 &refused_codes,
+                None,
             )
             .await;
             if outcome == SendOutcome::Acknowledged {
@@ -1051,7 +1289,7 @@ async fn run_with(
         }
         for attempt in 0..FINAL_ATTEMPTS {
             let until = tokio::time::Instant::now() + OPERATION_LIMIT;
-            let (outcome, seq) = killed::send_line(member, &shared, session, until).await;
+            let (outcome, seq) = killed::send_line(member, &shared, session, until, false).await;
             if outcome == Some(SendOutcome::Acknowledged) {
                 final_seq[member.index] = Some(seq);
                 break;
@@ -1090,11 +1328,45 @@ async fn run_with(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // Every attachment received downloaded (the servers are all up now).
+    loop {
+        let files = lock(&files).clone();
+        if files.downloaded + files.corrupt >= files.received || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    downloads_stop.store(true, Ordering::Relaxed);
+    let last_try = Instant::now() + Duration::from_secs(10);
+    while {
+        let files = lock(&files).clone();
+        files.downloaded + files.corrupt + files.not_downloaded < files.received
+    } && Instant::now() < last_try
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for session in sessions.into_iter().flatten() {
         session.quit().await;
     }
     report.refused_codes = lock(&refused_codes).clone();
     report.member_kills = lock(&shared.tally).clone();
+    report.files = lock(&files).clone();
+    let f = &report.files;
+    let missing = f
+        .received
+        .saturating_sub(f.downloaded + f.corrupt + f.not_downloaded);
+    report.files.not_downloaded += missing;
+    let f = &report.files;
+    if f.corrupt > 0 {
+        report
+            .failures
+            .push(format!("{} attachments downloaded corrupt", f.corrupt));
+    }
+    if f.not_downloaded > 0 {
+        report
+            .failures
+            .push(format!("{} attachments never downloaded", f.not_downloaded));
+    }
     for outcome in lock(&ledger)[total..].iter().flat_map(BTreeMap::values) {
         match outcome {
             SendOutcome::Acknowledged => report.member_kills.acknowledged += 1,
