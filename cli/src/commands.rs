@@ -420,74 +420,15 @@ async fn group_in(
         }
         GroupCommand::Invite { group, users } => {
             let id = session.member_group(&group)?;
-            let added = session.client.invite(&id, &users).await.map_err(|err| {
-                match err.server_code() {
-                    Some(ErrorCode::USER_NOT_FOUND) => unknown_users(&users),
-                    _ => session.fail(&err),
-                }
-            })?;
-            print_clients(ctx, "added", &id, &added)?;
-            // A user none of whose devices was added: already in the group (every device),
-            // or every KeyPackage was refused (reported as events by recv).
-            let members = session
-                .client
-                .members(&id)
-                .await
-                .map_err(|err| session.fail(&err))?;
-            let missing: Vec<&UserId> = users
-                .iter()
-                .filter(|user| !added.iter().any(|c| &c.user == *user))
-                .collect();
-            let (already, refused): (Vec<&UserId>, Vec<&UserId>) = missing
-                .into_iter()
-                .partition(|user| members.iter().any(|c| &c.user == *user));
-            let list = |users: &[&UserId]| {
-                users
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            if !already.is_empty() {
-                return Err(errors::coded(
-                    "already_member",
-                    format!("already a member of {group}: {}", list(&already)),
-                ));
-            }
-            if !refused.is_empty() {
-                return Err(errors::coded(
-                    "error",
-                    format!(
-                        "no device of {} could be added (their KeyPackages were refused: see \
-                         roost-cli recv)",
-                        list(&refused)
-                    ),
-                ));
+            let invited = invite(session, &id, &group, &users).await?;
+            print_clients(ctx, "added", &id, &invited.added)?;
+            if let Some(problem) = invited.problem {
+                return Err(problem);
             }
         }
         GroupCommand::Remove { group, users } => {
             let id = session.member_group(&group)?;
-            if users.contains(session.client.user_id()) {
-                bail!("to remove yourself, use roost-cli group leave {group}");
-            }
-            let members = session
-                .client
-                .members(&id)
-                .await
-                .map_err(|err| session.fail(&err))?;
-            let missing: Vec<String> = users
-                .iter()
-                .filter(|u| !members.iter().any(|m| &m.user == *u))
-                .map(ToString::to_string)
-                .collect();
-            if !missing.is_empty() {
-                bail!("{} not a member of {group}", join_users(&missing));
-            }
-            let removed = session
-                .client
-                .remove_users(&id, &users)
-                .await
-                .map_err(|err| session.fail(&err))?;
+            let removed = remove(session, &id, &group, &users).await?;
             print_clients(ctx, "removed", &id, &removed)?;
         }
         GroupCommand::Update { group } => {
@@ -742,6 +683,100 @@ fn print_clients(
         }
     }
     Ok(())
+}
+
+/// What [`invite`] did: the devices added, and why a user got none (if one did not).
+pub(crate) struct Invited {
+    pub(crate) added: Vec<ClientId>,
+    pub(crate) problem: Option<anyhow::Error>,
+}
+
+/// Invites `users` (every device) to group `id`, called `label` in messages. A user none of
+/// whose devices was added (already a member, or every KeyPackage refused) is the `problem`.
+pub(crate) async fn invite(
+    session: &Session,
+    id: &GroupId,
+    label: &str,
+    users: &[UserId],
+) -> anyhow::Result<Invited> {
+    let added = session
+        .client
+        .invite(id, users)
+        .await
+        .map_err(|err| match err.server_code() {
+            Some(ErrorCode::USER_NOT_FOUND) => unknown_users(users),
+            _ => session.fail(&err),
+        })?;
+    // A user none of whose devices was added: already in the group (every device), or every
+    // KeyPackage was refused (reported as events by recv).
+    let members = session
+        .client
+        .members(id)
+        .await
+        .map_err(|err| session.fail(&err))?;
+    let missing: Vec<&UserId> = users
+        .iter()
+        .filter(|user| !added.iter().any(|c| &c.user == *user))
+        .collect();
+    let (already, refused): (Vec<&UserId>, Vec<&UserId>) = missing
+        .into_iter()
+        .partition(|user| members.iter().any(|c| &c.user == *user));
+    let list = |users: &[&UserId]| {
+        users
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let problem = if !already.is_empty() {
+        Some(errors::coded(
+            "already_member",
+            format!("already a member of {label}: {}", list(&already)),
+        ))
+    } else if !refused.is_empty() {
+        Some(errors::coded(
+            "error",
+            format!(
+                "no device of {} could be added (their KeyPackages were refused: see roost-cli \
+                 recv)",
+                list(&refused)
+            ),
+        ))
+    } else {
+        None
+    };
+    Ok(Invited { added, problem })
+}
+
+/// Removes every device of `users` from group `id` (called `label` in messages); refuses
+/// the profile's own user and users who are not members. The devices removed.
+pub(crate) async fn remove(
+    session: &Session,
+    id: &GroupId,
+    label: &str,
+    users: &[UserId],
+) -> anyhow::Result<Vec<ClientId>> {
+    if users.contains(session.client.user_id()) {
+        bail!("to remove yourself, use roost-cli group leave {label}");
+    }
+    let members = session
+        .client
+        .members(id)
+        .await
+        .map_err(|err| session.fail(&err))?;
+    let missing: Vec<String> = users
+        .iter()
+        .filter(|u| !members.iter().any(|m| &m.user == *u))
+        .map(ToString::to_string)
+        .collect();
+    if !missing.is_empty() {
+        bail!("{} not a member of {label}", join_users(&missing));
+    }
+    session
+        .client
+        .remove_users(id, users)
+        .await
+        .map_err(|err| session.fail(&err))
 }
 
 fn unknown_users(users: &[UserId]) -> anyhow::Error {

@@ -34,6 +34,13 @@ pub(crate) fn coded(code: &str, message: impl Into<String>) -> anyhow::Error {
     })
 }
 
+/// The stable code of a command's failure: the [`Coded`] one in its chain, else `error`.
+pub(crate) fn code_of(err: &anyhow::Error) -> &str {
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<Coded>())
+        .map_or("error", |coded| coded.code.as_str())
+}
+
 /// The stable code of an SDK failure.
 pub(crate) fn code(err: &ClientError) -> String {
     match err {

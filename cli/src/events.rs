@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use roost_client::{ClientError, Content, Event, OutgoingState};
-use roost_protocol::{ClientId, GroupId};
+use roost_protocol::{ClientId, GroupId, UserId};
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt as _;
 use tokio::time::Instant;
@@ -185,8 +185,9 @@ async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Re
     session.sync_or_wait(out).await?;
     let group = session.member_group(group_text)?;
     out.note(format!(
-        "chat in {} as {}: type a message and press Enter; /members lists the members, /update \
-         updates your keys, /file PATH sends a file, /quit (or Ctrl-D) ends",
+        "chat in {} as {}: type a message and press Enter; /members lists the members, /invite \
+         and /remove USER… change them, /update updates your keys, /file PATH sends a file, \
+         /quit (or Ctrl-D) ends",
         session.names.label(&group),
         session.client.client_id()
     ));
@@ -241,6 +242,11 @@ async fn chat_line(
             update_in_chat(out, session, group).await?;
             return Ok(true);
         }
+        trimmed if trimmed.starts_with("/invite ") || trimmed.starts_with("/remove ") => {
+            let (command, users) = trimmed.split_once(' ').unwrap_or_default();
+            membership_in_chat(out, session, group, command, users).await?;
+            return Ok(true);
+        }
         trimmed if trimmed.starts_with("/file ") => {
             let path = trimmed.strip_prefix("/file ").unwrap_or_default().trim();
             file_in_chat(out, session, group, Path::new(path)).await?;
@@ -249,8 +255,8 @@ async fn chat_line(
         _ if line.starts_with("//") => line.strip_prefix('/').unwrap_or(line),
         _ if line.starts_with('/') => {
             out.note(
-                "commands: /members, /update (your keys), /file PATH (send a file), /quit \
-                 (start a message with // to send a leading /)",
+                "commands: /members, /invite USER…, /remove USER…, /update (your keys), /file \
+                 PATH (send a file), /quit (start a message with // to send a leading /)",
             );
             return Ok(true);
         }
@@ -328,6 +334,76 @@ async fn file_in_chat(
             let extra = json!({"file": file, "error": error});
             out.json(chat_answer(session, group, "not_sent", extra))?;
             out.note(format!("error: {} not sent: {err}", one_line(&file)));
+        }
+    }
+    Ok(())
+}
+
+/// `/invite USER…` or `/remove USER…` in a chat (`command` is `/invite` or `/remove`): one
+/// commit, as `group invite` / `group remove` make it. With `--json` the answer is
+/// `{"event":"invited"|"removed_members",…,"users","clients","epoch"}` (the devices added or
+/// removed; an invite that added only some users' devices also has `error` for the others) or
+/// `{"event":"not_invited"|"not_removed",…,"users","error"}`; the chat goes on either way.
+async fn membership_in_chat(
+    out: Output,
+    session: &Session,
+    group: &GroupId,
+    command: &str,
+    users: &str,
+) -> anyhow::Result<()> {
+    let (done, failed) = match command {
+        "/invite" => ("invited", "not_invited"),
+        _ => ("removed_members", "not_removed"),
+    };
+    let label = session.names.label(group);
+    let parsed: Result<Vec<UserId>, _> = users.split_whitespace().map(str::parse).collect();
+    let result = match parsed {
+        Err(err) => Err(crate::errors::coded(
+            "usage",
+            format!("{command} USER…: {err}"),
+        )),
+        Ok(users) if users.is_empty() => {
+            Err(crate::errors::coded("usage", format!("{command} USER…")))
+        }
+        Ok(users) if command == "/invite" => {
+            crate::commands::invite(session, group, &label, &users)
+                .await
+                .map(|invited| (invited.added, invited.problem))
+        }
+        Ok(users) => crate::commands::remove(session, group, &label, &users)
+            .await
+            .map(|removed| (removed, None)),
+    };
+    let error = |err: &anyhow::Error| json!({"code": crate::errors::code_of(err), "message": format!("{err:#}")});
+    let users: Vec<&str> = users.split_whitespace().collect();
+    match result {
+        Ok((clients, problem)) if !clients.is_empty() => {
+            let epoch = session.client.epoch(group).await.ok();
+            let mut extra = json!({"users": users, "clients": strings(&clients), "epoch": epoch});
+            if let (Some(problem), Value::Object(map)) = (&problem, &mut extra) {
+                map.insert("error".into(), error(problem));
+            }
+            out.json(chat_answer(session, group, done, extra))?;
+            let verb = if done == "invited" {
+                "added"
+            } else {
+                "removed"
+            };
+            out.note(format!("{verb} {}", list(&clients)));
+            if let Some(problem) = problem {
+                out.note(format!("error: {problem:#}"));
+            }
+        }
+        Ok((_, problem)) => {
+            let problem = problem.unwrap_or_else(|| anyhow::anyhow!("nobody was {done}"));
+            let extra = json!({"users": users, "error": error(&problem)});
+            out.json(chat_answer(session, group, failed, extra))?;
+            out.note(format!("error: {problem:#}"));
+        }
+        Err(err) => {
+            let extra = json!({"users": users, "error": error(&err)});
+            out.json(chat_answer(session, group, failed, extra))?;
+            out.note(format!("error: {err:#}"));
         }
     }
     Ok(())

@@ -97,11 +97,7 @@ fn fail(err: &anyhow::Error) -> ExitCode {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     });
     if !broken_pipe {
-        let code = err
-            .chain()
-            .find_map(|cause| cause.downcast_ref::<errors::Coded>())
-            .map_or("error", |coded| coded.code.as_str());
-        report(code, &one_line(err));
+        report(errors::code_of(err), &one_line(err));
     }
     ExitCode::FAILURE
 }

@@ -451,6 +451,78 @@ fn a_file_sent_with_slash_file_in_a_chat_is_saved_byte_identical_and_the_chat_go
 }
 
 #[test]
+fn members_are_invited_and_removed_from_a_chat_and_mistakes_keep_it_open() {
+    let h = Harness::start();
+    let group = alice_and_bob_in_team(&h);
+    h.register("carol");
+    let mut chat = Chat::start(&h, "bob", &["--json", "chat", &group]);
+    // The next answer to a typed line (events of other kinds are skipped).
+    let answer = |chat: &mut Chat| loop {
+        let event = chat.next();
+        let kind = event["event"].as_str().unwrap_or_default().to_owned();
+        if !["outgoing", "members_added", "members_removed", "message"].contains(&kind.as_str()) {
+            break event;
+        }
+    };
+    chat.type_line("/invite carol@localhost");
+    let invited = answer(&mut chat);
+    assert_eq!(invited["event"], "invited", "{invited}");
+    assert_eq!(invited["users"], serde_json::json!(["carol@localhost"]));
+    assert_eq!(
+        invited["clients"],
+        serde_json::json!(["carol@localhost/cli"])
+    );
+    assert_eq!(invited["epoch"], 2);
+    // Twice: refused with the same code as `group invite`, and the chat goes on.
+    chat.type_line("/invite carol@localhost");
+    let again = answer(&mut chat);
+    assert_eq!(
+        (&again["event"], &again["error"]["code"]),
+        (&"not_invited".into(), &"already_member".into()),
+        "{again}"
+    );
+    chat.type_line("/invite nobody@localhost");
+    let unknown = answer(&mut chat);
+    assert_eq!(unknown["event"], "not_invited", "{unknown}");
+    chat.type_line("/remove not-a-user-id");
+    let usage = answer(&mut chat);
+    assert_eq!(
+        (&usage["event"], &usage["error"]["code"]),
+        (&"not_removed".into(), &"usage".into()),
+        "{usage}"
+    );
+    chat.type_line("carol is in");
+    assert_eq!(answer(&mut chat)["event"], "queued");
+    chat.type_line("/remove carol@localhost");
+    let removed = answer(&mut chat);
+    assert_eq!(removed["event"], "removed_members", "{removed}");
+    assert_eq!(
+        removed["clients"],
+        serde_json::json!(["carol@localhost/cli"])
+    );
+    assert_eq!(removed["epoch"], 3);
+    chat.type_line("carol is out");
+    assert_eq!(answer(&mut chat)["event"], "queued");
+    chat.type_line("/quit");
+    assert!(chat.quit().status.success());
+
+    // carol joined, got what was sent while she was in, and learnt she was removed.
+    let events = json_lines(&h.ok("carol", &["--json", "recv", "--wait", "10"]));
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["joined", "message", "removed"], "{events:?}");
+    assert_eq!(events[1]["text"], "carol is in");
+    let texts: Vec<String> = json_lines(&h.ok("alice", &["--json", "recv", "--wait", "10"]))
+        .iter()
+        .filter(|e| e["event"] == "message")
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, ["carol is in", "carol is out"]);
+}
+
+#[test]
 fn recv_wait_returns_when_a_message_arrives() {
     let h = Harness::start();
     h.register("alice");

@@ -135,6 +135,10 @@ struct ChaosArgs {
     /// keys) instead of its next message.
     #[arg(long, default_value_t = 0.1)]
     killed_client_updates: f64,
+    /// The chance (0 to 1) that a killed member types `/invite ROVER` or `/remove ROVER`
+    /// (half each; the rover m0 also removes and invites back) instead of its next message.
+    #[arg(long, default_value_t = 0.05)]
+    killed_client_membership: f64,
     /// The chance (0 to 1) that a member sends its next message as an attachment (a file of
     /// up to 200 kB whose bytes follow from its number; in-process members download every
     /// attachment they receive and compare it byte for byte). 0: text only.
@@ -407,6 +411,11 @@ async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
         "--killed-client-updates is a chance between 0 and 1"
     );
     config.client_updates = args.killed_client_updates;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.killed_client_membership),
+        "--killed-client-membership is a chance between 0 and 1"
+    );
+    config.client_membership = args.killed_client_membership;
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.files),
         "--files is a chance between 0 and 1"

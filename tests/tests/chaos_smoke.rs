@@ -20,6 +20,8 @@ fn smoke_with(domains: usize, cycles: usize, seed: u64, killed_clients: usize) -
     config.killed_clients = killed_clients;
     // Their key updates (self-update commits) often enough that a short run has some.
     config.client_updates = 0.3;
+    // And invite or remove the rover now and then (m0 does too).
+    config.client_membership = 0.15;
     // Attachments often enough that a short run has several (uploads and downloads across
     // the kills; with two domains, downloads through the other homeserver).
     config.files = 0.1;
@@ -95,7 +97,8 @@ fn kill_cycles_lose_and_duplicate_nothing() {
 /// sending, printing) and restarted on the same profile, while the homeserver is killed too:
 /// what `chat` answered `queued` is delivered exactly once, the only event a restarted
 /// process hands out again is the one its killed predecessor was printing, and their key
-/// updates (`/update`, killed at any point of them too) leave every member in the group; their
+/// updates (`/update`) and their invites and removals of the rover (`/invite`, `/remove`),
+/// killed at any point of them too, leave every member in the group; their
 /// files (`/file`, killed mid-upload too) arrive like their lines.
 #[test]
 fn killed_members_lose_and_duplicate_nothing() {
@@ -109,6 +112,10 @@ fn killed_members_lose_and_duplicate_nothing() {
     );
     assert!(kills.repeated <= kills.kills, "{report:?}");
     assert!(kills.updated > 0, "no key update went through: {report:?}");
+    assert!(
+        kills.membership_done + kills.membership_refused + kills.membership_unknown > 0,
+        "no /invite or /remove typed: {report:?}"
+    );
     assert_eq!(report.group_errors, 0, "{report:?}");
     let t = &report.deliveries;
     assert_eq!(

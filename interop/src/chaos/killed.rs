@@ -23,6 +23,12 @@
 //! checks (every acknowledged message delivered once and in order, no group error, every
 //! member able to send at the end) cover it.
 //!
+//! With [`Schedule::membership`], a member also changes the membership: it types
+//! `/remove ROVER` or `/invite ROVER` (the rover that `m0` removes and invites back too), a
+//! commit with a Welcome when it adds, killed anywhere in it like `/update`. Whichever of them
+//! and `m0` commits first wins the epoch; the others are answered with a refusal (already a
+//! member, not a member) or retried by the SDK.
+//!
 //! With [`Schedule::files`], a member sends some numbered messages as files: the run writes
 //! the file (its name carries the number) and types `/file PATH`; the answer is `queued` or
 //! `not_sent` like a line's, and a kill during the upload leaves the line unknown. These
@@ -78,6 +84,13 @@ pub struct KillTally {
     pub updates_refused: u64,
     /// Their `/update` lines whose process was killed (or ended) before it answered.
     pub updates_unknown: u64,
+    /// Their `/invite ROVER` / `/remove ROVER` lines answered `invited` / `removed_members`.
+    pub membership_done: u64,
+    /// Those answered `not_invited` / `not_removed` (the rover was already in or out, the
+    /// server was down).
+    pub membership_refused: u64,
+    /// Those whose process was killed (or ended) before it answered.
+    pub membership_unknown: u64,
 }
 
 /// One member run as `roost-cli` processes.
@@ -101,6 +114,8 @@ pub(super) struct Shared {
     pub(super) refused_codes: Arc<Mutex<BTreeMap<String, u64>>>,
     pub(super) tally: Arc<Mutex<KillTally>>,
     pub(super) files: Files,
+    /// The rover's user, for `/invite` and `/remove`.
+    pub(super) rover: UserId,
     /// Where the files the members send are written for their `/file` lines.
     pub(super) file_dir: PathBuf,
 }
@@ -308,6 +323,8 @@ pub(super) struct Schedule {
     pub(super) updates: f64,
     /// The chance of sending the next message as a file (`/file`).
     pub(super) files: f64,
+    /// The chance of typing `/invite ROVER` or `/remove ROVER` instead of the next line.
+    pub(super) membership: f64,
     pub(super) seed: u64,
 }
 
@@ -340,6 +357,19 @@ pub(super) async fn run(
             }
             if rng.random_bool(schedule.updates) {
                 update(&shared, &mut session, kill_at).await;
+                continue;
+            }
+            if rng.random_bool(schedule.membership) {
+                let verb = if rng.random_bool(0.5) {
+                    "/invite"
+                } else {
+                    "/remove"
+                };
+                let line = format!("{verb} {}", shared.rover);
+                let until = kill_at.min(Instant::now() + ANSWER_LIMIT);
+                if !session.type_line(&line, Answered::Membership, until).await {
+                    lock(&shared.tally).membership_unknown += 1;
+                }
                 continue;
             }
             let file = rng.random_bool(schedule.files);
@@ -430,6 +460,8 @@ enum Answered {
     Line(u64),
     /// An `/update` line.
     Update,
+    /// An `/invite` or `/remove` line.
+    Membership,
 }
 
 enum Line {
@@ -512,6 +544,24 @@ fn absorb_or_answer(
                     .or_insert(0) += 1;
             }
             Line::Answer(Answered::Update)
+        }
+        Some(answer @ ("invited" | "removed_members" | "not_invited" | "not_removed")) => {
+            if value.get("group").and_then(Value::as_str) != Some(&shared.group.to_string()) {
+                return Line::Other;
+            }
+            if matches!(answer, "invited" | "removed_members") {
+                lock(&shared.tally).membership_done += 1;
+            } else {
+                lock(&shared.tally).membership_refused += 1;
+                let code = value
+                    .pointer("/error/code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?");
+                *lock(&shared.refused_codes)
+                    .entry(format!("cli {answer}: {code}"))
+                    .or_insert(0) += 1;
+            }
+            Line::Answer(Answered::Membership)
         }
         Some(_) => {
             if first && last == Some(line) {

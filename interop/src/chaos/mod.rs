@@ -122,6 +122,9 @@ pub struct ChaosConfig {
     pub client_updates: f64,
     /// The chance that a member sends its next message as an attachment. 0: text only.
     pub files: f64,
+    /// The chance that a killed member types `/invite ROVER` or `/remove ROVER` (half each)
+    /// instead of its next line. 0: only `m0` changes the membership.
+    pub client_membership: f64,
 }
 
 impl ChaosConfig {
@@ -149,6 +152,7 @@ impl ChaosConfig {
             client_down: (Duration::ZERO, Duration::from_millis(300)),
             client_updates: 0.1,
             files: 0.02,
+            client_membership: 0.05,
         }
     }
 }
@@ -293,7 +297,8 @@ impl ChaosReport {
                 out,
                 "killed members {}: {} kills, {} processes started, {} ended on their own, \
                  {} events handed out again after a kill; their sends {} acknowledged, {} unknown; \
-                 their key updates {} done, {} refused, {} unknown",
+                 their key updates {} done, {} refused, {} unknown; their invites and \
+                 removals of the rover {} done, {} refused, {} unknown",
                 self.killed_clients,
                 k.kills,
                 k.starts,
@@ -303,7 +308,10 @@ impl ChaosReport {
                 k.unknown,
                 k.updated,
                 k.updates_refused,
-                k.updates_unknown
+                k.updates_unknown,
+                k.membership_done,
+                k.membership_refused,
+                k.membership_unknown
             )?;
         }
         let f = &self.files;
@@ -995,6 +1003,7 @@ async fn run_with(
         refused_codes: refused_codes.clone(),
         tally: Arc::new(Mutex::new(KillTally::default())),
         files: files.clone(),
+        rover: peers[rover_index].client.user_id().clone(),
         file_dir: profiles.join("files"),
     });
     for member in &killables {
@@ -1025,6 +1034,7 @@ async fn run_with(
                 send_interval: config.send_interval,
                 updates: config.client_updates,
                 files: config.files,
+                membership: config.client_membership,
                 seed: config.seed ^ (0xc11e_0000 + member.index as u64),
             };
             tokio::spawn(killed::run(
