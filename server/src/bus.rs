@@ -42,10 +42,13 @@ impl Revoked {
 }
 
 /// Where a bus delivers what it heard from the other nodes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct BusSink {
     pub(crate) queues: Notifier,
     pub(crate) revoked: Revoked,
+    /// Told when another node of the domain stopped: the federation outbox looks at once for
+    /// the destinations it was draining (their leases can be taken over now).
+    pub(crate) nodes_gone: Arc<tokio::sync::Notify>,
 }
 
 impl BusSink {
@@ -63,6 +66,13 @@ impl BusSink {
     /// The bus may have missed messages: every listener reads from its cursor again.
     pub(crate) fn resync(&self) {
         self.queues.wake_all();
+    }
+
+    /// Another node of the domain stopped (it may have died between a commit and its
+    /// announcement, or while it drained a federation destination).
+    pub(crate) fn node_gone(&self) {
+        self.resync();
+        self.nodes_gone.notify_one();
     }
 }
 

@@ -370,7 +370,7 @@ pub const FIELDS: &[Field] = &[
     f(
         "federation",
         &["outbox_rescan_ms"],
-        "how often each node looks for outbox entries it was not told about (with several nodes: another node's, left when it stopped); one node at a time sends to a given peer, holding a lease of 3 × `storage.timeout_ms` that it renews with every batch",
+        "how often each node looks for outbox entries it was not told about (with several nodes: another node's, left when it stopped); one node at a time sends to a given peer, holding a lease of 3 × `storage.timeout_ms` that it renews with every batch; a node that stopped (no connection to the database left) loses its leases at once",
     ),
     f(
         "federation",

@@ -170,6 +170,8 @@ pub(crate) struct State {
     pub(crate) push: push::Push,
     /// Clients removed while this process runs (here or, through the bus, on another node).
     revoked: bus::Revoked,
+    /// Told when another node of the domain stopped (through the bus).
+    pub(crate) nodes_gone: Arc<tokio::sync::Notify>,
 }
 
 impl State {
@@ -235,9 +237,11 @@ impl Server {
         let cert_path = tls.cert_path.clone();
         let queues = queue::Notifier::default();
         let revoked = bus::Revoked::default();
+        let nodes_gone = Arc::new(tokio::sync::Notify::new());
         let sink = bus::BusSink {
             queues: queues.clone(),
             revoked: revoked.clone(),
+            nodes_gone: nodes_gone.clone(),
         };
         let (store, closer) = storage::open(
             &settings,
@@ -289,6 +293,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             push,
             revoked,
+            nodes_gone,
             as_key,
             store,
             clock,

@@ -256,6 +256,7 @@ async fn open_store(
     let sink = crate::bus::BusSink {
         queues: Default::default(),
         revoked: Default::default(),
+        nodes_gone: Default::default(),
     };
     Ok(crate::storage::open(&settings, &database, &as_key.public_key(), sink, None).await?)
 }

@@ -201,6 +201,7 @@ async fn postgres_store() {
     let sink = crate::bus::BusSink {
         queues: Default::default(),
         revoked: Default::default(),
+        nodes_gone: Default::default(),
     };
     let (_engine, closer) = crate::storage::postgres::PgStore::connect(options, sink)
         .await

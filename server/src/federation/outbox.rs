@@ -9,8 +9,8 @@
 //! at a time drain a destination (a lease: `outbox_batch` is empty for the others, whose
 //! workers then idle). A node hears only of the entries it wrote itself, so every node also
 //! rescans the pending destinations every `federation.outbox_rescan_ms` (one seek per
-//! destination, cheap on any engine): that is how entries of a node that stopped, or whose
-//! lease ran out, are sent.
+//! destination, cheap on any engine), and at once when the bus says another node stopped:
+//! that is how entries of a node that stopped, or whose lease ran out, are sent.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -109,13 +109,15 @@ pub(crate) fn start(state: Arc<State>, tracker: &tokio_util::task::TaskTracker) 
     });
 }
 
-/// Wakes the worker of every destination with pending entries, every `period`: entries
-/// written by other nodes, and those a stopped node held the lease of.
+/// Wakes the worker of every destination with pending entries, every `period` and when the
+/// bus says another node stopped: entries written by other nodes, and those a stopped node
+/// held the lease of.
 async fn rescan(state: Arc<State>, period: Duration) {
     loop {
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
+            _ = state.nodes_gone.notified() => {}
         }
         match state.store.pending_domains().await {
             Ok(domains) => state.federation.outbox.wake(domains),

@@ -1995,6 +1995,7 @@ pub(crate) mod postgres_backend {
         let sink = BusSink {
             queues: Default::default(),
             revoked: Default::default(),
+            nodes_gone: Default::default(),
         };
         let options = Options {
             url,

@@ -311,6 +311,7 @@ mod tests {
         let sink = BusSink {
             queues: Default::default(),
             revoked: revoked.clone(),
+            nodes_gone: Default::default(),
         };
         let options = Options {
             url: &url,

@@ -6,7 +6,8 @@
 //! - another node's announcer lost a batch: it says so ([`RESYNC`]) once it reconnected;
 //! - another node died between a commit and its announcement: every [`LIVENESS_PERIOD`] the
 //!   listener looks which nodes have connections (their `application_name`), and resyncs
-//!   when one it saw is gone.
+//!   when one it saw is gone (and wakes the federation outbox, which may now take over the
+//!   destinations that node drained: `outbox`).
 //!
 //! LISTEN/NOTIFY is PostgreSQL's own; distributed engines that speak its wire protocol
 //! mostly lack it (docs/ARCHITECTURE.md says what to use there).
@@ -93,8 +94,11 @@ async fn listen_once(
             _ = liveness.tick() => {
                 let now = live_nodes(&client).await?;
                 if nodes.iter().any(|n| !now.contains(n)) {
-                    tracing::info!("a node of the domain is gone; listeners read again");
-                    sink.resync();
+                    tracing::info!(
+                        "a node of the domain is gone; listeners read again, the outbox looks \
+                         for its destinations"
+                    );
+                    sink.node_gone();
                 }
                 nodes = now;
                 continue;
@@ -167,24 +171,14 @@ mod tests {
     }
 
     /// A node that dies may have committed entries it never announced: the others' listeners
-    /// read again when they see it gone.
+    /// read again when they see it gone, and their outboxes look for its destinations.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn listeners_read_again_when_a_node_is_gone() {
         let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
         let url = cluster.create_database("liveness").unwrap();
-        let sink = BusSink {
-            queues: Default::default(),
-            revoked: Default::default(),
-        };
+        let sink = BusSink::default();
         let (_b, closer_b) = node(&url, sink.clone()).await;
-        let (a, closer_a) = node(
-            &url,
-            BusSink {
-                queues: Default::default(),
-                revoked: Default::default(),
-            },
-        )
-        .await;
+        let (a, closer_a) = node(&url, BusSink::default()).await;
         let mut listener = sink.queues.subscribe(7);
         listener.borrow_and_update();
         // B has seen A (at its next look), then A goes away without a word.
@@ -194,6 +188,9 @@ mod tests {
         closer_a.join();
         let woken = tokio::time::timeout(LIVENESS_PERIOD * 4, listener.changed()).await;
         assert!(matches!(woken, Ok(Ok(()))), "B's listener was not woken");
+        // And B's federation outbox is told to look for A's destinations.
+        let told = tokio::time::timeout(Duration::from_secs(1), sink.nodes_gone.notified()).await;
+        assert!(told.is_ok(), "B's outbox was not told");
         closer_b.join();
     }
 }

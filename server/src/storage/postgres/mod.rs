@@ -442,6 +442,7 @@ mod tests {
         BusSink {
             queues: Default::default(),
             revoked: Default::default(),
+            nodes_gone: Default::default(),
         }
     }
 

@@ -8,10 +8,14 @@
 //! destination takes over at once. Lease times are the database's clock, so the nodes' clocks
 //! need not agree.
 //!
-//! A node that stops mid-batch leaves its entries and its lease; once the lease expires,
-//! another node (waking up on its periodic rescan of `pending_domains`) sends them again. The
-//! receiver deduplicates by message id, so a batch sent twice is stored once. The same holds
-//! for a delivery that outlasts the lease: another node may send it meanwhile, never lose it.
+//! A node that stops mid-batch leaves its entries and its lease. The lease is another node's
+//! to take as soon as the stopped node has no connection to the database left (every
+//! connection of a node carries its id in `application_name`; a killed process's connections
+//! close with it), or once it expires (a node alive but stuck). The others hear of the stop
+//! from their wake-up bus's liveness check and look for pending destinations at once; their
+//! periodic rescan of `pending_domains` is the fallback. The receiver deduplicates by message
+//! id, so a batch sent twice is stored once. The same holds for a delivery that outlasts the
+//! lease: another node may send it meanwhile, never lose it.
 
 use roost_protocol::messages::federation::Delivery;
 use roost_protocol::messages::queue::QueuePayload;
@@ -126,7 +130,8 @@ impl PgStore {
         let name = domain.as_str();
         let mut client = self.client().await?;
         let txn = client.transaction().await?;
-        // Take the lease if it is free or expired, renew it if it is ours; the row lock
+        // Take the lease if it is free, expired or held by a node that has no connection to
+        // the database any more (it stopped: `listen`), renew it if it is ours; the row lock
         // orders this against every other node's attempt.
         let held = txn
             .query_opt(
@@ -136,9 +141,16 @@ impl PgStore {
                      ON CONFLICT (domain) DO UPDATE
                      SET holder = EXCLUDED.holder, expires_ms = EXCLUDED.expires_ms
                      WHERE l.holder = EXCLUDED.holder OR l.expires_ms <= {NOW_MS}
+                        OR NOT EXISTS (SELECT 1 FROM pg_stat_activity
+                                       WHERE application_name = $4 || l.holder)
                      RETURNING holder"
                 ),
-                &[&name, &self.node(), &self.lease_ms()],
+                &[
+                    &name,
+                    &self.node(),
+                    &self.lease_ms(),
+                    &super::listen::NODE_PREFIX,
+                ],
             )
             .await?;
         if held.is_none() {
@@ -240,6 +252,48 @@ mod tests {
 
     fn ids(batch: &[(u64, Delivery)]) -> Vec<u8> {
         batch.iter().map(|(_, d)| d.id.0[0]).collect()
+    }
+
+    /// A node that stops while it drains a destination (its process killed: every connection
+    /// of it closes) leaves its lease to the others at once, not when the lease runs out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stopped_nodes_lease_is_taken_over_at_once() {
+        let cluster = roost_interop::postgres::Cluster::start().expect("PostgreSQL cluster");
+        let url = cluster.create_database("takeover").unwrap();
+        // A 10 s timeout: leases of 30 s.
+        let timeout = Duration::from_secs(10);
+        let (a, closer_a) = connect(&url, timeout).await;
+        let (b, closer_b) = connect(&url, timeout).await;
+        let beta: Domain = "beta.test".parse().unwrap();
+        let bob: Vec<ClientId> = vec!["bob@beta.test/phone".parse().unwrap()];
+        write(&a, &beta, &bob, &[1, 2]).await;
+        let first = a.outbox_batch(&beta, 10, usize::MAX).await.unwrap();
+        assert_eq!(ids(&first), [1, 2]);
+        // Alive, A keeps it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            b.outbox_batch(&beta, 10, usize::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+
+        let stopped = Instant::now();
+        drop(a);
+        closer_a.join();
+        let again = loop {
+            let batch = b.outbox_batch(&beta, 10, usize::MAX).await.unwrap();
+            if !batch.is_empty() {
+                break batch;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(10),
+                "not taken over within 10 s of A's stop (the lease lasts 30 s)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(again, first);
+        closer_b.join();
     }
 
     /// Two nodes over one database: one drains a destination at a time; when its lease runs

@@ -839,6 +839,7 @@ pub(super) mod tests {
         let sink = BusSink {
             queues: Notifier::default(),
             revoked: Default::default(),
+            nodes_gone: Default::default(),
         };
         let notifier = sink.queues.clone();
         let options = Options {
