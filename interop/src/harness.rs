@@ -539,6 +539,11 @@ impl Harness {
         self.cluster.as_ref()
     }
 
+    /// The PostgreSQL cluster, to stop and start it ([`crate::postgres::Cluster::kill`]).
+    pub fn cluster_mut(&mut self) -> Option<&mut crate::postgres::Cluster> {
+        self.cluster.as_mut()
+    }
+
     fn node_mut(&mut self, index: usize, node: usize) -> anyhow::Result<&mut Homeserver> {
         if node == 0 {
             return self

@@ -139,6 +139,11 @@ struct ChaosArgs {
     /// (half each; the rover m0 also removes and invites back) instead of its next message.
     #[arg(long, default_value_t = 0.05)]
     killed_client_membership: f64,
+    /// With --backend postgres: the chance (0 to 1) that a cycle kills the PostgreSQL server
+    /// (immediate stop, as a crash) instead of a homeserver; the homeservers must recover by
+    /// themselves once it is back.
+    #[arg(long, default_value_t = 0.1)]
+    database_kills: f64,
     /// The chance (0 to 1) that a member sends its next message as an attachment (a file of
     /// up to 200 kB whose bytes follow from its number; in-process members download every
     /// attachment they receive and compare it byte for byte). 0: text only.
@@ -416,6 +421,11 @@ async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
         "--killed-client-membership is a chance between 0 and 1"
     );
     config.client_membership = args.killed_client_membership;
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&args.database_kills),
+        "--database-kills is a chance between 0 and 1"
+    );
+    config.database_kills = args.database_kills;
     anyhow::ensure!(
         (0.0..=1.0).contains(&args.files),
         "--files is a chance between 0 and 1"

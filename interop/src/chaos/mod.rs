@@ -24,6 +24,11 @@
 //!    has everything it must have. [`ledger::analyze`] counts what is lost, duplicated, out of
 //!    order, phantom or half-delivered.
 //!
+//! With PostgreSQL, [`ChaosConfig::database_kills`] of the cycles kill the database server
+//! instead (`pg_ctl stop -m immediate`: every backend gone at once, no checkpoint, WAL replayed
+//! at the restart), for every node of every domain at once; the homeservers are not touched
+//! and must recover by themselves once it is back.
+//!
 //! The kill schedule (which server, how long up and down) comes from [`ChaosConfig::seed`];
 //! the interleaving with the clients' traffic depends on timing and is not reproducible.
 //!
@@ -125,6 +130,9 @@ pub struct ChaosConfig {
     /// The chance that a killed member types `/invite ROVER` or `/remove ROVER` (half each)
     /// instead of its next line. 0: only `m0` changes the membership.
     pub client_membership: f64,
+    /// With PostgreSQL: the chance that a cycle kills the database server (down as long as a
+    /// killed homeserver) instead of a homeserver. Ignored with redb.
+    pub database_kills: f64,
 }
 
 impl ChaosConfig {
@@ -153,6 +161,7 @@ impl ChaosConfig {
             client_updates: 0.1,
             files: 0.02,
             client_membership: 0.05,
+            database_kills: 0.1,
         }
     }
 }
@@ -221,6 +230,8 @@ pub struct ChaosReport {
     pub hub_kills: u64,
     /// Of those, hub kills right after the other domain came back (its outbox draining).
     pub hub_kills_mid_drain: u64,
+    /// Kills of the PostgreSQL server (every node's database at once).
+    pub database_kills: u64,
     /// Restarts after which the server answered again (its database reopened).
     pub restarts: u64,
     /// Restarts that failed, with the server's log tail.
@@ -268,11 +279,13 @@ impl ChaosReport {
         )?;
         writeln!(
             out,
-            "cycles {}  kills {} (hub {}, hub mid-drain {})  restarts {} ok, {} failed",
+            "cycles {}  kills {} (hub {}, hub mid-drain {}), database kills {}  restarts {} ok, \
+             {} failed",
             self.cycles,
             self.kills,
             self.hub_kills,
             self.hub_kills_mid_drain,
+            self.database_kills,
             self.restarts,
             self.restart_failures.len()
         )?;
@@ -1101,6 +1114,7 @@ async fn run_with(
         kills: 0,
         hub_kills: 0,
         hub_kills_mid_drain: 0,
+        database_kills: 0,
         restarts: 0,
         restart_failures: Vec::new(),
         commits: CommitTally::default(),
@@ -1118,6 +1132,14 @@ async fn run_with(
     };
     for cycle in 0..config.cycles {
         tokio::time::sleep(random_between(&mut rng, config.up)).await;
+        if config.storage == Storage::Postgres && rng.random_bool(config.database_kills) {
+            if let Err(err) = kill_database(harness, config, &mut rng, &mut report).await {
+                report.restart_failures.push(format!("{err:#}"));
+                break;
+            }
+            report.cycles = cycle + 1;
+            continue;
+        }
         let node = rng.random_range(0..config.nodes);
         let domain = rng.random_range(0..config.domains);
         let mid_drain = config.domains == 2 && domain != HUB && rng.random_bool(0.3);
@@ -1505,6 +1527,25 @@ async fn kill_and_restart(
         bail!("{name} after kill {}: {err:#}", report.kills);
     }
     report.restarts += 1;
+    Ok(())
+}
+
+/// Kills the PostgreSQL server as a crash would, leaves it down a while and starts it again;
+/// the homeservers are left to notice and recover.
+async fn kill_database(
+    harness: &mut Harness,
+    config: &ChaosConfig,
+    rng: &mut StdRng,
+    report: &mut ChaosReport,
+) -> anyhow::Result<()> {
+    let cluster = harness.cluster_mut().context("no PostgreSQL cluster")?;
+    // pg_ctl waits for the server; the runtime's other workers carry on meanwhile.
+    tokio::task::block_in_place(|| cluster.kill()).context("killing PostgreSQL")?;
+    report.database_kills += 1;
+    tokio::time::sleep(random_between(rng, config.down)).await;
+    let cluster = harness.cluster_mut().context("no PostgreSQL cluster")?;
+    tokio::task::block_in_place(|| cluster.restart())
+        .with_context(|| format!("PostgreSQL after database kill {}", report.database_kills))?;
     Ok(())
 }
 
