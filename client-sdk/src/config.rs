@@ -17,7 +17,8 @@ pub struct ClientConfig {
     /// Replenish (up to `key_package_target`) when fewer than this many are left
     /// (default 10).
     pub key_package_low_water: u32,
-    /// Attempts of one commit when it loses against concurrent commits (default 8).
+    /// Attempts of one commit when it loses against concurrent commits (default 8). Waiting
+    /// for commits on their way from another domain's hub is bounded by `commit_wait` instead.
     pub max_commit_attempts: u32,
     /// Rounds of connection attempts of one request before it fails, each round trying every
     /// server address once, with backoff between rounds (default 3).
@@ -43,6 +44,15 @@ pub struct ClientConfig {
     /// wait is counted from this client's start: one that lives shorter (a command-line run)
     /// rejoins when a message of an epoch it never reached arrives instead.
     pub rejoin_after: Duration,
+    /// How long a commit (`invite`, `remove_users`, `update_keys`, …) in a group hosted on
+    /// another domain's homeserver waits for commits the hub accepted but that have not reached
+    /// this client yet, before it fails (default 5 s). The hub refuses a commit (and a queued
+    /// message) made at an epoch it has left; the commits that would bring this client up to
+    /// date travel through the hub's federation outbox, usually in well under a second. While
+    /// none arrives, the SDK tries again with growing pauses (50 ms up to 1 s) instead of
+    /// failing at once. The MLS state stays locked meanwhile: other operations of this client
+    /// wait for it.
+    pub commit_wait: Duration,
     /// Registration token, for homeservers that gate registration.
     pub registration_token: Option<String>,
     /// Tolerated clock difference with the AS when checking credential validity (default
@@ -66,6 +76,7 @@ impl ClientConfig {
             listen_retry: Duration::from_secs(1),
             outbox_retry: Duration::from_secs(2),
             rejoin_after: Duration::from_secs(60),
+            commit_wait: Duration::from_secs(5),
             registration_token: None,
             clock_skew: Duration::from_secs(300),
             clock: crate::clock::Clock::system(),

@@ -48,6 +48,11 @@ fn commits_in_flight() {
 }
 
 #[test]
+fn commit_after_commits_in_flight() {
+    scenario("commit-after-commits-in-flight");
+}
+
+#[test]
 fn hub_restart() {
     scenario("hub-restart");
 }

@@ -41,6 +41,7 @@ on_two_nodes! {
     outbox_node_killed => "outbox-node-killed",
     outgoing_queue => "outgoing-queue",
     commits_in_flight => "commits-in-flight",
+    commit_after_commits_in_flight => "commit-after-commits-in-flight",
 }
 
 /// Every scenario runs on two nodes too.

@@ -256,6 +256,38 @@ impl Client {
     }
 }
 
+/// The bounded wait of a commit for commits on their way from another domain's hub
+/// ([`ClientConfig::commit_wait`](crate::ClientConfig::commit_wait)): pauses of 50 ms doubling up
+/// to 1 s.
+struct CommitWait {
+    left: std::time::Duration,
+    next: std::time::Duration,
+}
+
+impl CommitWait {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn new(limit: std::time::Duration) -> Self {
+        Self {
+            left: limit,
+            next: Self::FIRST,
+        }
+    }
+
+    /// Sleeps the next pause; false (without sleeping) once the limit is spent.
+    async fn pause(&mut self) -> bool {
+        if self.left.is_zero() {
+            return false;
+        }
+        let pause = self.next.min(self.left);
+        tokio::time::sleep(pause).await;
+        self.left -= pause;
+        self.next = (self.next * 2).min(Self::LONGEST);
+        true
+    }
+}
+
 impl Inner {
     /// Claims and verifies one KeyPackage for every client of `users` not in the group.
     async fn claim_key_packages(
@@ -355,18 +387,33 @@ impl Inner {
         outcome: &mut Outcome,
     ) -> Result<Vec<ClientId>, ClientError> {
         self.settle_all_pending(mls).await?;
+        let mut wait = CommitWait::new(self.config.commit_wait);
         // Messages queued before this commit go out before it, at the epoch they were
         // encrypted for.
         if !matches!(intent, Intent::Update) {
-            Box::pin(self.deliver_group_locked(mls, group, outcome)).await?;
+            loop {
+                match Box::pin(self.deliver_group_locked(mls, group, outcome)).await {
+                    // The group waits for commits on their way from another domain's hub.
+                    Err(err)
+                        if err.server_code() == Some(ErrorCode::STALE_EPOCH)
+                            && group.domain != *self.identity.client.domain()
+                            && wait.pause().await =>
+                    {
+                        self.sync_into(mls, outcome).await?;
+                    }
+                    result => break result?,
+                }
+            }
         }
         // Then process what is queued for us: the messages the hub accepts before our commit
         // are read after we merge it, so they must stay within the past epochs we keep
         // (MAX_PAST_EPOCHS in mls/mod.rs).
         self.sync_into(mls, outcome).await?;
         let attempts = self.config.max_commit_attempts.max(1);
-        for _ in 0..attempts {
+        let mut lost = 0;
+        loop {
             self.check_member(mls, group)?;
+            let before = mls.epoch(group)?;
             if self.store.group(group)?.is_some_and(|r| r.leaving == 1) {
                 return Err(ClientError::LeftGroup(group.clone()));
             }
@@ -432,8 +479,23 @@ impl Inner {
                 Settled::Refused => {}
             }
             self.sync_into(mls, outcome).await?;
+            let moved = mls.epoch(group).map_or(true, |epoch| epoch != before);
+            if !moved && group.domain != *self.identity.client.domain() {
+                // Refused, yet nothing new for us: the commits that moved the hub on are on
+                // their way from another domain's hub. Wait for them (bounded), then again.
+                if !wait.pause().await {
+                    return Err(ClientError::TooManyAttempts(attempts));
+                }
+                self.sync_into(mls, outcome).await?;
+                continue;
+            }
+            // Lost against a commit we have now processed (on our own homeserver, a refused
+            // commit's winner is in our queue before the refusal).
+            lost += 1;
+            if lost >= attempts {
+                return Err(ClientError::TooManyAttempts(attempts));
+            }
         }
-        Err(ClientError::TooManyAttempts(attempts))
     }
 
     /// Sends `group`'s pending commit (again: the same bytes) and settles it by the DS's

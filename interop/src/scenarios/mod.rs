@@ -146,6 +146,13 @@ pub const SCENARIOS: &[Scenario] = &[
         outage::commits_in_flight,
     ),
     scenario(
+        "commit-after-commits-in-flight",
+        "a member commits while the hub's commits are still on their way to its server: the \
+         commit waits for them and lands, without a rejoin",
+        90,
+        outage::commit_after_commits_in_flight,
+    ),
+    scenario(
         "hub-restart",
         "the group's hub restarts mid-conversation; the conversation and commits go on",
         60,

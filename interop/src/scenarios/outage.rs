@@ -233,6 +233,63 @@ pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
     })
 }
 
+/// alice (alpha, the hub) moves the group on by two key updates and a message while beta is
+/// down; beta comes back while alpha's outbox waits 6 s before trying it again. bob's key
+/// update, made at once, is refused for its epoch with nothing new in his queue: it waits for
+/// the commits (`commit_wait`, 15 s here) and lands at the epoch after them, without a rejoin;
+/// bob got alice's message, and alice bob's next one.
+pub(super) fn commit_after_commits_in_flight(ctx: Ctx) -> ScenarioFuture {
+    Box::pin(async move {
+        let mut config = ctx.harness_config(2);
+        config.retry_initial_ms = 6_000;
+        config.retry_max_ms = 6_000;
+        let mut h = Harness::start(config).await?;
+        let mut bob_config = h.client_config(BETA)?;
+        bob_config.commit_wait = Duration::from_secs(15);
+        let (alice, bob, group) = pair_group_with(&ctx, &h, bob_config).await?;
+
+        h.stop(BETA).await.context("stopping beta")?;
+        for _ in 0..2 {
+            alice.client().update_keys(&group).await?;
+        }
+        alice.client().send(&group, b"while beta was down").await?;
+        alice.client().flush().await?;
+        let hub_epoch = alice.client().epoch(&group).await?;
+        // The hub's outbox tries beta (its connection attempt gives up after the federation's
+        // 5 s connect timeout) and then waits 6 s before the next try: beta comes back in
+        // between, and bob commits before the hub's commits reach him.
+        tokio::time::sleep(Duration::from_millis(5_500)).await;
+        h.restart(BETA).await.context("restarting beta")?;
+        let behind = bob.client().epoch(&group).await? < hub_epoch;
+        let epoch = bob
+            .client()
+            .update_keys(&group)
+            .await
+            .context("bob's key update while the hub's commits are on their way")?;
+        check(epoch == hub_epoch + 1, || {
+            format!(
+                "bob's update made epoch {epoch}, expected {}",
+                hub_epoch + 1
+            )
+        })?;
+        if !behind {
+            tracing::warn!("the hub's commits reached bob before his update: no wait exercised");
+        }
+        let expected = ["before", "while beta was down"].map(String::from);
+        exactly(&alice, &bob, &group, &expected).await?;
+        let rejoins = bob
+            .events()
+            .iter()
+            .filter(|e| matches!(e, roost_client::Event::Rejoined { .. }))
+            .count();
+        check(rejoins == 0, || {
+            format!("bob rejoined {rejoins} time(s) instead of waiting for the commits")
+        })?;
+        deliver(&group, &bob, "after bob's update", &[&alice]).await?;
+        assert_eq_epoch(&alice, &bob, &group).await
+    })
+}
+
 /// alice and bob are at the same epoch of `group`.
 async fn assert_eq_epoch(alice: &Member, bob: &Member, group: &GroupId) -> anyhow::Result<()> {
     let (a, b) = (
