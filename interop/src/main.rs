@@ -384,6 +384,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `value` if it is a chance (0 to 1), else an error naming `flag`.
+fn chance(value: f64, flag: &str) -> anyhow::Result<f64> {
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&value),
+        "{flag} is a chance between 0 and 1"
+    );
+    Ok(value)
+}
+
 async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
     use roost_interop::chaos::{self, ChaosConfig};
     use std::time::Duration;
@@ -411,26 +420,10 @@ async fn chaos(roost: PathBuf, args: ChaosArgs) -> anyhow::Result<ExitCode> {
         Duration::from_millis(args.max_client_up_ms / 10),
         Duration::from_millis(args.max_client_up_ms),
     );
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.killed_client_updates),
-        "--killed-client-updates is a chance between 0 and 1"
-    );
-    config.client_updates = args.killed_client_updates;
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.killed_client_membership),
-        "--killed-client-membership is a chance between 0 and 1"
-    );
-    config.client_membership = args.killed_client_membership;
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.database_kills),
-        "--database-kills is a chance between 0 and 1"
-    );
-    config.database_kills = args.database_kills;
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&args.files),
-        "--files is a chance between 0 and 1"
-    );
-    config.files = args.files;
+    config.client_updates = chance(args.killed_client_updates, "--killed-client-updates")?;
+    config.client_membership = chance(args.killed_client_membership, "--killed-client-membership")?;
+    config.database_kills = chance(args.database_kills, "--database-kills")?;
+    config.files = chance(args.files, "--files")?;
     let report = chaos::run(config).await?;
     let mut stdout = std::io::stdout();
     if args.json {

@@ -146,15 +146,12 @@ pub(super) fn recipient_killed(ctx: Ctx) -> ScenarioFuture {
 /// than five behind the newest it read as a replay).
 pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
     Box::pin(async move {
-        let mut config = ctx.harness_config(2);
-        config.retry_initial_ms = 6_000;
-        config.retry_max_ms = 6_000;
-        let mut h = Harness::start(config).await?;
         // bob's outgoing queue is tried again only when he sends or flushes (and the connection
         // comes back), so the steps below happen in this order.
-        let mut bob_config = h.client_config(BETA)?;
-        bob_config.outbox_retry = Duration::from_secs(600);
-        let (alice, bob, group) = pair_group_with(&ctx, &h, bob_config).await?;
+        let (mut h, alice, bob, group) = slow_outbox_pair(&ctx, |bob_config| {
+            bob_config.outbox_retry = Duration::from_secs(600);
+        })
+        .await?;
 
         h.stop(BETA).await.context("stopping beta")?;
         for _ in 0..3 {
@@ -221,14 +218,7 @@ pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
         check(got == sent, || {
             format!("alice got {got:?} from bob, sent {sent:?}")
         })?;
-        let rejoins = bob
-            .events()
-            .iter()
-            .filter(|e| matches!(e, roost_client::Event::Rejoined { .. }))
-            .count();
-        check(rejoins == 0, || {
-            format!("bob rejoined {rejoins} time(s) instead of waiting for the commits")
-        })?;
+        never_rejoined(&bob)?;
         assert_eq_epoch(&alice, &bob, &group).await
     })
 }
@@ -240,13 +230,10 @@ pub(super) fn commits_in_flight(ctx: Ctx) -> ScenarioFuture {
 /// bob got alice's message, and alice bob's next one.
 pub(super) fn commit_after_commits_in_flight(ctx: Ctx) -> ScenarioFuture {
     Box::pin(async move {
-        let mut config = ctx.harness_config(2);
-        config.retry_initial_ms = 6_000;
-        config.retry_max_ms = 6_000;
-        let mut h = Harness::start(config).await?;
-        let mut bob_config = h.client_config(BETA)?;
-        bob_config.commit_wait = Duration::from_secs(15);
-        let (alice, bob, group) = pair_group_with(&ctx, &h, bob_config).await?;
+        let (mut h, alice, bob, group) = slow_outbox_pair(&ctx, |bob_config| {
+            bob_config.commit_wait = Duration::from_secs(15);
+        })
+        .await?;
 
         h.stop(BETA).await.context("stopping beta")?;
         for _ in 0..2 {
@@ -277,16 +264,37 @@ pub(super) fn commit_after_commits_in_flight(ctx: Ctx) -> ScenarioFuture {
         }
         let expected = ["before", "while beta was down"].map(String::from);
         exactly(&alice, &bob, &group, &expected).await?;
-        let rejoins = bob
-            .events()
-            .iter()
-            .filter(|e| matches!(e, roost_client::Event::Rejoined { .. }))
-            .count();
-        check(rejoins == 0, || {
-            format!("bob rejoined {rejoins} time(s) instead of waiting for the commits")
-        })?;
+        never_rejoined(&bob)?;
         deliver(&group, &bob, "after bob's update", &[&alice]).await?;
         assert_eq_epoch(&alice, &bob, &group).await
+    })
+}
+
+/// Two domains whose outboxes wait 6 s between tries (so the hub's commits reach beta late),
+/// and alice (alpha, the hub) and bob (beta, his client configured by `bob_config`) in a group.
+async fn slow_outbox_pair(
+    ctx: &Ctx,
+    bob_config: impl FnOnce(&mut roost_client::ClientConfig),
+) -> anyhow::Result<(Harness, Member, Member, GroupId)> {
+    let mut config = ctx.harness_config(2);
+    config.retry_initial_ms = 6_000;
+    config.retry_max_ms = 6_000;
+    let h = Harness::start(config).await?;
+    let mut bob = h.client_config(BETA)?;
+    bob_config(&mut bob);
+    let (alice, bob, group) = pair_group_with(ctx, &h, bob).await?;
+    Ok((h, alice, bob, group))
+}
+
+/// bob waited for the commits on their way: he never rejoined.
+fn never_rejoined(bob: &Member) -> anyhow::Result<()> {
+    let rejoins = bob
+        .events()
+        .iter()
+        .filter(|e| matches!(e, roost_client::Event::Rejoined { .. }))
+        .count();
+    check(rejoins == 0, || {
+        format!("bob rejoined {rejoins} time(s) instead of waiting for the commits")
     })
 }
 
