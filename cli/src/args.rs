@@ -86,6 +86,9 @@ pub(crate) enum Command {
     Chat {
         /// The group: its id or its local name.
         group: String,
+        /// Save received files into this directory and print each saved path.
+        #[arg(long, value_name = "DIR")]
+        download_dir: Option<PathBuf>,
     },
     /// Where the homeserver sends wake-ups while this device is not listening (push
     /// notifications of an app; the terminal client only registers them).

@@ -85,7 +85,10 @@ pub(crate) async fn run(ctx: &Context, command: Command) -> anyhow::Result<()> {
             follow,
             download_dir,
         } => events::recv(ctx, wait, follow, download_dir).await,
-        Command::Chat { group } => events::chat(ctx, &group).await,
+        Command::Chat {
+            group,
+            download_dir,
+        } => events::chat(ctx, &group, download_dir).await,
         // Handled in main before a profile is opened.
         Command::Completions { .. } | Command::Man => Ok(()),
     }

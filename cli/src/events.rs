@@ -163,10 +163,18 @@ async fn save(
     Ok(())
 }
 
-/// `chat`: lines typed are sent to the group; events are shown as they arrive.
-pub(crate) async fn chat(ctx: &Context, group: &str) -> anyhow::Result<()> {
+/// `chat`: lines typed are sent to the group; events are shown as they arrive (and files
+/// saved into `download_dir`, if given, as `recv` saves them).
+pub(crate) async fn chat(
+    ctx: &Context,
+    group: &str,
+    download_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let session = Session::open(ctx, true, Check::Waiting).await?;
-    let result = chat_in(ctx.out, &session, group).await;
+    if let Some(dir) = &download_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let result = chat_in(ctx.out, &session, group, download_dir.as_deref()).await;
     // What was typed just before the end goes out now, as `send` would have sent it; what
     // cannot (the server is away) stays queued for the next command.
     let flushed = tokio::time::timeout(QUIT_FLUSH, session.client.flush()).await;
@@ -180,7 +188,12 @@ pub(crate) async fn chat(ctx: &Context, group: &str) -> anyhow::Result<()> {
     result
 }
 
-async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Result<()> {
+async fn chat_in(
+    out: Output,
+    session: &Session,
+    group_text: &str,
+    download_dir: Option<&Path>,
+) -> anyhow::Result<()> {
     // Offline, the chat starts from the profile; the SDK connects once the server is back.
     session.sync_or_wait(out).await?;
     let group = session.member_group(group_text)?;
@@ -200,6 +213,11 @@ async fn chat_in(out: Output, session: &Session, group_text: &str) -> anyhow::Re
             event = session.client.next_event() => {
                 let event = event.map_err(|err| session.fail(&err))?;
                 show(out, &session.names, &event, Some(&group))?;
+                if let (Some(dir), Some(Ok(Content::Attachment(attachment)))) =
+                    (download_dir, event.content())
+                {
+                    save(out, session, &event, &attachment, dir).await?;
+                }
                 if matches!(&event, Event::RemovedFromGroup { group: g, .. } | Event::LeftGroup { group: g, .. } if *g == group) {
                     break;
                 }

@@ -448,6 +448,35 @@ fn a_file_sent_with_slash_file_in_a_chat_is_saved_byte_identical_and_the_chat_go
     assert_eq!(shown[1]["event"], "saved");
     assert_eq!(shown[2]["text"], "and a line after the files");
     assert!(std::fs::read(downloads.join("notes.pdf")).unwrap() == bytes);
+
+    // A chat with --download-dir saves a file that arrives, as recv does.
+    let saved_by_chat = dir.path().join("bob-downloads");
+    let mut chat = Chat::start(
+        &h,
+        "bob",
+        &[
+            "--json",
+            "chat",
+            &group,
+            "--download-dir",
+            saved_by_chat.to_str().unwrap(),
+        ],
+    );
+    h.ok(
+        "alice",
+        &["send", "team", "--file", notes.to_str().unwrap()],
+    );
+    let saved = loop {
+        let event = chat.next();
+        if event["event"] == "saved" {
+            break event;
+        }
+    };
+    let path = saved_by_chat.join("notes.pdf");
+    assert_eq!(saved["path"], path.display().to_string());
+    assert!(std::fs::read(&path).unwrap() == bytes);
+    chat.type_line("/quit");
+    assert!(chat.quit().status.success());
 }
 
 #[test]

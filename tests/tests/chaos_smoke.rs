@@ -117,7 +117,8 @@ fn kill_cycles_lose_and_duplicate_nothing() {
 /// process hands out again is the one its killed predecessor was printing, and their key
 /// updates (`/update`) and their invites and removals of the rover (`/invite`, `/remove`),
 /// killed at any point of them too, leave every member in the group; their
-/// files (`/file`, killed mid-upload too) arrive like their lines.
+/// files (`/file`, killed mid-upload too) arrive like their lines, and every file their chats
+/// are shown is saved (killed mid-download too).
 #[test]
 fn killed_members_lose_and_duplicate_nothing() {
     // Eight cycles: the members type only while the kills go on, and each kind of line
@@ -148,6 +149,9 @@ fn killed_members_lose_and_duplicate_nothing() {
     let f = &report.files;
     assert!(f.sent > 0 && f.received > 0, "no attachment: {report:?}");
     assert_eq!(f.downloaded, f.received, "{report:?}");
+    // The killed members' chats (`--download-dir`) saved every file they showed.
+    assert!(f.saved_by_killed > 0, "{report:?}");
+    assert_eq!(f.not_saved_by_killed, 0, "{report:?}");
     let json = serde_json::to_value(&report).unwrap();
     assert!(json["member_kills"]["kills"].as_u64().is_some(), "{json}");
 }

@@ -31,8 +31,10 @@
 //!
 //! With [`Schedule::files`], a member sends some numbered messages as files: the run writes
 //! the file (its name carries the number) and types `/file PATH`; the answer is `queued` or
-//! `not_sent` like a line's, and a kill during the upload leaves the line unknown. These
-//! members do not download what they receive (the in-process members do).
+//! `not_sent` like a line's, and a kill during the upload leaves the line unknown. Their chats
+//! run with `--download-dir`: every file they are shown is saved (a kill mid-download shows
+//! the message again in the next process, which saves it again); at the end each one must be
+//! in the directory with the bytes sent.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -103,6 +105,8 @@ pub(super) struct Killable {
     profile: PathBuf,
     log: PathBuf,
     cli: PathBuf,
+    /// Where its chats save the files they are shown.
+    pub(super) downloads: PathBuf,
 }
 
 /// What every member's line handler needs.
@@ -144,6 +148,7 @@ impl Killable {
         let short = local.split('@').next().unwrap_or("k").to_owned();
         let profile = profiles.join(&short);
         let log = profiles.join(format!("{short}.log"));
+        let downloads = profiles.join(format!("{short}-downloads"));
         let servers: Vec<String> = servers.iter().map(ToString::to_string).collect();
         let out = Command::new(&cli)
             .arg("--profile")
@@ -173,6 +178,7 @@ impl Killable {
             profile,
             log,
             cli,
+            downloads,
         })
     }
 
@@ -223,8 +229,9 @@ impl Killable {
         last: Option<String>,
     ) -> anyhow::Result<Session> {
         let group = shared.group.to_string();
+        let downloads = self.downloads.to_string_lossy().into_owned();
         let mut child = self
-            .command(&["chat", &group])?
+            .command(&["chat", &group, "--download-dir", &downloads])?
             .stdin(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting a chat of {}", self.name))?;
@@ -563,6 +570,9 @@ fn absorb_or_answer(
             }
             Line::Answer(Answered::Membership)
         }
+        // The file of the message event before it, saved: part of that event (a process
+        // killed after printing it shows the message again, and saves it again).
+        Some("saved") => Line::Other,
         Some(_) => {
             if first && last == Some(line) {
                 lock(&shared.tally).repeated += 1;
@@ -598,9 +608,13 @@ fn absorb_value(member: &Killable, shared: &Shared, value: &Value) {
                 None => field("text").and_then(|text| ledger::parse_message(text.as_bytes())),
             };
             inbox.with(|s| {
+                let file = value.pointer("/file/name").is_some();
                 let receipt = match numbered {
                     Some((index, seq)) if ours && from == Some(index) => {
                         s.ids.push(((index, seq), id));
+                        if file {
+                            s.files.push((index, seq));
+                        }
                         Receipt::Numbered { sender: index, seq }
                     }
                     _ => Receipt::Garbage(format!("{value} (as printed by roost-cli)")),

@@ -195,6 +195,14 @@ pub struct FileTally {
     pub corrupt: u64,
     /// Never downloaded by the end of the run.
     pub not_downloaded: u64,
+    /// Attachments the killed members' chats were shown, found saved in their download
+    /// directory with the bytes sent.
+    pub saved_by_killed: u64,
+    /// Of those, not found saved (or only with other bytes).
+    pub not_saved_by_killed: u64,
+    /// `.part` files left in the killed members' download directories (downloads cut by a
+    /// kill; the next process saved the file under another name).
+    pub parts_left: u64,
     /// The first problems, in words.
     pub samples: Vec<String>,
 }
@@ -332,14 +340,18 @@ impl ChaosReport {
             writeln!(
                 out,
                 "files: {} sent, {} uploads failed; received {}: {} downloaded identical ({} \
-                 attempts retried), {} corrupt, {} never downloaded",
+                 attempts retried), {} corrupt, {} never downloaded; saved by killed members' \
+                 chats {}, not saved {} ({} .part files left)",
                 f.sent,
                 f.upload_failures,
                 f.received,
                 f.downloaded,
                 f.download_retries,
                 f.corrupt,
-                f.not_downloaded
+                f.not_downloaded,
+                f.saved_by_killed,
+                f.not_saved_by_killed,
+                f.parts_left
             )?;
             for sample in &f.samples {
                 writeln!(out, "  file: {sample}")?;
@@ -389,6 +401,8 @@ struct InboxState {
     /// Whether this member is in the group, by its last Joined / RemovedFromGroup event.
     in_group: bool,
     joins: u64,
+    /// The attachments among the numbered messages (killed members: to find them saved).
+    files: Vec<(usize, u64)>,
     group_errors: Vec<String>,
     stream_error: Option<String>,
 }
@@ -1383,6 +1397,15 @@ async fn run_with(
     report.refused_codes = lock(&refused_codes).clone();
     report.member_kills = lock(&shared.tally).clone();
     report.files = lock(&files).clone();
+    for member in &killables {
+        check_saved(member, &mut report.files);
+    }
+    if report.files.not_saved_by_killed > 0 {
+        report.failures.push(format!(
+            "{} attachments shown to killed members not saved",
+            report.files.not_saved_by_killed
+        ));
+    }
     let f = &report.files;
     let missing = f
         .received
@@ -1528,6 +1551,36 @@ async fn kill_and_restart(
     }
     report.restarts += 1;
     Ok(())
+}
+
+/// Counts the attachments `member`'s chats were shown that are in its download directory
+/// with the bytes sent (as `chaos-S-N.bin`, or `chaos-S-N (K).bin` when saved again).
+fn check_saved(member: &killed::Killable, files: &mut FileTally) {
+    let names: Vec<String> = std::fs::read_dir(&member.downloads)
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    files.parts_left += names.iter().filter(|n| n.ends_with(".part")).count() as u64;
+    let shown: std::collections::BTreeSet<(usize, u64)> =
+        member.inbox.with(|s| s.files.iter().copied().collect());
+    for (sender, seq) in shown {
+        let stem = format!("chaos-{sender}-{seq}");
+        let expected = ledger::file_bytes(sender, seq);
+        let saved = names.iter().any(|name| {
+            let copy = name == &format!("{stem}.bin")
+                || (name.starts_with(&format!("{stem} (")) && name.ends_with(").bin"));
+            copy && std::fs::read(member.downloads.join(name)).is_ok_and(|b| b == expected)
+        });
+        if saved {
+            files.saved_by_killed += 1;
+        } else {
+            files.not_saved_by_killed += 1;
+            files.sample(|| format!("{}: {stem}.bin not saved", member.name));
+        }
+    }
 }
 
 /// Kills the PostgreSQL server as a crash would, leaves it down a while and starts it again;
