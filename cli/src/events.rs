@@ -120,7 +120,8 @@ fn part_path(path: &Path) -> PathBuf {
 }
 
 /// Downloads an attachment into `dir` and prints the saved path (`saved PATH`, or a `saved`
-/// event with `--json`). A failed download is a note; `recv` goes on.
+/// event with `--json`). A failed download is a note (and a `not_saved` event with `file` and
+/// `error` with `--json`); `recv` goes on.
 async fn save(
     out: Output,
     session: &Session,
@@ -154,11 +155,19 @@ async fn save(
                 "size": size,
             }),
         )?,
-        Err(err) => out.note(format!(
-            "error: {} not saved: {}",
-            one_line(attachment.name()),
-            session.fail(&err)
-        )),
+        Err(err) => {
+            let err = session.fail(&err);
+            out.json(json!({
+                "event": "not_saved",
+                "group": event.group().to_string(),
+                "file": attachment.name(),
+                "error": {"code": crate::errors::code_of(&err), "message": format!("{err:#}")},
+            }))?;
+            out.note(format!(
+                "error: {} not saved: {err}",
+                one_line(attachment.name())
+            ));
+        }
     }
     Ok(())
 }

@@ -573,6 +573,17 @@ fn absorb_or_answer(
         // The file of the message event before it, saved: part of that event (a process
         // killed after printing it shows the message again, and saves it again).
         Some("saved") => Line::Other,
+        // A download that failed, and said so (e.g. the database was down).
+        Some("not_saved") => {
+            if let Some(file) = value
+                .get("file")
+                .and_then(Value::as_str)
+                .and_then(ledger::parse_file_name)
+            {
+                member.inbox.with(|s| s.files_not_saved.push(file));
+            }
+            Line::Other
+        }
         Some(_) => {
             if first && last == Some(line) {
                 lock(&shared.tally).repeated += 1;

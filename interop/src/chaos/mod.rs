@@ -198,8 +198,11 @@ pub struct FileTally {
     /// Attachments the killed members' chats were shown, found saved in their download
     /// directory with the bytes sent.
     pub saved_by_killed: u64,
-    /// Of those, not found saved (or only with other bytes).
+    /// Of those, not found saved (or only with other bytes) although no failure was reported.
     pub not_saved_by_killed: u64,
+    /// Not found saved, the chat having reported the download failed (`not_saved`: e.g. the
+    /// database was down; roost-cli does not try such a download again).
+    pub save_failed_reported: u64,
     /// `.part` files left in the killed members' download directories (downloads cut by a
     /// kill; the next process saved the file under another name).
     pub parts_left: u64,
@@ -341,7 +344,7 @@ impl ChaosReport {
                 out,
                 "files: {} sent, {} uploads failed; received {}: {} downloaded identical ({} \
                  attempts retried), {} corrupt, {} never downloaded; saved by killed members' \
-                 chats {}, not saved {} ({} .part files left)",
+                 chats {}, not saved {}, failed and reported {} ({} .part files left)",
                 f.sent,
                 f.upload_failures,
                 f.received,
@@ -351,6 +354,7 @@ impl ChaosReport {
                 f.not_downloaded,
                 f.saved_by_killed,
                 f.not_saved_by_killed,
+                f.save_failed_reported,
                 f.parts_left
             )?;
             for sample in &f.samples {
@@ -403,6 +407,8 @@ struct InboxState {
     joins: u64,
     /// The attachments among the numbered messages (killed members: to find them saved).
     files: Vec<(usize, u64)>,
+    /// Attachments whose download a killed member's chat reported failed (`not_saved`).
+    files_not_saved: Vec<(usize, u64)>,
     group_errors: Vec<String>,
     stream_error: Option<String>,
 }
@@ -1566,6 +1572,9 @@ fn check_saved(member: &killed::Killable, files: &mut FileTally) {
     files.parts_left += names.iter().filter(|n| n.ends_with(".part")).count() as u64;
     let shown: std::collections::BTreeSet<(usize, u64)> =
         member.inbox.with(|s| s.files.iter().copied().collect());
+    let reported: std::collections::BTreeSet<(usize, u64)> = member
+        .inbox
+        .with(|s| s.files_not_saved.iter().copied().collect());
     for (sender, seq) in shown {
         let stem = format!("chaos-{sender}-{seq}");
         let expected = ledger::file_bytes(sender, seq);
@@ -1576,6 +1585,8 @@ fn check_saved(member: &killed::Killable, files: &mut FileTally) {
         });
         if saved {
             files.saved_by_killed += 1;
+        } else if reported.contains(&(sender, seq)) {
+            files.save_failed_reported += 1;
         } else {
             files.not_saved_by_killed += 1;
             files.sample(|| format!("{}: {stem}.bin not saved", member.name));
