@@ -542,13 +542,7 @@ fn absorb_or_answer(
                 lock(&shared.tally).updated += 1;
             } else {
                 lock(&shared.tally).updates_refused += 1;
-                let code = value
-                    .pointer("/error/code")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?");
-                *lock(&shared.refused_codes)
-                    .entry(format!("cli update: {code}"))
-                    .or_insert(0) += 1;
+                count_refusal(shared, &value, "cli update");
             }
             Line::Answer(Answered::Update)
         }
@@ -560,13 +554,7 @@ fn absorb_or_answer(
                 lock(&shared.tally).membership_done += 1;
             } else {
                 lock(&shared.tally).membership_refused += 1;
-                let code = value
-                    .pointer("/error/code")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?");
-                *lock(&shared.refused_codes)
-                    .entry(format!("cli {answer}: {code}"))
-                    .or_insert(0) += 1;
+                count_refusal(shared, &value, &format!("cli {answer}"));
             }
             Line::Answer(Answered::Membership)
         }
@@ -594,6 +582,17 @@ fn absorb_or_answer(
         }
         None => Line::Other,
     }
+}
+
+/// Counts a refused line's error code (`error.code` of the answer) under `label`.
+fn count_refusal(shared: &Shared, value: &Value, label: &str) {
+    let code = value
+        .pointer("/error/code")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    *lock(&shared.refused_codes)
+        .entry(format!("{label}: {code}"))
+        .or_insert(0) += 1;
 }
 
 /// Records an event line printed by `recv --json` or `chat --json`.
